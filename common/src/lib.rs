@@ -1,0 +1,7 @@
+//! The vocabulary every sealmesh crate shares. One source of truth for the
+//! cluster-file schema, identity names, and well-known ports and labels.
+#![forbid(unsafe_code)]
+
+pub mod cluster;
+pub mod consts;
+pub mod identity;

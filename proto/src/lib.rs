@@ -1,0 +1,11 @@
+//! Generated gRPC code for sealmesh's APIs.
+
+pub mod identity {
+    //! sealmesh.identity.v1: the CA's Certify API.
+    tonic::include_proto!("sealmesh.identity.v1");
+}
+
+pub mod linkerd_identity {
+    //! io.linkerd.proxy.identity: the same API under Linkerd's package name.
+    tonic::include_proto!("io.linkerd.proxy.identity");
+}
