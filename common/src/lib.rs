@@ -4,4 +4,5 @@
 
 pub mod cluster;
 pub mod consts;
+pub mod host;
 pub mod identity;

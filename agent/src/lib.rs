@@ -1,0 +1,9 @@
+//! sealmesh node agent: redirects meshed pods' sockets into itself with eBPF
+//! and carries them over mTLS (HBONE) with per-ServiceAccount certificates.
+
+pub mod certs;
+pub mod config;
+pub mod ebpf;
+pub mod proxy;
+pub mod registry;
+pub mod tls;

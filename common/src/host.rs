@@ -1,0 +1,62 @@
+//! Facts about the Linux host that several crates need.
+
+use std::path::PathBuf;
+
+/// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
+/// `/sys/fs/cgroup/unified` on hybrid ones. Read from /proc/self/mountinfo.
+pub fn cgroup2_mount() -> Option<PathBuf> {
+    mount_point_of_type("cgroup2")
+}
+
+/// Where bpffs is mounted, if it is.
+pub fn bpffs_mount() -> Option<PathBuf> {
+    mount_point_of_type("bpf")
+}
+
+fn mount_point_of_type(fs_type: &str) -> Option<PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mountinfo.lines().find_map(|line| {
+        // "<id> <parent> <maj:min> <root> <mount point> <opts> [optional...] - <type> <source> <super opts>"
+        let (left, right) = line.split_once(" - ")?;
+        let mount_point = left.split(' ').nth(4)?;
+        (right.split(' ').next()? == fs_type).then(|| PathBuf::from(unescape_octal(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        match code {
+            Some(byte) => {
+                out.push(byte as char);
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_this_hosts_cgroup2_mount() {
+        let mount = cgroup2_mount().expect("cgroup2 is mounted on every supported host");
+        assert!(mount.join("cgroup.controllers").exists(), "{} is not a cgroup2 root", mount.display());
+    }
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_octal(r"/a\040b\134c"), r"/a b\c");
+    }
+}
