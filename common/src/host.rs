@@ -1,6 +1,10 @@
 //! Facts about the Linux host that several crates need.
 
-use std::path::PathBuf;
+use std::{
+    io,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones. Read from /proc/self/mountinfo.
@@ -11,6 +15,12 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 /// Where bpffs is mounted, if it is.
 pub fn bpffs_mount() -> Option<PathBuf> {
     mount_point_of_type("bpf")
+}
+
+/// The id the kernel gives a cgroup v2 directory (`bpf_get_current_cgroup_id`,
+/// `/proc/<pid>/cgroup` lookups): its inode number on cgroupfs.
+pub fn cgroup_id(cgroup_dir: &Path) -> io::Result<u64> {
+    Ok(std::fs::metadata(cgroup_dir)?.ino())
 }
 
 fn mount_point_of_type(fs_type: &str) -> Option<PathBuf> {
@@ -53,6 +63,12 @@ mod tests {
     fn finds_this_hosts_cgroup2_mount() {
         let mount = cgroup2_mount().expect("cgroup2 is mounted on every supported host");
         assert!(mount.join("cgroup.controllers").exists(), "{} is not a cgroup2 root", mount.display());
+    }
+
+    #[test]
+    fn cgroup_id_is_the_directory_inode() {
+        let root = cgroup2_mount().unwrap();
+        assert_eq!(cgroup_id(&root).unwrap(), 1, "the cgroup2 root has id 1");
     }
 
     #[test]
