@@ -1,1 +1,284 @@
-//! (being written)
+//! TLS settings both ends of HBONE share (TLS 1.3 only, ring, ALPN h2), the
+//! trust anchors peers are verified against, and reading a verified peer's
+//! SPIFFE identity.
+
+use std::sync::{Arc, OnceLock};
+
+use rustls::{
+    ClientConfig, RootCertStore, ServerConfig,
+    client::{WebPkiServerVerifier, danger::ServerCertVerifier},
+    crypto::CryptoProvider,
+    server::{ResolvesServerCert, WebPkiClientVerifier, danger::ClientCertVerifier},
+    sign::{CertifiedKey, SingleCertAndKey},
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use sealmesh_common::identity::{Identity, IdentityError, TrustDomain};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+
+/// ALPN protocol of HBONE: HTTP/2 (CONNECT streams) over mTLS.
+pub const ALPN_HBONE: &[u8] = b"h2";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error(
+        "the peer presented no certificate; meshed peers must authenticate with their ServiceAccount certificate"
+    )]
+    NoPeerCertificate,
+    #[error("the certificate is not parseable X.509: {0}")]
+    UnparseableCertificate(String),
+    #[error(
+        "the certificate carries no SPIFFE URI SAN; only certificates issued by the sealmesh identity service are accepted"
+    )]
+    NoSpiffeIdentity,
+    #[error(
+        "the certificate carries {0} URI SANs; a SPIFFE identity certificate must carry exactly one"
+    )]
+    AmbiguousSpiffeIdentity(usize),
+    #[error("the certificate's identity is not accepted: {0}")]
+    ForeignIdentity(#[source] IdentityError),
+    #[error(
+        "no trust anchors in the bundle; it must hold at least one PEM CERTIFICATE (the mesh's root CA)"
+    )]
+    NoTrustAnchors,
+    #[error("bad trust anchor in the bundle (fix or remove it): {0}")]
+    BadTrustAnchor(String),
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(#[from] rustls::Error),
+}
+
+/// The one crypto provider the agent uses (ring, like the rest of sealmesh).
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// The TLS server name (SNI, and the DNS SAN the server's certificate must
+/// carry) that asks for `id`.
+pub fn server_name(id: &Identity) -> ServerName<'static> {
+    ServerName::try_from(id.dns_name())
+        .expect("identity DNS names are built from RFC 1123 labels, which are valid DNS names")
+}
+
+/// The peer's identity from its (already verified) leaf certificate's SPIFFE
+/// URI SAN, which must be in `td`. `certs` is the peer's chain, leaf first.
+pub fn peer_identity(certs: &[CertificateDer<'_>], td: &TrustDomain) -> Result<Identity, TlsError> {
+    let leaf = certs.first().ok_or(TlsError::NoPeerCertificate)?;
+    let names = SanNames::of(leaf)?;
+    match names.uris.as_slice() {
+        [] => Err(TlsError::NoSpiffeIdentity),
+        [uri] => td.parse_spiffe_uri(uri).map_err(TlsError::ForeignIdentity),
+        many => Err(TlsError::AmbiguousSpiffeIdentity(many.len())),
+    }
+}
+
+/// The subject alternative names of a certificate that identities live in.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct SanNames {
+    pub uris: Vec<String>,
+    pub dns_names: Vec<String>,
+}
+
+impl SanNames {
+    pub(crate) fn of(cert: &CertificateDer<'_>) -> Result<Self, TlsError> {
+        let (_, parsed) = X509Certificate::from_der(cert)
+            .map_err(|e| TlsError::UnparseableCertificate(e.to_string()))?;
+        let san = parsed
+            .subject_alternative_name()
+            .map_err(|e| TlsError::UnparseableCertificate(e.to_string()))?;
+        let mut names = Self::default();
+        for name in san.iter().flat_map(|ext| ext.value.general_names.iter()) {
+            match name {
+                GeneralName::URI(uri) => names.uris.push((*uri).to_owned()),
+                GeneralName::DNSName(dns) => names.dns_names.push((*dns).to_owned()),
+                _ => {}
+            }
+        }
+        Ok(names)
+    }
+}
+
+/// The roots peers' chains must lead to, with the verifiers built from them.
+/// Immutable: a new bundle (anchor rotation) means a new `TrustAnchors`.
+pub struct TrustAnchors {
+    roots: Arc<RootCertStore>,
+    server_verifier: Arc<WebPkiServerVerifier>,
+    client_verifier: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for TrustAnchors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustAnchors")
+            .field("roots", &self.roots.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TrustAnchors {
+    /// Parses a PEM bundle of one or more root certificates.
+    pub fn from_pem(pem: &[u8]) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
+            roots
+                .add(cert)
+                .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::NoTrustAnchors);
+        }
+        let roots = Arc::new(roots);
+        let provider = crypto_provider();
+        let server_verifier =
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
+        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+            .build()
+            .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
+        Ok(Self {
+            roots,
+            server_verifier,
+            client_verifier,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.roots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.roots.is_empty()
+    }
+
+    /// Checks a chain (leaf first) exactly as peers will: it must chain to
+    /// these anchors, be valid now, serve as a server certificate for
+    /// `id`'s DNS name and as a client certificate.
+    pub fn verify_identity_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        id: &Identity,
+    ) -> Result<(), TlsError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(TlsError::NoPeerCertificate)?;
+        let now = UnixTime::now();
+        self.server_verifier
+            .verify_server_cert(leaf, intermediates, &server_name(id), &[], now)?;
+        self.client_verifier
+            .verify_client_cert(leaf, intermediates, now)?;
+        Ok(())
+    }
+
+    /// Client side of HBONE: presents `key`, verifies the server's chain
+    /// against these anchors and its DNS SAN against the server name the
+    /// caller connects with (see [`server_name`]).
+    pub fn client_config(&self, key: Arc<CertifiedKey>) -> Result<ClientConfig, TlsError> {
+        let mut config = ClientConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_webpki_verifier(self.server_verifier.clone())
+            .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(key)));
+        config.alpn_protocols = vec![ALPN_HBONE.to_vec()];
+        Ok(config)
+    }
+
+    /// Server side of HBONE: the certificate comes from `resolver` (by SNI);
+    /// a client certificate chaining to these anchors is mandatory.
+    pub fn server_config(
+        &self,
+        resolver: Arc<dyn ResolvesServerCert>,
+    ) -> Result<ServerConfig, TlsError> {
+        let mut config = ServerConfig::builder_with_provider(crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(self.client_verifier.clone())
+            .with_cert_resolver(resolver);
+        config.alpn_protocols = vec![ALPN_HBONE.to_vec()];
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    fn cert_with_sans(sans: Vec<SanType>) -> CertificateDer<'static> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().clone()
+    }
+
+    fn uri(text: &str) -> SanType {
+        SanType::URI(text.try_into().unwrap())
+    }
+
+    #[test]
+    fn peer_identity_reads_the_single_spiffe_uri() {
+        let td = TrustDomain::default();
+        let id = td.identity("emojivoto", "web").unwrap();
+        let cert = cert_with_sans(vec![
+            uri(&id.spiffe_uri()),
+            SanType::DnsName(id.dns_name().try_into().unwrap()),
+        ]);
+        assert_eq!(peer_identity(&[cert], &td).unwrap(), id);
+    }
+
+    #[test]
+    fn peer_identity_rejects_what_is_not_one_local_spiffe_id() {
+        let td = TrustDomain::default();
+        assert!(matches!(
+            peer_identity(&[], &td),
+            Err(TlsError::NoPeerCertificate)
+        ));
+        let dns_only = cert_with_sans(vec![SanType::DnsName(
+            "web.emojivoto.serviceaccount.identity.sealmesh.cluster.local"
+                .try_into()
+                .unwrap(),
+        )]);
+        assert!(matches!(
+            peer_identity(&[dns_only], &td),
+            Err(TlsError::NoSpiffeIdentity)
+        ));
+        let foreign = cert_with_sans(vec![uri("spiffe://evil.org/ns/emojivoto/sa/web")]);
+        assert!(matches!(
+            peer_identity(&[foreign], &td),
+            Err(TlsError::ForeignIdentity(IdentityError::InvalidSpiffeUri { .. }))
+        ));
+        let two = cert_with_sans(vec![
+            uri("spiffe://cluster.local/ns/a/sa/b"),
+            uri("spiffe://cluster.local/ns/a/sa/c"),
+        ]);
+        assert!(matches!(
+            peer_identity(&[two], &td),
+            Err(TlsError::AmbiguousSpiffeIdentity(2))
+        ));
+        assert!(matches!(
+            peer_identity(&[CertificateDer::from(vec![1, 2, 3])], &td),
+            Err(TlsError::UnparseableCertificate(_))
+        ));
+    }
+
+    #[test]
+    fn server_name_is_the_identity_dns_name() {
+        let id = TrustDomain::default().identity("ns1", "sa1").unwrap();
+        assert_eq!(
+            server_name(&id).to_str(),
+            "sa1.ns1.serviceaccount.identity.sealmesh.cluster.local"
+        );
+    }
+
+    #[test]
+    fn trust_anchor_bundles_must_hold_certificates() {
+        assert!(matches!(
+            TrustAnchors::from_pem(b""),
+            Err(TlsError::NoTrustAnchors)
+        ));
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let root = params.self_signed(&key).unwrap();
+        let bundle = format!("{}{}", root.pem(), root.pem());
+        assert_eq!(TrustAnchors::from_pem(bundle.as_bytes()).unwrap().len(), 2);
+    }
+}
