@@ -1,1 +1,664 @@
-//! (being written)
+//! The workloads the agent knows: pods (with their identity, node and, for
+//! local pods, cgroup) and Services. Behind a trait so the Kubernetes API can
+//! replace the local cluster file later.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::{Ipv4Addr, SocketAddrV4},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use sealmesh_common::{
+    cluster::{ClusterError, ClusterFile},
+    host,
+    identity::{Identity, TrustDomain},
+};
+use tokio::sync::watch;
+
+/// How often [`LocalRegistry::watch`] checks the cluster file for changes.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Workload {
+    pub name: String,
+    pub namespace: String,
+    pub service_account: String,
+    pub identity: Identity,
+    pub ip: Ipv4Addr,
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    pub meshed: bool,
+    /// Some only for pods on this node whose cgroup directory exists.
+    pub cgroup_id: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub workload: Arc<Workload>,
+    pub port: u16,
+}
+
+pub trait WorkloadRegistry: Send + Sync + 'static {
+    fn local_node(&self) -> &NodeInfo;
+    fn trust_domain(&self) -> &TrustDomain;
+    fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>>;
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>>;
+    /// Pod IP:port -> that pod; Service VIP:port -> one endpoint pod (round
+    /// robin) with the target port; None -> outside the cluster (or a Service
+    /// without endpoints or that port).
+    fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint>;
+    fn local_workloads(&self) -> Vec<Arc<Workload>>;
+    /// Bumped on every change (pods/services come and go).
+    fn subscribe(&self) -> watch::Receiver<u64>;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(
+        "node {node:?} is not in cluster file {path}; start the agent with one of its node names: {known}"
+    )]
+    UnknownNode {
+        node: String,
+        path: PathBuf,
+        known: String,
+    },
+    #[error(
+        "cluster file {path} changed this node's {what}; the agent keeps the old value until it is restarted"
+    )]
+    ImmutableChanged { path: PathBuf, what: &'static str },
+    #[error("cannot stat cluster file {path}: {source}")]
+    Stat {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A registry fed by the cluster file, for one node. Re-reads the file when
+/// it changes ([`LocalRegistry::watch`]); a bad file keeps the last good state.
+pub struct LocalRegistry {
+    path: PathBuf,
+    node: NodeInfo,
+    trust_domain: TrustDomain,
+    snapshot: ArcSwap<Snapshot>,
+    version: watch::Sender<u64>,
+    source: Mutex<Source>,
+}
+
+impl std::fmt::Debug for LocalRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalRegistry")
+            .field("path", &self.path)
+            .field("node", &self.node)
+            .field("version", &*self.version.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The last good file and the stamp of the last file version read (good or not).
+struct Source {
+    file: ClusterFile,
+    stamp: FileStamp,
+}
+
+/// Identifies one version of the file without reading it; atomic
+/// replacement (rename) changes the inode, in-place rewrites the mtime/size.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    modified: SystemTime,
+    len: u64,
+    dev: u64,
+    ino: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Result<Self, RegistryError> {
+        let meta = std::fs::metadata(path).map_err(|source| RegistryError::Stat {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            len: meta.len(),
+            dev: meta.dev(),
+            ino: meta.ino(),
+        })
+    }
+}
+
+impl LocalRegistry {
+    /// Reads the cluster file for `node_name`. Fails when the file is bad or
+    /// does not list the node.
+    pub fn load(path: &Path, node_name: &str) -> Result<Arc<Self>, RegistryError> {
+        let stamp = FileStamp::of(path)?;
+        let file = ClusterFile::load(path)?;
+        let node = file
+            .node(node_name)
+            .ok_or_else(|| RegistryError::UnknownNode {
+                node: node_name.to_owned(),
+                path: path.to_owned(),
+                known: file
+                    .nodes
+                    .iter()
+                    .map(|n| n.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })?;
+        let node = NodeInfo {
+            name: node.name.clone(),
+            ip: node.ip,
+        };
+        let trust_domain = file.trust_domain()?;
+        let snapshot = Snapshot::build(&file, &node.name)?;
+        Ok(Arc::new(Self {
+            path: path.to_owned(),
+            node,
+            trust_domain,
+            snapshot: ArcSwap::from_pointee(snapshot),
+            version: watch::Sender::new(0),
+            source: Mutex::new(Source { file, stamp }),
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Re-reads the file if it changed since the last read, and rebuilds the
+    /// state if the file changed or a local pod's cgroup may have appeared.
+    /// Returns whether the state changed (and the version was bumped). On
+    /// error the last good state stays.
+    pub fn reload(&self) -> Result<bool, RegistryError> {
+        let mut source = self.source.lock().expect("registry source lock poisoned");
+        let stamp = FileStamp::of(&self.path)?;
+        let file_changed = stamp != source.stamp;
+        if file_changed {
+            // Recorded first so one bad version is reported once, not every poll.
+            source.stamp = stamp;
+            let file = ClusterFile::load(&self.path)?;
+            self.check_immutable(&file)?;
+            source.file = file;
+        } else if !self.snapshot.load().missing_cgroups {
+            return Ok(false);
+        }
+        let snapshot = Snapshot::build(&source.file, &self.node.name)?;
+        if **self.snapshot.load() == snapshot {
+            return Ok(false);
+        }
+        self.snapshot.store(Arc::new(snapshot));
+        self.version.send_modify(|v| *v += 1);
+        Ok(true)
+    }
+
+    /// Polls the file every `interval` until `shutdown` resolves, logging
+    /// changes and errors.
+    pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut ticks = tokio::time::interval(interval);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticks.tick() => {}
+            }
+            match self.reload() {
+                Ok(true) => tracing::info!(
+                    path = %self.path.display(),
+                    version = *self.version.borrow(),
+                    "workload registry reloaded"
+                ),
+                Ok(false) => {}
+                Err(error) => tracing::error!(
+                    path = %self.path.display(),
+                    %error,
+                    "cluster file rejected; keeping the last good state"
+                ),
+            }
+        }
+    }
+
+    fn check_immutable(&self, file: &ClusterFile) -> Result<(), RegistryError> {
+        let changed = |what| RegistryError::ImmutableChanged {
+            path: self.path.clone(),
+            what,
+        };
+        let node = file
+            .node(&self.node.name)
+            .ok_or_else(|| changed("presence"))?;
+        if node.ip != self.node.ip {
+            return Err(changed("IP"));
+        }
+        if file.trust_domain()? != self.trust_domain {
+            return Err(changed("trust domain"));
+        }
+        Ok(())
+    }
+}
+
+impl WorkloadRegistry for LocalRegistry {
+    fn local_node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
+        self.snapshot.load().by_cgroup.get(&cgroup_id).cloned()
+    }
+
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
+        self.snapshot.load().by_ip.get(&ip).cloned()
+    }
+
+    fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
+        self.snapshot.load().resolve(dst)
+    }
+
+    fn local_workloads(&self) -> Vec<Arc<Workload>> {
+        self.snapshot.load().local.clone()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// One immutable view of the cluster, swapped whole on reload.
+#[derive(Debug, PartialEq, Eq)]
+struct Snapshot {
+    by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
+    by_cgroup: HashMap<u64, Arc<Workload>>,
+    local: Vec<Arc<Workload>>,
+    services: HashMap<Ipv4Addr, ServiceEntry>,
+    /// A local pod's cgroup directory did not exist (yet).
+    missing_cgroups: bool,
+}
+
+#[derive(Debug)]
+struct ServiceEntry {
+    /// Service port -> target port.
+    ports: HashMap<u16, u16>,
+    endpoints: Vec<Arc<Workload>>,
+    next: AtomicUsize,
+}
+
+impl PartialEq for ServiceEntry {
+    // The round-robin position is not part of the cluster's state.
+    fn eq(&self, other: &Self) -> bool {
+        self.ports == other.ports && self.endpoints == other.endpoints
+    }
+}
+
+impl Eq for ServiceEntry {}
+
+impl Snapshot {
+    fn build(file: &ClusterFile, local_node: &str) -> Result<Self, RegistryError> {
+        let mut by_ip = HashMap::new();
+        let mut by_cgroup = HashMap::new();
+        let mut local = Vec::new();
+        let mut missing_cgroups = false;
+        for pod in &file.pods {
+            let node = file
+                .node(&pod.node)
+                .expect("validated cluster files list every pod's node");
+            let is_local = pod.node == local_node;
+            let cgroup_id = if is_local {
+                match host::cgroup_id(&pod.cgroup) {
+                    Ok(id) => Some(id),
+                    Err(error) => {
+                        tracing::debug!(pod = %pod.name, cgroup = %pod.cgroup.display(), %error,
+                            "local pod's cgroup is not there (yet)");
+                        missing_cgroups = true;
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let workload = Arc::new(Workload {
+                name: pod.name.clone(),
+                namespace: pod.namespace.clone(),
+                service_account: pod.service_account.clone(),
+                identity: file.identity_of(pod)?,
+                ip: pod.ip,
+                node: pod.node.clone(),
+                node_ip: node.ip,
+                meshed: file.is_meshed(pod),
+                cgroup_id,
+            });
+            if let Some(id) = cgroup_id {
+                by_cgroup.insert(id, workload.clone());
+            }
+            if is_local {
+                local.push(workload.clone());
+            }
+            by_ip.insert(pod.ip, workload);
+        }
+        let services = file
+            .services
+            .iter()
+            .map(|svc| {
+                let entry = ServiceEntry {
+                    ports: svc.ports.iter().map(|p| (p.port, p.target_port)).collect(),
+                    endpoints: file
+                        .endpoints(svc)
+                        .map(|pod| by_ip[&pod.ip].clone())
+                        .collect(),
+                    next: AtomicUsize::new(0),
+                };
+                (svc.vip, entry)
+            })
+            .collect();
+        Ok(Self {
+            by_ip,
+            by_cgroup,
+            local,
+            services,
+            missing_cgroups,
+        })
+    }
+
+    fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
+        if let Some(workload) = self.by_ip.get(dst.ip()) {
+            return Some(Endpoint {
+                workload: workload.clone(),
+                port: dst.port(),
+            });
+        }
+        let service = self.services.get(dst.ip())?;
+        let target_port = *service.ports.get(&dst.port())?;
+        if service.endpoints.is_empty() {
+            return None;
+        }
+        let pick = service.next.fetch_add(1, Ordering::Relaxed) % service.endpoints.len();
+        Some(Endpoint {
+            workload: service.endpoints[pick].clone(),
+            port: target_port,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use sealmesh_common::host::cgroup_id;
+
+    use super::*;
+
+    /// node-0 (local): web-0, web-1 (meshed, sa web), db-0 (opted out), curl (unmeshed ns);
+    /// node-1: web-2 (meshed). Pod "cgroups" are plain directories: their id is the inode.
+    fn cluster_yaml(dir: &Path) -> String {
+        let cg = dir.display();
+        format!(
+            r#"
+apiVersion: sealmesh.io/v1alpha1
+kind: Cluster
+name: tb-test
+nodes:
+  - {{ name: node-0, ip: 172.18.0.2, podCidr: 10.244.0.0/24, cgroup: {cg}/node-0 }}
+  - {{ name: node-1, ip: 172.18.0.3, podCidr: 10.244.1.0/24, cgroup: {cg}/node-1 }}
+namespaces:
+  - {{ name: emojivoto, labels: {{ sealmesh.io/mesh: enabled }} }}
+  - {{ name: plain }}
+pods:
+  - {{ name: web-0, namespace: emojivoto, serviceAccount: web, ip: 10.244.0.2, node: node-0, cgroup: {cg}/node-0/web-0, labels: {{ app: web }} }}
+  - {{ name: web-1, namespace: emojivoto, serviceAccount: web, ip: 10.244.0.3, node: node-0, cgroup: {cg}/node-0/web-1, labels: {{ app: web }} }}
+  - {{ name: db-0, namespace: emojivoto, serviceAccount: db, ip: 10.244.0.4, node: node-0, cgroup: {cg}/node-0/db-0, annotations: {{ sealmesh.io/mesh: disabled }} }}
+  - {{ name: curl, namespace: plain, serviceAccount: default, ip: 10.244.0.5, node: node-0, cgroup: {cg}/node-0/curl }}
+  - {{ name: web-2, namespace: emojivoto, serviceAccount: web, ip: 10.244.1.2, node: node-1, cgroup: {cg}/node-1/web-2, labels: {{ app: web }} }}
+services:
+  - {{ name: web-svc, namespace: emojivoto, vip: 10.96.0.10, ports: [{{ port: 80, targetPort: 8080 }}], selector: {{ app: web }} }}
+  - {{ name: none-svc, namespace: emojivoto, vip: 10.96.0.11, ports: [{{ port: 80, targetPort: 8080 }}], selector: {{ app: nothing }} }}
+"#
+        )
+    }
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        file: PathBuf,
+    }
+
+    impl Fixture {
+        fn new() -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            for pod in ["web-0", "web-1", "db-0", "curl"] {
+                fs::create_dir_all(dir.path().join("node-0").join(pod)).unwrap();
+            }
+            let file = dir.path().join("cluster.yaml");
+            fs::write(&file, cluster_yaml(dir.path())).unwrap();
+            Self { dir, file }
+        }
+
+        fn cgroup(&self, pod: &str) -> u64 {
+            cgroup_id(&self.dir.path().join("node-0").join(pod)).unwrap()
+        }
+
+        fn rewrite(&self, edit: impl FnOnce(&mut ClusterFile)) {
+            let mut file = ClusterFile::load(&self.file).unwrap();
+            edit(&mut file);
+            file.save(&self.file).unwrap();
+        }
+    }
+
+    fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(ip), port)
+    }
+
+    #[test]
+    fn indexes_pods_by_cgroup_and_ip() {
+        let fx = Fixture::new();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        assert_eq!(
+            reg.local_node(),
+            &NodeInfo {
+                name: "node-0".into(),
+                ip: Ipv4Addr::new(172, 18, 0, 2)
+            }
+        );
+        assert_eq!(reg.trust_domain(), &TrustDomain::default());
+
+        let web0 = reg.by_cgroup(fx.cgroup("web-0")).unwrap();
+        assert_eq!(
+            *web0,
+            Workload {
+                name: "web-0".into(),
+                namespace: "emojivoto".into(),
+                service_account: "web".into(),
+                identity: TrustDomain::default().identity("emojivoto", "web").unwrap(),
+                ip: Ipv4Addr::new(10, 244, 0, 2),
+                node: "node-0".into(),
+                node_ip: Ipv4Addr::new(172, 18, 0, 2),
+                meshed: true,
+                cgroup_id: Some(fx.cgroup("web-0")),
+            }
+        );
+        assert!(!reg.by_cgroup(fx.cgroup("db-0")).unwrap().meshed);
+        assert!(!reg.by_cgroup(fx.cgroup("curl")).unwrap().meshed);
+        assert_eq!(reg.by_cgroup(1), None);
+
+        let web2 = reg.by_ip(Ipv4Addr::new(10, 244, 1, 2)).unwrap();
+        assert_eq!(
+            (
+                web2.name.as_str(),
+                web2.node_ip,
+                web2.cgroup_id,
+                web2.meshed
+            ),
+            ("web-2", Ipv4Addr::new(172, 18, 0, 3), None, true)
+        );
+        assert_eq!(reg.by_ip(Ipv4Addr::new(10, 244, 9, 9)), None);
+
+        let local: Vec<_> = reg
+            .local_workloads()
+            .iter()
+            .map(|w| w.name.clone())
+            .collect();
+        assert_eq!(local, ["web-0", "web-1", "db-0", "curl"]);
+    }
+
+    #[test]
+    fn resolves_pod_ips_and_service_vips() {
+        let fx = Fixture::new();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+
+        let direct = reg.resolve(addr([10, 244, 1, 2], 9000)).unwrap();
+        assert_eq!(
+            (direct.workload.name.as_str(), direct.port),
+            ("web-2", 9000)
+        );
+
+        let picks: Vec<_> = (0..6)
+            .map(|_| {
+                let ep = reg.resolve(addr([10, 96, 0, 10], 80)).unwrap();
+                (ep.workload.name.clone(), ep.port)
+            })
+            .collect();
+        let expected: Vec<_> = ["web-0", "web-1", "web-2", "web-0", "web-1", "web-2"]
+            .iter()
+            .map(|n| (n.to_string(), 8080))
+            .collect();
+        assert_eq!(picks, expected);
+
+        assert_eq!(
+            reg.resolve(addr([10, 96, 0, 10], 81)),
+            None,
+            "port the Service does not expose"
+        );
+        assert_eq!(
+            reg.resolve(addr([10, 96, 0, 11], 80)),
+            None,
+            "Service without endpoints"
+        );
+        assert_eq!(
+            reg.resolve(addr([8, 8, 8, 8], 53)),
+            None,
+            "outside the cluster"
+        );
+    }
+
+    #[test]
+    fn reloads_a_changed_file_and_notifies() {
+        let fx = Fixture::new();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let mut changes = reg.subscribe();
+        assert!(!reg.reload().unwrap(), "nothing changed yet");
+
+        fx.rewrite(|f| f.pods.retain(|p| p.name != "web-1"));
+        assert!(reg.reload().unwrap());
+        assert!(changes.has_changed().unwrap());
+        assert_eq!(*changes.borrow_and_update(), 1);
+        assert_eq!(reg.by_ip(Ipv4Addr::new(10, 244, 0, 3)), None);
+        assert_eq!(reg.by_cgroup(fx.cgroup("web-1")), None);
+        let picks: Vec<_> = (0..2)
+            .map(|_| {
+                reg.resolve(addr([10, 96, 0, 10], 80))
+                    .unwrap()
+                    .workload
+                    .name
+                    .clone()
+            })
+            .collect();
+        assert_eq!(picks, ["web-0", "web-2"]);
+
+        // Same content written again: new stamp, same state, no bump.
+        fx.rewrite(|_| {});
+        assert!(!reg.reload().unwrap());
+        assert!(!changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn picks_up_a_local_cgroup_created_after_the_file() {
+        let fx = Fixture::new();
+        fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let curl = reg.by_ip(Ipv4Addr::new(10, 244, 0, 5)).unwrap();
+        assert_eq!(curl.cgroup_id, None);
+
+        fs::create_dir(fx.dir.path().join("node-0/curl")).unwrap();
+        assert!(reg.reload().unwrap());
+        assert_eq!(reg.by_cgroup(fx.cgroup("curl")).unwrap().name, "curl");
+    }
+
+    #[test]
+    fn bad_file_keeps_the_last_good_state() {
+        let fx = Fixture::new();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let changes = reg.subscribe();
+
+        fs::write(
+            &fx.file,
+            "apiVersion: sealmesh.io/v1alpha1\nkind: Cluster\nnodes: [oops\n",
+        )
+        .unwrap();
+        assert!(matches!(reg.reload(), Err(RegistryError::Cluster(_))));
+        assert!(!reg.reload().unwrap(), "a bad version is reported once");
+        assert_eq!(
+            reg.by_ip(Ipv4Addr::new(10, 244, 0, 3)).unwrap().name,
+            "web-1"
+        );
+
+        fs::write(
+            &fx.file,
+            cluster_yaml(fx.dir.path()).replace("172.18.0.2", "172.18.0.9"),
+        )
+        .unwrap();
+        let err = reg.reload().unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "cluster file {} changed this node's IP; the agent keeps the old value until it is restarted",
+                fx.file.display()
+            )
+        );
+        assert_eq!(reg.local_node().ip, Ipv4Addr::new(172, 18, 0, 2));
+        assert_eq!(reg.local_workloads().len(), 4);
+        assert!(!changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn unknown_node_names_the_known_ones() {
+        let fx = Fixture::new();
+        let err = LocalRegistry::load(&fx.file, "node-7").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "node \"node-7\" is not in cluster file {}; start the agent with one of its node names: node-0, node-1",
+                fx.file.display()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn watch_polls_until_shutdown() {
+        let fx = Fixture::new();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let mut changes = reg.subscribe();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(reg.clone().watch(Duration::from_millis(20), async {
+            let _ = stopped.await;
+        }));
+        fx.rewrite(|f| f.services.clear());
+        changes.changed().await.unwrap();
+        assert_eq!(reg.resolve(addr([10, 96, 0, 10], 80)), None);
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+}

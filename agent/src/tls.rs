@@ -243,7 +243,9 @@ mod tests {
         let foreign = cert_with_sans(vec![uri("spiffe://evil.org/ns/emojivoto/sa/web")]);
         assert!(matches!(
             peer_identity(&[foreign], &td),
-            Err(TlsError::ForeignIdentity(IdentityError::InvalidSpiffeUri { .. }))
+            Err(TlsError::ForeignIdentity(
+                IdentityError::InvalidSpiffeUri { .. }
+            ))
         ));
         let two = cert_with_sans(vec![
             uri("spiffe://cluster.local/ns/a/sa/b"),
