@@ -1,0 +1,26 @@
+//! sealmesh identity service: the CA that issues short-lived certificates to
+//! ServiceAccounts, in the style of Linkerd's identity controller.
+//!
+//! - [`config`]: the one `Config` (flags) of the service;
+//! - [`pki`]: trust anchors and issuers: loading, validation, generation;
+//! - [`ca`]: CSR verification and leaf signing;
+//! - [`auth`]: who is calling (`TokenValidator`) and what they may request;
+//! - [`service`]: the Certify gRPC API under both package names;
+//! - [`rotation`]: atomic issuer reload from a watched directory;
+//! - [`metrics`]: Prometheus metrics, liveness and readiness over HTTP.
+//!
+//! Library use (tests, testbed): `ServerBuilder::new(config).bind().await?`
+//! returns a [`Server`] with its bound addresses; `run(shutdown)` serves.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod ca;
+pub mod config;
+pub mod metrics;
+pub mod pki;
+pub mod rotation;
+mod server;
+pub mod service;
+
+pub use config::Config;
+pub use server::{ServeError, Server, ServerBuilder, serve};

@@ -1,0 +1,228 @@
+//! Prometheus metrics and the HTTP endpoint serving them with liveness and
+//! readiness probes.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+
+use crate::pki::CertInfo;
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnchorLabels {
+    subject: String,
+    serial: String,
+}
+
+/// The identity service's metrics, all prefixed `sealmesh_identity_`.
+pub struct Metrics {
+    registry: Registry,
+    certificates_issued: Family<ResultLabels, Counter>,
+    issuance_duration: Histogram,
+    issuer_expiry: Gauge,
+    anchor_expiry: Family<AnchorLabels, Gauge>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("sealmesh_identity");
+        let certificates_issued = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "certificates_issued",
+            "Certify calls by result: ok, or the gRPC status code name of the refusal",
+            certificates_issued.clone(),
+        );
+        // 100µs .. ~1.6s
+        let issuance_duration = Histogram::new(exponential_buckets(0.0001, 2.0, 15));
+        registry.register(
+            "issuance_duration_seconds",
+            "Time to authorise a Certify call and sign its certificate",
+            issuance_duration.clone(),
+        );
+        let issuer_expiry = Gauge::default();
+        registry.register(
+            "issuer_expiry_timestamp_seconds",
+            "NotAfter of the issuer certificate currently signing, as a Unix timestamp",
+            issuer_expiry.clone(),
+        );
+        let anchor_expiry = Family::<AnchorLabels, Gauge>::default();
+        registry.register(
+            "trust_anchor_expiry_timestamp_seconds",
+            "NotAfter of each trust anchor, as a Unix timestamp",
+            anchor_expiry.clone(),
+        );
+        Self {
+            registry,
+            certificates_issued,
+            issuance_duration,
+            issuer_expiry,
+            anchor_expiry,
+        }
+    }
+
+    /// Counts one Certify call that ended with `result` after `elapsed`.
+    pub fn record_certify(&self, result: &'static str, elapsed: Duration) {
+        self.certificates_issued
+            .get_or_create(&ResultLabels { result })
+            .inc();
+        self.issuance_duration.observe(elapsed.as_secs_f64());
+    }
+
+    pub fn set_issuer_expiry(&self, not_after: OffsetDateTime) {
+        self.issuer_expiry.set(not_after.unix_timestamp());
+    }
+
+    pub fn set_anchor_expiries(&self, anchors: &[CertInfo]) {
+        self.anchor_expiry.clear();
+        for anchor in anchors {
+            self.anchor_expiry
+                .get_or_create(&AnchorLabels {
+                    subject: anchor.subject.clone(),
+                    serial: anchor.serial.clone(),
+                })
+                .set(anchor.not_after.unix_timestamp());
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+}
+
+/// Serves `/metrics`, `/live` and `/ready` (200 while `ready()` holds, else
+/// 503) on `listener` until `shutdown` resolves.
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let ready = ready.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = respond(&request, &metrics, ready.as_ref());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "metrics endpoint: connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond<B>(
+    request: &Request<B>,
+    metrics: &Metrics,
+    ready: &(dyn Fn() -> bool + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    if request.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        );
+    }
+    match request.uri().path() {
+        "/metrics" => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode()),
+        "/live" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" if ready() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/ready" => reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready: the issuer has expired; rotate it\n".into(),
+        ),
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /live or /ready\n".into(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_the_documented_series() {
+        let metrics = Metrics::new();
+        metrics.record_certify("ok", Duration::from_micros(150));
+        metrics.set_issuer_expiry(OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap());
+        let text = metrics.encode();
+        assert!(
+            text.contains("sealmesh_identity_certificates_issued_total{result=\"ok\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sealmesh_identity_issuer_expiry_timestamp_seconds 1900000000\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sealmesh_identity_issuance_duration_seconds_count 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("sealmesh_identity_issuance_duration_seconds_bucket{le=\"0.0002\"} 1\n"),
+            "{text}"
+        );
+    }
+}
