@@ -1,1 +1,256 @@
-fn main() {}
+//! `cargo xtask`: set up the host, run all tests, show the demo, run benchmarks,
+//! and manage local testbeds by hand.
+#![forbid(unsafe_code)]
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use nix::sys::signal::{SigSet, Signal};
+use xtask::{
+    bench, demo, setup,
+    testbed::{self, Testbed, TestbedId, TestbedSpec},
+};
+
+#[derive(Parser)]
+#[command(about = "sealmesh developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing needs (nightly rust-src, bpf-linker, apt
+    /// packages, bpffs); idempotent.
+    Setup,
+    /// Run setup, build the workspace (including the eBPF programs), run all tests.
+    /// Needs root.
+    Test,
+    /// Show the main job on a local testbed. Needs root.
+    Demo,
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchTask),
+    /// Local testbeds (network namespaces + cgroups) for humans. Needs root.
+    #[command(subcommand)]
+    Testbed(TestbedTask),
+}
+
+#[derive(Subcommand)]
+enum BenchTask {
+    /// Certificates issued per second by the identity service.
+    Identity {
+        #[arg(long, default_value_t = 1000)]
+        certs: usize,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestbedTask {
+    /// Bring a testbed up (N nodes × M pods in the meshed namespace `mesh-demo`).
+    /// It stays up after this command returns; `testbed down <ID>` removes it.
+    /// With --foreground it stays until Ctrl-C and is then removed.
+    Up {
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// Pods per node.
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Remove a testbed, or with --all every testbed's leftovers (also of crashed
+    /// runs; this destroys testbeds in use too).
+    Down(DownArgs),
+    /// Run a command in a pod (`<namespace>/<pod>` or a unique `<pod>`), a node
+    /// (`node-<k>`) or `underlay`: its network namespace and cgroup.
+    Exec {
+        target: String,
+        /// Testbed id; needed when more than one is up.
+        #[arg(long)]
+        testbed: Option<TestbedId>,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List testbeds with their nodes and pods.
+    List,
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct DownArgs {
+    id: Option<TestbedId>,
+    #[arg(long)]
+    all: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse().command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<ExitCode> {
+    match task {
+        Task::Setup => setup::run()?,
+        Task::Test => test()?,
+        Task::Demo => demo::run()?,
+        Task::Bench(BenchTask::Identity { certs, concurrency }) => {
+            bench::identity::run(certs, concurrency)?
+        }
+        Task::Testbed(task) => return testbed_task(task),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cargo() -> Command {
+    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+}
+
+fn test() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "`cargo xtask test` needs root: tests create network namespaces and cgroups and load eBPF programs; run `sudo -E cargo xtask test`"
+        );
+    }
+    setup::run()?;
+    xtask::cmd::run_visible(cargo().args(["build", "--workspace"]))
+        .context("building the workspace")?;
+    xtask::cmd::run_visible(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+        .context("running the tests")?;
+    Ok(())
+}
+
+fn testbed_task(task: TestbedTask) -> anyhow::Result<ExitCode> {
+    match task {
+        TestbedTask::Up {
+            nodes,
+            pods,
+            foreground,
+        } => {
+            // Block the signals before any thread starts, so sigwait below gets them.
+            let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
+            if foreground {
+                signals.thread_block()?;
+            }
+            let testbed = Testbed::up(&TestbedSpec::meshed(nodes, pods))?;
+            print_testbed(&testbed);
+            if foreground {
+                println!("up until Ctrl-C");
+                let signal = signals.wait()?;
+                println!("{signal}: tearing down");
+                testbed.down()?;
+            } else {
+                let id = testbed.leave_running();
+                println!("left running; remove it with: sudo -E cargo xtask testbed down {id}");
+            }
+        }
+        TestbedTask::Down(DownArgs { id: Some(id), .. }) => {
+            testbed::require_root()?;
+            testbed::down_by_id(&id)?;
+            println!("removed {id}");
+        }
+        TestbedTask::Down(DownArgs { id: None, .. }) => {
+            let ids = testbed::down_all()?;
+            println!("swept {} testbed(s): {}", ids.len(), join(&ids));
+        }
+        TestbedTask::Exec {
+            target,
+            testbed,
+            command,
+        } => return exec(&target, testbed, &command),
+        TestbedTask::List => {
+            let ids = testbed::list();
+            if ids.is_empty() {
+                println!("no testbeds");
+            }
+            for id in ids {
+                match Testbed::attach(&id) {
+                    Ok(testbed) => print_testbed(&testbed),
+                    Err(e) => println!("{id}: {e}"),
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn join(ids: &[TestbedId]) -> String {
+    ids.iter().map(TestbedId::to_string).collect::<Vec<_>>().join(" ")
+}
+
+fn print_testbed(testbed: &Testbed) {
+    let cluster = testbed.cluster();
+    println!("{} (cluster file {})", testbed.id(), testbed.cluster_file_path().display());
+    println!("  underlay  {:<12} netns {}", testbed.control_plane_ip(), testbed.underlay_netns());
+    for node in &cluster.nodes {
+        println!(
+            "  {:<9} {:<12} netns {} pods {}",
+            node.name,
+            node.ip,
+            node.netns.as_deref().unwrap_or("-"),
+            node.pod_cidr
+        );
+        for pod in cluster.pods_on(&node.name) {
+            println!(
+                "    {:<22} {:<12} netns {}",
+                format!("{}/{}", pod.namespace, pod.name),
+                pod.ip,
+                pod.netns.as_deref().unwrap_or("-")
+            );
+        }
+    }
+}
+
+fn exec(target: &str, id: Option<TestbedId>, command: &[String]) -> anyhow::Result<ExitCode> {
+    testbed::require_root()?;
+    let id = match id {
+        Some(id) => id,
+        None => match testbed::list().as_slice() {
+            [only] => only.clone(),
+            [] => bail!("no testbed is up; start one with `sudo -E cargo xtask testbed up`"),
+            many => bail!("several testbeds are up ({}); pick one with --testbed", join(many)),
+        },
+    };
+    let testbed = Testbed::attach(&id)?;
+    let mut cmd = Command::new(&command[0]);
+    cmd.args(&command[1..]);
+    let child = if target == "underlay" {
+        testbed.spawn_in_underlay(cmd)?
+    } else if testbed.cluster().node(target).is_some() {
+        testbed.spawn_in_node(target, cmd)?
+    } else {
+        let (namespace, pod) = match target.split_once('/') {
+            Some((namespace, pod)) => (namespace.to_owned(), pod.to_owned()),
+            None => {
+                let matches: Vec<_> =
+                    testbed.cluster().pods.iter().filter(|p| p.name == target).collect();
+                match matches.as_slice() {
+                    [pod] => (pod.namespace.clone(), pod.name.clone()),
+                    [] => bail!("testbed {id} has no pod or node {target:?}; `cargo xtask testbed list` shows them"),
+                    _ => bail!("pod name {target:?} is in several namespaces; use <namespace>/{target}"),
+                }
+            }
+        };
+        testbed.spawn_in_pod(&namespace, &pod, cmd)?
+    };
+    let status = child.wait_with_output()?.status;
+    Ok(match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    })
+}

@@ -1,0 +1,3 @@
+//! `cargo xtask bench ...`: benchmarks that run against a local testbed.
+
+pub mod identity;

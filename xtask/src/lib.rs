@@ -1,0 +1,10 @@
+//! Library behind `cargo xtask`: host setup, the local testbed, the demo and
+//! benchmarks. Integration tests and other crates' tests use [`testbed`].
+#![deny(unsafe_code)]
+
+pub mod bench;
+pub mod cmd;
+pub mod demo;
+pub mod setup;
+pub mod testapp;
+pub mod testbed;

@@ -1,0 +1,429 @@
+//! A kind-like cluster on one Linux host, built from network namespaces and
+//! cgroup v2, for tests, the demo and benchmarks (needs root).
+//!
+//! Topology (`sm-<id>-...` are named network namespaces, see [`layout`]):
+//! - underlay `sm-<id>-u`: bridge `br0` 172.18.0.1/16 (the control plane listens
+//!   there) with one port `n<k>` per node and routes to every pod CIDR via its node;
+//! - node k `sm-<id>-n<k>`: `eth0` 172.18.0.(k+2)/16 on the bridge, ip_forward on,
+//!   routes to other nodes' pod CIDRs 10.244.j.0/24 via 172.18.0.(j+2), and per pod
+//!   a veth `p<m>` holding 10.244.k.1/32 with a /32 route to the pod;
+//! - pod m of node k `sm-<id>-n<k>-p<m>`: `eth0` 10.244.k.(m+2)/32, gateway
+//!   10.244.k.1 (on-link) for 10.244.0.0/16, 172.18.0.0/16 and 10.96.0.0/16.
+//!
+//! No namespace has a default route. cgroups: `<cgroup2>/sealmesh-testbed/<id>/`
+//! holds `underlay/`, `<node>/` and `<node>/<namespace>_<pod>/`. State:
+//! `/run/sealmesh/<id>/` holds `cluster.yaml` and `<node>.token`; agents pin maps in
+//! `<bpffs>/sealmesh-testbed/<id>/<node>/`. Dropping a [`Testbed`] (also while
+//! unwinding from a panic) kills its processes and removes all of it.
+
+pub mod cgroup;
+pub mod layout;
+mod net;
+pub mod netns;
+pub mod spec;
+
+use std::{
+    fs::OpenOptions,
+    io::{self, Write as _},
+    net::Ipv4Addr,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    process::Command,
+    thread::JoinHandle,
+};
+
+use rand::RngCore;
+use sealmesh_common::cluster::{ClusterError, ClusterFile, IdentityEndpoint};
+
+pub use layout::TestbedId;
+use layout::{HostPaths, Layout, NETNS_PREFIX, STATE_ROOT};
+pub use netns::ChildGuard;
+pub use spec::{MESHED_NAMESPACE, PodSpec, SpecError, TestbedSpec};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TestbedError {
+    #[error(
+        "the testbed needs root (it creates network namespaces and cgroups): run with `sudo -E`"
+    )]
+    NotRoot,
+    #[error(
+        "cgroup v2 is not mounted (looked in /proc/self/mountinfo): mount it, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
+    )]
+    NoCgroup2,
+    #[error("bpffs is not mounted: run `sudo -E cargo xtask setup`, which mounts it at /sys/fs/bpf")]
+    NoBpffs,
+    #[error("invalid testbed id {0:?}: expected `tb-` and 6 hex digits, as `cargo xtask testbed list` shows")]
+    BadId(String),
+    #[error("invalid testbed spec: {0}")]
+    Spec(#[from] SpecError),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+    #[error(transparent)]
+    Command(#[from] crate::cmd::CmdError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error("cannot enter network namespace {netns}: {source}")]
+    Setns {
+        netns: String,
+        source: nix::errno::Errno,
+    },
+    #[error("cannot start `{command}` in network namespace {netns}: {source}")]
+    Spawn {
+        command: String,
+        netns: String,
+        source: io::Error,
+    },
+    #[error("testbed {id} has no {what} named {name:?}; `cargo xtask testbed list` shows its pods and nodes")]
+    Unknown {
+        id: TestbedId,
+        what: &'static str,
+        name: String,
+    },
+    #[error("testbed {0} is not running (no {STATE_ROOT}/{0}/cluster.yaml); `cargo xtask testbed list` shows running ones")]
+    NotRunning(TestbedId),
+    #[error("the cluster file is not a testbed's: {what}")]
+    NotATestbed { what: String },
+    #[error("tearing down testbed {id} left things behind ({problems}); `sudo -E cargo xtask testbed down --all` retries")]
+    Teardown { id: TestbedId, problems: String },
+    #[error("sweeping testbed leftovers left things behind: {0}")]
+    SweepIncomplete(String),
+}
+
+/// Fails unless the process is root.
+pub fn require_root() -> Result<(), TestbedError> {
+    if nix::unistd::geteuid().is_root() {
+        Ok(())
+    } else {
+        Err(TestbedError::NotRoot)
+    }
+}
+
+/// A running testbed. Owned testbeds (from [`Testbed::up`]) are torn down on drop.
+#[derive(Debug)]
+pub struct Testbed {
+    layout: Layout,
+    cluster: ClusterFile,
+    /// Whether dropping this value tears the testbed down.
+    owned: bool,
+}
+
+impl Testbed {
+    /// Builds a testbed as `spec` describes. On error, whatever was created is removed.
+    pub fn up(spec: &TestbedSpec) -> Result<Self, TestbedError> {
+        require_root()?;
+        let host = HostPaths::detect()?;
+        create_dir(host.state_root(), "cannot create state root")?;
+        // Creating the state dir claims the id, so concurrent testbeds never share one.
+        let layout = loop {
+            let layout = Layout::new(TestbedId::random(), host.clone());
+            match std::fs::create_dir(layout.state_dir()) {
+                Ok(()) => break layout,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(source) => {
+                    return Err(TestbedError::Io {
+                        what: "cannot create state dir",
+                        path: layout.state_dir(),
+                        source,
+                    });
+                }
+            }
+        };
+        let cluster = match spec.to_cluster_file(&layout) {
+            Ok(cluster) => cluster,
+            Err(e) => {
+                let _ = std::fs::remove_dir(layout.state_dir());
+                return Err(e.into());
+            }
+        };
+        // From here on, dropping `testbed` on an error path removes what exists.
+        let testbed = Self {
+            layout,
+            cluster,
+            owned: true,
+        };
+        testbed.create()?;
+        tracing::info!(id = %testbed.id(), nodes = testbed.cluster.nodes.len(), pods = testbed.cluster.pods.len(), "testbed up");
+        Ok(testbed)
+    }
+
+    fn create(&self) -> Result<(), TestbedError> {
+        let layout = &self.layout;
+        cgroup::create(&layout.underlay_cgroup())?;
+        for node in &self.cluster.nodes {
+            cgroup::create(&node.cgroup)?;
+            create_dir(&layout.node_bpffs_dir(&node.name), "cannot create bpffs dir")?;
+            write_token(&layout.token_file(&node.name))?;
+        }
+        for pod in &self.cluster.pods {
+            cgroup::create(&pod.cgroup)?;
+        }
+        net::build(layout, &self.cluster)?;
+        self.cluster.save(&layout.cluster_file())?;
+        Ok(())
+    }
+
+    /// A testbed another process started (for `testbed exec`/`down`); not torn down
+    /// on drop.
+    pub fn attach(id: &TestbedId) -> Result<Self, TestbedError> {
+        let layout = Layout::new(id.clone(), HostPaths::detect()?);
+        let path = layout.cluster_file();
+        if !path.exists() {
+            return Err(TestbedError::NotRunning(id.clone()));
+        }
+        let cluster = ClusterFile::load(&path)?;
+        Ok(Self {
+            layout,
+            cluster,
+            owned: false,
+        })
+    }
+
+    /// Leaves the testbed running after this value is dropped; returns its id.
+    pub fn leave_running(mut self) -> TestbedId {
+        self.owned = false;
+        self.id().clone()
+    }
+
+    /// Kills the testbed's processes and removes everything it created.
+    pub fn down(mut self) -> Result<(), TestbedError> {
+        self.owned = false;
+        teardown(&self.layout)
+    }
+
+    pub fn id(&self) -> &TestbedId {
+        self.layout.id()
+    }
+
+    pub fn cluster(&self) -> &ClusterFile {
+        &self.cluster
+    }
+
+    pub fn cluster_file_path(&self) -> PathBuf {
+        self.layout.cluster_file()
+    }
+
+    /// `/run/sealmesh/<id>`: a place for files of this testbed (certs, logs); removed
+    /// with it.
+    pub fn state_dir(&self) -> PathBuf {
+        self.layout.state_dir()
+    }
+
+    /// Address of the underlay bridge, where the control plane should listen.
+    pub fn control_plane_ip(&self) -> Ipv4Addr {
+        layout::UNDERLAY_GATEWAY
+    }
+
+    /// Sets the cluster file's `identity` section and saves the file.
+    pub fn set_identity(&mut self, identity: IdentityEndpoint) -> Result<(), TestbedError> {
+        self.cluster.identity = Some(identity);
+        self.cluster.save(&self.layout.cluster_file())?;
+        Ok(())
+    }
+
+    fn node(&self, node: &str) -> Result<&sealmesh_common::cluster::Node, TestbedError> {
+        self.cluster.node(node).ok_or_else(|| self.unknown("node", node))
+    }
+
+    fn pod(&self, namespace: &str, pod: &str) -> Result<&sealmesh_common::cluster::Pod, TestbedError> {
+        self.cluster
+            .pod(namespace, pod)
+            .ok_or_else(|| self.unknown("pod", &format!("{namespace}/{pod}")))
+    }
+
+    fn unknown(&self, what: &'static str, name: &str) -> TestbedError {
+        TestbedError::Unknown {
+            id: self.id().clone(),
+            what,
+            name: name.to_owned(),
+        }
+    }
+
+    /// Where the agent of `node` pins its eBPF maps and links.
+    pub fn node_bpffs_dir(&self, node: &str) -> Result<PathBuf, TestbedError> {
+        Ok(self.layout.node_bpffs_dir(&self.node(node)?.name))
+    }
+
+    pub fn underlay_netns(&self) -> String {
+        self.layout.underlay_netns()
+    }
+
+    pub fn node_netns(&self, node: &str) -> Result<&str, TestbedError> {
+        let node = self.node(node)?;
+        node.netns.as_deref().ok_or_else(|| TestbedError::NotATestbed {
+            what: format!("node {} has no netns", node.name),
+        })
+    }
+
+    pub fn pod_netns(&self, namespace: &str, pod: &str) -> Result<&str, TestbedError> {
+        let pod = self.pod(namespace, pod)?;
+        pod.netns.as_deref().ok_or_else(|| TestbedError::NotATestbed {
+            what: format!("pod {}/{} has no netns", pod.namespace, pod.name),
+        })
+    }
+
+    /// Starts `cmd` in the pod's network namespace and cgroup.
+    pub fn spawn_in_pod(&self, namespace: &str, pod: &str, cmd: Command) -> Result<ChildGuard, TestbedError> {
+        let netns = self.pod_netns(namespace, pod)?;
+        netns::spawn_in(netns, &self.pod(namespace, pod)?.cgroup, cmd)
+    }
+
+    /// Starts `cmd` in the node's network namespace and cgroup (where agents run).
+    pub fn spawn_in_node(&self, node: &str, cmd: Command) -> Result<ChildGuard, TestbedError> {
+        netns::spawn_in(self.node_netns(node)?, &self.node(node)?.cgroup, cmd)
+    }
+
+    /// Starts `cmd` in the underlay namespace (where the control plane runs), in the
+    /// testbed's `underlay` cgroup.
+    pub fn spawn_in_underlay(&self, cmd: Command) -> Result<ChildGuard, TestbedError> {
+        netns::spawn_in(&self.underlay_netns(), &self.layout.underlay_cgroup(), cmd)
+    }
+
+    /// See [`netns::run_in_netns`].
+    pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(&self, netns: &str, f: F) -> Result<T, TestbedError> {
+        netns::run_in_netns(netns, f)
+    }
+
+    /// See [`netns::thread_in_netns`].
+    pub fn thread_in_netns<T, F>(&self, netns: &str, f: F) -> Result<JoinHandle<T>, TestbedError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        netns::thread_in_netns(netns, f)
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        if self.owned
+            && let Err(e) = teardown(&self.layout)
+        {
+            // No caller to return this to; say it where a test run shows it.
+            eprintln!("error: {e}");
+        }
+    }
+}
+
+fn create_dir(path: &Path, what: &'static str) -> Result<(), TestbedError> {
+    std::fs::create_dir_all(path).map_err(|source| TestbedError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// A node's credential for the identity service: 32 random bytes, hex, owner-only.
+fn write_token(path: &Path) -> Result<(), TestbedError> {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(hex::encode(secret).as_bytes()))
+        .map_err(|source| TestbedError::Io {
+            what: "cannot write node token",
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// Removes everything of testbed `layout.id()` that exists: processes, namespaces,
+/// cgroups, bpffs dir, state dir. Keeps going past failures and reports them all.
+fn teardown(layout: &Layout) -> Result<(), TestbedError> {
+    let mut problems = Vec::new();
+    // Processes first, so nothing holds a namespace or cgroup.
+    if let Err(e) = cgroup::kill_all(&layout.cgroup_dir()) {
+        problems.push(e);
+    }
+    if let Err(e) = net::delete_namespaces(&net::namespaces_with_prefix(&layout.netns_prefix())) {
+        problems.push(e);
+    }
+    if let Err(e) = cgroup::remove_tree(&layout.cgroup_dir()) {
+        problems.push(e);
+    }
+    for dir in [layout.bpffs_dir(), layout.state_dir()] {
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    if problems.is_empty() {
+        tracing::info!(id = %layout.id(), "testbed down");
+        Ok(())
+    } else {
+        Err(TestbedError::Teardown {
+            id: layout.id().clone(),
+            problems: problems.join("; "),
+        })
+    }
+}
+
+/// Ids of testbeds that have a state dir (running or crashed).
+pub fn list() -> Vec<TestbedId> {
+    let mut ids: Vec<TestbedId> = std::fs::read_dir(STATE_ROOT)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Tears down testbed `id`, whether or not its cluster file survived.
+pub fn down_by_id(id: &TestbedId) -> Result<(), TestbedError> {
+    teardown(&Layout::new(id.clone(), HostPaths::detect()?))
+}
+
+/// Removes every testbed's leftovers (all `sm-*` namespaces, the `sealmesh-testbed`
+/// cgroups and bpffs dirs, `/run/sealmesh/tb-*`); returns the ids it found.
+/// This also destroys testbeds that are in use: it is for cleaning up after crashes.
+pub fn down_all() -> Result<Vec<TestbedId>, TestbedError> {
+    require_root()?;
+    let host = HostPaths::detect()?;
+    let id_of_netns = |name: &str| name.strip_prefix(NETNS_PREFIX)?.get(..9)?.parse().ok();
+    let children = |dir: PathBuf| -> Vec<TestbedId> {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse().ok())
+            .collect()
+    };
+    let mut ids: Vec<TestbedId> = list();
+    ids.extend(net::namespaces_with_prefix(NETNS_PREFIX).iter().filter_map(|n| id_of_netns(n)));
+    ids.extend(children(host.cgroup_root()));
+    ids.extend(children(host.bpffs_root()));
+    ids.sort();
+    ids.dedup();
+
+    let mut problems = Vec::new();
+    for id in &ids {
+        if let Err(e) = teardown(&Layout::new(id.clone(), host.clone())) {
+            problems.push(e.to_string());
+        }
+    }
+    // Namespaces named like ours but without a parsable id.
+    if let Err(e) = net::delete_namespaces(&net::namespaces_with_prefix(NETNS_PREFIX)) {
+        problems.push(e);
+    }
+    for dir in [host.cgroup_root(), host.bpffs_root()] {
+        match std::fs::remove_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => problems.push(format!("cannot remove {}: {e}", dir.display())),
+        }
+    }
+    if problems.is_empty() {
+        Ok(ids)
+    } else {
+        Err(TestbedError::SweepIncomplete(problems.join("; ")))
+    }
+}
