@@ -1,2 +1,129 @@
-//! Map types shared by the eBPF programs and the agent.
-#![no_std]
+//! Map types, map names and globals shared by the eBPF programs (`src/main.rs`, built for the
+//! bpf target by agent/build.rs) and the agent's loader (`sealmesh_agent::ebpf`).
+//!
+//! Every address and port in these types is a plain host-order number (`u32::from(Ipv4Addr)`,
+//! `u16` port): the programs convert from the kernel's mixed byte orders at the one place they
+//! read a socket field, so the agent never has to think about byte order.
+#![cfg_attr(not(test), no_std)]
+#![deny(unsafe_code)]
+
+use core::net::{Ipv4Addr, SocketAddrV4};
+
+/// Version of the pinned maps' layout and meaning. The agent pins maps under a directory named
+/// after it, so an upgraded agent with a different layout never reuses incompatible maps (and the
+/// old programs keep their own maps until their links are replaced).
+pub const MAP_ABI_VERSION: u32 = 1;
+
+/// Deepest cgroup level the connect4 program inspects when looking for a meshed pod among the
+/// socket's cgroup and its ancestors. Kubernetes pod cgroups sit at level 3–5 (plus container
+/// scopes below them); 32 leaves room for nested setups and keeps the loop small for the verifier.
+pub const MAX_CGROUP_DEPTH: i32 = 32;
+
+/// Names of the maps and globals in the eBPF object. The eBPF side declares statics with exactly
+/// these names (a map's name is its symbol name); the agent looks them up through these constants.
+pub mod names {
+    /// `HashMap<u64 cgroup id, u8>`: pod cgroups whose sockets are redirected (pinned).
+    pub const MESHED_PODS: &str = "MESHED_PODS";
+    /// `LruHashMap<u64 socket cookie, RedirectRecord>`: connect4 → sock_ops hand-over (pinned).
+    pub const REDIRECT_BY_COOKIE: &str = "REDIRECT_BY_COOKIE";
+    /// `LruHashMap<ConnectionKey, RedirectRecord>`: records the agent takes on accept (pinned).
+    pub const REDIRECT_BY_CONNECTION: &str = "REDIRECT_BY_CONNECTION";
+    /// `HashMap<u16 port, u8>`: destination ports never redirected (per program instance).
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    /// `LpmTrie<u32 network-order IPv4, u8>`: destination CIDRs never redirected (per instance).
+    pub const EXCLUDED_CIDRS: &str = "EXCLUDED_CIDRS";
+    /// Global `u32`: the agent's outbound listener address (host order).
+    pub const LISTENER_IP4: &str = "LISTENER_IP4";
+    /// Global `u16`: the agent's outbound listener port.
+    pub const LISTENER_PORT: &str = "LISTENER_PORT";
+    /// Program names (their function names in `src/main.rs`).
+    pub const CONNECT4_PROGRAM: &str = "redirect_connect4";
+    pub const SOCK_OPS_PROGRAM: &str = "track_redirected";
+}
+
+/// Capacity of the pinned maps. The redirect maps are LRU so that even records nobody collects
+/// (the agent died between a pod's connect and its accept) cannot fill them up.
+pub mod capacity {
+    pub const MESHED_PODS: u32 = 4096;
+    pub const REDIRECT_BY_COOKIE: u32 = 65536;
+    pub const REDIRECT_BY_CONNECTION: u32 = 65536;
+    pub const EXCLUDED_PORTS: u32 = 64;
+    pub const EXCLUDED_CIDRS: u32 = 64;
+}
+
+/// What connect4 knew about a redirected connection: where the pod wanted to go and which meshed
+/// pod cgroup (as the kernel reports it) made the connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RedirectRecord {
+    pub source_cgroup: u64,
+    pub original_ip4: u32,
+    pub original_port: u16,
+    /// Explicit padding: every byte of a map value must be initialised.
+    pub reserved: u16,
+}
+
+impl RedirectRecord {
+    pub const fn new(source_cgroup: u64, original_ip4: u32, original_port: u16) -> Self {
+        Self { source_cgroup, original_ip4, original_port, reserved: 0 }
+    }
+
+    pub fn original_dst(&self) -> SocketAddrV4 {
+        SocketAddrV4::new(Ipv4Addr::from(self.original_ip4), self.original_port)
+    }
+}
+
+/// A redirected TCP connection as both ends see it: the pod's (client's) address and the agent
+/// listener's address it was redirected to.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ConnectionKey {
+    pub client_ip4: u32,
+    pub listener_ip4: u32,
+    pub client_port: u16,
+    pub listener_port: u16,
+}
+
+impl ConnectionKey {
+    pub const fn new(client_ip4: u32, client_port: u16, listener_ip4: u32, listener_port: u16) -> Self {
+        Self { client_ip4, listener_ip4, client_port, listener_port }
+    }
+
+    pub fn from_addrs(client: SocketAddrV4, listener: SocketAddrV4) -> Self {
+        Self::new(u32::from(*client.ip()), client.port(), u32::from(*listener.ip()), listener.port())
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    #![allow(unsafe_code)]
+    use super::{ConnectionKey, RedirectRecord};
+
+    // SAFETY: `#[repr(C)]`, only integer fields, no implicit padding (explicit `reserved`), so
+    // every bit pattern is valid and every byte is initialised.
+    unsafe impl aya::Pod for RedirectRecord {}
+    // SAFETY: `#[repr(C)]`, two u32 then two u16: 12 bytes with no padding, all integers.
+    unsafe impl aya::Pod for ConnectionKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(core::mem::size_of::<RedirectRecord>(), 16);
+        assert_eq!(core::mem::size_of::<ConnectionKey>(), 12);
+    }
+
+    #[test]
+    fn converts_socket_addresses_to_host_order_numbers() {
+        let key = ConnectionKey::from_addrs(
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000),
+            SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 15001),
+        );
+        assert_eq!(key, ConnectionKey::new(0x0a00_0002, 40000, 0x0a00_0001, 15001));
+        let record = RedirectRecord::new(7, 0x0afa_0063, 80);
+        assert_eq!(record.original_dst(), SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 99), 80));
+    }
+}

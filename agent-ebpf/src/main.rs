@@ -1,0 +1,191 @@
+//! sealmesh redirect programs, attached by the agent at its node's cgroup.
+//!
+//! - `redirect_connect4` (cgroup/connect4): a TCP connect from a meshed pod (its cgroup or an
+//!   ancestor is in `MESHED_PODS`) to a non-excluded destination is rewritten to the agent's
+//!   outbound listener; the original destination and the pod's cgroup id are recorded under the
+//!   socket cookie. It always allows the connect: redirection never blocks, the agent decides.
+//! - `track_redirected` (sock_ops): once such a socket is established, moves the record to a map
+//!   keyed by the connection as the agent sees it on accept, and deletes records of connections
+//!   that die before the agent collected them.
+//!
+//! Only built for the bpf target (see the `programs` feature in Cargo.toml).
+#![no_std]
+#![no_main]
+
+use agent_ebpf::{ConnectionKey, MAX_CGROUP_DEPTH, RedirectRecord, capacity};
+use aya_ebpf::{
+    EbpfContext, Global,
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2,
+    },
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
+    macros::{cgroup_sock_addr, map, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
+    programs::{SockAddrContext, SockOpsContext},
+};
+use aya_log_ebpf::{debug, error};
+
+/// Linux ABI constants the bindings do not carry.
+const AF_INET: u32 = 2;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// cgroup/connect4 verdict: let the connect proceed (0 would fail it with EPERM).
+const ALLOW: i32 = 1;
+/// `127.0.0.0/8`, host order.
+const LOOPBACK_NET: u32 = 0x7f00_0000;
+const LOOPBACK_MASK: u32 = 0xff00_0000;
+
+// The agent overrides these at load time (EbpfLoader::override_global).
+#[unsafe(no_mangle)]
+static LISTENER_IP4: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static LISTENER_PORT: Global<u16> = Global::new(0);
+
+#[map]
+static MESHED_PODS: HashMap<u64, u8> = HashMap::pinned(capacity::MESHED_PODS, 0);
+#[map]
+static REDIRECT_BY_COOKIE: LruHashMap<u64, RedirectRecord> =
+    LruHashMap::pinned(capacity::REDIRECT_BY_COOKIE, 0);
+#[map]
+static REDIRECT_BY_CONNECTION: LruHashMap<ConnectionKey, RedirectRecord> =
+    LruHashMap::pinned(capacity::REDIRECT_BY_CONNECTION, 0);
+#[map]
+static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(capacity::EXCLUDED_PORTS, 0);
+/// Keys hold the address in network order: LPM matching goes byte by byte from the first byte.
+#[map]
+static EXCLUDED_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(capacity::EXCLUDED_CIDRS, 0);
+
+#[cgroup_sock_addr(connect4)]
+pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
+    if let Err(errno) = try_redirect_connect4(&ctx) {
+        error!(&ctx, "connect4: recording a redirect failed (errno {}); the agent will refuse it", errno);
+    }
+    ALLOW
+}
+
+fn try_redirect_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
+    // SAFETY: the kernel passes a valid bpf_sock_addr for the lifetime of the program; the
+    // verifier checks each field access.
+    let sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sock_addr.user_family != AF_INET || sock_addr.type_ != SOCK_STREAM || sock_addr.protocol != IPPROTO_TCP {
+        return Ok(());
+    }
+    let Some(source_cgroup) = meshed_pod_cgroup() else {
+        return Ok(());
+    };
+    // user_ip4 holds the address in network order; user_port the port in network order in its
+    // low 16 bits.
+    let dst_ip_network_order = sock_addr.user_ip4;
+    let dst_ip = u32::from_be(dst_ip_network_order);
+    let dst_port = u16::from_be(sock_addr.user_port as u16);
+    let listener_ip = LISTENER_IP4.load();
+    let listener_port = LISTENER_PORT.load();
+    if dst_ip & LOOPBACK_MASK == LOOPBACK_NET
+        || (dst_ip == listener_ip && dst_port == listener_port)
+        || EXCLUDED_PORTS.get_ptr(dst_port).is_some()
+        || EXCLUDED_CIDRS.get(Key::new(32, dst_ip_network_order)).is_some()
+    {
+        return Ok(());
+    }
+
+    // SAFETY: a connect4 context is always backed by a socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let recorded = REDIRECT_BY_COOKIE.insert(cookie, RedirectRecord::new(source_cgroup, dst_ip, dst_port), 0);
+    // Redirect even when recording failed: the agent refuses a connection it has no record for
+    // (fail closed), whereas leaving the destination alone would let the pod bypass the mesh.
+    sock_addr.user_ip4 = listener_ip.to_be();
+    sock_addr.user_port = u32::from(listener_port.to_be());
+    debug!(ctx, "connect4: redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port);
+    recorded.map_err(i64::from)
+}
+
+/// The id of the meshed pod cgroup the current task belongs to (its own cgroup or an ancestor).
+fn meshed_pod_cgroup() -> Option<u64> {
+    // Level 0 is the root cgroup, never a pod.
+    for level in 1..MAX_CGROUP_DEPTH {
+        // SAFETY: plain helper call; returns 0 past the task's own level.
+        let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if id == 0 {
+            return None;
+        }
+        if MESHED_PODS.get_ptr(id).is_some() {
+            return Some(id);
+        }
+    }
+    None
+}
+
+#[sock_ops]
+pub fn track_redirected(ctx: SockOpsContext) -> u32 {
+    if let Err(errno) = try_track_redirected(&ctx) {
+        error!(&ctx, "sock_ops: handing a redirect record over failed (errno {})", errno);
+    }
+    // sock_ops return values only matter for ops that ask for a reply; none of ours do.
+    1
+}
+
+fn try_track_redirected(ctx: &SockOpsContext) -> Result<(), i64> {
+    if ctx.family() != AF_INET {
+        return Ok(());
+    }
+    match ctx.op() {
+        // Before the SYN: ask for state callbacks on redirected sockets only, so that a
+        // connection that never establishes still gets its record deleted.
+        BPF_SOCK_OPS_TCP_CONNECT_CB => {
+            if REDIRECT_BY_COOKIE.get_ptr(socket_cookie(ctx)).is_some() {
+                ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+                    .map_err(i64::from)?;
+            }
+        }
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let cookie = socket_cookie(ctx);
+            let Some(record) = REDIRECT_BY_COOKIE.get_ptr(cookie) else {
+                return Ok(());
+            };
+            // SAFETY: the pointer came from a successful lookup; the record is copied out
+            // before the entry is deleted.
+            let record = unsafe { *record };
+            REDIRECT_BY_CONNECTION.insert(connection_key(ctx), record, 0).map_err(i64::from)?;
+            REDIRECT_BY_COOKIE.remove(cookie).map_err(i64::from)?;
+        }
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
+            // Absent entries (already moved or taken) are fine: removal errors are ignored.
+            let _ = REDIRECT_BY_COOKIE.remove(socket_cookie(ctx));
+            // A client that half-closes right after connecting (send, close) reaches CLOSE from
+            // FIN_WAIT2/CLOSING as soon as the listener's kernel acknowledges its FIN — usually
+            // before the agent accepted. That connection still waits in the agent's accept queue
+            // and needs its record; the agent takes it (and the LRU bounds the rare leftovers).
+            // Any other path to CLOSE (reset, timeout, refused) means nobody will accept it.
+            let previous_state = ctx.arg(0);
+            if previous_state != BPF_TCP_FIN_WAIT2 && previous_state != BPF_TCP_CLOSING {
+                let _ = REDIRECT_BY_CONNECTION.remove(connection_key(ctx));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+fn socket_cookie(ctx: &SockOpsContext) -> u64 {
+    // SAFETY: sock_ops contexts are always backed by a socket.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// The connection as the agent sees it on accept: client = this socket's local end, listener =
+/// its remote end. local_port is host order; remote_port holds the network-order port in its
+/// upper 16 bits on little-endian (lower on big-endian), which `u32::from_be` normalises.
+fn connection_key(ctx: &SockOpsContext) -> ConnectionKey {
+    ConnectionKey::new(
+        u32::from_be(ctx.local_ip4()),
+        ctx.local_port() as u16,
+        u32::from_be(ctx.remote_ip4()),
+        u32::from_be(ctx.remote_port()) as u16,
+    )
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach a panic, so this is never executed.
+    loop {}
+}

@@ -1,0 +1,493 @@
+//! Loads the redirect programs (agent-ebpf) at the node's cgroup and exposes their maps.
+//!
+//! Design, and why:
+//! - `cgroup/connect4` runs in the connecting task's context, so the source pod is the cgroup the
+//!   kernel reports for that task (or its nearest meshed ancestor, so a pod's child cgroups count
+//!   as the pod) — never an IP a pod could spoof. It rewrites the destination to the agent's
+//!   outbound listener and records the original destination under the socket cookie.
+//! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
+//!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
+//!   [`RedirectTable::take`] reads and deletes. A state callback deletes records of connections
+//!   that die before the agent collected them; both redirect maps are LRU as a last bound.
+//! - Programs attach with `AllowMultiple` at the node cgroup, so they coexist with other cgroup
+//!   programs (CNI, a previous agent) instead of replacing them.
+//! - Hitless restarts: the maps holding state (meshed pods, pending redirects) are pinned under
+//!   `<bpffs_dir>/maps-v<ABI>` and reused by the next agent; the links are pinned under
+//!   `<bpffs_dir>/links` and survive the agent. A starting agent attaches its own programs first
+//!   and then atomically renames its link pins over the previous ones, which detaches the old
+//!   programs — no connect escapes redirection while agents change. Dropping a [`Redirector`]
+//!   therefore keeps redirecting (connections fail closed while no agent listens);
+//!   [`Redirector::uninstall`] detaches everything when sealmesh leaves the node.
+//! - Exclusions (ports, CIDRs) and the listener address are per program instance (an unpinned
+//!   map and load-time globals): each agent brings its own configuration.
+#![forbid(unsafe_code)]
+
+mod error;
+mod kernel_log;
+
+use std::{
+    fs::{self, File},
+    io,
+    net::SocketAddrV4,
+    path::{Path, PathBuf},
+    sync::{Mutex, MutexGuard, PoisonError},
+};
+
+use agent_ebpf::{ConnectionKey, MAP_ABI_VERSION, RedirectRecord, capacity, names};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
+};
+use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
+use sealmesh_common::host;
+
+pub use self::error::EbpfError;
+use self::kernel_log::{KernelLogForwarder, kernel_log_level};
+
+/// The programs, built for the bpf target by build.rs.
+static REDIRECT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sealmesh-redirect"));
+
+const CONNECT4_REQUIREMENT: &str = "cgroup/connect4 programs with bpf links";
+const SOCK_OPS_REQUIREMENT: &str = "sock_ops programs with bpf links";
+
+/// Where and how to redirect meshed pods' connections on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RedirectConfig {
+    /// The node's cgroup v2 directory; every pod cgroup of the node is below it.
+    pub node_cgroup: PathBuf,
+    /// This node's pin directory on bpffs, e.g. `/sys/fs/bpf/sealmesh/<node>`.
+    pub bpffs_dir: PathBuf,
+    /// The agent's outbound listener, `<node IP>:OUTBOUND_PORT`.
+    pub listener: SocketAddrV4,
+    /// Destination ports never redirected.
+    pub excluded_ports: Vec<u16>,
+    /// Destination networks never redirected.
+    pub excluded_cidrs: Vec<ipnet::Ipv4Net>,
+}
+
+impl RedirectConfig {
+    /// A configuration with the default exclusions: the identity service's port, so pods can
+    /// always reach the CA directly.
+    pub fn new(node_cgroup: PathBuf, bpffs_dir: PathBuf, listener: SocketAddrV4) -> Self {
+        Self {
+            node_cgroup,
+            bpffs_dir,
+            listener,
+            excluded_ports: vec![sealmesh_common::consts::IDENTITY_GRPC_PORT],
+            excluded_cidrs: Vec::new(),
+        }
+    }
+}
+
+/// What connect4 recorded about an accepted redirected connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Redirect {
+    /// Where the pod connected to (a pod IP or a Service VIP).
+    pub original_dst: SocketAddrV4,
+    /// The meshed pod cgroup the connecting task belonged to, as the kernel reported it.
+    pub source_cgroup: u64,
+}
+
+/// The outbound listener's view of the redirect records.
+pub trait RedirectTable: Send + Sync + 'static {
+    /// Takes (reads and deletes) the record of an accepted redirected connection; None = not redirected.
+    fn take(&self, client: SocketAddrV4, listener: SocketAddrV4) -> Option<Redirect>;
+}
+
+/// The set of pod cgroups whose connections are redirected (cgroup id =
+/// `sealmesh_common::host::cgroup_id` of the pod's cgroup directory).
+pub trait MeshedCgroups: Send + Sync + 'static {
+    fn insert(&self, cgroup_id: u64) -> Result<(), EbpfError>;
+    fn remove(&self, cgroup_id: u64) -> Result<(), EbpfError>;
+    fn ids(&self) -> Result<Vec<u64>, EbpfError>;
+}
+
+/// A snapshot of the redirect datapath for admin/metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EbpfStatus {
+    /// Programs whose link is pinned (and so attached) at the node cgroup.
+    pub attached_programs: Vec<&'static str>,
+    pub meshed_pods: usize,
+    /// Redirected sockets that are not established yet.
+    pub pending_connects: usize,
+    /// Established redirected connections the agent has not taken yet.
+    pub pending_accepts: usize,
+    pub pin_dir: PathBuf,
+}
+
+/// The loaded and attached redirect programs and their maps.
+pub struct Redirector {
+    pins: PinLayout,
+    meshed_pods: Mutex<HashMap<MapData, u64, u8>>,
+    by_connection: Mutex<HashMap<MapData, ConnectionKey, RedirectRecord>>,
+    by_cookie: HashMap<MapData, u64, RedirectRecord>,
+    links: Vec<AttachedLink>,
+    _kernel_log: KernelLogForwarder,
+    /// Keeps the programs and the per-instance exclusion maps loaded.
+    _ebpf: Ebpf,
+}
+
+impl std::fmt::Debug for Redirector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirector")
+            .field("pin_dir", &self.pins.root)
+            .field("links", &self.links.iter().map(|link| &link.pin).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+struct AttachedLink {
+    program: &'static str,
+    pin: PathBuf,
+    /// Holding the fd keeps the link attached even after a newer agent replaced the pin.
+    _link: FdLink,
+}
+
+impl Redirector {
+    /// Loads the programs, reuses or creates the pinned maps, attaches at the node cgroup and
+    /// pins the links, replacing those of a previous agent.
+    pub fn load(cfg: &RedirectConfig) -> Result<Self, EbpfError> {
+        check_exclusion_count("ports", cfg.excluded_ports.len(), capacity::EXCLUDED_PORTS)?;
+        check_exclusion_count("CIDRs", cfg.excluded_cidrs.len(), capacity::EXCLUDED_CIDRS)?;
+        let node_cgroup = open_node_cgroup(&cfg.node_cgroup)?;
+        let pins = PinLayout::prepare(&cfg.bpffs_dir)?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pins.maps)
+            .override_global(names::LISTENER_IP4, &u32::from(*cfg.listener.ip()), true)
+            .override_global(names::LISTENER_PORT, &cfg.listener.port(), true)
+            .override_global(aya_log::LEVEL, &kernel_log_level(), false)
+            .load(REDIRECT_OBJECT)
+            .map_err(EbpfError::from_loader)?;
+        let kernel_log = KernelLogForwarder::start(&mut ebpf)?;
+        fill_exclusions(&mut ebpf, cfg)?;
+        let meshed_pods = take_pinned_map(&mut ebpf, &pins, names::MESHED_PODS, capacity::MESHED_PODS)?;
+        let by_cookie = take_pinned_map(&mut ebpf, &pins, names::REDIRECT_BY_COOKIE, capacity::REDIRECT_BY_COOKIE)?;
+        let by_connection =
+            take_pinned_map(&mut ebpf, &pins, names::REDIRECT_BY_CONNECTION, capacity::REDIRECT_BY_CONNECTION)?;
+
+        // sock_ops first: a connect redirected before it runs would reach the agent without a
+        // record and be refused.
+        let sock_ops_link = {
+            let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
+            let link = attach_program(
+                program,
+                &node_cgroup,
+                names::SOCK_OPS_PROGRAM,
+                SOCK_OPS_REQUIREMENT,
+                SockOps::load,
+                |program, cgroup, mode| program.attach(cgroup, mode),
+                |program, id| program.take_link(id).map(FdLink::try_from),
+            )?;
+            pins.pin_link(names::SOCK_OPS_PROGRAM, link)?
+        };
+        let connect4_link = {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, names::CONNECT4_PROGRAM)?;
+            let link = attach_program(
+                program,
+                &node_cgroup,
+                names::CONNECT4_PROGRAM,
+                CONNECT4_REQUIREMENT,
+                CgroupSockAddr::load,
+                |program, cgroup, mode| program.attach(cgroup, mode),
+                |program, id| program.take_link(id).map(FdLink::try_from),
+            )?;
+            pins.pin_link(names::CONNECT4_PROGRAM, link)?
+        };
+        tracing::info!(
+            node_cgroup = %cfg.node_cgroup.display(),
+            listener = %cfg.listener,
+            pin_dir = %pins.root.display(),
+            "eBPF redirect programs attached"
+        );
+
+        Ok(Self {
+            pins,
+            meshed_pods: Mutex::new(meshed_pods),
+            by_connection: Mutex::new(by_connection),
+            by_cookie,
+            links: vec![sock_ops_link, connect4_link],
+            _kernel_log: kernel_log,
+            _ebpf: ebpf,
+        })
+    }
+
+    pub fn status(&self) -> EbpfStatus {
+        EbpfStatus {
+            attached_programs: self.links.iter().filter(|link| link.pin.exists()).map(|link| link.program).collect(),
+            meshed_pods: lock(&self.meshed_pods).keys().filter(Result::is_ok).count(),
+            pending_connects: self.by_cookie.keys().filter(Result::is_ok).count(),
+            pending_accepts: lock(&self.by_connection).keys().filter(Result::is_ok).count(),
+            pin_dir: self.pins.root.clone(),
+        }
+    }
+
+    /// Detaches the programs and deletes this node's pins (links, maps, and the pin directory
+    /// when it is left empty): for removing sealmesh from a node. A plain drop keeps redirecting.
+    pub fn uninstall(self) -> Result<(), EbpfError> {
+        for link in &self.links {
+            remove_pin(&link.pin)?;
+        }
+        for map in [names::MESHED_PODS, names::REDIRECT_BY_COOKIE, names::REDIRECT_BY_CONNECTION] {
+            remove_pin(&self.pins.maps.join(map))?;
+        }
+        let dirs = [self.pins.maps.clone(), self.pins.links.clone(), self.pins.root.clone()];
+        // Closing our link fds is what detaches the programs, now that no pin holds them.
+        drop(self);
+        for dir in dirs {
+            match fs::remove_dir(&dir) {
+                // Another ABI version's maps or another node's files: not ours to delete.
+                Err(error) if error.raw_os_error() == Some(libc::ENOTEMPTY) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(source) => return Err(EbpfError::PinDir { path: dir, source }),
+                Ok(()) => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+impl RedirectTable for Redirector {
+    fn take(&self, client: SocketAddrV4, listener: SocketAddrV4) -> Option<Redirect> {
+        let key = ConnectionKey::from_addrs(client, listener);
+        let mut by_connection = lock(&self.by_connection);
+        let record = match by_connection.get(&key, 0) {
+            Ok(record) => record,
+            Err(MapError::KeyNotFound) => return None,
+            Err(error) => {
+                tracing::warn!(%client, %listener, %error, "reading the redirect record failed; treating the connection as not redirected");
+                return None;
+            }
+        };
+        match by_connection.remove(&key) {
+            // sock_ops deleted it meanwhile (the client reset): the record is still valid.
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(error) => tracing::warn!(%client, %listener, %error, "deleting a taken redirect record failed; the LRU map will evict it"),
+        }
+        Some(Redirect { original_dst: record.original_dst(), source_cgroup: record.source_cgroup })
+    }
+}
+
+impl MeshedCgroups for Redirector {
+    fn insert(&self, cgroup_id: u64) -> Result<(), EbpfError> {
+        lock(&self.meshed_pods)
+            .insert(cgroup_id, 1, 0)
+            .map_err(|error| EbpfError::from_aya(format!("marking cgroup {cgroup_id} as meshed"), error))
+    }
+
+    fn remove(&self, cgroup_id: u64) -> Result<(), EbpfError> {
+        match lock(&self.meshed_pods).remove(&cgroup_id) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(error) => Err(EbpfError::from_aya(format!("unmarking meshed cgroup {cgroup_id}"), error)),
+        }
+    }
+
+    fn ids(&self) -> Result<Vec<u64>, EbpfError> {
+        lock(&self.meshed_pods)
+            .keys()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| EbpfError::from_aya("listing meshed cgroups", error))
+    }
+}
+
+/// The maps hold no invariant a panicking holder could break, so a poisoned lock is still usable.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn check_exclusion_count(what: &'static str, count: usize, max: u32) -> Result<(), EbpfError> {
+    if count > max as usize {
+        return Err(EbpfError::TooManyExclusions { what, count, max });
+    }
+    Ok(())
+}
+
+fn open_node_cgroup(path: &Path) -> Result<File, EbpfError> {
+    let cgroup2_mount = host::cgroup2_mount().ok_or(EbpfError::Cgroup2NotMounted)?;
+    let not_cgroup2 = || EbpfError::NotACgroup2Dir { path: path.to_owned(), cgroup2_mount: cgroup2_mount.clone() };
+    let fs = statfs(path).map_err(|errno| EbpfError::NodeCgroup { path: path.to_owned(), source: errno.into() })?;
+    if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
+        return Err(not_cgroup2());
+    }
+    File::open(path).map_err(|source| EbpfError::NodeCgroup { path: path.to_owned(), source })
+}
+
+/// This node's pin paths on bpffs.
+struct PinLayout {
+    root: PathBuf,
+    maps: PathBuf,
+    links: PathBuf,
+}
+
+impl PinLayout {
+    fn prepare(root: &Path) -> Result<Self, EbpfError> {
+        // The directory may not exist yet: check the filesystem it will be created on.
+        let existing = root.ancestors().find(|dir| dir.exists()).unwrap_or(Path::new("/"));
+        let on_bpffs = statfs(existing).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC);
+        if !on_bpffs {
+            let mounted = match host::bpffs_mount() {
+                Some(mount) => format!("bpffs is mounted at {}", mount.display()),
+                None => "bpffs is not mounted on this host".to_owned(),
+            };
+            return Err(EbpfError::BpffsNotMounted { dir: root.to_owned(), mounted });
+        }
+        let layout = Self {
+            root: root.to_owned(),
+            maps: root.join(format!("maps-v{MAP_ABI_VERSION}")),
+            links: root.join("links"),
+        };
+        for dir in [&layout.maps, &layout.links] {
+            fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir { path: dir.clone(), source })?;
+        }
+        Ok(layout)
+    }
+
+    /// Pins `link` at `links/<program>`, atomically replacing a previous agent's pin: rename(2)
+    /// over it drops the old pin, so the old program detaches once its agent is gone, while both
+    /// stay attached until then (AllowMultiple; the old connect4 skips already-redirected
+    /// destinations and the old sock_ops finds no record left to move).
+    fn pin_link(&self, program: &'static str, link: FdLink) -> Result<AttachedLink, EbpfError> {
+        let pin = self.links.join(program);
+        let staging = self.links.join(format!("{program}.new-{}", std::process::id()));
+        remove_pin(&staging)?;
+        let pinned = link
+            .pin(&staging)
+            .map_err(|error| EbpfError::from_aya(format!("pinning the {program} link at {}", staging.display()), error))?;
+        fs::rename(&staging, &pin).map_err(|source| EbpfError::PinDir { path: pin.clone(), source })?;
+        Ok(AttachedLink { program, pin, _link: FdLink::from(pinned) })
+    }
+}
+
+fn remove_pin(path: &Path) -> Result<(), EbpfError> {
+    match fs::remove_file(path) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => {
+            Err(EbpfError::PinDir { path: path.to_owned(), source: error })
+        }
+        _ => Ok(()),
+    }
+}
+
+fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, EbpfError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let program = ebpf.program_mut(name).ok_or(EbpfError::MissingObjectItem(name))?;
+    program.try_into().map_err(|error| EbpfError::from_aya(format!("reading program {name}"), error))
+}
+
+/// Loads (verifies) and attaches one program at the node cgroup (AllowMultiple), returning its
+/// link as an fd link that can be pinned.
+#[expect(clippy::too_many_arguments, reason = "the per-program-type operations aya offers as inherent methods")]
+fn attach_program<P, Id, Link: std::fmt::Display>(
+    program: &mut P,
+    node_cgroup: &File,
+    name: &'static str,
+    requirement: &'static str,
+    load: fn(&mut P) -> Result<(), ProgramError>,
+    attach: fn(&mut P, &File, CgroupAttachMode) -> Result<Id, ProgramError>,
+    take_link: fn(&mut P, Id) -> Result<Result<FdLink, Link>, ProgramError>,
+) -> Result<FdLink, EbpfError> {
+    load(program).map_err(|error| EbpfError::from_program(name, requirement, "loading", error))?;
+    let id = attach(program, node_cgroup, CgroupAttachMode::AllowMultiple)
+        .map_err(|error| EbpfError::from_program(name, requirement, "attaching", error))?;
+    let link = take_link(program, id).map_err(|error| EbpfError::from_program(name, requirement, "attaching", error))?;
+    // Only kernels older than 5.7 attach without a bpf link; those links cannot be pinned.
+    link.map_err(|error| EbpfError::KernelUnsupported {
+        program: name,
+        requirement,
+        source: io::Error::new(io::ErrorKind::Unsupported, error.to_string()),
+    })
+}
+
+fn fill_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), EbpfError> {
+    let map = ebpf.map_mut(names::EXCLUDED_PORTS).ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_PORTS))?;
+    let mut ports: HashMap<&mut MapData, u16, u8> =
+        HashMap::try_from(map).map_err(|error| EbpfError::from_aya("opening the excluded ports map", error))?;
+    for &port in &cfg.excluded_ports {
+        ports
+            .insert(port, 1, 0)
+            .map_err(|error| EbpfError::from_aya(format!("excluding port {port}"), error))?;
+    }
+
+    let map = ebpf.map_mut(names::EXCLUDED_CIDRS).ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_CIDRS))?;
+    let mut cidrs: LpmTrie<&mut MapData, u32, u8> =
+        LpmTrie::try_from(map).map_err(|error| EbpfError::from_aya("opening the excluded CIDRs map", error))?;
+    for net in &cfg.excluded_cidrs {
+        // The program looks up the address in network order (LPM matches from the first byte).
+        let key = Key::new(u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets()));
+        cidrs
+            .insert(&key, 1, 0)
+            .map_err(|error| EbpfError::from_aya(format!("excluding CIDR {net}"), error))?;
+    }
+    Ok(())
+}
+
+/// Takes a pinned map out of the object, checking that a reused pin has this agent's layout
+/// (aya reuses whatever is pinned under the name).
+fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+    name: &'static str,
+    max_entries: u32,
+) -> Result<HashMap<MapData, K, V>, EbpfError> {
+    let map = ebpf.take_map(name).ok_or(EbpfError::MissingObjectItem(name))?;
+    let info = match &map {
+        Map::HashMap(data) | Map::LruHashMap(data) => data.info(),
+        _ => return Err(EbpfError::MissingObjectItem(name)),
+    }
+    .map_err(|error| EbpfError::from_aya(format!("inspecting map {name}"), error))?;
+    let expected = (size_of::<K>() as u32, size_of::<V>() as u32, max_entries);
+    let found = (info.key_size(), info.value_size(), info.max_entries());
+    if found != expected {
+        return Err(EbpfError::IncompatiblePinnedMap {
+            path: pins.maps.join(name),
+            found_key: found.0,
+            found_value: found.1,
+            found_entries: found.2,
+            expected_key: expected.0,
+            expected_value: expected.1,
+            expected_entries: expected.2,
+        });
+    }
+    HashMap::try_from(map).map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_errors_say_which_capabilities_are_needed() {
+        let error = EbpfError::from_aya("creating map X", io::Error::from_raw_os_error(libc::EPERM));
+        assert!(matches!(error, EbpfError::MissingPrivileges { .. }), "{error:?}");
+        assert!(error.to_string().contains("CAP_BPF"), "{error}");
+    }
+
+    #[test]
+    fn missing_bpf_syscall_is_explained() {
+        let error = EbpfError::from_aya("creating map X", io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(matches!(error, EbpfError::BpfSyscallUnavailable), "{error:?}");
+    }
+
+    #[test]
+    fn a_pin_directory_outside_bpffs_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = PinLayout::prepare(&dir.path().join("node-0")).err().expect("a tmp dir is not bpffs");
+        assert!(matches!(error, EbpfError::BpffsNotMounted { .. }), "{error:?}");
+        assert!(!dir.path().join("node-0").exists(), "nothing is created off bpffs");
+    }
+
+    #[test]
+    fn a_node_cgroup_outside_cgroup2_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let error = open_node_cgroup(dir.path()).expect_err("a tmp dir is not a cgroup");
+        assert!(matches!(error, EbpfError::NotACgroup2Dir { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn too_many_exclusions_are_refused_before_loading() {
+        let error = check_exclusion_count("ports", 65, capacity::EXCLUDED_PORTS).unwrap_err();
+        assert_eq!(error.to_string(), "too many excluded ports: 65, at most 64 fit in the eBPF map; shorten the list");
+    }
+}
