@@ -26,12 +26,20 @@ pub fn run() -> anyhow::Result<()> {
 
 fn show_cluster(testbed: &Testbed) {
     let cluster = testbed.cluster();
-    println!("testbed {} (cluster file {})", testbed.id(), testbed.cluster_file_path().display());
+    println!(
+        "testbed {} (cluster file {})",
+        testbed.id(),
+        testbed.cluster_file_path().display()
+    );
     println!("  control plane: {}", testbed.control_plane_ip());
     for node in &cluster.nodes {
         println!("  {:<8} {:<12} pods {}", node.name, node.ip, node.pod_cidr);
         for pod in cluster.pods_on(&node.name) {
-            let meshed = if cluster.is_meshed(pod) { "meshed" } else { "not meshed" };
+            let meshed = if cluster.is_meshed(pod) {
+                "meshed"
+            } else {
+                "not meshed"
+            };
             println!(
                 "    {:<24} {:<12} sa={} ({meshed})",
                 format!("{}/{}", pod.namespace, pod.name),
@@ -45,8 +53,14 @@ fn show_cluster(testbed: &Testbed) {
 /// Echo from the first pod of node-0 to the first pod of node-1.
 fn cross_node_echo(testbed: &Testbed, testapp: &Path) -> anyhow::Result<()> {
     let cluster = testbed.cluster();
-    let client = cluster.pods_on("node-0").next().context("node-0 has no pod")?;
-    let server = cluster.pods_on("node-1").next().context("node-1 has no pod")?;
+    let client = cluster
+        .pods_on("node-0")
+        .next()
+        .context("node-0 has no pod")?;
+    let server = cluster
+        .pods_on("node-1")
+        .next()
+        .context("node-1 has no pod")?;
     let server_addr = SocketAddr::from((server.ip, ECHO_PORT));
     let mut echo = testbed.spawn_in_pod(
         &server.namespace,

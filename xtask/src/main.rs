@@ -190,13 +190,24 @@ fn testbed_task(task: TestbedTask) -> anyhow::Result<ExitCode> {
 }
 
 fn join(ids: &[TestbedId]) -> String {
-    ids.iter().map(TestbedId::to_string).collect::<Vec<_>>().join(" ")
+    ids.iter()
+        .map(TestbedId::to_string)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn print_testbed(testbed: &Testbed) {
     let cluster = testbed.cluster();
-    println!("{} (cluster file {})", testbed.id(), testbed.cluster_file_path().display());
-    println!("  underlay  {:<12} netns {}", testbed.control_plane_ip(), testbed.underlay_netns());
+    println!(
+        "{} (cluster file {})",
+        testbed.id(),
+        testbed.cluster_file_path().display()
+    );
+    println!(
+        "  underlay  {:<12} netns {}",
+        testbed.control_plane_ip(),
+        testbed.underlay_netns()
+    );
     for node in &cluster.nodes {
         println!(
             "  {:<9} {:<12} netns {} pods {}",
@@ -223,7 +234,10 @@ fn exec(target: &str, id: Option<TestbedId>, command: &[String]) -> anyhow::Resu
         None => match testbed::list().as_slice() {
             [only] => only.clone(),
             [] => bail!("no testbed is up; start one with `sudo -E cargo xtask testbed up`"),
-            many => bail!("several testbeds are up ({}); pick one with --testbed", join(many)),
+            many => bail!(
+                "several testbeds are up ({}); pick one with --testbed",
+                join(many)
+            ),
         },
     };
     let testbed = Testbed::attach(&id)?;
@@ -237,12 +251,20 @@ fn exec(target: &str, id: Option<TestbedId>, command: &[String]) -> anyhow::Resu
         let (namespace, pod) = match target.split_once('/') {
             Some((namespace, pod)) => (namespace.to_owned(), pod.to_owned()),
             None => {
-                let matches: Vec<_> =
-                    testbed.cluster().pods.iter().filter(|p| p.name == target).collect();
+                let matches: Vec<_> = testbed
+                    .cluster()
+                    .pods
+                    .iter()
+                    .filter(|p| p.name == target)
+                    .collect();
                 match matches.as_slice() {
                     [pod] => (pod.namespace.clone(), pod.name.clone()),
-                    [] => bail!("testbed {id} has no pod or node {target:?}; `cargo xtask testbed list` shows them"),
-                    _ => bail!("pod name {target:?} is in several namespaces; use <namespace>/{target}"),
+                    [] => bail!(
+                        "testbed {id} has no pod or node {target:?}; `cargo xtask testbed list` shows them"
+                    ),
+                    _ => bail!(
+                        "pod name {target:?} is in several namespaces; use <namespace>/{target}"
+                    ),
                 }
             }
         };

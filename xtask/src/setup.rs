@@ -16,7 +16,10 @@ pub const LLVM_PREFIX: &str = "/tmp/llvm-prefix";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// Debian packages the build and tests use, and why.
 const APT_PACKAGES: &[(&str, &str)] = &[
-    ("iproute2", "`ip`, which builds the testbed's namespaces, veths and routes"),
+    (
+        "iproute2",
+        "`ip`, which builds the testbed's namespaces, veths and routes",
+    ),
     ("gcc", "the C compiler that ring's build script needs"),
     ("libc6-dev", "C headers and crt files for linking"),
 ];
@@ -40,7 +43,9 @@ pub enum SetupError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot mount bpffs at {BPFFS_MOUNT}: {0} (is this a container without CAP_SYS_ADMIN?)")]
+    #[error(
+        "cannot mount bpffs at {BPFFS_MOUNT}: {0} (is this a container without CAP_SYS_ADMIN?)"
+    )]
     MountBpffs(nix::errno::Errno),
     #[error(
         "cgroup v2 is not mounted, and setup does not mount it: mount it with `mount -t cgroup2 none /sys/fs/cgroup/unified` (hybrid hosts) or boot with the unified hierarchy"
@@ -92,19 +97,37 @@ fn nightly_toolchain() -> Result<Outcome, SetupError> {
     if let Ok(version) = cmd::output(nightly_rustc().arg("--version")) {
         return Ok(Outcome::Skipped(format!("present ({})", version.trim())));
     }
-    cmd::run_visible(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
-        .map_err(step_error("installing the nightly toolchain"))?;
+    cmd::run_visible(Command::new("rustup").args([
+        "toolchain",
+        "install",
+        "nightly",
+        "--profile",
+        "minimal",
+    ]))
+    .map_err(step_error("installing the nightly toolchain"))?;
     Ok(Outcome::Done("installed nightly (profile minimal)".into()))
 }
 
 fn rust_src() -> Result<Outcome, SetupError> {
-    let installed = cmd::output(Command::new("rustup").args(["component", "list", "--toolchain", "nightly", "--installed"]))
-        .map_err(step_error("listing nightly components"))?;
+    let installed = cmd::output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .map_err(step_error("listing nightly components"))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(Outcome::Skipped("installed".into()));
     }
-    cmd::run_visible(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
-        .map_err(step_error("adding rust-src to nightly"))?;
+    cmd::run_visible(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        "nightly",
+    ]))
+    .map_err(step_error("adding rust-src to nightly"))?;
     Ok(Outcome::Done("added rust-src to nightly".into()))
 }
 
@@ -165,7 +188,11 @@ fn llvm_prefix() -> Result<Outcome, SetupError> {
     Ok(if changed.is_empty() {
         Outcome::Skipped(format!("{LLVM_PREFIX}/lib points at {}", target.display()))
     } else {
-        Outcome::Done(format!("linked {} -> {}", changed.join(", "), target.display()))
+        Outcome::Done(format!(
+            "linked {} -> {}",
+            changed.join(", "),
+            target.display()
+        ))
     })
 }
 
@@ -177,16 +204,27 @@ fn bpf_linker() -> Result<Outcome, SetupError> {
     let major = llvm_major(&libllvm).ok_or_else(|| SetupError::NoLibLlvm {
         sysroot: libllvm.clone(),
     })?;
-    println!("setup: bpf-linker: building from crates.io against {} (takes minutes)", libllvm.display());
+    println!(
+        "setup: bpf-linker: building from crates.io against {} (takes minutes)",
+        libllvm.display()
+    );
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     cmd::run_visible(
         Command::new(cargo)
-            .args(["install", "--force", "bpf-linker", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "--force",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
     .map_err(step_error("installing bpf-linker"))?;
-    Ok(Outcome::Done(format!("installed bpf-linker (llvm-{major})")))
+    Ok(Outcome::Done(format!(
+        "installed bpf-linker (llvm-{major})"
+    )))
 }
 
 fn apt_packages() -> Result<Outcome, SetupError> {
@@ -208,7 +246,8 @@ fn apt_packages() -> Result<Outcome, SetupError> {
             step: format!("installing {}", missing.join(" ")),
         });
     }
-    cmd::run_visible(Command::new("apt-get").arg("update")).map_err(step_error("apt-get update"))?;
+    cmd::run_visible(Command::new("apt-get").arg("update"))
+        .map_err(step_error("apt-get update"))?;
     cmd::run_visible(
         Command::new("apt-get")
             .args(["install", "-y", "--no-install-recommends"])
@@ -225,7 +264,11 @@ fn apt_packages() -> Result<Outcome, SetupError> {
 }
 
 fn package_list() -> String {
-    APT_PACKAGES.iter().map(|(p, _)| *p).collect::<Vec<_>>().join(" ")
+    APT_PACKAGES
+        .iter()
+        .map(|(p, _)| *p)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn bpffs() -> Result<Outcome, SetupError> {
@@ -264,8 +307,17 @@ mod tests {
 
     #[test]
     fn llvm_major_comes_from_the_file_name() {
-        assert_eq!(llvm_major(Path::new("/x/lib/libLLVM.so.22.1-rust-1.97.0-nightly")), Some(22));
-        assert_eq!(llvm_major(Path::new("/x/lib/libLLVM.so.19-rust-1.80.0-nightly")), Some(19));
-        assert_eq!(llvm_major(Path::new("/x/lib/libLLVM-22-rust-1.97.0-nightly.so")), None);
+        assert_eq!(
+            llvm_major(Path::new("/x/lib/libLLVM.so.22.1-rust-1.97.0-nightly")),
+            Some(22)
+        );
+        assert_eq!(
+            llvm_major(Path::new("/x/lib/libLLVM.so.19-rust-1.80.0-nightly")),
+            Some(19)
+        );
+        assert_eq!(
+            llvm_major(Path::new("/x/lib/libLLVM-22-rust-1.97.0-nightly.so")),
+            None
+        );
     }
 }

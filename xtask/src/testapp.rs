@@ -16,7 +16,14 @@ use crate::{
 /// returns its path (next to the xtask binary).
 pub fn build() -> Result<PathBuf, CmdError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    cmd::output(Command::new(cargo).args(["build", "--quiet", "--package", "xtask", "--bin", "testapp"]))?;
+    cmd::output(Command::new(cargo).args([
+        "build",
+        "--quiet",
+        "--package",
+        "xtask",
+        "--bin",
+        "testapp",
+    ]))?;
     let exe = std::env::current_exe().map_err(|source| CmdError::Spawn {
         program: "testapp".into(),
         source,

@@ -1,1 +1,3 @@
-pub fn run(_certs: usize, _concurrency: usize) -> anyhow::Result<()> { anyhow::bail!("not yet") }
+pub fn run(_certs: usize, _concurrency: usize) -> anyhow::Result<()> {
+    anyhow::bail!("not yet")
+}

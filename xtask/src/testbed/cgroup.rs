@@ -111,7 +111,9 @@ fn remove_dir_retrying(dir: &Path) -> io::Result<()> {
         match std::fs::remove_dir(dir) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(Errno::EBUSY as i32) && Instant::now() < deadline => {
+            Err(e)
+                if e.raw_os_error() == Some(Errno::EBUSY as i32) && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(20));
             }
             Err(e) => return Err(e),

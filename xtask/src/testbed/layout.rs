@@ -76,7 +76,10 @@ pub struct TestbedId(String);
 
 impl TestbedId {
     pub fn random() -> Self {
-        Self(format!("tb-{:06x}", rand::rng().random_range(0..0x100_0000u32)))
+        Self(format!(
+            "tb-{:06x}",
+            rand::rng().random_range(0..0x100_0000u32)
+        ))
     }
 
     pub fn as_str(&self) -> &str {
@@ -197,7 +200,8 @@ impl Layout {
     /// Pod names are unique only within a namespace, and `_` is not allowed in
     /// Kubernetes names, so `<namespace>_<pod>` is unique and unambiguous.
     pub fn pod_cgroup(&self, node_name: &str, namespace: &str, pod: &str) -> PathBuf {
-        self.node_cgroup(node_name).join(format!("{namespace}_{pod}"))
+        self.node_cgroup(node_name)
+            .join(format!("{namespace}_{pod}"))
     }
 
     /// `<bpffs>/sealmesh-testbed/<id>`

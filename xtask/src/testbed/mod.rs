@@ -50,9 +50,13 @@ pub enum TestbedError {
         "cgroup v2 is not mounted (looked in /proc/self/mountinfo): mount it, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`"
     )]
     NoCgroup2,
-    #[error("bpffs is not mounted: run `sudo -E cargo xtask setup`, which mounts it at /sys/fs/bpf")]
+    #[error(
+        "bpffs is not mounted: run `sudo -E cargo xtask setup`, which mounts it at /sys/fs/bpf"
+    )]
     NoBpffs,
-    #[error("invalid testbed id {0:?}: expected `tb-` and 6 hex digits, as `cargo xtask testbed list` shows")]
+    #[error(
+        "invalid testbed id {0:?}: expected `tb-` and 6 hex digits, as `cargo xtask testbed list` shows"
+    )]
     BadId(String),
     #[error("invalid testbed spec: {0}")]
     Spec(#[from] SpecError),
@@ -77,17 +81,23 @@ pub enum TestbedError {
         netns: String,
         source: io::Error,
     },
-    #[error("testbed {id} has no {what} named {name:?}; `cargo xtask testbed list` shows its pods and nodes")]
+    #[error(
+        "testbed {id} has no {what} named {name:?}; `cargo xtask testbed list` shows its pods and nodes"
+    )]
     Unknown {
         id: TestbedId,
         what: &'static str,
         name: String,
     },
-    #[error("testbed {0} is not running (no {STATE_ROOT}/{0}/cluster.yaml); `cargo xtask testbed list` shows running ones")]
+    #[error(
+        "testbed {0} is not running (no {STATE_ROOT}/{0}/cluster.yaml); `cargo xtask testbed list` shows running ones"
+    )]
     NotRunning(TestbedId),
     #[error("the cluster file is not a testbed's: {what}")]
     NotATestbed { what: String },
-    #[error("tearing down testbed {id} left things behind ({problems}); `sudo -E cargo xtask testbed down --all` retries")]
+    #[error(
+        "tearing down testbed {id} left things behind ({problems}); `sudo -E cargo xtask testbed down --all` retries"
+    )]
     Teardown { id: TestbedId, problems: String },
     #[error("sweeping testbed leftovers left things behind: {0}")]
     SweepIncomplete(String),
@@ -155,7 +165,10 @@ impl Testbed {
         cgroup::create(&layout.underlay_cgroup())?;
         for node in &self.cluster.nodes {
             cgroup::create(&node.cgroup)?;
-            create_dir(&layout.node_bpffs_dir(&node.name), "cannot create bpffs dir")?;
+            create_dir(
+                &layout.node_bpffs_dir(&node.name),
+                "cannot create bpffs dir",
+            )?;
             write_token(&layout.token_file(&node.name))?;
         }
         for pod in &self.cluster.pods {
@@ -225,10 +238,16 @@ impl Testbed {
     }
 
     fn node(&self, node: &str) -> Result<&sealmesh_common::cluster::Node, TestbedError> {
-        self.cluster.node(node).ok_or_else(|| self.unknown("node", node))
+        self.cluster
+            .node(node)
+            .ok_or_else(|| self.unknown("node", node))
     }
 
-    fn pod(&self, namespace: &str, pod: &str) -> Result<&sealmesh_common::cluster::Pod, TestbedError> {
+    fn pod(
+        &self,
+        namespace: &str,
+        pod: &str,
+    ) -> Result<&sealmesh_common::cluster::Pod, TestbedError> {
         self.cluster
             .pod(namespace, pod)
             .ok_or_else(|| self.unknown("pod", &format!("{namespace}/{pod}")))
@@ -253,20 +272,29 @@ impl Testbed {
 
     pub fn node_netns(&self, node: &str) -> Result<&str, TestbedError> {
         let node = self.node(node)?;
-        node.netns.as_deref().ok_or_else(|| TestbedError::NotATestbed {
-            what: format!("node {} has no netns", node.name),
-        })
+        node.netns
+            .as_deref()
+            .ok_or_else(|| TestbedError::NotATestbed {
+                what: format!("node {} has no netns", node.name),
+            })
     }
 
     pub fn pod_netns(&self, namespace: &str, pod: &str) -> Result<&str, TestbedError> {
         let pod = self.pod(namespace, pod)?;
-        pod.netns.as_deref().ok_or_else(|| TestbedError::NotATestbed {
-            what: format!("pod {}/{} has no netns", pod.namespace, pod.name),
-        })
+        pod.netns
+            .as_deref()
+            .ok_or_else(|| TestbedError::NotATestbed {
+                what: format!("pod {}/{} has no netns", pod.namespace, pod.name),
+            })
     }
 
     /// Starts `cmd` in the pod's network namespace and cgroup.
-    pub fn spawn_in_pod(&self, namespace: &str, pod: &str, cmd: Command) -> Result<ChildGuard, TestbedError> {
+    pub fn spawn_in_pod(
+        &self,
+        namespace: &str,
+        pod: &str,
+        cmd: Command,
+    ) -> Result<ChildGuard, TestbedError> {
         let netns = self.pod_netns(namespace, pod)?;
         netns::spawn_in(netns, &self.pod(namespace, pod)?.cgroup, cmd)
     }
@@ -283,7 +311,11 @@ impl Testbed {
     }
 
     /// See [`netns::run_in_netns`].
-    pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(&self, netns: &str, f: F) -> Result<T, TestbedError> {
+    pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(
+        &self,
+        netns: &str,
+        f: F,
+    ) -> Result<T, TestbedError> {
         netns::run_in_netns(netns, f)
     }
 
@@ -398,7 +430,11 @@ pub fn down_all() -> Result<Vec<TestbedId>, TestbedError> {
             .collect()
     };
     let mut ids: Vec<TestbedId> = list();
-    ids.extend(net::namespaces_with_prefix(NETNS_PREFIX).iter().filter_map(|n| id_of_netns(n)));
+    ids.extend(
+        net::namespaces_with_prefix(NETNS_PREFIX)
+            .iter()
+            .filter_map(|n| id_of_netns(n)),
+    );
     ids.extend(children(host.cgroup_root()));
     ids.extend(children(host.bpffs_root()));
     ids.sort();

@@ -44,9 +44,12 @@ fn plan(cluster: &ClusterFile) -> Result<Vec<NodePlan>, TestbedError> {
                     Ok((netns, pod.ip))
                 })
                 .collect::<Result<_, TestbedError>>()?;
-            let netns = node.netns.clone().ok_or_else(|| TestbedError::NotATestbed {
-                what: format!("node {} has no netns", node.name),
-            })?;
+            let netns = node
+                .netns
+                .clone()
+                .ok_or_else(|| TestbedError::NotATestbed {
+                    what: format!("node {} has no netns", node.name),
+                })?;
             Ok(NodePlan {
                 index,
                 netns,
@@ -73,11 +76,18 @@ pub fn build(layout: &Layout, cluster: &ClusterFile) -> Result<(), TestbedError>
     let mut batch = String::new();
     let _ = writeln!(batch, "link set lo up");
     let _ = writeln!(batch, "link add {BRIDGE} type bridge");
-    let _ = writeln!(batch, "addr add {UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX_LEN} dev {BRIDGE}");
+    let _ = writeln!(
+        batch,
+        "addr add {UNDERLAY_GATEWAY}/{UNDERLAY_PREFIX_LEN} dev {BRIDGE}"
+    );
     let _ = writeln!(batch, "link set {BRIDGE} up");
     for node in &nodes {
         let port = format!("n{}", node.index);
-        let _ = writeln!(batch, "link add {port} type veth peer name {ETH0} netns {}", node.netns);
+        let _ = writeln!(
+            batch,
+            "link add {port} type veth peer name {ETH0} netns {}",
+            node.netns
+        );
         let _ = writeln!(batch, "link set {port} master {BRIDGE}");
         let _ = writeln!(batch, "link set {port} up");
     }
@@ -86,7 +96,11 @@ pub fn build(layout: &Layout, cluster: &ClusterFile) -> Result<(), TestbedError>
     for node in &nodes {
         let mut batch = String::new();
         let _ = writeln!(batch, "link set lo up");
-        let _ = writeln!(batch, "addr add {}/{UNDERLAY_PREFIX_LEN} dev {ETH0}", node.ip);
+        let _ = writeln!(
+            batch,
+            "addr add {}/{UNDERLAY_PREFIX_LEN} dev {ETH0}",
+            node.ip
+        );
         let _ = writeln!(batch, "link set {ETH0} up");
         for other in nodes.iter().filter(|o| o.index != node.index) {
             let _ = writeln!(
@@ -100,7 +114,10 @@ pub fn build(layout: &Layout, cluster: &ClusterFile) -> Result<(), TestbedError>
         for (slot, (pod_netns, pod_ip)) in node.pods.iter().enumerate() {
             // Calico-style point-to-point: every pod veth carries the same gateway /32.
             let port = format!("p{slot}");
-            let _ = writeln!(batch, "link add {port} type veth peer name {ETH0} netns {pod_netns}");
+            let _ = writeln!(
+                batch,
+                "link add {port} type veth peer name {ETH0} netns {pod_netns}"
+            );
             let _ = writeln!(batch, "addr add {gateway}/32 dev {port}");
             let _ = writeln!(batch, "link set {port} up");
             let _ = writeln!(batch, "route add {pod_ip}/32 dev {port} src {gateway}");
@@ -120,9 +137,15 @@ pub fn build(layout: &Layout, cluster: &ClusterFile) -> Result<(), TestbedError>
             let _ = writeln!(batch, "link set lo up");
             let _ = writeln!(batch, "addr add {pod_ip}/32 dev {ETH0}");
             let _ = writeln!(batch, "link set {ETH0} up");
-            let _ = writeln!(batch, "route add {gateway}/32 dev {ETH0} scope link src {pod_ip}");
+            let _ = writeln!(
+                batch,
+                "route add {gateway}/32 dev {ETH0} scope link src {pod_ip}"
+            );
             for dest in [POD_SUPERNET, UNDERLAY_CIDR, SERVICE_CIDR] {
-                let _ = writeln!(batch, "route add {dest} via {gateway} dev {ETH0} src {pod_ip}");
+                let _ = writeln!(
+                    batch,
+                    "route add {dest} via {gateway} dev {ETH0} src {pod_ip}"
+                );
             }
             ip_batch(pod_netns, &batch)?;
         }
@@ -131,7 +154,12 @@ pub fn build(layout: &Layout, cluster: &ClusterFile) -> Result<(), TestbedError>
     // Replies from the control plane to pods go back through the pod's node.
     let mut batch = String::new();
     for node in &nodes {
-        let _ = writeln!(batch, "route add {} via {}", layout::pod_cidr(node.index), node.ip);
+        let _ = writeln!(
+            batch,
+            "route add {} via {}",
+            layout::pod_cidr(node.index),
+            node.ip
+        );
     }
     ip_batch(&underlay, &batch)
 }

@@ -40,7 +40,10 @@ fn enter(netns: &str, fd: &OwnedFd) -> Result<(), TestbedError> {
 /// Sockets created there stay in that namespace wherever they are used later, so
 /// this also serves to bind listeners or connect clients "from" a pod. A panic in
 /// `f` is propagated to the caller.
-pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(netns: &str, f: F) -> Result<T, TestbedError> {
+pub fn run_in_netns<T: Send, F: FnOnce() -> T + Send>(
+    netns: &str,
+    f: F,
+) -> Result<T, TestbedError> {
     let fd = open_netns(netns)?;
     std::thread::scope(|scope| {
         let thread = scope.spawn(move || {
@@ -135,11 +138,15 @@ impl ChildGuard {
     }
 
     pub fn child(&self) -> &Child {
-        self.child.as_ref().expect("child is present until consumed")
+        self.child
+            .as_ref()
+            .expect("child is present until consumed")
     }
 
     pub fn child_mut(&mut self) -> &mut Child {
-        self.child.as_mut().expect("child is present until consumed")
+        self.child
+            .as_mut()
+            .expect("child is present until consumed")
     }
 
     /// Waits for the process to exit by itself and collects piped output.

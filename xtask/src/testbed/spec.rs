@@ -14,7 +14,9 @@ use super::layout::{self, Layout, MAX_NODES, MAX_PODS_PER_NODE, SERVICE_CIDR};
 pub enum SpecError {
     #[error("a testbed needs 1 to {MAX_NODES} nodes, not {0}")]
     NodeCount(usize),
-    #[error("pod {namespace}/{name}: node index {node} does not exist (the spec has {nodes} nodes: 0..{nodes})")]
+    #[error(
+        "pod {namespace}/{name}: node index {node} does not exist (the spec has {nodes} nodes: 0..{nodes})"
+    )]
     NoSuchNode {
         namespace: String,
         name: String,
@@ -309,10 +311,30 @@ mod tests {
         assert_eq!(
             pods,
             [
-                ("pod-0-0", "10.244.0.2".into(), "node-0", "sm-tb-0000aa-n0-p0"),
-                ("pod-0-1", "10.244.0.3".into(), "node-0", "sm-tb-0000aa-n0-p1"),
-                ("pod-1-0", "10.244.1.2".into(), "node-1", "sm-tb-0000aa-n1-p0"),
-                ("pod-1-1", "10.244.1.3".into(), "node-1", "sm-tb-0000aa-n1-p1"),
+                (
+                    "pod-0-0",
+                    "10.244.0.2".into(),
+                    "node-0",
+                    "sm-tb-0000aa-n0-p0"
+                ),
+                (
+                    "pod-0-1",
+                    "10.244.0.3".into(),
+                    "node-0",
+                    "sm-tb-0000aa-n0-p1"
+                ),
+                (
+                    "pod-1-0",
+                    "10.244.1.2".into(),
+                    "node-1",
+                    "sm-tb-0000aa-n1-p0"
+                ),
+                (
+                    "pod-1-1",
+                    "10.244.1.3".into(),
+                    "node-1",
+                    "sm-tb-0000aa-n1-p1"
+                ),
             ]
         );
         let pod = file.pod(MESHED_NAMESPACE, "pod-1-1").unwrap();
@@ -363,8 +385,13 @@ mod tests {
             "pod mesh-demo/x: node index 1 does not exist (the spec has 1 nodes: 0..1)"
         );
         assert!(
-            rejected(TestbedSpec::meshed(1, 0).pod(PodSpec::new(MESHED_NAMESPACE, "Bad_Pod", "sa", 0)))
-                .starts_with("pod mesh-demo/Bad_Pod: \"Bad_Pod\" is not a valid Kubernetes name")
+            rejected(TestbedSpec::meshed(1, 0).pod(PodSpec::new(
+                MESHED_NAMESPACE,
+                "Bad_Pod",
+                "sa",
+                0
+            )))
+            .starts_with("pod mesh-demo/Bad_Pod: \"Bad_Pod\" is not a valid Kubernetes name")
         );
         assert_eq!(
             rejected(TestbedSpec::meshed(2, 1).service(web_service(Ipv4Addr::new(10, 97, 0, 1)))),
@@ -376,8 +403,13 @@ mod tests {
                 .contains("namespace \"undeclared\" is not listed under namespaces")
         );
         assert!(
-            rejected(TestbedSpec::meshed(1, 1).pod(PodSpec::new(MESHED_NAMESPACE, "pod-0-0", "sa", 0)))
-                .contains("duplicate pod")
+            rejected(TestbedSpec::meshed(1, 1).pod(PodSpec::new(
+                MESHED_NAMESPACE,
+                "pod-0-0",
+                "sa",
+                0
+            )))
+            .contains("duplicate pod")
         );
     }
 }
