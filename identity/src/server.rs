@@ -155,6 +155,15 @@ pub struct Server {
     metrics: Arc<Metrics>,
 }
 
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("grpc_addr", &self.grpc.local_addr().ok())
+            .field("metrics_addr", &self.metrics_listener.local_addr().ok())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Server {
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc
