@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Builds `testapp` with the same cargo and profile as the running xtask and
-/// returns its path (next to the xtask binary).
+/// returns its path.
 pub fn build() -> Result<PathBuf, CmdError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     cmd::output(Command::new(cargo).args([
@@ -24,12 +24,36 @@ pub fn build() -> Result<PathBuf, CmdError> {
         "--bin",
         "testapp",
     ]))?;
-    let exe = std::env::current_exe().map_err(|source| CmdError::Spawn {
+    locate().map_err(|source| CmdError::Spawn {
         program: "testapp".into(),
         source,
         hint: "",
-    })?;
-    Ok(exe.with_file_name("testapp"))
+    })
+}
+
+/// Finds an already built `testapp` in the target dir of the running binary (an
+/// xtask binary, or a test binary in `deps/`). `cargo build --workspace` and
+/// `cargo test --workspace` build it, so tests of other crates can use this.
+pub fn locate() -> io::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    let mut dir = exe
+        .parent()
+        .ok_or_else(|| io::Error::other("the running binary has no parent directory"))?;
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let path = dir.join("testapp");
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!(
+                "{} is not built: run `cargo build --package xtask --bin testapp`",
+                path.display()
+            ),
+        ))
+    }
 }
 
 /// `testapp echo-server --listen <listen>`, stdout piped for [`wait_listening`].

@@ -12,7 +12,7 @@ use std::{
 use sealmesh_common::cluster::{ClusterFile, IdentityEndpoint};
 use xtask::{
     testapp,
-    testbed::{MESHED_NAMESPACE, Testbed, TestbedSpec, cgroup},
+    testbed::{self, MESHED_NAMESPACE, Testbed, TestbedSpec, cgroup},
 };
 
 const ECHO_PORT: u16 = 8080;
@@ -58,6 +58,10 @@ impl Footprint {
             );
         }
         footprint
+    }
+
+    fn of_existing(&self) -> bool {
+        self.netns.iter().all(|ns| netns_exists(ns)) && self.paths.iter().all(|p| p.exists())
     }
 
     fn assert_gone(&self) {
@@ -442,4 +446,40 @@ fn two_testbeds_run_concurrently_with_the_same_addresses() {
     assert!(echo_client(&b, "pod-0-0", addr_b, "still b").starts_with("ok "));
     drop(b);
     footprint_b.assert_gone();
+}
+
+#[test]
+fn a_testbed_left_running_is_attached_and_removed_by_id() {
+    let tb = Testbed::up(&TestbedSpec::meshed(1, 1)).unwrap();
+    let footprint = Footprint::of(&tb);
+    let cluster = tb.cluster().clone();
+    let id = tb.leave_running();
+    // Dropped without teardown: still there, as after a crashed `testbed up`.
+    assert!(testbed::list().contains(&id));
+    let attached = Testbed::attach(&id).unwrap();
+    assert_eq!(attached.cluster(), &cluster);
+    let (_server, addr) = echo_server(&attached, "pod-0-0");
+    assert_eq!(
+        addr,
+        SocketAddr::from((Ipv4Addr::new(10, 244, 0, 2), ECHO_PORT))
+    );
+    drop(attached);
+    assert!(
+        Footprint::of_existing(&footprint),
+        "attach does not own the testbed"
+    );
+    testbed::down_by_id(&id).unwrap();
+    footprint.assert_gone();
+    assert!(!testbed::list().contains(&id));
+    assert_eq!(
+        Testbed::attach(&id).unwrap_err().to_string(),
+        format!(
+            "testbed {id} is not running (no /run/sealmesh/{id}/cluster.yaml); `cargo xtask testbed list` shows running ones"
+        )
+    );
+}
+
+#[test]
+fn testapp_is_found_next_to_test_binaries() {
+    assert_eq!(testapp::locate().unwrap(), testapp_path());
 }
