@@ -1,1 +1,947 @@
-//! (being written)
+//! The cert store: one certificate per ServiceAccount of the node's meshed
+//! pods, obtained from the identity service with the node token, renewed
+//! before expiry, kept through identity outages, dropped when the
+//! ServiceAccount leaves the node. It hands out the rustls configs HBONE uses;
+//! without a valid certificate there is no client config (fail closed).
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use rand::Rng;
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rustls::{
+    ClientConfig, ServerConfig,
+    server::{ClientHello, ResolvesServerCert},
+    sign::CertifiedKey,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use sealmesh_common::identity::{Identity, TrustDomain};
+use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+
+use crate::{
+    registry::WorkloadRegistry,
+    tls::{SanNames, TlsError, TrustAnchors, crypto_provider},
+};
+
+/// When to renew and how to retry.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RenewalPolicy {
+    /// A certificate is renewed after a random fraction, between these two,
+    /// of the validity it had left when it was received (spreads renewals of
+    /// many agents over time).
+    pub renew_fraction_min: f64,
+    pub renew_fraction_max: f64,
+    /// Retry delay after the first failure; doubles per failure up to `max_backoff`.
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// Deadline of one Certify call, including connecting.
+    pub request_timeout: Duration,
+}
+
+impl Default for RenewalPolicy {
+    fn default() -> Self {
+        Self {
+            renew_fraction_min: 0.5,
+            renew_fraction_max: 0.7,
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RenewalPolicy {
+    fn renew_delay(&self, remaining: Duration) -> Duration {
+        remaining
+            .mul_f64(rand::rng().random_range(self.renew_fraction_min..=self.renew_fraction_max))
+    }
+
+    /// Exponential backoff with jitter (50–100% of the step) so agents that
+    /// lost the identity service together do not retry in lockstep.
+    fn backoff(&self, failures: u32) -> Duration {
+        let step = self
+            .initial_backoff
+            .saturating_mul(1u32.checked_shl(failures.min(31)).unwrap_or(u32::MAX))
+            .min(self.max_backoff);
+        step.mul_f64(rand::rng().random_range(0.5..=1.0))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CertStoreConfig {
+    /// gRPC address of the identity service.
+    pub identity_addr: SocketAddr,
+    /// The node's credential; re-read on every request because it is rotated.
+    pub token_file: PathBuf,
+    /// PEM bundle of the mesh's roots.
+    pub trust_anchors_file: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub renewal: RenewalPolicy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertStoreError {
+    #[error(
+        "cannot read trust anchors file {path}: {source}; point the agent at the mesh's PEM root bundle"
+    )]
+    ReadTrustAnchors {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("trust anchors file {path} is unusable: {source}")]
+    BadTrustAnchors { path: PathBuf, source: TlsError },
+    #[error("identity service address {addr} is not usable for gRPC: {source}")]
+    IdentityAddress {
+        addr: SocketAddr,
+        source: tonic::transport::Error,
+    },
+}
+
+/// Why a certificate could not be obtained (kept as the status's last error).
+#[derive(Debug, thiserror::Error)]
+pub enum ObtainError {
+    #[error(
+        "cannot read the node token file {path}: {source}; it must hold this node's credential for the identity service (cluster file nodes[].tokenFile)"
+    )]
+    Token {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot generate a key and CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+    #[error("identity service at {addr} failed the request ({code:?}): {message}")]
+    Refused {
+        addr: SocketAddr,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("identity service returned an empty leaf certificate")]
+    EmptyLeaf,
+    #[error(
+        "issued certificate names URIs {uris:?} and DNS names {dns_names:?}, not exactly the requested identity {requested}"
+    )]
+    WrongIdentity {
+        /// SPIFFE URI of the requested identity.
+        requested: String,
+        uris: Vec<String>,
+        dns_names: Vec<String>,
+    },
+    #[error(
+        "issued certificate is not trusted: {0}; the identity service's issuer must chain to the agent's trust anchors"
+    )]
+    Untrusted(#[source] TlsError),
+    #[error("issued certificate does not match the key of the CSR: {0}")]
+    KeyMismatch(#[source] rustls::Error),
+}
+
+/// The certificate for `identity` is missing, expired, or not requested:
+/// connections presenting it must not be made.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "no valid certificate for {identity}: {reason}; meshed connections from it are refused until the identity service issues one"
+)]
+pub struct NoCertificate {
+    pub identity: Identity,
+    pub reason: String,
+}
+
+/// What the store knows about one identity (for admin and the CLI).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertStatus {
+    pub identity: Identity,
+    /// Hex serial of the certificate held, if any.
+    pub serial: Option<String>,
+    pub not_after: Option<SystemTime>,
+    /// When the certificate held was received.
+    pub last_refresh: Option<SystemTime>,
+    /// The last failure, cleared by the next success.
+    pub last_error: Option<String>,
+}
+
+/// One issued certificate with its key and the client config presenting it.
+struct IssuedCert {
+    serial: String,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    received: SystemTime,
+    key: Arc<CertifiedKey>,
+    client_config: Arc<ClientConfig>,
+}
+
+impl std::fmt::Debug for IssuedCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IssuedCert")
+            .field("serial", &self.serial)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("key", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl IssuedCert {
+    fn is_valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
+    }
+}
+
+type CertMap = HashMap<Identity, Arc<IssuedCert>>;
+
+/// The anchors and the server config verifying clients against them; swapped
+/// together when the bundle is reloaded.
+struct Anchored {
+    anchors: TrustAnchors,
+    server_config: Arc<ServerConfig>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Progress {
+    last_error: Option<String>,
+}
+
+pub struct CertStore {
+    cfg: CertStoreConfig,
+    identity: IdentityClient<Channel>,
+    anchored: ArcSwap<Anchored>,
+    certs: Arc<ArcSwap<CertMap>>,
+    /// Identities being maintained (requested), with their last failure.
+    progress: Mutex<HashMap<Identity, Progress>>,
+    resolver: Arc<SniResolver>,
+}
+
+impl std::fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertStore")
+            .field("cfg", &self.cfg)
+            .field("certs", &self.certs.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertStore {
+    /// Loads the trust anchors; obtains no certificate yet (see [`CertStore::run`]).
+    pub fn new(cfg: CertStoreConfig) -> Result<Arc<Self>, CertStoreError> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", cfg.identity_addr))
+            .map_err(|source| CertStoreError::IdentityAddress {
+                addr: cfg.identity_addr,
+                source,
+            })?
+            .connect_timeout(cfg.renewal.request_timeout)
+            .timeout(cfg.renewal.request_timeout);
+        let certs = Arc::new(ArcSwap::from_pointee(CertMap::new()));
+        let resolver = Arc::new(SniResolver {
+            certs: certs.clone(),
+            trust_domain: cfg.trust_domain.clone(),
+        });
+        let anchored = load_anchored(&cfg, resolver.clone())?;
+        Ok(Arc::new(Self {
+            identity: IdentityClient::new(endpoint.connect_lazy()),
+            anchored: ArcSwap::from_pointee(anchored),
+            certs,
+            progress: Mutex::new(HashMap::new()),
+            resolver,
+            cfg,
+        }))
+    }
+
+    /// Re-reads the trust anchors file and switches every config to it (for
+    /// anchor rotation). On error the old anchors stay.
+    pub fn reload_trust_anchors(&self) -> Result<(), CertStoreError> {
+        let anchored = load_anchored(&self.cfg, self.resolver.clone())?;
+        self.certs.rcu(|certs| {
+            certs
+                .iter()
+                .filter_map(|(id, issued)| {
+                    match anchored.anchors.client_config(issued.key.clone()) {
+                        Ok(config) => Some((
+                            id.clone(),
+                            Arc::new(IssuedCert {
+                                serial: issued.serial.clone(),
+                                not_before: issued.not_before,
+                                not_after: issued.not_after,
+                                received: issued.received,
+                                key: issued.key.clone(),
+                                client_config: Arc::new(config),
+                            }),
+                        )),
+                        Err(error) => {
+                            tracing::error!(identity = %id, %error, "cannot rebuild client config; dropping the certificate");
+                            None
+                        }
+                    }
+                })
+                .collect::<CertMap>()
+        });
+        self.anchored.store(Arc::new(anchored));
+        tracing::info!(file = %self.cfg.trust_anchors_file.display(), "trust anchors reloaded");
+        Ok(())
+    }
+
+    /// Keeps a cert for every ServiceAccount of local meshed workloads until
+    /// shutdown resolves.
+    pub async fn run(
+        self: Arc<Self>,
+        registry: Arc<dyn WorkloadRegistry>,
+        shutdown: impl Future<Output = ()> + Send,
+    ) {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut changes = registry.subscribe();
+        let mut maintainers: HashMap<Identity, JoinHandle<()>> = HashMap::new();
+        loop {
+            changes.mark_unchanged();
+            let wanted = self.wanted_identities(registry.as_ref());
+            let gone: Vec<Identity> = maintainers
+                .keys()
+                .filter(|id| !wanted.contains(id))
+                .cloned()
+                .collect();
+            for id in gone {
+                if let Some(task) = maintainers.remove(&id) {
+                    self.stop(&id, task).await;
+                }
+            }
+            for id in wanted {
+                maintainers.entry(id.clone()).or_insert_with(|| {
+                    self.progress
+                        .lock()
+                        .expect("cert progress lock poisoned")
+                        .insert(id.clone(), Progress::default());
+                    tokio::spawn(self.clone().maintain(id))
+                });
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                changed = changes.changed() => if changed.is_err() {
+                    // The registry is gone; keep what we have until shutdown.
+                    shutdown.as_mut().await;
+                    break;
+                },
+            }
+        }
+        for (_, task) in maintainers {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// rustls client config presenting `source`'s cert, verifying the server
+    /// chain against the anchors (server name = the destination identity's
+    /// DNS name, sent as SNI), ALPN "h2", TLS 1.3 only. Err when `source` has
+    /// no valid cert (fail closed).
+    pub fn client_config(&self, source: &Identity) -> Result<Arc<ClientConfig>, NoCertificate> {
+        let now = SystemTime::now();
+        match self.certs.load().get(source) {
+            Some(issued) if issued.is_valid_at(now) => Ok(issued.client_config.clone()),
+            held => Err(NoCertificate {
+                identity: source.clone(),
+                reason: self.why_no_certificate(source, held.map(|c| c.not_after)),
+            }),
+        }
+    }
+
+    /// rustls server config: cert chosen by SNI among local identities;
+    /// requires a client cert chaining to the anchors; ALPN "h2"; TLS 1.3 only.
+    pub fn server_config(&self) -> Arc<ServerConfig> {
+        self.anchored.load().server_config.clone()
+    }
+
+    pub fn has_valid_cert(&self, id: &Identity) -> bool {
+        self.certs
+            .load()
+            .get(id)
+            .is_some_and(|c| c.is_valid_at(SystemTime::now()))
+    }
+
+    /// Every identity being maintained, sorted by identity.
+    pub fn snapshot(&self) -> Vec<CertStatus> {
+        let certs = self.certs.load();
+        let progress = self.progress.lock().expect("cert progress lock poisoned");
+        let mut out: Vec<CertStatus> = progress
+            .iter()
+            .map(|(id, p)| {
+                let held = certs.get(id);
+                CertStatus {
+                    identity: id.clone(),
+                    serial: held.map(|c| c.serial.clone()),
+                    not_after: held.map(|c| c.not_after),
+                    last_refresh: held.map(|c| c.received),
+                    last_error: p.last_error.clone(),
+                }
+            })
+            .collect();
+        out.sort_by_key(|s| s.identity.to_string());
+        out
+    }
+
+    fn wanted_identities(&self, registry: &dyn WorkloadRegistry) -> Vec<Identity> {
+        let mut wanted: Vec<Identity> = Vec::new();
+        for workload in registry.local_workloads() {
+            if !workload.meshed || wanted.contains(&workload.identity) {
+                continue;
+            }
+            if workload.identity.trust_domain() != &self.cfg.trust_domain {
+                tracing::error!(
+                    identity = %workload.identity,
+                    pod = %workload.name,
+                    "pod's trust domain differs from the agent's; no certificate is requested for it"
+                );
+                continue;
+            }
+            wanted.push(workload.identity.clone());
+        }
+        wanted
+    }
+
+    async fn stop(&self, id: &Identity, task: JoinHandle<()>) {
+        task.abort();
+        // Wait until it has stopped so it cannot store a certificate after removal.
+        let _ = task.await;
+        self.certs.rcu(|certs| {
+            let mut certs = CertMap::clone(certs);
+            certs.remove(id);
+            certs
+        });
+        self.progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .remove(id);
+        tracing::info!(identity = %id, "ServiceAccount left the node; certificate dropped");
+    }
+
+    /// Obtains, then renews, `id`'s certificate forever (until aborted).
+    async fn maintain(self: Arc<Self>, id: Identity) {
+        let mut failures = 0u32;
+        loop {
+            let delay = match self.obtain(&id).await {
+                Ok(issued) => {
+                    failures = 0;
+                    let remaining = issued
+                        .not_after
+                        .duration_since(issued.received)
+                        .unwrap_or_default();
+                    let renew_in = self.cfg.renewal.renew_delay(remaining);
+                    let renewed = self.certs.load().contains_key(&id);
+                    tracing::info!(
+                        identity = %id,
+                        serial = %issued.serial,
+                        not_after = %humanize(issued.not_after),
+                        renew_in = ?renew_in,
+                        "{}",
+                        if renewed { "certificate renewed" } else { "certificate obtained" }
+                    );
+                    self.install(&id, issued);
+                    renew_in
+                }
+                Err(error) => {
+                    let delay = self.cfg.renewal.backoff(failures);
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(
+                        identity = %id,
+                        %error,
+                        still_valid = self.has_valid_cert(&id),
+                        retry_in = ?delay,
+                        "cannot obtain certificate"
+                    );
+                    self.set_error(&id, Some(error.to_string()));
+                    delay
+                }
+            };
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    fn install(&self, id: &Identity, issued: IssuedCert) {
+        let issued = Arc::new(issued);
+        self.certs.rcu(|certs| {
+            let mut certs = CertMap::clone(certs);
+            certs.insert(id.clone(), issued.clone());
+            certs
+        });
+        self.set_error(id, None);
+    }
+
+    fn set_error(&self, id: &Identity, error: Option<String>) {
+        if let Some(p) = self
+            .progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .get_mut(id)
+        {
+            p.last_error = error;
+        }
+    }
+
+    fn why_no_certificate(&self, id: &Identity, expired_at: Option<SystemTime>) -> String {
+        let progress = self.progress.lock().expect("cert progress lock poisoned");
+        let Some(p) = progress.get(id) else {
+            return "no meshed pod of this ServiceAccount runs on this node".to_owned();
+        };
+        let state = match expired_at {
+            Some(t) => format!("the certificate expired at {}", humanize(t)),
+            None => "not issued yet".to_owned(),
+        };
+        match &p.last_error {
+            Some(error) => format!("{state}; last attempt: {error}"),
+            None => state,
+        }
+    }
+
+    /// One Certify round trip with a fresh key, checked before use.
+    async fn obtain(&self, id: &Identity) -> Result<IssuedCert, ObtainError> {
+        let token = tokio::fs::read(&self.cfg.token_file)
+            .await
+            .map_err(|source| ObtainError::Token {
+                path: self.cfg.token_file.clone(),
+                source,
+            })?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let request = CertifyRequest {
+            identity: id.dns_name(),
+            token,
+            certificate_signing_request: csr_der(id, &key)?,
+        };
+        let response = self
+            .identity
+            .clone()
+            .certify(request)
+            .await
+            .map_err(|status| ObtainError::Refused {
+                addr: self.cfg.identity_addr,
+                code: status.code(),
+                message: status.message().to_owned(),
+            })?
+            .into_inner();
+        if response.leaf_certificate.is_empty() {
+            return Err(ObtainError::EmptyLeaf);
+        }
+        let chain: Vec<CertificateDer<'static>> = std::iter::once(response.leaf_certificate)
+            .chain(response.intermediate_certificates)
+            .map(CertificateDer::from)
+            .collect();
+        self.accept(id, chain, key)
+    }
+
+    /// Uses an issued chain only if it names exactly `id`, chains to the
+    /// anchors (as peers will check it) and certifies our key.
+    fn accept(
+        &self,
+        id: &Identity,
+        chain: Vec<CertificateDer<'static>>,
+        key: KeyPair,
+    ) -> Result<IssuedCert, ObtainError> {
+        let names = SanNames::of(&chain[0]).map_err(ObtainError::Untrusted)?;
+        if names.uris != [id.spiffe_uri()] || names.dns_names != [id.dns_name()] {
+            return Err(ObtainError::WrongIdentity {
+                requested: id.spiffe_uri(),
+                uris: names.uris,
+                dns_names: names.dns_names,
+            });
+        }
+        let anchored = self.anchored.load();
+        anchored
+            .anchors
+            .verify_identity_chain(&chain, id)
+            .map_err(ObtainError::Untrusted)?;
+        let (serial, not_before, not_after) = leaf_facts(&chain[0])?;
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let certified = CertifiedKey::from_der(chain, key_der, &crypto_provider())
+            .map_err(ObtainError::KeyMismatch)?;
+        // from_der tolerates keys it cannot compare; we require the comparison.
+        certified.keys_match().map_err(ObtainError::KeyMismatch)?;
+        let key = Arc::new(certified);
+        let client_config = anchored
+            .anchors
+            .client_config(key.clone())
+            .map_err(ObtainError::Untrusted)?;
+        Ok(IssuedCert {
+            serial,
+            not_before,
+            not_after,
+            received: SystemTime::now(),
+            key,
+            client_config: Arc::new(client_config),
+        })
+    }
+}
+
+fn load_anchored(
+    cfg: &CertStoreConfig,
+    resolver: Arc<SniResolver>,
+) -> Result<Anchored, CertStoreError> {
+    let path = &cfg.trust_anchors_file;
+    let pem = std::fs::read(path).map_err(|source| CertStoreError::ReadTrustAnchors {
+        path: path.clone(),
+        source,
+    })?;
+    let bad = |source| CertStoreError::BadTrustAnchors {
+        path: path.clone(),
+        source,
+    };
+    let anchors = TrustAnchors::from_pem(&pem).map_err(bad)?;
+    let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
+    Ok(Anchored {
+        anchors,
+        server_config,
+    })
+}
+
+/// A PKCS#10 CSR for `id` (SAN URI + SAN DNS, empty subject) signed by `key`.
+fn csr_der(id: &Identity, key: &KeyPair) -> Result<Vec<u8>, rcgen::Error> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.subject_alt_names = vec![
+        SanType::URI(id.spiffe_uri().try_into()?),
+        SanType::DnsName(id.dns_name().try_into()?),
+    ];
+    Ok(params.serialize_request(key)?.der().to_vec())
+}
+
+/// Serial (lowercase hex), notBefore and notAfter of a leaf.
+fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(String, SystemTime, SystemTime), ObtainError> {
+    let (_, cert) = X509Certificate::from_der(leaf)
+        .map_err(|e| ObtainError::Untrusted(TlsError::UnparseableCertificate(e.to_string())))?;
+    let serial = cert
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let validity = cert.validity();
+    Ok((
+        serial,
+        unix_time(validity.not_before.timestamp()),
+        unix_time(validity.not_after.timestamp()),
+    ))
+}
+
+fn unix_time(secs: i64) -> SystemTime {
+    match u64::try_from(secs) {
+        Ok(secs) => SystemTime::UNIX_EPOCH + Duration::from_secs(secs),
+        Err(_) => SystemTime::UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()),
+    }
+}
+
+/// A readable UTC time for log lines and messages.
+fn humanize(t: SystemTime) -> String {
+    let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+    };
+    x509_parser::time::ASN1Time::from_timestamp(secs)
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| format!("{secs}s after the Unix epoch"))
+}
+
+/// Picks, by SNI, the certificate of a local identity; none (so the handshake
+/// fails) for no SNI, a foreign name, or an identity without a valid cert.
+#[derive(Debug)]
+struct SniResolver {
+    certs: Arc<ArcSwap<CertMap>>,
+    trust_domain: TrustDomain,
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(sni) = hello.server_name() else {
+            tracing::debug!(
+                "inbound TLS without SNI refused: it must name the destination identity"
+            );
+            return None;
+        };
+        let id = match self.trust_domain.parse_dns_name(sni) {
+            Ok(id) => id,
+            Err(error) => {
+                tracing::debug!(%sni, %error, "inbound TLS for a name that is not a local identity refused");
+                return None;
+            }
+        };
+        let certs = self.certs.load();
+        match certs.get(&id) {
+            Some(issued) if issued.is_valid_at(SystemTime::now()) => Some(issued.key.clone()),
+            _ => {
+                tracing::debug!(identity = %id, "inbound TLS for an identity without a valid local certificate refused");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{
+        BasicConstraints, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    };
+    use x509_parser::{
+        certification_request::X509CertificationRequest,
+        extensions::{GeneralName, ParsedExtension},
+    };
+
+    use super::*;
+
+    fn web() -> Identity {
+        TrustDomain::default().identity("emojivoto", "web").unwrap()
+    }
+
+    struct TestCa {
+        root: CertifiedIssuer<'static, KeyPair>,
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    impl TestCa {
+        fn new() -> Self {
+            let ca_params = |cn: &str| {
+                let mut params = CertificateParams::default();
+                params.distinguished_name.push(DnType::CommonName, cn);
+                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+                params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+                params
+            };
+            let root =
+                CertifiedIssuer::self_signed(ca_params("test root"), KeyPair::generate().unwrap())
+                    .unwrap();
+            let issuer = CertifiedIssuer::signed_by(
+                ca_params("test issuer"),
+                KeyPair::generate().unwrap(),
+                &root,
+            )
+            .unwrap();
+            Self { root, issuer }
+        }
+
+        /// A leaf as the identity service issues it, with the given SANs.
+        fn leaf(&self, key: &KeyPair, sans: Vec<SanType>) -> Vec<CertificateDer<'static>> {
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.subject_alt_names = sans;
+            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+            params.extended_key_usages = vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ];
+            let leaf = params.signed_by(key, &self.issuer).unwrap();
+            vec![leaf.der().clone(), self.issuer.der().clone()]
+        }
+    }
+
+    fn sans_of(id: &Identity) -> Vec<SanType> {
+        vec![
+            SanType::URI(id.spiffe_uri().try_into().unwrap()),
+            SanType::DnsName(id.dns_name().try_into().unwrap()),
+        ]
+    }
+
+    fn store_trusting(ca: &TestCa, dir: &tempfile::TempDir) -> Arc<CertStore> {
+        let anchors = dir.path().join("ca-bundle.crt");
+        std::fs::write(&anchors, ca.root.pem()).unwrap();
+        CertStore::new(CertStoreConfig {
+            identity_addr: "127.0.0.1:9".parse().unwrap(),
+            token_file: dir.path().join("node.token"),
+            trust_anchors_file: anchors,
+            trust_domain: TrustDomain::default(),
+            renewal: RenewalPolicy::default(),
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let policy = RenewalPolicy {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(8),
+            ..RenewalPolicy::default()
+        };
+        for (failures, full) in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 8), (40, 8)] {
+            for _ in 0..50 {
+                let delay = policy.backoff(failures);
+                let full = Duration::from_secs(full);
+                assert!(
+                    delay >= full / 2 && delay <= full,
+                    "{failures} failures: {delay:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn renewal_falls_between_half_and_seventy_percent() {
+        let policy = RenewalPolicy::default();
+        let remaining = Duration::from_secs(24 * 3600);
+        for _ in 0..100 {
+            let delay = policy.renew_delay(remaining);
+            assert!(
+                delay >= remaining / 2 && delay <= remaining.mul_f64(0.7),
+                "{delay:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn csr_carries_exactly_the_identity() {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let der = csr_der(&web(), &key).unwrap();
+        let (_, csr) = X509CertificationRequest::from_der(&der).unwrap();
+        csr.verify_signature().unwrap();
+        assert_eq!(csr.certification_request_info.subject.iter().count(), 0);
+        let names: Vec<String> = csr
+            .requested_extensions()
+            .unwrap()
+            .flat_map(|ext| match ext {
+                ParsedExtension::SubjectAlternativeName(san) => san.general_names.clone(),
+                _ => vec![],
+            })
+            .map(|name| match name {
+                GeneralName::URI(uri) => format!("URI:{uri}"),
+                GeneralName::DNSName(dns) => format!("DNS:{dns}"),
+                other => format!("other:{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "URI:spiffe://cluster.local/ns/emojivoto/sa/web",
+                "DNS:web.emojivoto.serviceaccount.identity.sealmesh.cluster.local",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn accepts_only_trusted_certs_for_exactly_the_identity_and_key() {
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_trusting(&ca, &dir);
+        let id = web();
+        let key = || KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+
+        let k = key();
+        let chain = ca.leaf(&k, sans_of(&id));
+        let (serial, _, not_after) = leaf_facts(&chain[0]).unwrap();
+        let issued = store.accept(&id, chain, k).unwrap();
+        assert_eq!(issued.serial, serial);
+        assert_eq!(issued.not_after, not_after);
+        assert_eq!(serial.len() % 2, 0);
+        assert!(
+            serial
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+        );
+
+        let k = key();
+        let mut extra = sans_of(&id);
+        extra.push(SanType::DnsName("evil.example".try_into().unwrap()));
+        let err = store.accept(&id, ca.leaf(&k, extra), k).unwrap_err();
+        assert!(matches!(err, ObtainError::WrongIdentity { .. }), "{err}");
+
+        let other = TrustDomain::default().identity("emojivoto", "db").unwrap();
+        let k = key();
+        let err = store
+            .accept(&id, ca.leaf(&k, sans_of(&other)), k)
+            .unwrap_err();
+        assert!(matches!(err, ObtainError::WrongIdentity { .. }), "{err}");
+
+        let foreign = TestCa::new();
+        let k = key();
+        let err = store
+            .accept(&id, foreign.leaf(&k, sans_of(&id)), k)
+            .unwrap_err();
+        assert!(matches!(err, ObtainError::Untrusted(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("must chain to the agent's trust anchors"),
+            "{err}"
+        );
+
+        let err = store
+            .accept(&id, ca.leaf(&key(), sans_of(&id)), key())
+            .unwrap_err();
+        assert!(matches!(err, ObtainError::KeyMismatch(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn client_config_fails_closed_and_says_why() {
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_trusting(&ca, &dir);
+        let id = web();
+
+        let err = store.client_config(&id).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no valid certificate for spiffe://cluster.local/ns/emojivoto/sa/web: no meshed pod of \
+             this ServiceAccount runs on this node; meshed connections from it are refused until \
+             the identity service issues one"
+        );
+
+        store
+            .progress
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Progress::default());
+        store.set_error(&id, Some("identity service unreachable".into()));
+        let err = store.client_config(&id).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(": not issued yet; last attempt: identity service unreachable;"),
+            "{err}"
+        );
+
+        let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let issued = store.accept(&id, ca.leaf(&k, sans_of(&id)), k).unwrap();
+        let debug = format!("{issued:?}");
+        assert!(
+            debug.contains("<redacted>") && !debug.contains("PRIVATE"),
+            "{debug}"
+        );
+        store.install(&id, issued);
+        assert!(store.has_valid_cert(&id));
+        let config = store.client_config(&id).unwrap();
+        assert_eq!(config.alpn_protocols, [b"h2".to_vec()]);
+        let status = store.snapshot();
+        assert_eq!(status.len(), 1);
+        assert_eq!(status[0].identity, id);
+        assert_eq!(status[0].last_error, None);
+        assert!(status[0].serial.is_some() && status[0].last_refresh.is_some());
+    }
+
+    #[tokio::test]
+    async fn reloading_anchors_rebuilds_configs_and_keeps_old_ones_on_error() {
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_trusting(&ca, &dir);
+        let id = web();
+        let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        store.install(
+            &id,
+            store.accept(&id, ca.leaf(&k, sans_of(&id)), k).unwrap(),
+        );
+        let before = store.client_config(&id).unwrap();
+        let server_before = store.server_config();
+
+        std::fs::write(&store.cfg.trust_anchors_file, "not pem").unwrap();
+        let err = store.reload_trust_anchors().unwrap_err();
+        assert!(
+            matches!(err, CertStoreError::BadTrustAnchors { .. }),
+            "{err}"
+        );
+        assert!(Arc::ptr_eq(&server_before, &store.server_config()));
+
+        let next = TestCa::new();
+        std::fs::write(
+            &store.cfg.trust_anchors_file,
+            format!("{}{}", ca.root.pem(), next.root.pem()),
+        )
+        .unwrap();
+        store.reload_trust_anchors().unwrap();
+        assert_eq!(store.anchored.load().anchors.len(), 2);
+        assert!(!Arc::ptr_eq(&before, &store.client_config(&id).unwrap()));
+        assert!(!Arc::ptr_eq(&server_before, &store.server_config()));
+    }
+}
