@@ -1,0 +1,103 @@
+//! `sealmesh certs`: create the root (trust anchor) and the issuer the
+//! identity service signs with (ECDSA P-256), in place of `step certificate
+//! create`. The certificate work lives in `sealmesh_identity::pki`.
+
+use std::{path::PathBuf, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Args, Subcommand};
+use sealmesh_identity::pki::{
+    self, CaMaterial, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME, Layout,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a self-signed root CA: the trust anchor every agent and peer trusts.
+    CreateRoot(CreateRoot),
+    /// Create the issuer (intermediate CA) the identity service signs leaves with.
+    CreateIssuer(CreateIssuer),
+}
+
+#[derive(Debug, Args)]
+pub struct Output {
+    /// Directory to write the CA into (created if missing).
+    #[arg(long)]
+    out: PathBuf,
+    /// `pem`: crt.pem + key.pem; `tls`: tls.crt + tls.key + ca.crt (a kubernetes.io/tls Secret's keys).
+    #[arg(long, value_enum, default_value_t = Layout::Pem)]
+    layout: Layout,
+    /// Replace existing files.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateRoot {
+    #[command(flatten)]
+    output: Output,
+    /// How long the root is valid.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "87600h")]
+    validity: Duration,
+    #[arg(long, default_value = DEFAULT_ROOT_COMMON_NAME)]
+    common_name: String,
+}
+
+#[derive(Debug, Args)]
+pub struct CreateIssuer {
+    /// Directory of the root that signs the issuer (either layout).
+    #[arg(long)]
+    root: PathBuf,
+    #[command(flatten)]
+    output: Output,
+    /// How long the issuer is valid (never beyond the root).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "8760h")]
+    validity: Duration,
+    #[arg(long, default_value = DEFAULT_ISSUER_COMMON_NAME)]
+    common_name: String,
+}
+
+pub fn run(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::CreateRoot(args) => {
+            let root = pki::generate_root(&CaSpec::valid_for(&args.common_name, args.validity))?;
+            let files = write(&root, &args.output)?;
+            println!(
+                "trust anchor: {} (pass it to sealmesh-identity --trust-anchors and to the agents)",
+                files[0].display()
+            );
+        }
+        CertsCommand::CreateIssuer(args) => {
+            let root = CaMaterial::read_dir(&args.root)
+                .with_context(|| format!("cannot read the root from {}", args.root.display()))?;
+            let spec = CaSpec::valid_for(&args.common_name, args.validity);
+            let (issuer, clamped) = pki::generate_issuer(&root, &spec).with_context(|| {
+                format!(
+                    "cannot sign an issuer with the root in {}",
+                    args.root.display()
+                )
+            })?;
+            if clamped {
+                eprintln!(
+                    "warning: --validity {} reaches past the root's expiry; the issuer expires with the root",
+                    humantime::format_duration(args.validity)
+                );
+            }
+            write(&issuer, &args.output)?;
+            println!(
+                "issuer: {} (pass it to sealmesh-identity --issuer-dir)",
+                args.output.out.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn write(ca: &pki::GeneratedCa, output: &Output) -> anyhow::Result<Vec<PathBuf>> {
+    let files = ca
+        .write_dir(&output.out, output.layout, output.force)
+        .with_context(|| format!("cannot write the CA to {}", output.out.display()))?;
+    for file in &files {
+        println!("wrote {}", file.display());
+    }
+    Ok(files)
+}
