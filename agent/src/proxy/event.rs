@@ -1,0 +1,281 @@
+//! What the engine reports about each proxied connection: one structured
+//! access-log line at close, and open/close `ConnectionEvent`s on a broadcast
+//! channel that tap, edges and metrics subscribe to.
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use crate::registry::Workload;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// A local pod's connection, redirected to the outbound listener.
+    Outbound,
+    /// An HBONE stream from another agent to a local pod.
+    Inbound,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Open,
+    Close,
+}
+
+/// Why a connection was not carried over mTLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NoTlsReason {
+    /// Both pods are meshed and on this node: connected directly after the
+    /// same identity checks (the bytes never leave the host).
+    SecuredLocal,
+    /// The destination is a pod that is not meshed.
+    NotMeshed,
+    /// The destination is neither a pod nor a Service of the cluster.
+    OutsideCluster,
+}
+
+impl NoTlsReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::SecuredLocal => "secured_local",
+            Self::NotMeshed => "not_meshed",
+            Self::OutsideCluster => "outside_cluster",
+        }
+    }
+}
+
+/// A pod as events name it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl PodRef {
+    pub fn of(w: &Workload) -> Self {
+        Self {
+            namespace: w.namespace.clone(),
+            name: w.name.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// One connection's open or close. Identities are SPIFFE URIs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectionEvent {
+    /// Unique per agent run; open and close of one connection share it.
+    pub id: u64,
+    pub phase: Phase,
+    pub direction: Direction,
+    /// Unix time of the event, in milliseconds.
+    pub timestamp_ms: u64,
+    /// The connecting side's address (a pod's, or the peer agent's for inbound).
+    pub src_addr: SocketAddr,
+    /// Where the bytes go (the pod endpoint after Service resolution).
+    pub dst_addr: Option<SocketAddr>,
+    pub src: Option<PodRef>,
+    pub dst: Option<PodRef>,
+    pub client_id: Option<String>,
+    pub server_id: Option<String>,
+    pub tls: bool,
+    pub no_tls_reason: Option<NoTlsReason>,
+    /// Bytes from the source to the destination (0 at open).
+    pub bytes_src_to_dst: u64,
+    /// Bytes from the destination back to the source (0 at open).
+    pub bytes_dst_to_src: u64,
+    /// How long the connection lived (0 at open).
+    pub duration_ms: u64,
+    /// Why the connection was refused or broke; None for a clean close.
+    pub error: Option<String>,
+}
+
+/// Byte counters both splice directions update (once per chunk, not per byte).
+#[derive(Debug, Default)]
+pub(crate) struct ByteCounters {
+    pub src_to_dst: AtomicU64,
+    pub dst_to_src: AtomicU64,
+}
+
+/// Collects what is known about one connection and reports it: `open` once
+/// the path to the destination is up; the close event and access-log line
+/// when dropped, so a connection aborted by shutdown is still reported.
+pub(crate) struct ConnectionTracker {
+    events: broadcast::Sender<ConnectionEvent>,
+    started: Instant,
+    opened: bool,
+    pub event: ConnectionEvent,
+    pub bytes: Arc<ByteCounters>,
+}
+
+impl ConnectionTracker {
+    pub fn new(
+        events: broadcast::Sender<ConnectionEvent>,
+        id: u64,
+        direction: Direction,
+        src_addr: SocketAddr,
+    ) -> Self {
+        Self {
+            events,
+            started: Instant::now(),
+            opened: false,
+            event: ConnectionEvent {
+                id,
+                phase: Phase::Open,
+                direction,
+                timestamp_ms: 0,
+                src_addr,
+                dst_addr: None,
+                src: None,
+                dst: None,
+                client_id: None,
+                server_id: None,
+                tls: false,
+                no_tls_reason: None,
+                bytes_src_to_dst: 0,
+                bytes_dst_to_src: 0,
+                duration_ms: 0,
+                error: None,
+            },
+            bytes: Arc::default(),
+        }
+    }
+
+    pub fn set_src(&mut self, w: &Workload) {
+        self.event.src = Some(PodRef::of(w));
+    }
+
+    pub fn set_dst(&mut self, addr: SocketAddr, w: Option<&Workload>) {
+        self.event.dst_addr = Some(addr);
+        self.event.dst = w.map(PodRef::of);
+    }
+
+    pub fn fail(&mut self, error: impl std::fmt::Display) {
+        self.event.error = Some(error.to_string());
+    }
+
+    /// Publishes the open event (the channel drops it if nobody listens).
+    pub fn open(&mut self) {
+        self.opened = true;
+        let mut open = self.event.clone();
+        open.phase = Phase::Open;
+        open.timestamp_ms = unix_ms(SystemTime::now());
+        let _ = self.events.send(open);
+    }
+}
+
+impl Drop for ConnectionTracker {
+    fn drop(&mut self) {
+        let e = &mut self.event;
+        e.phase = Phase::Close;
+        e.timestamp_ms = unix_ms(SystemTime::now());
+        e.bytes_src_to_dst = self.bytes.src_to_dst.load(Ordering::Relaxed);
+        e.bytes_dst_to_src = self.bytes.dst_to_src.load(Ordering::Relaxed);
+        e.duration_ms = duration_ms(self.started.elapsed());
+        access_log(e, self.opened);
+        let _ = self.events.send(e.clone());
+    }
+}
+
+fn access_log(e: &ConnectionEvent, opened: bool) {
+    let opt = |v: &Option<PodRef>| v.as_ref().map(ToString::to_string).unwrap_or_default();
+    let reason = e.no_tls_reason.map(NoTlsReason::as_str).unwrap_or("");
+    let direction = match e.direction {
+        Direction::Outbound => "outbound",
+        Direction::Inbound => "inbound",
+    };
+    macro_rules! log {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "sealmesh::access",
+                id = e.id,
+                direction,
+                src_addr = %e.src_addr,
+                dst_addr = e.dst_addr.map(|a| a.to_string()).unwrap_or_default(),
+                src = opt(&e.src),
+                dst = opt(&e.dst),
+                client_id = e.client_id.as_deref().unwrap_or(""),
+                server_id = e.server_id.as_deref().unwrap_or(""),
+                tls = e.tls,
+                no_tls_reason = reason,
+                bytes_src_to_dst = e.bytes_src_to_dst,
+                bytes_dst_to_src = e.bytes_dst_to_src,
+                duration_ms = e.duration_ms,
+                error = e.error.as_deref().unwrap_or(""),
+                "connection closed"
+            )
+        };
+    }
+    // A refusal is worth a warning; a connection that carried bytes and then
+    // broke is routine in a mesh (peers reset) and logged at info.
+    if e.error.is_some() && !opened {
+        log!(warn);
+    } else {
+        log!(info);
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(duration_ms)
+        .unwrap_or_default()
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reports_open_then_close_with_counts() {
+        let (tx, mut rx) = broadcast::channel(4);
+        let mut t =
+            ConnectionTracker::new(tx, 7, Direction::Outbound, "10.0.0.1:5000".parse().unwrap());
+        t.event.tls = true;
+        t.open();
+        t.bytes.src_to_dst.fetch_add(10, Ordering::Relaxed);
+        t.bytes.dst_to_src.fetch_add(20, Ordering::Relaxed);
+        drop(t);
+        let open = rx.try_recv().unwrap();
+        assert_eq!(
+            (open.id, open.phase, open.bytes_src_to_dst),
+            (7, Phase::Open, 0)
+        );
+        let close = rx.try_recv().unwrap();
+        assert_eq!(close.phase, Phase::Close);
+        assert_eq!((close.bytes_src_to_dst, close.bytes_dst_to_src), (10, 20));
+        assert!(close.tls);
+    }
+
+    #[test]
+    fn serialises_with_snake_case_names() {
+        let (tx, _rx) = broadcast::channel(1);
+        let mut t =
+            ConnectionTracker::new(tx, 1, Direction::Inbound, "10.0.0.1:5000".parse().unwrap());
+        t.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
+        let json = serde_json::to_value(&t.event).unwrap();
+        assert_eq!(json["direction"], "inbound");
+        assert_eq!(json["no_tls_reason"], "not_meshed");
+        let back: ConnectionEvent = serde_json::from_value(json).unwrap();
+        assert_eq!(back, t.event);
+    }
+}

@@ -1,0 +1,281 @@
+//! The TLS engine: the outbound listener that redirected pod connections
+//! reach, the inbound HBONE listener, the pool of HBONE connections between
+//! them, and the per-connection events and access log.
+//!
+//! ```text
+//! pod ──redirect──▶ outbound (node IP:15001) ──HBONE pool──▶ peer inbound (node IP:15008) ──TCP──▶ pod
+//! ```
+
+mod event;
+mod hbone;
+mod inbound;
+mod outbound;
+mod pool;
+
+use std::{
+    future::Future,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use sealmesh_common::{
+    consts::{HBONE_PORT, OUTBOUND_PORT},
+    identity::Identity,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{broadcast, watch},
+    task::JoinSet,
+};
+
+pub use event::{ConnectionEvent, Direction, NoTlsReason, Phase, PodRef};
+pub use hbone::SpliceError;
+pub use inbound::InboundRefusal;
+pub use outbound::OutboundError;
+
+use crate::{
+    certs::{CertStore, NoCertificate},
+    config::Policy,
+    ebpf::RedirectTable,
+    registry::WorkloadRegistry,
+};
+
+/// Connection events kept for slow subscribers before they lag.
+const EVENT_BUFFER: usize = 4096;
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The certificates the engine presents and verifies with. `CertStore` is
+/// the production implementation; a seam so the engine can be driven by
+/// any source of rustls configurations.
+pub trait TlsCredentials: Send + Sync + 'static {
+    /// Client config presenting `source`'s certificate; Err (fail closed)
+    /// when `source` has no valid certificate.
+    fn client_config(&self, source: &Identity) -> Result<Arc<rustls::ClientConfig>, NoCertificate>;
+    /// Server config choosing the local identity's certificate by SNI and
+    /// requiring a client certificate chaining to the trust anchors.
+    fn server_config(&self) -> Arc<rustls::ServerConfig>;
+    fn has_valid_cert(&self, id: &Identity) -> bool;
+}
+
+impl TlsCredentials for CertStore {
+    fn client_config(&self, source: &Identity) -> Result<Arc<rustls::ClientConfig>, NoCertificate> {
+        CertStore::client_config(self, source)
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        CertStore::server_config(self)
+    }
+
+    fn has_valid_cert(&self, id: &Identity) -> bool {
+        CertStore::has_valid_cert(self, id)
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Where redirected pod connections arrive (node IP:OUTBOUND_PORT).
+    pub outbound_listen: SocketAddrV4,
+    /// Where peers' HBONE connections arrive (node IP:HBONE_PORT).
+    pub inbound_listen: SocketAddrV4,
+    /// Port of the peers' inbound listeners.
+    pub hbone_port: u16,
+    pub policy: Policy,
+    /// Limit on TCP connect (to pods and peers) and on TLS + h2 handshakes.
+    pub connect_timeout: Duration,
+    /// How long open connections may finish after shutdown is requested.
+    pub drain_timeout: Duration,
+}
+
+impl ProxyConfig {
+    /// The production layout: both listeners on the node IP, well-known ports.
+    pub fn for_node(node_ip: Ipv4Addr, policy: Policy) -> Self {
+        Self {
+            outbound_listen: SocketAddrV4::new(node_ip, OUTBOUND_PORT),
+            inbound_listen: SocketAddrV4::new(node_ip, HBONE_PORT),
+            hbone_port: HBONE_PORT,
+            policy,
+            connect_timeout: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(
+        "cannot listen on {addr} for {what}: {source}; is another agent running on this node, or is the node IP not on this host?"
+    )]
+    Bind {
+        what: &'static str,
+        addr: SocketAddrV4,
+        source: std::io::Error,
+    },
+}
+
+/// What the connection handlers share.
+pub(crate) struct Engine {
+    cfg: ProxyConfig,
+    registry: Arc<dyn WorkloadRegistry>,
+    redirects: Arc<dyn RedirectTable>,
+    credentials: Arc<dyn TlsCredentials>,
+    pool: pool::Pool,
+    events: broadcast::Sender<ConnectionEvent>,
+    next_connection_id: AtomicU64,
+}
+
+impl Engine {
+    fn next_id(&self) -> u64 {
+        self.next_connection_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A bound, not yet running engine.
+pub struct Proxy {
+    engine: Arc<Engine>,
+    outbound: TcpListener,
+    inbound: TcpListener,
+}
+
+/// Read-side access to a running engine: events and pool state.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    engine: Arc<Engine>,
+}
+
+impl ProxyHandle {
+    /// Open/close events of every connection from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
+        self.engine.events.subscribe()
+    }
+
+    /// HBONE connections currently pooled (all keys).
+    pub fn pooled_connections(&self) -> usize {
+        self.engine.pool.total_connections()
+    }
+}
+
+impl Proxy {
+    /// Binds both listeners; nothing is accepted until [`Proxy::run`].
+    pub async fn bind(
+        cfg: ProxyConfig,
+        registry: Arc<dyn WorkloadRegistry>,
+        redirects: Arc<dyn RedirectTable>,
+        credentials: Arc<dyn TlsCredentials>,
+    ) -> Result<Self, ProxyError> {
+        let listen = |what, addr: SocketAddrV4| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| ProxyError::Bind { what, addr, source })
+        };
+        let outbound = listen("outbound (redirected pod connections)", cfg.outbound_listen).await?;
+        let inbound = listen("inbound HBONE", cfg.inbound_listen).await?;
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Ok(Self {
+            engine: Arc::new(Engine {
+                cfg,
+                registry,
+                redirects,
+                credentials,
+                pool: pool::Pool::default(),
+                events,
+                next_connection_id: AtomicU64::new(1),
+            }),
+            outbound,
+            inbound,
+        })
+    }
+
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    pub fn handle(&self) -> ProxyHandle {
+        ProxyHandle {
+            engine: self.engine.clone(),
+        }
+    }
+
+    /// Serves both listeners until `shutdown` resolves, then stops accepting,
+    /// asks HBONE peers to finish (GOAWAY), and gives open connections
+    /// `drain_timeout` to end before cutting them.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let Self {
+            engine,
+            outbound,
+            inbound,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut connections = JoinSet::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        tracing::info!(
+            outbound = %engine.cfg.outbound_listen,
+            inbound = %engine.cfg.inbound_listen,
+            "TLS engine listening"
+        );
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                accepted = outbound.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        connections.spawn(outbound::handle(engine.clone(), socket, peer));
+                    }
+                    Err(error) => accept_failed("outbound", error).await,
+                },
+                accepted = inbound.accept() => match accepted {
+                    Ok((socket, peer)) => {
+                        connections.spawn(inbound::serve(engine.clone(), socket, peer, stop_rx.clone()));
+                    }
+                    Err(error) => accept_failed("inbound", error).await,
+                },
+                Some(done) = connections.join_next(), if !connections.is_empty() => log_task_end(done),
+            }
+        }
+        drop((outbound, inbound));
+        let _ = stop_tx.send(true);
+        tracing::info!(
+            open = connections.len(),
+            drain_timeout = ?engine.cfg.drain_timeout,
+            "TLS engine stopped accepting; draining connections"
+        );
+        let drained = tokio::time::timeout(engine.cfg.drain_timeout, async {
+            while let Some(done) = connections.join_next().await {
+                log_task_end(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                cut = connections.len(),
+                "connections still open after the drain timeout; closing them"
+            );
+            connections.shutdown().await;
+        }
+    }
+}
+
+async fn accept_failed(listener: &str, error: std::io::Error) {
+    tracing::error!(listener, %error, "accept failed; retrying shortly");
+    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+}
+
+fn log_task_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(error) = done
+        && error.is_panic()
+    {
+        tracing::error!(%error, "connection handler panicked");
+    }
+}

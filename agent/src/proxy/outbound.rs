@@ -1,0 +1,519 @@
+//! Outbound: connections of local meshed pods, redirected by eBPF to the
+//! outbound listener. The source pod comes from the kernel-attested cgroup
+//! in the redirect record (never from the IP); the destination decides the
+//! route: HBONE to the destination's node, a direct connection between two
+//! meshed pods of this node, or plaintext to what is not meshed.
+
+use std::{
+    net::{SocketAddr, SocketAddrV4},
+    sync::{Arc, atomic::Ordering},
+};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use sealmesh_common::identity::Identity;
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use super::{
+    Engine,
+    event::{ConnectionTracker, Direction, NoTlsReason},
+    hbone::{self, SpliceError, TcpSide},
+    pool::{Dialed, PoolKey},
+};
+use crate::{
+    certs::NoCertificate,
+    registry::{Endpoint, NodeInfo, Workload},
+    tls::{self, ALPN_HBONE, TlsError},
+};
+
+/// Header carrying the source pod's address to the destination's agent, for
+/// its access log (it trusts it only when it matches the client identity).
+pub(crate) const FORWARDED_HEADER: &str = "forwarded";
+/// Socket buffer sizes for the plaintext and secured-local TCP↔TCP splice.
+const COPY_BUFFER: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboundError {
+    #[error(
+        "source cgroup {cgroup} of a redirected connection is not a pod of this node in the registry; refused (fail closed) — is the cluster file up to date?"
+    )]
+    UnknownSource { cgroup: u64 },
+    #[error(
+        "no valid certificate for source identity {source_id}; refusing its connection to meshed {destination} (fail closed, never plaintext): {reason}"
+    )]
+    NoSourceCertificate {
+        source_id: Identity,
+        destination: Identity,
+        reason: NoCertificate,
+    },
+    #[error(
+        "no valid certificate for destination identity {destination} on this node; refusing the secured-local connection (fail closed)"
+    )]
+    NoDestinationCertificate { destination: Identity },
+    #[error(
+        "plaintext to {target} ({reason}) is denied by --deny-plaintext; mesh the destination or drop the flag"
+    )]
+    PlaintextDenied {
+        target: SocketAddrV4,
+        reason: &'static str,
+    },
+    #[error("cannot connect to {target}: {source}")]
+    Connect {
+        target: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to {target}")]
+    ConnectTimeout { target: SocketAddr },
+    #[error("mTLS handshake with the agent at {node} failed: {source}")]
+    Handshake {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the agent at {node} did not prove identity {expected}: {source}")]
+    PeerIdentity {
+        node: SocketAddr,
+        expected: Identity,
+        source: TlsError,
+    },
+    #[error("the agent at {node} presented identity {got} but {expected} was asked for; refused")]
+    WrongPeer {
+        node: SocketAddr,
+        expected: Identity,
+        got: Identity,
+    },
+    #[error("the agent at {node} did not negotiate ALPN h2; is it a sealmesh agent?")]
+    NoH2 { node: SocketAddr },
+    #[error("HBONE to {node}: {source}")]
+    Hbone { node: SocketAddr, source: h2::Error },
+    #[error("the agent at {node} refused CONNECT {authority} with HTTP {status}")]
+    Refused {
+        node: SocketAddr,
+        authority: SocketAddrV4,
+        status: StatusCode,
+    },
+    #[error(transparent)]
+    Splice(#[from] SpliceError),
+    #[error("splicing the connection: {0}")]
+    Copy(std::io::Error),
+}
+
+/// Where a redirected connection goes.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Route {
+    /// Meshed destination on another node (or this one, forced): HBONE to
+    /// `node`, CONNECT to the endpoint.
+    Hbone {
+        endpoint: Endpoint,
+        node: SocketAddr,
+    },
+    /// Meshed destination on this node: direct connection.
+    SecuredLocal { endpoint: Endpoint },
+    /// Not meshed / outside the cluster: plaintext passthrough.
+    Plaintext {
+        target: SocketAddrV4,
+        destination: Option<Arc<Workload>>,
+        reason: NoTlsReason,
+    },
+}
+
+/// Chooses the route for a connection to `original_dst`, which the registry
+/// resolved to `endpoint` (None: not a pod or Service of the cluster).
+pub(crate) fn route(
+    local: &NodeInfo,
+    hbone_port: u16,
+    force_mtls_local: bool,
+    original_dst: SocketAddrV4,
+    endpoint: Option<Endpoint>,
+) -> Route {
+    match endpoint {
+        None => Route::Plaintext {
+            target: original_dst,
+            destination: None,
+            reason: NoTlsReason::OutsideCluster,
+        },
+        Some(endpoint) if !endpoint.workload.meshed => Route::Plaintext {
+            target: SocketAddrV4::new(endpoint.workload.ip, endpoint.port),
+            destination: Some(endpoint.workload),
+            reason: NoTlsReason::NotMeshed,
+        },
+        Some(endpoint) if endpoint.workload.node == local.name && !force_mtls_local => {
+            Route::SecuredLocal { endpoint }
+        }
+        Some(endpoint) => {
+            let node = SocketAddr::from((endpoint.workload.node_ip, hbone_port));
+            Route::Hbone { endpoint, node }
+        }
+    }
+}
+
+/// Serves one accepted connection on the outbound listener.
+pub(crate) async fn handle(engine: Arc<Engine>, client: TcpStream, peer: SocketAddr) {
+    let (SocketAddr::V4(peer_v4), Ok(SocketAddr::V4(listener))) = (peer, client.local_addr())
+    else {
+        tracing::warn!(%peer, "IPv6 connection on the outbound listener; only IPv4 is redirected, refused");
+        return;
+    };
+    let Some(redirect) = engine.redirects.take(peer_v4, listener) else {
+        tracing::warn!(
+            client = %peer,
+            %listener,
+            "connection to the outbound port without a redirect record (dialled directly, not redirected by eBPF); refused"
+        );
+        return;
+    };
+    let mut tracker = ConnectionTracker::new(
+        engine.events.clone(),
+        engine.next_id(),
+        Direction::Outbound,
+        peer,
+    );
+    if let Err(error) = proxy(
+        &engine,
+        client,
+        redirect.original_dst,
+        redirect.source_cgroup,
+        &mut tracker,
+    )
+    .await
+    {
+        tracker.fail(error);
+    }
+}
+
+async fn proxy(
+    engine: &Engine,
+    client: TcpStream,
+    original_dst: SocketAddrV4,
+    source_cgroup: u64,
+    tracker: &mut ConnectionTracker,
+) -> Result<(), OutboundError> {
+    tracker.event.dst_addr = Some(original_dst.into());
+    let source = engine
+        .registry
+        .by_cgroup(source_cgroup)
+        .ok_or(OutboundError::UnknownSource {
+            cgroup: source_cgroup,
+        })?;
+    tracker.set_src(&source);
+    let _ = client.set_nodelay(true);
+    let policy = engine.cfg.policy;
+    match route(
+        engine.registry.local_node(),
+        engine.cfg.hbone_port,
+        policy.force_mtls_local,
+        original_dst,
+        engine.registry.resolve(original_dst),
+    ) {
+        Route::Plaintext {
+            target,
+            destination,
+            reason,
+        } => {
+            tracker.set_dst(target.into(), destination.as_deref());
+            tracker.event.no_tls_reason = Some(reason);
+            if policy.deny_plaintext {
+                return Err(OutboundError::PlaintextDenied {
+                    target,
+                    reason: reason.as_str(),
+                });
+            }
+            let server = connect(engine, target.into()).await?;
+            tracker.open();
+            copy(client, server, tracker).await
+        }
+        Route::SecuredLocal { endpoint } => {
+            let destination = &endpoint.workload;
+            let target = SocketAddrV4::new(destination.ip, endpoint.port);
+            tracker.set_dst(target.into(), Some(destination));
+            // Same checks as HBONE would make: both identities hold a valid
+            // certificate, or nothing is carried.
+            engine
+                .credentials
+                .client_config(&source.identity)
+                .map_err(|reason| OutboundError::NoSourceCertificate {
+                    source_id: source.identity.clone(),
+                    destination: destination.identity.clone(),
+                    reason,
+                })?;
+            if !engine.credentials.has_valid_cert(&destination.identity) {
+                return Err(OutboundError::NoDestinationCertificate {
+                    destination: destination.identity.clone(),
+                });
+            }
+            tracker.event.client_id = Some(source.identity.to_string());
+            tracker.event.server_id = Some(destination.identity.to_string());
+            tracker.event.no_tls_reason = Some(NoTlsReason::SecuredLocal);
+            let server = connect(engine, target.into()).await?;
+            tracker.open();
+            copy(client, server, tracker).await
+        }
+        Route::Hbone { endpoint, node } => {
+            hbone_connect(engine, client, &source, &endpoint, node, tracker).await
+        }
+    }
+}
+
+async fn hbone_connect(
+    engine: &Engine,
+    client: TcpStream,
+    source: &Workload,
+    endpoint: &Endpoint,
+    node: SocketAddr,
+    tracker: &mut ConnectionTracker,
+) -> Result<(), OutboundError> {
+    let destination = &endpoint.workload;
+    let authority = SocketAddrV4::new(destination.ip, endpoint.port);
+    tracker.set_dst(authority.into(), Some(destination));
+    let client_config = engine
+        .credentials
+        .client_config(&source.identity)
+        .map_err(|reason| OutboundError::NoSourceCertificate {
+            source_id: source.identity.clone(),
+            destination: destination.identity.clone(),
+            reason,
+        })?;
+    let key = PoolKey {
+        source: source.identity.clone(),
+        destination: destination.identity.clone(),
+        node,
+    };
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority.to_string())
+        .header(
+            FORWARDED_HEADER,
+            format!("for=\"{}\"", tracker.event.src_addr),
+        )
+        .body(())
+        .expect("a CONNECT request to a socket address is well-formed");
+
+    // A pooled connection can break between checkout and use; then one
+    // retry on a freshly dialled connection.
+    let mut retried = false;
+    let (lease, response, send) = loop {
+        let lease = engine
+            .pool
+            .checkout(&key, || {
+                dial(engine, client_config.clone(), node, &destination.identity)
+            })
+            .await?;
+        let sent = async {
+            let mut sender = lease.send_request().ready().await?;
+            sender.send_request(request.clone(), false)
+        }
+        .await;
+        match sent {
+            Ok((response, send)) => break (lease, response, send),
+            Err(source) if !retried => {
+                tracing::debug!(connection = lease.connection_id(), %node, error = %source, "pooled HBONE connection broken; dialling a new one");
+                lease.discard();
+                retried = true;
+            }
+            Err(source) => return Err(OutboundError::Hbone { node, source }),
+        }
+    };
+    let response = tokio::time::timeout(engine.cfg.connect_timeout, response)
+        .await
+        .map_err(|_| OutboundError::ConnectTimeout { target: node })?
+        .map_err(|source| OutboundError::Hbone { node, source })?;
+    if response.status() != StatusCode::OK {
+        return Err(OutboundError::Refused {
+            node,
+            authority,
+            status: response.status(),
+        });
+    }
+    tracker.event.tls = true;
+    tracker.event.client_id = Some(source.identity.to_string());
+    tracker.event.server_id = Some(destination.identity.to_string());
+    tracker.open();
+    let bytes = tracker.bytes.clone();
+    hbone::splice(client, send, response.into_body(), TcpSide::Source, &bytes).await?;
+    drop(lease);
+    Ok(())
+}
+
+/// Opens a new HBONE connection to `node`, proving `expected`'s identity.
+async fn dial(
+    engine: &Engine,
+    client_config: Arc<rustls::ClientConfig>,
+    node: SocketAddr,
+    expected: &Identity,
+) -> Result<Dialed<TlsStream<TcpStream>>, OutboundError> {
+    let handshake = async {
+        let tcp = TcpStream::connect(node)
+            .await
+            .map_err(|source| OutboundError::Connect {
+                target: node,
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let tls = TlsConnector::from(client_config)
+            .connect(tls::server_name(expected), tcp)
+            .await
+            .map_err(|source| OutboundError::Handshake { node, source })?;
+        let (_, session) = tls.get_ref();
+        // rustls verified the chain and the DNS SAN; the SPIFFE URI SAN is
+        // what identities are authorised on, so it must match too.
+        let got = tls::peer_identity(
+            session.peer_certificates().unwrap_or_default(),
+            engine.registry.trust_domain(),
+        )
+        .map_err(|source| OutboundError::PeerIdentity {
+            node,
+            expected: expected.clone(),
+            source,
+        })?;
+        if &got != expected {
+            return Err(OutboundError::WrongPeer {
+                node,
+                expected: expected.clone(),
+                got,
+            });
+        }
+        if session.alpn_protocol() != Some(ALPN_HBONE) {
+            return Err(OutboundError::NoH2 { node });
+        }
+        hbone::client_builder()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|source| OutboundError::Hbone { node, source })
+    };
+    tokio::time::timeout(engine.cfg.connect_timeout, handshake)
+        .await
+        .map_err(|_| OutboundError::ConnectTimeout { target: node })?
+}
+
+async fn connect(engine: &Engine, target: SocketAddr) -> Result<TcpStream, OutboundError> {
+    let socket = tokio::time::timeout(engine.cfg.connect_timeout, TcpStream::connect(target))
+        .await
+        .map_err(|_| OutboundError::ConnectTimeout { target })?
+        .map_err(|source| OutboundError::Connect { target, source })?;
+    let _ = socket.set_nodelay(true);
+    Ok(socket)
+}
+
+/// TCP↔TCP splice with half-close (plaintext and secured-local).
+async fn copy(
+    mut client: TcpStream,
+    mut server: TcpStream,
+    tracker: &ConnectionTracker,
+) -> Result<(), OutboundError> {
+    let (to_server, to_client) = tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut server,
+        COPY_BUFFER,
+        COPY_BUFFER,
+    )
+    .await
+    .map_err(OutboundError::Copy)?;
+    tracker.bytes.src_to_dst.store(to_server, Ordering::Relaxed);
+    tracker.bytes.dst_to_src.store(to_client, Ordering::Relaxed);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use sealmesh_common::identity::TrustDomain;
+
+    use super::*;
+
+    fn workload(
+        name: &str,
+        node: &str,
+        node_ip: [u8; 4],
+        ip: [u8; 4],
+        meshed: bool,
+    ) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "app".into(),
+            service_account: name.into(),
+            identity: TrustDomain::default().identity("app", name).unwrap(),
+            ip: ip.into(),
+            node: node.into(),
+            node_ip: node_ip.into(),
+            meshed,
+            cgroup_id: None,
+        })
+    }
+
+    fn local() -> NodeInfo {
+        NodeInfo {
+            name: "node-0".into(),
+            ip: Ipv4Addr::new(172, 18, 0, 2),
+        }
+    }
+
+    const DST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+
+    #[test]
+    fn outside_the_cluster_is_plaintext_to_the_original_destination() {
+        assert_eq!(
+            route(&local(), 15008, false, DST, None),
+            Route::Plaintext {
+                target: DST,
+                destination: None,
+                reason: NoTlsReason::OutsideCluster
+            }
+        );
+    }
+
+    #[test]
+    fn unmeshed_pods_are_plaintext_to_the_resolved_endpoint() {
+        let w = workload("db", "node-1", [172, 18, 0, 3], [10, 244, 1, 5], false);
+        let endpoint = Endpoint {
+            workload: w.clone(),
+            port: 5432,
+        };
+        assert_eq!(
+            route(&local(), 15008, false, DST, Some(endpoint)),
+            Route::Plaintext {
+                target: "10.244.1.5:5432".parse().unwrap(),
+                destination: Some(w),
+                reason: NoTlsReason::NotMeshed
+            }
+        );
+    }
+
+    #[test]
+    fn meshed_pods_elsewhere_go_over_hbone_to_their_node() {
+        let w = workload("web", "node-1", [172, 18, 0, 3], [10, 244, 1, 2], true);
+        let endpoint = Endpoint {
+            workload: w,
+            port: 8080,
+        };
+        assert_eq!(
+            route(&local(), 15008, false, DST, Some(endpoint.clone())),
+            Route::Hbone {
+                endpoint,
+                node: "172.18.0.3:15008".parse().unwrap()
+            }
+        );
+    }
+
+    #[test]
+    fn meshed_pods_here_are_secured_local_unless_mtls_is_forced() {
+        let w = workload("web", "node-0", [172, 18, 0, 2], [10, 244, 0, 2], true);
+        let endpoint = Endpoint {
+            workload: w,
+            port: 8080,
+        };
+        assert_eq!(
+            route(&local(), 15008, false, DST, Some(endpoint.clone())),
+            Route::SecuredLocal {
+                endpoint: endpoint.clone()
+            }
+        );
+        assert_eq!(
+            route(&local(), 15008, true, DST, Some(endpoint.clone())),
+            Route::Hbone {
+                endpoint,
+                node: "172.18.0.2:15008".parse().unwrap()
+            }
+        );
+    }
+}

@@ -1,0 +1,223 @@
+//! Pool of HBONE (h2 over mTLS) connections, keyed by (source identity,
+//! destination identity, destination node): a connection authenticates one
+//! client identity to one server identity, so only streams of that pair may
+//! share it.
+//!
+//! Streams are multiplexed on a connection until it nears the peer's
+//! concurrent-stream limit; then another connection is opened rather than
+//! queueing behind the limit (no head-of-line blocking). Connections whose
+//! driver ended (peer closed, broken) are dropped; idle ones are closed.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::client::{Connection, SendRequest};
+use sealmesh_common::identity::Identity;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::hbone::MAX_CONCURRENT_STREAMS;
+
+/// A connection with no streams for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PoolKey {
+    pub source: Identity,
+    pub destination: Identity,
+    pub node: SocketAddr,
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    slots: Mutex<HashMap<PoolKey, Arc<Slot>>>,
+    next_id: AtomicU64,
+}
+
+#[derive(Default)]
+struct Slot {
+    conns: Mutex<Vec<Arc<PooledConnection>>>,
+    /// Serialises dials per key so a burst of streams opens one connection,
+    /// not one each.
+    dialing: tokio::sync::Mutex<()>,
+}
+
+struct PooledConnection {
+    id: u64,
+    send: SendRequest<Bytes>,
+    streams: AtomicUsize,
+    closed: AtomicBool,
+    last_released: Mutex<Instant>,
+}
+
+impl PooledConnection {
+    /// Streams we let run on this connection: the peer's advertised limit
+    /// (h2 keeps it current) minus headroom, because h2 frees a stream slot
+    /// only after its final frames are flushed, a little after we released it.
+    fn stream_budget(&self) -> usize {
+        let limit = self
+            .send
+            .current_max_send_streams()
+            .min(MAX_CONCURRENT_STREAMS as usize);
+        limit.saturating_sub((limit / 10).max(1)).max(1)
+    }
+}
+
+/// One stream's claim on a pooled connection; releases it when dropped.
+pub(crate) struct Lease {
+    conn: Arc<PooledConnection>,
+}
+
+impl Lease {
+    pub fn send_request(&self) -> SendRequest<Bytes> {
+        self.conn.send.clone()
+    }
+
+    pub fn connection_id(&self) -> u64 {
+        self.conn.id
+    }
+
+    /// Marks the connection broken so no new stream picks it.
+    pub fn discard(&self) {
+        self.conn.closed.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.conn.streams.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *self.conn.last_released.lock().expect("pool lock poisoned") = Instant::now();
+        }
+    }
+}
+
+/// What a dial must hand back: the request handle and the connection future
+/// that drives the socket (the pool runs it).
+pub(crate) type Dialed<T> = (SendRequest<Bytes>, Connection<T, Bytes>);
+
+impl Pool {
+    /// A stream slot on a connection for `key`, dialling a new connection
+    /// with `dial` when none has room.
+    pub async fn checkout<T, E, F, Fut>(&self, key: &PoolKey, dial: F) -> Result<Lease, E>
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Dialed<T>, E>>,
+    {
+        let slot = self.slot(key);
+        if let Some(lease) = slot.try_lease() {
+            return Ok(lease);
+        }
+        let _dialing = slot.dialing.lock().await;
+        if let Some(lease) = slot.try_lease() {
+            return Ok(lease);
+        }
+        let (send, connection) = dial().await?;
+        let conn = Arc::new(PooledConnection {
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            send,
+            streams: AtomicUsize::new(1),
+            closed: AtomicBool::new(false),
+            last_released: Mutex::new(Instant::now()),
+        });
+        slot.conns
+            .lock()
+            .expect("pool lock poisoned")
+            .push(conn.clone());
+        tokio::spawn(drive(
+            connection,
+            Arc::downgrade(&slot),
+            conn.clone(),
+            key.clone(),
+        ));
+        Ok(Lease { conn })
+    }
+
+    /// Open connections over all keys, for status and tests.
+    pub fn total_connections(&self) -> usize {
+        let slots = self.slots.lock().expect("pool lock poisoned");
+        slots
+            .values()
+            .map(|slot| {
+                slot.conns
+                    .lock()
+                    .expect("pool lock poisoned")
+                    .iter()
+                    .filter(|c| !c.closed.load(Ordering::Acquire))
+                    .count()
+            })
+            .sum()
+    }
+
+    fn slot(&self, key: &PoolKey) -> Arc<Slot> {
+        let mut slots = self.slots.lock().expect("pool lock poisoned");
+        // Keys whose connections are all gone are pruned here, on the
+        // (rare) path that creates keys, so the map tracks live peers.
+        if !slots.contains_key(key) {
+            slots.retain(|_, slot| Arc::strong_count(slot) > 1 || !slot.is_empty());
+        }
+        slots.entry(key.clone()).or_default().clone()
+    }
+}
+
+impl Slot {
+    fn try_lease(&self) -> Option<Lease> {
+        let mut conns = self.conns.lock().expect("pool lock poisoned");
+        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        // Fill the fullest connection that still has room: keeps streams
+        // together and lets the others go idle and close.
+        let conn = conns
+            .iter()
+            .filter(|c| c.streams.load(Ordering::Acquire) < c.stream_budget())
+            .max_by_key(|c| c.streams.load(Ordering::Acquire))?;
+        conn.streams.fetch_add(1, Ordering::AcqRel);
+        Some(Lease { conn: conn.clone() })
+    }
+
+    fn is_empty(&self) -> bool {
+        self.conns.lock().expect("pool lock poisoned").is_empty()
+    }
+}
+
+/// Runs a connection until it ends or stays idle too long, then takes it
+/// out of the pool.
+async fn drive<T>(
+    mut connection: Connection<T, Bytes>,
+    slot: Weak<Slot>,
+    conn: Arc<PooledConnection>,
+    key: PoolKey,
+) where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut idle_check = tokio::time::interval(IDLE_TIMEOUT / 3);
+    let outcome = loop {
+        tokio::select! {
+            result = &mut connection => break result.err(),
+            _ = idle_check.tick() => {
+                let Some(slot) = slot.upgrade() else { break None };
+                // Decide under the slot lock so no lease is taken meanwhile.
+                let mut conns = slot.conns.lock().expect("pool lock poisoned");
+                let idle = conn.streams.load(Ordering::Acquire) == 0
+                    && conn.last_released.lock().expect("pool lock poisoned").elapsed() >= IDLE_TIMEOUT;
+                if idle {
+                    conn.closed.store(true, Ordering::Release);
+                    conns.retain(|c| !Arc::ptr_eq(c, &conn));
+                    tracing::debug!(connection = conn.id, source = %key.source, destination = %key.destination, node = %key.node, "closing idle HBONE connection");
+                    break None;
+                }
+            }
+        }
+    };
+    conn.closed.store(true, Ordering::Release);
+    if let Some(err) = outcome {
+        tracing::info!(connection = conn.id, source = %key.source, destination = %key.destination, node = %key.node, error = %err, "HBONE connection ended");
+    }
+}

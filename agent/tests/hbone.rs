@@ -1,0 +1,893 @@
+//! The TLS engine end to end over real loopback TCP and real mTLS: two
+//! engines, "node A" and "node B", each on its own loopback address, with
+//! certificates from a test CA built like the identity service's (root →
+//! issuer → leaf with the SPIFFE URI and DNS SANs). The redirect table is a
+//! test seam: the test records what eBPF would have recorded for each client
+//! socket before it connects (the kernel path is tested on the testbed).
+//!
+//! Every test uses its own 127.77.<n>.0/24 addresses so tests run in parallel
+//! on the well-known ports.
+
+use std::{
+    collections::HashMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use http::{Method, Request, StatusCode};
+use rand::RngCore;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::{server::ResolvesServerCertUsingSni, sign::CertifiedKey};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use sealmesh_agent::{
+    certs::NoCertificate,
+    config::Policy,
+    ebpf::{Redirect, RedirectTable},
+    proxy::{
+        ConnectionEvent, Direction, NoTlsReason, Phase, Proxy, ProxyConfig, ProxyHandle,
+        TlsCredentials,
+    },
+    registry::{Endpoint, NodeInfo, Workload, WorkloadRegistry},
+    tls::{self, TrustAnchors},
+};
+use sealmesh_common::{
+    consts::{HBONE_PORT, OUTBOUND_PORT},
+    identity::{Identity, TrustDomain},
+};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream},
+    sync::{broadcast, oneshot, watch},
+};
+use tokio_rustls::TlsConnector;
+
+const NAMESPACE: &str = "app";
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+// ---------------------------------------------------------------- PKI
+
+/// A CA like the identity service's: a root and an issuer below it.
+struct TestCa {
+    root_pem: String,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    fn new(name: &str) -> Self {
+        let root_key = KeyPair::generate().unwrap();
+        let root =
+            CertifiedIssuer::self_signed(ca_params(&format!("{name} root")), root_key).unwrap();
+        let issuer_key = KeyPair::generate().unwrap();
+        let issuer =
+            CertifiedIssuer::signed_by(ca_params(&format!("{name} issuer")), issuer_key, &root)
+                .unwrap();
+        Self {
+            root_pem: root.pem(),
+            issuer,
+        }
+    }
+
+    fn anchors(&self) -> TrustAnchors {
+        TrustAnchors::from_pem(self.root_pem.as_bytes(), &TrustDomain::default()).unwrap()
+    }
+
+    /// Leaf + issuer chain and key for `id`, with the identity service's profile.
+    fn leaf(&self, id: &Identity) -> CertifiedKey {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI(id.spiffe_uri().try_into().unwrap()),
+            SanType::DnsName(id.dns_name().try_into().unwrap()),
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let key = KeyPair::generate().unwrap();
+        let leaf = params.signed_by(&key, &self.issuer).unwrap();
+        let chain = vec![leaf.der().clone(), self.issuer.der().clone()];
+        let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        CertifiedKey::from_der(chain, key_der, &tls::crypto_provider()).unwrap()
+    }
+}
+
+fn ca_params(common_name: &str) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params
+}
+
+/// Certificates of one node's identities (what the cert store would hold).
+struct TestCredentials {
+    anchors: TrustAnchors,
+    keys: HashMap<Identity, Arc<CertifiedKey>>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TestCredentials {
+    fn new(ca: &TestCa, identities: &[&Identity]) -> Arc<Self> {
+        let mut resolver = ResolvesServerCertUsingSni::new();
+        let mut keys = HashMap::new();
+        for id in identities {
+            let key = ca.leaf(id);
+            resolver.add(&id.dns_name(), key.clone()).unwrap();
+            keys.insert((*id).clone(), Arc::new(key));
+        }
+        let anchors = ca.anchors();
+        let server = Arc::new(anchors.server_config(Arc::new(resolver)).unwrap());
+        Arc::new(Self {
+            anchors,
+            keys,
+            server,
+        })
+    }
+}
+
+impl TlsCredentials for TestCredentials {
+    fn client_config(&self, source: &Identity) -> Result<Arc<rustls::ClientConfig>, NoCertificate> {
+        let key = self.keys.get(source).ok_or_else(|| NoCertificate {
+            identity: source.clone(),
+            reason: "never issued in this test".into(),
+        })?;
+        Ok(Arc::new(self.anchors.client_config(key.clone()).unwrap()))
+    }
+
+    fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        self.server.clone()
+    }
+
+    fn has_valid_cert(&self, id: &Identity) -> bool {
+        self.keys.contains_key(id)
+    }
+}
+
+// ---------------------------------------------------------------- registry and redirects
+
+struct TestRegistry {
+    node: NodeInfo,
+    trust_domain: TrustDomain,
+    workloads: Vec<Arc<Workload>>,
+    /// Service VIP:port -> (endpoint pod, target port).
+    services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
+    version: watch::Sender<u64>,
+}
+
+impl WorkloadRegistry for TestRegistry {
+    fn local_node(&self) -> &NodeInfo {
+        &self.node
+    }
+
+    fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
+        self.workloads
+            .iter()
+            .find(|w| w.node == self.node.name && w.cgroup_id == Some(cgroup_id))
+            .cloned()
+    }
+
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
+        self.workloads.iter().find(|w| w.ip == ip).cloned()
+    }
+
+    fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
+        if let Some((workload, port)) = self.services.get(&dst) {
+            return Some(Endpoint {
+                workload: workload.clone(),
+                port: *port,
+            });
+        }
+        self.by_ip(*dst.ip()).map(|workload| Endpoint {
+            workload,
+            port: dst.port(),
+        })
+    }
+
+    fn local_workloads(&self) -> Vec<Arc<Workload>> {
+        self.workloads
+            .iter()
+            .filter(|w| w.node == self.node.name)
+            .cloned()
+            .collect()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+}
+
+/// Stands in for the eBPF sock_ops map: (client, listener) -> record, taken once.
+#[derive(Default)]
+struct TestRedirects(Mutex<HashMap<(SocketAddrV4, SocketAddrV4), Redirect>>);
+
+impl RedirectTable for TestRedirects {
+    fn take(&self, client: SocketAddrV4, listener: SocketAddrV4) -> Option<Redirect> {
+        self.0.lock().unwrap().remove(&(client, listener))
+    }
+}
+
+// ---------------------------------------------------------------- the cluster
+
+/// Pods of the test cluster; `n` picks the test's own 127.77.n.0/24.
+struct Pods {
+    /// Meshed, node A, has a certificate.
+    client: Arc<Workload>,
+    /// Meshed, node A, no certificate was ever issued.
+    lonely: Arc<Workload>,
+    /// Meshed, node A: same-node destination.
+    local: Arc<Workload>,
+    /// Meshed, node B: the usual destination.
+    server: Arc<Workload>,
+    /// Meshed, node B, another ServiceAccount.
+    other: Arc<Workload>,
+    /// Not meshed, node B.
+    plain: Arc<Workload>,
+}
+
+const CLIENT_CGROUP: u64 = 1001;
+const LONELY_CGROUP: u64 = 1002;
+
+fn ip(n: u8, host: u8) -> Ipv4Addr {
+    Ipv4Addr::new(127, 77, n, host)
+}
+
+fn node_a(n: u8) -> NodeInfo {
+    NodeInfo {
+        name: "node-a".into(),
+        ip: ip(n, 2),
+    }
+}
+
+fn node_b(n: u8) -> NodeInfo {
+    NodeInfo {
+        name: "node-b".into(),
+        ip: ip(n, 3),
+    }
+}
+
+fn pod(
+    name: &str,
+    node: &NodeInfo,
+    host_ip: Ipv4Addr,
+    meshed: bool,
+    cgroup: Option<u64>,
+) -> Arc<Workload> {
+    Arc::new(Workload {
+        name: format!("{name}-0"),
+        namespace: NAMESPACE.into(),
+        service_account: name.into(),
+        identity: TrustDomain::default().identity(NAMESPACE, name).unwrap(),
+        ip: host_ip,
+        node: node.name.clone(),
+        node_ip: node.ip,
+        meshed,
+        cgroup_id: cgroup,
+    })
+}
+
+impl Pods {
+    fn new(n: u8) -> Self {
+        let (a, b) = (node_a(n), node_b(n));
+        Self {
+            client: pod("client", &a, ip(n, 10), true, Some(CLIENT_CGROUP)),
+            lonely: pod("lonely", &a, ip(n, 11), true, Some(LONELY_CGROUP)),
+            local: pod("local", &a, ip(n, 21), true, Some(1003)),
+            server: pod("server", &b, ip(n, 20), true, None),
+            other: pod("other", &b, ip(n, 22), true, None),
+            plain: pod("plain", &b, ip(n, 30), false, None),
+        }
+    }
+
+    fn all(&self) -> Vec<Arc<Workload>> {
+        [
+            &self.client,
+            &self.lonely,
+            &self.local,
+            &self.server,
+            &self.other,
+            &self.plain,
+        ]
+        .into_iter()
+        .cloned()
+        .collect()
+    }
+}
+
+/// The VIP of a Service in front of `server` (port 80 → `target_port`).
+fn service_vip(n: u8) -> SocketAddrV4 {
+    SocketAddrV4::new(ip(n, 100), 80)
+}
+
+/// One running engine and what the test needs to drive it.
+struct Node {
+    handle: ProxyHandle,
+    events: broadcast::Receiver<ConnectionEvent>,
+    outbound: SocketAddrV4,
+    redirects: Arc<TestRedirects>,
+    _stop: oneshot::Sender<()>,
+}
+
+struct Cluster {
+    pods: Pods,
+    ca: TestCa,
+    a: Node,
+    b: Node,
+}
+
+impl Cluster {
+    async fn start(n: u8, policy_a: Policy, service_target_port: u16) -> Self {
+        let pods = Pods::new(n);
+        let ca = TestCa::new("sealmesh test");
+        let creds_a = TestCredentials::new(&ca, &[&pods.client.identity, &pods.local.identity]);
+        let creds_b = TestCredentials::new(&ca, &[&pods.server.identity, &pods.other.identity]);
+        let services =
+            HashMap::from([(service_vip(n), (pods.server.clone(), service_target_port))]);
+        let a = start_node(node_a(n), &pods, services.clone(), creds_a, policy_a).await;
+        let b = start_node(node_b(n), &pods, services, creds_b, Policy::default()).await;
+        Self { pods, ca, a, b }
+    }
+
+    /// Connects from `source` to `original_dst` as if eBPF had redirected
+    /// the socket to node A's outbound listener.
+    async fn connect_as(&self, source: &Workload, original_dst: SocketAddrV4) -> TcpStream {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((source.ip, 0))).unwrap();
+        let SocketAddr::V4(client) = socket.local_addr().unwrap() else {
+            unreachable!()
+        };
+        self.a.redirects.0.lock().unwrap().insert(
+            (client, self.a.outbound),
+            Redirect {
+                original_dst,
+                source_cgroup: source.cgroup_id.unwrap(),
+            },
+        );
+        socket.connect(self.a.outbound.into()).await.unwrap()
+    }
+}
+
+async fn start_node(
+    node: NodeInfo,
+    pods: &Pods,
+    services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
+    credentials: Arc<TestCredentials>,
+    policy: Policy,
+) -> Node {
+    let mut cfg = ProxyConfig::for_node(node.ip, policy);
+    cfg.connect_timeout = Duration::from_secs(2);
+    let registry = Arc::new(TestRegistry {
+        node,
+        trust_domain: TrustDomain::default(),
+        workloads: pods.all(),
+        services,
+        version: watch::Sender::new(0),
+    });
+    let redirects = Arc::new(TestRedirects::default());
+    let proxy = Proxy::bind(cfg, registry, redirects.clone(), credentials)
+        .await
+        .unwrap();
+    let SocketAddr::V4(outbound) = proxy.outbound_addr() else {
+        unreachable!()
+    };
+    assert_eq!(outbound.port(), OUTBOUND_PORT);
+    assert_eq!(proxy.inbound_addr().port(), HBONE_PORT);
+    let handle = proxy.handle();
+    let events = handle.subscribe();
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(proxy.run(async move {
+        let _ = stopped.await;
+    }));
+    Node {
+        handle,
+        events,
+        outbound,
+        redirects,
+        _stop: stop,
+    }
+}
+
+// ---------------------------------------------------------------- servers and helpers
+
+/// Echoes every connection until the client's FIN, then closes its side.
+async fn echo_server(addr: Ipv4Addr) -> SocketAddrV4 {
+    let listener = TcpListener::bind((addr, 0)).await.unwrap();
+    let SocketAddr::V4(bound) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                tokio::io::copy(&mut read, &mut write).await.unwrap();
+                write.shutdown().await.unwrap();
+            });
+        }
+    });
+    bound
+}
+
+fn random_bytes(len: usize) -> Vec<u8> {
+    let mut data = vec![0; len];
+    rand::rng().fill_bytes(&mut data);
+    data
+}
+
+/// Sends `payload`, half-closes, and returns everything read until EOF.
+async fn round_trip(mut stream: TcpStream, payload: Vec<u8>) -> Vec<u8> {
+    let (mut read, mut write) = stream.split();
+    let send = async {
+        write.write_all(&payload).await.unwrap();
+        write.shutdown().await.unwrap();
+    };
+    let mut received = Vec::with_capacity(payload.len());
+    let recv = read.read_to_end(&mut received);
+    let ((), read_result) = tokio::join!(send, recv);
+    read_result.unwrap();
+    received
+}
+
+/// Asserts the peer closes the connection without sending anything.
+async fn assert_closed_without_data(mut stream: TcpStream) {
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(EVENT_WAIT, stream.read(&mut buf))
+        .await
+        .expect("refused connection is closed promptly");
+    match read {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("refused connection delivered {n} bytes"),
+    }
+}
+
+/// The next close event of `direction` on `node`.
+async fn next_close(node: &mut Node, direction: Direction) -> ConnectionEvent {
+    tokio::time::timeout(EVENT_WAIT, async {
+        loop {
+            let event = node.events.recv().await.unwrap();
+            if event.phase == Phase::Close && event.direction == direction {
+                return event;
+            }
+        }
+    })
+    .await
+    .expect("a close event arrives")
+}
+
+/// The next `count` close events on `node`, in arrival order.
+async fn next_closes(node: &mut Node, count: usize) -> Vec<ConnectionEvent> {
+    tokio::time::timeout(EVENT_WAIT, async {
+        let mut closes = Vec::new();
+        while closes.len() < count {
+            let event = node.events.recv().await.unwrap();
+            if event.phase == Phase::Close {
+                closes.push(event);
+            }
+        }
+        closes
+    })
+    .await
+    .expect("close events arrive")
+}
+
+/// A raw HBONE client (what a forged or confused peer would do): mTLS with
+/// `client_key` asking for `sni`, then one CONNECT; returns the status.
+async fn raw_connect(
+    anchors: &TrustAnchors,
+    client_key: CertifiedKey,
+    inbound: SocketAddrV4,
+    sni: &Identity,
+    method: Method,
+    authority: &str,
+) -> Result<StatusCode, String> {
+    let config = anchors.client_config(Arc::new(client_key)).unwrap();
+    let tcp = TcpStream::connect(inbound)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(tls::server_name(sni), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (send, connection) = h2::client::handshake(tls)
+        .await
+        .map_err(|e| format!("h2 handshake: {e}"))?;
+    tokio::spawn(connection);
+    let mut send = send.ready().await.map_err(|e| format!("h2 ready: {e}"))?;
+    let uri = if method == Method::CONNECT {
+        authority.to_owned()
+    } else {
+        format!("https://{authority}/")
+    };
+    let request = Request::builder().method(method).uri(uri).body(()).unwrap();
+    let (response, _stream) = send
+        .send_request(request, true)
+        .map_err(|e| format!("send: {e}"))?;
+    let response = tokio::time::timeout(EVENT_WAIT, response)
+        .await
+        .map_err(|_| "no response".to_owned())?
+        .map_err(|e| format!("response: {e}"))?;
+    Ok(response.status())
+}
+
+fn inbound_of(node: &NodeInfo) -> SocketAddrV4 {
+    SocketAddrV4::new(node.ip, HBONE_PORT)
+}
+
+// ---------------------------------------------------------------- tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_streams_arrive_byte_for_byte_over_one_pooled_connection() {
+    let n = 1;
+    let echo = echo_server(ip(n, 20)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+
+    // One big transfer and many concurrent smaller ones, all to the same
+    // (source, destination, node), so all share one HBONE connection.
+    let mut sizes = vec![8 * 1024 * 1024];
+    sizes.extend(std::iter::repeat_n(256 * 1024 + 17, 40));
+    let mut transfers = Vec::new();
+    for (i, size) in sizes.iter().enumerate() {
+        // Half go to the pod directly, half through the Service VIP.
+        let dst = if i % 2 == 0 { echo } else { service_vip(n) };
+        let stream = cluster.connect_as(&cluster.pods.client, dst).await;
+        let payload = random_bytes(*size);
+        transfers.push(tokio::spawn(async move {
+            let received = round_trip(stream, payload.clone()).await;
+            assert!(
+                received == payload,
+                "{} bytes sent, {} received, content differs",
+                payload.len(),
+                received.len()
+            );
+        }));
+    }
+    for t in transfers {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        cluster.a.handle.pooled_connections(),
+        1,
+        "all streams shared one pooled connection"
+    );
+
+    let total: u64 = sizes.iter().map(|s| *s as u64).sum();
+    let (mut a_bytes, mut b_bytes) = (0, 0);
+    for _ in &sizes {
+        let out = next_close(&mut cluster.a, Direction::Outbound).await;
+        assert!(out.tls, "{out:?}");
+        assert_eq!(out.no_tls_reason, None);
+        assert_eq!(out.error, None, "{out:?}");
+        assert_eq!(out.bytes_src_to_dst, out.bytes_dst_to_src);
+        assert_eq!(
+            out.client_id.as_deref(),
+            Some("spiffe://cluster.local/ns/app/sa/client")
+        );
+        assert_eq!(
+            out.server_id.as_deref(),
+            Some("spiffe://cluster.local/ns/app/sa/server")
+        );
+        assert_eq!(out.dst.as_ref().unwrap().name, "server-0");
+        assert_eq!(
+            out.dst_addr,
+            Some(echo.into()),
+            "the VIP resolved to the endpoint"
+        );
+        a_bytes += out.bytes_src_to_dst;
+
+        let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
+        assert_eq!(inbound.error, None, "{inbound:?}");
+        assert!(inbound.tls);
+        // The receiving agent reports the sender's SPIFFE identity.
+        assert_eq!(
+            inbound.client_id.as_deref(),
+            Some("spiffe://cluster.local/ns/app/sa/client")
+        );
+        assert_eq!(inbound.src.as_ref().unwrap().name, "client-0");
+        assert_eq!(inbound.dst.as_ref().unwrap().name, "server-0");
+        b_bytes += inbound.bytes_dst_to_src;
+    }
+    assert_eq!(a_bytes, total);
+    assert_eq!(b_bytes, total);
+}
+
+#[tokio::test]
+async fn half_close_works_both_ways() {
+    let n = 2;
+    let listener = TcpListener::bind((ip(n, 20), 0)).await.unwrap();
+    let SocketAddr::V4(server_addr) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let cluster = Cluster::start(n, Policy::default(), server_addr.port()).await;
+
+    // The server speaks first and closes its side while still listening.
+    let (got_tx, got_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        socket.write_all(b"greeting").await.unwrap();
+        socket.shutdown().await.unwrap();
+        let mut received = Vec::new();
+        socket.read_to_end(&mut received).await.unwrap();
+        got_tx.send(received).unwrap();
+    });
+
+    let mut stream = cluster.connect_as(&cluster.pods.client, server_addr).await;
+    let mut greeting = Vec::new();
+    stream.read_to_end(&mut greeting).await.unwrap();
+    assert_eq!(
+        greeting, b"greeting",
+        "server FIN reaches the client as EOF"
+    );
+    // The client's direction still flows after the server's FIN.
+    stream.write_all(b"late reply").await.unwrap();
+    stream.shutdown().await.unwrap();
+    let received = tokio::time::timeout(EVENT_WAIT, got_rx)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        received, b"late reply",
+        "client FIN reaches the server as EOF"
+    );
+}
+
+#[tokio::test]
+async fn connection_without_redirect_record_is_refused() {
+    let n = 3;
+    let cluster = Cluster::start(n, Policy::default(), 9).await;
+    let direct = TcpStream::connect(cluster.a.outbound).await.unwrap();
+    assert_closed_without_data(direct).await;
+    assert!(cluster.a.redirects.0.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn inbound_answers_each_refusal_with_its_status() {
+    let n = 4;
+    let cluster = Cluster::start(n, Policy::default(), 9).await;
+    let b = inbound_of(&node_b(n));
+    let anchors = cluster.ca.anchors();
+    let client = &cluster.pods.client.identity;
+    let server = &cluster.pods.server.identity;
+    let other = &cluster.pods.other.identity;
+    // Nothing listens on this port of the server pod's address.
+    let closed_port = TcpListener::bind((ip(n, 20), 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server_ip = ip(n, 20);
+    let cases = [
+        (
+            server,
+            Method::CONNECT,
+            format!("{server_ip}:{closed_port}"),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        // SNI asks for "other" but the pod runs as "server".
+        (
+            other,
+            Method::CONNECT,
+            format!("{server_ip}:{closed_port}"),
+            StatusCode::FORBIDDEN,
+        ),
+        // Not meshed, and not a pod at all.
+        (
+            server,
+            Method::CONNECT,
+            format!("{}:80", ip(n, 30)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            server,
+            Method::CONNECT,
+            format!("{}:80", ip(n, 99)),
+            StatusCode::NOT_FOUND,
+        ),
+        // A meshed pod, but on node A.
+        (
+            server,
+            Method::CONNECT,
+            format!("{}:80", ip(n, 21)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            server,
+            Method::CONNECT,
+            "server.example:80".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            server,
+            Method::GET,
+            format!("{server_ip}:80"),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+    ];
+    for (sni, method, authority, expected) in cases {
+        let status = raw_connect(
+            &anchors,
+            cluster.ca.leaf(client),
+            b,
+            sni,
+            method.clone(),
+            &authority,
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, expected, "{method} {authority} asking for {sni}");
+    }
+}
+
+#[tokio::test]
+async fn sni_of_an_identity_the_node_does_not_serve_is_refused() {
+    let n = 5;
+    let cluster = Cluster::start(n, Policy::default(), 9).await;
+    let anchors = cluster.ca.anchors();
+    let client = &cluster.pods.client.identity;
+    // Node B holds no certificate for "client": no handshake.
+    let result = raw_connect(
+        &anchors,
+        cluster.ca.leaf(client),
+        inbound_of(&node_b(n)),
+        client,
+        Method::CONNECT,
+        &format!("{}:80", ip(n, 20)),
+    )
+    .await;
+    assert!(
+        result.as_ref().is_err_and(|e| e.starts_with("handshake")),
+        "{result:?}"
+    );
+}
+
+#[tokio::test]
+async fn client_certificate_from_another_ca_is_refused() {
+    let n = 6;
+    let echo = echo_server(ip(n, 20)).await;
+    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let forger = TestCa::new("forger");
+    // The client trusts the real CA (so the server looks fine to it) but
+    // presents a certificate for a real identity from its own CA.
+    let result = raw_connect(
+        &cluster.ca.anchors(),
+        forger.leaf(&cluster.pods.client.identity),
+        inbound_of(&node_b(n)),
+        &cluster.pods.server.identity,
+        Method::CONNECT,
+        &echo.to_string(),
+    )
+    .await;
+    assert!(result.is_err(), "forged client got {result:?}");
+}
+
+#[tokio::test]
+async fn unmeshed_and_outside_destinations_are_plaintext_with_the_reason() {
+    let n = 7;
+    let plain = echo_server(ip(n, 30)).await;
+    let outside = echo_server(ip(n, 99)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+
+    for (dst, reason) in [
+        (plain, NoTlsReason::NotMeshed),
+        (outside, NoTlsReason::OutsideCluster),
+    ] {
+        let payload = random_bytes(100_000);
+        let stream = cluster.connect_as(&cluster.pods.client, dst).await;
+        assert_eq!(round_trip(stream, payload.clone()).await, payload);
+        let event = next_close(&mut cluster.a, Direction::Outbound).await;
+        assert!(!event.tls);
+        assert_eq!(event.no_tls_reason, Some(reason));
+        assert_eq!(event.error, None);
+        assert_eq!(
+            (event.bytes_src_to_dst, event.bytes_dst_to_src),
+            (100_000, 100_000)
+        );
+        assert_eq!(event.dst_addr, Some(dst.into()));
+    }
+    assert_eq!(
+        cluster.a.handle.pooled_connections(),
+        0,
+        "no HBONE for plaintext"
+    );
+}
+
+#[tokio::test]
+async fn deny_plaintext_refuses_unmeshed_destinations() {
+    let n = 8;
+    let listener = TcpListener::bind((ip(n, 30), 0)).await.unwrap();
+    let SocketAddr::V4(plain) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let deny = Policy {
+        deny_plaintext: true,
+        ..Policy::default()
+    };
+    let mut cluster = Cluster::start(n, deny, 9).await;
+    let stream = cluster.connect_as(&cluster.pods.client, plain).await;
+    assert_closed_without_data(stream).await;
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::NotMeshed));
+    assert!(
+        event.error.as_deref().unwrap().contains("--deny-plaintext"),
+        "{event:?}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the unmeshed pod was never connected to");
+}
+
+#[tokio::test]
+async fn source_without_certificate_fails_closed() {
+    let n = 9;
+    let listener = TcpListener::bind((ip(n, 20), 0)).await.unwrap();
+    let SocketAddr::V4(server) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let mut cluster = Cluster::start(n, Policy::default(), server.port()).await;
+    let stream = cluster.connect_as(&cluster.pods.lonely, server).await;
+    assert_closed_without_data(stream).await;
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, None, "never plaintext");
+    let error = event.error.unwrap();
+    assert!(
+        error.starts_with(
+            "no valid certificate for source identity spiffe://cluster.local/ns/app/sa/lonely"
+        ),
+        "{error}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "nothing reached the destination");
+    assert_eq!(cluster.a.handle.pooled_connections(), 0);
+}
+
+#[tokio::test]
+async fn same_node_is_secured_local_unless_mtls_is_forced() {
+    for (n, force) in [(10, false), (11, true)] {
+        let echo = echo_server(ip(n, 21)).await;
+        let policy = Policy {
+            force_mtls_local: force,
+            ..Policy::default()
+        };
+        let mut cluster = Cluster::start(n, policy, 9).await;
+        let payload = random_bytes(300_000);
+        let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+        assert_eq!(round_trip(stream, payload.clone()).await, payload);
+        // Forced, node A's own inbound serves the stream too.
+        let mut closes = next_closes(&mut cluster.a, if force { 2 } else { 1 }).await;
+        let out = closes.remove(
+            closes
+                .iter()
+                .position(|e| e.direction == Direction::Outbound)
+                .unwrap(),
+        );
+        assert_eq!(out.error, None, "{out:?}");
+        assert_eq!(
+            out.server_id.as_deref(),
+            Some("spiffe://cluster.local/ns/app/sa/local")
+        );
+        if force {
+            assert!(out.tls);
+            assert_eq!(out.no_tls_reason, None);
+            let inbound = closes.pop().unwrap();
+            assert_eq!(inbound.direction, Direction::Inbound);
+            assert_eq!(
+                inbound.client_id.as_deref(),
+                Some("spiffe://cluster.local/ns/app/sa/client")
+            );
+            assert_eq!(inbound.bytes_src_to_dst, 300_000);
+        } else {
+            assert!(!out.tls);
+            assert_eq!(out.no_tls_reason, Some(NoTlsReason::SecuredLocal));
+            assert_eq!(cluster.a.handle.pooled_connections(), 0);
+        }
+    }
+}
