@@ -587,7 +587,7 @@ fn load_anchored(
         path: path.clone(),
         source,
     };
-    let anchors = TrustAnchors::from_pem(&pem).map_err(bad)?;
+    let anchors = TrustAnchors::from_pem(&pem, &cfg.trust_domain).map_err(bad)?;
     let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
     Ok(Anchored {
         anchors,
@@ -858,6 +858,17 @@ mod tests {
                 .contains("must chain to the agent's trust anchors"),
             "{err}"
         );
+
+        let evil = TrustDomain::new("evil.org", "sealmesh")
+            .unwrap()
+            .identity("emojivoto", "web")
+            .unwrap();
+        let k = key();
+        let err = store
+            .accept(&evil, ca.leaf(&k, sans_of(&evil)), k)
+            .unwrap_err();
+        assert!(matches!(err, ObtainError::Untrusted(_)), "{err}");
+        assert!(err.to_string().contains("spiffe://evil.org"), "{err}");
 
         let err = store
             .accept(&id, ca.leaf(&key(), sans_of(&id)), key())

@@ -5,10 +5,17 @@
 use std::sync::{Arc, OnceLock};
 
 use rustls::{
-    ClientConfig, RootCertStore, ServerConfig,
-    client::{WebPkiServerVerifier, danger::ServerCertVerifier},
+    CertificateError, ClientConfig, DigitallySignedStruct, DistinguishedName, OtherError,
+    RootCertStore, ServerConfig, SignatureScheme,
+    client::{
+        WebPkiServerVerifier,
+        danger::{HandshakeSignatureValid, ServerCertVerifier},
+    },
     crypto::CryptoProvider,
-    server::{ResolvesServerCert, WebPkiClientVerifier, danger::ClientCertVerifier},
+    server::{
+        ResolvesServerCert, WebPkiClientVerifier,
+        danger::{ClientCertVerified, ClientCertVerifier},
+    },
     sign::{CertifiedKey, SingleCertAndKey},
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
@@ -116,8 +123,9 @@ impl std::fmt::Debug for TrustAnchors {
 }
 
 impl TrustAnchors {
-    /// Parses a PEM bundle of one or more root certificates.
-    pub fn from_pem(pem: &[u8]) -> Result<Self, TlsError> {
+    /// Parses a PEM bundle of one or more root certificates. Clients must
+    /// also carry one SPIFFE identity of `trust_domain`.
+    pub fn from_pem(pem: &[u8], trust_domain: &TrustDomain) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
@@ -134,9 +142,14 @@ impl TrustAnchors {
             WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
                 .build()
                 .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
-        let client_verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
-            .build()
-            .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
+        let webpki_client_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+                .build()
+                .map_err(|e| TlsError::BadTrustAnchor(e.to_string()))?;
+        let client_verifier = Arc::new(SpiffeClientVerifier {
+            chain: webpki_client_verifier,
+            trust_domain: trust_domain.clone(),
+        });
         Ok(Self {
             roots,
             server_verifier,
@@ -154,7 +167,7 @@ impl TrustAnchors {
 
     /// Checks a chain (leaf first) exactly as peers will: it must chain to
     /// these anchors, be valid now, serve as a server certificate for
-    /// `id`'s DNS name and as a client certificate.
+    /// `id`'s DNS name and as a client certificate of the trust domain.
     pub fn verify_identity_chain(
         &self,
         chain: &[CertificateDer<'static>],
@@ -193,6 +206,63 @@ impl TrustAnchors {
             .with_cert_resolver(resolver);
         config.alpn_protocols = vec![ALPN_HBONE.to_vec()];
         Ok(config)
+    }
+}
+
+/// The webpki client check (chain to the anchors, clientAuth, validity),
+/// then: the leaf names exactly one SPIFFE identity of the trust domain, so
+/// a foreign client fails the handshake itself rather than relying on every
+/// caller to check [`peer_identity`].
+#[derive(Debug)]
+struct SpiffeClientVerifier {
+    chain: Arc<dyn ClientCertVerifier>,
+    trust_domain: TrustDomain,
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let verified = self
+            .chain
+            .verify_client_cert(end_entity, intermediates, now)?;
+        peer_identity(std::slice::from_ref(end_entity), &self.trust_domain).map_err(|e| {
+            rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+        })?;
+        Ok(verified)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.chain.supported_verify_schemes()
     }
 }
 
@@ -273,7 +343,7 @@ mod tests {
     #[test]
     fn trust_anchor_bundles_must_hold_certificates() {
         assert!(matches!(
-            TrustAnchors::from_pem(b""),
+            TrustAnchors::from_pem(b"", &TrustDomain::default()),
             Err(TlsError::NoTrustAnchors)
         ));
         let key = KeyPair::generate().unwrap();
@@ -281,6 +351,11 @@ mod tests {
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let root = params.self_signed(&key).unwrap();
         let bundle = format!("{}{}", root.pem(), root.pem());
-        assert_eq!(TrustAnchors::from_pem(bundle.as_bytes()).unwrap().len(), 2);
+        assert_eq!(
+            TrustAnchors::from_pem(bundle.as_bytes(), &TrustDomain::default())
+                .unwrap()
+                .len(),
+            2
+        );
     }
 }
