@@ -34,7 +34,7 @@ pub fn display(cmd: &Command) -> String {
 fn spawn_error(cmd: &Command, source: std::io::Error) -> CmdError {
     let program = cmd.get_program().to_string_lossy().into_owned();
     let hint = if source.kind() == std::io::ErrorKind::NotFound {
-        " (is it installed? `cargo xtask setup` installs what sealmesh needs)"
+        " (not installed or not on PATH; `cargo xtask setup` installs what sealmesh needs)"
     } else {
         ""
     };

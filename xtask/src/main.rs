@@ -181,7 +181,9 @@ fn testbed_task(task: TestbedTask) -> anyhow::Result<ExitCode> {
             for id in ids {
                 match Testbed::attach(&id) {
                     Ok(testbed) => print_testbed(&testbed),
-                    Err(e) => println!("{id}: {e}"),
+                    Err(e) => println!(
+                        "{id}: unusable ({e}); remove it with `sudo -E cargo xtask testbed down {id}`"
+                    ),
                 }
             }
         }

@@ -366,7 +366,16 @@ fn state_dir_holds_cluster_file_tokens_and_bpffs_dirs() {
             ))
         );
     }
-    assert_ne!(tokens[0], tokens[1], "every node has its own token");
+    for sa in &tb.cluster().service_accounts {
+        let token_file = sa.token_file.as_deref().unwrap();
+        let meta = std::fs::metadata(token_file).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        tokens.push(std::fs::read_to_string(token_file).unwrap());
+    }
+    assert_eq!(tokens.len(), 4, "2 nodes + 2 ServiceAccounts");
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 4, "every caller has its own token");
 
     let endpoint = IdentityEndpoint {
         address: SocketAddr::from((

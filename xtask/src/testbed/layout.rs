@@ -225,6 +225,13 @@ impl Layout {
     pub fn token_file(&self, node_name: &str) -> PathBuf {
         self.state_dir().join(format!("{node_name}.token"))
     }
+
+    /// Token of a ServiceAccount (workload-mode Certify); `_` keeps it distinct
+    /// from node tokens and unambiguous.
+    pub fn service_account_token_file(&self, namespace: &str, name: &str) -> PathBuf {
+        self.state_dir()
+            .join(format!("sa-{namespace}_{name}.token"))
+    }
 }
 
 #[cfg(test)]

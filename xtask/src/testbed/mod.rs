@@ -12,7 +12,8 @@
 //!
 //! No namespace has a default route. cgroups: `<cgroup2>/sealmesh-testbed/<id>/`
 //! holds `underlay/`, `<node>/` and `<node>/<namespace>_<pod>/`. State:
-//! `/run/sealmesh/<id>/` holds `cluster.yaml` and `<node>.token`; agents pin maps in
+//! `/run/sealmesh/<id>/` holds `cluster.yaml`, `<node>.token` and
+//! `sa-<namespace>_<serviceaccount>.token`; agents pin maps in
 //! `<bpffs>/sealmesh-testbed/<id>/<node>/`. Dropping a [`Testbed`] (also while
 //! unwinding from a panic) kills its processes and removes all of it.
 
@@ -173,6 +174,14 @@ impl Testbed {
         }
         for pod in &self.cluster.pods {
             cgroup::create(&pod.cgroup)?;
+        }
+        for token_file in self
+            .cluster
+            .service_accounts
+            .iter()
+            .filter_map(|sa| sa.token_file.as_deref())
+        {
+            write_token(token_file)?;
         }
         net::build(layout, &self.cluster)?;
         self.cluster.save(&layout.cluster_file())?;
@@ -348,7 +357,7 @@ fn create_dir(path: &Path, what: &'static str) -> Result<(), TestbedError> {
     })
 }
 
-/// A node's credential for the identity service: 32 random bytes, hex, owner-only.
+/// A credential for the identity service: 32 random bytes, hex, owner-only.
 fn write_token(path: &Path) -> Result<(), TestbedError> {
     let mut secret = [0u8; 32];
     rand::rng().fill_bytes(&mut secret);
@@ -359,7 +368,7 @@ fn write_token(path: &Path) -> Result<(), TestbedError> {
         .open(path)
         .and_then(|mut f| f.write_all(hex::encode(secret).as_bytes()))
         .map_err(|source| TestbedError::Io {
-            what: "cannot write node token",
+            what: "cannot write token",
             path: path.to_owned(),
             source,
         })

@@ -1,6 +1,6 @@
 //! What a testbed should contain, and the cluster file that describes it once built.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use sealmesh_common::{
     cluster::{self, ClusterError, ClusterFile, Namespace, Service},
@@ -233,6 +233,19 @@ impl TestbedSpec {
                 }
             })
             .collect();
+        let service_accounts: BTreeSet<(&str, &str)> = self
+            .pods
+            .iter()
+            .map(|p| (p.namespace.as_str(), p.service_account.as_str()))
+            .collect();
+        file.service_accounts = service_accounts
+            .into_iter()
+            .map(|(namespace, name)| cluster::ServiceAccount {
+                name: name.to_owned(),
+                namespace: namespace.to_owned(),
+                token_file: Some(layout.service_account_token_file(namespace, name)),
+            })
+            .collect();
         file.services = self.services.clone();
         file.validate()?;
         Ok(file)
@@ -344,6 +357,33 @@ mod tests {
             Some("/cg/sealmesh-testbed/tb-0000aa/node-1/mesh-demo_pod-1-1")
         );
         assert!(file.is_meshed(pod));
+        let service_accounts: Vec<_> = file
+            .service_accounts
+            .iter()
+            .map(|sa| {
+                (
+                    sa.namespace.as_str(),
+                    sa.name.as_str(),
+                    sa.token_file.as_deref().and_then(|p| p.to_str()).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            service_accounts[..2],
+            [
+                (
+                    MESHED_NAMESPACE,
+                    "sa-0-0",
+                    "/run/sealmesh/tb-0000aa/sa-mesh-demo_sa-0-0.token"
+                ),
+                (
+                    MESHED_NAMESPACE,
+                    "sa-0-1",
+                    "/run/sealmesh/tb-0000aa/sa-mesh-demo_sa-0-1.token"
+                ),
+            ]
+        );
+        assert_eq!(service_accounts.len(), 4);
         let svc = file.service_by_vip(Ipv4Addr::new(10, 96, 0, 10)).unwrap();
         let endpoints: Vec<_> = file.endpoints(svc).map(|p| p.name.as_str()).collect();
         assert_eq!(endpoints, ["pod-1-0"]);
@@ -360,6 +400,8 @@ mod tests {
         let ips: Vec<_> = file.pods.iter().map(|p| p.ip.to_string()).collect();
         assert_eq!(ips, ["10.244.1.2", "10.244.0.2", "10.244.1.3"]);
         assert!(!file.is_meshed(file.pod("plain", "a").unwrap()));
+        // Pods sharing a ServiceAccount share its entry.
+        assert_eq!(file.service_accounts.len(), 1);
     }
 
     fn rejected(spec: TestbedSpec) -> String {
