@@ -47,6 +47,7 @@ use tokio_rustls::TlsConnector;
 
 const NAMESPACE: &str = "app";
 const EVENT_WAIT: Duration = Duration::from_secs(10);
+const DRAIN_TIMEOUT: Duration = Duration::from_millis(500);
 
 // ---------------------------------------------------------------- PKI
 
@@ -314,12 +315,23 @@ struct Node {
     events: broadcast::Receiver<ConnectionEvent>,
     outbound: SocketAddrV4,
     redirects: Arc<TestRedirects>,
-    _stop: oneshot::Sender<()>,
+    stop: oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl Node {
+    /// Asks the engine to shut down and waits until it has.
+    async fn shut_down(self) {
+        self.stop.send(()).unwrap();
+        self.running.await.unwrap();
+    }
 }
 
 struct Cluster {
+    n: u8,
     pods: Pods,
     ca: TestCa,
+    services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
     a: Node,
     b: Node,
 }
@@ -333,8 +345,53 @@ impl Cluster {
         let services =
             HashMap::from([(service_vip(n), (pods.server.clone(), service_target_port))]);
         let a = start_node(node_a(n), &pods, services.clone(), creds_a, policy_a).await;
-        let b = start_node(node_b(n), &pods, services, creds_b, Policy::default()).await;
-        Self { pods, ca, a, b }
+        let b = start_node(
+            node_b(n),
+            &pods,
+            services.clone(),
+            creds_b,
+            Policy::default(),
+        )
+        .await;
+        Self {
+            n,
+            pods,
+            ca,
+            services,
+            a,
+            b,
+        }
+    }
+
+    /// Shuts node B's engine down (draining, then cutting its connections)
+    /// and starts a fresh one in its place.
+    async fn restart_b(self) -> Self {
+        let Self {
+            n,
+            pods,
+            ca,
+            services,
+            a,
+            b,
+        } = self;
+        b.shut_down().await;
+        let creds_b = TestCredentials::new(&ca, &[&pods.server.identity, &pods.other.identity]);
+        let b = start_node(
+            node_b(n),
+            &pods,
+            services.clone(),
+            creds_b,
+            Policy::default(),
+        )
+        .await;
+        Self {
+            n,
+            pods,
+            ca,
+            services,
+            a,
+            b,
+        }
     }
 
     /// Connects from `source` to `original_dst` as if eBPF had redirected
@@ -365,6 +422,7 @@ async fn start_node(
 ) -> Node {
     let mut cfg = ProxyConfig::for_node(node.ip, policy);
     cfg.connect_timeout = Duration::from_secs(2);
+    cfg.drain_timeout = DRAIN_TIMEOUT;
     let registry = Arc::new(TestRegistry {
         node,
         trust_domain: TrustDomain::default(),
@@ -384,7 +442,7 @@ async fn start_node(
     let handle = proxy.handle();
     let events = handle.subscribe();
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(proxy.run(async move {
+    let running = tokio::spawn(proxy.run(async move {
         let _ = stopped.await;
     }));
     Node {
@@ -392,7 +450,8 @@ async fn start_node(
         events,
         outbound,
         redirects,
-        _stop: stop,
+        stop,
+        running,
     }
 }
 
@@ -890,4 +949,60 @@ async fn same_node_is_secured_local_unless_mtls_is_forced() {
             assert_eq!(cluster.a.handle.pooled_connections(), 0);
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_near_its_stream_limit_makes_the_pool_open_another() {
+    let n = 12;
+    let echo = echo_server(ip(n, 20)).await;
+    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    // More concurrent streams than one connection may carry before nearing
+    // the peer's limit (256 advertised, 10% headroom kept).
+    const STREAMS: usize = 240;
+    let mut open = Vec::new();
+    for _ in 0..STREAMS {
+        let mut stream = cluster.connect_as(&cluster.pods.client, echo).await;
+        stream.write_all(b"x").await.unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"x");
+        open.push(stream);
+    }
+    assert_eq!(cluster.a.handle.pooled_connections(), 2);
+    // Every stream still works while all are open.
+    for stream in &mut open {
+        stream.write_all(b"y").await.unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        assert_eq!(&byte, b"y");
+    }
+}
+
+#[tokio::test]
+async fn broken_pooled_connections_are_replaced() {
+    let n = 13;
+    let echo = echo_server(ip(n, 20)).await;
+    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let payload = random_bytes(50_000);
+    let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+
+    // A connection left open across node B's restart is cut after B's drain
+    // timeout; the pooled HBONE connection dies with it.
+    let mut lingering = cluster.connect_as(&cluster.pods.client, echo).await;
+    lingering.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    lingering.read_exact(&mut byte).await.unwrap();
+    let cluster = tokio::time::timeout(EVENT_WAIT, cluster.restart_b())
+        .await
+        .expect("B stops within its drain timeout");
+    assert_closed_without_data(lingering).await;
+
+    let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    assert_eq!(
+        cluster.a.handle.pooled_connections(),
+        1,
+        "the broken connection left the pool"
+    );
 }
