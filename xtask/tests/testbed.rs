@@ -323,6 +323,17 @@ fn no_namespace_has_a_default_route_and_pods_route_only_via_their_gateway() {
             "172.18.0.0/16 dev eth0 proto kernel scope link src 172.18.0.3",
         ]
     );
+    // Nothing leaves the testbed: addresses outside it are unreachable everywhere.
+    for netns in &footprint.netns {
+        let error = tb
+            .run_in_netns(netns, || TcpStream::connect("192.0.2.1:80").unwrap_err())
+            .unwrap();
+        assert_eq!(
+            error.raw_os_error(),
+            Some(nix::errno::Errno::ENETUNREACH as i32),
+            "{netns}: {error}"
+        );
+    }
     let forwarding = tb
         .run_in_netns(tb.node_netns("node-1").unwrap(), || {
             std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap()
