@@ -230,6 +230,7 @@ impl std::fmt::Debug for CertStore {
 
 impl CertStore {
     /// Loads the trust anchors; obtains no certificate yet (see [`CertStore::run`]).
+    /// Call within a tokio runtime: the identity service channel lives on it.
     pub fn new(cfg: CertStoreConfig) -> Result<Arc<Self>, CertStoreError> {
         let endpoint = Endpoint::from_shared(format!("http://{}", cfg.identity_addr))
             .map_err(|source| CertStoreError::IdentityAddress {
