@@ -16,16 +16,25 @@ const EBPF_PROGRAMS_FEATURE: &str = "programs";
 const NIGHTLY: &str = "nightly";
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?);
+    let manifest_dir = PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR not set")?,
+    );
     let ebpf_dir = manifest_dir
         .parent()
         .context("the agent crate has no parent directory")?
         .join(EBPF_PACKAGE);
-    let ebpf_dir = ebpf_dir.to_str().context("the agent-ebpf path is not UTF-8")?;
+    let ebpf_dir = ebpf_dir
+        .to_str()
+        .context("the agent-ebpf path is not UTF-8")?;
 
     check_ebpf_toolchain()?;
     aya_build::build_ebpf(
-        [Package { name: EBPF_PACKAGE, root_dir: ebpf_dir, features: &[EBPF_PROGRAMS_FEATURE], ..Default::default() }],
+        [Package {
+            name: EBPF_PACKAGE,
+            root_dir: ebpf_dir,
+            features: &[EBPF_PROGRAMS_FEATURE],
+            ..Default::default()
+        }],
         Toolchain::Nightly,
     )
     .context("building the eBPF programs (agent-ebpf) failed; the compiler output is above")
@@ -40,7 +49,8 @@ fn check_ebpf_toolchain() -> anyhow::Result<()> {
             missing.push("the nightly toolchain (`rustup toolchain install nightly`)");
         }
         Some(sysroot) => {
-            let core_sources = Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core/Cargo.toml");
+            let core_sources =
+                Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core/Cargo.toml");
             if !core_sources.is_file() {
                 missing.push("the rust-src component of nightly (`rustup component add rust-src --toolchain nightly`)");
             }
@@ -69,5 +79,8 @@ fn nightly_output(args: &[&str]) -> Option<String> {
         .env_remove("RUSTC_WORKSPACE_WRAPPER")
         .output()
         .ok()?;
-    output.status.success().then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
 }

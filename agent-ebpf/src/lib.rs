@@ -65,7 +65,12 @@ pub struct RedirectRecord {
 
 impl RedirectRecord {
     pub const fn new(source_cgroup: u64, original_ip4: u32, original_port: u16) -> Self {
-        Self { source_cgroup, original_ip4, original_port, reserved: 0 }
+        Self {
+            source_cgroup,
+            original_ip4,
+            original_port,
+            reserved: 0,
+        }
     }
 
     pub fn original_dst(&self) -> SocketAddrV4 {
@@ -85,12 +90,27 @@ pub struct ConnectionKey {
 }
 
 impl ConnectionKey {
-    pub const fn new(client_ip4: u32, client_port: u16, listener_ip4: u32, listener_port: u16) -> Self {
-        Self { client_ip4, listener_ip4, client_port, listener_port }
+    pub const fn new(
+        client_ip4: u32,
+        client_port: u16,
+        listener_ip4: u32,
+        listener_port: u16,
+    ) -> Self {
+        Self {
+            client_ip4,
+            listener_ip4,
+            client_port,
+            listener_port,
+        }
     }
 
     pub fn from_addrs(client: SocketAddrV4, listener: SocketAddrV4) -> Self {
-        Self::new(u32::from(*client.ip()), client.port(), u32::from(*listener.ip()), listener.port())
+        Self::new(
+            u32::from(*client.ip()),
+            client.port(),
+            u32::from(*listener.ip()),
+            listener.port(),
+        )
     }
 }
 
@@ -122,8 +142,14 @@ mod tests {
             SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 2), 40000),
             SocketAddrV4::new(Ipv4Addr::new(10, 0, 0, 1), 15001),
         );
-        assert_eq!(key, ConnectionKey::new(0x0a00_0002, 40000, 0x0a00_0001, 15001));
+        assert_eq!(
+            key,
+            ConnectionKey::new(0x0a00_0002, 40000, 0x0a00_0001, 15001)
+        );
         let record = RedirectRecord::new(7, 0x0afa_0063, 80);
-        assert_eq!(record.original_dst(), SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 99), 80));
+        assert_eq!(
+            record.original_dst(),
+            SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 99), 80)
+        );
     }
 }

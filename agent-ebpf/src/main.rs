@@ -59,7 +59,10 @@ static EXCLUDED_CIDRS: LpmTrie<u32, u8> = LpmTrie::with_max_entries(capacity::EX
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
     if let Err(errno) = try_redirect_connect4(&ctx) {
-        error!(&ctx, "connect4: recording a redirect failed (errno {}); the agent will refuse it", errno);
+        error!(
+            &ctx,
+            "connect4: recording a redirect failed (errno {}); the agent will refuse it", errno
+        );
     }
     ALLOW
 }
@@ -68,7 +71,10 @@ fn try_redirect_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the lifetime of the program; the
     // verifier checks each field access.
     let sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sock_addr.user_family != AF_INET || sock_addr.type_ != SOCK_STREAM || sock_addr.protocol != IPPROTO_TCP {
+    if sock_addr.user_family != AF_INET
+        || sock_addr.type_ != SOCK_STREAM
+        || sock_addr.protocol != IPPROTO_TCP
+    {
         return Ok(());
     }
     let Some(source_cgroup) = meshed_pod_cgroup() else {
@@ -84,19 +90,28 @@ fn try_redirect_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     if dst_ip & LOOPBACK_MASK == LOOPBACK_NET
         || (dst_ip == listener_ip && dst_port == listener_port)
         || EXCLUDED_PORTS.get_ptr(dst_port).is_some()
-        || EXCLUDED_CIDRS.get(Key::new(32, dst_ip_network_order)).is_some()
+        || EXCLUDED_CIDRS
+            .get(Key::new(32, dst_ip_network_order))
+            .is_some()
     {
         return Ok(());
     }
 
     // SAFETY: a connect4 context is always backed by a socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let recorded = REDIRECT_BY_COOKIE.insert(cookie, RedirectRecord::new(source_cgroup, dst_ip, dst_port), 0);
+    let recorded = REDIRECT_BY_COOKIE.insert(
+        cookie,
+        RedirectRecord::new(source_cgroup, dst_ip, dst_port),
+        0,
+    );
     // Redirect even when recording failed: the agent refuses a connection it has no record for
     // (fail closed), whereas leaving the destination alone would let the pod bypass the mesh.
     sock_addr.user_ip4 = listener_ip.to_be();
     sock_addr.user_port = u32::from(listener_port.to_be());
-    debug!(ctx, "connect4: redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port);
+    debug!(
+        ctx,
+        "connect4: redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port
+    );
     recorded.map_err(i64::from)
 }
 
@@ -119,7 +134,10 @@ fn meshed_pod_cgroup() -> Option<u64> {
 #[sock_ops]
 pub fn track_redirected(ctx: SockOpsContext) -> u32 {
     if let Err(errno) = try_track_redirected(&ctx) {
-        error!(&ctx, "sock_ops: handing a redirect record over failed (errno {})", errno);
+        error!(
+            &ctx,
+            "sock_ops: handing a redirect record over failed (errno {})", errno
+        );
     }
     // sock_ops return values only matter for ops that ask for a reply; none of ours do.
     1
@@ -146,7 +164,9 @@ fn try_track_redirected(ctx: &SockOpsContext) -> Result<(), i64> {
             // SAFETY: the pointer came from a successful lookup; the record is copied out
             // before the entry is deleted.
             let record = unsafe { *record };
-            REDIRECT_BY_CONNECTION.insert(connection_key(ctx), record, 0).map_err(i64::from)?;
+            REDIRECT_BY_CONNECTION
+                .insert(connection_key(ctx), record, 0)
+                .map_err(i64::from)?;
             REDIRECT_BY_COOKIE.remove(cookie).map_err(i64::from)?;
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {

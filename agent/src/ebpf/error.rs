@@ -14,7 +14,10 @@ pub enum EbpfError {
         "node cgroup {path} is not a cgroup v2 directory (cgroup2 is mounted at {cgroup2_mount}); \
          point the agent at the node's directory under that mount"
     )]
-    NotACgroup2Dir { path: PathBuf, cgroup2_mount: PathBuf },
+    NotACgroup2Dir {
+        path: PathBuf,
+        cgroup2_mount: PathBuf,
+    },
     #[error("cannot open node cgroup {path}: {source}; create it or fix the configured path")]
     NodeCgroup { path: PathBuf, source: io::Error },
     #[error(
@@ -36,12 +39,20 @@ pub enum EbpfError {
     )]
     MissingPrivileges { action: String, source: io::Error },
     #[error(
-        "the kernel does not support {program} ({requirement}); use a kernel with CONFIG_CGROUP_BPF=y, \
+        "{action} failed: the kernel does not support {requirement}; use a kernel with CONFIG_CGROUP_BPF=y, \
          Linux 5.7 or newer ({source})"
     )]
-    KernelUnsupported { program: &'static str, requirement: &'static str, source: io::Error },
+    KernelUnsupported {
+        action: String,
+        requirement: &'static str,
+        source: io::Error,
+    },
     #[error("the verifier rejected {program}: {source}\nverifier log:\n{log}")]
-    Verifier { program: &'static str, source: io::Error, log: String },
+    Verifier {
+        program: &'static str,
+        source: io::Error,
+        log: String,
+    },
     #[error(
         "loading the BTF of the eBPF object failed: {0}; the kernel needs BTF support \
          (CONFIG_DEBUG_INFO_BTF=y, /sys/kernel/btf/vmlinux present)"
@@ -61,14 +72,25 @@ pub enum EbpfError {
         expected_value: u32,
         expected_entries: u32,
     },
-    #[error("too many excluded {what}: {count}, at most {max} fit in the eBPF map; shorten the list")]
-    TooManyExclusions { what: &'static str, count: usize, max: u32 },
-    #[error("the eBPF object has no {0}; the agent and its embedded object are out of sync: rebuild the agent")]
+    #[error(
+        "too many excluded {what}: {count}, at most {max} fit in the eBPF map; shorten the list"
+    )]
+    TooManyExclusions {
+        what: &'static str,
+        count: usize,
+        max: u32,
+    },
+    #[error(
+        "the eBPF object has no {0}; the agent and its embedded object are out of sync: rebuild the agent"
+    )]
     MissingObjectItem(&'static str),
     #[error("forwarding eBPF logs to tracing: {0}")]
     KernelLog(String),
     #[error("{action} failed: {source}")]
-    Aya { action: String, source: Box<dyn std::error::Error + Send + Sync + 'static> },
+    Aya {
+        action: String,
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 impl EbpfError {
@@ -80,9 +102,15 @@ impl EbpfError {
     ) -> Self {
         let action = action.into();
         match errno_in_chain(&error) {
-            Some((libc::EPERM | libc::EACCES, io_error)) => Self::MissingPrivileges { action, source: io_error },
+            Some((libc::EPERM | libc::EACCES, io_error)) => Self::MissingPrivileges {
+                action,
+                source: io_error,
+            },
             Some((libc::ENOSYS, _)) => Self::BpfSyscallUnavailable,
-            _ => Self::Aya { action, source: Box::new(error) },
+            _ => Self::Aya {
+                action,
+                source: Box::new(error),
+            },
         }
     }
 
@@ -95,21 +123,38 @@ impl EbpfError {
         error: aya::programs::ProgramError,
     ) -> Self {
         let action = format!("{action} {program}");
-        if let aya::programs::ProgramError::LoadError { io_error, verifier_log } = &error {
+        if let aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } = &error
+        {
             let log = verifier_log.to_string();
             let errno = io_error.raw_os_error();
             if matches!(errno, Some(libc::EPERM | libc::EACCES)) {
-                return Self::MissingPrivileges { action, source: clone_io(io_error) };
+                return Self::MissingPrivileges {
+                    action,
+                    source: clone_io(io_error),
+                };
             }
             if log.trim().is_empty() && matches!(errno, Some(libc::EINVAL | libc::EOPNOTSUPP)) {
-                return Self::KernelUnsupported { program, requirement, source: clone_io(io_error) };
+                return Self::KernelUnsupported {
+                    action,
+                    requirement,
+                    source: clone_io(io_error),
+                };
             }
-            return Self::Verifier { program, source: clone_io(io_error), log };
+            return Self::Verifier {
+                program,
+                source: clone_io(io_error),
+                log,
+            };
         }
         match errno_in_chain(&error) {
-            Some((libc::EINVAL | libc::EOPNOTSUPP, io_error)) => {
-                Self::KernelUnsupported { program, requirement, source: io_error }
-            }
+            Some((libc::EINVAL | libc::EOPNOTSUPP, io_error)) => Self::KernelUnsupported {
+                action,
+                requirement,
+                source: io_error,
+            },
             _ => Self::from_aya(action, error),
         }
     }

@@ -49,7 +49,8 @@ impl KernelLogForwarder {
     pub fn start(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
         let mut logger = EbpfLogger::init_with_logger(ebpf, LogToTracing)
             .map_err(|error| EbpfError::KernelLog(error.to_string()))?;
-        let (stop_read, stop_write) = nix::unistd::pipe().map_err(|errno| EbpfError::KernelLog(errno.to_string()))?;
+        let (stop_read, stop_write) =
+            nix::unistd::pipe().map_err(|errno| EbpfError::KernelLog(errno.to_string()))?;
         let thread = std::thread::Builder::new()
             .name("ebpf-log".into())
             .spawn(move || {
@@ -75,7 +76,10 @@ impl KernelLogForwarder {
                 }
             })
             .map_err(|error| EbpfError::KernelLog(error.to_string()))?;
-        Ok(Self { stop: Some(stop_write), thread: Some(thread) })
+        Ok(Self {
+            stop: Some(stop_write),
+            thread: Some(thread),
+        })
     }
 }
 

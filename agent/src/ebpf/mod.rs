@@ -9,8 +9,9 @@
 //!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
 //!   [`RedirectTable::take`] reads and deletes. A state callback deletes records of connections
 //!   that die before the agent collected them; both redirect maps are LRU as a last bound.
-//! - Programs attach with `AllowMultiple` at the node cgroup, so they coexist with other cgroup
-//!   programs (CNI, a previous agent) instead of replacing them.
+//! - Programs attach as bpf links at the node cgroup. The kernel always attaches links in
+//!   multi-program mode (what `BPF_F_ALLOW_MULTI` means for legacy attach), so they coexist with
+//!   other cgroup programs (CNI, a previous agent) instead of replacing them.
 //! - Hitless restarts: the maps holding state (meshed pods, pending redirects) are pinned under
 //!   `<bpffs_dir>/maps-v<ABI>` and reused by the next agent; the links are pinned under
 //!   `<bpffs_dir>/links` and survive the agent. A starting agent attaches its own programs first
@@ -37,7 +38,10 @@ use agent_ebpf::{ConnectionKey, MAP_ABI_VERSION, RedirectRecord, capacity, names
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps, links::FdLink},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        links::{FdLink, LinkError},
+    },
 };
 use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 use sealmesh_common::host;
@@ -46,7 +50,8 @@ pub use self::error::EbpfError;
 use self::kernel_log::{KernelLogForwarder, kernel_log_level};
 
 /// The programs, built for the bpf target by build.rs.
-static REDIRECT_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sealmesh-redirect"));
+static REDIRECT_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sealmesh-redirect"));
 
 const CONNECT4_REQUIREMENT: &str = "cgroup/connect4 programs with bpf links";
 const SOCK_OPS_REQUIREMENT: &str = "sock_ops programs with bpf links";
@@ -132,7 +137,10 @@ impl std::fmt::Debug for Redirector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Redirector")
             .field("pin_dir", &self.pins.root)
-            .field("links", &self.links.iter().map(|link| &link.pin).collect::<Vec<_>>())
+            .field(
+                "links",
+                &self.links.iter().map(|link| &link.pin).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -162,10 +170,20 @@ impl Redirector {
             .map_err(EbpfError::from_loader)?;
         let kernel_log = KernelLogForwarder::start(&mut ebpf)?;
         fill_exclusions(&mut ebpf, cfg)?;
-        let meshed_pods = take_pinned_map(&mut ebpf, &pins, names::MESHED_PODS, capacity::MESHED_PODS)?;
-        let by_cookie = take_pinned_map(&mut ebpf, &pins, names::REDIRECT_BY_COOKIE, capacity::REDIRECT_BY_COOKIE)?;
-        let by_connection =
-            take_pinned_map(&mut ebpf, &pins, names::REDIRECT_BY_CONNECTION, capacity::REDIRECT_BY_CONNECTION)?;
+        let meshed_pods =
+            take_pinned_map(&mut ebpf, &pins, names::MESHED_PODS, capacity::MESHED_PODS)?;
+        let by_cookie = take_pinned_map(
+            &mut ebpf,
+            &pins,
+            names::REDIRECT_BY_COOKIE,
+            capacity::REDIRECT_BY_COOKIE,
+        )?;
+        let by_connection = take_pinned_map(
+            &mut ebpf,
+            &pins,
+            names::REDIRECT_BY_CONNECTION,
+            capacity::REDIRECT_BY_CONNECTION,
+        )?;
 
         // sock_ops first: a connect redirected before it runs would reach the agent without a
         // record and be refused.
@@ -176,9 +194,6 @@ impl Redirector {
                 &node_cgroup,
                 names::SOCK_OPS_PROGRAM,
                 SOCK_OPS_REQUIREMENT,
-                SockOps::load,
-                |program, cgroup, mode| program.attach(cgroup, mode),
-                |program, id| program.take_link(id).map(FdLink::try_from),
             )?;
             pins.pin_link(names::SOCK_OPS_PROGRAM, link)?
         };
@@ -189,9 +204,6 @@ impl Redirector {
                 &node_cgroup,
                 names::CONNECT4_PROGRAM,
                 CONNECT4_REQUIREMENT,
-                CgroupSockAddr::load,
-                |program, cgroup, mode| program.attach(cgroup, mode),
-                |program, id| program.take_link(id).map(FdLink::try_from),
             )?;
             pins.pin_link(names::CONNECT4_PROGRAM, link)?
         };
@@ -215,10 +227,18 @@ impl Redirector {
 
     pub fn status(&self) -> EbpfStatus {
         EbpfStatus {
-            attached_programs: self.links.iter().filter(|link| link.pin.exists()).map(|link| link.program).collect(),
+            attached_programs: self
+                .links
+                .iter()
+                .filter(|link| link.pin.exists())
+                .map(|link| link.program)
+                .collect(),
             meshed_pods: lock(&self.meshed_pods).keys().filter(Result::is_ok).count(),
             pending_connects: self.by_cookie.keys().filter(Result::is_ok).count(),
-            pending_accepts: lock(&self.by_connection).keys().filter(Result::is_ok).count(),
+            pending_accepts: lock(&self.by_connection)
+                .keys()
+                .filter(Result::is_ok)
+                .count(),
             pin_dir: self.pins.root.clone(),
         }
     }
@@ -229,10 +249,18 @@ impl Redirector {
         for link in &self.links {
             remove_pin(&link.pin)?;
         }
-        for map in [names::MESHED_PODS, names::REDIRECT_BY_COOKIE, names::REDIRECT_BY_CONNECTION] {
+        for map in [
+            names::MESHED_PODS,
+            names::REDIRECT_BY_COOKIE,
+            names::REDIRECT_BY_CONNECTION,
+        ] {
             remove_pin(&self.pins.maps.join(map))?;
         }
-        let dirs = [self.pins.maps.clone(), self.pins.links.clone(), self.pins.root.clone()];
+        let dirs = [
+            self.pins.maps.clone(),
+            self.pins.links.clone(),
+            self.pins.root.clone(),
+        ];
         // Closing our link fds is what detaches the programs, now that no pin holds them.
         drop(self);
         for dir in dirs {
@@ -263,9 +291,14 @@ impl RedirectTable for Redirector {
         match by_connection.remove(&key) {
             // sock_ops deleted it meanwhile (the client reset): the record is still valid.
             Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(error) => tracing::warn!(%client, %listener, %error, "deleting a taken redirect record failed; the LRU map will evict it"),
+            Err(error) => {
+                tracing::warn!(%client, %listener, %error, "deleting a taken redirect record failed; the LRU map will evict it")
+            }
         }
-        Some(Redirect { original_dst: record.original_dst(), source_cgroup: record.source_cgroup })
+        Some(Redirect {
+            original_dst: record.original_dst(),
+            source_cgroup: record.source_cgroup,
+        })
     }
 }
 
@@ -273,13 +306,18 @@ impl MeshedCgroups for Redirector {
     fn insert(&self, cgroup_id: u64) -> Result<(), EbpfError> {
         lock(&self.meshed_pods)
             .insert(cgroup_id, 1, 0)
-            .map_err(|error| EbpfError::from_aya(format!("marking cgroup {cgroup_id} as meshed"), error))
+            .map_err(|error| {
+                EbpfError::from_aya(format!("marking cgroup {cgroup_id} as meshed"), error)
+            })
     }
 
     fn remove(&self, cgroup_id: u64) -> Result<(), EbpfError> {
         match lock(&self.meshed_pods).remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(error) => Err(EbpfError::from_aya(format!("unmarking meshed cgroup {cgroup_id}"), error)),
+            Err(error) => Err(EbpfError::from_aya(
+                format!("unmarking meshed cgroup {cgroup_id}"),
+                error,
+            )),
         }
     }
 
@@ -305,12 +343,21 @@ fn check_exclusion_count(what: &'static str, count: usize, max: u32) -> Result<(
 
 fn open_node_cgroup(path: &Path) -> Result<File, EbpfError> {
     let cgroup2_mount = host::cgroup2_mount().ok_or(EbpfError::Cgroup2NotMounted)?;
-    let not_cgroup2 = || EbpfError::NotACgroup2Dir { path: path.to_owned(), cgroup2_mount: cgroup2_mount.clone() };
-    let fs = statfs(path).map_err(|errno| EbpfError::NodeCgroup { path: path.to_owned(), source: errno.into() })?;
+    let not_cgroup2 = || EbpfError::NotACgroup2Dir {
+        path: path.to_owned(),
+        cgroup2_mount: cgroup2_mount.clone(),
+    };
+    let fs = statfs(path).map_err(|errno| EbpfError::NodeCgroup {
+        path: path.to_owned(),
+        source: errno.into(),
+    })?;
     if fs.filesystem_type() != CGROUP2_SUPER_MAGIC {
         return Err(not_cgroup2());
     }
-    File::open(path).map_err(|source| EbpfError::NodeCgroup { path: path.to_owned(), source })
+    File::open(path).map_err(|source| EbpfError::NodeCgroup {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 /// This node's pin paths on bpffs.
@@ -323,14 +370,20 @@ struct PinLayout {
 impl PinLayout {
     fn prepare(root: &Path) -> Result<Self, EbpfError> {
         // The directory may not exist yet: check the filesystem it will be created on.
-        let existing = root.ancestors().find(|dir| dir.exists()).unwrap_or(Path::new("/"));
+        let existing = root
+            .ancestors()
+            .find(|dir| dir.exists())
+            .unwrap_or(Path::new("/"));
         let on_bpffs = statfs(existing).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC);
         if !on_bpffs {
             let mounted = match host::bpffs_mount() {
                 Some(mount) => format!("bpffs is mounted at {}", mount.display()),
                 None => "bpffs is not mounted on this host".to_owned(),
             };
-            return Err(EbpfError::BpffsNotMounted { dir: root.to_owned(), mounted });
+            return Err(EbpfError::BpffsNotMounted {
+                dir: root.to_owned(),
+                mounted,
+            });
         }
         let layout = Self {
             root: root.to_owned(),
@@ -338,32 +391,49 @@ impl PinLayout {
             links: root.join("links"),
         };
         for dir in [&layout.maps, &layout.links] {
-            fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir { path: dir.clone(), source })?;
+            fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir {
+                path: dir.clone(),
+                source,
+            })?;
         }
         Ok(layout)
     }
 
     /// Pins `link` at `links/<program>`, atomically replacing a previous agent's pin: rename(2)
     /// over it drops the old pin, so the old program detaches once its agent is gone, while both
-    /// stay attached until then (AllowMultiple; the old connect4 skips already-redirected
+    /// stay attached until then (multi-attach; the old connect4 skips already-redirected
     /// destinations and the old sock_ops finds no record left to move).
     fn pin_link(&self, program: &'static str, link: FdLink) -> Result<AttachedLink, EbpfError> {
         let pin = self.links.join(program);
-        let staging = self.links.join(format!("{program}.new-{}", std::process::id()));
+        // bpffs refuses names with a dot (EPERM).
+        let staging = self
+            .links
+            .join(format!("{program}-new-{}", std::process::id()));
         remove_pin(&staging)?;
-        let pinned = link
-            .pin(&staging)
-            .map_err(|error| EbpfError::from_aya(format!("pinning the {program} link at {}", staging.display()), error))?;
-        fs::rename(&staging, &pin).map_err(|source| EbpfError::PinDir { path: pin.clone(), source })?;
-        Ok(AttachedLink { program, pin, _link: FdLink::from(pinned) })
+        let pinned = link.pin(&staging).map_err(|error| {
+            EbpfError::from_aya(
+                format!("pinning the {program} link at {}", staging.display()),
+                error,
+            )
+        })?;
+        fs::rename(&staging, &pin).map_err(|source| EbpfError::PinDir {
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(AttachedLink {
+            program,
+            pin,
+            _link: FdLink::from(pinned),
+        })
     }
 }
 
 fn remove_pin(path: &Path) -> Result<(), EbpfError> {
     match fs::remove_file(path) {
-        Err(error) if error.kind() != io::ErrorKind::NotFound => {
-            Err(EbpfError::PinDir { path: path.to_owned(), source: error })
-        }
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(EbpfError::PinDir {
+            path: path.to_owned(),
+            source: error,
+        }),
         _ => Ok(()),
     }
 }
@@ -372,50 +442,91 @@ fn program_mut<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut 
 where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let program = ebpf.program_mut(name).ok_or(EbpfError::MissingObjectItem(name))?;
-    program.try_into().map_err(|error| EbpfError::from_aya(format!("reading program {name}"), error))
+    let program = ebpf
+        .program_mut(name)
+        .ok_or(EbpfError::MissingObjectItem(name))?;
+    program
+        .try_into()
+        .map_err(|error| EbpfError::from_aya(format!("reading program {name}"), error))
 }
 
-/// Loads (verifies) and attaches one program at the node cgroup (AllowMultiple), returning its
-/// link as an fd link that can be pinned.
-#[expect(clippy::too_many_arguments, reason = "the per-program-type operations aya offers as inherent methods")]
-fn attach_program<P, Id, Link: std::fmt::Display>(
-    program: &mut P,
+/// The cgroup program types the redirector attaches (aya offers these as inherent methods).
+trait CgroupProgram {
+    fn load_into_kernel(&mut self) -> Result<(), ProgramError>;
+    /// Attaches at `cgroup` as a bpf link and takes the link out of aya's bookkeeping, so that
+    /// dropping the program does not detach it; Err(LinkError) when it is not an fd link.
+    fn attach_link(&mut self, cgroup: &File) -> Result<Result<FdLink, LinkError>, ProgramError>;
+}
+
+// aya passes the attach mode as BPF_LINK_CREATE flags on kernels with cgroup links (≥ 5.7, which
+// pinning needs), and the kernel rejects ALLOW_MULTI there with EINVAL because links are always
+// multi-attached: `Single` (no flag) is what yields multi-attach on this path.
+impl CgroupProgram for SockOps {
+    fn load_into_kernel(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+
+    fn attach_link(&mut self, cgroup: &File) -> Result<Result<FdLink, LinkError>, ProgramError> {
+        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        self.take_link(id).map(FdLink::try_from)
+    }
+}
+
+impl CgroupProgram for CgroupSockAddr {
+    fn load_into_kernel(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+
+    fn attach_link(&mut self, cgroup: &File) -> Result<Result<FdLink, LinkError>, ProgramError> {
+        let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        self.take_link(id).map(FdLink::try_from)
+    }
+}
+
+/// Loads (verifies) and attaches one program at the node cgroup, returning its pinnable link.
+fn attach_program(
+    program: &mut impl CgroupProgram,
     node_cgroup: &File,
     name: &'static str,
     requirement: &'static str,
-    load: fn(&mut P) -> Result<(), ProgramError>,
-    attach: fn(&mut P, &File, CgroupAttachMode) -> Result<Id, ProgramError>,
-    take_link: fn(&mut P, Id) -> Result<Result<FdLink, Link>, ProgramError>,
 ) -> Result<FdLink, EbpfError> {
-    load(program).map_err(|error| EbpfError::from_program(name, requirement, "loading", error))?;
-    let id = attach(program, node_cgroup, CgroupAttachMode::AllowMultiple)
+    program
+        .load_into_kernel()
+        .map_err(|error| EbpfError::from_program(name, requirement, "loading", error))?;
+    let link = program
+        .attach_link(node_cgroup)
         .map_err(|error| EbpfError::from_program(name, requirement, "attaching", error))?;
-    let link = take_link(program, id).map_err(|error| EbpfError::from_program(name, requirement, "attaching", error))?;
     // Only kernels older than 5.7 attach without a bpf link; those links cannot be pinned.
     link.map_err(|error| EbpfError::KernelUnsupported {
-        program: name,
+        action: format!("pinning the link of {name}"),
         requirement,
         source: io::Error::new(io::ErrorKind::Unsupported, error.to_string()),
     })
 }
 
 fn fill_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), EbpfError> {
-    let map = ebpf.map_mut(names::EXCLUDED_PORTS).ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_PORTS))?;
-    let mut ports: HashMap<&mut MapData, u16, u8> =
-        HashMap::try_from(map).map_err(|error| EbpfError::from_aya("opening the excluded ports map", error))?;
+    let map = ebpf
+        .map_mut(names::EXCLUDED_PORTS)
+        .ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_PORTS))?;
+    let mut ports: HashMap<&mut MapData, u16, u8> = HashMap::try_from(map)
+        .map_err(|error| EbpfError::from_aya("opening the excluded ports map", error))?;
     for &port in &cfg.excluded_ports {
         ports
             .insert(port, 1, 0)
             .map_err(|error| EbpfError::from_aya(format!("excluding port {port}"), error))?;
     }
 
-    let map = ebpf.map_mut(names::EXCLUDED_CIDRS).ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_CIDRS))?;
-    let mut cidrs: LpmTrie<&mut MapData, u32, u8> =
-        LpmTrie::try_from(map).map_err(|error| EbpfError::from_aya("opening the excluded CIDRs map", error))?;
+    let map = ebpf
+        .map_mut(names::EXCLUDED_CIDRS)
+        .ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_CIDRS))?;
+    let mut cidrs: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(map)
+        .map_err(|error| EbpfError::from_aya("opening the excluded CIDRs map", error))?;
     for net in &cfg.excluded_cidrs {
         // The program looks up the address in network order (LPM matches from the first byte).
-        let key = Key::new(u32::from(net.prefix_len()), u32::from_ne_bytes(net.network().octets()));
+        let key = Key::new(
+            u32::from(net.prefix_len()),
+            u32::from_ne_bytes(net.network().octets()),
+        );
         cidrs
             .insert(&key, 1, 0)
             .map_err(|error| EbpfError::from_aya(format!("excluding CIDR {net}"), error))?;
@@ -431,7 +542,9 @@ fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
     name: &'static str,
     max_entries: u32,
 ) -> Result<HashMap<MapData, K, V>, EbpfError> {
-    let map = ebpf.take_map(name).ok_or(EbpfError::MissingObjectItem(name))?;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::MissingObjectItem(name))?;
     let info = match &map {
         Map::HashMap(data) | Map::LruHashMap(data) => data.info(),
         _ => return Err(EbpfError::MissingObjectItem(name)),
@@ -450,7 +563,8 @@ fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
             expected_entries: expected.2,
         });
     }
-    HashMap::try_from(map).map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
+    HashMap::try_from(map)
+        .map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
 }
 
 #[cfg(test)]
@@ -459,35 +573,57 @@ mod tests {
 
     #[test]
     fn permission_errors_say_which_capabilities_are_needed() {
-        let error = EbpfError::from_aya("creating map X", io::Error::from_raw_os_error(libc::EPERM));
-        assert!(matches!(error, EbpfError::MissingPrivileges { .. }), "{error:?}");
+        let error =
+            EbpfError::from_aya("creating map X", io::Error::from_raw_os_error(libc::EPERM));
+        assert!(
+            matches!(error, EbpfError::MissingPrivileges { .. }),
+            "{error:?}"
+        );
         assert!(error.to_string().contains("CAP_BPF"), "{error}");
     }
 
     #[test]
     fn missing_bpf_syscall_is_explained() {
-        let error = EbpfError::from_aya("creating map X", io::Error::from_raw_os_error(libc::ENOSYS));
-        assert!(matches!(error, EbpfError::BpfSyscallUnavailable), "{error:?}");
+        let error =
+            EbpfError::from_aya("creating map X", io::Error::from_raw_os_error(libc::ENOSYS));
+        assert!(
+            matches!(error, EbpfError::BpfSyscallUnavailable),
+            "{error:?}"
+        );
     }
 
     #[test]
     fn a_pin_directory_outside_bpffs_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let error = PinLayout::prepare(&dir.path().join("node-0")).err().expect("a tmp dir is not bpffs");
-        assert!(matches!(error, EbpfError::BpffsNotMounted { .. }), "{error:?}");
-        assert!(!dir.path().join("node-0").exists(), "nothing is created off bpffs");
+        let error = PinLayout::prepare(&dir.path().join("node-0"))
+            .err()
+            .expect("a tmp dir is not bpffs");
+        assert!(
+            matches!(error, EbpfError::BpffsNotMounted { .. }),
+            "{error:?}"
+        );
+        assert!(
+            !dir.path().join("node-0").exists(),
+            "nothing is created off bpffs"
+        );
     }
 
     #[test]
     fn a_node_cgroup_outside_cgroup2_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let error = open_node_cgroup(dir.path()).expect_err("a tmp dir is not a cgroup");
-        assert!(matches!(error, EbpfError::NotACgroup2Dir { .. }), "{error:?}");
+        assert!(
+            matches!(error, EbpfError::NotACgroup2Dir { .. }),
+            "{error:?}"
+        );
     }
 
     #[test]
     fn too_many_exclusions_are_refused_before_loading() {
         let error = check_exclusion_count("ports", 65, capacity::EXCLUDED_PORTS).unwrap_err();
-        assert_eq!(error.to_string(), "too many excluded ports: 65, at most 64 fit in the eBPF map; shorten the list");
+        assert_eq!(
+            error.to_string(),
+            "too many excluded ports: 65, at most 64 fit in the eBPF map; shorten the list"
+        );
     }
 }

@@ -1,0 +1,569 @@
+//! The redirect programs on a real kernel (needs root): each test builds its own network
+//! namespace, cgroup tree and private bpffs, attaches a [`Redirector`] at the "node" cgroup, and
+//! runs real client processes placed in the pod / child / node cgroups. Everything is removed by
+//! drop guards, also when a test fails.
+
+use std::{
+    fs::{self, File},
+    io::{ErrorKind, Read},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc::{self, Receiver, RecvTimeoutError},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use nix::{
+    mount::{MntFlags, MsFlags, mount, umount2},
+    sched::{CloneFlags, setns},
+};
+use sealmesh_agent::ebpf::{MeshedCgroups, Redirect, RedirectConfig, RedirectTable, Redirector};
+use sealmesh_common::{consts::OUTBOUND_PORT, host};
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
+/// A second network on the node, excluded from redirection by CIDR.
+const EXCLUDED_NET_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 1, 1);
+/// Where pods "want" to go; nothing listens there, only the redirect makes it reachable.
+const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 99), 80);
+const EXCLUDED_PORT: u16 = 8081;
+const PLAIN_PORT: u16 = 8082;
+const LISTENER: SocketAddrV4 = SocketAddrV4::new(NODE_IP, OUTBOUND_PORT);
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Connects `count` times to host:port and, by mode: `send` writes "hi" and closes; `wait`
+/// blocks until the server closes or resets; `refused` expects every connect to be refused.
+const CLIENT: &str = r#"
+import socket, sys
+host, port, count, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+for _ in range(count):
+    if mode == "refused":
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+        except ConnectionRefusedError:
+            continue
+        sys.exit("connected although nothing should listen")
+    s = socket.create_connection((host, port), timeout=5)
+    if mode == "send":
+        s.sendall(b"hi")
+    else:
+        try:
+            s.recv(1)
+        except ConnectionResetError:
+            pass
+    s.close()
+"#;
+
+#[test]
+fn loads_attaches_pins_and_uninstalls() {
+    let bed = Testbed::new();
+    let redirector = Redirector::load(&bed.config()).expect("the eBPF object loads and attaches");
+    let status = redirector.status();
+    assert_eq!(
+        status.attached_programs,
+        ["track_redirected", "redirect_connect4"]
+    );
+    assert_eq!(
+        (
+            status.meshed_pods,
+            status.pending_connects,
+            status.pending_accepts
+        ),
+        (0, 0, 0)
+    );
+    assert_eq!(status.pin_dir, bed.pin_dir());
+    for pin in [
+        "links/track_redirected",
+        "links/redirect_connect4",
+        "maps-v1/MESHED_PODS",
+    ] {
+        assert!(bed.pin_dir().join(pin).exists(), "{pin} is pinned");
+    }
+    redirector.uninstall().expect("uninstall");
+    assert!(
+        !bed.pin_dir().exists(),
+        "uninstall removes the node's pin directory"
+    );
+}
+
+#[test]
+fn redirects_meshed_pods_and_their_children_only() {
+    let bed = Testbed::new();
+    let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
+    redirector
+        .insert(bed.pod_cgroup_id())
+        .expect("mark the pod meshed");
+    assert_eq!(redirector.ids().unwrap(), [bed.pod_cgroup_id()]);
+    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    let plain = NetnsListener::spawn(
+        &bed,
+        SocketAddrV4::new(NODE_IP, PLAIN_PORT),
+        redirector.clone(),
+        Mode::TakeAndRead,
+    );
+    let excluded_port = NetnsListener::spawn(
+        &bed,
+        SocketAddrV4::new(NODE_IP, EXCLUDED_PORT),
+        redirector.clone(),
+        Mode::TakeAndRead,
+    );
+    let excluded_net = NetnsListener::spawn(
+        &bed,
+        SocketAddrV4::new(EXCLUDED_NET_IP, PLAIN_PORT),
+        redirector.clone(),
+        Mode::TakeAndRead,
+    );
+    let loopback = NetnsListener::spawn(
+        &bed,
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, PLAIN_PORT),
+        redirector.clone(),
+        Mode::TakeAndRead,
+    );
+
+    // A pod process: redirected, with the original destination and the pod's cgroup.
+    bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
+    let accepted = outbound.next();
+    assert_eq!(accepted.received, b"hi");
+    assert_eq!(accepted.local, LISTENER);
+    assert_eq!(
+        accepted.redirect,
+        Some(Redirect {
+            original_dst: REMOTE_POD,
+            source_cgroup: bed.pod_cgroup_id()
+        })
+    );
+    assert_eq!(
+        redirector.take(accepted.peer, accepted.local),
+        None,
+        "a record is taken once"
+    );
+
+    // A process in a child cgroup of the pod counts as the pod.
+    bed.run_client(&bed.child, REMOTE_POD, 1, "send");
+    assert_eq!(
+        outbound.next().redirect,
+        Some(Redirect {
+            original_dst: REMOTE_POD,
+            source_cgroup: bed.pod_cgroup_id()
+        })
+    );
+
+    // Not redirected: a process of the (unmeshed) node cgroup, loopback, an excluded port,
+    // an excluded CIDR. Each reaches its real listener and has no record.
+    bed.run_client(&bed.node, SocketAddrV4::new(NODE_IP, PLAIN_PORT), 1, "send");
+    assert_direct(&plain);
+    bed.run_client(
+        &bed.pod,
+        SocketAddrV4::new(Ipv4Addr::LOCALHOST, PLAIN_PORT),
+        1,
+        "send",
+    );
+    assert_direct(&loopback);
+    bed.run_client(
+        &bed.pod,
+        SocketAddrV4::new(NODE_IP, EXCLUDED_PORT),
+        1,
+        "send",
+    );
+    assert_direct(&excluded_port);
+    bed.run_client(
+        &bed.pod,
+        SocketAddrV4::new(EXCLUDED_NET_IP, PLAIN_PORT),
+        1,
+        "send",
+    );
+    assert_direct(&excluded_net);
+
+    // Unmeshing the pod stops the redirect.
+    redirector
+        .remove(bed.pod_cgroup_id())
+        .expect("unmark the pod");
+    assert_eq!(redirector.ids().unwrap(), Vec::<u64>::new());
+    bed.run_client(&bed.pod, SocketAddrV4::new(NODE_IP, PLAIN_PORT), 1, "send");
+    assert_direct(&plain);
+    outbound.assert_idle();
+    assert_eq!(redirector.status().pending_accepts, 0);
+}
+
+#[test]
+fn no_records_leak_over_many_connections() {
+    let bed = Testbed::new();
+    let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
+    redirector.insert(bed.pod_cgroup_id()).unwrap();
+
+    // The agent is not listening yet: connects are refused, and their records are deleted.
+    bed.run_client(&bed.pod, REMOTE_POD, 50, "refused");
+    assert_eq!(
+        pending(&redirector),
+        (0, 0),
+        "refused connects leave no records"
+    );
+
+    // Clients that send and close at once (usually before the accept): all records survive
+    // until taken, then nothing is left.
+    const CONNECTIONS: usize = 500;
+    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    bed.run_client(&bed.pod, REMOTE_POD, CONNECTIONS, "send");
+    for n in 0..CONNECTIONS {
+        let accepted = outbound.next();
+        assert_eq!(
+            accepted.redirect,
+            Some(Redirect {
+                original_dst: REMOTE_POD,
+                source_cgroup: bed.pod_cgroup_id()
+            }),
+            "connection {n}"
+        );
+    }
+    assert_eq!(pending(&redirector), (0, 0), "every record was taken");
+    drop(outbound);
+
+    // Connections reset before the agent took them: sock_ops deletes their records.
+    let resetting =
+        NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::ResetWithoutTaking);
+    bed.run_client(&bed.pod, REMOTE_POD, 20, "wait");
+    for _ in 0..20 {
+        let accepted = resetting.next();
+        assert_eq!(
+            redirector.take(accepted.peer, accepted.local),
+            None,
+            "the record went with the connection"
+        );
+    }
+    assert_eq!(
+        pending(&redirector),
+        (0, 0),
+        "reset connections leave no records"
+    );
+}
+
+#[test]
+fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
+    let bed = Testbed::new();
+    let first = Redirector::load(&bed.config()).expect("first agent");
+    first.insert(bed.pod_cgroup_id()).unwrap();
+    let second = Arc::new(Redirector::load(&bed.config()).expect("second agent"));
+    assert_eq!(
+        second.ids().unwrap(),
+        [bed.pod_cgroup_id()],
+        "meshed pods survive in the pinned map"
+    );
+    drop(first);
+
+    let outbound = NetnsListener::spawn(&bed, LISTENER, second.clone(), Mode::TakeAndRead);
+    bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
+    assert_eq!(
+        outbound.next().redirect,
+        Some(Redirect {
+            original_dst: REMOTE_POD,
+            source_cgroup: bed.pod_cgroup_id()
+        })
+    );
+    drop(outbound);
+    let second = Arc::into_inner(second).expect("the listener thread released the redirector");
+    second.uninstall().expect("uninstall");
+}
+
+fn pending(redirector: &Redirector) -> (usize, usize) {
+    let status = redirector.status();
+    (status.pending_connects, status.pending_accepts)
+}
+
+fn assert_direct(listener: &NetnsListener) {
+    let accepted = listener.next();
+    assert_eq!(accepted.received, b"hi");
+    assert_eq!(
+        accepted.redirect, None,
+        "{} was not redirected",
+        listener.addr
+    );
+}
+
+/// A unique namespace, cgroup tree (`<root>/node/pod/child`) and private bpffs.
+struct Testbed {
+    netns: String,
+    cgroup_root: PathBuf,
+    node: PathBuf,
+    pod: PathBuf,
+    child: PathBuf,
+    bpffs: tempfile::TempDir,
+    bpffs_mounted: bool,
+}
+
+impl Testbed {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the eBPF redirect tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+        );
+        let id = format!("{:08x}", rand::random::<u32>());
+        let cgroup_root = host::cgroup2_mount()
+            .expect("cgroup2 is mounted")
+            .join(format!("sealmesh-ebpftest-{id}"));
+        let node = cgroup_root.join("node");
+        let pod = node.join("pod");
+        let child = pod.join("child");
+        let mut bed = Self {
+            netns: format!("sm-ebpftest-{id}"),
+            cgroup_root,
+            node,
+            pod,
+            child,
+            bpffs: tempfile::Builder::new()
+                .prefix("sealmesh-ebpftest-bpffs-")
+                .tempdir()
+                .unwrap(),
+            bpffs_mounted: false,
+        };
+        // From here on, Drop cleans up whatever of the following exists.
+        mount(
+            Some("bpf"),
+            bed.bpffs.path(),
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs");
+        bed.bpffs_mounted = true;
+        fs::create_dir_all(&bed.child).expect("create the cgroup tree");
+        let ns = bed.netns.clone();
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        // A veth pair (both ends in the netns) carries the node addresses; dummy is not built everywhere.
+        ip(&[
+            "-n", &ns, "link", "add", "sm0", "type", "veth", "peer", "name", "sm1",
+        ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "sm0",
+        ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{EXCLUDED_NET_IP}/24"),
+            "dev",
+            "sm0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "sm0", "up"]);
+        ip(&["-n", &ns, "link", "set", "sm1", "up"]);
+        bed
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.path().join("sealmesh-testbed/node-0")
+    }
+
+    fn config(&self) -> RedirectConfig {
+        let mut config = RedirectConfig::new(self.node.clone(), self.pin_dir(), LISTENER);
+        config.excluded_ports.push(EXCLUDED_PORT);
+        config.excluded_cidrs.push("10.250.1.0/24".parse().unwrap());
+        config
+    }
+
+    fn pod_cgroup_id(&self) -> u64 {
+        host::cgroup_id(&self.pod).unwrap()
+    }
+
+    /// Runs the client script in the netns as a process of `cgroup`, and waits for it.
+    fn run_client(&self, cgroup: &Path, dst: SocketAddrV4, count: usize, mode: &str) {
+        // The shell joins the cgroup first: `ip netns exec` remounts /sys, hiding cgroupfs.
+        let status = Command::new("sh")
+            .args(["-c", r#"echo $$ > "$0" && exec ip netns exec "$@""#])
+            .arg(cgroup.join("cgroup.procs"))
+            .args([
+                &self.netns,
+                "python3",
+                "-c",
+                CLIENT,
+                &dst.ip().to_string(),
+                &dst.port().to_string(),
+            ])
+            .args([count.to_string().as_str(), mode])
+            .status()
+            .expect("run the client");
+        assert!(
+            status.success(),
+            "client ({mode} x{count} to {dst} from {}) failed: {status}",
+            cgroup.display()
+        );
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        for dir in [&self.child, &self.pod, &self.node, &self.cgroup_root] {
+            let _ = fs::remove_dir(dir);
+        }
+        if self.bpffs_mounted {
+            // Unmounting drops every pin of this private instance (and so detaches our links).
+            let _ = umount2(self.bpffs.path(), MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {} failed", args.join(" "));
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    /// What the agent does: take the record on accept, then read the client's bytes.
+    TakeAndRead,
+    /// Reset the connection without taking its record.
+    ResetWithoutTaking,
+}
+
+struct Accepted {
+    peer: SocketAddrV4,
+    local: SocketAddrV4,
+    received: Vec<u8>,
+    redirect: Option<Redirect>,
+}
+
+/// A TCP listener inside the test's netns, on its own thread (setns is per thread).
+struct NetnsListener {
+    addr: SocketAddrV4,
+    accepted: Receiver<Accepted>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl NetnsListener {
+    fn spawn(bed: &Testbed, addr: SocketAddrV4, table: Arc<Redirector>, mode: Mode) -> Self {
+        let netns = File::open(Path::new("/run/netns").join(&bed.netns)).expect("open the netns");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let (accepted_tx, accepted) = mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            setns(&netns, CloneFlags::CLONE_NEWNET).expect("setns");
+            let listener = bind_retrying(addr);
+            listener.set_nonblocking(true).unwrap();
+            ready_tx.send(()).unwrap();
+            while !stop_flag.load(Ordering::Relaxed) {
+                let (stream, peer) = match listener.accept() {
+                    Ok(accepted) => accepted,
+                    Err(error) if error.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(error) => panic!("accept on {addr}: {error}"),
+                };
+                let peer = v4(peer);
+                let local = v4(stream.local_addr().unwrap());
+                let accepted = match mode {
+                    Mode::TakeAndRead => {
+                        let redirect = table.take(peer, local);
+                        Accepted {
+                            peer,
+                            local,
+                            received: read_all(stream),
+                            redirect,
+                        }
+                    }
+                    Mode::ResetWithoutTaking => {
+                        socket2::SockRef::from(&stream)
+                            .set_linger(Some(Duration::ZERO))
+                            .unwrap();
+                        drop(stream);
+                        Accepted {
+                            peer,
+                            local,
+                            received: Vec::new(),
+                            redirect: None,
+                        }
+                    }
+                };
+                if accepted_tx.send(accepted).is_err() {
+                    return;
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(WAIT)
+            .expect("the listener thread started");
+        Self {
+            addr,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn next(&self) -> Accepted {
+        match self.accepted.recv_timeout(WAIT) {
+            Ok(accepted) => accepted,
+            Err(RecvTimeoutError::Timeout) => {
+                panic!("nothing accepted on {} within {WAIT:?}", self.addr)
+            }
+            Err(RecvTimeoutError::Disconnected) => panic!("the listener on {} died", self.addr),
+        }
+    }
+
+    fn assert_idle(&self) {
+        if let Ok(accepted) = self.accepted.try_recv() {
+            panic!(
+                "{} unexpectedly accepted a connection from {}",
+                self.addr, accepted.peer
+            );
+        }
+    }
+}
+
+impl Drop for NetnsListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Binds, retrying briefly on EADDRINUSE: a previous listener on the address may live on for a
+/// moment in a process another test thread is forking (fds are only closed at its exec).
+fn bind_retrying(addr: SocketAddrV4) -> TcpListener {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match TcpListener::bind(addr) {
+            Ok(listener) => return listener,
+            Err(error)
+                if error.kind() == ErrorKind::AddrInUse && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(error) => panic!("bind {addr} in the netns: {error}"),
+        }
+    }
+}
+
+fn read_all(mut stream: TcpStream) -> Vec<u8> {
+    stream.set_nonblocking(false).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut received = Vec::new();
+    stream
+        .read_to_end(&mut received)
+        .expect("read the client's bytes");
+    received
+}
+
+fn v4(addr: SocketAddr) -> SocketAddrV4 {
+    match addr {
+        SocketAddr::V4(addr) => addr,
+        SocketAddr::V6(addr) => panic!("unexpected IPv6 address {addr}"),
+    }
+}
