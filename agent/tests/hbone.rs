@@ -1006,3 +1006,195 @@ async fn broken_pooled_connections_are_replaced() {
         "the broken connection left the pool"
     );
 }
+
+/// Everything real but eBPF: the identity service issuing over gRPC, each
+/// node's cert store fetching its ServiceAccounts' certificates with its node
+/// token, each node's registry reading the cluster file, and a Service VIP
+/// resolved by the registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nodes() {
+    use sealmesh_agent::{
+        certs::{CertStore, CertStoreConfig},
+        registry::LocalRegistry,
+    };
+    use sealmesh_common::{
+        cluster::{ClusterFile, Namespace, Node as ClusterNode, Pod, Service, ServicePort},
+        consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+    };
+    use sealmesh_identity::{
+        Config as IdentityConfig, ServerBuilder,
+        pki::{CaSpec, Layout, generate_issuer, generate_root},
+    };
+
+    const DAY: Duration = Duration::from_secs(86_400);
+    let n = 14;
+    let echo = echo_server(ip(n, 33)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = |name: &str| dir.path().join(name);
+
+    let root = generate_root(&CaSpec::valid_for("root.hbone-test", 365 * DAY)).unwrap();
+    let (issuer, _) = generate_issuer(
+        &root.material(),
+        &CaSpec::valid_for("issuer.hbone-test", 30 * DAY),
+    )
+    .unwrap();
+    std::fs::write(path("ca-bundle.crt"), &root.cert_pem).unwrap();
+    issuer
+        .write_dir(&path("issuer"), Layout::Pem, false)
+        .unwrap();
+
+    let mut cluster = ClusterFile::new("tb-hbone");
+    for (name, host, cidr) in [("node-a", 2, 16), ("node-b", 3, 32)] {
+        std::fs::write(path(&format!("{name}.token")), format!("{name}-token")).unwrap();
+        cluster.nodes.push(ClusterNode {
+            name: name.into(),
+            ip: ip(n, host),
+            pod_cidr: format!("{}/28", ip(n, cidr)).parse().unwrap(),
+            cgroup: path(name),
+            token_file: Some(path(&format!("{name}.token"))),
+            netns: None,
+        });
+    }
+    cluster.namespaces.push(Namespace {
+        name: NAMESPACE.into(),
+        labels: [(MESH_LABEL.into(), MESH_LABEL_ENABLED.into())].into(),
+    });
+    for (name, node, host) in [("client", "node-a", 17), ("server", "node-b", 33)] {
+        // The registry takes a local pod's cgroup id from its directory.
+        let cgroup = path(node).join(name);
+        std::fs::create_dir_all(&cgroup).unwrap();
+        cluster.pods.push(Pod {
+            name: format!("{name}-0"),
+            namespace: NAMESPACE.into(),
+            service_account: name.into(),
+            ip: ip(n, host),
+            node: node.into(),
+            cgroup,
+            labels: [("app".into(), name.into())].into(),
+            annotations: Default::default(),
+            netns: None,
+        });
+    }
+    let vip = service_vip(n);
+    cluster.services.push(Service {
+        name: "server".into(),
+        namespace: NAMESPACE.into(),
+        vip: *vip.ip(),
+        ports: vec![ServicePort {
+            name: None,
+            port: vip.port(),
+            target_port: echo.port(),
+        }],
+        selector: [("app".into(), "server".into())].into(),
+    });
+    cluster.save(&path("cluster.yaml")).unwrap();
+
+    let mut identity_config =
+        IdentityConfig::new(path("cluster.yaml"), path("ca-bundle.crt"), path("issuer"));
+    identity_config.listen = "127.0.0.1:0".parse().unwrap();
+    identity_config.metrics_listen = "127.0.0.1:0".parse().unwrap();
+    let identity = ServerBuilder::new(identity_config).bind().await.unwrap();
+    let identity_addr = identity.grpc_addr();
+    let (stop_identity, identity_stopped) = oneshot::channel::<()>();
+    tokio::spawn(identity.run(async move {
+        let _ = identity_stopped.await;
+    }));
+
+    let (stop, stopped) = watch::channel(false);
+    let until_stopped = || {
+        let mut stopped = stopped.clone();
+        async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        }
+    };
+    let mut nodes = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let registry = LocalRegistry::load(&path("cluster.yaml"), node).unwrap();
+        let certs = CertStore::new(CertStoreConfig {
+            identity_addr,
+            token_file: path(&format!("{node}.token")),
+            trust_anchors_file: path("ca-bundle.crt"),
+            trust_domain: TrustDomain::default(),
+            renewal: Default::default(),
+        })
+        .unwrap();
+        tokio::spawn(certs.clone().run(registry.clone(), until_stopped()));
+        let local_sa = if node == "node-a" { "client" } else { "server" };
+        let local_id = TrustDomain::default()
+            .identity(NAMESPACE, local_sa)
+            .unwrap();
+        tokio::time::timeout(EVENT_WAIT, async {
+            while !certs.has_valid_cert(&local_id) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{node} got no certificate for {local_id}"));
+        let redirects = Arc::new(TestRedirects::default());
+        let mut cfg = ProxyConfig::for_node(registry.local_node().ip, Policy::default());
+        cfg.drain_timeout = DRAIN_TIMEOUT;
+        let proxy = Proxy::bind(cfg, registry.clone(), redirects.clone(), certs)
+            .await
+            .unwrap();
+        let mut events = proxy.handle().subscribe();
+        tokio::spawn(proxy.run(until_stopped()));
+        let client_cgroup = registry.local_workloads().iter().find_map(|w| w.cgroup_id);
+        nodes.push((redirects, client_cgroup, async move {
+            loop {
+                let event = events.recv().await.unwrap();
+                if event.phase == Phase::Close {
+                    return event;
+                }
+            }
+        }));
+    }
+    let (_, _, b_close) = nodes.pop().unwrap();
+    let (a_redirects, client_cgroup, a_close) = nodes.pop().unwrap();
+
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((ip(n, 17), 0))).unwrap();
+    let SocketAddr::V4(client) = socket.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let outbound = SocketAddrV4::new(ip(n, 2), OUTBOUND_PORT);
+    a_redirects.0.lock().unwrap().insert(
+        (client, outbound),
+        Redirect {
+            original_dst: vip,
+            source_cgroup: client_cgroup.unwrap(),
+        },
+    );
+    let stream = socket.connect(outbound.into()).await.unwrap();
+    let payload = random_bytes(2 * 1024 * 1024 + 5);
+    assert!(
+        round_trip(stream, payload.clone()).await == payload,
+        "bytes differ"
+    );
+
+    let (out, inbound) = tokio::time::timeout(EVENT_WAIT, async { tokio::join!(a_close, b_close) })
+        .await
+        .expect("both agents report the connection");
+    assert!(out.tls && inbound.tls);
+    assert_eq!(out.error, None, "{out:?}");
+    assert_eq!(
+        out.dst_addr,
+        Some(echo.into()),
+        "the VIP resolved to the server pod"
+    );
+    assert_eq!(
+        inbound.client_id.as_deref(),
+        Some("spiffe://cluster.local/ns/app/sa/client")
+    );
+    assert_eq!(
+        inbound.server_id.as_deref(),
+        Some("spiffe://cluster.local/ns/app/sa/server")
+    );
+    assert_eq!(inbound.src.map(|p| p.name).as_deref(), Some("client-0"));
+    assert_eq!(
+        (inbound.bytes_src_to_dst, inbound.bytes_dst_to_src),
+        (payload.len() as u64, payload.len() as u64)
+    );
+
+    stop.send(true).unwrap();
+    stop_identity.send(()).unwrap();
+}
