@@ -176,6 +176,8 @@ struct IssuedCert {
     received: SystemTime,
     key: Arc<CertifiedKey>,
     client_config: Arc<ClientConfig>,
+    /// [`Anchored::epoch`] of the anchors `client_config` verifies servers with.
+    anchors_epoch: u64,
 }
 
 impl std::fmt::Debug for IssuedCert {
@@ -193,6 +195,19 @@ impl IssuedCert {
     fn is_valid_at(&self, now: SystemTime) -> bool {
         self.not_before <= now && now < self.not_after
     }
+
+    /// The same certificate with a client config verifying servers against `anchored`.
+    fn with_anchors(&self, anchored: &Anchored) -> Result<Self, TlsError> {
+        Ok(Self {
+            serial: self.serial.clone(),
+            not_before: self.not_before,
+            not_after: self.not_after,
+            received: self.received,
+            key: self.key.clone(),
+            client_config: Arc::new(anchored.anchors.client_config(self.key.clone())?),
+            anchors_epoch: anchored.epoch,
+        })
+    }
 }
 
 type CertMap = HashMap<Identity, Arc<IssuedCert>>;
@@ -202,6 +217,8 @@ type CertMap = HashMap<Identity, Arc<IssuedCert>>;
 struct Anchored {
     anchors: TrustAnchors,
     server_config: Arc<ServerConfig>,
+    /// Bumped on every reload.
+    epoch: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -214,6 +231,9 @@ pub struct CertStore {
     identity: IdentityClient<Channel>,
     anchored: ArcSwap<Anchored>,
     certs: Arc<ArcSwap<CertMap>>,
+    /// Serialises changes of `certs` and `anchored`, so no certificate is
+    /// installed with a client config built from replaced anchors.
+    writer: Mutex<()>,
     /// Identities being maintained (requested), with their last failure.
     progress: Mutex<HashMap<Identity, Progress>>,
     resolver: Arc<SniResolver>,
@@ -244,11 +264,12 @@ impl CertStore {
             certs: certs.clone(),
             trust_domain: cfg.trust_domain.clone(),
         });
-        let anchored = load_anchored(&cfg, resolver.clone())?;
+        let anchored = load_anchored(&cfg, resolver.clone(), 0)?;
         Ok(Arc::new(Self {
             identity: IdentityClient::new(endpoint.connect_lazy()),
             anchored: ArcSwap::from_pointee(anchored),
             certs,
+            writer: Mutex::new(()),
             progress: Mutex::new(HashMap::new()),
             resolver,
             cfg,
@@ -258,33 +279,28 @@ impl CertStore {
     /// Re-reads the trust anchors file and switches every config to it (for
     /// anchor rotation). On error the old anchors stay.
     pub fn reload_trust_anchors(&self) -> Result<(), CertStoreError> {
-        let anchored = load_anchored(&self.cfg, self.resolver.clone())?;
-        self.certs.rcu(|certs| {
-            certs
-                .iter()
-                .filter_map(|(id, issued)| {
-                    match anchored.anchors.client_config(issued.key.clone()) {
-                        Ok(config) => Some((
-                            id.clone(),
-                            Arc::new(IssuedCert {
-                                serial: issued.serial.clone(),
-                                not_before: issued.not_before,
-                                not_after: issued.not_after,
-                                received: issued.received,
-                                key: issued.key.clone(),
-                                client_config: Arc::new(config),
-                            }),
-                        )),
-                        Err(error) => {
-                            tracing::error!(identity = %id, %error, "cannot rebuild client config; dropping the certificate");
-                            None
-                        }
-                    }
-                })
-                .collect::<CertMap>()
-        });
-        self.anchored.store(Arc::new(anchored));
-        tracing::info!(file = %self.cfg.trust_anchors_file.display(), "trust anchors reloaded");
+        let _writer = self.writer.lock().expect("cert writer lock poisoned");
+        let epoch = self.anchored.load().epoch + 1;
+        let anchored = Arc::new(load_anchored(&self.cfg, self.resolver.clone(), epoch)?);
+        self.anchored.store(anchored.clone());
+        let rebuilt: CertMap = self
+            .certs
+            .load()
+            .iter()
+            .filter_map(|(id, issued)| match issued.with_anchors(&anchored) {
+                Ok(issued) => Some((id.clone(), Arc::new(issued))),
+                Err(error) => {
+                    tracing::error!(identity = %id, %error, "cannot rebuild the client config for the new trust anchors; dropping the certificate until it is renewed");
+                    None
+                }
+            })
+            .collect();
+        self.certs.store(Arc::new(rebuilt));
+        tracing::info!(
+            file = %self.cfg.trust_anchors_file.display(),
+            anchors = anchored.anchors.len(),
+            "trust anchors reloaded"
+        );
         Ok(())
     }
 
@@ -407,11 +423,12 @@ impl CertStore {
         task.abort();
         // Wait until it has stopped so it cannot store a certificate after removal.
         let _ = task.await;
-        self.certs.rcu(|certs| {
-            let mut certs = CertMap::clone(certs);
+        {
+            let _writer = self.writer.lock().expect("cert writer lock poisoned");
+            let mut certs = CertMap::clone(&self.certs.load());
             certs.remove(id);
-            certs
-        });
+            self.certs.store(Arc::new(certs));
+        }
         self.progress
             .lock()
             .expect("cert progress lock poisoned")
@@ -423,24 +440,9 @@ impl CertStore {
     async fn maintain(self: Arc<Self>, id: Identity) {
         let mut failures = 0u32;
         loop {
-            let delay = match self.obtain(&id).await {
-                Ok(issued) => {
+            let delay = match self.refresh(&id).await {
+                Ok(renew_in) => {
                     failures = 0;
-                    let remaining = issued
-                        .not_after
-                        .duration_since(issued.received)
-                        .unwrap_or_default();
-                    let renew_in = self.cfg.renewal.renew_delay(remaining);
-                    let renewed = self.certs.load().contains_key(&id);
-                    tracing::info!(
-                        identity = %id,
-                        serial = %issued.serial,
-                        not_after = %humanize(issued.not_after),
-                        renew_in = ?renew_in,
-                        "{}",
-                        if renewed { "certificate renewed" } else { "certificate obtained" }
-                    );
-                    self.install(&id, issued);
                     renew_in
                 }
                 Err(error) => {
@@ -461,14 +463,44 @@ impl CertStore {
         }
     }
 
-    fn install(&self, id: &Identity, issued: IssuedCert) {
-        let issued = Arc::new(issued);
-        self.certs.rcu(|certs| {
-            let mut certs = CertMap::clone(certs);
-            certs.insert(id.clone(), issued.clone());
-            certs
-        });
+    /// Obtains and installs a certificate; returns when to renew it.
+    async fn refresh(&self, id: &Identity) -> Result<Duration, ObtainError> {
+        let issued = self.obtain(id).await?;
+        let remaining = issued
+            .not_after
+            .duration_since(issued.received)
+            .unwrap_or_default();
+        let renew_in = self.cfg.renewal.renew_delay(remaining);
+        let (serial, not_after) = (issued.serial.clone(), issued.not_after);
+        let renewed = self.certs.load().contains_key(id);
+        self.install(id, issued).map_err(ObtainError::Untrusted)?;
+        tracing::info!(
+            identity = %id,
+            %serial,
+            not_after = %humanize(not_after),
+            renew_in = ?renew_in,
+            "{}",
+            if renewed { "certificate renewed" } else { "certificate obtained" }
+        );
+        Ok(renew_in)
+    }
+
+    fn install(&self, id: &Identity, issued: IssuedCert) -> Result<(), TlsError> {
+        {
+            let _writer = self.writer.lock().expect("cert writer lock poisoned");
+            let anchored = self.anchored.load();
+            let issued = if issued.anchors_epoch == anchored.epoch {
+                issued
+            } else {
+                // The anchors were reloaded while this certificate was on its way.
+                issued.with_anchors(&anchored)?
+            };
+            let mut certs = CertMap::clone(&self.certs.load());
+            certs.insert(id.clone(), Arc::new(issued));
+            self.certs.store(Arc::new(certs));
+        }
         self.set_error(id, None);
+        Ok(())
     }
 
     fn set_error(&self, id: &Identity, error: Option<String>) {
@@ -571,6 +603,7 @@ impl CertStore {
             received: SystemTime::now(),
             key,
             client_config: Arc::new(client_config),
+            anchors_epoch: anchored.epoch,
         })
     }
 }
@@ -578,6 +611,7 @@ impl CertStore {
 fn load_anchored(
     cfg: &CertStoreConfig,
     resolver: Arc<SniResolver>,
+    epoch: u64,
 ) -> Result<Anchored, CertStoreError> {
     let path = &cfg.trust_anchors_file;
     let pem = std::fs::read(path).map_err(|source| CertStoreError::ReadTrustAnchors {
@@ -593,6 +627,7 @@ fn load_anchored(
     Ok(Anchored {
         anchors,
         server_config,
+        epoch,
     })
 }
 
@@ -912,7 +947,7 @@ mod tests {
             debug.contains("<redacted>") && !debug.contains("PRIVATE"),
             "{debug}"
         );
-        store.install(&id, issued);
+        store.install(&id, issued).unwrap();
         assert!(store.has_valid_cert(&id));
         let config = store.client_config(&id).unwrap();
         assert_eq!(config.alpn_protocols, [b"h2".to_vec()]);
@@ -930,10 +965,12 @@ mod tests {
         let store = store_trusting(&ca, &dir);
         let id = web();
         let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        store.install(
-            &id,
-            store.accept(&id, ca.leaf(&k, sans_of(&id)), k).unwrap(),
-        );
+        store
+            .install(
+                &id,
+                store.accept(&id, ca.leaf(&k, sans_of(&id)), k).unwrap(),
+            )
+            .unwrap();
         let before = store.client_config(&id).unwrap();
         let server_before = store.server_config();
 
@@ -951,9 +988,18 @@ mod tests {
             format!("{}{}", ca.root.pem(), next.root.pem()),
         )
         .unwrap();
+        // Obtained before the reload, installed after it.
+        let k = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let in_flight = store.accept(&id, ca.leaf(&k, sans_of(&id)), k).unwrap();
         store.reload_trust_anchors().unwrap();
         assert_eq!(store.anchored.load().anchors.len(), 2);
+        assert_eq!(store.anchored.load().epoch, 1);
+        assert_eq!(store.certs.load()[&id].anchors_epoch, 1);
         assert!(!Arc::ptr_eq(&before, &store.client_config(&id).unwrap()));
         assert!(!Arc::ptr_eq(&server_before, &store.server_config()));
+
+        assert_eq!(in_flight.anchors_epoch, 0);
+        store.install(&id, in_flight).unwrap();
+        assert_eq!(store.certs.load()[&id].anchors_epoch, 1);
     }
 }
