@@ -192,3 +192,100 @@ fn sync_once(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        net::{Ipv4Addr, SocketAddrV4},
+        sync::Mutex,
+    };
+
+    use sealmesh_agent::registry::{Endpoint, NodeInfo, Workload};
+    use sealmesh_common::identity::TrustDomain;
+
+    use super::*;
+
+    struct Workloads {
+        node: NodeInfo,
+        trust_domain: TrustDomain,
+        local: Vec<Arc<Workload>>,
+        version: watch::Sender<u64>,
+    }
+
+    impl WorkloadRegistry for Workloads {
+        fn local_node(&self) -> &NodeInfo {
+            &self.node
+        }
+        fn trust_domain(&self) -> &TrustDomain {
+            &self.trust_domain
+        }
+        fn by_cgroup(&self, _: u64) -> Option<Arc<Workload>> {
+            None
+        }
+        fn by_ip(&self, _: Ipv4Addr) -> Option<Arc<Workload>> {
+            None
+        }
+        fn resolve(&self, _: SocketAddrV4) -> Option<Endpoint> {
+            None
+        }
+        fn local_workloads(&self) -> Vec<Arc<Workload>> {
+            self.local.clone()
+        }
+        fn subscribe(&self) -> watch::Receiver<u64> {
+            self.version.subscribe()
+        }
+    }
+
+    #[derive(Default)]
+    struct Map(Mutex<BTreeSet<u64>>);
+
+    impl MeshedCgroups for Map {
+        fn insert(&self, id: u64) -> Result<(), EbpfError> {
+            self.0.lock().unwrap().insert(id);
+            Ok(())
+        }
+        fn remove(&self, id: u64) -> Result<(), EbpfError> {
+            self.0.lock().unwrap().remove(&id);
+            Ok(())
+        }
+        fn ids(&self) -> Result<Vec<u64>, EbpfError> {
+            Ok(self.0.lock().unwrap().iter().copied().collect())
+        }
+    }
+
+    fn pod(name: &str, meshed: bool, cgroup_id: Option<u64>) -> Arc<Workload> {
+        Arc::new(Workload {
+            name: name.into(),
+            namespace: "app".into(),
+            service_account: name.into(),
+            identity: TrustDomain::default().identity("app", name).unwrap(),
+            ip: Ipv4Addr::new(10, 244, 0, 2),
+            node: "node-0".into(),
+            node_ip: Ipv4Addr::new(172, 18, 0, 2),
+            meshed,
+            cgroup_id,
+        })
+    }
+
+    #[test]
+    fn map_holds_exactly_the_meshed_local_cgroups() {
+        let registry = Workloads {
+            node: NodeInfo {
+                name: "node-0".into(),
+                ip: Ipv4Addr::new(172, 18, 0, 2),
+            },
+            trust_domain: TrustDomain::default(),
+            local: vec![
+                pod("web", true, Some(11)),
+                pod("vote", true, Some(12)),
+                pod("opted-out", false, Some(13)),
+                pod("no-cgroup-yet", true, None),
+            ],
+            version: watch::Sender::new(0),
+        };
+        // 99: a pod that left the node; 12: already there.
+        let map = Map(Mutex::new(BTreeSet::from([12, 99])));
+        sync_once(&registry, &map).unwrap();
+        assert_eq!(map.ids().unwrap(), [11, 12]);
+    }
+}

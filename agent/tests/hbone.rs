@@ -1191,6 +1191,11 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
     );
     assert_eq!(inbound.src.map(|p| p.name).as_deref(), Some("client-0"));
     assert_eq!(
+        inbound.src_addr,
+        SocketAddr::from(client),
+        "the verified source pod's address"
+    );
+    assert_eq!(
         (inbound.bytes_src_to_dst, inbound.bytes_dst_to_src),
         (payload.len() as u64, payload.len() as u64)
     );

@@ -86,7 +86,8 @@ pub struct ConnectionEvent {
     pub direction: Direction,
     /// Unix time of the event, in milliseconds.
     pub timestamp_ms: u64,
-    /// The connecting side's address (a pod's, or the peer agent's for inbound).
+    /// The source pod's address; for inbound, the peer agent's when the
+    /// source pod could not be verified.
     pub src_addr: SocketAddr,
     /// Where the bytes go (the pod endpoint after Service resolution).
     pub dst_addr: Option<SocketAddr>,

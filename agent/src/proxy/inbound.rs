@@ -179,7 +179,8 @@ async fn stream(
     tracker.event.tls = true;
     tracker.event.client_id = Some(peer.client.to_string());
     tracker.event.server_id = Some(peer.requested.to_string());
-    if let Some(source) = forwarded_source(&engine, &peer, &request) {
+    if let Some((addr, source)) = forwarded_source(&engine, &peer, &request) {
+        tracker.event.src_addr = addr.into();
         tracker.set_src(&source);
     }
     let target = match admit(&engine, &peer, &request, &mut tracker).await {
@@ -263,13 +264,14 @@ async fn connect_target(
     }
 }
 
-/// The source pod named by the client's `forwarded: for="ip:port"` header,
-/// believed only when that pod runs as the authenticated client identity.
+/// The source pod (and its address) named by the client's
+/// `forwarded: for="ip:port"` header, believed only when that pod runs as
+/// the authenticated client identity.
 fn forwarded_source(
     engine: &Engine,
     peer: &Peer,
     request: &Request<RecvStream>,
-) -> Option<Arc<Workload>> {
+) -> Option<(SocketAddrV4, Arc<Workload>)> {
     let value = request.headers().get(FORWARDED_HEADER)?.to_str().ok()?;
     let addr: SocketAddrV4 = value
         .strip_prefix("for=\"")?
@@ -280,6 +282,7 @@ fn forwarded_source(
         .registry
         .by_ip(*addr.ip())
         .filter(|w| w.identity == peer.client)
+        .map(|w| (addr, w))
 }
 
 fn empty_response(status: StatusCode) -> Response<()> {
