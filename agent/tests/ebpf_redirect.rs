@@ -10,7 +10,7 @@ use std::{
     path::{Path, PathBuf},
     process::Command,
     sync::{
-        Arc,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
         mpsc::{self, Receiver, RecvTimeoutError},
     },
@@ -22,8 +22,15 @@ use nix::{
     mount::{MntFlags, MsFlags, mount, umount2},
     sched::{CloneFlags, setns},
 };
-use sealmesh_agent::ebpf::{MeshedCgroups, Redirect, RedirectConfig, RedirectTable, Redirector};
+use sealmesh_agent::ebpf::{
+    KERNEL_LOG_TARGET, MeshedCgroups, Redirect, RedirectConfig, RedirectTable, Redirector,
+};
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::{
+    filter::LevelFilter,
+    layer::{Context, Layer, SubscriberExt},
+};
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// A second network on the node, excluded from redirection by CIDR.
@@ -266,6 +273,68 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
     drop(outbound);
     let second = Arc::into_inner(second).expect("the listener thread released the redirector");
     second.uninstall().expect("uninstall");
+}
+
+#[test]
+fn kernel_logs_reach_tracing() {
+    let captured = capture_kernel_logs();
+    let bed = Testbed::new();
+    let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
+    redirector.insert(bed.pod_cgroup_id()).unwrap();
+    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
+    assert!(outbound.next().redirect.is_some());
+
+    let expected = format!(
+        "connect4: redirected cgroup {} to {REMOTE_POD}",
+        bed.pod_cgroup_id()
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while !captured.lock().unwrap().contains(&expected) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no kernel log {expected:?} in {:?}",
+            captured.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Installs (once per test binary) a subscriber at DEBUG that keeps the messages logged under
+/// the eBPF programs' target.
+fn capture_kernel_logs() -> Arc<Mutex<Vec<String>>> {
+    static CAPTURED: OnceLock<Arc<Mutex<Vec<String>>>> = OnceLock::new();
+    CAPTURED
+        .get_or_init(|| {
+            let captured = Arc::new(Mutex::new(Vec::new()));
+            let subscriber = tracing_subscriber::registry()
+                .with(KernelLogCapture(captured.clone()))
+                .with(LevelFilter::DEBUG);
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other subscriber in this test binary");
+            captured
+        })
+        .clone()
+}
+
+struct KernelLogCapture(Arc<Mutex<Vec<String>>>);
+
+impl<S: tracing::Subscriber> Layer<S> for KernelLogCapture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        struct Message(String);
+        impl Visit for Message {
+            fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = format!("{value:?}");
+                }
+            }
+        }
+        if event.metadata().target() == KERNEL_LOG_TARGET {
+            let mut message = Message(String::new());
+            event.record(&mut message);
+            self.0.lock().unwrap().push(message.0);
+        }
+    }
 }
 
 fn pending(redirector: &Redirector) -> (usize, usize) {

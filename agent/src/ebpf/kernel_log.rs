@@ -19,12 +19,13 @@ use tracing::level_filters::LevelFilter;
 
 use super::EbpfError;
 
-/// tracing target of records written by the eBPF programs.
+/// tracing target of records written by the eBPF programs (e.g. `RUST_LOG=sealmesh_agent::ebpf::kernel=debug`
+/// shows every redirect).
 pub const KERNEL_LOG_TARGET: &str = "sealmesh_agent::ebpf::kernel";
 
 /// The level the programs should log at (the value of aya-log's `AYA_LOG_LEVEL` global): what
 /// the installed subscriber would keep, so disabled levels cost nothing in the kernel.
-pub fn kernel_log_level() -> u8 {
+pub(super) fn kernel_log_level() -> u8 {
     let level = match LevelFilter::current().into_level() {
         None => return 0,
         Some(level) => level,
@@ -39,14 +40,14 @@ pub fn kernel_log_level() -> u8 {
     aya_level as u8
 }
 
-pub struct KernelLogForwarder {
+pub(super) struct KernelLogForwarder {
     /// Write end of the stop pipe; dropping it wakes the thread.
     stop: Option<OwnedFd>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl KernelLogForwarder {
-    pub fn start(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
+    pub(super) fn start(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
         let mut logger = EbpfLogger::init_with_logger(ebpf, LogToTracing)
             .map_err(|error| EbpfError::KernelLog(error.to_string()))?;
         let (stop_read, stop_write) =

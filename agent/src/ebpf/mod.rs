@@ -47,6 +47,7 @@ use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 use sealmesh_common::host;
 
 pub use self::error::EbpfError;
+pub use self::kernel_log::KERNEL_LOG_TARGET;
 use self::kernel_log::{KernelLogForwarder, kernel_log_level};
 
 /// The programs, built for the bpf target by build.rs.
