@@ -536,12 +536,12 @@ pub fn is_p256(spki: &SubjectPublicKeyInfo<'_>) -> bool {
             .is_some_and(|oid| oid == OID_EC_P256)
 }
 
-/// A random positive serial of 128 bits (RFC 5280 allows up to 20 octets; the
-/// top bit is cleared so the DER INTEGER stays positive in 16 octets).
+/// A random positive 128-bit serial (RFC 5280 allows up to 20 octets): the
+/// top bit is cleared so the DER INTEGER is positive, and the next one set so
+/// it is never shortened, leaving 126 random bits (CA/B asks for 64).
 pub fn random_serial() -> SerialNumber {
     let mut bytes: [u8; 16] = rand::random();
-    bytes[0] &= 0x7f;
-    bytes[0] |= 0x01 << 6; // never zero, always 16 octets
+    bytes[0] = (bytes[0] & 0x3f) | 0x40;
     SerialNumber::from_slice(&bytes)
 }
 

@@ -161,10 +161,9 @@ pub fn spawn_directory_watch(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<tokio::task::JoinHandle<()>, RotationError> {
     let (changed_tx, mut changed_rx) = mpsc::channel::<()>(1);
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Any event (or watcher error) is only a hint to re-read; a full
-        // channel already holds one.
-        let _ = event;
+    // Any event (or watcher error) is only a hint to re-read the directory;
+    // a full channel already holds one.
+    let mut watcher = notify::recommended_watcher(move |_: notify::Result<notify::Event>| {
         let _ = changed_tx.try_send(());
     })
     .map_err(|source| RotationError::Watch {

@@ -75,9 +75,12 @@ pub fn run(certs: usize, concurrency: usize) -> anyhow::Result<()> {
         let mut requests = requests;
         let timed = requests.split_off(WARM_UP_CALLS);
         fire(&channels, requests, concurrency).await?;
+        let cpu_before = process_cpu_time()?;
         let started = Instant::now();
         let latencies = fire(&channels, timed, concurrency).await?;
-        anyhow::Ok((started.elapsed(), latencies, connections))
+        let elapsed = started.elapsed();
+        let cpu = process_cpu_time()?.saturating_sub(cpu_before);
+        anyhow::Ok((elapsed, cpu, latencies, connections))
     });
 
     let _ = stop.send(());
@@ -85,18 +88,44 @@ pub fn run(certs: usize, concurrency: usize) -> anyhow::Result<()> {
         .block_on(serving)
         .context("identity service task panicked")?
         .context("identity service failed")?;
-    let (elapsed, mut latencies, connections) = outcome?;
+    let (elapsed, cpu, mut latencies, connections) = outcome?;
 
     latencies.sort_unstable();
     let percentile = |p: usize| latencies[(latencies.len() * p / 100).min(latencies.len() - 1)];
     let rate = certs as f64 / elapsed.as_secs_f64();
+    // CPU per certificate (service and client together) shows what the
+    // machine could do when the rate is held down by other load.
     println!(
-        "identity: {certs} certificates in {:.3}s, {concurrency} in flight over {connections} connections, latency p50 {:?} p99 {:?}: {rate:.0} certs/s",
+        "identity: {certs} certificates in {:.3}s, {concurrency} in flight over {connections} connections, \
+         latency p50 {:?} p99 {:?}, cpu {:.0}µs/cert (service + client): {rate:.0} certs/s",
         elapsed.as_secs_f64(),
         percentile(50),
         percentile(99),
+        cpu.as_secs_f64() * 1e6 / certs as f64,
     );
     Ok(())
+}
+
+/// User + system CPU time of this process, all threads (`/proc/self/stat`
+/// fields 14 and 15, in USER_HZ = 100 ticks per second on Linux).
+fn process_cpu_time() -> anyhow::Result<Duration> {
+    const USER_HZ: u64 = 100;
+    let stat = std::fs::read_to_string("/proc/self/stat").context("cannot read /proc/self/stat")?;
+    // The command name (field 2) may hold spaces; fields after it are plain.
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc/self/stat format")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |field: usize| -> anyhow::Result<u64> {
+        // fields[0] is field 3 (state)
+        Ok(fields
+            .get(field - 3)
+            .context("unexpected /proc/self/stat format")?
+            .parse()?)
+    };
+    let total = ticks(14)? + ticks(15)?;
+    Ok(Duration::from_millis(total * 1000 / USER_HZ))
 }
 
 fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
