@@ -3,11 +3,16 @@
 //! SIGINT/SIGTERM.
 
 use std::{
-    collections::BTreeSet, future::Future, net::SocketAddrV4, process::ExitCode, sync::Arc,
+    collections::BTreeSet,
+    future::Future,
+    net::{IpAddr, SocketAddr, SocketAddrV4},
+    process::ExitCode,
+    sync::Arc,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
+use ipnet::Ipv4Net;
 use sealmesh_agent::{
     certs::{CertStore, CertStoreConfig},
     config::{Config, LogFormat},
@@ -95,10 +100,13 @@ async fn run(config: Config) -> Result<()> {
             node_cgroup: config.node_cgroup.clone(),
             bpffs_dir: config.bpffs_dir.clone(),
             listener,
-            // The agent reaches the identity service itself, but pods that
-            // call it directly (none should) must not loop through the agent.
-            excluded_ports: vec![config.identity_addr.port()],
-            excluded_cidrs: Vec::new(),
+            // Pods' connections to the identity service stay direct. Its
+            // address, not its port, is excluded: excluding a port would
+            // unmesh every app that listens on the same port.
+            excluded_ports: Vec::new(),
+            excluded_cidrs: identity_service_cidr(config.identity_addr)
+                .into_iter()
+                .collect(),
         })
         .with_context(|| {
             format!(
@@ -134,6 +142,15 @@ async fn run(config: Config) -> Result<()> {
     }
     tracing::info!("sealmesh-agent stopped");
     Ok(())
+}
+
+/// The identity service's address as a /32, when it is IPv4 (the only
+/// family the redirect programs handle).
+fn identity_service_cidr(addr: SocketAddr) -> Option<Ipv4Net> {
+    match addr.ip() {
+        IpAddr::V4(ip) => Some(Ipv4Net::from(ip)),
+        IpAddr::V6(_) => None,
+    }
 }
 
 async fn wait_for_signal() -> Result<()> {
@@ -287,5 +304,14 @@ mod tests {
         let map = Map(Mutex::new(BTreeSet::from([12, 99])));
         sync_once(&registry, &map).unwrap();
         assert_eq!(map.ids().unwrap(), [11, 12]);
+    }
+
+    #[test]
+    fn excludes_the_identity_service_address_not_its_port() {
+        assert_eq!(
+            identity_service_cidr("172.18.0.1:8080".parse().unwrap()),
+            Some("172.18.0.1/32".parse().unwrap())
+        );
+        assert_eq!(identity_service_cidr("[::1]:8080".parse().unwrap()), None);
     }
 }
