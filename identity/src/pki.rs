@@ -496,9 +496,9 @@ fn p256_sec1_to_pkcs8(sec1: &[u8]) -> Vec<u8> {
     const TAG_SEQUENCE: u8 = 0x30;
     let ec_public_key_oid = der_tlv(
         TAG_OID,
-        &x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY.as_bytes(),
+        x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY.as_bytes(),
     );
-    let p256_oid = der_tlv(TAG_OID, &OID_EC_P256.as_bytes());
+    let p256_oid = der_tlv(TAG_OID, OID_EC_P256.as_bytes());
     let algorithm = der_tlv(TAG_SEQUENCE, &[ec_public_key_oid, p256_oid].concat());
     let version = der_tlv(TAG_INTEGER, &[0]);
     der_tlv(

@@ -54,7 +54,10 @@ pub fn run(certs: usize, concurrency: usize) -> anyhow::Result<()> {
         let _ = stopped.await;
     }));
 
-    eprintln!("generating {} P-256 keys and CSRs ...", certs + WARM_UP_CALLS);
+    eprintln!(
+        "generating {} P-256 keys and CSRs ...",
+        certs + WARM_UP_CALLS
+    );
     let requests: Vec<CertifyRequest> = (0..certs + WARM_UP_CALLS)
         .map(|i| certify_request(&identities[i % identities.len()], &token))
         .collect::<anyhow::Result<_>>()?;
@@ -69,7 +72,9 @@ pub fn run(certs: usize, concurrency: usize) -> anyhow::Result<()> {
                     .tcp_nodelay(true)
                     .connect()
                     .await
-                    .with_context(|| format!("cannot connect to the identity service at {address}"))?,
+                    .with_context(|| {
+                        format!("cannot connect to the identity service at {address}")
+                    })?,
             );
         }
         let mut requests = requests;
@@ -138,7 +143,10 @@ fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// Writes root, issuer, a node token and a cluster file under `dir`.
 fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identity>)> {
-    let root = generate_root(&CaSpec::valid_for("root.bench", Duration::from_secs(86_400)))?;
+    let root = generate_root(&CaSpec::valid_for(
+        "root.bench",
+        Duration::from_secs(86_400),
+    ))?;
     let (issuer, _) = generate_issuer(
         &root.material(),
         &CaSpec::valid_for("issuer.bench", Duration::from_secs(3600)),
