@@ -128,9 +128,13 @@ impl Testbed {
         require_root()?;
         let host = HostPaths::detect()?;
         create_dir(host.state_root(), "cannot create state root")?;
-        // Creating the state dir claims the id, so concurrent testbeds never share one.
+        // Creating the state dir claims the id, so concurrent testbeds never share one;
+        // ids with leftovers of a crashed run (which lost its state dir) are skipped.
         let layout = loop {
             let layout = Layout::new(TestbedId::random(), host.clone());
+            if has_leftovers(&layout) {
+                continue;
+            }
             match std::fs::create_dir(layout.state_dir()) {
                 Ok(()) => break layout,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -347,6 +351,12 @@ impl Drop for Testbed {
             eprintln!("error: {e}");
         }
     }
+}
+
+fn has_leftovers(layout: &Layout) -> bool {
+    !net::namespaces_with_prefix(&layout.netns_prefix()).is_empty()
+        || layout.cgroup_dir().exists()
+        || layout.bpffs_dir().exists()
 }
 
 fn create_dir(path: &Path, what: &'static str) -> Result<(), TestbedError> {

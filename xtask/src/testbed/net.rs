@@ -2,7 +2,12 @@
 //! routes. Configured with iproute2 batches (one `ip` process per namespace),
 //! which `cargo xtask setup` installs.
 
-use std::{fmt::Write as _, net::Ipv4Addr, process::Command};
+use std::{
+    fmt::Write as _,
+    net::Ipv4Addr,
+    process::Command,
+    sync::{Mutex, PoisonError},
+};
 
 use sealmesh_common::cluster::ClusterFile;
 
@@ -173,6 +178,11 @@ fn ip_batch(netns: &str, batch: &str) -> Result<(), TestbedError> {
 }
 
 fn add_namespaces(names: &[String]) -> Result<(), TestbedError> {
+    // The first `ip netns add` on a host turns /run/netns into a shared mount; two
+    // doing that at once can stack two mounts there. Serialise this process's
+    // testbeds (tests start several at once).
+    static NETNS_ADD: Mutex<()> = Mutex::new(());
+    let _serialised = NETNS_ADD.lock().unwrap_or_else(PoisonError::into_inner);
     let batch: String = names.iter().map(|n| format!("netns add {n}\n")).collect();
     cmd::output_with_input(Command::new("ip").args(["-batch", "-"]), &batch)?;
     Ok(())
