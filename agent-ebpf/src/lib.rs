@@ -38,6 +38,7 @@ pub mod names {
     pub const LISTENER_PORT: &str = "LISTENER_PORT";
     /// Program names (their function names in `src/main.rs`).
     pub const CONNECT4_PROGRAM: &str = "redirect_connect4";
+    pub const CONNECT6_PROGRAM: &str = "redirect_connect6";
     pub const SOCK_OPS_PROGRAM: &str = "track_redirected";
 }
 

@@ -1,6 +1,7 @@
 //! sealmesh redirect programs, attached by the agent at its node's cgroup.
 //!
-//! - `redirect_connect4` (cgroup/connect4): a TCP connect from a meshed pod (its cgroup or an
+//! - `redirect_connect4` (cgroup/connect4, and `redirect_connect6` for IPv4-mapped
+//!   destinations of dual-stack sockets): a TCP connect from a meshed pod (its cgroup or an
 //!   ancestor is in `MESHED_PODS`) to a non-excluded destination is rewritten to the agent's
 //!   outbound listener; the original destination and the pod's cgroup id are recorded under the
 //!   socket cookie. It always allows the connect: redirection never blocks, the agent decides.
@@ -18,6 +19,7 @@ use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2,
+        bpf_sock_addr,
     },
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
     macros::{cgroup_sock_addr, map, sock_ops},
@@ -28,6 +30,7 @@ use aya_log_ebpf::{debug, error};
 
 /// Linux ABI constants the bindings do not carry.
 const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// cgroup/connect4 verdict: let the connect proceed (0 would fail it with EPERM).
@@ -35,6 +38,8 @@ const ALLOW: i32 = 1;
 /// `127.0.0.0/8`, host order.
 const LOOPBACK_NET: u32 = 0x7f00_0000;
 const LOOPBACK_MASK: u32 = 0xff00_0000;
+/// Third 32-bit word of an IPv4-mapped IPv6 address (`::ffff:0:0/96`), network order.
+const V4_MAPPED_MARKER: u32 = 0x0000_ffff_u32.to_be();
 
 // The agent overrides these at load time (EbpfLoader::override_global).
 #[unsafe(no_mangle)]
@@ -71,20 +76,74 @@ fn try_redirect_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
     // SAFETY: the kernel passes a valid bpf_sock_addr for the lifetime of the program; the
     // verifier checks each field access.
     let sock_addr = unsafe { &mut *ctx.sock_addr };
-    if sock_addr.user_family != AF_INET
-        || sock_addr.type_ != SOCK_STREAM
-        || sock_addr.protocol != IPPROTO_TCP
-    {
+    if sock_addr.user_family != AF_INET || !is_tcp(sock_addr) {
         return Ok(());
     }
-    let Some(source_cgroup) = meshed_pod_cgroup() else {
+    let Some(target) = redirect_target(ctx, sock_addr.user_ip4, sock_addr.user_port) else {
         return Ok(());
     };
-    // user_ip4 holds the address in network order; user_port the port in network order in its
-    // low 16 bits.
-    let dst_ip_network_order = sock_addr.user_ip4;
+    sock_addr.user_ip4 = target.ip_network_order;
+    sock_addr.user_port = target.user_port;
+    target.recorded
+}
+
+/// Dual-stack (AF_INET6) sockets reach IPv4 pods through IPv4-mapped addresses (`::ffff:a.b.c.d`)
+/// and never pass connect4: without this, such apps (Java's default, for one) would bypass the
+/// mesh. Other IPv6 destinations are left alone: the cluster is IPv4.
+#[cgroup_sock_addr(connect6)]
+pub fn redirect_connect6(ctx: SockAddrContext) -> i32 {
+    if let Err(errno) = try_redirect_connect6(&ctx) {
+        error!(
+            &ctx,
+            "connect6: recording a redirect failed (errno {}); the agent will refuse it", errno
+        );
+    }
+    ALLOW
+}
+
+fn try_redirect_connect6(ctx: &SockAddrContext) -> Result<(), i64> {
+    // SAFETY: as in connect4.
+    let sock_addr = unsafe { &mut *ctx.sock_addr };
+    if sock_addr.user_family != AF_INET6 || !is_tcp(sock_addr) {
+        return Ok(());
+    }
+    let ip6 = sock_addr.user_ip6;
+    if ip6[0] != 0 || ip6[1] != 0 || ip6[2] != V4_MAPPED_MARKER {
+        return Ok(());
+    }
+    let Some(target) = redirect_target(ctx, ip6[3], sock_addr.user_port) else {
+        return Ok(());
+    };
+    sock_addr.user_ip6[3] = target.ip_network_order;
+    sock_addr.user_port = target.user_port;
+    target.recorded
+}
+
+fn is_tcp(sock_addr: &bpf_sock_addr) -> bool {
+    sock_addr.type_ == SOCK_STREAM && sock_addr.protocol == IPPROTO_TCP
+}
+
+/// Where to send a redirected connect, in the kernel's representation of the sockaddr fields.
+struct RedirectTarget {
+    ip_network_order: u32,
+    /// The port in network order in the low 16 bits, as `user_port` holds it.
+    user_port: u32,
+    /// Whether the record for the agent was stored. The connect is redirected either way: the
+    /// agent refuses a connection it has no record for (fail closed), whereas leaving the
+    /// destination alone would let the pod bypass the mesh.
+    recorded: Result<(), i64>,
+}
+
+/// Decides whether a TCP connect to `dst_ip_network_order`/`user_port` (as the kernel holds
+/// them) from the current task is redirected, and if so records it under the socket cookie.
+fn redirect_target(
+    ctx: &SockAddrContext,
+    dst_ip_network_order: u32,
+    user_port: u32,
+) -> Option<RedirectTarget> {
+    let source_cgroup = meshed_pod_cgroup()?;
     let dst_ip = u32::from_be(dst_ip_network_order);
-    let dst_port = u16::from_be(sock_addr.user_port as u16);
+    let dst_port = u16::from_be(user_port as u16);
     let listener_ip = LISTENER_IP4.load();
     let listener_port = LISTENER_PORT.load();
     if dst_ip & LOOPBACK_MASK == LOOPBACK_NET
@@ -94,25 +153,26 @@ fn try_redirect_connect4(ctx: &SockAddrContext) -> Result<(), i64> {
             .get(Key::new(32, dst_ip_network_order))
             .is_some()
     {
-        return Ok(());
+        return None;
     }
-
-    // SAFETY: a connect4 context is always backed by a socket.
+    // SAFETY: a cgroup/connect context is always backed by a socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let recorded = REDIRECT_BY_COOKIE.insert(
-        cookie,
-        RedirectRecord::new(source_cgroup, dst_ip, dst_port),
-        0,
-    );
-    // Redirect even when recording failed: the agent refuses a connection it has no record for
-    // (fail closed), whereas leaving the destination alone would let the pod bypass the mesh.
-    sock_addr.user_ip4 = listener_ip.to_be();
-    sock_addr.user_port = u32::from(listener_port.to_be());
+    let recorded = REDIRECT_BY_COOKIE
+        .insert(
+            cookie,
+            RedirectRecord::new(source_cgroup, dst_ip, dst_port),
+            0,
+        )
+        .map_err(i64::from);
     debug!(
         ctx,
-        "connect4: redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port
+        "redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port
     );
-    recorded.map_err(i64::from)
+    Some(RedirectTarget {
+        ip_network_order: listener_ip.to_be(),
+        user_port: u32::from(listener_port.to_be()),
+        recorded,
+    })
 }
 
 /// The id of the meshed pod cgroup the current task belongs to (its own cgroup or an ancestor).
@@ -144,9 +204,8 @@ pub fn track_redirected(ctx: SockOpsContext) -> u32 {
 }
 
 fn try_track_redirected(ctx: &SockOpsContext) -> Result<(), i64> {
-    if ctx.family() != AF_INET {
-        return Ok(());
-    }
+    // Only sockets connect4/connect6 recorded are acted on (cookie lookup), so no family filter:
+    // for an IPv4-mapped AF_INET6 socket the kernel fills the ip4 fields as for AF_INET.
     match ctx.op() {
         // Before the SYN: ask for state callbacks on redirected sockets only, so that a
         // connection that never establishes still gets its record deleted.

@@ -54,15 +54,16 @@ for _ in range(count):
         except ConnectionRefusedError:
             continue
         sys.exit("connected although nothing should listen")
-    s = socket.create_connection((host, port), timeout=5)
     if mode == "send":
+        s = socket.create_connection((host, port), timeout=5)
         s.sendall(b"hi")
-    else:
-        try:
-            s.recv(1)
-        except ConnectionResetError:
-            pass
-    s.close()
+        s.close()
+        continue
+    # The server may reset the connection before connect() even returns.
+    try:
+        socket.create_connection((host, port), timeout=5).recv(1)
+    except ConnectionResetError:
+        pass
 "#;
 
 #[test]
@@ -72,7 +73,7 @@ fn loads_attaches_pins_and_uninstalls() {
     let status = redirector.status();
     assert_eq!(
         status.attached_programs,
-        ["track_redirected", "redirect_connect4"]
+        ["track_redirected", "redirect_connect4", "redirect_connect6"]
     );
     assert_eq!(
         (
@@ -147,6 +148,24 @@ fn redirects_meshed_pods_and_their_children_only() {
         redirector.take(accepted.peer, accepted.local),
         None,
         "a record is taken once"
+    );
+
+    // A dual-stack (AF_INET6) socket connecting to an IPv4-mapped address is redirected too.
+    bed.run_client_to(
+        &bed.pod,
+        &format!("::ffff:{}", REMOTE_POD.ip()),
+        REMOTE_POD.port(),
+        1,
+        "send",
+    );
+    let accepted = outbound.next();
+    assert_eq!(accepted.received, b"hi");
+    assert_eq!(
+        accepted.redirect,
+        Some(Redirect {
+            original_dst: REMOTE_POD,
+            source_cgroup: bed.pod_cgroup_id()
+        })
     );
 
     // A process in a child cgroup of the pod counts as the pod.
@@ -285,16 +304,13 @@ fn kernel_logs_reach_tracing() {
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert!(outbound.next().redirect.is_some());
 
-    let expected = format!(
-        "connect4: redirected cgroup {} to {REMOTE_POD}",
-        bed.pod_cgroup_id()
-    );
+    let expected = format!("redirected cgroup {} to {REMOTE_POD}", bed.pod_cgroup_id());
     let deadline = std::time::Instant::now() + WAIT;
     while !captured.lock().unwrap().contains(&expected) {
         assert!(
             std::time::Instant::now() < deadline,
-            "no kernel log {expected:?} in {:?}",
-            captured.lock().unwrap()
+            "no kernel log {expected:?} among {} captured records",
+            captured.lock().unwrap().len()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -446,6 +462,11 @@ impl Testbed {
 
     /// Runs the client script in the netns as a process of `cgroup`, and waits for it.
     fn run_client(&self, cgroup: &Path, dst: SocketAddrV4, count: usize, mode: &str) {
+        self.run_client_to(cgroup, &dst.ip().to_string(), dst.port(), count, mode);
+    }
+
+    /// Like `run_client`, with the host as text (e.g. an IPv4-mapped IPv6 address).
+    fn run_client_to(&self, cgroup: &Path, host: &str, port: u16, count: usize, mode: &str) {
         // The shell joins the cgroup first: `ip netns exec` remounts /sys, hiding cgroupfs.
         let status = Command::new("sh")
             .args(["-c", r#"echo $$ > "$0" && exec ip netns exec "$@""#])
@@ -455,15 +476,15 @@ impl Testbed {
                 "python3",
                 "-c",
                 CLIENT,
-                &dst.ip().to_string(),
-                &dst.port().to_string(),
+                host,
+                &port.to_string(),
             ])
             .args([count.to_string().as_str(), mode])
             .status()
             .expect("run the client");
         assert!(
             status.success(),
-            "client ({mode} x{count} to {dst} from {}) failed: {status}",
+            "client ({mode} x{count} to {host} port {port} from {}) failed: {status}",
             cgroup.display()
         );
     }

@@ -3,7 +3,8 @@
 //! Design, and why:
 //! - `cgroup/connect4` runs in the connecting task's context, so the source pod is the cgroup the
 //!   kernel reports for that task (or its nearest meshed ancestor, so a pod's child cgroups count
-//!   as the pod) — never an IP a pod could spoof. It rewrites the destination to the agent's
+//!   as the pod) — never an IP a pod could spoof. `cgroup/connect6` does the same for IPv4-mapped
+//!   destinations of dual-stack sockets, which never pass connect4. It rewrites the destination to the agent's
 //!   outbound listener and records the original destination under the socket cookie.
 //! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
 //!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
@@ -55,6 +56,7 @@ static REDIRECT_OBJECT: &[u8] =
     aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sealmesh-redirect"));
 
 const CONNECT4_REQUIREMENT: &str = "cgroup/connect4 programs with bpf links";
+const CONNECT6_REQUIREMENT: &str = "cgroup/connect6 programs with bpf links";
 const SOCK_OPS_REQUIREMENT: &str = "sock_ops programs with bpf links";
 
 /// Where and how to redirect meshed pods' connections on this node.
@@ -208,6 +210,16 @@ impl Redirector {
             )?;
             pins.pin_link(names::CONNECT4_PROGRAM, link)?
         };
+        let connect6_link = {
+            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, names::CONNECT6_PROGRAM)?;
+            let link = attach_program(
+                program,
+                &node_cgroup,
+                names::CONNECT6_PROGRAM,
+                CONNECT6_REQUIREMENT,
+            )?;
+            pins.pin_link(names::CONNECT6_PROGRAM, link)?
+        };
         tracing::info!(
             node_cgroup = %cfg.node_cgroup.display(),
             listener = %cfg.listener,
@@ -220,7 +232,7 @@ impl Redirector {
             meshed_pods: Mutex::new(meshed_pods),
             by_connection: Mutex::new(by_connection),
             by_cookie,
-            links: vec![sock_ops_link, connect4_link],
+            links: vec![sock_ops_link, connect4_link, connect6_link],
             _kernel_log: kernel_log,
             _ebpf: ebpf,
         })
