@@ -73,6 +73,11 @@ pub enum EbpfError {
         expected_entries: u32,
     },
     #[error(
+        "outbound listener {0} cannot be a redirect target: use the node's own IP (not 0.0.0.0 or \
+         loopback, which a pod's network namespace would resolve to itself) and a non-zero port"
+    )]
+    InvalidListener(std::net::SocketAddrV4),
+    #[error(
         "too many excluded {what}: {count}, at most {max} fit in the eBPF map; shorten the list"
     )]
     TooManyExclusions {

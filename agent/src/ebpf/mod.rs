@@ -3,9 +3,10 @@
 //! Design, and why:
 //! - `cgroup/connect4` runs in the connecting task's context, so the source pod is the cgroup the
 //!   kernel reports for that task (or its nearest meshed ancestor, so a pod's child cgroups count
-//!   as the pod) — never an IP a pod could spoof. `cgroup/connect6` does the same for IPv4-mapped
-//!   destinations of dual-stack sockets, which never pass connect4. It rewrites the destination to the agent's
+//!   as the pod) — never an IP a pod could spoof. It rewrites the destination to the agent's
 //!   outbound listener and records the original destination under the socket cookie.
+//!   `cgroup/connect6` does the same for IPv4-mapped destinations of dual-stack sockets, which
+//!   never pass connect4 and would otherwise bypass the mesh.
 //! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
 //!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
 //!   [`RedirectTable::take`] reads and deletes. A state callback deletes records of connections
@@ -159,6 +160,7 @@ impl Redirector {
     /// Loads the programs, reuses or creates the pinned maps, attaches at the node cgroup and
     /// pins the links, replacing those of a previous agent.
     pub fn load(cfg: &RedirectConfig) -> Result<Self, EbpfError> {
+        check_listener(cfg.listener)?;
         check_exclusion_count("ports", cfg.excluded_ports.len(), capacity::EXCLUDED_PORTS)?;
         check_exclusion_count("CIDRs", cfg.excluded_cidrs.len(), capacity::EXCLUDED_CIDRS)?;
         let node_cgroup = open_node_cgroup(&cfg.node_cgroup)?;
@@ -190,36 +192,29 @@ impl Redirector {
 
         // sock_ops first: a connect redirected before it runs would reach the agent without a
         // record and be refused.
-        let sock_ops_link = {
-            let program: &mut SockOps = program_mut(&mut ebpf, names::SOCK_OPS_PROGRAM)?;
-            let link = attach_program(
-                program,
+        let links = vec![
+            attach_and_pin::<SockOps>(
+                &mut ebpf,
                 &node_cgroup,
+                &pins,
                 names::SOCK_OPS_PROGRAM,
                 SOCK_OPS_REQUIREMENT,
-            )?;
-            pins.pin_link(names::SOCK_OPS_PROGRAM, link)?
-        };
-        let connect4_link = {
-            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, names::CONNECT4_PROGRAM)?;
-            let link = attach_program(
-                program,
+            )?,
+            attach_and_pin::<CgroupSockAddr>(
+                &mut ebpf,
                 &node_cgroup,
+                &pins,
                 names::CONNECT4_PROGRAM,
                 CONNECT4_REQUIREMENT,
-            )?;
-            pins.pin_link(names::CONNECT4_PROGRAM, link)?
-        };
-        let connect6_link = {
-            let program: &mut CgroupSockAddr = program_mut(&mut ebpf, names::CONNECT6_PROGRAM)?;
-            let link = attach_program(
-                program,
+            )?,
+            attach_and_pin::<CgroupSockAddr>(
+                &mut ebpf,
                 &node_cgroup,
+                &pins,
                 names::CONNECT6_PROGRAM,
                 CONNECT6_REQUIREMENT,
-            )?;
-            pins.pin_link(names::CONNECT6_PROGRAM, link)?
-        };
+            )?,
+        ];
         tracing::info!(
             node_cgroup = %cfg.node_cgroup.display(),
             listener = %cfg.listener,
@@ -232,7 +227,7 @@ impl Redirector {
             meshed_pods: Mutex::new(meshed_pods),
             by_connection: Mutex::new(by_connection),
             by_cookie,
-            links: vec![sock_ops_link, connect4_link, connect6_link],
+            links,
             _kernel_log: kernel_log,
             _ebpf: ebpf,
         })
@@ -345,6 +340,14 @@ impl MeshedCgroups for Redirector {
 /// The maps hold no invariant a panicking holder could break, so a poisoned lock is still usable.
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The programs send meshed connects to this exact address, so it must be a concrete one.
+fn check_listener(listener: SocketAddrV4) -> Result<(), EbpfError> {
+    if listener.ip().is_unspecified() || listener.ip().is_loopback() || listener.port() == 0 {
+        return Err(EbpfError::InvalidListener(listener));
+    }
+    Ok(())
 }
 
 fn check_exclusion_count(what: &'static str, count: usize, max: u32) -> Result<(), EbpfError> {
@@ -496,6 +499,22 @@ impl CgroupProgram for CgroupSockAddr {
     }
 }
 
+/// Loads (verifies) one program, attaches it at the node cgroup and pins its link.
+fn attach_and_pin<P: CgroupProgram>(
+    ebpf: &mut Ebpf,
+    node_cgroup: &File,
+    pins: &PinLayout,
+    name: &'static str,
+    requirement: &'static str,
+) -> Result<AttachedLink, EbpfError>
+where
+    for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let program: &mut P = program_mut(ebpf, name)?;
+    let link = attach_program(program, node_cgroup, name, requirement)?;
+    pins.pin_link(name, link)
+}
+
 /// Loads (verifies) and attaches one program at the node cgroup, returning its pinnable link.
 fn attach_program(
     program: &mut impl CgroupProgram,
@@ -629,6 +648,32 @@ mod tests {
             matches!(error, EbpfError::NotACgroup2Dir { .. }),
             "{error:?}"
         );
+    }
+
+    #[test]
+    fn the_listener_must_be_a_concrete_node_address() {
+        for listener in ["0.0.0.0:15001", "127.0.0.1:15001", "10.0.0.1:0"] {
+            let listener: SocketAddrV4 = listener.parse().unwrap();
+            assert!(
+                matches!(check_listener(listener), Err(EbpfError::InvalidListener(l)) if l == listener)
+            );
+        }
+        assert!(check_listener("10.0.0.1:15001".parse().unwrap()).is_ok());
+    }
+
+    #[test]
+    fn the_default_config_excludes_the_identity_service_port() {
+        let listener = "10.0.0.1:15001".parse().unwrap();
+        let cfg = RedirectConfig::new(
+            "/sys/fs/cgroup/node".into(),
+            "/sys/fs/bpf/sealmesh/node".into(),
+            listener,
+        );
+        assert_eq!(
+            cfg.excluded_ports,
+            [sealmesh_common::consts::IDENTITY_GRPC_PORT]
+        );
+        assert!(cfg.excluded_cidrs.is_empty());
     }
 
     #[test]
