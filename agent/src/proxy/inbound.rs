@@ -20,8 +20,9 @@ use tokio_rustls::TlsAcceptor;
 use super::{
     Engine,
     event::{ConnectionTracker, Direction},
-    hbone::{self, TcpSide},
+    hbone,
     outbound::FORWARDED_HEADER,
+    splice::{self, TcpSide},
 };
 use crate::{registry::Workload, tls};
 
@@ -202,7 +203,7 @@ async fn stream(
     };
     tracker.open();
     let bytes = tracker.bytes.clone();
-    if let Err(error) = hbone::splice(
+    if let Err(error) = splice::tcp_h2(
         target,
         send,
         request.into_body(),

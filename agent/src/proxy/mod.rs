@@ -11,6 +11,7 @@ mod hbone;
 mod inbound;
 mod outbound;
 mod pool;
+mod splice;
 
 use std::{
     future::Future,
@@ -33,9 +34,9 @@ use tokio::{
 };
 
 pub use event::{ConnectionEvent, Direction, NoTlsReason, Phase, PodRef};
-pub use hbone::SpliceError;
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
+pub use splice::SpliceError;
 
 use crate::{
     certs::{CertStore, NoCertificate},

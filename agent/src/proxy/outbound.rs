@@ -6,7 +6,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::{Arc, atomic::Ordering},
+    sync::Arc,
 };
 
 use bytes::Bytes;
@@ -18,8 +18,9 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{
     Engine,
     event::{ConnectionTracker, Direction, NoTlsReason},
-    hbone::{self, SpliceError, TcpSide},
+    hbone,
     pool::{Dialed, PoolKey},
+    splice::{self, SpliceError, TcpSide},
 };
 use crate::{
     certs::NoCertificate,
@@ -30,8 +31,6 @@ use crate::{
 /// Header carrying the source pod's address to the destination's agent, for
 /// its access log (it trusts it only when it matches the client identity).
 pub(crate) const FORWARDED_HEADER: &str = "forwarded";
-/// Socket buffer sizes for the plaintext and secured-local TCP↔TCP splice.
-const COPY_BUFFER: usize = 64 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -94,8 +93,6 @@ pub enum OutboundError {
     },
     #[error(transparent)]
     Splice(#[from] SpliceError),
-    #[error("splicing the connection: {0}")]
-    Copy(std::io::Error),
 }
 
 /// Where a redirected connection goes.
@@ -220,7 +217,7 @@ async fn proxy(
             }
             let server = connect(engine, target.into()).await?;
             tracker.open();
-            copy(client, server, tracker).await
+            Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
         }
         Route::SecuredLocal { endpoint } => {
             let destination = &endpoint.workload;
@@ -246,7 +243,7 @@ async fn proxy(
             tracker.event.no_tls_reason = Some(NoTlsReason::SecuredLocal);
             let server = connect(engine, target.into()).await?;
             tracker.open();
-            copy(client, server, tracker).await
+            Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
         }
         Route::Hbone { endpoint, node } => {
             hbone_connect(engine, client, &source, &endpoint, node, tracker).await
@@ -329,7 +326,7 @@ async fn hbone_connect(
     tracker.event.server_id = Some(destination.identity.to_string());
     tracker.open();
     let bytes = tracker.bytes.clone();
-    hbone::splice(client, send, response.into_body(), TcpSide::Source, &bytes).await?;
+    splice::tcp_h2(client, send, response.into_body(), TcpSide::Source, &bytes).await?;
     drop(lease);
     Ok(())
 }
@@ -392,25 +389,6 @@ async fn connect(engine: &Engine, target: SocketAddr) -> Result<TcpStream, Outbo
         .map_err(|source| OutboundError::Connect { target, source })?;
     let _ = socket.set_nodelay(true);
     Ok(socket)
-}
-
-/// TCP↔TCP splice with half-close (plaintext and secured-local).
-async fn copy(
-    mut client: TcpStream,
-    mut server: TcpStream,
-    tracker: &ConnectionTracker,
-) -> Result<(), OutboundError> {
-    let (to_server, to_client) = tokio::io::copy_bidirectional_with_sizes(
-        &mut client,
-        &mut server,
-        COPY_BUFFER,
-        COPY_BUFFER,
-    )
-    .await
-    .map_err(OutboundError::Copy)?;
-    tracker.bytes.src_to_dst.store(to_server, Ordering::Relaxed);
-    tracker.bytes.dst_to_src.store(to_client, Ordering::Relaxed);
-    Ok(())
 }
 
 #[cfg(test)]

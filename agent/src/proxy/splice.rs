@@ -1,0 +1,162 @@
+//! Carrying bytes between a TCP socket and an HBONE stream, or between two
+//! TCP sockets, both ways with half-close.
+//!
+//! Hot-path rules: read into a `BytesMut` that is reused while data flows
+//! (the allocation is reclaimed once h2 has written the previous chunk) and
+//! hand the filled part on as `Bytes` without copying; hold no buffer while
+//! a socket is idle, so idle connections cost almost no memory; send only as
+//! much as h2 has granted; give window back only once bytes are written to
+//! the socket, so a slow reader throttles the sender instead of growing
+//! buffers. Counters are updated once per chunk.
+
+use std::{
+    future::poll_fn,
+    io,
+    sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+};
+
+use bytes::{Bytes, BytesMut};
+use h2::{RecvStream, SendStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{
+        TcpStream,
+        tcp::{OwnedReadHalf, OwnedWriteHalf},
+    },
+};
+
+use super::event::ByteCounters;
+
+/// Bytes read from a socket at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    #[error("TCP side: {0}")]
+    Tcp(#[from] io::Error),
+    #[error("HTTP/2 stream: {0}")]
+    H2(#[from] h2::Error),
+    #[error("HTTP/2 stream was closed by the peer before the end of data")]
+    StreamClosed,
+}
+
+/// Which way a TCP socket faces, to count bytes in the connection's terms.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum TcpSide {
+    /// The socket is the source pod (outbound): reads from it are src→dst.
+    Source,
+    /// The socket is the destination pod (inbound): reads are dst→src.
+    Destination,
+}
+
+impl TcpSide {
+    /// (counter of bytes read from the socket, counter of bytes written to it)
+    fn counters(self, bytes: &ByteCounters) -> (&AtomicU64, &AtomicU64) {
+        match self {
+            Self::Source => (&bytes.src_to_dst, &bytes.dst_to_src),
+            Self::Destination => (&bytes.dst_to_src, &bytes.src_to_dst),
+        }
+    }
+}
+
+/// Carries bytes both ways between `tcp` and an h2 stream until both
+/// directions ended: TCP FIN ↔ END_STREAM each way, so a half-closed
+/// connection keeps flowing in the other direction. An error in either
+/// direction ends both (h2 resets the stream when its handles drop).
+pub(crate) async fn tcp_h2(
+    tcp: TcpStream,
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    side: TcpSide,
+    bytes: &Arc<ByteCounters>,
+) -> Result<(), SpliceError> {
+    let (read, write) = tcp.into_split();
+    let (from_tcp, to_tcp) = side.counters(bytes);
+    tokio::try_join!(
+        tcp_to_h2(read, send, from_tcp),
+        h2_to_tcp(recv, write, to_tcp)
+    )?;
+    Ok(())
+}
+
+/// Carries bytes both ways between two sockets (plaintext and
+/// secured-local), passing each FIN on.
+pub(crate) async fn tcp_tcp(
+    source: TcpStream,
+    destination: TcpStream,
+    bytes: &Arc<ByteCounters>,
+) -> Result<(), SpliceError> {
+    let (source_read, source_write) = source.into_split();
+    let (destination_read, destination_write) = destination.into_split();
+    tokio::try_join!(
+        tcp_to_tcp(source_read, destination_write, &bytes.src_to_dst),
+        tcp_to_tcp(destination_read, source_write, &bytes.dst_to_src)
+    )?;
+    Ok(())
+}
+
+/// The next chunk from `read`, None at EOF. Waits without holding a buffer.
+async fn next_chunk(read: &OwnedReadHalf, buf: &mut BytesMut) -> io::Result<Option<Bytes>> {
+    loop {
+        buf.reserve(READ_CHUNK);
+        match read.try_read_buf(buf) {
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(buf.split().freeze())),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                *buf = BytesMut::new();
+                read.readable().await?;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn tcp_to_h2(
+    read: OwnedReadHalf,
+    mut send: SendStream<Bytes>,
+    counter: &AtomicU64,
+) -> Result<(), SpliceError> {
+    let mut buf = BytesMut::new();
+    while let Some(mut data) = next_chunk(&read, &mut buf).await? {
+        counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = poll_fn(|cx| send.poll_capacity(cx))
+                .await
+                .ok_or(SpliceError::StreamClosed)??;
+            send.send_data(data.split_to(granted.min(data.len())), false)?;
+        }
+    }
+    send.send_data(Bytes::new(), true)?;
+    Ok(())
+}
+
+async fn h2_to_tcp(
+    mut recv: RecvStream,
+    mut write: OwnedWriteHalf,
+    counter: &AtomicU64,
+) -> Result<(), SpliceError> {
+    while let Some(chunk) = recv.data().await {
+        let chunk = chunk?;
+        write.write_all(&chunk).await?;
+        recv.flow_control().release_capacity(chunk.len())?;
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    // END_STREAM: pass the half-close on as a FIN.
+    write.shutdown().await?;
+    Ok(())
+}
+
+async fn tcp_to_tcp(
+    read: OwnedReadHalf,
+    mut write: OwnedWriteHalf,
+    counter: &AtomicU64,
+) -> Result<(), SpliceError> {
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = next_chunk(&read, &mut buf).await? {
+        write.write_all(&chunk).await?;
+        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    write.shutdown().await?;
+    Ok(())
+}
