@@ -43,10 +43,17 @@ const LISTENER: SocketAddrV4 = SocketAddrV4::new(NODE_IP, OUTBOUND_PORT);
 const WAIT: Duration = Duration::from_secs(10);
 
 /// Connects `count` times to host:port and, by mode: `send` writes "hi" and closes; `wait`
-/// blocks until the server closes or resets; `refused` expects every connect to be refused.
+/// blocks until the server closes or resets; `refused` expects every connect to be refused;
+/// `hold` opens all connections first, then writes "hi" on each and closes them.
 const CLIENT: &str = r#"
 import socket, sys
 host, port, count, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+if mode == "hold":
+    held = [socket.create_connection((host, port), timeout=5) for _ in range(count)]
+    for s in held:
+        s.sendall(b"hi")
+        s.close()
+    sys.exit(0)
 for _ in range(count):
     if mode == "refused":
         try:
@@ -246,6 +253,27 @@ fn no_records_leak_over_many_connections() {
         );
     }
     assert_eq!(pending(&redirector), (0, 0), "every record was taken");
+
+    // Many connections established at once (fewer than the listen backlog: the listener reads
+    // one at a time) wait in the map side by side and are told apart by their 4-tuples.
+    const HELD: usize = 100;
+    bed.run_client(&bed.pod, REMOTE_POD, HELD, "hold");
+    let mut clients = std::collections::HashSet::new();
+    for n in 0..HELD {
+        let accepted = outbound.next();
+        assert_eq!(accepted.received, b"hi", "connection {n}");
+        assert_eq!(
+            accepted.redirect,
+            Some(Redirect {
+                original_dst: REMOTE_POD,
+                source_cgroup: bed.pod_cgroup_id()
+            }),
+            "connection {n}"
+        );
+        clients.insert(accepted.peer);
+    }
+    assert_eq!(clients.len(), HELD, "every connection had its own record");
+    assert_eq!(pending(&redirector), (0, 0), "every held record was taken");
     drop(outbound);
 
     // Connections reset before the agent took them: sock_ops deletes their records.
