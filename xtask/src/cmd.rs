@@ -2,7 +2,6 @@
 
 use std::{
     fmt::Write as _,
-    io::Write as _,
     process::{Command, Stdio},
 };
 
@@ -71,30 +70,6 @@ pub fn output(cmd: &mut Command) -> Result<String, CmdError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Runs `cmd` to completion, feeding `input` on stdin; returns stdout.
-pub fn output_with_input(cmd: &mut Command, input: &str) -> Result<String, CmdError> {
-    let mut child = cmd
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| spawn_error(cmd, e))?;
-    // Write from a thread so a child that fills its output pipes before reading all of
-    // stdin cannot deadlock us; a write error means the child exited early, which its
-    // status reports.
-    let mut stdin = child.stdin.take().expect("stdin is piped");
-    let input = input.to_owned();
-    let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(input.as_bytes());
-    });
-    let out = child.wait_with_output().map_err(|e| spawn_error(cmd, e))?;
-    let _ = writer.join();
-    if !out.status.success() {
-        return Err(failed(cmd, out.status, &out.stderr));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
 /// Runs `cmd` with inherited stdio (the user sees its progress); fails if it fails.
 pub fn run_visible(cmd: &mut Command) -> Result<(), CmdError> {
     let status = cmd.status().map_err(|e| spawn_error(cmd, e))?;
@@ -103,13 +78,4 @@ pub fn run_visible(cmd: &mut Command) -> Result<(), CmdError> {
     } else {
         Err(failed(cmd, status, b""))
     }
-}
-
-/// Whether `cmd` runs and exits successfully (for "is it installed?" probes).
-pub fn succeeds(cmd: &mut Command) -> bool {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }

@@ -18,7 +18,7 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 const APT_PACKAGES: &[(&str, &str)] = &[
     (
         "iproute2",
-        "`ip`, which builds the testbed's namespaces, veths and routes",
+        "`ip`, which tests use to inspect testbed routes and people to look into testbeds",
     ),
     ("gcc", "the C compiler that ring's build script needs"),
     ("libc6-dev", "C headers and crt files for linking"),

@@ -38,6 +38,7 @@ use sealmesh_common::cluster::{ClusterError, ClusterFile, IdentityEndpoint};
 
 pub use layout::TestbedId;
 use layout::{HostPaths, Layout, NETNS_PREFIX, STATE_ROOT};
+pub use net::NetError;
 pub use netns::ChildGuard;
 pub use spec::{MESHED_NAMESPACE, PodSpec, SpecError, TestbedSpec};
 
@@ -64,7 +65,7 @@ pub enum TestbedError {
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
-    Command(#[from] crate::cmd::CmdError),
+    Net(#[from] NetError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
