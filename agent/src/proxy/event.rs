@@ -1,6 +1,8 @@
 //! What the engine reports about each proxied connection: one structured
-//! access-log line at close, and open/close `ConnectionEvent`s on a broadcast
-//! channel that tap, edges and metrics subscribe to.
+//! access-log line at close (tracing target `sealmesh_agent::access`, so
+//! `--log-level sealmesh_agent::access=off` silences it), and open/close
+//! `ConnectionEvent`s on a broadcast channel that tap, edges and metrics
+//! subscribe to.
 
 use std::{
     net::SocketAddr,
@@ -204,7 +206,7 @@ fn access_log(e: &ConnectionEvent, opened: bool) {
     macro_rules! log {
         ($level:ident) => {
             tracing::$level!(
-                target: "sealmesh::access",
+                target: "sealmesh_agent::access",
                 id = e.id,
                 direction,
                 src_addr = %e.src_addr,
