@@ -478,10 +478,13 @@ impl Testbed {
     }
 
     fn config(&self) -> RedirectConfig {
-        let mut config = RedirectConfig::new(self.node.clone(), self.pin_dir(), LISTENER);
-        config.excluded_ports.push(EXCLUDED_PORT);
-        config.excluded_cidrs.push("10.250.1.0/24".parse().unwrap());
-        config
+        RedirectConfig {
+            node_cgroup: self.node.clone(),
+            bpffs_dir: self.pin_dir(),
+            listener: LISTENER,
+            excluded_ports: vec![EXCLUDED_PORT],
+            excluded_cidrs: vec!["10.250.1.0/24".parse().unwrap()],
+        }
     }
 
     fn pod_cgroup_id(&self) -> u64 {

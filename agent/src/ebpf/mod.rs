@@ -75,20 +75,6 @@ pub struct RedirectConfig {
     pub excluded_cidrs: Vec<ipnet::Ipv4Net>,
 }
 
-impl RedirectConfig {
-    /// A configuration with the default exclusions: the identity service's port, so pods can
-    /// always reach the CA directly.
-    pub fn new(node_cgroup: PathBuf, bpffs_dir: PathBuf, listener: SocketAddrV4) -> Self {
-        Self {
-            node_cgroup,
-            bpffs_dir,
-            listener,
-            excluded_ports: vec![sealmesh_common::consts::IDENTITY_GRPC_PORT],
-            excluded_cidrs: Vec::new(),
-        }
-    }
-}
-
 /// What connect4 recorded about an accepted redirected connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Redirect {
@@ -659,21 +645,6 @@ mod tests {
             );
         }
         assert!(check_listener("10.0.0.1:15001".parse().unwrap()).is_ok());
-    }
-
-    #[test]
-    fn the_default_config_excludes_the_identity_service_port() {
-        let listener = "10.0.0.1:15001".parse().unwrap();
-        let cfg = RedirectConfig::new(
-            "/sys/fs/cgroup/node".into(),
-            "/sys/fs/bpf/sealmesh/node".into(),
-            listener,
-        );
-        assert_eq!(
-            cfg.excluded_ports,
-            [sealmesh_common::consts::IDENTITY_GRPC_PORT]
-        );
-        assert!(cfg.excluded_cidrs.is_empty());
     }
 
     #[test]
