@@ -10,6 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use sealmesh_common::identity::Identity;
 use tokio::net::TcpStream;
@@ -19,7 +20,7 @@ use super::{
     Engine,
     event::{ConnectionTracker, Direction, NoTlsReason},
     hbone,
-    pool::{Dialed, PoolKey},
+    pool::{Dialed, Lease, PoolKey},
     splice::{self, SpliceError, TcpSide},
 };
 use crate::{
@@ -262,6 +263,39 @@ async fn hbone_connect(
     let destination = &endpoint.workload;
     let authority = SocketAddrV4::new(destination.ip, endpoint.port);
     tracker.set_dst(authority.into(), Some(destination));
+    // Boxed: opening the stream (maybe dialling: TLS + h2 handshakes) is
+    // by far the largest state of this future and is alive only briefly;
+    // unboxed, every connection's task would hold that space for its whole
+    // life (memory per proxied connection).
+    let (lease, send, recv) = Box::pin(open_stream(
+        engine,
+        source,
+        endpoint,
+        node,
+        tracker.event.src_addr,
+    ))
+    .await?;
+    tracker.event.tls = true;
+    tracker.event.client_id = Some(source.identity.to_string());
+    tracker.event.server_id = Some(destination.identity.to_string());
+    tracker.open();
+    let bytes = tracker.bytes.clone();
+    splice::tcp_h2(client, send, recv, TcpSide::Source, &bytes).await?;
+    drop(lease);
+    Ok(())
+}
+
+/// A CONNECT stream to `endpoint` through the agent at `node`, on a pooled
+/// connection authenticated as `source`, answered 200.
+async fn open_stream(
+    engine: &Engine,
+    source: &Workload,
+    endpoint: &Endpoint,
+    node: SocketAddr,
+    source_addr: SocketAddr,
+) -> Result<(Lease, SendStream<Bytes>, RecvStream), OutboundError> {
+    let destination = &endpoint.workload;
+    let authority = SocketAddrV4::new(destination.ip, endpoint.port);
     let client_config = engine
         .credentials
         .client_config(&source.identity)
@@ -278,10 +312,7 @@ async fn hbone_connect(
     let request = Request::builder()
         .method(Method::CONNECT)
         .uri(authority.to_string())
-        .header(
-            FORWARDED_HEADER,
-            format!("for=\"{}\"", tracker.event.src_addr),
-        )
+        .header(FORWARDED_HEADER, format!("for=\"{source_addr}\""))
         .body(())
         .expect("a CONNECT request to a socket address is well-formed");
 
@@ -321,14 +352,7 @@ async fn hbone_connect(
             status: response.status(),
         });
     }
-    tracker.event.tls = true;
-    tracker.event.client_id = Some(source.identity.to_string());
-    tracker.event.server_id = Some(destination.identity.to_string());
-    tracker.open();
-    let bytes = tracker.bytes.clone();
-    splice::tcp_h2(client, send, response.into_body(), TcpSide::Source, &bytes).await?;
-    drop(lease);
-    Ok(())
+    Ok((lease, send, response.into_body()))
 }
 
 /// Opens a new HBONE connection to `node`, proving `expected`'s identity.
