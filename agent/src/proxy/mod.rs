@@ -36,6 +36,7 @@ use tokio::{
 pub use event::{ConnectionEvent, Direction, NoTlsReason, Phase, PodRef};
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
+pub use pool::PeerDialFailed;
 pub use splice::SpliceError;
 
 use crate::{

@@ -20,7 +20,7 @@ use super::{
     Engine,
     event::{ConnectionTracker, Direction, NoTlsReason},
     hbone,
-    pool::{Dialed, Lease, PoolKey},
+    pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError, TcpSide},
 };
 use crate::{
@@ -92,6 +92,8 @@ pub enum OutboundError {
         authority: SocketAddrV4,
         status: StatusCode,
     },
+    #[error("HBONE to the destination's agent: {0}")]
+    PeerDialFailed(#[from] PeerDialFailed),
     #[error(transparent)]
     Splice(#[from] SpliceError),
 }

@@ -48,7 +48,17 @@ struct Slot {
     /// Serialises dials per key so a burst of streams opens one connection,
     /// not one each.
     dialing: tokio::sync::Mutex<()>,
+    /// Dials of this key that failed; a stream that waited behind a failed
+    /// dial fails at once instead of dialling the unreachable peer again.
+    failed_dials: AtomicU64,
 }
+
+/// A stream queued behind a dial to the same peer that just failed.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the connection to the peer agent failed just now for another stream; not retrying at once"
+)]
+pub struct PeerDialFailed;
 
 struct PooledConnection {
     id: u64,
@@ -109,6 +119,7 @@ impl Pool {
     pub async fn checkout<T, E, F, Fut>(&self, key: &PoolKey, dial: F) -> Result<Lease, E>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+        E: From<PeerDialFailed>,
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Dialed<T>, E>>,
     {
@@ -116,11 +127,17 @@ impl Pool {
         if let Some(lease) = slot.try_lease() {
             return Ok(lease);
         }
+        let failures_before = slot.failed_dials.load(Ordering::Acquire);
         let _dialing = slot.dialing.lock().await;
         if let Some(lease) = slot.try_lease() {
             return Ok(lease);
         }
-        let (send, connection) = dial().await?;
+        if slot.failed_dials.load(Ordering::Acquire) != failures_before {
+            return Err(PeerDialFailed.into());
+        }
+        let (send, connection) = dial().await.inspect_err(|_| {
+            slot.failed_dials.fetch_add(1, Ordering::AcqRel);
+        })?;
         let conn = Arc::new(PooledConnection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             send,
@@ -219,5 +236,80 @@ async fn drive<T>(
     conn.closed.store(true, Ordering::Release);
     if let Some(err) = outcome {
         tracing::info!(connection = conn.id, source = %key.source, destination = %key.destination, node = %key.node, error = %err, "HBONE connection ended");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use sealmesh_common::identity::TrustDomain;
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    #[derive(Debug, PartialEq)]
+    enum TestError {
+        Unreachable,
+        Queued,
+    }
+
+    impl From<PeerDialFailed> for TestError {
+        fn from(_: PeerDialFailed) -> Self {
+            Self::Queued
+        }
+    }
+
+    #[tokio::test]
+    async fn streams_queued_behind_a_failed_dial_fail_without_dialling_again() {
+        let pool = Arc::new(Pool::default());
+        let td = TrustDomain::default();
+        let key = PoolKey {
+            source: td.identity("app", "a").unwrap(),
+            destination: td.identity("app", "b").unwrap(),
+            node: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let dials = Arc::new(AtomicUsize::new(0));
+        let checkouts = (0..5).map(|_| {
+            let (pool, key, dials) = (pool.clone(), key.clone(), dials.clone());
+            tokio::spawn(async move {
+                pool.checkout(&key, || async move {
+                    dials.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err::<Dialed<TcpStream>, _>(TestError::Unreachable)
+                })
+                .await
+                .err()
+            })
+        });
+        let mut results = Vec::new();
+        for checkout in checkouts.collect::<Vec<_>>() {
+            results.push(checkout.await.unwrap());
+        }
+        assert_eq!(dials.load(Ordering::SeqCst), 1, "one dial for the burst");
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| **r == Some(TestError::Unreachable))
+                .count(),
+            1
+        );
+        assert_eq!(
+            results
+                .iter()
+                .filter(|r| **r == Some(TestError::Queued))
+                .count(),
+            4
+        );
+
+        // A later stream tries again.
+        let later = pool
+            .checkout(&key, || async {
+                Err::<Dialed<TcpStream>, _>(TestError::Unreachable)
+            })
+            .await
+            .err();
+        assert_eq!(later, Some(TestError::Unreachable));
+        assert_eq!(pool.total_connections(), 0);
     }
 }
