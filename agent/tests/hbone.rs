@@ -952,13 +952,13 @@ async fn same_node_is_secured_local_unless_mtls_is_forced() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_near_its_stream_limit_makes_the_pool_open_another() {
+async fn a_thousand_concurrent_connections_spread_over_pooled_connections_near_their_limit() {
     let n = 12;
     let echo = echo_server(ip(n, 20)).await;
-    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
-    // More concurrent streams than one connection may carry before nearing
-    // the peer's limit (256 advertised, 10% headroom kept).
-    const STREAMS: usize = 240;
+    let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    // One connection carries at most 231 streams: the peer's advertised 256
+    // minus 10% headroom, so 1000 need 5 (4 × 231 + 76).
+    const STREAMS: usize = 1000;
     let mut open = Vec::new();
     for _ in 0..STREAMS {
         let mut stream = cluster.connect_as(&cluster.pods.client, echo).await;
@@ -968,13 +968,29 @@ async fn a_connection_near_its_stream_limit_makes_the_pool_open_another() {
         assert_eq!(&byte, b"x");
         open.push(stream);
     }
-    assert_eq!(cluster.a.handle.pooled_connections(), 2);
+    assert_eq!(cluster.a.handle.pooled_connections(), 5);
     // Every stream still works while all are open.
     for stream in &mut open {
         stream.write_all(b"y").await.unwrap();
         let mut byte = [0u8; 1];
         stream.read_exact(&mut byte).await.unwrap();
         assert_eq!(&byte, b"y");
+    }
+    for stream in open {
+        assert_eq!(round_trip(stream, b"z".to_vec()).await, b"z");
+    }
+    // Each side reports every connection as a clean mTLS connection.
+    for node in [&mut cluster.a, &mut cluster.b] {
+        let closes = next_closes(node, STREAMS).await;
+        assert!(
+            closes
+                .iter()
+                .all(|e| e.tls && e.error.is_none() && e.bytes_src_to_dst == 3),
+            "{:?}",
+            closes
+                .iter()
+                .find(|e| !e.tls || e.error.is_some() || e.bytes_src_to_dst != 3)
+        );
     }
 }
 
