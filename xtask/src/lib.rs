@@ -3,6 +3,7 @@
 #![deny(unsafe_code)]
 
 pub mod bench;
+pub mod capture;
 pub mod cmd;
 pub mod demo;
 pub mod setup;

@@ -447,7 +447,7 @@ fn add_namespaces(names: &[String]) -> Result<(), TestbedError> {
             .map_err(|e| ("cannot bind-mount", e))
         })
         .join()
-        .unwrap_or(Err(("thread panicked", Errno::EINTR)));
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
         if let Err((what, source)) = created {
             let _ = std::fs::remove_file(&path);
             return Err(NetError::Namespace {
