@@ -1,22 +1,41 @@
 //! `sealmesh-identity`: the identity service binary.
 #![forbid(unsafe_code)]
 
-use anyhow::Context as _;
+use std::process::ExitCode;
+
 use clap::Parser as _;
-use sealmesh_identity::Config;
+use sealmesh_identity::{Config, config::LogLevel};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
     let config = Config::parse();
-    // RUST_LOG, when set, refines --log-level (e.g. to silence a module).
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(config.log_level.as_filter()));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(log_filter(config.log_level))
+        .with_writer(std::io::stderr)
+        .init();
 
-    sealmesh_identity::serve(config, shutdown_signal())
-        .await
-        .context("identity service failed")
+    match sealmesh_identity::serve(config, shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // The message says what to fix; a backtrace would bury it.
+            tracing::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// RUST_LOG, when set, wins. Otherwise `--log-level debug|trace` applies to
+/// sealmesh's own modules only (the gRPC stack stays at info), as the seed's
+/// `-log-level=debug` shows the controller's decisions, not HTTP/2 frames.
+fn log_filter(level: LogLevel) -> EnvFilter {
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| match level {
+        LogLevel::Debug | LogLevel::Trace => EnvFilter::new(format!(
+            "info,sealmesh_identity={0},sealmesh_common={0}",
+            level.as_filter()
+        )),
+        _ => EnvFilter::new(level.as_filter()),
+    })
 }
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.

@@ -2,7 +2,7 @@
 //! listeners (so callers learn the bound addresses before serving), then
 //! serves until shutdown.
 
-use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use sealmesh_common::{cluster::ClusterError, identity::TrustDomain};
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
@@ -20,6 +20,9 @@ use crate::{
     rotation::{self, IssuerEvents, IssuerStore, LoggingIssuerEvents, RotationError},
     service::CertifyService,
 };
+
+/// How long in-flight calls get to finish after shutdown is requested.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -225,7 +228,7 @@ impl Server {
 
         tracing::info!(grpc = %self.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving");
         let incoming = TcpIncoming::from(self.grpc).with_nodelay(Some(true));
-        let served = tonic::transport::Server::builder()
+        let serving = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(pb::identity_server::IdentityServer::new(
                 self.service.clone(),
@@ -234,8 +237,20 @@ impl Server {
             .serve_with_incoming_shutdown(incoming, async move {
                 shutdown.await;
                 let _ = stop_tx.send(());
-            })
-            .await;
+            });
+        // Graceful shutdown waits for clients to close their connections;
+        // agents keep theirs open, so stop waiting after a grace period.
+        let grace_over = async {
+            stopped().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        };
+        let served = tokio::select! {
+            served = serving => served,
+            () = grace_over => {
+                tracing::info!(grace = ?SHUTDOWN_GRACE, "closing connections still open after the shutdown grace period");
+                Ok(())
+            }
+        };
         // The gRPC server may also end on error: stop the helpers either way.
         let _ = watch_task.await;
         let _ = metrics_task.await;

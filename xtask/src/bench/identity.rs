@@ -16,7 +16,9 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rcgen::{
+    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+};
 use sealmesh_common::{
     cluster::{ClusterFile, Namespace, Node, Pod},
     consts::{MESH_LABEL, MESH_LABEL_ENABLED},
@@ -202,6 +204,11 @@ fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identit
 fn certify_request(identity: &Identity, token: &str) -> anyhow::Result<CertifyRequest> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
     let mut params = CertificateParams::default();
+    // As Linkerd proxies do: CN = the identity's DNS name.
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, identity.dns_name());
     params.subject_alt_names = vec![
         SanType::URI(identity.spiffe_uri().try_into()?),
         SanType::DnsName(identity.dns_name().try_into()?),

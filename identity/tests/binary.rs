@@ -1,0 +1,177 @@
+//! The `sealmesh-identity` binary with the flags other components use.
+
+mod support;
+
+use std::{
+    net::TcpListener,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{sys::signal, unistd::Pid};
+use sealmesh_identity::pki::{CaSpec, Layout, generate_issuer};
+use support::*;
+use time::OffsetDateTime;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn identity_command(cluster: &TestCluster) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_sealmesh-identity"));
+    command
+        .arg("--cluster-file")
+        .arg(&cluster.cluster_file)
+        .arg("--trust-anchors")
+        .arg(&cluster.anchors_file)
+        .arg("--issuer-dir")
+        .arg(&cluster.issuer_dir)
+        .env_remove("RUST_LOG");
+    command
+}
+
+/// Kills the child if the test fails before it is stopped.
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn serves_with_the_documented_flags_and_stops_on_sigterm() {
+    let cluster = TestCluster::new();
+    let (grpc, metrics) = (free_port(), free_port());
+    let mut child = ChildGuard(
+        identity_command(&cluster)
+            .args(["--listen", &format!("127.0.0.1:{grpc}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .args([
+                "--cert-lifetime",
+                "1h",
+                "--clock-skew",
+                "10s",
+                "--log-level",
+                "debug",
+            ])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let metrics_addr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(metrics_addr).await.is_err() {
+        assert!(Instant::now() < deadline, "metrics endpoint never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(http_get(metrics_addr, "/ready").await, (200, "ok\n".into()));
+
+    let web = identity("web");
+    let mut client = sealmesh_proto::identity::identity_client::IdentityClient::connect(format!(
+        "http://127.0.0.1:{grpc}"
+    ))
+    .await
+    .unwrap();
+    let response = client
+        .certify(request(&web, NODE0_TOKEN, csr_for(&web)))
+        .await
+        .unwrap()
+        .into_inner();
+    verify_chain(
+        &response.leaf_certificate,
+        &response.intermediate_certificates,
+        &cluster.anchors(),
+        &web,
+    )
+    .unwrap();
+    let valid_until = response.valid_until.unwrap().seconds;
+    let expected = OffsetDateTime::now_utc().unix_timestamp() + 3600 + 10;
+    assert!(
+        (expected - 2..=expected).contains(&valid_until),
+        "{valid_until} vs {expected}"
+    );
+
+    // A client that keeps its connection open must not hold up shutdown
+    // beyond the grace period; wait off the runtime so the client's
+    // connection task keeps running meanwhile.
+    signal::kill(Pid::from_raw(child.0.id() as i32), signal::Signal::SIGTERM).unwrap();
+    let started = Instant::now();
+    let (child, output) = tokio::task::spawn_blocking(move || {
+        let output = child.0.wait_with_output_ref();
+        (child, output)
+    })
+    .await
+    .unwrap();
+    drop((child, client));
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "shutdown took {:?}",
+        started.elapsed()
+    );
+    assert!(output.0.success(), "exit status {:?}", output.0);
+    let log = output.1;
+    assert!(log.contains("starting identity service"), "{log}");
+    assert!(
+        log.contains("issued certificate"),
+        "debug log shows issuance: {log}"
+    );
+    assert!(log.contains("csr_subject"), "{log}");
+    assert!(
+        !log.contains(NODE0_TOKEN),
+        "the log must never hold a token"
+    );
+    assert!(
+        !log.contains("PRIVATE KEY"),
+        "the log must never hold a key"
+    );
+}
+
+trait WaitWithOutputRef {
+    fn wait_with_output_ref(&mut self) -> (std::process::ExitStatus, String);
+}
+
+impl WaitWithOutputRef for std::process::Child {
+    fn wait_with_output_ref(&mut self) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        let mut log = String::new();
+        self.stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut log)
+            .unwrap();
+        (self.wait().unwrap(), log)
+    }
+}
+
+#[test]
+fn refuses_to_start_with_an_expired_issuer_and_says_why() {
+    let root = new_root();
+    let now = OffsetDateTime::now_utc();
+    let (expired, _) = generate_issuer(
+        &root.material(),
+        &CaSpec {
+            common_name: "expired.test".into(),
+            not_before: now - Duration::from_secs(7200),
+            not_after: now - Duration::from_secs(60),
+        },
+    )
+    .unwrap();
+    let cluster = TestCluster::with(root, expired, Layout::Tls);
+    let output = identity_command(&cluster)
+        .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("certificate \"CN=expired.test\" expired at")
+            && stderr.contains("refusing to start without a valid issuer"),
+        "{stderr}"
+    );
+}
