@@ -20,7 +20,7 @@ use sealmesh_agent::{
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
-use sealmesh_common::consts::OUTBOUND_PORT;
+use sealmesh_common::consts::{AGENT_STARTED_MESSAGE, OUTBOUND_PORT};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +57,18 @@ fn main() -> ExitCode {
             tracing::error!("sealmesh-agent failed: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every proxied connection holds two sockets: lift the soft limit on open
+/// files to the hard limit, as a node proxy must serve thousands at once.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let raised = getrlimit(Resource::RLIMIT_NOFILE)
+        .and_then(|(_, hard)| setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard));
+    match raised {
+        Ok(limit) => tracing::debug!(limit, "open files limit raised"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open files limit; busy nodes may run out of sockets"),
     }
 }
 
@@ -126,11 +139,17 @@ async fn run(config: Config) -> Result<()> {
     .await
     .context("starting the TLS engine")?;
 
+    // Redirect the node's meshed pods before announcing the start, so that
+    // "started" means their connections are secured (or fail closed).
+    let meshed_pods = sync_once(registry_dyn.as_ref(), redirector.as_ref())
+        .context("redirecting the node's meshed pods")?;
+
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(registry.watch(DEFAULT_POLL_INTERVAL, stopped()));
     tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
     tasks.spawn(sync_meshed_cgroups(registry_dyn, redirector, stopped()));
     tasks.spawn(proxy.run(stopped()));
+    tracing::info!(meshed_pods, "{AGENT_STARTED_MESSAGE}");
 
     wait_for_signal().await?;
     tracing::info!("shutting down");
@@ -174,7 +193,7 @@ async fn sync_meshed_cgroups(
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let failed = match sync_once(registry.as_ref(), cgroups.as_ref()) {
-            Ok(()) => false,
+            Ok(_) => false,
             Err(error) => {
                 tracing::error!(%error, retry_in = ?CGROUP_SYNC_RETRY, "cannot update the meshed-cgroup map; affected pods are not redirected (their traffic is not secured) until this succeeds");
                 true
@@ -188,10 +207,11 @@ async fn sync_meshed_cgroups(
     }
 }
 
+/// Returns how many pod cgroups are meshed now.
 fn sync_once(
     registry: &dyn WorkloadRegistry,
     cgroups: &dyn MeshedCgroups,
-) -> Result<(), EbpfError> {
+) -> Result<usize, EbpfError> {
     let wanted: BTreeSet<u64> = registry
         .local_workloads()
         .iter()
@@ -207,7 +227,7 @@ fn sync_once(
         cgroups.remove(id)?;
         tracing::info!(cgroup = id, "pod cgroup no longer meshed");
     }
-    Ok(())
+    Ok(wanted.len())
 }
 
 #[cfg(test)]

@@ -28,3 +28,10 @@ pub const MESH_LABEL_ENABLED: &str = "enabled";
 pub const MESH_OPT_OUT_ANNOTATION: &str = "sealmesh.io/mesh";
 /// ... when set to this value.
 pub const MESH_OPT_OUT_VALUE: &str = "disabled";
+
+/// Agent log vocabulary that tools (testbed, demo, bench) wait for or parse.
+/// Logged once the agent redirects its node's meshed pods and serves both
+/// listeners.
+pub const AGENT_STARTED_MESSAGE: &str = "agent started";
+/// `tracing` target of the agent's per-connection access log.
+pub const ACCESS_LOG_TARGET: &str = "sealmesh_agent::access";

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod mesh;
 pub mod setup;
 pub mod testapp;
 pub mod testbed;

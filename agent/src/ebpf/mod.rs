@@ -237,6 +237,29 @@ impl Redirector {
         }
     }
 
+    /// Entry counts from a node's pins, without loading anything: works while no agent runs
+    /// (operators inspecting a node, tests checking for leaked records).
+    pub fn pinned_status(bpffs_dir: &Path) -> Result<EbpfStatus, EbpfError> {
+        let pins = PinLayout::at(bpffs_dir);
+        Ok(EbpfStatus {
+            attached_programs: [
+                names::SOCK_OPS_PROGRAM,
+                names::CONNECT4_PROGRAM,
+                names::CONNECT6_PROGRAM,
+            ]
+            .into_iter()
+            .filter(|program| pins.links.join(program).exists())
+            .collect(),
+            meshed_pods: count_pinned::<u64, u8>(&pins, names::MESHED_PODS)?,
+            pending_connects: count_pinned::<u64, RedirectRecord>(&pins, names::REDIRECT_BY_COOKIE)?,
+            pending_accepts: count_pinned::<ConnectionKey, RedirectRecord>(
+                &pins,
+                names::REDIRECT_BY_CONNECTION,
+            )?,
+            pin_dir: pins.root,
+        })
+    }
+
     /// Detaches the programs and deletes this node's pins (links, maps, and the pin directory
     /// when it is left empty): for removing sealmesh from a node. A plain drop keeps redirecting.
     pub fn uninstall(self) -> Result<(), EbpfError> {
@@ -370,6 +393,14 @@ struct PinLayout {
 }
 
 impl PinLayout {
+    fn at(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+            maps: root.join(format!("maps-v{MAP_ABI_VERSION}")),
+            links: root.join("links"),
+        }
+    }
+
     fn prepare(root: &Path) -> Result<Self, EbpfError> {
         // The directory may not exist yet: check the filesystem it will be created on.
         let existing = root
@@ -387,11 +418,7 @@ impl PinLayout {
                 mounted,
             });
         }
-        let layout = Self {
-            root: root.to_owned(),
-            maps: root.join(format!("maps-v{MAP_ABI_VERSION}")),
-            links: root.join("links"),
-        };
+        let layout = Self::at(root);
         for dir in [&layout.maps, &layout.links] {
             fs::create_dir_all(dir).map_err(|source| EbpfError::PinDir {
                 path: dir.clone(),
@@ -554,6 +581,15 @@ fn fill_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), EbpfErro
 
 /// Takes a pinned map out of the object, checking that a reused pin has this agent's layout
 /// (aya reuses whatever is pinned under the name).
+/// Entries of a pinned map, opened from its pin.
+fn count_pinned<K: aya::Pod, V: aya::Pod>(pins: &PinLayout, name: &'static str) -> Result<usize, EbpfError> {
+    let data = MapData::from_pin(pins.maps.join(name))
+        .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
+    let map: HashMap<MapData, K, V> = HashMap::try_from(Map::HashMap(data))
+        .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
+    Ok(map.keys().filter(Result::is_ok).count())
+}
+
 fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     pins: &PinLayout,

@@ -14,6 +14,7 @@ use std::{
 };
 
 use serde::{Deserialize, Serialize};
+use sealmesh_common::consts::ACCESS_LOG_TARGET;
 use tokio::sync::broadcast;
 
 use crate::registry::Workload;
@@ -206,7 +207,7 @@ fn access_log(e: &ConnectionEvent, opened: bool) {
     macro_rules! log {
         ($level:ident) => {
             tracing::$level!(
-                target: "sealmesh_agent::access",
+                target: ACCESS_LOG_TARGET,
                 id = e.id,
                 direction,
                 src_addr = %e.src_addr,

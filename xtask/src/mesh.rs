@@ -1,0 +1,347 @@
+//! A whole mesh on the testbed: trust anchor and issuer, the identity service
+//! in the underlay (the control plane), and one agent per node. Used by the
+//! data-path tests, the demo and benchmarks.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs::File,
+    io,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sealmesh_common::{
+    cluster::IdentityEndpoint,
+    consts::{ACCESS_LOG_TARGET, AGENT_STARTED_MESSAGE, IDENTITY_GRPC_PORT},
+};
+use sealmesh_identity::pki::{self, CaSpec, Layout};
+use serde_json::Value;
+
+use crate::testbed::{ChildGuard, Testbed, TestbedError, TestbedSpec};
+
+/// How long agents get to obtain their first certificates.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+const ISSUER_VALIDITY: Duration = Duration::from_secs(48 * 3600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error(transparent)]
+    Testbed(#[from] TestbedError),
+    #[error("cannot create the mesh's certificates: {0}")]
+    Pki(#[from] pki::PkiError),
+    #[error("{binary} is not built ({path}): run `cargo build --workspace` first")]
+    MissingBinary { binary: &'static str, path: PathBuf },
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("timed out after {timeout:?} waiting for {what}; last lines of {log}:\n{tail}")]
+    Timeout {
+        what: String,
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("no agent runs on node {0}")]
+    NoAgent(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {
+    let what = what.into();
+    move |source| MeshError::Io { what, source }
+}
+
+/// How to run the mesh's processes.
+#[derive(Clone, Debug)]
+pub struct MeshOptions {
+    /// Extra arguments for every agent (e.g. `--deny-plaintext`).
+    pub agent_args: Vec<String>,
+    /// Extra arguments for the identity service (e.g. `--cert-lifetime 10s`).
+    pub identity_args: Vec<String>,
+    /// `--log-level` of agents and the identity service.
+    pub log_level: String,
+    /// Start the identity service with the mesh.
+    pub start_identity: bool,
+    /// Start an agent on every node (off: the bare testbed, for baselines).
+    pub start_agents: bool,
+    /// Wait until every agent holds a certificate for each local meshed
+    /// ServiceAccount.
+    pub wait_for_certificates: bool,
+}
+
+impl Default for MeshOptions {
+    fn default() -> Self {
+        Self {
+            agent_args: Vec::new(),
+            identity_args: Vec::new(),
+            log_level: "info".to_owned(),
+            start_identity: true,
+            start_agents: true,
+            wait_for_certificates: true,
+        }
+    }
+}
+
+/// A running mesh; everything stops and is removed on drop.
+pub struct Mesh {
+    // Agents and identity are dropped (killed) before the testbed.
+    agents: BTreeMap<String, ChildGuard>,
+    identity: Option<ChildGuard>,
+    testbed: Testbed,
+    options: MeshOptions,
+    pki_dir: PathBuf,
+    logs_dir: PathBuf,
+}
+
+impl Mesh {
+    /// Builds the testbed, its PKI, and starts the identity service and one
+    /// agent per node.
+    pub fn up(spec: &TestbedSpec, options: MeshOptions) -> Result<Self, MeshError> {
+        let mut testbed = Testbed::up(spec)?;
+        let state = testbed.state_dir();
+        let pki_dir = state.join("pki");
+        let logs_dir = state.join("logs");
+        std::fs::create_dir_all(&logs_dir)
+            .map_err(io_err(format!("creating {}", logs_dir.display())))?;
+
+        let root = pki::generate_root(&CaSpec::valid_for(
+            "root.sealmesh.cluster.local",
+            ROOT_VALIDITY,
+        ))?;
+        let (issuer, _) = pki::generate_issuer(
+            &root.material(),
+            &CaSpec::valid_for("identity.sealmesh.cluster.local", ISSUER_VALIDITY),
+        )?;
+        root.write_dir(&pki_dir.join("root"), Layout::Pem, false)?;
+        issuer.write_dir(&pki_dir.join("issuer"), Layout::Tls, false)?;
+        let anchors = pki_dir.join("ca-bundle.crt");
+        std::fs::write(&anchors, &root.cert_pem)
+            .map_err(io_err(format!("writing {}", anchors.display())))?;
+        testbed.set_identity(IdentityEndpoint {
+            address: SocketAddr::from((testbed.control_plane_ip(), IDENTITY_GRPC_PORT)),
+            trust_anchors_file: anchors,
+        })?;
+
+        let mut mesh = Self {
+            agents: BTreeMap::new(),
+            identity: None,
+            testbed,
+            options,
+            pki_dir,
+            logs_dir,
+        };
+        if mesh.options.start_identity {
+            mesh.start_identity()?;
+        }
+        let nodes: Vec<String> = mesh
+            .testbed
+            .cluster()
+            .nodes
+            .iter()
+            .map(|n| n.name.clone())
+            .collect();
+        if !mesh.options.start_agents {
+            return Ok(mesh);
+        }
+        for node in &nodes {
+            mesh.start_agent(node)?;
+        }
+        if mesh.options.wait_for_certificates {
+            for node in &nodes {
+                mesh.wait_for_certificates(node)?;
+            }
+        }
+        Ok(mesh)
+    }
+
+    pub fn testbed(&self) -> &Testbed {
+        &self.testbed
+    }
+
+    /// Directory holding `root/`, `issuer/` and `ca-bundle.crt`.
+    pub fn pki_dir(&self) -> &Path {
+        &self.pki_dir
+    }
+
+    pub fn identity_log(&self) -> PathBuf {
+        self.logs_dir.join("identity.log")
+    }
+
+    pub fn agent_log(&self, node: &str) -> PathBuf {
+        self.logs_dir.join(format!("agent-{node}.log"))
+    }
+
+    /// Starts the identity service in the underlay (the control plane).
+    pub fn start_identity(&mut self) -> Result<(), MeshError> {
+        let binary = locate_binary("sealmesh-identity")?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--cluster-file")
+            .arg(self.testbed.cluster_file_path())
+            .arg("--trust-anchors")
+            .arg(self.pki_dir.join("ca-bundle.crt"))
+            .arg("--issuer-dir")
+            .arg(self.pki_dir.join("issuer"))
+            .arg("--listen")
+            .arg(
+                SocketAddr::from((self.testbed.control_plane_ip(), IDENTITY_GRPC_PORT)).to_string(),
+            )
+            .args(["--log-level", &self.options.log_level])
+            .args(&self.options.identity_args);
+        redirect_output(&mut cmd, &self.identity_log())?;
+        self.identity = Some(self.testbed.spawn_in_underlay(cmd)?);
+        Ok(())
+    }
+
+    /// Stops the identity service (as an outage would).
+    pub fn stop_identity(&mut self) {
+        if let Some(identity) = self.identity.take() {
+            identity.kill();
+        }
+    }
+
+    /// Starts the agent of `node` in the node's network namespace and cgroup,
+    /// and waits until it redirects the node's meshed pods.
+    pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
+        let binary = locate_binary("sealmesh-agent")?;
+        let mut cmd = Command::new(binary);
+        cmd.arg("--cluster-file")
+            .arg(self.testbed.cluster_file_path())
+            .args(["--node", node])
+            .arg("--bpffs-dir")
+            .arg(self.testbed.node_bpffs_dir(node)?)
+            .args([
+                "--log-level",
+                &self.options.log_level,
+                "--log-format",
+                "json",
+            ])
+            .args(&self.options.agent_args);
+        redirect_output(&mut cmd, &self.agent_log(node))?;
+        let agent = self.testbed.spawn_in_node(node, cmd)?;
+        self.agents.insert(node.to_owned(), agent);
+        self.wait_for_agent_log(node, "the agent to start", |lines| {
+            lines.iter().any(|l| l["message"] == AGENT_STARTED_MESSAGE)
+        })
+    }
+
+    pub fn stop_agent(&mut self, node: &str) -> Result<(), MeshError> {
+        self.agents
+            .remove(node)
+            .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?
+            .kill();
+        Ok(())
+    }
+
+    /// Waits until the agent of `node` logged a certificate for every
+    /// ServiceAccount of the node's meshed pods.
+    pub fn wait_for_certificates(&self, node: &str) -> Result<(), MeshError> {
+        let cluster = self.testbed.cluster();
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        for pod in cluster.pods_on(node).filter(|p| cluster.is_meshed(p)) {
+            wanted.insert(
+                cluster
+                    .identity_of(pod)
+                    .map_err(TestbedError::from)?
+                    .spiffe_uri(),
+            );
+        }
+        self.wait_for_agent_log(node, &format!("certificates for {wanted:?}"), |lines| {
+            let obtained: BTreeSet<String> = lines
+                .iter()
+                .filter(|l| l["message"] == "certificate obtained")
+                .filter_map(|l| l["identity"].as_str().map(str::to_owned))
+                .collect();
+            wanted.is_subset(&obtained)
+        })
+    }
+
+    /// The agent's JSON log lines so far.
+    pub fn agent_log_lines(&self, node: &str) -> Result<Vec<Value>, MeshError> {
+        read_json_lines(&self.agent_log(node))
+    }
+
+    /// The access-log events an agent logged so far.
+    pub fn access_log(&self, node: &str) -> Result<Vec<Value>, MeshError> {
+        Ok(self
+            .agent_log_lines(node)?
+            .into_iter()
+            .filter(|l| l["target"] == ACCESS_LOG_TARGET)
+            .collect())
+    }
+
+    /// Polls the agent's log until `done` holds for its lines.
+    pub fn wait_for_agent_log(
+        &self,
+        node: &str,
+        what: &str,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Result<(), MeshError> {
+        let log = self.agent_log(node);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            if done(&read_json_lines(&log)?) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(MeshError::Timeout {
+                    what: format!("agent {node}: {what}"),
+                    timeout: READY_TIMEOUT,
+                    tail: tail(&log),
+                    log,
+                });
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+fn redirect_output(cmd: &mut Command, log: &Path) -> Result<(), MeshError> {
+    let open = |log: &Path| {
+        File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(io_err(format!("opening {}", log.display())))
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(open(log)?)
+        .stderr(open(log)?);
+    Ok(())
+}
+
+/// JSON lines of a log file; other lines (e.g. a panic message) are skipped.
+fn read_json_lines(log: &Path) -> Result<Vec<Value>, MeshError> {
+    let text = match std::fs::read_to_string(log) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(format!("reading {}", log.display()))(e)),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect())
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Finds a workspace binary next to the running one (an xtask binary, or a
+/// test binary in `deps/`).
+pub fn locate_binary(binary: &'static str) -> Result<PathBuf, MeshError> {
+    let exe = std::env::current_exe().map_err(io_err("locating the running binary"))?;
+    let mut dir = exe.parent().unwrap_or(Path::new("."));
+    if dir.file_name().is_some_and(|name| name == "deps") {
+        dir = dir.parent().unwrap_or(dir);
+    }
+    let path = dir.join(binary);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(MeshError::MissingBinary { binary, path })
+    }
+}

@@ -1,0 +1,643 @@
+//! The data path end to end on the testbed (root, real kernel eBPF, real
+//! mTLS, real identity service): what issue 4 promises users.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::Path,
+    process::Output,
+    time::Duration,
+};
+
+use sealmesh_common::{
+    cluster::{Service, ServicePort},
+    consts::{ACCESS_LOG_TARGET, HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED},
+};
+use serde_json::Value;
+use xtask::{
+    capture::Capture,
+    mesh::{Mesh, MeshOptions},
+    testapp,
+    testbed::{ChildGuard, PodSpec, TestbedSpec},
+};
+
+const APP_NS: &str = "shop";
+const PLAIN_NS: &str = "legacy";
+const ECHO_PORT: u16 = 8080;
+const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 80;
+
+fn testapp_path() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_testapp"))
+}
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
+}
+
+/// node-0: `client` (meshed), `neighbour` (meshed, same node as client);
+/// node-1: `server` (meshed, behind Service `server` at 10.96.0.10:80),
+/// `stranger` (meshed, another ServiceAccount), `legacy/plain` (unmeshed).
+fn spec() -> TestbedSpec {
+    TestbedSpec::new(2)
+        .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace(PLAIN_NS, &[])
+        .pod(PodSpec::new(APP_NS, "client", "client", 0).label("app", "client"))
+        .pod(PodSpec::new(APP_NS, "neighbour", "neighbour", 0).label("app", "neighbour"))
+        .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
+        .pod(PodSpec::new(APP_NS, "stranger", "stranger", 1).label("app", "stranger"))
+        .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
+        .service(Service {
+            name: "server".into(),
+            namespace: APP_NS.into(),
+            vip: SERVICE_VIP,
+            ports: vec![ServicePort {
+                name: None,
+                port: SERVICE_PORT,
+                target_port: ECHO_PORT,
+            }],
+            selector: BTreeMap::from([("app".into(), "server".into())]),
+        })
+}
+
+struct App {
+    mesh: Mesh,
+    _servers: Vec<ChildGuard>,
+}
+
+impl App {
+    fn up(options: MeshOptions) -> Self {
+        let mesh = Mesh::up(&spec(), options).expect("mesh up");
+        let mut servers = Vec::new();
+        for (ns, pod) in [
+            (APP_NS, "server"),
+            (APP_NS, "neighbour"),
+            (APP_NS, "stranger"),
+            (PLAIN_NS, "plain"),
+        ] {
+            let ip = mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
+            let mut server = mesh
+                .testbed()
+                .spawn_in_pod(
+                    ns,
+                    pod,
+                    testapp::echo_server(testapp_path(), SocketAddr::from((ip, ECHO_PORT))),
+                )
+                .expect("echo server starts");
+            testapp::wait_listening(&mut server).expect("echo server listens");
+            servers.push(server);
+        }
+        Self {
+            mesh,
+            _servers: servers,
+        }
+    }
+
+    fn ip(&self, ns: &str, pod: &str) -> Ipv4Addr {
+        self.mesh.testbed().cluster().pod(ns, pod).unwrap().ip
+    }
+
+    fn echo_addr(&self, ns: &str, pod: &str) -> SocketAddr {
+        SocketAddr::from((self.ip(ns, pod), ECHO_PORT))
+    }
+
+    /// Runs `testapp client` in a pod with extra arguments.
+    fn client(
+        &self,
+        ns: &str,
+        pod: &str,
+        connect: SocketAddr,
+        text: &str,
+        extra: &[&str],
+    ) -> Output {
+        let mut cmd = testapp::client(testapp_path(), connect, text, 1);
+        cmd.args(extra);
+        self.mesh
+            .testbed()
+            .spawn_in_pod(ns, pod, cmd)
+            .expect("client starts")
+            .wait_with_output()
+            .expect("client finishes")
+    }
+
+    fn client_ok(&self, ns: &str, pod: &str, connect: SocketAddr, text: &str) -> String {
+        let out = self.client(ns, pod, connect, text, &[]);
+        assert!(
+            out.status.success(),
+            "{ns}/{pod} -> {connect}: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Access-log events of `node`'s agent whose field `key` equals `value`.
+    fn access(&self, node: &str, key: &str, value: &str) -> Vec<Value> {
+        self.mesh
+            .access_log(node)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e[key] == value)
+            .collect()
+    }
+
+    /// Waits for an access-log event of `node`'s agent matching `pred`.
+    fn wait_access(&self, node: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        self.wait_access_count(node, what, 1, pred).remove(0)
+    }
+
+    /// Waits for `count` access-log events of `node`'s agent matching `pred`.
+    fn wait_access_count(
+        &self,
+        node: &str,
+        what: &str,
+        count: usize,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let mut found = Vec::new();
+        self.mesh
+            .wait_for_agent_log(node, what, |lines| {
+                found = lines
+                    .iter()
+                    .filter(|l| l["target"] == ACCESS_LOG_TARGET && pred(l))
+                    .cloned()
+                    .collect();
+                found.len() >= count
+            })
+            .unwrap();
+        found
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}, stdout {:?}, stderr {:?}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn meshed_pods_talk_mtls_across_and_within_nodes_with_kernel_attested_identities() {
+    let app = App::up(MeshOptions::default());
+
+    // Across nodes, by pod IP and through the Service VIP.
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "hello across nodes",
+    );
+    let out = app.client_ok(
+        APP_NS,
+        "client",
+        SocketAddr::from((SERVICE_VIP, SERVICE_PORT)),
+        "hello service",
+    );
+    assert!(out.starts_with("ok "), "{out}");
+
+    let server_ip = app.ip(APP_NS, "server").to_string();
+    let inbound = app.wait_access("node-1", "inbound mTLS connection to shop/server", |e| {
+        e["direction"] == "inbound" && e["dst"] == "shop/server"
+    });
+    assert_eq!(
+        inbound["client_id"],
+        spiffe("client"),
+        "the receiving agent names the sender: {inbound}"
+    );
+    assert_eq!(inbound["server_id"], spiffe("server"));
+    assert_eq!(inbound["tls"], true);
+    assert_eq!(inbound["src"], "shop/client", "{inbound}");
+    let outbound = app.wait_access("node-0", "outbound connection from shop/client", |e| {
+        e["direction"] == "outbound" && e["dst"] == "shop/server"
+    });
+    assert_eq!(outbound["src"], "shop/client");
+    assert_eq!(outbound["client_id"], spiffe("client"));
+    assert_eq!(outbound["server_id"], spiffe("server"));
+    assert_eq!(outbound["tls"], true);
+    assert_eq!(outbound["dst_addr"], format!("{server_ip}:{ECHO_PORT}"));
+    // Both connections (pod IP and VIP) went to the one server pod.
+    let both = app.wait_access_count("node-0", "both connections", 2, |e| {
+        e["dst"] == "shop/server"
+    });
+    assert_eq!(both.len(), 2, "{both:?}");
+
+    // Same node: secured locally, recorded as such.
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "neighbour"),
+        "hello neighbour",
+    );
+    let local = app.wait_access("node-0", "same-node connection", |e| {
+        e["dst"] == "shop/neighbour"
+    });
+    assert_eq!(local["no_tls_reason"], "secured_local", "{local}");
+    assert_eq!(local["src"], "shop/client");
+}
+
+#[test]
+fn no_plaintext_crosses_the_underlay() {
+    const MARKER: &str = "sealmesh-secret-marker-7f3a";
+    // With agents: the marker never appears in clear between nodes.
+    let app = App::up(MeshOptions::default());
+    let underlay = app.mesh.testbed().underlay_netns();
+    let capture = app
+        .mesh
+        .testbed()
+        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
+        .unwrap()
+        .unwrap();
+    app.client_ok(APP_NS, "client", app.echo_addr(APP_NS, "server"), MARKER);
+    app.client_ok(
+        APP_NS,
+        "client",
+        SocketAddr::from((SERVICE_VIP, SERVICE_PORT)),
+        MARKER,
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let report = capture.finish().unwrap();
+    assert!(
+        report.frames > 10,
+        "the capture saw the mTLS traffic: {report:?}"
+    );
+    assert_eq!(
+        report.hits_for(MARKER),
+        0,
+        "marker crossed the underlay in clear: {report:?}"
+    );
+    drop(app);
+
+    // Without agents the same exchange is cleartext on the same wire: the
+    // capture does see it, so the zero above means something.
+    let bare = App::up(MeshOptions {
+        start_agents: false,
+        start_identity: false,
+        wait_for_certificates: false,
+        ..MeshOptions::default()
+    });
+    let underlay = bare.mesh.testbed().underlay_netns();
+    let capture = bare
+        .mesh
+        .testbed()
+        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
+        .unwrap()
+        .unwrap();
+    bare.client_ok(APP_NS, "client", bare.echo_addr(APP_NS, "server"), MARKER);
+    std::thread::sleep(Duration::from_millis(300));
+    let report = capture.finish().unwrap();
+    assert!(
+        report.hits_for(MARKER) >= 2,
+        "request and echo seen in clear without agents: {report:?}"
+    );
+}
+
+#[test]
+fn binary_payloads_are_carried_byte_for_byte() {
+    let app = App::up(MeshOptions::default());
+    // 8 MiB of random bytes (any protocol, TLS included, is just bytes to the mesh).
+    let out = app.client(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "",
+        &["--random-bytes", "8388608"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("bytes=8388608"), "{stdout}");
+    let event = app.wait_access("node-1", "inbound close with byte counts", |e| {
+        e["direction"] == "inbound" && e["dst"] == "shop/server"
+    });
+    assert_eq!(event["bytes_src_to_dst"], 8_388_608, "{event}");
+    assert_eq!(event["bytes_dst_to_src"], 8_388_608, "{event}");
+}
+
+#[test]
+fn unmeshed_pods_are_left_alone_and_meshed_to_unmeshed_is_recorded_plaintext() {
+    let app = App::up(MeshOptions::default());
+    // Unmeshed client: not redirected, its node's agent sees nothing from it.
+    app.client_ok(
+        PLAIN_NS,
+        "plain",
+        app.echo_addr(APP_NS, "neighbour"),
+        "from legacy",
+    );
+    assert!(app.access("node-1", "src", "legacy/plain").is_empty());
+    assert!(app.access("node-0", "dst", "shop/neighbour").is_empty());
+
+    // Meshed client to unmeshed server: plaintext, with the reason recorded.
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(PLAIN_NS, "plain"),
+        "to legacy",
+    );
+    let event = app.wait_access("node-0", "plaintext to legacy/plain", |e| {
+        e["dst"] == "legacy/plain"
+    });
+    assert_eq!(event["tls"], false);
+    assert_eq!(event["no_tls_reason"], "not_meshed", "{event}");
+    assert_eq!(event["src"], "shop/client");
+    // Still nothing from the unmeshed pod, now that time has passed.
+    assert!(app.access("node-1", "src", "legacy/plain").is_empty());
+}
+
+#[test]
+fn plaintext_can_be_denied_by_policy() {
+    let app = App::up(MeshOptions {
+        agent_args: vec!["--deny-plaintext".into()],
+        ..MeshOptions::default()
+    });
+    let out = app.client(
+        APP_NS,
+        "client",
+        app.echo_addr(PLAIN_NS, "plain"),
+        "to legacy",
+        &["--timeout-secs", "3"],
+    );
+    assert!(
+        !out.status.success(),
+        "plaintext must be refused: {}",
+        describe(&out)
+    );
+    // Meshed traffic is unaffected.
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "still fine",
+    );
+}
+
+#[test]
+fn identity_outage_fails_closed_before_the_first_certificate_and_not_after() {
+    let mut app = App::up(MeshOptions {
+        start_identity: false,
+        wait_for_certificates: false,
+        ..MeshOptions::default()
+    });
+    // No certificate yet: meshed connections fail closed, never plaintext.
+    let out = app.client(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "too early",
+        &["--timeout-secs", "3"],
+    );
+    assert!(
+        !out.status.success(),
+        "must fail closed without a certificate: {}",
+        describe(&out)
+    );
+    let refused = app.wait_access("node-0", "fail-closed record", |e| {
+        e["dst"] == "shop/server"
+    });
+    assert_eq!(refused["tls"], false);
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains(&spiffe("client")),
+        "the log names the identity lacking a certificate: {refused}"
+    );
+
+    app.mesh.start_identity().unwrap();
+    app.mesh.wait_for_certificates("node-0").unwrap();
+    app.mesh.wait_for_certificates("node-1").unwrap();
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "with certificates",
+    );
+
+    // Identity down after issuance: traffic keeps flowing on held certificates.
+    app.mesh.stop_identity();
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "during the outage",
+    );
+}
+
+#[test]
+fn a_thousand_concurrent_connections_through_one_agent_leave_no_map_entries() {
+    let app = App::up(MeshOptions::default());
+    let out = app.client(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "many at once",
+        &["--connections", "1000", "--timeout-secs", "60"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("connections=1000"),
+        "{}",
+        describe(&out)
+    );
+    let closed = app.wait_access_count("node-0", "1000 closed connections", 1000, |e| {
+        e["dst"] == "shop/server"
+    });
+    assert_eq!(closed.len(), 1000, "one access-log line per connection");
+    assert!(
+        closed.iter().all(|e| e["tls"] == true && e["error"] == ""),
+        "all mTLS, no errors"
+    );
+    // Every redirect record was collected or expired with its connection.
+    for node in ["node-0", "node-1"] {
+        let dir = app.mesh.testbed().node_bpffs_dir(node).unwrap();
+        let status = sealmesh_agent::ebpf::Redirector::pinned_status(&dir).unwrap();
+        assert_eq!(
+            (status.pending_connects, status.pending_accepts),
+            (0, 0),
+            "{node}: {status:?}"
+        );
+    }
+}
+
+#[test]
+fn forged_peers_are_refused_by_the_inbound_side() {
+    let app = App::up(MeshOptions::default());
+    let node1 = app.mesh.testbed().cluster().node("node-1").unwrap().ip;
+    let hbone = SocketAddrV4::new(node1, HBONE_PORT);
+    let node0_ns = app.mesh.testbed().node_netns("node-0").unwrap().to_owned();
+    let results = app
+        .mesh
+        .testbed()
+        .run_in_netns(&node0_ns, || {
+            forged::attempts(app.mesh.pki_dir(), app.mesh.testbed().cluster(), hbone)
+        })
+        .unwrap();
+    assert_eq!(
+        results,
+        forged::Outcomes {
+            foreign_ca: "handshake refused".into(),
+            sni_not_on_node: "handshake refused".into(),
+            identity_mismatch: "HTTP 403".into(),
+            legitimate: "HTTP 200".into(),
+        }
+    );
+}
+
+/// Hand-made HBONE clients: one with a certificate from another CA, one
+/// asking for an identity that does not live on the node, one asking to
+/// reach a pod of another ServiceAccount than the SNI named.
+mod forged {
+    use std::{net::SocketAddrV4, path::Path, sync::Arc};
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls::{
+        ClientConfig, RootCertStore,
+        pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
+    };
+    use sealmesh_common::cluster::ClusterFile;
+    use sealmesh_identity::pki::{self, CaSpec};
+
+    #[derive(Debug, PartialEq, Eq)]
+    pub struct Outcomes {
+        pub foreign_ca: String,
+        pub sni_not_on_node: String,
+        pub identity_mismatch: String,
+        pub legitimate: String,
+    }
+
+    /// A leaf for `spiffe` signed by the CA in `ca_dir` (pem or tls layout).
+    fn leaf(
+        ca: &pki::CaMaterial,
+        identity: &sealmesh_common::identity::Identity,
+    ) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let issuer = rcgen::Issuer::from_ca_cert_pem(
+            std::str::from_utf8(&ca.cert_pem).unwrap(),
+            KeyPair::from_pem(std::str::from_utf8(&ca.key_pem).unwrap()).unwrap(),
+        )
+        .unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI(identity.spiffe_uri().try_into().unwrap()),
+            SanType::DnsName(identity.dns_name().try_into().unwrap()),
+        ];
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        let ca_der = pki::parse_pem_certs(&ca.cert_pem, "issuer").unwrap();
+        let mut chain = vec![cert.der().clone()];
+        chain.extend(ca_der);
+        (
+            chain,
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+    }
+
+    fn config(
+        anchor_pem: &[u8],
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Arc<ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        for cert in pki::parse_pem_certs(anchor_pem, "anchors").unwrap() {
+            roots.add(cert).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
+
+    async fn try_connect(
+        config: Arc<ClientConfig>,
+        hbone: SocketAddrV4,
+        sni: &str,
+        authority: &str,
+    ) -> String {
+        let tcp = tokio::net::TcpStream::connect(hbone)
+            .await
+            .expect("HBONE port reachable");
+        let name = ServerName::try_from(sni.to_owned()).unwrap();
+        let tls = match tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+        {
+            Ok(tls) => tls,
+            Err(_) => return "handshake refused".into(),
+        };
+        // TLS 1.3 client auth failures surface on the first read/write.
+        let Ok((mut client, connection)) = h2::client::handshake(tls).await else {
+            return "handshake refused".into();
+        };
+        tokio::spawn(connection);
+        let request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri(authority)
+            .body(())
+            .unwrap();
+        let Ok((response, _stream)) = client.send_request(request, false) else {
+            return "handshake refused".into();
+        };
+        match response.await {
+            Ok(response) => format!("HTTP {}", response.status().as_u16()),
+            Err(_) => "handshake refused".into(),
+        }
+    }
+
+    pub fn attempts(pki_dir: &Path, cluster: &ClusterFile, hbone: SocketAddrV4) -> Outcomes {
+        let td = cluster.trust_domain().unwrap();
+        let id = |sa: &str| td.identity(super::APP_NS, sa).unwrap();
+        let pod = |name: &str| {
+            format!(
+                "{}:{}",
+                cluster.pod(super::APP_NS, name).unwrap().ip,
+                super::ECHO_PORT
+            )
+        };
+        let anchors = std::fs::read(pki_dir.join("ca-bundle.crt")).unwrap();
+        let issuer = pki::CaMaterial::read_dir(&pki_dir.join("issuer")).unwrap();
+
+        let other_root = pki::generate_root(&CaSpec::valid_for(
+            "evil root",
+            std::time::Duration::from_secs(3600),
+        ))
+        .unwrap();
+        let (foreign_chain, foreign_key) = leaf(&other_root.material(), &id("client"));
+        let (chain, key) = leaf(&issuer, &id("client"));
+        let legit = config(&anchors, chain, key);
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            Outcomes {
+                foreign_ca: try_connect(
+                    config(&anchors, foreign_chain, foreign_key),
+                    hbone,
+                    &id("server").dns_name(),
+                    &pod("server"),
+                )
+                .await,
+                sni_not_on_node: try_connect(
+                    legit.clone(),
+                    hbone,
+                    &id("client").dns_name(),
+                    &pod("server"),
+                )
+                .await,
+                identity_mismatch: try_connect(
+                    legit.clone(),
+                    hbone,
+                    &id("server").dns_name(),
+                    &pod("stranger"),
+                )
+                .await,
+                legitimate: try_connect(legit, hbone, &id("server").dns_name(), &pod("server"))
+                    .await,
+            }
+        })
+    }
+}
