@@ -45,7 +45,10 @@ pub struct CaptureReport {
 
 impl CaptureReport {
     pub fn hits_for(&self, marker: &str) -> u64 {
-        self.hits.iter().find(|(m, _)| m == marker).map_or(0, |(_, n)| *n)
+        self.hits
+            .iter()
+            .find(|(m, _)| m == marker)
+            .map_or(0, |(_, n)| *n)
     }
 }
 
@@ -117,7 +120,14 @@ fn read_frames(
     while !stop.load(Ordering::SeqCst) {
         let len = match socket.read(&mut frame) {
             Ok(len) => len,
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => continue,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
