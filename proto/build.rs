@@ -4,6 +4,7 @@ use std::path::Path;
 const PROTOS: &[&str] = &[
     "proto/sealmesh/identity/v1/identity.proto",
     "proto/io/linkerd/proxy/identity/identity.proto",
+    "proto/sealmesh/admin/v1/admin.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

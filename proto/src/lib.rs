@@ -9,3 +9,9 @@ pub mod linkerd_identity {
     //! io.linkerd.proxy.identity: the same API under Linkerd's package name.
     tonic::include_proto!("io.linkerd.proxy.identity");
 }
+
+pub mod admin {
+    //! sealmesh.admin.v1: each node agent's admin API (status, connections,
+    //! tap, certificates, config, eBPF).
+    tonic::include_proto!("sealmesh.admin.v1");
+}
