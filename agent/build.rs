@@ -28,6 +28,7 @@ fn main() -> anyhow::Result<()> {
         .context("the agent-ebpf path is not UTF-8")?;
 
     check_ebpf_toolchain()?;
+    watch_sources(Path::new(ebpf_dir))?;
     aya_build::build_ebpf(
         [Package {
             name: EBPF_PACKAGE,
@@ -38,6 +39,21 @@ fn main() -> anyhow::Result<()> {
         Toolchain::Nightly,
     )
     .context("building the eBPF programs (agent-ebpf) failed; the compiler output is above")
+}
+
+/// Reruns this script when any file of agent-ebpf changes. aya-build asks to watch the package
+/// directory, but cargo compares only that directory's own mtime, which an edit of
+/// `src/main.rs` does not change — the embedded object would silently go stale.
+fn watch_sources(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            watch_sources(&path)?;
+        } else {
+            println!("cargo::rerun-if-changed={}", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// Fails with one message naming everything missing, instead of a cargo/linker error deep inside

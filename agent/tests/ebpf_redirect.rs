@@ -236,6 +236,45 @@ fn no_records_leak_over_many_connections() {
         "refused connects leave no records"
     );
 
+    // Clients that send and close before the agent accepts: their sockets reach CLOSE (via
+    // FIN_WAIT2) while the connections still wait in the accept queue; the records must wait too.
+    const EARLY_CLOSERS: usize = 20;
+    let (open_gate, gate) = mpsc::channel();
+    let late = NetnsListener::spawn(
+        &bed,
+        LISTENER,
+        redirector.clone(),
+        Mode::TakeAndReadAfter(gate),
+    );
+    bed.run_client(&bed.pod, REMOTE_POD, EARLY_CLOSERS, "send");
+    // Once the listener's kernel acknowledged their FINs (after its delayed-ACK timer), the
+    // orphaned sockets have closed (ss lists their time-wait remains as FIN-WAIT-2).
+    bed.wait_until_no_socket_in(&["fin-wait-1"]);
+    assert_eq!(
+        pending(&redirector),
+        (0, EARLY_CLOSERS),
+        "records of closed but not yet accepted connections are kept"
+    );
+    open_gate.send(()).unwrap();
+    for n in 0..EARLY_CLOSERS {
+        let accepted = late.next();
+        assert_eq!(accepted.received, b"hi", "connection {n}");
+        assert_eq!(
+            accepted.redirect,
+            Some(Redirect {
+                original_dst: REMOTE_POD,
+                source_cgroup: bed.pod_cgroup_id()
+            }),
+            "connection {n}"
+        );
+    }
+    assert_eq!(
+        pending(&redirector),
+        (0, 0),
+        "the late accepts took every record"
+    );
+    drop(late);
+
     // Clients that send and close at once (usually before the accept): all records survive
     // until taken, then nothing is left.
     const CONNECTIONS: usize = 500;
@@ -496,6 +535,28 @@ impl Testbed {
         self.run_client_to(cgroup, &dst.ip().to_string(), dst.port(), count, mode);
     }
 
+    /// Waits until no TCP socket in the netns is in one of the `ss` states given.
+    fn wait_until_no_socket_in(&self, states: &[&str]) {
+        let mut args = vec!["netns", "exec", &self.netns, "ss", "-Htn"];
+        for state in states {
+            args.extend(["state", state]);
+        }
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let output = Command::new("ip").args(&args).output().expect("run ss");
+            assert!(output.status.success(), "ss failed: {output:?}");
+            if output.stdout.is_empty() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sockets still in {states:?}: {}",
+                String::from_utf8_lossy(&output.stdout)
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Like `run_client`, with the host as text (e.g. an IPv4-mapped IPv6 address).
     fn run_client_to(&self, cgroup: &Path, host: &str, port: u16, count: usize, mode: &str) {
         // The shell joins the cgroup first: `ip netns exec` remounts /sys, hiding cgroupfs.
@@ -541,10 +602,11 @@ fn ip(args: &[&str]) {
     assert!(status.success(), "ip {} failed", args.join(" "));
 }
 
-#[derive(Clone, Copy)]
 enum Mode {
     /// What the agent does: take the record on accept, then read the client's bytes.
     TakeAndRead,
+    /// Like `TakeAndRead`, but start accepting only once the gate receives (or is dropped).
+    TakeAndReadAfter(Receiver<()>),
     /// Reset the connection without taking its record.
     ResetWithoutTaking,
 }
@@ -576,6 +638,16 @@ impl NetnsListener {
             let listener = bind_retrying(addr);
             listener.set_nonblocking(true).unwrap();
             ready_tx.send(()).unwrap();
+            if let Mode::TakeAndReadAfter(gate) = &mode {
+                // Keep watching `stop`: a failing test drops this listener with the gate shut.
+                while let Err(RecvTimeoutError::Timeout) =
+                    gate.recv_timeout(Duration::from_millis(20))
+                {
+                    if stop_flag.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+            }
             while !stop_flag.load(Ordering::Relaxed) {
                 let (stream, peer) = match listener.accept() {
                     Ok(accepted) => accepted,
@@ -588,7 +660,7 @@ impl NetnsListener {
                 let peer = v4(peer);
                 let local = v4(stream.local_addr().unwrap());
                 let accepted = match mode {
-                    Mode::TakeAndRead => {
+                    Mode::TakeAndRead | Mode::TakeAndReadAfter(_) => {
                         let redirect = table.take(peer, local);
                         Accepted {
                             peer,
