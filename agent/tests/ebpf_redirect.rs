@@ -98,6 +98,29 @@ fn loads_attaches_pins_and_uninstalls() {
     ] {
         assert!(bed.pin_dir().join(pin).exists(), "{pin} is pinned");
     }
+    // The agent's own cgroup (this test process's) is never meshed.
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .unwrap();
+    let own_id = host::cgroup_id(
+        &host::cgroup2_mount()
+            .unwrap()
+            .join(own.trim_start_matches('/')),
+    )
+    .unwrap();
+    let error = redirector
+        .insert(own_id)
+        .expect_err("meshing the agent's own cgroup");
+    assert!(
+        error
+            .to_string()
+            .starts_with(&format!("refusing to mesh cgroup {own_id}")),
+        "{error}"
+    );
+    assert_eq!(redirector.ids().unwrap(), Vec::<u64>::new());
+
     redirector.uninstall().expect("uninstall");
     assert!(
         !bed.pin_dir().exists(),

@@ -72,6 +72,13 @@ pub enum EbpfError {
         expected_value: u32,
         expected_entries: u32,
     },
+    #[error("cannot read this process's cgroup from /proc/self/cgroup: {0}")]
+    OwnCgroup(#[source] io::Error),
+    #[error(
+        "refusing to mesh cgroup {cgroup_id}: the agent itself runs in it (or below it), so its own \
+         connections would be redirected to itself; run the agent outside the pod cgroups"
+    )]
+    AgentCgroup { cgroup_id: u64 },
     #[error(
         "outbound listener {0} cannot be a redirect target: use the node's own IP (not 0.0.0.0 or \
          loopback, which a pod's network namespace would resolve to itself) and a non-zero port"

@@ -114,6 +114,9 @@ pub struct EbpfStatus {
 /// The loaded and attached redirect programs and their maps.
 pub struct Redirector {
     pins: PinLayout,
+    /// The agent's own cgroup and its ancestors: never meshed, or the agent's outbound
+    /// connections would be redirected to itself.
+    own_cgroups: Vec<u64>,
     meshed_pods: Mutex<HashMap<MapData, u64, u8>>,
     by_connection: Mutex<HashMap<MapData, ConnectionKey, RedirectRecord>>,
     by_cookie: HashMap<MapData, u64, RedirectRecord>,
@@ -150,6 +153,7 @@ impl Redirector {
         check_exclusion_count("ports", cfg.excluded_ports.len(), capacity::EXCLUDED_PORTS)?;
         check_exclusion_count("CIDRs", cfg.excluded_cidrs.len(), capacity::EXCLUDED_CIDRS)?;
         let node_cgroup = open_node_cgroup(&cfg.node_cgroup)?;
+        let own_cgroups = own_cgroup_ids()?;
         let pins = PinLayout::prepare(&cfg.bpffs_dir)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -210,6 +214,7 @@ impl Redirector {
 
         Ok(Self {
             pins,
+            own_cgroups,
             meshed_pods: Mutex::new(meshed_pods),
             by_connection: Mutex::new(by_connection),
             by_cookie,
@@ -251,7 +256,10 @@ impl Redirector {
             .filter(|program| pins.links.join(program).exists())
             .collect(),
             meshed_pods: count_pinned::<u64, u8>(&pins, names::MESHED_PODS)?,
-            pending_connects: count_pinned::<u64, RedirectRecord>(&pins, names::REDIRECT_BY_COOKIE)?,
+            pending_connects: count_pinned::<u64, RedirectRecord>(
+                &pins,
+                names::REDIRECT_BY_COOKIE,
+            )?,
             pending_accepts: count_pinned::<ConnectionKey, RedirectRecord>(
                 &pins,
                 names::REDIRECT_BY_CONNECTION,
@@ -321,6 +329,9 @@ impl RedirectTable for Redirector {
 
 impl MeshedCgroups for Redirector {
     fn insert(&self, cgroup_id: u64) -> Result<(), EbpfError> {
+        if self.own_cgroups.contains(&cgroup_id) {
+            return Err(EbpfError::AgentCgroup { cgroup_id });
+        }
         lock(&self.meshed_pods)
             .insert(cgroup_id, 1, 0)
             .map_err(|error| {
@@ -383,6 +394,25 @@ fn open_node_cgroup(path: &Path) -> Result<File, EbpfError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// Ids of the cgroup v2 this process runs in and of its ancestors.
+fn own_cgroup_ids() -> Result<Vec<u64>, EbpfError> {
+    let cgroup2_mount = host::cgroup2_mount().ok_or(EbpfError::Cgroup2NotMounted)?;
+    let own = fs::read_to_string("/proc/self/cgroup").map_err(EbpfError::OwnCgroup)?;
+    // The cgroup v2 line is "0::<path>" (also on hybrid hosts).
+    let path = own
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .ok_or_else(|| {
+            EbpfError::OwnCgroup(io::Error::other("no cgroup v2 entry in /proc/self/cgroup"))
+        })?;
+    let own_dir = cgroup2_mount.join(path.trim_start_matches('/'));
+    own_dir
+        .ancestors()
+        .take_while(|dir| dir.starts_with(&cgroup2_mount))
+        .map(|dir| host::cgroup_id(dir).map_err(EbpfError::OwnCgroup))
+        .collect()
 }
 
 /// This node's pin paths on bpffs.
@@ -582,7 +612,10 @@ fn fill_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), EbpfErro
 /// Takes a pinned map out of the object, checking that a reused pin has this agent's layout
 /// (aya reuses whatever is pinned under the name).
 /// Entries of a pinned map, opened from its pin.
-fn count_pinned<K: aya::Pod, V: aya::Pod>(pins: &PinLayout, name: &'static str) -> Result<usize, EbpfError> {
+fn count_pinned<K: aya::Pod, V: aya::Pod>(
+    pins: &PinLayout,
+    name: &'static str,
+) -> Result<usize, EbpfError> {
     let data = MapData::from_pin(pins.maps.join(name))
         .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
     let map: HashMap<MapData, K, V> = HashMap::try_from(Map::HashMap(data))
