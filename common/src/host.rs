@@ -6,6 +6,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
+/// Where `ip netns` keeps named network namespaces (bind mounts); the testbed
+/// and the CLI's local mode use the same place.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+
 /// Where cgroup v2 is mounted: `/sys/fs/cgroup` on unified hosts,
 /// `/sys/fs/cgroup/unified` on hybrid ones. Read from /proc/self/mountinfo.
 pub fn cgroup2_mount() -> Option<PathBuf> {
