@@ -3,10 +3,9 @@
 //! configured over rtnetlink from a thread inside each namespace.
 
 use std::{
-    fs::{File, OpenOptions},
+    fs::OpenOptions,
     net::{IpAddr, Ipv4Addr},
     os::fd::{AsRawFd, OwnedFd},
-    path::{Path, PathBuf},
     sync::{Mutex, PoisonError},
 };
 
@@ -32,7 +31,7 @@ use super::{
         self, Layout, NETNS_DIR, POD_SUPERNET, SERVICE_CIDR, UNDERLAY_CIDR, UNDERLAY_GATEWAY,
         UNDERLAY_PREFIX_LEN,
     },
-    netns,
+    netns::{self, netns_path, open_netns},
 };
 
 /// Bridge in the underlay namespace that all nodes plug into.
@@ -352,21 +351,6 @@ fn in_netns<T: Send>(
         })
     })?;
     Ok(result?)
-}
-
-fn netns_path(name: &str) -> PathBuf {
-    Path::new(NETNS_DIR).join(name)
-}
-
-fn open_netns(name: &str) -> Result<OwnedFd, TestbedError> {
-    let path = netns_path(name);
-    File::open(&path)
-        .map(OwnedFd::from)
-        .map_err(|source| TestbedError::Io {
-            what: "cannot open network namespace",
-            path,
-            source,
-        })
 }
 
 /// Makes /run/netns a shared mount point, as `ip netns` does, so namespaces mounted

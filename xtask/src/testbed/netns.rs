@@ -14,11 +14,11 @@ use nix::sched::{CloneFlags, setns};
 
 use super::{TestbedError, layout::NETNS_DIR};
 
-fn netns_path(netns: &str) -> PathBuf {
+pub(crate) fn netns_path(netns: &str) -> PathBuf {
     Path::new(NETNS_DIR).join(netns)
 }
 
-fn open_netns(netns: &str) -> Result<OwnedFd, TestbedError> {
+pub(crate) fn open_netns(netns: &str) -> Result<OwnedFd, TestbedError> {
     let path = netns_path(netns);
     File::open(&path)
         .map(OwnedFd::from)
