@@ -1,7 +1,11 @@
 //! `sealmesh`: operator commands, one module per command group.
 #![forbid(unsafe_code)]
 
+mod agents;
 mod certs;
+mod certview;
+mod check;
+mod output;
 
 use std::process::ExitCode;
 
@@ -16,17 +20,21 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the mesh's trust anchor (root) and identity issuer.
+    /// Create and inspect the mesh's certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
+    /// Check the trust anchors and issuer, and with --proxy every agent's live
+    /// certificates. Exits 1 when a check fails (×); warnings (‼) do not fail.
+    Check(check::CheckArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Certs(command) => certs::run(command),
+        Command::Certs(command) => certs::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => check::run(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line with every cause: operators need the reason, not a backtrace.
             eprintln!("error: {e:#}");

@@ -1,0 +1,380 @@
+//! Finding node agents and talking to their admin API.
+//!
+//! Each agent serves its admin API node-locally (`127.0.0.1:AGENT_ADMIN_PORT`),
+//! so a caller must be "on" the node to reach it. [`AgentDirectory`] lists the
+//! agents of a cluster and runs one session per agent through a
+//! [`AgentTransport`]: in local mode ([`NetnsTransport`]) a thread that joins
+//! the node's network namespace; a Kubernetes transport (port-forward through
+//! the API server) can be added behind the same seam.
+
+use std::{
+    fs::File,
+    future::Future,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    pin::Pin,
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use nix::sched::{CloneFlags, setns};
+use sealmesh_common::{
+    cluster::{ClusterError, ClusterFile},
+    consts::AGENT_ADMIN_PORT,
+    host::NETNS_RUN_DIR,
+};
+use sealmesh_proto::admin::admin_client::AdminClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// How long to wait for an agent to accept the admin connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(
+        "reaching agents in local mode means entering node network namespaces, which needs root: run sealmesh with sudo"
+    )]
+    NotRoot,
+    #[error(
+        "node {node} has no netns in the cluster file; local mode reaches agents through the node's network namespace"
+    )]
+    NoNetns { node: String },
+    #[error("cannot open network namespace {path} of node {node}: {source}; is the testbed up?")]
+    OpenNetns {
+        node: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot enter network namespace {netns} of node {node}: {source}")]
+    EnterNetns {
+        node: String,
+        netns: String,
+        source: nix::Error,
+    },
+    #[error("cannot start a thread or runtime for node {node}: {source}")]
+    Runtime {
+        node: String,
+        source: std::io::Error,
+    },
+    #[error(
+        "agent on node {node} is not reachable at {address}: {source}; is the agent running there? (see its log)"
+    )]
+    Connect {
+        node: String,
+        address: SocketAddr,
+        source: tonic::transport::Error,
+    },
+    #[error("agent on node {node} answered {call} with an error: {status}")]
+    Rpc {
+        node: String,
+        call: &'static str,
+        status: Box<tonic::Status>,
+    },
+    #[error("the session with the agent on node {node} panicked")]
+    Panicked { node: String },
+}
+
+impl AgentError {
+    /// Wraps a failed admin call.
+    pub fn rpc(node: &str, call: &'static str, status: tonic::Status) -> Self {
+        Self::Rpc {
+            node: node.to_owned(),
+            call,
+            status: Box::new(status),
+        }
+    }
+}
+
+/// One node agent as the cluster describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRef {
+    pub node: String,
+    pub node_ip: Ipv4Addr,
+    /// Network namespace of the node (local mode).
+    pub netns: Option<String>,
+}
+
+/// What a session does with a connected admin client. Its future runs on a
+/// current-thread runtime of the session's own thread (so it need not be
+/// `Send`).
+pub type Session<T> = Box<
+    dyn FnOnce(AdminClient<Channel>) -> Pin<Box<dyn Future<Output = Result<T, AgentError>>>> + Send,
+>;
+
+/// Boxes an async closure as a [`Session`].
+pub fn session<T, F, Fut>(f: F) -> Session<T>
+where
+    F: FnOnce(AdminClient<Channel>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, AgentError>> + 'static,
+{
+    Box::new(move |client| Box::pin(f(client)))
+}
+
+/// Awaits one admin call and names the node and call when it fails.
+pub async fn call<T>(
+    node: &str,
+    call: &'static str,
+    response: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+) -> Result<T, AgentError> {
+    response
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|status| AgentError::rpc(node, call, status))
+}
+
+/// How sessions reach an agent's admin API.
+pub trait AgentTransport {
+    /// Starts `session` against `agent`'s admin API on a thread of its own.
+    fn spawn<T: Send + 'static>(
+        &self,
+        agent: &AgentRef,
+        session: Session<T>,
+    ) -> Result<JoinHandle<Result<T, AgentError>>, AgentError>;
+}
+
+/// Local mode: join the node's network namespace and dial the agent on loopback.
+#[derive(Clone, Debug)]
+pub struct NetnsTransport {
+    netns_dir: PathBuf,
+}
+
+impl Default for NetnsTransport {
+    fn default() -> Self {
+        Self {
+            netns_dir: PathBuf::from(NETNS_RUN_DIR),
+        }
+    }
+}
+
+impl NetnsTransport {
+    /// Fails early with a clear message when not root (setns needs CAP_SYS_ADMIN).
+    pub fn new() -> Result<Self, AgentError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(AgentError::NotRoot);
+        }
+        Ok(Self::default())
+    }
+}
+
+impl AgentTransport for NetnsTransport {
+    fn spawn<T: Send + 'static>(
+        &self,
+        agent: &AgentRef,
+        session: Session<T>,
+    ) -> Result<JoinHandle<Result<T, AgentError>>, AgentError> {
+        let node = agent.node.clone();
+        let netns = agent
+            .netns
+            .clone()
+            .ok_or_else(|| AgentError::NoNetns { node: node.clone() })?;
+        let path = self.netns_dir.join(&netns);
+        let netns_file = File::open(&path).map_err(|source| AgentError::OpenNetns {
+            node: node.clone(),
+            path: path.clone(),
+            source,
+        })?;
+        std::thread::Builder::new()
+            .name(format!("agent {node}"))
+            .spawn(move || {
+                // setns(2) switches only this thread; the runtime below is
+                // current-thread, so every socket it opens is in the node.
+                setns(&netns_file, CloneFlags::CLONE_NEWNET).map_err(|source| {
+                    AgentError::EnterNetns {
+                        node: node.clone(),
+                        netns: netns.clone(),
+                        source,
+                    }
+                })?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|source| AgentError::Runtime {
+                        node: node.clone(),
+                        source,
+                    })?;
+                let address = SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT));
+                runtime.block_on(async move {
+                    let client = connect(&node, address).await?;
+                    session(client).await
+                })
+            })
+            .map_err(|source| AgentError::Runtime {
+                node: agent.node.clone(),
+                source,
+            })
+    }
+}
+
+async fn connect(node: &str, address: SocketAddr) -> Result<AdminClient<Channel>, AgentError> {
+    let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        .expect("a socket address makes a valid URI")
+        .connect_timeout(CONNECT_TIMEOUT);
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|source| AgentError::Connect {
+            node: node.to_owned(),
+            address,
+            source,
+        })?;
+    Ok(AdminClient::new(channel))
+}
+
+/// The agents of a cluster and the way to reach them.
+#[derive(Debug)]
+pub struct AgentDirectory<T = NetnsTransport> {
+    agents: Vec<AgentRef>,
+    transport: T,
+}
+
+impl AgentDirectory<NetnsTransport> {
+    /// Local mode: one agent per node of the cluster file.
+    pub fn local(cluster: &ClusterFile) -> Result<Self, AgentError> {
+        let agents = cluster
+            .nodes
+            .iter()
+            .map(|node| AgentRef {
+                node: node.name.clone(),
+                node_ip: node.ip,
+                netns: node.netns.clone(),
+            })
+            .collect();
+        Ok(Self {
+            agents,
+            transport: NetnsTransport::new()?,
+        })
+    }
+}
+
+impl<T: AgentTransport> AgentDirectory<T> {
+    pub fn agents(&self) -> &[AgentRef] {
+        &self.agents
+    }
+
+    pub fn agent(&self, node: &str) -> Option<&AgentRef> {
+        self.agents.iter().find(|a| a.node == node)
+    }
+
+    /// Starts one session per agent, all at once.
+    pub fn spawn_all<R: Send + 'static>(
+        &self,
+        mut make: impl FnMut(&AgentRef) -> Session<R>,
+    ) -> Vec<(
+        AgentRef,
+        Result<JoinHandle<Result<R, AgentError>>, AgentError>,
+    )> {
+        self.agents
+            .iter()
+            .map(|agent| (agent.clone(), self.transport.spawn(agent, make(agent))))
+            .collect()
+    }
+
+    /// Runs one session per agent concurrently and returns every agent's
+    /// result, in directory order.
+    pub fn query_all<R: Send + 'static>(
+        &self,
+        make: impl FnMut(&AgentRef) -> Session<R>,
+    ) -> Vec<(AgentRef, Result<R, AgentError>)> {
+        self.spawn_all(make)
+            .into_iter()
+            .map(|(agent, handle)| {
+                let result = handle.and_then(|h| join(&agent.node, h));
+                (agent, result)
+            })
+            .collect()
+    }
+
+    /// Runs one session against the agent of `node`.
+    pub fn query<R: Send + 'static>(
+        &self,
+        agent: &AgentRef,
+        session: Session<R>,
+    ) -> Result<R, AgentError> {
+        let handle = self.transport.spawn(agent, session)?;
+        join(&agent.node, handle)
+    }
+}
+
+pub fn join<R>(node: &str, handle: JoinHandle<Result<R, AgentError>>) -> Result<R, AgentError> {
+    handle.join().unwrap_or_else(|_| {
+        Err(AgentError::Panicked {
+            node: node.to_owned(),
+        })
+    })
+}
+
+/// Where the CLI learns about the cluster.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ClusterArgs {
+    /// Local mode: the cluster file (written by the testbed) that lists the
+    /// nodes, pods and the identity service.
+    #[arg(long, env = "SEALMESH_CLUSTER_FILE", global = true)]
+    pub cluster_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterArgsError {
+    #[error(
+        "no cluster given: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE (Kubernetes mode is not available yet)"
+    )]
+    Missing,
+    #[error(transparent)]
+    Load(#[from] ClusterError),
+}
+
+impl ClusterArgs {
+    pub fn load(&self) -> Result<ClusterFile, ClusterArgsError> {
+        let path = self
+            .cluster_file
+            .as_deref()
+            .ok_or(ClusterArgsError::Missing)?;
+        Ok(ClusterFile::load(path)?)
+    }
+
+    pub fn path(&self) -> Option<&Path> {
+        self.cluster_file.as_deref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_without_netns_is_refused_with_the_reason() {
+        let transport = NetnsTransport::default();
+        let agent = AgentRef {
+            node: "node-0".into(),
+            node_ip: Ipv4Addr::new(172, 18, 0, 2),
+            netns: None,
+        };
+        let err = transport
+            .spawn::<()>(&agent, Box::new(|_| Box::pin(async { Ok(()) })))
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "node node-0 has no netns in the cluster file; local mode reaches agents through the node's network namespace"
+        );
+    }
+
+    #[test]
+    fn a_missing_namespace_names_its_path() {
+        let transport = NetnsTransport {
+            netns_dir: PathBuf::from("/nonexistent-netns-dir"),
+        };
+        let agent = AgentRef {
+            node: "node-1".into(),
+            node_ip: Ipv4Addr::new(172, 18, 0, 3),
+            netns: Some("sm-x-n1".into()),
+        };
+        let err = transport
+            .spawn::<()>(&agent, Box::new(|_| Box::pin(async { Ok(()) })))
+            .unwrap_err();
+        assert!(
+            err.to_string().starts_with(
+                "cannot open network namespace /nonexistent-netns-dir/sm-x-n1 of node node-1:"
+            ),
+            "{err}"
+        );
+    }
+}

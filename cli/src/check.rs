@@ -1,0 +1,547 @@
+//! `sealmesh check [--proxy]`: Linkerd's identity checks on the trust anchors
+//! and issuer, and with `--proxy` checks of every agent's live certificates.
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::Args;
+use rustls_pki_types::CertificateDer;
+use sealmesh_common::cluster::ClusterFile;
+use sealmesh_identity::pki::{CaMaterial, Issuer, TrustAnchors};
+use sealmesh_proto::admin::{
+    AgentStatus, GetCertificatesRequest, GetCertificatesResponse, GetStatusRequest,
+};
+use time::OffsetDateTime;
+
+use crate::{
+    agents::{AgentDirectory, AgentError, ClusterArgs, call, session},
+    certview::{self, CertFacts},
+};
+
+/// Anchors and issuers must stay valid at least this long (Linkerd's rule).
+const MIN_CA_VALIDITY: Duration = Duration::from_secs(60 * 86_400);
+/// The file and directory names of a PKI directory (`--pki-dir`), as the
+/// testbed lays it out.
+const PKI_ANCHORS_FILE: &str = "ca-bundle.crt";
+const PKI_ISSUER_DIR: &str = "issuer";
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Also check the data plane: every agent reachable and ready, its live
+    /// certificates chaining to the trust anchors, none missing or near expiry.
+    #[arg(long)]
+    proxy: bool,
+    /// A PKI directory holding `ca-bundle.crt` (trust anchors) and `issuer/`
+    /// (the identity service's issuer), as the testbed writes it.
+    #[arg(long, conflicts_with_all = ["trust_anchors", "issuer_dir"])]
+    pki_dir: Option<PathBuf>,
+    /// PEM bundle of trust anchors. Default: the cluster file's
+    /// `identity.trustAnchorsFile`.
+    #[arg(long)]
+    trust_anchors: Option<PathBuf>,
+    /// Issuer directory (`crt.pem` + `key.pem`, or `tls.crt` + `tls.key` +
+    /// `ca.crt`). Default: `issuer/` next to the trust-anchors file.
+    #[arg(long)]
+    issuer_dir: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Warn,
+    Fail,
+}
+
+#[derive(Debug)]
+struct CheckLine {
+    status: Status,
+    title: String,
+    /// What is wrong (one line per finding) and what to do.
+    details: Vec<String>,
+    hint: Option<String>,
+}
+
+#[derive(Debug, Default)]
+struct Section {
+    name: &'static str,
+    lines: Vec<CheckLine>,
+}
+
+impl Section {
+    fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            lines: Vec::new(),
+        }
+    }
+
+    fn pass(&mut self, title: &str) {
+        self.push(Status::Pass, title, Vec::new(), None);
+    }
+
+    /// Passes when `problems` is empty; otherwise `status` with the problems
+    /// as details and `hint` as what to do.
+    fn expect(&mut self, title: &str, problems: Vec<String>, status: Status, hint: &str) -> bool {
+        if problems.is_empty() {
+            self.pass(title);
+            true
+        } else {
+            self.push(status, title, problems, Some(hint.to_owned()));
+            false
+        }
+    }
+
+    fn push(&mut self, status: Status, title: &str, details: Vec<String>, hint: Option<String>) {
+        self.lines.push(CheckLine {
+            status,
+            title: title.to_owned(),
+            details,
+            hint,
+        });
+    }
+}
+
+fn render(sections: &[Section]) -> String {
+    let mut out = String::new();
+    for section in sections {
+        let _ = writeln!(out, "{}\n{}", section.name, "-".repeat(section.name.len()));
+        for line in &section.lines {
+            let mark = match line.status {
+                Status::Pass => "√",
+                Status::Warn => "‼",
+                Status::Fail => "×",
+            };
+            let _ = writeln!(out, "{mark} {}", line.title);
+            for detail in &line.details {
+                let _ = writeln!(out, "    {detail}");
+            }
+            if let Some(hint) = &line.hint {
+                let _ = writeln!(out, "    see: {hint}");
+            }
+        }
+        out.push('\n');
+    }
+    let failed = failed(sections);
+    let _ = writeln!(
+        out,
+        "Status check results are {}",
+        if failed { "×" } else { "√" }
+    );
+    out
+}
+
+fn failed(sections: &[Section]) -> bool {
+    sections
+        .iter()
+        .flat_map(|s| &s.lines)
+        .any(|l| l.status == Status::Fail)
+}
+
+pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
+    let cluster = match args.cluster.path() {
+        Some(_) => Some(args.cluster.load()?),
+        None => None,
+    };
+    let (anchors_file, issuer_dir) = pki_paths(&args, cluster.as_ref())?;
+    let now = OffsetDateTime::now_utc();
+    let mut sections = Vec::new();
+    let identity = check_identity(&anchors_file, &issuer_dir, now);
+    let anchors = identity.1;
+    sections.push(identity.0);
+    if args.proxy {
+        let cluster = cluster.context(
+            "--proxy checks the agents of a cluster: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE",
+        )?;
+        let directory = AgentDirectory::local(&cluster)?;
+        sections.push(check_data_plane(&directory, anchors.as_deref(), now));
+    }
+    print!("{}", render(&sections));
+    Ok(if failed(&sections) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// The anchors file and issuer directory to check: explicit flags, else
+/// `--pki-dir`'s layout, else the cluster file's anchors and `issuer/` next
+/// to them.
+fn pki_paths(
+    args: &CheckArgs,
+    cluster: Option<&ClusterFile>,
+) -> anyhow::Result<(PathBuf, PathBuf)> {
+    if let Some(dir) = &args.pki_dir {
+        return Ok((dir.join(PKI_ANCHORS_FILE), dir.join(PKI_ISSUER_DIR)));
+    }
+    let cluster_anchors = cluster
+        .and_then(|c| c.identity.as_ref())
+        .map(|i| i.trust_anchors_file.clone());
+    let anchors = args.trust_anchors.clone().or(cluster_anchors).context(
+        "no trust anchors to check: pass --trust-anchors FILE and --issuer-dir DIR, --pki-dir DIR, \
+             or --cluster-file FILE of a cluster with an identity service",
+    )?;
+    let issuer = match &args.issuer_dir {
+        Some(dir) => dir.clone(),
+        None => anchors
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join(PKI_ISSUER_DIR),
+    };
+    Ok((anchors, issuer))
+}
+
+/// The identity section; also returns the anchors (DER) when they loaded.
+fn check_identity(
+    anchors_file: &Path,
+    issuer_dir: &Path,
+    now: OffsetDateTime,
+) -> (Section, Option<Vec<CertificateDer<'static>>>) {
+    let mut section = Section::new("sealmesh-identity");
+    let loaded = TrustAnchors::load(anchors_file)
+        .map_err(|e| e.to_string())
+        .and_then(|anchors| {
+            let material = CaMaterial::read_dir(issuer_dir).map_err(|e| e.to_string())?;
+            let issuer_chain = certview::read_certificates(
+                &material.cert_pem,
+                &format!("issuer {}", issuer_dir.display()),
+            )
+            .map_err(|e| e.to_string())?;
+            Ok((anchors, material, issuer_chain))
+        });
+    let (anchors, material, issuer_chain) = match loaded {
+        Ok(loaded) => loaded,
+        Err(problem) => {
+            section.expect(
+                "certificate config is valid",
+                vec![problem],
+                Status::Fail,
+                "pass --trust-anchors with the PEM bundle of roots and --issuer-dir with the issuer \
+                 (create them with `sealmesh certs create-root` and `create-issuer`)",
+            );
+            return (section, None);
+        }
+    };
+    section.pass("certificate config is valid");
+
+    let anchor_facts: Vec<CertFacts> = anchors
+        .certificates()
+        .iter()
+        .enumerate()
+        .filter_map(|(i, der)| CertFacts::parse(der, "trust anchors", i).ok())
+        .collect();
+    let issuer_facts = match CertFacts::parse(&issuer_chain[0], "issuer", 0) {
+        Ok(facts) => facts,
+        Err(e) => {
+            section.expect(
+                "issuer cert is valid X.509",
+                vec![e.to_string()],
+                Status::Fail,
+                "replace the issuer",
+            );
+            return (section, Some(anchors.certificates().to_vec()));
+        }
+    };
+
+    ca_checks(
+        &mut section,
+        "trust anchors",
+        true,
+        "trust anchor",
+        &anchor_facts,
+        now,
+        "rotate the trust anchors: add a new root (`sealmesh certs create-root`) to the bundle, re-issue the issuer from it, then remove the old root",
+    );
+    ca_checks(
+        &mut section,
+        "issuer cert",
+        false,
+        "issuer",
+        std::slice::from_ref(&issuer_facts),
+        now,
+        "issue a new issuer: `sealmesh certs create-issuer --root <root dir> --out <issuer dir> --force` (the identity service reloads it)",
+    );
+
+    let chain_problem = certview::verify_ca_signatures(&issuer_chain, anchors.certificates()).err();
+    let chained = section.expect(
+        "issuer cert is issued by the trust anchor",
+        chain_problem.into_iter().collect(),
+        Status::Fail,
+        "sign the issuer with a root of the trust-anchor bundle (`sealmesh certs create-issuer --root <root dir>`), or add its root to the bundle",
+    );
+    let all_passed = section.lines.iter().all(|l| l.status != Status::Fail);
+    if chained && all_passed {
+        // The identity service's own loader is the final word: key matches,
+        // every certificate of the chain valid now.
+        let problem = Issuer::from_material(&material, &anchors, now).err();
+        section.expect(
+            "issuer can sign certificates",
+            problem.map(|e| e.to_string()).into_iter().collect(),
+            Status::Fail,
+            "put the issuer's own key next to its certificate in the issuer directory",
+        );
+    }
+    (section, Some(anchors.certificates().to_vec()))
+}
+
+/// Algorithm, CA, validity and 60-day checks of anchors or the issuer.
+fn ca_checks(
+    section: &mut Section,
+    subject: &str,
+    plural: bool,
+    role: &str,
+    certs: &[CertFacts],
+    now: OffsetDateTime,
+    renew_hint: &str,
+) {
+    let (is, its, a_ca) = if plural {
+        ("are", "their", "CA certificates")
+    } else {
+        ("is", "its", "a CA certificate")
+    };
+    let wrong_algorithm: Vec<String> = certs
+        .iter()
+        .filter(|c| !c.key_is_p256)
+        .map(|c| {
+            format!(
+                "{role} {} uses {}; sealmesh supports ECDSA P-256 only",
+                c.subject, c.key_algorithm
+            )
+        })
+        .collect();
+    section.expect(
+        &format!("{subject} {is} using supported crypto algorithm"),
+        wrong_algorithm,
+        Status::Fail,
+        "create ECDSA P-256 certificates with `sealmesh certs create-root` / `create-issuer`",
+    );
+    let not_ca: Vec<String> = certs
+        .iter()
+        .filter(|c| !c.may_sign_certificates)
+        .map(|c| format!("{role} {} is not a CA allowed to sign certificates (basicConstraints CA:TRUE, keyCertSign)", c.subject))
+        .collect();
+    section.expect(
+        &format!("{subject} {is} {a_ca}"),
+        not_ca,
+        Status::Fail,
+        "use CA certificates made by `sealmesh certs create-root` / `create-issuer`",
+    );
+    let invalid: Vec<String> = certs
+        .iter()
+        .filter(|c| !c.is_valid_at(now))
+        .map(|c| {
+            format!(
+                "{role} {} is not valid now: {} ({})",
+                c.subject,
+                certview::time_left(c, now),
+                c.validity_line(now)
+            )
+        })
+        .collect();
+    let valid = section.expect(
+        &format!("{subject} {is} within {its} validity period"),
+        invalid,
+        Status::Fail,
+        renew_hint,
+    );
+    if valid {
+        let expiring: Vec<String> = certs
+            .iter()
+            .filter(|c| c.remaining(now) < MIN_CA_VALIDITY)
+            .map(|c| {
+                format!(
+                    "{role} {} expires in {} (at {})",
+                    c.subject,
+                    certview::approx(c.remaining(now)),
+                    certview::rfc3339(c.not_after)
+                )
+            })
+            .collect();
+        section.expect(
+            &format!("{subject} {is} valid for at least 60 days"),
+            expiring,
+            Status::Warn,
+            renew_hint,
+        );
+    }
+}
+
+/// What `--proxy` reads from each agent.
+struct AgentState {
+    status: AgentStatus,
+    certificates: GetCertificatesResponse,
+}
+
+fn check_data_plane(
+    directory: &AgentDirectory,
+    anchors: Option<&[CertificateDer<'static>]>,
+    now: OffsetDateTime,
+) -> Section {
+    let mut section = Section::new("sealmesh-data-plane");
+    let results = directory.query_all(|agent| {
+        let node = agent.node.clone();
+        session(move |mut client| async move {
+            let status = call(&node, "GetStatus", client.get_status(GetStatusRequest {})).await?;
+            let certificates = call(
+                &node,
+                "GetCertificates",
+                client.get_certificates(GetCertificatesRequest {}),
+            )
+            .await?;
+            Ok::<_, AgentError>(AgentState {
+                status,
+                certificates,
+            })
+        })
+    });
+    let mut unreachable = Vec::new();
+    let mut agents = Vec::new();
+    for (agent, result) in results {
+        match result {
+            Ok(state) => agents.push((agent.node, state)),
+            Err(e) => unreachable.push(e.to_string()),
+        }
+    }
+    section.expect(
+        "agents are running and reachable",
+        unreachable,
+        Status::Fail,
+        "start the agent on that node (local mode: `cargo xtask testbed` starts one per node) and read its log",
+    );
+    if agents.is_empty() {
+        return section;
+    }
+
+    let not_ready: Vec<String> = agents
+        .iter()
+        .filter(|(_, a)| !a.status.ready)
+        .map(|(node, a)| {
+            format!(
+                "agent on {node} is not ready: {}",
+                a.status.not_ready_reasons.join("; ")
+            )
+        })
+        .collect();
+    section.expect(
+        "agents are ready",
+        not_ready,
+        Status::Fail,
+        "fix what the agent reports above; it becomes ready once its eBPF programs are attached and every local meshed ServiceAccount has a certificate",
+    );
+
+    let Some(anchors) = anchors else {
+        return section;
+    };
+    let expected: BTreeSet<&[u8]> = anchors.iter().map(|c| c.as_ref()).collect();
+    let mut anchor_mismatch = Vec::new();
+    for (node, agent) in &agents {
+        match certview::read_certificates(
+            agent.certificates.trust_anchors_pem.as_bytes(),
+            "agent anchors",
+        ) {
+            Ok(theirs) => {
+                let theirs: BTreeSet<&[u8]> = theirs.iter().map(|c| c.as_ref()).collect();
+                if theirs != expected {
+                    anchor_mismatch.push(format!(
+                        "agent on {node} trusts {} anchor(s) that differ from the {} checked here",
+                        theirs.len(),
+                        expected.len()
+                    ));
+                }
+            }
+            Err(e) => {
+                anchor_mismatch.push(format!("agent on {node} reports unreadable anchors: {e}"))
+            }
+        }
+    }
+    section.expect(
+        "agents trust the checked trust anchors",
+        anchor_mismatch,
+        Status::Warn,
+        "give the agents the same trust-anchor bundle (they reload it when the file changes), or check the bundle you passed",
+    );
+
+    let mut unchained = Vec::new();
+    let mut missing = Vec::new();
+    let mut expiring = Vec::new();
+    for (node, agent) in &agents {
+        for cert in &agent.certificates.certificates {
+            if cert.chain.is_empty() {
+                continue;
+            }
+            let chain: Vec<CertificateDer<'_>> = cert
+                .chain
+                .iter()
+                .map(|der| CertificateDer::from(der.as_slice()))
+                .collect();
+            if let Err(why) = certview::verify_chain(&chain, anchors, now) {
+                unchained.push(format!(
+                    "{node} {} (serial {}): {why}",
+                    cert.identity, cert.serial
+                ));
+            }
+            if let Ok(leaf) = CertFacts::parse(&chain[0], &cert.identity, 0)
+                && leaf.is_valid_at(now)
+                && leaf.remaining(now) < leaf.lifetime() / 4
+            {
+                expiring.push(format!(
+                    "{node} {} expires in {} and was not renewed{}",
+                    cert.identity,
+                    certview::approx(leaf.remaining(now)),
+                    last_error_suffix(&cert.last_error)
+                ));
+            }
+        }
+        for wanted in &agent.certificates.wanted {
+            let held = agent
+                .certificates
+                .certificates
+                .iter()
+                .find(|c| &c.identity == wanted);
+            match held {
+                Some(c) if c.valid && !c.chain.is_empty() => {}
+                Some(c) => missing.push(format!(
+                    "{node} {wanted} has no valid certificate{}",
+                    last_error_suffix(&c.last_error)
+                )),
+                None => missing.push(format!(
+                    "{node} {wanted} has no certificate: the agent has not requested one"
+                )),
+            }
+        }
+    }
+    section.expect(
+        "data plane certificates chain to the trust anchors",
+        unchained,
+        Status::Fail,
+        "the identity service's issuer must be signed by these trust anchors: run `sealmesh check` without --proxy and fix the issuer",
+    );
+    section.expect(
+        "every meshed ServiceAccount has a valid certificate",
+        missing,
+        Status::Fail,
+        "make sure the identity service runs and is reachable from the node; the agent's log says why its requests fail",
+    );
+    section.expect(
+        "data plane certificates are not close to expiry",
+        expiring,
+        Status::Warn,
+        "agents renew certificates before expiry; check the identity service and the agent's log",
+    );
+    section
+}
+
+fn last_error_suffix(last_error: &str) -> String {
+    if last_error.is_empty() {
+        String::new()
+    } else {
+        format!(": {last_error}")
+    }
+}
