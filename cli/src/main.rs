@@ -5,7 +5,9 @@ mod agents;
 mod certs;
 mod certview;
 mod check;
+mod edges;
 mod output;
+mod tap;
 
 use std::process::ExitCode;
 
@@ -26,12 +28,19 @@ enum Command {
     /// Check the trust anchors and issuer, and with --proxy every agent's live
     /// certificates. Exits 1 when a check fails (×); warnings (‼) do not fail.
     Check(check::CheckArgs),
+    /// Pod-to-pod edges the agents saw and whether they are mTLS. Exits 1 when
+    /// an agent did not answer (the table then lacks its edges).
+    Edges(edges::EdgesArgs),
+    /// Live connection events from every agent.
+    Tap(tap::TapArgs),
 }
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
         Command::Certs(command) => certs::run(command).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => check::run(args),
+        Command::Edges(args) => edges::run(args),
+        Command::Tap(args) => tap::run(args),
     };
     match result {
         Ok(code) => code,

@@ -1,0 +1,365 @@
+//! `sealmesh tap`: live connection events from every agent, like
+//! `linkerd viz tap` (`tcp` when a connection opens, `end` when it closes).
+
+use std::{
+    collections::BTreeSet,
+    fmt::Write as _,
+    process::ExitCode,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use clap::Args;
+use sealmesh_common::cluster::ClusterFile;
+use sealmesh_proto::admin::{ConnectionEvent, Direction, Phase, PodRef, TapRequest};
+use serde_json::json;
+
+use crate::{
+    agents::{AgentDirectory, AgentError, ClusterArgs, call, join, session},
+    edges::DEFAULT_NAMESPACE,
+};
+
+/// Label whose value names a pod's deployment (`deploy/NAME`), as kubectl
+/// users label apps.
+const APP_LABEL: &str = "app";
+
+#[derive(Debug, Args)]
+pub struct TapArgs {
+    /// What to tap: `pod/NAME`, `deploy/NAME` (pods labelled app=NAME or
+    /// named NAME-*), or `NAME` (a pod, else a deployment). Default: every pod
+    /// of the namespace.
+    target: Option<String>,
+    #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
+    namespace: String,
+    /// Tap every namespace (no target).
+    #[arg(short = 'A', long, conflicts_with = "target")]
+    all_namespaces: bool,
+    /// `json`: one JSON object per line.
+    #[arg(short, long, value_enum)]
+    output: Option<TapFormat>,
+    /// Stop after this many events.
+    #[arg(long)]
+    max: Option<usize>,
+    /// Stop after this long (e.g. `30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TapFormat {
+    Json,
+}
+
+/// Pods an event must touch to be shown.
+#[derive(Debug, PartialEq, Eq)]
+enum Filter {
+    All,
+    Namespace(String),
+    Pods(BTreeSet<(String, String)>),
+}
+
+impl Filter {
+    fn resolve(args: &TapArgs, cluster: &ClusterFile) -> anyhow::Result<Self> {
+        if args.all_namespaces {
+            return Ok(Self::All);
+        }
+        let Some(target) = &args.target else {
+            return Ok(Self::Namespace(args.namespace.clone()));
+        };
+        let ns = &args.namespace;
+        let in_ns = || cluster.pods.iter().filter(|p| &p.namespace == ns);
+        let deployment = |name: &str| -> BTreeSet<(String, String)> {
+            in_ns()
+                .filter(|p| {
+                    p.labels.get(APP_LABEL).is_some_and(|v| v == name)
+                        || p.name
+                            .strip_prefix(name)
+                            .is_some_and(|r| r.starts_with('-'))
+                })
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect()
+        };
+        let pod = |name: &str| -> BTreeSet<(String, String)> {
+            in_ns()
+                .filter(|p| p.name == name)
+                .map(|p| (p.namespace.clone(), p.name.clone()))
+                .collect()
+        };
+        let (kind, pods) = match target.split_once('/') {
+            Some(("pod" | "po" | "pods", name)) => ("pod", pod(name)),
+            Some(("deploy" | "deployment" | "deployments", name)) => {
+                ("deployment", deployment(name))
+            }
+            Some((kind, _)) => {
+                bail!("cannot tap {kind:?} resources: use pod/NAME, deploy/NAME or NAME")
+            }
+            None => {
+                let pods = pod(target);
+                if pods.is_empty() {
+                    ("pod or deployment", deployment(target))
+                } else {
+                    ("pod", pods)
+                }
+            }
+        };
+        if pods.is_empty() {
+            let name = target.rsplit('/').next().unwrap_or(target);
+            bail!("no {kind} {name} in namespace {ns}; pass -n NAMESPACE if it lives elsewhere");
+        }
+        Ok(Self::Pods(pods))
+    }
+
+    /// What to ask agents for; the rest is filtered here.
+    fn request(&self) -> TapRequest {
+        match self {
+            Self::All => TapRequest::default(),
+            Self::Namespace(ns) => TapRequest {
+                namespace: ns.clone(),
+                pod: String::new(),
+            },
+            Self::Pods(pods) => match pods.iter().collect::<Vec<_>>().as_slice() {
+                [(ns, pod)] => TapRequest {
+                    namespace: ns.clone(),
+                    pod: pod.clone(),
+                },
+                _ => TapRequest {
+                    namespace: pods.first().map(|(ns, _)| ns.clone()).unwrap_or_default(),
+                    pod: String::new(),
+                },
+            },
+        }
+    }
+
+    fn matches(&self, event: &ConnectionEvent) -> bool {
+        let touches = |pred: &dyn Fn(&PodRef) -> bool| {
+            event.src.as_ref().is_some_and(pred) || event.dst.as_ref().is_some_and(pred)
+        };
+        match self {
+            Self::All => true,
+            Self::Namespace(ns) => touches(&|p| &p.namespace == ns),
+            Self::Pods(pods) => touches(&|p| pods.contains(&(p.namespace.clone(), p.name.clone()))),
+        }
+    }
+}
+
+/// What each agent's tap thread reports.
+enum TapMessage {
+    Streaming(String),
+    Event(Box<ConnectionEvent>),
+}
+
+pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
+    let cluster = args.cluster.load()?;
+    let filter = Filter::resolve(&args, &cluster)?;
+    let directory = AgentDirectory::local(&cluster)?;
+    let (events_tx, events_rx) = mpsc::channel::<TapMessage>();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let request = filter.request();
+    let handles = directory.spawn_all(|agent| {
+        let node = agent.node.clone();
+        let events = events_tx.clone();
+        let mut stop = stop_rx.clone();
+        let request = request.clone();
+        session(move |mut client| async move {
+            let mut stream = call(&node, "Tap", client.tap(request)).await?;
+            // The receiver lives until every thread is joined.
+            let _ = events.send(TapMessage::Streaming(node.clone()));
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    message = stream.message() => match message {
+                        Ok(Some(event)) => {
+                            let _ = events.send(TapMessage::Event(Box::new(event)));
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(status) => return Err(AgentError::rpc(&node, "Tap", status)),
+                    },
+                }
+            }
+        })
+    });
+    drop(events_tx);
+
+    let mut running = Vec::new();
+    for (agent, handle) in handles {
+        match handle {
+            Ok(handle) => running.push((agent.node, handle)),
+            Err(e) => eprintln!("warning: not tapping node {}: {e}", agent.node),
+        }
+    }
+    let expected = running.len();
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    let mut streaming = 0;
+    let mut shown = 0;
+    let json = args.output == Some(TapFormat::Json);
+    while args.max.is_none_or(|max| shown < max) {
+        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let message = match wait {
+            Some(wait) if wait.is_zero() => break,
+            Some(wait) => match events_rx.recv_timeout(wait) {
+                Ok(message) => message,
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            },
+            None => match events_rx.recv() {
+                Ok(message) => message,
+                Err(_) => break,
+            },
+        };
+        match message {
+            TapMessage::Streaming(node) => {
+                streaming += 1;
+                if streaming == expected {
+                    // Scripts wait for this line before making traffic.
+                    eprintln!("tapping {} agent(s); last was {node}", streaming);
+                }
+            }
+            TapMessage::Event(event) if filter.matches(&event) => {
+                println!(
+                    "{}",
+                    if json {
+                        json_line(&event)
+                    } else {
+                        text_line(&event)
+                    }
+                );
+                shown += 1;
+            }
+            TapMessage::Event(_) => {}
+        }
+    }
+    // Stopping: every thread leaves its select at once.
+    let _ = stop_tx.send(true);
+    let mut failures = 0;
+    for (node, handle) in running {
+        if let Err(e) = join(&node, handle) {
+            eprintln!("warning: tap of node {node} failed: {e}");
+            failures += 1;
+        }
+    }
+    if failures == directory.agents().len() {
+        bail!("no agent could be tapped");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn direction(event: &ConnectionEvent) -> &'static str {
+    match event.direction() {
+        Direction::Outbound => "out",
+        Direction::Inbound => "in",
+        Direction::Unspecified => "unknown",
+    }
+}
+
+fn pod_name(pod: Option<&PodRef>) -> Option<String> {
+    pod.map(|p| format!("{}/{}", p.namespace, p.name))
+}
+
+/// `tcp id=node-0:7 proxy=out src=… dst=… src_pod=ns/a dst_pod=ns/b tls=true
+/// client_id=… server_id=…`, and for `end` also bytes, duration and error.
+pub fn text_line(event: &ConnectionEvent) -> String {
+    let closing = event.phase() == Phase::Close;
+    let mut line = format!(
+        "{} id={}:{} proxy={} src={} dst={}",
+        if closing { "end" } else { "tcp" },
+        event.node,
+        event.id,
+        direction(event),
+        event.src_addr,
+        event.dst_addr
+    );
+    let mut field = |key: &str, value: &str| {
+        if !value.is_empty() {
+            let _ = write!(line, " {key}={value}");
+        }
+    };
+    field("src_pod", &pod_name(event.src.as_ref()).unwrap_or_default());
+    field("dst_pod", &pod_name(event.dst.as_ref()).unwrap_or_default());
+    field("tls", if event.tls { "true" } else { "false" });
+    field("no_tls_reason", &event.no_tls_reason);
+    field("client_id", &event.client_id);
+    field("server_id", &event.server_id);
+    if closing {
+        field("bytes_out", &event.bytes_src_to_dst.to_string());
+        field("bytes_in", &event.bytes_dst_to_src.to_string());
+        field("duration", &format!("{}ms", event.duration_ms));
+    }
+    if !event.error.is_empty() {
+        field("error", &format!("{:?}", event.error));
+    }
+    line
+}
+
+pub fn json_line(event: &ConnectionEvent) -> String {
+    let pod = |p: Option<&PodRef>| p.map(|p| json!({"namespace": p.namespace, "name": p.name}));
+    json!({
+        "id": event.id,
+        "node": event.node,
+        "phase": if event.phase() == Phase::Close { "close" } else { "open" },
+        "proxy": direction(event),
+        "timestamp_unix_ms": event.timestamp_unix_ms,
+        "src": event.src_addr,
+        "dst": event.dst_addr,
+        "src_pod": pod(event.src.as_ref()),
+        "dst_pod": pod(event.dst.as_ref()),
+        "tls": event.tls,
+        "no_tls_reason": event.no_tls_reason,
+        "client_id": event.client_id,
+        "server_id": event.server_id,
+        "bytes_out": event.bytes_src_to_dst,
+        "bytes_in": event.bytes_dst_to_src,
+        "duration_ms": event.duration_ms,
+        "error": event.error,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_read_like_linkerd_tap() {
+        let mut event = ConnectionEvent {
+            id: 7,
+            node: "node-0".into(),
+            phase: Phase::Open as i32,
+            direction: Direction::Outbound as i32,
+            src_addr: "10.244.0.2:40000".into(),
+            dst_addr: "10.244.1.2:8080".into(),
+            src: Some(PodRef {
+                namespace: "shop".into(),
+                name: "client".into(),
+            }),
+            dst: None,
+            tls: true,
+            client_id: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            server_id: "spiffe://cluster.local/ns/shop/sa/server".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            text_line(&event),
+            "tcp id=node-0:7 proxy=out src=10.244.0.2:40000 dst=10.244.1.2:8080 src_pod=shop/client tls=true \
+             client_id=spiffe://cluster.local/ns/shop/sa/client server_id=spiffe://cluster.local/ns/shop/sa/server"
+        );
+        event.phase = Phase::Close as i32;
+        event.bytes_src_to_dst = 5;
+        event.bytes_dst_to_src = 8;
+        event.duration_ms = 12;
+        event.error = "peer reset".into();
+        assert!(
+            text_line(&event)
+                .ends_with(" bytes_out=5 bytes_in=8 duration=12ms error=\"peer reset\""),
+            "{}",
+            text_line(&event)
+        );
+        let json: serde_json::Value = serde_json::from_str(&json_line(&event)).unwrap();
+        assert_eq!(json["phase"], "close");
+        assert_eq!(json["src_pod"]["name"], "client");
+        assert_eq!(json["dst_pod"], serde_json::Value::Null);
+        assert_eq!(json["bytes_in"], 8);
+    }
+}
