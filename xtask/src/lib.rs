@@ -6,6 +6,7 @@ pub mod bench;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod loadtest;
 pub mod mesh;
 pub mod setup;
 pub mod testapp;

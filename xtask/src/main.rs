@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use xtask::{
-    bench, demo, setup,
+    bench, demo, loadtest, setup,
     testbed::{self, Testbed, TestbedId, TestbedSpec},
 };
 
@@ -29,12 +29,41 @@ enum Task {
     Test,
     /// Show the main job on a local testbed. Needs root.
     Demo,
-    /// Benchmarks.
-    #[command(subcommand)]
-    Bench(BenchTask),
+    /// Data-path benchmark against plaintext (and a peer proxy) on the testbed;
+    /// `bench identity` benchmarks the identity service. Needs root. Measures
+    /// the binaries next to this xtask: for real figures build them in release
+    /// (`cargo build --release --workspace && sudo -E target/release/xtask bench`).
+    Bench(BenchArgs),
+    /// Connections between pods of every node through a Service at a rate and
+    /// concurrency; fails on any error or any non-mTLS connection. Needs root.
+    Loadtest(loadtest::LoadtestArgs),
     /// Local testbeds (network namespaces + cgroups) for humans. Needs root.
     #[command(subcommand)]
     Testbed(TestbedTask),
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    task: Option<BenchTask>,
+    /// Print one JSON object with every figure as the last line.
+    #[arg(long)]
+    json: bool,
+    /// Measure another node proxy as a third column: `sh -c CMD` runs once per
+    /// node in its network namespace and cgroup with NODE, NODE_IP,
+    /// CLUSTER_FILE and BPFFS_DIR set, and must print `ready` on stdout once
+    /// it intercepts the node's pods.
+    #[arg(long, value_name = "CMD")]
+    peer_cmd: Option<String>,
+    /// sealmesh column to measure, as NAME=AGENT-FLAGS (repeatable, e.g.
+    /// `--variant sealmesh= --variant no-accel=--no-sockmap`); the first is
+    /// the one compared in the top-level ratios. Default: `sealmesh=`.
+    #[arg(long = "variant", value_name = "NAME=FLAGS")]
+    variants: Vec<bench::datapath::Variant>,
+    /// Tiny durations and one round: checks that the harness works, nothing more.
+    #[arg(long)]
+    quick: bool,
 }
 
 #[derive(Subcommand)]
@@ -125,8 +154,28 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Setup => setup::run()?,
         Task::Test => test()?,
         Task::Demo => demo::run()?,
-        Task::Bench(BenchTask::Identity { certs, concurrency }) => {
-            bench::identity::run(certs, concurrency)?
+        Task::Bench(BenchArgs {
+            task: Some(BenchTask::Identity { certs, concurrency }),
+            ..
+        }) => bench::identity::run(certs, concurrency)?,
+        Task::Bench(BenchArgs {
+            task: None,
+            json,
+            peer_cmd,
+            variants,
+            quick,
+        }) => {
+            bench::datapath::run(&bench::datapath::BenchOptions {
+                json,
+                peer_cmd,
+                variants,
+                quick,
+            })?;
+        }
+        Task::Loadtest(args) => {
+            if !loadtest::run(&args)?.passed() {
+                return Ok(ExitCode::FAILURE);
+            }
         }
         Task::Testbed(task) => return testbed_task(task),
     }

@@ -165,6 +165,11 @@ impl Mesh {
         &self.pki_dir
     }
 
+    /// Process id of the agent running on `node`, if one runs there.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents.get(node).map(ChildGuard::id)
+    }
+
     pub fn identity_log(&self) -> PathBuf {
         self.logs_dir.join("identity.log")
     }

@@ -1,0 +1,905 @@
+//! `cargo xtask bench`: the data path against plaintext (and an
+//! optional peer proxy) on the same testbed topology, in one run.
+//!
+//! Every column is its own testbed, all up at once: client pod on node-0,
+//! server pod (echo + sink) on node-1, so every byte crosses nodes.
+//! - `plaintext`: no agents, no identity service (the kernel alone);
+//! - one column per `--variant` (default `sealmesh`, no extra agent flags):
+//!   the identity service and an agent per node started with the variant's
+//!   flags, each waiting for its certificates;
+//! - `peer` with `--peer-cmd CMD`: `sh -c CMD` spawned once per node, in the
+//!   node's network namespace and cgroup, with the environment NODE (node
+//!   name), NODE_IP, CLUSTER_FILE (the testbed's cluster file, which also names
+//!   the identity service, started for it) and BPFFS_DIR (a per-node bpffs
+//!   directory it may pin in). It must print a line `ready` on stdout once it
+//!   intercepts the node's pods (60 s at most); its output goes to
+//!   `<state dir>/logs/peer-<node>.log`. It is killed (with its process
+//!   group's members that stay in its process tree) at the end.
+//!
+//! Rounds alternate the columns (the order rotates each round) and the
+//! figures are medians over rounds, because the machine is noisy. Memory and
+//! CPU figures sum the proxy processes and their descendants per node.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    fs::File,
+    io::{self, BufRead, BufReader, Write as _},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    str::FromStr,
+    sync::mpsc,
+    time::Duration,
+};
+
+use serde_json::{Map, Value, json};
+
+use super::loadgen::{Loadgen, LoadgenError, Report};
+use crate::{
+    mesh::{self, Mesh, MeshError, MeshOptions},
+    testbed::{ChildGuard, PodSpec, TestbedError, TestbedSpec},
+};
+
+const NAMESPACE: &str = "bench";
+const CLIENT: &str = "client";
+const SERVER: &str = "server";
+const ECHO_PORT: u16 = 8080;
+const SINK_PORT: u16 = 5001;
+const PEER_READY_LINE: &str = "ready";
+const PEER_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time for freed memory and background work to settle before sampling RSS.
+const SETTLE: Duration = Duration::from_secs(1);
+/// Sysctls set in every namespace of every column alike: back-to-back
+/// connections would otherwise run out of ephemeral ports (TIME_WAIT).
+const SYSCTLS: [(&str, &str); 2] = [
+    ("net/ipv4/ip_local_port_range", "10000 65000"),
+    ("net/ipv4/tcp_tw_reuse", "1"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error(transparent)]
+    Testbed(#[from] TestbedError),
+    #[error(transparent)]
+    Loadgen(#[from] LoadgenError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error(
+        "invalid --variant {0:?}: write NAME=AGENT-FLAGS, e.g. `no-accel=--no-sockmap` (NAME: letters, digits, '-', not `plaintext` or `peer`)"
+    )]
+    BadVariant(String),
+    #[error(
+        "the peer command did not print `{PEER_READY_LINE}` on node {node} within {PEER_READY_TIMEOUT:?}; see {log}"
+    )]
+    PeerNotReady { node: String, log: PathBuf },
+    #[error("loadgen {mode} in {column} reported {report:?}, expected a {mode} report")]
+    UnexpectedReport {
+        column: String,
+        mode: &'static str,
+        report: Report,
+    },
+    #[error("process {pid} of the {column} column is gone: it crashed? see its log")]
+    ProxyGone { column: String, pid: u32 },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> BenchError {
+    let what = what.into();
+    move |source| BenchError::Io { what, source }
+}
+
+/// A sealmesh configuration to measure: agent flags under a column name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Variant {
+    pub name: String,
+    pub agent_args: Vec<String>,
+}
+
+impl Default for Variant {
+    fn default() -> Self {
+        Self {
+            name: "sealmesh".into(),
+            agent_args: Vec::new(),
+        }
+    }
+}
+
+impl FromStr for Variant {
+    type Err = BenchError;
+
+    /// `NAME=FLAGS`, flags separated by whitespace (`NAME=` for none).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let bad = || BenchError::BadVariant(text.to_owned());
+        let (name, flags) = text.split_once('=').ok_or_else(bad)?;
+        let valid_name = !name.is_empty()
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !matches!(name, "plaintext" | "peer");
+        if !valid_name {
+            return Err(bad());
+        }
+        Ok(Self {
+            name: name.to_owned(),
+            agent_args: flags.split_whitespace().map(str::to_owned).collect(),
+        })
+    }
+}
+
+/// What to run and how long.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub json: bool,
+    pub peer_cmd: Option<String>,
+    /// sealmesh columns; the first one is compared in the top-level ratios.
+    pub variants: Vec<Variant>,
+    pub quick: bool,
+}
+
+/// Durations and sizes of one run.
+#[derive(Clone, Copy, Debug)]
+struct Plan {
+    rounds: usize,
+    bulk_seconds: f64,
+    rr_count: usize,
+    connrate_seconds: f64,
+    idle_connections: usize,
+}
+
+impl Plan {
+    fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rounds: 1,
+                bulk_seconds: 0.3,
+                rr_count: 500,
+                connrate_seconds: 0.3,
+                idle_connections: 100,
+            }
+        } else {
+            Self {
+                rounds: 3,
+                bulk_seconds: 3.0,
+                rr_count: 20_000,
+                connrate_seconds: 3.0,
+                idle_connections: 1000,
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Kind {
+    Plaintext,
+    Sealmesh,
+    Peer,
+}
+
+/// One system under test: its own testbed with servers running.
+struct Column {
+    name: String,
+    kind: Kind,
+    // Dropped (killed) before the mesh tears the testbed down.
+    _servers: Vec<ChildGuard>,
+    peers: Vec<ChildGuard>,
+    mesh: Mesh,
+    loadgen: PathBuf,
+    echo: SocketAddr,
+    sink: SocketAddr,
+}
+
+/// Raw figures of one column (medians over rounds).
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    bulk1_gbps: Vec<f64>,
+    bulk16_gbps: Vec<f64>,
+    rr_p50_us: Vec<f64>,
+    rr_p90_us: Vec<f64>,
+    rr_p99_us: Vec<f64>,
+    conn_per_s: Vec<f64>,
+    conn_errors: u64,
+    bulk_bytes: u64,
+    proxy_cpu_seconds: f64,
+    /// Per node: RSS of the idle proxy after start-up.
+    idle_rss_bytes: BTreeMap<String, u64>,
+    /// Per node: RSS growth for each idle proxied connection.
+    rss_per_conn_bytes: BTreeMap<String, f64>,
+}
+
+impl Column {
+    fn up(
+        name: &str,
+        kind: Kind,
+        options: MeshOptions,
+        peer_cmd: Option<&str>,
+    ) -> Result<Self, BenchError> {
+        tracing::info!(column = name, "bringing the testbed up");
+        let spec = TestbedSpec::new(2)
+            .meshed_namespace(NAMESPACE)
+            .pod(PodSpec::new(NAMESPACE, CLIENT, CLIENT, 0).label("app", CLIENT))
+            .pod(PodSpec::new(NAMESPACE, SERVER, SERVER, 1).label("app", SERVER));
+        let mesh = Mesh::up(&spec, options)?;
+        tune_sysctls(&mesh)?;
+        let loadgen = mesh::locate_binary("loadgen")?;
+        let server_ip = mesh
+            .testbed()
+            .cluster()
+            .pod(NAMESPACE, SERVER)
+            .expect("the spec has a server pod")
+            .ip;
+        let mut column = Self {
+            name: name.to_owned(),
+            kind,
+            _servers: Vec::new(),
+            peers: Vec::new(),
+            mesh,
+            loadgen,
+            echo: SocketAddr::from((server_ip, ECHO_PORT)),
+            sink: SocketAddr::from((server_ip, SINK_PORT)),
+        };
+        for (mode, addr) in [("echo", column.echo), ("sink", column.sink)] {
+            let (server, _) =
+                column
+                    .loadgen(SERVER)
+                    .start(&args(&[mode, "--listen", &addr.to_string()]))?;
+            column._servers.push(server);
+        }
+        if let Some(cmd) = peer_cmd {
+            column.start_peers(cmd)?;
+        }
+        Ok(column)
+    }
+
+    fn loadgen<'a>(&'a self, pod: &'a str) -> Loadgen<'a> {
+        Loadgen {
+            binary: &self.loadgen,
+            testbed: self.mesh.testbed(),
+            namespace: NAMESPACE,
+            pod,
+        }
+    }
+
+    fn nodes(&self) -> Vec<String> {
+        let cluster = self.mesh.testbed().cluster();
+        cluster.nodes.iter().map(|n| n.name.clone()).collect()
+    }
+
+    fn start_peers(&mut self, cmd: &str) -> Result<(), BenchError> {
+        let testbed = self.mesh.testbed();
+        for node in testbed.cluster().nodes.clone() {
+            let log_path = testbed
+                .state_dir()
+                .join("logs")
+                .join(format!("peer-{}.log", node.name));
+            let mut log = File::create(&log_path)
+                .map_err(io_err(format!("creating {}", log_path.display())))?;
+            let stderr = log
+                .try_clone()
+                .map_err(io_err(format!("opening {}", log_path.display())))?;
+            let mut command = Command::new("sh");
+            command
+                .args(["-c", cmd])
+                .env("NODE", &node.name)
+                .env("NODE_IP", node.ip.to_string())
+                .env("CLUSTER_FILE", testbed.cluster_file_path())
+                .env("BPFFS_DIR", testbed.node_bpffs_dir(&node.name)?)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(stderr);
+            let mut peer = testbed.spawn_in_node(&node.name, command)?;
+            let stdout = peer.child_mut().stdout.take().expect("stdout is piped");
+            self.peers.push(peer);
+            let (ready_tx, ready_rx) = mpsc::channel();
+            // Copies the peer's output to its log for as long as it runs, so
+            // the pipe never fills up.
+            std::thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.trim() == PEER_READY_LINE {
+                        let _ = ready_tx.send(());
+                    }
+                    let _ = writeln!(log, "{line}");
+                }
+            });
+            ready_rx
+                .recv_timeout(PEER_READY_TIMEOUT)
+                .map_err(|_| BenchError::PeerNotReady {
+                    node: node.name.clone(),
+                    log: log_path,
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Root processes of the node proxies, per node (none for plaintext).
+    fn proxies(&self) -> BTreeMap<String, u32> {
+        match self.kind {
+            Kind::Plaintext => BTreeMap::new(),
+            Kind::Sealmesh => self
+                .nodes()
+                .into_iter()
+                .filter_map(|node| self.mesh.agent_pid(&node).map(|pid| (node, pid)))
+                .collect(),
+            Kind::Peer => self
+                .nodes()
+                .into_iter()
+                .zip(self.peers.iter().map(ChildGuard::id))
+                .collect(),
+        }
+    }
+
+    fn proxy_rss(&self) -> Result<BTreeMap<String, u64>, BenchError> {
+        self.proxies()
+            .into_iter()
+            .map(|(node, pid)| Ok((node, self.alive(pid, proc_stats::tree_rss_bytes(pid))?)))
+            .collect()
+    }
+
+    fn proxy_cpu_seconds(&self) -> Result<f64, BenchError> {
+        let mut total = 0.0;
+        for pid in self.proxies().into_values() {
+            total += self.alive(pid, proc_stats::tree_cpu_seconds(pid))?;
+        }
+        Ok(total)
+    }
+
+    fn alive<T>(&self, pid: u32, value: Option<T>) -> Result<T, BenchError> {
+        value.ok_or_else(|| BenchError::ProxyGone {
+            column: self.name.clone(),
+            pid,
+        })
+    }
+
+    fn run(&self, mode: &'static str, args: &[String]) -> Result<Report, BenchError> {
+        tracing::debug!(column = self.name, mode, "running loadgen");
+        Ok(self.loadgen(CLIENT).run(args)?)
+    }
+
+    fn unexpected(&self, mode: &'static str, report: Report) -> BenchError {
+        BenchError::UnexpectedReport {
+            column: self.name.clone(),
+            mode,
+            report,
+        }
+    }
+
+    /// Bulk throughput over `streams` connections; counts proxy CPU and bytes.
+    fn bulk(&self, plan: &Plan, streams: usize, figures: &mut Figures) -> Result<f64, BenchError> {
+        let cpu_before = self.proxy_cpu_seconds()?;
+        let report = self.run(
+            "bulk",
+            &args(&[
+                "bulk",
+                "--connect",
+                &self.sink.to_string(),
+                "--seconds",
+                &plan.bulk_seconds.to_string(),
+                "--streams",
+                &streams.to_string(),
+            ]),
+        )?;
+        figures.proxy_cpu_seconds += self.proxy_cpu_seconds()? - cpu_before;
+        match report {
+            Report::Bulk { bytes, seconds, .. } => {
+                figures.bulk_bytes += bytes;
+                Ok(bytes as f64 * 8.0 / seconds / 1e9)
+            }
+            other => Err(self.unexpected("bulk", other)),
+        }
+    }
+
+    fn round(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
+        let gbps = self.bulk(plan, 1, figures)?;
+        figures.bulk1_gbps.push(gbps);
+        let gbps = self.bulk(plan, 16, figures)?;
+        figures.bulk16_gbps.push(gbps);
+        let echo = self.echo.to_string();
+        match self.run(
+            "rr",
+            &args(&[
+                "rr",
+                "--connect",
+                &echo,
+                "--count",
+                &plan.rr_count.to_string(),
+                "--size",
+                "64",
+            ]),
+        )? {
+            Report::Rr {
+                p50_us,
+                p90_us,
+                p99_us,
+                ..
+            } => {
+                figures.rr_p50_us.push(p50_us);
+                figures.rr_p90_us.push(p90_us);
+                figures.rr_p99_us.push(p99_us);
+            }
+            other => return Err(self.unexpected("rr", other)),
+        }
+        match self.run(
+            "connrate",
+            &args(&[
+                "connrate",
+                "--connect",
+                &echo,
+                "--seconds",
+                &plan.connrate_seconds.to_string(),
+                "--size",
+                "64",
+            ]),
+        )? {
+            Report::Connrate {
+                connections,
+                errors,
+                seconds,
+                first_error,
+            } => {
+                if let Some(error) = first_error {
+                    tracing::warn!(column = self.name, errors, error, "connrate had errors");
+                }
+                figures.conn_errors += errors;
+                figures.conn_per_s.push(connections as f64 / seconds);
+            }
+            other => return Err(self.unexpected("connrate", other)),
+        }
+        Ok(())
+    }
+
+    /// Idle RSS of the fresh proxies, then their growth per idle connection.
+    fn memory(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
+        if self.kind == Kind::Plaintext {
+            return Ok(());
+        }
+        // One connection first, so pooled mTLS connections and lazily built
+        // state are in the baseline rather than charged to the idle ones.
+        self.run(
+            "rr",
+            &args(&["rr", "--connect", &self.echo.to_string(), "--count", "10"]),
+        )?;
+        std::thread::sleep(SETTLE);
+        let before = self.proxy_rss()?;
+        figures.idle_rss_bytes = before.clone();
+        let (idle, report) = self.loadgen(CLIENT).start(&args(&[
+            "idle",
+            "--connect",
+            &self.echo.to_string(),
+            "--connections",
+            &plan.idle_connections.to_string(),
+            "--hold",
+            "600",
+        ]))?;
+        if !matches!(report, Report::Idle { .. }) {
+            return Err(self.unexpected("idle", report));
+        }
+        std::thread::sleep(SETTLE);
+        let after = self.proxy_rss()?;
+        idle.kill();
+        for (node, rss) in after {
+            let growth = rss.saturating_sub(before.get(&node).copied().unwrap_or(rss));
+            figures
+                .rss_per_conn_bytes
+                .insert(node, growth as f64 / plan.idle_connections as f64);
+        }
+        Ok(())
+    }
+}
+
+fn args(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+/// Applies [`SYSCTLS`] in every node and pod namespace of the testbed.
+pub fn tune_sysctls(mesh: &Mesh) -> Result<(), BenchError> {
+    let testbed = mesh.testbed();
+    let cluster = testbed.cluster();
+    let mut netns: Vec<String> = Vec::new();
+    for node in &cluster.nodes {
+        netns.push(testbed.node_netns(&node.name)?.to_owned());
+    }
+    for pod in &cluster.pods {
+        netns.push(testbed.pod_netns(&pod.namespace, &pod.name)?.to_owned());
+    }
+    for name in netns {
+        // /proc/sys/net shows the network namespace of the thread that opens it.
+        testbed
+            .thread_in_netns(&name, move || -> io::Result<()> {
+                for (key, value) in SYSCTLS {
+                    std::fs::write(Path::new("/proc/sys").join(key), value)?;
+                }
+                Ok(())
+            })?
+            .join()
+            .expect("the sysctl thread does not panic")
+            .map_err(io_err(format!("setting sysctls {SYSCTLS:?} in {name}")))?;
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and prints the table (and the JSON line).
+pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
+    crate::testbed::require_root()?;
+    let plan = Plan::new(options.quick);
+    let profile = build_profile();
+    if profile != "release" {
+        eprintln!(
+            "warning: these are {profile} binaries, far slower than release ones; for real figures run `cargo build --release --workspace && sudo -E target/release/xtask bench`"
+        );
+    }
+    let variants = if options.variants.is_empty() {
+        vec![Variant::default()]
+    } else {
+        options.variants.clone()
+    };
+
+    let bare = MeshOptions {
+        start_agents: false,
+        start_identity: false,
+        wait_for_certificates: false,
+        ..MeshOptions::default()
+    };
+    let mut columns = vec![Column::up(
+        "plaintext",
+        Kind::Plaintext,
+        bare.clone(),
+        None,
+    )?];
+    for variant in &variants {
+        let options = MeshOptions {
+            agent_args: variant.agent_args.clone(),
+            ..MeshOptions::default()
+        };
+        columns.push(Column::up(&variant.name, Kind::Sealmesh, options, None)?);
+    }
+    if let Some(cmd) = &options.peer_cmd {
+        let options = MeshOptions {
+            start_identity: true,
+            ..bare
+        };
+        columns.push(Column::up("peer", Kind::Peer, options, Some(cmd))?);
+    }
+
+    let mut figures = vec![Figures::default(); columns.len()];
+    for (column, figures) in columns.iter().zip(&mut figures) {
+        tracing::info!(column = column.name, "memory");
+        column.memory(&plan, figures)?;
+    }
+    for round in 0..plan.rounds {
+        for offset in 0..columns.len() {
+            let index = (round + offset) % columns.len();
+            tracing::info!(
+                round,
+                column = columns[index].name,
+                "throughput, latency, connections"
+            );
+            columns[index].round(&plan, &mut figures[index])?;
+        }
+    }
+
+    let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
+    let summary = summarise(&names, &figures, &plan, profile);
+    print!("{}", table(&names, &figures));
+    if options.json {
+        println!("{summary}");
+    }
+    Ok(summary)
+}
+
+fn build_profile() -> &'static str {
+    let exe = std::env::current_exe().unwrap_or_default();
+    let in_release = exe
+        .ancestors()
+        .any(|dir| dir.file_name().is_some_and(|name| name == "release"));
+    if in_release { "release" } else { "debug" }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Medians of a column's raw figures.
+struct Medians {
+    bulk1_gbps: f64,
+    bulk16_gbps: f64,
+    rr_p50_us: f64,
+    rr_p90_us: f64,
+    rr_p99_us: f64,
+    conn_per_s: f64,
+    /// Per-side figures are means over the nodes' proxies.
+    idle_rss_bytes: Option<f64>,
+    mem_per_conn_bytes: Option<f64>,
+    cpu_seconds_per_gb: Option<f64>,
+}
+
+impl Medians {
+    fn of(figures: &Figures) -> Self {
+        let mean = |values: Vec<f64>| {
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
+        let has_proxies = !figures.idle_rss_bytes.is_empty();
+        Self {
+            bulk1_gbps: median(&figures.bulk1_gbps),
+            bulk16_gbps: median(&figures.bulk16_gbps),
+            rr_p50_us: median(&figures.rr_p50_us),
+            rr_p90_us: median(&figures.rr_p90_us),
+            rr_p99_us: median(&figures.rr_p99_us),
+            conn_per_s: median(&figures.conn_per_s),
+            idle_rss_bytes: mean(figures.idle_rss_bytes.values().map(|&b| b as f64).collect()),
+            mem_per_conn_bytes: mean(figures.rss_per_conn_bytes.values().copied().collect()),
+            cpu_seconds_per_gb: has_proxies
+                .then(|| figures.proxy_cpu_seconds / (figures.bulk_bytes as f64 / 1e9)),
+        }
+    }
+
+    fn raw(&self, figures: &Figures) -> Value {
+        json!({
+            "throughput_gbps": self.bulk1_gbps,
+            "throughput_16_gbps": self.bulk16_gbps,
+            "rr_p50_us": self.rr_p50_us,
+            "rr_p90_us": self.rr_p90_us,
+            "rr_p99_us": self.rr_p99_us,
+            "conn_per_s": self.conn_per_s,
+            "conn_errors": figures.conn_errors,
+            "idle_rss_bytes": self.idle_rss_bytes,
+            "idle_rss_bytes_by_node": figures.idle_rss_bytes,
+            "mem_per_conn_bytes": self.mem_per_conn_bytes,
+            "mem_per_conn_bytes_by_node": figures.rss_per_conn_bytes,
+            "cpu_seconds_per_gb": self.cpu_seconds_per_gb,
+            "samples": {
+                "throughput_gbps": figures.bulk1_gbps,
+                "throughput_16_gbps": figures.bulk16_gbps,
+                "rr_p50_us": figures.rr_p50_us,
+                "rr_p99_us": figures.rr_p99_us,
+                "conn_per_s": figures.conn_per_s,
+            },
+        })
+    }
+
+    /// This column ÷ plaintext.
+    fn ratios(&self, plaintext: &Medians) -> Map<String, Value> {
+        let mut ratios = Map::new();
+        for (key, value, base) in [
+            ("throughput_ratio", self.bulk1_gbps, plaintext.bulk1_gbps),
+            (
+                "throughput_16_ratio",
+                self.bulk16_gbps,
+                plaintext.bulk16_gbps,
+            ),
+            ("rr_p50_ratio", self.rr_p50_us, plaintext.rr_p50_us),
+            ("rr_p90_ratio", self.rr_p90_us, plaintext.rr_p90_us),
+            ("rr_p99_ratio", self.rr_p99_us, plaintext.rr_p99_us),
+            ("conn_rate_ratio", self.conn_per_s, plaintext.conn_per_s),
+        ] {
+            ratios.insert(key.into(), json!(value / base));
+        }
+        ratios
+    }
+}
+
+/// The JSON object: the first sealmesh column's ratios and memory at the top
+/// level, every column's raw figures (and ratios) under `columns`.
+fn summarise(names: &[&str], figures: &[Figures], plan: &Plan, profile: &str) -> Value {
+    let medians: Vec<Medians> = figures.iter().map(Medians::of).collect();
+    let plaintext = &medians[0];
+    let mut columns = Map::new();
+    for ((name, m), f) in names.iter().zip(&medians).zip(figures) {
+        let mut column = m.raw(f);
+        if *name != "plaintext" {
+            column
+                .as_object_mut()
+                .expect("raw() is an object")
+                .extend(m.ratios(plaintext));
+        }
+        columns.insert((*name).to_owned(), column);
+    }
+    let sealmesh = &medians[1];
+    let mut summary = sealmesh.ratios(plaintext);
+    summary.insert(
+        "mem_per_conn_bytes".into(),
+        json!(sealmesh.mem_per_conn_bytes),
+    );
+    summary.insert("idle_rss_bytes".into(), json!(sealmesh.idle_rss_bytes));
+    summary.insert(
+        "cpu_seconds_per_gb".into(),
+        json!(sealmesh.cpu_seconds_per_gb),
+    );
+    summary.insert("compared".into(), json!(names[1]));
+    summary.insert("profile".into(), json!(profile));
+    summary.insert(
+        "plan".into(),
+        json!({
+            "rounds": plan.rounds,
+            "bulk_seconds": plan.bulk_seconds,
+            "rr_count": plan.rr_count,
+            "rr_size": 64,
+            "connrate_seconds": plan.connrate_seconds,
+            "idle_connections": plan.idle_connections,
+        }),
+    );
+    summary.insert("columns".into(), Value::Object(columns));
+    Value::Object(summary)
+}
+
+/// The human table: every column, and each non-plaintext column's ratio.
+fn table(names: &[&str], figures: &[Figures]) -> String {
+    let medians: Vec<Medians> = figures.iter().map(Medians::of).collect();
+    let plaintext = &medians[0];
+    type Pick = fn(&Medians) -> Option<f64>;
+    let rows: [(&str, Pick, bool, &str); 9] = [
+        ("1-stream Gbit/s", |m| Some(m.bulk1_gbps), true, ">= 0.32x"),
+        ("16-stream Gbit/s", |m| Some(m.bulk16_gbps), true, ""),
+        ("64 B rr p50 us", |m| Some(m.rr_p50_us), true, "<= 2.0x"),
+        ("64 B rr p90 us", |m| Some(m.rr_p90_us), true, ""),
+        ("64 B rr p99 us", |m| Some(m.rr_p99_us), true, "<= 2.5x"),
+        ("new conn/s", |m| Some(m.conn_per_s), true, ">= 0.7x"),
+        (
+            "idle RSS MiB/agent",
+            |m| m.idle_rss_bytes.map(|b| b / 1048576.0),
+            false,
+            "<= 16 MB",
+        ),
+        (
+            "KiB/idle conn/side",
+            |m| m.mem_per_conn_bytes.map(|b| b / 1024.0),
+            false,
+            "<= 5 KB",
+        ),
+        ("proxy CPU s/GB", |m| m.cpu_seconds_per_gb, false, ""),
+    ];
+    let mut out = format!("{:<20}", "metric");
+    for (i, name) in names.iter().enumerate() {
+        let _ = write!(out, " {name:>12}");
+        if i > 0 {
+            let _ = write!(out, " {:>7}", "ratio");
+        }
+    }
+    let _ = writeln!(out, "  target ({})", names.get(1).unwrap_or(&""));
+    for (label, pick, has_ratio, target) in &rows {
+        let _ = write!(out, "{label:<20}");
+        for (i, m) in medians.iter().enumerate() {
+            match pick(m) {
+                Some(value) => {
+                    let _ = write!(out, " {value:>12.2}");
+                }
+                None => {
+                    let _ = write!(out, " {:>12}", "-");
+                }
+            }
+            if i > 0 {
+                match (has_ratio, pick(m), pick(plaintext)) {
+                    (true, Some(v), Some(base)) => {
+                        let _ = write!(out, " {:>6.2}x", v / base);
+                    }
+                    _ => {
+                        let _ = write!(out, " {:>7}", "");
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "  {target}");
+    }
+    for (name, f) in names.iter().zip(figures) {
+        if f.conn_errors > 0 {
+            let _ = writeln!(out, "warning: {name}: {} connection errors", f.conn_errors);
+        }
+    }
+    out
+}
+
+/// Memory and CPU of a process and its descendants, from /proc.
+mod proc_stats {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// (ppid, utime + stime in clock ticks) from /proc/<pid>/stat.
+    fn stat(pid: u32) -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name (field 2) may hold spaces and parentheses: fields
+        // are counted after its closing parenthesis, from field 3 (state).
+        let fields: Vec<&str> = text.rsplit_once(')')?.1.split_whitespace().collect();
+        let ppid = fields.get(1)?.parse().ok()?;
+        let utime: u64 = fields.get(11)?.parse().ok()?;
+        let stime: u64 = fields.get(12)?.parse().ok()?;
+        Some((ppid, utime + stime))
+    }
+
+    fn rss_bytes(pid: u32) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .strip_suffix("kB")?
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kib * 1024)
+    }
+
+    /// `root` and its living descendants; `None` if `root` is gone.
+    fn tree(root: u32) -> Option<BTreeSet<u32>> {
+        stat(root)?;
+        let mut children: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
+        for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
+                continue;
+            };
+            if let Some((ppid, _)) = stat(pid) {
+                children.entry(ppid).or_default().push(pid);
+            }
+        }
+        let mut tree = BTreeSet::from([root]);
+        let mut queue = vec![root];
+        while let Some(pid) = queue.pop() {
+            for &child in children.get(&pid).into_iter().flatten() {
+                if tree.insert(child) {
+                    queue.push(child);
+                }
+            }
+        }
+        Some(tree)
+    }
+
+    pub fn tree_rss_bytes(root: u32) -> Option<u64> {
+        Some(tree(root)?.into_iter().filter_map(rss_bytes).sum())
+    }
+
+    pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
+        let ticks_per_second = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+            .ok()
+            .flatten()? as f64;
+        let ticks: u64 = tree(root)?
+            .into_iter()
+            .filter_map(|pid| stat(pid).map(|(_, ticks)| ticks))
+            .sum();
+        Some(ticks as f64 / ticks_per_second)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_parse_name_and_flags() {
+        assert_eq!(
+            "no-accel=--no-sockmap  --force-mtls-local"
+                .parse::<Variant>()
+                .unwrap(),
+            Variant {
+                name: "no-accel".into(),
+                agent_args: vec!["--no-sockmap".into(), "--force-mtls-local".into()],
+            }
+        );
+        assert_eq!(
+            "base=".parse::<Variant>().unwrap(),
+            Variant {
+                name: "base".into(),
+                agent_args: vec![],
+            }
+        );
+        for bad in ["noflags", "=--x", "plaintext=", "a b=--x"] {
+            assert!(bad.parse::<Variant>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn own_process_tree_has_memory_and_cpu() {
+        let me = std::process::id();
+        assert!(proc_stats::tree_rss_bytes(me).unwrap() > 0);
+        assert!(proc_stats::tree_cpu_seconds(me).unwrap() >= 0.0);
+        assert_eq!(proc_stats::tree_rss_bytes(u32::MAX), None);
+    }
+}
