@@ -161,11 +161,21 @@ pub struct CertStatus {
     pub identity: Identity,
     /// Hex serial of the certificate held, if any.
     pub serial: Option<String>,
+    pub not_before: Option<SystemTime>,
     pub not_after: Option<SystemTime>,
     /// When the certificate held was received.
     pub last_refresh: Option<SystemTime>,
     /// The last failure, cleared by the next success.
     pub last_error: Option<String>,
+    /// A certificate is held and valid now.
+    pub valid: bool,
+    /// DER of the certificate held (leaf first, then the intermediates it is
+    /// presented with); empty without one.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// Certificates obtained for this identity since it was first wanted.
+    pub refreshes_succeeded: u64,
+    /// Failed attempts to obtain one since it was first wanted.
+    pub refreshes_failed: u64,
 }
 
 /// One issued certificate with its key and the client config presenting it.
@@ -216,6 +226,8 @@ type CertMap = HashMap<Identity, Arc<IssuedCert>>;
 /// together when the bundle is reloaded.
 struct Anchored {
     anchors: TrustAnchors,
+    /// The bundle `anchors` was parsed from.
+    pem: String,
     server_config: Arc<ServerConfig>,
     /// Bumped on every reload.
     epoch: u64,
@@ -224,6 +236,8 @@ struct Anchored {
 #[derive(Clone, Debug, Default)]
 struct Progress {
     last_error: Option<String>,
+    refreshes_succeeded: u64,
+    refreshes_failed: u64,
 }
 
 pub struct CertStore {
@@ -383,6 +397,7 @@ impl CertStore {
     pub fn snapshot(&self) -> Vec<CertStatus> {
         let certs = self.certs.load();
         let progress = self.progress.lock().expect("cert progress lock poisoned");
+        let now = SystemTime::now();
         let mut out: Vec<CertStatus> = progress
             .iter()
             .map(|(id, p)| {
@@ -390,14 +405,24 @@ impl CertStore {
                 CertStatus {
                     identity: id.clone(),
                     serial: held.map(|c| c.serial.clone()),
+                    not_before: held.map(|c| c.not_before),
                     not_after: held.map(|c| c.not_after),
                     last_refresh: held.map(|c| c.received),
                     last_error: p.last_error.clone(),
+                    valid: held.is_some_and(|c| c.is_valid_at(now)),
+                    chain: held.map(|c| c.key.cert.clone()).unwrap_or_default(),
+                    refreshes_succeeded: p.refreshes_succeeded,
+                    refreshes_failed: p.refreshes_failed,
                 }
             })
             .collect();
         out.sort_by_key(|s| s.identity.to_string());
         out
+    }
+
+    /// The PEM bundle of the trust anchors in use now.
+    pub fn trust_anchors_pem(&self) -> String {
+        self.anchored.load().pem.clone()
     }
 
     fn wanted_identities(&self, registry: &dyn WorkloadRegistry) -> Vec<Identity> {
@@ -440,7 +465,9 @@ impl CertStore {
     async fn maintain(self: Arc<Self>, id: Identity) {
         let mut failures = 0u32;
         loop {
-            let delay = match self.refresh(&id).await {
+            let refreshed = self.refresh(&id).await;
+            self.count_refresh(&id, refreshed.is_ok());
+            let delay = match refreshed {
                 Ok(renew_in) => {
                     failures = 0;
                     renew_in
@@ -501,6 +528,21 @@ impl CertStore {
         }
         self.set_error(id, None);
         Ok(())
+    }
+
+    fn count_refresh(&self, id: &Identity, succeeded: bool) {
+        if let Some(p) = self
+            .progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .get_mut(id)
+        {
+            if succeeded {
+                p.refreshes_succeeded += 1;
+            } else {
+                p.refreshes_failed += 1;
+            }
+        }
     }
 
     fn set_error(&self, id: &Identity, error: Option<String>) {
@@ -626,6 +668,8 @@ fn load_anchored(
     let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
     Ok(Anchored {
         anchors,
+        // TrustAnchors::from_pem accepted it, so it is PEM text.
+        pem: String::from_utf8_lossy(&pem).into_owned(),
         server_config,
         epoch,
     })

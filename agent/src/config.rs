@@ -11,9 +11,11 @@ use std::{
 use clap::{Parser, ValueEnum};
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
+    consts::{AGENT_ADMIN_PORT, AGENT_METRICS_PORT},
     host,
     identity::TrustDomain,
 };
+use serde::Serialize;
 
 /// Directory under the bpffs mount that holds every sealmesh pin; below it,
 /// one directory per cluster and node so several testbed nodes share a host.
@@ -49,7 +51,8 @@ pub enum ConfigError {
     LogLevel { level: String, reason: String },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
@@ -87,6 +90,14 @@ pub struct Args {
     /// Refuse connections to non-meshed destinations instead of passing them through in plaintext.
     #[arg(long)]
     pub deny_plaintext: bool,
+    /// Admin gRPC API address (status, connections, tap, certificates, config). It exposes
+    /// traffic metadata: keep it on loopback unless the address is otherwise protected
+    /// [default: 127.0.0.1:15000].
+    #[arg(long)]
+    pub admin_listen: Option<SocketAddr>,
+    /// Prometheus metrics and /healthz/live, /healthz/ready [default: 0.0.0.0:15020].
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Log filter: a level (info, debug, ...) or tracing directives (sealmesh_agent=debug,h2=info).
     #[arg(long, default_value = "info", env = "SEALMESH_LOG")]
     pub log_level: String,
@@ -96,7 +107,7 @@ pub struct Args {
 }
 
 /// What the proxy does beyond the defaults; copied into the TLS engine.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub force_mtls_local: bool,
     pub deny_plaintext: bool,
@@ -117,11 +128,62 @@ pub struct Config {
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     pub policy: Policy,
+    pub admin_listen: SocketAddr,
+    pub metrics_listen: SocketAddr,
     pub log_level: String,
     pub log_format: LogFormat,
 }
 
+/// The configuration as the admin API dumps it. Holds no secret: the token
+/// is only named by its file, never read here.
+#[derive(Serialize)]
+struct ConfigView<'a> {
+    cluster_file: &'a Path,
+    cluster_name: &'a str,
+    node: &'a str,
+    node_ip: Ipv4Addr,
+    trust_domain: &'a str,
+    bpffs_dir: &'a Path,
+    node_cgroup: &'a Path,
+    identity_addr: SocketAddr,
+    trust_anchors: &'a Path,
+    token_file: &'a Path,
+    token: &'static str,
+    policy: Policy,
+    admin_listen: SocketAddr,
+    metrics_listen: SocketAddr,
+    log_level: &'a str,
+    log_format: LogFormat,
+}
+
+/// What the YAML dump shows instead of the token.
+const TOKEN_REDACTED: &str = "<redacted: read from token_file on each request>";
+
 impl Config {
+    /// The effective configuration as YAML, secrets redacted (for the admin API).
+    pub fn to_redacted_yaml(&self) -> String {
+        let view = ConfigView {
+            cluster_file: &self.cluster_file,
+            cluster_name: &self.cluster_name,
+            node: &self.node,
+            node_ip: self.node_ip,
+            trust_domain: self.trust_domain.domain(),
+            bpffs_dir: &self.bpffs_dir,
+            node_cgroup: &self.node_cgroup,
+            identity_addr: self.identity_addr,
+            trust_anchors: &self.trust_anchors,
+            token_file: &self.token_file,
+            token: TOKEN_REDACTED,
+            policy: self.policy,
+            admin_listen: self.admin_listen,
+            metrics_listen: self.metrics_listen,
+            log_level: &self.log_level,
+            log_format: self.log_format,
+        };
+        // Paths, addresses and strings only: serialising cannot fail.
+        serde_yaml_ng::to_string(&view).expect("the config view serialises to YAML")
+    }
+
     /// Parses the process's arguments and fills the defaults.
     pub fn load() -> Result<Self, ConfigError> {
         Self::from_args(Args::parse())
@@ -210,6 +272,13 @@ impl Config {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
             },
+            admin_listen: args
+                .admin_listen
+                .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT))),
+            metrics_listen: args.metrics_listen.unwrap_or(SocketAddr::from((
+                Ipv4Addr::UNSPECIFIED,
+                AGENT_METRICS_PORT,
+            ))),
             log_level: args.log_level,
             log_format: args.log_format,
             cluster_file: args.cluster_file,
@@ -225,7 +294,7 @@ impl fmt::Display for Config {
             f,
             "cluster_file={} cluster={} node={} node_ip={} trust_domain={} bpffs_dir={} node_cgroup={} \
              identity_addr={} trust_anchors={} token_file={} (content not shown) force_mtls_local={} \
-             deny_plaintext={} log_level={} log_format={:?}",
+             deny_plaintext={} admin_listen={} metrics_listen={} log_level={} log_format={:?}",
             self.cluster_file.display(),
             self.cluster_name,
             self.node,
@@ -238,6 +307,8 @@ impl fmt::Display for Config {
             self.token_file.display(),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
+            self.admin_listen,
+            self.metrics_listen,
             self.log_level,
             self.log_format,
         )
@@ -297,6 +368,8 @@ nodes:
         assert_eq!(c.policy, Policy::default());
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.trust_domain, TrustDomain::default());
+        assert_eq!(c.admin_listen, "127.0.0.1:15000".parse().unwrap());
+        assert_eq!(c.metrics_listen, "0.0.0.0:15020".parse().unwrap());
     }
 
     #[test]
@@ -318,8 +391,14 @@ nodes:
             "json",
             "--log-level",
             "sealmesh_agent=debug",
+            "--admin-listen",
+            "172.18.0.2:16000",
+            "--metrics-listen",
+            "127.0.0.1:16020",
         ])
         .unwrap();
+        assert_eq!(c.admin_listen, "172.18.0.2:16000".parse().unwrap());
+        assert_eq!(c.metrics_listen, "127.0.0.1:16020".parse().unwrap());
         assert_eq!(c.identity_addr, "127.0.0.1:9000".parse().unwrap());
         assert_eq!(c.trust_anchors, Path::new("/a.pem"));
         assert_eq!(c.token_file, Path::new("/t"));
@@ -376,6 +455,19 @@ nodes:
 
         let err = resolve(&["--log-level", "sealmesh_agent=loud"]).unwrap_err();
         assert!(matches!(err, ConfigError::LogLevel { .. }), "{err}");
+    }
+
+    #[test]
+    fn yaml_dump_names_the_token_file_and_redacts_the_token() {
+        let yaml = resolve(&["--deny-plaintext"]).unwrap().to_redacted_yaml();
+        let dumped: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(dumped["node"], "node-0");
+        assert_eq!(dumped["node_ip"], "172.18.0.2");
+        assert_eq!(dumped["token_file"], "/run/sealmesh/tb-cfg/node-0.token");
+        assert_eq!(dumped["token"], TOKEN_REDACTED);
+        assert_eq!(dumped["policy"]["deny_plaintext"], true);
+        assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
+        assert_eq!(dumped["log_format"], "text");
     }
 
     #[test]

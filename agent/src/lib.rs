@@ -1,9 +1,11 @@
 //! sealmesh node agent: redirects meshed pods' sockets into itself with eBPF
 //! and carries them over mTLS (HBONE) with per-ServiceAccount certificates.
 
+pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod ebpf;
+pub mod metrics;
 pub mod proxy;
 pub mod registry;
 pub mod tls;

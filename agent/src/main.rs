@@ -8,15 +8,17 @@ use std::{
     net::{IpAddr, SocketAddr, SocketAddrV4},
     process::ExitCode,
     sync::Arc,
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use sealmesh_agent::{
+    admin::{self, AgentState, ConnectionTable},
     certs::{CertStore, CertStoreConfig},
     config::{Config, LogFormat},
     ebpf::{EbpfError, MeshedCgroups, RedirectConfig, Redirector},
+    metrics::{self, Metrics},
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
@@ -68,7 +70,9 @@ fn raise_open_files_limit() {
         .and_then(|(_, hard)| setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map(|()| hard));
     match raised {
         Ok(limit) => tracing::debug!(limit, "open files limit raised"),
-        Err(error) => tracing::warn!(%error, "cannot raise the open files limit; busy nodes may run out of sockets"),
+        Err(error) => {
+            tracing::warn!(%error, "cannot raise the open files limit; busy nodes may run out of sockets")
+        }
     }
 }
 
@@ -92,6 +96,7 @@ async fn run(config: Config) -> Result<()> {
         }
     };
 
+    let started = SystemTime::now();
     let registry = LocalRegistry::load(&config.cluster_file, &config.node).with_context(|| {
         format!(
             "loading workloads of node {} from {}",
@@ -138,6 +143,31 @@ async fn run(config: Config) -> Result<()> {
     )
     .await
     .context("starting the TLS engine")?;
+    let admin_listener = admin::bind(config.admin_listen).await?;
+    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} for metrics and health probes; choose another address with --metrics-listen",
+                config.metrics_listen
+            )
+        })?;
+    let connections = Arc::new(ConnectionTable::default());
+    let metrics = Arc::new(Metrics::new(certs.clone()));
+    let proxy_handle = proxy.handle();
+    proxy_handle.add_observer(connections.clone());
+    proxy_handle.add_observer(metrics.clone());
+    let state = Arc::new(AgentState {
+        node: config.node.clone(),
+        node_ip: config.node_ip.to_string(),
+        config_yaml: config.to_redacted_yaml(),
+        started,
+        registry: registry_dyn.clone(),
+        certs: certs.clone(),
+        datapath: redirector.clone(),
+        proxy: proxy_handle,
+        connections,
+    });
 
     // Redirect the node's meshed pods before announcing the start, so that
     // "started" means their connections are secured (or fail closed).
@@ -149,6 +179,19 @@ async fn run(config: Config) -> Result<()> {
     tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
     tasks.spawn(sync_meshed_cgroups(registry_dyn, redirector, stopped()));
     tasks.spawn(proxy.run(stopped()));
+    tasks.spawn(state.clone().forget_departed(metrics.clone(), stopped()));
+    let readiness_state = state.clone();
+    tasks.spawn(metrics::serve_http(
+        metrics_listener,
+        metrics,
+        Arc::new(move || readiness_state.readiness()),
+        stopped(),
+    ));
+    tasks.spawn(async move {
+        if let Err(error) = admin::serve(admin_listener, state, stopped()).await {
+            tracing::error!(%error, "admin API stopped; the CLI cannot reach this agent");
+        }
+    });
     tracing::info!(meshed_pods, "{AGENT_STARTED_MESSAGE}");
 
     wait_for_signal().await?;

@@ -13,13 +13,14 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use serde::{Deserialize, Serialize};
+use arc_swap::ArcSwap;
 use sealmesh_common::consts::ACCESS_LOG_TARGET;
+use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use crate::registry::Workload;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// A local pod's connection, redirected to the outbound listener.
@@ -36,7 +37,7 @@ pub enum Phase {
 }
 
 /// Why a connection was not carried over mTLS.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NoTlsReason {
     /// Both pods are meshed and on this node: connected directly after the
@@ -46,6 +47,15 @@ pub enum NoTlsReason {
     NotMeshed,
     /// The destination is neither a pod nor a Service of the cluster.
     OutsideCluster,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Outbound => "outbound",
+            Self::Inbound => "inbound",
+        }
+    }
 }
 
 impl NoTlsReason {
@@ -59,7 +69,7 @@ impl NoTlsReason {
 }
 
 /// A pod as events name it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PodRef {
     pub namespace: String,
     pub name: String,
@@ -112,16 +122,47 @@ pub struct ConnectionEvent {
 
 /// Byte counters both splice directions update (once per chunk, not per byte).
 #[derive(Debug, Default)]
-pub(crate) struct ByteCounters {
+pub struct ByteCounters {
     pub src_to_dst: AtomicU64,
     pub dst_to_src: AtomicU64,
+}
+
+/// Sees what the engine reports, synchronously, on the connection's own task:
+/// for state that must not miss an event (open connections, edges, metrics),
+/// where a lagging broadcast subscriber would. Implementations must be quick
+/// and never block (no I/O, short critical sections).
+pub trait ConnectionObserver: Send + Sync + 'static {
+    /// The path to the destination is up; `bytes` counts live until close.
+    fn connection_opened(&self, event: &ConnectionEvent, bytes: &Arc<ByteCounters>);
+    /// The connection ended (`opened`), or was refused before it opened.
+    fn connection_closed(&self, event: &ConnectionEvent, opened: bool);
+    /// A TLS handshake with a peer agent completed in `elapsed`.
+    fn tls_handshake(&self, direction: Direction, elapsed: Duration);
+}
+
+/// The engine's observers; added while it runs, read on every event.
+pub(crate) type Observers = Arc<ArcSwap<Vec<Arc<dyn ConnectionObserver>>>>;
+
+/// Where a connection's events go: the broadcast channel and the observers.
+#[derive(Clone)]
+pub(crate) struct EventSink {
+    pub events: broadcast::Sender<ConnectionEvent>,
+    pub observers: Observers,
+}
+
+impl EventSink {
+    pub fn tls_handshake(&self, direction: Direction, elapsed: Duration) {
+        for observer in self.observers.load().iter() {
+            observer.tls_handshake(direction, elapsed);
+        }
+    }
 }
 
 /// Collects what is known about one connection and reports it: `open` once
 /// the path to the destination is up; the close event and access-log line
 /// when dropped, so a connection aborted by shutdown is still reported.
 pub(crate) struct ConnectionTracker {
-    events: broadcast::Sender<ConnectionEvent>,
+    sink: EventSink,
     started: Instant,
     opened: bool,
     pub event: ConnectionEvent,
@@ -129,14 +170,9 @@ pub(crate) struct ConnectionTracker {
 }
 
 impl ConnectionTracker {
-    pub fn new(
-        events: broadcast::Sender<ConnectionEvent>,
-        id: u64,
-        direction: Direction,
-        src_addr: SocketAddr,
-    ) -> Self {
+    pub fn new(sink: EventSink, id: u64, direction: Direction, src_addr: SocketAddr) -> Self {
         Self {
-            events,
+            sink,
             started: Instant::now(),
             opened: false,
             event: ConnectionEvent {
@@ -180,7 +216,10 @@ impl ConnectionTracker {
         let mut open = self.event.clone();
         open.phase = Phase::Open;
         open.timestamp_ms = unix_ms(SystemTime::now());
-        let _ = self.events.send(open);
+        for observer in self.sink.observers.load().iter() {
+            observer.connection_opened(&open, &self.bytes);
+        }
+        let _ = self.sink.events.send(open);
     }
 }
 
@@ -193,17 +232,19 @@ impl Drop for ConnectionTracker {
         e.bytes_dst_to_src = self.bytes.dst_to_src.load(Ordering::Relaxed);
         e.duration_ms = duration_ms(self.started.elapsed());
         access_log(e, self.opened);
-        let _ = self.events.send(e.clone());
+        // Observers first, so a tap subscriber that sees the close finds the
+        // edges and metrics already updated.
+        for observer in self.sink.observers.load().iter() {
+            observer.connection_closed(e, self.opened);
+        }
+        let _ = self.sink.events.send(e.clone());
     }
 }
 
 fn access_log(e: &ConnectionEvent, opened: bool) {
     let opt = |v: &Option<PodRef>| v.as_ref().map(ToString::to_string).unwrap_or_default();
     let reason = e.no_tls_reason.map(NoTlsReason::as_str).unwrap_or("");
-    let direction = match e.direction {
-        Direction::Outbound => "outbound",
-        Direction::Inbound => "inbound",
-    };
+    let direction = e.direction.as_str();
     macro_rules! log {
         ($level:ident) => {
             tracing::$level!(
@@ -249,11 +290,22 @@ fn duration_ms(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
+    fn sink(events: broadcast::Sender<ConnectionEvent>) -> EventSink {
+        EventSink {
+            events,
+            observers: Observers::default(),
+        }
+    }
+
     #[test]
     fn reports_open_then_close_with_counts() {
         let (tx, mut rx) = broadcast::channel(4);
-        let mut t =
-            ConnectionTracker::new(tx, 7, Direction::Outbound, "10.0.0.1:5000".parse().unwrap());
+        let mut t = ConnectionTracker::new(
+            sink(tx),
+            7,
+            Direction::Outbound,
+            "10.0.0.1:5000".parse().unwrap(),
+        );
         t.event.tls = true;
         t.open();
         t.bytes.src_to_dst.fetch_add(10, Ordering::Relaxed);
@@ -273,8 +325,12 @@ mod tests {
     #[test]
     fn serialises_with_snake_case_names() {
         let (tx, _rx) = broadcast::channel(1);
-        let mut t =
-            ConnectionTracker::new(tx, 1, Direction::Inbound, "10.0.0.1:5000".parse().unwrap());
+        let mut t = ConnectionTracker::new(
+            sink(tx),
+            1,
+            Direction::Inbound,
+            "10.0.0.1:5000".parse().unwrap(),
+        );
         t.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
         let json = serde_json::to_value(&t.event).unwrap();
         assert_eq!(json["direction"], "inbound");

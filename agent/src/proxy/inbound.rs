@@ -7,7 +7,7 @@ use std::{
     io,
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -83,9 +83,15 @@ pub(crate) async fn serve(
 ) {
     let _ = socket.set_nodelay(true);
     let acceptor = TlsAcceptor::from(engine.credentials.server_config());
+    let started = Instant::now();
     let tls = match tokio::time::timeout(engine.cfg.connect_timeout, acceptor.accept(socket)).await
     {
-        Ok(Ok(tls)) => tls,
+        Ok(Ok(tls)) => {
+            engine
+                .sink
+                .tls_handshake(Direction::Inbound, started.elapsed());
+            tls
+        }
         Ok(Err(error)) => {
             tracing::warn!(peer = %addr, %error, "inbound mTLS handshake failed; connection refused");
             return;
@@ -172,7 +178,7 @@ async fn stream(
     mut respond: SendResponse<Bytes>,
 ) {
     let mut tracker = ConnectionTracker::new(
-        engine.events.clone(),
+        engine.sink.clone(),
         engine.next_id(),
         Direction::Inbound,
         peer.addr,

@@ -33,7 +33,9 @@ use tokio::{
     task::JoinSet,
 };
 
-pub use event::{ConnectionEvent, Direction, NoTlsReason, Phase, PodRef};
+pub use event::{
+    ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, Phase, PodRef,
+};
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
 pub use pool::PeerDialFailed;
@@ -127,7 +129,7 @@ pub(crate) struct Engine {
     redirects: Arc<dyn RedirectTable>,
     credentials: Arc<dyn TlsCredentials>,
     pool: pool::Pool,
-    events: broadcast::Sender<ConnectionEvent>,
+    sink: event::EventSink,
     next_connection_id: AtomicU64,
 }
 
@@ -153,7 +155,16 @@ pub struct ProxyHandle {
 impl ProxyHandle {
     /// Open/close events of every connection from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
-        self.engine.events.subscribe()
+        self.engine.sink.events.subscribe()
+    }
+
+    /// Reports every event from now on to `observer`, synchronously.
+    pub fn add_observer(&self, observer: Arc<dyn ConnectionObserver>) {
+        self.engine.sink.observers.rcu(|observers| {
+            let mut observers = Vec::clone(observers);
+            observers.push(observer.clone());
+            observers
+        });
     }
 
     /// HBONE connections currently pooled (all keys).
@@ -185,7 +196,10 @@ impl Proxy {
                 redirects,
                 credentials,
                 pool: pool::Pool::default(),
-                events,
+                sink: event::EventSink {
+                    events,
+                    observers: Default::default(),
+                },
                 next_connection_id: AtomicU64::new(1),
             }),
             outbound,

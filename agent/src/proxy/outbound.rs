@@ -7,6 +7,7 @@
 use std::{
     net::{SocketAddr, SocketAddrV4},
     sync::Arc,
+    time::Instant,
 };
 
 use bytes::Bytes;
@@ -163,7 +164,7 @@ pub(crate) async fn handle(engine: Arc<Engine>, client: TcpStream, peer: SocketA
         return;
     };
     let mut tracker = ConnectionTracker::new(
-        engine.events.clone(),
+        engine.sink.clone(),
         engine.next_id(),
         Direction::Outbound,
         peer,
@@ -372,10 +373,14 @@ async fn dial(
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        let started = Instant::now();
         let tls = TlsConnector::from(client_config)
             .connect(tls::server_name(expected), tcp)
             .await
             .map_err(|source| OutboundError::Handshake { node, source })?;
+        engine
+            .sink
+            .tls_handshake(Direction::Outbound, started.elapsed());
         let (_, session) = tls.get_ref();
         // rustls verified the chain and the DNS SAN; the SPIFFE URI SAN is
         // what identities are authorised on, so it must match too.

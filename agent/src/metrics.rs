@@ -1,0 +1,414 @@
+//! Prometheus metrics (OpenMetrics text) and liveness/readiness, served over
+//! HTTP on `--metrics-listen` (0.0.0.0:15020 by default, like other node
+//! agents' probe ports; it carries aggregates, never per-connection data):
+//!
+//! - `GET /metrics`: every series below;
+//! - `GET /healthz/live`: 200 while the agent serves;
+//! - `GET /healthz/ready`: 200 when ready, else 503 with the reasons.
+//!
+//! Series follow Linkerd's TCP metrics. Connection series are labelled
+//! `direction`, `tls`, `client_id`, `server_id`, `no_tls_reason`,
+//! `src_namespace`, `dst_namespace` — never by pod, connection or port, so
+//! their number is bounded by identity pairs — and the series of identities
+//! (or, for plaintext, namespaces) that left the node are dropped
+//! ([`Metrics::forget_departed`]). Bytes are counted when a connection closes.
+//! Certificate series are read from the cert store at each scrape, so only
+//! identities the store maintains appear.
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    convert::Infallible,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::{body::Bytes, server::conn::http1, service::service_fn};
+use hyper_util::rt::TokioIo;
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
+    metrics::{
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::{ConstGauge, Gauge},
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use tokio::net::TcpListener;
+
+use crate::{
+    certs::CertStore,
+    proxy::{ByteCounters, ConnectionEvent, ConnectionObserver, Direction},
+};
+
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+const PREFIX: &str = "sealmesh";
+
+/// Whether the agent is ready, and why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Readiness {
+    pub reasons: Vec<String>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.reasons.is_empty()
+    }
+}
+
+/// Labels of every connection series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionLabels {
+    pub direction: &'static str,
+    pub tls: &'static str,
+    pub client_id: String,
+    pub server_id: String,
+    pub no_tls_reason: &'static str,
+    pub src_namespace: String,
+    pub dst_namespace: String,
+}
+
+impl ConnectionLabels {
+    fn of(e: &ConnectionEvent) -> Self {
+        let namespace = |pod: &Option<crate::proxy::PodRef>| {
+            pod.as_ref()
+                .map(|p| p.namespace.clone())
+                .unwrap_or_default()
+        };
+        Self {
+            direction: e.direction.as_str(),
+            tls: if e.tls { "true" } else { "false" },
+            client_id: e.client_id.clone().unwrap_or_default(),
+            server_id: e.server_id.clone().unwrap_or_default(),
+            no_tls_reason: e.no_tls_reason.map(|r| r.as_str()).unwrap_or(""),
+            src_namespace: namespace(&e.src),
+            dst_namespace: namespace(&e.dst),
+        }
+    }
+
+    /// The side of the connection that runs on this node: its identity
+    /// (or, without one, its namespace).
+    fn local_side(&self) -> (&str, &str) {
+        match self.direction {
+            "inbound" => (&self.server_id, &self.dst_namespace),
+            _ => (&self.client_id, &self.src_namespace),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HandshakeLabels {
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct IdentityLabels {
+    identity: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefreshLabels {
+    identity: String,
+    result: &'static str,
+}
+
+type ConnectionFamily = Family<ConnectionLabels, Counter>;
+
+/// The agent's metrics registry; feed it as a [`ConnectionObserver`].
+pub struct Metrics {
+    registry: Registry,
+    opened: ConnectionFamily,
+    closed: ConnectionFamily,
+    refused: ConnectionFamily,
+    open: Family<ConnectionLabels, Gauge>,
+    read_bytes: ConnectionFamily,
+    write_bytes: ConnectionFamily,
+    handshakes: Family<HandshakeLabels, Histogram>,
+    /// Every connection label set in use, so departed ones can be removed.
+    label_sets: Mutex<HashSet<ConnectionLabels>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    pub fn new(certs: Arc<CertStore>) -> Self {
+        let mut registry = Registry::with_prefix(PREFIX);
+        let mut family = |name: &str, help: &str| {
+            let family = ConnectionFamily::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let opened = family(
+            "tcp_open",
+            "TCP connections opened (path to the destination up)",
+        );
+        let closed = family("tcp_close", "TCP connections closed after they opened");
+        let refused = family(
+            "tcp_refused",
+            "TCP connections refused before they opened (fail closed, policy, unreachable)",
+        );
+        let read_bytes = family(
+            "tcp_read_bytes",
+            "Bytes read from connections' sources (source to destination), counted at close",
+        );
+        let write_bytes = family(
+            "tcp_write_bytes",
+            "Bytes written back to connections' sources (destination to source), counted at close",
+        );
+        let open = Family::<ConnectionLabels, Gauge>::default();
+        registry.register(
+            "tcp_open_connections",
+            "TCP connections open now",
+            open.clone(),
+        );
+        // 250µs .. ~4s
+        let handshakes = Family::<HandshakeLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.00025, 2.0, 15))) as fn() -> Histogram,
+        );
+        registry.register(
+            "tls_handshake_duration_seconds",
+            "Duration of completed mTLS handshakes with peer agents",
+            handshakes.clone(),
+        );
+        registry.register_collector(Box::new(CertificateCollector { certs }));
+        Self {
+            registry,
+            opened,
+            closed,
+            refused,
+            open,
+            read_bytes,
+            write_bytes,
+            handshakes,
+            label_sets: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut text = String::new();
+        encode(&mut text, &self.registry).expect("writing to a String cannot fail");
+        text
+    }
+
+    /// Drops the connection series whose local side (identity, or namespace
+    /// for connections without one) is no longer on this node.
+    pub fn forget_departed(
+        &self,
+        local_identities: &BTreeSet<String>,
+        local_namespaces: &BTreeSet<String>,
+    ) {
+        let mut label_sets = self.label_sets.lock().expect("metrics lock poisoned");
+        label_sets.retain(|labels| {
+            let (identity, namespace) = labels.local_side();
+            let present = if identity.is_empty() {
+                local_namespaces.contains(namespace)
+            } else {
+                local_identities.contains(identity)
+            };
+            if !present {
+                for family in [
+                    &self.opened,
+                    &self.closed,
+                    &self.refused,
+                    &self.read_bytes,
+                    &self.write_bytes,
+                ] {
+                    family.remove(labels);
+                }
+                self.open.remove(labels);
+            }
+            present
+        });
+    }
+
+    fn labels(&self, e: &ConnectionEvent) -> ConnectionLabels {
+        let labels = ConnectionLabels::of(e);
+        let mut label_sets = self.label_sets.lock().expect("metrics lock poisoned");
+        if !label_sets.contains(&labels) {
+            label_sets.insert(labels.clone());
+        }
+        labels
+    }
+}
+
+impl ConnectionObserver for Metrics {
+    fn connection_opened(&self, event: &ConnectionEvent, _: &Arc<ByteCounters>) {
+        let labels = self.labels(event);
+        self.opened.get_or_create(&labels).inc();
+        self.open.get_or_create(&labels).inc();
+    }
+
+    fn connection_closed(&self, event: &ConnectionEvent, opened: bool) {
+        let labels = self.labels(event);
+        if !opened {
+            self.refused.get_or_create(&labels).inc();
+            return;
+        }
+        self.closed.get_or_create(&labels).inc();
+        // Absent when the series was dropped while the connection was open.
+        if let Some(open) = self.open.get(&labels) {
+            open.dec();
+        }
+        self.read_bytes
+            .get_or_create(&labels)
+            .inc_by(event.bytes_src_to_dst);
+        self.write_bytes
+            .get_or_create(&labels)
+            .inc_by(event.bytes_dst_to_src);
+    }
+
+    fn tls_handshake(&self, direction: Direction, elapsed: Duration) {
+        self.handshakes
+            .get_or_create(&HandshakeLabels {
+                direction: direction.as_str(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Certificate series, read from the cert store at each scrape.
+#[derive(Debug)]
+struct CertificateCollector {
+    certs: Arc<CertStore>,
+}
+
+impl Collector for CertificateCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self.certs.snapshot();
+        let expiry = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+                .unwrap_or(0)
+        };
+        let held: Vec<_> = snapshot
+            .iter()
+            .filter_map(|s| s.not_after.map(|t| (s.identity.spiffe_uri(), expiry(t))))
+            .collect();
+        if !held.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "certificate_expiry_timestamp_seconds",
+                "NotAfter of the certificate held for each local identity, as a Unix timestamp",
+                None,
+                ConstGauge::new(0i64).metric_type(),
+            )?;
+            for (identity, not_after) in &held {
+                let labels = IdentityLabels {
+                    identity: identity.clone(),
+                };
+                ConstGauge::new(*not_after).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        if !snapshot.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "certificate_refresh",
+                "Attempts to obtain a certificate from the identity service, by identity and result",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for status in &snapshot {
+                let identity = status.identity.spiffe_uri();
+                for (result, count) in [
+                    ("success", status.refreshes_succeeded),
+                    ("failure", status.refreshes_failed),
+                ] {
+                    let labels = RefreshLabels {
+                        identity: identity.clone(),
+                        result,
+                    };
+                    ConstCounter::new(count).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves `/metrics`, `/healthz/live` and `/healthz/ready` on `listener`
+/// until `shutdown` resolves.
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: Arc<dyn Fn() -> Readiness + Send + Sync>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            () = &mut shutdown => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::warn!(%error, "metrics endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let metrics = metrics.clone();
+        let readiness = readiness.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let response = respond(&request, &metrics, readiness.as_ref());
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(error) = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%error, "metrics endpoint: connection ended with an error");
+            }
+        });
+    }
+}
+
+fn respond<B>(
+    request: &Request<B>,
+    metrics: &Metrics,
+    readiness: &(dyn Fn() -> Readiness + Send + Sync),
+) -> Response<Full<Bytes>> {
+    let reply = |status: StatusCode, content_type: &str, body: String| {
+        Response::builder()
+            .status(status)
+            .header(header::CONTENT_TYPE, content_type)
+            .body(Full::new(Bytes::from(body)))
+            .expect("static response parts are valid")
+    };
+    if request.method() != Method::GET {
+        return reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "use GET\n".into(),
+        );
+    }
+    match request.uri().path() {
+        "/metrics" => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode()),
+        "/healthz/live" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/healthz/ready" => {
+            let readiness = readiness();
+            if readiness.is_ready() {
+                reply(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                let mut body = String::from("not ready:\n");
+                for reason in &readiness.reasons {
+                    body.push_str("- ");
+                    body.push_str(reason);
+                    body.push('\n');
+                }
+                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+            }
+        }
+        _ => reply(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /metrics, /healthz/live or /healthz/ready\n".into(),
+        ),
+    }
+}
