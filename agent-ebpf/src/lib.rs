@@ -36,10 +36,25 @@ pub mod names {
     pub const LISTENER_IP4: &str = "LISTENER_IP4";
     /// Global `u16`: the agent's outbound listener port.
     pub const LISTENER_PORT: &str = "LISTENER_PORT";
+    /// `LruHashMap<u64 socket cookie, RedirectRecord>`: the original destination of each open
+    /// redirected pod socket, for getpeername (pinned).
+    pub const ORIGINAL_DST_BY_COOKIE: &str = "ORIGINAL_DST_BY_COOKIE";
+    /// `SockHash<SocketTuple>`: both sockets of each accelerated pod <-> agent connection, keyed
+    /// by the tuple as the socket itself sees it (pinned).
+    pub const ACCELERATED_SOCKETS: &str = "ACCELERATED_SOCKETS";
+    /// `LruHashMap<SocketTuple, u8>`: sockets that sent a message through the TCP stack because
+    /// their peer was not in `ACCELERATED_SOCKETS` yet; they never switch to redirection, which
+    /// could overtake their unread TCP bytes (pinned).
+    pub const TCP_ONLY_SENDERS: &str = "TCP_ONLY_SENDERS";
+    /// Global `u8`: 1 = sock_ops adds pod <-> agent sockets to `ACCELERATED_SOCKETS`.
+    pub const SOCKMAP_ACCELERATION: &str = "SOCKMAP_ACCELERATION";
     /// Program names (their function names in `src/main.rs`).
     pub const CONNECT4_PROGRAM: &str = "redirect_connect4";
     pub const CONNECT6_PROGRAM: &str = "redirect_connect6";
     pub const SOCK_OPS_PROGRAM: &str = "track_redirected";
+    pub const GETPEERNAME4_PROGRAM: &str = "original_peer4";
+    pub const GETPEERNAME6_PROGRAM: &str = "original_peer6";
+    pub const SK_MSG_PROGRAM: &str = "accelerate_msg";
 }
 
 /// Capacity of the pinned maps. The redirect maps are LRU so that even records nobody collects
@@ -50,6 +65,10 @@ pub mod capacity {
     pub const REDIRECT_BY_CONNECTION: u32 = 65536;
     pub const EXCLUDED_PORTS: u32 = 64;
     pub const EXCLUDED_CIDRS: u32 = 64;
+    pub const ORIGINAL_DST_BY_COOKIE: u32 = 65536;
+    /// Two sockets per accelerated connection.
+    pub const ACCELERATED_SOCKETS: u32 = 131072;
+    pub const TCP_ONLY_SENDERS: u32 = 65536;
 }
 
 /// What connect4 knew about a redirected connection: where the pod wanted to go and which meshed
@@ -115,16 +134,50 @@ impl ConnectionKey {
     }
 }
 
+/// One TCP socket's connection as that socket sees it (host-order numbers). The two sockets of a
+/// local connection see each other's tuple reversed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketTuple {
+    pub local_ip4: u32,
+    pub remote_ip4: u32,
+    pub local_port: u16,
+    pub remote_port: u16,
+}
+
+impl SocketTuple {
+    pub const fn new(local_ip4: u32, local_port: u16, remote_ip4: u32, remote_port: u16) -> Self {
+        Self {
+            local_ip4,
+            remote_ip4,
+            local_port,
+            remote_port,
+        }
+    }
+
+    /// The same connection as the peer socket sees it.
+    pub const fn reversed(&self) -> Self {
+        Self::new(
+            self.remote_ip4,
+            self.remote_port,
+            self.local_ip4,
+            self.local_port,
+        )
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     #![allow(unsafe_code)]
-    use super::{ConnectionKey, RedirectRecord};
+    use super::{ConnectionKey, RedirectRecord, SocketTuple};
 
     // SAFETY: `#[repr(C)]`, only integer fields, no implicit padding (explicit `reserved`), so
     // every bit pattern is valid and every byte is initialised.
     unsafe impl aya::Pod for RedirectRecord {}
     // SAFETY: `#[repr(C)]`, two u32 then two u16: 12 bytes with no padding, all integers.
     unsafe impl aya::Pod for ConnectionKey {}
+    // SAFETY: `#[repr(C)]`, two u32 then two u16: 12 bytes with no padding, all integers.
+    unsafe impl aya::Pod for SocketTuple {}
 }
 
 #[cfg(test)]
@@ -135,6 +188,17 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(core::mem::size_of::<RedirectRecord>(), 16);
         assert_eq!(core::mem::size_of::<ConnectionKey>(), 12);
+        assert_eq!(core::mem::size_of::<SocketTuple>(), 12);
+    }
+
+    #[test]
+    fn a_reversed_tuple_is_the_peer_socket_view() {
+        let client = SocketTuple::new(0x0af4_0002, 40000, 0xac12_0002, 15001);
+        assert_eq!(
+            client.reversed(),
+            SocketTuple::new(0xac12_0002, 15001, 0x0af4_0002, 40000)
+        );
+        assert_eq!(client.reversed().reversed(), client);
     }
 
     #[test]

@@ -7,24 +7,32 @@
 //!   socket cookie. It always allows the connect: redirection never blocks, the agent decides.
 //! - `track_redirected` (sock_ops): once such a socket is established, moves the record to a map
 //!   keyed by the connection as the agent sees it on accept, and deletes records of connections
-//!   that die before the agent collected them.
+//!   that die before the agent collected them. With sockmap acceleration on, it also adds both
+//!   sockets of each pod <-> agent connection (the redirected pod socket and the agent's accepted
+//!   one) to `ACCELERATED_SOCKETS`.
+//! - `accelerate_msg` (sk_msg, attached to `ACCELERATED_SOCKETS`): hands each message a socket
+//!   of that map sends straight to its peer socket's receive queue, so payload between a pod and
+//!   its node's agent skips the TCP/IP stack.
+//! - `original_peer4`/`original_peer6` (cgroup/getpeername4/6): a redirected pod socket reports
+//!   the destination the pod connected to as its peer, not the agent's listener.
 //!
 //! Only built for the bpf target (see the `programs` feature in Cargo.toml).
 #![no_std]
 #![no_main]
 
-use agent_ebpf::{ConnectionKey, MAX_CGROUP_DEPTH, RedirectRecord, capacity};
+use agent_ebpf::{ConnectionKey, MAX_CGROUP_DEPTH, RedirectRecord, SocketTuple, capacity};
 use aya_ebpf::{
     EbpfContext, Global,
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_ANY, BPF_F_INGRESS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
         BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE, BPF_TCP_CLOSING, BPF_TCP_FIN_WAIT2,
-        bpf_sock_addr,
+        bpf_sock_addr, sk_action::SK_PASS,
     },
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie},
-    macros::{cgroup_sock_addr, map, sock_ops},
-    maps::{HashMap, LpmTrie, LruHashMap, lpm_trie::Key},
-    programs::{SockAddrContext, SockOpsContext},
+    macros::{cgroup_sock_addr, map, sk_msg, sock_ops},
+    maps::{HashMap, LpmTrie, LruHashMap, SockHash, lpm_trie::Key},
+    programs::{SkMsgContext, SockAddrContext, SockOpsContext},
 };
 use aya_log_ebpf::{debug, error};
 
@@ -46,6 +54,8 @@ const V4_MAPPED_MARKER: u32 = 0x0000_ffff_u32.to_be();
 static LISTENER_IP4: Global<u32> = Global::new(0);
 #[unsafe(no_mangle)]
 static LISTENER_PORT: Global<u16> = Global::new(0);
+#[unsafe(no_mangle)]
+static SOCKMAP_ACCELERATION: Global<u8> = Global::new(0);
 
 #[map]
 static MESHED_PODS: HashMap<u64, u8> = HashMap::pinned(capacity::MESHED_PODS, 0);
@@ -55,6 +65,15 @@ static REDIRECT_BY_COOKIE: LruHashMap<u64, RedirectRecord> =
 #[map]
 static REDIRECT_BY_CONNECTION: LruHashMap<ConnectionKey, RedirectRecord> =
     LruHashMap::pinned(capacity::REDIRECT_BY_CONNECTION, 0);
+#[map]
+static ORIGINAL_DST_BY_COOKIE: LruHashMap<u64, RedirectRecord> =
+    LruHashMap::pinned(capacity::ORIGINAL_DST_BY_COOKIE, 0);
+#[map]
+static ACCELERATED_SOCKETS: SockHash<SocketTuple> =
+    SockHash::pinned(capacity::ACCELERATED_SOCKETS, 0);
+#[map]
+static TCP_ONLY_SENDERS: LruHashMap<SocketTuple, u8> =
+    LruHashMap::pinned(capacity::TCP_ONLY_SENDERS, 0);
 #[map]
 static EXCLUDED_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(capacity::EXCLUDED_PORTS, 0);
 /// Keys hold the address in network order: LPM matching goes byte by byte from the first byte.
@@ -157,12 +176,10 @@ fn redirect_target(
     }
     // SAFETY: a cgroup/connect context is always backed by a socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let record = RedirectRecord::new(source_cgroup, dst_ip, dst_port);
     let recorded = REDIRECT_BY_COOKIE
-        .insert(
-            cookie,
-            RedirectRecord::new(source_cgroup, dst_ip, dst_port),
-            0,
-        )
+        .insert(cookie, record, 0)
+        .and_then(|()| ORIGINAL_DST_BY_COOKIE.insert(cookie, record, 0))
         .map_err(i64::from);
     debug!(
         ctx,
@@ -227,10 +244,40 @@ fn try_track_redirected(ctx: &SockOpsContext) -> Result<(), i64> {
                 .insert(connection_key(ctx), record, 0)
                 .map_err(i64::from)?;
             REDIRECT_BY_COOKIE.remove(cookie).map_err(i64::from)?;
+            // Bytes already queued on the socket (TCP Fast Open data the SYN-ACK did not
+            // acknowledge) would be overtaken by redirected messages: such a socket stays on TCP.
+            // SAFETY: the verifier checks the context field reads.
+            let (snd_nxt, snd_una) = unsafe { ((*ctx.ops).snd_nxt, (*ctx.ops).snd_una) };
+            if snd_nxt == snd_una {
+                accelerate(ctx, own_tuple(ctx))?;
+            }
+        }
+        // The agent's side of a redirected connection: the listener's child socket, established
+        // after the pod's side (whose callback above ran before its final ACK left), so the
+        // record sock_ops moved is there unless the connection is not a redirected one.
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
+            let own = own_tuple(ctx);
+            if own.local_ip4 == LISTENER_IP4.load()
+                && own.local_port == LISTENER_PORT.load()
+                && REDIRECT_BY_CONNECTION
+                    .get_ptr(ConnectionKey::new(
+                        own.remote_ip4,
+                        own.remote_port,
+                        own.local_ip4,
+                        own.local_port,
+                    ))
+                    .is_some()
+            {
+                accelerate(ctx, own)?;
+            }
         }
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => {
             // Absent entries (already moved or taken) are fine: removal errors are ignored.
-            let _ = REDIRECT_BY_COOKIE.remove(socket_cookie(ctx));
+            let cookie = socket_cookie(ctx);
+            let _ = REDIRECT_BY_COOKIE.remove(cookie);
+            let _ = ORIGINAL_DST_BY_COOKIE.remove(cookie);
+            // The kernel removes the socket from ACCELERATED_SOCKETS itself when it is closed.
+            let _ = TCP_ONLY_SENDERS.remove(own_tuple(ctx));
             // A client that half-closes right after connecting (send, close) reaches CLOSE from
             // FIN_WAIT2/CLOSING as soon as the listener's kernel acknowledges its FIN — usually
             // before the agent accepted. That connection still waits in the agent's accept queue
@@ -244,6 +291,97 @@ fn try_track_redirected(ctx: &SockOpsContext) -> Result<(), i64> {
         _ => {}
     }
     Ok(())
+}
+
+/// Adds an established pod <-> agent socket to `ACCELERATED_SOCKETS` (when acceleration is on),
+/// with state callbacks so its `TCP_ONLY_SENDERS` mark goes when it closes.
+fn accelerate(ctx: &SockOpsContext, own: SocketTuple) -> Result<(), i64> {
+    if SOCKMAP_ACCELERATION.load() == 0 {
+        return Ok(());
+    }
+    ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .map_err(i64::from)?;
+    // A mark left by an earlier connection with the same tuple must not keep this one on TCP.
+    let _ = TCP_ONLY_SENDERS.remove(own);
+    // SAFETY: the kernel passes a valid bpf_sock_ops for the lifetime of the program.
+    let ops = unsafe { &mut *ctx.ops };
+    ACCELERATED_SOCKETS
+        .update(own, ops, u64::from(BPF_ANY))
+        .map_err(i64::from)
+}
+
+/// Sends the message to the peer socket's receive queue. A sender whose peer is not in the map
+/// (not established yet, or already closed) passes through TCP, and stays on TCP for good:
+/// redirected bytes land in a queue the receiver reads before its TCP queue, so switching
+/// later could deliver them ahead of unread TCP bytes.
+#[sk_msg]
+pub fn accelerate_msg(ctx: SkMsgContext) -> u32 {
+    // SAFETY: the kernel passes a valid sk_msg_md; the verifier checks each field read.
+    let msg = unsafe { &*ctx.msg };
+    // Same byte orders as in sock_ops: local_port host order, the rest network order.
+    let own = SocketTuple::new(
+        u32::from_be(msg.local_ip4),
+        msg.local_port as u16,
+        u32::from_be(msg.remote_ip4),
+        u32::from_be(msg.remote_port) as u16,
+    );
+    if TCP_ONLY_SENDERS.get_ptr(own).is_some() {
+        return SK_PASS;
+    }
+    if ACCELERATED_SOCKETS.redirect_msg(&ctx, own.reversed(), u64::from(BPF_F_INGRESS))
+        == i64::from(SK_PASS)
+    {
+        return SK_PASS;
+    }
+    // The LRU map makes room by evicting; an insert failure only costs this mark.
+    let _ = TCP_ONLY_SENDERS.insert(own, 1, 0);
+    SK_PASS
+}
+
+/// A redirected pod socket's peer is the destination the pod asked for. Only 1 is a valid
+/// verdict for getpeername hooks.
+#[cgroup_sock_addr(getpeername4)]
+pub fn original_peer4(ctx: SockAddrContext) -> i32 {
+    if let Some(record) = original_dst(&ctx) {
+        // SAFETY: as in connect4; the verifier allows writing these fields in getpeername.
+        let sock_addr = unsafe { &mut *ctx.sock_addr };
+        sock_addr.user_ip4 = record.original_ip4.to_be();
+        sock_addr.user_port = u32::from(record.original_port.to_be());
+    }
+    ALLOW
+}
+
+/// The same for dual-stack sockets connect6 redirected (IPv4-mapped destinations).
+#[cgroup_sock_addr(getpeername6)]
+pub fn original_peer6(ctx: SockAddrContext) -> i32 {
+    if let Some(record) = original_dst(&ctx) {
+        // SAFETY: as in connect4.
+        let sock_addr = unsafe { &mut *ctx.sock_addr };
+        sock_addr.user_ip6[0] = 0;
+        sock_addr.user_ip6[1] = 0;
+        sock_addr.user_ip6[2] = V4_MAPPED_MARKER;
+        sock_addr.user_ip6[3] = record.original_ip4.to_be();
+        sock_addr.user_port = u32::from(record.original_port.to_be());
+    }
+    ALLOW
+}
+
+fn original_dst(ctx: &SockAddrContext) -> Option<RedirectRecord> {
+    // SAFETY: a getpeername context is always backed by a socket.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    // SAFETY: the pointer came from a successful lookup and is copied out at once.
+    ORIGINAL_DST_BY_COOKIE
+        .get_ptr(cookie)
+        .map(|record| unsafe { *record })
+}
+
+fn own_tuple(ctx: &SockOpsContext) -> SocketTuple {
+    SocketTuple::new(
+        u32::from_be(ctx.local_ip4()),
+        ctx.local_port() as u16,
+        u32::from_be(ctx.remote_ip4()),
+        u32::from_be(ctx.remote_port()) as u16,
+    )
 }
 
 fn socket_cookie(ctx: &SockOpsContext) -> u64 {

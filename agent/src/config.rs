@@ -104,6 +104,17 @@ pub struct Args {
     /// Log output format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Move payload between pods and this agent with sk_msg/sockhash instead of through the
+    /// TCP/IP stack (same-host pod <-> agent hop only).
+    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    pub sockmap_acceleration: OnOff,
+}
+
+/// A feature switch as typed on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
 }
 
 /// What the proxy does beyond the defaults; copied into the TLS engine.
@@ -128,6 +139,7 @@ pub struct Config {
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     pub policy: Policy,
+    pub sockmap_acceleration: bool,
     pub admin_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub log_level: String,
@@ -272,6 +284,7 @@ impl Config {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
             },
+            sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
             admin_listen: args
                 .admin_listen
                 .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT))),

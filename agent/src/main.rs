@@ -125,6 +125,7 @@ async fn run(config: Config) -> Result<()> {
             excluded_cidrs: identity_service_cidr(config.identity_addr)
                 .into_iter()
                 .collect(),
+            sockmap_acceleration: config.sockmap_acceleration,
         })
         .with_context(|| {
             format!(

@@ -80,7 +80,13 @@ fn loads_attaches_pins_and_uninstalls() {
     let status = redirector.status();
     assert_eq!(
         status.attached_programs,
-        ["track_redirected", "redirect_connect4", "redirect_connect6"]
+        [
+            "track_redirected",
+            "original_peer4",
+            "original_peer6",
+            "redirect_connect4",
+            "redirect_connect6"
+        ]
     );
     assert_eq!(
         (
@@ -546,6 +552,7 @@ impl Testbed {
             listener: LISTENER,
             excluded_ports: vec![EXCLUDED_PORT],
             excluded_cidrs: vec!["10.250.1.0/24".parse().unwrap()],
+            sockmap_acceleration: true,
         }
     }
 

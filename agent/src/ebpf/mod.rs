@@ -23,6 +23,18 @@
 //!   [`Redirector::uninstall`] detaches everything when sealmesh leaves the node.
 //! - Exclusions (ports, CIDRs) and the listener address are per program instance (an unpinned
 //!   map and load-time globals): each agent brings its own configuration.
+//! - Sockmap acceleration (optional): both sockets of the pod <-> agent hop live on this kernel,
+//!   so `sock_ops` puts them in a sockhash keyed by the tuple each socket sees and an `sk_msg`
+//!   program attached to that map moves every message straight into the peer socket's receive
+//!   queue, skipping the TCP/IP stack both ways. The kernel drops sockets from the map when they
+//!   close. A sender whose peer is not in the map yet passes through TCP and stays there (bytes
+//!   in both queues could be read out of order otherwise). The map is pinned: sockets keep the
+//!   sk_msg program they got when added, so connections of a replaced agent stay accelerated,
+//!   and the new agent's program (attached before its sock_ops) serves new ones. An agent with
+//!   acceleration off neither attaches sk_msg nor adds sockets.
+//! - `getpeername`: a redirected pod socket's peer is the agent's listener; `cgroup/getpeername4`
+//!   (and 6, for dual-stack sockets) reports the original destination instead, from a per-cookie
+//!   record connect4 writes and sock_ops deletes when the socket closes (LRU as a last bound).
 #![forbid(unsafe_code)]
 
 mod error;
@@ -36,12 +48,12 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use agent_ebpf::{ConnectionKey, MAP_ABI_VERSION, RedirectRecord, capacity, names};
+use agent_ebpf::{ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, capacity, names};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap, LpmTrie, Map, MapData, MapError, lpm_trie::Key},
+    maps::{HashMap, LpmTrie, Map, MapData, MapError, MapInfo, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps,
+        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -59,6 +71,17 @@ static REDIRECT_OBJECT: &[u8] =
 const CONNECT4_REQUIREMENT: &str = "cgroup/connect4 programs with bpf links";
 const CONNECT6_REQUIREMENT: &str = "cgroup/connect6 programs with bpf links";
 const SOCK_OPS_REQUIREMENT: &str = "sock_ops programs with bpf links";
+const GETPEERNAME_REQUIREMENT: &str = "cgroup/getpeername programs with bpf links (Linux 5.8+)";
+const SK_MSG_REQUIREMENT: &str = "sk_msg programs on a sockhash";
+
+/// Programs attached at the node cgroup, in attach order (see [`Redirector::load`]).
+const CGROUP_PROGRAMS: [&str; 5] = [
+    names::SOCK_OPS_PROGRAM,
+    names::GETPEERNAME4_PROGRAM,
+    names::GETPEERNAME6_PROGRAM,
+    names::CONNECT4_PROGRAM,
+    names::CONNECT6_PROGRAM,
+];
 
 /// Where and how to redirect meshed pods' connections on this node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,6 +96,8 @@ pub struct RedirectConfig {
     pub excluded_ports: Vec<u16>,
     /// Destination networks never redirected.
     pub excluded_cidrs: Vec<ipnet::Ipv4Net>,
+    /// Move pod <-> agent payload between the two sockets with sk_msg instead of TCP/IP.
+    pub sockmap_acceleration: bool,
 }
 
 /// What connect4 recorded about an accepted redirected connection.
@@ -108,6 +133,13 @@ pub struct EbpfStatus {
     pub pending_connects: usize,
     /// Established redirected connections the agent has not taken yet.
     pub pending_accepts: usize,
+    /// Open redirected pod sockets whose original destination getpeername reports.
+    pub original_destinations: usize,
+    /// Whether this agent attached the sk_msg program; None when read from pins (the
+    /// attachment belongs to a running agent, not to a pin).
+    pub sockmap_acceleration: Option<bool>,
+    /// Sockets (two per pod <-> agent connection) in the sockhash.
+    pub accelerated_sockets: usize,
     pub pin_dir: PathBuf,
 }
 
@@ -120,6 +152,9 @@ pub struct Redirector {
     meshed_pods: Mutex<HashMap<MapData, u64, u8>>,
     by_connection: Mutex<HashMap<MapData, ConnectionKey, RedirectRecord>>,
     by_cookie: HashMap<MapData, u64, RedirectRecord>,
+    original_dsts: HashMap<MapData, u64, RedirectRecord>,
+    accelerated_sockets: SockHash<MapData, SocketTuple>,
+    sockmap_acceleration: bool,
     links: Vec<AttachedLink>,
     _kernel_log: KernelLogForwarder,
     /// Keeps the programs and the per-instance exclusion maps loaded.
@@ -160,6 +195,11 @@ impl Redirector {
             .default_map_pin_directory(&pins.maps)
             .override_global(names::LISTENER_IP4, &u32::from(*cfg.listener.ip()), true)
             .override_global(names::LISTENER_PORT, &cfg.listener.port(), true)
+            .override_global(
+                names::SOCKMAP_ACCELERATION,
+                &u8::from(cfg.sockmap_acceleration),
+                true,
+            )
             .override_global(aya_log::LEVEL, &kernel_log_level(), false)
             .load(REDIRECT_OBJECT)
             .map_err(EbpfError::from_loader)?;
@@ -179,36 +219,59 @@ impl Redirector {
             names::REDIRECT_BY_CONNECTION,
             capacity::REDIRECT_BY_CONNECTION,
         )?;
+        let original_dsts = take_pinned_map(
+            &mut ebpf,
+            &pins,
+            names::ORIGINAL_DST_BY_COOKIE,
+            capacity::ORIGINAL_DST_BY_COOKIE,
+        )?;
+        let accelerated_sockets = take_pinned_sockhash(&mut ebpf, &pins)?;
 
-        // sock_ops first: a connect redirected before it runs would reach the agent without a
-        // record and be refused.
-        let links = vec![
-            attach_and_pin::<SockOps>(
-                &mut ebpf,
-                &node_cgroup,
-                &pins,
-                names::SOCK_OPS_PROGRAM,
-                SOCK_OPS_REQUIREMENT,
-            )?,
-            attach_and_pin::<CgroupSockAddr>(
-                &mut ebpf,
-                &node_cgroup,
-                &pins,
-                names::CONNECT4_PROGRAM,
-                CONNECT4_REQUIREMENT,
-            )?,
-            attach_and_pin::<CgroupSockAddr>(
-                &mut ebpf,
-                &node_cgroup,
-                &pins,
-                names::CONNECT6_PROGRAM,
-                CONNECT6_REQUIREMENT,
-            )?,
-        ];
+        // sk_msg before sock_ops: a socket added to the sockhash gets the program attached at
+        // that moment. Then sock_ops, since a connect redirected before it runs would reach the
+        // agent without a record and be refused; getpeername before connect, so that every
+        // redirected socket reports its original peer.
+        if cfg.sockmap_acceleration {
+            let program: &mut SkMsg = program_mut(&mut ebpf, names::SK_MSG_PROGRAM)?;
+            program.load().map_err(|error| {
+                EbpfError::from_program(names::SK_MSG_PROGRAM, SK_MSG_REQUIREMENT, "loading", error)
+            })?;
+            // Stays attached while the object lives (aya detaches on drop); sockets added
+            // meanwhile keep the program after that.
+            program.attach(accelerated_sockets.fd()).map_err(|error| {
+                EbpfError::from_program(
+                    names::SK_MSG_PROGRAM,
+                    SK_MSG_REQUIREMENT,
+                    "attaching",
+                    error,
+                )
+            })?;
+        }
+        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
+        for name in CGROUP_PROGRAMS {
+            let link = if name == names::SOCK_OPS_PROGRAM {
+                attach_and_pin::<SockOps>(
+                    &mut ebpf,
+                    &node_cgroup,
+                    &pins,
+                    name,
+                    SOCK_OPS_REQUIREMENT,
+                )?
+            } else {
+                let requirement = match name {
+                    names::CONNECT4_PROGRAM => CONNECT4_REQUIREMENT,
+                    names::CONNECT6_PROGRAM => CONNECT6_REQUIREMENT,
+                    _ => GETPEERNAME_REQUIREMENT,
+                };
+                attach_and_pin::<CgroupSockAddr>(&mut ebpf, &node_cgroup, &pins, name, requirement)?
+            };
+            links.push(link);
+        }
         tracing::info!(
             node_cgroup = %cfg.node_cgroup.display(),
             listener = %cfg.listener,
             pin_dir = %pins.root.display(),
+            sockmap_acceleration = cfg.sockmap_acceleration,
             "eBPF redirect programs attached"
         );
 
@@ -218,6 +281,9 @@ impl Redirector {
             meshed_pods: Mutex::new(meshed_pods),
             by_connection: Mutex::new(by_connection),
             by_cookie,
+            original_dsts,
+            accelerated_sockets,
+            sockmap_acceleration: cfg.sockmap_acceleration,
             links,
             _kernel_log: kernel_log,
             _ebpf: ebpf,
@@ -238,6 +304,13 @@ impl Redirector {
                 .keys()
                 .filter(Result::is_ok)
                 .count(),
+            original_destinations: self.original_dsts.keys().filter(Result::is_ok).count(),
+            sockmap_acceleration: Some(self.sockmap_acceleration),
+            accelerated_sockets: self
+                .accelerated_sockets
+                .keys()
+                .filter(Result::is_ok)
+                .count(),
             pin_dir: self.pins.root.clone(),
         }
     }
@@ -247,14 +320,10 @@ impl Redirector {
     pub fn pinned_status(bpffs_dir: &Path) -> Result<EbpfStatus, EbpfError> {
         let pins = PinLayout::at(bpffs_dir);
         Ok(EbpfStatus {
-            attached_programs: [
-                names::SOCK_OPS_PROGRAM,
-                names::CONNECT4_PROGRAM,
-                names::CONNECT6_PROGRAM,
-            ]
-            .into_iter()
-            .filter(|program| pins.links.join(program).exists())
-            .collect(),
+            attached_programs: CGROUP_PROGRAMS
+                .into_iter()
+                .filter(|program| pins.links.join(program).exists())
+                .collect(),
             meshed_pods: count_pinned::<u64, u8>(&pins, names::MESHED_PODS)?,
             pending_connects: count_pinned::<u64, RedirectRecord>(
                 &pins,
@@ -264,6 +333,12 @@ impl Redirector {
                 &pins,
                 names::REDIRECT_BY_CONNECTION,
             )?,
+            original_destinations: count_pinned::<u64, RedirectRecord>(
+                &pins,
+                names::ORIGINAL_DST_BY_COOKIE,
+            )?,
+            sockmap_acceleration: None,
+            accelerated_sockets: count_pinned_sockets(&pins)?,
             pin_dir: pins.root,
         })
     }
@@ -278,6 +353,9 @@ impl Redirector {
             names::MESHED_PODS,
             names::REDIRECT_BY_COOKIE,
             names::REDIRECT_BY_CONNECTION,
+            names::ORIGINAL_DST_BY_COOKIE,
+            names::ACCELERATED_SOCKETS,
+            names::TCP_ONLY_SENDERS,
         ] {
             remove_pin(&self.pins.maps.join(map))?;
         }
@@ -609,8 +687,6 @@ fn fill_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), EbpfErro
     Ok(())
 }
 
-/// Takes a pinned map out of the object, checking that a reused pin has this agent's layout
-/// (aya reuses whatever is pinned under the name).
 /// Entries of a pinned map, opened from its pin.
 fn count_pinned<K: aya::Pod, V: aya::Pod>(
     pins: &PinLayout,
@@ -623,6 +699,18 @@ fn count_pinned<K: aya::Pod, V: aya::Pod>(
     Ok(map.keys().filter(Result::is_ok).count())
 }
 
+/// Sockets in the pinned sockhash, opened from its pin.
+fn count_pinned_sockets(pins: &PinLayout) -> Result<usize, EbpfError> {
+    let name = names::ACCELERATED_SOCKETS;
+    let data = MapData::from_pin(pins.maps.join(name))
+        .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
+    let map: SockHash<MapData, SocketTuple> = SockHash::try_from(Map::SockHash(data))
+        .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
+    Ok(map.keys().filter(Result::is_ok).count())
+}
+
+/// Takes a pinned map out of the object, checking that a reused pin has this agent's layout
+/// (aya reuses whatever is pinned under the name).
 fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
     ebpf: &mut Ebpf,
     pins: &PinLayout,
@@ -637,6 +725,37 @@ fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
         _ => return Err(EbpfError::MissingObjectItem(name)),
     }
     .map_err(|error| EbpfError::from_aya(format!("inspecting map {name}"), error))?;
+    check_layout::<K, V>(pins, name, &info, max_entries)?;
+    HashMap::try_from(map)
+        .map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
+}
+
+/// [`take_pinned_map`] for the sockhash (values are socket fds, u32 in the kernel's layout).
+fn take_pinned_sockhash(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+) -> Result<SockHash<MapData, SocketTuple>, EbpfError> {
+    let name = names::ACCELERATED_SOCKETS;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::MissingObjectItem(name))?;
+    let Map::SockHash(data) = &map else {
+        return Err(EbpfError::MissingObjectItem(name));
+    };
+    let info = data
+        .info()
+        .map_err(|error| EbpfError::from_aya(format!("inspecting map {name}"), error))?;
+    check_layout::<SocketTuple, u32>(pins, name, &info, capacity::ACCELERATED_SOCKETS)?;
+    SockHash::try_from(map)
+        .map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
+}
+
+fn check_layout<K, V>(
+    pins: &PinLayout,
+    name: &'static str,
+    info: &MapInfo,
+    max_entries: u32,
+) -> Result<(), EbpfError> {
     let expected = (size_of::<K>() as u32, size_of::<V>() as u32, max_entries);
     let found = (info.key_size(), info.value_size(), info.max_entries());
     if found != expected {
@@ -650,8 +769,7 @@ fn take_pinned_map<K: aya::Pod, V: aya::Pod>(
             expected_entries: expected.2,
         });
     }
-    HashMap::try_from(map)
-        .map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
+    Ok(())
 }
 
 #[cfg(test)]
