@@ -1,8 +1,9 @@
 //! `sealmesh certs`: create the root (trust anchor) and the issuer the
 //! identity service signs with (ECDSA P-256), in place of `step certificate
-//! create`. The certificate work lives in `sealmesh_identity::pki`.
+//! create`, and inspect certificates. The certificate work lives in
+//! `sealmesh_identity::pki`.
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -16,6 +17,9 @@ pub enum CertsCommand {
     CreateRoot(CreateRoot),
     /// Create the issuer (intermediate CA) the identity service signs leaves with.
     CreateIssuer(CreateIssuer),
+    /// Show a certificate chain (a file, or an agent's live certificates) and
+    /// whether it chains to the trust anchors. Exits 1 when it does not.
+    Inspect(crate::certs_inspect::InspectArgs),
 }
 
 #[derive(Debug, Args)]
@@ -56,8 +60,9 @@ pub struct CreateIssuer {
     common_name: String,
 }
 
-pub fn run(command: CertsCommand) -> anyhow::Result<()> {
+pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {
     match command {
+        CertsCommand::Inspect(args) => return crate::certs_inspect::run(args),
         CertsCommand::CreateRoot(args) => {
             let root = pki::generate_root(&CaSpec::valid_for(&args.common_name, args.validity))?;
             let files = write(&root, &args.output)?;
@@ -89,7 +94,7 @@ pub fn run(command: CertsCommand) -> anyhow::Result<()> {
             );
         }
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn write(ca: &pki::GeneratedCa, output: &Output) -> anyhow::Result<Vec<PathBuf>> {

@@ -158,10 +158,10 @@ impl CertFacts {
         line("Key:", &self.key_algorithm);
         line(
             "CA:",
-            if self.is_ca {
-                "yes (may issue certificates)"
-            } else {
-                "no"
+            match (self.is_ca, self.may_sign_certificates) {
+                (true, true) => "yes (may issue certificates)",
+                (true, false) => "yes, but its key usage forbids signing certificates",
+                (false, _) => "no",
             },
         );
         line("Key usage:", self.key_usage.as_deref().unwrap_or("-"));

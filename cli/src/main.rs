@@ -3,6 +3,7 @@
 
 mod agents;
 mod certs;
+mod certs_inspect;
 mod certview;
 mod check;
 mod edges;
@@ -22,7 +23,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create and inspect the mesh's certificates.
+    /// Create the mesh's trust anchor and issuer; inspect certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
     /// Check the trust anchors and issuer, and with --proxy every agent's live
@@ -37,7 +38,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().command {
-        Command::Certs(command) => certs::run(command).map(|()| ExitCode::SUCCESS),
+        Command::Certs(command) => certs::run(command),
         Command::Check(args) => check::run(args),
         Command::Edges(args) => edges::run(args),
         Command::Tap(args) => tap::run(args),

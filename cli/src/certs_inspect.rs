@@ -1,0 +1,258 @@
+//! `sealmesh certs inspect FILE | --agent NODE`: a certificate chain for
+//! people, and whether it chains to the trust anchors.
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    process::ExitCode,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use rustls_pki_types::CertificateDer;
+use sealmesh_identity::pki::parse_pem_certs;
+use sealmesh_proto::admin::{CertificateStatus, GetCertificatesRequest};
+use time::OffsetDateTime;
+
+use crate::{
+    agents::{AgentDirectory, ClusterArgs, call, session},
+    certview::{self, CertFacts},
+};
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("source").required(true).args(["file", "agent"]))]
+pub struct InspectArgs {
+    /// A PEM bundle (leaf first) or one DER certificate.
+    file: Option<PathBuf>,
+    /// Inspect the live certificates of the agent on this node.
+    #[arg(long)]
+    agent: Option<String>,
+    /// With --agent: only this identity (SPIFFE URI or identity DNS name).
+    #[arg(long, requires = "agent")]
+    identity: Option<String>,
+    /// Trust anchors to verify against. Default: the cluster file's
+    /// `identity.trustAnchorsFile`; with --agent and no cluster anchors, the
+    /// anchors the agent trusts.
+    #[arg(long)]
+    trust_anchors: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Anchors and where they came from.
+struct Anchors {
+    certificates: Vec<CertificateDer<'static>>,
+    source: String,
+}
+
+fn read_anchors(path: &PathBuf) -> anyhow::Result<Anchors> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read trust anchors {}", path.display()))?;
+    Ok(Anchors {
+        certificates: parse_pem_certs(&pem, &format!("trust anchors {}", path.display()))?,
+        source: path.display().to_string(),
+    })
+}
+
+pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let cluster = match args.cluster.path() {
+        Some(_) => Some(args.cluster.load()?),
+        None => None,
+    };
+    let anchors_path = args.trust_anchors.clone().or_else(|| {
+        cluster
+            .as_ref()
+            .and_then(|c| c.identity.as_ref())
+            .map(|i| i.trust_anchors_file.clone())
+    });
+    let anchors = anchors_path.as_ref().map(read_anchors).transpose()?;
+    let now = OffsetDateTime::now_utc();
+
+    if let Some(file) = &args.file {
+        let bytes =
+            std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+        let chain = certview::read_certificates(&bytes, &file.display().to_string())?;
+        let (text, chained) = describe_chain(&chain, anchors.as_ref(), now)?;
+        print!("{text}");
+        return Ok(exit(chained));
+    }
+
+    let node = args
+        .agent
+        .as_deref()
+        .expect("clap requires FILE or --agent");
+    let cluster = cluster.context(
+        "--agent reads the agent's certificates: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE",
+    )?;
+    let wanted_identity = args
+        .identity
+        .as_deref()
+        .map(|text| {
+            cluster
+                .trust_domain()
+                .map_err(anyhow::Error::from)
+                .and_then(|td| Ok(td.parse(text)?.spiffe_uri()))
+        })
+        .transpose()?;
+    let directory = AgentDirectory::local(&cluster)?;
+    let agent = directory
+        .agent(node)
+        .with_context(|| format!("node {node} is not in the cluster file"))?
+        .clone();
+    let agent_node = agent.node.clone();
+    let response = directory.query(
+        &agent,
+        session(move |mut client| async move {
+            call(
+                &agent_node,
+                "GetCertificates",
+                client.get_certificates(GetCertificatesRequest {}),
+            )
+            .await
+        }),
+    )?;
+    let agent_anchors = Anchors {
+        certificates: parse_pem_certs(
+            response.trust_anchors_pem.as_bytes(),
+            &format!("trust anchors of the agent on {node}"),
+        )?,
+        source: format!("the anchors the agent on {node} trusts"),
+    };
+    let anchors = anchors.unwrap_or(agent_anchors);
+    let certificates: Vec<&CertificateStatus> = response
+        .certificates
+        .iter()
+        .filter(|c| wanted_identity.as_ref().is_none_or(|id| &c.identity == id))
+        .collect();
+    if certificates.is_empty() {
+        match wanted_identity {
+            Some(id) => bail!(
+                "the agent on {node} holds no certificate for {id}; its identities: {}",
+                response
+                    .certificates
+                    .iter()
+                    .map(|c| c.identity.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None => bail!("the agent on {node} holds no certificates"),
+        }
+    }
+    let mut all_chained = true;
+    for status in certificates {
+        print!("{}", describe_status(status, now));
+        if status.chain.is_empty() {
+            all_chained = false;
+            println!();
+            continue;
+        }
+        let chain: Vec<CertificateDer<'_>> = status
+            .chain
+            .iter()
+            .map(|der| CertificateDer::from(der.as_slice()))
+            .collect();
+        let (text, chained) = describe_chain(&chain, Some(&anchors), now)?;
+        all_chained &= chained;
+        println!("{text}");
+    }
+    Ok(exit(all_chained))
+}
+
+fn exit(chained: bool) -> ExitCode {
+    if chained {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+fn describe_status(status: &CertificateStatus, now: OffsetDateTime) -> String {
+    let mut out = format!("Identity: {}\n", status.identity);
+    let at = |unix: i64| {
+        let when = SystemTime::UNIX_EPOCH + Duration::from_secs(unix.max(0).unsigned_abs());
+        let ago = (now - OffsetDateTime::from(when))
+            .try_into()
+            .unwrap_or_default();
+        format!(
+            "{} ({} ago)",
+            humantime::format_rfc3339_seconds(when),
+            certview::approx(ago)
+        )
+    };
+    let _ = writeln!(
+        out,
+        "  {:<15}{}",
+        "Status:",
+        if status.valid { "valid" } else { "NOT VALID" }
+    );
+    let _ = writeln!(
+        out,
+        "  {:<15}{}",
+        "Last refresh:",
+        if status.last_refresh_unix == 0 {
+            "never".to_owned()
+        } else {
+            at(status.last_refresh_unix)
+        }
+    );
+    let _ = writeln!(
+        out,
+        "  {:<15}{}",
+        "Last error:",
+        if status.last_error.is_empty() {
+            "-"
+        } else {
+            &status.last_error
+        }
+    );
+    if status.chain.is_empty() {
+        let _ = writeln!(out, "  no certificate held");
+    }
+    out
+}
+
+/// Every certificate of `chain`, then the verdict on it. Returns the text and
+/// whether the chain verifies (true when no anchors were given to check).
+fn describe_chain(
+    chain: &[CertificateDer<'_>],
+    anchors: Option<&Anchors>,
+    now: OffsetDateTime,
+) -> anyhow::Result<(String, bool)> {
+    let mut out = String::new();
+    for (index, der) in chain.iter().enumerate() {
+        let facts = CertFacts::parse(der, "chain", index)?;
+        let role = if index == 0 && !facts.is_ca {
+            "leaf"
+        } else if facts.subject == facts.issuer {
+            "root"
+        } else {
+            "CA"
+        };
+        let _ = writeln!(out, "Certificate {} of {} ({role})", index + 1, chain.len());
+        out.push_str(&facts.render(now));
+    }
+    let chained = match anchors {
+        None => {
+            out.push_str(
+                "Chain: not verified (pass --trust-anchors FILE or --cluster-file FILE)\n",
+            );
+            true
+        }
+        Some(anchors) => match certview::verify_chain(chain, &anchors.certificates, now) {
+            Ok(anchor) => {
+                let _ = writeln!(
+                    out,
+                    "Chain: √ verifies to trust anchor {anchor} ({})",
+                    anchors.source
+                );
+                true
+            }
+            Err(why) => {
+                let _ = writeln!(out, "Chain: × does not chain to {}: {why}", anchors.source);
+                false
+            }
+        },
+    };
+    Ok((out, chained))
+}
