@@ -284,7 +284,16 @@ impl<T: AgentTransport> AgentDirectory<T> {
             .collect()
     }
 
-    /// Runs one session against the agent of `node`.
+    /// Starts one session against `agent`.
+    pub fn spawn<R: Send + 'static>(
+        &self,
+        agent: &AgentRef,
+        session: Session<R>,
+    ) -> Result<JoinHandle<Result<R, AgentError>>, AgentError> {
+        self.transport.spawn(agent, session)
+    }
+
+    /// Runs one session against `agent` and waits for its result.
     pub fn query<R: Send + 'static>(
         &self,
         agent: &AgentRef,

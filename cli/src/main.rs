@@ -9,6 +9,7 @@ mod check;
 mod edges;
 mod output;
 mod tap;
+mod why;
 
 use std::process::ExitCode;
 
@@ -34,6 +35,9 @@ enum Command {
     Edges(edges::EdgesArgs),
     /// Live connection events from every agent.
     Tap(tap::TapArgs),
+    /// Whether traffic from one pod to another is mTLS, and if not why and
+    /// what to change. Exits 0 when it is secured, 1 when it is not.
+    Why(why::WhyArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Command::Check(args) => check::run(args),
         Command::Edges(args) => edges::run(args),
         Command::Tap(args) => tap::run(args),
+        Command::Why(args) => why::run(args),
     };
     match result {
         Ok(code) => code,
