@@ -317,7 +317,7 @@ pub fn join<R>(node: &str, handle: JoinHandle<Result<R, AgentError>>) -> Result<
 pub struct ClusterArgs {
     /// Local mode: the cluster file (written by the testbed) that lists the
     /// nodes, pods and the identity service.
-    #[arg(long, env = "SEALMESH_CLUSTER_FILE", global = true)]
+    #[arg(long, env = "SEALMESH_CLUSTER_FILE")]
     pub cluster_file: Option<PathBuf>,
 }
 

@@ -147,7 +147,7 @@ impl Filter {
 
 /// What each agent's tap thread reports.
 enum TapMessage {
-    Streaming(String),
+    Streaming,
     Event(Box<ConnectionEvent>),
 }
 
@@ -166,7 +166,7 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
         session(move |mut client| async move {
             let mut stream = call(&node, "Tap", client.tap(request)).await?;
             // The receiver lives until every thread is joined.
-            let _ = events.send(TapMessage::Streaming(node.clone()));
+            let _ = events.send(TapMessage::Streaming);
             loop {
                 tokio::select! {
                     _ = stop.changed() => return Ok(()),
@@ -210,11 +210,11 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
             },
         };
         match message {
-            TapMessage::Streaming(node) => {
+            TapMessage::Streaming => {
                 streaming += 1;
                 if streaming == expected {
                     // Scripts wait for this line before making traffic.
-                    eprintln!("tapping {} agent(s); last was {node}", streaming);
+                    eprintln!("tapping {streaming} agent(s)");
                 }
             }
             TapMessage::Event(event) if filter.matches(&event) => {

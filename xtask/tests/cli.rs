@@ -1,0 +1,535 @@
+//! The operator CLI (`sealmesh check`, `edges`, `tap`, `why`, `certs
+//! inspect`) as an operator runs it: the real binary against real testbed
+//! meshes (root, real agents, real identity service).
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use sealmesh_common::{
+    cluster::{Service, ServicePort},
+    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+};
+use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, Layout};
+use serde_json::Value;
+use xtask::{
+    mesh::{Mesh, MeshOptions, locate_binary},
+    testapp,
+    testbed::{ChildGuard, PodSpec, TestbedSpec},
+};
+
+const APP_NS: &str = "shop";
+const PLAIN_NS: &str = "legacy";
+const ECHO_PORT: u16 = 8080;
+const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const DAY: Duration = Duration::from_secs(86_400);
+const WAIT: Duration = Duration::from_secs(20);
+
+fn testapp_path() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_testapp"))
+}
+
+fn sealmesh_path() -> PathBuf {
+    locate_binary("sealmesh").expect("sealmesh is built (cargo build --workspace)")
+}
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
+}
+
+/// node-0: `client`, `neighbour` (meshed); node-1: `server` (meshed, Service
+/// `server` at 10.96.0.10:80), `legacy/plain` (unmeshed).
+fn spec() -> TestbedSpec {
+    TestbedSpec::new(2)
+        .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace(PLAIN_NS, &[])
+        .pod(PodSpec::new(APP_NS, "client", "client", 0).label("app", "client"))
+        .pod(PodSpec::new(APP_NS, "neighbour", "neighbour", 0).label("app", "neighbour"))
+        .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
+        .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
+        .service(Service {
+            name: "server".into(),
+            namespace: APP_NS.into(),
+            vip: SERVICE_VIP,
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                target_port: ECHO_PORT,
+            }],
+            selector: BTreeMap::from([("app".into(), "server".into())]),
+        })
+}
+
+struct App {
+    mesh: Mesh,
+    _servers: Vec<ChildGuard>,
+}
+
+impl App {
+    fn up(options: MeshOptions) -> Self {
+        let mesh = Mesh::up(&spec(), options).expect("mesh up");
+        let mut servers = Vec::new();
+        for (ns, pod) in [(APP_NS, "server"), (APP_NS, "neighbour"), (PLAIN_NS, "plain")] {
+            let ip = mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
+            let mut server = mesh
+                .testbed()
+                .spawn_in_pod(
+                    ns,
+                    pod,
+                    testapp::echo_server(testapp_path(), SocketAddr::from((ip, ECHO_PORT))),
+                )
+                .expect("echo server starts");
+            testapp::wait_listening(&mut server).expect("echo server listens");
+            servers.push(server);
+        }
+        Self {
+            mesh,
+            _servers: servers,
+        }
+    }
+
+    fn sealmesh(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("sealmesh runs")
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(sealmesh_path());
+        cmd.args(args)
+            .env("SEALMESH_CLUSTER_FILE", self.mesh.testbed().cluster_file_path());
+        cmd
+    }
+
+    /// One echo round trip from `client` to `ns/pod`.
+    fn connect(&self, ns: &str, pod: &str) {
+        let ip = self.mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
+        let out = self
+            .mesh
+            .testbed()
+            .spawn_in_pod(
+                APP_NS,
+                "client",
+                testapp::client(testapp_path(), SocketAddr::from((ip, ECHO_PORT)), "hi", 1),
+            )
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert!(out.status.success(), "client -> {ns}/{pod}: {}", describe(&out));
+    }
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The `√`/`×`/`‼` lines and the summary of a `check` output.
+fn status_lines(out: &Output) -> Vec<String> {
+    stdout(out)
+        .lines()
+        .filter(|l| {
+            l.starts_with('√') || l.starts_with('×') || l.starts_with('‼') || l.starts_with("Status")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+const IDENTITY_OK: [&str; 12] = [
+    "√ certificate config is valid",
+    "√ trust anchors are using supported crypto algorithm",
+    "√ trust anchors are CA certificates",
+    "√ trust anchors are within their validity period",
+    "√ trust anchors are valid for at least 60 days",
+    "√ issuer cert is using supported crypto algorithm",
+    "√ issuer cert is a CA certificate",
+    "√ issuer cert is within its validity period",
+    "√ issuer cert is valid for at least 60 days",
+    "√ issuer cert is issued by the trust anchor",
+    "√ issuer can sign certificates",
+    "Status check results are √",
+];
+
+fn strings(lines: &[&str]) -> Vec<String> {
+    lines.iter().map(|l| (*l).to_owned()).collect()
+}
+
+#[test]
+fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() {
+    let app = App::up(MeshOptions::default());
+
+    // check --proxy: the mesh's issuer lives 48h, so the 60-day rule warns.
+    let out = app.sealmesh(&["check", "--proxy"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let mut expected = strings(&IDENTITY_OK[..11]);
+    expected[8] = "‼ issuer cert is valid for at least 60 days".into();
+    expected.extend(strings(&[
+        "√ agents are running and reachable",
+        "√ agents are ready",
+        "√ agents trust the checked trust anchors",
+        "√ data plane certificates chain to the trust anchors",
+        "√ every meshed ServiceAccount has a valid certificate",
+        "√ data plane certificates are not close to expiry",
+        "Status check results are √",
+    ]));
+    assert_eq!(status_lines(&out), expected, "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("sealmesh-identity\n-----------------\n√ certificate config is valid\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\nsealmesh-data-plane\n-------------------\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("    issuer CN=identity.sealmesh.cluster.local expires in 47h"),
+        "{text}"
+    );
+
+    // tap sees a cross-node connection made while it runs, with both identities.
+    let mut tap = app
+        .command(&["tap", "deploy/client", "-n", APP_NS, "--max", "4", "--timeout", "20s"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut tap_err = BufReader::new(tap.stderr.take().unwrap());
+    let mut line = String::new();
+    tap_err.read_line(&mut line).unwrap();
+    assert_eq!(line, "tapping 2 agent(s)\n");
+    app.connect(APP_NS, "server");
+    let tapped = tap.wait_with_output().unwrap();
+    assert!(tapped.status.success(), "{}", describe(&tapped));
+    let tapped = stdout(&tapped);
+    let server_ip = app.mesh.testbed().cluster().pod(APP_NS, "server").unwrap().ip;
+    let outbound_open = tapped
+        .lines()
+        .find(|l| l.starts_with("tcp ") && l.contains(" proxy=out "))
+        .unwrap_or_else(|| panic!("no outbound open line in:\n{tapped}"));
+    assert!(
+        outbound_open.contains(&format!(
+            " dst={server_ip}:{ECHO_PORT} src_pod=shop/client dst_pod=shop/server tls=true client_id={} server_id={}",
+            spiffe("client"),
+            spiffe("server")
+        )),
+        "{outbound_open}"
+    );
+    let inbound_end = tapped
+        .lines()
+        .find(|l| l.starts_with("end ") && l.contains(" proxy=in "))
+        .unwrap_or_else(|| panic!("no inbound end line in:\n{tapped}"));
+    assert!(
+        inbound_end.contains(&format!(
+            " tls=true client_id={} server_id={} bytes_out=",
+            spiffe("client"),
+            spiffe("server")
+        )),
+        "{inbound_end}"
+    );
+    assert_eq!(tapped.lines().count(), 4, "{tapped}");
+
+    // edges: the meshed pair, the same-node pair and the unmeshed destination.
+    app.connect(APP_NS, "neighbour");
+    app.connect(PLAIN_NS, "plain");
+    let expected_table = "\
+SRC      DST         SRC_NS   DST_NS   SECURED
+client   plain       shop     legacy   not_meshed
+client   neighbour   shop     shop     √ (local)
+client   server      shop     shop     √
+";
+    let deadline = Instant::now() + WAIT;
+    let table = loop {
+        let out = app.sealmesh(&["edges", "-n", APP_NS]);
+        assert!(out.status.success(), "{}", describe(&out));
+        if stdout(&out) == expected_table || Instant::now() > deadline {
+            break stdout(&out);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(table, expected_table);
+
+    let out = app.sealmesh(&["edges", "-n", PLAIN_NS, "-o", "wide"]);
+    assert_eq!(
+        stdout(&out),
+        "SRC      DST     SRC_NS   DST_NS   SECURED      CLIENT_ID   SERVER_ID\n\
+         client   plain   shop     legacy   not_meshed   -           -\n"
+    );
+
+    let out = app.sealmesh(&["edges", "-n", APP_NS, "-o", "json"]);
+    let json: Value = serde_json::from_slice(&out.stdout).expect("edges -o json is JSON");
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 3, "{json}");
+    let server = &rows[2];
+    assert_eq!(server["src"], "client");
+    assert_eq!(server["dst"], "server");
+    assert_eq!(server["secured"], true);
+    assert_eq!(server["tls"], true);
+    assert_eq!(server["client_id"], spiffe("client"));
+    assert_eq!(server["server_id"], spiffe("server"));
+    assert_eq!(server["connections_total"], 1);
+    let plain = &rows[0];
+    assert_eq!(plain["dst_ns"], PLAIN_NS);
+    assert_eq!(plain["secured"], false);
+    assert_eq!(plain["no_tls_reason"], "not_meshed");
+
+    // why: a meshed pair, and an unmeshed destination with the fix.
+    let out = app.sealmesh(&["why", "shop/client", "shop/server"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[0], "shop/client -> shop/server: mTLS", "{text}");
+    assert!(
+        lines[1].starts_with(&format!(
+            "  source identity {}: certificate on node-0 valid (",
+            spiffe("client")
+        )),
+        "{text}"
+    );
+    assert!(
+        lines[3].contains(&format!(
+            "1 connection(s), secured=√ client_id={} server_id={}",
+            spiffe("client"),
+            spiffe("server")
+        )),
+        "{text}"
+    );
+
+    let out = app.sealmesh(&["why", "client", "legacy/plain", "-n", APP_NS]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(
+            "shop/client -> legacy/plain: NOT mTLS: plaintext\n\
+             \x20 why: destination legacy/plain is not meshed (namespace legacy lacks the label sealmesh.io/mesh=enabled): \
+             the agent on node-0 forwards the connection in plaintext (not_meshed)\n\
+             \x20 fix: label the namespace: kubectl label namespace legacy sealmesh.io/mesh=enabled\n\
+             \x20 last observed: "
+        ),
+        "{text}"
+    );
+    assert!(text.ends_with("secured=not_meshed client_id=- server_id=-\n"), "{text}");
+
+    // Through the Service VIP, same verdict as the pod behind it.
+    let out = app.sealmesh(&["why", "shop/client", "10.96.0.10:80"]);
+    assert!(
+        stdout(&out).starts_with(
+            "shop/client -> shop/server: mTLS\n  10.96.0.10:80 is Service shop/server with endpoints server; explaining server\n"
+        ),
+        "{}",
+        describe(&out)
+    );
+
+    // certs inspect --agent: the live chain with both SANs, verified.
+    let out = app.sealmesh(&[
+        "certs",
+        "inspect",
+        "--agent",
+        "node-1",
+        "--identity",
+        &spiffe("server"),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with(&format!("Identity: {}\n  Status:        valid\n", spiffe("server"))), "{text}");
+    assert!(
+        text.contains(
+            "Certificate 1 of 2 (leaf)\n  Subject:       CN=server.shop.serviceaccount.identity.sealmesh.cluster.local\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "\n  SANs:          URI:{}, DNS:server.shop.serviceaccount.identity.sealmesh.cluster.local\n",
+            spiffe("server")
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("\n  Ext key usage: TLS Web Server Authentication, TLS Web Client Authentication\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("Certificate 2 of 2 (CA)\n  Subject:       CN=identity.sealmesh.cluster.local\n"),
+        "{text}"
+    );
+    assert!(
+        text.ends_with(&format!(
+            "Chain: √ verifies to trust anchor CN=root.sealmesh.cluster.local ({})\n\n",
+            app.mesh.pki_dir().join("ca-bundle.crt").display()
+        )),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_proxy_fails_when_an_agent_has_no_certificate() {
+    let app = App::up(MeshOptions {
+        start_identity: false,
+        wait_for_certificates: false,
+        ..MeshOptions::default()
+    });
+    let out = app.sealmesh(&["check", "--proxy"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let lines = status_lines(&out);
+    assert_eq!(
+        lines[11..],
+        strings(&[
+            "√ agents are running and reachable",
+            "× agents are ready",
+            "√ agents trust the checked trust anchors",
+            "√ data plane certificates chain to the trust anchors",
+            "× every meshed ServiceAccount has a valid certificate",
+            "√ data plane certificates are not close to expiry",
+            "Status check results are ×",
+        ]),
+        "{}",
+        describe(&out)
+    );
+    let text = stdout(&out);
+    for (node, sa) in [("node-0", "client"), ("node-0", "neighbour"), ("node-1", "server")] {
+        assert!(
+            text.contains(&format!("\n    {node} {} has no valid certificate", spiffe(sa)))
+                || text.contains(&format!("\n    {node} {} has no certificate", spiffe(sa))),
+            "{node} {sa}: {text}"
+        );
+    }
+    assert!(
+        text.contains("\n    see: make sure the identity service runs and is reachable from the node"),
+        "{text}"
+    );
+
+    // why names the missing certificate as the cause.
+    let out = app.sealmesh(&["why", "shop/client", "shop/server"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("shop/client -> shop/server: NOT mTLS: connections are refused\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "  why: no certificate for the source identity {} on node-0 because ",
+            spiffe("client")
+        )),
+        "{text}"
+    );
+
+    // An agent that is down is named with the fix.
+    let mut app = app;
+    app.mesh.stop_agent("node-1").unwrap();
+    let out = app.sealmesh(&["check", "--proxy"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("× agents are running and reachable\n    agent on node node-1 is not reachable at 127.0.0.1:15000: "),
+        "{text}"
+    );
+}
+
+/// A PKI written to a temporary directory, as `check --pki-dir` reads it.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new(root: &GeneratedCa, issuer: &GeneratedCa) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca-bundle.crt"), &root.cert_pem).unwrap();
+        issuer
+            .write_dir(&dir.path().join("issuer"), Layout::Tls, false)
+            .unwrap();
+        Self { dir }
+    }
+
+    fn check(&self) -> Output {
+        Command::new(sealmesh_path())
+            .args(["check", "--pki-dir"])
+            .arg(self.dir.path())
+            .env_remove("SEALMESH_CLUSTER_FILE")
+            .output()
+            .unwrap()
+    }
+}
+
+fn root(validity: Duration) -> GeneratedCa {
+    pki::generate_root(&CaSpec::valid_for("root.test", validity)).unwrap()
+}
+
+/// An issuer valid for `validity`, starting `started_ago`.
+fn issuer(root: &GeneratedCa, started_ago: Duration, validity: Duration) -> GeneratedCa {
+    let mut spec = CaSpec::valid_for("issuer.test", validity);
+    spec.not_before -= started_ago;
+    spec.not_after -= started_ago;
+    pki::generate_issuer(&root.material(), &spec).unwrap().0
+}
+
+#[test]
+fn check_fails_for_an_expired_issuer() {
+    let root = root(365 * DAY);
+    let pki = Pki::new(&root, &issuer(&root, 10 * DAY, 9 * DAY));
+    let out = pki.check();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let mut expected = strings(&IDENTITY_OK);
+    expected[7] = "× issuer cert is within its validity period".into();
+    expected.remove(8); // no 60-day rule for an expired issuer
+    expected.remove(9); // the loader is not asked once a check failed
+    expected[9] = "Status check results are ×".into();
+    assert_eq!(status_lines(&out), expected, "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.contains("× issuer cert is within its validity period\n    issuer CN=issuer.test is not valid now: expired 24h0m ago ("),
+        "{text}"
+    );
+    assert!(
+        text.contains("    see: issue a new issuer: `sealmesh certs create-issuer --root <root dir> --out <issuer dir> --force`"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_fails_for_an_issuer_not_signed_by_the_anchors() {
+    let other_root = root(365 * DAY);
+    let pki = Pki::new(&root(365 * DAY), &issuer(&other_root, Duration::ZERO, 90 * DAY));
+    let out = pki.check();
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let mut expected = strings(&IDENTITY_OK);
+    expected[9] = "× issuer cert is issued by the trust anchor".into();
+    expected.remove(10);
+    expected[10] = "Status check results are ×".into();
+    assert_eq!(status_lines(&out), expected, "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(
+            "× issuer cert is issued by the trust anchor\n    no trust anchor signed CN=issuer.test (its issuer is CN=root.test)\n    see: sign the issuer with a root of the trust-anchor bundle"
+        ),
+        "{}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn check_warns_for_anchors_expiring_within_60_days() {
+    let root = root(30 * DAY);
+    let pki = Pki::new(&root, &issuer(&root, Duration::ZERO, 20 * DAY));
+    let out = pki.check();
+    assert!(out.status.success(), "warnings do not fail: {}", describe(&out));
+    let mut expected = strings(&IDENTITY_OK);
+    expected[4] = "‼ trust anchors are valid for at least 60 days".into();
+    expected[8] = "‼ issuer cert is valid for at least 60 days".into();
+    assert_eq!(status_lines(&out), expected, "{}", describe(&out));
+    assert!(
+        stdout(&out).contains("‼ trust anchors are valid for at least 60 days\n    trust anchor CN=root.test expires in 29d (at "),
+        "{}",
+        describe(&out)
+    );
+}
