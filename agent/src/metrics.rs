@@ -412,3 +412,102 @@ fn respond<B>(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose};
+    use sealmesh_common::identity::TrustDomain;
+
+    use super::*;
+    use crate::{
+        certs::CertStoreConfig,
+        proxy::{NoTlsReason, Phase, PodRef},
+    };
+
+    fn store(dir: &tempfile::TempDir) -> Arc<CertStore> {
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root = params.self_signed(&KeyPair::generate().unwrap()).unwrap();
+        let anchors = dir.path().join("ca-bundle.crt");
+        std::fs::write(&anchors, root.pem()).unwrap();
+        CertStore::new(CertStoreConfig {
+            identity_addr: "127.0.0.1:1".parse().unwrap(),
+            token_file: dir.path().join("token"),
+            trust_anchors_file: anchors,
+            trust_domain: TrustDomain::default(),
+            renewal: Default::default(),
+        })
+        .unwrap()
+    }
+
+    fn plaintext(id: u64, src_namespace: &str) -> ConnectionEvent {
+        ConnectionEvent {
+            id,
+            phase: Phase::Close,
+            direction: Direction::Outbound,
+            timestamp_ms: 0,
+            src_addr: "10.244.0.2:40000".parse().unwrap(),
+            dst_addr: Some("10.244.1.3:8080".parse().unwrap()),
+            src: Some(PodRef {
+                namespace: src_namespace.into(),
+                name: "client".into(),
+            }),
+            dst: Some(PodRef {
+                namespace: "legacy".into(),
+                name: "plain".into(),
+            }),
+            client_id: None,
+            server_id: None,
+            tls: false,
+            no_tls_reason: Some(NoTlsReason::NotMeshed),
+            bytes_src_to_dst: 11,
+            bytes_dst_to_src: 22,
+            duration_ms: 5,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn counts_connections_and_drops_the_series_of_departed_namespaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(store(&dir));
+        let bytes = Arc::new(ByteCounters::default());
+        for (id, namespace) in [(1, "shop"), (2, "gone")] {
+            metrics.connection_opened(&plaintext(id, namespace), &bytes);
+            metrics.connection_closed(&plaintext(id, namespace), true);
+        }
+        metrics.connection_closed(&plaintext(3, "shop"), false);
+        metrics.tls_handshake(Direction::Inbound, Duration::from_millis(3));
+
+        let series = |name: &str, namespace: &str| {
+            format!(
+                "sealmesh_{name}{{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"not_meshed\",src_namespace=\"{namespace}\",dst_namespace=\"legacy\"}}"
+            )
+        };
+        let text = metrics.encode();
+        for (name, value) in [
+            ("tcp_open_total", "1"),
+            ("tcp_close_total", "1"),
+            ("tcp_refused_total", "1"),
+            ("tcp_open_connections", "0"),
+            ("tcp_read_bytes_total", "11"),
+            ("tcp_write_bytes_total", "22"),
+        ] {
+            let line = format!("{} {value}\n", series(name, "shop"));
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        assert!(
+            text.contains(
+                "sealmesh_tls_handshake_duration_seconds_count{direction=\"inbound\"} 1\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(&series("tcp_open_total", "gone")), "{text}");
+
+        metrics.forget_departed(&BTreeSet::new(), &BTreeSet::from(["shop".to_owned()]));
+        let text = metrics.encode();
+        assert!(!text.contains("src_namespace=\"gone\""), "{text}");
+        assert!(text.contains(&series("tcp_open_total", "shop")), "{text}");
+    }
+}

@@ -66,7 +66,7 @@ impl pb::admin_server::Admin for AdminService {
             .into_iter()
             .map(|(key, stats)| edge_to_proto(key, &stats))
             .collect();
-        edges.sort_by(|a, b| edge_order(a).cmp(&edge_order(b)));
+        edges.sort_by_key(edge_order);
         Ok(Response::new(pb::GetConnectionsResponse { open, edges }))
     }
 
@@ -310,6 +310,83 @@ fn unix_ms_signed(t: SystemTime) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn event(id: u64) -> ConnectionEvent {
+        ConnectionEvent {
+            id,
+            phase: Phase::Open,
+            direction: Direction::Outbound,
+            timestamp_ms: 0,
+            src_addr: "10.244.0.2:1".parse().unwrap(),
+            dst_addr: None,
+            src: Some(PodRef {
+                namespace: "shop".into(),
+                name: "client".into(),
+            }),
+            dst: None,
+            client_id: None,
+            server_id: None,
+            tls: false,
+            no_tls_reason: None,
+            bytes_src_to_dst: 0,
+            bytes_dst_to_src: 0,
+            duration_ms: 0,
+            error: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tap_client_that_falls_behind_gets_a_status_not_a_stalled_agent() {
+        let (events_tx, events) = broadcast::channel(2);
+        let (tx, mut rx) = mpsc::channel(TAP_CLIENT_BUFFER);
+        let (_stop_tx, stop) = watch::channel(false);
+        // Five events while the tap has not read any: three are dropped for it.
+        for id in 0..5 {
+            events_tx.send(event(id)).unwrap();
+        }
+        let tap = tokio::spawn(forward_tap(
+            events,
+            pb::TapRequest::default(),
+            "node-0".into(),
+            tx,
+            stop,
+        ));
+        let status = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            status
+                .message()
+                .starts_with("tap fell behind and 3 connection events were dropped for it"),
+            "{status}"
+        );
+        tap.await.unwrap();
+        assert!(
+            rx.recv().await.is_none(),
+            "the stream ends after the status"
+        );
+    }
+
+    #[tokio::test]
+    async fn tap_streams_matching_events_until_the_agent_stops() {
+        let (events_tx, events) = broadcast::channel(8);
+        let (tx, mut rx) = mpsc::channel(TAP_CLIENT_BUFFER);
+        let (stop_tx, stop) = watch::channel(false);
+        let filter = pb::TapRequest {
+            namespace: "shop".into(),
+            pod: String::new(),
+        };
+        let tap = tokio::spawn(forward_tap(events, filter, "node-0".into(), tx, stop));
+        let mut elsewhere = event(1);
+        elsewhere.src.as_mut().unwrap().namespace = "other".into();
+        events_tx.send(elsewhere).unwrap();
+        events_tx.send(event(2)).unwrap();
+        let got = rx.recv().await.unwrap().unwrap();
+        assert_eq!((got.id, got.node.as_str()), (2, "node-0"));
+        stop_tx.send(true).unwrap();
+        let status = rx.recv().await.unwrap().unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        tap.await.unwrap();
+    }
 
     #[test]
     fn serials_print_as_colon_separated_hex() {
