@@ -74,7 +74,11 @@ impl App {
     fn up(options: MeshOptions) -> Self {
         let mesh = Mesh::up(&spec(), options).expect("mesh up");
         let mut servers = Vec::new();
-        for (ns, pod) in [(APP_NS, "server"), (APP_NS, "neighbour"), (PLAIN_NS, "plain")] {
+        for (ns, pod) in [
+            (APP_NS, "server"),
+            (APP_NS, "neighbour"),
+            (PLAIN_NS, "plain"),
+        ] {
             let ip = mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
             let mut server = mesh
                 .testbed()
@@ -99,8 +103,10 @@ impl App {
 
     fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(sealmesh_path());
-        cmd.args(args)
-            .env("SEALMESH_CLUSTER_FILE", self.mesh.testbed().cluster_file_path());
+        cmd.args(args).env(
+            "SEALMESH_CLUSTER_FILE",
+            self.mesh.testbed().cluster_file_path(),
+        );
         cmd
     }
 
@@ -118,7 +124,11 @@ impl App {
             .unwrap()
             .wait_with_output()
             .unwrap();
-        assert!(out.status.success(), "client -> {ns}/{pod}: {}", describe(&out));
+        assert!(
+            out.status.success(),
+            "client -> {ns}/{pod}: {}",
+            describe(&out)
+        );
     }
 }
 
@@ -140,7 +150,10 @@ fn status_lines(out: &Output) -> Vec<String> {
     stdout(out)
         .lines()
         .filter(|l| {
-            l.starts_with('√') || l.starts_with('×') || l.starts_with('‼') || l.starts_with("Status")
+            l.starts_with('√')
+                || l.starts_with('×')
+                || l.starts_with('‼')
+                || l.starts_with("Status")
         })
         .map(str::to_owned)
         .collect()
@@ -200,7 +213,16 @@ fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() 
 
     // tap sees a cross-node connection made while it runs, with both identities.
     let mut tap = app
-        .command(&["tap", "deploy/client", "-n", APP_NS, "--max", "4", "--timeout", "20s"])
+        .command(&[
+            "tap",
+            "deploy/client",
+            "-n",
+            APP_NS,
+            "--max",
+            "4",
+            "--timeout",
+            "20s",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -213,7 +235,13 @@ fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() 
     let tapped = tap.wait_with_output().unwrap();
     assert!(tapped.status.success(), "{}", describe(&tapped));
     let tapped = stdout(&tapped);
-    let server_ip = app.mesh.testbed().cluster().pod(APP_NS, "server").unwrap().ip;
+    let server_ip = app
+        .mesh
+        .testbed()
+        .cluster()
+        .pod(APP_NS, "server")
+        .unwrap()
+        .ip;
     let outbound_open = tapped
         .lines()
         .find(|l| l.starts_with("tcp ") && l.contains(" proxy=out "))
@@ -319,7 +347,10 @@ client   server      shop     shop     √
         ),
         "{text}"
     );
-    assert!(text.ends_with("secured=not_meshed client_id=- server_id=-\n"), "{text}");
+    assert!(
+        text.ends_with("secured=not_meshed client_id=- server_id=-\n"),
+        "{text}"
+    );
 
     // Through the Service VIP, same verdict as the pod behind it.
     let out = app.sealmesh(&["why", "shop/client", "10.96.0.10:80"]);
@@ -342,7 +373,13 @@ client   server      shop     shop     √
     ]);
     assert!(out.status.success(), "{}", describe(&out));
     let text = stdout(&out);
-    assert!(text.starts_with(&format!("Identity: {}\n  Status:        valid\n", spiffe("server"))), "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "Identity: {}\n  Status:        valid\n",
+            spiffe("server")
+        )),
+        "{text}"
+    );
     assert!(
         text.contains(
             "Certificate 1 of 2 (leaf)\n  Subject:       CN=server.shop.serviceaccount.identity.sealmesh.cluster.local\n"
@@ -357,11 +394,15 @@ client   server      shop     shop     √
         "{text}"
     );
     assert!(
-        text.contains("\n  Ext key usage: TLS Web Server Authentication, TLS Web Client Authentication\n"),
+        text.contains(
+            "\n  Ext key usage: TLS Web Server Authentication, TLS Web Client Authentication\n"
+        ),
         "{text}"
     );
     assert!(
-        text.contains("Certificate 2 of 2 (CA)\n  Subject:       CN=identity.sealmesh.cluster.local\n"),
+        text.contains(
+            "Certificate 2 of 2 (CA)\n  Subject:       CN=identity.sealmesh.cluster.local\n"
+        ),
         "{text}"
     );
     assert!(
@@ -398,15 +439,23 @@ fn check_proxy_fails_when_an_agent_has_no_certificate() {
         describe(&out)
     );
     let text = stdout(&out);
-    for (node, sa) in [("node-0", "client"), ("node-0", "neighbour"), ("node-1", "server")] {
+    for (node, sa) in [
+        ("node-0", "client"),
+        ("node-0", "neighbour"),
+        ("node-1", "server"),
+    ] {
         assert!(
-            text.contains(&format!("\n    {node} {} has no valid certificate", spiffe(sa)))
-                || text.contains(&format!("\n    {node} {} has no certificate", spiffe(sa))),
+            text.contains(&format!(
+                "\n    {node} {} has no valid certificate",
+                spiffe(sa)
+            )) || text.contains(&format!("\n    {node} {} has no certificate", spiffe(sa))),
             "{node} {sa}: {text}"
         );
     }
     assert!(
-        text.contains("\n    see: make sure the identity service runs and is reachable from the node"),
+        text.contains(
+            "\n    see: make sure the identity service runs and is reachable from the node"
+        ),
         "{text}"
     );
 
@@ -500,7 +549,10 @@ fn check_fails_for_an_expired_issuer() {
 #[test]
 fn check_fails_for_an_issuer_not_signed_by_the_anchors() {
     let other_root = root(365 * DAY);
-    let pki = Pki::new(&root(365 * DAY), &issuer(&other_root, Duration::ZERO, 90 * DAY));
+    let pki = Pki::new(
+        &root(365 * DAY),
+        &issuer(&other_root, Duration::ZERO, 90 * DAY),
+    );
     let out = pki.check();
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let mut expected = strings(&IDENTITY_OK);
@@ -522,7 +574,11 @@ fn check_warns_for_anchors_expiring_within_60_days() {
     let root = root(30 * DAY);
     let pki = Pki::new(&root, &issuer(&root, Duration::ZERO, 20 * DAY));
     let out = pki.check();
-    assert!(out.status.success(), "warnings do not fail: {}", describe(&out));
+    assert!(
+        out.status.success(),
+        "warnings do not fail: {}",
+        describe(&out)
+    );
     let mut expected = strings(&IDENTITY_OK);
     expected[4] = "‼ trust anchors are valid for at least 60 days".into();
     expected[8] = "‼ issuer cert is valid for at least 60 days".into();
