@@ -101,6 +101,9 @@ pub type Session<T> = Box<
     dyn FnOnce(AdminClient<Channel>) -> Pin<Box<dyn Future<Output = Result<T, AgentError>>>> + Send,
 >;
 
+/// A running session's thread.
+pub type SessionHandle<T> = JoinHandle<Result<T, AgentError>>;
+
 /// Boxes an async closure as a [`Session`].
 pub fn session<T, F, Fut>(f: F) -> Session<T>
 where
@@ -129,7 +132,7 @@ pub trait AgentTransport {
         &self,
         agent: &AgentRef,
         session: Session<T>,
-    ) -> Result<JoinHandle<Result<T, AgentError>>, AgentError>;
+    ) -> Result<SessionHandle<T>, AgentError>;
 }
 
 /// Local mode: join the node's network namespace and dial the agent on loopback.
@@ -161,7 +164,7 @@ impl AgentTransport for NetnsTransport {
         &self,
         agent: &AgentRef,
         session: Session<T>,
-    ) -> Result<JoinHandle<Result<T, AgentError>>, AgentError> {
+    ) -> Result<SessionHandle<T>, AgentError> {
         let node = agent.node.clone();
         let netns = agent
             .netns
@@ -259,10 +262,7 @@ impl<T: AgentTransport> AgentDirectory<T> {
     pub fn spawn_all<R: Send + 'static>(
         &self,
         mut make: impl FnMut(&AgentRef) -> Session<R>,
-    ) -> Vec<(
-        AgentRef,
-        Result<JoinHandle<Result<R, AgentError>>, AgentError>,
-    )> {
+    ) -> Vec<(AgentRef, Result<SessionHandle<R>, AgentError>)> {
         self.agents
             .iter()
             .map(|agent| (agent.clone(), self.transport.spawn(agent, make(agent))))
@@ -289,7 +289,7 @@ impl<T: AgentTransport> AgentDirectory<T> {
         &self,
         agent: &AgentRef,
         session: Session<R>,
-    ) -> Result<JoinHandle<Result<R, AgentError>>, AgentError> {
+    ) -> Result<SessionHandle<R>, AgentError> {
         self.transport.spawn(agent, session)
     }
 
@@ -304,7 +304,7 @@ impl<T: AgentTransport> AgentDirectory<T> {
     }
 }
 
-pub fn join<R>(node: &str, handle: JoinHandle<Result<R, AgentError>>) -> Result<R, AgentError> {
+pub fn join<R>(node: &str, handle: SessionHandle<R>) -> Result<R, AgentError> {
     handle.join().unwrap_or_else(|_| {
         Err(AgentError::Panicked {
             node: node.to_owned(),

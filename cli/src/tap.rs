@@ -23,6 +23,8 @@ use crate::{
 /// Label whose value names a pod's deployment (`deploy/NAME`), as kubectl
 /// users label apps.
 const APP_LABEL: &str = "app";
+/// How often ended sessions and the deadline are looked at.
+const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Args)]
 pub struct TapArgs {
@@ -184,40 +186,46 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
     drop(events_tx);
 
     let mut running = Vec::new();
+    let mut failures = 0;
     for (agent, handle) in handles {
         match handle {
             Ok(handle) => running.push((agent.node, handle)),
-            Err(e) => eprintln!("warning: not tapping node {}: {e}", agent.node),
+            Err(e) => {
+                eprintln!("warning: not tapping node {}: {e}", agent.node);
+                failures += 1;
+            }
         }
     }
-    let expected = running.len();
     let deadline = args.timeout.map(|t| Instant::now() + t);
     let mut streaming = 0;
+    let mut announced = false;
     let mut shown = 0;
     let json = args.output == Some(TapFormat::Json);
-    while args.max.is_none_or(|max| shown < max) {
-        let wait = deadline.map(|d| d.saturating_duration_since(Instant::now()));
-        let message = match wait {
-            Some(wait) if wait.is_zero() => break,
-            Some(wait) => match events_rx.recv_timeout(wait) {
-                Ok(message) => message,
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            },
-            None => match events_rx.recv() {
-                Ok(message) => message,
-                Err(_) => break,
-            },
-        };
-        match message {
-            TapMessage::Streaming => {
-                streaming += 1;
-                if streaming == expected {
-                    // Scripts wait for this line before making traffic.
-                    eprintln!("tapping {streaming} agent(s)");
-                }
+    while args.max.is_none_or(|max| shown < max) && !running.is_empty() {
+        // Sessions that ended (an agent unreachable, or its stream closed)
+        // are reported as soon as they end, not at exit.
+        let (ended, still_running): (Vec<_>, Vec<_>) =
+            running.into_iter().partition(|(_, h)| h.is_finished());
+        running = still_running;
+        for (node, handle) in ended {
+            if let Err(e) = join(&node, handle) {
+                eprintln!("warning: tap of node {node} failed: {e}");
+                failures += 1;
             }
-            TapMessage::Event(event) if filter.matches(&event) => {
+        }
+        if !announced && streaming > 0 && streaming >= running.len() {
+            // Scripts wait for this line before making traffic.
+            eprintln!("tapping {streaming} agent(s)");
+            announced = true;
+        }
+        let now = Instant::now();
+        if deadline.is_some_and(|d| d <= now) {
+            break;
+        }
+        let tick = deadline.map_or(POLL, |d| POLL.min(d - now));
+        match events_rx.recv_timeout(tick) {
+            Ok(TapMessage::Streaming) => streaming += 1,
+            Ok(TapMessage::Event(event)) if filter.matches(&event) => {
                 println!(
                     "{}",
                     if json {
@@ -228,12 +236,12 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
                 );
                 shown += 1;
             }
-            TapMessage::Event(_) => {}
+            Ok(TapMessage::Event(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     // Stopping: every thread leaves its select at once.
     let _ = stop_tx.send(true);
-    let mut failures = 0;
     for (node, handle) in running {
         if let Err(e) = join(&node, handle) {
             eprintln!("warning: tap of node {node} failed: {e}");
