@@ -293,7 +293,7 @@ pub fn verify_chain(
             None,
             None,
         )
-        .map_err(|e| format!("{e:?}"))?;
+        .map_err(|e| describe_webpki_error(&e))?;
     // webpki keeps the Name's contents; x509-parser's raw Name has the DER
     // header (tag and length) in front of them.
     let anchor_subject = path.anchor().subject.as_ref();
@@ -325,6 +325,23 @@ pub fn verify_ca_signatures(
 
 /// Walks signatures from `chain[0]` through the chain's other certificates to
 /// an anchor; with `now`, every certificate on the way must be valid then.
+/// webpki's verdicts in words, keeping its name for searching.
+fn describe_webpki_error(error: &webpki::Error) -> String {
+    let words = match error {
+        webpki::Error::UnknownIssuer => "no trust anchor or intermediate of the chain issued it",
+        webpki::Error::CertExpired { .. } => "a certificate of the chain has expired",
+        webpki::Error::CertNotValidYet { .. } => "a certificate of the chain is not valid yet",
+        webpki::Error::InvalidSignatureForPublicKey => {
+            "a signature does not verify with its issuer's key (an issuer of the same name but another key?)"
+        }
+        webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_) => {
+            "the certificate may not be used for mTLS (extended key usage)"
+        }
+        _ => "verification failed",
+    };
+    format!("{words} ({error:?})")
+}
+
 fn verify_ca_chain(
     chain: &[CertificateDer<'_>],
     anchors: &[X509Certificate<'_>],
@@ -386,7 +403,93 @@ pub fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> b
 
 #[cfg(test)]
 mod tests {
+    use rcgen::{
+        CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    };
+    use sealmesh_identity::pki::{CaSpec, GeneratedCa, generate_issuer, generate_root};
+
     use super::*;
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    fn root(name: &str) -> GeneratedCa {
+        generate_root(&CaSpec::valid_for(name, 10 * DAY)).unwrap()
+    }
+
+    fn der(pem: &str) -> CertificateDer<'static> {
+        pki::parse_pem_certs(pem.as_bytes(), "test")
+            .unwrap()
+            .remove(0)
+    }
+
+    /// A workload leaf signed by `issuer`, as the identity service issues them.
+    fn leaf(issuer: &GeneratedCa) -> CertificateDer<'static> {
+        let key = KeyPair::from_pem(&issuer.key_pem).unwrap();
+        let signer = rcgen::Issuer::from_ca_cert_pem(&issuer.cert_pem, key).unwrap();
+        let mut params = CertificateParams::default();
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
+        )];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        params.signed_by(&leaf_key, &signer).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_leaf_chains_to_its_root_only_while_valid() {
+        let root = root("root.test");
+        let (issuer, _) =
+            generate_issuer(&root.material(), &CaSpec::valid_for("issuer.test", DAY)).unwrap();
+        let chain = [leaf(&issuer), der(&issuer.cert_pem)];
+        let now = OffsetDateTime::now_utc();
+        assert_eq!(
+            verify_chain(&chain, &[der(&root.cert_pem)], now).unwrap(),
+            "CN=root.test"
+        );
+        let stranger = root_named_other();
+        assert_eq!(
+            verify_chain(&chain, &[der(&stranger.cert_pem)], now).unwrap_err(),
+            "a signature does not verify with its issuer's key (an issuer of the same name but another key?) \
+             (InvalidSignatureForPublicKey)"
+        );
+        assert_eq!(
+            verify_chain(&chain[..1], &[der(&root.cert_pem)], now).unwrap_err(),
+            "no trust anchor or intermediate of the chain issued it (UnknownIssuer)"
+        );
+        assert!(
+            verify_chain(&chain, &[der(&root.cert_pem)], now + 2 * DAY)
+                .unwrap_err()
+                .starts_with("a certificate of the chain has expired (CertExpired {")
+        );
+        // The issuer itself (a CA) is checked by signature.
+        assert_eq!(
+            verify_chain(&chain[1..], &[der(&root.cert_pem)], now).unwrap(),
+            "CN=root.test"
+        );
+        assert_eq!(
+            verify_ca_signatures(&chain[1..], &[der(&stranger.cert_pem)]).unwrap_err(),
+            "no trust anchor signed CN=issuer.test (its issuer is CN=root.test)"
+        );
+        let facts = CertFacts::parse(&chain[0], "leaf", 0).unwrap();
+        assert_eq!(facts.sans, ["URI:spiffe://cluster.local/ns/shop/sa/web"]);
+        assert_eq!(
+            facts.ext_key_usage,
+            [
+                "TLS Web Server Authentication",
+                "TLS Web Client Authentication"
+            ]
+        );
+        assert!(facts.key_is_p256 && !facts.is_ca);
+    }
+
+    fn root_named_other() -> GeneratedCa {
+        // Same name as the real root, other key: names alone must not chain.
+        root("root.test")
+    }
 
     #[test]
     fn durations_read_at_a_useful_precision() {

@@ -545,3 +545,85 @@ fn last_error_suffix(last_error: &str) -> String {
         format!(": {last_error}")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use sealmesh_common::cluster::IdentityEndpoint;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        check: CheckArgs,
+    }
+
+    fn args(argv: &[&str]) -> CheckArgs {
+        Cli::try_parse_from(std::iter::once("check").chain(argv.iter().copied()))
+            .unwrap()
+            .check
+    }
+
+    #[test]
+    fn pki_paths_come_from_flags_the_pki_dir_or_the_cluster_file() {
+        let mut cluster = ClusterFile::new("tb-test");
+        cluster.identity = Some(IdentityEndpoint {
+            address: "172.18.0.1:8080".parse().unwrap(),
+            trust_anchors_file: "/run/sealmesh/tb-test/pki/ca-bundle.crt".into(),
+        });
+        let paths = |argv: &[&str], cluster: Option<&ClusterFile>| {
+            pki_paths(&args(argv), cluster).map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            paths(&[], Some(&cluster)).unwrap(),
+            (
+                PathBuf::from("/run/sealmesh/tb-test/pki/ca-bundle.crt"),
+                PathBuf::from("/run/sealmesh/tb-test/pki/issuer")
+            )
+        );
+        assert_eq!(
+            paths(&["--pki-dir", "/p"], Some(&cluster)).unwrap(),
+            (
+                PathBuf::from("/p/ca-bundle.crt"),
+                PathBuf::from("/p/issuer")
+            )
+        );
+        assert_eq!(
+            paths(&["--trust-anchors", "/a.crt", "--issuer-dir", "/i"], None).unwrap(),
+            (PathBuf::from("/a.crt"), PathBuf::from("/i"))
+        );
+        assert!(
+            paths(&[], None)
+                .unwrap_err()
+                .starts_with("no trust anchors to check: pass --trust-anchors FILE")
+        );
+        assert!(
+            Cli::try_parse_from(["check", "--pki-dir", "/p", "--issuer-dir", "/i"]).is_err(),
+            "--pki-dir excludes the explicit paths"
+        );
+    }
+
+    #[test]
+    fn sections_render_like_linkerd_check() {
+        let mut section = Section::new("sealmesh-identity");
+        section.pass("certificate config is valid");
+        section.expect(
+            "issuer cert is valid for at least 60 days",
+            vec!["issuer CN=x expires in 3d".into()],
+            Status::Warn,
+            "renew it",
+        );
+        assert_eq!(
+            render(std::slice::from_ref(&section)),
+            "sealmesh-identity\n-----------------\n√ certificate config is valid\n\
+             ‼ issuer cert is valid for at least 60 days\n    issuer CN=x expires in 3d\n    see: renew it\n\n\
+             Status check results are √\n"
+        );
+        section.expect("b", vec!["broken".into()], Status::Fail, "fix b");
+        assert!(
+            render(&[section])
+                .ends_with("× b\n    broken\n    see: fix b\n\nStatus check results are ×\n")
+        );
+    }
+}
