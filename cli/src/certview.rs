@@ -334,7 +334,7 @@ fn describe_webpki_error(error: &webpki::Error) -> String {
         webpki::Error::InvalidSignatureForPublicKey => {
             "a signature does not verify with its issuer's key (an issuer of the same name but another key?)"
         }
-        webpki::Error::RequiredEkuNotFound | webpki::Error::RequiredEkuNotFoundContext(_) => {
+        webpki::Error::RequiredEkuNotFoundContext(_) => {
             "the certificate may not be used for mTLS (extended key usage)"
         }
         _ => "verification failed",
