@@ -30,6 +30,8 @@ const MIN_CA_VALIDITY: Duration = Duration::from_secs(60 * 86_400);
 /// testbed lays it out.
 const PKI_ANCHORS_FILE: &str = "ca-bundle.crt";
 const PKI_ISSUER_DIR: &str = "issuer";
+const DATA_PLANE_SECTION: &str = "sealmesh-data-plane";
+const AGENTS_REACHABLE: &str = "agents are running and reachable";
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
@@ -160,8 +162,19 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         let cluster = cluster.context(
             "--proxy checks the agents of a cluster: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE",
         )?;
-        let directory = AgentDirectory::local(&cluster)?;
-        sections.push(check_data_plane(&directory, anchors.as_deref(), now));
+        sections.push(match AgentDirectory::local(&cluster) {
+            Ok(directory) => check_data_plane(&directory, anchors.as_deref(), now),
+            Err(e) => {
+                let mut section = Section::new(DATA_PLANE_SECTION);
+                section.expect(
+                    AGENTS_REACHABLE,
+                    vec![e.to_string()],
+                    Status::Fail,
+                    "run `sealmesh check --proxy` as root on the host of the testbed",
+                );
+                section
+            }
+        });
     }
     print!("{}", render(&sections));
     Ok(if failed(&sections) {
@@ -384,7 +397,7 @@ fn check_data_plane(
     anchors: Option<&[CertificateDer<'static>]>,
     now: OffsetDateTime,
 ) -> Section {
-    let mut section = Section::new("sealmesh-data-plane");
+    let mut section = Section::new(DATA_PLANE_SECTION);
     let results = directory.query_all(|agent| {
         let node = agent.node.clone();
         session(move |mut client| async move {
@@ -410,7 +423,7 @@ fn check_data_plane(
         }
     }
     section.expect(
-        "agents are running and reachable",
+        AGENTS_REACHABLE,
         unreachable,
         Status::Fail,
         "start the agent on that node (local mode: `cargo xtask testbed` starts one per node) and read its log",
