@@ -1,94 +1,697 @@
-//! `cargo xtask demo`: the main job, shown on a local testbed. Each step is a
-//! function so later data-path work can add steps (identity service, agents)
-//! between bringing the testbed up and running traffic.
+//! `cargo xtask demo`: sealmesh's main job, shown on a local 2-node testbed.
+//!
+//! An emojivoto-like app runs in the meshed namespace `emojivoto`: `vote-bot`
+//! asks `web` (same node) through its Service every interval, on fresh and
+//! persistent connections; `web` relays each request to `emoji` and `voting`
+//! (the other node) through their Services. `vote-bot` also asks
+//! `legacy/leaderboard`, a pod of an unmeshed namespace. The demo prints the
+//! cluster, then runs the operator's commands against the agents' admin API:
+//! `sealmesh edges` (every meshed pair secured, with both identities; the
+//! unmeshed one with the reason it is not), `sealmesh tap` (live connections)
+//! for the duration, and `sealmesh edges` again after the run.
 
-use std::{net::SocketAddr, path::Path};
-
-use anyhow::Context as _;
-
-use crate::{
-    testapp,
-    testbed::{Testbed, TestbedSpec, require_root},
+use std::{
+    collections::BTreeMap,
+    io::{self, BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, ExitStatus, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+        mpsc,
+    },
+    time::{Duration, Instant},
 };
 
-const ECHO_PORT: u16 = 8080;
+use anyhow::{Context as _, bail};
+use nix::sys::signal::{SigSet, Signal};
+use sealmesh_common::{
+    cluster::{ClusterFile, Service, ServicePort},
+    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+};
+use serde::Deserialize;
 
-pub fn run() -> anyhow::Result<()> {
-    require_root()?;
-    let testapp = testapp::build().context("building testapp")?;
-    let testbed = Testbed::up(&TestbedSpec::meshed(2, 2))?;
-    show_cluster(&testbed);
-    cross_node_echo(&testbed, &testapp)?;
-    testbed.down()?;
-    println!("testbed torn down");
-    Ok(())
+use crate::{
+    cmd,
+    mesh::{Mesh, MeshError, MeshOptions, locate_binary},
+    testapp::{self, BotReport},
+    testbed::{ChildGuard, PodSpec, TestbedError, TestbedSpec, layout::SERVICE_CIDR},
+};
+
+/// The meshed application's namespace.
+pub const APP_NAMESPACE: &str = "emojivoto";
+/// A namespace without the mesh label: its pods are not meshed.
+pub const LEGACY_NAMESPACE: &str = "legacy";
+/// Port every app pod listens on.
+const APP_PORT: u16 = 8080;
+/// Port every Service exposes.
+const SERVICE_PORT: u16 = 80;
+/// How often the demo forwards the tap's lines and the bot's reports.
+const POLL: Duration = Duration::from_millis(100);
+/// Traffic before the first edges table, so that every edge is there.
+const WARM_UP: Duration = Duration::from_secs(2);
+/// How long `sealmesh tap` may take to reach the agents before its timeout
+/// starts counting.
+const TAP_START_MARGIN: Duration = Duration::from_secs(5);
+/// Time for the agents to record the connections that closed when the bot
+/// stopped.
+const CLOSE_GRACE: Duration = Duration::from_millis(500);
+
+/// A workload of the demo app: pod, ServiceAccount, node and Service.
+struct Workload {
+    namespace: &'static str,
+    name: &'static str,
+    node: usize,
+    /// Offset of the Service VIP in the Service range; None: no Service.
+    vip_offset: Option<u32>,
 }
 
-fn show_cluster(testbed: &Testbed) {
-    let cluster = testbed.cluster();
-    println!(
-        "testbed {} (cluster file {})",
-        testbed.id(),
-        testbed.cluster_file_path().display()
-    );
-    println!("  control plane: {}", testbed.control_plane_ip());
-    for node in &cluster.nodes {
-        println!("  {:<8} {:<12} pods {}", node.name, node.ip, node.pod_cidr);
-        for pod in cluster.pods_on(&node.name) {
-            let meshed = if cluster.is_meshed(pod) {
-                "meshed"
-            } else {
-                "not meshed"
-            };
-            println!(
-                "    {:<24} {:<12} sa={} ({meshed})",
-                format!("{}/{}", pod.namespace, pod.name),
-                pod.ip,
-                pod.service_account
-            );
+const WORKLOADS: [Workload; 5] = [
+    Workload {
+        namespace: APP_NAMESPACE,
+        name: "vote-bot",
+        node: 0,
+        vip_offset: None,
+    },
+    Workload {
+        namespace: APP_NAMESPACE,
+        name: "web",
+        node: 0,
+        vip_offset: Some(10),
+    },
+    Workload {
+        namespace: APP_NAMESPACE,
+        name: "emoji",
+        node: 1,
+        vip_offset: Some(11),
+    },
+    Workload {
+        namespace: APP_NAMESPACE,
+        name: "voting",
+        node: 1,
+        vip_offset: Some(12),
+    },
+    Workload {
+        namespace: LEGACY_NAMESPACE,
+        name: "leaderboard",
+        node: 1,
+        vip_offset: Some(20),
+    },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(
+        "`cargo xtask demo` needs root: it creates network namespaces and cgroups and loads eBPF programs; run `sudo -E cargo xtask demo`"
+    )]
+    NotRoot,
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error(transparent)]
+    Testbed(#[from] TestbedError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: io::Error },
+    #[error("the testbed lacks the app's pod {0} (a bug in the demo's spec)")]
+    MissingPod(String),
+    #[error("writing the demo's output: {0}")]
+    Output(io::Error),
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Cli {
+        command: String,
+        status: ExitStatus,
+        stderr: String,
+    },
+    #[error(
+        "`{command}` printed JSON the demo cannot read (is sealmesh built from this tree?): {source}"
+    )]
+    CliOutput {
+        command: String,
+        source: serde_json::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> DemoError {
+    let what = what.into();
+    move |source| DemoError::Io { what, source }
+}
+
+/// `cargo xtask demo` flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How long to show live traffic before tearing down.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Show live traffic until Ctrl-C instead.
+    #[arg(long, conflicts_with = "duration")]
+    pub follow: bool,
+    /// A flag for every agent, e.g. `--agent-arg=--force-mtls-local`; repeat
+    /// for several. Replaces the demo's default agent flags
+    /// (`--sockmap-acceleration off`).
+    #[arg(long = "agent-arg", value_name = "FLAG", allow_hyphen_values = true)]
+    pub agent_args: Vec<String>,
+}
+
+/// What [`run`] does.
+#[derive(Clone, Debug)]
+pub struct DemoOptions {
+    /// How long to show live traffic; None: until `stop` is set.
+    pub duration: Option<Duration>,
+    /// Time between the vote-bot's rounds (one request to each target).
+    pub bot_interval: Duration,
+    /// Extra flags for every agent.
+    pub agent_args: Vec<String>,
+}
+
+/// The agents' flags unless the user picks others. sk_msg acceleration is off
+/// because on it, a pod reading its peer's end of stream on a socket with a
+/// receive timeout gets EAGAIN instead of EOF (seen on kernel 6.18), which
+/// fails the app's clean closes; the agent owns that fix.
+const DEFAULT_AGENT_ARGS: [&str; 2] = ["--sockmap-acceleration", "off"];
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            duration: Some(Duration::from_secs(20)),
+            bot_interval: Duration::from_millis(200),
+            agent_args: DEFAULT_AGENT_ARGS.map(str::to_owned).to_vec(),
         }
     }
 }
 
-/// Echo from the first pod of node-0 to the first pod of node-1.
-fn cross_node_echo(testbed: &Testbed, testapp: &Path) -> anyhow::Result<()> {
-    let cluster = testbed.cluster();
-    let client = cluster
-        .pods_on("node-0")
-        .next()
-        .context("node-0 has no pod")?;
-    let server = cluster
-        .pods_on("node-1")
-        .next()
-        .context("node-1 has no pod")?;
-    let server_addr = SocketAddr::from((server.ip, ECHO_PORT));
-    let mut echo = testbed.spawn_in_pod(
-        &server.namespace,
-        &server.name,
-        testapp::echo_server(testapp, server_addr),
-    )?;
-    testapp::wait_listening(&mut echo)?;
-    let output = testbed
-        .spawn_in_pod(
-            &client.namespace,
-            &client.name,
-            testapp::client(testapp, server_addr, "hello from node-0", 3),
-        )?
-        .wait_with_output()?;
-    anyhow::ensure!(
-        output.status.success(),
-        "echo {} -> {} failed: {}",
-        client.name,
-        server.name,
-        String::from_utf8_lossy(&output.stderr).trim()
-    );
-    println!(
-        "echo {} ({}) -> {} ({}): {}",
-        client.name,
-        client.node,
-        server.name,
-        server.node,
-        String::from_utf8_lossy(&output.stdout).trim()
-    );
+/// `cargo xtask demo`: builds the workspace, runs the demo, fails if the mesh
+/// misbehaved.
+pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(DemoError::NotRoot.into());
+    }
+    // Before any thread starts, so that every thread inherits the blocked mask.
+    let stop = stop_on_signals()?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    cmd::run_visible(Command::new(cargo).args(["build", "--workspace"]))
+        .context("building the workspace")?;
+    if stop.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    let mut options = DemoOptions {
+        duration: (!args.follow).then_some(args.duration),
+        ..DemoOptions::default()
+    };
+    if !args.agent_args.is_empty() {
+        options.agent_args.clone_from(&args.agent_args);
+    }
+    let summary = run(&options, &stop, &mut io::stdout())?;
+    println!("testbed {} torn down", summary.testbed);
+    let problems = summary.problems();
+    if !problems.is_empty() {
+        bail!("the mesh misbehaved: {}", problems.join("; "));
+    }
     Ok(())
+}
+
+/// Blocks SIGINT and SIGTERM in the calling thread (and the threads it
+/// starts later) and sets the returned flag when one arrives, so Ctrl-C ends
+/// the demo through its normal teardown. Call before starting threads.
+pub fn stop_on_signals() -> Result<Arc<AtomicBool>, DemoError> {
+    let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
+    signals
+        .thread_block()
+        .map_err(|e| io_err("blocking SIGINT and SIGTERM")(e.into()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    std::thread::Builder::new()
+        .name("demo-signals".into())
+        .spawn(move || {
+            if let Ok(signal) = signals.wait() {
+                eprintln!("{signal}: stopping the demo and tearing everything down");
+                flag.store(true, Ordering::SeqCst);
+            }
+        })
+        .map_err(io_err("starting the signal thread"))?;
+    Ok(stop)
+}
+
+/// The demo's testbed: 2 nodes, the app's pods, ServiceAccounts and Services.
+pub fn spec() -> TestbedSpec {
+    let mut spec = TestbedSpec::new(2)
+        .namespace(APP_NAMESPACE, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace(LEGACY_NAMESPACE, &[]);
+    for w in &WORKLOADS {
+        spec = spec.pod(PodSpec::new(w.namespace, w.name, w.name, w.node).label("app", w.name));
+        if let Some(offset) = w.vip_offset {
+            spec = spec.service(Service {
+                name: w.name.into(),
+                namespace: w.namespace.into(),
+                vip: service_vip(offset),
+                ports: vec![ServicePort {
+                    name: None,
+                    port: SERVICE_PORT,
+                    target_port: APP_PORT,
+                }],
+                selector: BTreeMap::from([("app".into(), w.name.into())]),
+            });
+        }
+    }
+    spec
+}
+
+fn service_vip(offset: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(SERVICE_CIDR.network()) + offset)
+}
+
+fn service_addr(name: &str) -> SocketAddr {
+    let offset = WORKLOADS
+        .iter()
+        .find(|w| w.name == name)
+        .and_then(|w| w.vip_offset)
+        .expect("the demo's Services are fixed");
+    SocketAddr::from((service_vip(offset), SERVICE_PORT))
+}
+
+/// Brings the mesh and the app up, shows the edges, live connections for
+/// `options.duration` (or until `stop`) and the edges again through the
+/// operator CLI, tears everything down and returns what it saw.
+pub fn run(
+    options: &DemoOptions,
+    stop: &AtomicBool,
+    out: &mut dyn Write,
+) -> Result<DemoSummary, DemoError> {
+    let testapp = testapp::locate().map_err(io_err("locating testapp"))?;
+    let sealmesh = locate_binary("sealmesh")?;
+    writeln!(
+        out,
+        "bringing up a 2-node testbed, the identity service and one agent per node"
+    )
+    .map_err(DemoError::Output)?;
+    let mesh = Mesh::up(
+        &spec(),
+        MeshOptions {
+            agent_args: options.agent_args.clone(),
+            ..MeshOptions::default()
+        },
+    )?;
+    let cluster = mesh.testbed().cluster().clone();
+    print_cluster(&mesh, out).map_err(DemoError::Output)?;
+    let cli = OperatorCli {
+        binary: sealmesh,
+        mesh: &mesh,
+    };
+    let mut summary = DemoSummary {
+        testbed: mesh.testbed().id().to_string(),
+        ..DemoSummary::default()
+    };
+
+    let mut app = App::start(&mesh, &testapp, options.bot_interval)?;
+    // A few rounds of traffic, so that every edge exists for the table.
+    let warm_up_end = Instant::now() + WARM_UP;
+    while Instant::now() < warm_up_end && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(POLL);
+        app.tally_bot(&mut summary.bot, out)?;
+    }
+    cli.show_edges(out)?;
+
+    let (tap, tap_lines) = cli.start_tap(options.duration, out)?;
+    // The tap ends by itself after the duration; the margin covers its start.
+    let deadline = options
+        .duration
+        .map(|d| Instant::now() + d + TAP_START_MARGIN);
+    loop {
+        let tap_ended = loop {
+            match tap_lines.try_recv() {
+                Ok(line) => {
+                    writeln!(out, "{line}").map_err(DemoError::Output)?;
+                    summary.tap_lines.push(line);
+                }
+                Err(mpsc::TryRecvError::Empty) => break false,
+                Err(mpsc::TryRecvError::Disconnected) => break true,
+            }
+        };
+        app.tally_bot(&mut summary.bot, out)?;
+        if tap_ended || stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d)
+        {
+            break;
+        }
+        std::thread::sleep(POLL);
+    }
+    tap.kill();
+    // Stop the bot before the last table: its persistent connections close
+    // while the agents still run, so they are counted too.
+    app.stop_bot();
+    std::thread::sleep(CLOSE_GRACE);
+    app.tally_bot(&mut summary.bot, out)?;
+    cli.show_edges(out)?;
+    summary.edges = cli.edges(&cluster)?;
+    writeln!(
+        out,
+        "\nvote-bot: {} requests answered, {} failed",
+        summary.bot.ok, summary.bot.failed
+    )
+    .map_err(DemoError::Output)?;
+    writeln!(out, "tearing down").map_err(DemoError::Output)?;
+    drop(app);
+    drop(mesh);
+    Ok(summary)
+}
+
+fn print_cluster(mesh: &Mesh, out: &mut dyn Write) -> io::Result<()> {
+    let testbed = mesh.testbed();
+    let cluster = testbed.cluster();
+    writeln!(
+        out,
+        "\ncluster {} (cluster file {})",
+        testbed.id(),
+        testbed.cluster_file_path().display()
+    )?;
+    if let Some(identity) = &cluster.identity {
+        writeln!(out, "  identity service  {}", identity.address)?;
+    }
+    for node in &cluster.nodes {
+        writeln!(
+            out,
+            "  {}  {}  pods {}  agent log {}",
+            node.name,
+            node.ip,
+            node.pod_cidr,
+            mesh.agent_log(&node.name).display()
+        )?;
+        for pod in cluster.pods_on(&node.name) {
+            let identity = if cluster.is_meshed(pod) {
+                cluster
+                    .identity_of(pod)
+                    .map(|id| id.spiffe_uri())
+                    .unwrap_or_else(|e| format!("invalid identity: {e}"))
+            } else {
+                format!(
+                    "not meshed (namespace {} lacks {MESH_LABEL}={MESH_LABEL_ENABLED})",
+                    pod.namespace
+                )
+            };
+            writeln!(
+                out,
+                "    {:<20} {:<11} {identity}",
+                format!("{}/{}", pod.namespace, pod.name),
+                pod.ip
+            )?;
+        }
+    }
+    writeln!(out, "  services")?;
+    for service in &cluster.services {
+        for port in &service.ports {
+            writeln!(
+                out,
+                "    {:<20} {}:{} -> pods app={}:{}",
+                format!("{}/{}", service.namespace, service.name),
+                service.vip,
+                port.port,
+                service.name,
+                port.target_port
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The app's processes; killed on drop.
+struct App {
+    // The bot first, so it stops before the servers it talks to.
+    bot: Option<ChildGuard>,
+    bot_reports: mpsc::Receiver<String>,
+    _servers: Vec<ChildGuard>,
+}
+
+impl App {
+    fn start(mesh: &Mesh, testapp: &Path, bot_interval: Duration) -> Result<Self, DemoError> {
+        let testbed = mesh.testbed();
+        let cluster = testbed.cluster();
+        let listen = |namespace: &str, name: &str| -> Result<SocketAddr, DemoError> {
+            let pod = cluster
+                .pod(namespace, name)
+                .ok_or_else(|| DemoError::MissingPod(format!("{namespace}/{name}")))?;
+            Ok(SocketAddr::from((pod.ip, APP_PORT)))
+        };
+        let mut servers = Vec::new();
+        let mut start_server = |namespace: &str, name: &str, cmd: Command| {
+            let mut server = testbed.spawn_in_pod(namespace, name, cmd)?;
+            testapp::wait_listening(&mut server)
+                .map_err(io_err(format!("starting {namespace}/{name}")))?;
+            servers.push(server);
+            Ok::<_, DemoError>(())
+        };
+        for name in ["emoji", "voting"] {
+            let cmd = testapp::line_server(testapp, listen(APP_NAMESPACE, name)?, name);
+            start_server(APP_NAMESPACE, name, cmd)?;
+        }
+        let leaderboard = "leaderboard";
+        let cmd =
+            testapp::line_server(testapp, listen(LEGACY_NAMESPACE, leaderboard)?, leaderboard);
+        start_server(LEGACY_NAMESPACE, leaderboard, cmd)?;
+        let web = testapp::relay(
+            testapp,
+            listen(APP_NAMESPACE, "web")?,
+            "web",
+            &[
+                ("emoji", service_addr("emoji")),
+                ("voting", service_addr("voting")),
+            ],
+        );
+        start_server(APP_NAMESPACE, "web", web)?;
+
+        let bot_cmd = testapp::bot(
+            testapp,
+            &[
+                ("web", service_addr("web")),
+                (leaderboard, service_addr(leaderboard)),
+            ],
+            bot_interval,
+        );
+        let mut bot = testbed.spawn_in_pod(APP_NAMESPACE, "vote-bot", bot_cmd)?;
+        let bot_reports = forward_lines(&mut bot, "vote-bot")?;
+        Ok(Self {
+            bot: Some(bot),
+            bot_reports,
+            _servers: servers,
+        })
+    }
+
+    fn stop_bot(&mut self) {
+        if let Some(bot) = self.bot.take() {
+            bot.kill();
+        }
+    }
+
+    /// Counts the bot's reports so far and prints its failures.
+    fn tally_bot(&self, tally: &mut BotTally, out: &mut dyn Write) -> Result<(), DemoError> {
+        for line in self.bot_reports.try_iter() {
+            match BotReport::parse(&line) {
+                Some(BotReport { outcome: Ok(_), .. }) => tally.ok += 1,
+                Some(BotReport {
+                    outcome: Err(error),
+                    target,
+                    conn,
+                    seq,
+                }) => {
+                    tally.failed += 1;
+                    let failure = format!("vote-bot -> {target} ({conn}, #{seq}): {error}");
+                    writeln!(out, "FAILED {failure}").map_err(DemoError::Output)?;
+                    tally.failures.push(failure);
+                }
+                None => {
+                    tally.failed += 1;
+                    tally
+                        .failures
+                        .push(format!("vote-bot printed an unexpected line: {line:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `sealmesh` (the operator CLI) run against the demo's cluster from the
+/// underlay, the control plane's network, in the testbed's cgroup (so
+/// teardown stops it whatever happens).
+struct OperatorCli<'a> {
+    binary: PathBuf,
+    mesh: &'a Mesh,
+}
+
+impl OperatorCli<'_> {
+    /// `sealmesh <args> --cluster-file <file>`.
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(args)
+            .arg("--cluster-file")
+            .arg(self.mesh.testbed().cluster_file_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Runs a command to completion and returns its stdout.
+    fn output(&self, args: &[&str]) -> Result<String, DemoError> {
+        let command = format!("sealmesh {}", args.join(" "));
+        let output = self
+            .mesh
+            .testbed()
+            .spawn_in_underlay(self.command(args))?
+            .wait_with_output()
+            .map_err(io_err(format!("running `{command}`")))?;
+        if !output.status.success() {
+            return Err(DemoError::Cli {
+                command,
+                status: output.status,
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    /// Shows `sealmesh edges -n <app namespace> -o wide`.
+    fn show_edges(&self, out: &mut dyn Write) -> Result<(), DemoError> {
+        let args = ["edges", "-n", APP_NAMESPACE, "-o", "wide"];
+        writeln!(out, "\n$ sealmesh {}", args.join(" ")).map_err(DemoError::Output)?;
+        let table = self.output(&args)?;
+        write!(out, "{table}").map_err(DemoError::Output)
+    }
+
+    /// The app namespace's edges from `sealmesh edges -o json`.
+    fn edges(&self, cluster: &ClusterFile) -> Result<Vec<Edge>, DemoError> {
+        let args = ["edges", "-n", APP_NAMESPACE, "-o", "json"];
+        let json = self.output(&args)?;
+        let mut edges: Vec<Edge> =
+            serde_json::from_str(&json).map_err(|source| DemoError::CliOutput {
+                command: format!("sealmesh {}", args.join(" ")),
+                source,
+            })?;
+        for edge in &mut edges {
+            let pod = cluster.pod(&edge.src_ns, &edge.src);
+            edge.src_node = pod.map(|p| p.node.clone());
+            let pod = cluster.pod(&edge.dst_ns, &edge.dst);
+            edge.dst_node = pod.map(|p| p.node.clone());
+            edge.dst_meshed = pod.is_some_and(|p| cluster.is_meshed(p));
+        }
+        Ok(edges)
+    }
+
+    /// Starts `sealmesh tap -n <app namespace>` (for `duration`, or until
+    /// killed) with a thread forwarding its stdout lines.
+    fn start_tap(
+        &self,
+        duration: Option<Duration>,
+        out: &mut dyn Write,
+    ) -> Result<(ChildGuard, mpsc::Receiver<String>), DemoError> {
+        let timeout = duration.map(|d| humantime::format_duration(d).to_string());
+        let mut args = vec!["tap", "-n", APP_NAMESPACE];
+        if let Some(timeout) = &timeout {
+            args.extend(["--timeout", timeout]);
+        }
+        writeln!(out, "\n$ sealmesh {}", args.join(" ")).map_err(DemoError::Output)?;
+        let mut tap = self.mesh.testbed().spawn_in_underlay(self.command(&args))?;
+        let lines = forward_lines(&mut tap, "sealmesh tap")?;
+        Ok((tap, lines))
+    }
+}
+
+/// Forwards a child's stdout lines to a channel from a thread; the channel
+/// disconnects when the child closes its stdout.
+fn forward_lines(child: &mut ChildGuard, what: &str) -> Result<mpsc::Receiver<String>, DemoError> {
+    let stdout = child.child_mut().stdout.take().ok_or_else(|| {
+        io_err(format!("reading the output of {what}"))(io::ErrorKind::BrokenPipe.into())
+    })?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name(format!("{what} output"))
+        .spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(io_err(format!("starting a reader for {what}")))?;
+    Ok(rx)
+}
+
+/// A pod pair as `sealmesh edges -o json` reports it (the CLI merges both
+/// agents' views), with the pods' placement added by the demo.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Edge {
+    pub src: String,
+    pub dst: String,
+    pub src_ns: String,
+    pub dst_ns: String,
+    /// mTLS, or same-node after the same identity checks.
+    pub secured: bool,
+    pub tls: bool,
+    /// Why not mTLS (empty when tls).
+    pub no_tls_reason: String,
+    pub client_id: String,
+    pub server_id: String,
+    pub connections_total: u64,
+    pub errors_total: u64,
+    #[serde(skip)]
+    pub src_node: Option<String>,
+    #[serde(skip)]
+    pub dst_node: Option<String>,
+    /// The destination is a meshed pod.
+    #[serde(skip)]
+    pub dst_meshed: bool,
+}
+
+impl Edge {
+    pub fn crosses_nodes(&self) -> bool {
+        matches!((&self.src_node, &self.dst_node), (Some(s), Some(d)) if s != d)
+    }
+}
+
+/// The vote-bot's requests.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BotTally {
+    pub ok: u64,
+    pub failed: u64,
+    pub failures: Vec<String>,
+}
+
+/// What a demo run saw.
+#[derive(Clone, Debug, Default)]
+pub struct DemoSummary {
+    /// Id of the (now removed) testbed.
+    pub testbed: String,
+    /// The app namespace's edges after the run.
+    pub edges: Vec<Edge>,
+    /// What `sealmesh tap` printed.
+    pub tap_lines: Vec<String>,
+    pub bot: BotTally,
+}
+
+impl DemoSummary {
+    /// Everything that should not have happened: unsecured meshed edges,
+    /// connection errors, failed or missing bot requests, a silent tap.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        for e in &self.edges {
+            let edge = format!("{}/{} -> {}/{}", e.src_ns, e.src, e.dst_ns, e.dst);
+            if e.dst_meshed && !e.secured {
+                problems.push(format!(
+                    "meshed edge {edge} is not secured ({})",
+                    e.no_tls_reason
+                ));
+            }
+            if e.errors_total > 0 {
+                problems.push(format!(
+                    "{} of {} connections {edge} failed (see the agents' logs)",
+                    e.errors_total, e.connections_total
+                ));
+            }
+        }
+        if self.bot.ok == 0 {
+            problems.push("vote-bot got no answer at all".to_owned());
+        }
+        if self.tap_lines.is_empty() {
+            problems.push("sealmesh tap showed no connection".to_owned());
+        }
+        problems.extend(self.bot.failures.iter().cloned());
+        problems
+    }
 }

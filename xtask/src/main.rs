@@ -27,8 +27,9 @@ enum Task {
     /// Run setup, build the workspace (including the eBPF programs), run all tests.
     /// Needs root.
     Test,
-    /// Show the main job on a local testbed. Needs root.
-    Demo,
+    /// Show the main job on a local testbed: an app in a 2-node mesh, its live
+    /// mTLS connections and edges. Needs root.
+    Demo(demo::DemoArgs),
     /// Data-path benchmark against plaintext (and a peer proxy) on the testbed;
     /// `bench identity` benchmarks the identity service. Needs root. Measures
     /// the binaries next to this xtask: for real figures build them in release
@@ -153,7 +154,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
     match task {
         Task::Setup => setup::run()?,
         Task::Test => test()?,
-        Task::Demo => demo::run()?,
+        Task::Demo(args) => demo::main(&args)?,
         Task::Bench(BenchArgs {
             task: Some(BenchTask::Identity { certs, concurrency }),
             ..

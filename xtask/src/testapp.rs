@@ -5,6 +5,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    time::Duration,
 };
 
 use crate::{
@@ -76,7 +77,93 @@ pub fn client(testapp: &Path, connect: SocketAddr, text: &str, repeat: u32) -> C
     cmd
 }
 
-/// Waits for an echo server's `listening on <addr>` line and returns the address.
+/// `testapp line-server --listen <listen> --name <name>`, stdout piped for
+/// [`wait_listening`].
+pub fn line_server(testapp: &Path, listen: SocketAddr, name: &str) -> Command {
+    let mut cmd = Command::new(testapp);
+    cmd.args([
+        "line-server",
+        "--listen",
+        &listen.to_string(),
+        "--name",
+        name,
+    ])
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped());
+    cmd
+}
+
+/// `testapp relay --listen <listen> --name <name> --backend <name>=<addr>...`,
+/// stdout piped for [`wait_listening`].
+pub fn relay(
+    testapp: &Path,
+    listen: SocketAddr,
+    name: &str,
+    backends: &[(&str, SocketAddr)],
+) -> Command {
+    let mut cmd = Command::new(testapp);
+    cmd.args(["relay", "--listen", &listen.to_string(), "--name", name]);
+    for (backend, addr) in backends {
+        cmd.arg("--backend").arg(format!("{backend}={addr}"));
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+    cmd
+}
+
+/// `testapp bot --target <name>=<addr>... --interval-ms <interval>`: one
+/// request per target and interval until killed; stdout (one line per
+/// request, see [`BotReport`]) piped.
+pub fn bot(testapp: &Path, targets: &[(&str, SocketAddr)], interval: Duration) -> Command {
+    let mut cmd = Command::new(testapp);
+    cmd.arg("bot");
+    for (target, addr) in targets {
+        cmd.arg("--target").arg(format!("{target}={addr}"));
+    }
+    cmd.args(["--interval-ms", &interval.as_millis().to_string()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    cmd
+}
+
+/// One line of `testapp bot`'s output.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BotReport {
+    pub target: String,
+    /// `fresh` or `persistent`.
+    pub conn: String,
+    pub seq: u64,
+    /// The reply, or why there was none.
+    pub outcome: Result<String, String>,
+}
+
+impl BotReport {
+    /// Parses `ok target=T conn=C seq=N reply=R` or `fail ... error=E`.
+    pub fn parse(line: &str) -> Option<Self> {
+        let (ok, rest) = match line.split_once(' ')? {
+            ("ok", rest) => (true, rest),
+            ("fail", rest) => (false, rest),
+            _ => return None,
+        };
+        let target = rest.strip_prefix("target=")?;
+        let (target, rest) = target.split_once(" conn=")?;
+        let (conn, rest) = rest.split_once(" seq=")?;
+        let (seq, rest) = rest.split_once(' ')?;
+        let outcome = if ok {
+            Ok(rest.strip_prefix("reply=")?.to_owned())
+        } else {
+            Err(rest.strip_prefix("error=")?.to_owned())
+        };
+        Some(Self {
+            target: target.to_owned(),
+            conn: conn.to_owned(),
+            seq: seq.parse().ok()?,
+            outcome,
+        })
+    }
+}
+
+/// Waits for a server's (echo, line or relay) `listening on <addr>` line and returns the address.
 pub fn wait_listening(server: &mut ChildGuard) -> io::Result<SocketAddr> {
     let stdout = server
         .child_mut()

@@ -1,0 +1,190 @@
+//! `cargo xtask demo`'s core on the testbed (root, real eBPF, real mTLS, real
+//! identity service): what the README's first command shows must hold.
+
+use std::{
+    collections::BTreeSet, path::Path, process::Command, sync::atomic::AtomicBool, time::Duration,
+};
+
+use sealmesh_common::identity::TrustDomain;
+use xtask::demo::{self, APP_NAMESPACE, DemoOptions, LEGACY_NAMESPACE};
+
+fn node(name: &Option<String>) -> &str {
+    name.as_deref().unwrap_or("?")
+}
+
+fn spiffe(service_account: &str) -> String {
+    TrustDomain::default()
+        .identity(APP_NAMESPACE, service_account)
+        .unwrap()
+        .spiffe_uri()
+}
+
+#[test]
+fn demo_secures_every_meshed_edge_with_both_identities_and_explains_the_unmeshed_one() {
+    let stop = AtomicBool::new(false);
+    let mut printed = Vec::new();
+    let summary = demo::run(
+        &DemoOptions {
+            duration: Some(Duration::from_secs(8)),
+            ..DemoOptions::default()
+        },
+        &stop,
+        &mut printed,
+    )
+    .expect("the demo runs");
+    let printed = String::from_utf8(printed).unwrap();
+
+    // Exactly the app's edges (from `sealmesh edges -o json`), each secured
+    // as its placement implies, with both identities.
+    let edges: BTreeSet<(String, String, String, bool, String)> = summary
+        .edges
+        .iter()
+        .map(|e| {
+            (
+                format!("{}/{}", e.src_ns, e.src),
+                format!("{}/{}", e.dst_ns, e.dst),
+                format!("{}->{}", node(&e.src_node), node(&e.dst_node)),
+                e.tls,
+                e.no_tls_reason.clone(),
+            )
+        })
+        .collect();
+    let edge = |src: &str, dst: &str, nodes: &str, tls: bool, reason: &str| {
+        (
+            format!("{APP_NAMESPACE}/{src}"),
+            dst.to_owned(),
+            nodes.to_owned(),
+            tls,
+            reason.to_owned(),
+        )
+    };
+    assert_eq!(
+        edges,
+        BTreeSet::from([
+            edge(
+                "vote-bot",
+                "emojivoto/web",
+                "node-0->node-0",
+                false,
+                "secured_local"
+            ),
+            edge(
+                "vote-bot",
+                &format!("{LEGACY_NAMESPACE}/leaderboard"),
+                "node-0->node-1",
+                false,
+                "not_meshed"
+            ),
+            edge("web", "emojivoto/emoji", "node-0->node-1", true, ""),
+            edge("web", "emojivoto/voting", "node-0->node-1", true, ""),
+        ]),
+        "{printed}"
+    );
+    for e in &summary.edges {
+        assert_eq!(e.errors_total, 0, "{e:?}\n{printed}");
+        assert!(e.connections_total > 0, "{e:?}");
+        assert_eq!(e.secured, e.dst_meshed, "{e:?}");
+        if e.dst_meshed {
+            assert_eq!(e.client_id, spiffe(&e.src), "{e:?}");
+            assert_eq!(e.server_id, spiffe(&e.dst), "{e:?}");
+        } else {
+            // The agent knows no identity for a plaintext connection.
+            assert_eq!((e.client_id.as_str(), e.server_id.as_str()), ("", ""));
+        }
+    }
+    let cross_node_mtls = summary
+        .edges
+        .iter()
+        .filter(|e| e.crosses_nodes() && e.tls)
+        .count();
+    assert_eq!(cross_node_mtls, 2, "{printed}");
+
+    // The printed table (sealmesh edges -o wide) has the marks and the reason.
+    let header = printed
+        .lines()
+        .find(|l| l.starts_with("SRC "))
+        .unwrap_or_else(|| panic!("no edges table:\n{printed}"));
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "SRC",
+            "DST",
+            "SRC_NS",
+            "DST_NS",
+            "SECURED",
+            "CLIENT_ID",
+            "SERVER_ID"
+        ]
+    );
+    let row = |dst: &str| {
+        printed
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(dst))
+            .unwrap_or_else(|| panic!("no edge to {dst}:\n{printed}"))
+            .split_whitespace()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        row("leaderboard"),
+        [
+            "vote-bot",
+            "leaderboard",
+            "emojivoto",
+            "legacy",
+            "not_meshed",
+            "-",
+            "-"
+        ]
+    );
+    let emoji = row("emoji");
+    assert_eq!(
+        emoji,
+        [
+            "web",
+            "emoji",
+            "emojivoto",
+            "emojivoto",
+            "√",
+            &spiffe("web"),
+            &spiffe("emoji")
+        ]
+    );
+
+    // `sealmesh tap` showed the mTLS connections with both identities, as
+    // the sending (node-0, out) and the receiving agent (node-1, in) saw them.
+    for (proxy, node) in [("out", "node-0"), ("in", "node-1")] {
+        let tls_line = summary
+            .tap_lines
+            .iter()
+            .find(|l| {
+                l.starts_with(&format!("tcp id={node}:"))
+                    && l.contains(&format!(" proxy={proxy} "))
+                    && l.contains(" src_pod=emojivoto/web dst_pod=emojivoto/emoji ")
+            })
+            .unwrap_or_else(|| panic!("no {proxy} line web -> emoji on {node}:\n{printed}"));
+        assert!(
+            tls_line.ends_with(&format!(
+                " tls=true client_id={} server_id={}",
+                spiffe("web"),
+                spiffe("emoji")
+            )),
+            "{tls_line}"
+        );
+        assert!(printed.contains(tls_line.as_str()));
+    }
+
+    // Every request of the vote-bot was answered (8 s at 5 rounds/s, two
+    // targets per round).
+    assert_eq!(summary.bot.failed, 0, "{:?}", summary.bot.failures);
+    assert!(summary.bot.ok >= 40, "{:?}\n{printed}", summary.bot);
+    assert!(summary.problems().is_empty(), "{:?}", summary.problems());
+
+    // Torn down: no namespace, cgroup, pin or state of the testbed is left.
+    let netns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&netns.stdout).contains(&summary.testbed),
+        "namespaces left: {}",
+        String::from_utf8_lossy(&netns.stdout)
+    );
+    assert!(!Path::new("/run/sealmesh").join(&summary.testbed).exists());
+}
