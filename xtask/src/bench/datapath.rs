@@ -81,6 +81,10 @@ pub enum BenchError {
         mode: &'static str,
         report: Report,
     },
+    #[error(
+        "measurements failed (their figures are missing above; rerun with RUST_LOG=debug for more): {0}"
+    )]
+    MeasurementsFailed(String),
     #[error("process {pid} of the {column} column is gone: it crashed? see its log")]
     ProxyGone { column: String, pid: u32 },
 }
@@ -204,6 +208,8 @@ struct Figures {
     idle_rss_bytes: BTreeMap<String, u64>,
     /// Per node: RSS growth for each idle proxied connection.
     rss_per_conn_bytes: BTreeMap<String, f64>,
+    /// Measurements that failed, with the reason.
+    failures: Vec<String>,
 }
 
 impl Column {
@@ -387,11 +393,33 @@ impl Column {
         }
     }
 
-    fn round(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
-        let gbps = self.bulk(plan, 1, figures)?;
-        figures.bulk1_gbps.push(gbps);
-        let gbps = self.bulk(plan, 16, figures)?;
-        figures.bulk16_gbps.push(gbps);
+    /// One round of every measurement; a failed one is recorded in
+    /// `figures.failures` and the others still run.
+    fn round(&self, plan: &Plan, figures: &mut Figures) {
+        type Step = fn(&Column, &Plan, &mut Figures) -> Result<(), BenchError>;
+        let steps: [(&str, Step); 4] = [
+            ("1-stream bulk", |c, plan, f| {
+                let gbps = c.bulk(plan, 1, f)?;
+                f.bulk1_gbps.push(gbps);
+                Ok(())
+            }),
+            ("16-stream bulk", |c, plan, f| {
+                let gbps = c.bulk(plan, 16, f)?;
+                f.bulk16_gbps.push(gbps);
+                Ok(())
+            }),
+            ("request/response", Column::request_response),
+            ("connection rate", Column::connection_rate),
+        ];
+        for (what, step) in steps {
+            if let Err(e) = step(self, plan, figures) {
+                tracing::warn!(column = self.name, "{what} failed: {e}");
+                figures.failures.push(format!("{what}: {e}"));
+            }
+        }
+    }
+
+    fn request_response(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
         let echo = self.echo.to_string();
         match self.run(
             "rr",
@@ -417,6 +445,11 @@ impl Column {
             }
             other => return Err(self.unexpected("rr", other)),
         }
+        Ok(())
+    }
+
+    fn connection_rate(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
+        let echo = self.echo.to_string();
         match self.run(
             "connrate",
             &args(&[
@@ -562,7 +595,10 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     let mut figures = vec![Figures::default(); columns.len()];
     for (column, figures) in columns.iter().zip(&mut figures) {
         tracing::info!(column = column.name, "memory");
-        column.memory(&plan, figures)?;
+        if let Err(e) = column.memory(&plan, figures) {
+            tracing::warn!(column = column.name, "memory failed: {e}");
+            figures.failures.push(format!("memory: {e}"));
+        }
     }
     for round in 0..plan.rounds {
         for offset in 0..columns.len() {
@@ -572,7 +608,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
                 column = columns[index].name,
                 "throughput, latency, connections"
             );
-            columns[index].round(&plan, &mut figures[index])?;
+            columns[index].round(&plan, &mut figures[index]);
         }
     }
 
@@ -581,6 +617,18 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     print!("{}", table(&names, &figures));
     if options.json {
         println!("{summary}");
+    }
+    let failures: Vec<String> = names
+        .iter()
+        .zip(&figures)
+        .flat_map(|(name, f)| {
+            f.failures
+                .iter()
+                .map(move |failure| format!("{name}: {failure}"))
+        })
+        .collect();
+    if !failures.is_empty() {
+        return Err(BenchError::MeasurementsFailed(failures.join("; ")));
     }
     Ok(summary)
 }
@@ -651,6 +699,7 @@ impl Medians {
             "mem_per_conn_bytes": self.mem_per_conn_bytes,
             "mem_per_conn_bytes_by_node": figures.rss_per_conn_bytes,
             "cpu_seconds_per_gb": self.cpu_seconds_per_gb,
+            "failures": figures.failures,
             "samples": {
                 "throughput_gbps": figures.bulk1_gbps,
                 "throughput_16_gbps": figures.bulk16_gbps,
@@ -763,7 +812,7 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
     for (label, pick, has_ratio, target) in &rows {
         let _ = write!(out, "{label:<20}");
         for (i, m) in medians.iter().enumerate() {
-            match pick(m) {
+            match pick(m).filter(|v| v.is_finite()) {
                 Some(value) => {
                     let _ = write!(out, " {value:>12.2}");
                 }
@@ -773,7 +822,7 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
             }
             if i > 0 {
                 match (has_ratio, pick(m), pick(plaintext)) {
-                    (true, Some(v), Some(base)) => {
+                    (true, Some(v), Some(base)) if (v / base).is_finite() => {
                         let _ = write!(out, " {:>6.2}x", v / base);
                     }
                     _ => {
@@ -787,6 +836,9 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
     for (name, f) in names.iter().zip(figures) {
         if f.conn_errors > 0 {
             let _ = writeln!(out, "warning: {name}: {} connection errors", f.conn_errors);
+        }
+        for failure in &f.failures {
+            let _ = writeln!(out, "FAILED {name}: {failure}");
         }
     }
     out

@@ -160,6 +160,10 @@ fn seconds(value: f64) -> io::Result<Duration> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{value} s: {e}")))
 }
 
+fn context(error: io::Error, what: String) -> io::Error {
+    io::Error::new(error.kind(), format!("{what}: {error}"))
+}
+
 fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     let stream = TcpStream::connect_timeout(&addr, TIMEOUT)
         .map_err(|e| io::Error::new(e.kind(), format!("connecting to {addr}: {e}")))?;
@@ -230,12 +234,20 @@ fn bulk(addr: SocketAddr, secs: f64, streams: usize) -> io::Result<Report> {
                 let payload = vec![0x5au8; BUFFER];
                 start_line.wait();
                 let deadline = Instant::now() + duration;
+                let mut sent: u64 = 0;
                 while Instant::now() < deadline {
-                    stream.write_all(&payload)?;
+                    stream
+                        .write_all(&payload)
+                        .map_err(|e| context(e, format!("sending after {sent} bytes")))?;
+                    sent += payload.len() as u64;
                 }
-                stream.shutdown(Shutdown::Write)?;
+                stream
+                    .shutdown(Shutdown::Write)
+                    .map_err(|e| context(e, format!("closing after {sent} bytes")))?;
                 let mut confirmed = [0u8; 8];
-                stream.read_exact(&mut confirmed)?;
+                stream
+                    .read_exact(&mut confirmed)
+                    .map_err(|e| context(e, format!("reading the sink's count of {sent} bytes")))?;
                 Ok(u64::from_be_bytes(confirmed))
             })
         })

@@ -1,0 +1,215 @@
+//! Smoke tests of `cargo xtask bench` and `cargo xtask loadtest` (root): they
+//! run end to end on real testbeds, print the promised JSON, and leave nothing
+//! behind. Tiny durations: these check the harnesses, not performance.
+
+use std::{
+    collections::BTreeSet,
+    path::Path,
+    process::{Command, Output},
+};
+
+use serde_json::Value;
+
+fn xtask(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(args)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("xtask runs")
+}
+
+fn describe(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The JSON object on the last line of stdout.
+fn last_json_line(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("last line is not JSON ({e}): {}", describe(out)))
+}
+
+/// Ids (`tb-` + 6 hex digits) of the testbeds a run logged.
+fn testbed_ids(out: &Output) -> BTreeSet<String> {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    stderr
+        .match_indices("tb-")
+        .filter_map(|(at, _)| stderr.get(at..at + 9))
+        .filter(|id| id[3..].chars().all(|c| c.is_ascii_hexdigit()))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn assert_removed(ids: &BTreeSet<String>) {
+    for id in ids {
+        let underlay = format!("/run/netns/sm-{id}-u");
+        assert!(!Path::new(&underlay).exists(), "{underlay} was left behind");
+        let state = format!("/run/sealmesh/{id}");
+        assert!(!Path::new(&state).exists(), "{state} was left behind");
+    }
+}
+
+fn positive(object: &Value, key: &str) -> f64 {
+    let value = object[key]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{key} is not a number in {object}"));
+    assert!(value.is_finite() && value > 0.0, "{key} = {value}");
+    value
+}
+
+#[test]
+fn quick_bench_reports_every_figure_against_plaintext() {
+    let out = xtask(&["bench", "--quick", "--json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let summary = last_json_line(&out);
+    for key in [
+        "throughput_ratio",
+        "throughput_16_ratio",
+        "rr_p50_ratio",
+        "rr_p90_ratio",
+        "rr_p99_ratio",
+        "conn_rate_ratio",
+        "mem_per_conn_bytes",
+        "idle_rss_bytes",
+        "cpu_seconds_per_gb",
+    ] {
+        positive(&summary, key);
+    }
+    assert_eq!(summary["compared"], "sealmesh");
+    let columns = summary["columns"].as_object().expect("columns object");
+    assert_eq!(
+        columns.keys().collect::<Vec<_>>(),
+        ["plaintext", "sealmesh"],
+        "{summary}"
+    );
+    for column in columns.values() {
+        for key in [
+            "throughput_gbps",
+            "throughput_16_gbps",
+            "rr_p50_us",
+            "rr_p90_us",
+            "rr_p99_us",
+            "conn_per_s",
+        ] {
+            positive(column, key);
+        }
+        assert_eq!(column["conn_errors"], 0, "{column}");
+    }
+    let sealmesh = &summary["columns"]["sealmesh"];
+    assert_eq!(
+        sealmesh["throughput_ratio"].as_f64().unwrap(),
+        sealmesh["throughput_gbps"].as_f64().unwrap()
+            / summary["columns"]["plaintext"]["throughput_gbps"]
+                .as_f64()
+                .unwrap()
+    );
+    assert_eq!(
+        sealmesh["idle_rss_bytes_by_node"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["node-0", "node-1"]
+    );
+    // Plaintext has no proxy: nothing to charge memory or CPU to.
+    assert!(summary["columns"]["plaintext"]["idle_rss_bytes"].is_null());
+
+    let ids = testbed_ids(&out);
+    assert_eq!(ids.len(), 2, "one testbed per column: {ids:?}");
+    assert_removed(&ids);
+}
+
+#[test]
+fn bench_peer_column_runs_the_peer_command_on_every_node() {
+    // A "proxy" that intercepts nothing: the peer column then measures
+    // plaintext, which checks the hook's contract (env, ready line, cleanup).
+    let out = xtask(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--peer-cmd",
+        r#"test -n "$NODE" && test -n "$NODE_IP" && test -f "$CLUSTER_FILE" && test -n "$BPFFS_DIR" && echo ready && exec sleep 600"#,
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let summary = last_json_line(&out);
+    let peer = &summary["columns"]["peer"];
+    for key in [
+        "throughput_ratio",
+        "rr_p50_ratio",
+        "conn_rate_ratio",
+        "idle_rss_bytes",
+    ] {
+        positive(peer, key);
+    }
+    assert_eq!(
+        peer["idle_rss_bytes_by_node"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["node-0", "node-1"]
+    );
+    let ids = testbed_ids(&out);
+    assert_eq!(ids.len(), 3, "one testbed per column: {ids:?}");
+    assert_removed(&ids);
+}
+
+#[test]
+fn loadtest_connects_every_client_to_every_node_over_mtls() {
+    let out = xtask(&[
+        "loadtest",
+        "--nodes",
+        "2",
+        "--clients-per-node",
+        "2",
+        "--rate",
+        "100",
+        "--concurrency",
+        "4",
+        "--duration",
+        "2s",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let result = last_json_line(&out);
+    // 4 clients at 25/s for 2 s: connections due at 0, 40 ms, ..., 1.96 s.
+    assert_eq!(result["connections"], 200, "{result}");
+    assert_eq!(result["errors"], 0, "{result}");
+    assert_eq!(result["logged_connections"], 200, "{result}");
+    assert_eq!(result["mtls_fraction"], 1.0, "{result}");
+    assert_eq!(result["bytes"], 200 * 2 * 64, "{result}");
+    assert_eq!(result["passed"], true);
+    positive(&result, "latency_p50_us");
+    positive(&result, "latency_p99_us");
+    let per_server = result["per_server"].as_object().expect("per_server");
+    assert_eq!(
+        per_server.keys().collect::<Vec<_>>(),
+        ["load/server-0", "load/server-1"],
+        "{result}"
+    );
+    assert_eq!(
+        per_server
+            .values()
+            .map(|v| v.as_u64().unwrap())
+            .sum::<u64>(),
+        200
+    );
+    assert_removed(&testbed_ids(&out));
+}
+
+#[test]
+fn loadtest_on_kind_explains_what_it_needs() {
+    let out = xtask(&["loadtest", "--kind"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--kind") && stderr.contains("run without --kind"),
+        "{stderr}"
+    );
+}
