@@ -50,8 +50,10 @@ impl KernelLogForwarder {
     pub(super) fn start(ebpf: &mut Ebpf) -> Result<Self, EbpfError> {
         let mut logger = EbpfLogger::init_with_logger(ebpf, LogToTracing)
             .map_err(|error| EbpfError::KernelLog(error.to_string()))?;
-        let (stop_read, stop_write) =
-            nix::unistd::pipe().map_err(|errno| EbpfError::KernelLog(errno.to_string()))?;
+        // Close-on-exec: a child process inheriting the write end would keep the pipe open, and
+        // the thread (and whoever drops the forwarder) would wait for that child to exit.
+        let (stop_read, stop_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|errno| EbpfError::KernelLog(errno.to_string()))?;
         let thread = std::thread::Builder::new()
             .name("ebpf-log".into())
             .spawn(move || {

@@ -1,0 +1,505 @@
+//! Sockmap acceleration and the getpeername fix on a real kernel (needs root). Each test builds
+//! its own network namespace, cgroup tree (`<root>/node/pod`) and private bpffs, attaches a
+//! [`Redirector`] at the node cgroup, and runs a stand-in agent (an echo server in the node
+//! cgroup, listening on the agent's outbound address, so the kernel runs sock_ops for its
+//! accepted sockets as it does for the agent's) and pod clients (processes in the pod cgroup
+//! whose connects are redirected to it). Everything is removed by drop guards, also on failure.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use sealmesh_agent::ebpf::{EbpfStatus, MeshedCgroups, RedirectConfig, Redirector};
+use sealmesh_common::{consts::OUTBOUND_PORT, host};
+use serde_json::Value;
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 1);
+/// Where pods "want" to go; nothing listens there, only the redirect makes it reachable.
+const REMOTE_POD: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 251, 0, 99), 80);
+const LISTENER: SocketAddrV4 = SocketAddrV4::new(NODE_IP, OUTBOUND_PORT);
+const WAIT: Duration = Duration::from_secs(20);
+const BULK_BYTES: usize = 8 << 20;
+const SMALL_MESSAGES: usize = 2000;
+/// SYN and FIN take one sequence number each way; anything more means payload went over TCP.
+const HANDSHAKE_SEQUENCE_SPACE: u64 = 4;
+
+/// The stand-in agent: greets every connection (so a client that waits for the greeting only
+/// sends once both sockets are established), echoes until EOF, then half-closes and closes.
+const ECHO_SERVER: &str = r#"
+import socket, sys, threading
+host, port = sys.argv[1], int(sys.argv[2])
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((host, port))
+listener.listen(128)
+print("listening", flush=True)
+def serve(conn):
+    with conn:
+        conn.sendall(b"sealmesh\n")
+        while True:
+            data = conn.recv(1 << 16)
+            if not data:
+                break
+            conn.sendall(data)
+        conn.shutdown(socket.SHUT_WR)
+while True:
+    conn, _ = listener.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"#;
+
+/// A pod client. Modes: `bulk N` waits for the greeting, sends N random bytes and half-closes
+/// while reading the echo; `eager N` does the same without waiting for the greeting (its first
+/// bytes may leave before the agent's socket is established); `small N` does N request/response
+/// round trips of 1-97 bytes, then N messages back to back; `hold` waits for the greeting,
+/// prints `connected`, and finishes a short exchange once stdin has a line. Each prints one JSON
+/// line: getpeername's answer, whether the echo matched, and the TCP byte counters of the socket.
+const CLIENT: &str = r#"
+import hashlib, json, os, socket, struct, sys, threading
+host, port, mode, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+GREETING = b"sealmesh\n"
+s = socket.create_connection((host, port), timeout=30)
+peer = "%s:%d" % s.getpeername()
+def recv_exact(n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            sys.exit("EOF after %d of %d bytes" % (len(buf), n))
+        buf += chunk
+    return bytes(buf)
+def recv_to_eof():
+    buf = bytearray()
+    while True:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            return bytes(buf)
+        buf += chunk
+def send_then_half_close(payload):
+    s.sendall(payload)
+    s.shutdown(socket.SHUT_WR)
+def tcp_bytes():
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    acked, received = struct.unpack_from("QQ", info, 120)  # tcpi_bytes_acked, tcpi_bytes_received
+    return acked, received
+expected = b""
+if mode in ("bulk", "eager"):
+    payload = os.urandom(count)
+    if mode == "bulk":
+        assert recv_exact(len(GREETING)) == GREETING
+    writer = threading.Thread(target=send_then_half_close, args=(payload,))
+    writer.start()
+    received = recv_to_eof()
+    writer.join()
+    if mode == "eager":
+        expected = GREETING
+    expected += payload
+elif mode == "small":
+    assert recv_exact(len(GREETING)) == GREETING
+    for i in range(count):
+        message = bytes([i % 251]) * (i % 97 + 1)
+        s.sendall(message)
+        if recv_exact(len(message)) != message:
+            sys.exit("round trip %d: wrong echo" % i)
+    payload = b"".join(b"%d;" % i for i in range(count))
+    for i in range(count):
+        s.sendall(b"%d;" % i)
+    s.shutdown(socket.SHUT_WR)
+    received = recv_to_eof()
+    expected = payload
+elif mode == "hold":
+    assert recv_exact(len(GREETING)) == GREETING
+    print(json.dumps({"connected": True, "peer": peer}), flush=True)
+    sys.stdin.readline()
+    send_then_half_close(b"bye")
+    received = recv_to_eof()
+    expected = b"bye"
+acked, tcp_received = tcp_bytes()
+print(json.dumps({
+    "peer": peer,
+    "match": received == expected,
+    "received": len(received),
+    "expected": len(expected),
+    "received_sha256": hashlib.sha256(received).hexdigest(),
+    "expected_sha256": hashlib.sha256(expected).hexdigest(),
+    "tcp_bytes": acked + tcp_received,
+}), flush=True)
+"#;
+
+#[test]
+fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() {
+    let bed = Testbed::new();
+    let redirector = bed.redirector(true);
+    let _agent = bed.echo_server();
+    assert_eq!(redirector.status().sockmap_acceleration, Some(true));
+
+    let bulk = bed.client("bulk", BULK_BYTES);
+    assert_exchange(&bulk, BULK_BYTES);
+    assert!(
+        bulk["tcp_bytes"].as_u64().unwrap() <= HANDSHAKE_SEQUENCE_SPACE,
+        "payload skipped TCP both ways: {bulk}"
+    );
+
+    let small = bed.client("small", SMALL_MESSAGES);
+    assert_exchange(&small, small["expected"].as_u64().unwrap() as usize);
+    assert!(
+        small["tcp_bytes"].as_u64().unwrap() <= HANDSHAKE_SEQUENCE_SPACE,
+        "{small}"
+    );
+
+    // A client that sends before the agent's socket is established may have its first bytes
+    // go over TCP; whichever way each message went, the stream arrives intact and in order.
+    for _ in 0..20 {
+        let eager = bed.client("eager", 256 << 10);
+        assert_exchange(&eager, (256 << 10) + "sealmesh\n".len());
+    }
+
+    wait_for_status(
+        &redirector,
+        "closed connections leave the sockhash",
+        |status| status.accelerated_sockets == 0 && status.original_destinations == 0,
+    );
+}
+
+#[test]
+fn both_sockets_are_in_the_sockhash_while_connected() {
+    let bed = Testbed::new();
+    let redirector = bed.redirector(true);
+    let _agent = bed.echo_server();
+
+    let mut held = bed.hold();
+    let connected = held.connected();
+    assert_eq!(connected["peer"], REMOTE_POD.to_string());
+    let status = redirector.status();
+    assert_eq!(
+        (status.accelerated_sockets, status.original_destinations),
+        (2, 1),
+        "the pod's socket and the agent's, one original destination: {status:?}"
+    );
+    let pinned = Redirector::pinned_status(&bed.pin_dir()).unwrap();
+    assert_eq!(
+        (pinned.accelerated_sockets, pinned.sockmap_acceleration),
+        (2, None)
+    );
+
+    let done = held.finish();
+    assert_exchange(&done, 3);
+    assert!(
+        done["tcp_bytes"].as_u64().unwrap() <= HANDSHAKE_SEQUENCE_SPACE,
+        "{done}"
+    );
+    wait_for_status(&redirector, "both sockets leave the sockhash", |status| {
+        status.accelerated_sockets == 0 && status.original_destinations == 0
+    });
+}
+
+#[test]
+fn connections_of_a_replaced_agent_stay_accelerated() {
+    let bed = Testbed::new();
+    let first = bed.redirector(true);
+    let _agent = bed.echo_server();
+    let mut held = bed.hold();
+    held.connected();
+
+    // The new agent attaches its sk_msg program to the pinned sockhash; the old one goes.
+    let second = bed.redirector(true);
+    drop(first);
+    assert_eq!(second.status().accelerated_sockets, 2);
+    let done = held.finish();
+    assert_exchange(&done, 3);
+    assert!(
+        done["tcp_bytes"].as_u64().unwrap() <= HANDSHAKE_SEQUENCE_SPACE,
+        "{done}"
+    );
+
+    // New connections are accelerated by the new agent's program.
+    let bulk = bed.client("bulk", 1 << 20);
+    assert_exchange(&bulk, 1 << 20);
+    assert!(
+        bulk["tcp_bytes"].as_u64().unwrap() <= HANDSHAKE_SEQUENCE_SPACE,
+        "{bulk}"
+    );
+    wait_for_status(&second, "no sockets left", |status| {
+        status.accelerated_sockets == 0
+    });
+}
+
+#[test]
+fn without_acceleration_the_same_bytes_go_over_tcp() {
+    let bed = Testbed::new();
+    let redirector = bed.redirector(false);
+    let _agent = bed.echo_server();
+    assert_eq!(redirector.status().sockmap_acceleration, Some(false));
+
+    let mut held = bed.hold();
+    assert_eq!(held.connected()["peer"], REMOTE_POD.to_string());
+    assert_eq!(redirector.status().accelerated_sockets, 0);
+    assert_exchange(&held.finish(), 3);
+
+    let bulk = bed.client("bulk", BULK_BYTES);
+    assert_exchange(&bulk, BULK_BYTES);
+    assert!(
+        bulk["tcp_bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64,
+        "payload went over TCP both ways: {bulk}"
+    );
+    let small = bed.client("small", SMALL_MESSAGES);
+    assert_exchange(&small, small["expected"].as_u64().unwrap() as usize);
+    assert_eq!(redirector.status().accelerated_sockets, 0);
+    wait_for_status(&redirector, "original destinations are deleted", |status| {
+        status.original_destinations == 0
+    });
+}
+
+/// The client's report: getpeername gave the original destination and the echo matched.
+fn assert_exchange(report: &Value, expected_len: usize) {
+    assert_eq!(report["peer"], REMOTE_POD.to_string(), "{report}");
+    assert_eq!(report["expected"], expected_len, "{report}");
+    assert_eq!(report["received"], report["expected"], "{report}");
+    assert_eq!(
+        report["received_sha256"], report["expected_sha256"],
+        "{report}"
+    );
+    assert_eq!(report["match"], true, "{report}");
+}
+
+fn wait_for_status(redirector: &Redirector, what: &str, done: impl Fn(&EbpfStatus) -> bool) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let status = redirector.status();
+        if done(&status) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {status:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A unique namespace, cgroup tree (`<root>/node/pod`) and private bpffs.
+struct Testbed {
+    netns: String,
+    cgroup_root: PathBuf,
+    node: PathBuf,
+    pod: PathBuf,
+    bpffs: tempfile::TempDir,
+    bpffs_mounted: bool,
+}
+
+impl Testbed {
+    fn new() -> Self {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "the sockmap tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+        );
+        let id = format!("{:08x}", rand::random::<u32>());
+        let cgroup_root = host::cgroup2_mount()
+            .expect("cgroup2 is mounted")
+            .join(format!("sealmesh-sockmaptest-{id}"));
+        let node = cgroup_root.join("node");
+        let pod = node.join("pod");
+        let mut bed = Self {
+            netns: format!("sm-sockmaptest-{id}"),
+            cgroup_root,
+            node,
+            pod,
+            bpffs: tempfile::Builder::new()
+                .prefix("sealmesh-sockmaptest-bpffs-")
+                .tempdir()
+                .unwrap(),
+            bpffs_mounted: false,
+        };
+        // From here on, Drop cleans up whatever of the following exists.
+        mount(
+            Some("bpf"),
+            bed.bpffs.path(),
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount bpffs");
+        bed.bpffs_mounted = true;
+        fs::create_dir_all(&bed.pod).expect("create the cgroup tree");
+        let ns = bed.netns.clone();
+        ip(&["netns", "add", &ns]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ip(&[
+            "-n", &ns, "link", "add", "sm0", "type", "veth", "peer", "name", "sm1",
+        ]);
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "sm0",
+        ]);
+        ip(&["-n", &ns, "link", "set", "sm0", "up"]);
+        ip(&["-n", &ns, "link", "set", "sm1", "up"]);
+        bed
+    }
+
+    fn pin_dir(&self) -> PathBuf {
+        self.bpffs.path().join("sealmesh-testbed/node-0")
+    }
+
+    /// Loads the programs and meshes the pod.
+    fn redirector(&self, sockmap_acceleration: bool) -> Redirector {
+        let redirector = Redirector::load(&RedirectConfig {
+            node_cgroup: self.node.clone(),
+            bpffs_dir: self.pin_dir(),
+            listener: LISTENER,
+            excluded_ports: Vec::new(),
+            excluded_cidrs: Vec::new(),
+            sockmap_acceleration,
+        })
+        .expect("the eBPF object loads and attaches");
+        redirector
+            .insert(host::cgroup_id(&self.pod).unwrap())
+            .expect("mark the pod meshed");
+        redirector
+    }
+
+    /// `python3 -c <script> <args>` in the netns as a process of `cgroup`.
+    fn python(&self, cgroup: &Path, script: &str, args: &[&str]) -> Command {
+        // The shell joins the cgroup first: `ip netns exec` remounts /sys, hiding cgroupfs.
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", r#"echo $$ > "$0" && exec ip netns exec "$@""#])
+            .arg(cgroup.join("cgroup.procs"))
+            .args([&self.netns, "python3", "-c", script])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        command
+    }
+
+    /// Starts the stand-in agent on the listener, in the node cgroup.
+    fn echo_server(&self) -> Process {
+        let mut server = Process(
+            self.python(
+                &self.node,
+                ECHO_SERVER,
+                &[&NODE_IP.to_string(), &OUTBOUND_PORT.to_string()],
+            )
+            .spawn()
+            .expect("start the echo server"),
+        );
+        let mut line = String::new();
+        BufReader::new(server.0.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .expect("read the echo server's start line");
+        assert_eq!(line, "listening\n", "the echo server started");
+        server
+    }
+
+    fn client_command(&self, mode: &str, count: usize) -> Command {
+        self.python(
+            &self.pod,
+            CLIENT,
+            &[
+                &REMOTE_POD.ip().to_string(),
+                &REMOTE_POD.port().to_string(),
+                mode,
+                &count.to_string(),
+            ],
+        )
+    }
+
+    /// Runs a pod client to completion and returns its report.
+    fn client(&self, mode: &str, count: usize) -> Value {
+        let output = self
+            .client_command(mode, count)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the client");
+        assert!(
+            output.status.success(),
+            "client {mode} {count} failed: {output:?}"
+        );
+        serde_json::from_slice(&output.stdout).expect("the client prints one JSON report")
+    }
+
+    fn hold(&self) -> HeldClient {
+        let mut process = Process(
+            self.client_command("hold", 0)
+                .spawn()
+                .expect("start the client"),
+        );
+        let stdin = process.0.stdin.take().unwrap();
+        let stdout = BufReader::new(process.0.stdout.take().unwrap());
+        HeldClient {
+            process,
+            stdin,
+            stdout,
+        }
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.netns])
+            .status();
+        for dir in [&self.pod, &self.node, &self.cgroup_root] {
+            let _ = fs::remove_dir(dir);
+        }
+        if self.bpffs_mounted {
+            // Unmounting drops every pin of this private instance (and so detaches our links).
+            let _ = umount2(self.bpffs.path(), MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// A child process killed and reaped on drop.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A `hold` client: connected until told to finish.
+struct HeldClient {
+    process: Process,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+}
+
+impl HeldClient {
+    fn read_report(&mut self) -> Value {
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .expect("read the client's report");
+        serde_json::from_str(&line).unwrap_or_else(|error| panic!("report {line:?}: {error}"))
+    }
+
+    fn connected(&mut self) -> Value {
+        let report = self.read_report();
+        assert_eq!(report["connected"], true, "{report}");
+        report
+    }
+
+    fn finish(mut self) -> Value {
+        self.stdin
+            .write_all(b"go\n")
+            .expect("tell the client to finish");
+        let report = self.read_report();
+        let status = self.process.0.wait().expect("wait for the client");
+        assert!(status.success(), "the held client failed: {status}");
+        report
+    }
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().expect("run ip");
+    assert!(status.success(), "ip {} failed", args.join(" "));
+}
