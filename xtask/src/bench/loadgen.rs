@@ -78,9 +78,28 @@ impl Report {
 /// Latencies in microseconds, kept to three significant digits (< 1 % error)
 /// so results of many clients can be merged and still give true percentiles.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(into = "Vec<(u64, u64)>", from = "Vec<(u64, u64)>")]
 pub struct Histogram {
     /// Bucket floor (µs, three significant digits) → samples.
     buckets: BTreeMap<u64, u64>,
+}
+
+// On the wire as `[[bucket, count], ...]`: JSON object keys are strings, which
+// serde cannot read back as numbers inside the internally tagged [`Report`].
+impl From<Histogram> for Vec<(u64, u64)> {
+    fn from(histogram: Histogram) -> Self {
+        histogram.buckets.into_iter().collect()
+    }
+}
+
+impl From<Vec<(u64, u64)>> for Histogram {
+    fn from(buckets: Vec<(u64, u64)>) -> Self {
+        let mut histogram = Self::default();
+        for (bucket, count) in buckets {
+            *histogram.buckets.entry(bucket).or_default() += count;
+        }
+        histogram
+    }
 }
 
 impl Histogram {
@@ -271,6 +290,24 @@ mod tests {
             line,
             r#"{"mode":"bulk","streams":16,"bytes":10,"seconds":0.5}"#
         );
+        assert_eq!(serde_json::from_str::<Report>(&line).unwrap(), report);
+    }
+
+    #[test]
+    fn load_reports_with_histograms_round_trip() {
+        let mut latency = Histogram::default();
+        latency.record(Duration::from_micros(1234));
+        latency.record(Duration::from_micros(1234));
+        let report = Report::Load {
+            connections: 2,
+            errors: 0,
+            bytes: 256,
+            seconds: 1.0,
+            latency,
+            first_error: None,
+        };
+        let line = report.to_line();
+        assert!(line.contains(r#""latency":[[1230,2]]"#), "{line}");
         assert_eq!(serde_json::from_str::<Report>(&line).unwrap(), report);
     }
 }
