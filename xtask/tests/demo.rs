@@ -1,12 +1,22 @@
 //! `cargo xtask demo`'s core on the testbed (root, real eBPF, real mTLS, real
-//! identity service): what the README's first command shows must hold.
+//! identity service): what the README's first command shows must hold. And
+//! the demo app's testapp modes (line server, relay, bot) on loopback.
 
 use std::{
-    collections::BTreeSet, path::Path, process::Command, sync::atomic::AtomicBool, time::Duration,
+    collections::BTreeSet,
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    path::Path,
+    process::{Child, Command, Stdio},
+    sync::atomic::AtomicBool,
+    time::Duration,
 };
 
 use sealmesh_common::identity::TrustDomain;
-use xtask::demo::{self, APP_NAMESPACE, DemoOptions, LEGACY_NAMESPACE};
+use xtask::{
+    demo::{self, APP_NAMESPACE, DemoOptions, LEGACY_NAMESPACE},
+    testapp::{self, BotReport},
+};
 
 fn node(name: &Option<String>) -> &str {
     name.as_deref().unwrap_or("?")
@@ -187,4 +197,109 @@ fn demo_secures_every_meshed_edge_with_both_identities_and_explains_the_unmeshed
         String::from_utf8_lossy(&netns.stdout)
     );
     assert!(!Path::new("/run/sealmesh").join(&summary.testbed).exists());
+}
+
+fn testapp_path() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_testapp"))
+}
+
+/// A testapp server on loopback, killed on drop (also when a test panics).
+struct Server(Child);
+
+impl Server {
+    fn start(mut cmd: Command) -> (Self, SocketAddr) {
+        let mut child = cmd.spawn().expect("testapp starts");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("server printed {line:?}"));
+        (Self(child), addr)
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// Runs `testapp bot` for `rounds` rounds and parses its reports.
+fn bot_reports(targets: &[(&str, SocketAddr)], rounds: u32) -> Vec<BotReport> {
+    let mut cmd = testapp::bot(testapp_path(), targets, Duration::from_millis(10));
+    cmd.args(["--count", &rounds.to_string(), "--timeout-secs", "3"]);
+    let out = cmd.stderr(Stdio::piped()).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| BotReport::parse(l).unwrap_or_else(|| panic!("unparsable report {l:?}")))
+        .collect()
+}
+
+#[test]
+fn relay_answers_each_request_with_every_backends_reply_on_fresh_and_persistent_connections() {
+    let (_emoji, emoji) = Server::start(testapp::line_server(testapp_path(), loopback(), "emoji"));
+    let (_voting, voting) =
+        Server::start(testapp::line_server(testapp_path(), loopback(), "voting"));
+    let (_web, web) = Server::start(testapp::relay(
+        testapp_path(),
+        loopback(),
+        "web",
+        &[("emoji", emoji), ("voting", voting)],
+    ));
+
+    let reports = bot_reports(&[("web", web), ("emoji", emoji)], 4);
+    let expected: Vec<BotReport> = (1..=4)
+        .flat_map(|seq| {
+            let conn = if seq % 2 == 1 { "fresh" } else { "persistent" };
+            [
+                (
+                    "web",
+                    format!("web: emoji: vote {seq} | voting: vote {seq}"),
+                ),
+                ("emoji", format!("emoji: vote {seq}")),
+            ]
+            .map(|(target, reply)| BotReport {
+                target: target.to_owned(),
+                conn: conn.to_owned(),
+                seq,
+                outcome: Ok(reply),
+            })
+        })
+        .collect();
+    assert_eq!(reports, expected);
+}
+
+#[test]
+fn relay_closes_without_an_answer_when_a_backend_is_down_and_the_bot_reports_it() {
+    // A port nobody listens on any more.
+    let down = TcpListener::bind(loopback()).unwrap().local_addr().unwrap();
+    let (_emoji, emoji) = Server::start(testapp::line_server(testapp_path(), loopback(), "emoji"));
+    let (_web, web) = Server::start(testapp::relay(
+        testapp_path(),
+        loopback(),
+        "web",
+        &[("emoji", emoji), ("voting", down)],
+    ));
+
+    let reports = bot_reports(&[("web", web)], 2);
+    assert_eq!(reports.len(), 2, "{reports:?}");
+    for (report, (seq, conn)) in reports.iter().zip([(1, "fresh"), (2, "persistent")]) {
+        assert_eq!((report.seq, report.conn.as_str()), (seq, conn));
+        let error = report.outcome.as_ref().expect_err("no partial answer");
+        assert!(
+            error.contains(&format!("web={web}")) && error.contains("without a full reply"),
+            "{error}"
+        );
+    }
 }
