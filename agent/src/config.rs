@@ -105,8 +105,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
     /// Move payload between pods and this agent with sk_msg/sockhash instead of through the
-    /// TCP/IP stack (same-host pod <-> agent hop only).
-    #[arg(long, value_enum, default_value_t = OnOff::On)]
+    /// TCP/IP stack (same-host pod <-> agent hop only). Off by default: on Linux 6.18 a pod
+    /// socket in a sockhash can fail a blocking read with EAGAIN when it is woken without data
+    /// (e.g. by its own writer thread), which breaks ordinary blocking apps.
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
     pub sockmap_acceleration: OnOff,
 }
 

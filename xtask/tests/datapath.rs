@@ -181,13 +181,17 @@ fn describe(out: &Output) -> String {
 fn meshed_pods_talk_mtls_across_and_within_nodes_with_kernel_attested_identities() {
     let app = App::up(MeshOptions::default());
 
-    // Across nodes, by pod IP and through the Service VIP.
-    app.client_ok(
+    // Across nodes, by pod IP and through the Service VIP. getpeername in the
+    // pod names the destination it connected to, not the agent it was
+    // redirected to.
+    let out = app.client_ok(
         APP_NS,
         "client",
         app.echo_addr(APP_NS, "server"),
         "hello across nodes",
     );
+    let server_addr = app.echo_addr(APP_NS, "server");
+    assert!(out.contains(&format!(" peer={server_addr} ")), "{out}");
     let out = app.client_ok(
         APP_NS,
         "client",
@@ -195,6 +199,10 @@ fn meshed_pods_talk_mtls_across_and_within_nodes_with_kernel_attested_identities
         "hello service",
     );
     assert!(out.starts_with("ok "), "{out}");
+    assert!(
+        out.contains(&format!(" peer={SERVICE_VIP}:{SERVICE_PORT} ")),
+        "{out}"
+    );
 
     let server_ip = app.ip(APP_NS, "server").to_string();
     let inbound = app.wait_access("node-1", "inbound mTLS connection to shop/server", |e| {
@@ -223,12 +231,14 @@ fn meshed_pods_talk_mtls_across_and_within_nodes_with_kernel_attested_identities
     assert_eq!(both.len(), 2, "{both:?}");
 
     // Same node: secured locally, recorded as such.
-    app.client_ok(
+    let out = app.client_ok(
         APP_NS,
         "client",
         app.echo_addr(APP_NS, "neighbour"),
         "hello neighbour",
     );
+    let neighbour_addr = app.echo_addr(APP_NS, "neighbour");
+    assert!(out.contains(&format!(" peer={neighbour_addr} ")), "{out}");
     let local = app.wait_access("node-0", "same-node connection", |e| {
         e["dst"] == "shop/neighbour"
     });

@@ -31,7 +31,11 @@
 //!   in both queues could be read out of order otherwise). The map is pinned: sockets keep the
 //!   sk_msg program they got when added, so connections of a replaced agent stay accelerated,
 //!   and the new agent's program (attached before its sock_ops) serves new ones. An agent with
-//!   acceleration off neither attaches sk_msg nor adds sockets.
+//!   acceleration off neither attaches sk_msg nor adds sockets. The agent defaults to off: on
+//!   Linux 6.18 a blocking read on a sockhash socket returns EAGAIN when woken without data
+//!   (`tcp_bpf_recvmsg` waits once instead of looping), which ordinary pod apps do not expect.
+//!   Redirected bytes also bypass the receiver's rcvbuf limit (only socket memory accounting
+//!   bounds them).
 //! - `getpeername`: a redirected pod socket's peer is the agent's listener; `cgroup/getpeername4`
 //!   (and 6, for dual-stack sockets) reports the original destination instead, from a per-cookie
 //!   record connect4 writes and sock_ops deletes when the socket closes (LRU as a last bound).
