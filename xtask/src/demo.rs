@@ -200,8 +200,20 @@ pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     if !args.agent_args.is_empty() {
         options.agent_args.clone_from(&args.agent_args);
     }
-    let summary = run(&options, &stop, &mut io::stdout())?;
+    let summary = match run(&options, &stop, &mut io::stdout()) {
+        Ok(summary) => summary,
+        // Ctrl-C also stops the agents and the app; whatever failed after it
+        // is no news. The testbed is gone either way.
+        Err(e) if stop.load(Ordering::SeqCst) => {
+            println!("interrupted ({e}); everything torn down");
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!("testbed {} torn down", summary.testbed);
+    if summary.interrupted {
+        return Ok(());
+    }
     let problems = summary.problems();
     if !problems.is_empty() {
         bail!("the mesh misbehaved: {}", problems.join("; "));
@@ -334,13 +346,21 @@ pub fn run(
         std::thread::sleep(POLL);
     }
     tap.kill();
+    summary.interrupted = stop.load(Ordering::SeqCst);
     // Stop the bot before the last table: its persistent connections close
     // while the agents still run, so they are counted too.
     app.stop_bot();
     std::thread::sleep(CLOSE_GRACE);
     app.tally_bot(&mut summary.bot, out)?;
-    cli.show_edges(out)?;
-    summary.edges = cli.edges(&cluster)?;
+    match cli.show_edges(out).and_then(|()| cli.edges(&cluster)) {
+        Ok(edges) => summary.edges = edges,
+        // Ctrl-C in a terminal reaches the agents too (they share its process
+        // group): there may be nobody left to ask.
+        Err(e) if summary.interrupted => {
+            writeln!(out, "no final edges: {e}").map_err(DemoError::Output)?;
+        }
+        Err(e) => return Err(e),
+    }
     writeln!(
         out,
         "\nvote-bot: {} requests answered, {} failed",
@@ -663,6 +683,8 @@ pub struct DemoSummary {
     /// What `sealmesh tap` printed.
     pub tap_lines: Vec<String>,
     pub bot: BotTally,
+    /// Stopped by SIGINT or SIGTERM before the duration ended.
+    pub interrupted: bool,
 }
 
 impl DemoSummary {
