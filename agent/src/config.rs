@@ -108,7 +108,7 @@ pub struct Args {
     /// TCP/IP stack (same-host pod <-> agent hop only). Off by default: on Linux 6.18 a pod
     /// socket in a sockhash can fail a blocking read with EAGAIN when it is woken without data
     /// (e.g. by its own writer thread), which breaks ordinary blocking apps.
-    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    #[arg(long, value_enum, default_value_t = OnOff::Off, env = "SEALMESH_SOCKMAP_ACCELERATION")]
     pub sockmap_acceleration: OnOff,
 }
 
