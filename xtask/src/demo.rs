@@ -159,7 +159,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Time between the vote-bot's rounds (one request to each target).
     pub bot_interval: Duration,
-    /// Extra flags for every agent.
+    /// Flags for every agent (the mesh harness adds cluster, node, pins and
+    /// logging).
     pub agent_args: Vec<String>,
 }
 
@@ -188,11 +189,11 @@ pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     // Before any thread starts, so that every thread inherits the blocked mask.
     let stop = stop_on_signals()?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    cmd::run_visible(Command::new(cargo).args(["build", "--workspace"]))
-        .context("building the workspace")?;
+    let built = cmd::run_visible(Command::new(cargo).args(["build", "--workspace"]));
     if stop.load(Ordering::SeqCst) {
-        bail!("interrupted");
+        bail!("interrupted while building the workspace");
     }
+    built.context("building the workspace")?;
     let mut options = DemoOptions {
         duration: (!args.follow).then_some(args.duration),
         ..DemoOptions::default()
