@@ -164,6 +164,7 @@ struct ConfigView<'a> {
     token_file: &'a Path,
     token: &'static str,
     policy: Policy,
+    sockmap_acceleration: bool,
     admin_listen: SocketAddr,
     metrics_listen: SocketAddr,
     log_level: &'a str,
@@ -189,6 +190,7 @@ impl Config {
             token_file: &self.token_file,
             token: TOKEN_REDACTED,
             policy: self.policy,
+            sockmap_acceleration: self.sockmap_acceleration,
             admin_listen: self.admin_listen,
             metrics_listen: self.metrics_listen,
             log_level: &self.log_level,
@@ -481,6 +483,7 @@ nodes:
         assert_eq!(dumped["token_file"], "/run/sealmesh/tb-cfg/node-0.token");
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
+        assert_eq!(dumped["sockmap_acceleration"], false);
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
         assert_eq!(dumped["log_format"], "text");
     }
