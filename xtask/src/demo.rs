@@ -145,11 +145,20 @@ pub struct DemoArgs {
     /// Show live traffic until Ctrl-C instead.
     #[arg(long, conflicts_with = "duration")]
     pub follow: bool,
-    /// A flag for every agent, e.g. `--agent-arg=--force-mtls-local`; repeat
-    /// for several. Replaces the demo's default agent flags
-    /// (`--sockmap-acceleration off`).
+    /// Let agents move the pod <-> agent hop's bytes with sk_msg (off: see
+    /// docs/DEMO.md's known limitation).
+    #[arg(long, value_enum, default_value_t = Switch::Off)]
+    pub sockmap_acceleration: Switch,
+    /// One more flag for every agent, e.g. `--agent-arg=--force-mtls-local`;
+    /// repeat for several.
     #[arg(long = "agent-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Switch {
+    On,
+    Off,
 }
 
 /// What [`run`] does.
@@ -159,24 +168,39 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Time between the vote-bot's rounds (one request to each target).
     pub bot_interval: Duration,
-    /// Flags for every agent (the mesh harness adds cluster, node, pins and
-    /// logging).
+    /// Off by default: with it on, a pod reading its peer's end of stream on
+    /// a socket with a receive timeout gets EAGAIN instead of EOF (seen on
+    /// kernel 6.18), which fails the app's clean closes; the agent owns that
+    /// fix.
+    pub sockmap_acceleration: bool,
+    /// More flags for every agent (the mesh harness adds cluster, node, pins
+    /// and logging).
     pub agent_args: Vec<String>,
 }
-
-/// The agents' flags unless the user picks others. sk_msg acceleration is off
-/// because on it, a pod reading its peer's end of stream on a socket with a
-/// receive timeout gets EAGAIN instead of EOF (seen on kernel 6.18), which
-/// fails the app's clean closes; the agent owns that fix.
-const DEFAULT_AGENT_ARGS: [&str; 2] = ["--sockmap-acceleration", "off"];
 
 impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             duration: Some(Duration::from_secs(20)),
             bot_interval: Duration::from_millis(200),
-            agent_args: DEFAULT_AGENT_ARGS.map(str::to_owned).to_vec(),
+            sockmap_acceleration: false,
+            agent_args: Vec::new(),
         }
+    }
+}
+
+impl DemoOptions {
+    fn all_agent_args(&self) -> Vec<String> {
+        let acceleration = if self.sockmap_acceleration {
+            "on"
+        } else {
+            "off"
+        };
+        ["--sockmap-acceleration", acceleration]
+            .map(str::to_owned)
+            .into_iter()
+            .chain(self.agent_args.iter().cloned())
+            .collect()
     }
 }
 
@@ -194,13 +218,12 @@ pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
         bail!("interrupted while building the workspace");
     }
     built.context("building the workspace")?;
-    let mut options = DemoOptions {
+    let options = DemoOptions {
         duration: (!args.follow).then_some(args.duration),
+        sockmap_acceleration: args.sockmap_acceleration == Switch::On,
+        agent_args: args.agent_args.clone(),
         ..DemoOptions::default()
     };
-    if !args.agent_args.is_empty() {
-        options.agent_args.clone_from(&args.agent_args);
-    }
     let summary = match run(&options, &stop, &mut io::stdout()) {
         Ok(summary) => summary,
         // Ctrl-C also stops the agents and the app; whatever failed after it
@@ -299,7 +322,7 @@ pub fn run(
     let mesh = Mesh::up(
         &spec(),
         MeshOptions {
-            agent_args: options.agent_args.clone(),
+            agent_args: options.all_agent_args(),
             ..MeshOptions::default()
         },
     )?;
