@@ -17,10 +17,7 @@ use sealmesh_common::cluster::{Service, ServicePort};
 use serde_json::{Value, json};
 
 use crate::{
-    bench::{
-        datapath::{BenchError, tune_sysctls},
-        loadgen::{Histogram, Loadgen, LoadgenError, Report},
-    },
+    bench::loadgen::{Histogram, Loadgen, LoadgenError, Report, tune_sysctls},
     mesh::{self, Mesh, MeshError, MeshOptions},
     testbed::{ChildGuard, PodSpec, TestbedSpec},
 };
@@ -62,8 +59,6 @@ pub enum LoadtestError {
     #[error(transparent)]
     Mesh(#[from] MeshError),
     #[error(transparent)]
-    Bench(#[from] BenchError),
-    #[error(transparent)]
     Loadgen(#[from] LoadgenError),
     #[error(
         "--kind needs Docker and a kind cluster, which this machine lacks ({missing} not found on PATH); run without --kind to load-test the local testbed"
@@ -76,7 +71,7 @@ pub enum LoadtestError {
     #[error("invalid load: {0}")]
     BadArgs(String),
     #[error("loadgen in pod {pod} reported {report:?}, expected a load report")]
-    UnexpectedReport { pod: String, report: Report },
+    UnexpectedReport { pod: String, report: Box<Report> },
 }
 
 /// What a load test found; [`Outcome::passed`] decides the exit status.
@@ -334,7 +329,12 @@ pub fn run(args: &LoadtestArgs) -> Result<Outcome, LoadtestError> {
                     outcome.first_error = first_error.map(|e| format!("{pod}: {e}"));
                 }
             }
-            report => return Err(LoadtestError::UnexpectedReport { pod, report }),
+            report => {
+                return Err(LoadtestError::UnexpectedReport {
+                    pod,
+                    report: Box::new(report),
+                });
+            }
         }
     }
     count_access_log(&mesh, &mut outcome)?;

@@ -26,7 +26,7 @@ use std::{
     fs::File,
     io::{self, BufRead, BufReader, Write as _},
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
     str::FromStr,
     sync::mpsc,
@@ -35,7 +35,7 @@ use std::{
 
 use serde_json::{Map, Value, json};
 
-use super::loadgen::{Loadgen, LoadgenError, Report};
+use super::loadgen::{Loadgen, LoadgenError, Report, tune_sysctls};
 use crate::{
     mesh::{self, Mesh, MeshError, MeshOptions},
     testbed::{ChildGuard, PodSpec, TestbedError, TestbedSpec},
@@ -50,12 +50,6 @@ const PEER_READY_LINE: &str = "ready";
 const PEER_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for freed memory and background work to settle before sampling RSS.
 const SETTLE: Duration = Duration::from_secs(1);
-/// Sysctls set in every namespace of every column alike: back-to-back
-/// connections would otherwise run out of ephemeral ports (TIME_WAIT).
-const SYSCTLS: [(&str, &str); 2] = [
-    ("net/ipv4/ip_local_port_range", "10000 65000"),
-    ("net/ipv4/tcp_tw_reuse", "1"),
-];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -79,7 +73,7 @@ pub enum BenchError {
     UnexpectedReport {
         column: String,
         mode: &'static str,
-        report: Report,
+        report: Box<Report>,
     },
     #[error(
         "measurements failed (their figures are missing above; rerun with RUST_LOG=debug for more): {0}"
@@ -364,7 +358,7 @@ impl Column {
         BenchError::UnexpectedReport {
             column: self.name.clone(),
             mode,
-            report,
+            report: Box::new(report),
         }
     }
 
@@ -520,33 +514,6 @@ impl Column {
 
 fn args(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
-}
-
-/// Applies [`SYSCTLS`] in every node and pod namespace of the testbed.
-pub fn tune_sysctls(mesh: &Mesh) -> Result<(), BenchError> {
-    let testbed = mesh.testbed();
-    let cluster = testbed.cluster();
-    let mut netns: Vec<String> = Vec::new();
-    for node in &cluster.nodes {
-        netns.push(testbed.node_netns(&node.name)?.to_owned());
-    }
-    for pod in &cluster.pods {
-        netns.push(testbed.pod_netns(&pod.namespace, &pod.name)?.to_owned());
-    }
-    for name in netns {
-        // /proc/sys/net shows the network namespace of the thread that opens it.
-        testbed
-            .thread_in_netns(&name, move || -> io::Result<()> {
-                for (key, value) in SYSCTLS {
-                    std::fs::write(Path::new("/proc/sys").join(key), value)?;
-                }
-                Ok(())
-            })?
-            .join()
-            .expect("the sysctl thread does not panic")
-            .map_err(io_err(format!("setting sysctls {SYSCTLS:?} in {name}")))?;
-    }
-    Ok(())
 }
 
 /// Runs the benchmark and prints the table (and the JSON line).

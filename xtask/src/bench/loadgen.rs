@@ -14,7 +14,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::testbed::{ChildGuard, Testbed, TestbedError};
+use crate::{
+    mesh::Mesh,
+    testbed::{ChildGuard, Testbed, TestbedError},
+};
 
 /// The result line of a `loadgen` mode (`{"mode": "...", ...}`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -143,8 +146,17 @@ fn three_digits(mut value: u64) -> u64 {
     value * scale
 }
 
+/// Sysctls set in every namespace of every column alike: back-to-back
+/// connections would otherwise run out of ephemeral ports (TIME_WAIT).
+const SYSCTLS: [(&str, &str); 2] = [
+    ("net/ipv4/ip_local_port_range", "10000 65000"),
+    ("net/ipv4/tcp_tw_reuse", "1"),
+];
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadgenError {
+    #[error("cannot set sysctls {SYSCTLS:?} in network namespace {netns}: {source}")]
+    Sysctl { netns: String, source: io::Error },
     #[error(transparent)]
     Testbed(#[from] TestbedError),
     #[error("loadgen {mode} in pod {pod}: {source}")]
@@ -153,15 +165,12 @@ pub enum LoadgenError {
         pod: String,
         source: io::Error,
     },
-    #[error(
-        "loadgen {mode} in pod {pod} printed no result (exit {status}); stderr: {stderr}; stdout: {stdout}"
-    )]
+    #[error("loadgen {mode} in pod {pod} printed no result: {output}")]
     NoReport {
         mode: String,
         pod: String,
-        status: String,
-        stderr: String,
-        stdout: String,
+        /// Exit status, stderr and stdout.
+        output: String,
     },
 }
 
@@ -209,9 +218,11 @@ impl Loadgen<'_> {
             .ok_or_else(|| LoadgenError::NoReport {
                 mode,
                 pod: self.pod_name(),
-                status: output.status.to_string(),
-                stderr: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
-                stdout: stdout.trim().to_owned(),
+                output: describe(
+                    &output.status.to_string(),
+                    &String::from_utf8_lossy(&output.stderr),
+                    &stdout,
+                ),
             })
     }
 
@@ -242,18 +253,57 @@ impl Loadgen<'_> {
                 Err(LoadgenError::NoReport {
                     mode,
                     pod: self.pod_name(),
-                    status: output
-                        .as_ref()
-                        .map(|o| o.status.to_string())
-                        .unwrap_or_else(|| "unknown".into()),
-                    stderr: output
-                        .map(|o| String::from_utf8_lossy(&o.stderr).trim().to_owned())
-                        .unwrap_or_default(),
-                    stdout: line.trim().to_owned(),
+                    output: describe(
+                        &output
+                            .as_ref()
+                            .map_or_else(|| "unknown".into(), |o| o.status.to_string()),
+                        &output
+                            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+                            .unwrap_or_default(),
+                        &line,
+                    ),
                 })
             }
         }
     }
+}
+
+fn describe(status: &str, stderr: &str, stdout: &str) -> String {
+    format!(
+        "{status}; stderr: {:?}; stdout: {:?}",
+        stderr.trim(),
+        stdout.trim()
+    )
+}
+
+/// Applies [`SYSCTLS`] in every node and pod namespace of the testbed.
+pub fn tune_sysctls(mesh: &Mesh) -> Result<(), LoadgenError> {
+    let testbed = mesh.testbed();
+    let cluster = testbed.cluster();
+    let mut netns: Vec<String> = Vec::new();
+    for node in &cluster.nodes {
+        netns.push(testbed.node_netns(&node.name)?.to_owned());
+    }
+    for pod in &cluster.pods {
+        netns.push(testbed.pod_netns(&pod.namespace, &pod.name)?.to_owned());
+    }
+    for name in netns {
+        // /proc/sys/net shows the network namespace of the thread that opens it.
+        testbed
+            .thread_in_netns(&name, move || -> io::Result<()> {
+                for (key, value) in SYSCTLS {
+                    std::fs::write(Path::new("/proc/sys").join(key), value)?;
+                }
+                Ok(())
+            })?
+            .join()
+            .expect("the sysctl thread does not panic")
+            .map_err(|source| LoadgenError::Sysctl {
+                netns: name,
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
