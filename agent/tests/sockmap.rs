@@ -64,7 +64,7 @@ import hashlib, json, os, socket, struct, sys, threading
 host, port, mode, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 GREETING = b"sealmesh\n"
 s = socket.create_connection((host, port), timeout=30)
-peer = "%s:%d" % s.getpeername()
+peer = "%s:%d" % s.getpeername()[:2]
 def recv_exact(n):
     buf = bytearray()
     while len(buf) < n:
@@ -170,6 +170,31 @@ fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() 
         assert_exchange(&eager, (256 << 10) + "sealmesh\n".len());
     }
 
+    wait_for_status(
+        &redirector,
+        "closed connections leave the sockhash",
+        |status| status.accelerated_sockets == 0 && status.original_destinations == 0,
+    );
+}
+
+#[test]
+fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
+    let bed = Testbed::new();
+    let redirector = bed.redirector(true);
+    let _agent = bed.echo_server();
+    let mapped = format!("::ffff:{}", REMOTE_POD.ip());
+    let bulk = bed.client_to(&mapped, "bulk", 1 << 20);
+    assert_eq!(
+        bulk["peer"],
+        format!("{mapped}:{}", REMOTE_POD.port()),
+        "{bulk}"
+    );
+    assert_eq!(bulk["match"], true, "{bulk}");
+    assert_eq!(bulk["received"], 1 << 20, "{bulk}");
+    assert!(
+        bulk["tcp_bytes"].as_u64().unwrap() <= HANDSHAKE_SEQUENCE_SPACE,
+        "{bulk}"
+    );
     wait_for_status(
         &redirector,
         "closed connections leave the sockhash",
@@ -425,11 +450,15 @@ impl Testbed {
     }
 
     fn client_command(&self, mode: &str, count: usize) -> Command {
+        self.client_command_to(&REMOTE_POD.ip().to_string(), mode, count)
+    }
+
+    fn client_command_to(&self, host: &str, mode: &str, count: usize) -> Command {
         self.python(
             &self.pod,
             CLIENT,
             &[
-                &REMOTE_POD.ip().to_string(),
+                host,
                 &REMOTE_POD.port().to_string(),
                 mode,
                 &count.to_string(),
@@ -439,8 +468,13 @@ impl Testbed {
 
     /// Runs a pod client to completion and returns its report.
     fn client(&self, mode: &str, count: usize) -> Value {
+        self.client_to(&REMOTE_POD.ip().to_string(), mode, count)
+    }
+
+    /// Like `client`, to `host` as text (e.g. an IPv4-mapped IPv6 address).
+    fn client_to(&self, host: &str, mode: &str, count: usize) -> Value {
         let output = self
-            .client_command(mode, count)
+            .client_command_to(host, mode, count)
             .stdin(Stdio::null())
             .output()
             .expect("run the client");
