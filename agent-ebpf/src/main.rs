@@ -257,7 +257,8 @@ fn try_track_redirected(ctx: &SockOpsContext) -> Result<(), i64> {
         // record sock_ops moved is there unless the connection is not a redirected one.
         BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => {
             let own = own_tuple(ctx);
-            if own.local_ip4 == LISTENER_IP4.load()
+            if SOCKMAP_ACCELERATION.load() != 0
+                && own.local_ip4 == LISTENER_IP4.load()
                 && own.local_port == LISTENER_PORT.load()
                 && REDIRECT_BY_CONNECTION
                     .get_ptr(ConnectionKey::new(
