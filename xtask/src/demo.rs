@@ -145,20 +145,10 @@ pub struct DemoArgs {
     /// Show live traffic until Ctrl-C instead.
     #[arg(long, conflicts_with = "duration")]
     pub follow: bool,
-    /// Let agents move the pod <-> agent hop's bytes with sk_msg (off: see
-    /// docs/DEMO.md's known limitation).
-    #[arg(long, value_enum, default_value_t = Switch::Off)]
-    pub sockmap_acceleration: Switch,
     /// One more flag for every agent, e.g. `--agent-arg=--force-mtls-local`;
     /// repeat for several.
     #[arg(long = "agent-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum Switch {
-    On,
-    Off,
 }
 
 /// What [`run`] does.
@@ -168,13 +158,8 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
     /// Time between the vote-bot's rounds (one request to each target).
     pub bot_interval: Duration,
-    /// Off by default: with it on, a pod reading its peer's end of stream on
-    /// a socket with a receive timeout gets EAGAIN instead of EOF (seen on
-    /// kernel 6.18), which fails the app's clean closes; the agent owns that
-    /// fix.
-    pub sockmap_acceleration: bool,
-    /// More flags for every agent (the mesh harness adds cluster, node, pins
-    /// and logging).
+    /// Flags for every agent beyond what the mesh harness passes (cluster,
+    /// node, pins, logging).
     pub agent_args: Vec<String>,
 }
 
@@ -183,24 +168,8 @@ impl Default for DemoOptions {
         Self {
             duration: Some(Duration::from_secs(20)),
             bot_interval: Duration::from_millis(200),
-            sockmap_acceleration: false,
             agent_args: Vec::new(),
         }
-    }
-}
-
-impl DemoOptions {
-    fn all_agent_args(&self) -> Vec<String> {
-        let acceleration = if self.sockmap_acceleration {
-            "on"
-        } else {
-            "off"
-        };
-        ["--sockmap-acceleration", acceleration]
-            .map(str::to_owned)
-            .into_iter()
-            .chain(self.agent_args.iter().cloned())
-            .collect()
     }
 }
 
@@ -220,7 +189,6 @@ pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     built.context("building the workspace")?;
     let options = DemoOptions {
         duration: (!args.follow).then_some(args.duration),
-        sockmap_acceleration: args.sockmap_acceleration == Switch::On,
         agent_args: args.agent_args.clone(),
         ..DemoOptions::default()
     };
@@ -322,7 +290,7 @@ pub fn run(
     let mesh = Mesh::up(
         &spec(),
         MeshOptions {
-            agent_args: options.all_agent_args(),
+            agent_args: options.agent_args.clone(),
             ..MeshOptions::default()
         },
     )?;
