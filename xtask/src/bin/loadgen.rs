@@ -21,7 +21,7 @@
 
 use std::{
     io::{self, Read, Write},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpStream},
     process::ExitCode,
     sync::{
         Arc, Barrier,
@@ -31,6 +31,7 @@ use std::{
 };
 
 use clap::{Parser, Subcommand};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use xtask::bench::loadgen::{Histogram, Report, rank};
 
 /// Size of the writes of `bulk` and of the buffers of the servers.
@@ -113,8 +114,8 @@ enum Mode {
 
 fn main() -> ExitCode {
     let result = match Cli::parse().mode {
-        Mode::Echo { listen } => serve(listen, echo),
-        Mode::Sink { listen } => serve(listen, sink),
+        Mode::Echo { listen } => serve(listen, Service::Echo),
+        Mode::Sink { listen } => serve(listen, Service::Sink),
         Mode::Bulk {
             connect,
             seconds,
@@ -172,51 +173,66 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     Ok(stream)
 }
 
-/// Binds, reports, and serves every connection on its own thread; never
-/// returns unless accepting fails.
-fn serve(listen: SocketAddr, handle: fn(TcpStream) -> io::Result<()>) -> io::Result<Report> {
+/// What a server does with each connection.
+#[derive(Clone, Copy)]
+enum Service {
+    Echo,
+    Sink,
+}
+
+/// Binds, reports, and serves every connection as a task; never returns
+/// unless accepting fails. Async so that a new connection costs the server a
+/// task, not a thread: the connection-rate figure is then the data path's,
+/// not thread creation's.
+fn serve(listen: SocketAddr, service: Service) -> io::Result<Report> {
     raise_open_files_limit()?;
-    let listener = TcpListener::bind(listen)?;
-    println!(
-        "{}",
-        Report::Listening {
-            addr: listener.local_addr()?
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_io()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        println!(
+            "{}",
+            Report::Listening {
+                addr: listener.local_addr()?
+            }
+            .to_line()
+        );
+        io::stdout().flush()?;
+        loop {
+            let (stream, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                // Peers that reset (benchmark clients being killed) are routine.
+                let _ = match stream.set_nodelay(true) {
+                    Ok(()) => match service {
+                        Service::Echo => echo(stream).await,
+                        Service::Sink => sink(stream).await,
+                    },
+                    Err(e) => Err(e),
+                };
+            });
         }
-        .to_line()
-    );
-    io::stdout().flush()?;
-    loop {
-        let (stream, _) = listener.accept()?;
-        std::thread::spawn(move || {
-            // Peers that reset (benchmark clients being killed) are routine.
-            let _ = stream.set_nodelay(true).and_then(|()| handle(stream));
-        });
-    }
+    })
 }
 
-fn echo(mut stream: TcpStream) -> io::Result<()> {
-    let mut buffer = vec![0u8; BUFFER];
-    loop {
-        let n = stream.read(&mut buffer)?;
-        if n == 0 {
-            return stream.shutdown(Shutdown::Write);
-        }
-        stream.write_all(&buffer[..n])?;
-    }
+async fn echo(mut stream: tokio::net::TcpStream) -> io::Result<()> {
+    let (mut reader, mut writer) = stream.split();
+    tokio::io::copy(&mut reader, &mut writer).await?;
+    writer.shutdown().await
 }
 
-fn sink(mut stream: TcpStream) -> io::Result<()> {
+async fn sink(mut stream: tokio::net::TcpStream) -> io::Result<()> {
     let mut buffer = vec![0u8; BUFFER];
     let mut received: u64 = 0;
     loop {
-        let n = stream.read(&mut buffer)?;
+        let n = stream.read(&mut buffer).await?;
         if n == 0 {
             break;
         }
         received += n as u64;
     }
-    stream.write_all(&received.to_be_bytes())?;
-    stream.shutdown(Shutdown::Write)
+    stream.write_all(&received.to_be_bytes()).await?;
+    stream.shutdown().await
 }
 
 fn bulk(addr: SocketAddr, secs: f64, streams: usize) -> io::Result<Report> {
