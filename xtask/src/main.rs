@@ -58,7 +58,7 @@ struct BenchArgs {
     #[arg(long, value_name = "CMD")]
     peer_cmd: Option<String>,
     /// sealmesh column to measure, as NAME=AGENT-FLAGS (repeatable, e.g.
-    /// `--variant sealmesh= --variant no-accel=--no-sockmap`); the first is
+    /// `--variant sealmesh= --variant "sockmap=--sockmap-acceleration on"`); the first is
     /// the one compared in the top-level ratios. Default: `sealmesh=`.
     #[arg(long = "variant", value_name = "NAME=FLAGS")]
     variants: Vec<bench::datapath::Variant>,

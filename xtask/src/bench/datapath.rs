@@ -62,7 +62,7 @@ pub enum BenchError {
     #[error("{what}: {source}")]
     Io { what: String, source: io::Error },
     #[error(
-        "invalid --variant {0:?}: write NAME=AGENT-FLAGS, e.g. `no-accel=--no-sockmap` (NAME: letters, digits, '-', not `plaintext` or `peer`)"
+        "invalid --variant {0:?}: write NAME=AGENT-FLAGS, e.g. `sockmap=--sockmap-acceleration on` (NAME: letters, digits, '-', not `plaintext` or `peer`)"
     )]
     BadVariant(String),
     #[error(
