@@ -13,8 +13,8 @@
 //!   the identity service, started for it) and BPFFS_DIR (a per-node bpffs
 //!   directory it may pin in). It must print a line `ready` on stdout once it
 //!   intercepts the node's pods (60 s at most); its output goes to
-//!   `<state dir>/logs/peer-<node>.log`. It is killed (with its process
-//!   group's members that stay in its process tree) at the end.
+//!   `<state dir>/logs/peer-<node>.log`. It, and whatever it started, is
+//!   killed when its testbed is torn down (the testbed kills its cgroups).
 //!
 //! Rounds alternate the columns (the order rotates each round) and the
 //! figures are medians over rounds, because the machine is noisy. Memory and
