@@ -10,7 +10,7 @@ use std::{
 
 use crate::{
     cmd::{self, CmdError},
-    testbed::ChildGuard,
+    testbed::{ChildGuard, Testbed},
 };
 
 /// Builds `testapp` with the same cargo and profile as the running xtask and
@@ -161,6 +161,31 @@ impl BotReport {
             outcome,
         })
     }
+}
+
+/// Starts `testapp echo-server` in a pod on `<pod IP>:<port>` and waits until
+/// it listens; the guard stops it.
+pub fn start_echo_server(
+    testbed: &Testbed,
+    testapp: &Path,
+    namespace: &str,
+    pod: &str,
+    port: u16,
+) -> io::Result<(ChildGuard, SocketAddr)> {
+    let ip = testbed
+        .cluster()
+        .pod(namespace, pod)
+        .ok_or_else(|| io::Error::other(format!("no pod {namespace}/{pod} in the testbed")))?
+        .ip;
+    let mut server = testbed
+        .spawn_in_pod(
+            namespace,
+            pod,
+            echo_server(testapp, SocketAddr::from((ip, port))),
+        )
+        .map_err(io::Error::other)?;
+    let addr = wait_listening(&mut server)?;
+    Ok((server, addr))
 }
 
 /// Waits for a server's (echo, line or relay) `listening on <addr>` line and returns the address.

@@ -145,14 +145,7 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 fn start_server(mesh: &Mesh, ns: &str, pod: &str) -> (ChildGuard, SocketAddr) {
-    let ip = mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
-    let addr = SocketAddr::from((ip, ECHO_PORT));
-    let mut server = mesh
-        .testbed()
-        .spawn_in_pod(ns, pod, testapp::echo_server(testapp_path(), addr))
-        .unwrap();
-    testapp::wait_listening(&mut server).unwrap();
-    (server, addr)
+    testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT).unwrap()
 }
 
 fn run_client(mesh: &Mesh, connect: SocketAddr, text: &str) {

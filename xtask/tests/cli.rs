@@ -71,14 +71,7 @@ struct App {
 }
 
 impl App {
-    fn up(mut options: MeshOptions) -> Self {
-        // These tests are about the CLI. With the sk_msg acceleration on, a
-        // pod's blocking echo client fails now and then with EAGAIN (os error
-        // 11) when several meshes run at once (reported to the data-path
-        // owner); off, the data path is the plain proxied one.
-        options
-            .agent_args
-            .extend(["--sockmap-acceleration".to_owned(), "off".to_owned()]);
+    fn up(options: MeshOptions) -> Self {
         let mesh = Mesh::up(&spec(), options).expect("mesh up");
         let mut servers = Vec::new();
         for (ns, pod) in [
@@ -86,16 +79,9 @@ impl App {
             (APP_NS, "neighbour"),
             (PLAIN_NS, "plain"),
         ] {
-            let ip = mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
-            let mut server = mesh
-                .testbed()
-                .spawn_in_pod(
-                    ns,
-                    pod,
-                    testapp::echo_server(testapp_path(), SocketAddr::from((ip, ECHO_PORT))),
-                )
-                .expect("echo server starts");
-            testapp::wait_listening(&mut server).expect("echo server listens");
+            let (server, _) =
+                testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
+                    .expect("echo server starts");
             servers.push(server);
         }
         Self {

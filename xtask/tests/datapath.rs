@@ -75,16 +75,9 @@ impl App {
             (APP_NS, "stranger"),
             (PLAIN_NS, "plain"),
         ] {
-            let ip = mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
-            let mut server = mesh
-                .testbed()
-                .spawn_in_pod(
-                    ns,
-                    pod,
-                    testapp::echo_server(testapp_path(), SocketAddr::from((ip, ECHO_PORT))),
-                )
-                .expect("echo server starts");
-            testapp::wait_listening(&mut server).expect("echo server listens");
+            let (server, _) =
+                testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
+                    .expect("echo server starts");
             servers.push(server);
         }
         Self {

@@ -82,15 +82,9 @@ fn netns_exists(name: &str) -> bool {
 }
 
 fn echo_server(tb: &Testbed, pod: &str) -> (xtask::testbed::ChildGuard, SocketAddr) {
+    let (server, addr) =
+        testapp::start_echo_server(tb, testapp_path(), MESHED_NAMESPACE, pod, ECHO_PORT).unwrap();
     let ip = tb.cluster().pod(MESHED_NAMESPACE, pod).unwrap().ip;
-    let mut server = tb
-        .spawn_in_pod(
-            MESHED_NAMESPACE,
-            pod,
-            testapp::echo_server(testapp_path(), SocketAddr::from((ip, ECHO_PORT))),
-        )
-        .unwrap();
-    let addr = testapp::wait_listening(&mut server).unwrap();
     assert_eq!(addr, SocketAddr::from((ip, ECHO_PORT)));
     (server, addr)
 }
