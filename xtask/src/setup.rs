@@ -22,6 +22,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ),
     ("gcc", "the C compiler that ring's build script needs"),
     ("libc6-dev", "C headers and crt files for linking"),
+    (
+        "python3",
+        "the plain blocking socket clients the agent's eBPF tests run in test cgroups",
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
