@@ -7,7 +7,7 @@ use std::{
     fs::{self, File},
     io::{ErrorKind, Read},
     net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         Arc, Mutex, OnceLock,
@@ -18,19 +18,19 @@ use std::{
     time::Duration,
 };
 
-use nix::{
-    mount::{MntFlags, MsFlags, mount, umount2},
-    sched::{CloneFlags, setns},
-};
+use nix::sched::{CloneFlags, setns};
 use sealmesh_agent::ebpf::{
     KERNEL_LOG_TARGET, MeshedCgroups, Redirect, RedirectConfig, RedirectTable, Redirector,
 };
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
+use support::{Spec, Testbed};
 use tracing::field::{Field, Visit};
 use tracing_subscriber::{
     filter::LevelFilter,
     layer::{Context, Layer, SubscriberExt},
 };
+
+mod support;
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 0, 1);
 /// A second network on the node, excluded from redirection by CIDR.
@@ -75,7 +75,7 @@ for _ in range(count):
 
 #[test]
 fn loads_attaches_pins_and_uninstalls() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = Redirector::load(&bed.config()).expect("the eBPF object loads and attaches");
     let status = redirector.status();
     assert_eq!(
@@ -136,7 +136,7 @@ fn loads_attaches_pins_and_uninstalls() {
 
 #[test]
 fn redirects_meshed_pods_and_their_children_only() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
     redirector
         .insert(bed.pod_cgroup_id())
@@ -205,7 +205,7 @@ fn redirects_meshed_pods_and_their_children_only() {
     );
 
     // A process in a child cgroup of the pod counts as the pod.
-    bed.run_client(&bed.child, REMOTE_POD, 1, "send");
+    bed.run_client(bed.child(), REMOTE_POD, 1, "send");
     assert_eq!(
         outbound.next().redirect,
         Some(Redirect {
@@ -253,7 +253,7 @@ fn redirects_meshed_pods_and_their_children_only() {
 
 #[test]
 fn no_records_leak_over_many_connections() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
     redirector.insert(bed.pod_cgroup_id()).unwrap();
 
@@ -365,7 +365,7 @@ fn no_records_leak_over_many_connections() {
 
 #[test]
 fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let first = Redirector::load(&bed.config()).expect("first agent");
     first.insert(bed.pod_cgroup_id()).unwrap();
     let second = Arc::new(Redirector::load(&bed.config()).expect("second agent"));
@@ -393,7 +393,7 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
 #[test]
 fn kernel_logs_reach_tracing() {
     let captured = capture_kernel_logs();
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
     redirector.insert(bed.pod_cgroup_id()).unwrap();
     let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
@@ -464,87 +464,15 @@ fn assert_direct(listener: &NetnsListener) {
     );
 }
 
-/// A unique namespace, cgroup tree (`<root>/node/pod/child`) and private bpffs.
-struct Testbed {
-    netns: String,
-    cgroup_root: PathBuf,
-    node: PathBuf,
-    pod: PathBuf,
-    child: PathBuf,
-    bpffs: tempfile::TempDir,
-    bpffs_mounted: bool,
-}
+/// The testbed's cgroup tree is `<root>/node/pod/child`.
+const TESTBED: Spec = Spec {
+    name: "ebpftest",
+    tests: "the eBPF redirect tests",
+    addrs: &[(NODE_IP, 24), (EXCLUDED_NET_IP, 24)],
+    child_cgroup: true,
+};
 
 impl Testbed {
-    fn new() -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the eBPF redirect tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-        );
-        let id = format!("{:08x}", rand::random::<u32>());
-        let cgroup_root = host::cgroup2_mount()
-            .expect("cgroup2 is mounted")
-            .join(format!("sealmesh-ebpftest-{id}"));
-        let node = cgroup_root.join("node");
-        let pod = node.join("pod");
-        let child = pod.join("child");
-        let mut bed = Self {
-            netns: format!("sm-ebpftest-{id}"),
-            cgroup_root,
-            node,
-            pod,
-            child,
-            bpffs: tempfile::Builder::new()
-                .prefix("sealmesh-ebpftest-bpffs-")
-                .tempdir()
-                .unwrap(),
-            bpffs_mounted: false,
-        };
-        // From here on, Drop cleans up whatever of the following exists.
-        mount(
-            Some("bpf"),
-            bed.bpffs.path(),
-            Some("bpf"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount bpffs");
-        bed.bpffs_mounted = true;
-        fs::create_dir_all(&bed.child).expect("create the cgroup tree");
-        let ns = bed.netns.clone();
-        ip(&["netns", "add", &ns]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        // A veth pair (both ends in the netns) carries the node addresses; dummy is not built everywhere.
-        ip(&[
-            "-n", &ns, "link", "add", "sm0", "type", "veth", "peer", "name", "sm1",
-        ]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/24"),
-            "dev",
-            "sm0",
-        ]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{EXCLUDED_NET_IP}/24"),
-            "dev",
-            "sm0",
-        ]);
-        ip(&["-n", &ns, "link", "set", "sm0", "up"]);
-        ip(&["-n", &ns, "link", "set", "sm1", "up"]);
-        bed
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        self.bpffs.path().join("sealmesh-testbed/node-0")
-    }
-
     fn config(&self) -> RedirectConfig {
         RedirectConfig {
             node_cgroup: self.node.clone(),
@@ -554,10 +482,6 @@ impl Testbed {
             excluded_cidrs: vec!["10.250.1.0/24".parse().unwrap()],
             sockmap_acceleration: true,
         }
-    }
-
-    fn pod_cgroup_id(&self) -> u64 {
-        host::cgroup_id(&self.pod).unwrap()
     }
 
     /// Runs the client script in the netns as a process of `cgroup`, and waits for it.
@@ -589,19 +513,12 @@ impl Testbed {
 
     /// Like `run_client`, with the host as text (e.g. an IPv4-mapped IPv6 address).
     fn run_client_to(&self, cgroup: &Path, host: &str, port: u16, count: usize, mode: &str) {
-        // The shell joins the cgroup first: `ip netns exec` remounts /sys, hiding cgroupfs.
-        let status = Command::new("sh")
-            .args(["-c", r#"echo $$ > "$0" && exec ip netns exec "$@""#])
-            .arg(cgroup.join("cgroup.procs"))
-            .args([
-                &self.netns,
-                "python3",
-                "-c",
+        let status = self
+            .python(
+                cgroup,
                 CLIENT,
-                host,
-                &port.to_string(),
-            ])
-            .args([count.to_string().as_str(), mode])
+                &[host, &port.to_string(), &count.to_string(), mode],
+            )
             .status()
             .expect("run the client");
         assert!(
@@ -610,26 +527,6 @@ impl Testbed {
             cgroup.display()
         );
     }
-}
-
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-        for dir in [&self.child, &self.pod, &self.node, &self.cgroup_root] {
-            let _ = fs::remove_dir(dir);
-        }
-        if self.bpffs_mounted {
-            // Unmounting drops every pin of this private instance (and so detaches our links).
-            let _ = umount2(self.bpffs.path(), MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {} failed", args.join(" "));
 }
 
 enum Mode {

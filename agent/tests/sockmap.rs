@@ -6,18 +6,19 @@
 //! whose connects are redirected to it). Everything is removed by drop guards, also on failure.
 
 use std::{
-    fs,
     io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, SocketAddrV4},
-    path::{Path, PathBuf},
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    path::Path,
+    process::{ChildStdin, ChildStdout, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
 use sealmesh_agent::ebpf::{EbpfStatus, MeshedCgroups, RedirectConfig, Redirector};
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use serde_json::Value;
+use support::{Process, Spec, Testbed};
+
+mod support;
 
 const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 1);
 /// Where pods "want" to go; nothing listens there, only the redirect makes it reachable.
@@ -144,7 +145,7 @@ print(json.dumps({
 
 #[test]
 fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = bed.redirector(true);
     let _agent = bed.echo_server();
     assert_eq!(redirector.status().sockmap_acceleration, Some(true));
@@ -179,7 +180,7 @@ fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() 
 
 #[test]
 fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = bed.redirector(true);
     let _agent = bed.echo_server();
     let mapped = format!("::ffff:{}", REMOTE_POD.ip());
@@ -204,7 +205,7 @@ fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
 
 #[test]
 fn both_sockets_are_in_the_sockhash_while_connected() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = bed.redirector(true);
     let _agent = bed.echo_server();
 
@@ -236,7 +237,7 @@ fn both_sockets_are_in_the_sockhash_while_connected() {
 
 #[test]
 fn connections_of_a_replaced_agent_stay_accelerated() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let first = bed.redirector(true);
     let _agent = bed.echo_server();
     let mut held = bed.hold();
@@ -272,7 +273,7 @@ fn connections_of_a_replaced_agent_stay_accelerated() {
 #[test]
 #[ignore = "fails on Linux 6.18: blocking reads of sockhash sockets return EAGAIN on a wakeup without data"]
 fn blocking_readers_get_their_bytes_with_acceleration() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let _redirector = bed.redirector(true);
     let _agent = bed.echo_server();
     for _ in 0..10 {
@@ -282,7 +283,7 @@ fn blocking_readers_get_their_bytes_with_acceleration() {
 
 #[test]
 fn without_acceleration_the_same_bytes_go_over_tcp() {
-    let bed = Testbed::new();
+    let bed = Testbed::new(&TESTBED);
     let redirector = bed.redirector(false);
     let _agent = bed.echo_server();
     assert_eq!(redirector.status().sockmap_acceleration, Some(false));
@@ -330,74 +331,15 @@ fn wait_for_status(redirector: &Redirector, what: &str, done: impl Fn(&EbpfStatu
     }
 }
 
-/// A unique namespace, cgroup tree (`<root>/node/pod`) and private bpffs.
-struct Testbed {
-    netns: String,
-    cgroup_root: PathBuf,
-    node: PathBuf,
-    pod: PathBuf,
-    bpffs: tempfile::TempDir,
-    bpffs_mounted: bool,
-}
+/// The testbed's cgroup tree is `<root>/node/pod`.
+const TESTBED: Spec = Spec {
+    name: "sockmaptest",
+    tests: "the sockmap tests",
+    addrs: &[(NODE_IP, 24)],
+    child_cgroup: false,
+};
 
 impl Testbed {
-    fn new() -> Self {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "the sockmap tests need root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-        );
-        let id = format!("{:08x}", rand::random::<u32>());
-        let cgroup_root = host::cgroup2_mount()
-            .expect("cgroup2 is mounted")
-            .join(format!("sealmesh-sockmaptest-{id}"));
-        let node = cgroup_root.join("node");
-        let pod = node.join("pod");
-        let mut bed = Self {
-            netns: format!("sm-sockmaptest-{id}"),
-            cgroup_root,
-            node,
-            pod,
-            bpffs: tempfile::Builder::new()
-                .prefix("sealmesh-sockmaptest-bpffs-")
-                .tempdir()
-                .unwrap(),
-            bpffs_mounted: false,
-        };
-        // From here on, Drop cleans up whatever of the following exists.
-        mount(
-            Some("bpf"),
-            bed.bpffs.path(),
-            Some("bpf"),
-            MsFlags::empty(),
-            None::<&str>,
-        )
-        .expect("mount bpffs");
-        bed.bpffs_mounted = true;
-        fs::create_dir_all(&bed.pod).expect("create the cgroup tree");
-        let ns = bed.netns.clone();
-        ip(&["netns", "add", &ns]);
-        ip(&["-n", &ns, "link", "set", "lo", "up"]);
-        ip(&[
-            "-n", &ns, "link", "add", "sm0", "type", "veth", "peer", "name", "sm1",
-        ]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{NODE_IP}/24"),
-            "dev",
-            "sm0",
-        ]);
-        ip(&["-n", &ns, "link", "set", "sm0", "up"]);
-        ip(&["-n", &ns, "link", "set", "sm1", "up"]);
-        bed
-    }
-
-    fn pin_dir(&self) -> PathBuf {
-        self.bpffs.path().join("sealmesh-testbed/node-0")
-    }
-
     /// Loads the programs and meshes the pod.
     fn redirector(&self, sockmap_acceleration: bool) -> Redirector {
         let redirector = Redirector::load(&RedirectConfig {
@@ -415,15 +357,11 @@ impl Testbed {
         redirector
     }
 
-    /// `python3 -c <script> <args>` in the netns as a process of `cgroup`.
-    fn python(&self, cgroup: &Path, script: &str, args: &[&str]) -> Command {
-        // The shell joins the cgroup first: `ip netns exec` remounts /sys, hiding cgroupfs.
-        let mut command = Command::new("sh");
+    /// `python3 -c <script> <args>` in the netns as a process of `cgroup`, with piped stdin and
+    /// stdout.
+    fn piped_python(&self, cgroup: &Path, script: &str, args: &[&str]) -> Command {
+        let mut command = self.python(cgroup, script, args);
         command
-            .args(["-c", r#"echo $$ > "$0" && exec ip netns exec "$@""#])
-            .arg(cgroup.join("cgroup.procs"))
-            .args([&self.netns, "python3", "-c", script])
-            .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -433,7 +371,7 @@ impl Testbed {
     /// Starts the stand-in agent on the listener, in the node cgroup.
     fn echo_server(&self) -> Process {
         let mut server = Process(
-            self.python(
+            self.piped_python(
                 &self.node,
                 ECHO_SERVER,
                 &[&NODE_IP.to_string(), &OUTBOUND_PORT.to_string()],
@@ -454,7 +392,7 @@ impl Testbed {
     }
 
     fn client_command_to(&self, host: &str, mode: &str, count: usize) -> Command {
-        self.python(
+        self.piped_python(
             &self.pod,
             CLIENT,
             &[
@@ -501,31 +439,6 @@ impl Testbed {
     }
 }
 
-impl Drop for Testbed {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.netns])
-            .status();
-        for dir in [&self.pod, &self.node, &self.cgroup_root] {
-            let _ = fs::remove_dir(dir);
-        }
-        if self.bpffs_mounted {
-            // Unmounting drops every pin of this private instance (and so detaches our links).
-            let _ = umount2(self.bpffs.path(), MntFlags::MNT_DETACH);
-        }
-    }
-}
-
-/// A child process killed and reaped on drop.
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A `hold` client: connected until told to finish.
 struct HeldClient {
     process: Process,
@@ -557,9 +470,4 @@ impl HeldClient {
         assert!(status.success(), "the held client failed: {status}");
         report
     }
-}
-
-fn ip(args: &[&str]) {
-    let status = Command::new("ip").args(args).status().expect("run ip");
-    assert!(status.success(), "ip {} failed", args.join(" "));
 }
