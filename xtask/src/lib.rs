@@ -9,5 +9,6 @@ pub mod demo;
 pub mod loadtest;
 pub mod mesh;
 pub mod setup;
+pub mod test_totals;
 pub mod testapp;
 pub mod testbed;

@@ -200,8 +200,12 @@ fn test() -> anyhow::Result<()> {
     setup::run()?;
     xtask::cmd::run_visible(cargo().args(["build", "--workspace"]))
         .context("building the workspace")?;
-    xtask::cmd::run_visible(cargo().args(["test", "--workspace", "--no-fail-fast"]))
-        .context("running the tests")?;
+    let (status, totals) =
+        xtask::test_totals::run_counting(cargo().args(["test", "--workspace", "--no-fail-fast"]))
+            .context("running the tests")?;
+    if !status.success() || totals.failed > 0 {
+        bail!("tests failed ({status}): {}", totals.closing_line());
+    }
     Ok(())
 }
 
