@@ -43,7 +43,9 @@ fn unescape_octal(s: &str) -> String {
     let mut rest = s;
     while let Some(i) = rest.find('\\') {
         out.push_str(&rest[..i]);
-        let code = rest.get(i + 1..i + 4).and_then(|o| u8::from_str_radix(o, 8).ok());
+        let code = rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok());
         match code {
             Some(byte) => {
                 out.push(byte as char);
@@ -66,7 +68,11 @@ mod tests {
     #[test]
     fn finds_this_hosts_cgroup2_mount() {
         let mount = cgroup2_mount().expect("cgroup2 is mounted on every supported host");
-        assert!(mount.join("cgroup.controllers").exists(), "{} is not a cgroup2 root", mount.display());
+        assert!(
+            mount.join("cgroup.controllers").exists(),
+            "{} is not a cgroup2 root",
+            mount.display()
+        );
     }
 
     #[test]

@@ -48,9 +48,8 @@ impl Default for TrustDomain {
 
 impl TrustDomain {
     pub fn new(domain: &str, control_namespace: &str) -> Result<Self, IdentityError> {
-        let domain_ok = !domain.is_empty()
-            && domain.len() <= 253
-            && domain.split('.').all(is_dns_label);
+        let domain_ok =
+            !domain.is_empty() && domain.len() <= 253 && domain.split('.').all(is_dns_label);
         if !domain_ok {
             return Err(IdentityError::InvalidTrustDomain(domain.to_owned()));
         }
