@@ -35,3 +35,37 @@ pub const MESH_OPT_OUT_VALUE: &str = "disabled";
 pub const AGENT_STARTED_MESSAGE: &str = "agent started";
 /// `tracing` target of the agent's per-connection access log.
 pub const ACCESS_LOG_TARGET: &str = "sealmesh_agent::access";
+
+/// Kubernetes object and key names shared by the agent, the identity service,
+/// the CLI, the testbed and `deploy/`.
+pub mod kube {
+    /// Audience of the projected ServiceAccount tokens agents (and workloads)
+    /// present to the identity service; TokenReview checks it.
+    pub const IDENTITY_TOKEN_AUDIENCE: &str = "identity.sealmesh.io";
+    /// Where the agent DaemonSet mounts that projected token.
+    pub const IDENTITY_TOKEN_PATH: &str = "/var/run/secrets/sealmesh.io/identity/token";
+    /// ServiceAccount the agents run as (in the control namespace); node-mode
+    /// callers must hold a token of it.
+    pub const AGENT_SERVICE_ACCOUNT: &str = "sealmesh-agent";
+    /// Name of the agent DaemonSet (and the prefix of its pods).
+    pub const AGENT_DAEMONSET: &str = "sealmesh-agent";
+    /// ServiceAccount, Deployment and Service of the identity service.
+    pub const IDENTITY_NAME: &str = "sealmesh-identity";
+    /// Secret holding the issuer (intermediate CA): `crt.pem`/`key.pem` or
+    /// cert-manager's `tls.crt`/`tls.key`/`ca.crt`.
+    pub const ISSUER_SECRET: &str = "sealmesh-identity-issuer";
+    /// ConfigMap holding the trust-anchor bundle ...
+    pub const TRUST_ROOTS_CONFIGMAP: &str = "sealmesh-identity-trust-roots";
+    /// ... under this key.
+    pub const TRUST_ROOTS_KEY: &str = "ca-bundle.crt";
+    /// TokenReview `extra` keys naming the pod a bound token belongs to.
+    pub const TOKEN_EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+    pub const TOKEN_EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+    /// Event reasons recorded on the identity Deployment when the issuer
+    /// Secret changes (as Linkerd's `kubectl get events --field-selector
+    /// reason=IssuerUpdated` expects).
+    pub const EVENT_ISSUER_UPDATED: &str = "IssuerUpdated";
+    pub const EVENT_ISSUER_UPDATE_SKIPPED: &str = "IssuerUpdateSkipped";
+    /// Label EndpointSlices carry to name their Service.
+    pub const ENDPOINTSLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
+}
