@@ -17,15 +17,11 @@
 
 use std::{
     collections::{BTreeSet, HashSet},
-    convert::Infallible,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric, text::encode},
@@ -37,6 +33,7 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use sealmesh_common::probe::{self, Reply};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -44,7 +41,6 @@ use crate::{
     proxy::{ByteCounters, ConnectionEvent, ConnectionObserver, Direction},
 };
 
-const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const PREFIX: &str = "sealmesh";
 
 /// Whether the agent is ready, and why not.
@@ -339,62 +335,13 @@ pub async fn serve_http(
     readiness: Arc<dyn Fn() -> Readiness + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut shutdown = std::pin::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(error) => {
-                    tracing::warn!(%error, "metrics endpoint: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = respond(&request, &metrics, readiness.as_ref());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%error, "metrics endpoint: connection ended with an error");
-            }
-        });
-    }
-}
-
-fn respond<B>(
-    request: &Request<B>,
-    metrics: &Metrics,
-    readiness: &(dyn Fn() -> Readiness + Send + Sync),
-) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, content_type)
-            .body(Full::new(Bytes::from(body)))
-            .expect("static response parts are valid")
-    };
-    if request.method() != Method::GET {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "use GET\n".into(),
-        );
-    }
-    match request.uri().path() {
-        "/metrics" => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode()),
-        "/healthz/live" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+    let routes = move |path: &str| match path {
+        "/metrics" => Reply::openmetrics(metrics.encode()),
+        "/healthz/live" => Reply::text(StatusCode::OK, "ok\n"),
         "/healthz/ready" => {
             let readiness = readiness();
             if readiness.is_ready() {
-                reply(StatusCode::OK, "text/plain", "ready\n".into())
+                Reply::text(StatusCode::OK, "ready\n")
             } else {
                 let mut body = String::from("not ready:\n");
                 for reason in &readiness.reasons {
@@ -402,15 +349,15 @@ fn respond<B>(
                     body.push_str(reason);
                     body.push('\n');
                 }
-                reply(StatusCode::SERVICE_UNAVAILABLE, "text/plain", body)
+                Reply::text(StatusCode::SERVICE_UNAVAILABLE, body)
             }
         }
-        _ => reply(
+        _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /metrics, /healthz/live or /healthz/ready\n".into(),
+            "not found; try /metrics, /healthz/live or /healthz/ready\n",
         ),
-    }
+    };
+    probe::serve(listener, Arc::new(routes), shutdown).await;
 }
 
 #[cfg(test)]

@@ -6,3 +6,4 @@ pub mod cluster;
 pub mod consts;
 pub mod host;
 pub mod identity;
+pub mod probe;

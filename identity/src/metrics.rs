@@ -1,12 +1,9 @@
 //! Prometheus metrics and the HTTP endpoint serving them with liveness and
 //! readiness probes.
 
-use std::{convert::Infallible, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
-use hyper::{body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -17,12 +14,11 @@ use prometheus_client::{
     },
     registry::Registry,
 };
+use sealmesh_common::probe::{self, Reply};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
 use crate::pki::CertInfo;
-
-const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
@@ -133,69 +129,20 @@ pub async fn serve_http(
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let stream = tokio::select! {
-            () = &mut shutdown => return,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics endpoint: accept failed");
-                    continue;
-                }
-            },
-        };
-        let metrics = metrics.clone();
-        let ready = ready.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
-                let response = respond(&request, &metrics, ready.as_ref());
-                async move { Ok::<_, Infallible>(response) }
-            });
-            if let Err(e) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(error = %e, "metrics endpoint: connection ended with an error");
-            }
-        });
-    }
-}
-
-fn respond<B>(
-    request: &Request<B>,
-    metrics: &Metrics,
-    ready: &(dyn Fn() -> bool + Send + Sync),
-) -> Response<Full<Bytes>> {
-    let reply = |status: StatusCode, content_type: &str, body: String| {
-        Response::builder()
-            .status(status)
-            .header(header::CONTENT_TYPE, content_type)
-            .body(Full::new(Bytes::from(body)))
-            .expect("static response parts are valid")
-    };
-    if request.method() != Method::GET {
-        return reply(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "text/plain",
-            "use GET\n".into(),
-        );
-    }
-    match request.uri().path() {
-        "/metrics" => reply(StatusCode::OK, OPENMETRICS_CONTENT_TYPE, metrics.encode()),
-        "/live" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/ready" if ready() => reply(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/ready" => reply(
+    let routes = move |path: &str| match path {
+        "/metrics" => Reply::openmetrics(metrics.encode()),
+        "/live" => Reply::text(StatusCode::OK, "ok\n"),
+        "/ready" if ready() => Reply::text(StatusCode::OK, "ok\n"),
+        "/ready" => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not ready: the issuer has expired; rotate it\n".into(),
+            "not ready: the issuer has expired; rotate it\n",
         ),
-        _ => reply(
+        _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found; try /metrics, /live or /ready\n".into(),
+            "not found; try /metrics, /live or /ready\n",
         ),
-    }
+    };
+    probe::serve(listener, Arc::new(routes), shutdown).await;
 }
 
 #[cfg(test)]
