@@ -1,0 +1,17 @@
+# syntax=docker/dockerfile:1
+# The node agent image. Build from the repository root:
+#   docker build -f deploy/docker/agent.Dockerfile -t ghcr.io/sealmesh/agent:0.1.0 .
+# The builder compiles the eBPF programs too, so it needs what
+# `cargo xtask setup --build-only` installs: nightly with rust-src and
+# bpf-linker (built from crates.io against nightly's LLVM).
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo xtask setup --build-only
+RUN cargo build --release --locked --package sealmesh-agent --bin sealmesh-agent
+
+FROM debian:bookworm-slim
+COPY --from=build /src/target/release/sealmesh-agent /usr/local/bin/sealmesh-agent
+# Root with a few capabilities (see deploy/base/agent.yaml), not privileged.
+USER 0
+ENTRYPOINT ["/usr/local/bin/sealmesh-agent"]
