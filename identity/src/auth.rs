@@ -5,7 +5,8 @@
 //! - [`TokenValidator`] turns a bearer token into a [`Caller`];
 //! - [`WorkloadDirectory`] answers whether a node runs a ServiceAccount.
 //!
-//! [`LocalCluster`] implements both from the cluster file.
+//! [`LocalCluster`] implements both from the cluster file; `kube` implements
+//! them with TokenReview and a pod watch.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -57,6 +58,22 @@ pub enum AuthError {
     NotOnNode { node: String, requested: String },
     #[error("{caller} may not request {requested}; a workload may only request its own identity")]
     OtherWorkload { caller: String, requested: String },
+    #[error(
+        "Kubernetes TokenReview rejected the token: {reason}; send a ServiceAccount token projected for the audience {audience:?}"
+    )]
+    TokenRejected { reason: String, audience: String },
+    #[error(
+        "the token of {service_account} is not bound to a pod; agents must present their projected ServiceAccount token (a serviceAccountToken volume), not a Secret-based or unbound token"
+    )]
+    UnboundAgentToken { service_account: String },
+    #[error(
+        "the agent token is bound to pod {pod}, which {problem}; agents must present the current projected token of their own running pod"
+    )]
+    AgentPodInvalid { pod: String, problem: String },
+    #[error(
+        "{username} is not a ServiceAccount; only ServiceAccount tokens (agents' or workloads') may request certificates"
+    )]
+    NotServiceAccount { username: String },
     #[error("cannot check the caller: {0}")]
     Unavailable(String),
 }

@@ -7,6 +7,8 @@
 //! - [`auth`]: who is calling (`TokenValidator`) and what they may request;
 //! - [`service`]: the Certify gRPC API under both package names;
 //! - [`rotation`]: atomic issuer reload from a watched directory;
+//! - [`kube`]: Kubernetes mode: TokenReview, pod placements, the issuer
+//!   Secret and trust-roots ConfigMap (watched), Events;
 //! - [`metrics`]: Prometheus metrics, liveness and readiness over HTTP.
 //!
 //! Library use (tests, testbed): `ServerBuilder::new(config).bind().await?`
@@ -16,6 +18,7 @@
 pub mod auth;
 pub mod ca;
 pub mod config;
+pub mod kube;
 pub mod metrics;
 pub mod pki;
 pub mod rotation;

@@ -3,13 +3,12 @@
 
 use std::process::ExitCode;
 
-use clap::Parser as _;
 use sealmesh_identity::{Config, config::LogLevel};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let config = Config::parse();
+    let config = Config::from_args();
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(config.log_level))
         .with_writer(std::io::stderr)

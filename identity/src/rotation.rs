@@ -4,8 +4,9 @@
 //! rewrites) and by a periodic content-hash poll that backs the watcher up.
 //!
 //! [`IssuerEvents`] is where rotations are reported: [`LoggingIssuerEvents`]
-//! logs them now; a Kubernetes Events implementation slots in later, as can
-//! a Secret-watching source that calls [`IssuerStore::offer`].
+//! logs them; in Kubernetes mode `kube::KubeIssuerEvents` records Events, and
+//! the Secret and trust-roots ConfigMap watches call [`IssuerStore::offer`]
+//! and [`IssuerStore::replace_anchors`].
 
 use std::{
     path::PathBuf,
@@ -18,14 +19,12 @@ use notify::{RecursiveMode, Watcher};
 use time::OffsetDateTime;
 use tokio::sync::mpsc;
 
+use sealmesh_common::consts::kube::{EVENT_ISSUER_UPDATE_SKIPPED, EVENT_ISSUER_UPDATED};
+
 use crate::{
     metrics::Metrics,
     pki::{CaMaterial, CertInfo, Issuer, PkiError, TrustAnchors},
 };
-
-/// Reason strings of issuer events, as Kubernetes Events would carry them.
-pub const ISSUER_UPDATED: &str = "IssuerUpdated";
-pub const ISSUER_UPDATE_SKIPPED: &str = "IssuerUpdateSkipped";
 
 /// After a file event, wait until the directory has been quiet this long, so
 /// a writer replacing several files is read once, when done.
@@ -56,7 +55,7 @@ pub struct LoggingIssuerEvents;
 impl IssuerEvents for LoggingIssuerEvents {
     fn issuer_updated(&self, issuer: &CertInfo) {
         tracing::info!(
-            event = ISSUER_UPDATED,
+            event = EVENT_ISSUER_UPDATED,
             subject = %issuer.subject,
             serial = %issuer.serial,
             not_after = %issuer.not_after,
@@ -66,7 +65,7 @@ impl IssuerEvents for LoggingIssuerEvents {
 
     fn issuer_update_skipped(&self, reason: &str) {
         tracing::warn!(
-            event = ISSUER_UPDATE_SKIPPED,
+            event = EVENT_ISSUER_UPDATE_SKIPPED,
             reason,
             "skipped identity issuer update; the previous issuer keeps signing"
         );
@@ -85,12 +84,14 @@ pub enum Offer {
 /// The issuer currently signing, and how it may be replaced.
 pub struct IssuerStore {
     current: ArcSwap<Issuer>,
-    anchors: TrustAnchors,
+    anchors: ArcSwap<TrustAnchors>,
     events: Arc<dyn IssuerEvents>,
     metrics: Arc<Metrics>,
     /// Content hash of the last material offered (valid or not), so each
     /// distinct version is judged and reported once.
     last_offered: Mutex<[u8; 32]>,
+    /// What `current` was built from, to judge it against new anchors.
+    current_material: Mutex<CaMaterial>,
 }
 
 impl IssuerStore {
@@ -105,10 +106,11 @@ impl IssuerStore {
         metrics.set_issuer_expiry(issuer.info().not_after);
         Ok(Self {
             current: ArcSwap::from_pointee(issuer),
-            anchors,
+            anchors: ArcSwap::from_pointee(anchors),
             events,
             metrics,
             last_offered: Mutex::new(material.content_hash()),
+            current_material: Mutex::new(material.clone()),
         })
     }
 
@@ -116,8 +118,32 @@ impl IssuerStore {
         self.current.load_full()
     }
 
-    pub fn anchors(&self) -> &TrustAnchors {
-        &self.anchors
+    pub fn anchors(&self) -> Arc<TrustAnchors> {
+        self.anchors.load_full()
+    }
+
+    /// Makes `anchors` the bundle new issuers must chain to (a root rotation
+    /// adds the new root first). The current issuer keeps signing; if it no
+    /// longer chains to the bundle that is logged, since peers trusting only
+    /// the new bundle will refuse its leaves. A refused issuer offered again
+    /// is judged again: it may chain to the new anchors.
+    pub fn replace_anchors(&self, anchors: TrustAnchors) {
+        let mut last = self.last_offered.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self
+            .current_material
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        *last = current.content_hash();
+        self.metrics.set_anchor_expiries(anchors.infos());
+        if let Err(e) = Issuer::from_material(&current, &anchors, OffsetDateTime::now_utc()) {
+            tracing::warn!(
+                issuer = self.current().info().subject,
+                error = %e,
+                "the current issuer does not validate against the new trust anchors; replace the issuer, or peers that trust only the new bundle will refuse its certificates"
+            );
+        }
+        self.anchors.store(Arc::new(anchors));
     }
 
     /// Validates `material` and, if it is new and valid, makes it the issuer.
@@ -128,11 +154,15 @@ impl IssuerStore {
             return Offer::Unchanged;
         }
         *last = hash;
-        match Issuer::from_material(material, &self.anchors, OffsetDateTime::now_utc()) {
+        match Issuer::from_material(material, &self.anchors.load(), OffsetDateTime::now_utc()) {
             Ok(issuer) => {
                 self.metrics.set_issuer_expiry(issuer.info().not_after);
                 self.events.issuer_updated(issuer.info());
                 self.current.store(Arc::new(issuer));
+                *self
+                    .current_material
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = material.clone();
                 Offer::Updated
             }
             Err(e) => {
@@ -142,9 +172,9 @@ impl IssuerStore {
         }
     }
 
-    /// Reports material that could not even be read, once per distinct reason.
-    fn unreadable(&self, error: &PkiError, last_reason: &mut Option<String>) {
-        let reason = error.to_string();
+    /// Reports material that could not even be read, once per distinct
+    /// reason (`last_reason` is the caller's memory of the previous one).
+    pub fn unreadable(&self, reason: String, last_reason: &mut Option<String>) {
         if last_reason.as_deref() != Some(reason.as_str()) {
             self.events.issuer_update_skipped(&reason);
             *last_reason = Some(reason);
@@ -201,7 +231,7 @@ pub fn spawn_directory_watch(
                         tracing::debug!(?offer, dir = %dir.display(), "issuer directory changed");
                     }
                 }
-                Ok(Err(e)) => store.unreadable(&e, &mut last_read_error),
+                Ok(Err(e)) => store.unreadable(e.to_string(), &mut last_read_error),
                 Err(e) => tracing::error!(error = %e, "issuer reload task failed"),
             }
         }

@@ -1,4 +1,5 @@
-//! Wires the modules into a running service: binds the gRPC and metrics
+//! Wires the modules into a running service: loads callers and PKI from the
+//! mode's sources (files, or the Kubernetes API), binds the gRPC and metrics
 //! listeners (so callers learn the bound addresses before serving), then
 //! serves until shutdown.
 
@@ -15,6 +16,11 @@ use crate::{
     Config,
     auth::{Authorizer, LocalCluster},
     ca::LeafPolicy,
+    config::{KubeSettings, LocalSources, Mode},
+    kube::{
+        AnchorBundle, KubeError, KubeIssuerEvents, KubeTokenValidator, KubeWorkloadDirectory,
+        PkiObjects,
+    },
     metrics::{self, Metrics},
     pki::{CaMaterial, PkiError, TrustAnchors},
     rotation::{self, IssuerEvents, IssuerStore, LoggingIssuerEvents, RotationError},
@@ -30,8 +36,8 @@ pub enum ServeError {
     Cluster { path: PathBuf, source: ClusterError },
     #[error("trust anchors: {0}")]
     Anchors(PkiError),
-    #[error("issuer in {dir}: {source}; refusing to start without a valid issuer")]
-    Issuer { dir: PathBuf, source: PkiError },
+    #[error("issuer from {origin}: {source}; refusing to start without a valid issuer")]
+    Issuer { origin: String, source: PkiError },
     #[error("cannot listen on {addr} for {what}: {source}; choose a free address with --{flag}")]
     Bind {
         addr: SocketAddr,
@@ -41,69 +47,97 @@ pub enum ServeError {
     },
     #[error(transparent)]
     Rotation(#[from] RotationError),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
 
-/// Builds a [`Server`]. The defaults are local mode: callers and placements
-/// from the cluster file, issuer events to the log.
+/// Builds a [`Server`]. By default everything comes from the config's mode:
+/// local mode reads the cluster file and PKI files and reports issuer events
+/// to the log; Kubernetes mode uses `kube::Client::try_default()` and
+/// records issuer events as Kubernetes Events.
 pub struct ServerBuilder {
     config: Config,
-    events: Arc<dyn IssuerEvents>,
+    events: Option<Arc<dyn IssuerEvents>>,
     authorization: Option<(TrustDomain, Authorizer)>,
+    kube_client: Option<kube::Client>,
+}
+
+/// How the issuer and anchors are followed once serving.
+enum PkiSource {
+    Directory(LocalSources),
+    Kubernetes {
+        objects: PkiObjects,
+        anchors: AnchorBundle,
+        placements: Option<KubeWorkloadDirectory>,
+    },
+}
+
+/// Where the service's inputs come from, loaded.
+struct Loaded {
+    trust_domain: TrustDomain,
+    authorizer: Authorizer,
+    events: Arc<dyn IssuerEvents>,
+    anchors: TrustAnchors,
+    material: CaMaterial,
+    source: PkiSource,
 }
 
 impl ServerBuilder {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            events: Arc::new(LoggingIssuerEvents),
+            events: None,
             authorization: None,
+            kube_client: None,
         }
     }
 
-    /// Where issuer rotations are reported (default: the log).
+    /// Where issuer rotations are reported (default: the log in local mode,
+    /// Kubernetes Events and the log in Kubernetes mode).
     pub fn issuer_events(mut self, events: Arc<dyn IssuerEvents>) -> Self {
-        self.events = events;
+        self.events = Some(events);
         self
     }
 
-    /// Replaces local-mode authorisation (e.g. with Kubernetes TokenReview).
+    /// Replaces the mode's authorisation (callers and placements).
     pub fn authorization(mut self, trust_domain: TrustDomain, authorizer: Authorizer) -> Self {
         self.authorization = Some((trust_domain, authorizer));
         self
     }
 
+    /// The API client of Kubernetes mode (default: `kube::Client::try_default()`:
+    /// KUBECONFIG, else the in-cluster ServiceAccount).
+    pub fn kube_client(mut self, client: kube::Client) -> Self {
+        self.kube_client = Some(client);
+        self
+    }
+
     /// Loads and validates everything, and binds both listeners.
     pub async fn bind(self) -> Result<Server, ServeError> {
-        let config = self.config;
-        tracing::info!(?config, "starting identity service");
-        let (trust_domain, authorizer) = match self.authorization {
-            Some(authorization) => authorization,
-            None => {
-                let cluster =
-                    Arc::new(LocalCluster::load(&config.cluster_file).map_err(|source| {
-                        ServeError::Cluster {
-                            path: config.cluster_file.clone(),
-                            source,
-                        }
-                    })?);
-                let trust_domain = cluster.trust_domain().clone();
-                (trust_domain, Authorizer::new(cluster.clone(), cluster))
+        tracing::info!(mode = self.config.mode.name(), config = ?self.config, "starting identity service");
+        let loaded = match self.config.mode.clone() {
+            Mode::Local(local) => Self::load_local(local, self.authorization, self.events)?,
+            Mode::Kubernetes(settings) => {
+                Self::load_kube(&settings, self.kube_client, self.authorization, self.events)
+                    .await?
             }
         };
-
+        let config = self.config;
         let metrics = Arc::new(Metrics::new());
-        let anchors = TrustAnchors::load(&config.trust_anchors).map_err(ServeError::Anchors)?;
-        metrics.set_anchor_expiries(anchors.infos());
-        let issuer_error = |source| ServeError::Issuer {
-            dir: config.issuer_dir.clone(),
-            source,
-        };
-        let material = CaMaterial::read_dir(&config.issuer_dir).map_err(issuer_error)?;
+        metrics.set_anchor_expiries(loaded.anchors.infos());
         let issuers = Arc::new(
-            IssuerStore::new(&material, anchors, self.events, metrics.clone())
-                .map_err(issuer_error)?,
+            IssuerStore::new(
+                &loaded.material,
+                loaded.anchors,
+                loaded.events,
+                metrics.clone(),
+            )
+            .map_err(|source| ServeError::Issuer {
+                origin: loaded.material.source.clone(),
+                source,
+            })?,
         );
         let issuer = issuers.current();
         tracing::info!(
@@ -131,31 +165,109 @@ impl ServerBuilder {
             clock_skew: config.clock_skew,
         };
         let service = CertifyService::new(
-            trust_domain,
-            authorizer,
+            loaded.trust_domain,
+            loaded.authorizer,
             issuers.clone(),
             policy,
             metrics.clone(),
         );
         Ok(Server {
-            config,
             grpc,
             metrics_listener,
             service,
             issuers,
             metrics,
+            pki_source: loaded.source,
+        })
+    }
+
+    fn load_local(
+        local: LocalSources,
+        authorization: Option<(TrustDomain, Authorizer)>,
+        events: Option<Arc<dyn IssuerEvents>>,
+    ) -> Result<Loaded, ServeError> {
+        let (trust_domain, authorizer) = match authorization {
+            Some(authorization) => authorization,
+            None => {
+                let cluster =
+                    Arc::new(LocalCluster::load(&local.cluster_file).map_err(|source| {
+                        ServeError::Cluster {
+                            path: local.cluster_file.clone(),
+                            source,
+                        }
+                    })?);
+                let trust_domain = cluster.trust_domain().clone();
+                (trust_domain, Authorizer::new(cluster.clone(), cluster))
+            }
+        };
+        let anchors = TrustAnchors::load(&local.trust_anchors).map_err(ServeError::Anchors)?;
+        let material =
+            CaMaterial::read_dir(&local.issuer_dir).map_err(|source| ServeError::Issuer {
+                origin: local.issuer_dir.display().to_string(),
+                source,
+            })?;
+        Ok(Loaded {
+            trust_domain,
+            authorizer,
+            events: events.unwrap_or_else(|| Arc::new(LoggingIssuerEvents)),
+            anchors,
+            material,
+            source: PkiSource::Directory(local),
+        })
+    }
+
+    async fn load_kube(
+        settings: &KubeSettings,
+        client: Option<kube::Client>,
+        authorization: Option<(TrustDomain, Authorizer)>,
+        events: Option<Arc<dyn IssuerEvents>>,
+    ) -> Result<Loaded, ServeError> {
+        let client = match client {
+            Some(client) => client,
+            None => kube::Client::try_default()
+                .await
+                .map_err(KubeError::Client)?,
+        };
+        let (trust_domain, authorizer, placements) = match authorization {
+            Some((trust_domain, authorizer)) => (trust_domain, authorizer, None),
+            None => {
+                crate::kube::check_token_review_access(&client, settings.namespace()).await?;
+                let placements =
+                    KubeWorkloadDirectory::new(client.clone(), settings.trust_domain.clone());
+                let authorizer = Authorizer::new(
+                    Arc::new(KubeTokenValidator::new(client.clone(), settings)),
+                    Arc::new(placements.clone()),
+                );
+                (settings.trust_domain.clone(), authorizer, Some(placements))
+            }
+        };
+        let objects = PkiObjects::new(client.clone(), settings.namespace());
+        let anchors = objects.trust_anchors().await?;
+        let material = objects.issuer().await?;
+        let events = events.unwrap_or_else(|| Arc::new(KubeIssuerEvents::new(client, settings)));
+        Ok(Loaded {
+            trust_domain,
+            authorizer,
+            events,
+            anchors: anchors.anchors.clone(),
+            material,
+            source: PkiSource::Kubernetes {
+                objects,
+                anchors,
+                placements,
+            },
         })
     }
 }
 
 /// A bound, not yet serving, identity service.
 pub struct Server {
-    config: Config,
     grpc: TcpListener,
     metrics_listener: TcpListener,
     service: CertifyService,
     issuers: Arc<IssuerStore>,
     metrics: Arc<Metrics>,
+    pki_source: PkiSource,
 }
 
 impl std::fmt::Debug for Server {
@@ -184,8 +296,9 @@ impl Server {
         self.issuers.clone()
     }
 
-    /// Serves Certify (both packages), gRPC health and metrics, and watches
-    /// the issuer directory, until `shutdown` resolves.
+    /// Serves Certify (both packages), gRPC health and metrics, and follows
+    /// the issuer (directory, or Secret and ConfigMap) and, in Kubernetes
+    /// mode, pod placements, until `shutdown` resolves.
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -199,12 +312,29 @@ impl Server {
             }
         };
 
-        let watch_task = rotation::spawn_directory_watch(
-            self.issuers.clone(),
-            self.config.issuer_dir.clone(),
-            self.config.issuer_poll_interval,
-            stopped(),
-        )?;
+        let mut helpers = Vec::new();
+        match self.pki_source {
+            PkiSource::Directory(local) => helpers.push(rotation::spawn_directory_watch(
+                self.issuers.clone(),
+                local.issuer_dir,
+                local.issuer_poll_interval,
+                stopped(),
+            )?),
+            PkiSource::Kubernetes {
+                objects,
+                anchors,
+                placements,
+            } => {
+                helpers.push(tokio::spawn(objects.watch(
+                    self.issuers.clone(),
+                    anchors,
+                    stopped(),
+                )));
+                if let Some(placements) = placements {
+                    helpers.push(tokio::spawn(placements.watch(stopped())));
+                }
+            }
+        }
         let issuers = self.issuers.clone();
         let ready =
             Arc::new(move || issuers.current().chain_not_after() > OffsetDateTime::now_utc());
@@ -252,7 +382,9 @@ impl Server {
             }
         };
         // The gRPC server may also end on error: stop the helpers either way.
-        let _ = watch_task.await;
+        for helper in helpers {
+            let _ = helper.await;
+        }
         let _ = metrics_task.await;
         served.map_err(ServeError::from)
     }

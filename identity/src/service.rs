@@ -137,10 +137,14 @@ fn code_label(code: Code) -> &'static str {
 fn auth_status(error: AuthError) -> Status {
     let message = error.to_string();
     match error {
-        AuthError::MissingToken | AuthError::UnknownToken => Status::unauthenticated(message),
-        AuthError::NotOnNode { .. } | AuthError::OtherWorkload { .. } => {
-            Status::permission_denied(message)
-        }
+        AuthError::MissingToken
+        | AuthError::UnknownToken
+        | AuthError::TokenRejected { .. }
+        | AuthError::UnboundAgentToken { .. }
+        | AuthError::AgentPodInvalid { .. } => Status::unauthenticated(message),
+        AuthError::NotOnNode { .. }
+        | AuthError::OtherWorkload { .. }
+        | AuthError::NotServiceAccount { .. } => Status::permission_denied(message),
         AuthError::Unavailable(_) => Status::unavailable(message),
     }
 }

@@ -110,7 +110,7 @@ async fn kubelet_data_symlink_swap_is_followed() {
     std::fs::create_dir(&issuer_dir).unwrap();
     kubelet_project(&issuer_dir, "..2026_01_01_00_00_00.1", &cluster.issuer);
     let mut config = cluster.config();
-    config.issuer_dir = issuer_dir.clone();
+    local_sources(&mut config).issuer_dir = issuer_dir.clone();
     let mut service = Running::start(config).await;
     let old_leaf = certify_web(&service).await;
 
@@ -200,8 +200,8 @@ async fn the_hash_poll_catches_changes_the_watcher_cannot_see() {
     let version = "..2026_01_01_00_00_00.1";
     kubelet_project(&issuer_dir, version, &cluster.issuer);
     let mut config = cluster.config();
-    config.issuer_dir = issuer_dir.clone();
-    config.issuer_poll_interval = std::time::Duration::from_millis(300);
+    local_sources(&mut config).issuer_dir = issuer_dir.clone();
+    local_sources(&mut config).issuer_poll_interval = std::time::Duration::from_millis(300);
     let mut service = Running::start(config).await;
 
     // Rewriting inside the versioned directory raises no event in the

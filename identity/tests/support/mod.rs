@@ -17,6 +17,7 @@ use sealmesh_common::{
 };
 use sealmesh_identity::{
     Config, ServerBuilder,
+    config::{LocalSources, Mode},
     pki::{CaSpec, CertInfo, GeneratedCa, Layout, generate_issuer, generate_root},
     rotation::IssuerEvents,
 };
@@ -123,7 +124,7 @@ impl TestCluster {
         );
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.metrics_listen = "127.0.0.1:0".parse().unwrap();
-        config.issuer_poll_interval = Duration::from_secs(1);
+        local_sources(&mut config).issuer_poll_interval = Duration::from_secs(1);
         config
     }
 
@@ -134,6 +135,14 @@ impl TestCluster {
 
     pub fn anchors(&self) -> Vec<CertificateDer<'static>> {
         pem_certs(&self.root.cert_pem)
+    }
+}
+
+/// The file sources of a local-mode config.
+pub fn local_sources(config: &mut Config) -> &mut LocalSources {
+    match &mut config.mode {
+        Mode::Local(local) => local,
+        Mode::Kubernetes(_) => panic!("a local-mode config"),
     }
 }
 

@@ -1,0 +1,159 @@
+//! Issuer rotations recorded as core/v1 Events on the identity Deployment,
+//! so `kubectl get events --field-selector reason=IssuerUpdated` shows them
+//! (as with Linkerd). Recording is best effort: a failure is logged, never
+//! fatal, and never delays the rotation itself.
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Event, EventSource, ObjectReference},
+    },
+    apimachinery::pkg::apis::meta::v1::{MicroTime, Time},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use sealmesh_common::consts::kube::{
+    EVENT_ISSUER_UPDATE_SKIPPED, EVENT_ISSUER_UPDATED, IDENTITY_NAME,
+};
+
+use crate::{
+    config::KubeSettings,
+    pki::CertInfo,
+    rotation::{IssuerEvents, LoggingIssuerEvents},
+};
+
+const EVENT_NORMAL: &str = "Normal";
+const EVENT_WARNING: &str = "Warning";
+
+/// [`IssuerEvents`] as Kubernetes Events (and log lines, as in local mode).
+#[derive(Clone)]
+pub struct KubeIssuerEvents {
+    events: Api<Event>,
+    deployments: Api<Deployment>,
+    namespace: String,
+    deployment: String,
+    /// This replica (its pod's hostname), as `reportingInstance`.
+    instance: Option<String>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl std::fmt::Debug for KubeIssuerEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeIssuerEvents")
+            .field("namespace", &self.namespace)
+            .field("deployment", &self.deployment)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeIssuerEvents {
+    /// Must be called within a tokio runtime: events are recorded on it.
+    pub fn new(client: Client, settings: &KubeSettings) -> Self {
+        let namespace = settings.namespace().to_owned();
+        Self {
+            events: Api::namespaced(client.clone(), &namespace),
+            deployments: Api::namespaced(client, &namespace),
+            deployment: settings.deployment.clone(),
+            namespace,
+            instance: nix::unistd::gethostname()
+                .ok()
+                .and_then(|name| name.into_string().ok()),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Records one Event on the Deployment; returns the created Event.
+    pub async fn record(
+        &self,
+        event_type: &str,
+        reason: &str,
+        message: &str,
+    ) -> Result<Event, kube::Error> {
+        // The uid ties the Event to this incarnation of the Deployment; if
+        // it is missing (renamed, or run outside one) name and namespace
+        // still find it.
+        let uid = match self.deployments.get_opt(&self.deployment).await {
+            Ok(found) => found.and_then(|d| d.metadata.uid),
+            Err(e) => {
+                tracing::debug!(error = %e, deployment = self.deployment, "cannot look up the identity Deployment; recording the event without its uid");
+                None
+            }
+        };
+        let now = Timestamp::now();
+        let event = Event {
+            metadata: ObjectMeta {
+                name: Some(format!(
+                    "{}.{}",
+                    self.deployment,
+                    hex::encode(rand::random::<[u8; 8]>())
+                )),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            },
+            involved_object: ObjectReference {
+                api_version: Some("apps/v1".to_owned()),
+                kind: Some("Deployment".to_owned()),
+                name: Some(self.deployment.clone()),
+                namespace: Some(self.namespace.clone()),
+                uid,
+                ..Default::default()
+            },
+            type_: Some(event_type.to_owned()),
+            reason: Some(reason.to_owned()),
+            message: Some(message.to_owned()),
+            source: Some(EventSource {
+                component: Some(IDENTITY_NAME.to_owned()),
+                host: None,
+            }),
+            reporting_component: Some(IDENTITY_NAME.to_owned()),
+            reporting_instance: self.instance.clone(),
+            first_timestamp: Some(Time(now)),
+            last_timestamp: Some(Time(now)),
+            event_time: Some(MicroTime(now)),
+            count: Some(1),
+            ..Default::default()
+        };
+        self.events.create(&PostParams::default(), &event).await
+    }
+
+    fn spawn_record(&self, event_type: &'static str, reason: &'static str, message: String) {
+        let recorder = self.clone();
+        self.runtime.spawn(async move {
+            if let Err(e) = recorder.record(event_type, reason, &message).await {
+                tracing::warn!(
+                    error = %e,
+                    reason,
+                    deployment = recorder.deployment,
+                    namespace = recorder.namespace,
+                    "cannot record a Kubernetes Event (the rotation itself is unaffected); check the identity service's RBAC allows creating events"
+                );
+            }
+        });
+    }
+}
+
+impl IssuerEvents for KubeIssuerEvents {
+    fn issuer_updated(&self, issuer: &CertInfo) {
+        LoggingIssuerEvents.issuer_updated(issuer);
+        self.spawn_record(
+            EVENT_NORMAL,
+            EVENT_ISSUER_UPDATED,
+            format!(
+                "Updated identity issuer: {} (serial {}, valid until {})",
+                issuer.subject, issuer.serial, issuer.not_after
+            ),
+        );
+    }
+
+    fn issuer_update_skipped(&self, reason: &str) {
+        LoggingIssuerEvents.issuer_update_skipped(reason);
+        self.spawn_record(
+            EVENT_WARNING,
+            EVENT_ISSUER_UPDATE_SKIPPED,
+            reason.to_owned(),
+        );
+    }
+}

@@ -1,0 +1,170 @@
+//! Callers through Kubernetes TokenReview: the agent ServiceAccount's
+//! pod-bound tokens are node-mode callers (the node of the bound pod); every
+//! other ServiceAccount is a workload asking for its own identity.
+
+use async_trait::async_trait;
+use k8s_openapi::api::{
+    authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
+    core::v1::Pod,
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, PostParams},
+};
+use sealmesh_common::{
+    consts::kube::{TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID},
+    identity::TrustDomain,
+};
+
+use crate::{
+    auth::{AuthError, Caller, TokenValidator},
+    config::KubeSettings,
+};
+
+/// Kubernetes' username of a ServiceAccount: `system:serviceaccount:<ns>:<name>`.
+const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
+
+/// Authenticates bearer tokens with TokenReview (`spec.audiences` = the
+/// configured audience), then resolves agents to their node through their
+/// bound pod.
+#[derive(Clone)]
+pub struct KubeTokenValidator {
+    reviews: Api<TokenReview>,
+    control_pods: Api<Pod>,
+    trust_domain: TrustDomain,
+    audience: String,
+    agent_service_account: String,
+}
+
+impl std::fmt::Debug for KubeTokenValidator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeTokenValidator")
+            .field("trust_domain", &self.trust_domain)
+            .field("audience", &self.audience)
+            .field("agent_service_account", &self.agent_service_account)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeTokenValidator {
+    pub fn new(client: Client, settings: &KubeSettings) -> Self {
+        Self {
+            reviews: Api::all(client.clone()),
+            control_pods: Api::namespaced(client, settings.namespace()),
+            trust_domain: settings.trust_domain.clone(),
+            audience: settings.token_audience.clone(),
+            agent_service_account: settings.agent_service_account.clone(),
+        }
+    }
+
+    /// The authenticated user of `token`, if TokenReview accepts it for our audience.
+    async fn review(&self, token: &str) -> Result<UserInfo, AuthError> {
+        let review = TokenReview {
+            metadata: ObjectMeta::default(),
+            spec: TokenReviewSpec {
+                audiences: Some(vec![self.audience.clone()]),
+                token: Some(token.to_owned()),
+            },
+            status: None,
+        };
+        let reviewed = self
+            .reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("TokenReview failed: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        let rejected = |reason: String| AuthError::TokenRejected {
+            reason,
+            audience: self.audience.clone(),
+        };
+        if status.authenticated != Some(true) {
+            return Err(rejected(status.error.unwrap_or_else(|| {
+                "not authenticated (no reason given)".to_owned()
+            })));
+        }
+        // An authenticator that ignores audiences reports none; one that
+        // checked them reports the ones the token is valid for.
+        if let Some(audiences) = &status.audiences
+            && !audiences.contains(&self.audience)
+        {
+            return Err(rejected(format!(
+                "the token is valid for {audiences:?}, not for {:?}",
+                self.audience
+            )));
+        }
+        status
+            .user
+            .ok_or_else(|| rejected("the review names no user".to_owned()))
+    }
+
+    /// The node of the agent pod `user`'s token is bound to.
+    async fn agent_node(&self, user: &UserInfo) -> Result<String, AuthError> {
+        let extra = |key: &str| {
+            user.extra
+                .as_ref()
+                .and_then(|extra| extra.get(key))
+                .and_then(|values| values.first())
+                .cloned()
+        };
+        let (Some(pod_name), Some(pod_uid)) =
+            (extra(TOKEN_EXTRA_POD_NAME), extra(TOKEN_EXTRA_POD_UID))
+        else {
+            return Err(AuthError::UnboundAgentToken {
+                service_account: format!(
+                    "{}/{}",
+                    self.trust_domain.control_namespace(),
+                    self.agent_service_account
+                ),
+            });
+        };
+        let pod_ref = format!("{}/{pod_name}", self.trust_domain.control_namespace());
+        let invalid = |problem: String| AuthError::AgentPodInvalid {
+            pod: pod_ref.clone(),
+            problem,
+        };
+        let pod = self
+            .control_pods
+            .get_opt(&pod_name)
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("cannot read pod {pod_ref}: {e}")))?
+            .ok_or_else(|| invalid("does not exist".to_owned()))?;
+        let uid = pod.metadata.uid.as_deref().unwrap_or_default();
+        if uid != pod_uid {
+            return Err(invalid(format!(
+                "has uid {uid}, not the token's {pod_uid} (the pod was replaced)"
+            )));
+        }
+        pod.spec
+            .and_then(|spec| spec.node_name)
+            .filter(|node| !node.is_empty())
+            .ok_or_else(|| invalid("is not scheduled to a node (no spec.nodeName)".to_owned()))
+    }
+}
+
+#[async_trait]
+impl TokenValidator for KubeTokenValidator {
+    async fn validate(&self, token: &[u8]) -> Result<Caller, AuthError> {
+        let token =
+            std::str::from_utf8(token.trim_ascii()).map_err(|_| AuthError::TokenRejected {
+                reason: "the token is not UTF-8 text".to_owned(),
+                audience: self.audience.clone(),
+            })?;
+        let user = self.review(token).await?;
+        let username = user.username.clone().unwrap_or_default();
+        let Some((namespace, service_account)) = username
+            .strip_prefix(SERVICE_ACCOUNT_USER_PREFIX)
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(AuthError::NotServiceAccount { username });
+        };
+        if namespace == self.trust_domain.control_namespace()
+            && service_account == self.agent_service_account
+        {
+            return self.agent_node(&user).await.map(Caller::Node);
+        }
+        self.trust_domain
+            .identity(namespace, service_account)
+            .map(Caller::Workload)
+            .map_err(|_| AuthError::NotServiceAccount { username })
+    }
+}
