@@ -16,8 +16,15 @@
 //! `sa-<namespace>_<serviceaccount>.token`; agents pin maps in
 //! `<bpffs>/sealmesh-testbed/<id>/<node>/`. Dropping a [`Testbed`] (also while
 //! unwinding from a panic) kills its processes and removes all of it.
+//!
+//! Kubernetes mode ([`kube`]): a testbed built with [`Testbed::up_for_kubelet`]
+//! has no pod cgroups until [`kube::KubeCluster`] registers its pods with an
+//! API server; they then get kubelet-named cgroups below their node's, and the
+//! cluster file records each pod's container cgroup, where its processes run.
 
+pub mod api_relay;
 pub mod cgroup;
+pub mod kube;
 pub mod layout;
 mod net;
 pub mod netns;
@@ -126,6 +133,17 @@ pub struct Testbed {
 impl Testbed {
     /// Builds a testbed as `spec` describes. On error, whatever was created is removed.
     pub fn up(spec: &TestbedSpec) -> Result<Self, TestbedError> {
+        Self::build(spec, PodCgroups::Create)
+    }
+
+    /// Like [`Testbed::up`], but leaves pod cgroups to a kubelet stand-in
+    /// ([`kube::KubeCluster`]), which names them after pod UIDs the API
+    /// server assigns.
+    pub fn up_for_kubelet(spec: &TestbedSpec) -> Result<Self, TestbedError> {
+        Self::build(spec, PodCgroups::Deferred)
+    }
+
+    fn build(spec: &TestbedSpec, pod_cgroups: PodCgroups) -> Result<Self, TestbedError> {
         require_root()?;
         let host = HostPaths::detect()?;
         create_dir(host.state_root(), "cannot create state root")?;
@@ -161,12 +179,12 @@ impl Testbed {
             cluster,
             owned: true,
         };
-        testbed.create()?;
+        testbed.create(pod_cgroups)?;
         tracing::info!(id = %testbed.id(), nodes = testbed.cluster.nodes.len(), pods = testbed.cluster.pods.len(), "testbed up");
         Ok(testbed)
     }
 
-    fn create(&self) -> Result<(), TestbedError> {
+    fn create(&self, pod_cgroups: PodCgroups) -> Result<(), TestbedError> {
         let layout = &self.layout;
         cgroup::create(&layout.underlay_cgroup())?;
         for node in &self.cluster.nodes {
@@ -177,8 +195,10 @@ impl Testbed {
             )?;
             write_token(&layout.token_file(&node.name))?;
         }
-        for pod in &self.cluster.pods {
-            cgroup::create(&pod.cgroup)?;
+        if pod_cgroups == PodCgroups::Create {
+            for pod in &self.cluster.pods {
+                cgroup::create(&pod.cgroup)?;
+            }
         }
         for token_file in self
             .cluster
@@ -247,6 +267,26 @@ impl Testbed {
     /// Sets the cluster file's `identity` section and saves the file.
     pub fn set_identity(&mut self, identity: IdentityEndpoint) -> Result<(), TestbedError> {
         self.cluster.identity = Some(identity);
+        self.cluster.save(&self.layout.cluster_file())?;
+        Ok(())
+    }
+
+    /// Records where a pod's processes run (Kubernetes mode: its container
+    /// cgroup, known once the API server named the pod) and saves the file.
+    fn set_pod_cgroup(
+        &mut self,
+        namespace: &str,
+        pod: &str,
+        cgroup: PathBuf,
+    ) -> Result<(), TestbedError> {
+        let unknown = self.unknown("pod", &format!("{namespace}/{pod}"));
+        let entry = self
+            .cluster
+            .pods
+            .iter_mut()
+            .find(|p| p.namespace == namespace && p.name == pod)
+            .ok_or(unknown)?;
+        entry.cgroup = cgroup;
         self.cluster.save(&self.layout.cluster_file())?;
         Ok(())
     }
@@ -341,6 +381,14 @@ impl Testbed {
     {
         netns::thread_in_netns(netns, f)
     }
+}
+
+/// Whether building a testbed creates pod cgroups (local mode) or leaves them
+/// to the kubelet stand-in (Kubernetes mode).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PodCgroups {
+    Create,
+    Deferred,
 }
 
 impl Drop for Testbed {

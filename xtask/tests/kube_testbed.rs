@@ -1,0 +1,494 @@
+//! The testbed's Kubernetes mode against the in-process fake API server
+//! (root, real network namespaces and cgroups): the objects a kubelet and the
+//! controllers would write, kubelet-named pod cgroups, component credentials,
+//! and the API relay from node and underlay namespaces.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    authentication::v1::TokenReview,
+    core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount},
+    discovery::v1::EndpointSlice,
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, PostParams},
+    config::{KubeConfigOptions, Kubeconfig},
+};
+use sealmesh_common::{
+    cluster::{Service as ClusterService, ServicePort},
+    consts::kube::{
+        AGENT_SERVICE_ACCOUNT, ENDPOINTSLICE_SERVICE_LABEL, IDENTITY_NAME, IDENTITY_TOKEN_AUDIENCE,
+        ISSUER_SECRET, TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID, TRUST_ROOTS_CONFIGMAP,
+        TRUST_ROOTS_KEY,
+    },
+    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+};
+use sealmesh_identity::pki::{self, CaSpec, Layout};
+use serde_json::json;
+use xtask::testbed::{
+    PodSpec, Testbed, TestbedSpec, cgroup,
+    kube::{CgroupDriver, KubeCluster, KubeMode, KubePki},
+};
+
+const APP_NS: &str = "shop";
+const PLAIN_NS: &str = "legacy";
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+
+/// node-0: shop/client; node-1: shop/server (behind Service `server`),
+/// legacy/plain (ServiceAccount `default`), and shop/late (also `app=server`,
+/// laid out but created in the API only when a test asks).
+fn spec() -> TestbedSpec {
+    TestbedSpec::new(2)
+        .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace(PLAIN_NS, &[])
+        .pod(PodSpec::new(APP_NS, "client", "client", 0).label("app", "client"))
+        .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
+        .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
+        .pod(PodSpec::new(APP_NS, "late", "server", 1).label("app", "server"))
+        .service(ClusterService {
+            name: "server".into(),
+            namespace: APP_NS.into(),
+            vip: VIP,
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                target_port: 8080,
+            }],
+            selector: BTreeMap::from([("app".into(), "server".into())]),
+        })
+}
+
+struct Pki {
+    anchors: Vec<u8>,
+    issuer: pki::CaMaterial,
+}
+
+fn pki() -> Pki {
+    let root = pki::generate_root(&CaSpec::valid_for(
+        "root.test",
+        std::time::Duration::from_secs(3600),
+    ))
+    .unwrap();
+    let (issuer, _) = pki::generate_issuer(
+        &root.material(),
+        &CaSpec::valid_for("issuer.test", std::time::Duration::from_secs(3600)),
+    )
+    .unwrap();
+    let mut issuer_material = issuer.material();
+    issuer_material.ca_pem = Some(issuer.ca_pem.into_bytes());
+    Pki {
+        anchors: root.cert_pem.into_bytes(),
+        issuer: issuer_material,
+    }
+}
+
+fn start(driver: CgroupDriver) -> (KubeCluster, Testbed, Pki) {
+    let mut testbed = Testbed::up_for_kubelet(&spec()).expect("testbed up");
+    let pki = pki();
+    let mode = KubeMode {
+        cgroup_driver: driver,
+        pending_pods: vec![(APP_NS.into(), "late".into())],
+        ..KubeMode::fake()
+    };
+    let kube = KubeCluster::start(
+        &mut testbed,
+        mode,
+        &KubePki {
+            trust_anchors_pem: &pki.anchors,
+            issuer: &pki.issuer,
+            issuer_layout: Layout::Tls,
+        },
+    )
+    .expect("registered with the fake API server");
+    (kube, testbed, pki)
+}
+
+fn get<K>(kube: &KubeCluster, namespace: Option<&str>, name: &str) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::namespaced(kube.client(), namespace.unwrap_or_default());
+    kube.block_on(api.get(name))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn get_cluster<K>(kube: &KubeCluster, name: &str) -> K
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let api: Api<K> = Api::all(kube.client());
+    kube.block_on(api.get(name))
+        .unwrap_or_else(|e| panic!("{name}: {e}"))
+}
+
+fn condition(pod: &Pod, kind: &str) -> Option<String> {
+    pod.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind)
+        .map(|c| c.status.clone())
+}
+
+/// (addresses, ready, nodeName, targetRef name) of the Service's slice, and its ports.
+fn endpoint_slice(kube: &KubeCluster) -> (EndpointSlice, Vec<(String, bool, String, String)>) {
+    let api: Api<EndpointSlice> = Api::namespaced(kube.client(), APP_NS);
+    let mut slices = kube
+        .block_on(
+            api.list(
+                &ListParams::default().labels(&format!("{ENDPOINTSLICE_SERVICE_LABEL}=server")),
+            ),
+        )
+        .unwrap()
+        .items;
+    assert_eq!(slices.len(), 1, "one slice per Service: {slices:?}");
+    let slice = slices.remove(0);
+    let endpoints = slice
+        .endpoints
+        .iter()
+        .map(|e| {
+            let target = e.target_ref.as_ref().unwrap();
+            (
+                e.addresses.join(","),
+                e.conditions.as_ref().and_then(|c| c.ready) == Some(true),
+                e.node_name.clone().unwrap_or_default(),
+                target.name.clone().unwrap_or_default(),
+            )
+        })
+        .collect();
+    (slice, endpoints)
+}
+
+/// A client for `kubeconfig` built and used inside network namespace `netns`
+/// (so its connections start there): lists pods of `shop` and returns their names.
+fn pods_seen_from(testbed: &Testbed, netns: &str, kubeconfig: &Path) -> Vec<String> {
+    let kubeconfig = kubeconfig.to_owned();
+    testbed
+        .run_in_netns(netns, move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let config = kube::Config::from_custom_kubeconfig(
+                    Kubeconfig::read_from(&kubeconfig).unwrap(),
+                    &KubeConfigOptions::default(),
+                )
+                .await
+                .unwrap();
+                let client = Client::try_from(config).unwrap();
+                let pods: Api<Pod> = Api::namespaced(client, APP_NS);
+                let mut names: Vec<String> = pods
+                    .list(&ListParams::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .iter()
+                    .map(|p| p.name_any())
+                    .collect();
+                names.sort();
+                names
+            })
+        })
+        .unwrap()
+}
+
+fn relative_to_mount(path: &Path) -> String {
+    let mount = sealmesh_common::host::cgroup2_mount().unwrap();
+    format!("/{}", path.strip_prefix(&mount).unwrap().display())
+}
+
+#[test]
+fn registers_the_testbed_as_kubelets_and_controllers_would() {
+    let (mut kube, mut testbed, pki) = start(CgroupDriver::Systemd);
+
+    // Namespaces with the cluster file's mesh labels.
+    let shop: Namespace = get_cluster(&kube, APP_NS);
+    assert_eq!(
+        shop.labels().get(MESH_LABEL).map(String::as_str),
+        Some(MESH_LABEL_ENABLED)
+    );
+    let legacy: Namespace = get_cluster(&kube, PLAIN_NS);
+    assert_eq!(legacy.labels().get(MESH_LABEL), None);
+    let _: Namespace = get_cluster(&kube, "sealmesh");
+
+    // ServiceAccounts, including `default`, which no controller makes here.
+    for (ns, sa) in [
+        ("sealmesh", AGENT_SERVICE_ACCOUNT),
+        ("sealmesh", IDENTITY_NAME),
+        (APP_NS, "client"),
+        (APP_NS, "server"),
+        (PLAIN_NS, "default"),
+    ] {
+        let account: ServiceAccount = get(&kube, Some(ns), sa);
+        assert_eq!(account.name_any(), sa);
+    }
+    // deploy/base RBAC, applied as it is.
+    let _: ClusterRole = get_cluster(&kube, AGENT_SERVICE_ACCOUNT);
+    let _: ClusterRoleBinding = get_cluster(&kube, AGENT_SERVICE_ACCOUNT);
+    let _: Role = get(&kube, Some("sealmesh"), AGENT_SERVICE_ACCOUNT);
+    let _: RoleBinding = get(&kube, Some("sealmesh"), AGENT_SERVICE_ACCOUNT);
+    let _: ClusterRole = get_cluster(&kube, IDENTITY_NAME);
+
+    // Nodes: InternalIP = underlay IP, Ready.
+    for (name, ip) in [("node-0", "172.18.0.2"), ("node-1", "172.18.0.3")] {
+        let node: Node = get_cluster(&kube, name);
+        let status = node.status.unwrap();
+        let addresses: Vec<(String, String)> = status
+            .addresses
+            .unwrap()
+            .into_iter()
+            .map(|a| (a.type_, a.address))
+            .collect();
+        assert_eq!(
+            addresses,
+            [
+                ("InternalIP".to_owned(), ip.to_owned()),
+                ("Hostname".to_owned(), name.to_owned())
+            ]
+        );
+        let ready: Vec<(String, String)> = status
+            .conditions
+            .unwrap()
+            .into_iter()
+            .map(|c| (c.type_, c.status))
+            .collect();
+        assert_eq!(ready, [("Ready".to_owned(), "True".to_owned())]);
+    }
+
+    // Pods: bound to their node, with the status a kubelet reports.
+    let client: Pod = get(&kube, Some(APP_NS), "client");
+    let spec = client.spec.clone().unwrap();
+    assert_eq!(spec.node_name.as_deref(), Some("node-0"));
+    assert_eq!(spec.service_account_name.as_deref(), Some("client"));
+    let status = client.status.clone().unwrap();
+    assert_eq!(status.phase.as_deref(), Some("Running"));
+    assert_eq!(status.pod_ip.as_deref(), Some("10.244.0.2"));
+    assert_eq!(status.host_ip.as_deref(), Some("172.18.0.2"));
+    assert_eq!(condition(&client, "Ready").as_deref(), Some("True"));
+    assert_eq!(
+        condition(&client, "ContainersReady").as_deref(),
+        Some("True")
+    );
+    let container = &status.container_statuses.unwrap()[0];
+    assert!(container.ready, "{container:?}");
+    assert!(
+        container
+            .container_id
+            .as_deref()
+            .unwrap()
+            .starts_with("containerd://")
+    );
+    let pods: Api<Pod> = Api::namespaced(kube.client(), APP_NS);
+    let late = kube.block_on(pods.get_opt("late")).unwrap();
+    assert!(late.is_none(), "pending pods wait for create_pod: {late:?}");
+
+    // Agent pods (host network) and the identity Deployment.
+    let agent: Pod = get(&kube, Some("sealmesh"), "sealmesh-agent-node-1");
+    assert_eq!(
+        agent.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("node-1")
+    );
+    assert_eq!(agent.spec.as_ref().unwrap().host_network, Some(true));
+    assert_eq!(
+        agent.status.as_ref().unwrap().pod_ip.as_deref(),
+        Some("172.18.0.3")
+    );
+    let _: Deployment = get(&kube, Some("sealmesh"), IDENTITY_NAME);
+
+    // Service with the testbed's VIP and its EndpointSlice.
+    let service: Service = get(&kube, Some(APP_NS), "server");
+    assert_eq!(
+        service.spec.as_ref().unwrap().cluster_ip.as_deref(),
+        Some("10.96.0.10")
+    );
+    let (slice, endpoints) = endpoint_slice(&kube);
+    assert_eq!(slice.address_type, "IPv4");
+    assert_eq!(
+        endpoints,
+        [(
+            "10.244.1.2".to_owned(),
+            true,
+            "node-1".to_owned(),
+            "server".to_owned()
+        )]
+    );
+    let server_uid = kube.pod(APP_NS, "server").unwrap().uid.clone();
+    assert_eq!(
+        slice.endpoints[0]
+            .target_ref
+            .as_ref()
+            .unwrap()
+            .uid
+            .as_deref(),
+        Some(server_uid.as_str())
+    );
+    let ports: Vec<(Option<String>, Option<i32>, Option<String>)> = slice
+        .ports
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name, p.port, p.protocol))
+        .collect();
+    assert_eq!(
+        ports,
+        [(Some(String::new()), Some(8080), Some("TCP".into()))]
+    );
+
+    // PKI objects.
+    let roots: ConfigMap = get(&kube, Some("sealmesh"), TRUST_ROOTS_CONFIGMAP);
+    assert_eq!(
+        roots.data.unwrap()[TRUST_ROOTS_KEY].as_bytes(),
+        &pki.anchors[..]
+    );
+    let issuer: Secret = get(&kube, Some("sealmesh"), ISSUER_SECRET);
+    assert_eq!(issuer.type_.as_deref(), Some("kubernetes.io/tls"));
+    let data = issuer.data.unwrap();
+    assert_eq!(data["tls.crt"].0, pki.issuer.cert_pem);
+    assert_eq!(data["tls.key"].0, pki.issuer.key_pem);
+    assert_eq!(Some(&data["ca.crt"].0), pki.issuer.ca_pem.as_ref());
+
+    // Pod cgroups: kubelet naming from the API's UID, processes in a child
+    // container cgroup, which the cluster file records.
+    let node1 = testbed.cluster().node("node-1").unwrap().cgroup.clone();
+    let registered = kube.pod(APP_NS, "server").unwrap().clone();
+    assert_eq!(
+        registered.pod_cgroup,
+        node1.join(format!(
+            "kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice",
+            server_uid.replace('-', "_")
+        ))
+    );
+    assert_eq!(
+        registered.container_cgroup.parent(),
+        Some(&*registered.pod_cgroup)
+    );
+    let container_dir = registered
+        .container_cgroup
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        container_dir.starts_with("cri-containerd-") && container_dir.ends_with(".scope"),
+        "{container_dir}"
+    );
+    assert_eq!(
+        testbed.cluster().pod(APP_NS, "server").unwrap().cgroup,
+        registered.container_cgroup
+    );
+    let sleeper = testbed
+        .spawn_in_pod(APP_NS, "server", {
+            let mut cmd = Command::new("sleep");
+            cmd.arg("30");
+            cmd
+        })
+        .unwrap();
+    assert_eq!(
+        cgroup::of_process(sleeper.id()).unwrap(),
+        relative_to_mount(&registered.container_cgroup)
+    );
+    drop(sleeper);
+
+    // The agent's identity token: bound to its pod, audience identity.sealmesh.io.
+    let token_file = testbed
+        .cluster()
+        .node("node-0")
+        .unwrap()
+        .token_file
+        .clone()
+        .unwrap();
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let agent0: Pod = get(&kube, Some("sealmesh"), "sealmesh-agent-node-0");
+    let review: TokenReview = serde_json::from_value(json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "spec": { "token": token, "audiences": [IDENTITY_TOKEN_AUDIENCE] },
+    }))
+    .unwrap();
+    let reviews: Api<TokenReview> = Api::all(kube.client());
+    let reviewed = kube
+        .block_on(reviews.create(&PostParams::default(), &review))
+        .unwrap()
+        .status
+        .unwrap();
+    assert_eq!(reviewed.authenticated, Some(true), "{reviewed:?}");
+    let user = reviewed.user.unwrap();
+    assert_eq!(
+        user.username.as_deref(),
+        Some("system:serviceaccount:sealmesh:sealmesh-agent")
+    );
+    let extra = user.extra.unwrap();
+    assert_eq!(extra[TOKEN_EXTRA_POD_NAME], ["sealmesh-agent-node-0"]);
+    assert_eq!(extra[TOKEN_EXTRA_POD_UID], [agent0.uid().unwrap()]);
+
+    // Components reach the API through the relay, from their namespaces.
+    assert_eq!(kube.relay_addr(), SocketAddr::from(([172, 18, 0, 1], 6443)));
+    let node0_ns = testbed.node_netns("node-0").unwrap().to_owned();
+    assert_eq!(
+        pods_seen_from(&testbed, &node0_ns, &kube.agent_kubeconfig("node-0")),
+        ["client", "server"]
+    );
+    let underlay = testbed.underlay_netns();
+    assert_eq!(
+        pods_seen_from(&testbed, &underlay, &kube.identity_kubeconfig()),
+        ["client", "server"]
+    );
+
+    // A pod created later: object, cgroup, status, EndpointSlice; then deleted.
+    let late = kube
+        .create_pod(&mut testbed, APP_NS, "late")
+        .unwrap()
+        .clone();
+    assert!(late.container_cgroup.is_dir());
+    let stored: Pod = get(&kube, Some(APP_NS), "late");
+    assert_eq!(stored.uid().as_deref(), Some(late.uid.as_str()));
+    assert_eq!(
+        stored.status.as_ref().unwrap().pod_ip.as_deref(),
+        Some("10.244.1.4")
+    );
+    let (_, endpoints) = endpoint_slice(&kube);
+    let names: Vec<&str> = endpoints.iter().map(|e| e.3.as_str()).collect();
+    assert_eq!(names, ["server", "late"]);
+    kube.delete_pod(&testbed, APP_NS, "late").unwrap();
+    assert!(kube.block_on(pods.get_opt("late")).unwrap().is_none());
+    assert!(!late.pod_cgroup.exists(), "kubelet removes the pod cgroup");
+    let (_, endpoints) = endpoint_slice(&kube);
+    let names: Vec<&str> = endpoints.iter().map(|e| e.3.as_str()).collect();
+    assert_eq!(names, ["server"]);
+}
+
+#[test]
+fn cgroupfs_driver_names_pod_cgroups_like_kubelet() {
+    let (kube, testbed, _) = start(CgroupDriver::Cgroupfs);
+    let node0: PathBuf = testbed.cluster().node("node-0").unwrap().cgroup.clone();
+    let registered = kube.pod(APP_NS, "client").unwrap();
+    assert_eq!(
+        registered.pod_cgroup,
+        node0.join(format!("kubepods/besteffort/pod{}", registered.uid))
+    );
+    let container = registered
+        .container_cgroup
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap();
+    assert_eq!(container.len(), 64, "a containerd id: {container}");
+    assert!(registered.container_cgroup.is_dir());
+}
