@@ -8,7 +8,7 @@ use std::{
     collections::HashMap,
     future::Future,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -83,7 +83,10 @@ pub struct CertStoreConfig {
     pub identity_addr: SocketAddr,
     /// The node's credential; re-read on every request because it is rotated.
     pub token_file: PathBuf,
-    /// PEM bundle of the mesh's roots.
+    /// PEM bundle of the mesh's roots, read by [`CertStore::new`] and
+    /// [`CertStore::reload_trust_anchors`]. A store built with
+    /// [`CertStore::with_trust_anchors_pem`] takes its bundle from the caller
+    /// instead and never reads this file.
     pub trust_anchors_file: PathBuf,
     pub trust_domain: TrustDomain,
     pub renewal: RenewalPolicy,
@@ -100,6 +103,14 @@ pub enum CertStoreError {
     },
     #[error("trust anchors file {path} is unusable: {source}")]
     BadTrustAnchors { path: PathBuf, source: TlsError },
+    #[error(
+        "trust anchors from {origin} are unusable: {source}; it must hold the mesh's PEM root certificates"
+    )]
+    BadSuppliedTrustAnchors { origin: String, source: TlsError },
+    #[error(
+        "this store's trust anchors come from {origin}, not from a file; reload them with reload_trust_anchors_pem"
+    )]
+    AnchorsNotFromFile { origin: String },
     #[error("identity service address {addr} is not usable for gRPC: {source}")]
     IdentityAddress {
         addr: SocketAddr,
@@ -240,8 +251,18 @@ struct Progress {
     refreshes_failed: u64,
 }
 
+/// Where a store's trust anchors come from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum AnchorsOrigin {
+    /// `CertStoreConfig::trust_anchors_file`.
+    File,
+    /// PEM handed over by the caller; names where it came from (e.g. a ConfigMap).
+    Supplied(String),
+}
+
 pub struct CertStore {
     cfg: CertStoreConfig,
+    anchors_origin: AnchorsOrigin,
     identity: IdentityClient<Channel>,
     anchored: ArcSwap<Anchored>,
     certs: Arc<ArcSwap<CertMap>>,
@@ -263,9 +284,31 @@ impl std::fmt::Debug for CertStore {
 }
 
 impl CertStore {
-    /// Loads the trust anchors; obtains no certificate yet (see [`CertStore::run`]).
-    /// Call within a tokio runtime: the identity service channel lives on it.
+    /// Loads the trust anchors from `cfg.trust_anchors_file`; obtains no
+    /// certificate yet (see [`CertStore::run`]). Call within a tokio runtime:
+    /// the identity service channel lives on it.
     pub fn new(cfg: CertStoreConfig) -> Result<Arc<Self>, CertStoreError> {
+        let pem = read_anchors_file(&cfg.trust_anchors_file)?;
+        Self::build(cfg, AnchorsOrigin::File, &pem)
+    }
+
+    /// Like [`CertStore::new`], with the trust anchors given as a PEM bundle
+    /// (e.g. from a Kubernetes ConfigMap) that `origin` names in logs and
+    /// errors; `cfg.trust_anchors_file` is not used. Reload them with
+    /// [`CertStore::reload_trust_anchors_pem`].
+    pub fn with_trust_anchors_pem(
+        cfg: CertStoreConfig,
+        origin: &str,
+        pem: &[u8],
+    ) -> Result<Arc<Self>, CertStoreError> {
+        Self::build(cfg, AnchorsOrigin::Supplied(origin.to_owned()), pem)
+    }
+
+    fn build(
+        cfg: CertStoreConfig,
+        anchors_origin: AnchorsOrigin,
+        pem: &[u8],
+    ) -> Result<Arc<Self>, CertStoreError> {
         let endpoint = Endpoint::from_shared(format!("http://{}", cfg.identity_addr))
             .map_err(|source| CertStoreError::IdentityAddress {
                 addr: cfg.identity_addr,
@@ -278,8 +321,9 @@ impl CertStore {
             certs: certs.clone(),
             trust_domain: cfg.trust_domain.clone(),
         });
-        let anchored = load_anchored(&cfg, resolver.clone(), 0)?;
+        let anchored = anchored_from_pem(&cfg, &anchors_origin, pem, resolver.clone(), 0)?;
         Ok(Arc::new(Self {
+            anchors_origin,
             identity: IdentityClient::new(endpoint.connect_lazy()),
             anchored: ArcSwap::from_pointee(anchored),
             certs,
@@ -293,9 +337,40 @@ impl CertStore {
     /// Re-reads the trust anchors file and switches every config to it (for
     /// anchor rotation). On error the old anchors stay.
     pub fn reload_trust_anchors(&self) -> Result<(), CertStoreError> {
+        if let AnchorsOrigin::Supplied(origin) = &self.anchors_origin {
+            return Err(CertStoreError::AnchorsNotFromFile {
+                origin: origin.clone(),
+            });
+        }
+        let pem = read_anchors_file(&self.cfg.trust_anchors_file)?;
         let _writer = self.writer.lock().expect("cert writer lock poisoned");
+        self.install_anchors(&pem)
+    }
+
+    /// Switches every config to the anchors of `pem` (a new bundle from the
+    /// store's supplier, e.g. an updated ConfigMap). Returns `Ok(false)`,
+    /// changing nothing, when `pem` is the bundle in use. On error the old
+    /// anchors stay.
+    pub fn reload_trust_anchors_pem(&self, pem: &[u8]) -> Result<bool, CertStoreError> {
+        let _writer = self.writer.lock().expect("cert writer lock poisoned");
+        if self.anchored.load().pem.as_bytes() == pem {
+            return Ok(false);
+        }
+        self.install_anchors(pem)?;
+        Ok(true)
+    }
+
+    /// Parses `pem` and swaps it in with every certificate's client config
+    /// rebuilt. The caller holds `writer`.
+    fn install_anchors(&self, pem: &[u8]) -> Result<(), CertStoreError> {
         let epoch = self.anchored.load().epoch + 1;
-        let anchored = Arc::new(load_anchored(&self.cfg, self.resolver.clone(), epoch)?);
+        let anchored = Arc::new(anchored_from_pem(
+            &self.cfg,
+            &self.anchors_origin,
+            pem,
+            self.resolver.clone(),
+            epoch,
+        )?);
         self.anchored.store(anchored.clone());
         let rebuilt: CertMap = self
             .certs
@@ -311,11 +386,19 @@ impl CertStore {
             .collect();
         self.certs.store(Arc::new(rebuilt));
         tracing::info!(
-            file = %self.cfg.trust_anchors_file.display(),
+            from = %self.anchors_origin_name(),
             anchors = anchored.anchors.len(),
             "trust anchors reloaded"
         );
         Ok(())
+    }
+
+    /// Where the anchors come from, for logs.
+    fn anchors_origin_name(&self) -> String {
+        match &self.anchors_origin {
+            AnchorsOrigin::File => self.cfg.trust_anchors_file.display().to_string(),
+            AnchorsOrigin::Supplied(origin) => origin.clone(),
+        }
     }
 
     /// Keeps a cert for every ServiceAccount of local meshed workloads until
@@ -650,26 +733,36 @@ impl CertStore {
     }
 }
 
-fn load_anchored(
+fn read_anchors_file(path: &Path) -> Result<Vec<u8>, CertStoreError> {
+    std::fs::read(path).map_err(|source| CertStoreError::ReadTrustAnchors {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn anchored_from_pem(
     cfg: &CertStoreConfig,
+    origin: &AnchorsOrigin,
+    pem: &[u8],
     resolver: Arc<SniResolver>,
     epoch: u64,
 ) -> Result<Anchored, CertStoreError> {
-    let path = &cfg.trust_anchors_file;
-    let pem = std::fs::read(path).map_err(|source| CertStoreError::ReadTrustAnchors {
-        path: path.clone(),
-        source,
-    })?;
-    let bad = |source| CertStoreError::BadTrustAnchors {
-        path: path.clone(),
-        source,
+    let bad = |source| match origin {
+        AnchorsOrigin::File => CertStoreError::BadTrustAnchors {
+            path: cfg.trust_anchors_file.clone(),
+            source,
+        },
+        AnchorsOrigin::Supplied(origin) => CertStoreError::BadSuppliedTrustAnchors {
+            origin: origin.clone(),
+            source,
+        },
     };
-    let anchors = TrustAnchors::from_pem(&pem, &cfg.trust_domain).map_err(bad)?;
+    let anchors = TrustAnchors::from_pem(pem, &cfg.trust_domain).map_err(bad)?;
     let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
     Ok(Anchored {
         anchors,
         // TrustAnchors::from_pem accepted it, so it is PEM text.
-        pem: String::from_utf8_lossy(&pem).into_owned(),
+        pem: String::from_utf8_lossy(pem).into_owned(),
         server_config,
         epoch,
     })
@@ -1000,6 +1093,52 @@ mod tests {
         assert_eq!(status[0].identity, id);
         assert_eq!(status[0].last_error, None);
         assert!(status[0].serial.is_some() && status[0].last_refresh.is_some());
+    }
+
+    #[tokio::test]
+    async fn supplied_anchors_reload_from_pem_only_when_they_change() {
+        let ca = TestCa::new();
+        let dir = tempfile::tempdir().unwrap();
+        let origin = "ConfigMap sealmesh/sealmesh-identity-trust-roots";
+        let store = CertStore::with_trust_anchors_pem(
+            CertStoreConfig {
+                identity_addr: "127.0.0.1:9".parse().unwrap(),
+                token_file: dir.path().join("node.token"),
+                trust_anchors_file: dir.path().join("never-read.crt"),
+                trust_domain: TrustDomain::default(),
+                renewal: RenewalPolicy::default(),
+            },
+            origin,
+            ca.root.pem().as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(store.trust_anchors_pem(), ca.root.pem());
+        assert!(
+            !store
+                .reload_trust_anchors_pem(ca.root.pem().as_bytes())
+                .unwrap()
+        );
+        assert_eq!(store.anchored.load().epoch, 0);
+
+        let err = store.reload_trust_anchors_pem(b"").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "trust anchors from {origin} are unusable: {}; it must hold the mesh's PEM root certificates",
+                TlsError::NoTrustAnchors
+            )
+        );
+        let err = store.reload_trust_anchors().unwrap_err();
+        assert!(
+            matches!(err, CertStoreError::AnchorsNotFromFile { .. }),
+            "{err}"
+        );
+        assert_eq!(store.trust_anchors_pem(), ca.root.pem());
+
+        let both = format!("{}{}", ca.root.pem(), TestCa::new().root.pem());
+        assert!(store.reload_trust_anchors_pem(both.as_bytes()).unwrap());
+        assert_eq!(store.trust_anchors_pem(), both);
+        assert_eq!(store.anchored.load().anchors.len(), 2);
     }
 
     #[tokio::test]

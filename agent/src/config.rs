@@ -1,25 +1,40 @@
 //! The agent's configuration: parsed from the command line (and environment)
-//! in one place, with every default filled from the cluster file, then
-//! validated before anything starts.
+//! in one place, with every default filled (from the cluster file in local
+//! mode, from Kubernetes conventions in kubernetes mode), then validated
+//! before anything starts.
 
 use std::{
-    fmt,
-    net::{Ipv4Addr, SocketAddr},
+    fmt, io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
+    str::FromStr,
 };
 
 use clap::{Parser, ValueEnum};
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
-    consts::{AGENT_ADMIN_PORT, AGENT_METRICS_PORT},
+    consts::{
+        AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
+        IDENTITY_GRPC_PORT,
+        kube::{IDENTITY_NAME, IDENTITY_TOKEN_PATH},
+    },
     host,
-    identity::TrustDomain,
+    identity::{IdentityError, TrustDomain},
 };
 use serde::Serialize;
+
+use crate::kube::trust_roots::trust_roots_origin;
 
 /// Directory under the bpffs mount that holds every sealmesh pin; below it,
 /// one directory per cluster and node so several testbed nodes share a host.
 const BPFFS_SUBDIR: &str = "sealmesh";
+/// The "cluster" part of the pin directory in kubernetes mode (a node runs
+/// one cluster).
+const BPFFS_KUBERNETES_CLUSTER: &str = "kubernetes";
+/// Kubernetes' default cluster DNS domain (Services are
+/// `<name>.<namespace>.svc.<domain>`); not the SPIFFE trust domain, though
+/// both default to the same text.
+const CLUSTER_DNS_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -47,8 +62,24 @@ pub enum ConfigError {
     MissingTokenFile { node: String },
     #[error("bpffs is not mounted; mount it (mount -t bpf bpf /sys/fs/bpf) or pass --bpffs-dir")]
     NoBpffs,
+    #[error(
+        "cgroup v2 is not mounted; mount it (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup-root"
+    )]
+    NoCgroup2,
     #[error("invalid --log-level {level:?}: {reason}")]
     LogLevel { level: String, reason: String },
+    #[error(
+        "--mode local needs --cluster-file (SEALMESH_CLUSTER_FILE); to read the Kubernetes API instead, pass --mode kubernetes"
+    )]
+    MissingClusterFile,
+    #[error("{flag} does not apply to --mode {mode}: {hint}")]
+    NotForMode {
+        flag: &'static str,
+        mode: Mode,
+        hint: &'static str,
+    },
+    #[error("invalid --trust-domain or --namespace: {0}")]
+    TrustDomain(#[from] IdentityError),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
@@ -58,30 +89,157 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where the agent learns about nodes, pods, Services and trust anchors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// From the cluster file (the local testbed).
+    Local,
+    /// From the Kubernetes API (the agent DaemonSet).
+    Kubernetes,
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Local => "local",
+            Self::Kubernetes => "kubernetes",
+        })
+    }
+}
+
+/// The identity service's address: an IP or a DNS name, and a port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IdentityAddr {
+    host: String,
+    port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not <host>:<port> (an IP or DNS name, and a port)")]
+pub struct IdentityAddrError(String);
+
+impl FromStr for IdentityAddr {
+    type Err = IdentityAddrError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Ok(addr) = text.parse::<SocketAddr>() {
+            return Ok(addr.into());
+        }
+        let bad = || IdentityAddrError(text.to_owned());
+        let (host, port) = text.rsplit_once(':').ok_or_else(bad)?;
+        let port = port.parse().map_err(|_| bad())?;
+        let host_ok = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !host_ok {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+}
+
+impl From<SocketAddr> for IdentityAddr {
+    fn from(addr: SocketAddr) -> Self {
+        Self {
+            host: addr.ip().to_string(),
+            port: addr.port(),
+        }
+    }
+}
+
+impl fmt::Display for IdentityAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.host.parse::<IpAddr>() {
+            Ok(IpAddr::V6(ip)) => write!(f, "[{ip}]:{}", self.port),
+            _ => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
+}
+
+impl Serialize for IdentityAddr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl IdentityAddr {
+    /// The address, resolving a DNS name (IPv4 preferred: the redirect
+    /// programs exclude the identity service by its IPv4 address).
+    pub async fn resolve(&self) -> io::Result<SocketAddr> {
+        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .collect();
+        addrs
+            .iter()
+            .find(|a| a.is_ipv4())
+            .or(addrs.first())
+            .copied()
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{} resolves to no address", self.host),
+                )
+            })
+    }
+}
+
 /// Command-line flags as typed; `Config::from_args` turns them into a
 /// complete `Config`.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "sealmesh-agent", version, about = "sealmesh node agent")]
 pub struct Args {
-    /// Cluster description (written by the testbed) to read nodes, pods and Services from.
+    /// Where nodes, pods, Services and trust anchors come from: the cluster file, or the
+    /// Kubernetes API (credentials from KUBECONFIG, else the pod's ServiceAccount).
+    #[arg(long, value_enum, default_value_t = Mode::Local, env = "SEALMESH_MODE")]
+    pub mode: Mode,
+    /// Cluster description (written by the testbed) to read nodes, pods and Services from
+    /// (local mode only; required there).
     #[arg(long, env = "SEALMESH_CLUSTER_FILE")]
-    pub cluster_file: PathBuf,
-    /// Name of the node this agent serves (a node of the cluster file).
+    pub cluster_file: Option<PathBuf>,
+    /// Name of the node this agent serves (a node of the cluster file, or the Kubernetes
+    /// node name: the DaemonSet sets it from spec.nodeName).
     #[arg(long, env = "SEALMESH_NODE")]
     pub node: String,
-    /// Directory to pin eBPF maps and links in [default: <bpffs>/sealmesh/<cluster>/<node>].
+    /// Kubernetes mode: the control namespace, holding the trust-roots ConfigMap; part of
+    /// identity DNS names [default: sealmesh].
+    #[arg(long, env = "SEALMESH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Kubernetes mode: the SPIFFE trust domain [default: cluster.local].
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Kubernetes mode: the cgroup v2 directory the kubelet's pod cgroups are under
+    /// (kubepods.slice/... or kubepods/...) [default: the host's cgroup2 mount].
+    #[arg(long)]
+    pub cgroup_root: Option<PathBuf>,
+    /// Directory to pin eBPF maps and links in [default: <bpffs>/sealmesh/<cluster>/<node>,
+    /// <cluster> = "kubernetes" in kubernetes mode].
     #[arg(long)]
     pub bpffs_dir: Option<PathBuf>,
-    /// cgroup v2 directory to attach the redirect programs to [default: the node's cgroup].
+    /// cgroup v2 directory to attach the redirect programs to [default: the node's cgroup;
+    /// in kubernetes mode the cgroup root].
     #[arg(long)]
     pub node_cgroup: Option<PathBuf>,
-    /// Identity service gRPC address [default: from the cluster file].
+    /// Identity service gRPC address, <IP or DNS name>:<port> [default: from the cluster
+    /// file; in kubernetes mode sealmesh-identity.<namespace>.svc.cluster.local:8080].
     #[arg(long)]
-    pub identity_addr: Option<SocketAddr>,
-    /// PEM bundle of trust anchors [default: from the cluster file].
+    pub identity_addr: Option<IdentityAddr>,
+    /// PEM bundle of trust anchors (local mode) [default: from the cluster file]. Kubernetes
+    /// mode reads and watches the ConfigMap sealmesh-identity-trust-roots instead.
     #[arg(long)]
     pub trust_anchors: Option<PathBuf>,
-    /// File holding this node's identity-service token [default: the node's tokenFile].
+    /// File holding this node's identity-service token, re-read on every request [default:
+    /// the node's tokenFile; in kubernetes mode the projected ServiceAccount token
+    /// /var/run/secrets/sealmesh.io/identity/token].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
     /// Carry same-node meshed connections over mTLS (HBONE to this node) instead of connecting directly.
@@ -126,18 +284,40 @@ pub struct Policy {
     pub deny_plaintext: bool,
 }
 
+/// Local mode: everything comes from the cluster file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalSettings {
+    pub cluster_file: PathBuf,
+    pub cluster_name: String,
+    pub node_ip: Ipv4Addr,
+    pub trust_anchors: PathBuf,
+}
+
+/// Kubernetes mode: everything comes from the API.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct KubeSettings {
+    /// The control namespace (trust-roots ConfigMap).
+    pub namespace: String,
+    /// Where the kubelet's pod cgroups are found.
+    pub cgroup_root: PathBuf,
+}
+
+/// The mode and what only that mode needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Local(LocalSettings),
+    Kubernetes(KubeSettings),
+}
+
 /// The agent's complete, validated configuration.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub cluster_file: PathBuf,
-    pub cluster_name: String,
+    pub source: Source,
     pub node: String,
-    pub node_ip: Ipv4Addr,
     pub trust_domain: TrustDomain,
     pub bpffs_dir: PathBuf,
     pub node_cgroup: PathBuf,
-    pub identity_addr: SocketAddr,
-    pub trust_anchors: PathBuf,
+    pub identity_addr: IdentityAddr,
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     pub policy: Policy,
@@ -152,17 +332,24 @@ pub struct Config {
 /// is only named by its file, never read here.
 #[derive(Serialize)]
 struct ConfigView<'a> {
-    cluster_file: &'a Path,
-    cluster_name: &'a str,
+    mode: Mode,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_file: Option<&'a Path>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cluster_name: Option<&'a str>,
     node: &'a str,
-    node_ip: Ipv4Addr,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_ip: Option<Ipv4Addr>,
     trust_domain: &'a str,
     bpffs_dir: &'a Path,
     node_cgroup: &'a Path,
-    identity_addr: SocketAddr,
-    trust_anchors: &'a Path,
+    identity_addr: &'a IdentityAddr,
+    /// A file in local mode, the ConfigMap in kubernetes mode.
+    trust_anchors: String,
     token_file: &'a Path,
     token: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kubernetes: Option<KubeView<'a>>,
     policy: Policy,
     sockmap_acceleration: bool,
     admin_listen: SocketAddr,
@@ -171,24 +358,59 @@ struct ConfigView<'a> {
     log_format: LogFormat,
 }
 
+#[derive(Serialize)]
+struct KubeView<'a> {
+    #[serde(flatten)]
+    settings: &'a KubeSettings,
+    /// Where API credentials come from (a path or "in-cluster"; never the credentials).
+    api_credentials: String,
+}
+
 /// What the YAML dump shows instead of the token.
 const TOKEN_REDACTED: &str = "<redacted: read from token_file on each request>";
 
 impl Config {
+    pub fn mode(&self) -> Mode {
+        match self.source {
+            Source::Local(_) => Mode::Local,
+            Source::Kubernetes(_) => Mode::Kubernetes,
+        }
+    }
+
+    /// Where the trust anchors come from, as operators should read it.
+    pub fn trust_anchors_origin(&self) -> String {
+        match &self.source {
+            Source::Local(local) => local.trust_anchors.display().to_string(),
+            Source::Kubernetes(kube) => trust_roots_origin(&kube.namespace),
+        }
+    }
+
     /// The effective configuration as YAML, secrets redacted (for the admin API).
     pub fn to_redacted_yaml(&self) -> String {
+        let local = match &self.source {
+            Source::Local(local) => Some(local),
+            Source::Kubernetes(_) => None,
+        };
         let view = ConfigView {
-            cluster_file: &self.cluster_file,
-            cluster_name: &self.cluster_name,
+            mode: self.mode(),
+            cluster_file: local.map(|l| l.cluster_file.as_path()),
+            cluster_name: local.map(|l| l.cluster_name.as_str()),
             node: &self.node,
-            node_ip: self.node_ip,
+            node_ip: local.map(|l| l.node_ip),
             trust_domain: self.trust_domain.domain(),
             bpffs_dir: &self.bpffs_dir,
             node_cgroup: &self.node_cgroup,
-            identity_addr: self.identity_addr,
-            trust_anchors: &self.trust_anchors,
+            identity_addr: &self.identity_addr,
+            trust_anchors: self.trust_anchors_origin(),
             token_file: &self.token_file,
             token: TOKEN_REDACTED,
+            kubernetes: match &self.source {
+                Source::Kubernetes(settings) => Some(KubeView {
+                    settings,
+                    api_credentials: api_credentials_origin(),
+                }),
+                Source::Local(_) => None,
+            },
             policy: self.policy,
             sockmap_acceleration: self.sockmap_acceleration,
             admin_listen: self.admin_listen,
@@ -206,12 +428,27 @@ impl Config {
     }
 
     pub fn from_args(args: Args) -> Result<Self, ConfigError> {
-        let cluster = ClusterFile::load(&args.cluster_file)?;
         let bpffs_mount = match &args.bpffs_dir {
             Some(_) => None,
             None => Some(host::bpffs_mount().ok_or(ConfigError::NoBpffs)?),
         };
-        Self::resolve(args, &cluster, bpffs_mount.as_deref())
+        match args.mode {
+            Mode::Local => {
+                let path = args
+                    .cluster_file
+                    .as_deref()
+                    .ok_or(ConfigError::MissingClusterFile)?;
+                let cluster = ClusterFile::load(path)?;
+                Self::resolve(args, &cluster, bpffs_mount.as_deref())
+            }
+            Mode::Kubernetes => {
+                let cgroup2 = match &args.cgroup_root {
+                    Some(_) => None,
+                    None => Some(host::cgroup2_mount().ok_or(ConfigError::NoCgroup2)?),
+                };
+                Self::resolve_kubernetes(args, bpffs_mount.as_deref(), cgroup2.as_deref())
+            }
+        }
     }
 
     /// Fills defaults from an already-loaded cluster description; separate
@@ -221,11 +458,33 @@ impl Config {
         cluster: &ClusterFile,
         bpffs_mount: Option<&Path>,
     ) -> Result<Self, ConfigError> {
+        let not_local = |flag, hint| ConfigError::NotForMode {
+            flag,
+            mode: Mode::Local,
+            hint,
+        };
+        const FROM_FILE: &str = "local mode reads it from the cluster file; remove the flag";
+        if args.namespace.is_some() {
+            return Err(not_local("--namespace (SEALMESH_NAMESPACE)", FROM_FILE));
+        }
+        if args.trust_domain.is_some() {
+            return Err(not_local("--trust-domain", FROM_FILE));
+        }
+        if args.cgroup_root.is_some() {
+            return Err(not_local(
+                "--cgroup-root",
+                "the cluster file names each pod's cgroup; remove the flag",
+            ));
+        }
+        let cluster_file = args
+            .cluster_file
+            .clone()
+            .ok_or(ConfigError::MissingClusterFile)?;
         let node = cluster
             .node(&args.node)
             .ok_or_else(|| ConfigError::UnknownNode {
                 node: args.node.clone(),
-                file: args.cluster_file.clone(),
+                file: cluster_file.clone(),
                 known: cluster
                     .nodes
                     .iter()
@@ -236,11 +495,11 @@ impl Config {
         let missing_identity = |what, flag| ConfigError::MissingIdentity {
             what,
             flag,
-            file: args.cluster_file.clone(),
+            file: cluster_file.clone(),
         };
-        let identity_addr = match (args.identity_addr, &cluster.identity) {
-            (Some(addr), _) => addr,
-            (None, Some(id)) => id.address,
+        let identity_addr = match (&args.identity_addr, &cluster.identity) {
+            (Some(addr), _) => addr.clone(),
+            (None, Some(id)) => id.address.into(),
             (None, None) => {
                 return Err(missing_identity(
                     "identity service address",
@@ -260,14 +519,103 @@ impl Config {
             .ok_or_else(|| ConfigError::MissingTokenFile {
                 node: node.name.clone(),
             })?;
-        let bpffs_dir = match (&args.bpffs_dir, bpffs_mount) {
-            (Some(dir), _) => dir.clone(),
-            (None, Some(mount)) => mount
-                .join(BPFFS_SUBDIR)
-                .join(&cluster.name)
-                .join(&node.name),
-            (None, None) => return Err(ConfigError::NoBpffs),
+        let bpffs_dir = bpffs_dir(&args, bpffs_mount, &cluster.name)?;
+        let node_cgroup = args
+            .node_cgroup
+            .clone()
+            .unwrap_or_else(|| node.cgroup.clone());
+        let source = Source::Local(LocalSettings {
+            cluster_file,
+            cluster_name: cluster.name.clone(),
+            node_ip: node.ip,
+            trust_anchors,
+        });
+        Self::finish(
+            args,
+            source,
+            cluster.trust_domain()?,
+            bpffs_dir,
+            node_cgroup,
+            identity_addr,
+            token_file,
+        )
+    }
+
+    /// Fills the kubernetes-mode defaults; separate from `from_args` so the
+    /// rules are testable without a host.
+    fn resolve_kubernetes(
+        args: Args,
+        bpffs_mount: Option<&Path>,
+        cgroup2_mount: Option<&Path>,
+    ) -> Result<Self, ConfigError> {
+        let not_kubernetes = |flag, hint| ConfigError::NotForMode {
+            flag,
+            mode: Mode::Kubernetes,
+            hint,
         };
+        if args.cluster_file.is_some() {
+            return Err(not_kubernetes(
+                "--cluster-file (SEALMESH_CLUSTER_FILE)",
+                "kubernetes mode reads nodes, pods and Services from the Kubernetes API; remove it",
+            ));
+        }
+        if args.trust_anchors.is_some() {
+            return Err(not_kubernetes(
+                "--trust-anchors",
+                "kubernetes mode reads and watches the trust-roots ConfigMap of --namespace; remove it",
+            ));
+        }
+        let namespace = args
+            .namespace
+            .clone()
+            .unwrap_or_else(|| DEFAULT_CONTROL_NAMESPACE.to_owned());
+        let trust_domain = TrustDomain::new(
+            args.trust_domain.as_deref().unwrap_or(DEFAULT_TRUST_DOMAIN),
+            &namespace,
+        )?;
+        let cgroup_root = match (&args.cgroup_root, cgroup2_mount) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(mount)) => mount.to_owned(),
+            (None, None) => return Err(ConfigError::NoCgroup2),
+        };
+        let identity_addr = args.identity_addr.clone().unwrap_or_else(|| IdentityAddr {
+            host: format!("{IDENTITY_NAME}.{namespace}.svc.{CLUSTER_DNS_DOMAIN}"),
+            port: IDENTITY_GRPC_PORT,
+        });
+        let token_file = args
+            .token_file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(IDENTITY_TOKEN_PATH));
+        let bpffs_dir = bpffs_dir(&args, bpffs_mount, BPFFS_KUBERNETES_CLUSTER)?;
+        let node_cgroup = args
+            .node_cgroup
+            .clone()
+            .unwrap_or_else(|| cgroup_root.clone());
+        let source = Source::Kubernetes(KubeSettings {
+            namespace,
+            cgroup_root,
+        });
+        Self::finish(
+            args,
+            source,
+            trust_domain,
+            bpffs_dir,
+            node_cgroup,
+            identity_addr,
+            token_file,
+        )
+    }
+
+    /// The settings both modes share.
+    fn finish(
+        args: Args,
+        source: Source,
+        trust_domain: TrustDomain,
+        bpffs_dir: PathBuf,
+        node_cgroup: PathBuf,
+        identity_addr: IdentityAddr,
+        token_file: PathBuf,
+    ) -> Result<Self, ConfigError> {
         tracing_subscriber::EnvFilter::try_new(&args.log_level).map_err(|e| {
             ConfigError::LogLevel {
                 level: args.log_level.clone(),
@@ -275,14 +623,12 @@ impl Config {
             }
         })?;
         Ok(Self {
-            cluster_name: cluster.name.clone(),
-            node: node.name.clone(),
-            node_ip: node.ip,
-            trust_domain: cluster.trust_domain()?,
+            source,
+            node: args.node,
+            trust_domain,
             bpffs_dir,
-            node_cgroup: args.node_cgroup.unwrap_or_else(|| node.cgroup.clone()),
+            node_cgroup,
             identity_addr,
-            trust_anchors,
             token_file,
             policy: Policy {
                 force_mtls_local: args.force_mtls_local,
@@ -298,8 +644,29 @@ impl Config {
             ))),
             log_level: args.log_level,
             log_format: args.log_format,
-            cluster_file: args.cluster_file,
         })
+    }
+}
+
+/// `--bpffs-dir`, or `<bpffs>/sealmesh/<cluster>/<node>`.
+fn bpffs_dir(
+    args: &Args,
+    bpffs_mount: Option<&Path>,
+    cluster: &str,
+) -> Result<PathBuf, ConfigError> {
+    match (&args.bpffs_dir, bpffs_mount) {
+        (Some(dir), _) => Ok(dir.clone()),
+        (None, Some(mount)) => Ok(mount.join(BPFFS_SUBDIR).join(cluster).join(&args.node)),
+        (None, None) => Err(ConfigError::NoBpffs),
+    }
+}
+
+/// Where `kube::Client::try_default` takes credentials from: the KUBECONFIG
+/// path(s), else the in-cluster ServiceAccount. Names only, never content.
+fn api_credentials_origin() -> String {
+    match std::env::var_os("KUBECONFIG") {
+        Some(path) if !path.is_empty() => format!("kubeconfig {}", path.to_string_lossy()),
+        _ => "kubeconfig ~/.kube/config if present, else the in-cluster ServiceAccount".to_owned(),
     }
 }
 
@@ -307,20 +674,35 @@ impl Config {
 /// path, never its content) so nothing needs masking beyond that.
 impl fmt::Display for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "mode={} ", self.mode())?;
+        match &self.source {
+            Source::Local(local) => write!(
+                f,
+                "cluster_file={} cluster={} node={} node_ip={} ",
+                local.cluster_file.display(),
+                local.cluster_name,
+                self.node,
+                local.node_ip,
+            )?,
+            Source::Kubernetes(kube) => write!(
+                f,
+                "node={} namespace={} cgroup_root={} api_credentials=({}) ",
+                self.node,
+                kube.namespace,
+                kube.cgroup_root.display(),
+                api_credentials_origin(),
+            )?,
+        }
         write!(
             f,
-            "cluster_file={} cluster={} node={} node_ip={} trust_domain={} bpffs_dir={} node_cgroup={} \
-             identity_addr={} trust_anchors={} token_file={} (content not shown) force_mtls_local={} \
-             deny_plaintext={} admin_listen={} metrics_listen={} log_level={} log_format={:?}",
-            self.cluster_file.display(),
-            self.cluster_name,
-            self.node,
-            self.node_ip,
+            "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
+             token_file={} (content not shown) force_mtls_local={} deny_plaintext={} \
+             admin_listen={} metrics_listen={} log_level={} log_format={:?}",
             self.trust_domain.domain(),
             self.bpffs_dir.display(),
             self.node_cgroup.display(),
             self.identity_addr,
-            self.trust_anchors.display(),
+            self.trust_anchors_origin(),
             self.token_file.display(),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
@@ -370,12 +752,17 @@ nodes:
     #[test]
     fn fills_defaults_from_the_cluster_file() {
         let c = resolve(&[]).unwrap();
-        assert_eq!(c.node_ip, Ipv4Addr::new(172, 18, 0, 2));
-        assert_eq!(c.identity_addr, "172.18.0.1:8080".parse().unwrap());
+        assert_eq!(c.mode(), Mode::Local);
         assert_eq!(
-            c.trust_anchors,
-            Path::new("/run/sealmesh/tb-cfg/ca-bundle.crt")
+            c.source,
+            Source::Local(LocalSettings {
+                cluster_file: "/etc/cluster.yaml".into(),
+                cluster_name: "tb-cfg".into(),
+                node_ip: Ipv4Addr::new(172, 18, 0, 2),
+                trust_anchors: "/run/sealmesh/tb-cfg/ca-bundle.crt".into(),
+            })
         );
+        assert_eq!(c.identity_addr, "172.18.0.1:8080".parse().unwrap());
         assert_eq!(c.token_file, Path::new("/run/sealmesh/tb-cfg/node-0.token"));
         assert_eq!(
             c.node_cgroup,
@@ -417,7 +804,7 @@ nodes:
         assert_eq!(c.admin_listen, "172.18.0.2:16000".parse().unwrap());
         assert_eq!(c.metrics_listen, "127.0.0.1:16020".parse().unwrap());
         assert_eq!(c.identity_addr, "127.0.0.1:9000".parse().unwrap());
-        assert_eq!(c.trust_anchors, Path::new("/a.pem"));
+        assert_eq!(c.trust_anchors_origin(), "/a.pem");
         assert_eq!(c.token_file, Path::new("/t"));
         assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup/x"));
         assert_eq!(c.bpffs_dir, Path::new("/sys/fs/bpf/x"));
@@ -478,6 +865,13 @@ nodes:
     fn yaml_dump_names_the_token_file_and_redacts_the_token() {
         let yaml = resolve(&["--deny-plaintext"]).unwrap().to_redacted_yaml();
         let dumped: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(dumped["mode"], "local");
+        assert_eq!(dumped["cluster_file"], "/etc/cluster.yaml");
+        assert_eq!(
+            dumped["trust_anchors"],
+            "/run/sealmesh/tb-cfg/ca-bundle.crt"
+        );
+        assert_eq!(dumped.get("kubernetes"), None);
         assert_eq!(dumped["node"], "node-0");
         assert_eq!(dumped["node_ip"], "172.18.0.2");
         assert_eq!(dumped["token_file"], "/run/sealmesh/tb-cfg/node-0.token");
@@ -494,6 +888,196 @@ nodes:
         assert!(
             shown.contains("token_file=/run/sealmesh/tb-cfg/node-0.token (content not shown)"),
             "{shown}"
+        );
+    }
+
+    fn kube_args(extra: &[&str]) -> Args {
+        let mut argv = vec!["sealmesh-agent", "--mode", "kubernetes", "--node", "n1"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv).unwrap()
+    }
+
+    fn resolve_kube(extra: &[&str]) -> Result<Config, ConfigError> {
+        Config::resolve_kubernetes(
+            kube_args(extra),
+            Some(Path::new("/sys/fs/bpf")),
+            Some(Path::new("/sys/fs/cgroup")),
+        )
+    }
+
+    #[test]
+    fn kubernetes_mode_fills_kubernetes_defaults() {
+        let c = resolve_kube(&[]).unwrap();
+        assert_eq!(c.mode(), Mode::Kubernetes);
+        assert_eq!(
+            c.source,
+            Source::Kubernetes(KubeSettings {
+                namespace: "sealmesh".into(),
+                cgroup_root: "/sys/fs/cgroup".into(),
+            })
+        );
+        assert_eq!(c.node, "n1");
+        assert_eq!(c.trust_domain, TrustDomain::default());
+        assert_eq!(
+            c.identity_addr.to_string(),
+            "sealmesh-identity.sealmesh.svc.cluster.local:8080"
+        );
+        assert_eq!(c.token_file, Path::new(IDENTITY_TOKEN_PATH));
+        assert_eq!(c.bpffs_dir, Path::new("/sys/fs/bpf/sealmesh/kubernetes/n1"));
+        assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup"));
+        assert_eq!(
+            c.trust_anchors_origin(),
+            "ConfigMap sealmesh/sealmesh-identity-trust-roots key ca-bundle.crt"
+        );
+    }
+
+    #[test]
+    fn kubernetes_mode_takes_its_flags() {
+        let c = resolve_kube(&[
+            "--namespace",
+            "mesh-system",
+            "--trust-domain",
+            "example.org",
+            "--cgroup-root",
+            "/sys/fs/cgroup/kubelet.slice",
+            "--identity-addr",
+            "172.18.0.1:8080",
+            "--token-file",
+            "/run/token",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.trust_domain,
+            TrustDomain::new("example.org", "mesh-system").unwrap()
+        );
+        assert_eq!(
+            c.source,
+            Source::Kubernetes(KubeSettings {
+                namespace: "mesh-system".into(),
+                cgroup_root: "/sys/fs/cgroup/kubelet.slice".into(),
+            })
+        );
+        assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup/kubelet.slice"));
+        assert_eq!(c.identity_addr, "172.18.0.1:8080".parse().unwrap());
+        assert_eq!(c.token_file, Path::new("/run/token"));
+    }
+
+    #[test]
+    fn each_mode_rejects_the_other_modes_flags() {
+        let err = resolve_kube(&["--cluster-file", "/etc/cluster.yaml"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--cluster-file (SEALMESH_CLUSTER_FILE) does not apply to --mode kubernetes: kubernetes mode reads nodes, pods and Services from the Kubernetes API; remove it"
+        );
+        let err = resolve_kube(&["--trust-anchors", "/a.pem"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::NotForMode {
+                    flag: "--trust-anchors",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = resolve(&["--namespace", "x"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::NotForMode {
+                    mode: Mode::Local,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = resolve(&["--cgroup-root", "/sys/fs/cgroup"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::NotForMode {
+                    flag: "--cgroup-root",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let no_file = Args::try_parse_from(["sealmesh-agent", "--node", "n1"]).unwrap();
+        let err = Config::from_args(Args {
+            bpffs_dir: Some("/sys/fs/bpf/x".into()),
+            ..no_file
+        })
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::MissingClusterFile), "{err}");
+
+        let err = resolve_kube(&["--trust-domain", "Bad_Domain"]).unwrap_err();
+        assert!(matches!(err, ConfigError::TrustDomain(_)), "{err}");
+        let err = Config::resolve_kubernetes(kube_args(&[]), Some(Path::new("/sys/fs/bpf")), None)
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::NoCgroup2), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_yaml_dump_shows_the_mode_and_kube_settings() {
+        let yaml = resolve_kube(&[]).unwrap().to_redacted_yaml();
+        let dumped: serde_yaml_ng::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(dumped["mode"], "kubernetes");
+        assert_eq!(dumped["kubernetes"]["namespace"], "sealmesh");
+        assert_eq!(dumped["kubernetes"]["cgroup_root"], "/sys/fs/cgroup");
+        assert!(
+            dumped["kubernetes"]["api_credentials"]
+                .as_str()
+                .unwrap()
+                .contains("kubeconfig")
+        );
+        assert_eq!(
+            dumped["trust_anchors"],
+            "ConfigMap sealmesh/sealmesh-identity-trust-roots key ca-bundle.crt"
+        );
+        assert_eq!(
+            dumped["identity_addr"],
+            "sealmesh-identity.sealmesh.svc.cluster.local:8080"
+        );
+        assert_eq!(dumped["token"], TOKEN_REDACTED);
+        assert_eq!(dumped.get("cluster_file"), None);
+        assert_eq!(dumped.get("node_ip"), None);
+        let shown = resolve_kube(&[]).unwrap().to_string();
+        assert!(
+            shown.starts_with("mode=kubernetes node=n1 namespace=sealmesh "),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn identity_addresses_are_ips_or_dns_names_with_a_port() {
+        let named: IdentityAddr = "Sealmesh-Identity.sealmesh.svc:8080".parse().unwrap();
+        assert_eq!(named.to_string(), "sealmesh-identity.sealmesh.svc:8080");
+        let v6: IdentityAddr = "[::1]:8080".parse().unwrap();
+        assert_eq!(v6.to_string(), "[::1]:8080");
+        for bad in [
+            "identity",
+            "identity:port",
+            ":8080",
+            "a..b:1",
+            "a b:1",
+            "x:70000",
+        ] {
+            assert!(bad.parse::<IdentityAddr>().is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn identity_addresses_resolve_to_socket_addresses() {
+        let ip: IdentityAddr = "172.18.0.1:8080".parse().unwrap();
+        assert_eq!(
+            ip.resolve().await.unwrap(),
+            "172.18.0.1:8080".parse().unwrap()
+        );
+        let name: IdentityAddr = "localhost:8080".parse().unwrap();
+        assert_eq!(
+            name.resolve().await.unwrap(),
+            "127.0.0.1:8080".parse().unwrap()
         );
     }
 }

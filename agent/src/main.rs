@@ -16,8 +16,12 @@ use ipnet::Ipv4Net;
 use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
     certs::{CertStore, CertStoreConfig},
-    config::{Config, LogFormat},
+    config::{Config, IdentityAddr, KubeSettings, LocalSettings, LogFormat, Source},
     ebpf::{EbpfError, MeshedCgroups, RedirectConfig, Redirector},
+    kube::{
+        self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig,
+        trust_roots::{fetch_trust_roots, trust_roots_origin, watch_trust_roots},
+    },
     metrics::{self, Metrics},
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
@@ -97,22 +101,20 @@ async fn run(config: Config) -> Result<()> {
     };
 
     let started = SystemTime::now();
-    let registry = LocalRegistry::load(&config.cluster_file, &config.node).with_context(|| {
-        format!(
-            "loading workloads of node {} from {}",
-            config.node,
-            config.cluster_file.display()
-        )
-    })?;
-    let certs = CertStore::new(CertStoreConfig {
-        identity_addr: config.identity_addr,
+    let identity_addr = resolve_identity_addr(&config.identity_addr).await?;
+    let cert_config = CertStoreConfig {
+        identity_addr,
         token_file: config.token_file.clone(),
-        trust_anchors_file: config.trust_anchors.clone(),
+        trust_anchors_file: Default::default(),
         trust_domain: config.trust_domain.clone(),
         renewal: Default::default(),
-    })
-    .context("starting the certificate store")?;
-    let listener = SocketAddrV4::new(config.node_ip, OUTBOUND_PORT);
+    };
+    let (source, registry_dyn, certs) = match &config.source {
+        Source::Local(local) => start_local(&config, local, cert_config)?,
+        Source::Kubernetes(kube) => start_kubernetes(&config, kube, cert_config).await?,
+    };
+    let node_ip = registry_dyn.local_node().ip;
+    let listener = SocketAddrV4::new(node_ip, OUTBOUND_PORT);
     let redirector = Arc::new(
         Redirector::load(&RedirectConfig {
             node_cgroup: config.node_cgroup.clone(),
@@ -122,9 +124,7 @@ async fn run(config: Config) -> Result<()> {
             // address, not its port, is excluded: excluding a port would
             // unmesh every app that listens on the same port.
             excluded_ports: Vec::new(),
-            excluded_cidrs: identity_service_cidr(config.identity_addr)
-                .into_iter()
-                .collect(),
+            excluded_cidrs: identity_service_cidr(identity_addr).into_iter().collect(),
             sockmap_acceleration: config.sockmap_acceleration,
         })
         .with_context(|| {
@@ -135,9 +135,8 @@ async fn run(config: Config) -> Result<()> {
             )
         })?,
     );
-    let registry_dyn: Arc<dyn WorkloadRegistry> = registry.clone();
     let proxy = Proxy::bind(
-        ProxyConfig::for_node(config.node_ip, config.policy),
+        ProxyConfig::for_node(node_ip, config.policy),
         registry_dyn.clone(),
         redirector.clone(),
         certs.clone(),
@@ -160,7 +159,7 @@ async fn run(config: Config) -> Result<()> {
     proxy_handle.add_observer(metrics.clone());
     let state = Arc::new(AgentState {
         node: config.node.clone(),
-        node_ip: config.node_ip.to_string(),
+        node_ip: node_ip.to_string(),
         config_yaml: config.to_redacted_yaml(),
         started,
         registry: registry_dyn.clone(),
@@ -176,7 +175,19 @@ async fn run(config: Config) -> Result<()> {
         .context("redirecting the node's meshed pods")?;
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(registry.watch(DEFAULT_POLL_INTERVAL, stopped()));
+    match source {
+        RegistrySource::Local(registry) => {
+            tasks.spawn(registry.watch(DEFAULT_POLL_INTERVAL, stopped()));
+        }
+        RegistrySource::Kubernetes { client, namespace } => {
+            tasks.spawn(watch_trust_roots(
+                client,
+                namespace,
+                certs.clone(),
+                stopped(),
+            ));
+        }
+    }
     tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
     tasks.spawn(sync_meshed_cgroups(registry_dyn, redirector, stopped()));
     tasks.spawn(proxy.run(stopped()));
@@ -205,6 +216,99 @@ async fn run(config: Config) -> Result<()> {
     }
     tracing::info!("sealmesh-agent stopped");
     Ok(())
+}
+
+/// What keeps the registry and trust anchors current, by mode.
+enum RegistrySource {
+    /// Polls the cluster file.
+    Local(Arc<LocalRegistry>),
+    /// The registry watches the API by itself; the trust roots watch runs
+    /// with this client.
+    Kubernetes {
+        client: ::kube::Client,
+        namespace: String,
+    },
+}
+
+type Started = (RegistrySource, Arc<dyn WorkloadRegistry>, Arc<CertStore>);
+
+fn start_local(
+    config: &Config,
+    local: &LocalSettings,
+    cert_config: CertStoreConfig,
+) -> Result<Started> {
+    let registry = LocalRegistry::load(&local.cluster_file, &config.node).with_context(|| {
+        format!(
+            "loading workloads of node {} from {}",
+            config.node,
+            local.cluster_file.display()
+        )
+    })?;
+    let certs = CertStore::new(CertStoreConfig {
+        trust_anchors_file: local.trust_anchors.clone(),
+        ..cert_config
+    })
+    .context("starting the certificate store")?;
+    Ok((RegistrySource::Local(registry.clone()), registry, certs))
+}
+
+/// Reads this node, every watched kind and the trust roots from the API.
+async fn start_kubernetes(
+    config: &Config,
+    kube: &KubeSettings,
+    cert_config: CertStoreConfig,
+) -> Result<Started> {
+    let client = kube_mode::connect().await?;
+    let registry = KubeRegistry::start(
+        client.clone(),
+        KubeRegistryConfig::new(
+            &config.node,
+            config.trust_domain.clone(),
+            kube.cgroup_root.clone(),
+        ),
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "loading workloads of node {} from the Kubernetes API",
+            config.node
+        )
+    })?;
+    let deadline = tokio::time::Instant::now() + DEFAULT_STARTUP_TIMEOUT;
+    let pem = fetch_trust_roots(&client, &kube.namespace, deadline).await?;
+    let origin = trust_roots_origin(&kube.namespace);
+    let certs = CertStore::with_trust_anchors_pem(cert_config, &origin, pem.as_bytes())
+        .context("starting the certificate store")?;
+    let source = RegistrySource::Kubernetes {
+        client,
+        namespace: kube.namespace.clone(),
+    };
+    Ok((source, registry, certs))
+}
+
+/// The identity service's address, resolving a DNS name (a Service's name in
+/// kubernetes mode; cluster DNS may answer only after a while at boot).
+async fn resolve_identity_addr(addr: &IdentityAddr) -> Result<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + DEFAULT_STARTUP_TIMEOUT;
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match addr.resolve().await {
+            Ok(resolved) => {
+                tracing::debug!(%addr, %resolved, "identity service address resolved");
+                return Ok(resolved);
+            }
+            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(%addr, %error, retry_in = ?delay, "cannot resolve the identity service address; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(error) => {
+                return Err(error).with_context(|| {
+                    format!("cannot resolve the identity service address {addr}; check --identity-addr and the node's DNS")
+                });
+            }
+        }
+    }
 }
 
 /// The identity service's address as a /32, when it is IPv4 (the only

@@ -1,6 +1,7 @@
 //! The workloads the agent knows: pods (with their identity, node and, for
-//! local pods, cgroup) and Services. Behind a trait so the Kubernetes API can
-//! replace the local cluster file later.
+//! local pods, cgroup) and Services. Behind a trait: the cluster file feeds
+//! [`LocalRegistry`], the Kubernetes API feeds [`crate::kube::KubeRegistry`];
+//! both answer from the same immutable [`Snapshot`].
 
 use std::{
     collections::HashMap,
@@ -95,8 +96,7 @@ pub struct LocalRegistry {
     path: PathBuf,
     node: NodeInfo,
     trust_domain: TrustDomain,
-    snapshot: ArcSwap<Snapshot>,
-    version: watch::Sender<u64>,
+    published: Published,
     source: Mutex<Source>,
 }
 
@@ -105,7 +105,7 @@ impl std::fmt::Debug for LocalRegistry {
         f.debug_struct("LocalRegistry")
             .field("path", &self.path)
             .field("node", &self.node)
-            .field("version", &*self.version.borrow())
+            .field("version", &self.published.version())
             .finish_non_exhaustive()
     }
 }
@@ -169,8 +169,7 @@ impl LocalRegistry {
             path: path.to_owned(),
             node,
             trust_domain,
-            snapshot: ArcSwap::from_pointee(snapshot),
-            version: watch::Sender::new(0),
+            published: Published::new(snapshot),
             source: Mutex::new(Source { file, stamp }),
         }))
     }
@@ -193,16 +192,11 @@ impl LocalRegistry {
             let file = ClusterFile::load(&self.path)?;
             self.check_immutable(&file)?;
             source.file = file;
-        } else if !self.snapshot.load().missing_cgroups {
+        } else if !self.published.load().missing_cgroups {
             return Ok(false);
         }
         let snapshot = Snapshot::build(&source.file, &self.node.name)?;
-        if **self.snapshot.load() == snapshot {
-            return Ok(false);
-        }
-        self.snapshot.store(Arc::new(snapshot));
-        self.version.send_modify(|v| *v += 1);
-        Ok(true)
+        Ok(self.published.publish(snapshot))
     }
 
     /// Polls the file every `interval` until `shutdown` resolves, logging
@@ -219,7 +213,7 @@ impl LocalRegistry {
             match self.reload() {
                 Ok(true) => tracing::info!(
                     path = %self.path.display(),
-                    version = *self.version.borrow(),
+                    version = self.published.version(),
                     "workload registry reloaded"
                 ),
                 Ok(false) => {}
@@ -260,66 +254,100 @@ impl WorkloadRegistry for LocalRegistry {
     }
 
     fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
-        self.snapshot.load().by_cgroup.get(&cgroup_id).cloned()
+        self.published.by_cgroup(cgroup_id)
     }
 
     fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
-        self.snapshot.load().by_ip.get(&ip).cloned()
+        self.published.by_ip(ip)
     }
 
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
-        self.snapshot.load().resolve(dst)
+        self.published.resolve(dst)
     }
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
-        self.snapshot.load().local.clone()
+        self.published.local_workloads()
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
-        self.version.subscribe()
+        self.published.subscribe()
     }
 }
 
-/// One immutable view of the cluster, swapped whole on reload.
-#[derive(Debug, PartialEq, Eq)]
-struct Snapshot {
+/// One immutable view of the cluster, swapped whole on change. Both
+/// registries build one: from the cluster file, or from the Kubernetes API.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Snapshot {
     by_ip: HashMap<Ipv4Addr, Arc<Workload>>,
     by_cgroup: HashMap<u64, Arc<Workload>>,
     local: Vec<Arc<Workload>>,
-    services: HashMap<Ipv4Addr, ServiceEntry>,
-    /// A local pod's cgroup directory did not exist (yet).
-    missing_cgroups: bool,
+    /// Service VIP -> Service port -> the endpoints behind it.
+    services: HashMap<Ipv4Addr, HashMap<u16, Backends>>,
+    /// A local pod's cgroup directory did not exist (yet): worth a re-scan.
+    pub(crate) missing_cgroups: bool,
 }
 
+/// The endpoints of one Service port, each with its own target port (named
+/// target ports may resolve to different numbers on different pods).
 #[derive(Debug)]
-struct ServiceEntry {
-    /// Service port -> target port.
-    ports: HashMap<u16, u16>,
-    endpoints: Vec<Arc<Workload>>,
+struct Backends {
+    endpoints: Vec<Endpoint>,
     next: AtomicUsize,
 }
 
-impl PartialEq for ServiceEntry {
+impl PartialEq for Backends {
     // The round-robin position is not part of the cluster's state.
     fn eq(&self, other: &Self) -> bool {
-        self.ports == other.ports && self.endpoints == other.endpoints
+        self.endpoints == other.endpoints
     }
 }
 
-impl Eq for ServiceEntry {}
+impl Eq for Backends {}
 
 impl Snapshot {
+    /// Indexes `workloads`; those on `local_node` are the local ones, in the
+    /// order given.
+    pub(crate) fn with_workloads(
+        workloads: impl IntoIterator<Item = Arc<Workload>>,
+        local_node: &str,
+    ) -> Self {
+        let mut snapshot = Self::default();
+        for workload in workloads {
+            if let Some(id) = workload.cgroup_id {
+                snapshot.by_cgroup.insert(id, workload.clone());
+            }
+            if workload.node == local_node {
+                snapshot.local.push(workload.clone());
+            }
+            snapshot.by_ip.insert(workload.ip, workload);
+        }
+        snapshot
+    }
+
+    pub(crate) fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
+        self.by_ip.get(&ip)
+    }
+
+    /// Routes `vip:port` to `endpoints` (round robin), replacing what the
+    /// port had.
+    pub(crate) fn set_service_port(&mut self, vip: Ipv4Addr, port: u16, endpoints: Vec<Endpoint>) {
+        self.services.entry(vip).or_default().insert(
+            port,
+            Backends {
+                endpoints,
+                next: AtomicUsize::new(0),
+            },
+        );
+    }
+
     fn build(file: &ClusterFile, local_node: &str) -> Result<Self, RegistryError> {
-        let mut by_ip = HashMap::new();
-        let mut by_cgroup = HashMap::new();
-        let mut local = Vec::new();
+        let mut workloads = Vec::with_capacity(file.pods.len());
         let mut missing_cgroups = false;
         for pod in &file.pods {
             let node = file
                 .node(&pod.node)
                 .expect("validated cluster files list every pod's node");
-            let is_local = pod.node == local_node;
-            let cgroup_id = if is_local {
+            let cgroup_id = if pod.node == local_node {
                 match host::cgroup_id(&pod.cgroup) {
                     Ok(id) => Some(id),
                     Err(error) => {
@@ -332,7 +360,7 @@ impl Snapshot {
             } else {
                 None
             };
-            let workload = Arc::new(Workload {
+            workloads.push(Arc::new(Workload {
                 name: pod.name.clone(),
                 namespace: pod.namespace.clone(),
                 service_account: pod.service_account.clone(),
@@ -342,37 +370,23 @@ impl Snapshot {
                 node_ip: node.ip,
                 meshed: file.is_meshed(pod),
                 cgroup_id,
-            });
-            if let Some(id) = cgroup_id {
-                by_cgroup.insert(id, workload.clone());
-            }
-            if is_local {
-                local.push(workload.clone());
-            }
-            by_ip.insert(pod.ip, workload);
+            }));
         }
-        let services = file
-            .services
-            .iter()
-            .map(|svc| {
-                let entry = ServiceEntry {
-                    ports: svc.ports.iter().map(|p| (p.port, p.target_port)).collect(),
-                    endpoints: file
-                        .endpoints(svc)
-                        .map(|pod| by_ip[&pod.ip].clone())
-                        .collect(),
-                    next: AtomicUsize::new(0),
-                };
-                (svc.vip, entry)
-            })
-            .collect();
-        Ok(Self {
-            by_ip,
-            by_cgroup,
-            local,
-            services,
-            missing_cgroups,
-        })
+        let mut snapshot = Self::with_workloads(workloads, local_node);
+        snapshot.missing_cgroups = missing_cgroups;
+        for svc in &file.services {
+            for port in &svc.ports {
+                let endpoints = file
+                    .endpoints(svc)
+                    .map(|pod| Endpoint {
+                        workload: snapshot.by_ip[&pod.ip].clone(),
+                        port: port.target_port,
+                    })
+                    .collect();
+                snapshot.set_service_port(svc.vip, port.port, endpoints);
+            }
+        }
+        Ok(snapshot)
     }
 
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
@@ -382,16 +396,68 @@ impl Snapshot {
                 port: dst.port(),
             });
         }
-        let service = self.services.get(dst.ip())?;
-        let target_port = *service.ports.get(&dst.port())?;
-        if service.endpoints.is_empty() {
+        let backends = self.services.get(dst.ip())?.get(&dst.port())?;
+        if backends.endpoints.is_empty() {
             return None;
         }
-        let pick = service.next.fetch_add(1, Ordering::Relaxed) % service.endpoints.len();
-        Some(Endpoint {
-            workload: service.endpoints[pick].clone(),
-            port: target_port,
-        })
+        let pick = backends.next.fetch_add(1, Ordering::Relaxed) % backends.endpoints.len();
+        Some(backends.endpoints[pick].clone())
+    }
+}
+
+/// The current snapshot and its version: what a registry answers queries
+/// from and what subscribers watch.
+#[derive(Debug)]
+pub(crate) struct Published {
+    snapshot: ArcSwap<Snapshot>,
+    version: watch::Sender<u64>,
+}
+
+impl Published {
+    pub(crate) fn new(snapshot: Snapshot) -> Self {
+        Self {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            version: watch::Sender::new(0),
+        }
+    }
+
+    pub(crate) fn load(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Installs `snapshot` and bumps the version, unless it equals the
+    /// current one. Returns whether it changed.
+    pub(crate) fn publish(&self, snapshot: Snapshot) -> bool {
+        if **self.snapshot.load() == snapshot {
+            return false;
+        }
+        self.snapshot.store(Arc::new(snapshot));
+        self.version.send_modify(|v| *v += 1);
+        true
+    }
+
+    pub(crate) fn version(&self) -> u64 {
+        *self.version.borrow()
+    }
+
+    pub(crate) fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
+        self.snapshot.load().by_cgroup.get(&cgroup_id).cloned()
+    }
+
+    pub(crate) fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
+        self.snapshot.load().by_ip.get(&ip).cloned()
+    }
+
+    pub(crate) fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
+        self.snapshot.load().resolve(dst)
+    }
+
+    pub(crate) fn local_workloads(&self) -> Vec<Arc<Workload>> {
+        self.snapshot.load().local.clone()
+    }
+
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 }
 

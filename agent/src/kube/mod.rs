@@ -1,0 +1,547 @@
+//! Kubernetes mode: the workload registry and the trust anchors come from the
+//! Kubernetes API instead of the local cluster file.
+//!
+//! [`KubeRegistry`] runs one kube-rs reflector per kind (Pods, Nodes,
+//! Namespaces, Services, EndpointSlices, all cluster-wide): each watcher
+//! lists, then watches from the list's resourceVersion, re-lists by itself
+//! after `410 Gone` and backs off on errors. Objects are cut down to the
+//! fields the data path reads before they are cached, and every change
+//! rebuilds one immutable [`Snapshot`] that the proxy reads lock-free.
+
+pub mod cgroup;
+mod objects;
+mod snapshot;
+pub mod trust_roots;
+
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    future::Future,
+    net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use sealmesh_common::identity::TrustDomain;
+use serde::de::DeserializeOwned;
+use tokio::{
+    sync::{Notify, watch},
+    task::JoinSet,
+    time::Instant,
+};
+
+pub use self::cgroup::{PodCgroup, PodCgroups};
+use self::{objects::node_internal_ip, snapshot::ClusterObjects};
+use crate::registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry};
+
+/// How long start-up may take to reach the API and list every kind.
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How often the cgroups of local pods are looked for again while some are
+/// missing (the kubelet creates a pod's cgroup shortly after the pod
+/// appears in the API).
+pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_millis(500);
+/// A burst of watch events (a re-list, a rollout) becomes one rebuild.
+const REBUILD_COALESCE: Duration = Duration::from_millis(20);
+const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(200);
+const STARTUP_RETRY_MAX: Duration = Duration::from_secs(5);
+/// What the error messages point operators at for permissions.
+const AGENT_RBAC_FILE: &str = "deploy/base/agent-rbac.yaml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error(
+        "no Kubernetes API credentials: {0}; set KUBECONFIG to a kubeconfig file, or run the agent in a pod with its ServiceAccount token mounted"
+    )]
+    Credentials(#[source] kube::Error),
+    #[error(
+        "cannot reach the Kubernetes API while {doing}: {source}; check the server address in the kubeconfig (in a pod: KUBERNETES_SERVICE_HOST) and the network path to it"
+    )]
+    Unreachable {
+        doing: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error(
+        "the Kubernetes API refused {doing} ({code} {reason}: {message}); grant the agent's ServiceAccount the permissions of {AGENT_RBAC_FILE}"
+    )]
+    Denied {
+        doing: String,
+        code: u16,
+        reason: String,
+        message: String,
+    },
+    #[error("the Kubernetes API failed {doing} ({code} {reason}): {message}")]
+    Api {
+        doing: String,
+        code: u16,
+        reason: String,
+        message: String,
+    },
+    #[error(
+        "node {node:?} does not exist in the Kubernetes API; --node (SEALMESH_NODE) must name this node as the API does (the DaemonSet sets it from spec.nodeName)"
+    )]
+    NodeNotFound { node: String },
+    #[error(
+        "node {node:?} reports no IPv4 InternalIP in status.addresses; the agent listens on it, so it cannot start until the kubelet reports one"
+    )]
+    NoInternalIp { node: String },
+    #[error(
+        "the first list of {pending} did not finish within {timeout:?} (last errors: {errors}); check the agent's permissions ({AGENT_RBAC_FILE}) and the API server's health"
+    )]
+    SyncTimeout {
+        pending: String,
+        timeout: Duration,
+        errors: String,
+    },
+    #[error(
+        "ConfigMap {namespace}/{name} does not exist; the agent takes its trust anchors from it: deploy the control plane (deploy/base) first, or pass --namespace with the control namespace"
+    )]
+    TrustRootsMissing { namespace: String, name: String },
+    #[error(
+        "{origin} is missing or empty; the identity service's trust anchors (PEM root certificates) must be stored there"
+    )]
+    TrustRootsEmpty { origin: String },
+    #[error("the trust anchors of {origin} are unusable: {source}")]
+    TrustRootsRejected {
+        origin: String,
+        #[source]
+        source: crate::certs::CertStoreError,
+    },
+}
+
+impl KubeError {
+    /// Classifies an API call's failure; `doing` says what the agent was doing.
+    pub fn from_api(doing: impl Into<String>, error: kube::Error) -> Self {
+        let doing = doing.into();
+        match error {
+            kube::Error::Api(status) if matches!(status.code, 401 | 403) => Self::Denied {
+                doing,
+                code: status.code,
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            },
+            kube::Error::Api(status) => Self::Api {
+                doing,
+                code: status.code,
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            },
+            source => Self::Unreachable { doing, source },
+        }
+    }
+
+    /// Worth retrying: the API may answer differently in a moment.
+    fn is_transient(&self) -> bool {
+        match self {
+            Self::Unreachable { .. } => true,
+            Self::Api { code, .. } => *code == 429 || *code >= 500,
+            _ => false,
+        }
+    }
+}
+
+/// Connects with the usual credentials: `KUBECONFIG` (or `~/.kube/config`),
+/// else the in-cluster ServiceAccount.
+pub async fn connect() -> Result<Client, KubeError> {
+    Client::try_default().await.map_err(KubeError::Credentials)
+}
+
+/// Calls `call` until it succeeds, fails for good, or `deadline` passes,
+/// backing off between transient failures.
+async fn retry_until<T, F, Fut>(deadline: Instant, doing: &str, mut call: F) -> Result<T, KubeError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, KubeError>>,
+{
+    let mut delay = STARTUP_RETRY_FIRST;
+    loop {
+        match call().await {
+            Ok(value) => return Ok(value),
+            Err(error) if error.is_transient() && Instant::now() + delay < deadline => {
+                tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(STARTUP_RETRY_MAX);
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct KubeRegistryConfig {
+    /// This node's name in the API.
+    pub node: String,
+    pub trust_domain: TrustDomain,
+    /// Where the kubelet's pod cgroups are found.
+    pub cgroup_root: PathBuf,
+    pub startup_timeout: Duration,
+    pub cgroup_rescan: Duration,
+}
+
+impl KubeRegistryConfig {
+    pub fn new(node: &str, trust_domain: TrustDomain, cgroup_root: PathBuf) -> Self {
+        Self {
+            node: node.to_owned(),
+            trust_domain,
+            cgroup_root,
+            startup_timeout: DEFAULT_STARTUP_TIMEOUT,
+            cgroup_rescan: DEFAULT_CGROUP_RESCAN,
+        }
+    }
+}
+
+/// The workload registry of one node, fed by the Kubernetes API. Its watches
+/// run until it is dropped.
+pub struct KubeRegistry {
+    shared: Arc<Shared>,
+    /// The reflectors and the rebuilder; dropping the set aborts them.
+    _tasks: Mutex<JoinSet<()>>,
+}
+
+impl Debug for KubeRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeRegistry")
+            .field("node", &self.shared.node)
+            .field("cgroup_root", &self.shared.cgroups.root())
+            .field("version", &self.shared.published.version())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Stores {
+    nodes: Store<Node>,
+    namespaces: Store<Namespace>,
+    pods: Store<Pod>,
+    services: Store<Service>,
+    endpoint_slices: Store<EndpointSlice>,
+}
+
+/// What the registry's tasks share.
+struct Shared {
+    node: NodeInfo,
+    trust_domain: TrustDomain,
+    cgroups: PodCgroups,
+    cgroup_rescan: Duration,
+    published: Published,
+    stores: Stores,
+    signals: Arc<Signals>,
+    /// Which differing address of this node was last reported (once per value).
+    reported_node_ip: Mutex<Option<Ipv4Addr>>,
+}
+
+impl KubeRegistry {
+    /// Reads this node from the API, lists every watched kind and builds the
+    /// first snapshot; then keeps it current in the background. Transient
+    /// API failures are retried until `config.startup_timeout`.
+    pub async fn start(client: Client, config: KubeRegistryConfig) -> Result<Arc<Self>, KubeError> {
+        let deadline = Instant::now() + config.startup_timeout;
+        let node = local_node(&client, &config.node, deadline).await?;
+        tracing::info!(node = %node.name, ip = %node.ip, "node found in the Kubernetes API");
+
+        let mut tasks = JoinSet::new();
+        let signals = Arc::new(Signals::default());
+        let stores = Stores {
+            nodes: spawn_reflector(
+                &mut tasks,
+                Api::all(client.clone()),
+                "nodes",
+                objects::slim_node,
+                &signals,
+            ),
+            namespaces: spawn_reflector(
+                &mut tasks,
+                Api::all(client.clone()),
+                "namespaces",
+                objects::slim_namespace,
+                &signals,
+            ),
+            pods: spawn_reflector(
+                &mut tasks,
+                Api::all(client.clone()),
+                "pods",
+                objects::slim_pod,
+                &signals,
+            ),
+            services: spawn_reflector(
+                &mut tasks,
+                Api::all(client.clone()),
+                "services",
+                objects::slim_service,
+                &signals,
+            ),
+            endpoint_slices: spawn_reflector(
+                &mut tasks,
+                Api::all(client),
+                "endpointslices",
+                objects::slim_endpoint_slice,
+                &signals,
+            ),
+        };
+        wait_until_listed(&stores, &signals, deadline, config.startup_timeout).await?;
+
+        let shared = Arc::new(Shared {
+            node,
+            trust_domain: config.trust_domain,
+            cgroups: PodCgroups::new(config.cgroup_root),
+            cgroup_rescan: config.cgroup_rescan,
+            published: Published::new(Default::default()),
+            stores,
+            signals,
+            reported_node_ip: Mutex::new(None),
+        });
+        shared.rebuild();
+        tasks.spawn(keep_current(shared.clone()));
+        Ok(Arc::new(Self {
+            shared,
+            _tasks: Mutex::new(tasks),
+        }))
+    }
+}
+
+/// Reads this node and its InternalIP.
+async fn local_node(client: &Client, name: &str, deadline: Instant) -> Result<NodeInfo, KubeError> {
+    let api: Api<Node> = Api::all(client.clone());
+    let doing = format!("reading node {name}");
+    let node = retry_until(deadline, &doing, || async {
+        api.get_opt(name)
+            .await
+            .map_err(|error| KubeError::from_api(doing.clone(), error))
+    })
+    .await?
+    .ok_or_else(|| KubeError::NodeNotFound {
+        node: name.to_owned(),
+    })?;
+    let ip = node_internal_ip(&node).ok_or_else(|| KubeError::NoInternalIp {
+        node: name.to_owned(),
+    })?;
+    Ok(NodeInfo {
+        name: name.to_owned(),
+        ip,
+    })
+}
+
+/// What the reflectors report.
+#[derive(Default)]
+struct Signals {
+    /// Raised when a cache changed.
+    changed: Notify,
+    /// Each kind's last watch error, until its watch delivers again.
+    errors: Mutex<BTreeMap<&'static str, String>>,
+}
+
+impl Signals {
+    fn errors(&self) -> BTreeMap<&'static str, String> {
+        self.errors
+            .lock()
+            .expect("watch errors lock poisoned")
+            .clone()
+    }
+}
+
+/// Starts a reflector for `K` (slimmed by `slim`) and returns its cache.
+fn spawn_reflector<K>(
+    tasks: &mut JoinSet<()>,
+    api: Api<K>,
+    kind: &'static str,
+    slim: fn(&mut K),
+    signals: &Arc<Signals>,
+) -> Store<K>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let signals = signals.clone();
+    tasks.spawn(async move {
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(slim)
+            .reflect(writer);
+        let mut events = std::pin::pin!(events);
+        while let Some(event) = events.next().await {
+            match event {
+                Ok(event) => {
+                    let recovered = signals
+                        .errors
+                        .lock()
+                        .expect("watch errors lock poisoned")
+                        .remove(kind);
+                    if let Some(error) = recovered {
+                        tracing::info!(kind, previous_error = %error, "watch recovered");
+                    }
+                    if matches!(
+                        event,
+                        watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone
+                    ) {
+                        signals.changed.notify_one();
+                    }
+                }
+                Err(error) => {
+                    if is_gone(&error) {
+                        tracing::info!(kind, "watch history expired (410 Gone); listing again");
+                    } else {
+                        tracing::warn!(kind, %error, "watching the Kubernetes API failed; retrying with backoff (the registry keeps its last state)");
+                    }
+                    signals
+                        .errors
+                        .lock()
+                        .expect("watch errors lock poisoned")
+                        .insert(kind, error.to_string());
+                }
+            }
+        }
+    });
+    reader
+}
+
+fn is_gone(error: &watcher::Error) -> bool {
+    matches!(error, watcher::Error::WatchError(status) if status.code == 410)
+}
+
+/// Waits for every reflector's first complete list.
+async fn wait_until_listed(
+    stores: &Stores,
+    signals: &Signals,
+    deadline: Instant,
+    timeout: Duration,
+) -> Result<(), KubeError> {
+    let mut waits: FuturesUnordered<BoxFuture<'_, (&'static str, bool)>> = [
+        listed("nodes", &stores.nodes),
+        listed("namespaces", &stores.namespaces),
+        listed("pods", &stores.pods),
+        listed("services", &stores.services),
+        listed("endpointslices", &stores.endpoint_slices),
+    ]
+    .into_iter()
+    .collect();
+    let mut pending = vec!["nodes", "namespaces", "pods", "services", "endpointslices"];
+    loop {
+        match tokio::time::timeout_at(deadline, waits.next()).await {
+            Ok(Some((kind, true))) => pending.retain(|k| *k != kind),
+            Ok(None) => return Ok(()),
+            // A writer only goes away with its task, which runs until dropped.
+            Ok(Some((_, false))) | Err(_) => {
+                let errors = signals.errors();
+                return Err(KubeError::SyncTimeout {
+                    pending: pending.join(", "),
+                    timeout,
+                    errors: if errors.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        errors
+                            .iter()
+                            .map(|(kind, error)| format!("{kind}: {error}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    },
+                });
+            }
+        }
+    }
+}
+
+/// Resolves with whether the store got its first complete list.
+fn listed<'a, K>(kind: &'static str, store: &'a Store<K>) -> BoxFuture<'a, (&'static str, bool)>
+where
+    K: Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
+{
+    async move { (kind, store.wait_until_ready().await.is_ok()) }.boxed()
+}
+
+/// Rebuilds the snapshot on every change, and on a short timer while a
+/// local pod's cgroup is missing.
+async fn keep_current(shared: Arc<Shared>) {
+    loop {
+        let missing_cgroups = shared.published.load().missing_cgroups;
+        tokio::select! {
+            () = shared.signals.changed.notified() => tokio::time::sleep(REBUILD_COALESCE).await,
+            () = tokio::time::sleep(shared.cgroup_rescan), if missing_cgroups => {}
+        }
+        shared.rebuild();
+    }
+}
+
+impl Shared {
+    fn rebuild(&self) {
+        let objects = ClusterObjects {
+            pods: self.stores.pods.state(),
+            nodes: self.stores.nodes.state(),
+            namespaces: self.stores.namespaces.state(),
+            services: self.stores.services.state(),
+            endpoint_slices: self.stores.endpoint_slices.state(),
+        };
+        self.check_local_node(&objects);
+        let snapshot = snapshot::build(&objects, &self.node, &self.trust_domain, |uid| {
+            self.cgroups.find(uid).map(|cgroup| cgroup.id)
+        });
+        if self.published.publish(snapshot) {
+            tracing::info!(
+                version = self.published.version(),
+                local_pods = self.published.local_workloads().len(),
+                "workload registry updated"
+            );
+        }
+    }
+
+    /// The agent listens on the address it started with; a changed address
+    /// needs a restart (reported once per new value).
+    fn check_local_node(&self, objects: &ClusterObjects) {
+        let current = objects
+            .nodes
+            .iter()
+            .find(|n| n.metadata.name.as_deref() == Some(self.node.name.as_str()))
+            .and_then(|n| node_internal_ip(n));
+        let mut reported = self.reported_node_ip.lock().expect("node ip lock poisoned");
+        match current {
+            Some(ip) if ip != self.node.ip && *reported != Some(ip) => {
+                tracing::error!(node = %self.node.name, listening_on = %self.node.ip, api_says = %ip,
+                    "this node's InternalIP changed; restart the agent to serve the new address");
+                *reported = Some(ip);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl WorkloadRegistry for KubeRegistry {
+    fn local_node(&self) -> &NodeInfo {
+        &self.shared.node
+    }
+
+    fn trust_domain(&self) -> &TrustDomain {
+        &self.shared.trust_domain
+    }
+
+    fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
+        self.shared.published.by_cgroup(cgroup_id)
+    }
+
+    fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
+        self.shared.published.by_ip(ip)
+    }
+
+    fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
+        self.shared.published.resolve(dst)
+    }
+
+    fn local_workloads(&self) -> Vec<Arc<Workload>> {
+        self.shared.published.local_workloads()
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.published.subscribe()
+    }
+}
