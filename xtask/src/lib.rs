@@ -7,6 +7,7 @@ pub mod capture;
 pub mod cmd;
 pub mod demo;
 pub mod loadtest;
+pub mod manifests;
 pub mod mesh;
 pub mod setup;
 pub mod test_totals;

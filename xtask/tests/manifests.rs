@@ -1,0 +1,338 @@
+//! deploy/ as CI checks it: rendered by the real kustomize, validated by
+//! kubernetes-validate against the Kubernetes schemas (both installed by
+//! `cargo xtask setup`), against `sealmesh_common::consts`, and against the
+//! real binaries' `--help`. Broken copies in temp dirs must fail loudly,
+//! naming the file, the object and the error.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use sealmesh_common::consts;
+use xtask::{
+    manifests::{self, ManifestError, Tools},
+    mesh::locate_binary,
+};
+
+fn tools() -> Tools {
+    Tools::locate().expect("manifest tools installed (`cargo xtask setup`)")
+}
+
+fn repository() -> PathBuf {
+    manifests::workspace_root()
+}
+
+/// A copy of deploy/ in a temp dir, with `edit` applied to one file.
+struct BrokenCopy {
+    dir: tempfile::TempDir,
+}
+
+impl BrokenCopy {
+    fn new(file: &str, from: &str, to: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        copy_dir(&repository().join("deploy"), &dir.path().join("deploy"));
+        let path = dir.path().join(file);
+        let text = std::fs::read_to_string(&path).expect("file to break exists");
+        assert!(text.contains(from), "{file} contains {from:?}");
+        std::fs::write(&path, text.replacen(from, to, 1)).expect("write broken file");
+        Self { dir }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// `cargo xtask manifests` on the copy: its exit status and stderr.
+    fn run_xtask(&self) -> (bool, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_xtask"))
+            .args(["manifests", "--skip-flags", "--root"])
+            .arg(self.root())
+            .output()
+            .expect("xtask runs");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("create dir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("dir entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy file");
+        }
+    }
+}
+
+fn problems(result: Result<(), ManifestError>) -> Vec<String> {
+    match result {
+        Err(ManifestError::Invalid { problems, .. }) => problems,
+        other => panic!("expected validation problems, got {other:?}"),
+    }
+}
+
+#[test]
+fn base_renders_exactly_the_sealmesh_objects_with_their_source_files() {
+    let objects = manifests::render(&tools(), &repository().join("deploy/base")).expect("render");
+    let mut found: Vec<(String, String)> = objects
+        .iter()
+        .map(|o| (o.describe(), o.origin.clone()))
+        .collect();
+    found.sort();
+    let expected = [
+        ("ClusterRole sealmesh-agent", "deploy/base/agent-rbac.yaml"),
+        (
+            "ClusterRole sealmesh-identity",
+            "deploy/base/identity-rbac.yaml",
+        ),
+        (
+            "ClusterRoleBinding sealmesh-agent",
+            "deploy/base/agent-rbac.yaml",
+        ),
+        (
+            "ClusterRoleBinding sealmesh-identity",
+            "deploy/base/identity-rbac.yaml",
+        ),
+        (
+            "ConfigMap sealmesh/sealmesh-identity-trust-roots",
+            "deploy/base/kustomization.yaml",
+        ),
+        (
+            "DaemonSet sealmesh/sealmesh-agent",
+            "deploy/base/agent.yaml",
+        ),
+        (
+            "Deployment sealmesh/sealmesh-identity",
+            "deploy/base/identity.yaml",
+        ),
+        ("Namespace sealmesh", "deploy/base/namespace.yaml"),
+        (
+            "PodDisruptionBudget sealmesh/sealmesh-identity",
+            "deploy/base/identity.yaml",
+        ),
+        (
+            "Role sealmesh/sealmesh-agent",
+            "deploy/base/agent-rbac.yaml",
+        ),
+        (
+            "Role sealmesh/sealmesh-identity",
+            "deploy/base/identity-rbac.yaml",
+        ),
+        (
+            "RoleBinding sealmesh/sealmesh-agent",
+            "deploy/base/agent-rbac.yaml",
+        ),
+        (
+            "RoleBinding sealmesh/sealmesh-identity",
+            "deploy/base/identity-rbac.yaml",
+        ),
+        (
+            "Service sealmesh/sealmesh-identity",
+            "deploy/base/identity.yaml",
+        ),
+        (
+            "ServiceAccount sealmesh/sealmesh-agent",
+            "deploy/base/serviceaccounts.yaml",
+        ),
+        (
+            "ServiceAccount sealmesh/sealmesh-identity",
+            "deploy/base/serviceaccounts.yaml",
+        ),
+    ];
+    let expected: Vec<(String, String)> = expected
+        .iter()
+        .map(|(o, f)| ((*o).to_owned(), (*f).to_owned()))
+        .collect();
+    assert_eq!(found, expected);
+
+    // Images get the kustomization's tag; origin annotations are gone again.
+    let agent = objects
+        .iter()
+        .find(|o| o.kind() == "DaemonSet")
+        .expect("DaemonSet");
+    assert_eq!(
+        agent.containers()[0]["image"],
+        "ghcr.io/sealmesh/agent:0.1.0"
+    );
+    assert!(objects.iter().all(|o| {
+        o.document["metadata"]["annotations"]
+            .get("config.kubernetes.io/origin")
+            .is_none()
+    }));
+}
+
+#[test]
+fn repository_manifests_are_valid_for_every_supported_kubernetes() {
+    let summary =
+        manifests::validate_repository(&tools(), &repository(), None).expect("deploy/ is valid");
+    assert_eq!(
+        summary.kustomizations,
+        vec![
+            ("deploy/base".to_owned(), 16),
+            ("deploy/overlays/cert-manager".to_owned(), 18)
+        ]
+    );
+}
+
+#[test]
+fn cert_manager_overlay_adds_the_issuer_and_the_rotating_issuer_certificate() {
+    let objects = manifests::render(&tools(), &repository().join("deploy/overlays/cert-manager"))
+        .expect("render");
+    let certificate = objects
+        .iter()
+        .find(|o| o.kind() == "Certificate")
+        .expect("Certificate");
+    let spec = &certificate.document["spec"];
+    assert_eq!(certificate.name(), consts::kube::ISSUER_SECRET);
+    assert_eq!(spec["secretName"], consts::kube::ISSUER_SECRET);
+    assert_eq!(spec["duration"], "48h");
+    assert_eq!(spec["renewBefore"], "25h");
+    assert_eq!(spec["isCA"], true);
+    assert_eq!(spec["privateKey"]["algorithm"], "ECDSA");
+    assert_eq!(spec["privateKey"]["size"], 256);
+    assert_eq!(spec["issuerRef"]["kind"], "Issuer");
+    assert_eq!(spec["issuerRef"]["name"], "sealmesh-trust-anchor");
+    let issuer = objects
+        .iter()
+        .find(|o| o.kind() == "Issuer")
+        .expect("Issuer");
+    assert_eq!(issuer.name(), "sealmesh-trust-anchor");
+    assert_eq!(
+        issuer.document["spec"]["ca"]["secretName"],
+        "sealmesh-trust-anchor"
+    );
+    assert_eq!(
+        certificate.origin,
+        "deploy/overlays/cert-manager/issuer.yaml"
+    );
+}
+
+#[test]
+fn flags_and_env_in_the_manifests_exist_in_the_real_binaries() {
+    let agent =
+        locate_binary("sealmesh-agent").expect("sealmesh-agent built (cargo build --workspace)");
+    let bin_dir = agent.parent().expect("binary dir");
+    for kustomization in manifests::KUSTOMIZATIONS {
+        let objects =
+            manifests::render(&tools(), &repository().join(kustomization)).expect("render");
+        let lines = manifests::command_lines(&objects);
+        let agent_line = lines
+            .iter()
+            .find(|l| l.binary == "sealmesh-agent")
+            .expect("agent container");
+        assert!(agent_line.flags.contains(&"--mode".to_owned()));
+        assert_eq!(agent_line.env, ["SEALMESH_NODE", "SEALMESH_NAMESPACE"]);
+        let identity_line = lines
+            .iter()
+            .find(|l| l.binary == "sealmesh-identity")
+            .expect("identity container");
+        assert_eq!(identity_line.flags, ["--mode"]);
+        manifests::check_flags(kustomization, &objects, bin_dir).unwrap_or_else(|e| panic!("{e}"));
+    }
+}
+
+#[test]
+fn an_unknown_flag_is_reported_with_its_container() {
+    let copy = BrokenCopy::new("deploy/base/agent.yaml", "- --log-format", "- --log-fromat");
+    let agent = locate_binary("sealmesh-agent").expect("sealmesh-agent built");
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    assert_eq!(
+        problems(manifests::check_flags(
+            "deploy/base",
+            &objects,
+            agent.parent().expect("dir")
+        )),
+        [
+            "DaemonSet sealmesh/sealmesh-agent container agent: sealmesh-agent has no flag --log-fromat (see `sealmesh-agent --help`)"
+        ]
+    );
+}
+
+#[test]
+fn a_schema_violation_fails_cargo_xtask_manifests_naming_file_object_and_error() {
+    let copy = BrokenCopy::new(
+        "deploy/base/agent.yaml",
+        "containerPort: 15008",
+        "containerPort: hbone",
+    );
+    let (success, stderr) = copy.run_xtask();
+    assert!(!success, "broken manifests must fail: {stderr}");
+    for version in ["1.28", "1.33"] {
+        assert!(
+            stderr.contains(&format!(
+                "deploy/base: deploy/base/agent.yaml: DaemonSet sealmesh/sealmesh-agent: did not validate for resource daemonset/sealmesh-agent against version {version}: spec.template.spec.containers.0.ports.0.containerPort: 'hbone' is not of type 'integer'"
+            )),
+            "{stderr}"
+        );
+    }
+    // The overlay includes the base, so it reports the same object too.
+    assert!(
+        stderr.contains("deploy/overlays/cert-manager: deploy/base/agent.yaml: DaemonSet sealmesh/sealmesh-agent: did not validate"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unknown_field_is_rejected_by_strict_validation() {
+    let copy = BrokenCopy::new(
+        "deploy/base/identity.yaml",
+        "replicas: 2",
+        "replicas: 2\n  replica: 3",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    let found = problems(manifests::validate_schemas(
+        &tools(),
+        "deploy/base",
+        &objects,
+    ));
+    assert_eq!(found.len(), 2, "{found:#?}");
+    for problem in &found {
+        assert!(
+            problem.starts_with(
+                "deploy/base/identity.yaml: Deployment sealmesh/sealmesh-identity: did not validate"
+            ) && problem.contains("'replica' was unexpected"),
+            "{problem}"
+        );
+    }
+}
+
+#[test]
+fn a_certificate_without_secret_name_is_caught_without_a_schema() {
+    let copy = BrokenCopy::new(
+        "deploy/overlays/cert-manager/issuer.yaml",
+        "  secretName: sealmesh-identity-issuer\n",
+        "",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/overlays/cert-manager"))
+        .expect("render");
+    assert_eq!(
+        problems(manifests::validate_schemas(&tools(), "overlay", &objects)),
+        [
+            "deploy/overlays/cert-manager/issuer.yaml: Certificate sealmesh/sealmesh-identity-issuer: spec.secretName is required"
+        ]
+    );
+}
+
+#[test]
+fn a_token_mount_away_from_the_agents_token_path_breaks_the_contract() {
+    let copy = BrokenCopy::new(
+        "deploy/base/agent.yaml",
+        "mountPath: /var/run/secrets/sealmesh.io/identity",
+        "mountPath: /var/run/secrets/tokens",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    assert_eq!(
+        problems(manifests::check_contract("deploy/base", &objects)),
+        [format!(
+            "DaemonSet sealmesh/sealmesh-agent: needs a projected ServiceAccount token with audience {} mounted at {}",
+            consts::kube::IDENTITY_TOKEN_AUDIENCE,
+            consts::kube::IDENTITY_TOKEN_PATH
+        )]
+    );
+}
