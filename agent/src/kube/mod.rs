@@ -76,7 +76,7 @@ pub enum KubeError {
         source: kube::Error,
     },
     #[error(
-        "the Kubernetes API refused {doing} ({code} {reason}: {message}); grant the agent's ServiceAccount the permissions of {AGENT_RBAC_FILE}"
+        "the Kubernetes API refused {doing} ({code} {reason}: {message}); check the agent's credentials (kubeconfig, or the pod's ServiceAccount token) and grant its ServiceAccount the permissions of {AGENT_RBAC_FILE}"
     )]
     Denied {
         doing: String,

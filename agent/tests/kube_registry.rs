@@ -1,0 +1,422 @@
+//! `KubeRegistry` against the in-process API server (real paths, JSON shapes
+//! and watch streams), with objects written the way the kubelet and the
+//! controllers write them and real kubelet-named cgroup v2 directories.
+
+mod kube_support;
+
+use std::{
+    net::{Ipv4Addr, SocketAddrV4},
+    sync::Arc,
+    time::Duration,
+};
+
+use fake_apiserver::FakeApiServer;
+use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
+use sealmesh_agent::{
+    kube::{KubeError, KubeRegistry, KubeRegistryConfig},
+    registry::{NodeInfo, Workload, WorkloadRegistry},
+};
+use sealmesh_common::{host, identity::TrustDomain};
+use serde_json::json;
+
+const LOCAL_NODE: &str = "n1";
+const LOCAL_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 2);
+const REMOTE_NODE: &str = "n2";
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(172, 18, 0, 3);
+const MESHED_NS: &str = "emojivoto";
+const PLAIN_NS: &str = "plain";
+
+/// The API server with two nodes, a meshed and an unmeshed namespace, and a
+/// cgroup root for the local node.
+struct Fixture {
+    server: FakeApiServer,
+    cluster: Cluster,
+    cgroups: CgroupRoot,
+}
+
+impl Fixture {
+    async fn new(name: &str) -> Self {
+        let server = FakeApiServer::start().await.unwrap();
+        let cluster = Cluster {
+            client: server.client(),
+        };
+        cluster.node(LOCAL_NODE, LOCAL_IP).await;
+        cluster.node(REMOTE_NODE, REMOTE_IP).await;
+        cluster.namespace(MESHED_NS, true).await;
+        cluster.namespace(PLAIN_NS, false).await;
+        Self {
+            server,
+            cluster,
+            cgroups: CgroupRoot::new(name),
+        }
+    }
+
+    fn config(&self) -> KubeRegistryConfig {
+        KubeRegistryConfig {
+            cgroup_rescan: Duration::from_millis(50),
+            ..KubeRegistryConfig::new(
+                LOCAL_NODE,
+                TrustDomain::default(),
+                self.cgroups.path().to_owned(),
+            )
+        }
+    }
+
+    async fn registry(&self) -> Arc<KubeRegistry> {
+        KubeRegistry::start(self.server.client(), self.config())
+            .await
+            .unwrap()
+    }
+}
+
+fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
+    SocketAddrV4::new(Ipv4Addr::from(ip), port)
+}
+
+fn names(workloads: &[Arc<Workload>]) -> Vec<String> {
+    workloads
+        .iter()
+        .map(|w| format!("{}/{}", w.namespace, w.name))
+        .collect()
+}
+
+#[tokio::test]
+async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists() {
+    let fx = Fixture::new("kube-local").await;
+    let c = &fx.cluster;
+    let web = c
+        .running_pod(PodSpec::new(
+            MESHED_NS,
+            "web-0",
+            "web",
+            LOCAL_NODE,
+            [10, 244, 1, 2],
+        ))
+        .await;
+    let db = c
+        .running_pod(PodSpec {
+            opted_out: true,
+            ..PodSpec::new(MESHED_NS, "db-0", "db", LOCAL_NODE, [10, 244, 1, 3])
+        })
+        .await;
+    c.running_pod(PodSpec::new(
+        PLAIN_NS,
+        "curl",
+        "default",
+        LOCAL_NODE,
+        [10, 244, 1, 4],
+    ))
+    .await;
+    c.running_pod(PodSpec {
+        host_network: true,
+        ..PodSpec::new(
+            MESHED_NS,
+            "node-exporter",
+            "exporter",
+            LOCAL_NODE,
+            [172, 18, 0, 2],
+        )
+    })
+    .await;
+    c.running_pod(PodSpec::new(
+        MESHED_NS,
+        "web-1",
+        "web",
+        REMOTE_NODE,
+        [10, 244, 2, 2],
+    ))
+    .await;
+    // The kubelet made the opted-out pod's cgroup (cgroupfs driver) already;
+    // web-0's comes later.
+    let db_cgroup = fx.cgroups.create_cgroupfs("besteffort", &db);
+
+    let registry = fx.registry().await;
+    assert_eq!(
+        registry.local_node(),
+        &NodeInfo {
+            name: LOCAL_NODE.into(),
+            ip: LOCAL_IP
+        }
+    );
+    assert_eq!(
+        names(&registry.local_workloads()),
+        ["emojivoto/db-0", "emojivoto/web-0", "plain/curl"],
+        "hostNetwork pods are not in the pod network"
+    );
+    let web_identity = TrustDomain::default().identity(MESHED_NS, "web").unwrap();
+    let web0 = registry.by_ip(Ipv4Addr::new(10, 244, 1, 2)).unwrap();
+    assert_eq!(
+        *web0,
+        Workload {
+            name: "web-0".into(),
+            namespace: MESHED_NS.into(),
+            service_account: "web".into(),
+            identity: web_identity.clone(),
+            ip: Ipv4Addr::new(10, 244, 1, 2),
+            node: LOCAL_NODE.into(),
+            node_ip: LOCAL_IP,
+            meshed: true,
+            cgroup_id: None,
+        }
+    );
+    let db0 = registry.by_ip(Ipv4Addr::new(10, 244, 1, 3)).unwrap();
+    assert_eq!(
+        (db0.meshed, db0.cgroup_id),
+        (false, Some(host::cgroup_id(&db_cgroup).unwrap())),
+        "opted out by annotation"
+    );
+    assert!(
+        !registry.by_ip(Ipv4Addr::new(10, 244, 1, 4)).unwrap().meshed,
+        "namespace without the mesh label"
+    );
+    assert_eq!(registry.by_ip(LOCAL_IP), None, "hostNetwork pod");
+    let remote = registry.by_ip(Ipv4Addr::new(10, 244, 2, 2)).unwrap();
+    assert_eq!(
+        (
+            remote.node.as_str(),
+            remote.node_ip,
+            remote.meshed,
+            remote.cgroup_id,
+            &remote.identity
+        ),
+        (REMOTE_NODE, REMOTE_IP, true, None, &web_identity)
+    );
+
+    let changes = registry.subscribe();
+    let web_cgroup = fx.cgroups.create_systemd("burstable", &web);
+    let web_cgroup_id = host::cgroup_id(&web_cgroup).unwrap();
+    eventually("the re-scan to find web-0's cgroup", || async {
+        registry.by_cgroup(web_cgroup_id).is_some()
+    })
+    .await;
+    assert!(changes.has_changed().unwrap(), "subscribers are told");
+    let web0 = registry.by_cgroup(web_cgroup_id).unwrap();
+    assert_eq!((web0.name.as_str(), web0.meshed), ("web-0", true));
+    let meshed_cgroups: Vec<u64> = registry
+        .local_workloads()
+        .iter()
+        .filter(|w| w.meshed)
+        .filter_map(|w| w.cgroup_id)
+        .collect();
+    assert_eq!(meshed_cgroups, [web_cgroup_id]);
+}
+
+#[tokio::test]
+async fn service_vips_resolve_through_endpoint_slices_to_ready_pods() {
+    let fx = Fixture::new("kube-svc").await;
+    let c = &fx.cluster;
+    for (name, ip) in [
+        ("web-0", [10, 244, 1, 2]),
+        ("web-1", [10, 244, 1, 3]),
+        ("web-2", [10, 244, 2, 2]),
+    ] {
+        let node = if ip[2] == 1 { LOCAL_NODE } else { REMOTE_NODE };
+        c.running_pod(PodSpec::new(MESHED_NS, name, "web", node, ip))
+            .await;
+    }
+    c.service(
+        MESHED_NS,
+        "web-svc",
+        Ipv4Addr::new(10, 96, 0, 10),
+        json!([
+            { "name": "http", "port": 80, "targetPort": "http", "protocol": "TCP" },
+            { "name": "admin", "port": 9000, "targetPort": 9090 },
+            { "name": "dns", "port": 53, "targetPort": 53, "protocol": "UDP" },
+        ]),
+    )
+    .await;
+    let pod_ref = |name: &str| json!({ "kind": "Pod", "namespace": MESHED_NS, "name": name });
+    c.endpoint_slice(
+        MESHED_NS,
+        "web-svc-x1",
+        "web-svc",
+        json!([
+            { "addresses": ["10.244.1.2"], "conditions": { "ready": true }, "targetRef": pod_ref("web-0") },
+            { "addresses": ["10.244.1.3"], "conditions": { "ready": false }, "targetRef": pod_ref("web-1") },
+            { "addresses": ["10.244.2.2"], "targetRef": pod_ref("web-2") },
+        ]),
+        json!([{ "name": "http", "port": 8080, "protocol": "TCP" }, { "name": "admin", "port": 9090 }]),
+    )
+    .await;
+    let registry = fx.registry().await;
+
+    let picks = |port: u16, n: usize| {
+        (0..n)
+            .map(|_| {
+                let endpoint = registry.resolve(addr([10, 96, 0, 10], port)).unwrap();
+                (endpoint.workload.name.clone(), endpoint.port)
+            })
+            .collect::<Vec<_>>()
+    };
+    let expect = |pods: &[&str], port: u16| {
+        pods.iter()
+            .map(|p| (p.to_string(), port))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        picks(80, 4),
+        expect(&["web-0", "web-2", "web-0", "web-2"], 8080),
+        "named targetPort through the slice; the not-ready web-1 is skipped"
+    );
+    assert_eq!(picks(9000, 2), expect(&["web-0", "web-2"], 9090));
+    assert_eq!(
+        registry.resolve(addr([10, 96, 0, 10], 53)),
+        None,
+        "UDP port"
+    );
+    assert_eq!(registry.resolve(addr([10, 96, 0, 10], 81)), None);
+    let direct = registry.resolve(addr([10, 244, 1, 3], 7000)).unwrap();
+    assert_eq!(
+        (direct.workload.name.as_str(), direct.port),
+        ("web-1", 7000),
+        "a pod IP resolves to the pod whatever its readiness"
+    );
+
+    let mut changes = registry.subscribe();
+    c.patch_endpoint_slice(
+        MESHED_NS,
+        "web-svc-x1",
+        json!({ "endpoints": [
+            { "addresses": ["10.244.1.3"], "conditions": { "ready": true }, "targetRef": pod_ref("web-1") },
+        ] }),
+    )
+    .await;
+    changes.changed().await.unwrap();
+    assert_eq!(picks(80, 2), expect(&["web-1", "web-1"], 8080));
+}
+
+#[tokio::test]
+async fn deleted_pods_leave_the_registry() {
+    let fx = Fixture::new("kube-delete").await;
+    let c = &fx.cluster;
+    let uid = c
+        .running_pod(PodSpec::new(
+            MESHED_NS,
+            "web-0",
+            "web",
+            LOCAL_NODE,
+            [10, 244, 1, 2],
+        ))
+        .await;
+    let cgroup_id = host::cgroup_id(&fx.cgroups.create_systemd("besteffort", &uid)).unwrap();
+    let registry = fx.registry().await;
+    assert_eq!(registry.by_cgroup(cgroup_id).unwrap().name, "web-0");
+
+    let mut changes = registry.subscribe();
+    c.delete_pod(MESHED_NS, "web-0").await;
+    changes.changed().await.unwrap();
+    assert_eq!(registry.by_cgroup(cgroup_id), None);
+    assert_eq!(registry.by_ip(Ipv4Addr::new(10, 244, 1, 2)), None);
+    assert_eq!(registry.local_workloads(), []);
+}
+
+#[tokio::test]
+async fn lists_again_after_410_gone_and_sees_what_changed_meanwhile() {
+    let fx = Fixture::new("kube-relist").await;
+    let c = &fx.cluster;
+    c.running_pod(PodSpec::new(
+        PLAIN_NS,
+        "curl",
+        "default",
+        LOCAL_NODE,
+        [10, 244, 1, 4],
+    ))
+    .await;
+    c.running_pod(PodSpec::new(
+        MESHED_NS,
+        "web-1",
+        "web",
+        REMOTE_NODE,
+        [10, 244, 2, 2],
+    ))
+    .await;
+    let registry = fx.registry().await;
+    assert!(!registry.by_ip(Ipv4Addr::new(10, 244, 1, 4)).unwrap().meshed);
+    let pod_lists = || {
+        fx.server
+            .requests()
+            .iter()
+            .filter(|(method, path)| {
+                method == "GET" && path.starts_with("/api/v1/pods") && !path.contains("watch=true")
+            })
+            .count()
+    };
+    assert_eq!(pod_lists(), 1);
+
+    // A write the registry does not watch moves the resourceVersion past
+    // what its watches have seen; then history is forgotten and every watch
+    // ends, so resuming gets 410 Gone and what changes now can only be
+    // learnt by listing again.
+    c.trust_roots(PLAIN_NS, "unrelated").await;
+    fx.server.compact();
+    fx.server.close_watches();
+    c.label_namespace(PLAIN_NS, Some("enabled")).await;
+    c.delete_pod(MESHED_NS, "web-1").await;
+    c.running_pod(PodSpec::new(
+        MESHED_NS,
+        "web-2",
+        "web",
+        REMOTE_NODE,
+        [10, 244, 2, 3],
+    ))
+    .await;
+
+    eventually(
+        "the registry to see the changes made while its watches were down",
+        || async {
+            registry
+                .by_ip(Ipv4Addr::new(10, 244, 1, 4))
+                .is_some_and(|w| w.meshed)
+                && registry.by_ip(Ipv4Addr::new(10, 244, 2, 2)).is_none()
+                && registry.by_ip(Ipv4Addr::new(10, 244, 2, 3)).is_some()
+        },
+    )
+    .await;
+    assert_eq!(pod_lists(), 2, "one re-list of pods after 410 Gone");
+}
+
+#[tokio::test]
+async fn start_up_failures_say_what_to_fix() {
+    let fx = Fixture::new("kube-startup").await;
+    let config = KubeRegistryConfig {
+        node: "n9".into(),
+        ..fx.config()
+    };
+    let err = KubeRegistry::start(fx.server.client(), config)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KubeError::NodeNotFound { .. }), "{err}");
+    assert_eq!(
+        err.to_string(),
+        "node \"n9\" does not exist in the Kubernetes API; --node (SEALMESH_NODE) must name this node as the API does (the DaemonSet sets it from spec.nodeName)"
+    );
+
+    let err = KubeRegistry::start(fx.server.client_with_token("not-a-token"), fx.config())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KubeError::Denied { code: 401, .. }), "{err}");
+    assert!(
+        err.to_string()
+            .ends_with("grant its ServiceAccount the permissions of deploy/base/agent-rbac.yaml"),
+        "{err}"
+    );
+
+    let unreachable = {
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let config = kube::Config::new(url.parse().unwrap());
+        kube::Client::try_from(config).unwrap()
+    };
+    let config = KubeRegistryConfig {
+        startup_timeout: Duration::from_secs(1),
+        ..fx.config()
+    };
+    let started = tokio::time::Instant::now();
+    let err = KubeRegistry::start(unreachable, config).await.unwrap_err();
+    assert!(matches!(err, KubeError::Unreachable { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "gives up at the start-up deadline"
+    );
+}
