@@ -1,0 +1,321 @@
+//! The resource table: every served resource is one row, and routing,
+//! discovery, field-selector validation and status-subresource handling are
+//! all driven by it.
+
+/// What the server stores and does for one resource type.
+#[derive(Debug)]
+pub(crate) struct ResourceType {
+    /// API group; "" for the core group.
+    pub group: &'static str,
+    pub version: &'static str,
+    /// URL path segment (lowercase plural).
+    pub plural: &'static str,
+    pub singular: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+    /// Has a `/status` subresource: writes to the main resource keep the
+    /// stored `status`, writes to `/status` change only `status`.
+    pub status_subresource: bool,
+    /// Create-only virtual resources (reviews): never stored, not listable.
+    pub review: bool,
+    pub short_names: &'static [&'static str],
+    /// Field-selector paths the real server accepts for this resource, in
+    /// addition to `metadata.name` and `metadata.namespace`.
+    pub selectable_fields: &'static [&'static str],
+}
+
+impl ResourceType {
+    /// `apiVersion` as written in objects: `v1` or `group/version`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.to_string()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    /// `pods` or `deployments.apps`: how the real server names a resource in
+    /// error messages.
+    pub fn qualified_plural(&self) -> String {
+        if self.group.is_empty() {
+            self.plural.to_string()
+        } else {
+            format!("{}.{}", self.plural, self.group)
+        }
+    }
+
+    pub fn list_kind(&self) -> String {
+        format!("{}List", self.kind)
+    }
+
+    pub fn field_selectable(&self, field: &str) -> bool {
+        field == "metadata.name"
+            || (self.namespaced && field == "metadata.namespace")
+            || self.selectable_fields.contains(&field)
+    }
+}
+
+const fn stored(
+    group: &'static str,
+    version: &'static str,
+    plural: &'static str,
+    singular: &'static str,
+    kind: &'static str,
+    namespaced: bool,
+) -> ResourceType {
+    ResourceType {
+        group,
+        version,
+        plural,
+        singular,
+        kind,
+        namespaced,
+        status_subresource: false,
+        review: false,
+        short_names: &[],
+        selectable_fields: &[],
+    }
+}
+
+const fn with_status(mut resource: ResourceType) -> ResourceType {
+    resource.status_subresource = true;
+    resource
+}
+
+const fn review(mut resource: ResourceType) -> ResourceType {
+    resource.review = true;
+    resource
+}
+
+const fn short(mut resource: ResourceType, short_names: &'static [&'static str]) -> ResourceType {
+    resource.short_names = short_names;
+    resource
+}
+
+const fn fields(mut resource: ResourceType, fields: &'static [&'static str]) -> ResourceType {
+    resource.selectable_fields = fields;
+    resource
+}
+
+const CORE_EVENT_FIELDS: &[&str] = &[
+    "involvedObject.kind",
+    "involvedObject.namespace",
+    "involvedObject.name",
+    "involvedObject.uid",
+    "involvedObject.apiVersion",
+    "involvedObject.resourceVersion",
+    "involvedObject.fieldPath",
+    "reason",
+    "reportingComponent",
+    "source",
+    "type",
+];
+
+const EVENTS_V1_FIELDS: &[&str] = &[
+    "regarding.kind",
+    "regarding.namespace",
+    "regarding.name",
+    "regarding.uid",
+    "regarding.apiVersion",
+    "regarding.resourceVersion",
+    "regarding.fieldPath",
+    "reason",
+    "reportingController",
+    "type",
+];
+
+/// Every served resource. Adding a resource is one line here.
+pub(crate) static RESOURCES: &[ResourceType] = &[
+    short(
+        fields(
+            with_status(stored(
+                "",
+                "v1",
+                "namespaces",
+                "namespace",
+                "Namespace",
+                false,
+            )),
+            &["status.phase"],
+        ),
+        &["ns"],
+    ),
+    short(
+        fields(
+            with_status(stored("", "v1", "nodes", "node", "Node", false)),
+            &["spec.unschedulable"],
+        ),
+        &["no"],
+    ),
+    short(
+        fields(
+            with_status(stored("", "v1", "pods", "pod", "Pod", true)),
+            &[
+                "spec.nodeName",
+                "spec.restartPolicy",
+                "spec.schedulerName",
+                "spec.serviceAccountName",
+                "spec.hostNetwork",
+                "status.phase",
+                "status.podIP",
+                "status.nominatedNodeName",
+            ],
+        ),
+        &["po"],
+    ),
+    short(
+        with_status(stored("", "v1", "services", "service", "Service", true)),
+        &["svc"],
+    ),
+    short(
+        stored(
+            "",
+            "v1",
+            "serviceaccounts",
+            "serviceaccount",
+            "ServiceAccount",
+            true,
+        ),
+        &["sa"],
+    ),
+    fields(
+        stored("", "v1", "secrets", "secret", "Secret", true),
+        &["type"],
+    ),
+    short(
+        stored("", "v1", "configmaps", "configmap", "ConfigMap", true),
+        &["cm"],
+    ),
+    short(
+        fields(
+            stored("", "v1", "events", "event", "Event", true),
+            CORE_EVENT_FIELDS,
+        ),
+        &["ev"],
+    ),
+    short(
+        fields(
+            stored("events.k8s.io", "v1", "events", "event", "Event", true),
+            EVENTS_V1_FIELDS,
+        ),
+        &["ev"],
+    ),
+    stored(
+        "discovery.k8s.io",
+        "v1",
+        "endpointslices",
+        "endpointslice",
+        "EndpointSlice",
+        true,
+    ),
+    short(
+        with_status(stored(
+            "apps",
+            "v1",
+            "deployments",
+            "deployment",
+            "Deployment",
+            true,
+        )),
+        &["deploy"],
+    ),
+    short(
+        with_status(stored(
+            "apps",
+            "v1",
+            "daemonsets",
+            "daemonset",
+            "DaemonSet",
+            true,
+        )),
+        &["ds"],
+    ),
+    stored(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "roles",
+        "role",
+        "Role",
+        true,
+    ),
+    stored(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "rolebindings",
+        "rolebinding",
+        "RoleBinding",
+        true,
+    ),
+    stored(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterroles",
+        "clusterrole",
+        "ClusterRole",
+        false,
+    ),
+    stored(
+        "rbac.authorization.k8s.io",
+        "v1",
+        "clusterrolebindings",
+        "clusterrolebinding",
+        "ClusterRoleBinding",
+        false,
+    ),
+    review(stored(
+        "authentication.k8s.io",
+        "v1",
+        "tokenreviews",
+        "tokenreview",
+        "TokenReview",
+        false,
+    )),
+    review(stored(
+        "authorization.k8s.io",
+        "v1",
+        "selfsubjectaccessreviews",
+        "selfsubjectaccessreview",
+        "SelfSubjectAccessReview",
+        false,
+    )),
+];
+
+/// Index of a resource in [`RESOURCES`]: the store's key.
+pub(crate) type ResourceId = usize;
+
+pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<ResourceId> {
+    RESOURCES
+        .iter()
+        .position(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+pub(crate) fn by_id(id: ResourceId) -> &'static ResourceType {
+    &RESOURCES[id]
+}
+
+/// Resource ids by group and kind (for the namespace lookup of pods and
+/// service accounts the token code needs).
+pub(crate) fn id_of(group: &str, plural: &str) -> ResourceId {
+    RESOURCES
+        .iter()
+        .position(|r| r.group == group && r.plural == plural)
+        .unwrap_or_else(|| panic!("resource {plural}.{group} is not in the resource table"))
+}
+
+/// The API groups served, in discovery order (core excluded).
+pub(crate) fn groups() -> Vec<&'static str> {
+    let mut groups: Vec<&'static str> = Vec::new();
+    for resource in RESOURCES {
+        if !resource.group.is_empty() && !groups.contains(&resource.group) {
+            groups.push(resource.group);
+        }
+    }
+    groups
+}
+
+/// `pods`, `deployments.apps`: the name the real server uses in messages.
+impl std::fmt::Display for ResourceType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.qualified_plural())
+    }
+}

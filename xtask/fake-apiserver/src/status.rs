@@ -1,0 +1,135 @@
+//! API errors and their `Status` bodies, with the real server's reasons,
+//! codes and message wording.
+
+use serde_json::{Value, json};
+
+use crate::resources::ResourceType;
+
+/// A failed API call. The HTTP code and `reason` are those the real
+/// kube-apiserver uses for the same situation.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ApiError {
+    #[error("{resource} \"{name}\" not found")]
+    NotFound {
+        resource: &'static ResourceType,
+        name: String,
+    },
+    #[error("the server could not find the requested resource")]
+    NoRoute,
+    #[error("{resource} \"{name}\" already exists")]
+    AlreadyExists {
+        resource: &'static ResourceType,
+        name: String,
+    },
+    #[error("Operation cannot be fulfilled on {resource} \"{name}\": {detail}")]
+    Conflict {
+        resource: &'static ResourceType,
+        name: String,
+        detail: String,
+    },
+    #[error("{kind} \"{name}\" is invalid: {field}: {detail}")]
+    Invalid {
+        kind: &'static str,
+        name: String,
+        field: String,
+        detail: String,
+    },
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("Unauthorized{}", hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default())]
+    Unauthorized { hint: Option<String> },
+    #[error("the server does not allow this method on the requested resource")]
+    MethodNotAllowed,
+    #[error(
+        "the body of the request was in an unknown format - accepted media types include: {accepted}"
+    )]
+    UnsupportedMediaType { accepted: &'static str },
+    #[error("too old resource version: {requested} ({oldest})")]
+    Expired { requested: u64, oldest: u64 },
+    #[error("the request body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+}
+
+impl ApiError {
+    pub fn code(&self) -> u16 {
+        match self {
+            ApiError::NotFound { .. } | ApiError::NoRoute => 404,
+            ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => 409,
+            ApiError::Invalid { .. } => 422,
+            ApiError::BadRequest(_) => 400,
+            ApiError::Unauthorized { .. } => 401,
+            ApiError::MethodNotAllowed => 405,
+            ApiError::UnsupportedMediaType { .. } => 415,
+            ApiError::Expired { .. } => 410,
+            ApiError::TooLarge { .. } => 413,
+        }
+    }
+
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::NotFound { .. } | ApiError::NoRoute => "NotFound",
+            ApiError::AlreadyExists { .. } => "AlreadyExists",
+            ApiError::Conflict { .. } => "Conflict",
+            ApiError::Invalid { .. } => "Invalid",
+            ApiError::BadRequest(_) => "BadRequest",
+            ApiError::Unauthorized { .. } => "Unauthorized",
+            ApiError::MethodNotAllowed => "MethodNotAllowed",
+            ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
+            ApiError::Expired { .. } => "Expired",
+            ApiError::TooLarge { .. } => "RequestEntityTooLarge",
+        }
+    }
+
+    fn details(&self) -> Option<Value> {
+        let named = |resource: &ResourceType, name: &str| {
+            let mut details = json!({"name": name, "kind": resource.plural});
+            if !resource.group.is_empty() {
+                details["group"] = json!(resource.group);
+            }
+            details
+        };
+        match self {
+            ApiError::NotFound { resource, name }
+            | ApiError::AlreadyExists { resource, name }
+            | ApiError::Conflict { resource, name, .. } => Some(named(resource, name)),
+            ApiError::Invalid {
+                kind,
+                name,
+                field,
+                detail,
+            } => Some(json!({
+                "name": name,
+                "kind": kind,
+                "causes": [{"reason": "FieldValueInvalid", "message": detail, "field": field}],
+            })),
+            ApiError::NoRoute => Some(json!({})),
+            _ => None,
+        }
+    }
+
+    /// The `Status` object the real server sends for this error.
+    pub fn to_status(&self) -> Value {
+        let mut status = json!({
+            "kind": "Status",
+            "apiVersion": "v1",
+            "metadata": {},
+            "status": "Failure",
+            "message": self.to_string(),
+            "reason": self.reason(),
+            "code": self.code(),
+        });
+        if let Some(details) = self.details() {
+            status["details"] = details;
+        }
+        status
+    }
+
+    pub fn stale_object(resource: &'static ResourceType, name: &str) -> ApiError {
+        ApiError::Conflict {
+            resource,
+            name: name.to_string(),
+            detail: "the object has been modified; please apply your changes to the latest version and try again"
+                .to_string(),
+        }
+    }
+}

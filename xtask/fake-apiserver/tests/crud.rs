@@ -1,0 +1,429 @@
+//! Create, get, list, update, patch and delete through kube-rs, with the
+//! exact codes and reasons the real server answers with.
+
+use fake_apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+
+fn api_error(error: kube::Error) -> (u16, String) {
+    match error {
+        kube::Error::Api(status) => (status.code, status.reason),
+        other => panic!("expected an API error Status, got {other:?}"),
+    }
+}
+
+fn pod(name: &str, node: &str, labels: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "serviceAccountName": "default", "containers": [{"name": "app", "image": "app:1"}]},
+    }))
+    .unwrap()
+}
+
+async fn namespace(client: &Client, name: &str) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn create_get_list_delete_with_real_codes() {
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    namespace(&client, "apps").await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apps");
+
+    let created = pods
+        .create(
+            &PostParams::default(),
+            &pod("web", "node-1", json!({"app": "web"})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.namespace.as_deref(), Some("apps"));
+    assert_eq!(created.metadata.uid.as_ref().map(String::len), Some(36));
+    assert!(created.metadata.creation_timestamp.is_some());
+    assert_eq!(
+        created.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Pending")
+    );
+
+    let fetched = pods.get("web").await.unwrap();
+    assert_eq!(fetched.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        fetched.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    assert_eq!(
+        api_error(
+            pods.create(&PostParams::default(), &pod("web", "node-1", json!({})))
+                .await
+                .unwrap_err()
+        ),
+        (409, "AlreadyExists".to_string())
+    );
+    assert_eq!(
+        api_error(pods.get("nope").await.unwrap_err()),
+        (404, "NotFound".to_string())
+    );
+    assert_eq!(
+        api_error(
+            pods.delete("nope", &DeleteParams::default())
+                .await
+                .unwrap_err()
+        ),
+        (404, "NotFound".to_string())
+    );
+    let missing_namespace: Api<Pod> = Api::namespaced(client.clone(), "absent");
+    assert_eq!(
+        api_error(
+            missing_namespace
+                .create(&PostParams::default(), &pod("a", "n", json!({})))
+                .await
+                .unwrap_err()
+        ),
+        (404, "NotFound".to_string())
+    );
+    let nameless: ConfigMap = serde_json::from_value(json!({"metadata": {}})).unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "apps");
+    assert_eq!(
+        api_error(
+            config_maps
+                .create(&PostParams::default(), &nameless)
+                .await
+                .unwrap_err()
+        ),
+        (422, "Invalid".to_string())
+    );
+    let generated: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"generateName": "cfg-"}})).unwrap();
+    let generated = config_maps
+        .create(&PostParams::default(), &generated)
+        .await
+        .unwrap();
+    assert!(
+        generated
+            .metadata
+            .name
+            .as_deref()
+            .unwrap()
+            .starts_with("cfg-")
+    );
+    assert_eq!(
+        generated.metadata.name.as_deref().unwrap().len(),
+        "cfg-".len() + 5
+    );
+
+    pods.create(
+        &PostParams::default(),
+        &pod("db", "node-2", json!({"app": "db"})),
+    )
+    .await
+    .unwrap();
+    let listed = pods.list(&ListParams::default()).await.unwrap();
+    let names: Vec<_> = listed
+        .items
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["db", "web"]);
+    let list_rv: u64 = listed.metadata.resource_version.unwrap().parse().unwrap();
+    let newest: u64 = listed
+        .items
+        .iter()
+        .map(|p| {
+            p.metadata
+                .resource_version
+                .clone()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .max()
+        .unwrap();
+    assert_eq!(list_rv, newest);
+
+    let all_pods: Api<Pod> = Api::all(client.clone());
+    assert_eq!(
+        all_pods
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        2
+    );
+
+    let deleted = pods.delete("web", &DeleteParams::default()).await.unwrap();
+    let deleted = deleted
+        .left()
+        .expect("the real server returns the deleted object");
+    assert_eq!(deleted.metadata.uid, created.metadata.uid);
+    assert_eq!(
+        api_error(pods.get("web").await.unwrap_err()),
+        (404, "NotFound".to_string())
+    );
+
+    let paths: Vec<_> = server
+        .requests()
+        .into_iter()
+        .filter(|(method, _)| method == "DELETE")
+        .collect();
+    assert_eq!(
+        paths[0],
+        (
+            "DELETE".to_string(),
+            "/api/v1/namespaces/apps/pods/nope?".to_string()
+        )
+    );
+}
+
+#[tokio::test]
+async fn pagination_with_limit_and_continue() {
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    for index in 0..5 {
+        let config_map: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("cm-{index}")}})).unwrap();
+        config_maps
+            .create(&PostParams::default(), &config_map)
+            .await
+            .unwrap();
+    }
+    let first = config_maps
+        .list(&ListParams::default().limit(2))
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 2);
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    let token = first.metadata.continue_.clone().unwrap();
+    let second = config_maps
+        .list(&ListParams::default().limit(10).continue_token(&token))
+        .await
+        .unwrap();
+    let names: Vec<_> = second
+        .items
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["cm-2", "cm-3", "cm-4"]);
+    assert_eq!(second.metadata.continue_, None);
+}
+
+#[tokio::test]
+async fn update_conflicts_on_stale_resource_version() {
+    let server = FakeApiServer::start().await.unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let original: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "settings"}, "data": {"mode": "a"}}))
+            .unwrap();
+    let created = config_maps
+        .create(&PostParams::default(), &original)
+        .await
+        .unwrap();
+
+    let mut first = created.clone();
+    first.data = Some([("mode".to_string(), "b".to_string())].into());
+    let updated = config_maps
+        .replace("settings", &PostParams::default(), &first)
+        .await
+        .unwrap();
+    assert_ne!(
+        updated.metadata.resource_version,
+        created.metadata.resource_version
+    );
+
+    // Same write again with the old resourceVersion: the real server's 409.
+    let error = config_maps
+        .replace("settings", &PostParams::default(), &first)
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = error else {
+        panic!("expected a Status")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        status.message,
+        "Operation cannot be fulfilled on configmaps \"settings\": the object has been modified; please apply your changes to the latest version and try again"
+    );
+
+    // An update that changes nothing keeps the resourceVersion.
+    let unchanged = config_maps
+        .replace("settings", &PostParams::default(), &updated)
+        .await
+        .unwrap();
+    assert_eq!(
+        unchanged.metadata.resource_version,
+        updated.metadata.resource_version
+    );
+}
+
+#[tokio::test]
+async fn merge_patch_and_status_subresource() {
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    pods.create(
+        &PostParams::default(),
+        &pod("web", "node-1", json!({"app": "web"})),
+    )
+    .await
+    .unwrap();
+
+    // Main-resource patches ignore status, as with a status subresource.
+    let patched = pods
+        .patch(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "front", "app": null}}, "status": {"phase": "Failed"}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        patched.metadata.labels,
+        Some([("tier".to_string(), "front".to_string())].into())
+    );
+    assert_eq!(
+        patched.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Pending")
+    );
+
+    let running = pods
+        .patch_status(
+            "web",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"ignored": "yes"}}, "status": {"phase": "Running", "podIP": "10.0.0.5"}})),
+        )
+        .await
+        .unwrap();
+    let status = running.status.unwrap();
+    assert_eq!(
+        (status.phase.as_deref(), status.pod_ip.as_deref()),
+        (Some("Running"), Some("10.0.0.5"))
+    );
+    assert_eq!(
+        running.metadata.labels,
+        Some([("tier".to_string(), "front".to_string())].into())
+    );
+
+    // Strategic merge is applied as a merge patch; apply creates.
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node = nodes
+        .patch(
+            "node-1",
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-1"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(node.metadata.name.as_deref(), Some("node-1"));
+    let node = nodes
+        .patch_status(
+            "node-1",
+            &PatchParams::default(),
+            &Patch::Strategic(
+                json!({"status": {"addresses": [{"type": "InternalIP", "address": "10.1.0.1"}]}}),
+            ),
+        )
+        .await
+        .unwrap();
+    let addresses = node.status.unwrap().addresses.unwrap();
+    assert_eq!(
+        (addresses[0].type_.as_str(), addresses[0].address.as_str()),
+        ("InternalIP", "10.1.0.1")
+    );
+
+    let config_maps: Api<ConfigMap> = Api::namespaced(client, "default");
+    assert_eq!(
+        api_error(
+            config_maps
+                .patch_status("x", &PatchParams::default(), &Patch::Merge(json!({})))
+                .await
+                .unwrap_err()
+        ),
+        (404, "NotFound".to_string())
+    );
+}
+
+#[tokio::test]
+async fn server_defaults_and_namespace_deletion() {
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    namespace(&client, "doomed").await;
+    let services: Api<Service> = Api::namespaced(client.clone(), "doomed");
+    let service: Service = serde_json::from_value(
+        json!({"metadata": {"name": "web"}, "spec": {"ports": [{"port": 80}]}}),
+    )
+    .unwrap();
+    let service = services
+        .create(&PostParams::default(), &service)
+        .await
+        .unwrap();
+    let spec = service.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.10"));
+    assert_eq!(spec.cluster_ips, Some(vec!["10.96.0.10".to_string()]));
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), "doomed");
+    let secret: Secret = serde_json::from_value(
+        json!({"metadata": {"name": "s"}, "stringData": {"key.pem": "PEM"}}),
+    )
+    .unwrap();
+    let secret = secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    assert_eq!(secret.data.unwrap()["key.pem"].0, b"PEM");
+    assert_eq!(secret.string_data, None);
+    assert_eq!(secret.type_.as_deref(), Some("Opaque"));
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    assert_eq!(
+        namespaces
+            .get("doomed")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .phase
+            .as_deref(),
+        Some("Active")
+    );
+    namespaces
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    assert_eq!(
+        api_error(services.get("web").await.unwrap_err()),
+        (404, "NotFound".to_string())
+    );
+    assert_eq!(
+        api_error(secrets.get("s").await.unwrap_err()),
+        (404, "NotFound".to_string())
+    );
+    let names: Vec<_> = namespaces
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|n| n.metadata.name.unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["default", "kube-node-lease", "kube-public", "kube-system"]
+    );
+}
