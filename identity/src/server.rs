@@ -67,11 +67,16 @@ pub struct ServerBuilder {
 /// How the issuer and anchors are followed once serving.
 enum PkiSource {
     Directory(LocalSources),
-    Kubernetes {
-        objects: PkiObjects,
-        anchors: AnchorBundle,
-        placements: Option<KubeWorkloadDirectory>,
-    },
+    Kubernetes(Box<KubeWatches>),
+}
+
+/// What Kubernetes mode watches once serving.
+struct KubeWatches {
+    objects: PkiObjects,
+    /// The bundle the issuer store starts with.
+    anchors: AnchorBundle,
+    /// `None` when authorisation was replaced (see [`ServerBuilder::authorization`]).
+    placements: Option<KubeWorkloadDirectory>,
 }
 
 /// Where the service's inputs come from, loaded.
@@ -251,11 +256,11 @@ impl ServerBuilder {
             events,
             anchors: anchors.anchors.clone(),
             material,
-            source: PkiSource::Kubernetes {
+            source: PkiSource::Kubernetes(Box::new(KubeWatches {
                 objects,
                 anchors,
                 placements,
-            },
+            })),
         })
     }
 }
@@ -320,11 +325,12 @@ impl Server {
                 local.issuer_poll_interval,
                 stopped(),
             )?),
-            PkiSource::Kubernetes {
-                objects,
-                anchors,
-                placements,
-            } => {
+            PkiSource::Kubernetes(watches) => {
+                let KubeWatches {
+                    objects,
+                    anchors,
+                    placements,
+                } = *watches;
                 helpers.push(tokio::spawn(objects.watch(
                     self.issuers.clone(),
                     anchors,

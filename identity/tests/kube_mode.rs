@@ -604,7 +604,7 @@ async fn a_token_for_another_audience_is_unauthenticated() {
 }
 
 #[tokio::test]
-async fn an_agent_token_of_a_deleted_pod_is_refused() {
+async fn an_agent_token_of_a_deleted_or_unscheduled_pod_is_refused() {
     let cluster = KubeCluster::new().await;
     let service = cluster.start().await;
     let token = cluster.agent_token("n1").await;
@@ -618,6 +618,39 @@ async fn an_agent_token_of_a_deleted_pod_is_refused() {
         .await
         .expect_err("refused");
     assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert!(
+        status
+            .message()
+            .starts_with("Kubernetes TokenReview rejected the token: "),
+        "{status:?}"
+    );
+
+    // A pod no scheduler has placed yet has no node to speak for.
+    create::<Pod>(
+        &cluster.pods(CONTROL_NS),
+        json!({
+            "metadata": {"name": "sealmesh-agent-pending"},
+            "spec": {
+                "serviceAccountName": AGENT_SERVICE_ACCOUNT,
+                "containers": [{"name": "agent", "image": "test"}]
+            }
+        }),
+    )
+    .await;
+    let token = cluster
+        .token(
+            CONTROL_NS,
+            AGENT_SERVICE_ACCOUNT,
+            IDENTITY_TOKEN_AUDIENCE,
+            Some("sealmesh-agent-pending"),
+        )
+        .await;
+    assert_status(
+        service.certify(&identity("web"), &token).await,
+        Code::Unauthenticated,
+        "the agent token is bound to pod sealmesh/sealmesh-agent-pending, which is not scheduled to a node \
+         (no spec.nodeName); agents must present the current projected token of their own running pod",
+    );
 }
 
 #[tokio::test]
@@ -838,6 +871,19 @@ async fn a_secret_update_after_an_interrupted_and_expired_watch_is_seen() {
     service.certify_until_signed_by(&web, &token, &next).await;
     assert_eq!(cluster.events("IssuerUpdated", 1).await.len(), 1);
 
+    // It was seen through a re-list after 410 Gone: two lists in all.
+    let secret_lists = cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|(method, path)| {
+            method == "GET"
+                && path.starts_with("/api/v1/namespaces/sealmesh/secrets?")
+                && path.contains("fieldSelector=metadata.name%3Dsealmesh-identity-issuer")
+                && !path.contains("watch=true")
+        })
+        .count();
+    assert_eq!(secret_lists, 2);
     // The pod watch recovered too: a pod created now is seen.
     cluster
         .create_pod(NAMESPACE, "after-0", "after", "n1")
