@@ -1,6 +1,11 @@
 //! A whole mesh on the testbed: trust anchor and issuer, the identity service
 //! in the underlay (the control plane), and one agent per node. Used by the
 //! data-path tests, the demo and benchmarks.
+//!
+//! With [`MeshOptions::kubernetes`] the same mesh runs in Kubernetes mode: the
+//! testbed registers with an API server ([`KubeCluster`]), the identity
+//! service and the agents start with `--mode kubernetes` and read everything
+//! through the API relay; logs, waits and helpers are the same.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -19,7 +24,10 @@ use sealmesh_common::{
 use sealmesh_identity::pki::{self, CaSpec, Layout};
 use serde_json::Value;
 
-use crate::testbed::{ChildGuard, Testbed, TestbedError, TestbedSpec};
+use crate::testbed::{
+    ChildGuard, Testbed, TestbedError, TestbedSpec,
+    kube::{KubeCluster, KubeError, KubeMode, KubePki, RegisteredPod},
+};
 
 /// How long agents get to obtain their first certificates.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -46,6 +54,10 @@ pub enum MeshError {
     },
     #[error("no agent runs on node {0}")]
     NoAgent(String),
+    #[error(transparent)]
+    Kube(#[from] KubeError),
+    #[error("the mesh runs in local mode; {0} needs MeshOptions::kubernetes")]
+    NotKubernetes(&'static str),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {
@@ -69,6 +81,9 @@ pub struct MeshOptions {
     /// Wait until every agent holds a certificate for each local meshed
     /// ServiceAccount.
     pub wait_for_certificates: bool,
+    /// Kubernetes mode: register the testbed with this API server and run
+    /// the identity service and agents with `--mode kubernetes`.
+    pub kubernetes: Option<KubeMode>,
 }
 
 impl Default for MeshOptions {
@@ -80,6 +95,7 @@ impl Default for MeshOptions {
             start_identity: true,
             start_agents: true,
             wait_for_certificates: true,
+            kubernetes: None,
         }
     }
 }
@@ -89,6 +105,8 @@ pub struct Mesh {
     // Agents and identity are dropped (killed) before the testbed.
     agents: BTreeMap<String, ChildGuard>,
     identity: Option<ChildGuard>,
+    // The API registration goes after its clients and before the testbed.
+    kube: Option<KubeCluster>,
     testbed: Testbed,
     options: MeshOptions,
     pki_dir: PathBuf,
@@ -99,7 +117,10 @@ impl Mesh {
     /// Builds the testbed, its PKI, and starts the identity service and one
     /// agent per node.
     pub fn up(spec: &TestbedSpec, options: MeshOptions) -> Result<Self, MeshError> {
-        let mut testbed = Testbed::up(spec)?;
+        let mut testbed = match options.kubernetes {
+            Some(_) => Testbed::up_for_kubelet(spec)?,
+            None => Testbed::up(spec)?,
+        };
         let state = testbed.state_dir();
         let pki_dir = state.join("pki");
         let logs_dir = state.join("logs");
@@ -123,10 +144,23 @@ impl Mesh {
             address: SocketAddr::from((testbed.control_plane_ip(), IDENTITY_GRPC_PORT)),
             trust_anchors_file: anchors,
         })?;
+        let kube = match &options.kubernetes {
+            Some(mode) => Some(KubeCluster::start(
+                &mut testbed,
+                mode.clone(),
+                &KubePki {
+                    trust_anchors_pem: root.cert_pem.as_bytes(),
+                    issuer: &pki::CaMaterial::read_dir(&pki_dir.join("issuer"))?,
+                    issuer_layout: Layout::Tls,
+                },
+            )?),
+            None => None,
+        };
 
         let mut mesh = Self {
             agents: BTreeMap::new(),
             identity: None,
+            kube,
             testbed,
             options,
             pki_dir,
@@ -160,6 +194,32 @@ impl Mesh {
         &self.testbed
     }
 
+    /// The testbed's API registration (Kubernetes mode only).
+    pub fn kube(&self) -> Option<&KubeCluster> {
+        self.kube.as_ref()
+    }
+
+    /// Kubernetes mode: creates a pod of the spec in the API (it must have
+    /// been listed in [`KubeMode::pending_pods`]), as scheduler and kubelet
+    /// would; running agents pick it up through their watches.
+    pub fn create_pod(&mut self, namespace: &str, name: &str) -> Result<RegisteredPod, MeshError> {
+        let kube = self
+            .kube
+            .as_mut()
+            .ok_or(MeshError::NotKubernetes("create_pod"))?;
+        Ok(kube.create_pod(&mut self.testbed, namespace, name)?.clone())
+    }
+
+    /// Kubernetes mode: deletes a pod from the API, kills its processes and
+    /// removes its cgroup.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Result<(), MeshError> {
+        let kube = self
+            .kube
+            .as_mut()
+            .ok_or(MeshError::NotKubernetes("delete_pod"))?;
+        Ok(kube.delete_pod(&self.testbed, namespace, name)?)
+    }
+
     /// Directory holding `root/`, `issuer/` and `ca-bundle.crt`.
     pub fn pki_dir(&self) -> &Path {
         &self.pki_dir
@@ -182,13 +242,27 @@ impl Mesh {
     pub fn start_identity(&mut self) -> Result<(), MeshError> {
         let binary = locate_binary("sealmesh-identity")?;
         let mut cmd = Command::new(binary);
-        cmd.arg("--cluster-file")
-            .arg(self.testbed.cluster_file_path())
-            .arg("--trust-anchors")
-            .arg(self.pki_dir.join("ca-bundle.crt"))
-            .arg("--issuer-dir")
-            .arg(self.pki_dir.join("issuer"))
-            .arg("--listen")
+        match &self.kube {
+            // Issuer and anchors come from the API; the kubeconfig's token
+            // is the identity ServiceAccount's.
+            Some(kube) => cmd
+                .args([
+                    "--mode",
+                    "kubernetes",
+                    "--namespace",
+                    kube.control_namespace(),
+                ])
+                .args(["--trust-domain", &self.testbed.cluster().trust_domain])
+                .env("KUBECONFIG", kube.identity_kubeconfig()),
+            None => cmd
+                .arg("--cluster-file")
+                .arg(self.testbed.cluster_file_path())
+                .arg("--trust-anchors")
+                .arg(self.pki_dir.join("ca-bundle.crt"))
+                .arg("--issuer-dir")
+                .arg(self.pki_dir.join("issuer")),
+        };
+        cmd.arg("--listen")
             .arg(
                 SocketAddr::from((self.testbed.control_plane_ip(), IDENTITY_GRPC_PORT)).to_string(),
             )
@@ -211,9 +285,41 @@ impl Mesh {
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
         let binary = locate_binary("sealmesh-agent")?;
         let mut cmd = Command::new(binary);
-        cmd.arg("--cluster-file")
-            .arg(self.testbed.cluster_file_path())
-            .args(["--node", node])
+        match &self.kube {
+            // Everything else comes from the API, as in a DaemonSet pod.
+            Some(kube) => {
+                let node_entry = self
+                    .testbed
+                    .cluster()
+                    .node(node)
+                    .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?;
+                let token_file = node_entry
+                    .token_file
+                    .clone()
+                    .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?;
+                cmd.args([
+                    "--mode",
+                    "kubernetes",
+                    "--namespace",
+                    kube.control_namespace(),
+                ])
+                .args(["--trust-domain", &self.testbed.cluster().trust_domain])
+                .arg("--cgroup-root")
+                .arg(&node_entry.cgroup)
+                .arg("--token-file")
+                .arg(token_file)
+                .arg("--identity-addr")
+                .arg(
+                    SocketAddr::from((self.testbed.control_plane_ip(), IDENTITY_GRPC_PORT))
+                        .to_string(),
+                )
+                .env("KUBECONFIG", kube.agent_kubeconfig(node))
+            }
+            None => cmd
+                .arg("--cluster-file")
+                .arg(self.testbed.cluster_file_path()),
+        };
+        cmd.args(["--node", node])
             .arg("--bpffs-dir")
             .arg(self.testbed.node_bpffs_dir(node)?)
             .args([
@@ -244,7 +350,17 @@ impl Mesh {
     pub fn wait_for_certificates(&self, node: &str) -> Result<(), MeshError> {
         let cluster = self.testbed.cluster();
         let mut wanted: BTreeSet<String> = BTreeSet::new();
-        for pod in cluster.pods_on(node).filter(|p| cluster.is_meshed(p)) {
+        // In Kubernetes mode, only pods that exist in the API so far.
+        let registered = |pod: &&sealmesh_common::cluster::Pod| {
+            self.kube
+                .as_ref()
+                .is_none_or(|kube| kube.pod(&pod.namespace, &pod.name).is_some())
+        };
+        for pod in cluster
+            .pods_on(node)
+            .filter(registered)
+            .filter(|p| cluster.is_meshed(p))
+        {
             wanted.insert(
                 cluster
                     .identity_of(pod)

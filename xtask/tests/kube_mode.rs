@@ -1,0 +1,404 @@
+//! The mesh in Kubernetes mode on the testbed (root, real network namespaces,
+//! real kernel eBPF, real mTLS): agents and the identity service run with
+//! `--mode kubernetes` against the in-process fake API server, which the
+//! testbed fills as kubelets and controllers would. With
+//! `SEALMESH_TEST_KUBECONFIG` naming a real kube-apiserver's kubeconfig, the
+//! Service test also runs against it.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::Output,
+    time::{Duration, Instant},
+};
+
+use sealmesh_common::{
+    cluster::{Service, ServicePort},
+    consts::{
+        ACCESS_LOG_TARGET, AGENT_ADMIN_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
+        kube::{EVENT_ISSUER_UPDATED, IDENTITY_NAME},
+    },
+};
+use sealmesh_identity::pki::{self, CaSpec, Layout};
+use sealmesh_proto::admin::{self as pb, admin_client::AdminClient};
+use serde_json::Value;
+use xtask::{
+    capture::Capture,
+    mesh::{Mesh, MeshOptions},
+    testapp,
+    testbed::{
+        ChildGuard, PodSpec, TestbedSpec,
+        kube::{KubeApi, KubeMode},
+    },
+};
+
+const APP_NS: &str = "shop";
+const ECHO_PORT: u16 = 8080;
+const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+const SERVICE_PORT: u16 = 80;
+/// Environment variable naming a real API server's kubeconfig for test (e).
+const REAL_KUBECONFIG_ENV: &str = "SEALMESH_TEST_KUBECONFIG";
+const WAIT: Duration = Duration::from_secs(40);
+
+fn testapp_path() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_testapp"))
+}
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
+}
+
+/// node-0: `client`; node-1: `server` behind Service `server`
+/// (10.96.0.10:80 → 8080), and `late` (laid out, created in the API only
+/// when a test asks).
+fn spec() -> TestbedSpec {
+    TestbedSpec::new(2)
+        .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .pod(PodSpec::new(APP_NS, "client", "client", 0).label("app", "client"))
+        .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
+        .pod(PodSpec::new(APP_NS, "late", "late", 1).label("app", "late"))
+        .service(Service {
+            name: "server".into(),
+            namespace: APP_NS.into(),
+            vip: SERVICE_VIP,
+            ports: vec![ServicePort {
+                name: None,
+                port: SERVICE_PORT,
+                target_port: ECHO_PORT,
+            }],
+            selector: BTreeMap::from([("app".into(), "server".into())]),
+        })
+}
+
+fn kube_mode(api: KubeApi) -> KubeMode {
+    KubeMode {
+        api,
+        pending_pods: vec![(APP_NS.into(), "late".into())],
+        ..KubeMode::fake()
+    }
+}
+
+struct App {
+    mesh: Mesh,
+    servers: Vec<ChildGuard>,
+}
+
+impl App {
+    fn up(api: KubeApi, options: MeshOptions) -> Self {
+        let mesh = Mesh::up(
+            &spec(),
+            MeshOptions {
+                kubernetes: Some(kube_mode(api)),
+                ..options
+            },
+        )
+        .expect("mesh up in Kubernetes mode");
+        let mut app = Self {
+            mesh,
+            servers: Vec::new(),
+        };
+        app.serve("server");
+        app
+    }
+
+    fn serve(&mut self, pod: &str) {
+        let (server, _) =
+            testapp::start_echo_server(self.mesh.testbed(), testapp_path(), APP_NS, pod, ECHO_PORT)
+                .expect("echo server starts");
+        self.servers.push(server);
+    }
+
+    fn echo_addr(&self, pod: &str) -> SocketAddr {
+        let ip = self.mesh.testbed().cluster().pod(APP_NS, pod).unwrap().ip;
+        SocketAddr::from((ip, ECHO_PORT))
+    }
+
+    fn client(&self, connect: SocketAddr, text: &str) -> Output {
+        let mut cmd = testapp::client(testapp_path(), connect, text, 1);
+        cmd.args(["--timeout-secs", "10"]);
+        self.mesh
+            .testbed()
+            .spawn_in_pod(APP_NS, "client", cmd)
+            .expect("client starts")
+            .wait_with_output()
+            .expect("client finishes")
+    }
+
+    fn client_ok(&self, connect: SocketAddr, text: &str) -> String {
+        let out = self.client(connect, text);
+        assert!(
+            out.status.success(),
+            "client -> {connect}: status {:?}, stdout {:?}, stderr {:?}",
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Waits for an access-log event of `node`'s agent matching `pred`.
+    fn wait_access(&self, node: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut found = None;
+        self.mesh
+            .wait_for_agent_log(node, what, |lines| {
+                found = lines
+                    .iter()
+                    .find(|l| l["target"] == ACCESS_LOG_TARGET && pred(l))
+                    .cloned();
+                found.is_some()
+            })
+            .unwrap();
+        found.unwrap()
+    }
+
+    /// The agent's certificate store, through its admin API on the node's loopback.
+    fn certificates(&self, node: &str) -> pb::GetCertificatesResponse {
+        let netns = self.mesh.testbed().node_netns(node).unwrap().to_owned();
+        self.mesh
+            .testbed()
+            .run_in_netns(&netns, || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async {
+                    let mut admin =
+                        AdminClient::connect(format!("http://127.0.0.1:{AGENT_ADMIN_PORT}"))
+                            .await
+                            .expect("the admin API answers on the node's loopback");
+                    admin
+                        .get_certificates(pb::GetCertificatesRequest {})
+                        .await
+                        .unwrap()
+                        .into_inner()
+                })
+            })
+            .unwrap()
+    }
+
+    /// Polls the admin API of `node` until `done` holds.
+    fn wait_certificates(
+        &self,
+        node: &str,
+        what: &str,
+        done: impl Fn(&pb::GetCertificatesResponse) -> bool,
+    ) -> pb::GetCertificatesResponse {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let certs = self.certificates(node);
+            if done(&certs) {
+                return certs;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {node}: {what}; last: {certs:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// Test (a), against whichever API server: a meshed client on node-0 reaches
+/// the meshed server on node-1 through the Service VIP over mTLS with both
+/// identities, and nothing of it crosses the underlay in clear.
+fn service_over_mtls(api: KubeApi) {
+    const MARKER: &str = "sealmesh-kube-secret-marker-51c2";
+    let app = App::up(api, MeshOptions::default());
+    let underlay = app.mesh.testbed().underlay_netns();
+    let capture = app
+        .mesh
+        .testbed()
+        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
+        .unwrap()
+        .unwrap();
+
+    let out = app.client_ok(SocketAddr::from((SERVICE_VIP, SERVICE_PORT)), MARKER);
+    assert!(out.starts_with("ok "), "{out}");
+    assert!(
+        out.contains(&format!(" peer={SERVICE_VIP}:{SERVICE_PORT} ")),
+        "{out}"
+    );
+
+    let inbound = app.wait_access("node-1", "inbound mTLS connection to shop/server", |e| {
+        e["direction"] == "inbound" && e["dst"] == "shop/server"
+    });
+    assert_eq!(inbound["client_id"], spiffe("client"), "{inbound}");
+    assert_eq!(inbound["server_id"], spiffe("server"), "{inbound}");
+    assert_eq!(inbound["tls"], true, "{inbound}");
+    assert_eq!(inbound["src"], "shop/client", "{inbound}");
+    let outbound = app.wait_access("node-0", "outbound connection from shop/client", |e| {
+        e["direction"] == "outbound" && e["dst"] == "shop/server"
+    });
+    assert_eq!(outbound["client_id"], spiffe("client"), "{outbound}");
+    assert_eq!(outbound["server_id"], spiffe("server"), "{outbound}");
+    assert_eq!(outbound["tls"], true, "{outbound}");
+    assert_eq!(
+        outbound["dst_addr"],
+        app.echo_addr("server").to_string(),
+        "the VIP resolved to the server pod through the EndpointSlice: {outbound}"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    let report = capture.finish().unwrap();
+    assert!(
+        report.frames > 10,
+        "the capture saw the mTLS traffic: {report:?}"
+    );
+    assert_eq!(
+        report.hits_for(MARKER),
+        0,
+        "marker crossed the underlay in clear: {report:?}"
+    );
+}
+
+#[test]
+fn meshed_pods_reach_a_service_over_mtls_with_everything_from_the_api() {
+    service_over_mtls(KubeApi::Fake);
+}
+
+#[test]
+fn meshed_pods_reach_a_service_over_mtls_on_a_real_api_server() {
+    let Some(kubeconfig) = std::env::var_os(REAL_KUBECONFIG_ENV) else {
+        eprintln!(
+            "note: skipped: set {REAL_KUBECONFIG_ENV} to the kubeconfig of a kube-apiserver (v1.28+) to run this test against it (see docs/ARCHITECTURE.md, Local testbed)"
+        );
+        return;
+    };
+    service_over_mtls(KubeApi::Kubeconfig(PathBuf::from(kubeconfig)));
+}
+
+#[test]
+fn rotating_the_issuer_secret_records_an_event_and_renews_leaves_under_the_new_issuer() {
+    let app = App::up(
+        KubeApi::Fake,
+        MeshOptions {
+            identity_args: vec!["--cert-lifetime".into(), "8s".into()],
+            ..MeshOptions::default()
+        },
+    );
+    let kube = app.mesh.kube().unwrap();
+    assert_eq!(kube.events(EVENT_ISSUER_UPDATED).unwrap().len(), 0);
+
+    // A new issuer under the same root, as cert-manager would write it.
+    let root = pki::CaMaterial::read_dir(&app.mesh.pki_dir().join("root")).unwrap();
+    let (issuer, _) = pki::generate_issuer(
+        &root,
+        &CaSpec::valid_for(
+            "identity-2.sealmesh.cluster.local",
+            Duration::from_secs(3600),
+        ),
+    )
+    .unwrap();
+    let mut material = issuer.material();
+    material.ca_pem = Some(issuer.ca_pem.clone().into_bytes());
+    kube.update_issuer(&material, Layout::Tls).unwrap();
+
+    let deadline = Instant::now() + WAIT;
+    let event = loop {
+        if let Some(event) = kube.events(EVENT_ISSUER_UPDATED).unwrap().pop() {
+            break event;
+        }
+        assert!(Instant::now() < deadline, "no {EVENT_ISSUER_UPDATED} event");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(event.type_.as_deref(), Some("Normal"));
+    assert_eq!(event.involved_object.kind.as_deref(), Some("Deployment"));
+    assert_eq!(event.involved_object.name.as_deref(), Some(IDENTITY_NAME));
+    assert_eq!(
+        event.involved_object.namespace.as_deref(),
+        Some(kube.control_namespace())
+    );
+
+    // Renewed leaves chain to the new issuer, on both nodes.
+    let new_issuer_der = pki::parse_pem_certs(issuer.cert_pem.as_bytes(), "new issuer")
+        .unwrap()
+        .remove(0);
+    for (node, sa) in [("node-0", "client"), ("node-1", "server")] {
+        let certs = app.wait_certificates(node, "a leaf under the new issuer", |c| {
+            c.certificates.iter().any(|cert| {
+                cert.identity == spiffe(sa)
+                    && cert.valid
+                    && cert.chain.get(1).map(Vec::as_slice) == Some(new_issuer_der.as_ref())
+            })
+        });
+        assert_eq!(certs.wanted, [spiffe(sa)], "{node}");
+    }
+    app.client_ok(app.echo_addr("server"), "after the rotation");
+}
+
+#[test]
+fn a_new_root_in_the_trust_roots_configmap_is_hot_reloaded_by_running_agents() {
+    let app = App::up(KubeApi::Fake, MeshOptions::default());
+    let pids: Vec<Option<u32>> = ["node-0", "node-1"]
+        .iter()
+        .map(|n| app.mesh.agent_pid(n))
+        .collect();
+    let old_bundle = std::fs::read_to_string(app.mesh.pki_dir().join("ca-bundle.crt")).unwrap();
+    assert_eq!(app.certificates("node-0").trust_anchors_pem, old_bundle);
+
+    let next_root = pki::generate_root(&CaSpec::valid_for(
+        "root-2.sealmesh.cluster.local",
+        Duration::from_secs(3600),
+    ))
+    .unwrap();
+    let bundle = format!("{old_bundle}{}", next_root.cert_pem);
+    app.mesh
+        .kube()
+        .unwrap()
+        .update_trust_roots(bundle.as_bytes())
+        .unwrap();
+    for node in ["node-0", "node-1"] {
+        app.wait_certificates(node, "both roots trusted", |c| {
+            c.trust_anchors_pem == bundle
+        });
+    }
+    // Same processes: reloaded, not restarted; traffic still flows.
+    let after: Vec<Option<u32>> = ["node-0", "node-1"]
+        .iter()
+        .map(|n| app.mesh.agent_pid(n))
+        .collect();
+    assert_eq!(after, pids);
+    app.client_ok(app.echo_addr("server"), "after the reload");
+}
+
+#[test]
+fn pods_created_after_start_up_are_meshed_and_deleted_ones_disappear() {
+    let mut app = App::up(KubeApi::Fake, MeshOptions::default());
+    let pid = app.mesh.agent_pid("node-1");
+    assert_eq!(app.certificates("node-1").wanted, [spiffe("server")]);
+
+    // Scheduler + kubelet: object, cgroup, status; the agent watches it in.
+    let late = app.mesh.create_pod(APP_NS, "late").unwrap();
+    assert!(late.container_cgroup.is_dir());
+    app.serve("late");
+    app.mesh.wait_for_certificates("node-1").unwrap();
+    let certs = app.certificates("node-1");
+    let mut wanted = certs.wanted.clone();
+    wanted.sort();
+    assert_eq!(wanted, [spiffe("late"), spiffe("server")]);
+
+    app.client_ok(app.echo_addr("late"), "hello late pod");
+    let inbound = app.wait_access("node-1", "inbound mTLS connection to shop/late", |e| {
+        e["direction"] == "inbound" && e["dst"] == "shop/late"
+    });
+    assert_eq!(inbound["server_id"], spiffe("late"), "{inbound}");
+    assert_eq!(inbound["client_id"], spiffe("client"), "{inbound}");
+    assert_eq!(inbound["tls"], true, "{inbound}");
+
+    // Deleted: gone from the agent's view, its certificate dropped.
+    app.mesh.delete_pod(APP_NS, "late").unwrap();
+    let certs = app.wait_certificates("node-1", "the late pod's identity dropped", |c| {
+        c.wanted == [spiffe("server")]
+            && c.certificates
+                .iter()
+                .all(|cert| cert.identity != spiffe("late"))
+    });
+    assert_eq!(certs.wanted, [spiffe("server")]);
+    assert_eq!(
+        app.mesh.agent_pid("node-1"),
+        pid,
+        "the agent was not restarted"
+    );
+    app.client_ok(app.echo_addr("server"), "the others still work");
+}
