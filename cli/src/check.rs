@@ -1,5 +1,7 @@
-//! `sealmesh check [--proxy]`: Linkerd's identity checks on the trust anchors
-//! and issuer, and with `--proxy` checks of every agent's live certificates.
+//! `sealmesh check [--proxy] [--trust-bundle FILE]`: Linkerd's identity
+//! checks on the trust anchors and issuer, with `--proxy` checks of every
+//! agent's live certificates, and with `--trust-bundle` whether a candidate
+//! anchor bundle keeps every anchor the issuer and live leaves still need.
 
 use std::{
     collections::BTreeSet,
@@ -22,6 +24,7 @@ use time::OffsetDateTime;
 use crate::{
     agents::{AgentDirectory, AgentError, ClusterArgs, call, session},
     certview::{self, CertFacts},
+    trust_bundle::{self, LiveChain},
 };
 
 /// Anchors and issuers must stay valid at least this long (Linkerd's rule).
@@ -31,6 +34,7 @@ const MIN_CA_VALIDITY: Duration = Duration::from_secs(60 * 86_400);
 const PKI_ANCHORS_FILE: &str = "ca-bundle.crt";
 const PKI_ISSUER_DIR: &str = "issuer";
 const DATA_PLANE_SECTION: &str = "sealmesh-data-plane";
+const TRUST_BUNDLE_SECTION: &str = "sealmesh-trust-bundle";
 const AGENTS_REACHABLE: &str = "agents are running and reachable";
 
 #[derive(Debug, Args)]
@@ -51,6 +55,11 @@ pub struct CheckArgs {
     /// `ca.crt`). Default: `issuer/` next to the trust-anchors file.
     #[arg(long)]
     issuer_dir: Option<PathBuf>,
+    /// A candidate trust-anchor bundle (PEM) meant to replace the current
+    /// one: warns about every current anchor it drops that still signs the
+    /// issuer or, with --proxy, a live certificate of an agent.
+    #[arg(long, value_name = "CANDIDATE_PEM")]
+    trust_bundle: Option<PathBuf>,
     #[command(flatten)]
     cluster: ClusterArgs,
 }
@@ -155,15 +164,25 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let (anchors_file, issuer_dir) = pki_paths(&args, cluster.as_ref())?;
     let now = OffsetDateTime::now_utc();
     let mut sections = Vec::new();
-    let identity = check_identity(&anchors_file, &issuer_dir, now);
-    let anchors = identity.1;
-    sections.push(identity.0);
+    let (identity, (anchors, issuer_chain)) = check_identity(&anchors_file, &issuer_dir, now);
+    sections.push(identity);
+    let mut live = Vec::new();
+    if let Some(chain) = issuer_chain {
+        live.push(LiveChain {
+            label: format!("the issuer {}", issuer_subject(&chain)),
+            chain,
+        });
+    }
     if args.proxy {
         let cluster = cluster.context(
             "--proxy checks the agents of a cluster: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE",
         )?;
         sections.push(match AgentDirectory::local(&cluster) {
-            Ok(directory) => check_data_plane(&directory, anchors.as_deref(), now),
+            Ok(directory) => {
+                let (section, leaves) = check_data_plane(&directory, anchors.as_deref(), now);
+                live.extend(leaves);
+                section
+            }
             Err(e) => {
                 let mut section = Section::new(DATA_PLANE_SECTION);
                 section.expect(
@@ -175,6 +194,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 section
             }
         });
+    }
+    if let Some(candidate) = &args.trust_bundle {
+        sections.push(check_trust_bundle(
+            candidate,
+            anchors.as_deref(),
+            &live,
+            args.proxy,
+        ));
     }
     print!("{}", render(&sections));
     Ok(if failed(&sections) {
@@ -211,12 +238,19 @@ fn pki_paths(
     Ok((anchors, issuer))
 }
 
-/// The identity section; also returns the anchors (DER) when they loaded.
+/// The current anchors (DER) and the issuer's chain, when they loaded.
+type Loaded = (
+    Option<Vec<CertificateDer<'static>>>,
+    Option<Vec<CertificateDer<'static>>>,
+);
+
+/// The identity section; also returns the anchors and the issuer chain (DER)
+/// when they loaded.
 fn check_identity(
     anchors_file: &Path,
     issuer_dir: &Path,
     now: OffsetDateTime,
-) -> (Section, Option<Vec<CertificateDer<'static>>>) {
+) -> (Section, Loaded) {
     let mut section = Section::new("sealmesh-identity");
     let loaded = TrustAnchors::load(anchors_file)
         .map_err(|e| e.to_string())
@@ -239,7 +273,7 @@ fn check_identity(
                 "pass --trust-anchors with the PEM bundle of roots and --issuer-dir with the issuer \
                  (create them with `sealmesh certs create-root` and `create-issuer`)",
             );
-            return (section, None);
+            return (section, (None, None));
         }
     };
     section.pass("certificate config is valid");
@@ -259,7 +293,10 @@ fn check_identity(
                 Status::Fail,
                 "replace the issuer",
             );
-            return (section, Some(anchors.certificates().to_vec()));
+            return (
+                section,
+                (Some(anchors.certificates().to_vec()), Some(issuer_chain)),
+            );
         }
     };
 
@@ -301,7 +338,75 @@ fn check_identity(
             "put the issuer's own key next to its certificate in the issuer directory",
         );
     }
-    (section, Some(anchors.certificates().to_vec()))
+    (
+        section,
+        (Some(anchors.certificates().to_vec()), Some(issuer_chain)),
+    )
+}
+
+fn issuer_subject(chain: &[CertificateDer<'_>]) -> String {
+    chain
+        .first()
+        .and_then(|der| CertFacts::parse(der, "issuer", 0).ok())
+        .map_or_else(|| "(unparsable)".to_owned(), |facts| facts.subject)
+}
+
+/// The candidate bundle must parse and keep every current anchor that signs
+/// a live chain (the issuer, and the agents' leaves with --proxy).
+fn check_trust_bundle(
+    candidate_file: &Path,
+    current: Option<&[CertificateDer<'static>]>,
+    live: &[LiveChain],
+    with_proxy: bool,
+) -> Section {
+    let mut section = Section::new(TRUST_BUNDLE_SECTION);
+    let candidate = std::fs::read(candidate_file)
+        .map_err(|e| format!("cannot read {}: {e}", candidate_file.display()))
+        .and_then(|bytes| {
+            certview::read_certificates(&bytes, &candidate_file.display().to_string())
+                .map_err(|e| e.to_string())
+        });
+    let candidate = match candidate {
+        Ok(candidate) => candidate,
+        Err(problem) => {
+            section.expect(
+                "candidate trust bundle is readable",
+                vec![problem],
+                Status::Fail,
+                "pass --trust-bundle a PEM file of root certificates",
+            );
+            return section;
+        }
+    };
+    section.pass("candidate trust bundle is readable");
+    let Some(current) = current else {
+        section.expect(
+            "candidate trust bundle keeps the anchors in use",
+            vec![
+                "the current trust anchors did not load (see above), so nothing to compare with"
+                    .into(),
+            ],
+            Status::Fail,
+            "fix the current trust anchors first",
+        );
+        return section;
+    };
+    let title = if with_proxy {
+        "candidate trust bundle keeps every anchor that signs the issuer or a live certificate"
+    } else {
+        "candidate trust bundle keeps every anchor that signs the issuer (add --proxy for live certificates)"
+    };
+    let removed: Vec<String> = trust_bundle::removed_signing_anchors(current, &candidate, live)
+        .iter()
+        .map(trust_bundle::RemovedAnchor::describe)
+        .collect();
+    section.expect(
+        title,
+        removed,
+        Status::Warn,
+        "keep that anchor in the bundle until the issuer is re-issued from a kept root and every agent has renewed its certificates from it (within a certificate lifetime, 24h by default); then remove it",
+    );
+    section
 }
 
 /// Algorithm, CA, validity and 60-day checks of anchors or the issuer.
@@ -392,11 +497,13 @@ struct AgentState {
     certificates: GetCertificatesResponse,
 }
 
+/// The data-plane section, and the agents' live certificate chains labelled
+/// `<node> <identity> (serial <serial>)`.
 fn check_data_plane(
     directory: &AgentDirectory,
     anchors: Option<&[CertificateDer<'static>]>,
     now: OffsetDateTime,
-) -> Section {
+) -> (Section, Vec<LiveChain>) {
     let mut section = Section::new(DATA_PLANE_SECTION);
     let results = directory.query_all(|agent| {
         let node = agent.node.clone();
@@ -428,8 +535,26 @@ fn check_data_plane(
         Status::Fail,
         "start the agent on that node (local mode: `cargo xtask testbed` starts one per node) and read its log",
     );
+    let live: Vec<LiveChain> = agents
+        .iter()
+        .flat_map(|(node, agent)| {
+            agent
+                .certificates
+                .certificates
+                .iter()
+                .filter(|cert| !cert.chain.is_empty())
+                .map(move |cert| LiveChain {
+                    label: format!("{node} {} (serial {})", cert.identity, cert.serial),
+                    chain: cert
+                        .chain
+                        .iter()
+                        .map(|der| CertificateDer::from(der.clone()))
+                        .collect(),
+                })
+        })
+        .collect();
     if agents.is_empty() {
-        return section;
+        return (section, live);
     }
 
     let not_ready: Vec<String> = agents
@@ -450,7 +575,7 @@ fn check_data_plane(
     );
 
     let Some(anchors) = anchors else {
-        return section;
+        return (section, live);
     };
     let expected: BTreeSet<&[u8]> = anchors.iter().map(|c| c.as_ref()).collect();
     let mut anchor_mismatch = Vec::new();
@@ -548,7 +673,7 @@ fn check_data_plane(
         Status::Warn,
         "agents renew certificates before expiry; check the identity service and the agent's log",
     );
-    section
+    (section, live)
 }
 
 fn last_error_suffix(last_error: &str) -> String {

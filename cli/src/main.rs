@@ -9,6 +9,7 @@ mod check;
 mod edges;
 mod output;
 mod tap;
+mod trust_bundle;
 mod why;
 
 use std::process::ExitCode;
@@ -27,8 +28,10 @@ enum Command {
     /// Create the mesh's trust anchor and issuer; inspect certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
-    /// Check the trust anchors and issuer, and with --proxy every agent's live
-    /// certificates. Exits 1 when a check fails (×); warnings (‼) do not fail.
+    /// Check the trust anchors and issuer, with --proxy every agent's live
+    /// certificates, and with --trust-bundle whether a new anchor bundle keeps
+    /// the anchors still in use. Exits 1 when a check fails (×); warnings (‼)
+    /// do not fail.
     Check(check::CheckArgs),
     /// Pod-to-pod edges the agents saw and whether they are mTLS. Exits 1 when
     /// an agent did not answer (the table then lacks its edges).
