@@ -34,13 +34,6 @@ struct ServiceAccountToken {
     credential_id: String,
 }
 
-/// Who made an API request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Caller {
-    Admin,
-    ServiceAccount { namespace: String, name: String },
-}
-
 pub(crate) struct Auth {
     admin_token: String,
     tokens: HashMap<String, ServiceAccountToken>,
@@ -136,12 +129,22 @@ impl Auth {
         None
     }
 
-    /// The caller behind an `Authorization` header value, or 401.
+    /// Checks the credentials of an API request: the `Authorization` header
+    /// value and the `User-Agent`.
+    ///
+    /// kubectl (client-go) never sends credentials to an `http://` server, so
+    /// kubectl requests without credentials are served, as the real server's
+    /// old insecure port served them. Every other client must present a valid
+    /// bearer token.
     pub fn authenticate(
         &self,
         authorization: Option<&str>,
+        user_agent: Option<&str>,
         store: &Store,
-    ) -> Result<Caller, ApiError> {
+    ) -> Result<(), ApiError> {
+        if authorization.is_none() && user_agent.is_some_and(|agent| agent.starts_with("kubectl")) {
+            return Ok(());
+        }
         let Some(token) = authorization
             .and_then(|value| value.strip_prefix("Bearer "))
             .map(str::trim)
@@ -154,7 +157,7 @@ impl Auth {
             });
         };
         if token == self.admin_token {
-            return Ok(Caller::Admin);
+            return Ok(());
         }
         let Some(sa_token) = self.tokens.get(token) else {
             return Err(ApiError::Unauthorized { hint: None });
@@ -176,10 +179,7 @@ impl Auth {
                 )),
             });
         }
-        Ok(Caller::ServiceAccount {
-            namespace: sa_token.namespace.clone(),
-            name: sa_token.service_account.clone(),
-        })
+        Ok(())
     }
 
     /// `POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token`.

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::header::{AUTHORIZATION, CONTENT_TYPE, USER_AGENT};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited, StreamBody};
@@ -257,7 +257,11 @@ async fn serve(
     {
         let auth = lock(&shared.auth);
         let store = lock(&shared.store);
-        auth.authenticate(authorization.as_deref(), &store)?;
+        let user_agent = request
+            .headers()
+            .get(USER_AGENT)
+            .and_then(|value| value.to_str().ok());
+        auth.authenticate(authorization.as_deref(), user_agent, &store)?;
     }
     let query = parse_query(request.uri().query());
     let method = request.method().clone();
