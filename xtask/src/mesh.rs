@@ -54,10 +54,17 @@ pub enum MeshError {
     },
     #[error("no agent runs on node {0}")]
     NoAgent(String),
+    /// Boxed: the Kubernetes errors are large, and every mesh call returns this.
     #[error(transparent)]
-    Kube(#[from] KubeError),
+    Kube(Box<KubeError>),
     #[error("the mesh runs in local mode; {0} needs MeshOptions::kubernetes")]
     NotKubernetes(&'static str),
+}
+
+impl From<KubeError> for MeshError {
+    fn from(error: KubeError) -> Self {
+        Self::Kube(Box::new(error))
+    }
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {

@@ -35,6 +35,8 @@ use xtask::{
 
 const APP_NS: &str = "shop";
 const ECHO_PORT: u16 = 8080;
+/// The Service's VIP; a real API server may allocate another ClusterIP,
+/// which the testbed then uses ([`App::service_addr`]).
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
 /// Environment variable naming a real API server's kubeconfig for test (e).
@@ -112,6 +114,12 @@ impl App {
     fn echo_addr(&self, pod: &str) -> SocketAddr {
         let ip = self.mesh.testbed().cluster().pod(APP_NS, pod).unwrap().ip;
         SocketAddr::from((ip, ECHO_PORT))
+    }
+
+    /// The Service's ClusterIP and port, as the API server holds them.
+    fn service_addr(&self) -> SocketAddr {
+        let vip = self.mesh.testbed().cluster().services[0].vip;
+        SocketAddr::from((vip, SERVICE_PORT))
     }
 
     fn client(&self, connect: SocketAddr, text: &str) -> Output {
@@ -213,12 +221,10 @@ fn service_over_mtls(api: KubeApi) {
         .unwrap()
         .unwrap();
 
-    let out = app.client_ok(SocketAddr::from((SERVICE_VIP, SERVICE_PORT)), MARKER);
+    let service = app.service_addr();
+    let out = app.client_ok(service, MARKER);
     assert!(out.starts_with("ok "), "{out}");
-    assert!(
-        out.contains(&format!(" peer={SERVICE_VIP}:{SERVICE_PORT} ")),
-        "{out}"
-    );
+    assert!(out.contains(&format!(" peer={service} ")), "{out}");
 
     let inbound = app.wait_access("node-1", "inbound mTLS connection to shop/server", |e| {
         e["direction"] == "inbound" && e["dst"] == "shop/server"
@@ -238,6 +244,29 @@ fn service_over_mtls(api: KubeApi) {
         app.echo_addr("server").to_string(),
         "the VIP resolved to the server pod through the EndpointSlice: {outbound}"
     );
+
+    // Everything came through the API: the identity service reviewed the
+    // agents' tokens and the agents watch EndpointSlices.
+    if let Some(fake) = app.mesh.kube().unwrap().fake_server() {
+        let requests = fake.requests();
+        let seen = |method: &str, prefix: &str, part: &str| {
+            requests
+                .iter()
+                .any(|(m, p)| m == method && p.starts_with(prefix) && p.contains(part))
+        };
+        assert!(
+            seen("POST", "/apis/authentication.k8s.io/v1/tokenreviews", ""),
+            "{requests:?}"
+        );
+        assert!(
+            seen(
+                "GET",
+                "/apis/discovery.k8s.io/v1/endpointslices",
+                "watch=true"
+            ),
+            "{requests:?}"
+        );
+    }
 
     std::thread::sleep(Duration::from_millis(300));
     let report = capture.finish().unwrap();

@@ -541,6 +541,12 @@ impl KubeCluster {
             self.pods
                 .insert((pod.namespace.clone(), pod.name.clone()), registered);
         }
+        for service in &cluster.services {
+            let cluster_ip = runtime.block_on(self.register_service(service))?;
+            if cluster_ip != service.vip {
+                testbed.set_service_vip(&service.namespace, &service.name, cluster_ip)?;
+            }
+        }
         self.block_on(self.sync_endpoint_slices(testbed.cluster()))?;
         tracing::info!(
             api = ?self.mode.api,
@@ -615,9 +621,6 @@ impl KubeCluster {
         .await?;
         self.replace(Some(&control), identity_deployment(&control))
             .await?;
-        for service in &cluster.services {
-            self.register_service(service).await?;
-        }
         Ok(())
     }
 
@@ -881,8 +884,14 @@ impl KubeCluster {
         Ok(())
     }
 
-    /// Creates a Service with the testbed's VIP as ClusterIP.
-    async fn register_service(&mut self, service: &cluster::Service) -> Result<(), KubeError> {
+    /// Creates a Service with the testbed's VIP as ClusterIP and returns
+    /// the ClusterIP it got. A real API server refuses (422) a ClusterIP
+    /// outside its `--service-cluster-ip-range` or already taken; then the
+    /// Service is created without one and keeps the IP the server allocates.
+    async fn register_service(
+        &mut self,
+        service: &cluster::Service,
+    ) -> Result<Ipv4Addr, KubeError> {
         let multi = service.ports.len() > 1;
         let ports: Vec<Value> = service
             .ports
@@ -896,7 +905,7 @@ impl KubeCluster {
                 })
             })
             .collect();
-        let object = json!({
+        let mut object = json!({
             "apiVersion": "v1", "kind": "Service",
             "metadata": { "name": service.name, "namespace": service.namespace, "labels": managed_labels() },
             "spec": {
@@ -907,8 +916,31 @@ impl KubeCluster {
                 "ports": ports,
             },
         });
-        self.replace(Some(&service.namespace), object).await?;
-        Ok(())
+        let created = match self.replace(Some(&service.namespace), object.clone()).await {
+            Err(KubeError::Api { what, source }) if status_code(&source) == Some(422) => {
+                tracing::warn!(
+                    service = %format!("{}/{}", service.namespace, service.name),
+                    vip = %service.vip,
+                    error = %source,
+                    "the API server refused the testbed's ClusterIP; using the one it allocates ({what})"
+                );
+                let spec = object["spec"].as_object_mut().expect("spec is an object");
+                spec.remove("clusterIP");
+                spec.remove("clusterIPs");
+                self.replace(Some(&service.namespace), object).await?
+            }
+            other => other?,
+        };
+        let allocated = created.data["spec"]["clusterIP"]
+            .as_str()
+            .and_then(|ip| ip.parse().ok());
+        allocated.ok_or_else(|| KubeError::Manifest {
+            path: PathBuf::from(format!("Service {}/{}", service.namespace, service.name)),
+            reason: format!(
+                "the API server returned no IPv4 spec.clusterIP: {}",
+                created.data["spec"]["clusterIP"]
+            ),
+        })
     }
 
     /// Writes every Service's EndpointSlice from the pods registered now, as

@@ -291,6 +291,26 @@ impl Testbed {
         Ok(())
     }
 
+    /// Makes a Service's VIP follow the ClusterIP an API server allocated
+    /// and saves the file.
+    fn set_service_vip(
+        &mut self,
+        namespace: &str,
+        service: &str,
+        vip: Ipv4Addr,
+    ) -> Result<(), TestbedError> {
+        let unknown = self.unknown("service", &format!("{namespace}/{service}"));
+        let entry = self
+            .cluster
+            .services
+            .iter_mut()
+            .find(|s| s.namespace == namespace && s.name == service)
+            .ok_or(unknown)?;
+        entry.vip = vip;
+        self.cluster.save(&self.layout.cluster_file())?;
+        Ok(())
+    }
+
     fn node(&self, node: &str) -> Result<&sealmesh_common::cluster::Node, TestbedError> {
         self.cluster
             .node(node)
