@@ -145,11 +145,10 @@ impl KubeWorkloadDirectory {
     /// Watches every pod until `shutdown` resolves, re-listing after `410
     /// Gone` and backing off on errors (the watcher does both).
     pub async fn watch(self, shutdown: impl Future<Output = ()>) {
-        let events = watcher(
-            Api::<Pod>::all(self.client.clone()),
-            watcher::Config::default(),
-        )
-        .default_backoff();
+        // Any resourceVersion: the API server may answer the (large) list
+        // from its watch cache; staleness is covered by re-checking denials.
+        let config = watcher::Config::default().any_semantic();
+        let events = watcher(Api::<Pod>::all(self.client.clone()), config).default_backoff();
         tokio::pin!(events, shutdown);
         // Pods listed since the last (re)start of the watch, swapped in whole
         // once the list is complete.
