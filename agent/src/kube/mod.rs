@@ -239,6 +239,8 @@ struct Shared {
     published: Published,
     stores: Stores,
     signals: Arc<Signals>,
+    /// UIDs of local pods whose cgroup was not there at the last rebuild.
+    missing_cgroups: Mutex<Vec<String>>,
     /// Which differing address of this node was last reported (once per value).
     reported_node_ip: Mutex<Option<Ipv4Addr>>,
 }
@@ -301,6 +303,7 @@ impl KubeRegistry {
             published: Published::new(Default::default()),
             stores,
             signals,
+            missing_cgroups: Mutex::new(Vec::new()),
             reported_node_ip: Mutex::new(None),
         });
         shared.rebuild();
@@ -461,14 +464,18 @@ where
     async move { (kind, store.wait_until_ready().await.is_ok()) }.boxed()
 }
 
-/// Rebuilds the snapshot on every change, and on a short timer while a
-/// local pod's cgroup is missing.
+/// Rebuilds the snapshot on every change, and when a missing local pod
+/// cgroup appears (looked for on a short timer).
 async fn keep_current(shared: Arc<Shared>) {
     loop {
         let missing_cgroups = shared.published.load().missing_cgroups;
         tokio::select! {
             () = shared.signals.changed.notified() => tokio::time::sleep(REBUILD_COALESCE).await,
-            () = tokio::time::sleep(shared.cgroup_rescan), if missing_cgroups => {}
+            () = tokio::time::sleep(shared.cgroup_rescan), if missing_cgroups => {
+                if !shared.a_missing_cgroup_appeared() {
+                    continue;
+                }
+            }
         }
         shared.rebuild();
     }
@@ -484,16 +491,36 @@ impl Shared {
             endpoint_slices: self.stores.endpoint_slices.state(),
         };
         self.check_local_node(&objects);
+        let mut missing = Vec::new();
         let snapshot = snapshot::build(&objects, &self.node, &self.trust_domain, |uid| {
-            self.cgroups.find(uid).map(|cgroup| cgroup.id)
+            let id = self.cgroups.find(uid).map(|cgroup| cgroup.id);
+            if id.is_none() {
+                missing.push(uid.to_owned());
+            }
+            id
         });
+        *self
+            .missing_cgroups
+            .lock()
+            .expect("missing cgroups lock poisoned") = missing;
         if self.published.publish(snapshot) {
-            tracing::info!(
+            // Debug: every pod change in the cluster lands here.
+            tracing::debug!(
                 version = self.published.version(),
                 local_pods = self.published.local_workloads().len(),
                 "workload registry updated"
             );
         }
+    }
+
+    /// Whether the kubelet created the cgroup of a local pod that had none,
+    /// which is worth a rebuild (stat calls only, no rebuild otherwise).
+    fn a_missing_cgroup_appeared(&self) -> bool {
+        self.missing_cgroups
+            .lock()
+            .expect("missing cgroups lock poisoned")
+            .iter()
+            .any(|uid| self.cgroups.find(uid).is_some())
     }
 
     /// The agent listens on the address it started with; a changed address

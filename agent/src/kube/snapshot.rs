@@ -36,7 +36,7 @@ pub(super) fn build(
     objects: &ClusterObjects,
     local: &NodeInfo,
     trust_domain: &TrustDomain,
-    cgroup_of: impl Fn(&str) -> Option<u64>,
+    mut cgroup_of: impl FnMut(&str) -> Option<u64>,
 ) -> Snapshot {
     let mut node_ips: HashMap<&str, _> = objects
         .nodes
