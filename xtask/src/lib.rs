@@ -6,6 +6,7 @@ pub mod bench;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod kind;
 pub mod loadtest;
 pub mod manifests;
 pub mod mesh;

@@ -49,7 +49,8 @@ pub struct LoadtestArgs {
     /// Print one JSON object with the results as the last line.
     #[arg(long)]
     pub json: bool,
-    /// Run on a kind cluster instead of the testbed (needs Docker and kind).
+    /// Run on the kind cluster `cargo xtask kind --keep` left (needs docker,
+    /// kind and kubectl; --nodes counts its worker nodes).
     #[arg(long)]
     pub kind: bool,
 }
@@ -60,14 +61,8 @@ pub enum LoadtestError {
     Mesh(#[from] MeshError),
     #[error(transparent)]
     Loadgen(#[from] LoadgenError),
-    #[error(
-        "--kind needs Docker and a kind cluster, which this machine lacks ({missing} not found on PATH); run without --kind to load-test the local testbed"
-    )]
-    KindUnavailable { missing: String },
-    #[error(
-        "--kind is not supported yet: the Kubernetes deployment is another issue; run without --kind to load-test the local testbed"
-    )]
-    KindUnsupported,
+    #[error(transparent)]
+    Kind(#[from] crate::kind::KindError),
     #[error("invalid load: {0}")]
     BadArgs(String),
     #[error("loadgen in pod {pod} reported {report:?}, expected a load report")]
@@ -172,19 +167,6 @@ impl Outcome {
 }
 
 fn check(args: &LoadtestArgs) -> Result<(), LoadtestError> {
-    if args.kind {
-        let missing: Vec<&str> = ["docker", "kind"]
-            .into_iter()
-            .filter(|tool| !on_path(tool))
-            .collect();
-        return Err(if missing.is_empty() {
-            LoadtestError::KindUnsupported
-        } else {
-            LoadtestError::KindUnavailable {
-                missing: missing.join(" and "),
-            }
-        });
-    }
     if args.nodes == 0 || args.clients_per_node == 0 || args.concurrency == 0 {
         return Err(LoadtestError::BadArgs(
             "--nodes, --clients-per-node and --concurrency must be at least 1".into(),
@@ -196,11 +178,6 @@ fn check(args: &LoadtestArgs) -> Result<(), LoadtestError> {
         ));
     }
     Ok(())
-}
-
-fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()))
 }
 
 fn client_name(node: usize, index: usize) -> String {
@@ -237,6 +214,14 @@ fn spec(args: &LoadtestArgs) -> TestbedSpec {
 /// Runs the load test and prints its table (and JSON line).
 pub fn run(args: &LoadtestArgs) -> Result<Outcome, LoadtestError> {
     check(args)?;
+    if args.kind {
+        let outcome = crate::kind::loadtest(args)?;
+        print!("{}", outcome.table());
+        if args.json {
+            println!("{}", outcome.to_json(args));
+        }
+        return Ok(outcome);
+    }
     crate::testbed::require_root().map_err(MeshError::from)?;
     let options = MeshOptions {
         agent_args: vec!["--force-mtls-local".into()],

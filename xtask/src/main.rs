@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use xtask::{
-    bench, demo, loadtest, setup,
+    bench, demo, kind, loadtest, setup,
     testbed::{self, Testbed, TestbedId, TestbedSpec},
 };
 
@@ -49,6 +49,18 @@ enum Task {
     /// Render deploy/ with kustomize and validate every object against the
     /// Kubernetes schemas, the names the code uses and the binaries' flags.
     Manifests(ManifestsArgs),
+    /// Deploy sealmesh on a local kind cluster and load-test it. Needs docker
+    /// (with a daemon), kind and kubectl; cannot run in this project's CI.
+    ///
+    /// Creates the kind cluster from deploy/kind/cluster.yaml (1 control
+    /// plane, 2 workers), builds the agent, identity and testapp images from
+    /// deploy/docker and loads them into the nodes, creates a trust anchor and
+    /// issuer (the issuer Secret and trust-roots ConfigMap), applies
+    /// deploy/base and waits for the rollouts, labels the demo namespace
+    /// sealmesh-demo for the mesh, deploys the testapp echo server and a
+    /// client, and runs the load test across the worker nodes (as `cargo
+    /// xtask loadtest --kind`). Every command is printed before it runs.
+    Kind(kind::KindArgs),
 }
 
 #[derive(Args)]
@@ -183,6 +195,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Setup { build_only: true } => setup::run_scope(setup::Scope::BuildOnly)?,
         Task::Test => test()?,
         Task::Manifests(args) => manifests(&args)?,
+        Task::Kind(args) => kind::run(&args)?,
         Task::Demo(args) => demo::main(&args)?,
         Task::Bench(BenchArgs {
             task: Some(BenchTask::Identity { certs, concurrency }),

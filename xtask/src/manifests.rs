@@ -315,7 +315,7 @@ fn take_origin(document: &mut Value) -> Option<String> {
 }
 
 /// `to` relative to `from`; both absolute and canonical.
-fn relative_path(from: &Path, to: &Path) -> PathBuf {
+pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
     let from: Vec<_> = from.components().collect();
     let to: Vec<_> = to.components().collect();
     let common = from.iter().zip(&to).take_while(|(a, b)| a == b).count();
