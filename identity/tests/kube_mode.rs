@@ -753,6 +753,12 @@ async fn a_valid_new_issuer_in_the_secret_signs_and_is_recorded_as_an_event() {
         Some(IDENTITY_NAME)
     );
     assert_eq!(event.reporting_component.as_deref(), Some(IDENTITY_NAME));
+    // An Event with eventTime must name its action and reporting instance.
+    assert_eq!(event.action.as_deref(), Some("UpdateIssuer"));
+    assert_eq!(
+        event.reporting_instance,
+        Some(nix::unistd::gethostname().unwrap().into_string().unwrap())
+    );
     assert_eq!(event.count, Some(1));
     assert!(event.first_timestamp.is_some() && event.last_timestamp.is_some());
     assert!(event.event_time.is_some());

@@ -27,6 +27,12 @@ use crate::{
 
 const EVENT_NORMAL: &str = "Normal";
 const EVENT_WARNING: &str = "Warning";
+/// `action` of both events (what was attempted). The API server requires
+/// it, with `reportingComponent` and `reportingInstance`, of an Event that
+/// carries `eventTime`.
+const EVENT_ACTION: &str = "UpdateIssuer";
+/// Longest `message` the API server accepts.
+const MAX_MESSAGE_BYTES: usize = 1024;
 
 /// [`IssuerEvents`] as Kubernetes Events (and log lines, as in local mode).
 #[derive(Clone)]
@@ -36,7 +42,7 @@ pub struct KubeIssuerEvents {
     namespace: String,
     deployment: String,
     /// This replica (its pod's hostname), as `reportingInstance`.
-    instance: Option<String>,
+    instance: String,
     runtime: tokio::runtime::Handle,
 }
 
@@ -53,14 +59,17 @@ impl KubeIssuerEvents {
     /// Must be called within a tokio runtime: events are recorded on it.
     pub fn new(client: Client, settings: &KubeSettings) -> Self {
         let namespace = settings.namespace().to_owned();
+        let instance = nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(|| settings.deployment.clone());
         Self {
             events: Api::namespaced(client.clone(), &namespace),
             deployments: Api::namespaced(client, &namespace),
             deployment: settings.deployment.clone(),
             namespace,
-            instance: nix::unistd::gethostname()
-                .ok()
-                .and_then(|name| name.into_string().ok()),
+            instance,
             runtime: tokio::runtime::Handle::current(),
         }
     }
@@ -103,13 +112,14 @@ impl KubeIssuerEvents {
             },
             type_: Some(event_type.to_owned()),
             reason: Some(reason.to_owned()),
-            message: Some(message.to_owned()),
+            message: Some(truncated(message, MAX_MESSAGE_BYTES).to_owned()),
+            action: Some(EVENT_ACTION.to_owned()),
             source: Some(EventSource {
                 component: Some(IDENTITY_NAME.to_owned()),
                 host: None,
             }),
             reporting_component: Some(IDENTITY_NAME.to_owned()),
-            reporting_instance: self.instance.clone(),
+            reporting_instance: Some(self.instance.clone()),
             first_timestamp: Some(Time(now)),
             last_timestamp: Some(Time(now)),
             event_time: Some(MicroTime(now)),
@@ -135,6 +145,15 @@ impl KubeIssuerEvents {
     }
 }
 
+/// The longest prefix of `text` of at most `max` bytes, on a char boundary.
+fn truncated(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 impl IssuerEvents for KubeIssuerEvents {
     fn issuer_updated(&self, issuer: &CertInfo) {
         LoggingIssuerEvents.issuer_updated(issuer);
@@ -155,5 +174,19 @@ impl IssuerEvents for KubeIssuerEvents {
             EVENT_ISSUER_UPDATE_SKIPPED,
             reason.to_owned(),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_are_cut_to_the_api_limit_on_a_char_boundary() {
+        assert_eq!(truncated("short", MAX_MESSAGE_BYTES), "short");
+        let long = "é".repeat(600); // 1200 bytes
+        let cut = truncated(&long, MAX_MESSAGE_BYTES);
+        assert_eq!(cut.len(), 1024);
+        assert_eq!(truncated("aé", 2), "a");
     }
 }
