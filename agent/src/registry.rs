@@ -389,7 +389,7 @@ impl Snapshot {
         Ok(snapshot)
     }
 
-    fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
+    pub(crate) fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
         if let Some(workload) = self.by_ip.get(dst.ip()) {
             return Some(Endpoint {
                 workload: workload.clone(),

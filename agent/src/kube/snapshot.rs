@@ -173,3 +173,141 @@ pub(super) fn build(
     }
     snapshot
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, SocketAddrV4};
+
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
+
+    use super::*;
+    use crate::kube::objects;
+
+    fn object<K: DeserializeOwned>(value: serde_json::Value) -> Arc<K> {
+        Arc::new(serde_json::from_value(value).unwrap())
+    }
+
+    fn node(name: &str, ip: &str) -> Arc<Node> {
+        object(json!({ "metadata": { "name": name },
+            "status": { "addresses": [{ "type": "InternalIP", "address": ip }] } }))
+    }
+
+    fn pod(namespace: &str, name: &str, sa: &str, node: &str, ip: &str) -> Arc<Pod> {
+        let mut pod: Pod = serde_json::from_value(json!({
+            "metadata": { "name": name, "namespace": namespace, "uid": format!("uid-{name}") },
+            "spec": { "nodeName": node, "serviceAccountName": sa, "containers": [] },
+            "status": { "phase": "Running", "podIP": ip },
+        }))
+        .unwrap();
+        objects::slim_pod(&mut pod);
+        Arc::new(pod)
+    }
+
+    fn local() -> NodeInfo {
+        NodeInfo {
+            name: "n1".into(),
+            ip: Ipv4Addr::new(172, 18, 0, 2),
+        }
+    }
+
+    fn resolve_all(snapshot: &Snapshot, vip: [u8; 4], port: u16, n: usize) -> Vec<(String, u16)> {
+        (0..n)
+            .filter_map(|_| snapshot.resolve(SocketAddrV4::new(Ipv4Addr::from(vip), port)))
+            .map(|e| (e.workload.name.clone(), e.port))
+            .collect()
+    }
+
+    #[test]
+    fn leaves_out_what_cannot_be_routed_and_records_missing_cgroups() {
+        let objects = ClusterObjects {
+            pods: vec![
+                pod("app", "local-0", "web", "n1", "10.244.1.2"),
+                pod("app", "local-1", "web", "n1", "10.244.1.3"),
+                pod("app", "on-unknown-node", "web", "n9", "10.244.9.2"),
+                pod("app", "bad-sa", "Not_A_Name", "n1", "10.244.1.4"),
+            ],
+            nodes: vec![node("n1", "172.18.0.99")],
+            namespaces: Vec::new(),
+            services: Vec::new(),
+            endpoint_slices: Vec::new(),
+        };
+        let mut looked_up = Vec::new();
+        let snapshot = build(&objects, &local(), &TrustDomain::default(), |uid| {
+            looked_up.push(uid.to_owned());
+            (uid == "uid-local-0").then_some(42)
+        });
+        assert_eq!(looked_up, ["uid-local-0", "uid-local-1"]);
+        assert!(snapshot.missing_cgroups);
+        let local_0 = snapshot
+            .workload_by_ip(Ipv4Addr::new(10, 244, 1, 2))
+            .unwrap();
+        assert_eq!(
+            (local_0.cgroup_id, local_0.meshed, local_0.node_ip),
+            (Some(42), false, local().ip),
+            "unlabelled namespace; the node keeps the address the agent started with"
+        );
+        assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 9, 2)), None);
+        assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 1, 4)), None);
+    }
+
+    #[test]
+    fn services_route_by_slice_address_and_skip_what_does_not_match() {
+        let slice = |name: &str, endpoints: serde_json::Value, ports: serde_json::Value| {
+            object::<EndpointSlice>(json!({
+                "metadata": { "name": name, "namespace": "app",
+                              "labels": { "kubernetes.io/service-name": "web" } },
+                "addressType": "IPv4", "endpoints": endpoints, "ports": ports,
+            }))
+        };
+        let objects = ClusterObjects {
+            pods: vec![
+                pod("app", "web-0", "web", "n1", "10.244.1.2"),
+                pod("app", "web-1", "web", "n1", "10.244.1.3"),
+            ],
+            nodes: vec![node("n1", "172.18.0.2")],
+            namespaces: Vec::new(),
+            services: vec![
+                object(json!({ "metadata": { "name": "web", "namespace": "app" },
+                    "spec": { "clusterIP": "10.96.0.10", "ports": [
+                        { "name": "http", "port": 80, "targetPort": "http" },
+                    ] } })),
+                object(
+                    json!({ "metadata": { "name": "headless", "namespace": "app" },
+                    "spec": { "clusterIP": "None", "ports": [{ "port": 80 }] } }),
+                ),
+            ],
+            endpoint_slices: vec![
+                // By address (no targetRef), listed in two slices: one endpoint.
+                slice(
+                    "web-a",
+                    json!([{ "addresses": ["10.244.1.2"] }]),
+                    json!([{ "name": "http", "port": 8080 }]),
+                ),
+                slice(
+                    "web-b",
+                    json!([{ "addresses": ["10.244.1.2"] }]),
+                    json!([{ "name": "http", "port": 8080 }]),
+                ),
+                // No port named "http": its endpoints cannot serve port 80.
+                slice(
+                    "web-c",
+                    json!([{ "addresses": ["10.244.1.3"] }]),
+                    json!([{ "name": "metrics", "port": 9090 }]),
+                ),
+                // Not a pod of the cluster.
+                slice(
+                    "web-d",
+                    json!([{ "addresses": ["192.168.5.5"] }]),
+                    json!([{ "name": "http", "port": 8080 }]),
+                ),
+            ],
+        };
+        let snapshot = build(&objects, &local(), &TrustDomain::default(), |_| None);
+        assert_eq!(
+            resolve_all(&snapshot, [10, 96, 0, 10], 80, 3),
+            vec![("web-0".to_owned(), 8080); 3]
+        );
+        assert_eq!(resolve_all(&snapshot, [10, 96, 0, 10], 8080, 1), []);
+    }
+}
