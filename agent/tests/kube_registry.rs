@@ -11,6 +11,8 @@ use std::{
 };
 
 use fake_apiserver::FakeApiServer;
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, api::PostParams};
 use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
 use sealmesh_agent::{
     kube::{KubeError, KubeRegistry, KubeRegistryConfig},
@@ -390,6 +392,23 @@ async fn start_up_failures_say_what_to_fix() {
         err.to_string(),
         "node \"n9\" does not exist in the Kubernetes API; --node (SEALMESH_NODE) must name this node as the API does (the DaemonSet sets it from spec.nodeName)"
     );
+
+    // Registered by its kubelet, which has not reported addresses yet.
+    Api::<Node>::all(fx.server.client())
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "n3" } })).unwrap(),
+        )
+        .await
+        .unwrap();
+    let config = KubeRegistryConfig {
+        node: "n3".into(),
+        ..fx.config()
+    };
+    let err = KubeRegistry::start(fx.server.client(), config)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, KubeError::NoInternalIp { .. }), "{err}");
 
     let err = KubeRegistry::start(fx.server.client_with_token("not-a-token"), fx.config())
         .await

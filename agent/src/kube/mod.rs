@@ -115,12 +115,6 @@ pub enum KubeError {
         "{origin} is missing or empty; the identity service's trust anchors (PEM root certificates) must be stored there"
     )]
     TrustRootsEmpty { origin: String },
-    #[error("the trust anchors of {origin} are unusable: {source}")]
-    TrustRootsRejected {
-        origin: String,
-        #[source]
-        source: crate::certs::CertStoreError,
-    },
 }
 
 impl KubeError {
