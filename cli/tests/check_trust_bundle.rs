@@ -1,6 +1,6 @@
 //! `sealmesh check --trust-bundle` as an operator runs it before replacing the
 //! trust anchors: the real binary on real certificates in a PKI directory.
-//! (Live agent leaves, with --proxy, are covered in xtask/tests/cli_trust_bundle.rs.)
+//! (Live agent leaves, with --proxy, are covered by xtask/tests/cli_trust_bundle.rs.)
 
 use std::{path::Path, process::Output, time::Duration};
 
