@@ -1,6 +1,16 @@
 //! Callers through Kubernetes TokenReview: the agent ServiceAccount's
 //! pod-bound tokens are node-mode callers (the node of the bound pod); every
 //! other ServiceAccount is a workload asking for its own identity.
+//!
+//! An accepted token's caller is remembered for a few seconds (as the API
+//! server caches token authentication), so an agent renewing many
+//! certificates at once costs one review, not one per certificate.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use async_trait::async_trait;
 use k8s_openapi::api::{
@@ -15,6 +25,7 @@ use sealmesh_common::{
     consts::kube::{TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID},
     identity::TrustDomain,
 };
+use sha2::{Digest as _, Sha256};
 
 use crate::{
     auth::{AuthError, Caller, TokenValidator},
@@ -23,6 +34,36 @@ use crate::{
 
 /// Kubernetes' username of a ServiceAccount: `system:serviceaccount:<ns>:<name>`.
 const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
+/// How long an accepted token's caller is remembered.
+const ACCEPTED_TOKEN_TTL: Duration = Duration::from_secs(10);
+/// At most this many remembered tokens (a burst beyond it starts afresh).
+const ACCEPTED_TOKEN_CAPACITY: usize = 4096;
+
+/// Callers of recently accepted tokens, by SHA-256 of the token (the
+/// tokens themselves are not kept).
+#[derive(Default)]
+struct AcceptedTokens(Mutex<HashMap<[u8; 32], (Caller, Instant)>>);
+
+impl AcceptedTokens {
+    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<Caller> {
+        let entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(digest)
+            .filter(|(_, accepted)| now.duration_since(*accepted) < ACCEPTED_TOKEN_TTL)
+            .map(|(caller, _)| caller.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], caller: Caller, now: Instant) {
+        let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= ACCEPTED_TOKEN_CAPACITY {
+            entries.retain(|_, (_, accepted)| now.duration_since(*accepted) < ACCEPTED_TOKEN_TTL);
+            if entries.len() >= ACCEPTED_TOKEN_CAPACITY {
+                entries.clear();
+            }
+        }
+        entries.insert(digest, (caller, now));
+    }
+}
 
 /// Authenticates bearer tokens with TokenReview (`spec.audiences` = the
 /// configured audience), then resolves agents to their node through their
@@ -34,6 +75,7 @@ pub struct KubeTokenValidator {
     trust_domain: TrustDomain,
     audience: String,
     agent_service_account: String,
+    accepted: Arc<AcceptedTokens>,
 }
 
 impl std::fmt::Debug for KubeTokenValidator {
@@ -54,6 +96,7 @@ impl KubeTokenValidator {
             trust_domain: settings.trust_domain.clone(),
             audience: settings.token_audience.clone(),
             agent_service_account: settings.agent_service_account.clone(),
+            accepted: Arc::default(),
         }
     }
 
@@ -95,6 +138,27 @@ impl KubeTokenValidator {
         status
             .user
             .ok_or_else(|| rejected("the review names no user".to_owned()))
+    }
+
+    /// Reviews `token` and resolves its user to a caller.
+    async fn authenticate(&self, token: &str) -> Result<Caller, AuthError> {
+        let user = self.review(token).await?;
+        let username = user.username.clone().unwrap_or_default();
+        let Some((namespace, service_account)) = username
+            .strip_prefix(SERVICE_ACCOUNT_USER_PREFIX)
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(AuthError::NotServiceAccount { username });
+        };
+        if namespace == self.trust_domain.control_namespace()
+            && service_account == self.agent_service_account
+        {
+            return self.agent_node(&user).await.map(Caller::Node);
+        }
+        self.trust_domain
+            .identity(namespace, service_account)
+            .map(Caller::Workload)
+            .map_err(|_| AuthError::NotServiceAccount { username })
     }
 
     /// The node of the agent pod `user`'s token is bound to.
@@ -149,22 +213,39 @@ impl TokenValidator for KubeTokenValidator {
                 reason: "the token is not UTF-8 text".to_owned(),
                 audience: self.audience.clone(),
             })?;
-        let user = self.review(token).await?;
-        let username = user.username.clone().unwrap_or_default();
-        let Some((namespace, service_account)) = username
-            .strip_prefix(SERVICE_ACCOUNT_USER_PREFIX)
-            .and_then(|rest| rest.split_once(':'))
-        else {
-            return Err(AuthError::NotServiceAccount { username });
-        };
-        if namespace == self.trust_domain.control_namespace()
-            && service_account == self.agent_service_account
-        {
-            return self.agent_node(&user).await.map(Caller::Node);
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        if let Some(caller) = self.accepted.get(&digest, Instant::now()) {
+            return Ok(caller);
         }
-        self.trust_domain
-            .identity(namespace, service_account)
-            .map(Caller::Workload)
-            .map_err(|_| AuthError::NotServiceAccount { username })
+        let caller = self.authenticate(token).await?;
+        self.accepted.insert(digest, caller.clone(), Instant::now());
+        Ok(caller)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepted_tokens_are_remembered_briefly_and_boundedly() {
+        let accepted = AcceptedTokens::default();
+        let start = Instant::now();
+        let node = Caller::Node("n1".into());
+        accepted.insert([1; 32], node.clone(), start);
+        assert_eq!(
+            accepted.get(&[1; 32], start + Duration::from_secs(9)),
+            Some(node.clone())
+        );
+        assert_eq!(accepted.get(&[1; 32], start + ACCEPTED_TOKEN_TTL), None);
+        assert_eq!(accepted.get(&[2; 32], start), None);
+
+        for i in 0..ACCEPTED_TOKEN_CAPACITY {
+            let mut digest = [0; 32];
+            digest[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            accepted.insert(digest, node.clone(), start);
+        }
+        // Full of live entries: started afresh with the newest one.
+        assert_eq!(accepted.0.lock().unwrap().len(), 1);
     }
 }
