@@ -632,6 +632,24 @@ async fn an_agent_token_of_a_deleted_or_unscheduled_pod_is_refused() {
         "{status:?}"
     );
 
+    // A finished agent pod speaks for its node no more.
+    let token = cluster.agent_token("n2").await;
+    cluster
+        .pods(CONTROL_NS)
+        .patch_status(
+            "sealmesh-agent-n2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"phase": "Failed"}})),
+        )
+        .await
+        .unwrap();
+    assert_status(
+        service.certify(&identity("emoji"), &token).await,
+        Code::Unauthenticated,
+        "the agent token is bound to pod sealmesh/sealmesh-agent-n2, which has terminated (phase Failed); \
+         agents must present the current projected token of their own running pod",
+    );
+
     // A pod no scheduler has placed yet has no node to speak for.
     create::<Pod>(
         &cluster.pods(CONTROL_NS),

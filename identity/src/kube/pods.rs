@@ -41,8 +41,7 @@ struct Placement {
 fn placement(pod: &Pod) -> Option<Placement> {
     let spec = pod.spec.as_ref()?;
     let node = spec.node_name.as_deref().filter(|n| !n.is_empty())?;
-    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
-    if matches!(phase, Some("Succeeded" | "Failed")) {
+    if terminated_phase(pod).is_some() {
         return None;
     }
     let account = spec
@@ -54,6 +53,14 @@ fn placement(pod: &Pod) -> Option<Placement> {
         node: node.to_owned(),
         account: (pod.namespace().unwrap_or_default(), account.to_owned()),
     })
+}
+
+/// The phase of a pod whose containers have all stopped for good, if it has.
+pub(super) fn terminated_phase(pod: &Pod) -> Option<&str> {
+    pod.status
+        .as_ref()
+        .and_then(|status| status.phase.as_deref())
+        .filter(|phase| matches!(*phase, "Succeeded" | "Failed"))
 }
 
 /// `namespace/name` of a pod: the index key.

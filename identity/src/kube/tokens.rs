@@ -27,6 +27,7 @@ use sealmesh_common::{
 };
 use sha2::{Digest as _, Sha256};
 
+use super::pods::terminated_phase;
 use crate::{
     auth::{AuthError, Caller, TokenValidator},
     config::KubeSettings,
@@ -197,6 +198,9 @@ impl KubeTokenValidator {
             return Err(invalid(format!(
                 "has uid {uid}, not the token's {pod_uid} (the pod was replaced)"
             )));
+        }
+        if let Some(phase) = terminated_phase(&pod) {
+            return Err(invalid(format!("has terminated (phase {phase})")));
         }
         pod.spec
             .and_then(|spec| spec.node_name)
