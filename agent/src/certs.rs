@@ -122,7 +122,7 @@ pub enum CertStoreError {
 #[derive(Debug, thiserror::Error)]
 pub enum ObtainError {
     #[error(
-        "cannot read the node token file {path}: {source}; it must hold this node's credential for the identity service (cluster file nodes[].tokenFile)"
+        "cannot read the node token file {path}: {source}; it must hold this node's credential for the identity service (local mode: the cluster file's nodes[].tokenFile; kubernetes mode: the agent pod's projected ServiceAccount token)"
     )]
     Token {
         path: PathBuf,

@@ -6,6 +6,7 @@ use std::{
     collections::BTreeSet,
     future::Future,
     net::{IpAddr, SocketAddr, SocketAddrV4},
+    path::PathBuf,
     process::ExitCode,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -105,7 +106,9 @@ async fn run(config: Config) -> Result<()> {
     let cert_config = CertStoreConfig {
         identity_addr,
         token_file: config.token_file.clone(),
-        trust_anchors_file: Default::default(),
+        // Local mode reads the anchors from this file (set below);
+        // kubernetes mode hands the store the ConfigMap's PEM instead.
+        trust_anchors_file: PathBuf::new(),
         trust_domain: config.trust_domain.clone(),
         renewal: Default::default(),
     };
