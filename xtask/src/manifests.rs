@@ -528,7 +528,7 @@ fn go_duration(text: &str) -> Result<u64, String> {
 
 /// The agent DaemonSet and the identity Deployment agree with the names the
 /// code uses (`sealmesh_common::consts`), so the manifests cannot drift from
-/// them unnoticed.
+/// them unnoticed; RBAC stays least privilege (see [`rbac_problems`]).
 pub fn check_contract(
     kustomization: &str,
     objects: &[ManifestObject],
@@ -617,7 +617,72 @@ pub fn check_contract(
             ),
         );
     }
+    problems.extend(rbac_problems(objects));
     into_result(kustomization, problems)
+}
+
+/// Least privilege in every Role and ClusterRole: no wildcards, no write
+/// verbs but creating TokenReviews and Events (and patching Events), and
+/// Secrets and ConfigMaps only by name (`resourceNames`) in a Role.
+pub fn rbac_problems(objects: &[ManifestObject]) -> Vec<String> {
+    const READ: [&str; 3] = ["get", "list", "watch"];
+    let mut problems = Vec::new();
+    for role in objects
+        .iter()
+        .filter(|o| o.api_version() == "rbac.authorization.k8s.io/v1")
+        .filter(|o| o.kind() == "Role" || o.kind() == "ClusterRole")
+    {
+        let rules = role.document["rules"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (index, rule) in rules.iter().enumerate() {
+            let list = |field: &str| -> Vec<String> {
+                rule[field]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_str)
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            };
+            let (groups, resources, verbs) = (list("apiGroups"), list("resources"), list("verbs"));
+            let mut problem = |what: String| {
+                problems.push(format!("{} rule {index}: {what}", role.describe()));
+            };
+            if [&groups, &resources, &verbs]
+                .iter()
+                .any(|l| l.iter().any(|v| v == "*"))
+            {
+                problem("uses a wildcard".into());
+            }
+            for verb in verbs.iter().filter(|v| !READ.contains(&v.as_str())) {
+                let allowed = resources.iter().all(|r| {
+                    (r == "tokenreviews" && verb == "create")
+                        || (r == "events" && (verb == "create" || verb == "patch"))
+                });
+                if !allowed {
+                    problem(format!("grants {verb} on {resources:?}"));
+                }
+            }
+            let named = rule["resourceNames"]
+                .as_array()
+                .is_some_and(|n| !n.is_empty());
+            for resource in resources
+                .iter()
+                .filter(|r| *r == "secrets" || *r == "configmaps")
+            {
+                if role.kind() != "Role" || !named {
+                    problem(format!(
+                        "grants {resource} beyond named objects of one namespace (use a Role with resourceNames)"
+                    ));
+                }
+            }
+        }
+    }
+    problems
 }
 
 fn container_ports(object: &ManifestObject) -> Vec<u64> {

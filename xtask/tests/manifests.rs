@@ -336,3 +336,25 @@ fn a_token_mount_away_from_the_agents_token_path_breaks_the_contract() {
         )]
     );
 }
+
+#[test]
+fn rbac_beyond_least_privilege_is_reported() {
+    // Reading every Secret of the cluster, and a wildcard.
+    let copy = BrokenCopy::new(
+        "deploy/base/agent-rbac.yaml",
+        "    resources: [pods, nodes, services, namespaces]\n    verbs: [get, list, watch]",
+        "    resources: [pods, nodes, services, namespaces, secrets]\n    verbs: [get, list, watch, \"*\"]",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    assert_eq!(
+        manifests::rbac_problems(&objects),
+        [
+            "ClusterRole sealmesh-agent rule 0: uses a wildcard",
+            "ClusterRole sealmesh-agent rule 0: grants * on [\"pods\", \"nodes\", \"services\", \"namespaces\", \"secrets\"]",
+            "ClusterRole sealmesh-agent rule 0: grants secrets beyond named objects of one namespace (use a Role with resourceNames)",
+        ]
+    );
+    // The repository's RBAC has none of that.
+    let objects = manifests::render(&tools(), &repository().join("deploy/base")).expect("render");
+    assert_eq!(manifests::rbac_problems(&objects), Vec::<String>::new());
+}
