@@ -492,3 +492,95 @@ fn cgroupfs_driver_names_pod_cgroups_like_kubelet() {
     assert_eq!(container.len(), 64, "a containerd id: {container}");
     assert!(registered.container_cgroup.is_dir());
 }
+
+#[test]
+fn an_external_server_gets_the_same_objects_and_loses_them_on_drop() {
+    // The fake server stands in for an external one: reached only through
+    // its kubeconfig, as a real kube-apiserver would be.
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let server = runtime
+        .block_on(fake_apiserver::FakeApiServer::start())
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("admin.kubeconfig");
+    server
+        .write_kubeconfig(&kubeconfig, &server.admin_token())
+        .unwrap();
+
+    let mut testbed = Testbed::up_for_kubelet(&spec()).expect("testbed up");
+    let pki = pki();
+    let kube = KubeCluster::start(
+        &mut testbed,
+        KubeMode {
+            pending_pods: vec![(APP_NS.into(), "late".into())],
+            ..KubeMode::external(&kubeconfig)
+        },
+        &KubePki {
+            trust_anchors_pem: &pki.anchors,
+            issuer: &pki.issuer,
+            issuer_layout: Layout::Pem,
+        },
+    )
+    .expect("registered with the external API server");
+    assert!(kube.fake_server().is_none());
+    let issuer: Secret = get(&kube, Some("sealmesh"), ISSUER_SECRET);
+    assert_eq!(issuer.type_.as_deref(), Some("Opaque"));
+    let keys: Vec<&String> = issuer.data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, ["crt.pem", "key.pem"]);
+    let client: Pod = get(&kube, Some(APP_NS), "client");
+    assert_eq!(client.status.unwrap().phase.as_deref(), Some("Running"));
+    let node0_ns = testbed.node_netns("node-0").unwrap().to_owned();
+    assert_eq!(
+        pods_seen_from(&testbed, &node0_ns, &kube.agent_kubeconfig("node-0")),
+        ["client", "server"]
+    );
+
+    drop(kube);
+    let client = {
+        let _runtime = runtime.enter();
+        server.client()
+    };
+    let names = |list: Vec<String>| -> Vec<String> {
+        let mut list = list;
+        list.sort();
+        list
+    };
+    runtime.block_on(async {
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let left: Vec<String> = namespaces
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|n| n.name_any())
+            .filter(|n| ["sealmesh", APP_NS, PLAIN_NS].contains(&n.as_str()))
+            .collect();
+        assert_eq!(names(left), Vec::<String>::new(), "namespaces removed");
+        let nodes: Api<Node> = Api::all(client.clone());
+        assert_eq!(
+            nodes
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .len(),
+            0
+        );
+        let pods: Api<Pod> = Api::all(client.clone());
+        assert_eq!(
+            pods.list(&ListParams::default()).await.unwrap().items.len(),
+            0
+        );
+        let roles: Api<ClusterRole> = Api::all(client.clone());
+        let left: Vec<String> = roles
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .map(|r| r.name_any())
+            .collect();
+        assert_eq!(left, Vec::<String>::new(), "RBAC removed");
+    });
+}

@@ -1252,10 +1252,15 @@ async fn external_client(path: &Path) -> Result<(Client, Upstream), KubeError> {
         .to_owned();
     let https = url.scheme_str() != Some("http");
     let port = url.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let addr = (host.as_str(), port)
+    // IPv4 first: `localhost` may resolve to ::1 while the server listens
+    // on IPv4 only; the testbed is IPv4 throughout.
+    let mut addrs: Vec<SocketAddr> = (host.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| address_error(e.to_string()))?
-        .next()
+        .collect();
+    addrs.sort_by_key(|a| !a.is_ipv4());
+    let addr = *addrs
+        .first()
         .ok_or_else(|| address_error("no addresses".into()))?;
     let mut tls = serde_json::Map::new();
     if https {
