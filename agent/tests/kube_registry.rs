@@ -439,3 +439,32 @@ async fn start_up_failures_say_what_to_fix() {
         "gives up at the start-up deadline"
     );
 }
+
+#[tokio::test]
+async fn keeps_serving_its_last_state_while_the_api_is_gone() {
+    let fx = Fixture::new("kube-outage").await;
+    let uid = fx
+        .cluster
+        .running_pod(PodSpec::new(
+            MESHED_NS,
+            "web-0",
+            "web",
+            LOCAL_NODE,
+            [10, 244, 1, 2],
+        ))
+        .await;
+    let cgroup_id = host::cgroup_id(&fx.cgroups.create_systemd("besteffort", &uid)).unwrap();
+    let registry = fx.registry().await;
+    let changes = registry.subscribe();
+    let Fixture {
+        server, cgroups, ..
+    } = fx;
+    drop(server);
+    // Long enough for every watch to fail and retry at least once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!changes.has_changed().unwrap());
+    let web0 = registry.by_cgroup(cgroup_id).unwrap();
+    assert_eq!((web0.name.as_str(), web0.meshed), ("web-0", true));
+    assert_eq!(names(&registry.local_workloads()), ["emojivoto/web-0"]);
+    drop(cgroups);
+}
