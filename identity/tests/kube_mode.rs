@@ -1001,6 +1001,40 @@ async fn start_up_fails_without_the_issuer_secret_or_trust_roots_and_says_how_to
     );
 }
 
+#[tokio::test]
+async fn start_up_fails_on_an_unusable_issuer_secret_and_names_it() {
+    let cluster = KubeCluster::new().await;
+    let mut secret = cluster.secrets().get(ISSUER_SECRET).await.unwrap();
+    secret.data = Some(BTreeMap::from([(
+        "issuer.pem".to_owned(),
+        ByteString(cluster.issuer.cert_pem.clone().into_bytes()),
+    )]));
+    cluster
+        .secrets()
+        .replace(ISSUER_SECRET, &PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let error = cluster.builder().bind().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "Secret sealmesh/sealmesh-identity-issuer holds no issuer: expected the keys crt.pem + key.pem, \
+         or tls.crt + tls.key (+ ca.crt); it has [\"issuer.pem\"]"
+    );
+
+    // A certificate that is not a CA is refused by the same validation as
+    // local mode, naming the Secret.
+    let not_ca = leaf_signed_by(&cluster.root);
+    cluster.put_issuer(&not_ca, Layout::Pem).await;
+    let error = cluster.builder().bind().await.unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        format!(
+            "issuer from Secret sealmesh/sealmesh-identity-issuer: {}; refusing to start without a valid issuer",
+            issuer_from_secret(&not_ca, &cluster.root.cert_pem).unwrap_err()
+        )
+    );
+}
+
 /// Kills the child if the test fails before it is stopped.
 struct ChildGuard(std::process::Child);
 
