@@ -58,6 +58,9 @@ pub mod kube {
     pub const TRUST_ROOTS_CONFIGMAP: &str = "sealmesh-identity-trust-roots";
     /// ... under this key.
     pub const TRUST_ROOTS_KEY: &str = "ca-bundle.crt";
+    /// Prefix of a ServiceAccount's Kubernetes username,
+    /// `system:serviceaccount:<namespace>:<name>` (as TokenReview reports it).
+    pub const SERVICE_ACCOUNT_USERNAME_PREFIX: &str = "system:serviceaccount:";
     /// TokenReview `extra` keys naming the pod a bound token belongs to.
     pub const TOKEN_EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
     pub const TOKEN_EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";

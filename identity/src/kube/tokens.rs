@@ -22,7 +22,7 @@ use kube::{
     api::{ObjectMeta, PostParams},
 };
 use sealmesh_common::{
-    consts::kube::{TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID},
+    consts::kube::{SERVICE_ACCOUNT_USERNAME_PREFIX, TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID},
     identity::TrustDomain,
 };
 use sha2::{Digest as _, Sha256};
@@ -33,8 +33,6 @@ use crate::{
     config::KubeSettings,
 };
 
-/// Kubernetes' username of a ServiceAccount: `system:serviceaccount:<ns>:<name>`.
-const SERVICE_ACCOUNT_USER_PREFIX: &str = "system:serviceaccount:";
 /// How long an accepted token's caller is remembered.
 const ACCEPTED_TOKEN_TTL: Duration = Duration::from_secs(10);
 /// At most this many remembered tokens (a burst beyond it starts afresh).
@@ -146,7 +144,7 @@ impl KubeTokenValidator {
         let user = self.review(token).await?;
         let username = user.username.clone().unwrap_or_default();
         let Some((namespace, service_account)) = username
-            .strip_prefix(SERVICE_ACCOUNT_USER_PREFIX)
+            .strip_prefix(SERVICE_ACCOUNT_USERNAME_PREFIX)
             .and_then(|rest| rest.split_once(':'))
         else {
             return Err(AuthError::NotServiceAccount { username });
