@@ -249,13 +249,6 @@ pub struct KubePki<'a> {
     pub issuer_layout: PkiLayout,
 }
 
-/// Where a component's API credentials and identity token are.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ComponentFiles {
-    /// Kubeconfig whose server is the API relay (0600: it holds a token).
-    pub kubeconfig: PathBuf,
-}
-
 /// Facts about a pod the testbed registered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RegisteredPod {
@@ -435,7 +428,8 @@ impl KubeCluster {
         Ok(list.items)
     }
 
-    /// Replaces the issuer Secret's data (an issuer rotation).
+    /// Replaces the issuer Secret's data (an issuer rotation). A Secret's
+    /// type is immutable, so `layout` must be the one the mesh started with.
     pub fn update_issuer(&self, issuer: &CaMaterial, layout: PkiLayout) -> Result<(), KubeError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.control_namespace);
         let what = format!(
@@ -627,11 +621,11 @@ impl KubeCluster {
     /// Creates `object`; one that already exists is kept as it is (shared
     /// objects: namespaces, accounts, RBAC, nodes).
     async fn ensure(&mut self, namespace: Option<&str>, object: Value) -> Result<(), KubeError> {
-        let (api, resource, name) = self.dynamic_api(namespace, &object).await?;
+        let (api, resource, name, namespace) = self.dynamic_api(namespace, &object).await?;
         let object: DynamicObject = from_json(object)?;
         match api.create(&post_params(), &object).await {
             Ok(_) => {
-                self.record(resource, namespace, &name);
+                self.record(resource, namespace.as_deref(), &name);
                 Ok(())
             }
             Err(e) if status_code(&e) == Some(409) => Ok(()),
@@ -646,7 +640,7 @@ impl KubeCluster {
         namespace: Option<&str>,
         object: Value,
     ) -> Result<DynamicObject, KubeError> {
-        let (api, resource, name) = self.dynamic_api(namespace, &object).await?;
+        let (api, resource, name, namespace) = self.dynamic_api(namespace, &object).await?;
         let object: DynamicObject = from_json(object)?;
         let what = || format!("creating {} {name}", resource.kind);
         let created = match api.create(&post_params(), &object).await {
@@ -662,7 +656,7 @@ impl KubeCluster {
             other => other,
         }
         .map_err(api_err(what()))?;
-        self.record(resource, namespace, &name);
+        self.record(resource, namespace.as_deref(), &name);
         Ok(created)
     }
 
@@ -680,7 +674,7 @@ impl KubeCluster {
         &self,
         namespace: Option<&str>,
         object: &Value,
-    ) -> Result<(Api<DynamicObject>, ApiResource, String), KubeError> {
+    ) -> Result<(Api<DynamicObject>, ApiResource, String, Option<String>), KubeError> {
         let field = |name: &str| object[name].as_str().unwrap_or_default().to_owned();
         let (api_version, kind) = (field("apiVersion"), field("kind"));
         let name = object["metadata"]["name"]
@@ -692,16 +686,15 @@ impl KubeCluster {
         let (resource, capabilities) = discovery::pinned_kind(&self.client, &gvk)
             .await
             .map_err(api_err(format!("discovering {api_version} {kind}")))?;
-        let api = match (capabilities.scope, namespace) {
-            (Scope::Namespaced, Some(ns)) => {
-                Api::namespaced_with(self.client.clone(), ns, &resource)
-            }
-            (Scope::Namespaced, None) => {
-                Api::namespaced_with(self.client.clone(), &self.control_namespace, &resource)
-            }
-            (Scope::Cluster, _) => Api::all_with(self.client.clone(), &resource),
+        let namespace = match capabilities.scope {
+            Scope::Namespaced => Some(namespace.unwrap_or(&self.control_namespace).to_owned()),
+            Scope::Cluster => None,
         };
-        Ok((api, resource, name))
+        let api = match &namespace {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &resource),
+            None => Api::all_with(self.client.clone(), &resource),
+        };
+        Ok((api, resource, name, namespace))
     }
 
     /// Applies every object of a YAML stream (`---`-separated documents);
@@ -1161,10 +1154,8 @@ impl KubeCluster {
         }
         for created in self.created.iter().rev() {
             let api: Api<DynamicObject> = match &created.namespace {
-                Some(ns) if created.resource.kind != "Namespace" => {
-                    Api::namespaced_with(self.client.clone(), ns, &created.resource)
-                }
-                _ => Api::all_with(self.client.clone(), &created.resource),
+                Some(ns) => Api::namespaced_with(self.client.clone(), ns, &created.resource),
+                None => Api::all_with(self.client.clone(), &created.resource),
             };
             match api
                 .delete(&created.name, &DeleteParams::default().grace_period(0))
