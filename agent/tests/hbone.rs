@@ -21,7 +21,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose, SanType,
 };
-use rustls::{server::ResolvesServerCertUsingSni, sign::CertifiedKey};
+use rustls::{HandshakeKind, server::ResolvesServerCertUsingSni, sign::CertifiedKey};
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_agent::{
     certs::NoCertificate,
@@ -106,39 +106,39 @@ fn ca_params(common_name: &str) -> CertificateParams {
     params
 }
 
-/// Certificates of one node's identities (what the cert store would hold).
+/// Certificates of one node's identities (what the cert store would hold):
+/// like the cert store, one client config per identity for as long as its
+/// certificate lasts, so TLS sessions can be resumed across connections.
 struct TestCredentials {
-    anchors: TrustAnchors,
-    keys: HashMap<Identity, Arc<CertifiedKey>>,
+    clients: HashMap<Identity, Arc<rustls::ClientConfig>>,
     server: Arc<rustls::ServerConfig>,
 }
 
 impl TestCredentials {
     fn new(ca: &TestCa, identities: &[&Identity]) -> Arc<Self> {
+        let anchors = ca.anchors();
         let mut resolver = ResolvesServerCertUsingSni::new();
-        let mut keys = HashMap::new();
+        let mut clients = HashMap::new();
         for id in identities {
             let key = ca.leaf(id);
             resolver.add(&id.dns_name(), key.clone()).unwrap();
-            keys.insert((*id).clone(), Arc::new(key));
+            let client = anchors.client_config(Arc::new(key)).unwrap();
+            clients.insert((*id).clone(), Arc::new(client));
         }
-        let anchors = ca.anchors();
         let server = Arc::new(anchors.server_config(Arc::new(resolver)).unwrap());
-        Arc::new(Self {
-            anchors,
-            keys,
-            server,
-        })
+        Arc::new(Self { clients, server })
     }
 }
 
 impl TlsCredentials for TestCredentials {
     fn client_config(&self, source: &Identity) -> Result<Arc<rustls::ClientConfig>, NoCertificate> {
-        let key = self.keys.get(source).ok_or_else(|| NoCertificate {
-            identity: source.clone(),
-            reason: "never issued in this test".into(),
-        })?;
-        Ok(Arc::new(self.anchors.client_config(key.clone()).unwrap()))
+        self.clients
+            .get(source)
+            .cloned()
+            .ok_or_else(|| NoCertificate {
+                identity: source.clone(),
+                reason: "never issued in this test".into(),
+            })
     }
 
     fn server_config(&self) -> Arc<rustls::ServerConfig> {
@@ -146,7 +146,7 @@ impl TlsCredentials for TestCredentials {
     }
 
     fn has_valid_cert(&self, id: &Identity) -> bool {
-        self.keys.contains_key(id)
+        self.clients.contains_key(id)
     }
 }
 
@@ -332,6 +332,7 @@ struct Cluster {
     pods: Pods,
     ca: TestCa,
     services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
+    creds_a: Arc<TestCredentials>,
     a: Node,
     b: Node,
 }
@@ -344,7 +345,14 @@ impl Cluster {
         let creds_b = TestCredentials::new(&ca, &[&pods.server.identity, &pods.other.identity]);
         let services =
             HashMap::from([(service_vip(n), (pods.server.clone(), service_target_port))]);
-        let a = start_node(node_a(n), &pods, services.clone(), creds_a, policy_a).await;
+        let a = start_node(
+            node_a(n),
+            &pods,
+            services.clone(),
+            creds_a.clone(),
+            policy_a,
+        )
+        .await;
         let b = start_node(
             node_b(n),
             &pods,
@@ -358,6 +366,39 @@ impl Cluster {
             pods,
             ca,
             services,
+            creds_a,
+            a,
+            b,
+        }
+    }
+
+    /// Shuts node A's engine down and starts a fresh one (an empty HBONE
+    /// pool) with the same credentials, as a long-running agent keeps them.
+    async fn restart_a(self, policy_a: Policy) -> Self {
+        let Self {
+            n,
+            pods,
+            ca,
+            services,
+            creds_a,
+            a,
+            b,
+        } = self;
+        a.shut_down().await;
+        let a = start_node(
+            node_a(n),
+            &pods,
+            services.clone(),
+            creds_a.clone(),
+            policy_a,
+        )
+        .await;
+        Self {
+            n,
+            pods,
+            ca,
+            services,
+            creds_a,
             a,
             b,
         }
@@ -371,6 +412,7 @@ impl Cluster {
             pods,
             ca,
             services,
+            creds_a,
             a,
             b,
         } = self;
@@ -389,6 +431,7 @@ impl Cluster {
             pods,
             ca,
             services,
+            creds_a,
             a,
             b,
         }
@@ -1021,6 +1064,103 @@ async fn broken_pooled_connections_are_replaced() {
         1,
         "the broken connection left the pool"
     );
+}
+
+#[tokio::test]
+async fn a_fresh_pool_resumes_the_tls_session_and_still_proves_the_peer_identity() {
+    let n = 15;
+    let echo = echo_server(ip(n, 20)).await;
+    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let client = cluster.pods.client.identity.clone();
+    let server = cluster.pods.server.identity.clone();
+    let payload = random_bytes(10_000);
+    let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let first = cluster.a.handle.hbone_connections();
+    assert_eq!(first.len(), 1, "{first:?}");
+    assert_eq!(first[0].handshake, HandshakeKind::Full);
+    assert_eq!((&first[0].source, &first[0].peer), (&client, &server));
+
+    // A fresh pool (nothing to reuse) with the same client config: the new
+    // mTLS connection resumes the session, and the peer identity read from
+    // the resumed session is still checked and right.
+    let mut cluster = cluster.restart_a(Policy::default()).await;
+    assert_eq!(cluster.a.handle.pooled_connections(), 0);
+    let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let second = cluster.a.handle.hbone_connections();
+    assert_eq!(second.len(), 1, "{second:?}");
+    assert_eq!(second[0].handshake, HandshakeKind::Resumed);
+    assert_eq!(
+        (&second[0].source, &second[0].destination, &second[0].peer),
+        (&client, &server, &server)
+    );
+    let close = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!(
+        (
+            close.tls,
+            close.server_id.as_deref(),
+            close.error.as_deref()
+        ),
+        (true, Some(server.spiffe_uri().as_str()), None)
+    );
+
+    // Same node, another identity (another SNI): no session of "server"
+    // may stand in for it, so a full handshake proves "other".
+    let other = cluster.pods.other.identity.clone();
+    let other_echo = echo_server(ip(n, 22)).await;
+    let stream = cluster.connect_as(&cluster.pods.client, other_echo).await;
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let third = cluster
+        .a
+        .handle
+        .hbone_connections()
+        .into_iter()
+        .find(|c| c.destination == other)
+        .expect("a connection to the other identity is pooled");
+    assert_eq!(
+        (third.handshake, &third.peer, third.node),
+        (
+            HandshakeKind::Full,
+            &other,
+            SocketAddr::from(inbound_of(&node_b(n)))
+        )
+    );
+}
+
+#[tokio::test]
+async fn bytes_sent_before_a_refused_connect_close_the_client_and_are_not_counted() {
+    let n = 16;
+    // Nothing listens on this port of the server pod's address: node B
+    // answers the CONNECT with 503 after the client's bytes went out.
+    let closed_port = TcpListener::bind((ip(n, 20), 0))
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut cluster = Cluster::start(n, Policy::default(), closed_port).await;
+    let target = SocketAddrV4::new(ip(n, 20), closed_port);
+    let mut stream = cluster.connect_as(&cluster.pods.client, target).await;
+    stream.write_all(&random_bytes(1000)).await.unwrap();
+    assert_closed_without_data(stream).await;
+    let close = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!(
+        (close.tls, close.bytes_src_to_dst, close.bytes_dst_to_src),
+        (true, 0, 0)
+    );
+    assert_eq!(
+        close.error.as_deref(),
+        Some(
+            format!(
+                "the agent at {} refused CONNECT {target} with HTTP 503 Service Unavailable",
+                inbound_of(&node_b(n))
+            )
+            .as_str()
+        )
+    );
+    let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
+    assert_eq!(inbound.bytes_src_to_dst, 0);
 }
 
 /// Everything real but eBPF: the identity service issuing over gRPC, each

@@ -38,7 +38,7 @@ pub use event::{
 };
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
-pub use pool::PeerDialFailed;
+pub use pool::{HboneConnectionInfo, PeerDialFailed};
 pub use splice::SpliceError;
 
 use crate::{
@@ -170,6 +170,11 @@ impl ProxyHandle {
     /// HBONE connections currently pooled (all keys).
     pub fn pooled_connections(&self) -> usize {
         self.engine.pool.total_connections()
+    }
+
+    /// The pooled HBONE connections with their identities and handshakes.
+    pub fn hbone_connections(&self) -> Vec<HboneConnectionInfo> {
+        self.engine.pool.connections()
     }
 }
 

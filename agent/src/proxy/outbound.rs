@@ -6,15 +6,16 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
-    sync::Arc,
+    pin::pin,
+    sync::{Arc, atomic::Ordering},
     time::Instant,
 };
 
 use bytes::Bytes;
-use h2::{RecvStream, SendStream};
+use h2::{SendStream, client::ResponseFuture};
 use http::{Method, Request, StatusCode};
 use sealmesh_common::identity::Identity;
-use tokio::net::TcpStream;
+use tokio::{io::BufReader, net::TcpStream};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
@@ -22,7 +23,7 @@ use super::{
     event::{ConnectionTracker, Direction, NoTlsReason},
     hbone,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
-    splice::{self, SpliceError, TcpSide},
+    splice::{self, SpliceError},
 };
 use crate::{
     certs::NoCertificate,
@@ -270,7 +271,7 @@ async fn hbone_connect(
     // by far the largest state of this future and is alive only briefly;
     // unboxed, every connection's task would hold that space for its whole
     // life (memory per proxied connection).
-    let (lease, send, recv) = Box::pin(open_stream(
+    let (lease, send, response) = Box::pin(open_stream(
         engine,
         source,
         endpoint,
@@ -281,22 +282,65 @@ async fn hbone_connect(
     tracker.event.tls = true;
     tracker.event.client_id = Some(source.identity.to_string());
     tracker.event.server_id = Some(destination.identity.to_string());
-    tracker.open();
     let bytes = tracker.bytes.clone();
-    splice::tcp_h2(client, send, recv, TcpSide::Source, &bytes).await?;
+    let (read, write) = client.into_split();
+    // The client's first bytes go out right behind the CONNECT instead of a
+    // round trip later: the peer agent is already authenticated, holds them
+    // in the stream's window, and passes nothing on unless it admits the
+    // stream. A refusal ends the client's connection here.
+    let mut upload = pin!(splice::tcp_to_h2(read, send, &bytes.src_to_dst));
+    let mut upload_ended = None;
+    let response = {
+        let mut response = pin!(tokio::time::timeout(engine.cfg.connect_timeout, response));
+        loop {
+            tokio::select! {
+                answered = &mut response => break answered,
+                ended = &mut upload, if upload_ended.is_none() => upload_ended = Some(ended),
+            }
+        }
+    };
+    let admitted = match response {
+        Err(_) => Err(OutboundError::ConnectTimeout { target: node }),
+        Ok(Err(source)) => Err(OutboundError::Hbone { node, source }),
+        Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(response.into_body()),
+        Ok(Ok(response)) => Err(OutboundError::Refused {
+            node,
+            authority,
+            status: response.status(),
+        }),
+    };
+    let recv = match admitted {
+        Ok(recv) => recv,
+        Err(error) => {
+            // What was read ahead never reached the destination.
+            bytes.src_to_dst.store(0, Ordering::Relaxed);
+            return Err(error);
+        }
+    };
+    tracker.open();
+    let download = splice::h2_to_tcp(recv, write, &bytes.dst_to_src);
+    match upload_ended {
+        Some(ended) => {
+            ended?;
+            download.await?;
+        }
+        None => {
+            tokio::try_join!(upload, download)?;
+        }
+    }
     drop(lease);
     Ok(())
 }
 
 /// A CONNECT stream to `endpoint` through the agent at `node`, on a pooled
-/// connection authenticated as `source`, answered 200.
+/// connection authenticated as `source`; the answer is still to come.
 async fn open_stream(
     engine: &Engine,
     source: &Workload,
     endpoint: &Endpoint,
     node: SocketAddr,
     source_addr: SocketAddr,
-) -> Result<(Lease, SendStream<Bytes>, RecvStream), OutboundError> {
+) -> Result<(Lease, SendStream<Bytes>, ResponseFuture), OutboundError> {
     let destination = &endpoint.workload;
     let authority = SocketAddrV4::new(destination.ip, endpoint.port);
     let client_config = engine
@@ -322,7 +366,7 @@ async fn open_stream(
     // A pooled connection can break between checkout and use; then one
     // retry on a freshly dialled connection.
     let mut retried = false;
-    let (lease, response, send) = loop {
+    loop {
         let lease = engine
             .pool
             .checkout(&key, || {
@@ -335,7 +379,7 @@ async fn open_stream(
         }
         .await;
         match sent {
-            Ok((response, send)) => break (lease, response, send),
+            Ok((response, send)) => return Ok((lease, send, response)),
             Err(source) if !retried => {
                 tracing::debug!(connection = lease.connection_id(), %node, error = %source, "pooled HBONE connection broken; dialling a new one");
                 lease.discard();
@@ -343,19 +387,7 @@ async fn open_stream(
             }
             Err(source) => return Err(OutboundError::Hbone { node, source }),
         }
-    };
-    let response = tokio::time::timeout(engine.cfg.connect_timeout, response)
-        .await
-        .map_err(|_| OutboundError::ConnectTimeout { target: node })?
-        .map_err(|source| OutboundError::Hbone { node, source })?;
-    if response.status() != StatusCode::OK {
-        return Err(OutboundError::Refused {
-            node,
-            authority,
-            status: response.status(),
-        });
     }
-    Ok((lease, send, response.into_body()))
 }
 
 /// Opens a new HBONE connection to `node`, proving `expected`'s identity.
@@ -364,7 +396,7 @@ async fn dial(
     client_config: Arc<rustls::ClientConfig>,
     node: SocketAddr,
     expected: &Identity,
-) -> Result<Dialed<TlsStream<TcpStream>>, OutboundError> {
+) -> Result<Dialed<TlsStream<BufReader<TcpStream>>>, OutboundError> {
     let handshake = async {
         let tcp = TcpStream::connect(node)
             .await
@@ -374,6 +406,7 @@ async fn dial(
             })?;
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
+        let tcp = BufReader::with_capacity(hbone::TLS_READ_BUFFER, tcp);
         let tls = TlsConnector::from(client_config)
             .connect(tls::server_name(expected), tcp)
             .await
@@ -403,10 +436,19 @@ async fn dial(
         if session.alpn_protocol() != Some(ALPN_HBONE) {
             return Err(OutboundError::NoH2 { node });
         }
-        hbone::client_builder()
+        let handshake = session
+            .handshake_kind()
+            .expect("a completed handshake has a kind");
+        let (send, connection) = hbone::client_builder()
             .handshake::<_, Bytes>(tls)
             .await
-            .map_err(|source| OutboundError::Hbone { node, source })
+            .map_err(|source| OutboundError::Hbone { node, source })?;
+        Ok(Dialed {
+            send,
+            connection,
+            handshake,
+            peer: got,
+        })
     };
     tokio::time::timeout(engine.cfg.connect_timeout, handshake)
         .await

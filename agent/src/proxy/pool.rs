@@ -21,6 +21,7 @@ use std::{
 
 use bytes::Bytes;
 use h2::client::{Connection, SendRequest};
+use rustls::HandshakeKind;
 use sealmesh_common::identity::Identity;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -63,6 +64,8 @@ pub struct PeerDialFailed;
 struct PooledConnection {
     id: u64,
     send: SendRequest<Bytes>,
+    handshake: HandshakeKind,
+    peer: Identity,
     streams: AtomicUsize,
     closed: AtomicBool,
     last_released: Mutex<Instant>,
@@ -109,9 +112,35 @@ impl Drop for Lease {
     }
 }
 
-/// What a dial must hand back: the request handle and the connection future
-/// that drives the socket (the pool runs it).
-pub(crate) type Dialed<T> = (SendRequest<Bytes>, Connection<T, Bytes>);
+/// What a dial must hand back.
+pub(crate) struct Dialed<T> {
+    pub send: SendRequest<Bytes>,
+    /// The future that drives the socket (the pool runs it).
+    pub connection: Connection<T, Bytes>,
+    /// Full, or resumed from an earlier session's ticket.
+    pub handshake: HandshakeKind,
+    /// The identity the peer proved (its certificate's SPIFFE URI SAN).
+    pub peer: Identity,
+}
+
+/// One pooled HBONE connection, as status pages and tests see it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HboneConnectionInfo {
+    pub id: u64,
+    /// The client identity the connection authenticates as.
+    pub source: Identity,
+    /// The identity the connection was opened for (sent as SNI).
+    pub destination: Identity,
+    /// The identity the peer proved in the handshake (checked equal to
+    /// `destination` before the connection carried anything).
+    pub peer: Identity,
+    /// The peer agent's HBONE address.
+    pub node: SocketAddr,
+    /// Whether the TLS handshake was full or resumed a previous session.
+    pub handshake: HandshakeKind,
+    /// Streams open on it now.
+    pub streams: usize,
+}
 
 impl Pool {
     /// A stream slot on a connection for `key`, dialling a new connection
@@ -135,12 +164,19 @@ impl Pool {
         if slot.failed_dials.load(Ordering::Acquire) != failures_before {
             return Err(PeerDialFailed.into());
         }
-        let (send, connection) = dial().await.inspect_err(|_| {
+        let Dialed {
+            send,
+            connection,
+            handshake,
+            peer,
+        } = dial().await.inspect_err(|_| {
             slot.failed_dials.fetch_add(1, Ordering::AcqRel);
         })?;
         let conn = Arc::new(PooledConnection {
             id: self.next_id.fetch_add(1, Ordering::Relaxed),
             send,
+            handshake,
+            peer,
             streams: AtomicUsize::new(1),
             closed: AtomicBool::new(false),
             last_released: Mutex::new(Instant::now()),
@@ -172,6 +208,33 @@ impl Pool {
                     .count()
             })
             .sum()
+    }
+
+    /// Every open connection, ordered by id (the order they were dialled).
+    pub fn connections(&self) -> Vec<HboneConnectionInfo> {
+        let slots = self.slots.lock().expect("pool lock poisoned");
+        let mut all: Vec<_> = slots
+            .iter()
+            .flat_map(|(key, slot)| {
+                slot.conns
+                    .lock()
+                    .expect("pool lock poisoned")
+                    .iter()
+                    .filter(|c| !c.closed.load(Ordering::Acquire))
+                    .map(|c| HboneConnectionInfo {
+                        id: c.id,
+                        source: key.source.clone(),
+                        destination: key.destination.clone(),
+                        peer: c.peer.clone(),
+                        node: key.node,
+                        handshake: c.handshake,
+                        streams: c.streams.load(Ordering::Acquire),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        all.sort_by_key(|c| c.id);
+        all
     }
 
     fn slot(&self, key: &PoolKey) -> Arc<Slot> {

@@ -40,38 +40,20 @@ pub enum SpliceError {
     StreamClosed,
 }
 
-/// Which way a TCP socket faces, to count bytes in the connection's terms.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum TcpSide {
-    /// The socket is the source pod (outbound): reads from it are src→dst.
-    Source,
-    /// The socket is the destination pod (inbound): reads are dst→src.
-    Destination,
-}
-
-impl TcpSide {
-    /// (counter of bytes read from the socket, counter of bytes written to it)
-    fn counters(self, bytes: &ByteCounters) -> (&AtomicU64, &AtomicU64) {
-        match self {
-            Self::Source => (&bytes.src_to_dst, &bytes.dst_to_src),
-            Self::Destination => (&bytes.dst_to_src, &bytes.src_to_dst),
-        }
-    }
-}
-
 /// Carries bytes both ways between `tcp` and an h2 stream until both
 /// directions ended: TCP FIN ↔ END_STREAM each way, so a half-closed
 /// connection keeps flowing in the other direction. An error in either
 /// direction ends both (h2 resets the stream when its handles drop).
+/// `from_tcp` counts the bytes read from the socket, `to_tcp` those written
+/// to it.
 pub(crate) async fn tcp_h2(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
-    side: TcpSide,
-    bytes: &Arc<ByteCounters>,
+    from_tcp: &AtomicU64,
+    to_tcp: &AtomicU64,
 ) -> Result<(), SpliceError> {
     let (read, write) = tcp.into_split();
-    let (from_tcp, to_tcp) = side.counters(bytes);
     tokio::try_join!(
         tcp_to_h2(read, send, from_tcp),
         h2_to_tcp(recv, write, to_tcp)
@@ -111,7 +93,7 @@ async fn next_chunk(read: &OwnedReadHalf, buf: &mut BytesMut) -> io::Result<Opti
     }
 }
 
-async fn tcp_to_h2(
+pub(crate) async fn tcp_to_h2(
     read: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
@@ -131,7 +113,7 @@ async fn tcp_to_h2(
     Ok(())
 }
 
-async fn h2_to_tcp(
+pub(crate) async fn h2_to_tcp(
     mut recv: RecvStream,
     mut write: OwnedWriteHalf,
     counter: &AtomicU64,
