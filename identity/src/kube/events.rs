@@ -4,6 +4,7 @@
 //! fatal, and never delays the rotation itself.
 
 use k8s_openapi::{
+    Resource as _,
     api::{
         apps::v1::Deployment,
         core::v1::{Event, EventSource, ObjectReference},
@@ -103,8 +104,8 @@ impl KubeIssuerEvents {
                 ..Default::default()
             },
             involved_object: ObjectReference {
-                api_version: Some("apps/v1".to_owned()),
-                kind: Some("Deployment".to_owned()),
+                api_version: Some(Deployment::API_VERSION.to_owned()),
+                kind: Some(Deployment::KIND.to_owned()),
                 name: Some(self.deployment.clone()),
                 namespace: Some(self.namespace.clone()),
                 uid,

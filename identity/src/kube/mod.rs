@@ -16,8 +16,14 @@ mod issuer;
 mod pods;
 mod tokens;
 
-use k8s_openapi::api::authorization::v1::{
-    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+use k8s_openapi::{
+    Resource as _,
+    api::{
+        authentication::v1::TokenReview,
+        authorization::v1::{
+            ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+        },
+    },
 };
 use kube::{
     Api, Client,
@@ -94,8 +100,8 @@ pub async fn check_token_review_access(client: &Client, namespace: &str) -> Resu
         metadata: ObjectMeta::default(),
         spec: SelfSubjectAccessReviewSpec {
             resource_attributes: Some(ResourceAttributes {
-                group: Some("authentication.k8s.io".to_owned()),
-                resource: Some("tokenreviews".to_owned()),
+                group: Some(TokenReview::GROUP.to_owned()),
+                resource: Some(TokenReview::URL_PATH_SEGMENT.to_owned()),
                 verb: Some("create".to_owned()),
                 ..Default::default()
             }),
