@@ -23,6 +23,9 @@ use sealmesh_common::{
 use sealmesh_identity::pki::{self, CaSpec, Layout};
 use sealmesh_proto::admin::{self as pb, admin_client::AdminClient};
 use serde_json::Value;
+mod kube_support;
+
+use kube_support::HttpsFakeServer;
 use xtask::{
     capture::Capture,
     mesh::{Mesh, MeshOptions},
@@ -284,6 +287,21 @@ fn service_over_mtls(api: KubeApi) {
 #[test]
 fn meshed_pods_reach_a_service_over_mtls_with_everything_from_the_api() {
     service_over_mtls(KubeApi::Fake);
+}
+
+#[test]
+fn meshed_pods_reach_a_service_over_mtls_through_an_https_api_server_named_by_a_kubeconfig() {
+    // What a real server adds: TLS verified by name through the relay, and
+    // objects removed again on drop.
+    let https = HttpsFakeServer::start();
+    service_over_mtls(KubeApi::Kubeconfig(https.kubeconfig.clone()));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let pods = runtime.block_on(async {
+        let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+            kube::Api::all(https.server.client());
+        pods.list(&Default::default()).await.unwrap().items.len()
+    });
+    assert_eq!(pods, 0, "the testbed's pods are gone from the server");
 }
 
 #[test]

@@ -33,6 +33,9 @@ use sealmesh_common::{
 };
 use sealmesh_identity::pki::{self, CaSpec, Layout};
 use serde_json::json;
+mod kube_support;
+
+use kube_support::HttpsFakeServer;
 use xtask::testbed::{
     PodSpec, Testbed, TestbedSpec, cgroup,
     kube::{CgroupDriver, KubeCluster, KubeMode, KubePki},
@@ -585,80 +588,17 @@ fn an_external_server_gets_the_same_objects_and_loses_them_on_drop() {
     });
 }
 
-/// A TLS front for the fake server on 127.0.0.1 with a certificate for
-/// `localhost` only, as a real kube-apiserver serves: returns its port.
-async fn tls_front(
-    upstream: SocketAddr,
-    cert: rustls::pki_types::CertificateDer<'static>,
-    key: rustls::pki_types::PrivateKeyDer<'static>,
-) -> u16 {
-    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(vec![cert], key)
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move {
-        loop {
-            let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(mut tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let mut server = tokio::net::TcpStream::connect(upstream).await.unwrap();
-                let _ = tokio::io::copy_bidirectional(&mut tls, &mut server).await;
-            });
-        }
-    });
-    port
-}
-
 #[test]
 fn components_verify_an_https_api_server_through_the_relay_by_its_original_name() {
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let server = runtime
-        .block_on(fake_apiserver::FakeApiServer::start())
-        .unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let port = runtime.block_on(tls_front(
-        server.addr(),
-        cert.der().clone(),
-        rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    let ca = dir.path().join("ca.crt");
-    std::fs::write(&ca, cert.pem()).unwrap();
-    let kubeconfig = dir.path().join("admin.kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        serde_json::to_string(&json!({
-            "apiVersion": "v1", "kind": "Config",
-            "clusters": [{ "name": "real", "cluster": {
-                "server": format!("https://localhost:{port}"),
-                "certificate-authority": ca,
-            } }],
-            "users": [{ "name": "admin", "user": { "token": server.admin_token() } }],
-            "contexts": [{ "name": "real", "context": { "cluster": "real", "user": "admin" } }],
-            "current-context": "real",
-        }))
-        .unwrap(),
-    )
-    .unwrap();
-
+    let https = HttpsFakeServer::start();
+    let kubeconfig = &https.kubeconfig;
+    let admin: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(kubeconfig).unwrap()).unwrap();
     let mut testbed = Testbed::up_for_kubelet(&spec()).expect("testbed up");
     let pki = pki();
     let kube = KubeCluster::start(
         &mut testbed,
-        KubeMode::external(&kubeconfig),
+        KubeMode::external(kubeconfig),
         &KubePki {
             trust_anchors_pem: &pki.anchors,
             issuer: &pki.issuer,
@@ -673,10 +613,22 @@ fn components_verify_an_https_api_server_through_the_relay_by_its_original_name(
     let cluster = &agent_config["clusters"][0]["cluster"];
     assert_eq!(cluster["server"], "https://172.18.0.1:6443");
     assert_eq!(cluster["tls-server-name"], "localhost");
-    assert_eq!(cluster["certificate-authority"], json!(ca));
+    assert_eq!(
+        cluster["certificate-authority"],
+        admin["clusters"][0]["cluster"]["certificate-authority"]
+    );
     let node1_ns = testbed.node_netns("node-1").unwrap().to_owned();
     assert_eq!(
         pods_seen_from(&testbed, &node1_ns, &kube.agent_kubeconfig("node-1")),
         ["client", "late", "server"]
+    );
+    assert!(
+        https
+            .server
+            .requests()
+            .iter()
+            .any(|(method, path)| method == "GET"
+                && path.starts_with("/api/v1/namespaces/shop/pods")),
+        "the listing reached the server through relay and TLS front"
     );
 }
