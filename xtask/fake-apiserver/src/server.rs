@@ -235,6 +235,22 @@ async fn read_body(request: Request<Incoming>) -> Result<(Option<String>, Bytes)
     Ok((content_type, body))
 }
 
+/// A create/update body: JSON or YAML, as the real server accepts; not
+/// protobuf (kubectl's imperative `create namespace|secret|configmap` send
+/// it; `kubectl apply` sends JSON).
+async fn read_object(request: Request<Incoming>) -> Result<Value, ApiError> {
+    let (content_type, body) = read_body(request).await?;
+    match content_type.as_deref() {
+        None | Some("application/json") => parse_json(&body),
+        Some("application/yaml") => serde_yaml_ng::from_slice(&body).map_err(|error| {
+            ApiError::BadRequest(format!("the request body is not valid YAML: {error}"))
+        }),
+        Some(_) => Err(ApiError::UnsupportedMediaType {
+            accepted: "application/json, application/yaml",
+        }),
+    }
+}
+
 fn parse_json(body: &[u8]) -> Result<Value, ApiError> {
     serde_json::from_slice(body).map_err(|error| {
         ApiError::BadRequest(format!("the request body is not valid JSON: {error}"))
@@ -349,8 +365,7 @@ async fn serve_resource(
         if method != Method::POST || target.name.is_some() {
             return Err(ApiError::MethodNotAllowed);
         }
-        let (_, body) = read_body(request).await?;
-        let review = parse_json(&body)?;
+        let review = read_object(request).await?;
         let auth = lock(&shared.auth);
         let response = if resource.plural == "tokenreviews" {
             auth.token_review(&lock(&shared.store), &review)
@@ -392,16 +407,14 @@ async fn serve_resource(
             &lock(&shared.store).get(target.resource, namespace, name)?,
         )),
         (&Method::POST, None, None) => {
-            let (_, body) = read_body(request).await?;
-            let object = parse_json(&body)?;
+            let object = read_object(request).await?;
             let created = lock(&shared.store).create(target.resource, namespace, object)?;
             Ok(json_response(StatusCode::CREATED, &created))
         }
         (&Method::POST, Some(name), Some("token"))
             if resource.group.is_empty() && resource.plural == "serviceaccounts" =>
         {
-            let (_, body) = read_body(request).await?;
-            let token_request = parse_json(&body)?;
+            let token_request = read_object(request).await?;
             let response = {
                 let mut auth = lock(&shared.auth);
                 auth.token_request(
@@ -415,8 +428,7 @@ async fn serve_resource(
         }
         (&Method::PUT, Some(name), subresource @ (None | Some("status"))) => {
             check_status_subresource(resource, subresource)?;
-            let (_, body) = read_body(request).await?;
-            let object = parse_json(&body)?;
+            let object = read_object(request).await?;
             let updated = lock(&shared.store).update(
                 target.resource,
                 namespace,

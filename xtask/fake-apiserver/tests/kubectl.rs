@@ -8,8 +8,9 @@ use kube::Api;
 use kube::api::PostParams;
 use serde_json::{Value, json};
 
-/// Runs kubectl with `args` against `kubeconfig`, or None when kubectl is not on PATH.
-async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Option<Value> {
+/// Runs kubectl with `args` against `kubeconfig` and returns its stdout, or
+/// None when kubectl is not on PATH.
+async fn kubectl_output(kubeconfig: &std::path::Path, args: &[&str]) -> Option<Vec<u8>> {
     let mut command = tokio::process::Command::new("kubectl");
     command.arg("--kubeconfig").arg(kubeconfig).args(args);
     let output = match command.output().await {
@@ -22,7 +23,13 @@ async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Option<Value> {
         "kubectl {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    Some(serde_json::from_slice(&output.stdout).expect("kubectl prints JSON"))
+    Some(output.stdout)
+}
+
+/// Runs kubectl with `args` (which ask for `-o json`) and parses its output.
+async fn kubectl(kubeconfig: &std::path::Path, args: &[&str]) -> Option<Value> {
+    let stdout = kubectl_output(kubeconfig, args).await?;
+    Some(serde_json::from_slice(&stdout).expect("kubectl prints JSON"))
 }
 
 fn kubectl_installed() -> bool {
@@ -97,4 +104,40 @@ async fn kubectl_get_pods_and_events() {
         .map(|e| e["metadata"]["name"].as_str().unwrap())
         .collect();
     assert_eq!(names, ["e1"]);
+
+    // Client-side apply (kubectl validates against OpenAPI, which this server
+    // does not serve), then a label and a merge patch.
+    let manifest = directory.path().join("config.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: default\ndata:\n  mode: a\n",
+    )
+    .unwrap();
+    let manifest = manifest.to_str().unwrap();
+    kubectl_output(&kubeconfig, &["apply", "--validate=false", "-f", manifest])
+        .await
+        .unwrap();
+    kubectl_output(
+        &kubeconfig,
+        &["label", "configmap", "settings", "tier=front"],
+    )
+    .await
+    .unwrap();
+    kubectl_output(
+        &kubeconfig,
+        &[
+            "patch",
+            "configmap",
+            "settings",
+            "-p",
+            r#"{"data":{"extra":"b"}}"#,
+        ],
+    )
+    .await
+    .unwrap();
+    let settings = kubectl(&kubeconfig, &["get", "configmap", "settings", "-o", "json"])
+        .await
+        .unwrap();
+    assert_eq!(settings["data"], json!({"mode": "a", "extra": "b"}));
+    assert_eq!(settings["metadata"]["labels"], json!({"tier": "front"}));
 }

@@ -352,3 +352,20 @@ async fn pods_by_node_field_selector() {
     assert_eq!((status.code, status.reason.as_str()), (400, "BadRequest"));
     assert_eq!(status.message, "field label not supported: spec.containers");
 }
+
+#[tokio::test]
+async fn dropping_the_server_ends_open_watches() {
+    let server = FakeApiServer::start().await.unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let mut events = config_maps
+        .watch(&WatchParams::default().disable_bookmarks(), "0")
+        .await
+        .unwrap()
+        .boxed();
+    drop(server);
+    let ended = tokio::time::timeout(STEP, events.next()).await.unwrap();
+    assert!(
+        matches!(ended, None | Some(Err(_))),
+        "the stream ends when the server goes away, got {ended:?}"
+    );
+}
