@@ -162,7 +162,10 @@ fn route(path: &str) -> Option<Route> {
             }))
         };
     match rest {
-        [] if group.is_empty() || resources::groups().contains(&group) => {
+        [] if RESOURCES
+            .iter()
+            .any(|r| r.group == group && r.version == version) =>
+        {
             Some(Route::ResourceList {
                 group: group.to_string(),
                 version: version.to_string(),
@@ -611,8 +614,17 @@ fn api_groups() -> Value {
     let groups: Vec<Value> = resources::groups()
         .into_iter()
         .map(|group| {
-            let group_version = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
-            json!({"name": group, "versions": [group_version], "preferredVersion": group_version})
+            let mut versions: Vec<&str> = RESOURCES
+                .iter()
+                .filter(|r| r.group == group)
+                .map(|r| r.version)
+                .collect();
+            versions.dedup();
+            let versions: Vec<Value> = versions
+                .into_iter()
+                .map(|version| json!({"groupVersion": format!("{group}/{version}"), "version": version}))
+                .collect();
+            json!({"name": group, "versions": versions, "preferredVersion": versions[0]})
         })
         .collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})

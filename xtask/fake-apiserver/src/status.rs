@@ -100,7 +100,7 @@ impl ApiError {
             } => Some(json!({
                 "name": name,
                 "kind": kind,
-                "causes": [{"reason": "FieldValueInvalid", "message": detail, "field": field}],
+                "causes": [{"reason": cause_reason(detail), "message": detail, "field": field}],
             })),
             ApiError::NoRoute => Some(json!({})),
             _ => None,
@@ -131,5 +131,17 @@ impl ApiError {
             detail: "the object has been modified; please apply your changes to the latest version and try again"
                 .to_string(),
         }
+    }
+}
+
+/// The `causes[].reason` of a field error, from the real server's message
+/// prefix ("Required value: ...", "Invalid value: ...", ...).
+fn cause_reason(detail: &str) -> &'static str {
+    if detail.starts_with("Required value") {
+        "FieldValueRequired"
+    } else if detail.starts_with("Unsupported value") {
+        "FieldValueNotSupported"
+    } else {
+        "FieldValueInvalid"
     }
 }

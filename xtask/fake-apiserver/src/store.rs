@@ -103,7 +103,6 @@ pub(crate) struct WatchStart {
 
 type ObjectKey = (ResourceId, String, String);
 
-#[derive(Debug)]
 pub(crate) struct Store {
     objects: BTreeMap<ObjectKey, Value>,
     resource_version: u64,
@@ -112,6 +111,18 @@ pub(crate) struct Store {
     history_start: u64,
     events: broadcast::Sender<Arc<StoredEvent>>,
     next_cluster_ip: u32,
+}
+
+/// Objects include Secrets: only counts are shown.
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("objects", &self.objects.len())
+            .field("resource_version", &self.resource_version)
+            .field("history", &self.history.len())
+            .field("history_start", &self.history_start)
+            .finish_non_exhaustive()
+    }
 }
 
 pub(crate) fn now_timestamp() -> String {
