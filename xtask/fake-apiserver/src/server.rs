@@ -405,10 +405,13 @@ async fn serve_resource(
                 ),
             ))
         }
-        (&Method::GET, Some(name), None | Some("status")) => Ok(json_response(
-            StatusCode::OK,
-            &lock(&shared.store).get(target.resource, namespace, name)?,
-        )),
+        (&Method::GET, Some(name), subresource @ (None | Some("status"))) => {
+            check_status_subresource(resource, subresource)?;
+            Ok(json_response(
+                StatusCode::OK,
+                &lock(&shared.store).get(target.resource, namespace, name)?,
+            ))
+        }
         (&Method::POST, None, None) => {
             let object = read_object(request).await?;
             let created = lock(&shared.store).create(target.resource, namespace, object)?;
@@ -769,7 +772,6 @@ fn start_watch(
     Ok(Response::builder()
         .status(StatusCode::OK)
         .header(CONTENT_TYPE, "application/json")
-        .header("Transfer-Encoding", "chunked")
         .body(body)
         .expect("static response parts are valid"))
 }

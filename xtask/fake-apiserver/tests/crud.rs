@@ -427,3 +427,63 @@ async fn server_defaults_and_namespace_deletion() {
         ["default", "kube-node-lease", "kube-public", "kube-system"]
     );
 }
+
+#[tokio::test]
+async fn delete_preconditions_and_delete_collection() {
+    let server = FakeApiServer::start().await.unwrap();
+    let config_maps: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    for (name, tier) in [("a", "front"), ("b", "front"), ("c", "back")] {
+        let config_map: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": name, "labels": {"tier": tier}}}))
+                .unwrap();
+        config_maps
+            .create(&PostParams::default(), &config_map)
+            .await
+            .unwrap();
+    }
+    let stale = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid: Some("00000000-0000-4000-8000-000000000000".to_string()),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    assert_eq!(
+        api_error(config_maps.delete("a", &stale).await.unwrap_err()),
+        (409, "Conflict".to_string())
+    );
+    let uid = config_maps.get("a").await.unwrap().metadata.uid;
+    let current = DeleteParams {
+        preconditions: Some(kube::api::Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    config_maps.delete("a", &current).await.unwrap();
+
+    let deleted = config_maps
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("tier=front"),
+        )
+        .await
+        .unwrap()
+        .left()
+        .expect("the real server returns the deleted objects as a list");
+    let names: Vec<_> = deleted
+        .items
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["b"]);
+    let left: Vec<_> = config_maps
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|c| c.metadata.name.unwrap())
+        .collect();
+    assert_eq!(left, ["c"]);
+}
