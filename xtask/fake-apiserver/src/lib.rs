@@ -30,8 +30,13 @@
 //!   history (see [`FakeApiServer::compact`]) gets a 410 Expired ERROR event;
 //! - bearer tokens: an admin token, and ServiceAccount tokens from
 //!   TokenRequest (audiences, expiry, bound Pod) that TokenReview verifies
-//!   and that authenticate API calls when they carry the API audience;
-//!   SelfSubjectAccessReview;
+//!   and that authenticate API calls when they carry the API audience
+//!   (`https://kubernetes.default.svc.cluster.local`, the default of a
+//!   TokenRequest without audiences); unknown or invalid tokens get 401;
+//!   SelfSubjectAccessReview. kubectl (client-go) sends no credentials to an
+//!   `http://` server, so kubectl requests without any are served, as the
+//!   real server's old insecure port served them; other clients must present
+//!   a token;
 //! - server defaulting that clients rely on: pods start `Pending`, Services
 //!   get a ClusterIP, namespaces are `Active`, Secret `stringData` folds into
 //!   `data`; deleting a namespace deletes its objects.
@@ -42,7 +47,10 @@
 //! names, garbage collection (ownerReferences), graceful deletion and
 //! finalizers (deletes are immediate), controllers (no ServiceAccount token
 //! controller, no endpoints, no scheduling, no kubelet), field management of
-//! server-side apply, JSON patch, protobuf, Table output, TLS.
+//! server-side apply, JSON patch, protobuf bodies (415: kubectl's
+//! imperative `create namespace|secret|configmap` need a real server; `kubectl
+//! apply --validate=false` works), OpenAPI documents, Table output (kubectl
+//! falls back to its own columns), TLS (put a TLS relay in front if needed).
 #![forbid(unsafe_code)]
 
 mod auth;
