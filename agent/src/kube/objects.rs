@@ -59,6 +59,7 @@ pub(super) fn slim_pod(pod: &mut Pod) {
     pod.status = pod.status.take().map(|status| PodStatus {
         phase: status.phase,
         pod_ip: status.pod_ip,
+        host_ip: status.host_ip,
         ..PodStatus::default()
     });
 }
@@ -166,6 +167,9 @@ pub(super) struct PodFacts<'a> {
     pub node: &'a str,
     pub service_account: &'a str,
     pub ip: Ipv4Addr,
+    /// The node's address as the kubelet reported it with the pod IP; routes
+    /// the pod while its Node object has no InternalIP (yet).
+    pub host_ip: Option<Ipv4Addr>,
     pub opted_out: bool,
 }
 
@@ -188,6 +192,7 @@ impl<'a> PodFacts<'a> {
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or(DEFAULT_SERVICE_ACCOUNT),
             ip: status.pod_ip.as_deref()?.parse().ok()?,
+            host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
             opted_out: meta
                 .annotations
                 .as_ref()
@@ -295,7 +300,7 @@ mod tests {
                 "nodeName": "n1", "serviceAccountName": "web",
                 "containers": [{"name": "app", "image": "web:1"}]
             },
-            "status": {"phase": "Running", "podIP": "10.244.1.5", "qosClass": "BestEffort"}
+            "status": {"phase": "Running", "podIP": "10.244.1.5", "hostIP": "172.18.0.2", "qosClass": "BestEffort"}
         }))
         .unwrap();
         slim_pod(&mut pod);
@@ -308,7 +313,7 @@ mod tests {
                     "annotations": {"sealmesh.io/mesh": "disabled"}
                 },
                 "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": []},
-                "status": {"phase": "Running", "podIP": "10.244.1.5"}
+                "status": {"phase": "Running", "podIP": "10.244.1.5", "hostIP": "172.18.0.2"}
             })
         );
         assert_eq!(
@@ -320,6 +325,7 @@ mod tests {
                 node: "n1",
                 service_account: "web",
                 ip: Ipv4Addr::new(10, 244, 1, 5),
+                host_ip: Some(Ipv4Addr::new(172, 18, 0, 2)),
                 opted_out: true,
             })
         );

@@ -54,12 +54,12 @@ pub(super) fn build(
     let mut missing_cgroups = false;
     let mut workloads: Vec<Arc<Workload>> = Vec::new();
     for pod in objects.pods.iter().filter_map(|p| PodFacts::of(p)) {
-        let Some(&node_ip) = node_ips.get(pod.node) else {
+        let Some(node_ip) = node_ips.get(pod.node).copied().or(pod.host_ip) else {
             tracing::debug!(
                 pod.namespace,
                 pod.name,
                 pod.node,
-                "pod's node has no InternalIP (yet); the pod is not routable through the mesh"
+                "neither the pod's node nor the pod names the node's address (yet); the pod is not routable through the mesh"
             );
             continue;
         };
@@ -194,10 +194,26 @@ mod tests {
     }
 
     fn pod(namespace: &str, name: &str, sa: &str, node: &str, ip: &str) -> Arc<Pod> {
+        pod_with_status(
+            namespace,
+            name,
+            sa,
+            node,
+            json!({ "phase": "Running", "podIP": ip }),
+        )
+    }
+
+    fn pod_with_status(
+        namespace: &str,
+        name: &str,
+        sa: &str,
+        node: &str,
+        status: serde_json::Value,
+    ) -> Arc<Pod> {
         let mut pod: Pod = serde_json::from_value(json!({
             "metadata": { "name": name, "namespace": namespace, "uid": format!("uid-{name}") },
             "spec": { "nodeName": node, "serviceAccountName": sa, "containers": [] },
-            "status": { "phase": "Running", "podIP": ip },
+            "status": status,
         }))
         .unwrap();
         objects::slim_pod(&mut pod);
@@ -225,6 +241,13 @@ mod tests {
                 pod("app", "local-0", "web", "n1", "10.244.1.2"),
                 pod("app", "local-1", "web", "n1", "10.244.1.3"),
                 pod("app", "on-unknown-node", "web", "n9", "10.244.9.2"),
+                pod_with_status(
+                    "app",
+                    "host-ip-only",
+                    "web",
+                    "n8",
+                    json!({ "phase": "Running", "podIP": "10.244.8.2", "hostIP": "172.18.0.8" }),
+                ),
                 pod("app", "bad-sa", "Not_A_Name", "n1", "10.244.1.4"),
             ],
             nodes: vec![node("n1", "172.18.0.99")],
@@ -248,6 +271,13 @@ mod tests {
             "unlabelled namespace; the node keeps the address the agent started with"
         );
         assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 9, 2)), None);
+        assert_eq!(
+            snapshot
+                .workload_by_ip(Ipv4Addr::new(10, 244, 8, 2))
+                .map(|w| w.node_ip),
+            Some(Ipv4Addr::new(172, 18, 0, 8)),
+            "a Node without an InternalIP is reached at the hostIP its pods report"
+        );
         assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 1, 4)), None);
     }
 
