@@ -213,15 +213,11 @@ impl Proxy {
     }
 
     pub fn outbound_addr(&self) -> SocketAddr {
-        self.outbound
-            .local_addr()
-            .expect("a bound listener has an address")
+        self_addr(&self.outbound)
     }
 
     pub fn inbound_addr(&self) -> SocketAddr {
-        self.inbound
-            .local_addr()
-            .expect("a bound listener has an address")
+        self_addr(&self.inbound)
     }
 
     pub fn handle(&self) -> ProxyHandle {
@@ -242,6 +238,11 @@ impl Proxy {
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
+        // Known once rather than asked of every accepted socket (a syscall
+        // per connection): the listener is bound to one IPv4 address.
+        let SocketAddr::V4(outbound_addr) = self_addr(&outbound) else {
+            unreachable!("the outbound listener is bound to an IPv4 address")
+        };
         tracing::info!(
             outbound = %engine.cfg.outbound_listen,
             inbound = %engine.cfg.inbound_listen,
@@ -252,7 +253,7 @@ impl Proxy {
                 () = &mut shutdown => break,
                 accepted = outbound.accept() => match accepted {
                     Ok((socket, peer)) => {
-                        connections.spawn(outbound::handle(engine.clone(), socket, peer));
+                        connections.spawn(outbound::handle(engine.clone(), socket, peer, outbound_addr));
                     }
                     Err(error) => accept_failed("outbound", error).await,
                 },
@@ -286,6 +287,12 @@ impl Proxy {
             connections.shutdown().await;
         }
     }
+}
+
+fn self_addr(listener: &TcpListener) -> SocketAddr {
+    listener
+        .local_addr()
+        .expect("a bound listener has an address")
 }
 
 async fn accept_failed(listener: &str, error: std::io::Error) {

@@ -149,10 +149,15 @@ pub(crate) fn route(
     }
 }
 
-/// Serves one accepted connection on the outbound listener.
-pub(crate) async fn handle(engine: Arc<Engine>, client: TcpStream, peer: SocketAddr) {
-    let (SocketAddr::V4(peer_v4), Ok(SocketAddr::V4(listener))) = (peer, client.local_addr())
-    else {
+/// Serves one accepted connection on the outbound listener, whose address
+/// (one IPv4 address, so every accepted socket's local address) is `listener`.
+pub(crate) async fn handle(
+    engine: Arc<Engine>,
+    client: TcpStream,
+    peer: SocketAddr,
+    listener: SocketAddrV4,
+) {
+    let SocketAddr::V4(peer_v4) = peer else {
         tracing::warn!(%peer, "IPv6 connection on the outbound listener; only IPv4 is redirected, refused");
         return;
     };
