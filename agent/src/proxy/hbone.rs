@@ -11,13 +11,6 @@ const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 256 * 1024;
 /// How much h2 may buffer per stream before `poll_capacity` pushes back.
 const MAX_SEND_BUFFER: usize = 1024 * 1024;
-/// Read buffer under TLS on every HBONE connection. rustls asks the socket
-/// for at most 4 KiB at a time, i.e. four or five `recv` calls (and as many
-/// record-processing passes) per 16 KiB record; a buffer in front of the
-/// socket serves those from one `recv` of up to this size. Connections are
-/// pooled per identity pair, so this costs little memory per proxied
-/// connection.
-pub(crate) const TLS_READ_BUFFER: usize = 64 * 1024;
 /// Streams one HBONE connection carries at once; the pool opens another
 /// connection before a peer's limit is reached.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 256;

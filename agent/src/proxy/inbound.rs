@@ -14,7 +14,7 @@ use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Method, Request, Response, StatusCode};
 use sealmesh_common::identity::Identity;
-use tokio::{io::BufReader, net::TcpStream, sync::watch, task::JoinSet};
+use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
@@ -84,7 +84,6 @@ pub(crate) async fn serve(
     let _ = socket.set_nodelay(true);
     let acceptor = TlsAcceptor::from(engine.credentials.server_config());
     let started = Instant::now();
-    let socket = BufReader::with_capacity(hbone::TLS_READ_BUFFER, socket);
     let tls = match tokio::time::timeout(engine.cfg.connect_timeout, acceptor.accept(socket)).await
     {
         Ok(Ok(tls)) => {

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use h2::{SendStream, client::ResponseFuture};
 use http::{Method, Request, StatusCode};
 use sealmesh_common::identity::Identity;
-use tokio::{io::BufReader, net::TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
@@ -401,7 +401,7 @@ async fn dial(
     client_config: Arc<rustls::ClientConfig>,
     node: SocketAddr,
     expected: &Identity,
-) -> Result<Dialed<TlsStream<BufReader<TcpStream>>>, OutboundError> {
+) -> Result<Dialed<TlsStream<TcpStream>>, OutboundError> {
     let handshake = async {
         let tcp = TcpStream::connect(node)
             .await
@@ -411,7 +411,6 @@ async fn dial(
             })?;
         let _ = tcp.set_nodelay(true);
         let started = Instant::now();
-        let tcp = BufReader::with_capacity(hbone::TLS_READ_BUFFER, tcp);
         let tls = TlsConnector::from(client_config)
             .connect(tls::server_name(expected), tcp)
             .await
