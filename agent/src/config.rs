@@ -268,7 +268,15 @@ pub struct Args {
     /// (e.g. by its own writer thread), which breaks ordinary blocking apps.
     #[arg(long, value_enum, default_value_t = OnOff::Off, env = "SEALMESH_SOCKMAP_ACCELERATION")]
     pub sockmap_acceleration: OnOff,
+    /// Threads of the TLS engine. The agent's work is socket hand-offs: where it shares one or
+    /// two cores with its pods, 1 saves cross-thread wake-ups (docs/PERFORMANCE.md); raise it
+    /// on nodes whose agent must carry more than one core's worth of traffic.
+    #[arg(long, default_value_t = DEFAULT_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..), env = "SEALMESH_WORKER_THREADS")]
+    pub worker_threads: u16,
 }
+
+/// Engine threads unless `--worker-threads` says otherwise (ztunnel's default too).
+const DEFAULT_WORKER_THREADS: u16 = 2;
 
 /// A feature switch as typed on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -322,6 +330,7 @@ pub struct Config {
     pub token_file: PathBuf,
     pub policy: Policy,
     pub sockmap_acceleration: bool,
+    pub worker_threads: u16,
     pub admin_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub log_level: String,
@@ -352,6 +361,7 @@ struct ConfigView<'a> {
     kubernetes: Option<KubeView<'a>>,
     policy: Policy,
     sockmap_acceleration: bool,
+    worker_threads: u16,
     admin_listen: SocketAddr,
     metrics_listen: SocketAddr,
     log_level: &'a str,
@@ -413,6 +423,7 @@ impl Config {
             },
             policy: self.policy,
             sockmap_acceleration: self.sockmap_acceleration,
+            worker_threads: self.worker_threads,
             admin_listen: self.admin_listen,
             metrics_listen: self.metrics_listen,
             log_level: &self.log_level,
@@ -635,6 +646,7 @@ impl Config {
                 deny_plaintext: args.deny_plaintext,
             },
             sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
+            worker_threads: args.worker_threads,
             admin_listen: args
                 .admin_listen
                 .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT))),
@@ -878,6 +890,7 @@ nodes:
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
         assert_eq!(dumped["sockmap_acceleration"], false);
+        assert_eq!(dumped["worker_threads"], 2);
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
         assert_eq!(dumped["log_format"], "text");
     }
@@ -1001,6 +1014,14 @@ nodes:
                 }
             ),
             "{err}"
+        );
+
+        let no_threads =
+            Args::try_parse_from(["sealmesh-agent", "--node", "n1", "--worker-threads", "0"])
+                .unwrap_err();
+        assert!(
+            no_threads.to_string().contains("--worker-threads"),
+            "{no_threads}"
         );
 
         let no_file = Args::try_parse_from(["sealmesh-agent", "--node", "n1"]).unwrap();

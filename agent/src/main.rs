@@ -49,6 +49,7 @@ fn main() -> ExitCode {
     init_tracing(&config);
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(config.worker_threads))
         .enable_all()
         .build()
     {
