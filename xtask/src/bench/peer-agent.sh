@@ -7,7 +7,7 @@
 #       target/release/xtask bench --json --peer-cmd xtask/src/bench/peer-agent.sh
 #
 # Environment given to the peer command (e.g. `--peer-cmd
-# 'TOKIO_WORKER_THREADS=1 xtask/src/bench/peer-agent.sh'`) reaches the agent.
+# 'SEALMESH_WORKER_THREADS=1 xtask/src/bench/peer-agent.sh'`) reaches the agent.
 # Its log goes to the testbed's logs/peer-agent-<node>.log; `ready` is printed
 # once the agent logged that it started (its pods are redirected then).
 set -eu
