@@ -723,20 +723,8 @@ fn count_access_log(cluster: &str, since: Instant, outcome: &mut Outcome) -> Res
             .filter_map(|line| serde_json::from_str::<Value>(line).ok())
             // The agent's JSON lines carry the event's fields at the top level.
             .filter(|line| line["target"] == consts::ACCESS_LOG_TARGET)
-            .filter(|event| {
-                event["direction"] == "outbound"
-                    && event["src"]
-                        .as_str()
-                        .is_some_and(|src| src.starts_with(&client_prefix))
-            })
             .collect();
-        outcome.logged = events.len() as u64;
-        outcome.logged_mtls = events.iter().filter(|e| e["tls"] == true).count() as u64;
-        outcome.per_server = BTreeMap::new();
-        for event in &events {
-            let dst = event["dst"].as_str().unwrap_or("").to_owned();
-            *outcome.per_server.entry(dst).or_default() += 1;
-        }
+        outcome.tally_client_connections(&events, &client_prefix);
         if outcome.logged >= outcome.connections || Instant::now() > deadline {
             return Ok(());
         }

@@ -86,6 +86,33 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Replaces the access-log counts with those of `events` (access-log
+    /// JSON lines) that are outbound connections of pods named
+    /// `<client_prefix>...`.
+    pub fn tally_client_connections<'a>(
+        &mut self,
+        events: impl IntoIterator<Item = &'a serde_json::Value>,
+        client_prefix: &str,
+    ) {
+        self.logged = 0;
+        self.logged_mtls = 0;
+        self.per_server = BTreeMap::new();
+        let of_clients = events.into_iter().filter(|e| {
+            e["direction"] == "outbound"
+                && e["src"]
+                    .as_str()
+                    .is_some_and(|src| src.starts_with(client_prefix))
+        });
+        for event in of_clients {
+            self.logged += 1;
+            if event["tls"] == true {
+                self.logged_mtls += 1;
+            }
+            let dst = event["dst"].as_str().unwrap_or("").to_owned();
+            *self.per_server.entry(dst).or_default() += 1;
+        }
+    }
+
     pub fn mtls_fraction(&self) -> f64 {
         if self.logged == 0 {
             0.0
@@ -356,20 +383,9 @@ fn count_access_log(mesh: &Mesh, outcome: &mut Outcome) -> Result<(), LoadtestEr
     loop {
         let mut events = Vec::new();
         for node in &nodes {
-            events.extend(mesh.access_log(node)?.into_iter().filter(|e| {
-                e["direction"] == "outbound"
-                    && e["src"]
-                        .as_str()
-                        .is_some_and(|src| src.starts_with(&client_prefix))
-            }));
+            events.extend(mesh.access_log(node)?);
         }
-        outcome.logged = events.len() as u64;
-        outcome.logged_mtls = events.iter().filter(|e| e["tls"] == true).count() as u64;
-        outcome.per_server = BTreeMap::new();
-        for event in &events {
-            let dst = event["dst"].as_str().unwrap_or("").to_owned();
-            *outcome.per_server.entry(dst).or_default() += 1;
-        }
+        outcome.tally_client_connections(&events, &client_prefix);
         if outcome.logged >= outcome.connections || Instant::now() > deadline {
             return Ok(());
         }
