@@ -36,7 +36,11 @@ use crate::{
     cmd,
     mesh::{Mesh, MeshError, MeshOptions, locate_binary},
     testapp::{self, BotReport},
-    testbed::{ChildGuard, PodSpec, TestbedError, TestbedSpec, layout::SERVICE_CIDR},
+    testbed::{
+        ChildGuard, PodSpec, TestbedError, TestbedSpec,
+        kube::{KubeApi, KubeMode},
+        layout::SERVICE_CIDR,
+    },
 };
 
 /// The meshed application's namespace.
@@ -149,6 +153,17 @@ pub struct DemoArgs {
     /// repeat for several.
     #[arg(long = "agent-arg", value_name = "FLAG", allow_hyphen_values = true)]
     pub agent_args: Vec<String>,
+    /// Run the identity service and the agents in Kubernetes mode: the testbed registers its
+    /// nodes, pods and Services with an API server as kubelets and controllers would (no
+    /// kubelet, scheduler or controller-manager needed) [default API server: an in-process
+    /// fake one].
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Admin kubeconfig of a real API server (kube-apiserver v1.28+) for --kubernetes, e.g.
+    /// `--kubeconfig "$KUBECONFIG"`. Never read from the environment implicitly: the demo
+    /// creates and deletes objects there.
+    #[arg(long, requires = "kubernetes", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
 }
 
 /// What [`run`] does.
@@ -161,6 +176,8 @@ pub struct DemoOptions {
     /// Flags for every agent beyond what the mesh harness passes (cluster,
     /// node, pins, logging).
     pub agent_args: Vec<String>,
+    /// Kubernetes mode and its API server; None: local mode (cluster file).
+    pub kubernetes: Option<KubeMode>,
 }
 
 impl Default for DemoOptions {
@@ -169,6 +186,7 @@ impl Default for DemoOptions {
             duration: Some(Duration::from_secs(20)),
             bot_interval: Duration::from_millis(200),
             agent_args: Vec::new(),
+            kubernetes: None,
         }
     }
 }
@@ -190,6 +208,10 @@ pub fn main(args: &DemoArgs) -> anyhow::Result<()> {
     let options = DemoOptions {
         duration: (!args.follow).then_some(args.duration),
         agent_args: args.agent_args.clone(),
+        kubernetes: args.kubernetes.then(|| match &args.kubeconfig {
+            Some(kubeconfig) => KubeMode::external(kubeconfig),
+            None => KubeMode::fake(),
+        }),
         ..DemoOptions::default()
     };
     let summary = match run(&options, &stop, &mut io::stdout()) {
@@ -282,15 +304,23 @@ pub fn run(
 ) -> Result<DemoSummary, DemoError> {
     let testapp = testapp::locate().map_err(io_err("locating testapp"))?;
     let sealmesh = locate_binary("sealmesh")?;
+    let mode = match options.kubernetes.as_ref().map(|k| &k.api) {
+        None => "local mode: a cluster file".to_owned(),
+        Some(KubeApi::Fake) => "Kubernetes mode: an in-process API server".to_owned(),
+        Some(KubeApi::Kubeconfig(path)) => {
+            format!("Kubernetes mode: the API server of {}", path.display())
+        }
+    };
     writeln!(
         out,
-        "bringing up a 2-node testbed, the identity service and one agent per node"
+        "bringing up a 2-node testbed, the identity service and one agent per node ({mode})"
     )
     .map_err(DemoError::Output)?;
     let mesh = Mesh::up(
         &spec(),
         MeshOptions {
             agent_args: options.agent_args.clone(),
+            kubernetes: options.kubernetes.clone(),
             ..MeshOptions::default()
         },
     )?;

@@ -16,6 +16,7 @@ use sealmesh_common::identity::TrustDomain;
 use xtask::{
     demo::{self, APP_NAMESPACE, DemoOptions, LEGACY_NAMESPACE},
     testapp::{self, BotReport},
+    testbed::kube::KubeMode,
 };
 
 fn node(name: &Option<String>) -> &str {
@@ -31,11 +32,26 @@ fn spiffe(service_account: &str) -> String {
 
 #[test]
 fn demo_secures_every_meshed_edge_with_both_identities_and_explains_the_unmeshed_one() {
+    demo_secures_every_meshed_edge(None, "(local mode: a cluster file)");
+}
+
+/// `cargo xtask demo --kubernetes`: the same app and guarantees, with the
+/// agents and the identity service on the Kubernetes API.
+#[test]
+fn demo_in_kubernetes_mode_secures_every_meshed_edge_the_same_way() {
+    demo_secures_every_meshed_edge(
+        Some(KubeMode::fake()),
+        "(Kubernetes mode: an in-process API server)",
+    );
+}
+
+fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &str) {
     let stop = AtomicBool::new(false);
     let mut printed = Vec::new();
     let summary = demo::run(
         &DemoOptions {
             duration: Some(Duration::from_secs(8)),
+            kubernetes,
             ..DemoOptions::default()
         },
         &stop,
@@ -43,6 +59,10 @@ fn demo_secures_every_meshed_edge_with_both_identities_and_explains_the_unmeshed
     )
     .expect("the demo runs");
     let printed = String::from_utf8(printed).unwrap();
+    assert!(
+        printed.lines().next().unwrap().ends_with(mode_line_end),
+        "{printed}"
+    );
 
     // Exactly the app's edges (from `sealmesh edges -o json`), each secured
     // as its placement implies, with both identities.
