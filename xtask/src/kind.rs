@@ -11,7 +11,6 @@
 //! a client in a meshed demo namespace; run the load test across the nodes.
 
 use std::{
-    collections::BTreeMap,
     io::Write as _,
     path::{Path, PathBuf},
     process::{Command, Stdio},
@@ -23,7 +22,7 @@ use sealmesh_identity::pki::{self, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_R
 use serde_json::{Value, json};
 
 use crate::{
-    bench::loadgen::{Histogram, Report},
+    bench::loadgen::Report,
     cmd::{self, CmdError},
     loadtest::{LoadtestArgs, Outcome},
     manifests::{relative_path, workspace_root},
@@ -635,17 +634,7 @@ fn loadtest_on(cluster: &str, tag: &str, args: &LoadtestArgs) -> Result<Outcome,
         }
     }
     let timeout = format!("{}s", args.duration.as_secs() + 120);
-    let mut outcome = Outcome {
-        connections: 0,
-        errors: 0,
-        bytes: 0,
-        latency: Histogram::default(),
-        seconds: 0.0,
-        logged: 0,
-        logged_mtls: 0,
-        per_server: BTreeMap::new(),
-        first_error: None,
-    };
+    let mut outcome = Outcome::default();
     for name in &jobs {
         step(
             &format!("waiting for {name}"),

@@ -70,7 +70,7 @@ pub enum LoadtestError {
 }
 
 /// What a load test found; [`Outcome::passed`] decides the exit status.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct Outcome {
     pub connections: u64,
     pub errors: u64,
@@ -311,17 +311,7 @@ pub fn run(args: &LoadtestArgs) -> Result<Outcome, LoadtestError> {
             .collect()
     });
 
-    let mut outcome = Outcome {
-        connections: 0,
-        errors: 0,
-        bytes: 0,
-        latency: Histogram::default(),
-        seconds: 0.0,
-        logged: 0,
-        logged_mtls: 0,
-        per_server: BTreeMap::new(),
-        first_error: None,
-    };
+    let mut outcome = Outcome::default();
     for (pod, report) in reports {
         match report? {
             Report::Load {
