@@ -10,15 +10,17 @@
 //! buffers. Counters are updated once per chunk.
 
 use std::{
-    future::poll_fn,
+    future::{Future, poll_fn},
     io,
+    pin::pin,
     sync::{Arc, atomic::AtomicU64, atomic::Ordering},
+    task::{Context, Waker},
 };
 
 use bytes::{Bytes, BytesMut};
 use h2::{RecvStream, SendStream};
 use tokio::{
-    io::AsyncWriteExt,
+    io::{AsyncReadExt, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{OwnedReadHalf, OwnedWriteHalf},
@@ -85,13 +87,13 @@ pub(crate) async fn tcp_tcp(
 /// Reads a socket in chunks sized to the traffic: small after idleness,
 /// growing while reads fill the buffer.
 struct ChunkReader<'a> {
-    read: &'a OwnedReadHalf,
+    read: &'a mut OwnedReadHalf,
     buf: BytesMut,
     read_size: usize,
 }
 
 impl<'a> ChunkReader<'a> {
-    fn new(read: &'a OwnedReadHalf) -> Self {
+    fn new(read: &'a mut OwnedReadHalf) -> Self {
         Self {
             read,
             buf: BytesMut::new(),
@@ -101,34 +103,42 @@ impl<'a> ChunkReader<'a> {
 
     /// The next chunk, None at EOF. Waits without holding a buffer.
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        loop {
-            self.buf.reserve(self.read_size);
-            let room = self.buf.capacity() - self.buf.len();
-            match self.read.try_read_buf(&mut self.buf) {
-                Ok(0) => return Ok(None),
-                Ok(n) => {
-                    if n == room {
-                        self.read_size = (self.read_size * 2).min(MAX_READ);
-                    }
-                    return Ok(Some(self.buf.split().freeze()));
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.buf = BytesMut::new();
-                    self.read_size = FIRST_READ;
-                    self.read.readable().await?;
-                }
-                Err(e) => return Err(e),
+        {
+            // Not readable right now: the socket idles, so give the buffer
+            // back before waiting and start small again afterwards.
+            let mut readable = pin!(self.read.readable());
+            if readable
+                .as_mut()
+                .poll(&mut Context::from_waker(Waker::noop()))
+                .is_pending()
+            {
+                self.buf = BytesMut::new();
+                self.read_size = FIRST_READ;
+                readable.await?;
             }
         }
+        self.buf.reserve(self.read_size);
+        let room = self.buf.capacity() - self.buf.len();
+        // Through AsyncRead rather than try_read: tokio takes a short read
+        // as "socket drained" and clears the readiness, which saves the
+        // EAGAIN read per message that try_read needs to learn the same.
+        let n = self.read.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if n == room {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Ok(Some(self.buf.split().freeze()))
     }
 }
 
 pub(crate) async fn tcp_to_h2(
-    read: OwnedReadHalf,
+    mut read: OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<(), SpliceError> {
-    let mut reader = ChunkReader::new(&read);
+    let mut reader = ChunkReader::new(&mut read);
     while let Some(mut data) = reader.next().await? {
         counter.fetch_add(data.len() as u64, Ordering::Relaxed);
         while !data.is_empty() {
@@ -160,11 +170,11 @@ pub(crate) async fn h2_to_tcp(
 }
 
 async fn tcp_to_tcp(
-    read: OwnedReadHalf,
+    mut read: OwnedReadHalf,
     mut write: OwnedWriteHalf,
     counter: &AtomicU64,
 ) -> Result<(), SpliceError> {
-    let mut reader = ChunkReader::new(&read);
+    let mut reader = ChunkReader::new(&mut read);
     while let Some(chunk) = reader.next().await? {
         write.write_all(&chunk).await?;
         counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
