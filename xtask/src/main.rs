@@ -100,6 +100,11 @@ struct BenchArgs {
     /// Tiny durations and one round: checks that the harness works, nothing more.
     #[arg(long)]
     quick: bool,
+    /// Run only these measurements (comma-separated; default: all), e.g.
+    /// `--only connrate,rr` while working on one figure. Figures not measured
+    /// are `-` in the table and null in the JSON.
+    #[arg(long, value_delimiter = ',', value_name = "MEASURE")]
+    only: Vec<bench::datapath::Measure>,
 }
 
 #[derive(Subcommand)]
@@ -207,12 +212,14 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             peer_cmd,
             variants,
             quick,
+            only,
         }) => {
             bench::datapath::run(&bench::datapath::BenchOptions {
                 json,
                 peer_cmd,
                 variants,
                 quick,
+                only,
             })?;
         }
         Task::Loadtest(args) => {

@@ -120,12 +120,44 @@ fn quick_bench_reports_every_figure_against_plaintext() {
             .collect::<Vec<_>>(),
         ["node-0", "node-1"]
     );
+    let anon = positive(&summary, "idle_anon_rss_bytes");
+    assert!(
+        anon < positive(&summary, "idle_rss_bytes"),
+        "the anonymous part is a part: {summary}"
+    );
     // Plaintext has no proxy: nothing to charge memory or CPU to.
     assert!(summary["columns"]["plaintext"]["idle_rss_bytes"].is_null());
 
     let ids = testbed_ids(&out);
     assert_eq!(ids.len(), 2, "one testbed per column: {ids:?}");
     assert_removed(&ids);
+}
+
+#[test]
+fn bench_only_runs_the_chosen_measurements() {
+    let out = xtask(&["bench", "--quick", "--json", "--only", "connrate,rr"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let summary = last_json_line(&out);
+    positive(&summary, "conn_rate_ratio");
+    positive(&summary, "rr_p50_ratio");
+    for key in [
+        "throughput_ratio",
+        "throughput_16_ratio",
+        "mem_per_conn_bytes",
+        "idle_rss_bytes",
+        "cpu_seconds_per_gb",
+    ] {
+        assert!(summary[key].is_null(), "{key} was measured: {summary}");
+    }
+    let sealmesh = &summary["columns"]["sealmesh"];
+    assert_eq!(sealmesh["samples"]["conn_per_s"].as_array().unwrap().len(), 1);
+    assert!(
+        sealmesh["samples"]["throughput_gbps"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
+    assert_removed(&testbed_ids(&out));
 }
 
 #[test]

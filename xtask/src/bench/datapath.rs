@@ -132,6 +132,29 @@ pub struct BenchOptions {
     /// sealmesh columns; the first one is compared in the top-level ratios.
     pub variants: Vec<Variant>,
     pub quick: bool,
+    /// Measurements to run; empty: all of them.
+    pub only: Vec<Measure>,
+}
+
+/// One measurement of a round (or the memory one, made once per column).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Measure {
+    /// 1-stream bulk throughput (and CPU per GB).
+    Bulk1,
+    /// 16-stream bulk throughput (and CPU per GB).
+    Bulk16,
+    /// 64 B request/response latency.
+    Rr,
+    /// New connections per second.
+    Connrate,
+    /// Idle RSS and memory per idle proxied connection.
+    Memory,
+}
+
+impl BenchOptions {
+    fn measures(&self, measure: Measure) -> bool {
+        self.only.is_empty() || self.only.contains(&measure)
+    }
 }
 
 /// Durations and sizes of one run.
@@ -189,6 +212,8 @@ struct Column {
 /// Raw figures of one column (medians over rounds).
 #[derive(Clone, Debug, Default)]
 struct Figures {
+    /// Whether the column runs node proxies (all but plaintext).
+    proxied: bool,
     bulk1_gbps: Vec<f64>,
     bulk16_gbps: Vec<f64>,
     rr_p50_us: Vec<f64>,
@@ -200,6 +225,8 @@ struct Figures {
     proxy_cpu_seconds: f64,
     /// Per node: RSS of the idle proxy after start-up.
     idle_rss_bytes: BTreeMap<String, u64>,
+    /// Per node: the anonymous part of `idle_rss_bytes`.
+    idle_anon_rss_bytes: BTreeMap<String, u64>,
     /// Per node: RSS growth for each idle proxied connection.
     rss_per_conn_bytes: BTreeMap<String, f64>,
     /// Measurements that failed, with the reason.
@@ -328,9 +355,13 @@ impl Column {
     }
 
     fn proxy_rss(&self) -> Result<BTreeMap<String, u64>, BenchError> {
+        self.per_proxy(proc_stats::tree_rss_bytes)
+    }
+
+    fn per_proxy(&self, read: fn(u32) -> Option<u64>) -> Result<BTreeMap<String, u64>, BenchError> {
         self.proxies()
             .into_iter()
-            .map(|(node, pid)| Ok((node, self.alive(pid, proc_stats::tree_rss_bytes(pid))?)))
+            .map(|(node, pid)| Ok((node, self.alive(pid, read(pid))?)))
             .collect()
     }
 
@@ -389,23 +420,26 @@ impl Column {
 
     /// One round of every measurement; a failed one is recorded in
     /// `figures.failures` and the others still run.
-    fn round(&self, plan: &Plan, figures: &mut Figures) {
+    fn round(&self, plan: &Plan, options: &BenchOptions, figures: &mut Figures) {
         type Step = fn(&Column, &Plan, &mut Figures) -> Result<(), BenchError>;
-        let steps: [(&str, Step); 4] = [
-            ("1-stream bulk", |c, plan, f| {
+        let steps: [(Measure, &str, Step); 4] = [
+            (Measure::Bulk1, "1-stream bulk", |c, plan, f| {
                 let gbps = c.bulk(plan, 1, f)?;
                 f.bulk1_gbps.push(gbps);
                 Ok(())
             }),
-            ("16-stream bulk", |c, plan, f| {
+            (Measure::Bulk16, "16-stream bulk", |c, plan, f| {
                 let gbps = c.bulk(plan, 16, f)?;
                 f.bulk16_gbps.push(gbps);
                 Ok(())
             }),
-            ("request/response", Column::request_response),
-            ("connection rate", Column::connection_rate),
+            (Measure::Rr, "request/response", Column::request_response),
+            (Measure::Connrate, "connection rate", Column::connection_rate),
         ];
-        for (what, step) in steps {
+        for (_, what, step) in steps
+            .into_iter()
+            .filter(|(measure, ..)| options.measures(*measure))
+        {
             if let Err(e) = step(self, plan, figures) {
                 tracing::warn!(column = self.name, "{what} failed: {e}");
                 figures.failures.push(format!("{what}: {e}"));
@@ -487,6 +521,7 @@ impl Column {
         std::thread::sleep(SETTLE);
         let before = self.proxy_rss()?;
         figures.idle_rss_bytes = before.clone();
+        figures.idle_anon_rss_bytes = self.per_proxy(proc_stats::tree_anon_rss_bytes)?;
         let (idle, report) = self.loadgen(CLIENT).start(&args(&[
             "idle",
             "--connect",
@@ -559,8 +594,17 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
         columns.push(Column::up("peer", Kind::Peer, options, Some(cmd))?);
     }
 
-    let mut figures = vec![Figures::default(); columns.len()];
+    let mut figures: Vec<Figures> = columns
+        .iter()
+        .map(|column| Figures {
+            proxied: column.kind != Kind::Plaintext,
+            ..Figures::default()
+        })
+        .collect();
     for (column, figures) in columns.iter().zip(&mut figures) {
+        if !options.measures(Measure::Memory) {
+            break;
+        }
         tracing::info!(column = column.name, "memory");
         if let Err(e) = column.memory(&plan, figures) {
             tracing::warn!(column = column.name, "memory failed: {e}");
@@ -575,7 +619,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
                 column = columns[index].name,
                 "throughput, latency, connections"
             );
-            columns[index].round(&plan, &mut figures[index]);
+            columns[index].round(&plan, options, &mut figures[index]);
         }
     }
 
@@ -628,6 +672,7 @@ struct Medians {
     conn_per_s: f64,
     /// Per-side figures are means over the nodes' proxies.
     idle_rss_bytes: Option<f64>,
+    idle_anon_rss_bytes: Option<f64>,
     mem_per_conn_bytes: Option<f64>,
     cpu_seconds_per_gb: Option<f64>,
 }
@@ -637,7 +682,6 @@ impl Medians {
         let mean = |values: Vec<f64>| {
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         };
-        let has_proxies = !figures.idle_rss_bytes.is_empty();
         Self {
             bulk1_gbps: median(&figures.bulk1_gbps),
             bulk16_gbps: median(&figures.bulk16_gbps),
@@ -646,8 +690,15 @@ impl Medians {
             rr_p99_us: median(&figures.rr_p99_us),
             conn_per_s: median(&figures.conn_per_s),
             idle_rss_bytes: mean(figures.idle_rss_bytes.values().map(|&b| b as f64).collect()),
+            idle_anon_rss_bytes: mean(
+                figures
+                    .idle_anon_rss_bytes
+                    .values()
+                    .map(|&b| b as f64)
+                    .collect(),
+            ),
             mem_per_conn_bytes: mean(figures.rss_per_conn_bytes.values().copied().collect()),
-            cpu_seconds_per_gb: has_proxies
+            cpu_seconds_per_gb: (figures.proxied && figures.bulk_bytes > 0)
                 .then(|| figures.proxy_cpu_seconds / (figures.bulk_bytes as f64 / 1e9)),
         }
     }
@@ -663,6 +714,7 @@ impl Medians {
             "conn_errors": figures.conn_errors,
             "idle_rss_bytes": self.idle_rss_bytes,
             "idle_rss_bytes_by_node": figures.idle_rss_bytes,
+            "idle_anon_rss_bytes": self.idle_anon_rss_bytes,
             "mem_per_conn_bytes": self.mem_per_conn_bytes,
             "mem_per_conn_bytes_by_node": figures.rss_per_conn_bytes,
             "cpu_seconds_per_gb": self.cpu_seconds_per_gb,
@@ -722,6 +774,10 @@ fn summarise(names: &[&str], figures: &[Figures], plan: &Plan, profile: &str) ->
     );
     summary.insert("idle_rss_bytes".into(), json!(sealmesh.idle_rss_bytes));
     summary.insert(
+        "idle_anon_rss_bytes".into(),
+        json!(sealmesh.idle_anon_rss_bytes),
+    );
+    summary.insert(
         "cpu_seconds_per_gb".into(),
         json!(sealmesh.cpu_seconds_per_gb),
     );
@@ -747,7 +803,7 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
     let medians: Vec<Medians> = figures.iter().map(Medians::of).collect();
     let plaintext = &medians[0];
     type Pick = fn(&Medians) -> Option<f64>;
-    let rows: [(&str, Pick, bool, &str); 9] = [
+    let rows: [(&str, Pick, bool, &str); 10] = [
         ("1-stream Gbit/s", |m| Some(m.bulk1_gbps), true, ">= 0.32x"),
         ("16-stream Gbit/s", |m| Some(m.bulk16_gbps), true, ""),
         ("64 B rr p50 us", |m| Some(m.rr_p50_us), true, "<= 2.0x"),
@@ -759,6 +815,12 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
             |m| m.idle_rss_bytes.map(|b| b / 1048576.0),
             false,
             "<= 16 MB",
+        ),
+        (
+            "  of it anonymous",
+            |m| m.idle_anon_rss_bytes.map(|b| b / 1048576.0),
+            false,
+            "",
         ),
         (
             "KiB/idle conn/side",
@@ -827,11 +889,12 @@ mod proc_stats {
         Some((ppid, utime + stime))
     }
 
-    fn rss_bytes(pid: u32) -> Option<u64> {
+    /// A `kB` field of `/proc/<pid>/status` (`VmRSS`, `RssAnon`), in bytes.
+    fn status_bytes(pid: u32, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let kib: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
             .trim()
             .strip_suffix("kB")?
             .trim()
@@ -864,8 +927,24 @@ mod proc_stats {
         Some(tree)
     }
 
+    /// Resident memory of `root` and its descendants.
     pub fn tree_rss_bytes(root: u32) -> Option<u64> {
-        Some(tree(root)?.into_iter().filter_map(rss_bytes).sum())
+        tree_status_bytes(root, "VmRSS")
+    }
+
+    /// The anonymous part of it (heap, stacks): what is not mapped files
+    /// such as the binary's code, which processes mapping it share.
+    pub fn tree_anon_rss_bytes(root: u32) -> Option<u64> {
+        tree_status_bytes(root, "RssAnon")
+    }
+
+    fn tree_status_bytes(root: u32, field: &str) -> Option<u64> {
+        Some(
+            tree(root)?
+                .into_iter()
+                .filter_map(|pid| status_bytes(pid, field))
+                .sum(),
+        )
     }
 
     pub fn tree_cpu_seconds(root: u32) -> Option<f64> {
