@@ -81,7 +81,6 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
-    let _ = socket.set_nodelay(true);
     let acceptor = TlsAcceptor::from(engine.credentials.server_config());
     let started = Instant::now();
     let tls = match tokio::time::timeout(engine.cfg.connect_timeout, acceptor.accept(socket)).await

@@ -28,7 +28,7 @@ use sealmesh_common::{
     identity::Identity,
 };
 use tokio::{
-    net::TcpListener,
+    net::{TcpListener, TcpSocket},
     sync::{broadcast, watch},
     task::JoinSet,
 };
@@ -186,13 +186,11 @@ impl Proxy {
         redirects: Arc<dyn RedirectTable>,
         credentials: Arc<dyn TlsCredentials>,
     ) -> Result<Self, ProxyError> {
-        let listen = |what, addr: SocketAddrV4| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| ProxyError::Bind { what, addr, source })
+        let listen = |what, addr: SocketAddrV4| {
+            listener(addr).map_err(|source| ProxyError::Bind { what, addr, source })
         };
-        let outbound = listen("outbound (redirected pod connections)", cfg.outbound_listen).await?;
-        let inbound = listen("inbound HBONE", cfg.inbound_listen).await?;
+        let outbound = listen("outbound (redirected pod connections)", cfg.outbound_listen)?;
+        let inbound = listen("inbound HBONE", cfg.inbound_listen)?;
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Ok(Self {
             engine: Arc::new(Engine {
@@ -289,6 +287,20 @@ impl Proxy {
     }
 }
 
+/// Pending connections a listener holds: one agent takes the bursts of every
+/// meshed pod of its node (the standard library's 128 is a single server's).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener whose accepted sockets have TCP_NODELAY already: Linux copies
+/// it from the listener, which saves a setsockopt per connection.
+fn listener(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr.into())?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 fn self_addr(listener: &TcpListener) -> SocketAddr {
     listener
         .local_addr()
@@ -305,5 +317,20 @@ fn log_task_end(done: Result<(), tokio::task::JoinError>) {
         && error.is_panic()
     {
         tracing::error!(%error, "connection handler panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_sockets_have_nodelay_from_the_listener() {
+        let listener = listener(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let _client = tokio::net::TcpStream::connect(self_addr(&listener))
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }

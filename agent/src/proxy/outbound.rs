@@ -203,7 +203,6 @@ async fn proxy(
             cgroup: source_cgroup,
         })?;
     tracker.set_src(&source);
-    let _ = client.set_nodelay(true);
     let policy = engine.cfg.policy;
     match route(
         engine.registry.local_node(),
