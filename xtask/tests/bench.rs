@@ -150,7 +150,10 @@ fn bench_only_runs_the_chosen_measurements() {
         assert!(summary[key].is_null(), "{key} was measured: {summary}");
     }
     let sealmesh = &summary["columns"]["sealmesh"];
-    assert_eq!(sealmesh["samples"]["conn_per_s"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        sealmesh["samples"]["conn_per_s"].as_array().unwrap().len(),
+        1
+    );
     assert!(
         sealmesh["samples"]["throughput_gbps"]
             .as_array()
@@ -251,7 +254,8 @@ fn loadtest_on_kind_explains_what_it_needs() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.starts_with("error: docker, kind, kubectl not found on PATH: ")
-            && stderr.contains("use the local testbed (`cargo xtask demo`, `cargo xtask loadtest`)"),
+            && stderr
+                .contains("use the local testbed (`cargo xtask demo`, `cargo xtask loadtest`)"),
         "{stderr}"
     );
 }

@@ -434,7 +434,11 @@ impl Column {
                 Ok(())
             }),
             (Measure::Rr, "request/response", Column::request_response),
-            (Measure::Connrate, "connection rate", Column::connection_rate),
+            (
+                Measure::Connrate,
+                "connection rate",
+                Column::connection_rate,
+            ),
         ];
         for (_, what, step) in steps
             .into_iter()
@@ -601,14 +605,13 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
             ..Figures::default()
         })
         .collect();
-    for (column, figures) in columns.iter().zip(&mut figures) {
-        if !options.measures(Measure::Memory) {
-            break;
-        }
-        tracing::info!(column = column.name, "memory");
-        if let Err(e) = column.memory(&plan, figures) {
-            tracing::warn!(column = column.name, "memory failed: {e}");
-            figures.failures.push(format!("memory: {e}"));
+    if options.measures(Measure::Memory) {
+        for (column, figures) in columns.iter().zip(&mut figures) {
+            tracing::info!(column = column.name, "memory");
+            if let Err(e) = column.memory(&plan, figures) {
+                tracing::warn!(column = column.name, "memory failed: {e}");
+                figures.failures.push(format!("memory: {e}"));
+            }
         }
     }
     for round in 0..plan.rounds {
