@@ -105,6 +105,10 @@ struct BenchArgs {
     /// are `-` in the table and null in the JSON.
     #[arg(long, value_delimiter = ',', value_name = "MEASURE")]
     only: Vec<bench::datapath::Measure>,
+    /// Rounds to take the medians over (default 3, 1 with --quick): more
+    /// rounds for tighter medians on a noisy machine.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    rounds: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -213,6 +217,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             variants,
             quick,
             only,
+            rounds,
         }) => {
             bench::datapath::run(&bench::datapath::BenchOptions {
                 json,
@@ -220,6 +225,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                 variants,
                 quick,
                 only,
+                rounds,
             })?;
         }
         Task::Loadtest(args) => {

@@ -134,8 +134,16 @@ fn quick_bench_reports_every_figure_against_plaintext() {
 }
 
 #[test]
-fn bench_only_runs_the_chosen_measurements() {
-    let out = xtask(&["bench", "--quick", "--json", "--only", "connrate,rr"]);
+fn bench_only_runs_the_chosen_measurements_for_the_rounds_asked() {
+    let out = xtask(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--only",
+        "connrate,rr",
+        "--rounds",
+        "2",
+    ]);
     assert!(out.status.success(), "{}", describe(&out));
     let summary = last_json_line(&out);
     positive(&summary, "conn_rate_ratio");
@@ -152,8 +160,10 @@ fn bench_only_runs_the_chosen_measurements() {
     let sealmesh = &summary["columns"]["sealmesh"];
     assert_eq!(
         sealmesh["samples"]["conn_per_s"].as_array().unwrap().len(),
-        1
+        2,
+        "one sample per round: {summary}"
     );
+    assert_eq!(summary["plan"]["rounds"], 2);
     assert!(
         sealmesh["samples"]["throughput_gbps"]
             .as_array()

@@ -134,6 +134,8 @@ pub struct BenchOptions {
     pub quick: bool,
     /// Measurements to run; empty: all of them.
     pub only: Vec<Measure>,
+    /// Rounds instead of the plan's (3, or 1 with `quick`).
+    pub rounds: Option<usize>,
 }
 
 /// One measurement of a round (or the memory one, made once per column).
@@ -558,7 +560,10 @@ fn args(items: &[&str]) -> Vec<String> {
 /// Runs the benchmark and prints the table (and the JSON line).
 pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     crate::testbed::require_root()?;
-    let plan = Plan::new(options.quick);
+    let plan = Plan {
+        rounds: options.rounds.unwrap_or(Plan::new(options.quick).rounds),
+        ..Plan::new(options.quick)
+    };
     let profile = build_profile();
     if profile != "release" {
         eprintln!(
