@@ -652,33 +652,14 @@ fn loadtest_on(cluster: &str, tag: &str, args: &LoadtestArgs) -> Result<Outcome,
             &format!("reading {name}'s report"),
             kubectl(cluster).args(["-n", DEMO_NAMESPACE, "logs", &format!("job/{name}")]),
         )?;
-        match logs
+        let report = logs
             .lines()
             .rev()
-            .find_map(|l| serde_json::from_str(l).ok())
-        {
-            Some(Report::Load {
-                connections,
-                errors,
-                bytes,
-                seconds,
-                latency,
-                first_error,
-            }) => {
-                outcome.connections += connections;
-                outcome.errors += errors;
-                outcome.bytes += bytes;
-                outcome.seconds = outcome.seconds.max(seconds);
-                outcome.latency.merge(&latency);
-                if outcome.first_error.is_none() {
-                    outcome.first_error = first_error.map(|e| format!("{name}: {e}"));
-                }
-            }
-            _ => {
-                return Err(KindError::Unexpected(format!(
-                    "{name} printed no load report; its log:\n{logs}"
-                )));
-            }
+            .find_map(|l| serde_json::from_str::<Report>(l).ok());
+        if report.is_none_or(|report| outcome.add_client_report(name, report).is_err()) {
+            return Err(KindError::Unexpected(format!(
+                "{name} printed no load report; its log:\n{logs}"
+            )));
         }
     }
     count_access_log(cluster, started, &mut outcome)?;

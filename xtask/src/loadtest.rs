@@ -86,6 +86,31 @@ pub struct Outcome {
 }
 
 impl Outcome {
+    /// Adds the `load` report of the client `client`; any other report is
+    /// handed back.
+    pub fn add_client_report(&mut self, client: &str, report: Report) -> Result<(), Report> {
+        let Report::Load {
+            connections,
+            errors,
+            bytes,
+            seconds,
+            latency,
+            first_error,
+        } = report
+        else {
+            return Err(report);
+        };
+        self.connections += connections;
+        self.errors += errors;
+        self.bytes += bytes;
+        self.seconds = self.seconds.max(seconds);
+        self.latency.merge(&latency);
+        if self.first_error.is_none() {
+            self.first_error = first_error.map(|e| format!("{client}: {e}"));
+        }
+        Ok(())
+    }
+
     /// Replaces the access-log counts with those of `events` (access-log
     /// JSON lines) that are outbound connections of pods named
     /// `<client_prefix>...`.
@@ -313,30 +338,11 @@ pub fn run(args: &LoadtestArgs) -> Result<Outcome, LoadtestError> {
 
     let mut outcome = Outcome::default();
     for (pod, report) in reports {
-        match report? {
-            Report::Load {
-                connections,
-                errors,
-                bytes,
-                seconds,
-                latency,
-                first_error,
-            } => {
-                outcome.connections += connections;
-                outcome.errors += errors;
-                outcome.bytes += bytes;
-                outcome.seconds = outcome.seconds.max(seconds);
-                outcome.latency.merge(&latency);
-                if outcome.first_error.is_none() {
-                    outcome.first_error = first_error.map(|e| format!("{pod}: {e}"));
-                }
-            }
-            report => {
-                return Err(LoadtestError::UnexpectedReport {
-                    pod,
-                    report: Box::new(report),
-                });
-            }
+        if let Err(report) = outcome.add_client_report(&pod, report?) {
+            return Err(LoadtestError::UnexpectedReport {
+                pod,
+                report: Box::new(report),
+            });
         }
     }
     count_access_log(&mesh, &mut outcome)?;
