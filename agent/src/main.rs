@@ -82,6 +82,19 @@ fn raise_open_files_limit() {
     }
 }
 
+/// Loading the eBPF object parses the kernel's BTF: ~18 MB of heap at the
+/// peak (heaptrack), all freed right after. glibc keeps most of those pages
+/// because allocations that outlive the load sit between them, so they would
+/// stay in the agent's RSS for its whole life: hand them back once.
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim takes no pointers; it only returns the allocator's
+    // own free pages to the kernel, and is thread-safe.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn init_tracing(config: &Config) {
     // Validated by Config, so this parse cannot fail.
     let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
@@ -139,6 +152,7 @@ async fn run(config: Config) -> Result<()> {
             )
         })?,
     );
+    release_freed_heap();
     let proxy = Proxy::bind(
         ProxyConfig::for_node(node_ip, config.policy),
         registry_dyn.clone(),
