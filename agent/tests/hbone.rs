@@ -312,7 +312,7 @@ fn service_vip(n: u8) -> SocketAddrV4 {
 /// One running engine and what the test needs to drive it.
 struct Node {
     handle: ProxyHandle,
-    events: broadcast::Receiver<ConnectionEvent>,
+    events: broadcast::Receiver<Arc<ConnectionEvent>>,
     outbound: SocketAddrV4,
     redirects: Arc<TestRedirects>,
     stop: oneshot::Sender<()>,
@@ -555,7 +555,7 @@ async fn assert_closed_without_data(mut stream: TcpStream) {
 async fn next_close(node: &mut Node, direction: Direction) -> ConnectionEvent {
     tokio::time::timeout(EVENT_WAIT, async {
         loop {
-            let event = node.events.recv().await.unwrap();
+            let event = Arc::unwrap_or_clone(node.events.recv().await.unwrap());
             if event.phase == Phase::Close && event.direction == direction {
                 return event;
             }
@@ -570,7 +570,7 @@ async fn next_closes(node: &mut Node, count: usize) -> Vec<ConnectionEvent> {
     tokio::time::timeout(EVENT_WAIT, async {
         let mut closes = Vec::new();
         while closes.len() < count {
-            let event = node.events.recv().await.unwrap();
+            let event = Arc::unwrap_or_clone(node.events.recv().await.unwrap());
             if event.phase == Phase::Close {
                 closes.push(event);
             }
@@ -1297,7 +1297,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
         let client_cgroup = registry.local_workloads().iter().find_map(|w| w.cgroup_id);
         nodes.push((redirects, client_cgroup, async move {
             loop {
-                let event = events.recv().await.unwrap();
+                let event = Arc::unwrap_or_clone(events.recv().await.unwrap());
                 if event.phase == Phase::Close {
                     return event;
                 }

@@ -149,7 +149,7 @@ impl pb::admin_server::Admin for AdminService {
 /// Copies matching events to one tap client until it goes away, the agent
 /// stops, or the client falls so far behind that events were dropped for it.
 async fn forward_tap(
-    mut events: broadcast::Receiver<ConnectionEvent>,
+    mut events: broadcast::Receiver<Arc<ConnectionEvent>>,
     filter: pb::TapRequest,
     node: String,
     tx: mpsc::Sender<Result<pb::ConnectionEvent, Status>>,
@@ -342,7 +342,7 @@ mod tests {
         let (_stop_tx, stop) = watch::channel(false);
         // Five events while the tap has not read any: three are dropped for it.
         for id in 0..5 {
-            events_tx.send(event(id)).unwrap();
+            events_tx.send(Arc::new(event(id))).unwrap();
         }
         let tap = tokio::spawn(forward_tap(
             events,
@@ -378,8 +378,8 @@ mod tests {
         let tap = tokio::spawn(forward_tap(events, filter, "node-0".into(), tx, stop));
         let mut elsewhere = event(1);
         elsewhere.src.as_mut().unwrap().namespace = "other".into();
-        events_tx.send(elsewhere).unwrap();
-        events_tx.send(event(2)).unwrap();
+        events_tx.send(Arc::new(elsewhere)).unwrap();
+        events_tx.send(Arc::new(event(2))).unwrap();
         let got = rx.recv().await.unwrap().unwrap();
         assert_eq!((got.id, got.node.as_str()), (2, "node-0"));
         stop_tx.send(true).unwrap();

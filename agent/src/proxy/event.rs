@@ -144,13 +144,23 @@ pub trait ConnectionObserver: Send + Sync + 'static {
 pub(crate) type Observers = Arc<ArcSwap<Vec<Arc<dyn ConnectionObserver>>>>;
 
 /// Where a connection's events go: the broadcast channel and the observers.
+/// The channel carries `Arc`s: its ring is allocated in full up front, and an
+/// event is ~270 bytes more than a pointer (1.1 MB of resident memory per
+/// agent for 4,096 slots, measured); each tap client then shares one copy.
 #[derive(Clone)]
 pub(crate) struct EventSink {
-    pub events: broadcast::Sender<ConnectionEvent>,
+    pub events: broadcast::Sender<Arc<ConnectionEvent>>,
     pub observers: Observers,
 }
 
 impl EventSink {
+    /// Publishes to tap clients; builds the shared copy only if one listens.
+    fn publish(&self, event: &ConnectionEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(Arc::new(event.clone()));
+        }
+    }
+
     pub fn tls_handshake(&self, direction: Direction, elapsed: Duration) {
         for observer in self.observers.load().iter() {
             observer.tls_handshake(direction, elapsed);
@@ -213,13 +223,13 @@ impl ConnectionTracker {
     /// Publishes the open event (the channel drops it if nobody listens).
     pub fn open(&mut self) {
         self.opened = true;
-        let mut open = self.event.clone();
-        open.phase = Phase::Open;
-        open.timestamp_ms = unix_ms(SystemTime::now());
+        // The close event overwrites phase and timestamp.
+        self.event.phase = Phase::Open;
+        self.event.timestamp_ms = unix_ms(SystemTime::now());
         for observer in self.sink.observers.load().iter() {
-            observer.connection_opened(&open, &self.bytes);
+            observer.connection_opened(&self.event, &self.bytes);
         }
-        let _ = self.sink.events.send(open);
+        self.sink.publish(&self.event);
     }
 }
 
@@ -237,7 +247,7 @@ impl Drop for ConnectionTracker {
         for observer in self.sink.observers.load().iter() {
             observer.connection_closed(e, self.opened);
         }
-        let _ = self.sink.events.send(e.clone());
+        self.sink.publish(e);
     }
 }
 
@@ -290,7 +300,7 @@ fn duration_ms(d: Duration) -> u64 {
 mod tests {
     use super::*;
 
-    fn sink(events: broadcast::Sender<ConnectionEvent>) -> EventSink {
+    fn sink(events: broadcast::Sender<Arc<ConnectionEvent>>) -> EventSink {
         EventSink {
             events,
             observers: Observers::default(),

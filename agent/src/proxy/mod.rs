@@ -154,7 +154,7 @@ pub struct ProxyHandle {
 
 impl ProxyHandle {
     /// Open/close events of every connection from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<ConnectionEvent> {
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<ConnectionEvent>> {
         self.engine.sink.events.subscribe()
     }
 
