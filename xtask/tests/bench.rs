@@ -209,6 +209,50 @@ fn bench_peer_column_runs_the_peer_command_on_every_node() {
 }
 
 #[test]
+fn bench_peer_agent_script_runs_another_agent_build_as_the_peer_column() {
+    // The script docs/PERFORMANCE.md gives for A/B runs, with this build's
+    // agent as the "other" build.
+    let agent = Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("sealmesh-agent");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/bench/peer-agent.sh");
+    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args(["bench", "--quick", "--json", "--only", "rr,memory"])
+        .args(["--peer-cmd", &format!("exec {script}")])
+        .env("PEER_AGENT", &agent)
+        .env("NO_COLOR", "1")
+        .output()
+        .expect("xtask runs");
+    assert!(out.status.success(), "{}", describe(&out));
+    let summary = last_json_line(&out);
+    let peer = &summary["columns"]["peer"];
+    positive(peer, "rr_p50_ratio");
+    positive(peer, "mem_per_conn_bytes");
+    // Its memory is the agent's alone (the script execs it), so it matches
+    // the sealmesh column's, the same binary; a shell left in the process
+    // tree would add ~1.5 MiB.
+    let sealmesh_rss = positive(&summary["columns"]["sealmesh"], "idle_rss_bytes");
+    let peer_rss = positive(peer, "idle_rss_bytes");
+    assert!(
+        (peer_rss - sealmesh_rss).abs() < 1024.0 * 1024.0,
+        "peer {peer_rss} vs sealmesh {sealmesh_rss}: {summary}"
+    );
+    assert_removed(&testbed_ids(&out));
+}
+
+#[test]
+fn bench_says_when_the_peer_command_exits_before_it_is_ready() {
+    let out = xtask(&["bench", "--quick", "--peer-cmd", "echo starting; exit 3"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains("the peer command on node node-0 closed its output without printing `ready`"),
+        "{}",
+        describe(&out)
+    );
+    assert_removed(&testbed_ids(&out));
+}
+
+#[test]
 fn loadtest_connects_every_client_to_every_node_over_mtls() {
     let out = xtask(&[
         "loadtest",

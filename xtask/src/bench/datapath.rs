@@ -69,6 +69,10 @@ pub enum BenchError {
         "the peer command did not print `{PEER_READY_LINE}` on node {node} within {PEER_READY_TIMEOUT:?}; see {log}"
     )]
     PeerNotReady { node: String, log: PathBuf },
+    #[error(
+        "the peer command on node {node} closed its output without printing `{PEER_READY_LINE}` (did it exit?); see {log}"
+    )]
+    PeerExited { node: String, log: PathBuf },
     #[error("loadgen {mode} in {column} reported {report:?}, expected a {mode} report")]
     UnexpectedReport {
         column: String,
@@ -329,12 +333,19 @@ impl Column {
                     let _ = writeln!(log, "{line}");
                 }
             });
-            ready_rx
-                .recv_timeout(PEER_READY_TIMEOUT)
-                .map_err(|_| BenchError::PeerNotReady {
-                    node: node.name.clone(),
-                    log: log_path,
-                })?;
+            ready_rx.recv_timeout(PEER_READY_TIMEOUT).map_err(|error| {
+                let node = node.name.clone();
+                match error {
+                    mpsc::RecvTimeoutError::Timeout => BenchError::PeerNotReady {
+                        node,
+                        log: log_path,
+                    },
+                    mpsc::RecvTimeoutError::Disconnected => BenchError::PeerExited {
+                        node,
+                        log: log_path,
+                    },
+                }
+            })?;
         }
         Ok(())
     }
