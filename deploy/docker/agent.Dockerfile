@@ -8,10 +8,11 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo xtask setup --build-only
-RUN cargo build --release --locked --package sealmesh-agent --bin sealmesh-agent
+# The `dist` profile: release with fat LTO (Cargo.toml).
+RUN cargo build --profile dist --locked --package sealmesh-agent --bin sealmesh-agent
 
 FROM debian:bookworm-slim
-COPY --from=build /src/target/release/sealmesh-agent /usr/local/bin/sealmesh-agent
+COPY --from=build /src/target/dist/sealmesh-agent /usr/local/bin/sealmesh-agent
 # Root with a few capabilities (see deploy/base/agent.yaml), not privileged.
 USER 0
 ENTRYPOINT ["/usr/local/bin/sealmesh-agent"]

@@ -5,10 +5,11 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked --package sealmesh-identity --bin sealmesh-identity
+# The `dist` profile: release with fat LTO (Cargo.toml).
+RUN cargo build --profile dist --locked --package sealmesh-identity --bin sealmesh-identity
 
 FROM debian:bookworm-slim
-COPY --from=build /src/target/release/sealmesh-identity /usr/local/bin/sealmesh-identity
+COPY --from=build /src/target/dist/sealmesh-identity /usr/local/bin/sealmesh-identity
 # Matches runAsUser in deploy/base/identity.yaml.
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/sealmesh-identity"]

@@ -82,6 +82,8 @@ fn quick_bench_reports_every_figure_against_plaintext() {
         positive(&summary, key);
     }
     assert_eq!(summary["compared"], "sealmesh");
+    // The profile is the directory of the binaries (target/debug here).
+    assert_eq!(summary["profile"], "debug");
     let columns = summary["columns"].as_object().expect("columns object");
     assert_eq!(
         columns.keys().collect::<Vec<_>>(),

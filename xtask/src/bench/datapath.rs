@@ -576,9 +576,9 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
         ..Plan::new(options.quick)
     };
     let profile = build_profile();
-    if profile != "release" {
+    if cfg!(debug_assertions) {
         eprintln!(
-            "warning: these are {profile} binaries, far slower than release ones; for real figures run `cargo build --release --workspace && sudo -E target/release/xtask bench`"
+            "warning: these are unoptimized ({profile}) binaries, far slower than release ones; for real figures run `cargo build --release --workspace && sudo -E target/release/xtask bench`"
         );
     }
     let variants = if options.variants.is_empty() {
@@ -643,7 +643,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     }
 
     let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    let summary = summarise(&names, &figures, &plan, profile);
+    let summary = summarise(&names, &figures, &plan, &profile);
     print!("{}", table(&names, &figures));
     if options.json {
         println!("{summary}");
@@ -663,12 +663,13 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     Ok(summary)
 }
 
-fn build_profile() -> &'static str {
-    let exe = std::env::current_exe().unwrap_or_default();
-    let in_release = exe
-        .ancestors()
-        .any(|dir| dir.file_name().is_some_and(|name| name == "release"));
-    if in_release { "release" } else { "debug" }
+/// The cargo profile the measured binaries were built with: the directory
+/// they share with this xtask (`target/<profile>/`): `release`, `dist`, `debug`.
+fn build_profile() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.file_name()?.to_str()?.to_owned()))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 fn median(values: &[f64]) -> f64 {
