@@ -220,7 +220,7 @@ impl ConnectionTracker {
         self.event.error = Some(error.to_string());
     }
 
-    /// Publishes the open event (the channel drops it if nobody listens).
+    /// Reports the open event to the observers, and to tap clients if any.
     pub fn open(&mut self) {
         self.opened = true;
         // The close event overwrites phase and timestamp.
