@@ -11,8 +11,13 @@ use std::{
 use serde_json::Value;
 
 fn xtask(args: &[&str]) -> Output {
+    xtask_with_env(args, &[])
+}
+
+fn xtask_with_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_xtask"))
         .args(args)
+        .envs(env.iter().copied())
         .env("NO_COLOR", "1")
         .output()
         .expect("xtask runs")
@@ -216,13 +221,19 @@ fn bench_peer_agent_script_runs_another_agent_build_as_the_peer_column() {
     // agent as the "other" build.
     let agent = Path::new(env!("CARGO_BIN_EXE_xtask")).with_file_name("sealmesh-agent");
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/bench/peer-agent.sh");
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["bench", "--quick", "--json", "--only", "rr,memory"])
-        .args(["--peer-cmd", &format!("exec {script}")])
-        .env("PEER_AGENT", &agent)
-        .env("NO_COLOR", "1")
-        .output()
-        .expect("xtask runs");
+    let peer_cmd = format!("exec {script}");
+    let out = xtask_with_env(
+        &[
+            "bench",
+            "--quick",
+            "--json",
+            "--only",
+            "rr,memory",
+            "--peer-cmd",
+            &peer_cmd,
+        ],
+        &[("PEER_AGENT", &agent)],
+    );
     assert!(out.status.success(), "{}", describe(&out));
     let summary = last_json_line(&out);
     let peer = &summary["columns"]["peer"];
@@ -301,11 +312,7 @@ fn loadtest_connects_every_client_to_every_node_over_mtls() {
 fn loadtest_on_kind_explains_what_it_needs() {
     // A PATH without docker, kind or kubectl, whatever this host has.
     let empty = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_xtask"))
-        .args(["loadtest", "--kind"])
-        .env("PATH", empty.path())
-        .output()
-        .expect("xtask runs");
+    let out = xtask_with_env(&["loadtest", "--kind"], &[("PATH", empty.path())]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
