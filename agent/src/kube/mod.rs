@@ -4,8 +4,8 @@
 //! [`KubeRegistry`] runs one kube-rs reflector per kind (Pods, Nodes,
 //! Namespaces, Services, EndpointSlices, all cluster-wide): each watcher
 //! lists, then watches from the list's resourceVersion, re-lists by itself
-//! after `410 Gone` and backs off on errors. Objects are cut down to the
-//! fields the data path reads before they are cached, and every change
+//! after `410 Gone` and backs off on errors. Objects are parsed into views
+//! of the fields the data path reads (`objects`), and every change
 //! rebuilds one immutable [`Snapshot`] that the proxy reads lock-free.
 
 pub mod cgroup;
@@ -24,10 +24,6 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Node, Pod, Service},
-    discovery::v1::EndpointSlice,
-};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -45,7 +41,10 @@ use tokio::{
 };
 
 pub use self::cgroup::{PodCgroup, PodCgroups};
-use self::{objects::node_internal_ip, snapshot::ClusterObjects};
+use self::{
+    objects::{EndpointSliceView, NamespaceView, NodeView, PodView, ServiceView, node_internal_ip},
+    snapshot::ClusterObjects,
+};
 use crate::registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry};
 
 /// How long start-up may take to reach the API and list every kind.
@@ -217,11 +216,11 @@ impl Debug for KubeRegistry {
 }
 
 struct Stores {
-    nodes: Store<Node>,
-    namespaces: Store<Namespace>,
-    pods: Store<Pod>,
-    services: Store<Service>,
-    endpoint_slices: Store<EndpointSlice>,
+    nodes: Store<NodeView>,
+    namespaces: Store<NamespaceView>,
+    pods: Store<PodView>,
+    services: Store<ServiceView>,
+    endpoint_slices: Store<EndpointSliceView>,
 }
 
 /// What the registry's tasks share.
@@ -251,39 +250,19 @@ impl KubeRegistry {
         let mut tasks = JoinSet::new();
         let signals = Arc::new(Signals::default());
         let stores = Stores {
-            nodes: spawn_reflector(
-                &mut tasks,
-                Api::all(client.clone()),
-                "nodes",
-                objects::slim_node,
-                &signals,
-            ),
+            nodes: spawn_reflector(&mut tasks, Api::all(client.clone()), "nodes", &signals),
             namespaces: spawn_reflector(
                 &mut tasks,
                 Api::all(client.clone()),
                 "namespaces",
-                objects::slim_namespace,
                 &signals,
             ),
-            pods: spawn_reflector(
-                &mut tasks,
-                Api::all(client.clone()),
-                "pods",
-                objects::slim_pod,
-                &signals,
-            ),
-            services: spawn_reflector(
-                &mut tasks,
-                Api::all(client.clone()),
-                "services",
-                objects::slim_service,
-                &signals,
-            ),
+            pods: spawn_reflector(&mut tasks, Api::all(client.clone()), "pods", &signals),
+            services: spawn_reflector(&mut tasks, Api::all(client.clone()), "services", &signals),
             endpoint_slices: spawn_reflector(
                 &mut tasks,
                 Api::all(client),
                 "endpointslices",
-                objects::slim_endpoint_slice,
                 &signals,
             ),
         };
@@ -311,7 +290,7 @@ impl KubeRegistry {
 
 /// Reads this node and its InternalIP.
 async fn local_node(client: &Client, name: &str, deadline: Instant) -> Result<NodeInfo, KubeError> {
-    let api: Api<Node> = Api::all(client.clone());
+    let api: Api<NodeView> = Api::all(client.clone());
     let doing = format!("reading node {name}");
     let node = retry_until(deadline, &doing, || async {
         api.get_opt(name)
@@ -349,12 +328,11 @@ impl Signals {
     }
 }
 
-/// Starts a reflector for `K` (slimmed by `slim`) and returns its cache.
+/// Starts a reflector for `K` and returns its cache.
 fn spawn_reflector<K>(
     tasks: &mut JoinSet<()>,
     api: Api<K>,
     kind: &'static str,
-    slim: fn(&mut K),
     signals: &Arc<Signals>,
 ) -> Store<K>
 where
@@ -365,7 +343,6 @@ where
     tasks.spawn(async move {
         let events = watcher(api, watcher::Config::default())
             .default_backoff()
-            .modify(slim)
             .reflect(writer);
         let mut events = std::pin::pin!(events);
         while let Some(event) = events.next().await {

@@ -1,24 +1,24 @@
-//! What the agent keeps of each watched object: the reflectors' `modify` step
-//! cuts every object down to the fields the data path reads (a Pod keeps 9
-//! of its hundreds), so the caches of a large cluster stay small. The
-//! readers here are the only code that interprets those fields.
+//! What the agent reads of each watched object. Every kind is parsed into a
+//! view holding only the fields the data path reads (a Pod keeps 9 of its
+//! hundreds); the rest of the JSON is skipped while parsing, so the caches of
+//! a large cluster stay small and the agent carries no code for the full
+//! API types. The readers here are the only code that interprets those
+//! fields.
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use k8s_openapi::{
     api::{
-        core::v1::{
-            Namespace, Node, NodeAddress, NodeStatus, ObjectReference, Pod, PodSpec, PodStatus,
-            Service, ServicePort, ServiceSpec,
-        },
-        discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice},
+        core::v1::{ConfigMap, Namespace, Node, Pod, Service},
+        discovery::v1::EndpointSlice,
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use sealmesh_common::consts::{
     MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE,
     kube::ENDPOINTSLICE_SERVICE_LABEL,
 };
+use serde::{Deserialize, Deserializer};
 
 const NODE_INTERNAL_IP: &str = "InternalIP";
 const POD_RUNNING: &str = "Running";
@@ -28,127 +28,231 @@ const KIND_POD: &str = "Pod";
 /// Pods that name no ServiceAccount run as this one.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
-/// Identity and version of an object, plus the one label or annotation the
-/// agent reads (if present).
-fn slim_meta(meta: &mut ObjectMeta, label: Option<&str>, annotation: Option<&str>) {
+/// The one label and annotation (if any) a kind's view keeps; the others
+/// are dropped while parsing.
+trait KeptMetadata {
+    const LABEL: Option<&'static str> = None;
+    const ANNOTATION: Option<&'static str> = None;
+}
+
+/// The metadata fields every view reads.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MetadataFields {
+    name: Option<String>,
+    namespace: Option<String>,
+    uid: Option<String>,
+    resource_version: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+/// Parses an object's metadata into identity and version, plus the label
+/// and annotation `K` reads (the reflector's cache needs an `ObjectMeta`).
+fn kept_metadata<'de, K: KeptMetadata, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<ObjectMeta, D::Error> {
     let keep = |map: Option<BTreeMap<String, String>>, key: Option<&str>| {
         let key = key?;
         let value = map?.remove(key)?;
         Some(BTreeMap::from([(key.to_owned(), value)]))
     };
-    let full = std::mem::take(meta);
-    *meta = ObjectMeta {
-        name: full.name,
-        namespace: full.namespace,
-        uid: full.uid,
-        resource_version: full.resource_version,
-        labels: keep(full.labels, label),
-        annotations: keep(full.annotations, annotation),
+    let fields = MetadataFields::deserialize(deserializer)?;
+    Ok(ObjectMeta {
+        name: fields.name,
+        namespace: fields.namespace,
+        uid: fields.uid,
+        resource_version: fields.resource_version,
+        labels: keep(fields.labels, K::LABEL),
+        annotations: keep(fields.annotations, K::ANNOTATION),
         ..ObjectMeta::default()
+    })
+}
+
+/// Makes `$view` a resource of the same API kind as `$full` (group, version,
+/// plural and scope come from k8s-openapi), so kube-rs can list and watch it.
+macro_rules! view_of {
+    ($view:ty, $full:ty) => {
+        impl k8s_openapi::Resource for $view {
+            const API_VERSION: &'static str = <$full as k8s_openapi::Resource>::API_VERSION;
+            const GROUP: &'static str = <$full as k8s_openapi::Resource>::GROUP;
+            const KIND: &'static str = <$full as k8s_openapi::Resource>::KIND;
+            const VERSION: &'static str = <$full as k8s_openapi::Resource>::VERSION;
+            const URL_PATH_SEGMENT: &'static str =
+                <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT;
+            type Scope = <$full as k8s_openapi::Resource>::Scope;
+        }
+
+        impl k8s_openapi::Metadata for $view {
+            type Ty = ObjectMeta;
+
+            fn metadata(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+
+            fn metadata_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
     };
 }
 
-pub(super) fn slim_pod(pod: &mut Pod) {
-    slim_meta(&mut pod.metadata, None, Some(MESH_OPT_OUT_ANNOTATION));
-    pod.spec = pod.spec.take().map(|spec| PodSpec {
-        node_name: spec.node_name,
-        host_network: spec.host_network,
-        service_account_name: spec.service_account_name,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|status| PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        host_ip: status.host_ip,
-        ..PodStatus::default()
-    });
+/// A Node: its InternalIP.
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct NodeView {
+    #[serde(deserialize_with = "kept_metadata::<NodeView, _>")]
+    pub metadata: ObjectMeta,
+    pub status: Option<NodeStatusView>,
+}
+impl KeptMetadata for NodeView {}
+view_of!(NodeView, Node);
+
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct NodeStatusView {
+    pub addresses: Option<Vec<NodeAddressView>>,
 }
 
-pub(super) fn slim_node(node: &mut Node) {
-    slim_meta(&mut node.metadata, None, None);
-    node.spec = None;
-    node.status = node.status.take().map(|status| NodeStatus {
-        addresses: status.addresses.map(|addresses| {
-            addresses
-                .into_iter()
-                .filter(|a| a.type_ == NODE_INTERNAL_IP)
-                .collect()
-        }),
-        ..NodeStatus::default()
-    });
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct NodeAddressView {
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub address: String,
 }
 
-pub(super) fn slim_namespace(namespace: &mut Namespace) {
-    slim_meta(&mut namespace.metadata, Some(MESH_LABEL), None);
-    namespace.spec = None;
-    namespace.status = None;
+/// A Namespace: whether it is meshed (its mesh label).
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct NamespaceView {
+    #[serde(deserialize_with = "kept_metadata::<NamespaceView, _>")]
+    pub metadata: ObjectMeta,
+}
+impl KeptMetadata for NamespaceView {
+    const LABEL: Option<&'static str> = Some(MESH_LABEL);
+}
+view_of!(NamespaceView, Namespace);
+
+/// A Pod: where it runs, as whom, at which address, and whether it opted out.
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct PodView {
+    #[serde(deserialize_with = "kept_metadata::<PodView, _>")]
+    pub metadata: ObjectMeta,
+    pub spec: Option<PodSpecView>,
+    pub status: Option<PodStatusView>,
+}
+impl KeptMetadata for PodView {
+    const ANNOTATION: Option<&'static str> = Some(MESH_OPT_OUT_ANNOTATION);
+}
+view_of!(PodView, Pod);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PodSpecView {
+    pub node_name: Option<String>,
+    pub host_network: Option<bool>,
+    pub service_account_name: Option<String>,
 }
 
-pub(super) fn slim_service(service: &mut Service) {
-    slim_meta(&mut service.metadata, None, None);
-    service.spec = service.spec.take().map(|spec| ServiceSpec {
-        cluster_ip: spec.cluster_ip,
-        ports: spec.ports.map(|ports| {
-            ports
-                .into_iter()
-                .map(|p| ServicePort {
-                    name: p.name,
-                    port: p.port,
-                    protocol: p.protocol,
-                    target_port: p.target_port,
-                    ..ServicePort::default()
-                })
-                .collect()
-        }),
-        ..ServiceSpec::default()
-    });
-    service.status = None;
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PodStatusView {
+    pub phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pub pod_ip: Option<String>,
+    #[serde(rename = "hostIP")]
+    pub host_ip: Option<String>,
 }
 
-pub(super) fn slim_endpoint_slice(slice: &mut EndpointSlice) {
-    slim_meta(&mut slice.metadata, Some(ENDPOINTSLICE_SERVICE_LABEL), None);
-    slice.endpoints = std::mem::take(&mut slice.endpoints)
-        .into_iter()
-        .map(|e| Endpoint {
-            addresses: e.addresses,
-            conditions: e.conditions.map(|c| EndpointConditions {
-                ready: c.ready,
-                ..EndpointConditions::default()
-            }),
-            target_ref: e.target_ref.map(|r| ObjectReference {
-                kind: r.kind,
-                name: r.name,
-                namespace: r.namespace,
-                ..ObjectReference::default()
-            }),
-            ..Endpoint::default()
-        })
-        .collect();
-    slice.ports = slice.ports.take().map(|ports| {
-        ports
-            .into_iter()
-            .map(|p| EndpointPort {
-                name: p.name,
-                port: p.port,
-                protocol: p.protocol,
-                ..EndpointPort::default()
-            })
-            .collect()
-    });
+/// A Service: its ClusterIP and ports.
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct ServiceView {
+    #[serde(deserialize_with = "kept_metadata::<ServiceView, _>")]
+    pub metadata: ObjectMeta,
+    pub spec: Option<ServiceSpecView>,
 }
+impl KeptMetadata for ServiceView {}
+view_of!(ServiceView, Service);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ServiceSpecView {
+    #[serde(rename = "clusterIP")]
+    pub cluster_ip: Option<String>,
+    pub ports: Option<Vec<ServicePortView>>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct ServicePortView {
+    pub name: Option<String>,
+    pub port: i32,
+    pub protocol: Option<String>,
+    pub target_port: Option<IntOrString>,
+}
+
+/// An EndpointSlice: its Service, ready endpoints and named ports.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct EndpointSliceView {
+    #[serde(deserialize_with = "kept_metadata::<EndpointSliceView, _>")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: String,
+    /// The API writes an empty list as `null`.
+    pub endpoints: Option<Vec<EndpointView>>,
+    pub ports: Option<Vec<EndpointPortView>>,
+}
+impl KeptMetadata for EndpointSliceView {
+    const LABEL: Option<&'static str> = Some(ENDPOINTSLICE_SERVICE_LABEL);
+}
+view_of!(EndpointSliceView, EndpointSlice);
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct EndpointView {
+    pub addresses: Option<Vec<String>>,
+    pub conditions: Option<EndpointConditionsView>,
+    pub target_ref: Option<ObjectReferenceView>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct EndpointConditionsView {
+    pub ready: Option<bool>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct ObjectReferenceView {
+    pub kind: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct EndpointPortView {
+    pub name: Option<String>,
+    pub port: Option<i32>,
+}
+
+/// A ConfigMap: its data (the trust-roots bundle lives there).
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct ConfigMapView {
+    #[serde(deserialize_with = "kept_metadata::<ConfigMapView, _>")]
+    pub metadata: ObjectMeta,
+    pub data: Option<BTreeMap<String, String>>,
+}
+impl KeptMetadata for ConfigMapView {}
+view_of!(ConfigMapView, ConfigMap);
 
 /// The IPv4 InternalIP a node reports, which agents listen and dial on.
-pub(super) fn node_internal_ip(node: &Node) -> Option<Ipv4Addr> {
+pub(super) fn node_internal_ip(node: &NodeView) -> Option<Ipv4Addr> {
     node.status
         .as_ref()?
         .addresses
-        .as_ref()?
         .iter()
-        .filter(|a: &&NodeAddress| a.type_ == NODE_INTERNAL_IP)
+        .flatten()
+        .filter(|a| a.type_ == NODE_INTERNAL_IP)
         .find_map(|a| a.address.parse().ok())
 }
 
-pub(super) fn namespace_is_meshed(namespace: &Namespace) -> bool {
+pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
     namespace
         .metadata
         .labels
@@ -174,7 +278,7 @@ pub(super) struct PodFacts<'a> {
 }
 
 impl<'a> PodFacts<'a> {
-    pub(super) fn of(pod: &'a Pod) -> Option<Self> {
+    pub(super) fn of(pod: &'a PodView) -> Option<Self> {
         let spec = pod.spec.as_ref()?;
         let status = pod.status.as_ref()?;
         if status.phase.as_deref() != Some(POD_RUNNING) || spec.host_network == Some(true) {
@@ -204,12 +308,12 @@ impl<'a> PodFacts<'a> {
 
 /// A Service's ClusterIP, when it has an IPv4 one (not headless, not
 /// ExternalName).
-pub(super) fn service_cluster_ip(service: &Service) -> Option<Ipv4Addr> {
+pub(super) fn service_cluster_ip(service: &ServiceView) -> Option<Ipv4Addr> {
     service.spec.as_ref()?.cluster_ip.as_deref()?.parse().ok()
 }
 
 /// The TCP ports of a Service.
-pub(super) fn service_tcp_ports(service: &Service) -> impl Iterator<Item = &ServicePort> {
+pub(super) fn service_tcp_ports(service: &ServiceView) -> impl Iterator<Item = &ServicePortView> {
     service
         .spec
         .iter()
@@ -219,7 +323,7 @@ pub(super) fn service_tcp_ports(service: &Service) -> impl Iterator<Item = &Serv
 
 /// The Service an EndpointSlice belongs to (its name label), if it is an
 /// IPv4 slice.
-pub(super) fn slice_service(slice: &EndpointSlice) -> Option<&str> {
+pub(super) fn slice_service(slice: &EndpointSliceView) -> Option<&str> {
     if slice.address_type != ADDRESS_TYPE_IPV4 {
         return None;
     }
@@ -233,7 +337,10 @@ pub(super) fn slice_service(slice: &EndpointSlice) -> Option<&str> {
 
 /// The port number a slice lists under a Service port's name (the endpoint
 /// controller's resolution of a named targetPort).
-pub(super) fn slice_port(slice: &EndpointSlice, service_port_name: Option<&str>) -> Option<u16> {
+pub(super) fn slice_port(
+    slice: &EndpointSliceView,
+    service_port_name: Option<&str>,
+) -> Option<u16> {
     let wanted = service_port_name.unwrap_or_default();
     slice
         .ports
@@ -254,11 +361,14 @@ pub(super) enum EndpointTarget<'a> {
 
 /// The slice's ready endpoints (an unset `ready` counts as ready, as the API
 /// documents for consumers).
-pub(super) fn ready_endpoints(slice: &EndpointSlice) -> impl Iterator<Item = EndpointTarget<'_>> {
+pub(super) fn ready_endpoints(
+    slice: &EndpointSliceView,
+) -> impl Iterator<Item = EndpointTarget<'_>> {
     let slice_namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
     slice
         .endpoints
         .iter()
+        .flatten()
         .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
         .filter_map(move |e| {
             let pod_ref = e
@@ -274,7 +384,9 @@ pub(super) fn ready_endpoints(slice: &EndpointSlice) -> impl Iterator<Item = End
                 }),
                 None => e
                     .addresses
-                    .first()
+                    .iter()
+                    .flatten()
+                    .next()
                     .and_then(|a| a.parse().ok())
                     .map(EndpointTarget::Address),
             }
@@ -283,38 +395,80 @@ pub(super) fn ready_endpoints(slice: &EndpointSlice) -> impl Iterator<Item = End
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::api::core::v1::Container;
+    use kube::Resource;
+    use serde::de::DeserializeOwned;
+    use serde_json::json;
 
     use super::*;
 
+    fn parse<K: DeserializeOwned>(value: serde_json::Value) -> K {
+        serde_json::from_value(value).unwrap()
+    }
+
     #[test]
-    fn slimmed_pod_keeps_only_what_the_data_path_reads() {
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+    fn views_are_the_api_kinds_they_stand_for() {
+        let coordinates = |kind: &str, api_version: &str, plural: &str| {
+            (kind.to_owned(), api_version.to_owned(), plural.to_owned())
+        };
+        fn of<K: Resource<DynamicType = ()>>() -> (String, String, String) {
+            (
+                K::kind(&()).into_owned(),
+                K::api_version(&()).into_owned(),
+                K::plural(&()).into_owned(),
+            )
+        }
+        assert_eq!(of::<NodeView>(), coordinates("Node", "v1", "nodes"));
+        assert_eq!(
+            of::<NamespaceView>(),
+            coordinates("Namespace", "v1", "namespaces")
+        );
+        assert_eq!(of::<PodView>(), coordinates("Pod", "v1", "pods"));
+        assert_eq!(
+            of::<ServiceView>(),
+            coordinates("Service", "v1", "services")
+        );
+        assert_eq!(
+            of::<EndpointSliceView>(),
+            coordinates("EndpointSlice", "discovery.k8s.io/v1", "endpointslices")
+        );
+        assert_eq!(
+            of::<ConfigMapView>(),
+            coordinates("ConfigMap", "v1", "configmaps")
+        );
+    }
+
+    #[test]
+    fn a_pod_is_read_with_only_what_the_data_path_reads() {
+        let pod: PodView = parse(json!({
+            "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": "web-0", "namespace": "emojivoto", "uid": "0a-1b", "resourceVersion": "7",
                 "labels": {"app": "web"},
                 "annotations": {"sealmesh.io/mesh": "disabled", "big": "x"},
-                "managedFields": [{"manager": "kubectl"}]
+                "managedFields": [{"manager": "kubectl"}],
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
             },
             "spec": {
                 "nodeName": "n1", "serviceAccountName": "web",
-                "containers": [{"name": "app", "image": "web:1"}]
+                "containers": [{"name": "app", "image": "web:1", "ports": [{"containerPort": 80}]}],
+                "volumes": [{"name": "token", "projected": {"sources": []}}]
             },
-            "status": {"phase": "Running", "podIP": "10.244.1.5", "hostIP": "172.18.0.2", "qosClass": "BestEffort"}
-        }))
-        .unwrap();
-        slim_pod(&mut pod);
+            "status": {"phase": "Running", "podIP": "10.244.1.5", "hostIP": "172.18.0.2",
+                       "qosClass": "BestEffort", "podIPs": [{"ip": "10.244.1.5"}]}
+        }));
         assert_eq!(
-            serde_json::to_value(&pod).unwrap(),
-            serde_json::json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {
-                    "name": "web-0", "namespace": "emojivoto", "uid": "0a-1b", "resourceVersion": "7",
-                    "annotations": {"sealmesh.io/mesh": "disabled"}
-                },
-                "spec": {"nodeName": "n1", "serviceAccountName": "web", "containers": []},
-                "status": {"phase": "Running", "podIP": "10.244.1.5", "hostIP": "172.18.0.2"}
-            })
+            pod.metadata,
+            ObjectMeta {
+                name: Some("web-0".into()),
+                namespace: Some("emojivoto".into()),
+                uid: Some("0a-1b".into()),
+                resource_version: Some("7".into()),
+                annotations: Some(BTreeMap::from([(
+                    "sealmesh.io/mesh".into(),
+                    "disabled".into()
+                )])),
+                ..ObjectMeta::default()
+            }
         );
         assert_eq!(
             PodFacts::of(&pod),
@@ -333,27 +487,14 @@ mod tests {
 
     #[test]
     fn pods_outside_the_pod_network_have_no_facts() {
-        let pod = |spec: PodSpec, phase: &str, ip: Option<&str>| Pod {
-            metadata: ObjectMeta {
-                name: Some("p".into()),
-                namespace: Some("ns".into()),
-                uid: Some("1".into()),
-                ..ObjectMeta::default()
-            },
-            spec: Some(PodSpec {
-                containers: vec![Container::default()],
-                ..spec
-            }),
-            status: Some(PodStatus {
-                phase: Some(phase.into()),
-                pod_ip: ip.map(Into::into),
-                ..PodStatus::default()
-            }),
+        let pod = |spec: serde_json::Value, phase: &str, ip: Option<&str>| -> PodView {
+            parse(json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "1"},
+                "spec": spec,
+                "status": {"phase": phase, "podIP": ip},
+            }))
         };
-        let scheduled = || PodSpec {
-            node_name: Some("n1".into()),
-            ..PodSpec::default()
-        };
+        let scheduled = || json!({"nodeName": "n1", "containers": [{"name": "app"}]});
         let running = pod(scheduled(), "Running", Some("10.0.0.1"));
         assert_eq!(PodFacts::of(&running).unwrap().service_account, "default");
         assert_eq!(
@@ -366,13 +507,10 @@ mod tests {
             None
         );
         assert_eq!(
-            PodFacts::of(&pod(PodSpec::default(), "Running", Some("10.0.0.1"))),
+            PodFacts::of(&pod(json!({}), "Running", Some("10.0.0.1"))),
             None
         );
-        let host_network = PodSpec {
-            host_network: Some(true),
-            ..scheduled()
-        };
+        let host_network = json!({"nodeName": "n1", "hostNetwork": true});
         assert_eq!(
             PodFacts::of(&pod(host_network, "Running", Some("172.18.0.2"))),
             None
@@ -380,8 +518,29 @@ mod tests {
     }
 
     #[test]
+    fn namespaces_and_nodes_keep_the_mesh_label_and_the_internal_ip() {
+        let namespace: NamespaceView = parse(json!({"metadata": {"name": "emojivoto",
+            "labels": {"sealmesh.io/mesh": "enabled", "team": "a"},
+            "annotations": {"owner": "x"}}, "spec": {"finalizers": ["kubernetes"]}}));
+        assert!(namespace_is_meshed(&namespace));
+        assert_eq!(
+            namespace.metadata.labels,
+            Some(BTreeMap::from([(
+                MESH_LABEL.into(),
+                MESH_LABEL_ENABLED.into()
+            )]))
+        );
+        assert_eq!(namespace.metadata.annotations, None);
+        let node: NodeView = parse(json!({"metadata": {"name": "n1"},
+            "status": {"addresses": [{"type": "Hostname", "address": "n1"},
+                                     {"type": "InternalIP", "address": "172.18.0.2"}],
+                       "capacity": {"cpu": "2"}}}));
+        assert_eq!(node_internal_ip(&node), Some(Ipv4Addr::new(172, 18, 0, 2)));
+    }
+
+    #[test]
     fn slices_name_their_ready_endpoints_and_named_ports() {
-        let slice: EndpointSlice = serde_json::from_value(serde_json::json!({
+        let slice: EndpointSliceView = parse(json!({
             "metadata": {"name": "web-abc", "namespace": "emojivoto",
                          "labels": {"kubernetes.io/service-name": "web", "other": "x"}},
             "addressType": "IPv4",
@@ -393,18 +552,15 @@ mod tests {
                 {"addresses": ["10.244.2.7"]}
             ],
             "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}, {"name": "", "port": 9090}]
-        }))
-        .unwrap();
-        let mut slimmed = slice.clone();
-        slim_endpoint_slice(&mut slimmed);
+        }));
         assert_eq!(
-            slimmed.metadata.labels.as_ref().unwrap().len(),
+            slice.metadata.labels.as_ref().unwrap().len(),
             1,
             "only the service-name label is kept"
         );
-        assert_eq!(slice_service(&slimmed), Some("web"));
+        assert_eq!(slice_service(&slice), Some("web"));
         assert_eq!(
-            ready_endpoints(&slimmed).collect::<Vec<_>>(),
+            ready_endpoints(&slice).collect::<Vec<_>>(),
             [
                 EndpointTarget::Pod {
                     namespace: "emojivoto",
@@ -413,8 +569,21 @@ mod tests {
                 EndpointTarget::Address(Ipv4Addr::new(10, 244, 2, 7)),
             ]
         );
-        assert_eq!(slice_port(&slimmed, Some("http")), Some(8080));
-        assert_eq!(slice_port(&slimmed, None), Some(9090));
-        assert_eq!(slice_port(&slimmed, Some("grpc")), None);
+        assert_eq!(slice_port(&slice, Some("http")), Some(8080));
+        assert_eq!(slice_port(&slice, None), Some(9090));
+        assert_eq!(slice_port(&slice, Some("grpc")), None);
+    }
+
+    #[test]
+    fn a_slice_without_endpoints_is_read_as_empty() {
+        // The API server writes a slice whose endpoints all went away as
+        // `"endpoints": null`.
+        let slice: EndpointSliceView = parse(json!({
+            "metadata": {"name": "web-abc", "namespace": "emojivoto",
+                         "labels": {"kubernetes.io/service-name": "web"}},
+            "addressType": "IPv4", "endpoints": null, "ports": null
+        }));
+        assert_eq!(ready_endpoints(&slice).count(), 0);
+        assert_eq!(slice_port(&slice, None), None);
     }
 }

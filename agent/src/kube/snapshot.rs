@@ -1,32 +1,27 @@
-//! Builds the registry's [`Snapshot`] from the reflectors' (slimmed) objects.
+//! Builds the registry's [`Snapshot`] from the reflectors' object views.
 
 use std::{
     collections::{HashMap, HashSet},
     sync::Arc,
 };
 
-use k8s_openapi::{
-    api::{
-        core::v1::{Namespace, Node, Pod, Service},
-        discovery::v1::EndpointSlice,
-    },
-    apimachinery::pkg::util::intstr::IntOrString,
-};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sealmesh_common::identity::TrustDomain;
 
 use super::objects::{
-    EndpointTarget, PodFacts, namespace_is_meshed, node_internal_ip, ready_endpoints,
-    service_cluster_ip, service_tcp_ports, slice_port, slice_service,
+    EndpointSliceView, EndpointTarget, NamespaceView, NodeView, PodFacts, PodView, ServiceView,
+    namespace_is_meshed, node_internal_ip, ready_endpoints, service_cluster_ip, service_tcp_ports,
+    slice_port, slice_service,
 };
 use crate::registry::{Endpoint, NodeInfo, Snapshot, Workload};
 
 /// The cached objects of every watched kind.
 pub(super) struct ClusterObjects {
-    pub pods: Vec<Arc<Pod>>,
-    pub nodes: Vec<Arc<Node>>,
-    pub namespaces: Vec<Arc<Namespace>>,
-    pub services: Vec<Arc<Service>>,
-    pub endpoint_slices: Vec<Arc<EndpointSlice>>,
+    pub pods: Vec<Arc<PodView>>,
+    pub nodes: Vec<Arc<NodeView>>,
+    pub namespaces: Vec<Arc<NamespaceView>>,
+    pub services: Vec<Arc<ServiceView>>,
+    pub endpoint_slices: Vec<Arc<EndpointSliceView>>,
 }
 
 /// The snapshot the objects describe, seen from `local` (whose address stays
@@ -105,7 +100,7 @@ pub(super) fn build(
         .map(|w| ((w.namespace.as_str(), w.name.as_str()), w.clone()))
         .collect();
 
-    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSliceView>> = HashMap::new();
     for slice in &objects.endpoint_slices {
         if let (Some(namespace), Some(service)) =
             (slice.metadata.namespace.as_deref(), slice_service(slice))
@@ -182,18 +177,17 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::kube::objects;
 
     fn object<K: DeserializeOwned>(value: serde_json::Value) -> Arc<K> {
         Arc::new(serde_json::from_value(value).unwrap())
     }
 
-    fn node(name: &str, ip: &str) -> Arc<Node> {
+    fn node(name: &str, ip: &str) -> Arc<NodeView> {
         object(json!({ "metadata": { "name": name },
             "status": { "addresses": [{ "type": "InternalIP", "address": ip }] } }))
     }
 
-    fn pod(namespace: &str, name: &str, sa: &str, node: &str, ip: &str) -> Arc<Pod> {
+    fn pod(namespace: &str, name: &str, sa: &str, node: &str, ip: &str) -> Arc<PodView> {
         pod_with_status(
             namespace,
             name,
@@ -209,15 +203,12 @@ mod tests {
         sa: &str,
         node: &str,
         status: serde_json::Value,
-    ) -> Arc<Pod> {
-        let mut pod: Pod = serde_json::from_value(json!({
+    ) -> Arc<PodView> {
+        object(json!({
             "metadata": { "name": name, "namespace": namespace, "uid": format!("uid-{name}") },
             "spec": { "nodeName": node, "serviceAccountName": sa, "containers": [] },
             "status": status,
         }))
-        .unwrap();
-        objects::slim_pod(&mut pod);
-        Arc::new(pod)
     }
 
     fn local() -> NodeInfo {
@@ -284,7 +275,7 @@ mod tests {
     #[test]
     fn services_route_by_slice_address_and_skip_what_does_not_match() {
         let slice = |name: &str, endpoints: serde_json::Value, ports: serde_json::Value| {
-            object::<EndpointSlice>(json!({
+            object::<EndpointSliceView>(json!({
                 "metadata": { "name": name, "namespace": "app",
                               "labels": { "kubernetes.io/service-name": "web" } },
                 "addressType": "IPv4", "endpoints": endpoints, "ports": ports,

@@ -7,7 +7,6 @@
 use std::{future::Future, sync::Arc};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
     Api, Client,
     runtime::{WatchStreamExt, watcher},
@@ -15,7 +14,7 @@ use kube::{
 use sealmesh_common::consts::kube::{TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY};
 use tokio::time::Instant;
 
-use super::{KubeError, retry_until};
+use super::{KubeError, objects::ConfigMapView, retry_until};
 use crate::certs::CertStore;
 
 /// How the bundle is named in logs and errors:
@@ -25,7 +24,7 @@ pub fn trust_roots_origin(namespace: &str) -> String {
 }
 
 /// The bundle a ConfigMap holds under the trust-roots key, if non-empty.
-pub fn bundle_of(config_map: &ConfigMap) -> Option<&str> {
+fn bundle_of(config_map: &ConfigMapView) -> Option<&str> {
     config_map
         .data
         .as_ref()?
@@ -42,7 +41,7 @@ pub async fn fetch_trust_roots(
     namespace: &str,
     deadline: Instant,
 ) -> Result<String, KubeError> {
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let api: Api<ConfigMapView> = Api::namespaced(client.clone(), namespace);
     let doing = format!("reading ConfigMap {namespace}/{TRUST_ROOTS_CONFIGMAP}");
     let config_map = retry_until(deadline, &doing, || async {
         api.get_opt(TRUST_ROOTS_CONFIGMAP)
@@ -70,7 +69,7 @@ pub async fn watch_trust_roots(
     certs: Arc<CertStore>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let api: Api<ConfigMap> = Api::namespaced(client, &namespace);
+    let api: Api<ConfigMapView> = Api::namespaced(client, &namespace);
     let origin = trust_roots_origin(&namespace);
     let config =
         watcher::Config::default().fields(&format!("metadata.name={TRUST_ROOTS_CONFIGMAP}"));
@@ -103,7 +102,7 @@ pub async fn watch_trust_roots(
     }
 }
 
-fn apply(certs: &CertStore, origin: &str, config_map: &ConfigMap) {
+fn apply(certs: &CertStore, origin: &str, config_map: &ConfigMapView) {
     let Some(pem) = bundle_of(config_map) else {
         tracing::error!(configmap = %origin,
             "trust roots ConfigMap has no bundle under its key; keeping the anchors in use (put the PEM root certificates there)");
