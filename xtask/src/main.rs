@@ -109,6 +109,12 @@ struct BenchArgs {
     /// rounds for tighter medians on a noisy machine.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     rounds: Option<usize>,
+    /// Run the sealmesh columns' agents and identity service in Kubernetes
+    /// mode, as deployed: they read nodes, pods and Services from an in-process
+    /// fake API server that the testbed registers with (as `xtask demo
+    /// --kubernetes`). The peer column runs as its command says.
+    #[arg(long)]
+    kubernetes: bool,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +224,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             quick,
             only,
             rounds,
+            kubernetes,
         }) => {
             bench::datapath::run(&bench::datapath::BenchOptions {
                 json,
@@ -226,6 +233,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                 quick,
                 only,
                 rounds,
+                kubernetes,
             })?;
         }
         Task::Loadtest(args) => {

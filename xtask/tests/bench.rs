@@ -89,6 +89,7 @@ fn quick_bench_reports_every_figure_against_plaintext() {
     assert_eq!(summary["compared"], "sealmesh");
     // The profile is the directory of the binaries (target/debug here).
     assert_eq!(summary["profile"], "debug");
+    assert_eq!(summary["agent_mode"], "local");
     let columns = summary["columns"].as_object().expect("columns object");
     assert_eq!(
         columns.keys().collect::<Vec<_>>(),
@@ -176,6 +177,36 @@ fn bench_only_runs_the_chosen_measurements_for_the_rounds_asked() {
             .as_array()
             .unwrap()
             .is_empty()
+    );
+    assert_removed(&testbed_ids(&out));
+}
+
+#[test]
+fn bench_measures_the_agents_in_kubernetes_mode() {
+    let out = xtask(&[
+        "bench",
+        "--quick",
+        "--json",
+        "--kubernetes",
+        "--only",
+        "memory,connrate",
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let summary = last_json_line(&out);
+    assert_eq!(summary["agent_mode"], "kubernetes");
+    // The agents knew the pods only from the API, and proxied every connection.
+    positive(&summary, "conn_rate_ratio");
+    assert_eq!(summary["columns"]["sealmesh"]["conn_errors"], 0);
+    positive(&summary, "idle_rss_bytes");
+    positive(&summary, "mem_per_conn_bytes");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr
+            .matches("testbed registered with the Kubernetes API")
+            .count(),
+        1,
+        "the sealmesh column's testbed, not plaintext's: {}",
+        describe(&out)
     );
     assert_removed(&testbed_ids(&out));
 }

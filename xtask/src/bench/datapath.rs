@@ -7,6 +7,10 @@
 //! - one column per `--variant` (default `sealmesh`, no extra agent flags):
 //!   the identity service and an agent per node started with the variant's
 //!   flags, each waiting for its certificates;
+//!   With `--kubernetes` these agents and their identity service run in
+//!   Kubernetes mode against an in-process fake API server, as deployed (the
+//!   testbed registers its nodes, pods and Services there, like `xtask demo
+//!   --kubernetes`);
 //! - `peer` with `--peer-cmd CMD`: `sh -c CMD` spawned once per node, in the
 //!   node's network namespace and cgroup, with the environment NODE (node
 //!   name), NODE_IP, CLUSTER_FILE (the testbed's cluster file, which also names
@@ -38,7 +42,7 @@ use serde_json::{Map, Value, json};
 use super::loadgen::{Loadgen, LoadgenError, Report, tune_sysctls};
 use crate::{
     mesh::{self, Mesh, MeshError, MeshOptions},
-    testbed::{ChildGuard, PodSpec, TestbedError, TestbedSpec},
+    testbed::{ChildGuard, PodSpec, TestbedError, TestbedSpec, kube::KubeMode},
 };
 
 const NAMESPACE: &str = "bench";
@@ -140,6 +144,8 @@ pub struct BenchOptions {
     pub only: Vec<Measure>,
     /// Rounds instead of the plan's (3, or 1 with `quick`).
     pub rounds: Option<usize>,
+    /// Run the sealmesh columns in Kubernetes mode (fake API server).
+    pub kubernetes: bool,
 }
 
 /// One measurement of a round (or the memory one, made once per column).
@@ -602,6 +608,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     for variant in &variants {
         let options = MeshOptions {
             agent_args: variant.agent_args.clone(),
+            kubernetes: options.kubernetes.then(KubeMode::fake),
             ..MeshOptions::default()
         };
         columns.push(Column::up(&variant.name, Kind::Sealmesh, options, None)?);
@@ -643,7 +650,10 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     }
 
     let names: Vec<&str> = columns.iter().map(|c| c.name.as_str()).collect();
-    let summary = summarise(&names, &figures, &plan, &profile);
+    let summary = summarise(&names, &figures, &plan, &profile, options.kubernetes);
+    if options.kubernetes {
+        println!("sealmesh agents in Kubernetes mode (in-process fake API server)");
+    }
     print!("{}", table(&names, &figures));
     if options.json {
         println!("{summary}");
@@ -772,7 +782,13 @@ impl Medians {
 
 /// The JSON object: the first sealmesh column's ratios and memory at the top
 /// level, every column's raw figures (and ratios) under `columns`.
-fn summarise(names: &[&str], figures: &[Figures], plan: &Plan, profile: &str) -> Value {
+fn summarise(
+    names: &[&str],
+    figures: &[Figures],
+    plan: &Plan,
+    profile: &str,
+    kubernetes: bool,
+) -> Value {
     let medians: Vec<Medians> = figures.iter().map(Medians::of).collect();
     let plaintext = &medians[0];
     let mut columns = Map::new();
@@ -803,6 +819,10 @@ fn summarise(names: &[&str], figures: &[Figures], plan: &Plan, profile: &str) ->
     );
     summary.insert("compared".into(), json!(names[1]));
     summary.insert("profile".into(), json!(profile));
+    summary.insert(
+        "agent_mode".into(),
+        json!(if kubernetes { "kubernetes" } else { "local" }),
+    );
     summary.insert(
         "plan".into(),
         json!({
