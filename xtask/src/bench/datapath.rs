@@ -6,11 +6,10 @@
 //! - `plaintext`: no agents, no identity service (the kernel alone);
 //! - one column per `--variant` (default `sealmesh`, no extra agent flags):
 //!   the identity service and an agent per node started with the variant's
-//!   flags, each waiting for its certificates;
-//!   With `--kubernetes` these agents and their identity service run in
-//!   Kubernetes mode against an in-process fake API server, as deployed (the
-//!   testbed registers its nodes, pods and Services there, like `xtask demo
-//!   --kubernetes`);
+//!   flags, each waiting for its certificates; with `--kubernetes` they run
+//!   in Kubernetes mode, as deployed, against an in-process fake API server
+//!   that the testbed registers its nodes, pods and Services with (like
+//!   `xtask demo --kubernetes`);
 //! - `peer` with `--peer-cmd CMD`: `sh -c CMD` spawned once per node, in the
 //!   node's network namespace and cgroup, with the environment NODE (node
 //!   name), NODE_IP, CLUSTER_FILE (the testbed's cluster file, which also names
