@@ -24,13 +24,13 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_common::identity::{Identity, TrustDomain};
 use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
-use tokio::task::JoinHandle;
+use tokio::{sync::watch, task::JoinHandle};
 use tonic::transport::{Channel, Endpoint};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
     registry::WorkloadRegistry,
-    tls::{SanNames, TlsError, TrustAnchors, crypto_provider},
+    tls::{PeerRole, SanNames, TlsError, TrustAnchors, crypto_provider},
 };
 
 /// When to renew and how to retry.
@@ -272,6 +272,8 @@ pub struct CertStore {
     /// Identities being maintained (requested), with their last failure.
     progress: Mutex<HashMap<Identity, Progress>>,
     resolver: Arc<SniResolver>,
+    /// The anchors' epoch, published so live connections re-check their peer.
+    anchor_changes: watch::Sender<u64>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -330,6 +332,7 @@ impl CertStore {
             writer: Mutex::new(()),
             progress: Mutex::new(HashMap::new()),
             resolver,
+            anchor_changes: watch::Sender::new(0),
             cfg,
         }))
     }
@@ -385,12 +388,28 @@ impl CertStore {
             })
             .collect();
         self.certs.store(Arc::new(rebuilt));
+        self.anchor_changes.send_replace(epoch);
         tracing::info!(
             from = %self.anchors_origin_name(),
             anchors = anchored.anchors.len(),
             "trust anchors reloaded"
         );
         Ok(())
+    }
+
+    /// Marked changed on every anchor reload (see [`CertStore::verify_peer_chain`]).
+    pub fn anchor_changes(&self) -> watch::Receiver<u64> {
+        self.anchor_changes.subscribe()
+    }
+
+    /// Checks a chain a peer presented at its handshake against the current
+    /// anchors again.
+    pub fn verify_peer_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: &PeerRole,
+    ) -> Result<(), TlsError> {
+        self.anchored.load().anchors.verify_peer_chain(chain, role)
     }
 
     /// Where the anchors come from, for logs.

@@ -51,6 +51,8 @@ pub enum TlsError {
     BadTrustAnchor(String),
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("the certificate chain is not trusted: {0}")]
+    Untrusted(#[source] rustls::Error),
 }
 
 /// TLS 1.3 suites in the order the agent offers them (a rustls server
@@ -119,6 +121,15 @@ impl SanNames {
         }
         Ok(names)
     }
+}
+
+/// Which end of a handshake a peer's chain was verified as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A server, for this identity's DNS name (HBONE client side).
+    Server(Identity),
+    /// A client of the trust domain (HBONE server side).
+    Client,
 }
 
 /// The roots peers' chains must lead to, with the verifiers built from them.
@@ -195,6 +206,30 @@ impl TrustAnchors {
         self.client_verifier
             .verify_client_cert(leaf, intermediates, now)?;
         Ok(())
+    }
+
+    /// Checks a chain a peer presented at its handshake against these
+    /// anchors again, as that handshake did. When the anchors change, a
+    /// connection whose peer no longer passes must end (a removed anchor
+    /// cuts the sessions it authenticated).
+    pub fn verify_peer_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: &PeerRole,
+    ) -> Result<(), TlsError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(TlsError::NoPeerCertificate)?;
+        let now = UnixTime::now();
+        match role {
+            PeerRole::Server(id) => self
+                .server_verifier
+                .verify_server_cert(leaf, intermediates, &server_name(id), &[], now)
+                .map(drop),
+            PeerRole::Client => self
+                .client_verifier
+                .verify_client_cert(leaf, intermediates, now)
+                .map(drop),
+        }
+        .map_err(TlsError::Untrusted)
     }
 
     /// Client side of HBONE: presents `key`, verifies the server's chain

@@ -22,7 +22,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::{HandshakeKind, server::ResolvesServerCertUsingSni, sign::CertifiedKey};
-use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_agent::{
     certs::NoCertificate,
     config::Policy,
@@ -32,7 +32,7 @@ use sealmesh_agent::{
         TlsCredentials,
     },
     registry::{Endpoint, NodeInfo, Workload, WorkloadRegistry},
-    tls::{self, TrustAnchors},
+    tls::{self, PeerRole, TlsError, TrustAnchors},
 };
 use sealmesh_common::{
     consts::{HBONE_PORT, OUTBOUND_PORT},
@@ -109,9 +109,13 @@ fn ca_params(common_name: &str) -> CertificateParams {
 /// Certificates of one node's identities (what the cert store would hold):
 /// like the cert store, one client config per identity for as long as its
 /// certificate lasts, so TLS sessions can be resumed across connections.
+/// Live connections' peers are checked again against `anchors` whenever
+/// [`TestCredentials::replace_anchors`] swaps them.
 struct TestCredentials {
     clients: HashMap<Identity, Arc<rustls::ClientConfig>>,
     server: Arc<rustls::ServerConfig>,
+    anchors: Mutex<Arc<TrustAnchors>>,
+    anchor_changes: watch::Sender<u64>,
 }
 
 impl TestCredentials {
@@ -126,7 +130,21 @@ impl TestCredentials {
             clients.insert((*id).clone(), Arc::new(client));
         }
         let server = Arc::new(anchors.server_config(Arc::new(resolver)).unwrap());
-        Arc::new(Self { clients, server })
+        Arc::new(Self {
+            clients,
+            server,
+            anchors: Mutex::new(Arc::new(anchors)),
+            anchor_changes: watch::Sender::new(0),
+        })
+    }
+
+    /// What an anchor rotation does to the cert store: new anchors, and
+    /// every live connection told to check its peer.
+    fn replace_anchors(&self, bundle_pem: &str) {
+        *self.anchors.lock().unwrap() = Arc::new(
+            TrustAnchors::from_pem(bundle_pem.as_bytes(), &TrustDomain::default()).unwrap(),
+        );
+        self.anchor_changes.send_modify(|epoch| *epoch += 1);
     }
 }
 
@@ -147,6 +165,19 @@ impl TlsCredentials for TestCredentials {
 
     fn has_valid_cert(&self, id: &Identity) -> bool {
         self.clients.contains_key(id)
+    }
+
+    fn anchor_changes(&self) -> watch::Receiver<u64> {
+        self.anchor_changes.subscribe()
+    }
+
+    fn verify_peer_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: &PeerRole,
+    ) -> Result<(), TlsError> {
+        let anchors = self.anchors.lock().unwrap().clone();
+        anchors.verify_peer_chain(chain, role)
     }
 }
 
@@ -333,6 +364,7 @@ struct Cluster {
     ca: TestCa,
     services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
     creds_a: Arc<TestCredentials>,
+    creds_b: Arc<TestCredentials>,
     a: Node,
     b: Node,
 }
@@ -357,7 +389,7 @@ impl Cluster {
             node_b(n),
             &pods,
             services.clone(),
-            creds_b,
+            creds_b.clone(),
             Policy::default(),
         )
         .await;
@@ -367,6 +399,7 @@ impl Cluster {
             ca,
             services,
             creds_a,
+            creds_b,
             a,
             b,
         }
@@ -381,6 +414,7 @@ impl Cluster {
             ca,
             services,
             creds_a,
+            creds_b,
             a,
             b,
         } = self;
@@ -399,6 +433,7 @@ impl Cluster {
             ca,
             services,
             creds_a,
+            creds_b,
             a,
             b,
         }
@@ -413,6 +448,7 @@ impl Cluster {
             ca,
             services,
             creds_a,
+            creds_b: _,
             a,
             b,
         } = self;
@@ -422,7 +458,7 @@ impl Cluster {
             node_b(n),
             &pods,
             services.clone(),
-            creds_b,
+            creds_b.clone(),
             Policy::default(),
         )
         .await;
@@ -432,6 +468,7 @@ impl Cluster {
             ca,
             services,
             creds_a,
+            creds_b,
             a,
             b,
         }
@@ -1063,6 +1100,60 @@ async fn broken_pooled_connections_are_replaced() {
         cluster.a.handle.pooled_connections(),
         1,
         "the broken connection left the pool"
+    );
+}
+
+/// Opens a connection through the pool and checks it carries bytes; left
+/// open for the caller.
+async fn open_echoing(cluster: &Cluster, echo: SocketAddrV4) -> TcpStream {
+    let mut stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    stream.write_all(b"x").await.unwrap();
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await.unwrap();
+    stream
+}
+
+#[tokio::test]
+async fn removing_a_trust_anchor_closes_the_connections_it_authenticated() {
+    let n = 19;
+    let echo = echo_server(ip(n, 20)).await;
+    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let next_root = TestCa::new("next").root_pem;
+
+    // Adding an anchor (the first step of a rotation) keeps every session.
+    let mut kept = open_echoing(&cluster, echo).await;
+    let both = format!("{}{next_root}", cluster.ca.root_pem);
+    cluster.creds_a.replace_anchors(&both);
+    cluster.creds_b.replace_anchors(&both);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    kept.write_all(b"y").await.unwrap();
+    let mut byte = [0u8; 1];
+    kept.read_exact(&mut byte).await.unwrap();
+    assert_eq!(&byte, b"y", "the session survives an added anchor");
+    assert_eq!(cluster.a.handle.pooled_connections(), 1);
+
+    // The server's agent drops the old root: it cuts the client agent's
+    // HBONE connection, and with it the pod's connection.
+    cluster.creds_b.replace_anchors(&next_root);
+    assert_closed_without_data(kept).await;
+    tokio::time::timeout(EVENT_WAIT, async {
+        while cluster.a.handle.pooled_connections() != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the cut connection leaves the client agent's pool");
+
+    // The client's agent drops it alone: it closes its pooled connection.
+    cluster.creds_b.replace_anchors(&both);
+    let cut = open_echoing(&cluster, echo).await;
+    assert_eq!(cluster.a.handle.pooled_connections(), 1);
+    cluster.creds_a.replace_anchors(&next_root);
+    assert_closed_without_data(cut).await;
+    assert_eq!(
+        cluster.a.handle.pooled_connections(),
+        0,
+        "the distrusted connection left the pool"
     );
 }
 

@@ -132,6 +132,7 @@ async fn trust_roots_hot_reload_and_bad_bundles_keep_the_anchors_in_use() {
         .unwrap();
     assert_eq!(fetched, first);
     let certs = store(&fetched);
+    let mut anchor_changes = certs.anchor_changes();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let watch = tokio::spawn(watch_trust_roots(
         cluster.client.clone(),
@@ -149,6 +150,11 @@ async fn trust_roots_hot_reload_and_bad_bundles_keep_the_anchors_in_use() {
         certs.trust_anchors_pem() == both
     })
     .await;
+    assert!(
+        anchor_changes.has_changed().unwrap(),
+        "live connections are told to check their peers"
+    );
+    anchor_changes.mark_unchanged();
 
     cluster.trust_roots(CONTROL_NS, "not a certificate").await;
     eventually("the bad bundle to be rejected", || async {
@@ -163,6 +169,10 @@ async fn trust_roots_hot_reload_and_bad_bundles_keep_the_anchors_in_use() {
     })
     .await;
     assert_eq!(certs.trust_anchors_pem(), both);
+    assert!(
+        !anchor_changes.has_changed().unwrap(),
+        "rejected bundles change nothing"
+    );
 
     Api::<ConfigMap>::namespaced(cluster.client.clone(), CONTROL_NS)
         .delete("sealmesh-identity-trust-roots", &DeleteParams::default())

@@ -22,9 +22,12 @@ use super::{
     event::{ConnectionTracker, Direction},
     hbone,
     outbound::FORWARDED_HEADER,
-    splice,
+    peer_chain, peer_distrusted, splice,
 };
-use crate::{registry::Workload, tls};
+use crate::{
+    registry::Workload,
+    tls::{self, PeerRole},
+};
 
 /// Why a CONNECT stream was refused; each maps to one HTTP status.
 #[derive(Debug, thiserror::Error)]
@@ -101,6 +104,11 @@ pub(crate) async fn serve(
         }
     };
     let (_, session) = tls.get_ref();
+    let mut distrusted = std::pin::pin!(peer_distrusted(
+        engine.credentials.clone(),
+        peer_chain(session.peer_certificates()),
+        PeerRole::Client,
+    ));
     let td = engine.registry.trust_domain();
     let client = match tls::peer_identity(session.peer_certificates().unwrap_or_default(), td) {
         Ok(id) => id,
@@ -165,6 +173,11 @@ pub(crate) async fn serve(
                 }
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            error = &mut distrusted => {
+                // Returning drops the connection and aborts its streams.
+                tracing::warn!(peer = %addr, client = %peer.client, %error, "the trust anchors no longer trust the client agent; closing the HBONE connection and its streams");
+                break;
+            }
         }
     }
 }

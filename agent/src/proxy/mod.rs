@@ -23,6 +23,7 @@ use std::{
     time::Duration,
 };
 
+use rustls_pki_types::CertificateDer;
 use sealmesh_common::{
     consts::{HBONE_PORT, OUTBOUND_PORT},
     identity::Identity,
@@ -46,6 +47,7 @@ use crate::{
     config::Policy,
     ebpf::RedirectTable,
     registry::WorkloadRegistry,
+    tls::{PeerRole, TlsError},
 };
 
 /// Connection events kept for slow subscribers before they lag.
@@ -65,6 +67,16 @@ pub trait TlsCredentials: Send + Sync + 'static {
     /// requiring a client certificate chaining to the trust anchors.
     fn server_config(&self) -> Arc<rustls::ServerConfig>;
     fn has_valid_cert(&self, id: &Identity) -> bool;
+    /// Marked changed whenever the trust anchors change; live connections
+    /// then check their peer again with [`TlsCredentials::verify_peer_chain`].
+    fn anchor_changes(&self) -> watch::Receiver<u64>;
+    /// Whether a chain a peer presented at its handshake still chains to
+    /// the current trust anchors.
+    fn verify_peer_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: &PeerRole,
+    ) -> Result<(), TlsError>;
 }
 
 impl TlsCredentials for CertStore {
@@ -78,6 +90,49 @@ impl TlsCredentials for CertStore {
 
     fn has_valid_cert(&self, id: &Identity) -> bool {
         CertStore::has_valid_cert(self, id)
+    }
+
+    fn anchor_changes(&self) -> watch::Receiver<u64> {
+        CertStore::anchor_changes(self)
+    }
+
+    fn verify_peer_chain(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: &PeerRole,
+    ) -> Result<(), TlsError> {
+        CertStore::verify_peer_chain(self, chain, role)
+    }
+}
+
+/// An owned copy of the chain a peer presented at its handshake.
+pub(crate) fn peer_chain(certs: Option<&[CertificateDer<'_>]>) -> Vec<CertificateDer<'static>> {
+    certs
+        .unwrap_or_default()
+        .iter()
+        .map(|cert| cert.clone().into_owned())
+        .collect()
+}
+
+/// Resolves, with the reason, once the trust anchors changed so that
+/// `chain` (what the peer of a live connection presented at its handshake)
+/// no longer chains to them: that connection must end. Checks once at
+/// once, in case the anchors changed since the handshake.
+pub(crate) async fn peer_distrusted(
+    credentials: Arc<dyn TlsCredentials>,
+    chain: Vec<CertificateDer<'static>>,
+    role: PeerRole,
+) -> TlsError {
+    let mut changes = credentials.anchor_changes();
+    changes.mark_changed();
+    loop {
+        if changes.changed().await.is_err() {
+            // The credentials are gone with the engine: nothing changes any more.
+            return std::future::pending().await;
+        }
+        if let Err(error) = credentials.verify_peer_chain(&chain, &role) {
+            return error;
+        }
     }
 }
 

@@ -21,14 +21,14 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{
     Engine,
     event::{ConnectionTracker, Direction, NoTlsReason},
-    hbone,
+    hbone, peer_chain, peer_distrusted,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError},
 };
 use crate::{
     certs::NoCertificate,
     registry::{Endpoint, NodeInfo, Workload},
-    tls::{self, ALPN_HBONE, TlsError},
+    tls::{self, ALPN_HBONE, PeerRole, TlsError},
 };
 
 /// Header carrying the source pod's address to the destination's agent, for
@@ -442,6 +442,7 @@ async fn dial(
         let handshake = session
             .handshake_kind()
             .expect("a completed handshake has a kind");
+        let chain = peer_chain(session.peer_certificates());
         let (send, connection) = hbone::client_builder()
             .handshake::<_, Bytes>(tls)
             .await
@@ -450,6 +451,11 @@ async fn dial(
             send,
             connection,
             handshake,
+            distrusted: Box::pin(peer_distrusted(
+                engine.credentials.clone(),
+                chain,
+                PeerRole::Server(got.clone()),
+            )),
             peer: got,
         })
     };

@@ -6,12 +6,14 @@
 //! Streams are multiplexed on a connection until it nears the peer's
 //! concurrent-stream limit; then another connection is opened rather than
 //! queueing behind the limit (no head-of-line blocking). Connections whose
-//! driver ended (peer closed, broken) are dropped; idle ones are closed.
+//! driver ended (peer closed, broken) are dropped; idle ones are closed, and
+//! so are those whose peer the trust anchors stopped trusting.
 
 use std::{
     collections::HashMap,
     future::Future,
     net::SocketAddr,
+    pin::Pin,
     sync::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -26,6 +28,7 @@ use sealmesh_common::identity::Identity;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::hbone::MAX_CONCURRENT_STREAMS;
+use crate::tls::TlsError;
 
 /// A connection with no streams for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
@@ -121,6 +124,9 @@ pub(crate) struct Dialed<T> {
     pub handshake: HandshakeKind,
     /// The identity the peer proved (its certificate's SPIFFE URI SAN).
     pub peer: Identity,
+    /// Resolves when the peer's certificate no longer chains to the trust
+    /// anchors (one was removed): the connection and its streams end then.
+    pub distrusted: Pin<Box<dyn Future<Output = TlsError> + Send>>,
 }
 
 /// One pooled HBONE connection, as status pages and tests see it.
@@ -169,6 +175,7 @@ impl Pool {
             connection,
             handshake,
             peer,
+            distrusted,
         } = dial().await.inspect_err(|_| {
             slot.failed_dials.fetch_add(1, Ordering::AcqRel);
         })?;
@@ -187,6 +194,7 @@ impl Pool {
             .push(conn.clone());
         tokio::spawn(drive(
             connection,
+            distrusted,
             Arc::downgrade(&slot),
             conn.clone(),
             key.clone(),
@@ -267,10 +275,11 @@ impl Slot {
     }
 }
 
-/// Runs a connection until it ends or stays idle too long, then takes it
-/// out of the pool.
+/// Runs a connection until it ends, stays idle too long or loses the
+/// anchors' trust, then takes it out of the pool.
 async fn drive<T>(
     mut connection: Connection<T, Bytes>,
+    mut distrusted: Pin<Box<dyn Future<Output = TlsError> + Send>>,
     slot: Weak<Slot>,
     conn: Arc<PooledConnection>,
     key: PoolKey,
@@ -281,6 +290,13 @@ async fn drive<T>(
     let outcome = loop {
         tokio::select! {
             result = &mut connection => break result.err(),
+            error = &mut distrusted => {
+                tracing::warn!(connection = conn.id, source = %key.source, destination = %key.destination, node = %key.node, %error, "the trust anchors no longer trust the peer agent; closing the HBONE connection and its streams");
+                if let Some(slot) = slot.upgrade() {
+                    slot.conns.lock().expect("pool lock poisoned").retain(|c| !Arc::ptr_eq(c, &conn));
+                }
+                break None;
+            }
             _ = idle_check.tick() => {
                 let Some(slot) = slot.upgrade() else { break None };
                 // Decide under the slot lock so no lease is taken meanwhile.
