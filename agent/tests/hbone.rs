@@ -867,6 +867,40 @@ async fn inbound_answers_each_refusal_with_its_status() {
 }
 
 #[tokio::test]
+async fn oversized_connect_headers_are_refused() {
+    let n = 20;
+    let echo = echo_server(ip(n, 33)).await;
+    let cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let key = cluster.ca.leaf(&cluster.pods.client.identity);
+    let config = cluster.ca.anchors().client_config(Arc::new(key)).unwrap();
+    let tcp = TcpStream::connect(inbound_of(&node_b(n))).await.unwrap();
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(tls::server_name(&cluster.pods.server.identity), tcp)
+        .await
+        .unwrap();
+    let (send, connection) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(connection);
+    let mut send = send.ready().await.unwrap();
+    let request = Request::builder()
+        .method(Method::CONNECT)
+        .uri(SocketAddrV4::new(cluster.pods.server.ip, echo.port()).to_string())
+        .header("x-padding", "p".repeat(64 * 1024))
+        .body(())
+        .unwrap();
+    let (response, _stream) = send.send_request(request, true).unwrap();
+    let answer = tokio::time::timeout(EVENT_WAIT, response)
+        .await
+        .expect("the peer answers at once");
+    match answer {
+        Ok(response) => assert_eq!(
+            response.status(),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        ),
+        Err(error) => assert!(error.is_reset() || error.is_go_away(), "{error}"),
+    }
+}
+
+#[tokio::test]
 async fn sni_of_an_identity_the_node_does_not_serve_is_refused() {
     let n = 5;
     let cluster = Cluster::start(n, Policy::default(), 9).await;

@@ -84,6 +84,9 @@ pub(crate) async fn serve(
     addr: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
+    if let Err(error) = hbone::set_keepalive(&socket) {
+        tracing::debug!(peer = %addr, %error, "cannot set TCP keepalive on the HBONE connection");
+    }
     let acceptor = TlsAcceptor::from(engine.credentials.server_config());
     let started = Instant::now();
     let tls = match tokio::time::timeout(engine.cfg.connect_timeout, acceptor.accept(socket)).await

@@ -304,7 +304,12 @@ async fn hbone_connect(
         }
     };
     let admitted = match response {
-        Err(_) => Err(OutboundError::ConnectTimeout { target: node }),
+        Err(_) => {
+            // Silence may mean a dead connection or peer: no new stream
+            // picks it (streams open on it go on; a live peer costs a dial).
+            lease.discard();
+            Err(OutboundError::ConnectTimeout { target: node })
+        }
         Ok(Err(source)) => Err(OutboundError::Hbone { node, source }),
         Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(response.into_body()),
         Ok(Ok(response)) => Err(OutboundError::Refused {
@@ -409,6 +414,9 @@ async fn dial(
                 source,
             })?;
         let _ = tcp.set_nodelay(true);
+        if let Err(error) = hbone::set_keepalive(&tcp) {
+            tracing::debug!(%node, %error, "cannot set TCP keepalive on the HBONE connection");
+        }
         let started = Instant::now();
         let tls = TlsConnector::from(client_config)
             .connect(tls::server_name(expected), tcp)

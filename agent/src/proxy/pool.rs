@@ -22,7 +22,10 @@ use std::{
 };
 
 use bytes::Bytes;
-use h2::client::{Connection, SendRequest};
+use h2::{
+    Ping, PingPong,
+    client::{Connection, SendRequest},
+};
 use rustls::HandshakeKind;
 use sealmesh_common::identity::Identity;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -32,6 +35,12 @@ use crate::tls::TlsError;
 
 /// A connection with no streams for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// A pooled connection is pinged (HTTP/2 PING) this often ...
+const PING_INTERVAL: Duration = Duration::from_secs(10);
+/// ... and taken out of the pool when the pong takes longer than this: a
+/// silently dead peer (host gone, network partitioned) stops taking new
+/// streams within `PING_INTERVAL + PING_TIMEOUT`.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct PoolKey {
@@ -287,9 +296,21 @@ async fn drive<T>(
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let mut idle_check = tokio::time::interval(IDLE_TIMEOUT / 3);
+    let mut unanswered = std::pin::pin!(unanswered_ping(
+        connection
+            .ping_pong()
+            .expect("a new connection's ping handle is taken once, here")
+    ));
     let outcome = loop {
         tokio::select! {
             result = &mut connection => break result.err(),
+            () = &mut unanswered => {
+                tracing::warn!(connection = conn.id, source = %key.source, destination = %key.destination, node = %key.node, timeout = ?PING_TIMEOUT, "the peer agent did not answer a ping; closing the HBONE connection and its streams");
+                if let Some(slot) = slot.upgrade() {
+                    slot.conns.lock().expect("pool lock poisoned").retain(|c| !Arc::ptr_eq(c, &conn));
+                }
+                break None;
+            }
             error = &mut distrusted => {
                 tracing::warn!(connection = conn.id, source = %key.source, destination = %key.destination, node = %key.node, %error, "the trust anchors no longer trust the peer agent; closing the HBONE connection and its streams");
                 if let Some(slot) = slot.upgrade() {
@@ -318,6 +339,20 @@ async fn drive<T>(
     }
 }
 
+/// Pings every `PING_INTERVAL`; resolves when a pong does not come within
+/// `PING_TIMEOUT`. Never resolves once the connection is gone (its driver
+/// reports that).
+async fn unanswered_ping(mut ping_pong: PingPong) {
+    loop {
+        tokio::time::sleep(PING_INTERVAL).await;
+        match tokio::time::timeout(PING_TIMEOUT, ping_pong.ping(Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return std::future::pending().await,
+            Err(_) => return,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::AtomicUsize;
@@ -337,6 +372,63 @@ mod tests {
         fn from(_: PeerDialFailed) -> Self {
             Self::Queued
         }
+    }
+
+    /// Pools one connection to an h2 server over an in-memory pipe; the
+    /// server answers (pings included) only while `answering`.
+    async fn pooled_connection_to(pool: &Pool, key: &PoolKey, answering: bool) {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            if answering {
+                while connection.accept().await.is_some() {}
+            } else {
+                // Handshaken, then silent: a peer whose host vanished.
+                std::future::pending::<()>().await;
+            }
+        });
+        let lease = pool
+            .checkout(key, || async {
+                let (send, connection) = h2::client::handshake(client_io).await.unwrap();
+                Ok::<_, TestError>(Dialed {
+                    send,
+                    connection,
+                    handshake: HandshakeKind::Full,
+                    peer: key.destination.clone(),
+                    distrusted: Box::pin(std::future::pending()),
+                })
+            })
+            .await
+            .unwrap();
+        drop(lease);
+        // Keep the server task alive for the test's duration.
+        std::mem::forget(server);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_whose_peer_stops_answering_pings_leave_the_pool() {
+        let td = TrustDomain::default();
+        let key = |destination: &str| PoolKey {
+            source: td.identity("app", "a").unwrap(),
+            destination: td.identity("app", destination).unwrap(),
+            node: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let pool = Pool::default();
+        pooled_connection_to(&pool, &key("live"), true).await;
+        pooled_connection_to(&pool, &key("dead"), false).await;
+        assert_eq!(pool.total_connections(), 2);
+
+        tokio::time::sleep(PING_INTERVAL + PING_TIMEOUT + Duration::from_secs(1)).await;
+        let left: Vec<_> = pool
+            .connections()
+            .into_iter()
+            .map(|c| c.destination.service_account().to_owned())
+            .collect();
+        assert_eq!(left, ["live"], "only the answering peer's connection stays");
+
+        // Long after, the live one is still there: answered pings keep it.
+        tokio::time::sleep(PING_INTERVAL * 3).await;
+        assert_eq!(pool.total_connections(), 1);
     }
 
     #[tokio::test]
