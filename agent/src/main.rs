@@ -27,7 +27,10 @@ use sealmesh_agent::{
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
-use sealmesh_common::consts::{AGENT_STARTED_MESSAGE, OUTBOUND_PORT};
+use sealmesh_common::{
+    consts::{AGENT_STARTED_MESSAGE, OUTBOUND_PORT},
+    host,
+};
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
@@ -47,6 +50,9 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    if let Err(error) = host::unblock_termination_signals() {
+        tracing::warn!(%error, "cannot unblock SIGTERM and SIGINT; a graceful stop may not be possible");
+    }
     raise_open_files_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(config.worker_threads))

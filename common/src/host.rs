@@ -27,6 +27,15 @@ pub fn cgroup_id(cgroup_dir: &Path) -> io::Result<u64> {
     Ok(std::fs::metadata(cgroup_dir)?.ino())
 }
 
+/// Unblocks SIGTERM and SIGINT in the calling thread; threads it starts
+/// later inherit the mask. A process whose parent blocked them before
+/// spawning it would otherwise never see the kubelet's SIGTERM and could
+/// only be killed. Call first in `main`, before a runtime starts threads.
+pub fn unblock_termination_signals() -> nix::Result<()> {
+    use nix::sys::signal::{SigSet, Signal};
+    SigSet::from_iter([Signal::SIGTERM, Signal::SIGINT]).thread_unblock()
+}
+
 fn mount_point_of_type(fs_type: &str) -> Option<PathBuf> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     mountinfo.lines().find_map(|line| {

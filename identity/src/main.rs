@@ -3,18 +3,28 @@
 
 use std::process::ExitCode;
 
+use sealmesh_common::host;
 use sealmesh_identity::{Config, config::LogLevel};
 use tracing_subscriber::EnvFilter;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let config = Config::from_args();
     tracing_subscriber::fmt()
         .with_env_filter(log_filter(config.log_level))
         .with_writer(std::io::stderr)
         .init();
-
-    match sealmesh_identity::serve(config, shutdown_signal()).await {
+    // Before the runtime's threads start: they inherit the signal mask.
+    if let Err(error) = host::unblock_termination_signals() {
+        tracing::warn!(%error, "cannot unblock SIGTERM and SIGINT; a graceful stop may not be possible");
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(sealmesh_identity::serve(config, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The message says what to fix; a backtrace would bury it.

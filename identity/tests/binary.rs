@@ -175,3 +175,51 @@ fn refuses_to_start_with_an_expired_issuer_and_says_why() {
         "{stderr}"
     );
 }
+
+/// A parent that blocks SIGTERM before spawning (a shell's `trap`, a
+/// supervisor waiting for signals with sigwait) hands the mask down; the
+/// service must still stop gracefully on the kubelet's SIGTERM.
+#[tokio::test]
+async fn stops_on_sigterm_even_when_started_with_it_blocked() {
+    use std::os::unix::process::CommandExt;
+
+    let cluster = TestCluster::new();
+    let (grpc, metrics) = (free_port(), free_port());
+    let mut command = identity_command(&cluster);
+    command
+        .args(["--listen", &format!("127.0.0.1:{grpc}")])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+        .stderr(Stdio::piped());
+    // SAFETY: sigprocmask(2) is async-signal-safe, so it may run between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            signal::SigSet::from_iter([signal::Signal::SIGTERM, signal::Signal::SIGINT])
+                .thread_block()?;
+            Ok(())
+        });
+    }
+    let mut child = ChildGuard(command.spawn().unwrap());
+    let metrics_addr: std::net::SocketAddr = format!("127.0.0.1:{metrics}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(metrics_addr).await.is_err() {
+        assert!(Instant::now() < deadline, "metrics endpoint never came up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    signal::kill(Pid::from_raw(child.0.id() as i32), signal::Signal::SIGTERM).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running 15 s after SIGTERM: the blocked signal never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(status.success(), "exit status {status:?}: {log}");
+    assert!(log.contains("shutting down"), "{log}");
+}

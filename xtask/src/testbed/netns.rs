@@ -10,7 +10,10 @@ use std::{
     thread::JoinHandle,
 };
 
-use nix::sched::{CloneFlags, setns};
+use nix::{
+    sched::{CloneFlags, setns},
+    sys::signal::SigSet,
+};
 
 use super::{TestbedError, layout::NETNS_DIR};
 
@@ -108,13 +111,16 @@ pub fn spawn_in(netns: &str, cgroup: &Path, mut cmd: Command) -> Result<ChildGua
             source,
         })?;
     // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe calls are allowed: setns(2) and write(2) on descriptors opened
-    // above are, and nothing here allocates or takes locks. Writing "0" to
-    // cgroup.procs moves the writing process itself, so no pid formatting is needed.
+    // async-signal-safe calls are allowed: setns(2), write(2) on descriptors opened
+    // above and sigprocmask(2) are, and nothing here allocates or takes locks. Writing
+    // "0" to cgroup.procs moves the writing process itself, so no pid formatting is
+    // needed. The child starts with no signal blocked, as under a kubelet, whatever
+    // the testbed's own threads block (the demo blocks SIGINT/SIGTERM to wait for them).
     unsafe {
         cmd.pre_exec(move || {
             setns(&netns_fd, CloneFlags::CLONE_NEWNET)?;
             nix::unistd::write(&cgroup_procs, b"0")?;
+            SigSet::empty().thread_set_mask()?;
             Ok(())
         });
     }
