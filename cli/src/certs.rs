@@ -39,10 +39,11 @@ pub struct Output {
 pub struct CreateRoot {
     #[command(flatten)]
     output: Output,
-    /// How long the root is valid.
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "87600h")]
+    /// How long the root is valid (at least 1h).
+    #[arg(long, value_parser = ca_validity, default_value = "87600h")]
     validity: Duration,
-    #[arg(long, default_value = DEFAULT_ROOT_COMMON_NAME)]
+    /// Subject common name (1 to 64 characters, RFC 5280).
+    #[arg(long, value_parser = common_name, default_value = DEFAULT_ROOT_COMMON_NAME)]
     common_name: String,
 }
 
@@ -53,11 +54,42 @@ pub struct CreateIssuer {
     root: PathBuf,
     #[command(flatten)]
     output: Output,
-    /// How long the issuer is valid (never beyond the root).
-    #[arg(long, value_parser = humantime::parse_duration, default_value = "8760h")]
+    /// How long the issuer is valid (at least 1h; never beyond the root).
+    #[arg(long, value_parser = ca_validity, default_value = "8760h")]
     validity: Duration,
-    #[arg(long, default_value = DEFAULT_ISSUER_COMMON_NAME)]
+    /// Subject common name (1 to 64 characters, RFC 5280).
+    #[arg(long, value_parser = common_name, default_value = DEFAULT_ISSUER_COMMON_NAME)]
     common_name: String,
+}
+
+/// The shortest CA validity accepted: a shorter-lived CA would expire
+/// before (or clamp) the leaves it signs, which live 24h by default.
+const MIN_CA_VALIDITY: Duration = Duration::from_secs(3600);
+/// RFC 5280's upper bound on a common name (`ub-common-name`).
+const MAX_COMMON_NAME: usize = 64;
+
+fn ca_validity(text: &str) -> Result<Duration, String> {
+    let validity = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if validity < MIN_CA_VALIDITY {
+        return Err(format!(
+            "a CA must be valid for at least {} (it signs 24h leaves); use e.g. 8760h",
+            humantime::format_duration(MIN_CA_VALIDITY)
+        ));
+    }
+    Ok(validity)
+}
+
+fn common_name(text: &str) -> Result<String, String> {
+    let length = text.chars().count();
+    if length == 0 || length > MAX_COMMON_NAME {
+        return Err(format!(
+            "a common name has 1 to {MAX_COMMON_NAME} characters (RFC 5280); this one has {length}"
+        ));
+    }
+    if text.chars().any(char::is_control) {
+        return Err("a common name cannot hold control characters".into());
+    }
+    Ok(text.to_owned())
 }
 
 pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {

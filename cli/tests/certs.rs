@@ -210,3 +210,58 @@ fn issuer_needs_a_readable_root_and_never_outlives_it() {
     .unwrap();
     assert_eq!(loaded.info().not_after, anchors.infos()[0].not_after);
 }
+
+#[test]
+fn refuses_expired_or_too_short_validities_and_overlong_common_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    for (args, message) in [
+        (
+            &["--validity", "0s"][..],
+            "a CA must be valid for at least 1h (it signs 24h leaves); use e.g. 8760h",
+        ),
+        (
+            &["--validity", "59m"][..],
+            "a CA must be valid for at least 1h",
+        ),
+        (
+            &["--common-name", &"c".repeat(300)][..],
+            "a common name has 1 to 64 characters (RFC 5280); this one has 300",
+        ),
+        (&["--common-name", ""][..], "this one has 0"),
+    ] {
+        let mut command = vec!["certs", "create-root", "--out", path(&root)];
+        command.extend_from_slice(args);
+        let out = sealmesh(&command);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
+        assert!(!root.exists(), "{args:?}: nothing is written");
+    }
+    let out = sealmesh(&[
+        "certs",
+        "create-root",
+        "--out",
+        path(&root),
+        "--common-name",
+        &"c".repeat(64),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let issuer = dir.path().join("issuer");
+    let out = sealmesh(&[
+        "certs",
+        "create-issuer",
+        "--root",
+        path(&root),
+        "--out",
+        path(&issuer),
+        "--validity",
+        "0s",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!issuer.exists());
+}
