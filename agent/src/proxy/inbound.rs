@@ -98,11 +98,15 @@ pub(crate) async fn serve(
             tls
         }
         Ok(Err(error)) => {
-            tracing::warn!(peer = %addr, %error, "inbound mTLS handshake failed; connection refused");
+            if let Some(suppressed) = engine.refusal_log.admit() {
+                tracing::warn!(peer = %addr, suppressed, %error, "inbound mTLS handshake failed; connection refused");
+            }
             return;
         }
         Err(_) => {
-            tracing::warn!(peer = %addr, "inbound mTLS handshake timed out; connection refused");
+            if let Some(suppressed) = engine.refusal_log.admit() {
+                tracing::warn!(peer = %addr, suppressed, "inbound mTLS handshake timed out; connection refused");
+            }
             return;
         }
     };
@@ -116,7 +120,9 @@ pub(crate) async fn serve(
     let client = match tls::peer_identity(session.peer_certificates().unwrap_or_default(), td) {
         Ok(id) => id,
         Err(error) => {
-            tracing::warn!(peer = %addr, %error, "inbound client identity not accepted; connection refused");
+            if let Some(suppressed) = engine.refusal_log.admit() {
+                tracing::warn!(peer = %addr, suppressed, %error, "inbound client identity not accepted; connection refused");
+            }
             return;
         }
     };
@@ -125,7 +131,9 @@ pub(crate) async fn serve(
     let requested = match session.server_name().map(|name| td.parse_dns_name(name)) {
         Some(Ok(id)) => id,
         other => {
-            tracing::warn!(peer = %addr, sni = ?session.server_name(), error = ?other.map(|r| r.err()), "inbound SNI is not a local identity name; connection refused");
+            if let Some(suppressed) = engine.refusal_log.admit() {
+                tracing::warn!(peer = %addr, suppressed, sni = ?session.server_name(), error = ?other.map(|r| r.err()), "inbound SNI is not a local identity name; connection refused");
+            }
             return;
         }
     };
@@ -137,11 +145,15 @@ pub(crate) async fn serve(
     {
         Ok(Ok(connection)) => connection,
         Ok(Err(error)) => {
-            tracing::warn!(peer = %addr, %client, %error, "inbound HTTP/2 handshake failed");
+            if let Some(suppressed) = engine.refusal_log.admit() {
+                tracing::warn!(peer = %addr, suppressed, %client, %error, "inbound HTTP/2 handshake failed");
+            }
             return;
         }
         Err(_) => {
-            tracing::warn!(peer = %addr, %client, "inbound HTTP/2 handshake timed out");
+            if let Some(suppressed) = engine.refusal_log.admit() {
+                tracing::warn!(peer = %addr, suppressed, %client, "inbound HTTP/2 handshake timed out");
+            }
             return;
         }
     };

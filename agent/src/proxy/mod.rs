@@ -9,6 +9,7 @@
 mod event;
 mod hbone;
 mod inbound;
+mod log_limit;
 mod outbound;
 mod pool;
 mod splice;
@@ -50,6 +51,9 @@ use crate::{
     tls::{PeerRole, TlsError},
 };
 
+/// At most this many refusal lines per window are logged.
+const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
+const REFUSAL_LOG_BURST: u32 = 10;
 /// Connection events kept for slow subscribers before they lag.
 const EVENT_BUFFER: usize = 4096;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
@@ -185,6 +189,9 @@ pub(crate) struct Engine {
     credentials: Arc<dyn TlsCredentials>,
     pool: pool::Pool,
     sink: event::EventSink,
+    /// Bounds the lines peers cause by being refused (bad handshakes, stray
+    /// connections): what is refused is counted in metrics, not logged.
+    refusal_log: log_limit::LogLimiter,
     next_connection_id: AtomicU64,
 }
 
@@ -258,6 +265,7 @@ impl Proxy {
                     events,
                     observers: Default::default(),
                 },
+                refusal_log: log_limit::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
                 next_connection_id: AtomicU64::new(1),
             }),
             outbound,
