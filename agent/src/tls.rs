@@ -176,6 +176,11 @@ impl TrustAnchors {
         self.roots.len()
     }
 
+    /// The root certificates themselves.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.roots.is_empty()
     }

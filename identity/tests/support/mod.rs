@@ -9,6 +9,7 @@ use std::{
     time::Duration,
 };
 
+use arc_swap::ArcSwap;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, SignatureAlgorithm};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sealmesh_common::{
@@ -16,13 +17,14 @@ use sealmesh_common::{
     identity::{Identity, TrustDomain},
 };
 use sealmesh_identity::{
-    Config, ServerBuilder,
+    Config, ServerBuilder, client,
     config::{LocalSources, Mode},
     pki::{CaSpec, CertInfo, GeneratedCa, Layout, generate_issuer, generate_root},
     rotation::IssuerEvents,
 };
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
 use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
 
 pub const DAY: Duration = Duration::from_secs(86_400);
 pub const NAMESPACE: &str = "emojivoto";
@@ -189,10 +191,27 @@ impl IssuerEvents for RecordingEvents {
     }
 }
 
+/// A gRPC channel to the identity service at `addr` over TLS, as agents
+/// connect: the server must chain to `anchors` and be the identity service
+/// of the default trust domain.
+pub fn tls_channel(addr: SocketAddr, anchors: &[CertificateDer<'static>]) -> Channel {
+    let roots = Arc::new(client::root_store(anchors).unwrap());
+    let identity_service = TrustDomain::default().identity_service();
+    let config = client::client_config(roots, &identity_service).unwrap();
+    client::lazy_channel(
+        addr,
+        &identity_service,
+        Arc::new(ArcSwap::from_pointee(config)),
+        Duration::from_secs(10),
+    )
+}
+
 /// A running identity service; stops when dropped.
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The anchors of its config, which clients verify it with.
+    pub anchors: Vec<CertificateDer<'static>>,
     pub events: mpsc::UnboundedReceiver<Event>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), sealmesh_identity::ServeError>>>,
@@ -200,6 +219,12 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config: Config) -> Self {
+        let anchors = match &config.mode {
+            Mode::Local(local) => {
+                pem_certs(&std::fs::read_to_string(&local.trust_anchors).unwrap())
+            }
+            Mode::Kubernetes(_) => panic!("a local-mode config"),
+        };
         let (events_tx, events) = mpsc::unbounded_channel();
         let server = ServerBuilder::new(config)
             .issuer_events(Arc::new(RecordingEvents(Mutex::new(events_tx))))
@@ -215,24 +240,20 @@ impl Running {
         Self {
             addr,
             metrics_addr,
+            anchors,
             events,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    pub async fn client(&self) -> pb::identity_client::IdentityClient<tonic::transport::Channel> {
-        pb::identity_client::IdentityClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    /// A Certify client over TLS, verifying the service as agents do.
+    pub async fn client(&self) -> pb::identity_client::IdentityClient<Channel> {
+        pb::identity_client::IdentityClient::new(tls_channel(self.addr, &self.anchors))
     }
 
-    pub async fn linkerd_client(
-        &self,
-    ) -> linkerd::identity_client::IdentityClient<tonic::transport::Channel> {
-        linkerd::identity_client::IdentityClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    pub async fn linkerd_client(&self) -> linkerd::identity_client::IdentityClient<Channel> {
+        linkerd::identity_client::IdentityClient::new(tls_channel(self.addr, &self.anchors))
     }
 
     pub async fn next_event(&mut self) -> Event {
