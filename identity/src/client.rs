@@ -8,7 +8,8 @@
 //! [`client_config`] builds the rustls config for one set of anchors;
 //! [`lazy_channel`] dials with whatever config its [`ArcSwap`] holds when a
 //! connection is made, so clients whose anchors rotate verify new
-//! connections against the current ones.
+//! connections against the current ones; [`channel_with_anchors`] is the
+//! short form for a fixed bundle.
 //!
 //! [`TrustDomain::identity_service`]: sealmesh_common::identity::TrustDomain::identity_service
 
@@ -33,7 +34,7 @@ use rustls::{
     },
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-use sealmesh_common::identity::Identity;
+use sealmesh_common::identity::{Identity, TrustDomain};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -130,6 +131,25 @@ pub fn lazy_channel(
         server_name: server_name(identity_service),
         tls,
     })
+}
+
+/// A [`lazy_channel`] verifying the identity service of `trust_domain`
+/// against a fixed set of `anchors` (for tools and tests; agents follow
+/// rotating anchors with [`lazy_channel`]).
+pub fn channel_with_anchors(
+    addr: SocketAddr,
+    anchors: &[CertificateDer<'static>],
+    trust_domain: &TrustDomain,
+    timeout: Duration,
+) -> Result<Channel, rustls::Error> {
+    let identity_service = trust_domain.identity_service();
+    let config = client_config(Arc::new(root_store(anchors)?), &identity_service)?;
+    Ok(lazy_channel(
+        addr,
+        &identity_service,
+        Arc::new(ArcSwap::from_pointee(config)),
+        timeout,
+    ))
 }
 
 /// The TLS server name clients send and check: the identity DNS name of

@@ -9,7 +9,6 @@ use std::{
     time::Duration,
 };
 
-use arc_swap::ArcSwap;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, SignatureAlgorithm};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use sealmesh_common::{
@@ -195,15 +194,13 @@ impl IssuerEvents for RecordingEvents {
 /// connect: the server must chain to `anchors` and be the identity service
 /// of the default trust domain.
 pub fn tls_channel(addr: SocketAddr, anchors: &[CertificateDer<'static>]) -> Channel {
-    let roots = Arc::new(client::root_store(anchors).unwrap());
-    let identity_service = TrustDomain::default().identity_service();
-    let config = client::client_config(roots, &identity_service).unwrap();
-    client::lazy_channel(
+    client::channel_with_anchors(
         addr,
-        &identity_service,
-        Arc::new(ArcSwap::from_pointee(config)),
+        anchors,
+        &TrustDomain::default(),
         Duration::from_secs(10),
     )
+    .unwrap()
 }
 
 /// A running identity service; stops when dropped.
