@@ -73,6 +73,9 @@ pub mod kube {
     /// reason=IssuerUpdated` expects).
     pub const EVENT_ISSUER_UPDATED: &str = "IssuerUpdated";
     pub const EVENT_ISSUER_UPDATE_SKIPPED: &str = "IssuerUpdateSkipped";
+    /// Warning Event reason recorded by a node's agent on a pod it leaves
+    /// out of the mesh because no certificate can name its ServiceAccount.
+    pub const EVENT_IDENTITY_UNREPRESENTABLE: &str = "IdentityUnrepresentable";
     /// Label EndpointSlices carry to name their Service.
     pub const ENDPOINTSLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
 }
