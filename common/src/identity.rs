@@ -47,6 +47,16 @@ pub enum IdentityError {
     #[error("{0:?} is not a valid trust domain (lowercase DNS name such as cluster.local)")]
     InvalidTrustDomain(String),
     #[error(
+        "trust domain {domain:?} with control namespace {control_namespace:?} leaves no room for identity DNS names \
+         (<serviceaccount>.<namespace>.serviceaccount.identity.<control-namespace>.<trust-domain>, at most 253 characters, \
+         the identity service's own among them); use a trust domain of at most {max} characters"
+    )]
+    TrustDomainTooLong {
+        domain: String,
+        control_namespace: String,
+        max: usize,
+    },
+    #[error(
         "{uri:?} is not a sealmesh SPIFFE identity: expected spiffe://{trust_domain}/ns/<namespace>/sa/<serviceaccount>"
     )]
     InvalidSpiffeUri { uri: String, trust_domain: String },
@@ -81,10 +91,21 @@ impl TrustDomain {
             return Err(IdentityError::InvalidTrustDomain(domain.to_owned()));
         }
         check_name(control_namespace)?;
-        Ok(Self {
+        let trust_domain = Self {
             domain: domain.to_owned(),
             control_namespace: control_namespace.to_owned(),
-        })
+        };
+        // The longest name that must always fit: the identity service's own.
+        let service_dns_len =
+            IDENTITY_NAME.len() + 1 + control_namespace.len() + 1 + trust_domain.dns_suffix().len();
+        if service_dns_len > MAX_DNS_NAME {
+            return Err(IdentityError::TrustDomainTooLong {
+                domain: domain.to_owned(),
+                control_namespace: control_namespace.to_owned(),
+                max: domain.len() - (service_dns_len - MAX_DNS_NAME),
+            });
+        }
+        Ok(trust_domain)
     }
 
     pub fn domain(&self) -> &str {
@@ -432,6 +453,20 @@ mod tests {
         assert_eq!(
             td.identity("shop", &"a".repeat(254)).unwrap_err(),
             IdentityError::InvalidServiceAccountName("a".repeat(254))
+        );
+    }
+
+    #[test]
+    fn a_trust_domain_must_leave_room_for_the_identity_services_name() {
+        // sealmesh-identity.sealmesh.serviceaccount.identity.sealmesh. = 60
+        let longest = format!("{}.{}.{}.d", "a".repeat(63), "b".repeat(63), "c".repeat(63));
+        assert_eq!(longest.len(), 193);
+        let td = TrustDomain::new(&longest, "sealmesh").unwrap();
+        assert_eq!(td.identity_service().dns_name().len(), 253);
+        let error = TrustDomain::new(&format!("{longest}d"), "sealmesh").unwrap_err();
+        assert!(
+            matches!(error, IdentityError::TrustDomainTooLong { max: 193, .. }),
+            "{error}"
         );
     }
 

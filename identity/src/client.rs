@@ -156,7 +156,7 @@ pub fn channel_with_anchors(
 /// the identity service, whatever address they dial.
 fn server_name(identity_service: &Identity) -> ServerName<'static> {
     ServerName::try_from(identity_service.dns_name())
-        .expect("identity DNS names are checked to be valid DNS names")
+        .expect("identity DNS names are checked to be valid DNS names when the identity is made")
 }
 
 /// Dials TCP, then TLS; what tonic's channel connects with.

@@ -236,3 +236,46 @@ async fn the_serving_certificate_is_reissued_when_the_issuer_rotates() {
     );
     service.stop().await;
 }
+
+#[tokio::test]
+async fn the_serving_certificate_is_renewed_before_it_expires() {
+    let cluster = TestCluster::new();
+    let mut config = cluster.config();
+    // Leaves (the serving certificate too) live 4s + 1s skew: renewed at half.
+    config.cert_lifetime = Duration::from_secs(4);
+    config.clock_skew = Duration::from_secs(1);
+    let service = Running::start(config).await;
+    let name = TrustDomain::default().identity_service().dns_name();
+    let first = handshake(service.addr, &cluster.anchors(), &name)
+        .await
+        .unwrap();
+    let (_, leaf) = X509Certificate::from_der(&first.chain[0]).unwrap();
+    let first_not_after = leaf.validity().not_after.timestamp();
+
+    let started = std::time::Instant::now();
+    let renewed = loop {
+        let seen = handshake(service.addr, &cluster.anchors(), &name)
+            .await
+            .expect("a valid certificate is served all along");
+        if seen.chain[0] != first.chain[0] {
+            break seen;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "not renewed before the first one expired"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, leaf) = X509Certificate::from_der(&renewed.chain[0]).unwrap();
+    assert!(leaf.validity().not_after.timestamp() > first_not_after);
+    assert_eq!(sans(&renewed.chain[0]), sans(&first.chain[0]));
+    let (_, metrics) = http_get(service.metrics_addr, "/metrics").await;
+    assert!(
+        metrics.contains(&format!(
+            "sealmesh_identity_serving_certificate_expiry_timestamp_seconds {}",
+            leaf.validity().not_after.timestamp()
+        )),
+        "{metrics}"
+    );
+    service.stop().await;
+}
