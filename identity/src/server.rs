@@ -314,11 +314,6 @@ impl Server {
         self.issuers.clone()
     }
 
-    /// The certificate the gRPC API is served with.
-    pub fn serving_certificate(&self) -> Arc<ServingCertificate> {
-        self.serving.clone()
-    }
-
     /// Serves Certify (both packages) and gRPC health over TLS, and metrics,
     /// keeps its serving certificate fresh, and follows
     /// the issuer (directory, or Secret and ConfigMap) and, in Kubernetes

@@ -146,11 +146,6 @@ impl ServingCertificate {
         &self.identity
     }
 
-    /// The chain presented now (leaf first).
-    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        self.current.load().key.cert.clone()
-    }
-
     /// TLS 1.3 only, ALPN h2, no client certificates (callers authenticate
     /// with their token), this certificate.
     pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, ServingError> {
