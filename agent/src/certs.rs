@@ -3,6 +3,11 @@
 //! before expiry, kept through identity outages, dropped when the
 //! ServiceAccount leaves the node. It hands out the rustls configs HBONE uses;
 //! without a valid certificate there is no client config (fail closed).
+//!
+//! The identity service is reached over TLS 1.3 only, verified against the
+//! current trust anchors and the identity service's own identity
+//! (`sealmesh_identity::client`): the node token never leaves the agent
+//! unencrypted, nor goes to any other server.
 
 use std::{
     collections::HashMap,
@@ -23,9 +28,10 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_common::identity::{Identity, TrustDomain};
+use sealmesh_identity::client::{self as identity_tls, ConnectError};
 use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
 use tokio::{sync::watch, task::JoinHandle};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
@@ -111,11 +117,6 @@ pub enum CertStoreError {
         "this store's trust anchors come from {origin}, not from a file; reload them with reload_trust_anchors_pem"
     )]
     AnchorsNotFromFile { origin: String },
-    #[error("identity service address {addr} is not usable for gRPC: {source}")]
-    IdentityAddress {
-        addr: SocketAddr,
-        source: tonic::transport::Error,
-    },
 }
 
 /// Why a certificate could not be obtained (kept as the status's last error).
@@ -130,6 +131,10 @@ pub enum ObtainError {
     },
     #[error("cannot generate a key and CSR: {0}")]
     Csr(#[from] rcgen::Error),
+    /// No TLS connection to the identity service (unreachable, or it failed
+    /// verification); the token was not sent.
+    #[error("{0}")]
+    Unreachable(String),
     #[error("identity service at {addr} failed the request ({code:?}): {message}")]
     Refused {
         addr: SocketAddr,
@@ -240,6 +245,8 @@ struct Anchored {
     /// The bundle `anchors` was parsed from.
     pem: String,
     server_config: Arc<ServerConfig>,
+    /// TLS to the identity service, verified against `anchors`.
+    identity_tls: Arc<ClientConfig>,
     /// Bumped on every reload.
     epoch: u64,
 }
@@ -264,6 +271,9 @@ pub struct CertStore {
     cfg: CertStoreConfig,
     anchors_origin: AnchorsOrigin,
     identity: IdentityClient<Channel>,
+    /// What new connections to the identity service verify it with: follows
+    /// `anchored`.
+    identity_tls: Arc<ArcSwap<ClientConfig>>,
     anchored: ArcSwap<Anchored>,
     certs: Arc<ArcSwap<CertMap>>,
     /// Serialises changes of `certs` and `anchored`, so no certificate is
@@ -311,22 +321,23 @@ impl CertStore {
         anchors_origin: AnchorsOrigin,
         pem: &[u8],
     ) -> Result<Arc<Self>, CertStoreError> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", cfg.identity_addr))
-            .map_err(|source| CertStoreError::IdentityAddress {
-                addr: cfg.identity_addr,
-                source,
-            })?
-            .connect_timeout(cfg.renewal.request_timeout)
-            .timeout(cfg.renewal.request_timeout);
         let certs = Arc::new(ArcSwap::from_pointee(CertMap::new()));
         let resolver = Arc::new(SniResolver {
             certs: certs.clone(),
             trust_domain: cfg.trust_domain.clone(),
         });
         let anchored = anchored_from_pem(&cfg, &anchors_origin, pem, resolver.clone(), 0)?;
+        let identity_tls = Arc::new(ArcSwap::new(anchored.identity_tls.clone()));
+        let channel = identity_tls::lazy_channel(
+            cfg.identity_addr,
+            &cfg.trust_domain.identity_service(),
+            identity_tls.clone(),
+            cfg.renewal.request_timeout,
+        );
         Ok(Arc::new(Self {
             anchors_origin,
-            identity: IdentityClient::new(endpoint.connect_lazy()),
+            identity: IdentityClient::new(channel),
+            identity_tls,
             anchored: ArcSwap::from_pointee(anchored),
             certs,
             writer: Mutex::new(()),
@@ -375,6 +386,7 @@ impl CertStore {
             epoch,
         )?);
         self.anchored.store(anchored.clone());
+        self.identity_tls.store(anchored.identity_tls.clone());
         let rebuilt: CertMap = self
             .certs
             .load()
@@ -692,10 +704,13 @@ impl CertStore {
             .clone()
             .certify(request)
             .await
-            .map_err(|status| ObtainError::Refused {
-                addr: self.cfg.identity_addr,
-                code: status.code(),
-                message: status.message().to_owned(),
+            .map_err(|status| match connect_failure(&status) {
+                Some(error) => ObtainError::Unreachable(error.to_string()),
+                None => ObtainError::Refused {
+                    addr: self.cfg.identity_addr,
+                    code: status.code(),
+                    message: status.message().to_owned(),
+                },
             })?
             .into_inner();
         if response.leaf_certificate.is_empty() {
@@ -752,6 +767,19 @@ impl CertStore {
     }
 }
 
+/// The connection failure behind a call's status, if the call never reached
+/// the identity service.
+fn connect_failure(status: &tonic::Status) -> Option<&ConnectError> {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if let Some(failure) = error.downcast_ref::<ConnectError>() {
+            return Some(failure);
+        }
+        source = error.source();
+    }
+    None
+}
+
 fn read_anchors_file(path: &Path) -> Result<Vec<u8>, CertStoreError> {
     std::fs::read(path).map_err(|source| CertStoreError::ReadTrustAnchors {
         path: path.to_owned(),
@@ -778,11 +806,16 @@ fn anchored_from_pem(
     };
     let anchors = TrustAnchors::from_pem(pem, &cfg.trust_domain).map_err(bad)?;
     let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
+    let identity_tls = Arc::new(
+        identity_tls::client_config(anchors.roots(), &cfg.trust_domain.identity_service())
+            .map_err(|e| bad(TlsError::Config(e)))?,
+    );
     Ok(Anchored {
         anchors,
         // TrustAnchors::from_pem accepted it, so it is PEM text.
         pem: String::from_utf8_lossy(pem).into_owned(),
         server_config,
+        identity_tls,
         epoch,
     })
 }

@@ -15,8 +15,7 @@ use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{
         AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
-        IDENTITY_GRPC_PORT,
-        kube::{IDENTITY_NAME, IDENTITY_TOKEN_PATH},
+        IDENTITY_GRPC_PORT, kube::IDENTITY_TOKEN_PATH,
     },
     host,
     identity::{IdentityError, TrustDomain},
@@ -31,10 +30,6 @@ const BPFFS_SUBDIR: &str = "sealmesh";
 /// The "cluster" part of the pin directory in kubernetes mode (a node runs
 /// one cluster).
 const BPFFS_KUBERNETES_CLUSTER: &str = "kubernetes";
-/// Kubernetes' default cluster DNS domain (Services are
-/// `<name>.<namespace>.svc.<domain>`); not the SPIFFE trust domain, though
-/// both default to the same text.
-const CLUSTER_DNS_DOMAIN: &str = "cluster.local";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -589,9 +584,12 @@ impl Config {
             (None, Some(mount)) => mount.to_owned(),
             (None, None) => return Err(ConfigError::NoCgroup2),
         };
-        let identity_addr = args.identity_addr.clone().unwrap_or_else(|| IdentityAddr {
-            host: format!("{IDENTITY_NAME}.{namespace}.svc.{CLUSTER_DNS_DOMAIN}"),
-            port: IDENTITY_GRPC_PORT,
+        let identity_addr = args.identity_addr.clone().unwrap_or_else(|| {
+            let [_, service_fqdn] = trust_domain.identity_service_hostnames();
+            IdentityAddr {
+                host: service_fqdn,
+                port: IDENTITY_GRPC_PORT,
+            }
         });
         let token_file = args
             .token_file

@@ -82,7 +82,7 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 /// carry) that asks for `id`.
 pub fn server_name(id: &Identity) -> ServerName<'static> {
     ServerName::try_from(id.dns_name())
-        .expect("identity DNS names are built from RFC 1123 labels, which are valid DNS names")
+        .expect("identity DNS names are checked to be valid DNS names when the identity is made")
 }
 
 /// The peer's identity from its (already verified) leaf certificate's SPIFFE
@@ -185,6 +185,11 @@ impl TrustAnchors {
 
     pub fn len(&self) -> usize {
         self.roots.len()
+    }
+
+    /// The root certificates themselves.
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.clone()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -593,9 +593,13 @@ async fn certs_are_kept_through_an_identity_outage() {
             .and_then(|s| s.last_error)
     })
     .await;
+    // The open connection breaks mid-call, or the next one cannot be made.
     assert!(
         error.starts_with(&format!(
             "identity service at {} failed the request (Unavailable)",
+            identity.addr
+        )) || error.starts_with(&format!(
+            "cannot connect to the identity service at {}",
             identity.addr
         )),
         "{error}"
@@ -641,7 +645,7 @@ async fn no_identity_service_means_no_client_config_until_it_comes_up() {
     ));
     assert!(
         reason.contains(&format!(
-            ": not issued yet; last attempt: identity service at {free} failed the request (Unavailable)"
+            ": not issued yet; last attempt: cannot connect to the identity service at {free}: "
         )),
         "{reason}"
     );
@@ -761,5 +765,182 @@ async fn a_service_account_leaving_the_node_loses_its_cert() {
             .unwrap_err()
             .contains("no server certificate chain resolved")
     );
+    agent.shutdown().await;
+}
+
+/// A TLS server on loopback that presents a certificate for `identity`
+/// signed by `issuer`, and keeps whatever a client that completes the
+/// handshake sends it.
+struct Impostor {
+    addr: SocketAddr,
+    received: Arc<std::sync::Mutex<Vec<u8>>>,
+    task: JoinHandle<()>,
+}
+
+impl Impostor {
+    async fn start(issuer: &GeneratedCa, identity: &Identity) -> Self {
+        let signer = rcgen::Issuer::from_ca_cert_pem(
+            &issuer.cert_pem,
+            KeyPair::from_pem(&issuer.key_pem).unwrap(),
+        )
+        .unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![
+            SanType::URI(identity.spiffe_uri().try_into().unwrap()),
+            SanType::DnsName(identity.dns_name().try_into().unwrap()),
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = params.signed_by(&key, &signer).unwrap();
+        let chain = vec![
+            leaf.der().clone(),
+            CertificateDer::from_pem_slice(issuer.cert_pem.as_bytes()).unwrap(),
+        ];
+        let mut config = ServerConfig::builder_with_provider(tls::crypto_provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                chain,
+                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            )
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let acceptor = TlsAcceptor::from(Arc::new(config));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = received.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let (acceptor, kept) = (acceptor.clone(), kept.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(n @ 1..) = tls.read(&mut buffer).await {
+                        kept.lock().unwrap().extend_from_slice(&buffer[..n]);
+                    }
+                });
+            }
+        });
+        Self {
+            addr,
+            received,
+            task,
+        }
+    }
+
+    fn received(&self) -> Vec<u8> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Impostor {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn first_error(store: &CertStore, identity: &Identity) -> String {
+    eventually("a failed attempt", Duration::from_secs(10), || {
+        store
+            .snapshot()
+            .into_iter()
+            .find(|s| &s.identity == identity)
+            .and_then(|s| s.last_error)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_token_goes_only_to_the_identity_service_of_the_anchors() {
+    init_logs();
+    let cluster = TestCluster::new();
+    let identity_service = TrustDomain::default().identity_service();
+
+    // A server with the identity service's names, from a CA the agent does
+    // not trust.
+    let (_, foreign_issuer) = new_ca("foreign");
+    let impostor = Impostor::start(&foreign_issuer, &identity_service).await;
+    let agent = Agent::start(&cluster, impostor.addr);
+    let error = first_error(&agent.store, &id("web")).await;
+    assert_eq!(
+        error,
+        format!(
+            "TLS handshake with the identity service at {} failed: the server's certificate is not trusted \
+             (it is not issued under any of the trust anchors); the identity service's certificate must chain \
+             to the mesh's trust anchors: check that the address is this mesh's identity service and that the \
+             trust anchors are current",
+            impostor.addr
+        )
+    );
+    assert!(!agent.store.has_valid_cert(&id("web")));
+    agent.shutdown().await;
+    assert_eq!(impostor.received(), b"", "nothing, least of all the token");
+
+    // A server with a genuine certificate of the mesh, for another identity
+    // (a workload's, say): refused all the same.
+    let other = TrustDomain::default()
+        .identity("sealmesh", "impostor")
+        .unwrap();
+    let impostor = Impostor::start(&cluster.issuer, &other).await;
+    let agent = Agent::start(&cluster, impostor.addr);
+    let error = first_error(&agent.store, &id("web")).await;
+    assert_eq!(
+        error,
+        format!(
+            "TLS handshake with the identity service at {} failed: the server's certificate names \
+             spiffe://cluster.local/ns/sealmesh/sa/impostor, not the identity service's identity \
+             spiffe://cluster.local/ns/sealmesh/sa/sealmesh-identity; check that the address is this mesh's \
+             sealmesh identity service (ServiceAccount sealmesh-identity in the control namespace sealmesh) and \
+             that the trust domain and control namespace match it",
+            impostor.addr
+        )
+    );
+    agent.shutdown().await;
+    assert_eq!(impostor.received(), b"");
+
+    // The real one: certificates come.
+    let identity =
+        IdentityService::start(cluster.identity_config("127.0.0.1:0".parse().unwrap(), DAY));
+    let agent = agent_with_certs(&cluster, &identity).await;
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_identity_service_is_verified_against_the_anchors_in_use_now() {
+    init_logs();
+    let cluster = TestCluster::new();
+    let identity =
+        IdentityService::start(cluster.identity_config("127.0.0.1:0".parse().unwrap(), DAY));
+    // The agent starts with a bundle that lacks the mesh's root...
+    let mesh_root = std::fs::read_to_string(&cluster.anchors_file).unwrap();
+    let (other_root, _) = new_ca("other");
+    std::fs::write(&cluster.anchors_file, &other_root.cert_pem).unwrap();
+    let agent = Agent::start(&cluster, identity.addr);
+    let error = first_error(&agent.store, &id("web")).await;
+    assert!(
+        error.contains("the server's certificate is not trusted"),
+        "{error}"
+    );
+
+    // ... and trusts the identity service once the bundle holds it, with no
+    // restart.
+    std::fs::write(
+        &cluster.anchors_file,
+        format!("{}{mesh_root}", other_root.cert_pem),
+    )
+    .unwrap();
+    agent.store.reload_trust_anchors().unwrap();
+    eventually(
+        "certificates after the anchors reload",
+        Duration::from_secs(15),
+        || agent.store.has_valid_cert(&id("web")).then_some(()),
+    )
+    .await;
     agent.shutdown().await;
 }

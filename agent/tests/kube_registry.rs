@@ -11,8 +11,11 @@ use std::{
 };
 
 use fake_apiserver::FakeApiServer;
-use k8s_openapi::api::core::v1::Node;
-use kube::{Api, api::PostParams};
+use k8s_openapi::api::core::v1::{Event, Node};
+use kube::{
+    Api,
+    api::{ListParams, PostParams},
+};
 use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
 use sealmesh_agent::{
     kube::{KubeError, KubeRegistry, KubeRegistryConfig},
@@ -310,6 +313,102 @@ async fn deleted_pods_leave_the_registry() {
     assert_eq!(registry.by_cgroup(cgroup_id), None);
     assert_eq!(registry.by_ip(Ipv4Addr::new(10, 244, 1, 2)), None);
     assert_eq!(registry.local_workloads(), []);
+}
+
+#[tokio::test]
+async fn service_accounts_with_dots_are_meshed_and_unnameable_ones_get_a_warning_event() {
+    let fx = Fixture::new("kube-sa-names").await;
+    let c = &fx.cluster;
+    let dotted = c
+        .running_pod(PodSpec::new(
+            MESHED_NS,
+            "api-0",
+            "api.v2",
+            LOCAL_NODE,
+            [10, 244, 1, 2],
+        ))
+        .await;
+    // Valid in Kubernetes (a DNS subdomain), but a 64-character label no
+    // certificate's DNS name can hold.
+    let too_long = format!("api.{}", "x".repeat(64));
+    let unnameable = c
+        .running_pod(PodSpec::new(
+            MESHED_NS,
+            "long-0",
+            &too_long,
+            LOCAL_NODE,
+            [10, 244, 1, 3],
+        ))
+        .await;
+    fx.cgroups.create_systemd("besteffort", &dotted);
+    let registry = fx.registry().await;
+    let api = eventually_local(&registry, 1).await.remove(0);
+    assert_eq!(api.name, "api-0");
+    assert!(api.meshed);
+    assert_eq!(
+        api.identity.spiffe_uri(),
+        format!("spiffe://cluster.local/ns/{MESHED_NS}/sa/api.v2")
+    );
+    assert_eq!(registry.by_ip(Ipv4Addr::new(10, 244, 1, 3)), None);
+
+    let events: Api<Event> = Api::namespaced(fx.server.client(), MESHED_NS);
+    let warnings = || async {
+        events
+            .list(&ListParams::default().fields("reason=IdentityUnrepresentable"))
+            .await
+            .unwrap()
+            .items
+    };
+    eventually("a Warning Event on the pod", || async {
+        !warnings().await.is_empty()
+    })
+    .await;
+    // More rebuilds (another pod) record no second Event.
+    c.running_pod(PodSpec::new(
+        MESHED_NS,
+        "web-0",
+        "web",
+        LOCAL_NODE,
+        [10, 244, 1, 4],
+    ))
+    .await;
+    eventually("the new pod in the registry", || async {
+        registry.by_ip(Ipv4Addr::new(10, 244, 1, 4)).is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let recorded = warnings().await;
+    assert_eq!(recorded.len(), 1, "{recorded:#?}");
+    let event = &recorded[0];
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.involved_object.kind.as_deref(), Some("Pod"));
+    assert_eq!(event.involved_object.name.as_deref(), Some("long-0"));
+    assert_eq!(
+        event.involved_object.uid.as_deref(),
+        Some(unnameable.as_str())
+    );
+    assert_eq!(event.reporting_instance.as_deref(), Some(LOCAL_NODE));
+    assert_eq!(
+        event.message.as_deref(),
+        Some(
+            format!(
+                "ServiceAccount {MESHED_NS}/{too_long} cannot be named in a certificate: its part \"{}\" has 64 \
+                 characters, and a DNS label at most 63; rename the ServiceAccount (or use a shorter namespace) \
+                 to mesh its pods",
+                "x".repeat(64)
+            )
+            .as_str()
+        )
+    );
+}
+
+/// The registry's local workloads, once there are `count` of them.
+async fn eventually_local(registry: &KubeRegistry, count: usize) -> Vec<Arc<Workload>> {
+    eventually("local workloads", || async {
+        registry.local_workloads().len() >= count
+    })
+    .await;
+    registry.local_workloads()
 }
 
 #[tokio::test]

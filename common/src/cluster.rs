@@ -29,10 +29,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     consts::{
-        DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN, MESH_LABEL, MESH_LABEL_ENABLED,
-        MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE,
+        DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN, MESH_LABEL, MESH_OPT_OUT_ANNOTATION,
     },
     identity::{self, Identity, TrustDomain},
+    mesh,
 };
 
 pub const API_VERSION: &str = "sealmesh.io/v1alpha1";
@@ -279,15 +279,14 @@ impl ClusterFile {
     /// and the pod has not opted out with the `sealmesh.io/mesh=disabled`
     /// annotation.
     pub fn is_meshed(&self, pod: &Pod) -> bool {
-        let namespace_meshed = self
-            .namespace(&pod.namespace)
-            .and_then(|ns| ns.labels.get(MESH_LABEL))
-            .is_some_and(|v| v == MESH_LABEL_ENABLED);
-        let opted_out = pod
-            .annotations
-            .get(MESH_OPT_OUT_ANNOTATION)
-            .is_some_and(|v| v == MESH_OPT_OUT_VALUE);
-        namespace_meshed && !opted_out
+        mesh::is_meshed(
+            self.namespace(&pod.namespace)
+                .and_then(|ns| ns.labels.get(MESH_LABEL))
+                .map(String::as_str),
+            pod.annotations
+                .get(MESH_OPT_OUT_ANNOTATION)
+                .map(String::as_str),
+        )
     }
 
     /// The identity of a pod's ServiceAccount.
@@ -308,7 +307,7 @@ impl ClusterFile {
         if self.name.is_empty() {
             return Err(invalid("name must not be empty"));
         }
-        self.trust_domain()?;
+        let trust_domain = self.trust_domain()?;
 
         let mut node_names = HashSet::new();
         let mut node_ips = HashSet::new();
@@ -358,7 +357,9 @@ impl ClusterFile {
         for sa in &self.service_accounts {
             let what = format!("serviceAccount {}/{}", sa.namespace, sa.name);
             declared(&what, &sa.namespace)?;
-            identity::check_name(&sa.name).map_err(|e| invalid(format!("{what}: {e}")))?;
+            trust_domain
+                .identity(&sa.namespace, &sa.name)
+                .map_err(|e| invalid(format!("{what}: {e}")))?;
         }
 
         let mut pod_names = HashSet::new();
@@ -366,7 +367,8 @@ impl ClusterFile {
         for pod in &self.pods {
             let what = format!("pod {}/{}", pod.namespace, pod.name);
             declared(&what, &pod.namespace)?;
-            identity::check_name(&pod.service_account)
+            trust_domain
+                .identity(&pod.namespace, &pod.service_account)
                 .map_err(|e| invalid(format!("{what}: serviceAccount: {e}")))?;
             if !pod_names.insert((pod.namespace.as_str(), pod.name.as_str())) {
                 return Err(invalid(format!("{what}: duplicate pod")));
@@ -524,7 +526,12 @@ services:
             (
                 "serviceAccount: default",
                 "serviceAccount: Default",
-                "pod plain/curl: serviceAccount: \"Default\" is not a valid Kubernetes name",
+                "pod plain/curl: serviceAccount: \"Default\" is not a valid Kubernetes ServiceAccount name",
+            ),
+            (
+                "serviceAccount: default",
+                "serviceAccount: a.b-ok.c.but-this-part-is-longer-than-any-dns-label-may-be-at-sixty-four1",
+                "pod plain/curl: serviceAccount: ServiceAccount plain/a.b-ok.c.but-this-part-is-longer-than-any-dns-label-may-be-at-sixty-four1 cannot be named in a certificate",
             ),
             (
                 "cgroup: /sys/fs/cgroup/x/node-1/curl",

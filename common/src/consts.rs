@@ -51,6 +51,10 @@ pub mod kube {
     pub const AGENT_DAEMONSET: &str = "sealmesh-agent";
     /// ServiceAccount, Deployment and Service of the identity service.
     pub const IDENTITY_NAME: &str = "sealmesh-identity";
+    /// Kubernetes' default cluster DNS domain (Services are
+    /// `<name>.<namespace>.svc.<domain>`); not the SPIFFE trust domain,
+    /// though both default to the same text.
+    pub const CLUSTER_DNS_DOMAIN: &str = "cluster.local";
     /// Secret holding the issuer (intermediate CA): `crt.pem`/`key.pem` or
     /// cert-manager's `tls.crt`/`tls.key`/`ca.crt`.
     pub const ISSUER_SECRET: &str = "sealmesh-identity-issuer";
@@ -69,6 +73,9 @@ pub mod kube {
     /// reason=IssuerUpdated` expects).
     pub const EVENT_ISSUER_UPDATED: &str = "IssuerUpdated";
     pub const EVENT_ISSUER_UPDATE_SKIPPED: &str = "IssuerUpdateSkipped";
+    /// Warning Event reason recorded by a node's agent on a pod it leaves
+    /// out of the mesh because no certificate can name its ServiceAccount.
+    pub const EVENT_IDENTITY_UNREPRESENTABLE: &str = "IdentityUnrepresentable";
     /// Label EndpointSlices carry to name their Service.
     pub const ENDPOINTSLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
 }

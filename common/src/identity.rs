@@ -4,13 +4,27 @@
 //! - SPIFFE URI SAN: `spiffe://<td>/ns/<ns>/sa/<sa>` (what peers authorise on);
 //! - DNS SAN: `<sa>.<ns>.serviceaccount.identity.<control-ns>.<td>` (Linkerd's
 //!   form; also the TLS SNI a client sends to ask for that identity).
+//!
+//! Namespaces are RFC 1123 labels; ServiceAccount names are RFC 1123
+//! subdomains (`a.b` is valid), so the DNS form stays unambiguous: the label
+//! before the suffix is the namespace, everything before it the
+//! ServiceAccount. A name Kubernetes accepts but a certificate cannot carry
+//! (a label over 63 characters, or a DNS name over 253) is refused as
+//! [`IdentityError::Unrepresentable`].
 
 use std::fmt;
 
-use crate::consts::{DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN};
+use crate::consts::{
+    DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
+    kube::{CLUSTER_DNS_DOMAIN, IDENTITY_NAME},
+};
 
 const SPIFFE_SCHEME: &str = "spiffe://";
 const DNS_SERVICEACCOUNT_LABEL: &str = "serviceaccount.identity";
+/// Longest DNS name (RFC 1035, as TLS server names and DNS SANs are checked).
+const MAX_DNS_NAME: usize = 253;
+/// Longest DNS label, and longest Kubernetes namespace name.
+const MAX_DNS_LABEL: usize = 63;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum IdentityError {
@@ -18,8 +32,30 @@ pub enum IdentityError {
         "{0:?} is not a valid Kubernetes name (lowercase RFC 1123 label, 1-63 characters of a-z, 0-9 and '-', starting and ending alphanumeric)"
     )]
     InvalidName(String),
+    #[error(
+        "{0:?} is not a valid Kubernetes ServiceAccount name (lowercase RFC 1123 subdomain: at most 253 characters of a-z, 0-9, '-' and '.', each dot-separated part starting and ending alphanumeric)"
+    )]
+    InvalidServiceAccountName(String),
+    #[error(
+        "ServiceAccount {namespace}/{service_account} cannot be named in a certificate: {reason}; rename the ServiceAccount (or use a shorter namespace) to mesh its pods"
+    )]
+    Unrepresentable {
+        namespace: String,
+        service_account: String,
+        reason: String,
+    },
     #[error("{0:?} is not a valid trust domain (lowercase DNS name such as cluster.local)")]
     InvalidTrustDomain(String),
+    #[error(
+        "trust domain {domain:?} with control namespace {control_namespace:?} leaves no room for identity DNS names \
+         (<serviceaccount>.<namespace>.serviceaccount.identity.<control-namespace>.<trust-domain>, at most 253 characters, \
+         the identity service's own among them); use a trust domain of at most {max} characters"
+    )]
+    TrustDomainTooLong {
+        domain: String,
+        control_namespace: String,
+        max: usize,
+    },
     #[error(
         "{uri:?} is not a sealmesh SPIFFE identity: expected spiffe://{trust_domain}/ns/<namespace>/sa/<serviceaccount>"
     )]
@@ -48,16 +84,28 @@ impl Default for TrustDomain {
 
 impl TrustDomain {
     pub fn new(domain: &str, control_namespace: &str) -> Result<Self, IdentityError> {
-        let domain_ok =
-            !domain.is_empty() && domain.len() <= 253 && domain.split('.').all(is_dns_label);
+        let domain_ok = !domain.is_empty()
+            && domain.len() <= MAX_DNS_NAME
+            && domain.split('.').all(is_dns_label);
         if !domain_ok {
             return Err(IdentityError::InvalidTrustDomain(domain.to_owned()));
         }
         check_name(control_namespace)?;
-        Ok(Self {
+        let trust_domain = Self {
             domain: domain.to_owned(),
             control_namespace: control_namespace.to_owned(),
-        })
+        };
+        // The longest name that must always fit: the identity service's own.
+        let service_dns_len =
+            IDENTITY_NAME.len() + 1 + control_namespace.len() + 1 + trust_domain.dns_suffix().len();
+        if service_dns_len > MAX_DNS_NAME {
+            return Err(IdentityError::TrustDomainTooLong {
+                domain: domain.to_owned(),
+                control_namespace: control_namespace.to_owned(),
+                max: domain.len() - (service_dns_len - MAX_DNS_NAME),
+            });
+        }
+        Ok(trust_domain)
     }
 
     pub fn domain(&self) -> &str {
@@ -76,18 +124,64 @@ impl TrustDomain {
         )
     }
 
+    /// The identity of ServiceAccount `<namespace>/<service_account>`: a
+    /// namespace name (RFC 1123 label) and a ServiceAccount name (RFC 1123
+    /// subdomain) whose DNS form is a valid DNS name.
     pub fn identity(
         &self,
         namespace: &str,
         service_account: &str,
     ) -> Result<Identity, IdentityError> {
         check_name(namespace)?;
-        check_name(service_account)?;
+        check_service_account_name(service_account)?;
+        let unrepresentable = |reason: String| IdentityError::Unrepresentable {
+            namespace: namespace.to_owned(),
+            service_account: service_account.to_owned(),
+            reason,
+        };
+        if let Some(label) = service_account
+            .split('.')
+            .find(|label| label.len() > MAX_DNS_LABEL)
+        {
+            return Err(unrepresentable(format!(
+                "its part {label:?} has {} characters, and a DNS label at most {MAX_DNS_LABEL}",
+                label.len()
+            )));
+        }
+        let dns_len = service_account.len() + 1 + namespace.len() + 1 + self.dns_suffix().len();
+        if dns_len > MAX_DNS_NAME {
+            return Err(unrepresentable(format!(
+                "its identity DNS name <serviceaccount>.<namespace>.{} would have {dns_len} characters, and a DNS name at most {MAX_DNS_NAME} (in this namespace the ServiceAccount name may have at most {} characters)",
+                self.dns_suffix(),
+                service_account.len().saturating_sub(dns_len - MAX_DNS_NAME)
+            )));
+        }
         Ok(Identity {
             namespace: namespace.to_owned(),
             service_account: service_account.to_owned(),
             trust_domain: self.clone(),
         })
+    }
+
+    /// The identity service's own identity: its ServiceAccount
+    /// (`sealmesh-identity`) in the control namespace. It serves its gRPC
+    /// API with a certificate for this identity, and clients check it.
+    pub fn identity_service(&self) -> Identity {
+        Identity {
+            namespace: self.control_namespace.clone(),
+            service_account: IDENTITY_NAME.to_owned(),
+            trust_domain: self.clone(),
+        }
+    }
+
+    /// The DNS names of the identity service's Kubernetes Service
+    /// (`sealmesh-identity.<control-ns>.svc` and
+    /// `sealmesh-identity.<control-ns>.svc.cluster.local`), which its serving
+    /// certificate carries besides its identity's names.
+    pub fn identity_service_hostnames(&self) -> [String; 2] {
+        let short = format!("{IDENTITY_NAME}.{}.svc", self.control_namespace);
+        let full = format!("{short}.{CLUSTER_DNS_DOMAIN}");
+        [short, full]
     }
 
     /// Parses `spiffe://<td>/ns/<ns>/sa/<sa>` of this trust domain.
@@ -118,10 +212,10 @@ impl TrustDomain {
             .strip_suffix(suffix.as_str())
             .and_then(|h| h.strip_suffix('.'))
             .ok_or_else(bad)?;
-        match head.split('.').collect::<Vec<_>>().as_slice() {
-            [sa, ns] => self.identity(ns, sa).map_err(|_| bad()),
-            _ => Err(bad()),
-        }
+        // Namespaces are labels: the last label is the namespace, the rest
+        // the ServiceAccount (which may itself hold dots).
+        let (sa, ns) = head.rsplit_once('.').ok_or_else(bad)?;
+        self.identity(ns, sa).map_err(|_| bad())
     }
 
     /// Parses either form: a SPIFFE URI or an identity DNS name.
@@ -184,7 +278,7 @@ impl fmt::Display for Identity {
 fn is_dns_label(label: &str) -> bool {
     let bytes = label.as_bytes();
     !bytes.is_empty()
-        && bytes.len() <= 63
+        && bytes.len() <= MAX_DNS_LABEL
         && bytes
             .iter()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
@@ -192,12 +286,33 @@ fn is_dns_label(label: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
-/// Checks a Kubernetes namespace or ServiceAccount name (RFC 1123 label).
+/// Checks a Kubernetes namespace (or pod) name: an RFC 1123 label.
 pub fn check_name(name: &str) -> Result<(), IdentityError> {
     if is_dns_label(name) {
         Ok(())
     } else {
         Err(IdentityError::InvalidName(name.to_owned()))
+    }
+}
+
+/// Checks a Kubernetes ServiceAccount name as the API server does: an RFC
+/// 1123 subdomain (dot-separated parts of a-z, 0-9 and '-', each starting
+/// and ending alphanumeric, at most 253 characters). Whether a certificate
+/// can name it is [`TrustDomain::identity`]'s concern.
+pub fn check_service_account_name(name: &str) -> Result<(), IdentityError> {
+    let part_ok = |part: &str| {
+        let bytes = part.as_bytes();
+        !bytes.is_empty()
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes[0] != b'-'
+            && bytes[bytes.len() - 1] != b'-'
+    };
+    if name.len() <= MAX_DNS_NAME && name.split('.').all(part_ok) {
+        Ok(())
+    } else {
+        Err(IdentityError::InvalidServiceAccountName(name.to_owned()))
     }
 }
 
@@ -248,8 +363,9 @@ mod tests {
         }
         for dns in [
             "web.emojivoto.serviceaccount.identity.other.cluster.local",
-            "a.b.web.serviceaccount.identity.sealmesh.cluster.local",
+            "emojivoto.serviceaccount.identity.sealmesh.cluster.local",
             "serviceaccount.identity.sealmesh.cluster.local",
+            "web..emojivoto.serviceaccount.identity.sealmesh.cluster.local",
             "web.emojivoto",
         ] {
             assert!(
@@ -258,9 +374,121 @@ mod tests {
             );
         }
         assert_eq!(
-            td.identity("ns", "-bad").unwrap_err(),
+            td.identity("-bad", "sa").unwrap_err(),
             IdentityError::InvalidName("-bad".into())
         );
+        assert_eq!(
+            td.identity("a.b", "sa").unwrap_err(),
+            IdentityError::InvalidName("a.b".into()),
+            "namespaces are labels"
+        );
         assert!(TrustDomain::new("Bad_Domain", "sealmesh").is_err());
+        for sa in ["-bad", "a..b", ".a", "a.", "A.b", "a_b", "a.-b", ""] {
+            assert_eq!(
+                td.identity("ns", sa).unwrap_err(),
+                IdentityError::InvalidServiceAccountName(sa.into()),
+                "{sa}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_account_names_with_dots_are_identities_both_ways() {
+        let td = TrustDomain::default();
+        let id = td.identity("shop", "a.b").unwrap();
+        assert_eq!(id.spiffe_uri(), "spiffe://cluster.local/ns/shop/sa/a.b");
+        assert_eq!(
+            id.dns_name(),
+            "a.b.shop.serviceaccount.identity.sealmesh.cluster.local"
+        );
+        assert_eq!(td.parse(&id.spiffe_uri()).unwrap(), id);
+        assert_eq!(td.parse(&id.dns_name()).unwrap(), id);
+        assert_eq!(td.parse(&id.dns_name()).unwrap().service_account(), "a.b");
+        // The namespace is always the last label before the suffix.
+        let deep = td
+            .parse("x.y.z.web.serviceaccount.identity.sealmesh.cluster.local")
+            .unwrap();
+        assert_eq!((deep.namespace(), deep.service_account()), ("web", "x.y.z"));
+    }
+
+    #[test]
+    fn names_a_certificate_cannot_carry_are_refused_with_the_limit() {
+        let td = TrustDomain::default();
+        // Valid in Kubernetes (a subdomain), but a 64-character DNS label.
+        let long_label = "a".repeat(64);
+        let error = td.identity("shop", &long_label).unwrap_err();
+        assert!(
+            matches!(error, IdentityError::Unrepresentable { .. }),
+            "{error}"
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("has 64 characters, and a DNS label at most 63"),
+            "{error}"
+        );
+        // The whole DNS name: suffix (46) + namespace "shop" + 2 dots leave
+        // 201 characters for the ServiceAccount.
+        let fits = format!(
+            "{}.{}.{}.{}",
+            "a".repeat(63),
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(9)
+        );
+        assert_eq!(fits.len(), 201);
+        let id = td.identity("shop", &fits).unwrap();
+        assert_eq!(id.dns_name().len(), 253);
+        let too_long = format!("{fits}e");
+        let error = td.identity("shop", &too_long).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            format!(
+                "ServiceAccount shop/{too_long} cannot be named in a certificate: its identity DNS name \
+                 <serviceaccount>.<namespace>.serviceaccount.identity.sealmesh.cluster.local would have 254 \
+                 characters, and a DNS name at most 253 (in this namespace the ServiceAccount name may have \
+                 at most 201 characters); rename the ServiceAccount (or use a shorter namespace) to mesh its pods"
+            )
+        );
+        assert_eq!(
+            td.identity("shop", &"a".repeat(254)).unwrap_err(),
+            IdentityError::InvalidServiceAccountName("a".repeat(254))
+        );
+    }
+
+    #[test]
+    fn a_trust_domain_must_leave_room_for_the_identity_services_name() {
+        // sealmesh-identity.sealmesh.serviceaccount.identity.sealmesh. = 60
+        let longest = format!("{}.{}.{}.d", "a".repeat(63), "b".repeat(63), "c".repeat(63));
+        assert_eq!(longest.len(), 193);
+        let td = TrustDomain::new(&longest, "sealmesh").unwrap();
+        assert_eq!(td.identity_service().dns_name().len(), 253);
+        let error = TrustDomain::new(&format!("{longest}d"), "sealmesh").unwrap_err();
+        assert!(
+            matches!(error, IdentityError::TrustDomainTooLong { max: 193, .. }),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_identity_service_has_an_identity_and_service_names() {
+        let td = TrustDomain::new("example.org", "mesh-system").unwrap();
+        let id = td.identity_service();
+        assert_eq!(
+            id.spiffe_uri(),
+            "spiffe://example.org/ns/mesh-system/sa/sealmesh-identity"
+        );
+        assert_eq!(
+            id.dns_name(),
+            "sealmesh-identity.mesh-system.serviceaccount.identity.mesh-system.example.org"
+        );
+        assert_eq!(td.parse(&id.dns_name()).unwrap(), id);
+        assert_eq!(
+            td.identity_service_hostnames(),
+            [
+                "sealmesh-identity.mesh-system.svc",
+                "sealmesh-identity.mesh-system.svc.cluster.local"
+            ]
+        );
     }
 }

@@ -3,7 +3,9 @@
 //! Two seams, so the Kubernetes implementations (TokenReview, pod watches)
 //! slot in beside the local one:
 //! - [`TokenValidator`] turns a bearer token into a [`Caller`];
-//! - [`WorkloadDirectory`] answers whether a node runs a ServiceAccount.
+//! - [`WorkloadDirectory`] answers whether a node runs a meshed pod of a
+//!   ServiceAccount (the rule of `sealmesh_common::mesh::is_meshed`): an
+//!   agent's token obtains only identities of its node's meshed pods.
 //!
 //! [`LocalCluster`] implements both from the cluster file; `kube` implements
 //! them with TokenReview and a pod watch.
@@ -20,6 +22,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
+    consts::{MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE},
     identity::{Identity, TrustDomain},
 };
 use sha2::{Digest, Sha256};
@@ -53,7 +56,8 @@ pub enum AuthError {
     )]
     UnknownToken,
     #[error(
-        "node {node} runs no pod with the identity {requested}; an agent may only request identities of pods scheduled on its node"
+        "node {node} runs no meshed pod with the identity {requested}; an agent may only request identities of meshed pods \
+         (namespace labelled {MESH_LABEL}={MESH_LABEL_ENABLED}, no {MESH_OPT_OUT_ANNOTATION}: {MESH_OPT_OUT_VALUE} annotation) scheduled on its node"
     )]
     NotOnNode { node: String, requested: String },
     #[error("{caller} may not request {requested}; a workload may only request its own identity")]
@@ -86,8 +90,9 @@ pub trait TokenValidator: Send + Sync + 'static {
 
 #[async_trait]
 pub trait WorkloadDirectory: Send + Sync + 'static {
-    /// Whether `node` has a pod scheduled with `identity`'s ServiceAccount.
-    async fn node_runs(&self, node: &str, identity: &Identity) -> Result<bool, AuthError>;
+    /// Whether `node` has a meshed pod scheduled with `identity`'s
+    /// ServiceAccount.
+    async fn node_runs_meshed(&self, node: &str, identity: &Identity) -> Result<bool, AuthError>;
 }
 
 /// Authenticates a token and authorises the identity it asks for.
@@ -109,7 +114,7 @@ impl Authorizer {
         let caller = self.tokens.validate(token).await?;
         match &caller {
             Caller::Node(node) => {
-                if !self.workloads.node_runs(node, requested).await? {
+                if !self.workloads.node_runs_meshed(node, requested).await? {
                     return Err(AuthError::NotOnNode {
                         node: node.clone(),
                         requested: requested.to_string(),
@@ -156,7 +161,7 @@ struct Snapshot {
     token_stamps: Vec<(PathBuf, Option<FileStamp>)>,
     /// SHA-256 of each token: lookups never compare secrets byte by byte.
     callers: HashMap<[u8; 32], Caller>,
-    /// node → (namespace, serviceaccount) of its pods
+    /// node → (namespace, serviceaccount) of its meshed pods
     placements: HashMap<String, HashSet<(String, String)>>,
 }
 
@@ -291,7 +296,7 @@ fn snapshot_of(
         }
     }
     let mut placements: HashMap<String, HashSet<(String, String)>> = HashMap::new();
-    for pod in &file.pods {
+    for pod in file.pods.iter().filter(|pod| file.is_meshed(pod)) {
         placements
             .entry(pod.node.clone())
             .or_default()
@@ -327,7 +332,7 @@ impl TokenValidator for LocalCluster {
 
 #[async_trait]
 impl WorkloadDirectory for LocalCluster {
-    async fn node_runs(&self, node: &str, identity: &Identity) -> Result<bool, AuthError> {
+    async fn node_runs_meshed(&self, node: &str, identity: &Identity) -> Result<bool, AuthError> {
         let key = (
             identity.namespace().to_owned(),
             identity.service_account().to_owned(),

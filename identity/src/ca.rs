@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
-    PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SignatureAlgorithm,
+    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SignatureAlgorithm,
 };
 use rustls_pki_types::CertificateDer;
 use sealmesh_common::identity::Identity;
@@ -170,10 +170,56 @@ pub struct IssuedLeaf {
 
 /// Signs a leaf for `identity` with the CSR's key: NotBefore = now − skew,
 /// NotAfter = now + lifetime + skew clamped to the issuer chain's expiry.
+/// Usable for both ends of mTLS.
 pub fn issue(
     issuer: &Issuer,
     csr: &VerifiedCsr,
     identity: &Identity,
+    policy: &LeafPolicy,
+    now: OffsetDateTime,
+) -> Result<IssuedLeaf, CaError> {
+    sign_leaf(
+        issuer,
+        csr,
+        identity,
+        &[],
+        &[
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+        policy,
+        now,
+    )
+}
+
+/// Signs the identity service's own serving certificate for `key`: the
+/// names of `identity` plus `hostnames` (its Service's DNS names), shaped
+/// like [`issue`]'s leaves but for TLS servers only.
+pub fn issue_serving(
+    issuer: &Issuer,
+    key: &KeyPair,
+    identity: &Identity,
+    hostnames: &[String],
+    policy: &LeafPolicy,
+    now: OffsetDateTime,
+) -> Result<IssuedLeaf, CaError> {
+    sign_leaf(
+        issuer,
+        key,
+        identity,
+        hostnames,
+        &[ExtendedKeyUsagePurpose::ServerAuth],
+        policy,
+        now,
+    )
+}
+
+fn sign_leaf(
+    issuer: &Issuer,
+    public_key: &impl PublicKeyData,
+    identity: &Identity,
+    hostnames: &[String],
+    usages: &[ExtendedKeyUsagePurpose],
     policy: &LeafPolicy,
     now: OffsetDateTime,
 ) -> Result<IssuedLeaf, CaError> {
@@ -196,19 +242,21 @@ pub fn issue(
         SanType::URI(ia5(identity.spiffe_uri())?),
         SanType::DnsName(ia5(identity.dns_name())?),
     ];
+    for hostname in hostnames {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(ia5(hostname.clone())?));
+    }
     params.not_before = not_before;
     params.not_after = not_after;
     params.serial_number = Some(serial.clone());
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = usages.to_vec();
     params.use_authority_key_identifier_extension = true;
 
     let certificate = params
-        .signed_by(csr, issuer.signer())
+        .signed_by(public_key, issuer.signer())
         .map_err(|e| CaError::Sign(e.to_string()))?;
     Ok(IssuedLeaf {
         certificate: certificate.der().clone(),
@@ -234,7 +282,7 @@ fn hex_serial(bytes: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use rcgen::{KeyPair, PKCS_ECDSA_P384_SHA384, PKCS_ED25519};
+    use rcgen::{PKCS_ECDSA_P384_SHA384, PKCS_ED25519};
     use sealmesh_common::identity::TrustDomain;
     use x509_parser::prelude::X509Certificate;
 

@@ -6,6 +6,10 @@
 //! - [`ca`]: CSR verification and leaf signing;
 //! - [`auth`]: who is calling (`TokenValidator`) and what they may request;
 //! - [`service`]: the Certify gRPC API under both package names;
+//! - [`serving`]: the service's own TLS: its serving certificate (issued,
+//!   renewed, re-issued on issuer rotation) and the TLS 1.3 listener;
+//! - [`client`]: how clients reach it: TLS verified against the trust
+//!   anchors and the identity service's own identity;
 //! - [`rotation`]: atomic issuer reload from a watched directory;
 //! - [`kube`]: Kubernetes mode: TokenReview, pod placements, the issuer
 //!   Secret and trust-roots ConfigMap (watched), Events;
@@ -17,6 +21,7 @@
 
 pub mod auth;
 pub mod ca;
+pub mod client;
 pub mod config;
 pub mod kube;
 pub mod metrics;
@@ -24,6 +29,7 @@ pub mod pki;
 pub mod rotation;
 mod server;
 pub mod service;
+pub mod serving;
 
 pub use config::Config;
 pub use server::{ServeError, Server, ServerBuilder, serve};

@@ -38,6 +38,7 @@ pub struct Metrics {
     issuance_duration: Histogram,
     issuer_expiry: Gauge,
     anchor_expiry: Family<AnchorLabels, Gauge>,
+    serving_certificate_expiry: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -80,12 +81,19 @@ impl Metrics {
             "NotAfter of each trust anchor, as a Unix timestamp",
             anchor_expiry.clone(),
         );
+        let serving_certificate_expiry = Gauge::default();
+        registry.register(
+            "serving_certificate_expiry_timestamp_seconds",
+            "NotAfter of the certificate the gRPC API is served with (TLS), as a Unix timestamp",
+            serving_certificate_expiry.clone(),
+        );
         Self {
             registry,
             certificates_issued,
             issuance_duration,
             issuer_expiry,
             anchor_expiry,
+            serving_certificate_expiry,
         }
     }
 
@@ -99,6 +107,11 @@ impl Metrics {
 
     pub fn set_issuer_expiry(&self, not_after: OffsetDateTime) {
         self.issuer_expiry.set(not_after.unix_timestamp());
+    }
+
+    pub fn set_serving_certificate_expiry(&self, not_after: std::time::SystemTime) {
+        self.serving_certificate_expiry
+            .set(OffsetDateTime::from(not_after).unix_timestamp());
     }
 
     pub fn set_anchor_expiries(&self, anchors: &[CertInfo]) {

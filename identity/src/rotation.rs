@@ -17,7 +17,7 @@ use std::{
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use sealmesh_common::consts::kube::{EVENT_ISSUER_UPDATE_SKIPPED, EVENT_ISSUER_UPDATED};
 
@@ -92,6 +92,9 @@ pub struct IssuerStore {
     last_offered: Mutex<[u8; 32]>,
     /// What `current` was built from, to judge it against new anchors.
     current_material: Mutex<CaMaterial>,
+    /// Counts issuer replacements, so what is signed by the issuer (the
+    /// service's own serving certificate) follows it.
+    replaced: watch::Sender<u64>,
 }
 
 impl IssuerStore {
@@ -111,7 +114,13 @@ impl IssuerStore {
             metrics,
             last_offered: Mutex::new(material.content_hash()),
             current_material: Mutex::new(material.clone()),
+            replaced: watch::Sender::new(0),
         })
+    }
+
+    /// Notified whenever a new issuer takes over.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.replaced.subscribe()
     }
 
     pub fn current(&self) -> Arc<Issuer> {
@@ -163,6 +172,7 @@ impl IssuerStore {
                     .current_material
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = material.clone();
+                self.replaced.send_modify(|count| *count += 1);
                 Offer::Updated
             }
             Err(e) => {

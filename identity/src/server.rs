@@ -9,7 +9,6 @@ use sealmesh_common::{cluster::ClusterError, identity::TrustDomain};
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
 use time::OffsetDateTime;
 use tokio::{net::TcpListener, sync::watch};
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::{
@@ -25,6 +24,7 @@ use crate::{
     pki::{CaMaterial, PkiError, TrustAnchors},
     rotation::{self, IssuerEvents, IssuerStore, LoggingIssuerEvents, RotationError},
     service::CertifyService,
+    serving::{self, ServingCertificate, ServingError},
 };
 
 /// How long in-flight calls get to finish after shutdown is requested.
@@ -49,6 +49,8 @@ pub enum ServeError {
     Rotation(#[from] RotationError),
     #[error(transparent)]
     Kube(#[from] KubeError),
+    #[error(transparent)]
+    Serving(#[from] ServingError),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
 }
@@ -163,12 +165,21 @@ impl ServerBuilder {
                     source,
                 })
         };
-        let grpc = bind(config.listen, "the gRPC API", "listen").await?;
-        let metrics_listener = bind(config.metrics_listen, "metrics", "metrics-listen").await?;
         let policy = LeafPolicy {
             lifetime: config.cert_lifetime,
             clock_skew: config.clock_skew,
         };
+        // Issued here, not through Certify: the service's own identity is
+        // not a caller's request.
+        let serving = ServingCertificate::issue(
+            &issuer,
+            loaded.trust_domain.identity_service(),
+            loaded.trust_domain.identity_service_hostnames().to_vec(),
+            policy,
+            metrics.clone(),
+        )?;
+        let grpc = bind(config.listen, "the gRPC API", "listen").await?;
+        let metrics_listener = bind(config.metrics_listen, "metrics", "metrics-listen").await?;
         let service = CertifyService::new(
             loaded.trust_domain,
             loaded.authorizer,
@@ -180,6 +191,7 @@ impl ServerBuilder {
             grpc,
             metrics_listener,
             service,
+            serving,
             issuers,
             metrics,
             pki_source: loaded.source,
@@ -270,6 +282,7 @@ pub struct Server {
     grpc: TcpListener,
     metrics_listener: TcpListener,
     service: CertifyService,
+    serving: Arc<ServingCertificate>,
     issuers: Arc<IssuerStore>,
     metrics: Arc<Metrics>,
     pki_source: PkiSource,
@@ -301,7 +314,8 @@ impl Server {
         self.issuers.clone()
     }
 
-    /// Serves Certify (both packages), gRPC health and metrics, and follows
+    /// Serves Certify (both packages) and gRPC health over TLS, and metrics,
+    /// keeps its serving certificate fresh, and follows
     /// the issuer (directory, or Secret and ConfigMap) and, in Kubernetes
     /// mode, pod placements, until `shutdown` resolves.
     pub async fn run(
@@ -341,6 +355,12 @@ impl Server {
                 }
             }
         }
+        let tls = self.serving.server_config()?;
+        helpers.push(tokio::spawn(
+            self.serving
+                .clone()
+                .maintain(self.issuers.clone(), stopped()),
+        ));
         let issuers = self.issuers.clone();
         let ready =
             Arc::new(move || issuers.current().chain_not_after() > OffsetDateTime::now_utc());
@@ -362,8 +382,12 @@ impl Server {
                 .await;
         }
 
-        tracing::info!(grpc = %self.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving");
-        let incoming = TcpIncoming::from(self.grpc).with_nodelay(Some(true));
+        tracing::info!(
+            grpc = %self.grpc.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()),
+            identity = %self.serving.identity(),
+            "serving over TLS"
+        );
+        let incoming = serving::tls_incoming(self.grpc, tls);
         let serving = tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(pb::identity_server::IdentityServer::new(

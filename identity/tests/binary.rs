@@ -73,11 +73,10 @@ async fn serves_with_the_documented_flags_and_stops_on_sigterm() {
     assert_eq!(http_get(metrics_addr, "/ready").await, (200, "ok\n".into()));
 
     let web = identity("web");
-    let mut client = sealmesh_proto::identity::identity_client::IdentityClient::connect(format!(
-        "http://127.0.0.1:{grpc}"
-    ))
-    .await
-    .unwrap();
+    let mut client = sealmesh_proto::identity::identity_client::IdentityClient::new(tls_channel(
+        format!("127.0.0.1:{grpc}").parse().unwrap(),
+        &cluster.anchors(),
+    ));
     let response = client
         .certify(request(&web, NODE0_TOKEN, csr_for(&web)))
         .await
@@ -117,6 +116,11 @@ async fn serves_with_the_documented_flags_and_stops_on_sigterm() {
     assert!(output.0.success(), "exit status {:?}", output.0);
     let log = output.1;
     assert!(log.contains("starting identity service"), "{log}");
+    assert!(log.contains("serving over TLS"), "{log}");
+    assert!(
+        log.contains("issued the identity service's serving certificate"),
+        "{log}"
+    );
     assert!(
         log.contains("issued certificate"),
         "debug log shows issuance: {log}"

@@ -189,7 +189,7 @@ async fn every_refusal_has_its_status_and_an_actionable_message() {
             "node asks for an SA not on its node",
             request(&emoji, NODE0_TOKEN, csr_for(&emoji)),
             Code::PermissionDenied,
-            "node node-0 runs no pod with the identity spiffe://cluster.local/ns/emojivoto/sa/emoji",
+            "node node-0 runs no meshed pod with the identity spiffe://cluster.local/ns/emojivoto/sa/emoji",
         ),
         (
             "workload asks for another SA",
@@ -483,12 +483,10 @@ async fn metrics_health_and_probes() {
     );
     assert_eq!(http_get(service.metrics_addr, "/nope").await.0, 404);
 
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", service.addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let mut health = tonic_health::pb::health_client::HealthClient::new(tls_channel(
+        service.addr,
+        &service.anchors,
+    ));
     for name in [
         "",
         "sealmesh.identity.v1.Identity",
@@ -508,5 +506,102 @@ async fn metrics_health_and_probes() {
             "{name:?}"
         );
     }
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_obtains_only_identities_of_its_meshed_pods() {
+    let mut cluster = TestCluster::new();
+    // node-0 also runs a pod of an unmeshed namespace and one that opted out.
+    cluster
+        .file
+        .namespaces
+        .push(sealmesh_common::cluster::Namespace {
+            name: "plain".into(),
+            labels: Default::default(),
+        });
+    cluster.file.pods.push(sealmesh_common::cluster::Pod {
+        namespace: "plain".into(),
+        ..pod("curl", "default", "node-0", "10.244.0.3")
+    });
+    cluster.file.pods.push(sealmesh_common::cluster::Pod {
+        annotations: [("sealmesh.io/mesh".into(), "disabled".into())].into(),
+        ..pod("db-0", "db", "node-0", "10.244.0.4")
+    });
+    cluster.save();
+    let service = Running::start(cluster.config()).await;
+    let mut client = service.client().await;
+    let unmeshed = sealmesh_common::identity::TrustDomain::default()
+        .identity("plain", "default")
+        .unwrap();
+    for (identity, why) in [
+        (&unmeshed, "namespace not meshed"),
+        (&identity("db"), "opted out"),
+    ] {
+        let status = client
+            .certify(request(identity, NODE0_TOKEN, csr_for(identity)))
+            .await
+            .expect_err(why);
+        assert_eq!(status.code(), Code::PermissionDenied, "{why}");
+        assert_eq!(
+            status.message(),
+            format!(
+                "node node-0 runs no meshed pod with the identity {identity}; an agent may only request \
+                 identities of meshed pods (namespace labelled sealmesh.io/mesh=enabled, no sealmesh.io/mesh: \
+                 disabled annotation) scheduled on its node"
+            ),
+            "{why}"
+        );
+    }
+    // Its meshed pod's identity it still obtains.
+    let web = identity("web");
+    client
+        .certify(request(&web, NODE0_TOKEN, csr_for(&web)))
+        .await
+        .unwrap();
+
+    // Meshing the namespace (a label in the cluster file) is followed.
+    cluster.file.namespaces.last_mut().unwrap().labels =
+        [("sealmesh.io/mesh".into(), "enabled".into())].into();
+    cluster.save();
+    client
+        .certify(request(&unmeshed, NODE0_TOKEN, csr_for(&unmeshed)))
+        .await
+        .unwrap();
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn a_service_account_name_with_dots_gets_its_identity() {
+    let mut cluster = TestCluster::new();
+    cluster
+        .file
+        .pods
+        .push(pod("api-0", "api.v2", "node-0", "10.244.0.3"));
+    cluster.save();
+    let service = Running::start(cluster.config()).await;
+    let api = identity("api.v2");
+    let response = service
+        .client()
+        .await
+        .certify(request(&api, NODE0_TOKEN, csr_for(&api)))
+        .await
+        .unwrap()
+        .into_inner();
+    verify_chain(
+        &response.leaf_certificate,
+        &response.intermediate_certificates,
+        &cluster.anchors(),
+        &api,
+    )
+    .unwrap();
+    let (_, leaf) = X509Certificate::from_der(&response.leaf_certificate).unwrap();
+    assert_eq!(
+        sans_of(&leaf),
+        [
+            "URI(spiffe://cluster.local/ns/emojivoto/sa/api.v2)",
+            "DNSName(api.v2.emojivoto.serviceaccount.identity.sealmesh.cluster.local)"
+        ]
+    );
     service.stop().await;
 }

@@ -25,10 +25,14 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
+use rustls_pki_types::CertificateDer;
 use sealmesh_common::{
-    consts::kube::{
-        AGENT_SERVICE_ACCOUNT, IDENTITY_NAME, IDENTITY_TOKEN_AUDIENCE, ISSUER_SECRET,
-        TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY,
+    consts::{
+        MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE,
+        kube::{
+            AGENT_SERVICE_ACCOUNT, IDENTITY_NAME, IDENTITY_TOKEN_AUDIENCE, ISSUER_SECRET,
+            TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY,
+        },
     },
     identity::{Identity, TrustDomain},
 };
@@ -49,8 +53,8 @@ const CONTROL_NS: &str = "sealmesh";
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A cluster on the fake API server: nodes n1 and n2, each with an agent pod
-/// (`sealmesh-agent-n1`, `-n2`); `emojivoto/web-0` (sa web) on n1 and
-/// `emojivoto/emoji-0` (sa emoji) on n2; the identity Deployment, the issuer
+/// (`sealmesh-agent-n1`, `-n2`); in the meshed namespace `emojivoto`,
+/// `web-0` (sa web) on n1 and `emoji-0` (sa emoji) on n2; the identity Deployment, the issuer
 /// Secret and the trust-roots ConfigMap in `sealmesh`.
 struct KubeCluster {
     api: FakeApiServer,
@@ -77,13 +81,16 @@ impl KubeCluster {
         let client = api.client();
         let root = new_root();
         let issuer = new_issuer(&root, "issuer-1.test", 30 * DAY);
-        for namespace in [CONTROL_NS, NAMESPACE] {
-            create(
-                &Api::<Namespace>::all(client.clone()),
-                json!({"metadata": {"name": namespace}}),
-            )
-            .await;
-        }
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({"metadata": {"name": CONTROL_NS}}),
+        )
+        .await;
+        create(
+            &Api::<Namespace>::all(client.clone()),
+            json!({"metadata": {"name": NAMESPACE, "labels": {MESH_LABEL: MESH_LABEL_ENABLED}}}),
+        )
+        .await;
         for (namespace, sa) in [
             (CONTROL_NS, AGENT_SERVICE_ACCOUNT),
             (CONTROL_NS, IDENTITY_NAME),
@@ -257,6 +264,7 @@ impl KubeCluster {
         }));
         KubeService {
             addr,
+            anchors: pem_certs(&self.root.cert_pem),
             stop: Some(stop),
             task: Some(task),
         }
@@ -356,15 +364,14 @@ fn secret_data(ca: &GeneratedCa, layout: Layout) -> BTreeMap<String, ByteString>
 /// A running kube-mode identity service; stops when dropped.
 struct KubeService {
     addr: SocketAddr,
+    anchors: Vec<CertificateDer<'static>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), ServeError>>>,
 }
 
 impl KubeService {
     async fn client(&self) -> IdentityClient<Channel> {
-        IdentityClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+        IdentityClient::new(tls_channel(self.addr, &self.anchors))
     }
 
     async fn certify(
@@ -421,6 +428,15 @@ impl Drop for KubeService {
 
 fn issuer_der(ca: &GeneratedCa) -> Vec<u8> {
     pem_certs(&ca.cert_pem)[0].to_vec()
+}
+
+/// The refusal of an identity that has no meshed pod on `node`.
+fn refused(node: &str, identity: &Identity) -> String {
+    format!(
+        "node {node} runs no meshed pod with the identity {identity}; an agent may only request identities of \
+         meshed pods (namespace labelled sealmesh.io/mesh=enabled, no sealmesh.io/mesh: disabled annotation) \
+         scheduled on its node"
+    )
 }
 
 fn assert_status(result: Result<CertifyResponse, tonic::Status>, code: Code, message: &str) {
@@ -491,9 +507,7 @@ async fn an_agent_is_denied_service_accounts_that_run_only_on_other_nodes() {
             .certify(&emoji, &cluster.agent_token("n1").await)
             .await,
         Code::PermissionDenied,
-        &format!(
-            "node n1 runs no pod with the identity {emoji}; an agent may only request identities of pods scheduled on its node"
-        ),
+        &refused("n1", &emoji),
     );
     // The agent of n2 may.
     service
@@ -531,9 +545,7 @@ async fn placements_follow_pods_as_they_come_go_and_finish() {
     cluster.create_pod(NAMESPACE, "late-0", "late", "n1").await;
     service.certify(&late, &token).await.unwrap();
 
-    let refused = format!(
-        "node n1 runs no pod with the identity {late}; an agent may only request identities of pods scheduled on its node"
-    );
+    let refused = refused("n1", &late);
     cluster
         .pods(NAMESPACE)
         .patch_status(
@@ -563,6 +575,121 @@ async fn placements_follow_pods_as_they_come_go_and_finish() {
         Code::PermissionDenied,
         &refused,
     );
+}
+
+#[tokio::test]
+async fn an_agent_obtains_only_identities_of_meshed_pods_on_its_node() {
+    let cluster = KubeCluster::new().await;
+    // n1 also runs a pod of an unmeshed namespace and one that opted out.
+    create(
+        &Api::<Namespace>::all(cluster.client.clone()),
+        json!({"metadata": {"name": "plain"}}),
+    )
+    .await;
+    for (namespace, sa) in [("plain", "default"), (NAMESPACE, "db")] {
+        create(
+            &Api::<ServiceAccount>::namespaced(cluster.client.clone(), namespace),
+            json!({"metadata": {"name": sa}}),
+        )
+        .await;
+    }
+    cluster.create_pod("plain", "curl", "default", "n1").await;
+    let _: Pod = create(
+        &cluster.pods(NAMESPACE),
+        json!({
+            "metadata": {"name": "db-0", "annotations": {MESH_OPT_OUT_ANNOTATION: MESH_OPT_OUT_VALUE}},
+            "spec": {
+                "nodeName": "n1",
+                "serviceAccountName": "db",
+                "containers": [{"name": "main", "image": "test"}]
+            }
+        }),
+    )
+    .await;
+    let service = cluster.start().await;
+    let token = cluster.agent_token("n1").await;
+    let unmeshed = TrustDomain::default().identity("plain", "default").unwrap();
+    let db = identity("db");
+    // Asked before and after the watches have listed: refused either way.
+    for _ in 0..2 {
+        for identity in [&unmeshed, &db] {
+            assert_status(
+                service.certify(identity, &token).await,
+                Code::PermissionDenied,
+                &refused("n1", identity),
+            );
+        }
+        service.certify(&identity("web"), &token).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Labelling the namespace and dropping the opt-out mesh them.
+    Api::<Namespace>::all(cluster.client.clone())
+        .patch(
+            "plain",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {MESH_LABEL: MESH_LABEL_ENABLED}}})),
+        )
+        .await
+        .unwrap();
+    cluster
+        .pods(NAMESPACE)
+        .patch(
+            "db-0",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {MESH_OPT_OUT_ANNOTATION: null}}})),
+        )
+        .await
+        .unwrap();
+    service.certify(&unmeshed, &token).await.unwrap();
+    service.certify(&db, &token).await.unwrap();
+
+    // Unlabelling it again is followed by the namespace watch.
+    Api::<Namespace>::all(cluster.client.clone())
+        .patch(
+            "plain",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {MESH_LABEL: null}}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while service.certify(&unmeshed, &token).await.is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "the unlabelled namespace still gets certificates"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_status(
+        service.certify(&unmeshed, &token).await,
+        Code::PermissionDenied,
+        &refused("n1", &unmeshed),
+    );
+}
+
+#[tokio::test]
+async fn an_agent_gets_the_identity_of_a_service_account_name_with_dots() {
+    let cluster = KubeCluster::new().await;
+    create(
+        &Api::<ServiceAccount>::namespaced(cluster.client.clone(), NAMESPACE),
+        json!({"metadata": {"name": "api.v2"}}),
+    )
+    .await;
+    cluster.create_pod(NAMESPACE, "api-0", "api.v2", "n1").await;
+    let service = cluster.start().await;
+    let api = identity("api.v2");
+    let response = service
+        .certify(&api, &cluster.agent_token("n1").await)
+        .await
+        .unwrap();
+    verify_chain(
+        &response.leaf_certificate,
+        &response.intermediate_certificates,
+        &pem_certs(&cluster.root.cert_pem),
+        &api,
+    )
+    .unwrap();
 }
 
 #[tokio::test]
@@ -926,7 +1053,7 @@ async fn a_secret_update_after_an_interrupted_and_expired_watch_is_seen() {
 #[tokio::test]
 async fn a_new_root_in_the_trust_roots_lets_an_issuer_it_signed_take_over() {
     let cluster = KubeCluster::new().await;
-    let service = cluster.start().await;
+    let mut service = cluster.start().await;
     let web = identity("web");
     let token = cluster.agent_token("n1").await;
     let new_root = new_root();
@@ -941,6 +1068,9 @@ async fn a_new_root_in_the_trust_roots_lets_an_issuer_it_signed_take_over() {
     cluster
         .put_trust_roots(&format!("{}{}", cluster.root.cert_pem, new_root.cert_pem))
         .await;
+    // Clients follow the bundle too (agents watch the same ConfigMap): the
+    // service's own certificate comes from the new issuer as well.
+    service.anchors.extend(pem_certs(&new_root.cert_pem));
     let response = service.certify_until_signed_by(&web, &token, &next).await;
     verify_chain(
         &response.leaf_certificate,
@@ -1090,17 +1220,18 @@ async fn the_binary_serves_in_kubernetes_mode_from_kubeconfig() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let web = identity("web");
-    let response = IdentityClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .unwrap()
-        .certify(request(
-            &web,
-            &cluster.agent_token("n1").await,
-            csr_for(&web),
-        ))
-        .await
-        .unwrap()
-        .into_inner();
+    let response = IdentityClient::new(tls_channel(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &pem_certs(&cluster.root.cert_pem),
+    ))
+    .certify(request(
+        &web,
+        &cluster.agent_token("n1").await,
+        csr_for(&web),
+    ))
+    .await
+    .unwrap()
+    .into_inner();
     verify_chain(
         &response.leaf_certificate,
         &response.intermediate_certificates,

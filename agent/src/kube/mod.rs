@@ -9,6 +9,7 @@
 //! rebuilds one immutable [`Snapshot`] that the proxy reads lock-free.
 
 pub mod cgroup;
+mod events;
 mod objects;
 mod snapshot;
 pub mod trust_roots;
@@ -42,6 +43,7 @@ use tokio::{
 
 pub use self::cgroup::{PodCgroup, PodCgroups};
 use self::{
+    events::PodEvents,
     objects::{EndpointSliceView, NamespaceView, NodeView, PodView, ServiceView, node_internal_ip},
     snapshot::ClusterObjects,
 };
@@ -236,6 +238,8 @@ struct Shared {
     missing_cgroups: Mutex<Vec<String>>,
     /// Which differing address of this node was last reported (once per value).
     reported_node_ip: Mutex<Option<Ipv4Addr>>,
+    /// Warning Events on local pods left out of the mesh.
+    events: PodEvents,
 }
 
 impl KubeRegistry {
@@ -249,6 +253,7 @@ impl KubeRegistry {
 
         let mut tasks = JoinSet::new();
         let signals = Arc::new(Signals::default());
+        let events = PodEvents::new(client.clone(), &node.name);
         let stores = Stores {
             nodes: spawn_reflector(&mut tasks, Api::all(client.clone()), "nodes", &signals),
             namespaces: spawn_reflector(
@@ -278,6 +283,7 @@ impl KubeRegistry {
             signals,
             missing_cgroups: Mutex::new(Vec::new()),
             reported_node_ip: Mutex::new(None),
+            events,
         });
         shared.rebuild();
         tasks.spawn(keep_current(shared.clone()));
@@ -463,13 +469,21 @@ impl Shared {
         };
         self.check_local_node(&objects);
         let mut missing = Vec::new();
-        let snapshot = snapshot::build(&objects, &self.node, &self.trust_domain, |uid| {
-            let id = self.cgroups.find(uid).map(|cgroup| cgroup.id);
-            if id.is_none() {
-                missing.push(uid.to_owned());
-            }
-            id
-        });
+        let mut left_out = Vec::new();
+        let snapshot = snapshot::build(
+            &objects,
+            &self.node,
+            &self.trust_domain,
+            |uid| {
+                let id = self.cgroups.find(uid).map(|cgroup| cgroup.id);
+                if id.is_none() {
+                    missing.push(uid.to_owned());
+                }
+                id
+            },
+            &mut left_out,
+        );
+        self.events.report(&left_out);
         *self
             .missing_cgroups
             .lock()

@@ -14,9 +14,9 @@ use k8s_openapi::{
     },
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
-use sealmesh_common::consts::{
-    MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE,
-    kube::ENDPOINTSLICE_SERVICE_LABEL,
+use sealmesh_common::{
+    consts::{MESH_LABEL, MESH_OPT_OUT_ANNOTATION, kube::ENDPOINTSLICE_SERVICE_LABEL},
+    mesh,
 };
 use serde::{Deserialize, Deserializer};
 
@@ -253,12 +253,14 @@ pub(super) fn node_internal_ip(node: &NodeView) -> Option<Ipv4Addr> {
 }
 
 pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
-    namespace
-        .metadata
-        .labels
-        .as_ref()
-        .and_then(|labels| labels.get(MESH_LABEL))
-        .is_some_and(|value| value == MESH_LABEL_ENABLED)
+    mesh::namespace_is_meshed(
+        namespace
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(MESH_LABEL))
+            .map(String::as_str),
+    )
 }
 
 /// The facts of a pod that has an address in the pod network: Running, with
@@ -297,11 +299,12 @@ impl<'a> PodFacts<'a> {
                 .unwrap_or(DEFAULT_SERVICE_ACCOUNT),
             ip: status.pod_ip.as_deref()?.parse().ok()?,
             host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
-            opted_out: meta
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(MESH_OPT_OUT_ANNOTATION))
-                .is_some_and(|value| value == MESH_OPT_OUT_VALUE),
+            opted_out: mesh::pod_opted_out(
+                meta.annotations
+                    .as_ref()
+                    .and_then(|a| a.get(MESH_OPT_OUT_ANNOTATION))
+                    .map(String::as_str),
+            ),
         })
     }
 }
@@ -396,6 +399,7 @@ pub(super) fn ready_endpoints(
 #[cfg(test)]
 mod tests {
     use kube::Resource;
+    use sealmesh_common::consts::MESH_LABEL_ENABLED;
     use serde::de::DeserializeOwned;
     use serde_json::json;
 

@@ -15,6 +15,17 @@ use super::objects::{
 };
 use crate::registry::{Endpoint, NodeInfo, Snapshot, Workload};
 
+/// A local pod the mesh would carry, left out because its ServiceAccount
+/// has no identity (a name no certificate can carry).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct LeftOut {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// Why, and what to do.
+    pub reason: String,
+}
+
 /// The cached objects of every watched kind.
 pub(super) struct ClusterObjects {
     pub pods: Vec<Arc<PodView>>,
@@ -26,12 +37,14 @@ pub(super) struct ClusterObjects {
 
 /// The snapshot the objects describe, seen from `local` (whose address stays
 /// the one the agent started with). `cgroup_of` finds a local pod's cgroup
-/// id from its UID.
+/// id from its UID; local pods that would be meshed but have no identity
+/// are added to `left_out`.
 pub(super) fn build(
     objects: &ClusterObjects,
     local: &NodeInfo,
     trust_domain: &TrustDomain,
     mut cgroup_of: impl FnMut(&str) -> Option<u64>,
+    left_out: &mut Vec<LeftOut>,
 ) -> Snapshot {
     let mut node_ips: HashMap<&str, _> = objects
         .nodes
@@ -58,10 +71,21 @@ pub(super) fn build(
             );
             continue;
         };
+        let meshed = meshed_namespaces.contains(pod.namespace) && !pod.opted_out;
         let identity = match trust_domain.identity(pod.namespace, pod.service_account) {
             Ok(identity) => identity,
+            Err(error) if meshed && pod.node == local.name => {
+                left_out.push(LeftOut {
+                    namespace: pod.namespace.to_owned(),
+                    name: pod.name.to_owned(),
+                    uid: pod.uid.to_owned(),
+                    reason: error.to_string(),
+                });
+                continue;
+            }
             Err(error) => {
-                tracing::warn!(pod.namespace, pod.name, %error, "pod has no valid identity; it is left out of the mesh");
+                // Reported by the agent of the pod's node, if it is meshed.
+                tracing::debug!(pod.namespace, pod.name, %error, "pod has no identity; it is left out of the registry");
                 continue;
             }
         };
@@ -88,7 +112,7 @@ pub(super) fn build(
             ip: pod.ip,
             node: pod.node.to_owned(),
             node_ip,
-            meshed: meshed_namespaces.contains(pod.namespace) && !pod.opted_out,
+            meshed,
             cgroup_id,
         }));
     }
@@ -247,11 +271,19 @@ mod tests {
             endpoint_slices: Vec::new(),
         };
         let mut looked_up = Vec::new();
-        let snapshot = build(&objects, &local(), &TrustDomain::default(), |uid| {
-            looked_up.push(uid.to_owned());
-            (uid == "uid-local-0").then_some(42)
-        });
+        let mut left_out = Vec::new();
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            |uid| {
+                looked_up.push(uid.to_owned());
+                (uid == "uid-local-0").then_some(42)
+            },
+            &mut left_out,
+        );
         assert_eq!(looked_up, ["uid-local-0", "uid-local-1"]);
+        assert_eq!(left_out, [], "bad-sa is not meshed: nothing to report");
         assert!(snapshot.missing_cgroups);
         let local_0 = snapshot
             .workload_by_ip(Ipv4Addr::new(10, 244, 1, 2))
@@ -270,6 +302,52 @@ mod tests {
             "a Node without an InternalIP is reached at the hostIP its pods report"
         );
         assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 1, 4)), None);
+    }
+
+    #[test]
+    fn service_accounts_with_dots_are_meshed_and_unnameable_local_ones_reported() {
+        let too_long = "a".repeat(64);
+        let objects = ClusterObjects {
+            pods: vec![
+                pod("app", "dotted", "a.b", "n1", "10.244.1.2"),
+                pod("app", "unnameable", &too_long, "n1", "10.244.1.3"),
+                pod("app", "unnameable-remote", &too_long, "n2", "10.244.2.3"),
+            ],
+            nodes: vec![node("n1", "172.18.0.2"), node("n2", "172.18.0.3")],
+            namespaces: vec![object(json!({ "metadata": { "name": "app",
+                "labels": { "sealmesh.io/mesh": "enabled" } } }))],
+            services: Vec::new(),
+            endpoint_slices: Vec::new(),
+        };
+        let mut left_out = Vec::new();
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            |_| Some(7),
+            &mut left_out,
+        );
+        let dotted = snapshot
+            .workload_by_ip(Ipv4Addr::new(10, 244, 1, 2))
+            .unwrap();
+        assert!(dotted.meshed);
+        assert_eq!(
+            dotted.identity.dns_name(),
+            "a.b.app.serviceaccount.identity.sealmesh.cluster.local"
+        );
+        assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 1, 3)), None);
+        assert_eq!(left_out.len(), 1, "only the local pod: {left_out:?}");
+        assert_eq!(
+            (left_out[0].name.as_str(), left_out[0].uid.as_str()),
+            ("unnameable", "uid-unnameable")
+        );
+        assert!(
+            left_out[0]
+                .reason
+                .contains("cannot be named in a certificate"),
+            "{}",
+            left_out[0].reason
+        );
     }
 
     #[test]
@@ -324,7 +402,13 @@ mod tests {
                 ),
             ],
         };
-        let snapshot = build(&objects, &local(), &TrustDomain::default(), |_| None);
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            |_| None,
+            &mut Vec::new(),
+        );
         assert_eq!(
             resolve_all(&snapshot, [10, 96, 0, 10], 80, 3),
             vec![("web-0".to_owned(), 8080); 3]

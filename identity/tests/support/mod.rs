@@ -16,13 +16,14 @@ use sealmesh_common::{
     identity::{Identity, TrustDomain},
 };
 use sealmesh_identity::{
-    Config, ServerBuilder,
+    Config, ServerBuilder, client,
     config::{LocalSources, Mode},
     pki::{CaSpec, CertInfo, GeneratedCa, Layout, generate_issuer, generate_root},
     rotation::IssuerEvents,
 };
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
 use tokio::sync::{mpsc, oneshot};
+use tonic::transport::Channel;
 
 pub const DAY: Duration = Duration::from_secs(86_400);
 pub const NAMESPACE: &str = "emojivoto";
@@ -189,10 +190,25 @@ impl IssuerEvents for RecordingEvents {
     }
 }
 
+/// A gRPC channel to the identity service at `addr` over TLS, as agents
+/// connect: the server must chain to `anchors` and be the identity service
+/// of the default trust domain.
+pub fn tls_channel(addr: SocketAddr, anchors: &[CertificateDer<'static>]) -> Channel {
+    client::channel_with_anchors(
+        addr,
+        anchors,
+        &TrustDomain::default(),
+        Duration::from_secs(10),
+    )
+    .unwrap()
+}
+
 /// A running identity service; stops when dropped.
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics_addr: SocketAddr,
+    /// The anchors of its config, which clients verify it with.
+    pub anchors: Vec<CertificateDer<'static>>,
     pub events: mpsc::UnboundedReceiver<Event>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<Result<(), sealmesh_identity::ServeError>>>,
@@ -200,6 +216,12 @@ pub struct Running {
 
 impl Running {
     pub async fn start(config: Config) -> Self {
+        let anchors = match &config.mode {
+            Mode::Local(local) => {
+                pem_certs(&std::fs::read_to_string(&local.trust_anchors).unwrap())
+            }
+            Mode::Kubernetes(_) => panic!("a local-mode config"),
+        };
         let (events_tx, events) = mpsc::unbounded_channel();
         let server = ServerBuilder::new(config)
             .issuer_events(Arc::new(RecordingEvents(Mutex::new(events_tx))))
@@ -215,24 +237,20 @@ impl Running {
         Self {
             addr,
             metrics_addr,
+            anchors,
             events,
             stop: Some(stop),
             task: Some(task),
         }
     }
 
-    pub async fn client(&self) -> pb::identity_client::IdentityClient<tonic::transport::Channel> {
-        pb::identity_client::IdentityClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    /// A Certify client over TLS, verifying the service as agents do.
+    pub async fn client(&self) -> pb::identity_client::IdentityClient<Channel> {
+        pb::identity_client::IdentityClient::new(tls_channel(self.addr, &self.anchors))
     }
 
-    pub async fn linkerd_client(
-        &self,
-    ) -> linkerd::identity_client::IdentityClient<tonic::transport::Channel> {
-        linkerd::identity_client::IdentityClient::connect(format!("http://{}", self.addr))
-            .await
-            .unwrap()
+    pub async fn linkerd_client(&self) -> linkerd::identity_client::IdentityClient<Channel> {
+        linkerd::identity_client::IdentityClient::new(tls_channel(self.addr, &self.anchors))
     }
 
     pub async fn next_event(&mut self) -> Event {

@@ -1,5 +1,5 @@
 //! `cargo xtask bench identity`: certificates per second issued by the real
-//! identity service over real gRPC on loopback.
+//! identity service over real gRPC (over TLS, as agents call it) on loopback.
 //!
 //! The service runs in its own tokio runtime with a freshly generated root,
 //! issuer and cluster file (one node, several ServiceAccounts on it). Keys
@@ -22,14 +22,15 @@ use rcgen::{
 use sealmesh_common::{
     cluster::{ClusterFile, Namespace, Node, Pod},
     consts::{MESH_LABEL, MESH_LABEL_ENABLED},
-    identity::Identity,
+    identity::{Identity, TrustDomain},
 };
 use sealmesh_identity::{
-    Config, ServerBuilder,
-    pki::{CaSpec, Layout, generate_issuer, generate_root},
+    Config, ServerBuilder, client,
+    config::Mode,
+    pki::{self, CaSpec, Layout, generate_issuer, generate_root},
 };
 use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 const NAMESPACE: &str = "bench";
 const NODE: &str = "node-0";
@@ -39,12 +40,21 @@ const WARM_UP_CALLS: usize = 200;
 /// HTTP/2 connections the calls are spread over (each is one tonic Channel),
 /// as several agents would open.
 const MAX_CONNECTIONS: usize = 4;
+/// Deadline of connecting and of each call.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub fn run(certs: usize, concurrency: usize) -> anyhow::Result<()> {
     ensure!(certs > 0, "--certs must be at least 1");
     ensure!(concurrency > 0, "--concurrency must be at least 1");
     let workdir = tempfile::tempdir().context("cannot create a temporary directory")?;
     let (config, token, identities) = prepare(workdir.path())?;
+    let anchors = match &config.mode {
+        Mode::Local(local) => pki::parse_pem_certs(
+            &std::fs::read(&local.trust_anchors)?,
+            "the bench's trust anchors",
+        )?,
+        Mode::Kubernetes(_) => bail!("the bench runs the identity service in local mode"),
+    };
 
     let server_runtime = runtime("identity-server")?;
     let server = server_runtime
@@ -67,18 +77,18 @@ pub fn run(certs: usize, concurrency: usize) -> anyhow::Result<()> {
     let client_runtime = runtime("identity-bench-client")?;
     let outcome = client_runtime.block_on(async {
         let connections = concurrency.min(MAX_CONNECTIONS);
-        let mut channels = Vec::with_capacity(connections);
-        for _ in 0..connections {
-            channels.push(
-                Endpoint::from_shared(format!("http://{address}"))?
-                    .tcp_nodelay(true)
-                    .connect()
-                    .await
-                    .with_context(|| {
-                        format!("cannot connect to the identity service at {address}")
-                    })?,
-            );
-        }
+        // Each channel is one TLS connection, made by the warm-up calls.
+        let channels = (0..connections)
+            .map(|_| {
+                client::channel_with_anchors(
+                    address,
+                    &anchors,
+                    &TrustDomain::default(),
+                    CALL_TIMEOUT,
+                )
+            })
+            .collect::<Result<Vec<Channel>, _>>()
+            .context("cannot configure TLS to the identity service")?;
         let mut requests = requests;
         let timed = requests.split_off(WARM_UP_CALLS);
         fire(&channels, requests, concurrency).await?;
