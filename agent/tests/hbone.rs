@@ -1218,6 +1218,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
     cluster.namespaces.push(Namespace {
         name: NAMESPACE.into(),
         labels: [(MESH_LABEL.into(), MESH_LABEL_ENABLED.into())].into(),
+        annotations: Default::default(),
     });
     for (name, node, host) in [("client", "node-a", 17), ("server", "node-b", 33)] {
         // The registry takes a local pod's cgroup id from its directory.

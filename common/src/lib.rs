@@ -6,4 +6,5 @@ pub mod cluster;
 pub mod consts;
 pub mod host;
 pub mod identity;
+pub mod policy;
 pub mod probe;
