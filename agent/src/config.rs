@@ -11,6 +11,7 @@ use std::{
 };
 
 use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{
@@ -20,6 +21,7 @@ use sealmesh_common::{
     },
     host,
     identity::{IdentityError, TrustDomain},
+    policy::InboundPolicy,
 };
 use serde::Serialize;
 
@@ -253,6 +255,18 @@ pub struct Args {
     /// Refuse connections to non-meshed destinations instead of passing them through in plaintext.
     #[arg(long)]
     pub deny_plaintext: bool,
+    /// Inbound policy of meshed pods whose pod and namespace carry no sealmesh.io/inbound-policy
+    /// annotation: `permissive` accepts plaintext from unmeshed pods, other nodes and hosts too;
+    /// `strict` lets the kernel drop every connection that does not come through this node's
+    /// agent, the node itself (kubelet probes) or the pod's own loopback. `strict` also closes
+    /// the metrics port to all but the node and --metrics-allowed-cidrs.
+    #[arg(long, default_value_t = InboundPolicy::Permissive, env = "SEALMESH_DEFAULT_INBOUND_POLICY")]
+    pub default_inbound_policy: InboundPolicy,
+    /// Networks besides the node itself that may read the metrics port (e.g. Prometheus' pod
+    /// CIDR), comma-separated. Given, or with --default-inbound-policy strict, the metrics port
+    /// refuses everyone else at accept.
+    #[arg(long, value_delimiter = ',', env = "SEALMESH_METRICS_ALLOWED_CIDRS")]
+    pub metrics_allowed_cidrs: Vec<Ipv4Net>,
     /// Admin gRPC API address (status, connections, tap, certificates, config). It exposes
     /// traffic metadata: keep it on loopback unless the address is otherwise protected
     /// [default: 127.0.0.1:15000].
@@ -290,11 +304,21 @@ pub enum OnOff {
     Off,
 }
 
-/// What the proxy does beyond the defaults; copied into the TLS engine.
+/// What the proxy and the kernel enforce beyond the defaults; copied into the TLS engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub force_mtls_local: bool,
     pub deny_plaintext: bool,
+    /// Inbound policy of meshed pods no annotation sets.
+    pub default_inbound_policy: InboundPolicy,
+}
+
+/// Who may read the metrics port (`--metrics-listen`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsAccess {
+    /// Only the node itself and `allowed_cidrs`; the rest is refused at accept.
+    pub restricted: bool,
+    pub allowed_cidrs: Vec<Ipv4Net>,
 }
 
 /// Local mode: everything comes from the cluster file.
@@ -341,6 +365,7 @@ pub struct Config {
     pub worker_threads: u16,
     pub admin_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    pub metrics_access: MetricsAccess,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -372,6 +397,7 @@ struct ConfigView<'a> {
     worker_threads: u16,
     admin_listen: SocketAddr,
     metrics_listen: SocketAddr,
+    metrics_access: &'a MetricsAccess,
     log_level: &'a str,
     log_format: LogFormat,
 }
@@ -434,6 +460,7 @@ impl Config {
             worker_threads: self.worker_threads,
             admin_listen: self.admin_listen,
             metrics_listen: self.metrics_listen,
+            metrics_access: &self.metrics_access,
             log_level: &self.log_level,
             log_format: self.log_format,
         };
@@ -659,6 +686,12 @@ impl Config {
             policy: Policy {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
+                default_inbound_policy: args.default_inbound_policy,
+            },
+            metrics_access: MetricsAccess {
+                restricted: args.default_inbound_policy == InboundPolicy::Strict
+                    || !args.metrics_allowed_cidrs.is_empty(),
+                allowed_cidrs: args.metrics_allowed_cidrs,
             },
             sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
             worker_threads: args.worker_threads,
@@ -724,7 +757,8 @@ impl fmt::Display for Config {
             f,
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
              token_file={} (content not shown) force_mtls_local={} deny_plaintext={} \
-             admin_listen={} metrics_listen={} log_level={} log_format={:?}",
+             default_inbound_policy={} admin_listen={} metrics_listen={} \
+             metrics_restricted={} metrics_allowed_cidrs={:?} log_level={} log_format={:?}",
             self.trust_domain.domain(),
             self.bpffs_dir.display(),
             self.node_cgroup.display(),
@@ -733,8 +767,11 @@ impl fmt::Display for Config {
             self.token_file.display(),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
+            self.policy.default_inbound_policy,
             self.admin_listen,
             self.metrics_listen,
+            self.metrics_access.restricted,
+            self.metrics_access.allowed_cidrs,
             self.log_level,
             self.log_format,
         )
@@ -839,7 +876,8 @@ nodes:
             c.policy,
             Policy {
                 force_mtls_local: true,
-                deny_plaintext: true
+                deny_plaintext: true,
+                default_inbound_policy: InboundPolicy::Permissive,
             }
         );
         assert_eq!(c.log_format, LogFormat::Json);
@@ -904,6 +942,8 @@ nodes:
         assert_eq!(dumped["token_file"], "/run/sealmesh/tb-cfg/node-0.token");
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
+        assert_eq!(dumped["policy"]["default_inbound_policy"], "permissive");
+        assert_eq!(dumped["metrics_access"]["restricted"], false);
         assert_eq!(dumped["sockmap_acceleration"], false);
         assert_eq!(dumped["worker_threads"], 2);
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
@@ -916,6 +956,68 @@ nodes:
         assert!(
             shown.contains("token_file=/run/sealmesh/tb-cfg/node-0.token (content not shown)"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn strict_default_restricts_the_metrics_port() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.policy.default_inbound_policy, InboundPolicy::Permissive);
+        assert_eq!(c.metrics_access, MetricsAccess::default());
+
+        let c = resolve(&["--default-inbound-policy", "strict"]).unwrap();
+        assert_eq!(c.policy.default_inbound_policy, InboundPolicy::Strict);
+        assert_eq!(
+            c.metrics_access,
+            MetricsAccess {
+                restricted: true,
+                allowed_cidrs: Vec::new()
+            }
+        );
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&c.to_redacted_yaml()).unwrap();
+        assert_eq!(yaml["policy"]["default_inbound_policy"], "strict");
+        assert_eq!(yaml["metrics_access"]["restricted"], true);
+
+        let c = resolve(&["--metrics-allowed-cidrs", "10.244.0.0/16,192.168.1.7/32"]).unwrap();
+        assert_eq!(
+            c.metrics_access,
+            MetricsAccess {
+                restricted: true,
+                allowed_cidrs: vec![
+                    "10.244.0.0/16".parse().unwrap(),
+                    "192.168.1.7/32".parse().unwrap()
+                ]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_policy_values_are_refused_with_the_valid_ones() {
+        let error = Args::try_parse_from([
+            "sealmesh-agent",
+            "--node",
+            "n",
+            "--default-inbound-policy",
+            "STRICT",
+        ])
+        .expect_err("not a policy");
+        assert!(
+            error
+                .to_string()
+                .contains("\"STRICT\" is not an inbound policy; use strict or permissive"),
+            "{error}"
+        );
+        let error = Args::try_parse_from([
+            "sealmesh-agent",
+            "--node",
+            "n",
+            "--metrics-allowed-cidrs",
+            "10.0.0.0/33",
+        ])
+        .expect_err("not a CIDR");
+        assert!(
+            error.to_string().contains("--metrics-allowed-cidrs"),
+            "{error}"
         );
     }
 

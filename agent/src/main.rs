@@ -19,11 +19,12 @@ use sealmesh_agent::{
     certs::{CertStore, CertStoreConfig},
     config::{Config, IdentityAddr, KubeSettings, LocalSettings, LogFormat, Source},
     ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
+    inbound_policy::{self, InboundPolicyState},
     kube::{
         self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig, PodCgroups,
         trust_roots::{fetch_trust_roots, trust_roots_origin, watch_trust_roots},
     },
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, MetricsAccessCheck},
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
@@ -164,8 +165,14 @@ async fn run(config: Config) -> Result<()> {
         })?,
     );
     release_freed_heap();
+    let mut proxy_config = ProxyConfig::for_node(node_ip, config.policy);
+    if config.metrics_access.restricted {
+        proxy_config
+            .protected_local_ports
+            .push(config.metrics_listen.port());
+    }
     let proxy = Proxy::bind(
-        ProxyConfig::for_node(node_ip, config.policy),
+        proxy_config,
         registry_dyn.clone(),
         redirector.clone(),
         certs.clone(),
@@ -182,7 +189,12 @@ async fn run(config: Config) -> Result<()> {
             )
         })?;
     let connections = Arc::new(ConnectionTable::default());
-    let metrics = Arc::new(Metrics::new(certs.clone()));
+    let inbound = Arc::new(InboundPolicyState::new(
+        config.policy.default_inbound_policy,
+        registry_dyn.clone(),
+        redirector.clone(),
+    ));
+    let metrics = Arc::new(Metrics::new(certs.clone(), inbound.clone()));
     let proxy_handle = proxy.handle();
     proxy_handle.add_observer(connections.clone());
     proxy_handle.add_observer(metrics.clone());
@@ -194,14 +206,20 @@ async fn run(config: Config) -> Result<()> {
         registry: registry_dyn.clone(),
         certs: certs.clone(),
         datapath: redirector.clone(),
-        proxy: proxy_handle,
+        proxy: proxy_handle.clone(),
         connections,
+        inbound: inbound.clone(),
     });
 
     // Redirect the node's meshed pods before announcing the start, so that
     // "started" means their connections are secured (or fail closed).
     let meshed_pods = sync_once(registry_dyn.as_ref(), redirector.as_ref())
         .context("classifying the node's pod cgroups in the eBPF maps")?;
+    let strict_pods = inbound_policy::sync_now(&inbound)
+        .context("enforcing the strict inbound policy of the node's pods")?;
+    let refusals = redirector
+        .take_refusals()
+        .context("watching the kernel's refusal reports")?;
 
     let mut tasks = tokio::task::JoinSet::new();
     match source {
@@ -219,6 +237,15 @@ async fn run(config: Config) -> Result<()> {
     }
     tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
     tasks.spawn(sync_cgroup_roles(registry_dyn, redirector, stopped()));
+    tasks.spawn(inbound_policy::sync_strict_pods(inbound.clone(), stopped()));
+    if let Some(refusals) = refusals {
+        tasks.spawn(inbound_policy::report_refusals(
+            inbound,
+            refusals,
+            proxy_handle,
+            stopped(),
+        ));
+    }
     tasks.spawn(proxy.run(stopped()));
     tasks.spawn(state.clone().forget_departed(metrics.clone(), stopped()));
     let readiness_state = state.clone();
@@ -226,6 +253,7 @@ async fn run(config: Config) -> Result<()> {
         metrics_listener,
         metrics,
         Arc::new(move || readiness_state.readiness()),
+        MetricsAccessCheck::new(config.metrics_access.clone()),
         stopped(),
     ));
     tasks.spawn(async move {
@@ -233,7 +261,7 @@ async fn run(config: Config) -> Result<()> {
             tracing::error!(%error, "admin API stopped; the CLI cannot reach this agent");
         }
     });
-    tracing::info!(meshed_pods, "{AGENT_STARTED_MESSAGE}");
+    tracing::info!(meshed_pods, strict_pods, "{AGENT_STARTED_MESSAGE}");
 
     wait_for_signal().await?;
     tracing::info!("shutting down");
@@ -536,6 +564,7 @@ mod tests {
             node: "node-0".into(),
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
             meshed,
+            inbound_policy: Default::default(),
             cgroup_id,
         })
     }

@@ -21,6 +21,7 @@ use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     host,
     identity::{Identity, TrustDomain},
+    policy::InboundPolicyAnnotations,
 };
 use tokio::sync::watch;
 
@@ -43,6 +44,9 @@ pub struct Workload {
     pub node: String,
     pub node_ip: Ipv4Addr,
     pub meshed: bool,
+    /// What the pod's and its namespace's `sealmesh.io/inbound-policy`
+    /// annotations say (the agent's default fills in the rest).
+    pub inbound_policy: InboundPolicyAnnotations,
     /// Some only for pods on this node whose cgroup directory exists.
     pub cgroup_id: Option<u64>,
 }
@@ -381,6 +385,7 @@ impl Snapshot {
                 node: pod.node.clone(),
                 node_ip: node.ip,
                 meshed: file.is_meshed(pod),
+                inbound_policy: file.inbound_policy_annotations(pod),
                 cgroup_id,
             }));
         }
@@ -570,6 +575,7 @@ services:
                 node: "node-0".into(),
                 node_ip: Ipv4Addr::new(172, 18, 0, 2),
                 meshed: true,
+                inbound_policy: InboundPolicyAnnotations::default(),
                 cgroup_id: Some(fx.cgroup("web-0")),
             }
         );

@@ -86,7 +86,8 @@ fn loads_attaches_pins_and_uninstalls() {
             "original_peer4",
             "original_peer6",
             "redirect_connect4",
-            "redirect_connect6"
+            "redirect_connect6",
+            "enforce_strict_inbound"
         ]
     );
     assert_eq!(
@@ -106,6 +107,11 @@ fn loads_attaches_pins_and_uninstalls() {
         format!("{maps}/UNMESHED_PODS"),
         format!("{maps}/POD_PARENT_CGROUPS"),
         format!("{maps}/AGENT_CGROUPS"),
+        "links/enforce_strict_inbound".to_owned(),
+        format!("{maps}/STRICT_PODS"),
+        format!("{maps}/STRICT_POD_ADDRESSES"),
+        format!("{maps}/TRUSTED_CONNECTIONS"),
+        format!("{maps}/INBOUND_REFUSALS"),
     ] {
         assert!(bed.pin_dir().join(&pin).exists(), "{pin} is pinned");
     }

@@ -276,6 +276,7 @@ fn pod(
         node: node.name.clone(),
         node_ip: node.ip,
         meshed,
+        inbound_policy: Default::default(),
         cgroup_id: cgroup,
     })
 }

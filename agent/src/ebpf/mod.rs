@@ -43,10 +43,14 @@
 //! - `getpeername`: a redirected pod socket's peer is the agent's listener; `cgroup/getpeername4`
 //!   (and 6, for dual-stack sockets) reports the original destination instead, from a per-cookie
 //!   record connect4 writes and sock_ops deletes when the socket closes (LRU as a last bound).
+//! - Strict inbound (`strict`): a `cgroup_skb/ingress` program drops SYNs to strict pods unless
+//!   the host or the agent made the connection (marked at connect, moved to the 4-tuple by
+//!   sock_ops before the SYN leaves); its maps and refusal ring buffer are pinned like the rest.
 #![forbid(unsafe_code)]
 
 mod error;
 mod kernel_log;
+mod strict;
 
 use std::{
     collections::BTreeSet,
@@ -57,12 +61,15 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use agent_ebpf::{ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, capacity, names};
+use agent_ebpf::{
+    ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, StrictPodCounters, capacity, names,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, Map, MapData, MapError, MapInfo, SockHash, lpm_trie::Key},
     programs::{
-        CgroupAttachMode, CgroupSockAddr, ProgramError, SkMsg, SockOps,
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, ProgramError, SkMsg,
+        SockOps,
         links::{FdLink, LinkError},
     },
 };
@@ -72,6 +79,8 @@ use sealmesh_common::host;
 pub use self::error::EbpfError;
 pub use self::kernel_log::KERNEL_LOG_TARGET;
 use self::kernel_log::{KernelLogForwarder, kernel_log_level};
+pub use self::strict::RefusalRing;
+use self::strict::StrictInboundMaps;
 
 /// The programs, built for the bpf target by build.rs.
 static REDIRECT_OBJECT: &[u8] =
@@ -82,14 +91,16 @@ const CONNECT6_REQUIREMENT: &str = "cgroup/connect6 programs with bpf links";
 const SOCK_OPS_REQUIREMENT: &str = "sock_ops programs with bpf links";
 const GETPEERNAME_REQUIREMENT: &str = "cgroup/getpeername programs with bpf links (Linux 5.8+)";
 const SK_MSG_REQUIREMENT: &str = "sk_msg programs on a sockhash";
+const CGROUP_SKB_REQUIREMENT: &str = "cgroup_skb programs with bpf links";
 
 /// Programs attached at the node cgroup, in attach order (see [`Redirector::load`]).
-const CGROUP_PROGRAMS: [&str; 5] = [
+const CGROUP_PROGRAMS: [&str; 6] = [
     names::SOCK_OPS_PROGRAM,
     names::GETPEERNAME4_PROGRAM,
     names::GETPEERNAME6_PROGRAM,
     names::CONNECT4_PROGRAM,
     names::CONNECT6_PROGRAM,
+    names::STRICT_INBOUND_PROGRAM,
 ];
 
 /// Where and how to redirect meshed pods' connections on this node.
@@ -247,6 +258,10 @@ pub struct EbpfStatus {
     pub sockmap_acceleration: Option<bool>,
     /// Sockets (two per pod <-> agent connection) in the sockhash.
     pub accelerated_sockets: usize,
+    /// Pods whose inbound policy the kernel enforces as strict.
+    pub strict_pods: usize,
+    /// Open connections from the host or the agent to strict pods.
+    pub trusted_connections: usize,
     pub pin_dir: PathBuf,
 }
 
@@ -263,6 +278,7 @@ pub struct Redirector {
     original_dsts: HashMap<MapData, u64, RedirectRecord>,
     accelerated_sockets: SockHash<MapData, SocketTuple>,
     sockmap_acceleration: bool,
+    strict: StrictInboundMaps,
     links: Vec<AttachedLink>,
     _kernel_log: KernelLogForwarder,
     /// Keeps the programs and the per-instance exclusion maps loaded.
@@ -339,6 +355,7 @@ impl Redirector {
             capacity::ORIGINAL_DST_BY_COOKIE,
         )?;
         let accelerated_sockets = take_pinned_sockhash(&mut ebpf, &pins)?;
+        let strict = StrictInboundMaps::take(&mut ebpf, &pins)?;
 
         // The agent before the pod parents, so that a starting agent below a pod parent is
         // never taken for a pod; both before anything attaches, so that the programs classify
@@ -378,6 +395,8 @@ impl Redirector {
         }
         let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
         for name in CGROUP_PROGRAMS {
+            // The strict-inbound program last: it relies on the others marking trusted connects
+            // (until then a previous agent's programs do, on the same pinned maps).
             let link = if name == names::SOCK_OPS_PROGRAM {
                 attach_and_pin::<SockOps>(
                     &mut ebpf,
@@ -385,6 +404,14 @@ impl Redirector {
                     &pins,
                     name,
                     SOCK_OPS_REQUIREMENT,
+                )?
+            } else if name == names::STRICT_INBOUND_PROGRAM {
+                attach_and_pin::<CgroupSkb>(
+                    &mut ebpf,
+                    &node_cgroup,
+                    &pins,
+                    name,
+                    CGROUP_SKB_REQUIREMENT,
                 )?
             } else {
                 let requirement = match name {
@@ -413,6 +440,7 @@ impl Redirector {
             original_dsts,
             accelerated_sockets,
             sockmap_acceleration: cfg.sockmap_acceleration,
+            strict,
             links,
             _kernel_log: kernel_log,
             _ebpf: ebpf,
@@ -443,6 +471,8 @@ impl Redirector {
                 .keys()
                 .filter(Result::is_ok)
                 .count(),
+            strict_pods: self.strict.strict_pod_count(),
+            trusted_connections: self.strict.trusted_connection_count(),
             pin_dir: self.pins.root.clone(),
         }
     }
@@ -474,6 +504,11 @@ impl Redirector {
             )?,
             sockmap_acceleration: None,
             accelerated_sockets: count_pinned_sockets(&pins)?,
+            strict_pods: count_pinned::<u64, StrictPodCounters>(&pins, names::STRICT_PODS)?,
+            trusted_connections: count_pinned::<SocketTuple, u8>(
+                &pins,
+                names::TRUSTED_CONNECTIONS,
+            )?,
             pin_dir: pins.root,
         })
     }
@@ -494,6 +529,12 @@ impl Redirector {
             names::ORIGINAL_DST_BY_COOKIE,
             names::ACCELERATED_SOCKETS,
             names::TCP_ONLY_SENDERS,
+            names::STRICT_PODS,
+            names::STRICT_POD_ADDRESSES,
+            names::TRUSTED_SOCKETS,
+            names::TRUSTED_CONNECTIONS,
+            names::REFUSED_FLOWS,
+            names::INBOUND_REFUSALS,
         ] {
             remove_pin(&self.pins.maps.join(map))?;
         }
@@ -815,6 +856,22 @@ impl CgroupProgram for SockOps {
 
     fn attach_link(&mut self, cgroup: &File) -> Result<Result<FdLink, LinkError>, ProgramError> {
         let id = self.attach(cgroup, CgroupAttachMode::Single)?;
+        self.take_link(id).map(FdLink::try_from)
+    }
+}
+
+/// The one cgroup_skb program is an ingress one.
+impl CgroupProgram for CgroupSkb {
+    fn load_into_kernel(&mut self) -> Result<(), ProgramError> {
+        self.load()
+    }
+
+    fn attach_link(&mut self, cgroup: &File) -> Result<Result<FdLink, LinkError>, ProgramError> {
+        let id = self.attach(
+            cgroup,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single,
+        )?;
         self.take_link(id).map(FdLink::try_from)
     }
 }
