@@ -355,7 +355,7 @@ fn pod_policy<'a>(
 fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_node() {
     let app = App::up(&spec(), MeshOptions::default(), &SERVERS);
     let server = app.echo(SHOP, "server");
-    let tap = app.tap_refusals("node-1", 4);
+    let tap = app.tap_refusals("node-1", 5);
 
     // Plaintext to the strict pod: refused from an unmeshed pod of its node,
     // of another node, and from a host outside the nodes.
@@ -368,6 +368,10 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
         "legacy/outsider (node-0) -> shop/server",
     );
     refused(&app.client_on_underlay(server), "underlay -> shop/server");
+    refused(
+        &app.client_on_node("node-0", server),
+        "node-0 (another node) -> shop/server",
+    );
     // A strict pod in a permissive namespace refuses too.
     refused(
         &app.client_in_pod(LEGACY, "plain", app.echo(OPEN, "guarded")),
@@ -424,7 +428,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
     let metrics = app.metrics("node-1");
     assert_eq!(
         metric(&metrics, &refused_series(SHOP, "server")),
-        Some(3),
+        Some(4),
         "{metrics}"
     );
     assert_eq!(
@@ -498,6 +502,10 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
         "underlay: {refusals:?}"
     );
     assert_eq!(refusals[2].src, None, "the underlay is no pod");
+    assert!(
+        refusals[3].src_addr.starts_with("172.18.0.2:"),
+        "node-0's own address: {refusals:?}"
+    );
 
     // The admin API: each pod's policy, where it comes from, the kernel's
     // counts and the latest refusals.
@@ -509,7 +517,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
         ("strict", "namespace_annotation")
     );
     assert!(server_policy.enforced);
-    assert_eq!(server_policy.refused_total, 3);
+    assert_eq!(server_policy.refused_total, 4);
     let relaxed = pod_policy(&status, SHOP, "relaxed");
     assert_eq!(
         (
@@ -542,7 +550,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
             .contains("sealmesh.io/inbound-policy=\"Strict\" on pod shop/typo"),
         "{typo:?}"
     );
-    assert_eq!(status.recent_refusals.len(), 5, "{status:?}");
+    assert_eq!(status.recent_refusals.len(), 6, "{status:?}");
     let enforced_on_node0: Vec<String> = app
         .inbound_policy("node-0")
         .pods
@@ -570,7 +578,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
         "a warning for the bad annotation value"
     );
     let logged = app.logged_refusals("node-1");
-    assert_eq!(logged.len(), 5, "{logged:?}");
+    assert_eq!(logged.len(), 6, "{logged:?}");
     assert!(logged.iter().all(|l| l["target"] == ACCESS_LOG_TARGET
         && l["reason"] == "strict_inbound"
         && l["direction"] == "inbound"));
@@ -598,7 +606,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
         "{text}"
     );
     assert!(
-        text.contains("3 plaintext connection attempt(s) refused so far"),
+        text.contains("4 plaintext connection attempt(s) refused so far"),
         "{text}"
     );
     assert!(
