@@ -77,6 +77,23 @@ pub struct PodPolicy {
     pub ignored_annotations: Vec<String>,
 }
 
+/// The inbound policy a workload gets with the cluster default `default`,
+/// and what decided it: its annotations, except that a pod which is not
+/// meshed is always permissive. The kernel trusts every connect of the
+/// agent, so any path that makes the agent connect to a local pod for a
+/// source that did not prove an identity must refuse pods this calls strict.
+pub fn effective_policy(
+    workload: &Workload,
+    default: InboundPolicy,
+) -> (InboundPolicy, InboundPolicySource) {
+    let (policy, source) = workload.inbound_policy.resolve(default);
+    if workload.meshed {
+        (policy, source)
+    } else {
+        (InboundPolicy::Permissive, source)
+    }
+}
+
 /// What the admin API, the metrics and the sync share.
 pub struct InboundPolicyState {
     default_policy: InboundPolicy,
@@ -113,13 +130,7 @@ impl InboundPolicyState {
 
     /// The policy a workload gets and what decided it.
     pub fn policy_of(&self, workload: &Workload) -> (InboundPolicy, InboundPolicySource) {
-        let (policy, source) = workload.inbound_policy.resolve(self.default_policy);
-        let policy = if workload.meshed {
-            policy
-        } else {
-            InboundPolicy::Permissive
-        };
-        (policy, source)
+        effective_policy(workload, self.default_policy)
     }
 
     /// Every local pod's policy, with the kernel's state and counts, sorted
