@@ -3,7 +3,8 @@
 //!
 //! Every address and port in these types is a plain host-order number (`u32::from(Ipv4Addr)`,
 //! `u16` port): the programs convert from the kernel's mixed byte orders at the one place they
-//! read a socket field, so the agent never has to think about byte order.
+//! read a socket field, so the agent never has to think about byte order. The one exception is
+//! [`InboundFlow`], which also carries IPv6 addresses: those are octets as on the wire.
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
@@ -12,11 +13,14 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 /// Version of the pinned maps' layout and meaning. The agent pins maps under a directory named
 /// after it, so an upgraded agent with a different layout never reuses incompatible maps (and the
 /// old programs keep their own maps until their links are replaced).
-pub const MAP_ABI_VERSION: u32 = 1;
+///
+/// 2: the connecting task's origin comes from `POD_PARENT_CGROUPS`, `AGENT_CGROUPS` and
+/// `UNMESHED_PODS` besides `MESHED_PODS`.
+pub const MAP_ABI_VERSION: u32 = 2;
 
-/// Deepest cgroup level the connect4 program inspects when looking for a meshed pod among the
-/// socket's cgroup and its ancestors. Kubernetes pod cgroups sit at level 3–5 (plus container
-/// scopes below them); 32 leaves room for nested setups and keeps the loop small for the verifier.
+/// Deepest cgroup level the connect programs inspect when classifying the connecting task by its
+/// cgroup and its ancestors. Kubernetes pod cgroups sit at level 3–5 (plus container scopes below
+/// them); 32 leaves room for nested setups and keeps the loop small for the verifier.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 
 /// Names of the maps and globals in the eBPF object. The eBPF side declares statics with exactly
@@ -24,6 +28,14 @@ pub const MAX_CGROUP_DEPTH: i32 = 32;
 pub mod names {
     /// `HashMap<u64 cgroup id, u8>`: pod cgroups whose sockets are redirected (pinned).
     pub const MESHED_PODS: &str = "MESHED_PODS";
+    /// `HashMap<u64 cgroup id, u8>`: cgroups whose descendants are pods: the node cgroup in local
+    /// mode, kubelet's `kubepods` cgroup and its QoS children in Kubernetes mode (pinned).
+    pub const POD_PARENT_CGROUPS: &str = "POD_PARENT_CGROUPS";
+    /// `HashMap<u64 cgroup id, u8>`: the agent's own cgroup(s); their tasks are never pods
+    /// (pinned).
+    pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+    /// `HashMap<u64 cgroup id, u8>`: pod cgroups the agent knows and that are not meshed (pinned).
+    pub const UNMESHED_PODS: &str = "UNMESHED_PODS";
     /// `LruHashMap<u64 socket cookie, RedirectRecord>`: connect4 → sock_ops hand-over (pinned).
     pub const REDIRECT_BY_COOKIE: &str = "REDIRECT_BY_COOKIE";
     /// `LruHashMap<ConnectionKey, RedirectRecord>`: records the agent takes on accept (pinned).
@@ -55,12 +67,37 @@ pub mod names {
     pub const GETPEERNAME4_PROGRAM: &str = "original_peer4";
     pub const GETPEERNAME6_PROGRAM: &str = "original_peer6";
     pub const SK_MSG_PROGRAM: &str = "accelerate_msg";
+
+    /// `PerCpuHashMap<u64 cgroup id, StrictPodCounters>`: meshed pod cgroups whose inbound
+    /// policy is strict, with what the kernel refused them on each CPU (pinned).
+    pub const STRICT_PODS: &str = "STRICT_PODS";
+    /// `HashMap<u32 IPv4, u8>`: the addresses of those pods; connects to them from the node or
+    /// the agent are recorded as trusted (pinned).
+    pub const STRICT_POD_ADDRESSES: &str = "STRICT_POD_ADDRESSES";
+    /// `LruHashMap<u64 socket cookie, u8>`: trusted connects, connect4 → sock_ops hand-over
+    /// (pinned).
+    pub const TRUSTED_SOCKETS: &str = "TRUSTED_SOCKETS";
+    /// `LruHashMap<SocketTuple, u8>`: open connections from the node or the agent to strict pods,
+    /// keyed by the tuple the connecting socket sees, written before its SYN leaves (pinned).
+    pub const TRUSTED_CONNECTIONS: &str = "TRUSTED_CONNECTIONS";
+    /// `LruHashMap<InboundFlow, u64 ktime ns>`: connection attempts refused lately, so that a
+    /// client's SYN retransmissions are not counted and reported again (pinned).
+    pub const REFUSED_FLOWS: &str = "REFUSED_FLOWS";
+    /// `RingBuf` of [`InboundRefusal`](super::InboundRefusal): every refused connection attempt,
+    /// for the agent's tap, access log and admin API (pinned).
+    pub const INBOUND_REFUSALS: &str = "INBOUND_REFUSALS";
+    /// cgroup_skb/ingress program dropping untrusted connection attempts to strict pods.
+    pub const STRICT_INBOUND_PROGRAM: &str = "enforce_strict_inbound";
 }
 
 /// Capacity of the pinned maps. The redirect maps are LRU so that even records nobody collects
 /// (the agent died between a pod's connect and its accept) cannot fill them up.
 pub mod capacity {
     pub const MESHED_PODS: u32 = 4096;
+    /// kubepods and its two QoS children, for both cgroup drivers and a nested root slice.
+    pub const POD_PARENT_CGROUPS: u32 = 64;
+    pub const AGENT_CGROUPS: u32 = 16;
+    pub const UNMESHED_PODS: u32 = 4096;
     pub const REDIRECT_BY_COOKIE: u32 = 65536;
     pub const REDIRECT_BY_CONNECTION: u32 = 65536;
     pub const EXCLUDED_PORTS: u32 = 64;
@@ -69,6 +106,14 @@ pub mod capacity {
     /// Two sockets per accelerated connection.
     pub const ACCELERATED_SOCKETS: u32 = 131072;
     pub const TCP_ONLY_SENDERS: u32 = 65536;
+    pub const STRICT_PODS: u32 = 4096;
+    pub const STRICT_POD_ADDRESSES: u32 = 4096;
+    pub const TRUSTED_SOCKETS: u32 = 65536;
+    pub const TRUSTED_CONNECTIONS: u32 = 65536;
+    pub const REFUSED_FLOWS: u32 = 16384;
+    /// Bytes (a power of two, a multiple of the page size): 5,461 refusals of 48 bytes (plus
+    /// an 8-byte header each) wait for the agent.
+    pub const INBOUND_REFUSALS_BYTES: u32 = 256 * 1024;
 }
 
 /// What connect4 knew about a redirected connection: where the pod wanted to go and which meshed
@@ -166,10 +211,97 @@ impl SocketTuple {
     }
 }
 
+/// `AF_INET` / `AF_INET6`, as [`InboundFlow::family`] holds them.
+pub const FAMILY_IPV4: u16 = 2;
+pub const FAMILY_IPV6: u16 = 10;
+
+/// A TCP connection attempt (a SYN) as it arrived at a pod: addresses as octets on the wire
+/// (IPv4 in the first four), ports in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InboundFlow {
+    pub src_addr: [u8; 16],
+    pub dst_addr: [u8; 16],
+    pub src_port: u16,
+    pub dst_port: u16,
+    /// [`FAMILY_IPV4`] or [`FAMILY_IPV6`].
+    pub family: u16,
+    /// Explicit padding: every byte of a map key must be initialised.
+    pub reserved: u16,
+}
+
+impl InboundFlow {
+    pub fn src(&self) -> core::net::SocketAddr {
+        self.addr(&self.src_addr, self.src_port)
+    }
+
+    pub fn dst(&self) -> core::net::SocketAddr {
+        self.addr(&self.dst_addr, self.dst_port)
+    }
+
+    fn addr(&self, octets: &[u8; 16], port: u16) -> core::net::SocketAddr {
+        if self.family == FAMILY_IPV6 {
+            core::net::SocketAddr::new(core::net::Ipv6Addr::from(*octets).into(), port)
+        } else {
+            let v4 = [octets[0], octets[1], octets[2], octets[3]];
+            core::net::SocketAddr::new(Ipv4Addr::from(v4).into(), port)
+        }
+    }
+}
+
+/// One connection attempt the kernel refused to a strict pod (a ring buffer record).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InboundRefusal {
+    /// The strict pod's cgroup id (the listening socket's cgroup or its ancestor in
+    /// `STRICT_PODS`).
+    pub pod_cgroup: u64,
+    pub flow: InboundFlow,
+}
+
+impl InboundRefusal {
+    /// Decodes a ring buffer record (the program writes the struct as it lies in memory).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != core::mem::size_of::<Self>() {
+            return None;
+        }
+        let u16_at = |at: usize| u16::from_ne_bytes([bytes[at], bytes[at + 1]]);
+        let mut pod_cgroup = [0; 8];
+        pod_cgroup.copy_from_slice(&bytes[..8]);
+        let mut src_addr = [0; 16];
+        src_addr.copy_from_slice(&bytes[8..24]);
+        let mut dst_addr = [0; 16];
+        dst_addr.copy_from_slice(&bytes[24..40]);
+        Some(Self {
+            pod_cgroup: u64::from_ne_bytes(pod_cgroup),
+            flow: InboundFlow {
+                src_addr,
+                dst_addr,
+                src_port: u16_at(40),
+                dst_port: u16_at(42),
+                family: u16_at(44),
+                reserved: u16_at(46),
+            },
+        })
+    }
+}
+
+/// What the kernel counted for one strict pod (on one CPU: `STRICT_PODS` is per CPU).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StrictPodCounters {
+    /// Connection attempts refused (a client's SYN retransmissions count once).
+    pub refused: u64,
+    /// Of those, attempts whose report did not fit in the ring buffer (the agent fell behind).
+    pub unreported: u64,
+}
+
 #[cfg(feature = "user")]
 mod pod {
     #![allow(unsafe_code)]
-    use super::{ConnectionKey, RedirectRecord, SocketTuple};
+    use super::{
+        ConnectionKey, InboundFlow, InboundRefusal, RedirectRecord, SocketTuple, StrictPodCounters,
+    };
 
     // SAFETY: `#[repr(C)]`, only integer fields, no implicit padding (explicit `reserved`), so
     // every bit pattern is valid and every byte is initialised.
@@ -178,6 +310,12 @@ mod pod {
     unsafe impl aya::Pod for ConnectionKey {}
     // SAFETY: `#[repr(C)]`, two u32 then two u16: 12 bytes with no padding, all integers.
     unsafe impl aya::Pod for SocketTuple {}
+    // SAFETY: `#[repr(C)]`, two 16-byte arrays then four u16: 40 bytes with no padding.
+    unsafe impl aya::Pod for InboundFlow {}
+    // SAFETY: `#[repr(C)]`, a u64 then a 40-byte InboundFlow: 48 bytes with no padding.
+    unsafe impl aya::Pod for InboundRefusal {}
+    // SAFETY: `#[repr(C)]`, two u64: 16 bytes with no padding.
+    unsafe impl aya::Pod for StrictPodCounters {}
 }
 
 #[cfg(test)]
@@ -189,6 +327,41 @@ mod tests {
         assert_eq!(core::mem::size_of::<RedirectRecord>(), 16);
         assert_eq!(core::mem::size_of::<ConnectionKey>(), 12);
         assert_eq!(core::mem::size_of::<SocketTuple>(), 12);
+        assert_eq!(core::mem::size_of::<InboundFlow>(), 40);
+        assert_eq!(core::mem::size_of::<InboundRefusal>(), 48);
+        assert_eq!(core::mem::size_of::<StrictPodCounters>(), 16);
+    }
+
+    #[test]
+    fn inbound_flows_name_their_addresses_in_either_family() {
+        let mut flow = InboundFlow {
+            src_addr: [0; 16],
+            dst_addr: [0; 16],
+            src_port: 40000,
+            dst_port: 8080,
+            family: FAMILY_IPV4,
+            reserved: 0,
+        };
+        flow.src_addr[..4].copy_from_slice(&[10, 244, 1, 4]);
+        flow.dst_addr[..4].copy_from_slice(&[10, 244, 1, 2]);
+        assert_eq!(flow.src(), "10.244.1.4:40000".parse().unwrap());
+        assert_eq!(flow.dst(), "10.244.1.2:8080".parse().unwrap());
+        let refusal = InboundRefusal {
+            pod_cgroup: 0x1234_5678_9abc,
+            flow,
+        };
+        let mut bytes = [0u8; 48];
+        bytes[..8].copy_from_slice(&refusal.pod_cgroup.to_ne_bytes());
+        bytes[8..24].copy_from_slice(&flow.src_addr);
+        bytes[24..40].copy_from_slice(&flow.dst_addr);
+        bytes[40..42].copy_from_slice(&flow.src_port.to_ne_bytes());
+        bytes[42..44].copy_from_slice(&flow.dst_port.to_ne_bytes());
+        bytes[44..46].copy_from_slice(&flow.family.to_ne_bytes());
+        assert_eq!(InboundRefusal::from_bytes(&bytes), Some(refusal));
+        assert_eq!(InboundRefusal::from_bytes(&bytes[..47]), None);
+        flow.family = FAMILY_IPV6;
+        flow.src_addr = core::net::Ipv6Addr::LOCALHOST.octets();
+        assert_eq!(flow.src(), "[::1]:40000".parse().unwrap());
     }
 
     #[test]

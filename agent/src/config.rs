@@ -11,6 +11,7 @@ use std::{
 };
 
 use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{
@@ -19,6 +20,7 @@ use sealmesh_common::{
     },
     host,
     identity::{IdentityError, TrustDomain},
+    policy::InboundPolicy,
 };
 use serde::Serialize;
 
@@ -216,6 +218,11 @@ pub struct Args {
     /// (kubepods.slice/... or kubepods/...) [default: the host's cgroup2 mount].
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Kubernetes mode: the UID of the agent's own pod (the DaemonSet sets it from
+    /// metadata.uid), whose cgroup below --cgroup-root marks the agent's connections as its own
+    /// even where /proc/self/cgroup shows a cgroup namespace's view.
+    #[arg(long, env = "SEALMESH_POD_UID")]
+    pub agent_pod_uid: Option<String>,
     /// Directory to pin eBPF maps and links in [default: <bpffs>/sealmesh/<cluster>/<node>,
     /// <cluster> = "kubernetes" in kubernetes mode].
     #[arg(long)]
@@ -243,6 +250,18 @@ pub struct Args {
     /// Refuse connections to non-meshed destinations instead of passing them through in plaintext.
     #[arg(long)]
     pub deny_plaintext: bool,
+    /// Inbound policy of meshed pods whose pod and namespace carry no sealmesh.io/inbound-policy
+    /// annotation: `permissive` accepts plaintext from unmeshed pods, other nodes and hosts too;
+    /// `strict` lets the kernel drop every connection that does not come through this node's
+    /// agent, the node itself (kubelet probes) or the pod's own loopback. `strict` also closes
+    /// the metrics port to all but the node and --metrics-allowed-cidrs.
+    #[arg(long, default_value_t = InboundPolicy::Permissive, env = "SEALMESH_DEFAULT_INBOUND_POLICY")]
+    pub default_inbound_policy: InboundPolicy,
+    /// Networks besides the node itself that may read the metrics port (e.g. Prometheus' pod
+    /// CIDR), comma-separated. Given, or with --default-inbound-policy strict, the metrics port
+    /// refuses everyone else at accept.
+    #[arg(long, value_delimiter = ',', env = "SEALMESH_METRICS_ALLOWED_CIDRS")]
+    pub metrics_allowed_cidrs: Vec<Ipv4Net>,
     /// Admin gRPC API address (status, connections, tap, certificates, config). It exposes
     /// traffic metadata: keep it on loopback unless the address is otherwise protected
     /// [default: 127.0.0.1:15000].
@@ -280,11 +299,21 @@ pub enum OnOff {
     Off,
 }
 
-/// What the proxy does beyond the defaults; copied into the TLS engine.
+/// What the proxy and the kernel enforce beyond the defaults; copied into the TLS engine.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Policy {
     pub force_mtls_local: bool,
     pub deny_plaintext: bool,
+    /// Inbound policy of meshed pods no annotation sets.
+    pub default_inbound_policy: InboundPolicy,
+}
+
+/// Who may read the metrics port (`--metrics-listen`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MetricsAccess {
+    /// Only the node itself and `allowed_cidrs`; the rest is refused at accept.
+    pub restricted: bool,
+    pub allowed_cidrs: Vec<Ipv4Net>,
 }
 
 /// Local mode: everything comes from the cluster file.
@@ -303,6 +332,9 @@ pub struct KubeSettings {
     pub namespace: String,
     /// Where the kubelet's pod cgroups are found.
     pub cgroup_root: PathBuf,
+    /// The agent's own pod, when the downward API names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_pod_uid: Option<String>,
 }
 
 /// The mode and what only that mode needs.
@@ -328,6 +360,7 @@ pub struct Config {
     pub worker_threads: u16,
     pub admin_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
+    pub metrics_access: MetricsAccess,
     pub log_level: String,
     pub log_format: LogFormat,
 }
@@ -359,6 +392,7 @@ struct ConfigView<'a> {
     worker_threads: u16,
     admin_listen: SocketAddr,
     metrics_listen: SocketAddr,
+    metrics_access: &'a MetricsAccess,
     log_level: &'a str,
     log_format: LogFormat,
 }
@@ -421,6 +455,7 @@ impl Config {
             worker_threads: self.worker_threads,
             admin_listen: self.admin_listen,
             metrics_listen: self.metrics_listen,
+            metrics_access: &self.metrics_access,
             log_level: &self.log_level,
             log_format: self.log_format,
         };
@@ -480,6 +515,12 @@ impl Config {
             return Err(not_local(
                 "--cgroup-root",
                 "the cluster file names each pod's cgroup; remove the flag",
+            ));
+        }
+        if args.agent_pod_uid.is_some() {
+            return Err(not_local(
+                "--agent-pod-uid (SEALMESH_POD_UID)",
+                "a local-mode agent runs in its node's cgroup, not in a pod; remove it",
             ));
         }
         let cluster_file = args
@@ -603,6 +644,7 @@ impl Config {
         let source = Source::Kubernetes(KubeSettings {
             namespace,
             cgroup_root,
+            agent_pod_uid: args.agent_pod_uid.clone(),
         });
         Self::finish(
             args,
@@ -642,6 +684,12 @@ impl Config {
             policy: Policy {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
+                default_inbound_policy: args.default_inbound_policy,
+            },
+            metrics_access: MetricsAccess {
+                restricted: args.default_inbound_policy == InboundPolicy::Strict
+                    || !args.metrics_allowed_cidrs.is_empty(),
+                allowed_cidrs: args.metrics_allowed_cidrs,
             },
             sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
             worker_threads: args.worker_threads,
@@ -707,7 +755,8 @@ impl fmt::Display for Config {
             f,
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
              token_file={} (content not shown) force_mtls_local={} deny_plaintext={} \
-             admin_listen={} metrics_listen={} log_level={} log_format={:?}",
+             default_inbound_policy={} admin_listen={} metrics_listen={} \
+             metrics_restricted={} metrics_allowed_cidrs={:?} log_level={} log_format={:?}",
             self.trust_domain.domain(),
             self.bpffs_dir.display(),
             self.node_cgroup.display(),
@@ -716,8 +765,11 @@ impl fmt::Display for Config {
             self.token_file.display(),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
+            self.policy.default_inbound_policy,
             self.admin_listen,
             self.metrics_listen,
+            self.metrics_access.restricted,
+            self.metrics_access.allowed_cidrs,
             self.log_level,
             self.log_format,
         )
@@ -822,7 +874,8 @@ nodes:
             c.policy,
             Policy {
                 force_mtls_local: true,
-                deny_plaintext: true
+                deny_plaintext: true,
+                default_inbound_policy: InboundPolicy::Permissive,
             }
         );
         assert_eq!(c.log_format, LogFormat::Json);
@@ -887,6 +940,8 @@ nodes:
         assert_eq!(dumped["token_file"], "/run/sealmesh/tb-cfg/node-0.token");
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
+        assert_eq!(dumped["policy"]["default_inbound_policy"], "permissive");
+        assert_eq!(dumped["metrics_access"]["restricted"], false);
         assert_eq!(dumped["sockmap_acceleration"], false);
         assert_eq!(dumped["worker_threads"], 2);
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
@@ -899,6 +954,68 @@ nodes:
         assert!(
             shown.contains("token_file=/run/sealmesh/tb-cfg/node-0.token (content not shown)"),
             "{shown}"
+        );
+    }
+
+    #[test]
+    fn strict_default_restricts_the_metrics_port() {
+        let c = resolve(&[]).unwrap();
+        assert_eq!(c.policy.default_inbound_policy, InboundPolicy::Permissive);
+        assert_eq!(c.metrics_access, MetricsAccess::default());
+
+        let c = resolve(&["--default-inbound-policy", "strict"]).unwrap();
+        assert_eq!(c.policy.default_inbound_policy, InboundPolicy::Strict);
+        assert_eq!(
+            c.metrics_access,
+            MetricsAccess {
+                restricted: true,
+                allowed_cidrs: Vec::new()
+            }
+        );
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&c.to_redacted_yaml()).unwrap();
+        assert_eq!(yaml["policy"]["default_inbound_policy"], "strict");
+        assert_eq!(yaml["metrics_access"]["restricted"], true);
+
+        let c = resolve(&["--metrics-allowed-cidrs", "10.244.0.0/16,192.168.1.7/32"]).unwrap();
+        assert_eq!(
+            c.metrics_access,
+            MetricsAccess {
+                restricted: true,
+                allowed_cidrs: vec![
+                    "10.244.0.0/16".parse().unwrap(),
+                    "192.168.1.7/32".parse().unwrap()
+                ]
+            }
+        );
+    }
+
+    #[test]
+    fn bad_policy_values_are_refused_with_the_valid_ones() {
+        let error = Args::try_parse_from([
+            "sealmesh-agent",
+            "--node",
+            "n",
+            "--default-inbound-policy",
+            "STRICT",
+        ])
+        .expect_err("not a policy");
+        assert!(
+            error
+                .to_string()
+                .contains("\"STRICT\" is not an inbound policy; use strict or permissive"),
+            "{error}"
+        );
+        let error = Args::try_parse_from([
+            "sealmesh-agent",
+            "--node",
+            "n",
+            "--metrics-allowed-cidrs",
+            "10.0.0.0/33",
+        ])
+        .expect_err("not a CIDR");
+        assert!(
+            error.to_string().contains("--metrics-allowed-cidrs"),
+            "{error}"
         );
     }
 
@@ -925,6 +1042,7 @@ nodes:
             Source::Kubernetes(KubeSettings {
                 namespace: "sealmesh".into(),
                 cgroup_root: "/sys/fs/cgroup".into(),
+                agent_pod_uid: None,
             })
         );
         assert_eq!(c.node, "n1");
@@ -955,6 +1073,8 @@ nodes:
             "172.18.0.1:8080",
             "--token-file",
             "/run/token",
+            "--agent-pod-uid",
+            "6f1c2d3e-0a1b-4c5d-8e9f-001122334455",
         ])
         .unwrap();
         assert_eq!(
@@ -966,6 +1086,7 @@ nodes:
             Source::Kubernetes(KubeSettings {
                 namespace: "mesh-system".into(),
                 cgroup_root: "/sys/fs/cgroup/kubelet.slice".into(),
+                agent_pod_uid: Some("6f1c2d3e-0a1b-4c5d-8e9f-001122334455".into()),
             })
         );
         assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup/kubelet.slice"));
@@ -997,6 +1118,17 @@ nodes:
                 err,
                 ConfigError::NotForMode {
                     mode: Mode::Local,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = resolve(&["--agent-pod-uid", "6f1c2d3e"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::NotForMode {
+                    flag: "--agent-pod-uid (SEALMESH_POD_UID)",
                     ..
                 }
             ),

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod ebpf;
+pub mod inbound_policy;
 pub mod kube;
 pub mod metrics;
 pub mod proxy;

@@ -18,12 +18,13 @@ use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
     certs::{CertStore, CertStoreConfig},
     config::{Config, IdentityAddr, KubeSettings, LocalSettings, LogFormat, Source},
-    ebpf::{EbpfError, MeshedCgroups, RedirectConfig, Redirector},
+    ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
+    inbound_policy::{self, InboundPolicyState},
     kube::{
-        self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig,
+        self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig, PodCgroups,
         trust_roots::{fetch_trust_roots, trust_roots_origin, watch_trust_roots},
     },
-    metrics::{self, Metrics},
+    metrics::{self, Metrics, MetricsAccessCheck},
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
@@ -122,6 +123,15 @@ async fn run(config: Config) -> Result<()> {
     };
 
     let started = SystemTime::now();
+    // Before the agent opens any connection: a previous agent's programs must see them as the
+    // agent's (a pod cgroup nobody knows would be redirected).
+    let agent_cgroups = agent_pod_cgroups(&config)?;
+    Redirector::admit_agent(&config.bpffs_dir, &agent_cgroups).with_context(|| {
+        format!(
+            "marking the agent's cgroups in the pinned maps under {}",
+            config.bpffs_dir.display()
+        )
+    })?;
     let identity_addr = resolve_identity_addr(&config.identity_addr).await?;
     let cert_config = CertStoreConfig {
         identity_addr,
@@ -149,6 +159,8 @@ async fn run(config: Config) -> Result<()> {
             excluded_ports: Vec::new(),
             excluded_cidrs: identity_service_cidr(identity_addr).into_iter().collect(),
             sockmap_acceleration: config.sockmap_acceleration,
+            pod_parent_cgroups: registry_dyn.pod_parent_cgroups(),
+            agent_cgroups,
         })
         .with_context(|| {
             format!(
@@ -159,8 +171,14 @@ async fn run(config: Config) -> Result<()> {
         })?,
     );
     release_freed_heap();
+    let mut proxy_config = ProxyConfig::for_node(node_ip, config.policy);
+    if config.metrics_access.restricted {
+        proxy_config
+            .protected_local_ports
+            .push(config.metrics_listen.port());
+    }
     let proxy = Proxy::bind(
-        ProxyConfig::for_node(node_ip, config.policy),
+        proxy_config,
         registry_dyn.clone(),
         redirector.clone(),
         certs.clone(),
@@ -177,7 +195,12 @@ async fn run(config: Config) -> Result<()> {
             )
         })?;
     let connections = Arc::new(ConnectionTable::default());
-    let metrics = Arc::new(Metrics::new(certs.clone()));
+    let inbound = Arc::new(InboundPolicyState::new(
+        config.policy.default_inbound_policy,
+        registry_dyn.clone(),
+        redirector.clone(),
+    ));
+    let metrics = Arc::new(Metrics::new(certs.clone(), inbound.clone()));
     let proxy_handle = proxy.handle();
     proxy_handle.add_observer(connections.clone());
     proxy_handle.add_observer(metrics.clone());
@@ -189,14 +212,20 @@ async fn run(config: Config) -> Result<()> {
         registry: registry_dyn.clone(),
         certs: certs.clone(),
         datapath: redirector.clone(),
-        proxy: proxy_handle,
+        proxy: proxy_handle.clone(),
         connections,
+        inbound: inbound.clone(),
     });
 
     // Redirect the node's meshed pods before announcing the start, so that
     // "started" means their connections are secured (or fail closed).
     let meshed_pods = sync_once(registry_dyn.as_ref(), redirector.as_ref())
-        .context("redirecting the node's meshed pods")?;
+        .context("classifying the node's pod cgroups in the eBPF maps")?;
+    let strict_pods = inbound_policy::sync_now(&inbound)
+        .context("enforcing the strict inbound policy of the node's pods")?;
+    let refusals = redirector
+        .take_refusals()
+        .context("watching the kernel's refusal reports")?;
 
     let mut tasks = tokio::task::JoinSet::new();
     match source {
@@ -213,7 +242,16 @@ async fn run(config: Config) -> Result<()> {
         }
     }
     tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
-    tasks.spawn(sync_meshed_cgroups(registry_dyn, redirector, stopped()));
+    tasks.spawn(sync_cgroup_roles(registry_dyn, redirector, stopped()));
+    tasks.spawn(inbound_policy::sync_strict_pods(inbound.clone(), stopped()));
+    if let Some(refusals) = refusals {
+        tasks.spawn(inbound_policy::report_refusals(
+            inbound,
+            refusals,
+            proxy_handle,
+            stopped(),
+        ));
+    }
     tasks.spawn(proxy.run(stopped()));
     tasks.spawn(state.clone().forget_departed(metrics.clone(), stopped()));
     let readiness_state = state.clone();
@@ -221,6 +259,7 @@ async fn run(config: Config) -> Result<()> {
         metrics_listener,
         metrics,
         Arc::new(move || readiness_state.readiness()),
+        MetricsAccessCheck::new(config.metrics_access.clone()),
         stopped(),
     ));
     tasks.spawn(async move {
@@ -228,7 +267,7 @@ async fn run(config: Config) -> Result<()> {
             tracing::error!(%error, "admin API stopped; the CLI cannot reach this agent");
         }
     });
-    tracing::info!(meshed_pods, "{AGENT_STARTED_MESSAGE}");
+    tracing::info!(meshed_pods, strict_pods, "{AGENT_STARTED_MESSAGE}");
 
     wait_for_signal().await?;
     tracing::info!("shutting down");
@@ -354,11 +393,35 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-/// Keeps the eBPF meshed-cgroup map equal to the cgroups of this node's
-/// meshed pods, on every registry change, until `shutdown`.
-async fn sync_meshed_cgroups(
+/// The agent's pod cgroup in Kubernetes mode, when its UID is given (the
+/// redirector adds the cgroup the agent runs in by itself).
+fn agent_pod_cgroups(config: &Config) -> Result<Vec<u64>> {
+    let Source::Kubernetes(KubeSettings {
+        cgroup_root,
+        agent_pod_uid: Some(uid),
+        ..
+    }) = &config.source
+    else {
+        return Ok(Vec::new());
+    };
+    let cgroups = PodCgroups::new(cgroup_root.clone());
+    let found = cgroups.find(uid).with_context(|| {
+        format!(
+            "the agent's pod (UID {uid}, SEALMESH_POD_UID) has no cgroup under --cgroup-root {}; \
+             point --cgroup-root at the host's cgroup2 mount as the kubelet uses it",
+            cgroup_root.display()
+        )
+    })?;
+    tracing::debug!(uid, cgroup = %found.dir.display(), "agent pod cgroup found");
+    Ok(vec![found.id])
+}
+
+/// Keeps the eBPF cgroup maps equal to the registry's view of this node
+/// (meshed and unmeshed pods, pod parents), on every registry change,
+/// until `shutdown`.
+async fn sync_cgroup_roles(
     registry: Arc<dyn WorkloadRegistry>,
-    cgroups: Arc<dyn MeshedCgroups>,
+    cgroups: Arc<dyn CgroupRoles>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut changes = registry.subscribe();
@@ -367,7 +430,7 @@ async fn sync_meshed_cgroups(
         let failed = match sync_once(registry.as_ref(), cgroups.as_ref()) {
             Ok(_) => false,
             Err(error) => {
-                tracing::error!(%error, retry_in = ?CGROUP_SYNC_RETRY, "cannot update the meshed-cgroup map; affected pods are not redirected (their traffic is not secured) until this succeeds");
+                tracing::error!(%error, retry_in = ?CGROUP_SYNC_RETRY, "cannot update the eBPF cgroup maps; affected pods are classified from stale entries (new pods are held or refused) until this succeeds");
                 true
             }
         };
@@ -382,24 +445,39 @@ async fn sync_meshed_cgroups(
 /// Returns how many pod cgroups are meshed now.
 fn sync_once(
     registry: &dyn WorkloadRegistry,
-    cgroups: &dyn MeshedCgroups,
+    cgroups: &dyn CgroupRoles,
 ) -> Result<usize, EbpfError> {
-    let wanted: BTreeSet<u64> = registry
-        .local_workloads()
-        .iter()
-        .filter(|w| w.meshed)
-        .filter_map(|w| w.cgroup_id)
-        .collect();
-    let present: BTreeSet<u64> = cgroups.ids()?.into_iter().collect();
-    for &id in wanted.difference(&present) {
-        cgroups.insert(id)?;
-        tracing::info!(cgroup = id, "pod cgroup meshed");
+    let local = registry.local_workloads();
+    let pods = |meshed: bool| -> BTreeSet<u64> {
+        local
+            .iter()
+            .filter(|w| w.meshed == meshed)
+            .filter_map(|w| w.cgroup_id)
+            .collect()
+    };
+    let meshed = pods(true);
+    let meshed_count = meshed.len();
+    let wanted = [
+        (CgroupRole::MeshedPod, meshed),
+        (CgroupRole::UnmeshedPod, pods(false)),
+        (
+            CgroupRole::PodParent,
+            registry.pod_parent_cgroups().into_iter().collect(),
+        ),
+    ];
+    for (role, changes) in sync_roles(cgroups, &wanted)? {
+        for cgroup in changes.added {
+            tracing::info!(cgroup, role = role.describe(), "cgroup classified");
+        }
+        for cgroup in changes.removed {
+            tracing::info!(
+                cgroup,
+                role = role.describe(),
+                "cgroup no longer classified"
+            );
+        }
     }
-    for &id in present.difference(&wanted) {
-        cgroups.remove(id)?;
-        tracing::info!(cgroup = id, "pod cgroup no longer meshed");
-    }
-    Ok(wanted.len())
+    Ok(meshed_count)
 }
 
 #[cfg(test)]
@@ -440,25 +518,45 @@ mod tests {
         fn local_workloads(&self) -> Vec<Arc<Workload>> {
             self.local.clone()
         }
+        fn pod_parent_cgroups(&self) -> Vec<u64> {
+            vec![1]
+        }
         fn subscribe(&self) -> watch::Receiver<u64> {
             self.version.subscribe()
         }
     }
 
+    /// The maps as sets, recording every change in order.
     #[derive(Default)]
-    struct Map(Mutex<BTreeSet<u64>>);
+    struct Maps {
+        sets: Mutex<std::collections::BTreeMap<CgroupRole, BTreeSet<u64>>>,
+        log: Mutex<Vec<(&'static str, CgroupRole, u64)>>,
+    }
 
-    impl MeshedCgroups for Map {
-        fn insert(&self, id: u64) -> Result<(), EbpfError> {
-            self.0.lock().unwrap().insert(id);
+    impl CgroupRoles for Maps {
+        fn insert(&self, role: CgroupRole, id: u64) -> Result<(), EbpfError> {
+            self.sets
+                .lock()
+                .unwrap()
+                .entry(role)
+                .or_default()
+                .insert(id);
+            self.log.lock().unwrap().push(("insert", role, id));
             Ok(())
         }
-        fn remove(&self, id: u64) -> Result<(), EbpfError> {
-            self.0.lock().unwrap().remove(&id);
+        fn remove(&self, role: CgroupRole, id: u64) -> Result<(), EbpfError> {
+            self.sets
+                .lock()
+                .unwrap()
+                .entry(role)
+                .or_default()
+                .remove(&id);
+            self.log.lock().unwrap().push(("remove", role, id));
             Ok(())
         }
-        fn ids(&self) -> Result<Vec<u64>, EbpfError> {
-            Ok(self.0.lock().unwrap().iter().copied().collect())
+        fn ids(&self, role: CgroupRole) -> Result<Vec<u64>, EbpfError> {
+            let sets = self.sets.lock().unwrap();
+            Ok(sets.get(&role).into_iter().flatten().copied().collect())
         }
     }
 
@@ -472,13 +570,14 @@ mod tests {
             node: "node-0".into(),
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
             meshed,
+            inbound_policy: Default::default(),
             cgroup_id,
         })
     }
 
     #[test]
-    fn map_holds_exactly_the_meshed_local_cgroups() {
-        let registry = Workloads {
+    fn maps_hold_exactly_the_local_pods_by_meshing_and_the_pod_parents() {
+        let mut registry = Workloads {
             node: NodeInfo {
                 name: "node-0".into(),
                 ip: Ipv4Addr::new(172, 18, 0, 2),
@@ -492,10 +591,36 @@ mod tests {
             ],
             version: watch::Sender::new(0),
         };
+        let maps = Maps::default();
         // 99: a pod that left the node; 12: already there.
-        let map = Map(Mutex::new(BTreeSet::from([12, 99])));
-        sync_once(&registry, &map).unwrap();
-        assert_eq!(map.ids().unwrap(), [11, 12]);
+        for id in [12, 99] {
+            maps.insert(CgroupRole::MeshedPod, id).unwrap();
+        }
+        assert_eq!(sync_once(&registry, &maps).unwrap(), 2);
+        assert_eq!(maps.ids(CgroupRole::MeshedPod).unwrap(), [11, 12]);
+        assert_eq!(maps.ids(CgroupRole::UnmeshedPod).unwrap(), [13]);
+        assert_eq!(maps.ids(CgroupRole::PodParent).unwrap(), [1]);
+
+        // web leaves the mesh, opted-out joins it: each is added to its new
+        // map before it leaves the old one.
+        registry.local = vec![
+            pod("web", false, Some(11)),
+            pod("opted-out", true, Some(13)),
+        ];
+        maps.log.lock().unwrap().clear();
+        sync_once(&registry, &maps).unwrap();
+        assert_eq!(maps.ids(CgroupRole::MeshedPod).unwrap(), [13]);
+        assert_eq!(maps.ids(CgroupRole::UnmeshedPod).unwrap(), [11]);
+        assert_eq!(
+            *maps.log.lock().unwrap(),
+            [
+                ("insert", CgroupRole::MeshedPod, 13),
+                ("insert", CgroupRole::UnmeshedPod, 11),
+                ("remove", CgroupRole::MeshedPod, 11),
+                ("remove", CgroupRole::MeshedPod, 12),
+                ("remove", CgroupRole::UnmeshedPod, 13),
+            ]
+        );
     }
 
     #[test]

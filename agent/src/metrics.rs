@@ -14,9 +14,20 @@
 //! ([`Metrics::forget_departed`]). Bytes are counted when a connection closes.
 //! Certificate series are read from the cert store at each scrape, so only
 //! identities the store maintains appear.
+//!
+//! `sealmesh_inbound_refused_total{namespace,pod,reason}` counts the
+//! connection attempts the kernel refused each local strict pod, read from
+//! the kernel's own counters at each scrape (exact even when the agent was
+//! busy or restarted; a pod's series goes when it stops being strict).
+//!
+//! The port shows identities and traffic counts, so with a strict cluster
+//! default (or `--metrics-allowed-cidrs`) it answers only the node itself
+//! and the allowed networks; others are refused at accept and counted in
+//! `sealmesh_metrics_refused_total` ([`MetricsAccessCheck`]).
 
 use std::{
     collections::{BTreeSet, HashSet},
+    net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
@@ -38,7 +49,8 @@ use tokio::net::TcpListener;
 
 use crate::{
     certs::CertStore,
-    proxy::{ByteCounters, ConnectionEvent, ConnectionObserver, Direction},
+    config::MetricsAccess,
+    proxy::{ByteCounters, ConnectionEvent, ConnectionObserver, Direction, PodRef, RefusalReason},
 };
 
 const PREFIX: &str = "sealmesh";
@@ -111,7 +123,22 @@ struct RefreshLabels {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedPodLabels {
+    namespace: String,
+    pod: String,
+    reason: &'static str,
+}
+
 type ConnectionFamily = Family<ConnectionLabels, Counter>;
+
+/// The kernel's refusal counts of local strict pods
+/// ([`InboundPolicyState`](crate::inbound_policy::InboundPolicyState)).
+pub trait InboundRefusalCounts: Send + Sync + 'static {
+    /// Each strict pod with its refused connection attempts and how many of
+    /// those could not be reported (the agent fell behind).
+    fn refused_by_pod(&self) -> Vec<(PodRef, u64, u64)>;
+}
 
 /// The agent's metrics registry; feed it as a [`ConnectionObserver`].
 pub struct Metrics {
@@ -123,6 +150,8 @@ pub struct Metrics {
     read_bytes: ConnectionFamily,
     write_bytes: ConnectionFamily,
     handshakes: Family<HandshakeLabels, Histogram>,
+    /// Connections the metrics port refused (see [`MetricsAccessCheck`]).
+    metrics_refused: Counter,
     /// Every connection label set in use, so departed ones can be removed.
     label_sets: Mutex<HashSet<ConnectionLabels>>,
 }
@@ -134,7 +163,7 @@ impl std::fmt::Debug for Metrics {
 }
 
 impl Metrics {
-    pub fn new(certs: Arc<CertStore>) -> Self {
+    pub fn new(certs: Arc<CertStore>, refusals: Arc<dyn InboundRefusalCounts>) -> Self {
         let mut registry = Registry::with_prefix(PREFIX);
         let mut family = |name: &str, help: &str| {
             let family = ConnectionFamily::default();
@@ -174,6 +203,13 @@ impl Metrics {
             handshakes.clone(),
         );
         registry.register_collector(Box::new(CertificateCollector { certs }));
+        registry.register_collector(Box::new(InboundRefusalCollector { refusals }));
+        let metrics_refused = Counter::default();
+        registry.register(
+            "metrics_refused",
+            "Connections to this metrics port refused because they came neither from the node nor from --metrics-allowed-cidrs",
+            metrics_refused.clone(),
+        );
         Self {
             registry,
             opened,
@@ -183,6 +219,7 @@ impl Metrics {
             read_bytes,
             write_bytes,
             handshakes,
+            metrics_refused,
             label_sets: Mutex::new(HashSet::new()),
         }
     }
@@ -327,14 +364,120 @@ impl Collector for CertificateCollector {
     }
 }
 
+/// Refusal counts of strict pods, read from the kernel at each scrape.
+struct InboundRefusalCollector {
+    refusals: Arc<dyn InboundRefusalCounts>,
+}
+
+impl std::fmt::Debug for InboundRefusalCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundRefusalCollector")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Collector for InboundRefusalCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let pods = self.refusals.refused_by_pod();
+        if pods.is_empty() {
+            return Ok(());
+        }
+        let mut unreported = 0;
+        {
+            let mut metric = encoder.encode_descriptor(
+                "inbound_refused",
+                "Connection attempts the kernel refused a strict pod (plaintext that did not come through the node's agent), by pod",
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (pod, refused, lost) in &pods {
+                let labels = RefusedPodLabels {
+                    namespace: pod.namespace.clone(),
+                    pod: pod.name.clone(),
+                    reason: RefusalReason::StrictInbound.as_str(),
+                };
+                ConstCounter::new(*refused).encode(metric.encode_family(&labels)?)?;
+                unreported += lost;
+            }
+        }
+        let metric = encoder.encode_descriptor(
+            "inbound_refusals_unreported",
+            "Refused attempts the agent could not show in tap and the access log (it fell behind the kernel); they are counted in sealmesh_inbound_refused_total",
+            None,
+            ConstCounter::new(0u64).metric_type(),
+        )?;
+        ConstCounter::new(unreported).encode(metric)
+    }
+}
+
+/// Who may connect to the metrics port: everyone, or (restricted) the node
+/// itself and the allowed networks.
+#[derive(Clone, Debug)]
+pub struct MetricsAccessCheck {
+    access: MetricsAccess,
+}
+
+impl MetricsAccessCheck {
+    pub fn new(access: MetricsAccess) -> Self {
+        Self { access }
+    }
+
+    /// Whether a connection from `peer`, accepted on `local`, may be served.
+    /// The node itself is a peer whose address is one of the host's own (a
+    /// packet from elsewhere with such a source is dropped by the kernel as
+    /// a martian).
+    pub fn admits(&self, peer: SocketAddr, local: SocketAddr) -> bool {
+        if !self.access.restricted {
+            return true;
+        }
+        let ip = match peer.ip() {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => return v6.is_loopback(),
+            },
+            ip => ip,
+        };
+        let IpAddr::V4(v4) = ip else { return false };
+        v4.is_loopback()
+            || ip == local.ip()
+            || self
+                .access
+                .allowed_cidrs
+                .iter()
+                .any(|net| net.contains(&v4))
+            || is_local_address(ip)
+    }
+}
+
+/// Whether `ip` is assigned to an interface of this network namespace.
+pub(crate) fn is_local_address(ip: IpAddr) -> bool {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| a.address)
+            .filter_map(|a| match (a.as_sockaddr_in(), a.as_sockaddr_in6()) {
+                (Some(v4), _) => Some(IpAddr::V4(v4.ip())),
+                (_, Some(v6)) => Some(IpAddr::V6(v6.ip())),
+                _ => None,
+            })
+            .any(|local| local == ip),
+        Err(error) => {
+            tracing::warn!(%error, "cannot list this node's addresses; treating {ip} as remote");
+            false
+        }
+    }
+}
+
 /// Serves `/metrics`, `/healthz/live` and `/healthz/ready` on `listener`
-/// until `shutdown` resolves.
+/// until `shutdown` resolves; connections `access` does not admit are
+/// closed at once, counted and logged.
 pub async fn serve_http(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     readiness: Arc<dyn Fn() -> Readiness + Send + Sync>,
+    access: MetricsAccessCheck,
     shutdown: impl Future<Output = ()>,
 ) {
+    let refused = metrics.metrics_refused.clone();
     let routes = move |path: &str| match path {
         "/metrics" => Reply::openmetrics(metrics.encode()),
         "/healthz/live" => Reply::text(StatusCode::OK, "ok\n"),
@@ -357,7 +500,15 @@ pub async fn serve_http(
             "not found; try /metrics, /healthz/live or /healthz/ready\n",
         ),
     };
-    probe::serve(listener, Arc::new(routes), shutdown).await;
+    let admit = move |peer: SocketAddr, local: SocketAddr| {
+        let admitted = access.admits(peer, local);
+        if !admitted {
+            refused.inc();
+            tracing::warn!(%peer, "metrics port: connection refused; only the node itself and --metrics-allowed-cidrs may read it while access is restricted (strict default inbound policy)");
+        }
+        admitted
+    };
+    probe::serve_admitting(listener, Arc::new(routes), Arc::new(admit), shutdown).await;
 }
 
 #[cfg(test)]
@@ -388,6 +539,70 @@ mod tests {
         .unwrap()
     }
 
+    struct NoStrictPods;
+
+    impl InboundRefusalCounts for NoStrictPods {
+        fn refused_by_pod(&self) -> Vec<(PodRef, u64, u64)> {
+            Vec::new()
+        }
+    }
+
+    struct StrictPods;
+
+    impl InboundRefusalCounts for StrictPods {
+        fn refused_by_pod(&self) -> Vec<(PodRef, u64, u64)> {
+            let pod = |name: &str| PodRef {
+                namespace: "shop".into(),
+                name: name.into(),
+            };
+            vec![(pod("web"), 3, 1), (pod("db"), 0, 0)]
+        }
+    }
+
+    #[tokio::test]
+    async fn strict_pods_refusals_are_counted_by_pod_with_no_empty_label() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(store(&dir), Arc::new(StrictPods));
+        let text = metrics.encode();
+        for line in [
+            "sealmesh_inbound_refused_total{namespace=\"shop\",pod=\"web\",reason=\"strict_inbound\"} 3\n",
+            "sealmesh_inbound_refused_total{namespace=\"shop\",pod=\"db\",reason=\"strict_inbound\"} 0\n",
+            "sealmesh_inbound_refusals_unreported_total 1\n",
+            "sealmesh_metrics_refused_total 0\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+        let empty = Metrics::new(store(&dir), Arc::new(NoStrictPods)).encode();
+        assert!(!empty.contains("sealmesh_inbound_refused"), "{empty}");
+    }
+
+    #[test]
+    fn restricted_metrics_access_admits_the_node_and_the_allowed_networks_only() {
+        let local: SocketAddr = "172.18.0.2:15020".parse().unwrap();
+        let open = MetricsAccessCheck::new(MetricsAccess::default());
+        assert!(open.admits("10.244.0.9:5000".parse().unwrap(), local));
+        let restricted = MetricsAccessCheck::new(MetricsAccess {
+            restricted: true,
+            allowed_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
+        });
+        for (peer, admitted) in [
+            ("172.18.0.2:5000", true),
+            ("127.0.0.1:5000", true),
+            ("[::1]:5000", true),
+            ("[::ffff:127.0.0.1]:5000", true),
+            ("10.244.3.17:5000", true),
+            ("10.244.0.9:5000", false),
+            ("172.18.0.3:5000", false),
+            ("[fd00::9]:5000", false),
+        ] {
+            assert_eq!(
+                restricted.admits(peer.parse().unwrap(), local),
+                admitted,
+                "{peer}"
+            );
+        }
+    }
+
     fn plaintext(id: u64, src_namespace: &str) -> ConnectionEvent {
         ConnectionEvent {
             id,
@@ -412,13 +627,14 @@ mod tests {
             bytes_dst_to_src: 22,
             duration_ms: 5,
             error: None,
+            refused_reason: None,
         }
     }
 
     #[tokio::test]
     async fn counts_connections_and_drops_the_series_of_departed_namespaces() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new(store(&dir));
+        let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
         let bytes = Arc::new(ByteCounters::default());
         for (id, namespace) in [(1, "shop"), (2, "gone")] {
             metrics.connection_opened(&plaintext(id, namespace), &bytes);

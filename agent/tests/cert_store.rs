@@ -102,10 +102,12 @@ impl TestCluster {
         file.namespaces.push(Namespace {
             name: MESHED_NS.into(),
             labels: [(MESH_LABEL.into(), MESH_LABEL_ENABLED.into())].into(),
+            annotations: Default::default(),
         });
         file.namespaces.push(Namespace {
             name: "plain".into(),
             labels: Default::default(),
+            annotations: Default::default(),
         });
         let pod = |name: &str, ns: &str, sa: &str, node: &str, ip: &str| {
             let cgroup = dir.path().join(node).join(name);

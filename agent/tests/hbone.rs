@@ -233,6 +233,10 @@ impl WorkloadRegistry for TestRegistry {
             .collect()
     }
 
+    fn pod_parent_cgroups(&self) -> Vec<u64> {
+        Vec::new()
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
@@ -303,6 +307,7 @@ fn pod(
         node: node.name.clone(),
         node_ip: node.ip,
         meshed,
+        inbound_policy: Default::default(),
         cgroup_id: cgroup,
     })
 }
@@ -1339,6 +1344,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
     cluster.namespaces.push(Namespace {
         name: NAMESPACE.into(),
         labels: [(MESH_LABEL.into(), MESH_LABEL_ENABLED.into())].into(),
+        annotations: Default::default(),
     });
     for (name, node, host) in [("client", "node-a", 17), ("server", "node-b", 33)] {
         // The registry takes a local pod's cgroup id from its directory.

@@ -161,6 +161,7 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
             node: LOCAL_NODE.into(),
             node_ip: LOCAL_IP,
             meshed: true,
+            inbound_policy: Default::default(),
             cgroup_id: None,
         }
     );

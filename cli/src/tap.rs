@@ -1,5 +1,6 @@
 //! `sealmesh tap`: live connection events from every agent, like
-//! `linkerd viz tap` (`tcp` when a connection opens, `end` when it closes).
+//! `linkerd viz tap` (`tcp` when a connection opens, `end` when it closes),
+//! and `refused` when the kernel refused a connection attempt to a strict pod.
 
 use std::{
     collections::BTreeSet,
@@ -267,12 +268,15 @@ fn pod_name(pod: Option<&PodRef>) -> Option<String> {
 }
 
 /// `tcp id=node-0:7 proxy=out src=… dst=… src_pod=ns/a dst_pod=ns/b tls=true
-/// client_id=… server_id=…`, and for `end` also bytes, duration and error.
+/// client_id=… server_id=…`, and for `end` also bytes, duration and error;
+/// `refused … reason=strict_inbound error=…` for an attempt the kernel refused.
 pub fn text_line(event: &ConnectionEvent) -> String {
-    let closing = event.phase() == Phase::Close;
+    let phase = event.phase();
+    let closing = phase == Phase::Close;
+    let refused = phase == Phase::Refused;
     let mut line = format!(
         "{} id={}:{} proxy={} src={} dst={}",
-        if closing { "end" } else { "tcp" },
+        phase_word(phase),
         event.node,
         event.id,
         direction(event),
@@ -286,8 +290,12 @@ pub fn text_line(event: &ConnectionEvent) -> String {
     };
     field("src_pod", &pod_name(event.src.as_ref()).unwrap_or_default());
     field("dst_pod", &pod_name(event.dst.as_ref()).unwrap_or_default());
-    field("tls", if event.tls { "true" } else { "false" });
-    field("no_tls_reason", &event.no_tls_reason);
+    if refused {
+        field("reason", &event.refused_reason);
+    } else {
+        field("tls", if event.tls { "true" } else { "false" });
+        field("no_tls_reason", &event.no_tls_reason);
+    }
     field("client_id", &event.client_id);
     field("server_id", &event.server_id);
     if closing {
@@ -301,12 +309,25 @@ pub fn text_line(event: &ConnectionEvent) -> String {
     line
 }
 
+fn phase_word(phase: Phase) -> &'static str {
+    match phase {
+        Phase::Close => "end",
+        Phase::Refused => "refused",
+        Phase::Open | Phase::Unspecified => "tcp",
+    }
+}
+
 pub fn json_line(event: &ConnectionEvent) -> String {
     let pod = |p: Option<&PodRef>| p.map(|p| json!({"namespace": p.namespace, "name": p.name}));
+    let phase = match event.phase() {
+        Phase::Close => "close",
+        Phase::Refused => "refused",
+        Phase::Open | Phase::Unspecified => "open",
+    };
     json!({
         "id": event.id,
         "node": event.node,
-        "phase": if event.phase() == Phase::Close { "close" } else { "open" },
+        "phase": phase,
         "proxy": direction(event),
         "timestamp_unix_ms": event.timestamp_unix_ms,
         "src": event.src_addr,
@@ -321,6 +342,7 @@ pub fn json_line(event: &ConnectionEvent) -> String {
         "bytes_in": event.bytes_dst_to_src,
         "duration_ms": event.duration_ms,
         "error": event.error,
+        "refused_reason": event.refused_reason,
     })
     .to_string()
 }
@@ -369,5 +391,37 @@ mod tests {
         assert_eq!(json["src_pod"]["name"], "client");
         assert_eq!(json["dst_pod"], serde_json::Value::Null);
         assert_eq!(json["bytes_in"], 8);
+    }
+
+    #[test]
+    fn refusals_read_as_refused_with_their_reason() {
+        let event = ConnectionEvent {
+            id: 9,
+            node: "node-1".into(),
+            phase: Phase::Refused as i32,
+            direction: Direction::Inbound as i32,
+            src_addr: "10.244.1.4:40000".into(),
+            dst_addr: "10.244.1.2:8080".into(),
+            src: Some(PodRef {
+                namespace: "legacy".into(),
+                name: "plain".into(),
+            }),
+            dst: Some(PodRef {
+                namespace: "shop".into(),
+                name: "server".into(),
+            }),
+            server_id: "spiffe://cluster.local/ns/shop/sa/server".into(),
+            error: "refused".into(),
+            refused_reason: "strict_inbound".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            text_line(&event),
+            "refused id=node-1:9 proxy=in src=10.244.1.4:40000 dst=10.244.1.2:8080 src_pod=legacy/plain \
+             dst_pod=shop/server reason=strict_inbound server_id=spiffe://cluster.local/ns/shop/sa/server error=\"refused\""
+        );
+        let json: serde_json::Value = serde_json::from_str(&json_line(&event)).unwrap();
+        assert_eq!(json["phase"], "refused");
+        assert_eq!(json["refused_reason"], "strict_inbound");
     }
 }

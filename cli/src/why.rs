@@ -1,6 +1,7 @@
 //! `sealmesh why SRC DST`: whether traffic from one pod to another is mTLS,
 //! and if not exactly why and what to change. Reads the cluster file and the
-//! agents of both pods' nodes (status, certificates, eBPF, policy, edges).
+//! agents of both pods' nodes (status, certificates, eBPF, policy, inbound
+//! policy and the kernel's refusals, edges).
 
 use std::{collections::BTreeMap, fmt::Write as _, net::SocketAddr, process::ExitCode};
 
@@ -8,11 +9,16 @@ use anyhow::{Context as _, bail};
 use clap::Args;
 use sealmesh_common::{
     cluster::{ClusterFile, Pod},
-    consts::{MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE},
+    consts::{
+        INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_PERMISSIVE, MESH_LABEL, MESH_LABEL_ENABLED,
+        MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE,
+    },
+    policy::{InboundPolicy, InboundPolicySource, describe_source},
 };
 use sealmesh_proto::admin::{
-    AgentStatus, EbpfStatus, GetCertificatesRequest, GetCertificatesResponse, GetConfigRequest,
-    GetConnectionsRequest, GetEbpfStatusRequest, GetStatusRequest,
+    AgentStatus, ConnectionEvent, EbpfStatus, GetCertificatesRequest, GetCertificatesResponse,
+    GetConfigRequest, GetConnectionsRequest, GetEbpfStatusRequest, GetInboundPolicyRequest,
+    GetStatusRequest, InboundPolicyStatus,
 };
 use time::OffsetDateTime;
 
@@ -41,6 +47,8 @@ struct AgentView {
     certificates: GetCertificatesResponse,
     ebpf: EbpfStatus,
     policy: Policy,
+    /// None from an agent that predates strict inbound mode.
+    inbound: Option<InboundPolicyStatus>,
     edges: Vec<sealmesh_proto::admin::Edge>,
 }
 
@@ -51,6 +59,8 @@ struct Policy {
     deny_plaintext: bool,
     #[serde(default)]
     force_mtls_local: bool,
+    #[serde(default)]
+    default_inbound_policy: InboundPolicy,
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -156,11 +166,19 @@ fn view_session(node: String) -> crate::agents::Session<AgentView> {
         let policy = serde_yaml_ng::from_str::<ConfigDumpView>(&config.yaml)
             .map(|c| c.policy)
             .unwrap_or_default();
+        let inbound = match client.get_inbound_policy(GetInboundPolicyRequest {}).await {
+            Ok(response) => Some(response.into_inner()),
+            Err(status) if status.code() == tonic::Code::Unimplemented => None,
+            Err(status) => {
+                return Err(AgentError::rpc(&node, "GetInboundPolicy", status));
+            }
+        };
         Ok(AgentView {
             status,
             certificates,
             ebpf,
             policy,
+            inbound,
             edges,
         })
     })
@@ -255,6 +273,94 @@ fn unmeshed_reason(cluster: &ClusterFile, pod: &Pod) -> Option<(String, String)>
     })
 }
 
+/// A meshed destination's strict inbound policy, as its agent (or, when it
+/// does not answer, the cluster file) tells.
+struct StrictDestination {
+    /// Which annotation or flag made it strict.
+    because: String,
+    /// The command that makes it permissive instead.
+    relax: String,
+    /// What the destination's agent says the kernel does.
+    enforcement: Option<(bool, u64)>,
+    /// The latest refusal of the source's attempts, if the agent saw one.
+    last_refusal: Option<ConnectionEvent>,
+}
+
+fn strict_destination(
+    cluster: &ClusterFile,
+    src: &Pod,
+    dst: &Pod,
+    views: &BTreeMap<String, Result<AgentView, AgentError>>,
+) -> Option<StrictDestination> {
+    if !cluster.is_meshed(dst) {
+        return None;
+    }
+    let view = views[&dst.node].as_ref().ok();
+    let default = view
+        .map(|v| v.policy.default_inbound_policy)
+        .unwrap_or_default();
+    let (policy, source) = cluster.inbound_policy_annotations(dst).resolve(default);
+    let status = view.and_then(|v| v.inbound.as_ref());
+    let reported = status.and_then(|s| {
+        s.pods.iter().find(|p| {
+            p.pod
+                .as_ref()
+                .is_some_and(|r| r.namespace == dst.namespace && r.name == dst.name)
+        })
+    });
+    let (strict, because, source) = match reported {
+        Some(p) => (
+            p.policy == InboundPolicy::Strict.as_str(),
+            p.source_description.clone(),
+            p.source.clone(),
+        ),
+        None => (
+            policy == InboundPolicy::Strict,
+            describe_source(policy, source, &dst.namespace, &dst.name),
+            source.as_str().to_owned(),
+        ),
+    };
+    if !strict {
+        return None;
+    }
+    let relax = if source == InboundPolicySource::PodAnnotation.as_str() {
+        format!(
+            "kubectl annotate pod {} -n {} --overwrite {INBOUND_POLICY_ANNOTATION}={INBOUND_POLICY_PERMISSIVE}",
+            dst.name, dst.namespace
+        )
+    } else if source == InboundPolicySource::NamespaceAnnotation.as_str() {
+        format!(
+            "kubectl annotate namespace {} --overwrite {INBOUND_POLICY_ANNOTATION}={INBOUND_POLICY_PERMISSIVE} (or only this pod: kubectl annotate pod {} -n {} {INBOUND_POLICY_ANNOTATION}={INBOUND_POLICY_PERMISSIVE})",
+            dst.namespace, dst.name, dst.namespace
+        )
+    } else {
+        format!(
+            "kubectl annotate pod {} -n {} {INBOUND_POLICY_ANNOTATION}={INBOUND_POLICY_PERMISSIVE} (the agents run with --default-inbound-policy=strict)",
+            dst.name, dst.namespace
+        )
+    };
+    let last_refusal = status.and_then(|s| {
+        s.recent_refusals
+            .iter()
+            .rev()
+            .find(|e| {
+                e.src
+                    .as_ref()
+                    .is_some_and(|p| p.namespace == src.namespace && p.name == src.name)
+                    && e.dst
+                        .as_ref()
+                        .is_some_and(|p| p.namespace == dst.namespace && p.name == dst.name)
+            })
+            .cloned()
+    });
+    Some(StrictDestination {
+        because,
+        relax,
+        enforcement: reported.map(|p| (p.enforced, p.refused_total)),
+        last_refusal,
+    })
+}
+
 fn explain(
     cluster: &ClusterFile,
     src: &Pod,
@@ -263,6 +369,21 @@ fn explain(
     now: OffsetDateTime,
 ) -> anyhow::Result<Explanation> {
     let pod_name = |p: &Pod| format!("{}/{}", p.namespace, p.name);
+    let strict = strict_destination(cluster, src, dst, views);
+    if let (Some((why, fix)), Some(strict)) = (unmeshed_reason(cluster, src), &strict) {
+        let mut refused = Explanation::new(Verdict::Refused).because(
+            format!(
+                "destination {} accepts connections only through its node's agent (strict inbound policy: {}), and source {} is not meshed ({why}): the kernel on {} refuses its plaintext connections",
+                pod_name(dst),
+                strict.because,
+                pod_name(src),
+                dst.node
+            ),
+            format!("mesh the source ({fix}), or let the destination accept plaintext: {}", strict.relax),
+        );
+        refused.notes.extend(strict_notes(strict, &dst.node, now));
+        return Ok(refused);
+    }
     if let Some((why, fix)) = unmeshed_reason(cluster, src) {
         return Ok(Explanation::new(Verdict::Plaintext).because(
             format!(
@@ -401,6 +522,14 @@ fn explain(
     if !broken.reasons.is_empty() {
         return Ok(broken);
     }
+    if let Some(strict) = &strict {
+        broken.notes.push(format!(
+            "destination {} is strict ({}): only connections through its node's agent reach it",
+            pod_name(dst),
+            strict.because
+        ));
+        broken.notes.extend(strict_notes(strict, &dst.node, now));
+    }
     let mut good = if src.node == dst.node && !src_view.policy.force_mtls_local {
         let mut e = Explanation::new(Verdict::SecuredLocal);
         e.notes.push(format!(
@@ -413,6 +542,33 @@ fn explain(
     };
     good.notes.extend(broken.notes);
     Ok(good)
+}
+
+/// What the destination's agent says about enforcing the policy.
+fn strict_notes(strict: &StrictDestination, node: &str, now: OffsetDateTime) -> Vec<String> {
+    let mut notes = vec![match strict.enforcement {
+        Some((true, refused)) => format!(
+            "the kernel on {node} enforces it: {refused} plaintext connection attempt(s) refused so far"
+        ),
+        Some((false, _)) => format!(
+            "the agent on {node} does not enforce it yet (the pod's cgroup is not known to it): check the agent's log"
+        ),
+        None => format!("the agent on {node} did not report the pod's inbound policy"),
+    }];
+    if let Some(refusal) = &strict.last_refusal {
+        let ago = std::time::Duration::try_from(
+            now - OffsetDateTime::UNIX_EPOCH
+                - time::Duration::milliseconds(refusal.timestamp_unix_ms),
+        )
+        .unwrap_or_default();
+        notes.push(format!(
+            "last refused: {} ago, from {} ({})",
+            certview::approx(ago),
+            refusal.src_addr,
+            refusal.refused_reason
+        ));
+    }
+    notes
 }
 
 fn last_edge(

@@ -11,7 +11,7 @@
 //! nodes:
 //!   - { name: node-0, ip: 172.18.0.2, podCidr: 10.244.0.0/24, cgroup: /sys/fs/cgroup/sealmesh/tb-1a2b3c/node-0, tokenFile: /run/.../node-0.token }
 //! namespaces:
-//!   - { name: emojivoto, labels: { sealmesh.io/mesh: enabled } }
+//!   - { name: emojivoto, labels: { sealmesh.io/mesh: enabled }, annotations: { sealmesh.io/inbound-policy: strict } }
 //! pods:
 //!   - { name: web-0, namespace: emojivoto, serviceAccount: web, ip: 10.244.0.2, node: node-0, cgroup: /sys/fs/cgroup/.../web-0, labels: { app: web } }
 //! services:
@@ -29,10 +29,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     consts::{
-        DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN, MESH_LABEL, MESH_OPT_OUT_ANNOTATION,
+        DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN, INBOUND_POLICY_ANNOTATION, MESH_LABEL,
+        MESH_OPT_OUT_ANNOTATION,
     },
     identity::{self, Identity, TrustDomain},
     mesh,
+    policy::InboundPolicyAnnotations,
 };
 
 pub const API_VERSION: &str = "sealmesh.io/v1alpha1";
@@ -129,6 +131,9 @@ pub struct Namespace {
     pub name: String,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// E.g. `sealmesh.io/inbound-policy`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -289,6 +294,21 @@ impl ClusterFile {
         )
     }
 
+    /// What the `sealmesh.io/inbound-policy` annotations of a pod and its
+    /// namespace say (the agent's default applies where neither does).
+    pub fn inbound_policy_annotations(&self, pod: &Pod) -> InboundPolicyAnnotations {
+        let annotation = |annotations: &BTreeMap<String, String>| {
+            annotations.get(INBOUND_POLICY_ANNOTATION).cloned()
+        };
+        let namespace = self
+            .namespace(&pod.namespace)
+            .and_then(|ns| annotation(&ns.annotations));
+        InboundPolicyAnnotations::read(
+            annotation(&pod.annotations).as_deref(),
+            namespace.as_deref(),
+        )
+    }
+
     /// The identity of a pod's ServiceAccount.
     pub fn identity_of(&self, pod: &Pod) -> Result<Identity, ClusterError> {
         self.trust_domain()?
@@ -439,6 +459,7 @@ fn check_absolute(what: &str, field: &str, path: &Path) -> Result<(), ClusterErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::{InboundPolicy, InboundPolicySource};
 
     const GOOD: &str = r#"
 apiVersion: sealmesh.io/v1alpha1
@@ -449,11 +470,11 @@ nodes:
   - { name: node-0, ip: 172.18.0.2, podCidr: 10.244.0.0/24, cgroup: /sys/fs/cgroup/x/node-0 }
   - { name: node-1, ip: 172.18.0.3, podCidr: 10.244.1.0/24, cgroup: /sys/fs/cgroup/x/node-1 }
 namespaces:
-  - { name: emojivoto, labels: { sealmesh.io/mesh: enabled } }
+  - { name: emojivoto, labels: { sealmesh.io/mesh: enabled }, annotations: { sealmesh.io/inbound-policy: strict } }
   - { name: plain }
 pods:
   - { name: web-0, namespace: emojivoto, serviceAccount: web, ip: 10.244.0.2, node: node-0, cgroup: /sys/fs/cgroup/x/node-0/web-0, labels: { app: web } }
-  - { name: web-1, namespace: emojivoto, serviceAccount: web, ip: 10.244.1.2, node: node-1, cgroup: /sys/fs/cgroup/x/node-1/web-1, labels: { app: web }, annotations: { sealmesh.io/mesh: disabled } }
+  - { name: web-1, namespace: emojivoto, serviceAccount: web, ip: 10.244.1.2, node: node-1, cgroup: /sys/fs/cgroup/x/node-1/web-1, labels: { app: web }, annotations: { sealmesh.io/mesh: disabled, sealmesh.io/inbound-policy: permissive } }
   - { name: curl, namespace: plain, serviceAccount: default, ip: 10.244.1.3, node: node-1, cgroup: /sys/fs/cgroup/x/node-1/curl }
 services:
   - { name: web-svc, namespace: emojivoto, vip: 10.96.0.10, ports: [{ port: 80, targetPort: 8080 }], selector: { app: web } }
@@ -481,6 +502,31 @@ services:
         assert_eq!(
             c.identity_of(web0).unwrap().spiffe_uri(),
             "spiffe://cluster.local/ns/emojivoto/sa/web"
+        );
+        let policy = |ns: &str, pod: &str| {
+            c.inbound_policy_annotations(c.pod(ns, pod).unwrap())
+                .resolve(InboundPolicy::Permissive)
+        };
+        assert_eq!(
+            policy("emojivoto", "web-0"),
+            (
+                InboundPolicy::Strict,
+                InboundPolicySource::NamespaceAnnotation
+            )
+        );
+        assert_eq!(
+            policy("emojivoto", "web-1"),
+            (
+                InboundPolicy::Permissive,
+                InboundPolicySource::PodAnnotation
+            )
+        );
+        assert_eq!(
+            policy("plain", "curl"),
+            (
+                InboundPolicy::Permissive,
+                InboundPolicySource::ClusterDefault
+            )
         );
         // Round trip.
         assert_eq!(ClusterFile::from_yaml(&c.to_yaml()).unwrap(), c);

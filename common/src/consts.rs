@@ -28,6 +28,18 @@ pub const MESH_LABEL_ENABLED: &str = "enabled";
 pub const MESH_OPT_OUT_ANNOTATION: &str = "sealmesh.io/mesh";
 /// ... when set to this value.
 pub const MESH_OPT_OUT_VALUE: &str = "disabled";
+/// Namespace or pod annotation choosing how a meshed pod treats inbound
+/// connections that do not come through its node's agent (the pod's wins over
+/// its namespace's; the agent's `--default-inbound-policy` applies to pods
+/// neither sets) ...
+pub const INBOUND_POLICY_ANNOTATION: &str = "sealmesh.io/inbound-policy";
+/// ... `strict`: only connections through the node's agent (mTLS from meshed
+/// pods), the node itself (kubelet probes) and the pod's own loopback; the
+/// kernel drops the rest ...
+pub const INBOUND_POLICY_STRICT: &str = "strict";
+/// ... `permissive`: plaintext from anyone is accepted too (the default, as in
+/// Linkerd and Istio).
+pub const INBOUND_POLICY_PERMISSIVE: &str = "permissive";
 
 /// Agent log vocabulary that tools (testbed, demo, bench) wait for or parse.
 /// Logged once the agent redirects its node's meshed pods and serves both

@@ -7,4 +7,5 @@ pub mod consts;
 pub mod host;
 pub mod identity;
 pub mod mesh;
+pub mod policy;
 pub mod probe;

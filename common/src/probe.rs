@@ -2,7 +2,7 @@
 //! metrics and probes on: one GET-only HTTP/1 server loop; each binary
 //! supplies its routes.
 
-use std::{convert::Infallible, future::Future, sync::Arc, time::Duration};
+use std::{convert::Infallible, future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
 use http::{Method, Response, StatusCode, header};
 use http_body_util::Full;
@@ -43,15 +43,35 @@ impl Reply {
 /// Maps a request path to its reply.
 pub type Routes = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
+/// Decides from a connection's peer and local addresses whether it is served;
+/// refused connections are closed at once.
+pub type Admission = Arc<dyn Fn(SocketAddr, SocketAddr) -> bool + Send + Sync>;
+
 /// Serves GET requests on `listener` with `routes` until `shutdown` resolves;
 /// other methods get 405.
 pub async fn serve(listener: TcpListener, routes: Routes, shutdown: impl Future<Output = ()>) {
+    serve_admitting(listener, routes, Arc::new(|_, _| true), shutdown).await;
+}
+
+/// [`serve`], for the connections `admit` accepts.
+pub async fn serve_admitting(
+    listener: TcpListener,
+    routes: Routes,
+    admit: Admission,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         let stream = tokio::select! {
             () = &mut shutdown => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok((stream, peer)) => {
+                    let local = stream.local_addr().unwrap_or(peer);
+                    if !admit(peer, local) {
+                        continue;
+                    }
+                    stream
+                }
                 Err(error) => {
                     // Usually EMFILE: back off instead of spinning.
                     tracing::warn!(%error, "metrics endpoint: accept failed");

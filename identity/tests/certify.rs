@@ -519,6 +519,7 @@ async fn a_node_obtains_only_identities_of_its_meshed_pods() {
         .push(sealmesh_common::cluster::Namespace {
             name: "plain".into(),
             labels: Default::default(),
+            annotations: Default::default(),
         });
     cluster.file.pods.push(sealmesh_common::cluster::Pod {
         namespace: "plain".into(),

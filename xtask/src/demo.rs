@@ -1,14 +1,17 @@
 //! `cargo xtask demo`: sealmesh's main job, shown on a local 2-node testbed.
 //!
-//! An emojivoto-like app runs in the meshed namespace `emojivoto`: `vote-bot`
-//! asks `web` (same node) through its Service every interval, on fresh and
-//! persistent connections; `web` relays each request to `emoji` and `voting`
-//! (the other node) through their Services. `vote-bot` also asks
+//! An emojivoto-like app runs in the meshed namespace `emojivoto`, whose
+//! inbound policy is strict (annotation `sealmesh.io/inbound-policy: strict`):
+//! `vote-bot` asks `web` (same node) through its Service every interval, on
+//! fresh and persistent connections; `web` relays each request to `emoji` and
+//! `voting` (the other node) through their Services. `vote-bot` also asks
 //! `legacy/leaderboard`, a pod of an unmeshed namespace. The demo prints the
 //! cluster, then runs the operator's commands against the agents' admin API:
 //! `sealmesh edges` (every meshed pair secured, with both identities; the
 //! unmeshed one with the reason it is not), `sealmesh tap` (live connections)
-//! for the duration, and `sealmesh edges` again after the run.
+//! for the duration, during which `leaderboard` tries plaintext to `voting`
+//! and the kernel refuses it (a `refused` tap line), `sealmesh why` for that
+//! attempt, and `sealmesh edges` again after the run.
 
 use std::{
     collections::BTreeMap,
@@ -28,7 +31,7 @@ use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigSet, Signal};
 use sealmesh_common::{
     cluster::{ClusterFile, Service, ServicePort},
-    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+    consts::{INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT, MESH_LABEL, MESH_LABEL_ENABLED},
 };
 use serde::Deserialize;
 
@@ -61,6 +64,12 @@ const TAP_START_MARGIN: Duration = Duration::from_secs(5);
 /// Time for the agents to record the connections that closed when the bot
 /// stopped.
 const CLOSE_GRACE: Duration = Duration::from_millis(500);
+/// The plaintext attempt on the strict namespace: from this unmeshed pod ...
+const PLAINTEXT_FROM: (&str, &str) = (LEGACY_NAMESPACE, "leaderboard");
+/// ... to this pod, directly at its address (not through its Service).
+const PLAINTEXT_TO: (&str, &str) = (APP_NAMESPACE, "voting");
+/// The attempt's connect timeout: the kernel drops its SYN, so it times out.
+const PLAINTEXT_TIMEOUT_SECS: &str = "2";
 
 /// A workload of the demo app: pod, ServiceAccount, node and Service.
 struct Workload {
@@ -257,10 +266,16 @@ pub fn stop_on_signals() -> Result<Arc<AtomicBool>, DemoError> {
     Ok(stop)
 }
 
-/// The demo's testbed: 2 nodes, the app's pods, ServiceAccounts and Services.
+/// The demo's testbed: 2 nodes, the app's pods, ServiceAccounts and Services;
+/// the app's namespace is meshed and strict.
 pub fn spec() -> TestbedSpec {
     let mut spec = TestbedSpec::new(2)
         .namespace(APP_NAMESPACE, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace_annotation(
+            APP_NAMESPACE,
+            INBOUND_POLICY_ANNOTATION,
+            INBOUND_POLICY_STRICT,
+        )
         .namespace(LEGACY_NAMESPACE, &[]);
     for w in &WORKLOADS {
         spec = spec.pod(PodSpec::new(w.namespace, w.name, w.name, w.node).label("app", w.name));
@@ -349,17 +364,34 @@ pub fn run(
     let deadline = options
         .duration
         .map(|d| Instant::now() + d + TAP_START_MARGIN);
+    let plaintext_node = cluster
+        .pod(PLAINTEXT_TO.0, PLAINTEXT_TO.1)
+        .map(|p| p.node.clone())
+        .ok_or_else(|| DemoError::MissingPod(format!("{}/{}", PLAINTEXT_TO.0, PLAINTEXT_TO.1)))?;
+    let mut attempt = PlaintextAttempt::NotYet;
     loop {
         let tap_ended = loop {
             match tap_lines.try_recv() {
                 Ok(line) => {
                     writeln!(out, "{line}").map_err(DemoError::Output)?;
+                    // Once the strict pod's agent streams, its refusal will show.
+                    if matches!(attempt, PlaintextAttempt::NotYet)
+                        && line.contains(&format!(" id={plaintext_node}:"))
+                    {
+                        attempt = PlaintextAttempt::Running(app.try_plaintext(&mesh, out)?);
+                    }
                     summary.tap_lines.push(line);
                 }
                 Err(mpsc::TryRecvError::Empty) => break false,
                 Err(mpsc::TryRecvError::Disconnected) => break true,
             }
         };
+        if let PlaintextAttempt::Running(client) = &mut attempt
+            && let Some(outcome) = plaintext_outcome(client, out)?
+        {
+            summary.plaintext_refused = Some(outcome);
+            attempt = PlaintextAttempt::Done;
+        }
         app.tally_bot(&mut summary.bot, out)?;
         if tap_ended || stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d)
         {
@@ -369,6 +401,12 @@ pub fn run(
     }
     tap.kill();
     summary.interrupted = stop.load(Ordering::SeqCst);
+    if let PlaintextAttempt::Running(client) = attempt {
+        client.kill();
+    }
+    if summary.plaintext_refused.is_some() {
+        summary.why = Some(cli.show_why(PLAINTEXT_FROM, PLAINTEXT_TO, out)?);
+    }
     // Stop the bot before the last table: its persistent connections close
     // while the agents still run, so they are counted too.
     app.stop_bot();
@@ -406,6 +444,23 @@ fn print_cluster(mesh: &Mesh, out: &mut dyn Write) -> io::Result<()> {
     )?;
     if let Some(identity) = &cluster.identity {
         writeln!(out, "  identity service  {}", identity.address)?;
+    }
+    for namespace in &cluster.namespaces {
+        let meshed = namespace
+            .labels
+            .get(MESH_LABEL)
+            .is_some_and(|v| v == MESH_LABEL_ENABLED);
+        let policy = namespace
+            .annotations
+            .get(INBOUND_POLICY_ANNOTATION)
+            .map(|p| format!(", inbound {p} ({INBOUND_POLICY_ANNOTATION}={p}: plaintext from outside the mesh is refused by the kernel)"))
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "  namespace {}: {}{policy}",
+            namespace.name,
+            if meshed { "meshed" } else { "not meshed" }
+        )?;
     }
     for node in &cluster.nodes {
         writeln!(
@@ -459,6 +514,38 @@ struct App {
     bot: Option<ChildGuard>,
     bot_reports: mpsc::Receiver<String>,
     _servers: Vec<ChildGuard>,
+    testapp: PathBuf,
+}
+
+/// Where the plaintext attempt on the strict namespace stands.
+enum PlaintextAttempt {
+    /// Waiting for the strict pod's agent to stream tap events.
+    NotYet,
+    Running(ChildGuard),
+    Done,
+}
+
+/// Whether the plaintext attempt ended, and if so whether it was refused
+/// (printed).
+fn plaintext_outcome(
+    client: &mut ChildGuard,
+    out: &mut dyn Write,
+) -> Result<Option<bool>, DemoError> {
+    let Some(status) = client
+        .child_mut()
+        .try_wait()
+        .map_err(io_err("waiting for the plaintext attempt"))?
+    else {
+        return Ok(None);
+    };
+    let refused = !status.success();
+    let verdict = if refused {
+        "# refused: the connect timed out, the kernel dropped its SYN (see the refused line)"
+    } else {
+        "# ACCEPTED: the strict pod took plaintext (the mesh misbehaved)"
+    };
+    writeln!(out, "{verdict}").map_err(DemoError::Output)?;
+    Ok(Some(refused))
 }
 
 impl App {
@@ -512,7 +599,28 @@ impl App {
             bot: Some(bot),
             bot_reports,
             _servers: servers,
+            testapp: testapp.to_owned(),
         })
+    }
+
+    /// Starts the plaintext attempt on the strict namespace.
+    fn try_plaintext(&self, mesh: &Mesh, out: &mut dyn Write) -> Result<ChildGuard, DemoError> {
+        let testbed = mesh.testbed();
+        let cluster = testbed.cluster();
+        let (to_ns, to_pod) = PLAINTEXT_TO;
+        let target = cluster
+            .pod(to_ns, to_pod)
+            .map(|p| SocketAddr::from((p.ip, APP_PORT)))
+            .ok_or_else(|| DemoError::MissingPod(format!("{to_ns}/{to_pod}")))?;
+        let (from_ns, from_pod) = PLAINTEXT_FROM;
+        writeln!(
+            out,
+            "\n# {from_ns}/{from_pod} (not meshed) tries plaintext to {to_ns}/{to_pod} at {target} (strict)"
+        )
+        .map_err(DemoError::Output)?;
+        let mut cmd = testapp::client(&self.testapp, target, "plaintext", 1);
+        cmd.args(["--timeout-secs", PLAINTEXT_TIMEOUT_SECS]);
+        Ok(testbed.spawn_in_pod(from_ns, from_pod, cmd)?)
     }
 
     fn stop_bot(&mut self) {
@@ -572,13 +680,7 @@ impl OperatorCli<'_> {
 
     /// Runs a command to completion and returns its stdout.
     fn output(&self, args: &[&str]) -> Result<String, DemoError> {
-        let command = format!("sealmesh {}", args.join(" "));
-        let output = self
-            .mesh
-            .testbed()
-            .spawn_in_underlay(self.command(args))?
-            .wait_with_output()
-            .map_err(io_err(format!("running `{command}`")))?;
+        let (output, command) = self.run(args)?;
         if !output.status.success() {
             return Err(DemoError::Cli {
                 command,
@@ -587,6 +689,34 @@ impl OperatorCli<'_> {
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+
+    fn run(&self, args: &[&str]) -> Result<(std::process::Output, String), DemoError> {
+        let command = format!("sealmesh {}", args.join(" "));
+        let output = self
+            .mesh
+            .testbed()
+            .spawn_in_underlay(self.command(args))?
+            .wait_with_output()
+            .map_err(io_err(format!("running `{command}`")))?;
+        Ok((output, command))
+    }
+
+    /// Shows `sealmesh why SRC DST` (which exits 1 when the pair is not
+    /// secured) and returns what it printed.
+    fn show_why(
+        &self,
+        (src_ns, src): (&str, &str),
+        (dst_ns, dst): (&str, &str),
+        out: &mut dyn Write,
+    ) -> Result<String, DemoError> {
+        let (src, dst) = (format!("{src_ns}/{src}"), format!("{dst_ns}/{dst}"));
+        let args = ["why", src.as_str(), dst.as_str()];
+        writeln!(out, "\n$ sealmesh {}", args.join(" ")).map_err(DemoError::Output)?;
+        let (output, _) = self.run(&args)?;
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        write!(out, "{text}").map_err(DemoError::Output)?;
+        Ok(text)
     }
 
     /// Shows `sealmesh edges -n <app namespace> -o wide`.
@@ -705,6 +835,11 @@ pub struct DemoSummary {
     /// What `sealmesh tap` printed.
     pub tap_lines: Vec<String>,
     pub bot: BotTally,
+    /// Whether the plaintext attempt on the strict namespace was refused;
+    /// None if it did not end during the run.
+    pub plaintext_refused: Option<bool>,
+    /// What `sealmesh why` said about that attempt.
+    pub why: Option<String>,
     /// Stopped by SIGINT or SIGTERM before the duration ended.
     pub interrupted: bool,
 }
@@ -734,6 +869,24 @@ impl DemoSummary {
         }
         if self.tap_lines.is_empty() {
             problems.push("sealmesh tap showed no connection".to_owned());
+        }
+        let (from_ns, from) = PLAINTEXT_FROM;
+        let (to_ns, to) = PLAINTEXT_TO;
+        let attempt = format!("plaintext from {from_ns}/{from} to the strict {to_ns}/{to}");
+        match self.plaintext_refused {
+            Some(true) => {}
+            Some(false) => problems.push(format!("{attempt} was accepted")),
+            None => problems.push(format!("{attempt} did not end during the run")),
+        }
+        let refused_line =
+            format!(" src_pod={from_ns}/{from} dst_pod={to_ns}/{to} reason=strict_inbound");
+        if self.plaintext_refused.is_some()
+            && !self
+                .tap_lines
+                .iter()
+                .any(|l| l.starts_with("refused ") && l.contains(&refused_line))
+        {
+            problems.push(format!("sealmesh tap showed no refusal of the {attempt}"));
         }
         problems.extend(self.bot.failures.iter().cloned());
         problems

@@ -203,6 +203,43 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
         assert!(printed.contains(tls_line.as_str()));
     }
 
+    // The app's namespace is strict: the unmeshed leaderboard's plaintext to
+    // voting was refused by the kernel, tap showed the refusal, and `sealmesh
+    // why` names the annotation that made the namespace strict.
+    assert!(
+        printed.contains(&format!(
+            "  namespace {APP_NAMESPACE}: meshed, inbound strict"
+        )),
+        "{printed}"
+    );
+    assert_eq!(summary.plaintext_refused, Some(true), "{printed}");
+    let refused = summary
+        .tap_lines
+        .iter()
+        .find(|l| l.starts_with("refused id=node-1:"))
+        .unwrap_or_else(|| panic!("no refused line:\n{printed}"));
+    assert!(
+        refused.contains(" proxy=in ")
+            && refused.contains(&format!(
+            " src_pod={LEGACY_NAMESPACE}/leaderboard dst_pod={APP_NAMESPACE}/voting reason=strict_inbound "
+        )),
+        "{refused}"
+    );
+    let why = summary.why.as_deref().expect("sealmesh why ran");
+    assert!(
+        why.starts_with(&format!(
+            "{LEGACY_NAMESPACE}/leaderboard -> {APP_NAMESPACE}/voting: NOT mTLS: connections are refused"
+        )),
+        "{why}"
+    );
+    assert!(
+        why.contains(&format!(
+            "strict inbound policy: annotation sealmesh.io/inbound-policy=strict on namespace {APP_NAMESPACE}"
+        )),
+        "{why}"
+    );
+    assert!(printed.contains(why), "{printed}");
+
     // Every request of the vote-bot was answered (8 s at 5 rounds/s, two
     // targets per round).
     assert_eq!(summary.bot.failed, 0, "{:?}", summary.bot.failures);

@@ -29,7 +29,7 @@ use sealmesh_common::{
         ISSUER_SECRET, TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID, TRUST_ROOTS_CONFIGMAP,
         TRUST_ROOTS_KEY,
     },
-    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+    consts::{INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT, MESH_LABEL, MESH_LABEL_ENABLED},
 };
 use sealmesh_identity::pki::{self, CaSpec, Layout};
 use serde_json::json;
@@ -47,13 +47,19 @@ const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
 /// node-0: shop/client; node-1: shop/server (behind Service `server`),
 /// legacy/plain (ServiceAccount `default`), and shop/late (also `app=server`,
-/// laid out but created in the API only when a test asks).
+/// laid out but created in the API only when a test asks). `shop` is strict
+/// by annotation; `shop/server` is permissive by its own.
 fn spec() -> TestbedSpec {
     TestbedSpec::new(2)
         .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace_annotation(APP_NS, INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT)
         .namespace(PLAIN_NS, &[])
         .pod(PodSpec::new(APP_NS, "client", "client", 0).label("app", "client"))
-        .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
+        .pod(
+            PodSpec::new(APP_NS, "server", "server", 1)
+                .label("app", "server")
+                .annotation(INBOUND_POLICY_ANNOTATION, "permissive"),
+        )
         .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
         .pod(PodSpec::new(APP_NS, "late", "server", 1).label("app", "server"))
         .service(ClusterService {
@@ -228,9 +234,26 @@ fn registers_the_testbed_as_kubelets_and_controllers_would() {
         shop.labels().get(MESH_LABEL).map(String::as_str),
         Some(MESH_LABEL_ENABLED)
     );
+    // ... and annotations (the inbound policy the agents read).
+    assert_eq!(
+        shop.annotations()
+            .get(INBOUND_POLICY_ANNOTATION)
+            .map(String::as_str),
+        Some(INBOUND_POLICY_STRICT)
+    );
     let legacy: Namespace = get_cluster(&kube, PLAIN_NS);
     assert_eq!(legacy.labels().get(MESH_LABEL), None);
+    assert_eq!(legacy.annotations().get(INBOUND_POLICY_ANNOTATION), None);
     let _: Namespace = get_cluster(&kube, "sealmesh");
+    let server: Pod = get(&kube, Some(APP_NS), "server");
+    assert_eq!(
+        server
+            .annotations()
+            .get(INBOUND_POLICY_ANNOTATION)
+            .map(String::as_str),
+        Some("permissive"),
+        "pod annotations reach the API"
+    );
 
     // ServiceAccounts, including `default`, which no controller makes here.
     for (ns, sa) in [

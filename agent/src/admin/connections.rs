@@ -227,6 +227,7 @@ mod tests {
             bytes_dst_to_src: 0,
             duration_ms: 0,
             error: None,
+            refused_reason: None,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The agent's admin API (gRPC, `sealmesh.admin.v1.Admin`): status and
 //! readiness, open connections and edges, a live tap of connection events,
-//! the cert store, the effective configuration and the eBPF datapath. The
+//! the cert store, the effective configuration, the eBPF datapath and each
+//! local pod's inbound policy with the kernel's latest refusals. The
 //! `sealmesh` CLI (`check`, `edges`, `tap`, `why`, `certs inspect --agent`)
 //! reads it.
 //!
@@ -43,16 +44,19 @@ pub use service::AdminService;
 use crate::{
     certs::CertStore,
     ebpf::{EbpfStatus, Redirector},
+    inbound_policy::InboundPolicyState,
     metrics::{Metrics, Readiness},
     proxy::ProxyHandle,
     registry::WorkloadRegistry,
 };
 
-/// The redirect programs that must be attached for pods to be meshed.
-pub const REQUIRED_PROGRAMS: [&str; 3] = [
+/// The programs that must be attached for pods to be meshed (and strict
+/// ones protected).
+pub const REQUIRED_PROGRAMS: [&str; 4] = [
     names::CONNECT4_PROGRAM,
     names::CONNECT6_PROGRAM,
     names::SOCK_OPS_PROGRAM,
+    names::STRICT_INBOUND_PROGRAM,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +97,7 @@ pub struct AgentState {
     pub datapath: Arc<dyn DatapathStatus>,
     pub proxy: ProxyHandle,
     pub connections: Arc<ConnectionTable>,
+    pub inbound: Arc<InboundPolicyState>,
 }
 
 impl std::fmt::Debug for AgentState {

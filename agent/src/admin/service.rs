@@ -142,6 +142,42 @@ impl pb::admin_server::Admin for AdminService {
             pending_connects: count(status.pending_connects),
             pending_accepts: count(status.pending_accepts),
             pin_dir: status.pin_dir.display().to_string(),
+            unmeshed_pods: count(status.unmeshed_pods),
+            pod_parent_cgroups: count(status.pod_parent_cgroups),
+            agent_cgroups: count(status.agent_cgroups),
+            strict_pods: count(status.strict_pods),
+            trusted_connections: count(status.trusted_connections),
+        }))
+    }
+
+    async fn get_inbound_policy(
+        &self,
+        _: Request<pb::GetInboundPolicyRequest>,
+    ) -> Result<Response<pb::InboundPolicyStatus>, Status> {
+        let inbound = &self.state.inbound;
+        let pods = inbound
+            .pods()
+            .into_iter()
+            .map(|p| pb::PodInboundPolicy {
+                pod: pod_to_proto(&Some(p.pod)),
+                meshed: p.meshed,
+                policy: p.policy.as_str().to_owned(),
+                source: p.source.as_str().to_owned(),
+                source_description: p.source_description,
+                enforced: p.enforced,
+                refused_total: p.refused_total,
+                ignored_annotations: p.ignored_annotations,
+            })
+            .collect();
+        let recent_refusals = inbound
+            .recent_refusals()
+            .iter()
+            .map(|e| event_to_proto(e, &self.state.node))
+            .collect();
+        Ok(Response::new(pb::InboundPolicyStatus {
+            default_policy: inbound.default_policy().as_str().to_owned(),
+            pods,
+            recent_refusals,
         }))
     }
 }
@@ -230,6 +266,7 @@ fn event_to_proto(e: &ConnectionEvent, node: &str) -> pb::ConnectionEvent {
         phase: match e.phase {
             Phase::Open => pb::Phase::Open,
             Phase::Close => pb::Phase::Close,
+            Phase::Refused => pb::Phase::Refused,
         }
         .into(),
         direction: direction_to_proto(e.direction).into(),
@@ -250,6 +287,10 @@ fn event_to_proto(e: &ConnectionEvent, node: &str) -> pb::ConnectionEvent {
         duration_ms: e.duration_ms,
         error: e.error.clone().unwrap_or_default(),
         node: node.to_owned(),
+        refused_reason: e
+            .refused_reason
+            .map(|r| r.as_str().to_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -332,6 +373,7 @@ mod tests {
             bytes_dst_to_src: 0,
             duration_ms: 0,
             error: None,
+            refused_reason: None,
         }
     }
 
@@ -419,6 +461,7 @@ mod tests {
             bytes_dst_to_src: 0,
             duration_ms: 0,
             error: None,
+            refused_reason: None,
         };
         let filter = |namespace: &str, pod: &str| pb::TapRequest {
             namespace: namespace.into(),

@@ -470,7 +470,7 @@ impl Shared {
         self.check_local_node(&objects);
         let mut missing = Vec::new();
         let mut left_out = Vec::new();
-        let snapshot = snapshot::build(
+        let mut snapshot = snapshot::build(
             &objects,
             &self.node,
             &self.trust_domain,
@@ -484,6 +484,8 @@ impl Shared {
             &mut left_out,
         );
         self.events.report(&left_out);
+        snapshot.pod_parents = self.cgroups.parent_ids();
+        snapshot.pod_parents.sort_unstable();
         *self
             .missing_cgroups
             .lock()
@@ -551,6 +553,10 @@ impl WorkloadRegistry for KubeRegistry {
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.shared.published.local_workloads()
+    }
+
+    fn pod_parent_cgroups(&self) -> Vec<u64> {
+        self.shared.published.pod_parent_cgroups()
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {

@@ -1,5 +1,5 @@
 //! What the agent reads of each watched object. Every kind is parsed into a
-//! view holding only the fields the data path reads (a Pod keeps 9 of its
+//! view holding only the fields the data path reads (a Pod keeps 10 of its
 //! hundreds); the rest of the JSON is skipped while parsing, so the caches of
 //! a large cluster stay small and the agent carries no code for the full
 //! API types. The readers here are the only code that interprets those
@@ -15,7 +15,10 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use sealmesh_common::{
-    consts::{MESH_LABEL, MESH_OPT_OUT_ANNOTATION, kube::ENDPOINTSLICE_SERVICE_LABEL},
+    consts::{
+        INBOUND_POLICY_ANNOTATION, MESH_LABEL, MESH_OPT_OUT_ANNOTATION,
+        kube::ENDPOINTSLICE_SERVICE_LABEL,
+    },
     mesh,
 };
 use serde::{Deserialize, Deserializer};
@@ -28,11 +31,11 @@ const KIND_POD: &str = "Pod";
 /// Pods that name no ServiceAccount run as this one.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
 
-/// The one label and annotation (if any) a kind's view keeps; the others
-/// are dropped while parsing.
+/// The one label (if any) and the annotations a kind's view keeps; the
+/// others are dropped while parsing.
 trait KeptMetadata {
     const LABEL: Option<&'static str> = None;
-    const ANNOTATION: Option<&'static str> = None;
+    const ANNOTATIONS: &'static [&'static str] = &[];
 }
 
 /// The metadata fields every view reads.
@@ -48,14 +51,17 @@ struct MetadataFields {
 }
 
 /// Parses an object's metadata into identity and version, plus the label
-/// and annotation `K` reads (the reflector's cache needs an `ObjectMeta`).
+/// and annotations `K` reads (the reflector's cache needs an `ObjectMeta`).
 fn kept_metadata<'de, K: KeptMetadata, D: Deserializer<'de>>(
     deserializer: D,
 ) -> Result<ObjectMeta, D::Error> {
-    let keep = |map: Option<BTreeMap<String, String>>, key: Option<&str>| {
-        let key = key?;
-        let value = map?.remove(key)?;
-        Some(BTreeMap::from([(key.to_owned(), value)]))
+    let keep = |map: Option<BTreeMap<String, String>>, keys: &[&str]| {
+        let mut map = map?;
+        let kept: BTreeMap<String, String> = keys
+            .iter()
+            .filter_map(|key| Some(((*key).to_owned(), map.remove(*key)?)))
+            .collect();
+        (!kept.is_empty()).then_some(kept)
     };
     let fields = MetadataFields::deserialize(deserializer)?;
     Ok(ObjectMeta {
@@ -63,8 +69,8 @@ fn kept_metadata<'de, K: KeptMetadata, D: Deserializer<'de>>(
         namespace: fields.namespace,
         uid: fields.uid,
         resource_version: fields.resource_version,
-        labels: keep(fields.labels, K::LABEL),
-        annotations: keep(fields.annotations, K::ANNOTATION),
+        labels: keep(fields.labels, K::LABEL.as_slice()),
+        annotations: keep(fields.annotations, K::ANNOTATIONS),
         ..ObjectMeta::default()
     })
 }
@@ -119,7 +125,8 @@ pub(super) struct NodeAddressView {
     pub address: String,
 }
 
-/// A Namespace: whether it is meshed (its mesh label).
+/// A Namespace: whether it is meshed (its mesh label) and its pods' inbound
+/// policy (its annotation).
 #[derive(Clone, Debug, Deserialize)]
 pub(super) struct NamespaceView {
     #[serde(deserialize_with = "kept_metadata::<NamespaceView, _>")]
@@ -127,10 +134,12 @@ pub(super) struct NamespaceView {
 }
 impl KeptMetadata for NamespaceView {
     const LABEL: Option<&'static str> = Some(MESH_LABEL);
+    const ANNOTATIONS: &'static [&'static str] = &[INBOUND_POLICY_ANNOTATION];
 }
 view_of!(NamespaceView, Namespace);
 
-/// A Pod: where it runs, as whom, at which address, and whether it opted out.
+/// A Pod: where it runs, as whom, at which address, whether it opted out, and
+/// its inbound policy annotation.
 #[derive(Clone, Debug, Deserialize)]
 pub(super) struct PodView {
     #[serde(deserialize_with = "kept_metadata::<PodView, _>")]
@@ -139,7 +148,8 @@ pub(super) struct PodView {
     pub status: Option<PodStatusView>,
 }
 impl KeptMetadata for PodView {
-    const ANNOTATION: Option<&'static str> = Some(MESH_OPT_OUT_ANNOTATION);
+    const ANNOTATIONS: &'static [&'static str] =
+        &[MESH_OPT_OUT_ANNOTATION, INBOUND_POLICY_ANNOTATION];
 }
 view_of!(PodView, Pod);
 
@@ -252,6 +262,15 @@ pub(super) fn node_internal_ip(node: &NodeView) -> Option<Ipv4Addr> {
         .find_map(|a| a.address.parse().ok())
 }
 
+/// The value of a namespace's inbound policy annotation, if it has one.
+pub(super) fn namespace_inbound_policy(namespace: &NamespaceView) -> Option<&str> {
+    annotation(&namespace.metadata, INBOUND_POLICY_ANNOTATION)
+}
+
+fn annotation<'a>(metadata: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    metadata.annotations.as_ref()?.get(key).map(String::as_str)
+}
+
 pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
     mesh::namespace_is_meshed(
         namespace
@@ -277,6 +296,8 @@ pub(super) struct PodFacts<'a> {
     /// the pod while its Node object has no InternalIP (yet).
     pub host_ip: Option<Ipv4Addr>,
     pub opted_out: bool,
+    /// The value of the pod's inbound policy annotation, if it has one.
+    pub inbound_policy: Option<&'a str>,
 }
 
 impl<'a> PodFacts<'a> {
@@ -305,6 +326,7 @@ impl<'a> PodFacts<'a> {
                     .and_then(|a| a.get(MESH_OPT_OUT_ANNOTATION))
                     .map(String::as_str),
             ),
+            inbound_policy: annotation(meta, INBOUND_POLICY_ANNOTATION),
         })
     }
 }
@@ -448,7 +470,8 @@ mod tests {
             "metadata": {
                 "name": "web-0", "namespace": "emojivoto", "uid": "0a-1b", "resourceVersion": "7",
                 "labels": {"app": "web"},
-                "annotations": {"sealmesh.io/mesh": "disabled", "big": "x"},
+                "annotations": {"sealmesh.io/mesh": "disabled", "big": "x",
+                                "sealmesh.io/inbound-policy": "strict"},
                 "managedFields": [{"manager": "kubectl"}],
                 "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "r"}]
             },
@@ -467,10 +490,10 @@ mod tests {
                 namespace: Some("emojivoto".into()),
                 uid: Some("0a-1b".into()),
                 resource_version: Some("7".into()),
-                annotations: Some(BTreeMap::from([(
-                    "sealmesh.io/mesh".into(),
-                    "disabled".into()
-                )])),
+                annotations: Some(BTreeMap::from([
+                    ("sealmesh.io/mesh".into(), "disabled".into()),
+                    ("sealmesh.io/inbound-policy".into(), "strict".into()),
+                ])),
                 ..ObjectMeta::default()
             }
         );
@@ -485,6 +508,7 @@ mod tests {
                 ip: Ipv4Addr::new(10, 244, 1, 5),
                 host_ip: Some(Ipv4Addr::new(172, 18, 0, 2)),
                 opted_out: true,
+                inbound_policy: Some("strict"),
             })
         );
     }
@@ -525,7 +549,8 @@ mod tests {
     fn namespaces_and_nodes_keep_the_mesh_label_and_the_internal_ip() {
         let namespace: NamespaceView = parse(json!({"metadata": {"name": "emojivoto",
             "labels": {"sealmesh.io/mesh": "enabled", "team": "a"},
-            "annotations": {"owner": "x"}}, "spec": {"finalizers": ["kubernetes"]}}));
+            "annotations": {"owner": "x", "sealmesh.io/inbound-policy": "strict"}},
+            "spec": {"finalizers": ["kubernetes"]}}));
         assert!(namespace_is_meshed(&namespace));
         assert_eq!(
             namespace.metadata.labels,
@@ -534,7 +559,19 @@ mod tests {
                 MESH_LABEL_ENABLED.into()
             )]))
         );
-        assert_eq!(namespace.metadata.annotations, None);
+        assert_eq!(
+            namespace.metadata.annotations,
+            Some(BTreeMap::from([(
+                INBOUND_POLICY_ANNOTATION.into(),
+                "strict".into()
+            )])),
+            "only the inbound policy annotation is kept"
+        );
+        assert_eq!(namespace_inbound_policy(&namespace), Some("strict"));
+        let plain: NamespaceView = parse(json!({"metadata": {"name": "plain",
+            "annotations": {"owner": "x"}}}));
+        assert_eq!(plain.metadata.annotations, None);
+        assert_eq!(namespace_inbound_policy(&plain), None);
         let node: NodeView = parse(json!({"metadata": {"name": "n1"},
             "status": {"addresses": [{"type": "Hostname", "address": "n1"},
                                      {"type": "InternalIP", "address": "172.18.0.2"}],

@@ -6,12 +6,12 @@ use std::{
 };
 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sealmesh_common::identity::TrustDomain;
+use sealmesh_common::{identity::TrustDomain, policy::InboundPolicyAnnotations};
 
 use super::objects::{
     EndpointSliceView, EndpointTarget, NamespaceView, NodeView, PodFacts, PodView, ServiceView,
-    namespace_is_meshed, node_internal_ip, ready_endpoints, service_cluster_ip, service_tcp_ports,
-    slice_port, slice_service,
+    namespace_inbound_policy, namespace_is_meshed, node_internal_ip, ready_endpoints,
+    service_cluster_ip, service_tcp_ports, slice_port, slice_service,
 };
 use crate::registry::{Endpoint, NodeInfo, Snapshot, Workload};
 
@@ -57,6 +57,11 @@ pub(super) fn build(
         .iter()
         .filter(|ns| namespace_is_meshed(ns))
         .filter_map(|ns| ns.metadata.name.as_deref())
+        .collect();
+    let namespace_policies: HashMap<&str, &str> = objects
+        .namespaces
+        .iter()
+        .filter_map(|ns| Some((ns.metadata.name.as_deref()?, namespace_inbound_policy(ns)?)))
         .collect();
 
     let mut missing_cgroups = false;
@@ -113,6 +118,10 @@ pub(super) fn build(
             node: pod.node.to_owned(),
             node_ip,
             meshed,
+            inbound_policy: InboundPolicyAnnotations::read(
+                pod.inbound_policy,
+                namespace_policies.get(pod.namespace).copied(),
+            ),
             cgroup_id,
         }));
     }
@@ -348,6 +357,79 @@ mod tests {
             "{}",
             left_out[0].reason
         );
+    }
+
+    #[test]
+    fn inbound_policy_comes_from_the_pod_then_its_namespace() {
+        let annotated_pod = |name: &str, ip: &str, policy: Option<&str>| -> Arc<PodView> {
+            let annotations = match policy {
+                Some(value) => json!({ "sealmesh.io/inbound-policy": value }),
+                None => json!({}),
+            };
+            object(json!({
+                "metadata": { "name": name, "namespace": "app", "uid": format!("uid-{name}"),
+                              "annotations": annotations },
+                "spec": { "nodeName": "n1", "serviceAccountName": "web" },
+                "status": { "phase": "Running", "podIP": ip },
+            }))
+        };
+        let objects = ClusterObjects {
+            pods: vec![
+                annotated_pod("plain", "10.244.1.2", None),
+                annotated_pod("relaxed", "10.244.1.3", Some("permissive")),
+                annotated_pod("typo", "10.244.1.4", Some("strikt")),
+                pod("other", "web", "web", "n1", "10.244.1.5"),
+            ],
+            nodes: vec![node("n1", "172.18.0.2")],
+            namespaces: vec![
+                object(json!({ "metadata": { "name": "app",
+                    "labels": { "sealmesh.io/mesh": "enabled" },
+                    "annotations": { "sealmesh.io/inbound-policy": "strict" } } })),
+                object(json!({ "metadata": { "name": "other" } })),
+            ],
+            services: Vec::new(),
+            endpoint_slices: Vec::new(),
+        };
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            |_| None,
+            &mut Vec::new(),
+        );
+        let policy = |ip: [u8; 4]| {
+            snapshot
+                .workload_by_ip(Ipv4Addr::from(ip))
+                .unwrap()
+                .inbound_policy
+                .clone()
+        };
+        use sealmesh_common::policy::{InboundPolicy, InboundPolicySource};
+        assert_eq!(
+            policy([10, 244, 1, 2]).resolve(InboundPolicy::Permissive),
+            (
+                InboundPolicy::Strict,
+                InboundPolicySource::NamespaceAnnotation
+            )
+        );
+        assert_eq!(
+            policy([10, 244, 1, 3]).resolve(InboundPolicy::Strict),
+            (
+                InboundPolicy::Permissive,
+                InboundPolicySource::PodAnnotation
+            )
+        );
+        let typo = policy([10, 244, 1, 4]);
+        assert_eq!(
+            typo.resolve(InboundPolicy::Permissive),
+            (
+                InboundPolicy::Strict,
+                InboundPolicySource::NamespaceAnnotation
+            ),
+            "a bad pod value is ignored; the namespace's applies"
+        );
+        assert_eq!(typo.ignored[0].value, "strikt");
+        assert_eq!(policy([10, 244, 1, 5]), InboundPolicyAnnotations::default());
     }
 
     #[test]

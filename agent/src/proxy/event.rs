@@ -2,7 +2,9 @@
 //! access-log line at close (tracing target `sealmesh_agent::access`, so
 //! `--log-level sealmesh_agent::access=off` silences it), and open/close
 //! `ConnectionEvent`s on a broadcast channel that tap, edges and metrics
-//! subscribe to.
+//! subscribe to. Connection attempts the kernel refused (strict inbound
+//! policy) reach tap as `Refused` events too, through
+//! [`ProxyHandle::publish_refusal`](super::ProxyHandle::publish_refusal).
 
 use std::{
     net::SocketAddr,
@@ -34,6 +36,26 @@ pub enum Direction {
 pub enum Phase {
     Open,
     Close,
+    /// Refused before reaching the pod (see `refused_reason`); no open or
+    /// close follows.
+    Refused,
+}
+
+/// Why a connection attempt was refused before it reached its pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalReason {
+    /// The destination pod's inbound policy is strict and the attempt did
+    /// not come through its node's agent, the node itself or its loopback.
+    StrictInbound,
+}
+
+impl RefusalReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StrictInbound => "strict_inbound",
+        }
+    }
 }
 
 /// Why a connection was not carried over mTLS.
@@ -118,6 +140,8 @@ pub struct ConnectionEvent {
     pub duration_ms: u64,
     /// Why the connection was refused or broke; None for a clean close.
     pub error: Option<String>,
+    /// Set on `Refused` events only.
+    pub refused_reason: Option<RefusalReason>,
 }
 
 /// Byte counters both splice directions update (once per chunk, not per byte).
@@ -155,7 +179,7 @@ pub(crate) struct EventSink {
 
 impl EventSink {
     /// Publishes to tap clients; builds the shared copy only if one listens.
-    fn publish(&self, event: &ConnectionEvent) {
+    pub(super) fn publish(&self, event: &ConnectionEvent) {
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(Arc::new(event.clone()));
         }
@@ -202,6 +226,7 @@ impl ConnectionTracker {
                 bytes_dst_to_src: 0,
                 duration_ms: 0,
                 error: None,
+                refused_reason: None,
             },
             bytes: Arc::default(),
         }

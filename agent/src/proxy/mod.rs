@@ -37,6 +37,7 @@ use tokio::{
 
 pub use event::{
     ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, Phase, PodRef,
+    RefusalReason,
 };
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
@@ -149,6 +150,10 @@ pub struct ProxyConfig {
     /// Port of the peers' inbound listeners.
     pub hbone_port: u16,
     pub policy: Policy,
+    /// Ports of this node's own listeners that pods may not reach through
+    /// the agent (the restricted metrics port): a pod's plaintext passthrough
+    /// leaves from the node's address, which such a listener admits.
+    pub protected_local_ports: Vec<u16>,
     /// Limit on TCP connect (to pods and peers) and on TLS + h2 handshakes.
     pub connect_timeout: Duration,
     /// How long open connections may finish after shutdown is requested.
@@ -163,6 +168,7 @@ impl ProxyConfig {
             inbound_listen: SocketAddrV4::new(node_ip, HBONE_PORT),
             hbone_port: HBONE_PORT,
             policy,
+            protected_local_ports: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
         }
@@ -227,6 +233,13 @@ impl ProxyHandle {
             observers.push(observer.clone());
             observers
         });
+    }
+
+    /// Shows tap clients a connection attempt refused before it reached the
+    /// engine (phase `Refused`), under this engine's next connection id.
+    pub fn publish_refusal(&self, event: &mut ConnectionEvent) {
+        event.id = self.engine.next_id();
+        self.engine.sink.publish(event);
     }
 
     /// HBONE connections currently pooled (all keys).

@@ -60,6 +60,10 @@ pub enum OutboundError {
         target: SocketAddrV4,
         reason: &'static str,
     },
+    #[error(
+        "{target} is this node's metrics port, which only the node itself and --metrics-allowed-cidrs may read; pods cannot reach it through the agent"
+    )]
+    ProtectedLocalPort { target: SocketAddrV4 },
     #[error("cannot connect to {target}: {source}")]
     Connect {
         target: SocketAddr,
@@ -223,6 +227,11 @@ async fn proxy(
                     target,
                     reason: reason.as_str(),
                 });
+            }
+            if engine.cfg.protected_local_ports.contains(&target.port())
+                && crate::metrics::is_local_address((*target.ip()).into())
+            {
+                return Err(OutboundError::ProtectedLocalPort { target });
             }
             let server = connect(engine, target.into()).await?;
             tracker.open();
@@ -505,6 +514,7 @@ mod tests {
             node: node.into(),
             node_ip: node_ip.into(),
             meshed,
+            inbound_policy: Default::default(),
             cgroup_id: None,
         })
     }

@@ -95,6 +95,7 @@ impl TestCluster {
         file.namespaces.push(Namespace {
             name: NAMESPACE.into(),
             labels: [("sealmesh.io/mesh".into(), "enabled".into())].into(),
+            annotations: Default::default(),
         });
         file.service_accounts.push(ServiceAccount {
             name: "web".into(),

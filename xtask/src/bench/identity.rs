@@ -183,6 +183,7 @@ fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identit
     cluster.namespaces.push(Namespace {
         name: NAMESPACE.into(),
         labels: [(MESH_LABEL.to_owned(), MESH_LABEL_ENABLED.to_owned())].into(),
+        annotations: Default::default(),
     });
     for i in 0..SERVICE_ACCOUNTS {
         cluster.pods.push(Pod {

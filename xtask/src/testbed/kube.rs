@@ -557,11 +557,17 @@ impl KubeCluster {
         pki: &KubePki<'_>,
     ) -> Result<(), KubeError> {
         let control = self.control_namespace.clone();
-        self.ensure(None, namespace_object(&control, &BTreeMap::new()))
-            .await?;
+        self.ensure(
+            None,
+            namespace_object(&control, &BTreeMap::new(), &BTreeMap::new()),
+        )
+        .await?;
         for ns in &cluster.namespaces {
-            self.ensure(None, namespace_object(&ns.name, &ns.labels))
-                .await?;
+            self.ensure(
+                None,
+                namespace_object(&ns.name, &ns.labels, &ns.annotations),
+            )
+            .await?;
         }
         let mut service_accounts: BTreeSet<(String, String)> = [
             (control.clone(), AGENT_SERVICE_ACCOUNT.to_owned()),
@@ -1330,10 +1336,15 @@ fn managed_labels() -> Value {
     json!({ MANAGED_BY_LABEL: FIELD_MANAGER })
 }
 
-fn namespace_object(name: &str, labels: &BTreeMap<String, String>) -> Value {
+fn namespace_object(
+    name: &str,
+    labels: &BTreeMap<String, String>,
+    annotations: &BTreeMap<String, String>,
+) -> Value {
     let mut all = labels.clone();
     all.insert(MANAGED_BY_LABEL.into(), FIELD_MANAGER.into());
-    json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": name, "labels": all } })
+    json!({ "apiVersion": "v1", "kind": "Namespace",
+            "metadata": { "name": name, "labels": all, "annotations": annotations } })
 }
 
 fn pod_object(

@@ -124,7 +124,25 @@ impl TestbedSpec {
                 .iter()
                 .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
                 .collect(),
+            annotations: BTreeMap::new(),
         });
+        self
+    }
+
+    /// Annotates namespace `name` (e.g. `sealmesh.io/inbound-policy: strict`),
+    /// declaring it without labels if the spec does not list it yet.
+    pub fn namespace_annotation(mut self, name: &str, key: &str, value: &str) -> Self {
+        if !self.namespaces.iter().any(|ns| ns.name == name) {
+            self = self.namespace(name, &[]);
+        }
+        let namespace = self
+            .namespaces
+            .iter_mut()
+            .find(|ns| ns.name == name)
+            .expect("declared above");
+        namespace
+            .annotations
+            .insert(key.to_owned(), value.to_owned());
         self
     }
 
