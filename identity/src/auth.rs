@@ -17,12 +17,12 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     identity::{Identity, TrustDomain},
 };
 use sha2::{Digest, Sha256};
+use tonic::async_trait;
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -14,7 +14,6 @@ use std::{
     },
 };
 
-use async_trait::async_trait;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
@@ -23,6 +22,7 @@ use kube::{
     runtime::{WatchStreamExt as _, watcher},
 };
 use sealmesh_common::identity::{Identity, TrustDomain};
+use tonic::async_trait;
 
 use crate::auth::{AuthError, WorkloadDirectory};
 
