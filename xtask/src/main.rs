@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use xtask::{
-    bench, demo, kind, loadtest, setup,
+    bench, demo, gates, kind, loadtest, setup,
     testbed::{self, Testbed, TestbedId, TestbedSpec},
 };
 
@@ -21,17 +21,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing needs (nightly rust-src, bpf-linker, apt
-    /// packages, bpffs, manifest validation tools); idempotent.
+    /// Install what building and testing needs (the eBPF build's pinned nightly
+    /// with rust-src, bpf-linker, apt packages, bpffs, manifest validation
+    /// tools, the static gates' tools); idempotent.
     Setup {
         /// Only what building needs (toolchain, bpf-linker, apt packages): for
         /// container image builds, where bpffs and cgroups are not the host's.
         #[arg(long)]
         build_only: bool,
     },
-    /// Run setup, build the workspace (including the eBPF programs), run all tests.
-    /// Needs root.
+    /// Run setup, the static gates (as `lint`), build the workspace (including
+    /// the eBPF programs), validate deploy/ and run all tests. Needs root.
     Test,
+    /// The static gates alone: `cargo fmt --all --check`, `cargo machete`,
+    /// `cargo deny check bans licenses sources` and `cargo clippy --workspace
+    /// --all-targets -- -D warnings`; installs their tools when missing.
+    Lint,
     /// Show the main job on a local testbed: an app in a 2-node mesh, its live
     /// mTLS connections and edges. Needs root.
     Demo(demo::DemoArgs),
@@ -50,7 +55,7 @@ enum Task {
     /// Kubernetes schemas, the names the code uses and the binaries' flags.
     Manifests(ManifestsArgs),
     /// Deploy sealmesh on a local kind cluster and load-test it. Needs docker
-    /// (with a daemon), kind and kubectl; cannot run in this project's CI.
+    /// (with a daemon), kind and kubectl; `cargo xtask test` does not run it.
     ///
     /// Creates the kind cluster from deploy/kind/cluster.yaml (1 control
     /// plane, 2 workers), builds the agent, identity and testapp images from
@@ -209,6 +214,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Setup { build_only: false } => setup::run()?,
         Task::Setup { build_only: true } => setup::run_scope(setup::Scope::BuildOnly)?,
         Task::Test => test()?,
+        Task::Lint => {
+            setup::gate_tools()?;
+            gates::run_all()?;
+        }
         Task::Manifests(args) => manifests(&args)?,
         Task::Kind(args) => kind::run(&args)?,
         Task::Demo(args) => demo::main(&args)?,
@@ -257,6 +266,7 @@ fn test() -> anyhow::Result<()> {
         );
     }
     setup::run()?;
+    gates::run_all()?;
     xtask::cmd::run_visible(cargo().args(["build", "--workspace"]))
         .context("building the workspace")?;
     manifests(&ManifestsArgs {
