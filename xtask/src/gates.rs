@@ -4,10 +4,7 @@
 //! tools. Every gate runs even when an earlier one failed, so one run names
 //! everything to fix.
 
-use std::{
-    process::Command,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use crate::cmd;
 
@@ -79,10 +76,6 @@ fn failures_message(failures: &[Failure]) -> String {
     )
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
 /// Runs every gate in the workspace, printing each result and its time.
 pub fn run_all() -> Result<(), GateError> {
     let root = crate::manifests::workspace_root();
@@ -90,7 +83,7 @@ pub fn run_all() -> Result<(), GateError> {
     for gate in GATES {
         println!("gate {}: cargo {}", gate.name, gate.args.join(" "));
         let started = Instant::now();
-        let result = cmd::run_visible(cargo().args(gate.args).current_dir(&root));
+        let result = cmd::run_visible(cmd::cargo().args(gate.args).current_dir(&root));
         let took = seconds(started.elapsed());
         match result {
             Ok(()) => println!("gate {}: passed in {took}", gate.name),

@@ -255,10 +255,6 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
 fn test() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -267,16 +263,19 @@ fn test() -> anyhow::Result<()> {
     }
     setup::run()?;
     gates::run_all()?;
-    xtask::cmd::run_visible(cargo().args(["build", "--workspace"]))
+    xtask::cmd::run_visible(xtask::cmd::cargo().args(["build", "--workspace"]))
         .context("building the workspace")?;
     manifests(&ManifestsArgs {
         root: xtask::manifests::workspace_root(),
         bin_dir: None,
         skip_flags: false,
     })?;
-    let (status, totals) =
-        xtask::test_totals::run_counting(cargo().args(["test", "--workspace", "--no-fail-fast"]))
-            .context("running the tests")?;
+    let (status, totals) = xtask::test_totals::run_counting(xtask::cmd::cargo().args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+    ]))
+    .context("running the tests")?;
     if !status.success() || totals.failed > 0 {
         bail!("tests failed ({status}): {}", totals.closing_line());
     }

@@ -352,7 +352,7 @@ fn bpf_linker(toolchain: &str) -> Result<Outcome, SetupError> {
         libllvm.display()
     );
     cmd::run_visible(
-        cargo()
+        cmd::cargo()
             .args(["install", "--locked", "--force"])
             .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
             .args(["--no-default-features", "--features"])
@@ -363,15 +363,13 @@ fn bpf_linker(toolchain: &str) -> Result<Outcome, SetupError> {
     Ok(Outcome::Done(format!("installed {wanted} (llvm-{major})")))
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
 /// rustfmt and clippy of the toolchain cargo runs with.
 fn rustup_components() -> Result<Outcome, SetupError> {
     let missing: Vec<&str> = RUSTUP_COMPONENTS
         .iter()
-        .filter(|(_, subcommand)| cmd::output(cargo().args([subcommand, "--version"])).is_err())
+        .filter(|(_, subcommand)| {
+            cmd::output(cmd::cargo().args([subcommand, "--version"])).is_err()
+        })
         .map(|(component, _)| *component)
         .collect();
     if missing.is_empty() {
@@ -389,7 +387,7 @@ fn rustup_components() -> Result<Outcome, SetupError> {
 /// A pinned cargo subcommand from crates.io, installed when missing or of
 /// another version (`cargo install --locked`, into cargo's bin directory).
 fn cargo_tool(tool: &CargoTool) -> Result<Outcome, SetupError> {
-    if let Ok(version) = cmd::output(cargo().args([tool.subcommand, "--version"]))
+    if let Ok(version) = cmd::output(cmd::cargo().args([tool.subcommand, "--version"]))
         && version.split_whitespace().last() == Some(tool.version)
     {
         return Ok(Outcome::Skipped(format!("{} present", tool.version)));
@@ -399,7 +397,7 @@ fn cargo_tool(tool: &CargoTool) -> Result<Outcome, SetupError> {
         tool.krate, tool.version
     );
     cmd::run_visible(
-        cargo()
+        cmd::cargo()
             .args(["install", "--locked", "--force"])
             .arg(format!("{}@{}", tool.krate, tool.version)),
     )
