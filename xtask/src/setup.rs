@@ -16,7 +16,7 @@ pub const LLVM_PREFIX: &str = "/tmp/llvm-prefix";
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 /// The file that pins the eBPF build's nightly (read by agent/build.rs too),
 /// relative to the workspace root.
-pub const EBPF_TOOLCHAIN_FILE: &str = "agent-ebpf/rust-toolchain.toml";
+const EBPF_TOOLCHAIN_FILE: &str = "agent-ebpf/rust-toolchain.toml";
 /// The bpf-linker release setup builds.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The static gates' tools from crates.io (`crate::gates`): cargo subcommand,
@@ -169,7 +169,7 @@ fn is_root() -> bool {
 }
 
 /// The dated nightly that builds the eBPF programs, from [`EBPF_TOOLCHAIN_FILE`].
-pub fn ebpf_toolchain() -> Result<String, SetupError> {
+fn ebpf_toolchain() -> Result<String, SetupError> {
     let path = crate::manifests::workspace_root().join(EBPF_TOOLCHAIN_FILE);
     let text = std::fs::read_to_string(&path).map_err(|source| SetupError::Io {
         what: "cannot read",
