@@ -1,5 +1,6 @@
 //! Builds the eBPF programs (agent-ebpf's `sealmesh-redirect` binary) for the bpf target with
-//! aya-build, which runs `cargo +nightly build -Z build-std=core --target bpfel-unknown-none`.
+//! aya-build, which runs `rustup run <toolchain> cargo build -Z build-std=core --target
+//! bpfel-unknown-none` with the dated nightly pinned in `agent-ebpf/rust-toolchain.toml`.
 //! The object lands in `$OUT_DIR/sealmesh-redirect`, embedded by `src/ebpf`.
 
 use std::{
@@ -13,7 +14,8 @@ use aya_build::{Package, Toolchain};
 const EBPF_PACKAGE: &str = "agent-ebpf";
 /// The feature that enables agent-ebpf's program binary (see its Cargo.toml).
 const EBPF_PROGRAMS_FEATURE: &str = "programs";
-const NIGHTLY: &str = "nightly";
+/// Pins the eBPF build's nightly; `cargo xtask setup` installs what it names.
+const EBPF_TOOLCHAIN_FILE: &str = "rust-toolchain.toml";
 
 fn main() -> anyhow::Result<()> {
     let manifest_dir = PathBuf::from(
@@ -27,7 +29,9 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .context("the agent-ebpf path is not UTF-8")?;
 
-    check_ebpf_toolchain()?;
+    // watch_sources covers the toolchain file too: a new pin rebuilds the programs.
+    let toolchain = pinned_toolchain(&Path::new(ebpf_dir).join(EBPF_TOOLCHAIN_FILE))?;
+    check_ebpf_toolchain(&toolchain)?;
     watch_sources(Path::new(ebpf_dir))?;
     aya_build::build_ebpf(
         [Package {
@@ -36,7 +40,7 @@ fn main() -> anyhow::Result<()> {
             features: &[EBPF_PROGRAMS_FEATURE],
             ..Default::default()
         }],
-        Toolchain::Nightly,
+        Toolchain::Custom(&toolchain),
     )
     .context("building the eBPF programs (agent-ebpf) failed; the compiler output is above")
 }
@@ -56,25 +60,35 @@ fn watch_sources(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The `channel` of a rust-toolchain.toml (`channel = "nightly-YYYY-MM-DD"`).
+fn pinned_toolchain(file: &Path) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    text.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .find(|channel| !channel.is_empty())
+        .with_context(|| format!("{} names no `channel = \"...\"`", file.display()))
+}
+
 /// Fails with one message naming everything missing, instead of a cargo/linker error deep inside
 /// the nested bpf build.
-fn check_ebpf_toolchain() -> anyhow::Result<()> {
+fn check_ebpf_toolchain(toolchain: &str) -> anyhow::Result<()> {
     let mut missing = Vec::new();
-    match nightly_output(&["rustc", "--print", "sysroot"]) {
-        None => {
-            missing.push("the nightly toolchain (`rustup toolchain install nightly`)");
-        }
+    match toolchain_output(toolchain, &["rustc", "--print", "sysroot"]) {
+        None => missing.push(format!("the {toolchain} toolchain")),
         Some(sysroot) => {
             let core_sources =
                 Path::new(sysroot.trim()).join("lib/rustlib/src/rust/library/core/Cargo.toml");
             if !core_sources.is_file() {
-                missing.push("the rust-src component of nightly (`rustup component add rust-src --toolchain nightly`)");
+                missing.push(format!("the rust-src component of {toolchain}"));
             }
         }
     }
-    // Run through the nightly toolchain: bpf-linker loads the LLVM that toolchain ships.
-    if nightly_output(&["bpf-linker", "--version"]).is_none() {
-        missing.push("a working bpf-linker (`cargo +nightly install bpf-linker`)");
+    // Run through the pinned toolchain: bpf-linker loads the LLVM that toolchain ships.
+    if toolchain_output(toolchain, &["bpf-linker", "--version"]).is_none() {
+        missing.push(format!("a bpf-linker that runs with {toolchain}'s LLVM"));
     }
     if missing.is_empty() {
         return Ok(());
@@ -85,10 +99,10 @@ fn check_ebpf_toolchain() -> anyhow::Result<()> {
     )
 }
 
-/// stdout of `rustup run nightly <args>`, or None when it cannot run or fails.
-fn nightly_output(args: &[&str]) -> Option<String> {
+/// stdout of `rustup run <toolchain> <args>`, or None when it cannot run or fails.
+fn toolchain_output(toolchain: &str, args: &[&str]) -> Option<String> {
     let output = Command::new("rustup")
-        .args(["run", NIGHTLY])
+        .args(["run", toolchain])
         .args(args)
         // The outer cargo points these at the stable toolchain.
         .env_remove("RUSTC")

@@ -2,8 +2,9 @@
 # The node agent image. Build from the repository root:
 #   docker build -f deploy/docker/agent.Dockerfile -t ghcr.io/sealmesh/agent:0.1.0 .
 # The builder compiles the eBPF programs too, so it needs what
-# `cargo xtask setup --build-only` installs: nightly with rust-src and
-# bpf-linker (built from crates.io against nightly's LLVM).
+# `cargo xtask setup --build-only` installs: the nightly pinned in
+# agent-ebpf/rust-toolchain.toml with rust-src, and bpf-linker (built from
+# crates.io against that nightly's LLVM).
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .

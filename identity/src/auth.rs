@@ -19,13 +19,13 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use async_trait::async_trait;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE},
     identity::{Identity, TrustDomain},
 };
 use sha2::{Digest, Sha256};
+use tonic::async_trait;
 
 /// An authenticated caller.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]

@@ -19,7 +19,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair, KeyUsagePurpose,
     PKCS_ECDSA_P256_SHA256, SerialNumber,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_parser::{
@@ -450,7 +450,7 @@ fn parse_cert<'a>(
 
 /// Every CERTIFICATE block of a PEM text; other blocks are ignored.
 pub fn parse_pem_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, PkiError> {
-    let certs = rustls_pemfile::certs(&mut &pem[..])
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PkiError::Pem {
             what: what.to_owned(),
@@ -471,9 +471,12 @@ fn parse_key(pem: &[u8], what: &str) -> Result<KeyPair, PkiError> {
         what: what.to_owned(),
         reason,
     };
-    let key = rustls_pemfile::private_key(&mut &pem[..])
-        .map_err(|e| bad(e.to_string()))?
-        .ok_or_else(|| bad("no PRIVATE KEY or EC PRIVATE KEY block".to_owned()))?;
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => {
+            bad("no PRIVATE KEY or EC PRIVATE KEY block".to_owned())
+        }
+        other => bad(other.to_string()),
+    })?;
     let pkcs8 = match &key {
         PrivateKeyDer::Pkcs8(pkcs8) => pkcs8.secret_pkcs8_der().to_vec(),
         PrivateKeyDer::Sec1(sec1) => p256_sec1_to_pkcs8(sec1.secret_sec1_der()),

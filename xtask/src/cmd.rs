@@ -58,6 +58,32 @@ fn failed(cmd: &Command, status: std::process::ExitStatus, stderr: &[u8]) -> Cmd
     }
 }
 
+/// The cargo that runs this xtask (`$CARGO`), for cargo commands and cargo
+/// subcommands (`cargo deny`, `cargo machete`). Without the package variables
+/// `cargo run` sets for xtask itself: with `CARGO_PKG_NAME` set, a subcommand
+/// such as cargo-machete takes itself for a direct run and its own name for a
+/// path argument.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    for (name, _) in std::env::vars_os() {
+        let is_package_var = name.to_str().is_some_and(|name| {
+            name.starts_with("CARGO_PKG_")
+                || matches!(
+                    name,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+        });
+        if is_package_var {
+            cmd.env_remove(name);
+        }
+    }
+    cmd
+}
+
 /// Runs `cmd` to completion, capturing its output; returns stdout.
 pub fn output(cmd: &mut Command) -> Result<String, CmdError> {
     let out = cmd
@@ -77,5 +103,29 @@ pub fn run_visible(cmd: &mut Command) -> Result<(), CmdError> {
         Ok(())
     } else {
         Err(failed(cmd, status, b""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cargo_commands_do_not_inherit_this_packages_variables() {
+        // `cargo test` sets them for this test binary as `cargo run` does for xtask.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let cmd = cargo();
+        let removed: Vec<_> = cmd
+            .get_envs()
+            .filter(|(_, value)| value.is_none())
+            .map(|(name, _)| name.to_string_lossy().into_owned())
+            .collect();
+        for name in ["CARGO_PKG_NAME", "CARGO_PKG_VERSION", "CARGO_MANIFEST_DIR"] {
+            assert!(
+                removed.iter().any(|r| r == name),
+                "{name} not removed: {removed:?}"
+            );
+        }
+        assert!(!removed.iter().any(|r| r == "CARGO_HOME" || r == "PATH"));
     }
 }

@@ -1,6 +1,7 @@
-//! `cargo xtask kind`: sealmesh on a real Kubernetes cluster made by kind, for
-//! people with Docker and kind (CI here has neither). Every step prints the
-//! command it runs, so a failed run can be resumed by hand.
+//! `cargo xtask kind`: sealmesh on a real Kubernetes cluster made by kind. It
+//! needs Docker with a running daemon, kind and kubectl, so `cargo xtask test`
+//! does not run it. Every step prints the command it runs, so a failed run
+//! can be resumed by hand.
 //!
 //! Steps: create the cluster from `deploy/kind/cluster.yaml`; build the
 //! agent, identity and testapp images and load them into the nodes; create a

@@ -1,11 +1,13 @@
-//! Library behind `cargo xtask`: host setup, the local testbed, the demo and
-//! benchmarks. Integration tests and other crates' tests use [`testbed`].
+//! Library behind `cargo xtask`: host setup, the static gates, the local
+//! testbed, the demo and benchmarks. Integration tests and other crates'
+//! tests use [`testbed`].
 #![deny(unsafe_code)]
 
 pub mod bench;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod gates;
 pub mod kind;
 pub mod loadtest;
 pub mod manifests;

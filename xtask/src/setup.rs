@@ -14,6 +14,33 @@ use crate::cmd::{self, CmdError};
 pub const LLVM_PREFIX: &str = "/tmp/llvm-prefix";
 /// Where bpffs must be mounted for agents to pin maps.
 pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// The file that pins the eBPF build's nightly (read by agent/build.rs too),
+/// relative to the workspace root.
+const EBPF_TOOLCHAIN_FILE: &str = "agent-ebpf/rust-toolchain.toml";
+/// The bpf-linker release setup builds.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// The static gates' tools from crates.io (`crate::gates`): cargo subcommand,
+/// crate and the version installed with `cargo install --locked`.
+const CARGO_TOOLS: &[CargoTool] = &[
+    CargoTool {
+        subcommand: "machete",
+        krate: "cargo-machete",
+        version: "0.9.2",
+    },
+    CargoTool {
+        subcommand: "deny",
+        krate: "cargo-deny",
+        version: "0.20.2",
+    },
+];
+/// rustup components of the workspace's toolchain that the gates use.
+const RUSTUP_COMPONENTS: &[(&str, &str)] = &[("rustfmt", "fmt"), ("clippy", "clippy")];
+
+struct CargoTool {
+    subcommand: &'static str,
+    krate: &'static str,
+    version: &'static str,
+}
 /// Debian packages the build and tests use, and why.
 const APT_PACKAGES: &[(&str, &str)] = &[
     (
@@ -45,9 +72,13 @@ pub enum SetupError {
     #[error("{step} needs root: run `sudo -E cargo xtask setup`")]
     NeedsRoot { step: String },
     #[error(
-        "the nightly toolchain at {sysroot} has no lib/libLLVM.so.<version>-rust-*: reinstall it with `rustup toolchain install nightly --profile minimal --force`"
+        "the {toolchain} toolchain at {sysroot} has no lib/libLLVM.so.<version>-rust-*: reinstall it with `rustup toolchain install {toolchain} --profile minimal --component rust-src --force`"
     )]
-    NoLibLlvm { sysroot: PathBuf },
+    NoLibLlvm { toolchain: String, sysroot: PathBuf },
+    #[error(
+        "{path} names no toolchain: it needs a line `channel = \"nightly-YYYY-MM-DD\"` under [toolchain]"
+    )]
+    NoToolchainChannel { path: PathBuf },
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -64,6 +95,11 @@ pub enum SetupError {
     NoCgroup2,
     #[error("dpkg-query is missing: setup supports Debian/Ubuntu hosts; install {0} yourself")]
     NotDebian(String),
+    #[error("installing {krate} from crates.io: {source}")]
+    CargoInstall {
+        krate: &'static str,
+        source: CmdError,
+    },
     #[error("installing the manifest validation tools: {0}")]
     ManifestTools(#[from] crate::manifests::ManifestError),
 }
@@ -96,10 +132,11 @@ pub enum Scope {
 
 /// Runs every step of `scope` in order; stops at the first that fails.
 pub fn run_scope(scope: Scope) -> Result<(), SetupError> {
-    report("nightly toolchain", nightly_toolchain()?);
-    report("nightly rust-src", rust_src()?);
-    report("libLLVM links for bpf-linker", llvm_prefix()?);
-    report("bpf-linker", bpf_linker()?);
+    let toolchain = ebpf_toolchain()?;
+    report("eBPF toolchain", install_ebpf_toolchain(&toolchain)?);
+    report("eBPF toolchain rust-src", rust_src(&toolchain)?);
+    report("libLLVM links for bpf-linker", llvm_prefix(&toolchain)?);
+    report("bpf-linker", bpf_linker(&toolchain)?);
     report("apt packages", apt_packages()?);
     if scope == Scope::BuildOnly {
         return Ok(());
@@ -107,6 +144,18 @@ pub fn run_scope(scope: Scope) -> Result<(), SetupError> {
     report("bpffs", bpffs()?);
     report("cgroup v2", cgroup2()?);
     report("manifest tools", manifest_tools()?);
+    gate_tools()?;
+    Ok(())
+}
+
+/// What the static gates (`crate::gates`) run: rustfmt and clippy for the
+/// workspace's toolchain, and pinned cargo-machete and cargo-deny. Needs no
+/// root (`cargo xtask lint` runs this alone).
+pub fn gate_tools() -> Result<(), SetupError> {
+    report("rustfmt and clippy", rustup_components()?);
+    for tool in CARGO_TOOLS {
+        report(tool.krate, cargo_tool(tool)?);
+    }
     Ok(())
 }
 
@@ -119,36 +168,63 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-fn nightly_rustc() -> Command {
+/// The dated nightly that builds the eBPF programs, from [`EBPF_TOOLCHAIN_FILE`].
+fn ebpf_toolchain() -> Result<String, SetupError> {
+    let path = crate::manifests::workspace_root().join(EBPF_TOOLCHAIN_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| SetupError::Io {
+        what: "cannot read",
+        path: path.clone(),
+        source,
+    })?;
+    toolchain_channel(&text).ok_or(SetupError::NoToolchainChannel { path })
+}
+
+/// The `channel` of a rust-toolchain.toml.
+fn toolchain_channel(toml: &str) -> Option<String> {
+    toml.lines()
+        .filter_map(|line| line.trim().strip_prefix("channel"))
+        .filter_map(|rest| rest.trim_start().strip_prefix('='))
+        .map(|value| value.trim().trim_matches('"').to_owned())
+        .find(|channel| !channel.is_empty())
+}
+
+fn toolchain_rustc(toolchain: &str) -> Command {
     let mut cmd = Command::new("rustup");
-    cmd.args(["run", "nightly", "rustc"]);
+    cmd.args(["run", toolchain, "rustc"]);
     cmd
 }
 
-fn nightly_toolchain() -> Result<Outcome, SetupError> {
-    if let Ok(version) = cmd::output(nightly_rustc().arg("--version")) {
-        return Ok(Outcome::Skipped(format!("present ({})", version.trim())));
+fn install_ebpf_toolchain(toolchain: &str) -> Result<Outcome, SetupError> {
+    if let Ok(version) = cmd::output(toolchain_rustc(toolchain).arg("--version")) {
+        return Ok(Outcome::Skipped(format!(
+            "{toolchain} present ({})",
+            version.trim()
+        )));
     }
     cmd::run_visible(Command::new("rustup").args([
         "toolchain",
         "install",
-        "nightly",
+        toolchain,
         "--profile",
         "minimal",
+        "--component",
+        "rust-src",
     ]))
-    .map_err(step_error("installing the nightly toolchain"))?;
-    Ok(Outcome::Done("installed nightly (profile minimal)".into()))
+    .map_err(step_error("installing the eBPF toolchain"))?;
+    Ok(Outcome::Done(format!(
+        "installed {toolchain} (profile minimal, rust-src)"
+    )))
 }
 
-fn rust_src() -> Result<Outcome, SetupError> {
+fn rust_src(toolchain: &str) -> Result<Outcome, SetupError> {
     let installed = cmd::output(Command::new("rustup").args([
         "component",
         "list",
         "--toolchain",
-        "nightly",
+        toolchain,
         "--installed",
     ]))
-    .map_err(step_error("listing nightly components"))?;
+    .map_err(step_error("listing the eBPF toolchain's components"))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(Outcome::Skipped("installed".into()));
     }
@@ -157,16 +233,17 @@ fn rust_src() -> Result<Outcome, SetupError> {
         "add",
         "rust-src",
         "--toolchain",
-        "nightly",
+        toolchain,
     ]))
-    .map_err(step_error("adding rust-src to nightly"))?;
-    Ok(Outcome::Done("added rust-src to nightly".into()))
+    .map_err(step_error("adding rust-src to the eBPF toolchain"))?;
+    Ok(Outcome::Done(format!("added rust-src to {toolchain}")))
 }
 
-/// The nightly toolchain's own libLLVM (`libLLVM.so.<major>.<minor>-rust-<version>`).
-fn nightly_libllvm() -> Result<PathBuf, SetupError> {
-    let sysroot = cmd::output(nightly_rustc().args(["--print", "sysroot"]))
-        .map_err(step_error("asking nightly rustc for its sysroot"))?;
+/// The toolchain's own libLLVM (`libLLVM.so.<major>.<minor>-rust-<version>`).
+fn toolchain_libllvm(toolchain: &str) -> Result<PathBuf, SetupError> {
+    let sysroot = cmd::output(toolchain_rustc(toolchain).args(["--print", "sysroot"])).map_err(
+        step_error("asking the eBPF toolchain's rustc for its sysroot"),
+    )?;
     let sysroot = PathBuf::from(sysroot.trim());
     let lib = sysroot.join("lib");
     std::fs::read_dir(&lib)
@@ -182,7 +259,10 @@ fn nightly_libllvm() -> Result<PathBuf, SetupError> {
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("libLLVM.so.") && n.contains("-rust-"))
         })
-        .ok_or(SetupError::NoLibLlvm { sysroot })
+        .ok_or_else(|| SetupError::NoLibLlvm {
+            toolchain: toolchain.to_owned(),
+            sysroot,
+        })
 }
 
 /// `libLLVM.so.22.1-rust-1.97.0-nightly` → 22.
@@ -193,13 +273,35 @@ fn llvm_major(libllvm: &Path) -> Option<u32> {
     major.parse().ok()
 }
 
-/// Ensures `<LLVM_PREFIX>/lib/{libLLVM.so, <soname>}` point at nightly's libLLVM:
-/// the first is what bpf-linker's build links against, the second what it loads.
-fn llvm_prefix() -> Result<Outcome, SetupError> {
-    let target = nightly_libllvm()?;
+/// Ensures `<LLVM_PREFIX>/lib/{libLLVM.so, <soname>}` point at the eBPF
+/// toolchain's libLLVM: the first is what bpf-linker's build links against, the
+/// second what it loads. Links to other libLLVM versions are removed, so a
+/// bpf-linker built against another toolchain's LLVM stops loading and is
+/// rebuilt.
+fn llvm_prefix(toolchain: &str) -> Result<Outcome, SetupError> {
+    let target = toolchain_libllvm(toolchain)?;
     let lib = Path::new(LLVM_PREFIX).join("lib");
     let soname = target.file_name().expect("found by file name").to_owned();
     let mut changed = Vec::new();
+    let remove = |link: &Path, what| match std::fs::remove_file(link) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(SetupError::Io {
+            what,
+            path: link.to_owned(),
+            source,
+        }),
+    };
+    if let Ok(entries) = std::fs::read_dir(&lib) {
+        for stale in entries.flatten().map(|e| e.path()).filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("libLLVM.so.") && *n != *soname)
+        }) {
+            remove(&stale, "cannot remove")?;
+            changed.push(format!("removed {}", stale.display()));
+        }
+    }
     for link in [lib.join("libLLVM.so"), lib.join(&soname)] {
         if std::fs::read_link(&link).is_ok_and(|t| t == target) {
             continue;
@@ -209,54 +311,101 @@ fn llvm_prefix() -> Result<Outcome, SetupError> {
             move |source| SetupError::Io { what, path, source }
         };
         std::fs::create_dir_all(&lib).map_err(io("cannot create"))?;
-        match std::fs::remove_file(&link) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("cannot replace")(e)),
-        }
-        std::os::unix::fs::symlink(&target, &link).map_err(io("cannot create symlink"))?;
-        changed.push(link.display().to_string());
+        // A new link renamed over the old one: a bpf-linker starting meanwhile
+        // (another build) finds one or the other, never none.
+        let mut staged = link.clone().into_os_string();
+        staged.push(".new");
+        let staged = PathBuf::from(staged);
+        remove(&staged, "cannot replace")?;
+        std::os::unix::fs::symlink(&target, &staged).map_err(io("cannot create symlink"))?;
+        std::fs::rename(&staged, &link).map_err(io("cannot replace"))?;
+        changed.push(format!("linked {}", link.display()));
     }
     Ok(if changed.is_empty() {
         Outcome::Skipped(format!("{LLVM_PREFIX}/lib points at {}", target.display()))
     } else {
-        Outcome::Done(format!(
-            "linked {} -> {}",
-            changed.join(", "),
-            target.display()
-        ))
+        Outcome::Done(format!("{} -> {}", changed.join(", "), target.display()))
     })
 }
 
-fn bpf_linker() -> Result<Outcome, SetupError> {
-    if let Ok(version) = cmd::output(Command::new("bpf-linker").arg("--version")) {
-        return Ok(Outcome::Skipped(format!("works ({})", version.trim())));
+/// bpf-linker [`BPF_LINKER_VERSION`], run as the eBPF build runs it (through
+/// the toolchain, whose LLVM it loads); built against that LLVM when it is
+/// missing, another version, or does not load.
+fn bpf_linker(toolchain: &str) -> Result<Outcome, SetupError> {
+    let wanted = format!("bpf-linker {BPF_LINKER_VERSION}");
+    let mut probe = Command::new("rustup");
+    probe.args(["run", toolchain, "bpf-linker", "--version"]);
+    if let Ok(version) = cmd::output(&mut probe)
+        && version.trim() == wanted
+    {
+        return Ok(Outcome::Skipped(format!(
+            "works with {toolchain} ({wanted})"
+        )));
     }
-    let libllvm = nightly_libllvm()?;
+    let libllvm = toolchain_libllvm(toolchain)?;
     let major = llvm_major(&libllvm).ok_or_else(|| SetupError::NoLibLlvm {
+        toolchain: toolchain.to_owned(),
         sysroot: libllvm.clone(),
     })?;
     println!(
-        "setup: bpf-linker: building from crates.io against {} (takes minutes)",
+        "setup: bpf-linker: building {wanted} from crates.io against {} (takes minutes)",
         libllvm.display()
     );
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     cmd::run_visible(
-        Command::new(cargo)
-            .args([
-                "install",
-                "--force",
-                "bpf-linker",
-                "--no-default-features",
-                "--features",
-            ])
+        cmd::cargo()
+            .args(["install", "--locked", "--force"])
+            .arg(format!("bpf-linker@{BPF_LINKER_VERSION}"))
+            .args(["--no-default-features", "--features"])
             .arg(format!("llvm-{major}"))
             .env("LLVM_PREFIX", LLVM_PREFIX),
     )
     .map_err(step_error("installing bpf-linker"))?;
-    Ok(Outcome::Done(format!(
-        "installed bpf-linker (llvm-{major})"
-    )))
+    Ok(Outcome::Done(format!("installed {wanted} (llvm-{major})")))
+}
+
+/// rustfmt and clippy of the toolchain cargo runs with.
+fn rustup_components() -> Result<Outcome, SetupError> {
+    let missing: Vec<&str> = RUSTUP_COMPONENTS
+        .iter()
+        .filter(|(_, subcommand)| {
+            cmd::output(cmd::cargo().args([subcommand, "--version"])).is_err()
+        })
+        .map(|(component, _)| *component)
+        .collect();
+    if missing.is_empty() {
+        return Ok(Outcome::Skipped("installed".into()));
+    }
+    cmd::run_visible(
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )
+    .map_err(step_error("adding rustfmt and clippy"))?;
+    Ok(Outcome::Done(format!("added {}", missing.join(", "))))
+}
+
+/// A pinned cargo subcommand from crates.io, installed when missing or of
+/// another version (`cargo install --locked`, into cargo's bin directory).
+fn cargo_tool(tool: &CargoTool) -> Result<Outcome, SetupError> {
+    if let Ok(version) = cmd::output(cmd::cargo().args([tool.subcommand, "--version"]))
+        && version.split_whitespace().last() == Some(tool.version)
+    {
+        return Ok(Outcome::Skipped(format!("{} present", tool.version)));
+    }
+    println!(
+        "setup: {}: building {} from crates.io (takes minutes)",
+        tool.krate, tool.version
+    );
+    cmd::run_visible(
+        cmd::cargo()
+            .args(["install", "--locked", "--force"])
+            .arg(format!("{}@{}", tool.krate, tool.version)),
+    )
+    .map_err(|source| SetupError::CargoInstall {
+        krate: tool.krate,
+        source,
+    })?;
+    Ok(Outcome::Done(format!("installed {}", tool.version)))
 }
 
 fn apt_packages() -> Result<Outcome, SetupError> {
@@ -375,6 +524,22 @@ fn cgroup2() -> Result<Outcome, SetupError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ebpf_toolchain_is_the_channel_of_its_file() {
+        assert_eq!(
+            toolchain_channel(
+                "# pinned\n[toolchain]\nchannel = \"nightly-2026-05-20\"\ncomponents = [\"rust-src\"]\n"
+            ),
+            Some("nightly-2026-05-20".to_owned())
+        );
+        assert_eq!(toolchain_channel("[toolchain]\ncomponents = []\n"), None);
+        let pinned = ebpf_toolchain().unwrap();
+        assert!(
+            pinned.starts_with("nightly-") && pinned.len() == "nightly-YYYY-MM-DD".len(),
+            "{EBPF_TOOLCHAIN_FILE} must pin a dated nightly, not {pinned:?}"
+        );
+    }
 
     #[test]
     fn llvm_major_comes_from_the_file_name() {

@@ -1,5 +1,6 @@
 //! The data path end to end on the testbed (root, real kernel eBPF, real
-//! mTLS, real identity service): what issue 4 promises users.
+//! mTLS, real identity service): what the mesh promises its users, from
+//! mTLS with kernel-attested identities to failing closed.
 
 use std::{
     collections::BTreeMap,

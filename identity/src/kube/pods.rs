@@ -17,7 +17,6 @@ use std::{
     },
 };
 
-use async_trait::async_trait;
 use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
@@ -30,6 +29,7 @@ use sealmesh_common::{
     identity::{Identity, TrustDomain},
     mesh,
 };
+use tonic::async_trait;
 
 use crate::auth::{AuthError, WorkloadDirectory};
 

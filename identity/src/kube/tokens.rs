@@ -12,7 +12,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use async_trait::async_trait;
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
     core::v1::Pod,
@@ -26,6 +25,7 @@ use sealmesh_common::{
     identity::TrustDomain,
 };
 use sha2::{Digest as _, Sha256};
+use tonic::async_trait;
 
 use super::pods::terminated_phase;
 use crate::{

@@ -10,7 +10,7 @@ use std::{
 };
 
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, SignatureAlgorithm};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 use sealmesh_common::{
     cluster::{ClusterFile, Namespace, Node, Pod, ServiceAccount},
     identity::{Identity, TrustDomain},
@@ -163,7 +163,7 @@ pub fn pod(name: &str, sa: &str, node: &str, ip: &str) -> Pod {
 }
 
 pub fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    rustls_pemfile::certs(&mut pem.as_bytes())
+    CertificateDer::pem_slice_iter(pem.as_bytes())
         .collect::<Result<_, _>>()
         .unwrap()
 }

@@ -1,10 +1,11 @@
 //! An in-process Kubernetes API server for tests and the local testbed.
 //!
-//! There is no kube-apiserver on the machines sealmesh is tested on, yet the
-//! agents, the identity service and the testbed must run against the real
-//! API's paths, JSON shapes and list/watch semantics, and must later work
-//! unchanged against a real kube-apiserver (v1.28+). This crate serves that
-//! API over plain HTTP/1.1 on 127.0.0.1, for kube-rs and `kubectl` alike.
+//! sealmesh's tests and testbed run without a kube-apiserver (which needs
+//! etcd and a cluster's binaries), yet the agents, the identity service and
+//! the testbed must run against the real API's paths, JSON shapes and
+//! list/watch semantics, and work unchanged against a real kube-apiserver
+//! (v1.28+). This crate serves that API over plain HTTP/1.1 on 127.0.0.1,
+//! for kube-rs and `kubectl` alike.
 //!
 //! Modelled as the real server does it:
 //! - paths of core/v1 (namespaces, nodes, pods, services, serviceaccounts,
