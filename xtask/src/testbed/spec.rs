@@ -29,7 +29,8 @@ pub enum SpecError {
     PodName {
         namespace: String,
         name: String,
-        source: identity::IdentityError,
+        // Boxed: the error is rare and large; every testbed result carries its size.
+        source: Box<identity::IdentityError>,
     },
     #[error("service {namespace}/{name}: VIP {vip} is outside the Service range {SERVICE_CIDR}")]
     VipOutsideServiceRange {
@@ -183,7 +184,7 @@ impl TestbedSpec {
             identity::check_name(&pod.name).map_err(|source| SpecError::PodName {
                 namespace: pod.namespace.clone(),
                 name: pod.name.clone(),
-                source,
+                source: Box::new(source),
             })?;
             let count = per_node
                 .get_mut(pod.node)
