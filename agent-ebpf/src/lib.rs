@@ -12,11 +12,14 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 /// Version of the pinned maps' layout and meaning. The agent pins maps under a directory named
 /// after it, so an upgraded agent with a different layout never reuses incompatible maps (and the
 /// old programs keep their own maps until their links are replaced).
-pub const MAP_ABI_VERSION: u32 = 1;
+///
+/// 2: the connecting task's origin comes from `POD_PARENT_CGROUPS`, `AGENT_CGROUPS` and
+/// `UNMESHED_PODS` besides `MESHED_PODS`.
+pub const MAP_ABI_VERSION: u32 = 2;
 
-/// Deepest cgroup level the connect4 program inspects when looking for a meshed pod among the
-/// socket's cgroup and its ancestors. Kubernetes pod cgroups sit at level 3–5 (plus container
-/// scopes below them); 32 leaves room for nested setups and keeps the loop small for the verifier.
+/// Deepest cgroup level the connect programs inspect when classifying the connecting task by its
+/// cgroup and its ancestors. Kubernetes pod cgroups sit at level 3–5 (plus container scopes below
+/// them); 32 leaves room for nested setups and keeps the loop small for the verifier.
 pub const MAX_CGROUP_DEPTH: i32 = 32;
 
 /// Names of the maps and globals in the eBPF object. The eBPF side declares statics with exactly
@@ -24,6 +27,14 @@ pub const MAX_CGROUP_DEPTH: i32 = 32;
 pub mod names {
     /// `HashMap<u64 cgroup id, u8>`: pod cgroups whose sockets are redirected (pinned).
     pub const MESHED_PODS: &str = "MESHED_PODS";
+    /// `HashMap<u64 cgroup id, u8>`: cgroups whose descendants are pods: the node cgroup in local
+    /// mode, kubelet's `kubepods` cgroup and its QoS children in Kubernetes mode (pinned).
+    pub const POD_PARENT_CGROUPS: &str = "POD_PARENT_CGROUPS";
+    /// `HashMap<u64 cgroup id, u8>`: the agent's own cgroup(s); their tasks are never pods
+    /// (pinned).
+    pub const AGENT_CGROUPS: &str = "AGENT_CGROUPS";
+    /// `HashMap<u64 cgroup id, u8>`: pod cgroups the agent knows and that are not meshed (pinned).
+    pub const UNMESHED_PODS: &str = "UNMESHED_PODS";
     /// `LruHashMap<u64 socket cookie, RedirectRecord>`: connect4 → sock_ops hand-over (pinned).
     pub const REDIRECT_BY_COOKIE: &str = "REDIRECT_BY_COOKIE";
     /// `LruHashMap<ConnectionKey, RedirectRecord>`: records the agent takes on accept (pinned).
@@ -61,6 +72,10 @@ pub mod names {
 /// (the agent died between a pod's connect and its accept) cannot fill them up.
 pub mod capacity {
     pub const MESHED_PODS: u32 = 4096;
+    /// kubepods and its two QoS children, for both cgroup drivers and a nested root slice.
+    pub const POD_PARENT_CGROUPS: u32 = 64;
+    pub const AGENT_CGROUPS: u32 = 16;
+    pub const UNMESHED_PODS: u32 = 4096;
     pub const REDIRECT_BY_COOKIE: u32 = 65536;
     pub const REDIRECT_BY_CONNECTION: u32 = 65536;
     pub const EXCLUDED_PORTS: u32 = 64;

@@ -1,10 +1,11 @@
 //! sealmesh redirect programs, attached by the agent at its node's cgroup.
 //!
 //! - `redirect_connect4` (cgroup/connect4, and `redirect_connect6` for IPv4-mapped
-//!   destinations of dual-stack sockets): a TCP connect from a meshed pod (its cgroup or an
-//!   ancestor is in `MESHED_PODS`) to a non-excluded destination is rewritten to the agent's
-//!   outbound listener; the original destination and the pod's cgroup id are recorded under the
-//!   socket cookie. It always allows the connect: redirection never blocks, the agent decides.
+//!   destinations of dual-stack sockets): classifies the connecting task by its cgroups
+//!   ([`current_origin`]); a TCP connect from a meshed pod (its cgroup or an ancestor is in
+//!   `MESHED_PODS`) to a non-excluded destination is rewritten to the agent's outbound listener;
+//!   the original destination and the pod's cgroup id are recorded under the socket cookie. It
+//!   always allows the connect: redirection never blocks, the agent decides.
 //! - `track_redirected` (sock_ops): once such a socket is established, moves the record to a map
 //!   keyed by the connection as the agent sees it on accept, and deletes records of connections
 //!   that die before the agent collected them. With sockmap acceleration on, it also adds both
@@ -59,6 +60,12 @@ static SOCKMAP_ACCELERATION: Global<u8> = Global::new(0);
 
 #[map]
 static MESHED_PODS: HashMap<u64, u8> = HashMap::pinned(capacity::MESHED_PODS, 0);
+#[map]
+static POD_PARENT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(capacity::POD_PARENT_CGROUPS, 0);
+#[map]
+static AGENT_CGROUPS: HashMap<u64, u8> = HashMap::pinned(capacity::AGENT_CGROUPS, 0);
+#[map]
+static UNMESHED_PODS: HashMap<u64, u8> = HashMap::pinned(capacity::UNMESHED_PODS, 0);
 #[map]
 static REDIRECT_BY_COOKIE: LruHashMap<u64, RedirectRecord> =
     LruHashMap::pinned(capacity::REDIRECT_BY_COOKIE, 0);
@@ -160,7 +167,13 @@ fn redirect_target(
     dst_ip_network_order: u32,
     user_port: u32,
 ) -> Option<RedirectTarget> {
-    let source_cgroup = meshed_pod_cgroup()?;
+    let Origin::Pod {
+        cgroup: source_cgroup,
+        mesh: PodMesh::Meshed,
+    } = current_origin()
+    else {
+        return None;
+    };
     let dst_ip = u32::from_be(dst_ip_network_order);
     let dst_port = u16::from_be(user_port as u16);
     let listener_ip = LISTENER_IP4.load();
@@ -192,20 +205,80 @@ fn redirect_target(
     })
 }
 
-/// The id of the meshed pod cgroup the current task belongs to (its own cgroup or an ancestor).
-fn meshed_pod_cgroup() -> Option<u64> {
-    // Level 0 is the root cgroup, never a pod.
+/// Where the connecting task comes from, by its cgroups.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// Not below any pod parent cgroup: the node itself (kubelet, system daemons).
+    Host,
+    /// The agent: one of its cgroups is the task's or an ancestor (below every pod parent).
+    Agent,
+    /// A pod: `cgroup` is the pod's cgroup (the first ancestor below the deepest pod parent, or
+    /// the meshed cgroup that matched).
+    Pod { cgroup: u64, mesh: PodMesh },
+}
+
+/// What the agent has told the kernel about a pod cgroup.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PodMesh {
+    /// In `MESHED_PODS` (at any level of the task's cgroups).
+    Meshed,
+    /// In `UNMESHED_PODS`.
+    Unmeshed,
+    /// Neither: a pod the agent has not resolved yet.
+    Unknown,
+}
+
+/// The deepest marker seen so far while walking the task's cgroups from the root down.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Marker {
+    None,
+    PodParent,
+    Agent,
+}
+
+/// Classifies the current task once, walking its cgroup ancestry from the root (bounded by
+/// [`MAX_CGROUP_DEPTH`]). A meshed cgroup at any level makes it that meshed pod. Otherwise the
+/// deepest of a pod parent and an agent cgroup decides: below an agent cgroup, the agent; below a
+/// pod parent, the pod whose cgroup is the first level under the deepest parent; neither (or the
+/// parent itself), the host. A cgroup that is both a pod parent and the agent's counts as a pod
+/// parent: local-mode agents run in their node's cgroup, which is the pods' parent.
+fn current_origin() -> Origin {
+    let mut marker = Marker::None;
+    let mut pod = 0u64;
+    // Level 0 is the root cgroup: never a pod, a pod parent or the agent's.
     for level in 1..MAX_CGROUP_DEPTH {
         // SAFETY: plain helper call; returns 0 past the task's own level.
         let id = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
         if id == 0 {
-            return None;
+            break;
         }
         if MESHED_PODS.get_ptr(id).is_some() {
-            return Some(id);
+            return Origin::Pod {
+                cgroup: id,
+                mesh: PodMesh::Meshed,
+            };
+        }
+        if POD_PARENT_CGROUPS.get_ptr(id).is_some() {
+            marker = Marker::PodParent;
+            pod = 0;
+        } else if AGENT_CGROUPS.get_ptr(id).is_some() {
+            marker = Marker::Agent;
+        } else if marker == Marker::PodParent && pod == 0 {
+            pod = id;
         }
     }
-    None
+    match marker {
+        Marker::Agent => Origin::Agent,
+        Marker::PodParent if pod != 0 => Origin::Pod {
+            cgroup: pod,
+            mesh: if UNMESHED_PODS.get_ptr(pod).is_some() {
+                PodMesh::Unmeshed
+            } else {
+                PodMesh::Unknown
+            },
+        },
+        _ => Origin::Host,
+    }
 }
 
 #[sock_ops]

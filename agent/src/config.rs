@@ -221,6 +221,11 @@ pub struct Args {
     /// (kubepods.slice/... or kubepods/...) [default: the host's cgroup2 mount].
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
+    /// Kubernetes mode: the UID of the agent's own pod (the DaemonSet sets it from
+    /// metadata.uid), whose cgroup below --cgroup-root marks the agent's connections as its own
+    /// even where /proc/self/cgroup shows a cgroup namespace's view.
+    #[arg(long, env = "SEALMESH_POD_UID")]
+    pub agent_pod_uid: Option<String>,
     /// Directory to pin eBPF maps and links in [default: <bpffs>/sealmesh/<cluster>/<node>,
     /// <cluster> = "kubernetes" in kubernetes mode].
     #[arg(long)]
@@ -308,6 +313,9 @@ pub struct KubeSettings {
     pub namespace: String,
     /// Where the kubelet's pod cgroups are found.
     pub cgroup_root: PathBuf,
+    /// The agent's own pod, when the downward API names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_pod_uid: Option<String>,
 }
 
 /// The mode and what only that mode needs.
@@ -487,6 +495,12 @@ impl Config {
                 "the cluster file names each pod's cgroup; remove the flag",
             ));
         }
+        if args.agent_pod_uid.is_some() {
+            return Err(not_local(
+                "--agent-pod-uid (SEALMESH_POD_UID)",
+                "a local-mode agent runs in its node's cgroup, not in a pod; remove it",
+            ));
+        }
         let cluster_file = args
             .cluster_file
             .clone()
@@ -605,6 +619,7 @@ impl Config {
         let source = Source::Kubernetes(KubeSettings {
             namespace,
             cgroup_root,
+            agent_pod_uid: args.agent_pod_uid.clone(),
         });
         Self::finish(
             args,
@@ -927,6 +942,7 @@ nodes:
             Source::Kubernetes(KubeSettings {
                 namespace: "sealmesh".into(),
                 cgroup_root: "/sys/fs/cgroup".into(),
+                agent_pod_uid: None,
             })
         );
         assert_eq!(c.node, "n1");
@@ -957,6 +973,8 @@ nodes:
             "172.18.0.1:8080",
             "--token-file",
             "/run/token",
+            "--agent-pod-uid",
+            "6f1c2d3e-0a1b-4c5d-8e9f-001122334455",
         ])
         .unwrap();
         assert_eq!(
@@ -968,6 +986,7 @@ nodes:
             Source::Kubernetes(KubeSettings {
                 namespace: "mesh-system".into(),
                 cgroup_root: "/sys/fs/cgroup/kubelet.slice".into(),
+                agent_pod_uid: Some("6f1c2d3e-0a1b-4c5d-8e9f-001122334455".into()),
             })
         );
         assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup/kubelet.slice"));
@@ -999,6 +1018,17 @@ nodes:
                 err,
                 ConfigError::NotForMode {
                     mode: Mode::Local,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        let err = resolve(&["--agent-pod-uid", "6f1c2d3e"]).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ConfigError::NotForMode {
+                    flag: "--agent-pod-uid (SEALMESH_POD_UID)",
                     ..
                 }
             ),

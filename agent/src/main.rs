@@ -18,9 +18,9 @@ use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
     certs::{CertStore, CertStoreConfig},
     config::{Config, IdentityAddr, KubeSettings, LocalSettings, LogFormat, Source},
-    ebpf::{EbpfError, MeshedCgroups, RedirectConfig, Redirector},
+    ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
     kube::{
-        self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig,
+        self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig, PodCgroups,
         trust_roots::{fetch_trust_roots, trust_roots_origin, watch_trust_roots},
     },
     metrics::{self, Metrics},
@@ -116,6 +116,15 @@ async fn run(config: Config) -> Result<()> {
     };
 
     let started = SystemTime::now();
+    // Before the agent opens any connection: a previous agent's programs must see them as the
+    // agent's (a pod cgroup nobody knows would be redirected).
+    let agent_cgroups = agent_pod_cgroups(&config)?;
+    Redirector::admit_agent(&config.bpffs_dir, &agent_cgroups).with_context(|| {
+        format!(
+            "marking the agent's cgroups in the pinned maps under {}",
+            config.bpffs_dir.display()
+        )
+    })?;
     let identity_addr = resolve_identity_addr(&config.identity_addr).await?;
     let cert_config = CertStoreConfig {
         identity_addr,
@@ -143,6 +152,8 @@ async fn run(config: Config) -> Result<()> {
             excluded_ports: Vec::new(),
             excluded_cidrs: identity_service_cidr(identity_addr).into_iter().collect(),
             sockmap_acceleration: config.sockmap_acceleration,
+            pod_parent_cgroups: registry_dyn.pod_parent_cgroups(),
+            agent_cgroups,
         })
         .with_context(|| {
             format!(
@@ -190,7 +201,7 @@ async fn run(config: Config) -> Result<()> {
     // Redirect the node's meshed pods before announcing the start, so that
     // "started" means their connections are secured (or fail closed).
     let meshed_pods = sync_once(registry_dyn.as_ref(), redirector.as_ref())
-        .context("redirecting the node's meshed pods")?;
+        .context("classifying the node's pod cgroups in the eBPF maps")?;
 
     let mut tasks = tokio::task::JoinSet::new();
     match source {
@@ -207,7 +218,7 @@ async fn run(config: Config) -> Result<()> {
         }
     }
     tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
-    tasks.spawn(sync_meshed_cgroups(registry_dyn, redirector, stopped()));
+    tasks.spawn(sync_cgroup_roles(registry_dyn, redirector, stopped()));
     tasks.spawn(proxy.run(stopped()));
     tasks.spawn(state.clone().forget_departed(metrics.clone(), stopped()));
     let readiness_state = state.clone();
@@ -348,11 +359,35 @@ async fn wait_for_signal() -> Result<()> {
     Ok(())
 }
 
-/// Keeps the eBPF meshed-cgroup map equal to the cgroups of this node's
-/// meshed pods, on every registry change, until `shutdown`.
-async fn sync_meshed_cgroups(
+/// The agent's pod cgroup in Kubernetes mode, when its UID is given (the
+/// redirector adds the cgroup the agent runs in by itself).
+fn agent_pod_cgroups(config: &Config) -> Result<Vec<u64>> {
+    let Source::Kubernetes(KubeSettings {
+        cgroup_root,
+        agent_pod_uid: Some(uid),
+        ..
+    }) = &config.source
+    else {
+        return Ok(Vec::new());
+    };
+    let cgroups = PodCgroups::new(cgroup_root.clone());
+    let found = cgroups.find(uid).with_context(|| {
+        format!(
+            "the agent's pod (UID {uid}, SEALMESH_POD_UID) has no cgroup under --cgroup-root {}; \
+             point --cgroup-root at the host's cgroup2 mount as the kubelet uses it",
+            cgroup_root.display()
+        )
+    })?;
+    tracing::debug!(uid, cgroup = %found.dir.display(), "agent pod cgroup found");
+    Ok(vec![found.id])
+}
+
+/// Keeps the eBPF cgroup maps equal to the registry's view of this node
+/// (meshed and unmeshed pods, pod parents), on every registry change,
+/// until `shutdown`.
+async fn sync_cgroup_roles(
     registry: Arc<dyn WorkloadRegistry>,
-    cgroups: Arc<dyn MeshedCgroups>,
+    cgroups: Arc<dyn CgroupRoles>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut changes = registry.subscribe();
@@ -361,7 +396,7 @@ async fn sync_meshed_cgroups(
         let failed = match sync_once(registry.as_ref(), cgroups.as_ref()) {
             Ok(_) => false,
             Err(error) => {
-                tracing::error!(%error, retry_in = ?CGROUP_SYNC_RETRY, "cannot update the meshed-cgroup map; affected pods are not redirected (their traffic is not secured) until this succeeds");
+                tracing::error!(%error, retry_in = ?CGROUP_SYNC_RETRY, "cannot update the eBPF cgroup maps; affected pods are classified from stale entries (new pods are held or refused) until this succeeds");
                 true
             }
         };
@@ -376,24 +411,39 @@ async fn sync_meshed_cgroups(
 /// Returns how many pod cgroups are meshed now.
 fn sync_once(
     registry: &dyn WorkloadRegistry,
-    cgroups: &dyn MeshedCgroups,
+    cgroups: &dyn CgroupRoles,
 ) -> Result<usize, EbpfError> {
-    let wanted: BTreeSet<u64> = registry
-        .local_workloads()
-        .iter()
-        .filter(|w| w.meshed)
-        .filter_map(|w| w.cgroup_id)
-        .collect();
-    let present: BTreeSet<u64> = cgroups.ids()?.into_iter().collect();
-    for &id in wanted.difference(&present) {
-        cgroups.insert(id)?;
-        tracing::info!(cgroup = id, "pod cgroup meshed");
+    let local = registry.local_workloads();
+    let pods = |meshed: bool| -> BTreeSet<u64> {
+        local
+            .iter()
+            .filter(|w| w.meshed == meshed)
+            .filter_map(|w| w.cgroup_id)
+            .collect()
+    };
+    let meshed = pods(true);
+    let meshed_count = meshed.len();
+    let wanted = [
+        (CgroupRole::MeshedPod, meshed),
+        (CgroupRole::UnmeshedPod, pods(false)),
+        (
+            CgroupRole::PodParent,
+            registry.pod_parent_cgroups().into_iter().collect(),
+        ),
+    ];
+    for (role, changes) in sync_roles(cgroups, &wanted)? {
+        for cgroup in changes.added {
+            tracing::info!(cgroup, role = role.describe(), "cgroup classified");
+        }
+        for cgroup in changes.removed {
+            tracing::info!(
+                cgroup,
+                role = role.describe(),
+                "cgroup no longer classified"
+            );
+        }
     }
-    for &id in present.difference(&wanted) {
-        cgroups.remove(id)?;
-        tracing::info!(cgroup = id, "pod cgroup no longer meshed");
-    }
-    Ok(wanted.len())
+    Ok(meshed_count)
 }
 
 #[cfg(test)]
@@ -434,25 +484,45 @@ mod tests {
         fn local_workloads(&self) -> Vec<Arc<Workload>> {
             self.local.clone()
         }
+        fn pod_parent_cgroups(&self) -> Vec<u64> {
+            vec![1]
+        }
         fn subscribe(&self) -> watch::Receiver<u64> {
             self.version.subscribe()
         }
     }
 
+    /// The maps as sets, recording every change in order.
     #[derive(Default)]
-    struct Map(Mutex<BTreeSet<u64>>);
+    struct Maps {
+        sets: Mutex<std::collections::BTreeMap<CgroupRole, BTreeSet<u64>>>,
+        log: Mutex<Vec<(&'static str, CgroupRole, u64)>>,
+    }
 
-    impl MeshedCgroups for Map {
-        fn insert(&self, id: u64) -> Result<(), EbpfError> {
-            self.0.lock().unwrap().insert(id);
+    impl CgroupRoles for Maps {
+        fn insert(&self, role: CgroupRole, id: u64) -> Result<(), EbpfError> {
+            self.sets
+                .lock()
+                .unwrap()
+                .entry(role)
+                .or_default()
+                .insert(id);
+            self.log.lock().unwrap().push(("insert", role, id));
             Ok(())
         }
-        fn remove(&self, id: u64) -> Result<(), EbpfError> {
-            self.0.lock().unwrap().remove(&id);
+        fn remove(&self, role: CgroupRole, id: u64) -> Result<(), EbpfError> {
+            self.sets
+                .lock()
+                .unwrap()
+                .entry(role)
+                .or_default()
+                .remove(&id);
+            self.log.lock().unwrap().push(("remove", role, id));
             Ok(())
         }
-        fn ids(&self) -> Result<Vec<u64>, EbpfError> {
-            Ok(self.0.lock().unwrap().iter().copied().collect())
+        fn ids(&self, role: CgroupRole) -> Result<Vec<u64>, EbpfError> {
+            let sets = self.sets.lock().unwrap();
+            Ok(sets.get(&role).into_iter().flatten().copied().collect())
         }
     }
 
@@ -471,8 +541,8 @@ mod tests {
     }
 
     #[test]
-    fn map_holds_exactly_the_meshed_local_cgroups() {
-        let registry = Workloads {
+    fn maps_hold_exactly_the_local_pods_by_meshing_and_the_pod_parents() {
+        let mut registry = Workloads {
             node: NodeInfo {
                 name: "node-0".into(),
                 ip: Ipv4Addr::new(172, 18, 0, 2),
@@ -486,10 +556,36 @@ mod tests {
             ],
             version: watch::Sender::new(0),
         };
+        let maps = Maps::default();
         // 99: a pod that left the node; 12: already there.
-        let map = Map(Mutex::new(BTreeSet::from([12, 99])));
-        sync_once(&registry, &map).unwrap();
-        assert_eq!(map.ids().unwrap(), [11, 12]);
+        for id in [12, 99] {
+            maps.insert(CgroupRole::MeshedPod, id).unwrap();
+        }
+        assert_eq!(sync_once(&registry, &maps).unwrap(), 2);
+        assert_eq!(maps.ids(CgroupRole::MeshedPod).unwrap(), [11, 12]);
+        assert_eq!(maps.ids(CgroupRole::UnmeshedPod).unwrap(), [13]);
+        assert_eq!(maps.ids(CgroupRole::PodParent).unwrap(), [1]);
+
+        // web leaves the mesh, opted-out joins it: each is added to its new
+        // map before it leaves the old one.
+        registry.local = vec![
+            pod("web", false, Some(11)),
+            pod("opted-out", true, Some(13)),
+        ];
+        maps.log.lock().unwrap().clear();
+        sync_once(&registry, &maps).unwrap();
+        assert_eq!(maps.ids(CgroupRole::MeshedPod).unwrap(), [13]);
+        assert_eq!(maps.ids(CgroupRole::UnmeshedPod).unwrap(), [11]);
+        assert_eq!(
+            *maps.log.lock().unwrap(),
+            [
+                ("insert", CgroupRole::MeshedPod, 13),
+                ("insert", CgroupRole::UnmeshedPod, 11),
+                ("remove", CgroupRole::MeshedPod, 11),
+                ("remove", CgroupRole::MeshedPod, 12),
+                ("remove", CgroupRole::UnmeshedPod, 13),
+            ]
+        );
     }
 
     #[test]

@@ -63,6 +63,8 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     /// without endpoints or that port).
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint>;
     fn local_workloads(&self) -> Vec<Arc<Workload>>;
+    /// Ids of the cgroups this node's pods are created in (their direct parents), sorted.
+    fn pod_parent_cgroups(&self) -> Vec<u64>;
     /// Bumped on every change (pods/services come and go).
     fn subscribe(&self) -> watch::Receiver<u64>;
 }
@@ -269,6 +271,10 @@ impl WorkloadRegistry for LocalRegistry {
         self.published.local_workloads()
     }
 
+    fn pod_parent_cgroups(&self) -> Vec<u64> {
+        self.published.pod_parent_cgroups()
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
     }
@@ -283,6 +289,8 @@ pub(crate) struct Snapshot {
     local: Vec<Arc<Workload>>,
     /// Service VIP -> Service port -> the endpoints behind it.
     services: HashMap<Ipv4Addr, HashMap<u16, Backends>>,
+    /// The cgroups this node's pods are created in, sorted.
+    pub(crate) pod_parents: Vec<u64>,
     /// A local pod's cgroup directory did not exist (yet): worth a re-scan.
     pub(crate) missing_cgroups: bool,
 }
@@ -342,7 +350,11 @@ impl Snapshot {
 
     fn build(file: &ClusterFile, local_node: &str) -> Result<Self, RegistryError> {
         let mut workloads = Vec::with_capacity(file.pods.len());
-        let mut missing_cgroups = false;
+        // The node's cgroup is the parent of its pods' cgroups.
+        let node_cgroup = file
+            .node(local_node)
+            .map(|node| host::cgroup_id(&node.cgroup));
+        let mut missing_cgroups = !matches!(node_cgroup, Some(Ok(_)));
         for pod in &file.pods {
             let node = file
                 .node(&pod.node)
@@ -374,6 +386,7 @@ impl Snapshot {
         }
         let mut snapshot = Self::with_workloads(workloads, local_node);
         snapshot.missing_cgroups = missing_cgroups;
+        snapshot.pod_parents = node_cgroup.and_then(Result::ok).into_iter().collect();
         for svc in &file.services {
             for port in &svc.ports {
                 let endpoints = file
@@ -454,6 +467,10 @@ impl Published {
 
     pub(crate) fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.snapshot.load().local.clone()
+    }
+
+    pub(crate) fn pod_parent_cgroups(&self) -> Vec<u64> {
+        self.snapshot.load().pod_parents.clone()
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -648,6 +665,16 @@ services:
         fx.rewrite(|_| {});
         assert!(!reg.reload().unwrap());
         assert!(!changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn the_node_cgroup_is_the_pods_parent() {
+        let fx = Fixture::new();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        assert_eq!(
+            reg.pod_parent_cgroups(),
+            [cgroup_id(&fx.dir.path().join("node-0")).unwrap()]
+        );
     }
 
     #[test]

@@ -18,9 +18,10 @@ use std::{
     time::Duration,
 };
 
+use agent_ebpf::MAP_ABI_VERSION;
 use nix::sched::{CloneFlags, setns};
 use sealmesh_agent::ebpf::{
-    KERNEL_LOG_TARGET, MeshedCgroups, Redirect, RedirectConfig, RedirectTable, Redirector,
+    CgroupRole, CgroupRoles, KERNEL_LOG_TARGET, Redirect, RedirectConfig, RedirectTable, Redirector,
 };
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use support::{Spec, Testbed};
@@ -97,27 +98,33 @@ fn loads_attaches_pins_and_uninstalls() {
         (0, 0, 0)
     );
     assert_eq!(status.pin_dir, bed.pin_dir());
+    let maps = format!("maps-v{MAP_ABI_VERSION}");
     for pin in [
-        "links/track_redirected",
-        "links/redirect_connect4",
-        "maps-v1/MESHED_PODS",
+        "links/track_redirected".to_owned(),
+        "links/redirect_connect4".to_owned(),
+        format!("{maps}/MESHED_PODS"),
+        format!("{maps}/UNMESHED_PODS"),
+        format!("{maps}/POD_PARENT_CGROUPS"),
+        format!("{maps}/AGENT_CGROUPS"),
     ] {
-        assert!(bed.pin_dir().join(pin).exists(), "{pin} is pinned");
+        assert!(bed.pin_dir().join(&pin).exists(), "{pin} is pinned");
     }
-    // The agent's own cgroup (this test process's) is never meshed.
-    let own = fs::read_to_string("/proc/self/cgroup").unwrap();
-    let own = own
-        .lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .unwrap();
-    let own_id = host::cgroup_id(
-        &host::cgroup2_mount()
-            .unwrap()
-            .join(own.trim_start_matches('/')),
-    )
-    .unwrap();
+    // The pod parents and the agent's cgroups are in their maps before anything attaches: the
+    // configured ones, and the cgroup the agent (this test process) runs in.
+    let own_id = own_cgroup_id();
+    assert_eq!(
+        redirector.ids(CgroupRole::PodParent).unwrap(),
+        [bed.node_cgroup_id()]
+    );
+    let mut agent = redirector.ids(CgroupRole::Agent).unwrap();
+    agent.sort_unstable();
+    let mut expected = vec![own_id, AGENT_POD_CGROUP];
+    expected.sort_unstable();
+    assert_eq!(agent, expected);
+    assert_eq!((status.pod_parent_cgroups, status.agent_cgroups), (1, 2));
+    // The agent's own cgroup is never meshed.
     let error = redirector
-        .insert(own_id)
+        .insert(CgroupRole::MeshedPod, own_id)
         .expect_err("meshing the agent's own cgroup");
     assert!(
         error
@@ -125,7 +132,10 @@ fn loads_attaches_pins_and_uninstalls() {
             .starts_with(&format!("refusing to mesh cgroup {own_id}")),
         "{error}"
     );
-    assert_eq!(redirector.ids().unwrap(), Vec::<u64>::new());
+    assert_eq!(
+        redirector.ids(CgroupRole::MeshedPod).unwrap(),
+        Vec::<u64>::new()
+    );
 
     redirector.uninstall().expect("uninstall");
     assert!(
@@ -139,9 +149,12 @@ fn redirects_meshed_pods_and_their_children_only() {
     let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
     redirector
-        .insert(bed.pod_cgroup_id())
+        .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
         .expect("mark the pod meshed");
-    assert_eq!(redirector.ids().unwrap(), [bed.pod_cgroup_id()]);
+    assert_eq!(
+        redirector.ids(CgroupRole::MeshedPod).unwrap(),
+        [bed.pod_cgroup_id()]
+    );
     let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
     let plain = NetnsListener::spawn(
         &bed,
@@ -242,9 +255,15 @@ fn redirects_meshed_pods_and_their_children_only() {
 
     // Unmeshing the pod stops the redirect.
     redirector
-        .remove(bed.pod_cgroup_id())
+        .remove(CgroupRole::MeshedPod, bed.pod_cgroup_id())
         .expect("unmark the pod");
-    assert_eq!(redirector.ids().unwrap(), Vec::<u64>::new());
+    redirector
+        .insert(CgroupRole::UnmeshedPod, bed.pod_cgroup_id())
+        .expect("mark the pod unmeshed");
+    assert_eq!(
+        redirector.ids(CgroupRole::MeshedPod).unwrap(),
+        Vec::<u64>::new()
+    );
     bed.run_client(&bed.pod, SocketAddrV4::new(NODE_IP, PLAIN_PORT), 1, "send");
     assert_direct(&plain);
     outbound.assert_idle();
@@ -255,7 +274,9 @@ fn redirects_meshed_pods_and_their_children_only() {
 fn no_records_leak_over_many_connections() {
     let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
-    redirector.insert(bed.pod_cgroup_id()).unwrap();
+    redirector
+        .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
+        .unwrap();
 
     // The agent is not listening yet: connects are refused, and their records are deleted.
     bed.run_client(&bed.pod, REMOTE_POD, 50, "refused");
@@ -367,13 +388,36 @@ fn no_records_leak_over_many_connections() {
 fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
     let bed = Testbed::new(&TESTBED);
     let first = Redirector::load(&bed.config()).expect("first agent");
-    first.insert(bed.pod_cgroup_id()).unwrap();
-    let second = Arc::new(Redirector::load(&bed.config()).expect("second agent"));
+    first
+        .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
+        .unwrap();
+    first.insert(CgroupRole::UnmeshedPod, 77).unwrap();
+    // A starting agent marks its cgroups in the pinned maps before it connects anywhere.
+    Redirector::admit_agent(&bed.pin_dir(), &[AGENT_POD_CGROUP + 1]).expect("admit");
+    assert!(
+        first
+            .ids(CgroupRole::Agent)
+            .unwrap()
+            .contains(&(AGENT_POD_CGROUP + 1))
+    );
+    let second = Arc::new(
+        Redirector::load(&RedirectConfig {
+            agent_cgroups: vec![AGENT_POD_CGROUP + 1],
+            ..bed.config()
+        })
+        .expect("second agent"),
+    );
     assert_eq!(
-        second.ids().unwrap(),
+        second.ids(CgroupRole::MeshedPod).unwrap(),
         [bed.pod_cgroup_id()],
         "meshed pods survive in the pinned map"
     );
+    assert_eq!(second.ids(CgroupRole::UnmeshedPod).unwrap(), [77]);
+    let mut agent = second.ids(CgroupRole::Agent).unwrap();
+    agent.sort_unstable();
+    let mut expected = vec![own_cgroup_id(), AGENT_POD_CGROUP + 1];
+    expected.sort_unstable();
+    assert_eq!(agent, expected, "the previous agent's cgroups are replaced");
     drop(first);
 
     let outbound = NetnsListener::spawn(&bed, LISTENER, second.clone(), Mode::TakeAndRead);
@@ -395,7 +439,9 @@ fn kernel_logs_reach_tracing() {
     let captured = capture_kernel_logs();
     let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
-    redirector.insert(bed.pod_cgroup_id()).unwrap();
+    redirector
+        .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
+        .unwrap();
     let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert!(outbound.next().redirect.is_some());
@@ -449,6 +495,21 @@ impl<S: tracing::Subscriber> Layer<S> for KernelLogCapture {
     }
 }
 
+/// The cgroup this test process (the "agent") runs in.
+fn own_cgroup_id() -> u64 {
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+    let own = own
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .unwrap();
+    host::cgroup_id(
+        &host::cgroup2_mount()
+            .unwrap()
+            .join(own.trim_start_matches('/')),
+    )
+    .unwrap()
+}
+
 fn pending(redirector: &Redirector) -> (usize, usize) {
     let status = redirector.status();
     (status.pending_connects, status.pending_accepts)
@@ -463,6 +524,9 @@ fn assert_direct(listener: &NetnsListener) {
         listener.addr
     );
 }
+
+/// An agent cgroup id given in the configuration (as a Kubernetes-mode agent's pod cgroup).
+const AGENT_POD_CGROUP: u64 = 0x5ea1_0000;
 
 /// The testbed's cgroup tree is `<root>/node/pod/child`.
 const TESTBED: Spec = Spec {
@@ -481,7 +545,13 @@ impl Testbed {
             excluded_ports: vec![EXCLUDED_PORT],
             excluded_cidrs: vec!["10.250.1.0/24".parse().unwrap()],
             sockmap_acceleration: true,
+            pod_parent_cgroups: vec![self.node_cgroup_id()],
+            agent_cgroups: vec![AGENT_POD_CGROUP],
         }
+    }
+
+    fn node_cgroup_id(&self) -> u64 {
+        host::cgroup_id(&self.node).unwrap()
     }
 
     /// Runs the client script in the netns as a process of `cgroup`, and waits for it.

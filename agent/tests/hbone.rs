@@ -202,6 +202,10 @@ impl WorkloadRegistry for TestRegistry {
             .collect()
     }
 
+    fn pod_parent_cgroups(&self) -> Vec<u64> {
+        Vec::new()
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }

@@ -45,6 +45,13 @@ fn log_lines(log: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// Whether the agent logged that `cgroup` entered (or left) the eBPF map of `role`.
+fn classified(log: &Path, message: &str, role: &str, cgroup: u64) -> bool {
+    log_lines(log)
+        .iter()
+        .any(|line| line["message"] == message && line["role"] == role && line["cgroup"] == cgroup)
+}
+
 fn logged(log: &Path, message: &str, field: &str, value: &Value) -> bool {
     log_lines(log)
         .iter()
@@ -140,7 +147,7 @@ async fn run_agent_against_the_api(bpffs_dir: &Path) {
     })
     .await;
     assert!(
-        logged(&log, "pod cgroup meshed", "cgroup", &web_cgroup.into()),
+        classified(&log, "cgroup classified", "meshed pod", web_cgroup),
         "{:#?}",
         log_lines(&log)
     );
@@ -158,17 +165,17 @@ async fn run_agent_against_the_api(bpffs_dir: &Path) {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let vote_cgroup = host::cgroup_id(&cgroups.create_cgroupfs("burstable", &vote)).unwrap();
     eventually("vote-0's cgroup to be meshed", || async {
-        logged(&log, "pod cgroup meshed", "cgroup", &vote_cgroup.into())
+        classified(&log, "cgroup classified", "meshed pod", vote_cgroup)
     })
     .await;
 
     cluster.delete_pod(MESHED_NS, "web-0").await;
     eventually("web-0's cgroup to be unmeshed", || async {
-        logged(
+        classified(
             &log,
-            "pod cgroup no longer meshed",
-            "cgroup",
-            &web_cgroup.into(),
+            "cgroup no longer classified",
+            "meshed pod",
+            web_cgroup,
         )
     })
     .await;

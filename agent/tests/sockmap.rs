@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sealmesh_agent::ebpf::{EbpfStatus, MeshedCgroups, RedirectConfig, Redirector};
+use sealmesh_agent::ebpf::{CgroupRole, CgroupRoles, EbpfStatus, RedirectConfig, Redirector};
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use serde_json::Value;
 use support::{Process, Spec, Testbed};
@@ -349,10 +349,12 @@ impl Testbed {
             excluded_ports: Vec::new(),
             excluded_cidrs: Vec::new(),
             sockmap_acceleration,
+            pod_parent_cgroups: vec![host::cgroup_id(&self.node).unwrap()],
+            agent_cgroups: Vec::new(),
         })
         .expect("the eBPF object loads and attaches");
         redirector
-            .insert(host::cgroup_id(&self.pod).unwrap())
+            .insert(CgroupRole::MeshedPod, host::cgroup_id(&self.pod).unwrap())
             .expect("mark the pod meshed");
         redirector
     }

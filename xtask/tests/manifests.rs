@@ -227,7 +227,10 @@ fn flags_and_env_in_the_manifests_exist_in_the_real_binaries() {
             .find(|l| l.binary == "sealmesh-agent")
             .expect("agent container");
         assert!(agent_line.flags.contains(&"--mode".to_owned()));
-        assert_eq!(agent_line.env, ["SEALMESH_NODE", "SEALMESH_NAMESPACE"]);
+        assert_eq!(
+            agent_line.env,
+            ["SEALMESH_NODE", "SEALMESH_NAMESPACE", "SEALMESH_POD_UID"]
+        );
         let identity_line = lines
             .iter()
             .find(|l| l.binary == "sealmesh-identity")

@@ -142,6 +142,9 @@ impl pb::admin_server::Admin for AdminService {
             pending_connects: count(status.pending_connects),
             pending_accepts: count(status.pending_accepts),
             pin_dir: status.pin_dir.display().to_string(),
+            unmeshed_pods: count(status.unmeshed_pods),
+            pod_parent_cgroups: count(status.pod_parent_cgroups),
+            agent_cgroups: count(status.agent_cgroups),
         }))
     }
 }

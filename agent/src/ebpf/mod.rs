@@ -5,6 +5,10 @@
 //!   kernel reports for that task (or its nearest meshed ancestor, so a pod's child cgroups count
 //!   as the pod) — never an IP a pod could spoof. It rewrites the destination to the agent's
 //!   outbound listener and records the original destination under the socket cookie.
+//! - The programs classify the connecting task once per connect from four pinned cgroup maps the
+//!   agent keeps ([`CgroupRole`]): the host (not below a pod parent cgroup), the agent itself, or
+//!   a pod (the first cgroup below the deepest pod parent) that is meshed, unmeshed, or not known
+//!   to the agent yet. The agent fills the pod-parent and agent maps before it attaches anything.
 //!   `cgroup/connect6` does the same for IPv4-mapped destinations of dual-stack sockets, which
 //!   never pass connect4 and would otherwise bypass the mesh.
 //! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
@@ -45,6 +49,7 @@ mod error;
 mod kernel_log;
 
 use std::{
+    collections::BTreeSet,
     fs::{self, File},
     io,
     net::SocketAddrV4,
@@ -102,6 +107,12 @@ pub struct RedirectConfig {
     pub excluded_cidrs: Vec<ipnet::Ipv4Net>,
     /// Move pod <-> agent payload between the two sockets with sk_msg instead of TCP/IP.
     pub sockmap_acceleration: bool,
+    /// Cgroups whose descendants are pods ([`CgroupRole::PodParent`]), in the maps before the
+    /// programs attach; kept current afterwards through [`CgroupRoles`].
+    pub pod_parent_cgroups: Vec<u64>,
+    /// The agent's cgroups besides the one it runs in (which the redirector adds itself), e.g.
+    /// its pod's cgroup in Kubernetes mode ([`CgroupRole::Agent`]).
+    pub agent_cgroups: Vec<u64>,
 }
 
 /// What connect4 recorded about an accepted redirected connection.
@@ -119,12 +130,101 @@ pub trait RedirectTable: Send + Sync + 'static {
     fn take(&self, client: SocketAddrV4, listener: SocketAddrV4) -> Option<Redirect>;
 }
 
-/// The set of pod cgroups whose connections are redirected (cgroup id =
-/// `sealmesh_common::host::cgroup_id` of the pod's cgroup directory).
-pub trait MeshedCgroups: Send + Sync + 'static {
-    fn insert(&self, cgroup_id: u64) -> Result<(), EbpfError>;
-    fn remove(&self, cgroup_id: u64) -> Result<(), EbpfError>;
-    fn ids(&self) -> Result<Vec<u64>, EbpfError>;
+/// What a cgroup id means to the connect programs; each role is one pinned map (ids =
+/// `sealmesh_common::host::cgroup_id` of the cgroup directory).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum CgroupRole {
+    /// A meshed pod's cgroup: its tasks' connections are redirected (`MESHED_PODS`).
+    MeshedPod,
+    /// A pod the agent knows that is not meshed: its tasks connect directly (`UNMESHED_PODS`).
+    UnmeshedPod,
+    /// A cgroup whose descendants are pods (`POD_PARENT_CGROUPS`).
+    PodParent,
+    /// One of the agent's own cgroups: its tasks are never a pod (`AGENT_CGROUPS`).
+    Agent,
+}
+
+impl CgroupRole {
+    /// Every role, in declaration order (which indexes the redirector's maps).
+    pub const ALL: [Self; 4] = [
+        Self::MeshedPod,
+        Self::UnmeshedPod,
+        Self::PodParent,
+        Self::Agent,
+    ];
+
+    pub fn map_name(self) -> &'static str {
+        match self {
+            Self::MeshedPod => names::MESHED_PODS,
+            Self::UnmeshedPod => names::UNMESHED_PODS,
+            Self::PodParent => names::POD_PARENT_CGROUPS,
+            Self::Agent => names::AGENT_CGROUPS,
+        }
+    }
+
+    fn capacity(self) -> u32 {
+        match self {
+            Self::MeshedPod => capacity::MESHED_PODS,
+            Self::UnmeshedPod => capacity::UNMESHED_PODS,
+            Self::PodParent => capacity::POD_PARENT_CGROUPS,
+            Self::Agent => capacity::AGENT_CGROUPS,
+        }
+    }
+
+    /// What the role is called in messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::MeshedPod => "meshed pod",
+            Self::UnmeshedPod => "unmeshed pod",
+            Self::PodParent => "pod parent",
+            Self::Agent => "agent",
+        }
+    }
+}
+
+/// The cgroup maps the connect programs classify tasks with.
+pub trait CgroupRoles: Send + Sync {
+    fn insert(&self, role: CgroupRole, cgroup_id: u64) -> Result<(), EbpfError>;
+    fn remove(&self, role: CgroupRole, cgroup_id: u64) -> Result<(), EbpfError>;
+    fn ids(&self, role: CgroupRole) -> Result<Vec<u64>, EbpfError>;
+}
+
+/// What [`sync_roles`] changed in one map.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoleChanges {
+    pub added: Vec<u64>,
+    pub removed: Vec<u64>,
+}
+
+/// Makes the map of each role hold exactly the ids given for it. Every addition comes before
+/// every removal, so a cgroup moving between roles (a pod becoming meshed, unmeshed) is never in
+/// none of them on the way: the programs never see a known pod as unknown.
+pub fn sync_roles(
+    roles: &dyn CgroupRoles,
+    wanted: &[(CgroupRole, BTreeSet<u64>)],
+) -> Result<Vec<(CgroupRole, RoleChanges)>, EbpfError> {
+    let mut changes = Vec::with_capacity(wanted.len());
+    for (role, ids) in wanted {
+        let present: BTreeSet<u64> = roles.ids(*role)?.into_iter().collect();
+        changes.push((
+            *role,
+            RoleChanges {
+                added: ids.difference(&present).copied().collect(),
+                removed: present.difference(ids).copied().collect(),
+            },
+        ));
+    }
+    for (role, change) in &changes {
+        for &id in &change.added {
+            roles.insert(*role, id)?;
+        }
+    }
+    for (role, change) in &changes {
+        for &id in &change.removed {
+            roles.remove(*role, id)?;
+        }
+    }
+    Ok(changes)
 }
 
 /// A snapshot of the redirect datapath for admin/metrics.
@@ -133,6 +233,9 @@ pub struct EbpfStatus {
     /// Programs whose link is pinned (and so attached) at the node cgroup.
     pub attached_programs: Vec<&'static str>,
     pub meshed_pods: usize,
+    pub unmeshed_pods: usize,
+    pub pod_parent_cgroups: usize,
+    pub agent_cgroups: usize,
     /// Redirected sockets that are not established yet.
     pub pending_connects: usize,
     /// Established redirected connections the agent has not taken yet.
@@ -153,7 +256,8 @@ pub struct Redirector {
     /// The agent's own cgroup and its ancestors: never meshed, or the agent's outbound
     /// connections would be redirected to itself.
     own_cgroups: Vec<u64>,
-    meshed_pods: Mutex<HashMap<MapData, u64, u8>>,
+    /// One map per [`CgroupRole`], in [`CgroupRole::ALL`] order.
+    cgroup_maps: [Mutex<HashMap<MapData, u64, u8>>; 4],
     by_connection: Mutex<HashMap<MapData, ConnectionKey, RedirectRecord>>,
     by_cookie: HashMap<MapData, u64, RedirectRecord>,
     original_dsts: HashMap<MapData, u64, RedirectRecord>,
@@ -193,6 +297,8 @@ impl Redirector {
         check_exclusion_count("CIDRs", cfg.excluded_cidrs.len(), capacity::EXCLUDED_CIDRS)?;
         let node_cgroup = open_node_cgroup(&cfg.node_cgroup)?;
         let own_cgroups = own_cgroup_ids()?;
+        let mut agent_cgroups: BTreeSet<u64> = cfg.agent_cgroups.iter().copied().collect();
+        agent_cgroups.extend(own_cgroups.first());
         let pins = PinLayout::prepare(&cfg.bpffs_dir)?;
 
         let mut ebpf = EbpfLoader::new()
@@ -209,8 +315,11 @@ impl Redirector {
             .map_err(EbpfError::from_loader)?;
         let kernel_log = KernelLogForwarder::start(&mut ebpf)?;
         fill_exclusions(&mut ebpf, cfg)?;
-        let meshed_pods =
-            take_pinned_map(&mut ebpf, &pins, names::MESHED_PODS, capacity::MESHED_PODS)?;
+        let cgroup_maps = CgroupRole::ALL.map(|role| {
+            take_pinned_map(&mut ebpf, &pins, role.map_name(), role.capacity()).map(Mutex::new)
+        });
+        let [meshed, unmeshed, parents, agent] = cgroup_maps;
+        let cgroup_maps = [meshed?, unmeshed?, parents?, agent?];
         let by_cookie = take_pinned_map(
             &mut ebpf,
             &pins,
@@ -230,6 +339,22 @@ impl Redirector {
             capacity::ORIGINAL_DST_BY_COOKIE,
         )?;
         let accelerated_sockets = take_pinned_sockhash(&mut ebpf, &pins)?;
+
+        // The agent before the pod parents, so that a starting agent below a pod parent is
+        // never taken for a pod; both before anything attaches, so that the programs classify
+        // tasks correctly from their first connect. Pinned maps may hold a previous agent's.
+        let roles = PinnedCgroupRoles {
+            own_cgroups: &own_cgroups,
+            maps: &cgroup_maps,
+        };
+        sync_roles(&roles, &[(CgroupRole::Agent, agent_cgroups)])?;
+        sync_roles(
+            &roles,
+            &[(
+                CgroupRole::PodParent,
+                cfg.pod_parent_cgroups.iter().copied().collect(),
+            )],
+        )?;
 
         // sk_msg before sock_ops: a socket added to the sockhash gets the program attached at
         // that moment. Then sock_ops, since a connect redirected before it runs would reach the
@@ -282,7 +407,7 @@ impl Redirector {
         Ok(Self {
             pins,
             own_cgroups,
-            meshed_pods: Mutex::new(meshed_pods),
+            cgroup_maps,
             by_connection: Mutex::new(by_connection),
             by_cookie,
             original_dsts,
@@ -302,7 +427,10 @@ impl Redirector {
                 .filter(|link| link.pin.exists())
                 .map(|link| link.program)
                 .collect(),
-            meshed_pods: lock(&self.meshed_pods).keys().filter(Result::is_ok).count(),
+            meshed_pods: self.count(CgroupRole::MeshedPod),
+            unmeshed_pods: self.count(CgroupRole::UnmeshedPod),
+            pod_parent_cgroups: self.count(CgroupRole::PodParent),
+            agent_cgroups: self.count(CgroupRole::Agent),
             pending_connects: self.by_cookie.keys().filter(Result::is_ok).count(),
             pending_accepts: lock(&self.by_connection)
                 .keys()
@@ -329,6 +457,9 @@ impl Redirector {
                 .filter(|program| pins.links.join(program).exists())
                 .collect(),
             meshed_pods: count_pinned::<u64, u8>(&pins, names::MESHED_PODS)?,
+            unmeshed_pods: count_pinned::<u64, u8>(&pins, names::UNMESHED_PODS)?,
+            pod_parent_cgroups: count_pinned::<u64, u8>(&pins, names::POD_PARENT_CGROUPS)?,
+            agent_cgroups: count_pinned::<u64, u8>(&pins, names::AGENT_CGROUPS)?,
             pending_connects: count_pinned::<u64, RedirectRecord>(
                 &pins,
                 names::REDIRECT_BY_COOKIE,
@@ -355,6 +486,9 @@ impl Redirector {
         }
         for map in [
             names::MESHED_PODS,
+            names::UNMESHED_PODS,
+            names::POD_PARENT_CGROUPS,
+            names::AGENT_CGROUPS,
             names::REDIRECT_BY_COOKIE,
             names::REDIRECT_BY_CONNECTION,
             names::ORIGINAL_DST_BY_COOKIE,
@@ -409,33 +543,105 @@ impl RedirectTable for Redirector {
     }
 }
 
-impl MeshedCgroups for Redirector {
-    fn insert(&self, cgroup_id: u64) -> Result<(), EbpfError> {
-        if self.own_cgroups.contains(&cgroup_id) {
+impl Redirector {
+    fn count(&self, role: CgroupRole) -> usize {
+        lock(&self.cgroup_maps[role as usize])
+            .keys()
+            .filter(Result::is_ok)
+            .count()
+    }
+
+    fn roles(&self) -> PinnedCgroupRoles<'_> {
+        PinnedCgroupRoles {
+            own_cgroups: &self.own_cgroups,
+            maps: &self.cgroup_maps,
+        }
+    }
+
+    /// Adds `agent_cgroups` to the agent map of the maps a previous agent pinned under
+    /// `bpffs_dir`, if there are any. A starting agent calls this before it opens any
+    /// connection: until it has loaded its own programs, the previous agent's classify its
+    /// tasks, and an agent whose cgroup is below a pod parent would otherwise be taken for a pod
+    /// nobody knows yet.
+    pub fn admit_agent(bpffs_dir: &Path, agent_cgroups: &[u64]) -> Result<(), EbpfError> {
+        let pin = PinLayout::at(bpffs_dir).maps.join(names::AGENT_CGROUPS);
+        let data = match MapData::from_pin(&pin) {
+            Ok(data) => data,
+            // No agent of this map version ran on the node: nothing classifies tasks yet.
+            Err(_) if !pin.exists() => return Ok(()),
+            Err(error) => {
+                return Err(EbpfError::from_aya(
+                    format!("opening pinned map {}", pin.display()),
+                    error,
+                ));
+            }
+        };
+        let mut map: HashMap<MapData, u64, u8> = HashMap::try_from(Map::HashMap(data))
+            .map_err(|error| EbpfError::from_aya(format!("opening {}", pin.display()), error))?;
+        for &id in agent_cgroups {
+            map.insert(id, 1, 0).map_err(|error| {
+                EbpfError::from_aya(
+                    format!("adding agent cgroup {id} to {}", pin.display()),
+                    error,
+                )
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl CgroupRoles for Redirector {
+    fn insert(&self, role: CgroupRole, cgroup_id: u64) -> Result<(), EbpfError> {
+        self.roles().insert(role, cgroup_id)
+    }
+
+    fn remove(&self, role: CgroupRole, cgroup_id: u64) -> Result<(), EbpfError> {
+        self.roles().remove(role, cgroup_id)
+    }
+
+    fn ids(&self, role: CgroupRole) -> Result<Vec<u64>, EbpfError> {
+        self.roles().ids(role)
+    }
+}
+
+/// The cgroup maps, with the rule that the agent's own cgroups are never meshed.
+struct PinnedCgroupRoles<'a> {
+    own_cgroups: &'a [u64],
+    maps: &'a [Mutex<HashMap<MapData, u64, u8>>; 4],
+}
+
+impl CgroupRoles for PinnedCgroupRoles<'_> {
+    fn insert(&self, role: CgroupRole, cgroup_id: u64) -> Result<(), EbpfError> {
+        if role == CgroupRole::MeshedPod && self.own_cgroups.contains(&cgroup_id) {
             return Err(EbpfError::AgentCgroup { cgroup_id });
         }
-        lock(&self.meshed_pods)
+        lock(&self.maps[role as usize])
             .insert(cgroup_id, 1, 0)
             .map_err(|error| {
-                EbpfError::from_aya(format!("marking cgroup {cgroup_id} as meshed"), error)
+                EbpfError::from_aya(
+                    format!("adding cgroup {cgroup_id} as {}", role.describe()),
+                    error,
+                )
             })
     }
 
-    fn remove(&self, cgroup_id: u64) -> Result<(), EbpfError> {
-        match lock(&self.meshed_pods).remove(&cgroup_id) {
+    fn remove(&self, role: CgroupRole, cgroup_id: u64) -> Result<(), EbpfError> {
+        match lock(&self.maps[role as usize]).remove(&cgroup_id) {
             Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
             Err(error) => Err(EbpfError::from_aya(
-                format!("unmarking meshed cgroup {cgroup_id}"),
+                format!("removing {} cgroup {cgroup_id}", role.describe()),
                 error,
             )),
         }
     }
 
-    fn ids(&self) -> Result<Vec<u64>, EbpfError> {
-        lock(&self.meshed_pods)
+    fn ids(&self, role: CgroupRole) -> Result<Vec<u64>, EbpfError> {
+        lock(&self.maps[role as usize])
             .keys()
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|error| EbpfError::from_aya("listing meshed cgroups", error))
+            .map_err(|error| {
+                EbpfError::from_aya(format!("listing {} cgroups", role.describe()), error)
+            })
     }
 }
 

@@ -73,6 +73,33 @@ impl PodCgroups {
         dirs
     }
 
+    /// The cgroups pods are created in, whichever driver and QoS level: `kubepods` and its QoS
+    /// children (with a nested root slice's prefix too). Most do not exist on a given node.
+    pub fn parent_candidates(&self) -> Vec<PathBuf> {
+        let mut dirs = Vec::with_capacity(2 * (QOS_LEVELS.len() + 1) * 2);
+        for kubepods in self.systemd_kubepods_slices() {
+            let top = self.root.join(format!("{kubepods}{SLICE_SUFFIX}"));
+            for qos in QOS_LEVELS {
+                dirs.push(top.join(format!("{kubepods}-{qos}{SLICE_SUFFIX}")));
+            }
+            dirs.push(top);
+        }
+        let top = self.root.join(KUBEPODS);
+        for qos in QOS_LEVELS {
+            dirs.push(top.join(qos));
+        }
+        dirs.push(top);
+        dirs
+    }
+
+    /// The ids of the pod parent cgroups that exist now.
+    pub fn parent_ids(&self) -> Vec<u64> {
+        self.parent_candidates()
+            .iter()
+            .filter_map(|dir| host::cgroup_id(dir).ok())
+            .collect()
+    }
+
     /// The pod's cgroup, once the kubelet created it.
     pub fn find(&self, uid: &str) -> Option<PodCgroup> {
         self.candidates(uid).into_iter().find_map(|dir| {
@@ -157,6 +184,61 @@ mod tests {
             6,
             "the root slice adds no prefix"
         );
+    }
+
+    #[test]
+    fn pod_parents_are_kubepods_and_its_qos_levels_for_both_drivers() {
+        let cgroups = PodCgroups::new("/sys/fs/cgroup/kubelet.slice");
+        let parents: Vec<String> = cgroups
+            .parent_candidates()
+            .iter()
+            .map(|p| {
+                p.strip_prefix(cgroups.root())
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(
+            parents,
+            [
+                "kubepods.slice/kubepods-burstable.slice",
+                "kubepods.slice/kubepods-besteffort.slice",
+                "kubepods.slice",
+                "kubelet-kubepods.slice/kubelet-kubepods-burstable.slice",
+                "kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice",
+                "kubelet-kubepods.slice",
+                "kubepods/burstable",
+                "kubepods/besteffort",
+                "kubepods",
+            ]
+        );
+        // Every pod candidate sits right below one of them.
+        for pod in cgroups.candidates(UID) {
+            assert!(
+                cgroups
+                    .parent_candidates()
+                    .contains(&pod.parent().unwrap().to_owned()),
+                "{}",
+                pod.display()
+            );
+        }
+    }
+
+    #[test]
+    fn finds_the_pod_parents_that_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        let cgroups = PodCgroups::new(dir.path());
+        assert_eq!(cgroups.parent_ids(), Vec::<u64>::new());
+        std::fs::create_dir_all(dir.path().join("kubepods/besteffort")).unwrap();
+        let mut expected = vec![
+            host::cgroup_id(&dir.path().join("kubepods/besteffort")).unwrap(),
+            host::cgroup_id(&dir.path().join("kubepods")).unwrap(),
+        ];
+        let mut found = cgroups.parent_ids();
+        expected.sort();
+        found.sort();
+        assert_eq!(found, expected);
     }
 
     #[test]

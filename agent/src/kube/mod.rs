@@ -470,6 +470,9 @@ impl Shared {
             }
             id
         });
+        let mut snapshot = snapshot;
+        snapshot.pod_parents = self.cgroups.parent_ids();
+        snapshot.pod_parents.sort_unstable();
         *self
             .missing_cgroups
             .lock()
@@ -537,6 +540,10 @@ impl WorkloadRegistry for KubeRegistry {
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.shared.published.local_workloads()
+    }
+
+    fn pod_parent_cgroups(&self) -> Vec<u64> {
+        self.shared.published.pod_parent_cgroups()
     }
 
     fn subscribe(&self) -> watch::Receiver<u64> {
