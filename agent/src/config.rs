@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use clap::{Parser, ValueEnum};
@@ -23,7 +24,7 @@ use sealmesh_common::{
 };
 use serde::Serialize;
 
-use crate::kube::trust_roots::trust_roots_origin;
+use crate::{kube::trust_roots::trust_roots_origin, proxy::DEFAULT_POD_RESOLVE_TIMEOUT};
 
 /// Directory under the bpffs mount that holds every sealmesh pin; below it,
 /// one directory per cluster and node so several testbed nodes share a host.
@@ -253,6 +254,11 @@ pub struct Args {
     /// Refuse connections to non-meshed destinations instead of passing them through in plaintext.
     #[arg(long)]
     pub deny_plaintext: bool,
+    /// How long a redirected connection from a pod the agent does not know yet (just started,
+    /// its cgroup or API object not seen yet) is held before it is refused, e.g. 500ms
+    /// [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub pod_resolve_timeout: Option<Duration>,
     /// Admin gRPC API address (status, connections, tap, certificates, config). It exposes
     /// traffic metadata: keep it on loopback unless the address is otherwise protected
     /// [default: 127.0.0.1:15000].
@@ -337,6 +343,8 @@ pub struct Config {
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     pub policy: Policy,
+    /// How long connections of (and to) pods the registry does not know yet are held.
+    pub pod_resolve_timeout: Duration,
     pub sockmap_acceleration: bool,
     pub worker_threads: u16,
     pub admin_listen: SocketAddr,
@@ -368,6 +376,8 @@ struct ConfigView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubeView<'a>>,
     policy: Policy,
+    #[serde(with = "humantime_serde_text")]
+    pod_resolve_timeout: Duration,
     sockmap_acceleration: bool,
     worker_threads: u16,
     admin_listen: SocketAddr,
@@ -382,6 +392,15 @@ struct KubeView<'a> {
     settings: &'a KubeSettings,
     /// Where API credentials come from (a path or "in-cluster"; never the credentials).
     api_credentials: String,
+}
+
+/// Durations in the YAML dump as people write them (`5s`, `500ms`).
+mod humantime_serde_text {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
 }
 
 /// What the YAML dump shows instead of the token.
@@ -430,6 +449,7 @@ impl Config {
                 Source::Local(_) => None,
             },
             policy: self.policy,
+            pod_resolve_timeout: self.pod_resolve_timeout,
             sockmap_acceleration: self.sockmap_acceleration,
             worker_threads: self.worker_threads,
             admin_listen: self.admin_listen,
@@ -660,6 +680,9 @@ impl Config {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
             },
+            pod_resolve_timeout: args
+                .pod_resolve_timeout
+                .unwrap_or(DEFAULT_POD_RESOLVE_TIMEOUT),
             sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
             worker_threads: args.worker_threads,
             admin_listen: args
@@ -724,7 +747,7 @@ impl fmt::Display for Config {
             f,
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
              token_file={} (content not shown) force_mtls_local={} deny_plaintext={} \
-             admin_listen={} metrics_listen={} log_level={} log_format={:?}",
+             pod_resolve_timeout={} admin_listen={} metrics_listen={} log_level={} log_format={:?}",
             self.trust_domain.domain(),
             self.bpffs_dir.display(),
             self.node_cgroup.display(),
@@ -733,6 +756,7 @@ impl fmt::Display for Config {
             self.token_file.display(),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
+            humantime::format_duration(self.pod_resolve_timeout),
             self.admin_listen,
             self.metrics_listen,
             self.log_level,
@@ -797,6 +821,7 @@ nodes:
         );
         assert_eq!(c.bpffs_dir, Path::new("/sys/fs/bpf/sealmesh/tb-cfg/node-0"));
         assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.pod_resolve_timeout, Duration::from_secs(5));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.trust_domain, TrustDomain::default());
         assert_eq!(c.admin_listen, "127.0.0.1:15000".parse().unwrap());
@@ -826,8 +851,11 @@ nodes:
             "172.18.0.2:16000",
             "--metrics-listen",
             "127.0.0.1:16020",
+            "--pod-resolve-timeout",
+            "750ms",
         ])
         .unwrap();
+        assert_eq!(c.pod_resolve_timeout, Duration::from_millis(750));
         assert_eq!(c.admin_listen, "172.18.0.2:16000".parse().unwrap());
         assert_eq!(c.metrics_listen, "127.0.0.1:16020".parse().unwrap());
         assert_eq!(c.identity_addr, "127.0.0.1:9000".parse().unwrap());
@@ -904,6 +932,7 @@ nodes:
         assert_eq!(dumped["token_file"], "/run/sealmesh/tb-cfg/node-0.token");
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
+        assert_eq!(dumped["pod_resolve_timeout"], "5s");
         assert_eq!(dumped["sockmap_acceleration"], false);
         assert_eq!(dumped["worker_threads"], 2);
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");

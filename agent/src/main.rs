@@ -153,6 +153,12 @@ async fn run(config: Config) -> Result<()> {
             excluded_cidrs: identity_service_cidr(identity_addr).into_iter().collect(),
             sockmap_acceleration: config.sockmap_acceleration,
             pod_parent_cgroups: registry_dyn.pod_parent_cgroups(),
+            meshed_pods: local_pod_cgroups(registry_dyn.as_ref(), true)
+                .into_iter()
+                .collect(),
+            unmeshed_pods: local_pod_cgroups(registry_dyn.as_ref(), false)
+                .into_iter()
+                .collect(),
             agent_cgroups,
         })
         .with_context(|| {
@@ -165,7 +171,10 @@ async fn run(config: Config) -> Result<()> {
     );
     release_freed_heap();
     let proxy = Proxy::bind(
-        ProxyConfig::for_node(node_ip, config.policy),
+        ProxyConfig {
+            pod_resolve_timeout: config.pod_resolve_timeout,
+            ..ProxyConfig::for_node(node_ip, config.policy)
+        },
         registry_dyn.clone(),
         redirector.clone(),
         certs.clone(),
@@ -408,24 +417,26 @@ async fn sync_cgroup_roles(
     }
 }
 
+/// The cgroups of this node's pods that are (or are not) meshed.
+fn local_pod_cgroups(registry: &dyn WorkloadRegistry, meshed: bool) -> BTreeSet<u64> {
+    registry
+        .local_workloads()
+        .iter()
+        .filter(|w| w.meshed == meshed)
+        .filter_map(|w| w.cgroup_id)
+        .collect()
+}
+
 /// Returns how many pod cgroups are meshed now.
 fn sync_once(
     registry: &dyn WorkloadRegistry,
     cgroups: &dyn CgroupRoles,
 ) -> Result<usize, EbpfError> {
-    let local = registry.local_workloads();
-    let pods = |meshed: bool| -> BTreeSet<u64> {
-        local
-            .iter()
-            .filter(|w| w.meshed == meshed)
-            .filter_map(|w| w.cgroup_id)
-            .collect()
-    };
-    let meshed = pods(true);
+    let meshed = local_pod_cgroups(registry, true);
     let meshed_count = meshed.len();
     let wanted = [
         (CgroupRole::MeshedPod, meshed),
-        (CgroupRole::UnmeshedPod, pods(false)),
+        (CgroupRole::UnmeshedPod, local_pod_cgroups(registry, false)),
         (
             CgroupRole::PodParent,
             registry.pod_parent_cgroups().into_iter().collect(),

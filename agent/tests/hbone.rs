@@ -26,7 +26,7 @@ use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_agent::{
     certs::NoCertificate,
     config::Policy,
-    ebpf::{Redirect, RedirectTable},
+    ebpf::{Redirect, RedirectSource, RedirectTable},
     proxy::{
         ConnectionEvent, Direction, NoTlsReason, Phase, Proxy, ProxyConfig, ProxyHandle,
         TlsCredentials,
@@ -155,7 +155,7 @@ impl TlsCredentials for TestCredentials {
 struct TestRegistry {
     node: NodeInfo,
     trust_domain: TrustDomain,
-    workloads: Vec<Arc<Workload>>,
+    workloads: Mutex<Vec<Arc<Workload>>>,
     /// Service VIP:port -> (endpoint pod, target port).
     services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
     version: watch::Sender<u64>,
@@ -172,13 +172,20 @@ impl WorkloadRegistry for TestRegistry {
 
     fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
         self.workloads
+            .lock()
+            .unwrap()
             .iter()
             .find(|w| w.node == self.node.name && w.cgroup_id == Some(cgroup_id))
             .cloned()
     }
 
     fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
-        self.workloads.iter().find(|w| w.ip == ip).cloned()
+        self.workloads
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|w| w.ip == ip)
+            .cloned()
     }
 
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
@@ -196,6 +203,8 @@ impl WorkloadRegistry for TestRegistry {
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.workloads
+            .lock()
+            .unwrap()
             .iter()
             .filter(|w| w.node == self.node.name)
             .cloned()
@@ -208,6 +217,14 @@ impl WorkloadRegistry for TestRegistry {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+}
+
+impl TestRegistry {
+    /// A pod appears (the API and its cgroup seen): subscribers are told.
+    fn add(&self, workload: Arc<Workload>) {
+        self.workloads.lock().unwrap().push(workload);
+        self.version.send_modify(|v| *v += 1);
     }
 }
 
@@ -241,6 +258,10 @@ struct Pods {
 
 const CLIENT_CGROUP: u64 = 1001;
 const LONELY_CGROUP: u64 = 1002;
+/// The cgroup of a pod node A's registry learns only during a test.
+const NEWCOMER_CGROUP: u64 = 1009;
+/// How long the engines hold a connection of (or to) a pod they do not know.
+const POD_RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 fn ip(n: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 77, n, host)
@@ -316,6 +337,7 @@ fn service_vip(n: u8) -> SocketAddrV4 {
 /// One running engine and what the test needs to drive it.
 struct Node {
     handle: ProxyHandle,
+    registry: Arc<TestRegistry>,
     events: broadcast::Receiver<Arc<ConnectionEvent>>,
     outbound: SocketAddrV4,
     redirects: Arc<TestRedirects>,
@@ -444,8 +466,36 @@ impl Cluster {
     /// Connects from `source` to `original_dst` as if eBPF had redirected
     /// the socket to node A's outbound listener.
     async fn connect_as(&self, source: &Workload, original_dst: SocketAddrV4) -> TcpStream {
+        self.connect_from(
+            source.ip,
+            source.cgroup_id.unwrap(),
+            RedirectSource::MeshedPod,
+            original_dst,
+        )
+        .await
+    }
+
+    /// Like [`Cluster::connect_as`] for a pod the kernel did not know (in
+    /// none of the agent's cgroup maps): `cgroup` at `ip`.
+    async fn connect_as_unknown(
+        &self,
+        ip: Ipv4Addr,
+        cgroup: u64,
+        original_dst: SocketAddrV4,
+    ) -> TcpStream {
+        self.connect_from(ip, cgroup, RedirectSource::UnknownPod, original_dst)
+            .await
+    }
+
+    async fn connect_from(
+        &self,
+        ip: Ipv4Addr,
+        source_cgroup: u64,
+        source: RedirectSource,
+        original_dst: SocketAddrV4,
+    ) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from((source.ip, 0))).unwrap();
+        socket.bind(SocketAddr::from((ip, 0))).unwrap();
         let SocketAddr::V4(client) = socket.local_addr().unwrap() else {
             unreachable!()
         };
@@ -453,7 +503,8 @@ impl Cluster {
             (client, self.a.outbound),
             Redirect {
                 original_dst,
-                source_cgroup: source.cgroup_id.unwrap(),
+                source_cgroup,
+                source,
             },
         );
         socket.connect(self.a.outbound.into()).await.unwrap()
@@ -470,15 +521,16 @@ async fn start_node(
     let mut cfg = ProxyConfig::for_node(node.ip, policy);
     cfg.connect_timeout = Duration::from_secs(2);
     cfg.drain_timeout = DRAIN_TIMEOUT;
+    cfg.pod_resolve_timeout = POD_RESOLVE_TIMEOUT;
     let registry = Arc::new(TestRegistry {
         node,
         trust_domain: TrustDomain::default(),
-        workloads: pods.all(),
+        workloads: Mutex::new(pods.all()),
         services,
         version: watch::Sender::new(0),
     });
     let redirects = Arc::new(TestRedirects::default());
-    let proxy = Proxy::bind(cfg, registry, redirects.clone(), credentials)
+    let proxy = Proxy::bind(cfg, registry.clone(), redirects.clone(), credentials)
         .await
         .unwrap();
     let SocketAddr::V4(outbound) = proxy.outbound_addr() else {
@@ -494,6 +546,7 @@ async fn start_node(
     }));
     Node {
         handle,
+        registry,
         events,
         outbound,
         redirects,
@@ -956,6 +1009,91 @@ async fn source_without_certificate_fails_closed() {
 }
 
 #[tokio::test]
+async fn a_new_pods_connection_is_held_until_the_registry_knows_it_then_secured() {
+    let n = 23;
+    let echo = echo_server(ip(n, 20)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    // A second pod of the client's ServiceAccount starts; its first connect
+    // comes before the agent learnt its cgroup.
+    let newcomer = pod("client", &node_a(n), ip(n, 12), true, Some(NEWCOMER_CGROUP));
+    let stream = cluster
+        .connect_as_unknown(newcomer.ip, NEWCOMER_CGROUP, echo)
+        .await;
+    let payload = random_bytes(10_000);
+    let exchange = tokio::spawn(round_trip(stream, payload.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!exchange.is_finished(), "held while the pod is unknown");
+    cluster.a.registry.add(newcomer);
+    assert_eq!(exchange.await.unwrap(), payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(event.tls, "{event:?}");
+    assert_eq!(event.error, None);
+    assert!(event.duration_ms >= 300, "{event:?}");
+    assert_eq!(event.src.unwrap().name, "client-0");
+    let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
+    assert_eq!(
+        inbound.client_id.as_deref(),
+        Some("spiffe://cluster.local/ns/app/sa/client")
+    );
+}
+
+#[tokio::test]
+async fn a_new_unmeshed_pods_first_connection_goes_out_as_without_the_agent() {
+    let n = 24;
+    let echo = echo_server(ip(n, 20)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let legacy = pod(
+        "legacy",
+        &node_a(n),
+        ip(n, 13),
+        false,
+        Some(NEWCOMER_CGROUP),
+    );
+    cluster.a.registry.add(legacy.clone());
+    let stream = cluster
+        .connect_as_unknown(legacy.ip, NEWCOMER_CGROUP, echo)
+        .await;
+    let payload = random_bytes(1000);
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::NotMeshed));
+    assert_eq!(event.error, None);
+    assert_eq!(event.src.unwrap().name, "legacy-0");
+    assert_eq!(event.dst.unwrap().name, "server-0");
+    assert_eq!(cluster.a.handle.pooled_connections(), 0, "no HBONE");
+}
+
+#[tokio::test]
+async fn a_source_the_registry_never_learns_is_refused_after_the_timeout() {
+    let n = 25;
+    let listener = TcpListener::bind((ip(n, 20), 0)).await.unwrap();
+    let SocketAddr::V4(server) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let mut cluster = Cluster::start(n, Policy::default(), server.port()).await;
+    let started = std::time::Instant::now();
+    let stream = cluster
+        .connect_as_unknown(ip(n, 14), NEWCOMER_CGROUP, server)
+        .await;
+    assert_closed_without_data(stream).await;
+    assert!(started.elapsed() >= POD_RESOLVE_TIMEOUT);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::UnknownSource));
+    assert!(
+        event
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("source cgroup {NEWCOMER_CGROUP} of a redirected connection is not a pod of this node the agent knows")),
+        "{event:?}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "nothing reached the destination");
+}
+
+#[tokio::test]
 async fn same_node_is_secured_local_unless_mtls_is_forced() {
     for (n, force) in [(10, false), (11, true)] {
         let echo = echo_server(ip(n, 21)).await;
@@ -1322,6 +1460,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
         Redirect {
             original_dst: vip,
             source_cgroup: client_cgroup.unwrap(),
+            source: RedirectSource::MeshedPod,
         },
     );
     let stream = socket.connect(outbound.into()).await.unwrap();

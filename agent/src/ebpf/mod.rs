@@ -57,7 +57,9 @@ use std::{
     sync::{Mutex, MutexGuard, PoisonError},
 };
 
-use agent_ebpf::{ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, capacity, names};
+use agent_ebpf::{
+    ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, capacity, names, record_source,
+};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap, LpmTrie, Map, MapData, MapError, MapInfo, SockHash, lpm_trie::Key},
@@ -110,6 +112,10 @@ pub struct RedirectConfig {
     /// Cgroups whose descendants are pods ([`CgroupRole::PodParent`]), in the maps before the
     /// programs attach; kept current afterwards through [`CgroupRoles`].
     pub pod_parent_cgroups: Vec<u64>,
+    /// The node's meshed and unmeshed pods known at start, in the maps before the programs
+    /// attach (a first agent would otherwise redirect every pod as unknown until its first sync).
+    pub meshed_pods: Vec<u64>,
+    pub unmeshed_pods: Vec<u64>,
     /// The agent's cgroups besides the one it runs in (which the redirector adds itself), e.g.
     /// its pod's cgroup in Kubernetes mode ([`CgroupRole::Agent`]).
     pub agent_cgroups: Vec<u64>,
@@ -120,8 +126,19 @@ pub struct RedirectConfig {
 pub struct Redirect {
     /// Where the pod connected to (a pod IP or a Service VIP).
     pub original_dst: SocketAddrV4,
-    /// The meshed pod cgroup the connecting task belonged to, as the kernel reported it.
+    /// The pod cgroup the connecting task belonged to, as the kernel reported it.
     pub source_cgroup: u64,
+    pub source: RedirectSource,
+}
+
+/// What the kernel knew about the source pod when it redirected the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectSource {
+    /// Its cgroup was in the meshed-pod map.
+    MeshedPod,
+    /// Its cgroup was in none of the agent's maps: a pod the agent had not classified yet (just
+    /// started, or its cgroup not seen yet). Resolve it before routing.
+    UnknownPod,
 }
 
 /// The outbound listener's view of the redirect records.
@@ -340,20 +357,23 @@ impl Redirector {
         )?;
         let accelerated_sockets = take_pinned_sockhash(&mut ebpf, &pins)?;
 
-        // The agent before the pod parents, so that a starting agent below a pod parent is
-        // never taken for a pod; both before anything attaches, so that the programs classify
-        // tasks correctly from their first connect. Pinned maps may hold a previous agent's.
+        // The agent before the pods and pod parents, so that a starting agent below a pod
+        // parent is never taken for a pod; all before anything attaches, so that the programs
+        // classify tasks correctly from their first connect. Pinned maps may hold a previous
+        // agent's entries: they are replaced.
         let roles = PinnedCgroupRoles {
             own_cgroups: &own_cgroups,
             maps: &cgroup_maps,
         };
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<u64>>();
         sync_roles(&roles, &[(CgroupRole::Agent, agent_cgroups)])?;
         sync_roles(
             &roles,
-            &[(
-                CgroupRole::PodParent,
-                cfg.pod_parent_cgroups.iter().copied().collect(),
-            )],
+            &[
+                (CgroupRole::MeshedPod, set(&cfg.meshed_pods)),
+                (CgroupRole::UnmeshedPod, set(&cfg.unmeshed_pods)),
+                (CgroupRole::PodParent, set(&cfg.pod_parent_cgroups)),
+            ],
         )?;
 
         // sk_msg before sock_ops: a socket added to the sockhash gets the program attached at
@@ -539,6 +559,11 @@ impl RedirectTable for Redirector {
         Some(Redirect {
             original_dst: record.original_dst(),
             source_cgroup: record.source_cgroup,
+            source: match record.source {
+                record_source::MESHED_POD => RedirectSource::MeshedPod,
+                // Anything else must be resolved before it is trusted.
+                _ => RedirectSource::UnknownPod,
+            },
         })
     }
 }

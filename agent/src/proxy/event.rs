@@ -43,10 +43,14 @@ pub enum NoTlsReason {
     /// Both pods are meshed and on this node: connected directly after the
     /// same identity checks (the bytes never leave the host).
     SecuredLocal,
-    /// The destination is a pod that is not meshed.
+    /// The destination (or, for a pod the kernel redirected before the agent
+    /// knew it, the source) is a pod that is not meshed.
     NotMeshed,
     /// The destination is neither a pod nor a Service of the cluster.
     OutsideCluster,
+    /// Refused: the source cgroup is no pod of this node the agent knows,
+    /// also after waiting for it.
+    UnknownSource,
 }
 
 impl Direction {
@@ -64,6 +68,7 @@ impl NoTlsReason {
             Self::SecuredLocal => "secured_local",
             Self::NotMeshed => "not_meshed",
             Self::OutsideCluster => "outside_cluster",
+            Self::UnknownSource => "unknown_source",
         }
     }
 }

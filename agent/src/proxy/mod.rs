@@ -48,6 +48,10 @@ use crate::{
     registry::WorkloadRegistry,
 };
 
+/// How long a connection waits for the registry to learn its unknown pod:
+/// the kubelet creates a pod's cgroup, and reports its IP, moments after the
+/// API has the pod, which the agent watches.
+pub const DEFAULT_POD_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connection events kept for slow subscribers before they lag.
 const EVENT_BUFFER: usize = 4096;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
@@ -94,6 +98,9 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// How long open connections may finish after shutdown is requested.
     pub drain_timeout: Duration,
+    /// How long a connection from (or, in the cluster's networks, to) a pod
+    /// the registry does not know yet is held before it is refused.
+    pub pod_resolve_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -106,6 +113,7 @@ impl ProxyConfig {
             policy,
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            pod_resolve_timeout: DEFAULT_POD_RESOLVE_TIMEOUT,
         }
     }
 }

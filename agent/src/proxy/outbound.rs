@@ -3,12 +3,18 @@
 //! in the redirect record (never from the IP); the destination decides the
 //! route: HBONE to the destination's node, a direct connection between two
 //! meshed pods of this node, or plaintext to what is not meshed.
+//!
+//! The kernel also redirects pods the agent has not classified yet (a pod
+//! that just started). Such a connection is held until the registry knows
+//! the pod by its cgroup, at most `pod_resolve_timeout`, then routed as that
+//! pod's (an unmeshed pod's goes out as it would have without the agent), or
+//! refused: never sent in plaintext on a guess.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
     pin::pin,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -27,7 +33,8 @@ use super::{
 };
 use crate::{
     certs::NoCertificate,
-    registry::{Endpoint, NodeInfo, Workload},
+    ebpf::{Redirect, RedirectSource},
+    registry::{Endpoint, NodeInfo, Workload, WorkloadRegistry},
     tls::{self, ALPN_HBONE, TlsError},
 };
 
@@ -38,9 +45,9 @@ pub(crate) const FORWARDED_HEADER: &str = "forwarded";
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
     #[error(
-        "source cgroup {cgroup} of a redirected connection is not a pod of this node in the registry; refused (fail closed) — is the cluster file up to date?"
+        "source cgroup {cgroup} of a redirected connection is not a pod of this node the agent knows (waited {waited:?} for it); refused (fail closed): is the pod in the cluster file or the API, scheduled to this node?"
     )]
-    UnknownSource { cgroup: u64 },
+    UnknownSource { cgroup: u64, waited: Duration },
     #[error(
         "no valid certificate for source identity {source_id}; refusing its connection to meshed {destination} (fail closed, never plaintext): {reason}"
     )]
@@ -175,34 +182,78 @@ pub(crate) async fn handle(
         Direction::Outbound,
         peer,
     );
-    if let Err(error) = proxy(
-        &engine,
-        client,
-        redirect.original_dst,
-        redirect.source_cgroup,
-        &mut tracker,
-    )
-    .await
-    {
+    if let Err(error) = proxy(&engine, client, redirect, &mut tracker).await {
         tracker.fail(error);
     }
+}
+
+/// The pod that made a redirected connection. A pod the kernel did not
+/// know is waited for: the registry learns a new pod by its API object and
+/// its cgroup, which may come a moment after its first connect.
+async fn source_pod(engine: &Engine, redirect: &Redirect) -> Result<Arc<Workload>, OutboundError> {
+    let cgroup = redirect.source_cgroup;
+    let wait = match redirect.source {
+        RedirectSource::MeshedPod => Duration::ZERO,
+        RedirectSource::UnknownPod => engine.cfg.pod_resolve_timeout,
+    };
+    let started = Instant::now();
+    let found = wait_for_registry(engine.registry.as_ref(), wait, |registry| {
+        registry.by_cgroup(cgroup)
+    })
+    .await;
+    if let Some(source) = &found
+        && started.elapsed() > Duration::from_millis(1)
+    {
+        tracing::debug!(cgroup, pod = %source.name, namespace = %source.namespace, waited = ?started.elapsed(), "held connection of a new pod resolved");
+    }
+    found.ok_or(OutboundError::UnknownSource {
+        cgroup,
+        waited: started.elapsed(),
+    })
+}
+
+/// `lookup`'s answer, asking again on every registry change until it has
+/// one or `timeout` passed (None then; with a zero timeout, asks once).
+pub(crate) async fn wait_for_registry<T>(
+    registry: &dyn WorkloadRegistry,
+    timeout: Duration,
+    lookup: impl Fn(&dyn WorkloadRegistry) -> Option<T>,
+) -> Option<T> {
+    // Subscribed before the first look, so a change in between is not missed.
+    let mut changes = registry.subscribe();
+    if let Some(found) = lookup(registry) {
+        return Some(found);
+    }
+    tokio::time::timeout(timeout, async {
+        loop {
+            // The registry lives as long as the engine: a closed channel
+            // means shutdown, and the connection is refused.
+            changes.changed().await.ok()?;
+            if let Some(found) = lookup(registry) {
+                return Some(found);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 async fn proxy(
     engine: &Engine,
     client: TcpStream,
-    original_dst: SocketAddrV4,
-    source_cgroup: u64,
+    redirect: Redirect,
     tracker: &mut ConnectionTracker,
 ) -> Result<(), OutboundError> {
+    let original_dst = redirect.original_dst;
     tracker.event.dst_addr = Some(original_dst.into());
-    let source = engine
-        .registry
-        .by_cgroup(source_cgroup)
-        .ok_or(OutboundError::UnknownSource {
-            cgroup: source_cgroup,
-        })?;
+    let source = source_pod(engine, &redirect)
+        .await
+        .inspect_err(|_| tracker.event.no_tls_reason = Some(NoTlsReason::UnknownSource))?;
     tracker.set_src(&source);
+    if !source.meshed {
+        return unmeshed_source(engine, client, original_dst, tracker).await;
+    }
     let policy = engine.cfg.policy;
     match route(
         engine.registry.local_node(),
@@ -258,6 +309,31 @@ async fn proxy(
             hbone_connect(engine, client, &source, &endpoint, node, tracker).await
         }
     }
+}
+
+/// A connection of an unmeshed pod, redirected because the kernel did not
+/// know the pod yet: carried in plaintext as the pod would have made it
+/// (a Service VIP resolved to an endpoint, since the redirect happened
+/// before kube-proxy). The pod's later connections no longer reach the
+/// agent: the cgroup sync puts it in the unmeshed map.
+async fn unmeshed_source(
+    engine: &Engine,
+    client: TcpStream,
+    original_dst: SocketAddrV4,
+    tracker: &mut ConnectionTracker,
+) -> Result<(), OutboundError> {
+    let (target, destination) = match engine.registry.resolve(original_dst) {
+        Some(endpoint) => (
+            SocketAddrV4::new(endpoint.workload.ip, endpoint.port),
+            Some(endpoint.workload),
+        ),
+        None => (original_dst, None),
+    };
+    tracker.set_dst(target.into(), destination.as_deref());
+    tracker.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
+    let server = connect(engine, target.into()).await?;
+    tracker.open();
+    Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
 }
 
 async fn hbone_connect(
