@@ -543,7 +543,7 @@ mod tests {
             namespace: "app".into(),
             service_account: name.into(),
             identity: TrustDomain::default().identity("app", name).unwrap(),
-            ip: Ipv4Addr::new(10, 244, 0, 2),
+            ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
             node: "node-0".into(),
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
             meshed,

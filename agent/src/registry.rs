@@ -17,6 +17,8 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+
+use crate::dir_watch::DirWatcher;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     host,
@@ -24,8 +26,10 @@ use sealmesh_common::{
 };
 use tokio::sync::watch;
 
-/// How often [`LocalRegistry::watch`] checks the cluster file for changes.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often [`LocalRegistry::watch`] checks the cluster file and the local
+/// pods' cgroups, besides the inotify watch that normally sees changes at
+/// once: a safety net for missed events.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -39,7 +43,10 @@ pub struct Workload {
     pub namespace: String,
     pub service_account: String,
     pub identity: Identity,
-    pub ip: Ipv4Addr,
+    /// The pod's address in the pod network. None for a local pod that has
+    /// none (yet: scheduled, not started) or shares its node's network
+    /// (hostNetwork): such a pod is known only as a source, by its cgroup.
+    pub ip: Option<Ipv4Addr>,
     pub node: String,
     pub node_ip: Ipv4Addr,
     pub meshed: bool,
@@ -47,10 +54,12 @@ pub struct Workload {
     pub cgroup_id: Option<u64>,
 }
 
+/// Where a connection to a pod or Service goes: a pod and the address (pod
+/// IP and, for a Service, the target port) to connect to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub workload: Arc<Workload>,
-    pub port: u16,
+    pub addr: SocketAddrV4,
 }
 
 pub trait WorkloadRegistry: Send + Sync + 'static {
@@ -185,6 +194,13 @@ impl LocalRegistry {
     /// Returns whether the state changed (and the version was bumped). On
     /// error the last good state stays.
     pub fn reload(&self) -> Result<bool, RegistryError> {
+        self.refresh(false)
+    }
+
+    /// [`LocalRegistry::reload`], also rebuilding when `cgroups_changed`
+    /// (a pod cgroup was created or removed: a pod's cgroup may have been
+    /// replaced by one with another id).
+    fn refresh(&self, cgroups_changed: bool) -> Result<bool, RegistryError> {
         let mut source = self.source.lock().expect("registry source lock poisoned");
         let stamp = FileStamp::of(&self.path)?;
         let file_changed = stamp != source.stamp;
@@ -194,25 +210,41 @@ impl LocalRegistry {
             let file = ClusterFile::load(&self.path)?;
             self.check_immutable(&file)?;
             source.file = file;
-        } else if !self.published.load().missing_cgroups {
+        } else if !cgroups_changed && !self.published.load().missing_cgroups {
             return Ok(false);
         }
         let snapshot = Snapshot::build(&source.file, &self.node.name)?;
         Ok(self.published.publish(snapshot))
     }
 
-    /// Polls the file every `interval` until `shutdown` resolves, logging
-    /// changes and errors.
+    /// Reloads when the cluster file is replaced or a directory appears in
+    /// (or leaves) the node's cgroup, where pod cgroups are created
+    /// (inotify), and every `interval` in case an event was missed, until
+    /// `shutdown` resolves; logs changes and errors.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                _ = ticks.tick() => {}
+        let mut events = match DirWatcher::new(self.watched_dirs()) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, ?interval, "cluster file and pod cgroup changes are found by polling only");
+                None
             }
-            match self.reload() {
+        };
+        loop {
+            let cgroups_changed = tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticks.tick() => false,
+                changed = async { events.as_mut()?.changed().await.ok() }, if events.is_some() => {
+                    if changed.is_none() {
+                        tracing::warn!(?interval, "watching the cluster file and pod cgroups failed; changes are found by polling only");
+                        events = None;
+                    }
+                    true
+                }
+            };
+            match self.refresh(cgroups_changed) {
                 Ok(true) => tracing::info!(
                     path = %self.path.display(),
                     version = self.published.version(),
@@ -226,6 +258,19 @@ impl LocalRegistry {
                 ),
             }
         }
+    }
+
+    /// The cluster file's directory (the file is replaced by rename) and
+    /// this node's cgroup, where its pods' cgroups are created.
+    fn watched_dirs(&self) -> Vec<PathBuf> {
+        let source = self.source.lock().expect("registry source lock poisoned");
+        let node_cgroup = source.file.node(&self.node.name).map(|n| n.cgroup.clone());
+        self.path
+            .parent()
+            .map(Path::to_owned)
+            .into_iter()
+            .chain(node_cgroup)
+            .collect()
     }
 
     fn check_immutable(&self, file: &ClusterFile) -> Result<(), RegistryError> {
@@ -327,13 +372,20 @@ impl Snapshot {
             if workload.node == local_node {
                 snapshot.local.push(workload.clone());
             }
-            snapshot.by_ip.insert(workload.ip, workload);
+            if let Some(ip) = workload.ip {
+                snapshot.by_ip.insert(ip, workload);
+            }
         }
         snapshot
     }
 
     pub(crate) fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The local node's pods, in the order they were given.
+    pub(crate) fn local(&self) -> &[Arc<Workload>] {
+        &self.local
     }
 
     /// Routes `vip:port` to `endpoints` (round robin), replacing what the
@@ -377,7 +429,7 @@ impl Snapshot {
                 namespace: pod.namespace.clone(),
                 service_account: pod.service_account.clone(),
                 identity: file.identity_of(pod)?,
-                ip: pod.ip,
+                ip: Some(pod.ip),
                 node: pod.node.clone(),
                 node_ip: node.ip,
                 meshed: file.is_meshed(pod),
@@ -393,7 +445,7 @@ impl Snapshot {
                     .endpoints(svc)
                     .map(|pod| Endpoint {
                         workload: snapshot.by_ip[&pod.ip].clone(),
-                        port: port.target_port,
+                        addr: SocketAddrV4::new(pod.ip, port.target_port),
                     })
                     .collect();
                 snapshot.set_service_port(svc.vip, port.port, endpoints);
@@ -406,7 +458,7 @@ impl Snapshot {
         if let Some(workload) = self.by_ip.get(dst.ip()) {
             return Some(Endpoint {
                 workload: workload.clone(),
-                port: dst.port(),
+                addr: dst,
             });
         }
         let backends = self.services.get(dst.ip())?.get(&dst.port())?;
@@ -466,7 +518,7 @@ impl Published {
     }
 
     pub(crate) fn local_workloads(&self) -> Vec<Arc<Workload>> {
-        self.snapshot.load().local.clone()
+        self.snapshot.load().local().to_vec()
     }
 
     pub(crate) fn pod_parent_cgroups(&self) -> Vec<u64> {
@@ -566,7 +618,7 @@ services:
                 namespace: "emojivoto".into(),
                 service_account: "web".into(),
                 identity: TrustDomain::default().identity("emojivoto", "web").unwrap(),
-                ip: Ipv4Addr::new(10, 244, 0, 2),
+                ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
                 node: "node-0".into(),
                 node_ip: Ipv4Addr::new(172, 18, 0, 2),
                 meshed: true,
@@ -604,14 +656,14 @@ services:
 
         let direct = reg.resolve(addr([10, 244, 1, 2], 9000)).unwrap();
         assert_eq!(
-            (direct.workload.name.as_str(), direct.port),
+            (direct.workload.name.as_str(), direct.addr.port()),
             ("web-2", 9000)
         );
 
         let picks: Vec<_> = (0..6)
             .map(|_| {
                 let ep = reg.resolve(addr([10, 96, 0, 10], 80)).unwrap();
-                (ep.workload.name.clone(), ep.port)
+                (ep.workload.name.clone(), ep.addr.port())
             })
             .collect();
         let expected: Vec<_> = ["web-0", "web-1", "web-2", "web-0", "web-1", "web-2"]
@@ -737,6 +789,35 @@ services:
                 fx.file.display()
             )
         );
+    }
+
+    #[tokio::test]
+    async fn watch_sees_a_new_pod_cgroup_and_a_replaced_file_at_once() {
+        let fx = Fixture::new();
+        fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let mut changes = reg.subscribe();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Polling alone would take an hour.
+        let task = tokio::spawn(reg.clone().watch(Duration::from_secs(3600), async {
+            let _ = stopped.await;
+        }));
+        // The first tick polls at once; what follows is inotify's.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fs::create_dir(fx.dir.path().join("node-0/curl")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("the new cgroup is seen without polling")
+            .unwrap();
+        assert_eq!(reg.by_cgroup(fx.cgroup("curl")).unwrap().name, "curl");
+        fx.rewrite(|f| f.services.clear());
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("the replaced file is read without polling")
+            .unwrap();
+        assert_eq!(reg.resolve(addr([10, 96, 0, 10], 80)), None);
+        stop.send(()).unwrap();
+        task.await.unwrap();
     }
 
     #[tokio::test]

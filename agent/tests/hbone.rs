@@ -184,20 +184,20 @@ impl WorkloadRegistry for TestRegistry {
             .lock()
             .unwrap()
             .iter()
-            .find(|w| w.ip == ip)
+            .find(|w| w.ip == Some(ip))
             .cloned()
     }
 
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
         if let Some((workload, port)) = self.services.get(&dst) {
             return Some(Endpoint {
+                addr: SocketAddrV4::new(workload.ip.unwrap(), *port),
                 workload: workload.clone(),
-                port: *port,
             });
         }
         self.by_ip(*dst.ip()).map(|workload| Endpoint {
             workload,
-            port: dst.port(),
+            addr: dst,
         })
     }
 
@@ -293,7 +293,7 @@ fn pod(
         namespace: NAMESPACE.into(),
         service_account: name.into(),
         identity: TrustDomain::default().identity(NAMESPACE, name).unwrap(),
-        ip: host_ip,
+        ip: Some(host_ip),
         node: node.name.clone(),
         node_ip: node.ip,
         meshed,
@@ -467,7 +467,7 @@ impl Cluster {
     /// the socket to node A's outbound listener.
     async fn connect_as(&self, source: &Workload, original_dst: SocketAddrV4) -> TcpStream {
         self.connect_from(
-            source.ip,
+            source.ip.unwrap(),
             source.cgroup_id.unwrap(),
             RedirectSource::MeshedPod,
             original_dst,
@@ -1017,7 +1017,7 @@ async fn a_new_pods_connection_is_held_until_the_registry_knows_it_then_secured(
     // comes before the agent learnt its cgroup.
     let newcomer = pod("client", &node_a(n), ip(n, 12), true, Some(NEWCOMER_CGROUP));
     let stream = cluster
-        .connect_as_unknown(newcomer.ip, NEWCOMER_CGROUP, echo)
+        .connect_as_unknown(newcomer.ip.unwrap(), NEWCOMER_CGROUP, echo)
         .await;
     let payload = random_bytes(10_000);
     let exchange = tokio::spawn(round_trip(stream, payload.clone()));
@@ -1051,7 +1051,7 @@ async fn a_new_unmeshed_pods_first_connection_goes_out_as_without_the_agent() {
     );
     cluster.a.registry.add(legacy.clone());
     let stream = cluster
-        .connect_as_unknown(legacy.ip, NEWCOMER_CGROUP, echo)
+        .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, echo)
         .await;
     let payload = random_bytes(1000);
     assert_eq!(round_trip(stream, payload.clone()).await, payload);

@@ -45,14 +45,17 @@ use self::{
     objects::{EndpointSliceView, NamespaceView, NodeView, PodView, ServiceView, node_internal_ip},
     snapshot::ClusterObjects,
 };
-use crate::registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry};
+use crate::{
+    dir_watch::DirWatcher,
+    registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry},
+};
 
 /// How long start-up may take to reach the API and list every kind.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the cgroups of local pods are looked for again while some are
-/// missing (the kubelet creates a pod's cgroup shortly after the pod
-/// appears in the API).
-pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_millis(500);
+/// missing, besides the inotify watch on the directories pods are created
+/// in, which normally finds them at once: a safety net for missed events.
+pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_secs(10);
 /// A burst of watch events (a re-list, a rollout) becomes one rebuild.
 const REBUILD_COALESCE: Duration = Duration::from_millis(20);
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(200);
@@ -435,13 +438,30 @@ where
     async move { (kind, store.wait_until_ready().await.is_ok()) }.boxed()
 }
 
-/// Rebuilds the snapshot on every change, and when a missing local pod
-/// cgroup appears (looked for on a short timer).
+/// Rebuilds the snapshot on every API change, on every pod cgroup created
+/// or removed where the kubelet makes them (inotify), and when a missing
+/// local pod cgroup appears (looked for on a slow timer, in case an event
+/// was missed).
 async fn keep_current(shared: Arc<Shared>) {
+    let mut watched_dirs = vec![shared.cgroups.root().to_owned()];
+    watched_dirs.extend(shared.cgroups.parent_candidates());
+    let mut cgroup_events = match DirWatcher::new(watched_dirs) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::warn!(%error, rescan = ?shared.cgroup_rescan, "new pods' cgroups are found by the periodic rescan only");
+            None
+        }
+    };
     loop {
         let missing_cgroups = shared.published.load().missing_cgroups;
         tokio::select! {
             () = shared.signals.changed.notified() => tokio::time::sleep(REBUILD_COALESCE).await,
+            changed = async { cgroup_events.as_mut()?.changed().await.ok() }, if cgroup_events.is_some() => {
+                if changed.is_none() {
+                    tracing::warn!(rescan = ?shared.cgroup_rescan, "watching the pod cgroup directories failed; new pods' cgroups are found by the periodic rescan only");
+                    cgroup_events = None;
+                }
+            }
             () = tokio::time::sleep(shared.cgroup_rescan), if missing_cgroups => {
                 if !shared.a_missing_cgroup_appeared() {
                     continue;

@@ -2,6 +2,7 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddrV4,
     sync::Arc,
 };
 
@@ -49,6 +50,11 @@ pub(super) fn build(
     let mut missing_cgroups = false;
     let mut workloads: Vec<Arc<Workload>> = Vec::new();
     for pod in objects.pods.iter().filter_map(|p| PodFacts::of(p)) {
+        let is_local = pod.node == local.name;
+        // A remote pod matters only as a destination, which needs an address.
+        if !is_local && pod.ip.is_none() {
+            continue;
+        }
         let Some(node_ip) = node_ips.get(pod.node).copied().or(pod.host_ip) else {
             tracing::debug!(
                 pod.namespace,
@@ -65,7 +71,7 @@ pub(super) fn build(
                 continue;
             }
         };
-        let cgroup_id = if pod.node == local.name {
+        let cgroup_id = if is_local {
             let id = cgroup_of(pod.uid);
             if id.is_none() {
                 tracing::debug!(
@@ -88,7 +94,9 @@ pub(super) fn build(
             ip: pod.ip,
             node: pod.node.to_owned(),
             node_ip,
-            meshed: meshed_namespaces.contains(pod.namespace) && !pod.opted_out,
+            meshed: meshed_namespaces.contains(pod.namespace)
+                && !pod.opted_out
+                && !pod.host_network,
             cgroup_id,
         }));
     }
@@ -147,19 +155,20 @@ pub(super) fn build(
                         }
                         EndpointTarget::Address(ip) => snapshot.workload_by_ip(ip).cloned(),
                     };
-                    if let Some(workload) = workload {
+                    // A pod without an address yet cannot serve.
+                    if let Some((workload, ip)) = workload.and_then(|w| Some((w.clone(), w.ip?))) {
                         endpoints.push(Endpoint {
                             workload,
-                            port: target_port,
+                            addr: SocketAddrV4::new(ip, target_port),
                         });
                     }
                 }
             }
             endpoints.sort_by(|a, b| {
-                (&a.workload.namespace, &a.workload.name, a.port).cmp(&(
+                (&a.workload.namespace, &a.workload.name, a.addr.port()).cmp(&(
                     &b.workload.namespace,
                     &b.workload.name,
-                    b.port,
+                    b.addr.port(),
                 ))
             });
             endpoints.dedup();
@@ -221,7 +230,7 @@ mod tests {
     fn resolve_all(snapshot: &Snapshot, vip: [u8; 4], port: u16, n: usize) -> Vec<(String, u16)> {
         (0..n)
             .filter_map(|_| snapshot.resolve(SocketAddrV4::new(Ipv4Addr::from(vip), port)))
-            .map(|e| (e.workload.name.clone(), e.port))
+            .map(|e| (e.workload.name.clone(), e.addr.port()))
             .collect()
     }
 
@@ -270,6 +279,58 @@ mod tests {
             "a Node without an InternalIP is reached at the hostIP its pods report"
         );
         assert_eq!(snapshot.workload_by_ip(Ipv4Addr::new(10, 244, 1, 4)), None);
+    }
+
+    #[test]
+    fn local_pods_count_from_scheduling_remote_ones_once_they_have_an_address() {
+        let meshed_ns: Arc<NamespaceView> = object(json!({ "metadata": { "name": "app",
+            "labels": { "sealmesh.io/mesh": "enabled" } } }));
+        let mut host_network_pod = (*pod("app", "agent", "agent", "n1", "172.18.0.2")).clone();
+        host_network_pod.spec.as_mut().unwrap().host_network = Some(true);
+        let objects = ClusterObjects {
+            pods: vec![
+                pod_with_status("app", "starting", "web", "n1", json!(null)),
+                pod_with_status(
+                    "app",
+                    "remote-starting",
+                    "web",
+                    "n2",
+                    json!({ "phase": "Pending" }),
+                ),
+                Arc::new(host_network_pod),
+                pod("app", "running", "web", "n1", "10.244.1.2"),
+            ],
+            nodes: vec![node("n1", "172.18.0.2"), node("n2", "172.18.0.3")],
+            namespaces: vec![meshed_ns],
+            services: Vec::new(),
+            endpoint_slices: Vec::new(),
+        };
+        let snapshot = build(&objects, &local(), &TrustDomain::default(), |uid| {
+            Some(match uid {
+                "uid-starting" => 7,
+                "uid-agent" => 8,
+                _ => 9,
+            })
+        });
+        let local: Vec<(&str, Option<Ipv4Addr>, bool, Option<u64>)> = snapshot
+            .local()
+            .iter()
+            .map(|w| (w.name.as_str(), w.ip, w.meshed, w.cgroup_id))
+            .collect();
+        assert_eq!(
+            local,
+            [
+                ("agent", None, false, Some(8)),
+                ("running", Some(Ipv4Addr::new(10, 244, 1, 2)), true, Some(9)),
+                ("starting", None, true, Some(7)),
+            ],
+            "a pod without an address is a source by its cgroup; a host-network pod is never meshed"
+        );
+        assert_eq!(
+            snapshot.workload_by_ip(Ipv4Addr::new(172, 18, 0, 2)),
+            None,
+            "the node's address is not the host-network pod's"
+        );
     }
 
     #[test]

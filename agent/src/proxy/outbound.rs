@@ -142,7 +142,7 @@ pub(crate) fn route(
             reason: NoTlsReason::OutsideCluster,
         },
         Some(endpoint) if !endpoint.workload.meshed => Route::Plaintext {
-            target: SocketAddrV4::new(endpoint.workload.ip, endpoint.port),
+            target: endpoint.addr,
             destination: Some(endpoint.workload),
             reason: NoTlsReason::NotMeshed,
         },
@@ -281,7 +281,7 @@ async fn proxy(
         }
         Route::SecuredLocal { endpoint } => {
             let destination = &endpoint.workload;
-            let target = SocketAddrV4::new(destination.ip, endpoint.port);
+            let target = endpoint.addr;
             tracker.set_dst(target.into(), Some(destination));
             // Same checks as HBONE would make: both identities hold a valid
             // certificate, or nothing is carried.
@@ -323,10 +323,7 @@ async fn unmeshed_source(
     tracker: &mut ConnectionTracker,
 ) -> Result<(), OutboundError> {
     let (target, destination) = match engine.registry.resolve(original_dst) {
-        Some(endpoint) => (
-            SocketAddrV4::new(endpoint.workload.ip, endpoint.port),
-            Some(endpoint.workload),
-        ),
+        Some(endpoint) => (endpoint.addr, Some(endpoint.workload)),
         None => (original_dst, None),
     };
     tracker.set_dst(target.into(), destination.as_deref());
@@ -345,7 +342,7 @@ async fn hbone_connect(
     tracker: &mut ConnectionTracker,
 ) -> Result<(), OutboundError> {
     let destination = &endpoint.workload;
-    let authority = SocketAddrV4::new(destination.ip, endpoint.port);
+    let authority = endpoint.addr;
     tracker.set_dst(authority.into(), Some(destination));
     // Boxed: opening the stream (maybe dialling: TLS + h2 handshakes) is
     // by far the largest state of this future and is alive only briefly;
@@ -422,7 +419,7 @@ async fn open_stream(
     source_addr: SocketAddr,
 ) -> Result<(Lease, SendStream<Bytes>, ResponseFuture), OutboundError> {
     let destination = &endpoint.workload;
-    let authority = SocketAddrV4::new(destination.ip, endpoint.port);
+    let authority = endpoint.addr;
     let client_config = engine
         .credentials
         .client_config(&source.identity)
@@ -563,7 +560,7 @@ mod tests {
             namespace: "app".into(),
             service_account: name.into(),
             identity: TrustDomain::default().identity("app", name).unwrap(),
-            ip: ip.into(),
+            ip: Some(ip.into()),
             node: node.into(),
             node_ip: node_ip.into(),
             meshed,
@@ -596,8 +593,8 @@ mod tests {
     fn unmeshed_pods_are_plaintext_to_the_resolved_endpoint() {
         let w = workload("db", "node-1", [172, 18, 0, 3], [10, 244, 1, 5], false);
         let endpoint = Endpoint {
+            addr: SocketAddrV4::new(w.ip.unwrap(), 5432),
             workload: w.clone(),
-            port: 5432,
         };
         assert_eq!(
             route(&local(), 15008, false, DST, Some(endpoint)),
@@ -613,8 +610,8 @@ mod tests {
     fn meshed_pods_elsewhere_go_over_hbone_to_their_node() {
         let w = workload("web", "node-1", [172, 18, 0, 3], [10, 244, 1, 2], true);
         let endpoint = Endpoint {
+            addr: SocketAddrV4::new(w.ip.unwrap(), 8080),
             workload: w,
-            port: 8080,
         };
         assert_eq!(
             route(&local(), 15008, false, DST, Some(endpoint.clone())),
@@ -629,8 +626,8 @@ mod tests {
     fn meshed_pods_here_are_secured_local_unless_mtls_is_forced() {
         let w = workload("web", "node-0", [172, 18, 0, 2], [10, 244, 0, 2], true);
         let endpoint = Endpoint {
+            addr: SocketAddrV4::new(w.ip.unwrap(), 8080),
             workload: w,
-            port: 8080,
         };
         assert_eq!(
             route(&local(), 15008, false, DST, Some(endpoint.clone())),
