@@ -275,7 +275,12 @@ fn start_local(
     local: &LocalSettings,
     cert_config: CertStoreConfig,
 ) -> Result<Started> {
-    let registry = LocalRegistry::load(&local.cluster_file, &config.node).with_context(|| {
+    let registry = LocalRegistry::load(
+        &local.cluster_file,
+        &config.node,
+        config.cluster_networks.all(),
+    )
+    .with_context(|| {
         format!(
             "loading workloads of node {} from {}",
             config.node,
@@ -299,11 +304,14 @@ async fn start_kubernetes(
     let client = kube_mode::connect().await?;
     let registry = KubeRegistry::start(
         client.clone(),
-        KubeRegistryConfig::new(
-            &config.node,
-            config.trust_domain.clone(),
-            kube.cgroup_root.clone(),
-        ),
+        KubeRegistryConfig {
+            cluster_networks: config.cluster_networks.all(),
+            ..KubeRegistryConfig::new(
+                &config.node,
+                config.trust_domain.clone(),
+                kube.cgroup_root.clone(),
+            )
+        },
     )
     .await
     .with_context(|| {
@@ -494,6 +502,12 @@ mod tests {
         }
         fn local_workloads(&self) -> Vec<Arc<Workload>> {
             self.local.clone()
+        }
+        fn in_cluster_network(&self, _: Ipv4Addr) -> bool {
+            false
+        }
+        fn served_outside_pods(&self, _: SocketAddrV4) -> bool {
+            false
         }
         fn pod_parent_cgroups(&self) -> Vec<u64> {
             vec![1]

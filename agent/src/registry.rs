@@ -4,7 +4,7 @@
 //! both answer from the same immutable [`Snapshot`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::MetadataExt,
@@ -17,6 +17,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
 
 use crate::dir_watch::DirWatcher;
 use sealmesh_common::{
@@ -72,6 +73,13 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     /// without endpoints or that port).
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint>;
     fn local_workloads(&self) -> Vec<Arc<Workload>>;
+    /// Whether `ip` is in the cluster's pod or Service networks: a pod or a
+    /// Service of the cluster, known or not (yet).
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool;
+    /// Whether `dst` is a Service port served only by addresses that are no
+    /// pods (the API server behind `kubernetes.default`): traffic to it
+    /// leaves the mesh.
+    fn served_outside_pods(&self, dst: SocketAddrV4) -> bool;
     /// Ids of the cgroups this node's pods are created in (their direct parents), sorted.
     fn pod_parent_cgroups(&self) -> Vec<u64>;
     /// Bumped on every change (pods/services come and go).
@@ -106,6 +114,8 @@ pub enum RegistryError {
 pub struct LocalRegistry {
     path: PathBuf,
     node: NodeInfo,
+    /// The cluster's pod and Service networks (configured at start).
+    cluster_networks: Vec<Ipv4Net>,
     trust_domain: TrustDomain,
     published: Published,
     source: Mutex<Source>,
@@ -153,9 +163,14 @@ impl FileStamp {
 }
 
 impl LocalRegistry {
-    /// Reads the cluster file for `node_name`. Fails when the file is bad or
+    /// Reads the cluster file for `node_name`; `cluster_networks` are the
+    /// cluster's pod and Service networks. Fails when the file is bad or
     /// does not list the node.
-    pub fn load(path: &Path, node_name: &str) -> Result<Arc<Self>, RegistryError> {
+    pub fn load(
+        path: &Path,
+        node_name: &str,
+        cluster_networks: Vec<Ipv4Net>,
+    ) -> Result<Arc<Self>, RegistryError> {
         let stamp = FileStamp::of(path)?;
         let file = ClusterFile::load(path)?;
         let node = file
@@ -175,10 +190,11 @@ impl LocalRegistry {
             ip: node.ip,
         };
         let trust_domain = file.trust_domain()?;
-        let snapshot = Snapshot::build(&file, &node.name)?;
+        let snapshot = Snapshot::build(&file, &node.name, &cluster_networks)?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
             node,
+            cluster_networks,
             trust_domain,
             published: Published::new(snapshot),
             source: Mutex::new(Source { file, stamp }),
@@ -213,7 +229,7 @@ impl LocalRegistry {
         } else if !cgroups_changed && !self.published.load().missing_cgroups {
             return Ok(false);
         }
-        let snapshot = Snapshot::build(&source.file, &self.node.name)?;
+        let snapshot = Snapshot::build(&source.file, &self.node.name, &self.cluster_networks)?;
         Ok(self.published.publish(snapshot))
     }
 
@@ -316,6 +332,14 @@ impl WorkloadRegistry for LocalRegistry {
         self.published.local_workloads()
     }
 
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.published.in_cluster_network(ip)
+    }
+
+    fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
+        self.published.served_outside_pods(dst)
+    }
+
     fn pod_parent_cgroups(&self) -> Vec<u64> {
         self.published.pod_parent_cgroups()
     }
@@ -336,6 +360,11 @@ pub(crate) struct Snapshot {
     services: HashMap<Ipv4Addr, HashMap<u16, Backends>>,
     /// The cgroups this node's pods are created in, sorted.
     pub(crate) pod_parents: Vec<u64>,
+    /// The cluster's pod and Service networks.
+    pub(crate) cluster_networks: Vec<Ipv4Net>,
+    /// Service ports whose endpoints are addresses outside the cluster's
+    /// networks and no pods.
+    pub(crate) served_outside_pods: HashSet<SocketAddrV4>,
     /// A local pod's cgroup directory did not exist (yet): worth a re-scan.
     pub(crate) missing_cgroups: bool,
 }
@@ -400,7 +429,11 @@ impl Snapshot {
         );
     }
 
-    fn build(file: &ClusterFile, local_node: &str) -> Result<Self, RegistryError> {
+    fn build(
+        file: &ClusterFile,
+        local_node: &str,
+        cluster_networks: &[Ipv4Net],
+    ) -> Result<Self, RegistryError> {
         let mut workloads = Vec::with_capacity(file.pods.len());
         // The node's cgroup is the parent of its pods' cgroups.
         let node_cgroup = file
@@ -439,6 +472,7 @@ impl Snapshot {
         let mut snapshot = Self::with_workloads(workloads, local_node);
         snapshot.missing_cgroups = missing_cgroups;
         snapshot.pod_parents = node_cgroup.and_then(Result::ok).into_iter().collect();
+        snapshot.cluster_networks = cluster_networks.to_vec();
         for svc in &file.services {
             for port in &svc.ports {
                 let endpoints = file
@@ -452,6 +486,10 @@ impl Snapshot {
             }
         }
         Ok(snapshot)
+    }
+
+    pub(crate) fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.cluster_networks.iter().any(|net| net.contains(&ip))
     }
 
     pub(crate) fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
@@ -523,6 +561,14 @@ impl Published {
 
     pub(crate) fn pod_parent_cgroups(&self) -> Vec<u64> {
         self.snapshot.load().pod_parents.clone()
+    }
+
+    pub(crate) fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.snapshot.load().in_cluster_network(ip)
+    }
+
+    pub(crate) fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
+        self.snapshot.load().served_outside_pods.contains(&dst)
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -600,7 +646,7 @@ services:
     #[test]
     fn indexes_pods_by_cgroup_and_ip() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         assert_eq!(
             reg.local_node(),
             &NodeInfo {
@@ -652,7 +698,7 @@ services:
     #[test]
     fn resolves_pod_ips_and_service_vips() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
 
         let direct = reg.resolve(addr([10, 244, 1, 2], 9000)).unwrap();
         assert_eq!(
@@ -692,7 +738,7 @@ services:
     #[test]
     fn reloads_a_changed_file_and_notifies() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let mut changes = reg.subscribe();
         assert!(!reg.reload().unwrap(), "nothing changed yet");
 
@@ -722,7 +768,7 @@ services:
     #[test]
     fn the_node_cgroup_is_the_pods_parent() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         assert_eq!(
             reg.pod_parent_cgroups(),
             [cgroup_id(&fx.dir.path().join("node-0")).unwrap()]
@@ -733,7 +779,7 @@ services:
     fn picks_up_a_local_cgroup_created_after_the_file() {
         let fx = Fixture::new();
         fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let curl = reg.by_ip(Ipv4Addr::new(10, 244, 0, 5)).unwrap();
         assert_eq!(curl.cgroup_id, None);
 
@@ -745,7 +791,7 @@ services:
     #[test]
     fn bad_file_keeps_the_last_good_state() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let changes = reg.subscribe();
 
         fs::write(
@@ -781,7 +827,7 @@ services:
     #[test]
     fn unknown_node_names_the_known_ones() {
         let fx = Fixture::new();
-        let err = LocalRegistry::load(&fx.file, "node-7").unwrap_err();
+        let err = LocalRegistry::load(&fx.file, "node-7", Vec::new()).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -795,7 +841,7 @@ services:
     async fn watch_sees_a_new_pod_cgroup_and_a_replaced_file_at_once() {
         let fx = Fixture::new();
         fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let mut changes = reg.subscribe();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         // Polling alone would take an hour.
@@ -823,7 +869,7 @@ services:
     #[tokio::test]
     async fn watch_polls_until_shutdown() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let mut changes = reg.subscribe();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(reg.clone().watch(Duration::from_millis(20), async {

@@ -211,6 +211,15 @@ impl WorkloadRegistry for TestRegistry {
             .collect()
     }
 
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        // The test's pods and Services are 127.77.<n>.2-98; .99 is "outside".
+        ip.octets()[3] != OUTSIDE_HOST
+    }
+
+    fn served_outside_pods(&self, _: SocketAddrV4) -> bool {
+        false
+    }
+
     fn pod_parent_cgroups(&self) -> Vec<u64> {
         Vec::new()
     }
@@ -260,6 +269,8 @@ const CLIENT_CGROUP: u64 = 1001;
 const LONELY_CGROUP: u64 = 1002;
 /// The cgroup of a pod node A's registry learns only during a test.
 const NEWCOMER_CGROUP: u64 = 1009;
+/// The host part of the test's one address outside the cluster's networks.
+const OUTSIDE_HOST: u8 = 99;
 /// How long the engines hold a connection of (or to) a pod they do not know.
 const POD_RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -848,7 +859,7 @@ async fn inbound_answers_each_refusal_with_its_status() {
         (
             server,
             Method::CONNECT,
-            format!("{}:80", ip(n, 99)),
+            format!("{}:80", ip(n, OUTSIDE_HOST)),
             StatusCode::NOT_FOUND,
         ),
         // A meshed pod, but on node A.
@@ -932,7 +943,7 @@ async fn client_certificate_from_another_ca_is_refused() {
 async fn unmeshed_and_outside_destinations_are_plaintext_with_the_reason() {
     let n = 7;
     let plain = echo_server(ip(n, 30)).await;
-    let outside = echo_server(ip(n, 99)).await;
+    let outside = echo_server(ip(n, OUTSIDE_HOST)).await;
     let mut cluster = Cluster::start(n, Policy::default(), 9).await;
 
     for (dst, reason) in [
@@ -1091,6 +1102,57 @@ async fn a_source_the_registry_never_learns_is_refused_after_the_timeout() {
     );
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "nothing reached the destination");
+}
+
+#[tokio::test]
+async fn a_destination_pod_the_registry_learns_after_the_dial_is_held_then_secured() {
+    let n = 26;
+    let echo = echo_server(ip(n, 40)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    // A second server pod on node B: the client dials its address before
+    // either agent has seen the pod.
+    let server_1 = pod("server", &node_b(n), ip(n, 40), true, None);
+    let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    let payload = random_bytes(10_000);
+    let exchange = tokio::spawn(round_trip(stream, payload.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !exchange.is_finished(),
+        "held while the destination is unknown"
+    );
+    cluster.b.registry.add(server_1.clone());
+    cluster.a.registry.add(server_1);
+    assert_eq!(exchange.await.unwrap(), payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(event.tls, "{event:?}");
+    assert_eq!(event.error, None);
+    assert_eq!(event.dst_addr, Some(echo.into()));
+    assert!(event.duration_ms >= 300, "held: {} ms", event.duration_ms);
+}
+
+#[tokio::test]
+async fn an_unknown_destination_in_the_cluster_is_refused_after_the_timeout() {
+    let n = 27;
+    let listener = TcpListener::bind((ip(n, 41), 0)).await.unwrap();
+    let SocketAddr::V4(unknown) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    let started = std::time::Instant::now();
+    let stream = cluster.connect_as(&cluster.pods.client, unknown).await;
+    assert_closed_without_data(stream).await;
+    assert!(started.elapsed() >= POD_RESOLVE_TIMEOUT);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::UnknownDestination));
+    assert!(
+        event.error.as_deref().unwrap().starts_with(&format!(
+            "{unknown} is in the cluster's pod or Service networks but no pod or Service endpoint the agent knows"
+        )),
+        "{event:?}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "nothing was sent in plaintext");
 }
 
 #[tokio::test]
@@ -1407,7 +1469,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
     };
     let mut nodes = Vec::new();
     for node in ["node-a", "node-b"] {
-        let registry = LocalRegistry::load(&path("cluster.yaml"), node).unwrap();
+        let registry = LocalRegistry::load(&path("cluster.yaml"), node, Vec::new()).unwrap();
         let certs = CertStore::new(CertStoreConfig {
             identity_addr,
             token_file: path(&format!("{node}.token")),

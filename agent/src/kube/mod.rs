@@ -24,6 +24,7 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use ipnet::Ipv4Net;
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -186,6 +187,8 @@ pub struct KubeRegistryConfig {
     pub cgroup_root: PathBuf,
     pub startup_timeout: Duration,
     pub cgroup_rescan: Duration,
+    /// Configured pod and Service networks, besides every Node's pod networks.
+    pub cluster_networks: Vec<Ipv4Net>,
 }
 
 impl KubeRegistryConfig {
@@ -196,6 +199,7 @@ impl KubeRegistryConfig {
             cgroup_root,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             cgroup_rescan: DEFAULT_CGROUP_RESCAN,
+            cluster_networks: Vec::new(),
         }
     }
 }
@@ -232,6 +236,7 @@ struct Shared {
     trust_domain: TrustDomain,
     cgroups: PodCgroups,
     cgroup_rescan: Duration,
+    cluster_networks: Vec<Ipv4Net>,
     published: Published,
     stores: Stores,
     signals: Arc<Signals>,
@@ -276,6 +281,7 @@ impl KubeRegistry {
             trust_domain: config.trust_domain,
             cgroups: PodCgroups::new(config.cgroup_root),
             cgroup_rescan: config.cgroup_rescan,
+            cluster_networks: config.cluster_networks,
             published: Published::new(Default::default()),
             stores,
             signals,
@@ -483,7 +489,8 @@ impl Shared {
         };
         self.check_local_node(&objects);
         let mut missing = Vec::new();
-        let snapshot = snapshot::build(&objects, &self.node, &self.trust_domain, |uid| {
+        let networks = &self.cluster_networks;
+        let snapshot = snapshot::build(&objects, &self.node, &self.trust_domain, networks, |uid| {
             let id = self.cgroups.find(uid).map(|cgroup| cgroup.id);
             if id.is_none() {
                 missing.push(uid.to_owned());
@@ -560,6 +567,14 @@ impl WorkloadRegistry for KubeRegistry {
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.shared.published.local_workloads()
+    }
+
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.shared.published.in_cluster_network(ip)
+    }
+
+    fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
+        self.shared.published.served_outside_pods(dst)
     }
 
     fn pod_parent_cgroups(&self) -> Vec<u64> {

@@ -7,6 +7,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
         core::v1::{ConfigMap, Namespace, Node, Pod, Service},
@@ -98,12 +99,22 @@ macro_rules! view_of {
     };
 }
 
-/// A Node: its InternalIP.
+/// A Node: its InternalIP and pod networks.
 #[derive(Clone, Debug, Deserialize)]
 pub(super) struct NodeView {
     #[serde(deserialize_with = "kept_metadata::<NodeView, _>")]
     pub metadata: ObjectMeta,
+    pub spec: Option<NodeSpecView>,
     pub status: Option<NodeStatusView>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct NodeSpecView {
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<String>>,
 }
 impl KeptMetadata for NodeView {}
 view_of!(NodeView, Node);
@@ -251,6 +262,17 @@ pub(super) fn node_internal_ip(node: &NodeView) -> Option<Ipv4Addr> {
         .flatten()
         .filter(|a| a.type_ == NODE_INTERNAL_IP)
         .find_map(|a| a.address.parse().ok())
+}
+
+/// The IPv4 networks a node's pods get addresses from (`spec.podCIDRs`,
+/// or the older single `spec.podCIDR`).
+pub(super) fn node_pod_cidrs(node: &NodeView) -> impl Iterator<Item = Ipv4Net> + '_ {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.as_ref()))
+        .filter_map(|cidr| cidr.parse().ok())
 }
 
 pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
@@ -582,6 +604,17 @@ mod tests {
                                      {"type": "InternalIP", "address": "172.18.0.2"}],
                        "capacity": {"cpu": "2"}}}));
         assert_eq!(node_internal_ip(&node), Some(Ipv4Addr::new(172, 18, 0, 2)));
+        let node: NodeView = parse(json!({"metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64"],
+                     "providerID": "kind://n1"}}));
+        assert_eq!(
+            node_pod_cidrs(&node).collect::<Vec<_>>(),
+            [
+                "10.244.1.0/24".parse::<Ipv4Net>().unwrap(),
+                "10.244.1.0/24".parse().unwrap()
+            ],
+            "IPv6 networks are skipped"
+        );
     }
 
     #[test]

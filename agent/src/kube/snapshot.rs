@@ -6,13 +6,14 @@ use std::{
     sync::Arc,
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sealmesh_common::identity::TrustDomain;
 
 use super::objects::{
     EndpointSliceView, EndpointTarget, NamespaceView, NodeView, PodFacts, PodView, ServiceView,
-    namespace_is_meshed, node_internal_ip, ready_endpoints, service_cluster_ip, service_tcp_ports,
-    slice_port, slice_service,
+    namespace_is_meshed, node_internal_ip, node_pod_cidrs, ready_endpoints, service_cluster_ip,
+    service_tcp_ports, slice_port, slice_service,
 };
 use crate::registry::{Endpoint, NodeInfo, Snapshot, Workload};
 
@@ -27,11 +28,13 @@ pub(super) struct ClusterObjects {
 
 /// The snapshot the objects describe, seen from `local` (whose address stays
 /// the one the agent started with). `cgroup_of` finds a local pod's cgroup
-/// id from its UID.
+/// id from its UID; `networks` are the configured pod and Service networks,
+/// to which every Node's pod networks are added.
 pub(super) fn build(
     objects: &ClusterObjects,
     local: &NodeInfo,
     trust_domain: &TrustDomain,
+    networks: &[Ipv4Net],
     mut cgroup_of: impl FnMut(&str) -> Option<u64>,
 ) -> Snapshot {
     let mut node_ips: HashMap<&str, _> = objects
@@ -122,6 +125,11 @@ pub(super) fn build(
 
     let mut snapshot = Snapshot::with_workloads(workloads.iter().cloned(), &local.name);
     snapshot.missing_cgroups = missing_cgroups;
+    let mut cluster_networks = networks.to_vec();
+    cluster_networks.extend(objects.nodes.iter().flat_map(|n| node_pod_cidrs(n)));
+    cluster_networks.sort_unstable();
+    cluster_networks.dedup();
+    snapshot.cluster_networks = cluster_networks;
     for service in &objects.services {
         let (Some(namespace), Some(name), Some(vip)) = (
             service.metadata.namespace.as_deref(),
@@ -139,6 +147,7 @@ pub(super) fn build(
                 continue;
             };
             let mut endpoints: Vec<Endpoint> = Vec::new();
+            let mut outside_pods = false;
             for slice in slices {
                 let target_port = match &port.target_port {
                     None => Some(service_port),
@@ -153,7 +162,13 @@ pub(super) fn build(
                         EndpointTarget::Pod { namespace, name } => {
                             by_name.get(&(namespace, name)).cloned()
                         }
-                        EndpointTarget::Address(ip) => snapshot.workload_by_ip(ip).cloned(),
+                        EndpointTarget::Address(ip) => {
+                            let pod = snapshot.workload_by_ip(ip).cloned();
+                            // An address outside the cluster's networks is
+                            // no pod: the API server, an external database.
+                            outside_pods |= pod.is_none() && !snapshot.in_cluster_network(ip);
+                            pod
+                        }
                     };
                     // A pod without an address yet cannot serve.
                     if let Some((workload, ip)) = workload.and_then(|w| Some((w.clone(), w.ip?))) {
@@ -172,6 +187,11 @@ pub(super) fn build(
                 ))
             });
             endpoints.dedup();
+            if endpoints.is_empty() && outside_pods {
+                snapshot
+                    .served_outside_pods
+                    .insert(SocketAddrV4::new(vip, service_port));
+            }
             snapshot.set_service_port(vip, service_port, endpoints);
         }
     }
@@ -256,7 +276,7 @@ mod tests {
             endpoint_slices: Vec::new(),
         };
         let mut looked_up = Vec::new();
-        let snapshot = build(&objects, &local(), &TrustDomain::default(), |uid| {
+        let snapshot = build(&objects, &local(), &TrustDomain::default(), &[], |uid| {
             looked_up.push(uid.to_owned());
             (uid == "uid-local-0").then_some(42)
         });
@@ -305,7 +325,7 @@ mod tests {
             services: Vec::new(),
             endpoint_slices: Vec::new(),
         };
-        let snapshot = build(&objects, &local(), &TrustDomain::default(), |uid| {
+        let snapshot = build(&objects, &local(), &TrustDomain::default(), &[], |uid| {
             Some(match uid {
                 "uid-starting" => 7,
                 "uid-agent" => 8,
@@ -330,6 +350,71 @@ mod tests {
             snapshot.workload_by_ip(Ipv4Addr::new(172, 18, 0, 2)),
             None,
             "the node's address is not the host-network pod's"
+        );
+    }
+
+    #[test]
+    fn knows_the_cluster_networks_and_services_served_outside_pods() {
+        let node_with_cidr: Arc<NodeView> = object(json!({ "metadata": { "name": "n1" },
+            "spec": { "podCIDR": "10.244.1.0/24" },
+            "status": { "addresses": [{ "type": "InternalIP", "address": "172.18.0.2" }] } }));
+        let service = |name: &str, vip: &str| -> Arc<ServiceView> {
+            object(
+                json!({ "metadata": { "name": name, "namespace": "default" },
+                "spec": { "clusterIP": vip, "ports": [{ "name": "https", "port": 443, "targetPort": 6443 }] } }),
+            )
+        };
+        let slice = |service: &str, address: &str| -> Arc<EndpointSliceView> {
+            object(json!({
+                "metadata": { "name": service, "namespace": "default",
+                              "labels": { "kubernetes.io/service-name": service } },
+                "addressType": "IPv4", "endpoints": [{ "addresses": [address] }],
+                "ports": [{ "name": "https", "port": 6443 }],
+            }))
+        };
+        let objects = ClusterObjects {
+            pods: Vec::new(),
+            nodes: vec![node_with_cidr],
+            namespaces: Vec::new(),
+            services: vec![
+                service("kubernetes", "10.96.0.1"),
+                service("not-yet", "10.96.0.2"),
+            ],
+            endpoint_slices: vec![
+                // The API server: an address outside the pod networks.
+                slice("kubernetes", "172.18.0.9"),
+                // A pod address the registry has no pod for (yet).
+                slice("not-yet", "10.244.1.77"),
+            ],
+        };
+        let configured: Vec<Ipv4Net> = vec!["10.96.0.0/12".parse().unwrap()];
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            &configured,
+            |_| None,
+        );
+        for (ip, inside) in [
+            ("10.244.1.77", true),
+            ("10.96.0.2", true),
+            ("10.244.2.1", false),
+            ("172.18.0.9", false),
+        ] {
+            assert_eq!(
+                snapshot.in_cluster_network(ip.parse().unwrap()),
+                inside,
+                "{ip}"
+            );
+        }
+        let api = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+        assert_eq!(snapshot.resolve(api), None);
+        assert!(snapshot.served_outside_pods.contains(&api));
+        assert!(
+            !snapshot
+                .served_outside_pods
+                .contains(&SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 2), 443)),
+            "an unknown pod address is not outside the cluster"
         );
     }
 
@@ -385,7 +470,7 @@ mod tests {
                 ),
             ],
         };
-        let snapshot = build(&objects, &local(), &TrustDomain::default(), |_| None);
+        let snapshot = build(&objects, &local(), &TrustDomain::default(), &[], |_| None);
         assert_eq!(
             resolve_all(&snapshot, [10, 96, 0, 10], 80, 3),
             vec![("web-0".to_owned(), 8080); 3]

@@ -51,6 +51,9 @@ pub enum NoTlsReason {
     /// Refused: the source cgroup is no pod of this node the agent knows,
     /// also after waiting for it.
     UnknownSource,
+    /// Refused: the destination is in the cluster's pod or Service networks
+    /// but no pod or Service endpoint the agent knows, also after waiting.
+    UnknownDestination,
 }
 
 impl Direction {
@@ -69,6 +72,7 @@ impl NoTlsReason {
             Self::NotMeshed => "not_meshed",
             Self::OutsideCluster => "outside_cluster",
             Self::UnknownSource => "unknown_source",
+            Self::UnknownDestination => "unknown_destination",
         }
     }
 }

@@ -49,6 +49,13 @@ pub enum OutboundError {
     )]
     UnknownSource { cgroup: u64, waited: Duration },
     #[error(
+        "{target} is in the cluster's pod or Service networks but no pod or Service endpoint the agent knows (waited {waited:?}); refused rather than sent in plaintext to what may be a meshed pod"
+    )]
+    UnknownDestination {
+        target: SocketAddrV4,
+        waited: Duration,
+    },
+    #[error(
         "no valid certificate for source identity {source_id}; refusing its connection to meshed {destination} (fail closed, never plaintext): {reason}"
     )]
     NoSourceCertificate {
@@ -212,6 +219,36 @@ async fn source_pod(engine: &Engine, redirect: &Redirect) -> Result<Arc<Workload
     })
 }
 
+/// The pod (and port) a connection to `original_dst` goes to, or None when
+/// the destination is outside the cluster. An address in the cluster's pod
+/// or Service networks that the registry cannot resolve (a pod or Service
+/// it has not seen yet) is waited for: guessing "outside the cluster" would
+/// send a meshed destination plaintext.
+async fn destination(
+    engine: &Engine,
+    original_dst: SocketAddrV4,
+) -> Result<Option<Endpoint>, OutboundError> {
+    let started = Instant::now();
+    let resolved = wait_for_registry(
+        engine.registry.as_ref(),
+        engine.cfg.pod_resolve_timeout,
+        |registry| match registry.resolve(original_dst) {
+            Some(endpoint) => Some(Some(endpoint)),
+            None if !registry.in_cluster_network(*original_dst.ip())
+                || registry.served_outside_pods(original_dst) =>
+            {
+                Some(None)
+            }
+            None => None,
+        },
+    )
+    .await;
+    resolved.ok_or(OutboundError::UnknownDestination {
+        target: original_dst,
+        waited: started.elapsed(),
+    })
+}
+
 /// `lookup`'s answer, asking again on every registry change until it has
 /// one or `timeout` passed (None then; with a zero timeout, asks once).
 pub(crate) async fn wait_for_registry<T>(
@@ -254,13 +291,16 @@ async fn proxy(
     if !source.meshed {
         return unmeshed_source(engine, client, original_dst, tracker).await;
     }
+    let endpoint = destination(engine, original_dst)
+        .await
+        .inspect_err(|_| tracker.event.no_tls_reason = Some(NoTlsReason::UnknownDestination))?;
     let policy = engine.cfg.policy;
     match route(
         engine.registry.local_node(),
         engine.cfg.hbone_port,
         policy.force_mtls_local,
         original_dst,
-        engine.registry.resolve(original_dst),
+        endpoint,
     ) {
         Route::Plaintext {
             target,
