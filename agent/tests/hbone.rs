@@ -1120,14 +1120,22 @@ async fn a_destination_pod_the_registry_learns_after_the_dial_is_held_then_secur
         !exchange.is_finished(),
         "held while the destination is unknown"
     );
-    cluster.b.registry.add(server_1.clone());
-    cluster.a.registry.add(server_1);
+    // The client's agent learns the pod first: node B's waits for it too.
+    cluster.a.registry.add(server_1.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !exchange.is_finished(),
+        "held at node B while it does not know the pod"
+    );
+    cluster.b.registry.add(server_1);
     assert_eq!(exchange.await.unwrap(), payload);
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
     assert!(event.tls, "{event:?}");
     assert_eq!(event.error, None);
     assert_eq!(event.dst_addr, Some(echo.into()));
-    assert!(event.duration_ms >= 300, "held: {} ms", event.duration_ms);
+    assert!(event.duration_ms >= 600, "held: {} ms", event.duration_ms);
+    let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
+    assert!(inbound.tls && inbound.error.is_none(), "{inbound:?}");
 }
 
 #[tokio::test]

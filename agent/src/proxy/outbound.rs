@@ -30,11 +30,12 @@ use super::{
     hbone,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError},
+    wait_for_registry,
 };
 use crate::{
     certs::NoCertificate,
     ebpf::{Redirect, RedirectSource},
-    registry::{Endpoint, NodeInfo, Workload, WorkloadRegistry},
+    registry::{Endpoint, NodeInfo, Workload},
     tls::{self, ALPN_HBONE, TlsError},
 };
 
@@ -247,33 +248,6 @@ async fn destination(
         target: original_dst,
         waited: started.elapsed(),
     })
-}
-
-/// `lookup`'s answer, asking again on every registry change until it has
-/// one or `timeout` passed (None then; with a zero timeout, asks once).
-pub(crate) async fn wait_for_registry<T>(
-    registry: &dyn WorkloadRegistry,
-    timeout: Duration,
-    lookup: impl Fn(&dyn WorkloadRegistry) -> Option<T>,
-) -> Option<T> {
-    // Subscribed before the first look, so a change in between is not missed.
-    let mut changes = registry.subscribe();
-    if let Some(found) = lookup(registry) {
-        return Some(found);
-    }
-    tokio::time::timeout(timeout, async {
-        loop {
-            // The registry lives as long as the engine: a closed channel
-            // means shutdown, and the connection is refused.
-            changes.changed().await.ok()?;
-            if let Some(found) = lookup(registry) {
-                return Some(found);
-            }
-        }
-    })
-    .await
-    .ok()
-    .flatten()
 }
 
 async fn proxy(
