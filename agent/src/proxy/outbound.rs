@@ -210,9 +210,9 @@ async fn source_pod(engine: &Engine, redirect: &Redirect) -> Result<Arc<Workload
     })
     .await;
     if let Some(source) = &found
-        && started.elapsed() > Duration::from_millis(1)
+        && redirect.source == RedirectSource::UnknownPod
     {
-        tracing::debug!(cgroup, pod = %source.name, namespace = %source.namespace, waited = ?started.elapsed(), "held connection of a new pod resolved");
+        tracing::debug!(cgroup, pod = %source.name, namespace = %source.namespace, waited_ms = started.elapsed().as_millis(), "connection of a pod the kernel did not know resolved");
     }
     found.ok_or(OutboundError::UnknownSource {
         cgroup,

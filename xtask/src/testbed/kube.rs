@@ -258,6 +258,10 @@ pub struct RegisteredPod {
     pub pod_cgroup: PathBuf,
     /// ... and its container's, where the pod's processes run.
     pub container_cgroup: PathBuf,
+    /// The container's id, as its runtime reports it.
+    pub container_id: String,
+    /// Whether the kubelet reported it Running (with its IP).
+    pub running: bool,
 }
 
 /// An object the testbed created, for removal from external servers.
@@ -470,13 +474,55 @@ impl KubeCluster {
         namespace: &str,
         name: &str,
     ) -> Result<&RegisteredPod, KubeError> {
+        self.schedule_pod(testbed, namespace, name)?;
+        self.report_running(testbed, namespace, name)
+    }
+
+    /// The first half of [`KubeCluster::create_pod`]: the pod as the
+    /// scheduler binds it and its kubelet starts it (the object with
+    /// `spec.nodeName`, then the pod's and its container's cgroups), before
+    /// the kubelet reports any status (Pending, no IP). Processes can run in
+    /// it from here on, as init containers and apps do in a real pod.
+    pub fn schedule_pod(
+        &mut self,
+        testbed: &mut Testbed,
+        namespace: &str,
+        name: &str,
+    ) -> Result<&RegisteredPod, KubeError> {
         let pod = testbed.pod(namespace, name)?.clone();
-        let node_ip = testbed.node(&pod.node)?.ip;
         let node_cgroup = testbed.node(&pod.node)?.cgroup.clone();
-        let registered = self.block_on(self.register_pod(&pod, node_ip, &node_cgroup))?;
+        let registered = self.block_on(self.register_pod(&pod, &node_cgroup))?;
         testbed.set_pod_cgroup(namespace, name, registered.container_cgroup.clone())?;
         let key = (namespace.to_owned(), name.to_owned());
         self.pods.insert(key.clone(), registered);
+        Ok(&self.pods[&key])
+    }
+
+    /// The second half of [`KubeCluster::create_pod`]: the kubelet reports a
+    /// scheduled pod Running with its IP; EndpointSlices follow.
+    pub fn report_running(
+        &mut self,
+        testbed: &Testbed,
+        namespace: &str,
+        name: &str,
+    ) -> Result<&RegisteredPod, KubeError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        let registered = self.pods.get(&key).ok_or_else(|| KubeError::NoSuchPod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })?;
+        let pod = testbed.pod(namespace, name)?;
+        let node_ip = testbed.node(&pod.node)?.ip;
+        self.block_on(self.patch_pod_status(
+            namespace,
+            name,
+            pod.ip,
+            node_ip,
+            &registered.container_id,
+        ))?;
+        if let Some(registered) = self.pods.get_mut(&key) {
+            registered.running = true;
+        }
         self.block_on(self.sync_endpoint_slices(testbed.cluster()))?;
         Ok(&self.pods[&key])
     }
@@ -526,7 +572,15 @@ impl KubeCluster {
                 continue;
             }
             let node = testbed.node(&pod.node)?.clone();
-            let registered = self.block_on(self.register_pod(pod, node.ip, &node.cgroup))?;
+            let mut registered = self.block_on(self.register_pod(pod, &node.cgroup))?;
+            self.block_on(self.patch_pod_status(
+                &pod.namespace,
+                &pod.name,
+                pod.ip,
+                node.ip,
+                &registered.container_id,
+            ))?;
+            registered.running = true;
             testbed.set_pod_cgroup(
                 &pod.namespace,
                 &pod.name,
@@ -777,12 +831,11 @@ impl KubeCluster {
         Ok(uid)
     }
 
-    /// Creates a workload pod, its cgroups and its status; returns what the
-    /// testbed needs to run processes in it.
+    /// Creates a workload pod bound to its node and its cgroups (no status
+    /// yet); returns what the testbed needs to run processes in it.
     async fn register_pod(
         &self,
         pod: &cluster::Pod,
-        node_ip: Ipv4Addr,
         node_cgroup: &Path,
     ) -> Result<RegisteredPod, KubeError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
@@ -818,13 +871,13 @@ impl KubeCluster {
         let container_cgroup =
             pod_cgroup.join(self.mode.cgroup_driver.container_cgroup(&container_id));
         cgroup::create(&container_cgroup)?;
-        self.patch_pod_status(&pod.namespace, &pod.name, pod.ip, node_ip, &container_id)
-            .await?;
         Ok(RegisteredPod {
             uid,
             node: pod.node.clone(),
             pod_cgroup,
             container_cgroup,
+            container_id,
+            running: false,
         })
     }
 
@@ -948,7 +1001,9 @@ impl KubeCluster {
             let endpoints: Vec<Value> = cluster
                 .endpoints(service)
                 .filter_map(|pod| {
-                    let registered = self.pod(&pod.namespace, &pod.name)?;
+                    let registered = self
+                        .pod(&pod.namespace, &pod.name)
+                        .filter(|registered| registered.running)?;
                     Some(json!({
                         "addresses": [pod.ip.to_string()],
                         "conditions": { "ready": true, "serving": true, "terminating": false },
