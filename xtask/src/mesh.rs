@@ -27,6 +27,7 @@ use serde_json::Value;
 use crate::testbed::{
     ChildGuard, Testbed, TestbedError, TestbedSpec,
     kube::{KubeCluster, KubeError, KubeMode, KubePki, RegisteredPod},
+    netns,
 };
 
 /// How long agents get to obtain their first certificates.
@@ -333,8 +334,10 @@ impl Mesh {
         }
     }
 
-    /// Starts the agent of `node` in the node's network namespace and cgroup,
-    /// and waits until it redirects the node's meshed pods.
+    /// Starts the agent of `node` in the node's network namespace, in its
+    /// cgroup (local mode) or its agent Pod's container cgroup below the
+    /// kubelet's pod cgroups (Kubernetes mode, as a DaemonSet pod runs), and
+    /// waits until it redirects the node's meshed pods.
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
         let binary = locate_binary("sealmesh-agent")?;
         let mut cmd = Command::new(binary);
@@ -386,7 +389,15 @@ impl Mesh {
             ])
             .args(&self.options.agent_args);
         redirect_output(&mut cmd, &self.agent_log(node))?;
-        let agent = self.testbed.spawn_in_node(node, cmd)?;
+        let agent_pod = self.kube.as_ref().and_then(|kube| kube.agent_pod(node));
+        let agent = match agent_pod {
+            Some(pod) => {
+                // The DaemonSet passes it as SEALMESH_POD_UID.
+                cmd.args(["--agent-pod-uid", &pod.uid]);
+                netns::spawn_in(self.testbed.node_netns(node)?, &pod.container_cgroup, cmd)?
+            }
+            None => self.testbed.spawn_in_node(node, cmd)?,
+        };
         self.agents.insert(node.to_owned(), agent);
         self.wait_for_agent_log(node, "the agent to start", |lines| {
             lines.iter().any(|l| l["message"] == AGENT_STARTED_MESSAGE)

@@ -575,6 +575,37 @@ fn pods_connecting_as_they_start_never_send_their_first_bytes_in_clear() {
         "{succeeded}/{connections} succeeded; refusals: {refused:#?}"
     );
 
+    // The agents run in their DaemonSet pods' cgroups, below the kubelet's
+    // pod parents, as in a cluster: their own connections (API, identity
+    // service, peers) are never taken for a pod's.
+    for node in ["node-0", "node-1"] {
+        let agent = app.mesh.kube().unwrap().agent_pod(node).unwrap();
+        let agent_cgroup = cgroup::of_process(app.mesh.agent_pid(node).unwrap()).unwrap();
+        assert!(
+            agent_cgroup.contains("kubepods") && agent_cgroup.contains(&agent.container_id),
+            "{node}: the agent runs in {agent_cgroup}"
+        );
+        let status = sealmesh_agent::ebpf::Redirector::pinned_status(
+            &app.mesh.testbed().node_bpffs_dir(node).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            status.agent_cgroups, 2,
+            "{node}: its container's and its pod's: {status:?}"
+        );
+        let agents_own: Vec<Value> = app
+            .mesh
+            .access_log(node)
+            .unwrap()
+            .into_iter()
+            .filter(|l| l["src"].as_str().unwrap_or("").starts_with("sealmesh/"))
+            .collect();
+        assert!(
+            agents_own.is_empty(),
+            "{node} redirected the agent: {agents_own:#?}"
+        );
+    }
+
     std::thread::sleep(Duration::from_millis(300));
     let report = capture.finish().unwrap();
     assert!(

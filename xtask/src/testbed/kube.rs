@@ -295,6 +295,8 @@ pub struct KubeCluster {
     upstream_tls: serde_json::Map<String, Value>,
     upstream_scheme: &'static str,
     pods: BTreeMap<(String, String), RegisteredPod>,
+    /// Each node's agent Pod, by node name.
+    agent_pods: BTreeMap<String, RegisteredPod>,
     created: Vec<Created>,
     /// Runtime of the client, the fake server and the relay: dropped last.
     runtime: tokio::runtime::Runtime,
@@ -368,6 +370,7 @@ impl KubeCluster {
             upstream_tls: upstream.tls,
             upstream_scheme: upstream.scheme,
             pods: BTreeMap::new(),
+            agent_pods: BTreeMap::new(),
             created: Vec::new(),
             runtime,
         };
@@ -415,6 +418,12 @@ impl KubeCluster {
     /// Name of the agent Pod of `node`.
     pub fn agent_pod_name(node: &str) -> String {
         format!("{AGENT_DAEMONSET}-{node}")
+    }
+
+    /// The agent Pod of `node`: its UID (the DaemonSet passes it to the
+    /// agent as `SEALMESH_POD_UID`) and cgroups (where the agent runs).
+    pub fn agent_pod(&self, node: &str) -> Option<&RegisteredPod> {
+        self.agent_pods.get(node)
     }
 
     /// A pod the testbed registered (absent for pending or deleted pods).
@@ -563,8 +572,9 @@ impl KubeCluster {
         runtime.block_on(self.provision_objects(&cluster, pki))?;
         // Agent pods first: their UIDs bind the agents' tokens.
         for node in &cluster.nodes {
-            let uid = runtime.block_on(self.register_agent_pod(node))?;
-            self.write_agent_credentials(node, &uid)?;
+            let agent = runtime.block_on(self.register_agent_pod(node))?;
+            self.write_agent_credentials(node, &agent.uid)?;
+            self.agent_pods.insert(node.name.clone(), agent);
         }
         self.write_identity_credentials()?;
         for pod in &cluster.pods {
@@ -807,8 +817,12 @@ impl KubeCluster {
         Ok(())
     }
 
-    /// Creates the agent Pod of `node` (host network, Running) and returns its UID.
-    async fn register_agent_pod(&mut self, node: &cluster::Node) -> Result<String, KubeError> {
+    /// Creates the agent Pod of `node` (host network, Running) and its
+    /// cgroups, where the agent runs as in a DaemonSet pod.
+    async fn register_agent_pod(
+        &mut self,
+        node: &cluster::Node,
+    ) -> Result<RegisteredPod, KubeError> {
         let control = self.control_namespace.clone();
         let name = Self::agent_pod_name(&node.name);
         let mut object = pod_object(
@@ -826,9 +840,21 @@ impl KubeCluster {
         object["spec"]["hostNetwork"] = json!(true);
         let created = self.replace(Some(&control), object).await?;
         let uid = created.uid().unwrap_or_default();
-        self.patch_pod_status(&control, &name, node.ip, node.ip, &random_container_id())
+        let container_id = random_container_id();
+        let pod_cgroup = node.cgroup.join(self.mode.cgroup_driver.pod_cgroup(&uid));
+        let container_cgroup =
+            pod_cgroup.join(self.mode.cgroup_driver.container_cgroup(&container_id));
+        cgroup::create(&container_cgroup)?;
+        self.patch_pod_status(&control, &name, node.ip, node.ip, &container_id)
             .await?;
-        Ok(uid)
+        Ok(RegisteredPod {
+            uid,
+            node: node.name.clone(),
+            pod_cgroup,
+            container_cgroup,
+            container_id,
+            running: true,
+        })
     }
 
     /// Creates a workload pod bound to its node and its cgroups (no status
