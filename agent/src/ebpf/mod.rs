@@ -5,12 +5,13 @@
 //!   kernel reports for that task (or its nearest meshed ancestor, so a pod's child cgroups count
 //!   as the pod) — never an IP a pod could spoof. It rewrites the destination to the agent's
 //!   outbound listener and records the original destination under the socket cookie.
+//!   `cgroup/connect6` does the same for IPv4-mapped destinations of dual-stack sockets, which
+//!   never pass connect4 and would otherwise bypass the mesh.
 //! - The programs classify the connecting task once per connect from four pinned cgroup maps the
 //!   agent keeps ([`CgroupRole`]): the host (not below a pod parent cgroup), the agent itself, or
 //!   a pod (the first cgroup below the deepest pod parent) that is meshed, unmeshed, or not known
-//!   to the agent yet. The agent fills the pod-parent and agent maps before it attaches anything.
-//!   `cgroup/connect6` does the same for IPv4-mapped destinations of dual-stack sockets, which
-//!   never pass connect4 and would otherwise bypass the mesh.
+//!   to the agent yet. Meshed and unknown pods are redirected (the record says which); the agent
+//!   fills every map before it attaches anything.
 //! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
 //!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
 //!   [`RedirectTable::take`] reads and deletes. A state callback deletes records of connections
