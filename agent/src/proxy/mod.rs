@@ -154,7 +154,14 @@ async fn wait_for_registry<T>(
     timeout: Duration,
     lookup: impl Fn(&dyn WorkloadRegistry) -> Option<T>,
 ) -> Option<T> {
-    // Subscribed before the first look, so a change in between is not missed.
+    // The common case answers at once, without subscribing.
+    if let Some(found) = lookup(registry) {
+        return Some(found);
+    }
+    if timeout.is_zero() {
+        return None;
+    }
+    // Looked at again once subscribed: a change in between is not missed.
     let mut changes = registry.subscribe();
     if let Some(found) = lookup(registry) {
         return Some(found);
