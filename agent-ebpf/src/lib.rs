@@ -15,7 +15,8 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 /// old programs keep their own maps until their links are replaced).
 ///
 /// 2: the connecting task's origin comes from `POD_PARENT_CGROUPS`, `AGENT_CGROUPS` and
-/// `UNMESHED_PODS` besides `MESHED_PODS`.
+/// `UNMESHED_PODS` besides `MESHED_PODS`; records say whether the source pod was known
+/// ([`RedirectRecord::source`]).
 pub const MAP_ABI_VERSION: u32 = 2;
 
 /// Deepest cgroup level the connect programs inspect when classifying the connecting task by its
@@ -116,24 +117,41 @@ pub mod capacity {
     pub const INBOUND_REFUSALS_BYTES: u32 = 256 * 1024;
 }
 
-/// What connect4 knew about a redirected connection: where the pod wanted to go and which meshed
-/// pod cgroup (as the kernel reports it) made the connection.
+/// Values of [`RedirectRecord::source`]: what connect4 knew about the connecting pod.
+pub mod record_source {
+    /// The pod's cgroup (or an ancestor) is in `MESHED_PODS`.
+    pub const MESHED_POD: u8 = 0;
+    /// A pod cgroup in none of the agent's maps: a pod the agent has not resolved yet. The agent
+    /// must find it in its registry before routing the connection.
+    pub const UNKNOWN_POD: u8 = 1;
+}
+
+/// What connect4 knew about a redirected connection: where the pod wanted to go, which pod
+/// cgroup (as the kernel reports it) made the connection, and whether that pod was known to be
+/// meshed ([`record_source`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RedirectRecord {
     pub source_cgroup: u64,
     pub original_ip4: u32,
     pub original_port: u16,
+    pub source: u8,
     /// Explicit padding: every byte of a map value must be initialised.
-    pub reserved: u16,
+    pub reserved: u8,
 }
 
 impl RedirectRecord {
-    pub const fn new(source_cgroup: u64, original_ip4: u32, original_port: u16) -> Self {
+    pub const fn new(
+        source_cgroup: u64,
+        source: u8,
+        original_ip4: u32,
+        original_port: u16,
+    ) -> Self {
         Self {
             source_cgroup,
             original_ip4,
             original_port,
+            source,
             reserved: 0,
         }
     }
@@ -384,7 +402,7 @@ mod tests {
             key,
             ConnectionKey::new(0x0a00_0002, 40000, 0x0a00_0001, 15001)
         );
-        let record = RedirectRecord::new(7, 0x0afa_0063, 80);
+        let record = RedirectRecord::new(7, record_source::MESHED_POD, 0x0afa_0063, 80);
         assert_eq!(
             record.original_dst(),
             SocketAddrV4::new(Ipv4Addr::new(10, 250, 0, 99), 80)

@@ -3,9 +3,11 @@
 //! - `redirect_connect4` (cgroup/connect4, and `redirect_connect6` for IPv4-mapped
 //!   destinations of dual-stack sockets): classifies the connecting task by its cgroups
 //!   ([`current_origin`]); a TCP connect from a meshed pod (its cgroup or an ancestor is in
-//!   `MESHED_PODS`) to a non-excluded destination is rewritten to the agent's outbound listener;
-//!   the original destination and the pod's cgroup id are recorded under the socket cookie. It
-//!   always allows the connect: redirection never blocks, the agent decides.
+//!   `MESHED_PODS`), or from a pod the agent has not classified yet, to a non-excluded
+//!   destination is rewritten to the agent's outbound listener; the original destination, the
+//!   pod's cgroup id and whether it was known are recorded under the socket cookie. The host,
+//!   the agent and unmeshed pods connect directly. It always allows the connect: redirection
+//!   never blocks, the agent decides.
 //! - `track_redirected` (sock_ops): once such a socket is established, moves the record to a map
 //!   keyed by the connection as the agent sees it on accept, and deletes records of connections
 //!   that die before the agent collected them. With sockmap acceleration on, it also adds both
@@ -29,7 +31,7 @@
 
 use agent_ebpf::{
     ConnectionKey, FAMILY_IPV4, FAMILY_IPV6, InboundFlow, InboundRefusal, MAX_CGROUP_DEPTH,
-    RedirectRecord, SocketTuple, StrictPodCounters, capacity,
+    RedirectRecord, SocketTuple, StrictPodCounters, capacity, record_source,
 };
 use aya_ebpf::{
     EbpfContext, Global,
@@ -199,12 +201,18 @@ fn redirect_target(
     dst_ip_network_order: u32,
     user_port: u32,
 ) -> Option<RedirectTarget> {
-    let Origin::Pod {
-        cgroup: source_cgroup,
-        mesh: PodMesh::Meshed,
-    } = origin
-    else {
-        return None;
+    // A pod the agent does not know yet is redirected too: the agent holds the connection until
+    // it knows the pod, so a pod's first connections are never sent in clear.
+    let (source_cgroup, source) = match origin {
+        Origin::Pod {
+            cgroup,
+            mesh: PodMesh::Meshed,
+        } => (cgroup, record_source::MESHED_POD),
+        Origin::Pod {
+            cgroup,
+            mesh: PodMesh::Unknown,
+        } => (cgroup, record_source::UNKNOWN_POD),
+        _ => return None,
     };
     let dst_ip = u32::from_be(dst_ip_network_order);
     let dst_port = u16::from_be(user_port as u16);
@@ -221,15 +229,22 @@ fn redirect_target(
     }
     // SAFETY: a cgroup/connect context is always backed by a socket.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let record = RedirectRecord::new(source_cgroup, dst_ip, dst_port);
+    let record = RedirectRecord::new(source_cgroup, source, dst_ip, dst_port);
     let recorded = REDIRECT_BY_COOKIE
         .insert(cookie, record, 0)
         .and_then(|()| ORIGINAL_DST_BY_COOKIE.insert(cookie, record, 0))
         .map_err(i64::from);
-    debug!(
-        ctx,
-        "redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port
-    );
+    if source == record_source::MESHED_POD {
+        debug!(
+            ctx,
+            "redirected cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port
+        );
+    } else {
+        debug!(
+            ctx,
+            "redirected unknown cgroup {} to {:i}:{}", source_cgroup, dst_ip, dst_port
+        );
+    }
     Some(RedirectTarget {
         ip_network_order: listener_ip.to_be(),
         user_port: u32::from(listener_port.to_be()),

@@ -8,6 +8,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     str::FromStr,
+    time::Duration,
 };
 
 use clap::{Parser, ValueEnum};
@@ -16,7 +17,8 @@ use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{
         AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
-        IDENTITY_GRPC_PORT, kube::IDENTITY_TOKEN_PATH,
+        IDENTITY_GRPC_PORT,
+        kube::{DEFAULT_SERVICE_CIDR, IDENTITY_TOKEN_PATH},
     },
     host,
     identity::{IdentityError, TrustDomain},
@@ -24,7 +26,7 @@ use sealmesh_common::{
 };
 use serde::Serialize;
 
-use crate::kube::trust_roots::trust_roots_origin;
+use crate::{kube::trust_roots::trust_roots_origin, proxy::DEFAULT_POD_RESOLVE_TIMEOUT};
 
 /// Directory under the bpffs mount that holds every sealmesh pin; below it,
 /// one directory per cluster and node so several testbed nodes share a host.
@@ -262,6 +264,23 @@ pub struct Args {
     /// refuses everyone else at accept.
     #[arg(long, value_delimiter = ',', env = "SEALMESH_METRICS_ALLOWED_CIDRS")]
     pub metrics_allowed_cidrs: Vec<Ipv4Net>,
+    /// The Service ClusterIP range (repeatable). A connection to an address there that is no
+    /// Service port or pod the agent knows is held like one to an unknown pod, then refused:
+    /// never sent in plaintext [default: kube-apiserver's 10.96.0.0/12 in kubernetes mode;
+    /// the cluster file's serviceCidr in local mode].
+    #[arg(long = "service-cidr", value_name = "CIDR")]
+    pub service_cidrs: Vec<Ipv4Net>,
+    /// A pod network of the cluster besides the Nodes' spec.podCIDRs (repeatable), for CNIs
+    /// that allocate pod IPs elsewhere; unknown addresses there are held, then refused, never
+    /// sent in plaintext [local mode: the cluster file's node podCidrs are always included].
+    #[arg(long = "cluster-pod-cidr", value_name = "CIDR")]
+    pub cluster_pod_cidrs: Vec<Ipv4Net>,
+    /// How long a redirected connection from a pod the agent does not know yet (just started,
+    /// its cgroup or API object not seen yet), or to an address of the cluster's networks no
+    /// pod or Service the agent knows has yet, is held before it is refused, e.g. 500ms
+    /// [default: 5s].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub pod_resolve_timeout: Option<Duration>,
     /// Admin gRPC API address (status, connections, tap, certificates, config). It exposes
     /// traffic metadata: keep it on loopback unless the address is otherwise protected
     /// [default: 127.0.0.1:15000].
@@ -337,6 +356,27 @@ pub struct KubeSettings {
     pub agent_pod_uid: Option<String>,
 }
 
+/// The cluster's pod and Service networks: a destination there is a pod or a
+/// Service of the cluster, so one the registry cannot resolve is held until
+/// it can (or refused), never sent in plaintext. In kubernetes mode the
+/// registry adds every Node's spec.podCIDRs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterNetworks {
+    pub service_cidrs: Vec<Ipv4Net>,
+    pub pod_cidrs: Vec<Ipv4Net>,
+}
+
+impl ClusterNetworks {
+    /// Every network, pods' then Services'.
+    pub fn all(&self) -> Vec<Ipv4Net> {
+        self.pod_cidrs
+            .iter()
+            .chain(&self.service_cidrs)
+            .copied()
+            .collect()
+    }
+}
+
 /// The mode and what only that mode needs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -356,6 +396,9 @@ pub struct Config {
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     pub policy: Policy,
+    /// How long connections of (and to) pods the registry does not know yet are held.
+    pub pod_resolve_timeout: Duration,
+    pub cluster_networks: ClusterNetworks,
     pub sockmap_acceleration: bool,
     pub worker_threads: u16,
     pub admin_listen: SocketAddr,
@@ -388,6 +431,9 @@ struct ConfigView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubeView<'a>>,
     policy: Policy,
+    #[serde(with = "humantime_serde_text")]
+    pod_resolve_timeout: Duration,
+    cluster_networks: ClusterNetworksView<'a>,
     sockmap_acceleration: bool,
     worker_threads: u16,
     admin_listen: SocketAddr,
@@ -398,12 +444,33 @@ struct ConfigView<'a> {
 }
 
 #[derive(Serialize)]
+struct ClusterNetworksView<'a> {
+    #[serde(flatten)]
+    configured: &'a ClusterNetworks,
+    /// Kubernetes mode: where else pod networks come from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    also: Option<&'static str>,
+}
+
+#[derive(Serialize)]
 struct KubeView<'a> {
     #[serde(flatten)]
     settings: &'a KubeSettings,
     /// Where API credentials come from (a path or "in-cluster"; never the credentials).
     api_credentials: String,
 }
+
+/// Durations in the YAML dump as people write them (`5s`, `500ms`).
+mod humantime_serde_text {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+}
+
+/// Where Kubernetes mode takes pod networks from besides the configured ones.
+const NODE_POD_CIDRS: &str = "every Node's spec.podCIDRs";
 
 /// What the YAML dump shows instead of the token.
 const TOKEN_REDACTED: &str = "<redacted: read from token_file on each request>";
@@ -451,6 +518,14 @@ impl Config {
                 Source::Local(_) => None,
             },
             policy: self.policy,
+            pod_resolve_timeout: self.pod_resolve_timeout,
+            cluster_networks: ClusterNetworksView {
+                configured: &self.cluster_networks,
+                also: match self.source {
+                    Source::Kubernetes(_) => Some(NODE_POD_CIDRS),
+                    Source::Local(_) => None,
+                },
+            },
             sockmap_acceleration: self.sockmap_acceleration,
             worker_threads: self.worker_threads,
             admin_listen: self.admin_listen,
@@ -571,6 +646,16 @@ impl Config {
             .node_cgroup
             .clone()
             .unwrap_or_else(|| node.cgroup.clone());
+        let mut pod_cidrs: Vec<Ipv4Net> = cluster.nodes.iter().map(|n| n.pod_cidr).collect();
+        pod_cidrs.extend(&args.cluster_pod_cidrs);
+        let cluster_networks = ClusterNetworks {
+            service_cidrs: if args.service_cidrs.is_empty() {
+                cluster.service_cidr.into_iter().collect()
+            } else {
+                args.service_cidrs.clone()
+            },
+            pod_cidrs,
+        };
         let source = Source::Local(LocalSettings {
             cluster_file,
             cluster_name: cluster.name.clone(),
@@ -581,6 +666,7 @@ impl Config {
             args,
             source,
             cluster.trust_domain()?,
+            cluster_networks,
             bpffs_dir,
             node_cgroup,
             identity_addr,
@@ -646,10 +732,19 @@ impl Config {
             cgroup_root,
             agent_pod_uid: args.agent_pod_uid.clone(),
         });
+        let cluster_networks = ClusterNetworks {
+            service_cidrs: if args.service_cidrs.is_empty() {
+                vec![DEFAULT_SERVICE_CIDR]
+            } else {
+                args.service_cidrs.clone()
+            },
+            pod_cidrs: args.cluster_pod_cidrs.clone(),
+        };
         Self::finish(
             args,
             source,
             trust_domain,
+            cluster_networks,
             bpffs_dir,
             node_cgroup,
             identity_addr,
@@ -658,10 +753,12 @@ impl Config {
     }
 
     /// The settings both modes share.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         args: Args,
         source: Source,
         trust_domain: TrustDomain,
+        cluster_networks: ClusterNetworks,
         bpffs_dir: PathBuf,
         node_cgroup: PathBuf,
         identity_addr: IdentityAddr,
@@ -691,6 +788,10 @@ impl Config {
                     || !args.metrics_allowed_cidrs.is_empty(),
                 allowed_cidrs: args.metrics_allowed_cidrs,
             },
+            pod_resolve_timeout: args
+                .pod_resolve_timeout
+                .unwrap_or(DEFAULT_POD_RESOLVE_TIMEOUT),
+            cluster_networks,
             sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
             worker_threads: args.worker_threads,
             admin_listen: args
@@ -728,6 +829,18 @@ fn api_credentials_origin() -> String {
     }
 }
 
+/// `a,b` for the one-line dump (`none` when empty).
+fn cidr_list(cidrs: &[Ipv4Net]) -> String {
+    if cidrs.is_empty() {
+        return "none".to_owned();
+    }
+    cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// One-line dump for the start-up log. It holds no secrets (the token file's
 /// path, never its content) so nothing needs masking beyond that.
 impl fmt::Display for Config {
@@ -755,8 +868,9 @@ impl fmt::Display for Config {
             f,
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
              token_file={} (content not shown) force_mtls_local={} deny_plaintext={} \
-             default_inbound_policy={} admin_listen={} metrics_listen={} \
-             metrics_restricted={} metrics_allowed_cidrs={:?} log_level={} log_format={:?}",
+             default_inbound_policy={} pod_resolve_timeout={} service_cidrs={} pod_cidrs={}{} \
+             admin_listen={} metrics_listen={} metrics_restricted={} metrics_allowed_cidrs={:?} \
+             log_level={} log_format={:?}",
             self.trust_domain.domain(),
             self.bpffs_dir.display(),
             self.node_cgroup.display(),
@@ -766,6 +880,13 @@ impl fmt::Display for Config {
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
             self.policy.default_inbound_policy,
+            humantime::format_duration(self.pod_resolve_timeout),
+            cidr_list(&self.cluster_networks.service_cidrs),
+            cidr_list(&self.cluster_networks.pod_cidrs),
+            match self.source {
+                Source::Kubernetes(_) => format!(" (and {NODE_POD_CIDRS})"),
+                Source::Local(_) => String::new(),
+            },
             self.admin_listen,
             self.metrics_listen,
             self.metrics_access.restricted,
@@ -832,10 +953,27 @@ nodes:
         );
         assert_eq!(c.bpffs_dir, Path::new("/sys/fs/bpf/sealmesh/tb-cfg/node-0"));
         assert_eq!(c.policy, Policy::default());
+        assert_eq!(c.pod_resolve_timeout, Duration::from_secs(5));
         assert_eq!(c.log_format, LogFormat::Text);
         assert_eq!(c.trust_domain, TrustDomain::default());
         assert_eq!(c.admin_listen, "127.0.0.1:15000".parse().unwrap());
         assert_eq!(c.metrics_listen, "0.0.0.0:15020".parse().unwrap());
+    }
+
+    #[test]
+    fn local_mode_takes_the_service_range_from_the_cluster_file() {
+        let cluster =
+            ClusterFile::from_yaml(&format!("{CLUSTER}serviceCidr: 10.96.0.0/16\n")).unwrap();
+        let c = Config::resolve(args(&[]), &cluster, Some(Path::new("/sys/fs/bpf"))).unwrap();
+        assert_eq!(
+            c.cluster_networks.service_cidrs,
+            ["10.96.0.0/16".parse::<Ipv4Net>().unwrap()]
+        );
+        let shown = c.to_string();
+        assert!(
+            shown.contains(" service_cidrs=10.96.0.0/16 pod_cidrs=10.244.0.0/24,10.244.1.0/24 "),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -861,8 +999,27 @@ nodes:
             "172.18.0.2:16000",
             "--metrics-listen",
             "127.0.0.1:16020",
+            "--pod-resolve-timeout",
+            "750ms",
+            "--service-cidr",
+            "10.97.0.0/16",
+            "--cluster-pod-cidr",
+            "100.64.0.0/10",
         ])
         .unwrap();
+        assert_eq!(
+            c.cluster_networks,
+            ClusterNetworks {
+                service_cidrs: vec!["10.97.0.0/16".parse().unwrap()],
+                pod_cidrs: vec![
+                    "10.244.0.0/24".parse().unwrap(),
+                    "10.244.1.0/24".parse().unwrap(),
+                    "100.64.0.0/10".parse().unwrap()
+                ],
+            },
+            "the file's node podCidrs stay"
+        );
+        assert_eq!(c.pod_resolve_timeout, Duration::from_millis(750));
         assert_eq!(c.admin_listen, "172.18.0.2:16000".parse().unwrap());
         assert_eq!(c.metrics_listen, "127.0.0.1:16020".parse().unwrap());
         assert_eq!(c.identity_addr, "127.0.0.1:9000".parse().unwrap());
@@ -942,6 +1099,17 @@ nodes:
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
         assert_eq!(dumped["policy"]["default_inbound_policy"], "permissive");
         assert_eq!(dumped["metrics_access"]["restricted"], false);
+        assert_eq!(dumped["pod_resolve_timeout"], "5s");
+        assert_eq!(
+            dumped["cluster_networks"]["pod_cidrs"],
+            serde_yaml_ng::to_value(["10.244.0.0/24", "10.244.1.0/24"]).unwrap()
+        );
+        assert_eq!(
+            dumped["cluster_networks"]["service_cidrs"],
+            serde_yaml_ng::to_value(Vec::<String>::new()).unwrap(),
+            "this cluster file names no Service range"
+        );
+        assert_eq!(dumped["cluster_networks"].get("also"), None);
         assert_eq!(dumped["sockmap_acceleration"], false);
         assert_eq!(dumped["worker_threads"], 2);
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
@@ -1075,8 +1243,24 @@ nodes:
             "/run/token",
             "--agent-pod-uid",
             "6f1c2d3e-0a1b-4c5d-8e9f-001122334455",
+            "--service-cidr",
+            "10.43.0.0/16",
+            "--cluster-pod-cidr",
+            "10.42.0.0/16",
+            "--cluster-pod-cidr",
+            "100.64.0.0/10",
         ])
         .unwrap();
+        assert_eq!(
+            c.cluster_networks,
+            ClusterNetworks {
+                service_cidrs: vec!["10.43.0.0/16".parse().unwrap()],
+                pod_cidrs: vec![
+                    "10.42.0.0/16".parse().unwrap(),
+                    "100.64.0.0/10".parse().unwrap()
+                ],
+            }
+        );
         assert_eq!(
             c.trust_domain,
             TrustDomain::new("example.org", "mesh-system").unwrap()
@@ -1193,6 +1377,14 @@ nodes:
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped.get("cluster_file"), None);
         assert_eq!(dumped.get("node_ip"), None);
+        assert_eq!(
+            dumped["cluster_networks"]["service_cidrs"],
+            serde_yaml_ng::to_value(["10.96.0.0/12"]).unwrap()
+        );
+        assert_eq!(
+            dumped["cluster_networks"]["also"],
+            "every Node's spec.podCIDRs"
+        );
         let shown = resolve_kube(&[]).unwrap().to_string();
         assert!(
             shown.starts_with("mode=kubernetes node=n1 namespace=sealmesh "),

@@ -300,8 +300,11 @@ fn warn_ignored_annotations(state: &InboundPolicyState, warned: &mut HashSet<Str
 pub fn sync_now(state: &InboundPolicyState) -> Result<usize, EbpfError> {
     let mut wanted: BTreeMap<u64, (Ipv4Addr, Arc<Workload>)> = BTreeMap::new();
     for w in state.registry.local_workloads() {
-        if let (Some(cgroup), (InboundPolicy::Strict, _)) = (w.cgroup_id, state.policy_of(&w)) {
-            wanted.insert(cgroup, (w.ip, w.clone()));
+        // A pod without an address yet cannot be reached; it becomes strict with its address.
+        if let (Some(cgroup), Some(ip), (InboundPolicy::Strict, _)) =
+            (w.cgroup_id, w.ip, state.policy_of(&w))
+        {
+            wanted.insert(cgroup, (ip, w.clone()));
         }
     }
     let wanted_ips: BTreeSet<Ipv4Addr> = wanted.values().map(|(ip, _)| *ip).collect();
@@ -325,7 +328,7 @@ pub fn sync_now(state: &InboundPolicyState) -> Result<usize, EbpfError> {
         tracing::info!(
             pod = %PodRef::of(w),
             cgroup,
-            ip = %w.ip,
+            ip = ?w.ip,
             policy = %describe_source(policy, source, &w.namespace, &w.name),
             "strict inbound enforced: the kernel refuses plaintext to this pod"
         );

@@ -4,6 +4,7 @@
 pub mod admin;
 pub mod certs;
 pub mod config;
+pub mod dir_watch;
 pub mod ebpf;
 pub mod inbound_policy;
 pub mod kube;

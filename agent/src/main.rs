@@ -160,6 +160,12 @@ async fn run(config: Config) -> Result<()> {
             excluded_cidrs: identity_service_cidr(identity_addr).into_iter().collect(),
             sockmap_acceleration: config.sockmap_acceleration,
             pod_parent_cgroups: registry_dyn.pod_parent_cgroups(),
+            meshed_pods: local_pod_cgroups(registry_dyn.as_ref(), true)
+                .into_iter()
+                .collect(),
+            unmeshed_pods: local_pod_cgroups(registry_dyn.as_ref(), false)
+                .into_iter()
+                .collect(),
             agent_cgroups,
         })
         .with_context(|| {
@@ -171,7 +177,10 @@ async fn run(config: Config) -> Result<()> {
         })?,
     );
     release_freed_heap();
-    let mut proxy_config = ProxyConfig::for_node(node_ip, config.policy);
+    let mut proxy_config = ProxyConfig {
+        pod_resolve_timeout: config.pod_resolve_timeout,
+        ..ProxyConfig::for_node(node_ip, config.policy)
+    };
     if config.metrics_access.restricted {
         proxy_config
             .protected_local_ports
@@ -300,7 +309,12 @@ fn start_local(
     local: &LocalSettings,
     cert_config: CertStoreConfig,
 ) -> Result<Started> {
-    let registry = LocalRegistry::load(&local.cluster_file, &config.node).with_context(|| {
+    let registry = LocalRegistry::load(
+        &local.cluster_file,
+        &config.node,
+        config.cluster_networks.all(),
+    )
+    .with_context(|| {
         format!(
             "loading workloads of node {} from {}",
             config.node,
@@ -324,11 +338,14 @@ async fn start_kubernetes(
     let client = kube_mode::connect().await?;
     let registry = KubeRegistry::start(
         client.clone(),
-        KubeRegistryConfig::new(
-            &config.node,
-            config.trust_domain.clone(),
-            kube.cgroup_root.clone(),
-        ),
+        KubeRegistryConfig {
+            cluster_networks: config.cluster_networks.all(),
+            ..KubeRegistryConfig::new(
+                &config.node,
+                config.trust_domain.clone(),
+                kube.cgroup_root.clone(),
+            )
+        },
     )
     .await
     .with_context(|| {
@@ -442,24 +459,26 @@ async fn sync_cgroup_roles(
     }
 }
 
+/// The cgroups of this node's pods that are (or are not) meshed.
+fn local_pod_cgroups(registry: &dyn WorkloadRegistry, meshed: bool) -> BTreeSet<u64> {
+    registry
+        .local_workloads()
+        .iter()
+        .filter(|w| w.meshed == meshed)
+        .filter_map(|w| w.cgroup_id)
+        .collect()
+}
+
 /// Returns how many pod cgroups are meshed now.
 fn sync_once(
     registry: &dyn WorkloadRegistry,
     cgroups: &dyn CgroupRoles,
 ) -> Result<usize, EbpfError> {
-    let local = registry.local_workloads();
-    let pods = |meshed: bool| -> BTreeSet<u64> {
-        local
-            .iter()
-            .filter(|w| w.meshed == meshed)
-            .filter_map(|w| w.cgroup_id)
-            .collect()
-    };
-    let meshed = pods(true);
+    let meshed = local_pod_cgroups(registry, true);
     let meshed_count = meshed.len();
     let wanted = [
         (CgroupRole::MeshedPod, meshed),
-        (CgroupRole::UnmeshedPod, pods(false)),
+        (CgroupRole::UnmeshedPod, local_pod_cgroups(registry, false)),
         (
             CgroupRole::PodParent,
             registry.pod_parent_cgroups().into_iter().collect(),
@@ -518,6 +537,12 @@ mod tests {
         fn local_workloads(&self) -> Vec<Arc<Workload>> {
             self.local.clone()
         }
+        fn in_cluster_network(&self, _: Ipv4Addr) -> bool {
+            false
+        }
+        fn served_outside_pods(&self, _: SocketAddrV4) -> bool {
+            false
+        }
         fn pod_parent_cgroups(&self) -> Vec<u64> {
             vec![1]
         }
@@ -566,7 +591,7 @@ mod tests {
             namespace: "app".into(),
             service_account: name.into(),
             identity: TrustDomain::default().identity("app", name).unwrap(),
-            ip: Ipv4Addr::new(10, 244, 0, 2),
+            ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
             node: "node-0".into(),
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
             meshed,

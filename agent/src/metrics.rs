@@ -673,4 +673,32 @@ mod tests {
         assert!(!text.contains("src_namespace=\"gone\""), "{text}");
         assert!(text.contains(&series("tcp_open_total", "shop")), "{text}");
     }
+
+    #[tokio::test]
+    async fn refusals_of_unknown_pods_count_with_their_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
+        let unknown_source = ConnectionEvent {
+            src: None,
+            dst: None,
+            no_tls_reason: Some(NoTlsReason::UnknownSource),
+            error: Some("source cgroup 7 ... refused".into()),
+            ..plaintext(1, "shop")
+        };
+        let unknown_destination = ConnectionEvent {
+            dst: None,
+            no_tls_reason: Some(NoTlsReason::UnknownDestination),
+            error: Some("10.244.1.3:8080 ... refused".into()),
+            ..plaintext(2, "shop")
+        };
+        metrics.connection_closed(&unknown_source, false);
+        metrics.connection_closed(&unknown_destination, false);
+        let text = metrics.encode();
+        for line in [
+            "sealmesh_tcp_refused_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"unknown_source\",src_namespace=\"\",dst_namespace=\"\"} 1\n",
+            "sealmesh_tcp_refused_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"unknown_destination\",src_namespace=\"shop\",dst_namespace=\"\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
+    }
 }

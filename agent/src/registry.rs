@@ -4,7 +4,7 @@
 //! both answer from the same immutable [`Snapshot`].
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     future::Future,
     net::{Ipv4Addr, SocketAddrV4},
     os::unix::fs::MetadataExt,
@@ -17,6 +17,9 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
+use ipnet::Ipv4Net;
+
+use crate::dir_watch::DirWatcher;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     host,
@@ -25,8 +28,10 @@ use sealmesh_common::{
 };
 use tokio::sync::watch;
 
-/// How often [`LocalRegistry::watch`] checks the cluster file for changes.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// How often [`LocalRegistry::watch`] checks the cluster file and the local
+/// pods' cgroups, besides the inotify watch that normally sees changes at
+/// once: a safety net for missed events.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -40,7 +45,10 @@ pub struct Workload {
     pub namespace: String,
     pub service_account: String,
     pub identity: Identity,
-    pub ip: Ipv4Addr,
+    /// The pod's address in the pod network. None for a local pod that has
+    /// none (yet: scheduled, not started) or shares its node's network
+    /// (hostNetwork): such a pod is known only as a source, by its cgroup.
+    pub ip: Option<Ipv4Addr>,
     pub node: String,
     pub node_ip: Ipv4Addr,
     pub meshed: bool,
@@ -51,10 +59,12 @@ pub struct Workload {
     pub cgroup_id: Option<u64>,
 }
 
+/// Where a connection to a pod or Service goes: a pod and the address (pod
+/// IP and, for a Service, the target port) to connect to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Endpoint {
     pub workload: Arc<Workload>,
-    pub port: u16,
+    pub addr: SocketAddrV4,
 }
 
 pub trait WorkloadRegistry: Send + Sync + 'static {
@@ -67,6 +77,13 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     /// without endpoints or that port).
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint>;
     fn local_workloads(&self) -> Vec<Arc<Workload>>;
+    /// Whether `ip` is in the cluster's pod or Service networks: a pod or a
+    /// Service of the cluster, known or not (yet).
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool;
+    /// Whether `dst` is a Service port served only by addresses that are no
+    /// pods (the API server behind `kubernetes.default`): traffic to it
+    /// leaves the mesh.
+    fn served_outside_pods(&self, dst: SocketAddrV4) -> bool;
     /// Ids of the cgroups this node's pods are created in (their direct parents), sorted.
     fn pod_parent_cgroups(&self) -> Vec<u64>;
     /// Bumped on every change (pods/services come and go).
@@ -101,6 +118,8 @@ pub enum RegistryError {
 pub struct LocalRegistry {
     path: PathBuf,
     node: NodeInfo,
+    /// The cluster's pod and Service networks (configured at start).
+    cluster_networks: Vec<Ipv4Net>,
     trust_domain: TrustDomain,
     published: Published,
     source: Mutex<Source>,
@@ -148,9 +167,14 @@ impl FileStamp {
 }
 
 impl LocalRegistry {
-    /// Reads the cluster file for `node_name`. Fails when the file is bad or
+    /// Reads the cluster file for `node_name`; `cluster_networks` are the
+    /// cluster's pod and Service networks. Fails when the file is bad or
     /// does not list the node.
-    pub fn load(path: &Path, node_name: &str) -> Result<Arc<Self>, RegistryError> {
+    pub fn load(
+        path: &Path,
+        node_name: &str,
+        cluster_networks: Vec<Ipv4Net>,
+    ) -> Result<Arc<Self>, RegistryError> {
         let stamp = FileStamp::of(path)?;
         let file = ClusterFile::load(path)?;
         let node = file
@@ -170,10 +194,11 @@ impl LocalRegistry {
             ip: node.ip,
         };
         let trust_domain = file.trust_domain()?;
-        let snapshot = Snapshot::build(&file, &node.name)?;
+        let snapshot = Snapshot::build(&file, &node.name, &cluster_networks)?;
         Ok(Arc::new(Self {
             path: path.to_owned(),
             node,
+            cluster_networks,
             trust_domain,
             published: Published::new(snapshot),
             source: Mutex::new(Source { file, stamp }),
@@ -189,6 +214,13 @@ impl LocalRegistry {
     /// Returns whether the state changed (and the version was bumped). On
     /// error the last good state stays.
     pub fn reload(&self) -> Result<bool, RegistryError> {
+        self.refresh(false)
+    }
+
+    /// [`LocalRegistry::reload`], also rebuilding when `cgroups_changed`
+    /// (a pod cgroup was created or removed: a pod's cgroup may have been
+    /// replaced by one with another id).
+    fn refresh(&self, cgroups_changed: bool) -> Result<bool, RegistryError> {
         let mut source = self.source.lock().expect("registry source lock poisoned");
         let stamp = FileStamp::of(&self.path)?;
         let file_changed = stamp != source.stamp;
@@ -198,25 +230,41 @@ impl LocalRegistry {
             let file = ClusterFile::load(&self.path)?;
             self.check_immutable(&file)?;
             source.file = file;
-        } else if !self.published.load().missing_cgroups {
+        } else if !cgroups_changed && !self.published.load().missing_cgroups {
             return Ok(false);
         }
-        let snapshot = Snapshot::build(&source.file, &self.node.name)?;
+        let snapshot = Snapshot::build(&source.file, &self.node.name, &self.cluster_networks)?;
         Ok(self.published.publish(snapshot))
     }
 
-    /// Polls the file every `interval` until `shutdown` resolves, logging
-    /// changes and errors.
+    /// Reloads when the cluster file is replaced or a directory appears in
+    /// (or leaves) the node's cgroup, where pod cgroups are created
+    /// (inotify), and every `interval` in case an event was missed, until
+    /// `shutdown` resolves; logs changes and errors.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = &mut shutdown => return,
-                _ = ticks.tick() => {}
+        let mut events = match DirWatcher::new(self.watched_dirs()) {
+            Ok(watcher) => Some(watcher),
+            Err(error) => {
+                tracing::warn!(%error, ?interval, "cluster file and pod cgroup changes are found by polling only");
+                None
             }
-            match self.reload() {
+        };
+        loop {
+            let cgroups_changed = tokio::select! {
+                () = &mut shutdown => return,
+                _ = ticks.tick() => false,
+                changed = async { events.as_mut()?.changed().await.ok() }, if events.is_some() => {
+                    if changed.is_none() {
+                        tracing::warn!(?interval, "watching the cluster file and pod cgroups failed; changes are found by polling only");
+                        events = None;
+                    }
+                    true
+                }
+            };
+            match self.refresh(cgroups_changed) {
                 Ok(true) => tracing::info!(
                     path = %self.path.display(),
                     version = self.published.version(),
@@ -230,6 +278,19 @@ impl LocalRegistry {
                 ),
             }
         }
+    }
+
+    /// The cluster file's directory (the file is replaced by rename) and
+    /// this node's cgroup, where its pods' cgroups are created.
+    fn watched_dirs(&self) -> Vec<PathBuf> {
+        let source = self.source.lock().expect("registry source lock poisoned");
+        let node_cgroup = source.file.node(&self.node.name).map(|n| n.cgroup.clone());
+        self.path
+            .parent()
+            .map(Path::to_owned)
+            .into_iter()
+            .chain(node_cgroup)
+            .collect()
     }
 
     fn check_immutable(&self, file: &ClusterFile) -> Result<(), RegistryError> {
@@ -275,6 +336,14 @@ impl WorkloadRegistry for LocalRegistry {
         self.published.local_workloads()
     }
 
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.published.in_cluster_network(ip)
+    }
+
+    fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
+        self.published.served_outside_pods(dst)
+    }
+
     fn pod_parent_cgroups(&self) -> Vec<u64> {
         self.published.pod_parent_cgroups()
     }
@@ -295,6 +364,11 @@ pub(crate) struct Snapshot {
     services: HashMap<Ipv4Addr, HashMap<u16, Backends>>,
     /// The cgroups this node's pods are created in, sorted.
     pub(crate) pod_parents: Vec<u64>,
+    /// The cluster's pod and Service networks.
+    pub(crate) cluster_networks: Vec<Ipv4Net>,
+    /// Service ports whose endpoints are addresses outside the cluster's
+    /// networks and no pods.
+    pub(crate) served_outside_pods: HashSet<SocketAddrV4>,
     /// A local pod's cgroup directory did not exist (yet): worth a re-scan.
     pub(crate) missing_cgroups: bool,
 }
@@ -331,13 +405,20 @@ impl Snapshot {
             if workload.node == local_node {
                 snapshot.local.push(workload.clone());
             }
-            snapshot.by_ip.insert(workload.ip, workload);
+            if let Some(ip) = workload.ip {
+                snapshot.by_ip.insert(ip, workload);
+            }
         }
         snapshot
     }
 
     pub(crate) fn workload_by_ip(&self, ip: Ipv4Addr) -> Option<&Arc<Workload>> {
         self.by_ip.get(&ip)
+    }
+
+    /// The local node's pods, in the order they were given.
+    pub(crate) fn local(&self) -> &[Arc<Workload>] {
+        &self.local
     }
 
     /// Routes `vip:port` to `endpoints` (round robin), replacing what the
@@ -352,7 +433,11 @@ impl Snapshot {
         );
     }
 
-    fn build(file: &ClusterFile, local_node: &str) -> Result<Self, RegistryError> {
+    fn build(
+        file: &ClusterFile,
+        local_node: &str,
+        cluster_networks: &[Ipv4Net],
+    ) -> Result<Self, RegistryError> {
         let mut workloads = Vec::with_capacity(file.pods.len());
         // The node's cgroup is the parent of its pods' cgroups.
         let node_cgroup = file
@@ -381,7 +466,7 @@ impl Snapshot {
                 namespace: pod.namespace.clone(),
                 service_account: pod.service_account.clone(),
                 identity: file.identity_of(pod)?,
-                ip: pod.ip,
+                ip: Some(pod.ip),
                 node: pod.node.clone(),
                 node_ip: node.ip,
                 meshed: file.is_meshed(pod),
@@ -392,13 +477,14 @@ impl Snapshot {
         let mut snapshot = Self::with_workloads(workloads, local_node);
         snapshot.missing_cgroups = missing_cgroups;
         snapshot.pod_parents = node_cgroup.and_then(Result::ok).into_iter().collect();
+        snapshot.cluster_networks = cluster_networks.to_vec();
         for svc in &file.services {
             for port in &svc.ports {
                 let endpoints = file
                     .endpoints(svc)
                     .map(|pod| Endpoint {
                         workload: snapshot.by_ip[&pod.ip].clone(),
-                        port: port.target_port,
+                        addr: SocketAddrV4::new(pod.ip, port.target_port),
                     })
                     .collect();
                 snapshot.set_service_port(svc.vip, port.port, endpoints);
@@ -407,11 +493,15 @@ impl Snapshot {
         Ok(snapshot)
     }
 
+    pub(crate) fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.cluster_networks.iter().any(|net| net.contains(&ip))
+    }
+
     pub(crate) fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
         if let Some(workload) = self.by_ip.get(dst.ip()) {
             return Some(Endpoint {
                 workload: workload.clone(),
-                port: dst.port(),
+                addr: dst,
             });
         }
         let backends = self.services.get(dst.ip())?.get(&dst.port())?;
@@ -471,11 +561,19 @@ impl Published {
     }
 
     pub(crate) fn local_workloads(&self) -> Vec<Arc<Workload>> {
-        self.snapshot.load().local.clone()
+        self.snapshot.load().local().to_vec()
     }
 
     pub(crate) fn pod_parent_cgroups(&self) -> Vec<u64> {
         self.snapshot.load().pod_parents.clone()
+    }
+
+    pub(crate) fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.snapshot.load().in_cluster_network(ip)
+    }
+
+    pub(crate) fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
+        self.snapshot.load().served_outside_pods.contains(&dst)
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
@@ -553,7 +651,7 @@ services:
     #[test]
     fn indexes_pods_by_cgroup_and_ip() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         assert_eq!(
             reg.local_node(),
             &NodeInfo {
@@ -571,7 +669,7 @@ services:
                 namespace: "emojivoto".into(),
                 service_account: "web".into(),
                 identity: TrustDomain::default().identity("emojivoto", "web").unwrap(),
-                ip: Ipv4Addr::new(10, 244, 0, 2),
+                ip: Some(Ipv4Addr::new(10, 244, 0, 2)),
                 node: "node-0".into(),
                 node_ip: Ipv4Addr::new(172, 18, 0, 2),
                 meshed: true,
@@ -606,18 +704,18 @@ services:
     #[test]
     fn resolves_pod_ips_and_service_vips() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
 
         let direct = reg.resolve(addr([10, 244, 1, 2], 9000)).unwrap();
         assert_eq!(
-            (direct.workload.name.as_str(), direct.port),
+            (direct.workload.name.as_str(), direct.addr.port()),
             ("web-2", 9000)
         );
 
         let picks: Vec<_> = (0..6)
             .map(|_| {
                 let ep = reg.resolve(addr([10, 96, 0, 10], 80)).unwrap();
-                (ep.workload.name.clone(), ep.port)
+                (ep.workload.name.clone(), ep.addr.port())
             })
             .collect();
         let expected: Vec<_> = ["web-0", "web-1", "web-2", "web-0", "web-1", "web-2"]
@@ -646,7 +744,7 @@ services:
     #[test]
     fn reloads_a_changed_file_and_notifies() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let mut changes = reg.subscribe();
         assert!(!reg.reload().unwrap(), "nothing changed yet");
 
@@ -676,7 +774,7 @@ services:
     #[test]
     fn the_node_cgroup_is_the_pods_parent() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         assert_eq!(
             reg.pod_parent_cgroups(),
             [cgroup_id(&fx.dir.path().join("node-0")).unwrap()]
@@ -687,7 +785,7 @@ services:
     fn picks_up_a_local_cgroup_created_after_the_file() {
         let fx = Fixture::new();
         fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let curl = reg.by_ip(Ipv4Addr::new(10, 244, 0, 5)).unwrap();
         assert_eq!(curl.cgroup_id, None);
 
@@ -699,7 +797,7 @@ services:
     #[test]
     fn bad_file_keeps_the_last_good_state() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let changes = reg.subscribe();
 
         fs::write(
@@ -735,7 +833,7 @@ services:
     #[test]
     fn unknown_node_names_the_known_ones() {
         let fx = Fixture::new();
-        let err = LocalRegistry::load(&fx.file, "node-7").unwrap_err();
+        let err = LocalRegistry::load(&fx.file, "node-7", Vec::new()).unwrap_err();
         assert_eq!(
             err.to_string(),
             format!(
@@ -746,9 +844,38 @@ services:
     }
 
     #[tokio::test]
+    async fn watch_sees_a_new_pod_cgroup_and_a_replaced_file_at_once() {
+        let fx = Fixture::new();
+        fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
+        let mut changes = reg.subscribe();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        // Polling alone would take an hour.
+        let task = tokio::spawn(reg.clone().watch(Duration::from_secs(3600), async {
+            let _ = stopped.await;
+        }));
+        // The first tick polls at once; what follows is inotify's.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        fs::create_dir(fx.dir.path().join("node-0/curl")).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("the new cgroup is seen without polling")
+            .unwrap();
+        assert_eq!(reg.by_cgroup(fx.cgroup("curl")).unwrap().name, "curl");
+        fx.rewrite(|f| f.services.clear());
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("the replaced file is read without polling")
+            .unwrap();
+        assert_eq!(reg.resolve(addr([10, 96, 0, 10], 80)), None);
+        stop.send(()).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn watch_polls_until_shutdown() {
         let fx = Fixture::new();
-        let reg = LocalRegistry::load(&fx.file, "node-0").unwrap();
+        let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
         let mut changes = reg.subscribe();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(reg.clone().watch(Duration::from_millis(20), async {

@@ -248,7 +248,7 @@ struct Agent {
 
 impl Agent {
     fn start(cluster: &TestCluster, identity_addr: SocketAddr) -> Self {
-        let registry = LocalRegistry::load(&cluster.cluster_file, LOCAL_NODE).unwrap();
+        let registry = LocalRegistry::load(&cluster.cluster_file, LOCAL_NODE, Vec::new()).unwrap();
         let store = CertStore::new(CertStoreConfig {
             identity_addr,
             token_file: cluster.token_file(LOCAL_NODE),

@@ -21,7 +21,8 @@ use std::{
 use agent_ebpf::MAP_ABI_VERSION;
 use nix::sched::{CloneFlags, setns};
 use sealmesh_agent::ebpf::{
-    CgroupRole, CgroupRoles, KERNEL_LOG_TARGET, Redirect, RedirectConfig, RedirectTable, Redirector,
+    CgroupRole, CgroupRoles, KERNEL_LOG_TARGET, Redirect, RedirectConfig, RedirectSource,
+    RedirectTable, Redirector,
 };
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use support::{Spec, Testbed};
@@ -196,7 +197,8 @@ fn redirects_meshed_pods_and_their_children_only() {
         accepted.redirect,
         Some(Redirect {
             original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id()
+            source_cgroup: bed.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
         })
     );
     assert_eq!(
@@ -219,7 +221,8 @@ fn redirects_meshed_pods_and_their_children_only() {
         accepted.redirect,
         Some(Redirect {
             original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id()
+            source_cgroup: bed.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
         })
     );
 
@@ -229,7 +232,8 @@ fn redirects_meshed_pods_and_their_children_only() {
         outbound.next().redirect,
         Some(Redirect {
             original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id()
+            source_cgroup: bed.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
         })
     );
 
@@ -277,6 +281,108 @@ fn redirects_meshed_pods_and_their_children_only() {
 }
 
 #[test]
+fn classifies_the_connecting_task_by_its_cgroups() {
+    let bed = Testbed::new(&TESTBED);
+    let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
+    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    let plain = NetnsListener::spawn(
+        &bed,
+        SocketAddrV4::new(NODE_IP, PLAIN_PORT),
+        redirector.clone(),
+        Mode::TakeAndRead,
+    );
+    let plain_addr = SocketAddrV4::new(NODE_IP, PLAIN_PORT);
+    let unknown = |cgroup: u64| {
+        Some(Redirect {
+            original_dst: plain_addr,
+            source_cgroup: cgroup,
+            source: RedirectSource::UnknownPod,
+        })
+    };
+    let child_id = host::cgroup_id(bed.child()).unwrap();
+
+    // A pod in none of the maps (just started): redirected, marked unknown, so its first
+    // connection never leaves in clear. A process in a child cgroup counts as the pod.
+    bed.run_client(&bed.pod, plain_addr, 1, "send");
+    assert_eq!(outbound.next().redirect, unknown(bed.pod_cgroup_id()));
+    bed.run_client(bed.child(), plain_addr, 1, "send");
+    assert_eq!(outbound.next().redirect, unknown(bed.pod_cgroup_id()));
+    // The pod parent itself is the host: never redirected.
+    bed.run_client(&bed.node, plain_addr, 1, "send");
+    assert_direct(&plain);
+
+    // Known unmeshed: direct.
+    redirector
+        .insert(CgroupRole::UnmeshedPod, bed.pod_cgroup_id())
+        .unwrap();
+    bed.run_client(bed.child(), plain_addr, 1, "send");
+    assert_direct(&plain);
+    redirector
+        .remove(CgroupRole::UnmeshedPod, bed.pod_cgroup_id())
+        .unwrap();
+
+    // The agent's cgroup, at or above the task's, below the deepest pod parent: direct.
+    redirector.insert(CgroupRole::Agent, child_id).unwrap();
+    bed.run_client(bed.child(), plain_addr, 1, "send");
+    assert_direct(&plain);
+    bed.run_client(&bed.pod, plain_addr, 1, "send");
+    assert_eq!(
+        outbound.next().redirect,
+        unknown(bed.pod_cgroup_id()),
+        "the agent's cgroup does not cover its parent"
+    );
+    redirector.remove(CgroupRole::Agent, child_id).unwrap();
+
+    // An agent cgroup above the deepest pod parent does not make the pods the agent's.
+    redirector
+        .insert(CgroupRole::Agent, bed.root_cgroup_id())
+        .unwrap();
+    bed.run_client(&bed.pod, plain_addr, 1, "send");
+    assert_eq!(outbound.next().redirect, unknown(bed.pod_cgroup_id()));
+    redirector
+        .remove(CgroupRole::Agent, bed.root_cgroup_id())
+        .unwrap();
+
+    // The deepest pod parent decides which cgroup is the pod (kubepods, then its QoS level).
+    redirector
+        .insert(CgroupRole::PodParent, bed.pod_cgroup_id())
+        .unwrap();
+    bed.run_client(bed.child(), plain_addr, 1, "send");
+    assert_eq!(outbound.next().redirect, unknown(child_id));
+    redirector
+        .remove(CgroupRole::PodParent, bed.pod_cgroup_id())
+        .unwrap();
+
+    // Meshed at any level wins, as before.
+    redirector
+        .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
+        .unwrap();
+    redirector
+        .insert(CgroupRole::UnmeshedPod, child_id)
+        .unwrap();
+    bed.run_client(bed.child(), plain_addr, 1, "send");
+    assert_eq!(
+        outbound.next().redirect,
+        Some(Redirect {
+            original_dst: plain_addr,
+            source_cgroup: bed.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
+        })
+    );
+
+    // Without a pod parent, nothing below the node is a pod (the host).
+    redirector
+        .remove(CgroupRole::MeshedPod, bed.pod_cgroup_id())
+        .unwrap();
+    redirector
+        .remove(CgroupRole::PodParent, bed.node_cgroup_id())
+        .unwrap();
+    bed.run_client(&bed.pod, plain_addr, 1, "send");
+    assert_direct(&plain);
+    outbound.assert_idle();
+}
+
+#[test]
 fn no_records_leak_over_many_connections() {
     let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
@@ -319,7 +425,8 @@ fn no_records_leak_over_many_connections() {
             accepted.redirect,
             Some(Redirect {
                 original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id()
+                source_cgroup: bed.pod_cgroup_id(),
+                source: RedirectSource::MeshedPod,
             }),
             "connection {n}"
         );
@@ -342,7 +449,8 @@ fn no_records_leak_over_many_connections() {
             accepted.redirect,
             Some(Redirect {
                 original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id()
+                source_cgroup: bed.pod_cgroup_id(),
+                source: RedirectSource::MeshedPod,
             }),
             "connection {n}"
         );
@@ -361,7 +469,8 @@ fn no_records_leak_over_many_connections() {
             accepted.redirect,
             Some(Redirect {
                 original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id()
+                source_cgroup: bed.pod_cgroup_id(),
+                source: RedirectSource::MeshedPod,
             }),
             "connection {n}"
         );
@@ -398,33 +507,46 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
         .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
         .unwrap();
     first.insert(CgroupRole::UnmeshedPod, 77).unwrap();
+    drop(first);
+    // While no agent runs, the pinned maps keep classifying.
+    let between = Redirector::pinned_status(&bed.pin_dir()).unwrap();
+    assert_eq!(
+        (
+            between.meshed_pods,
+            between.unmeshed_pods,
+            between.pod_parent_cgroups
+        ),
+        (1, 1, 1)
+    );
     // A starting agent marks its cgroups in the pinned maps before it connects anywhere.
     Redirector::admit_agent(&bed.pin_dir(), &[AGENT_POD_CGROUP + 1]).expect("admit");
-    assert!(
-        first
-            .ids(CgroupRole::Agent)
+    assert_eq!(
+        Redirector::pinned_status(&bed.pin_dir())
             .unwrap()
-            .contains(&(AGENT_POD_CGROUP + 1))
+            .agent_cgroups,
+        3,
+        "the previous agent's two and the new one's pod cgroup"
     );
+    // The new agent loads with its registry's view, which replaces the previous one's.
     let second = Arc::new(
         Redirector::load(&RedirectConfig {
             agent_cgroups: vec![AGENT_POD_CGROUP + 1],
+            meshed_pods: vec![bed.pod_cgroup_id()],
+            unmeshed_pods: vec![78],
             ..bed.config()
         })
         .expect("second agent"),
     );
     assert_eq!(
         second.ids(CgroupRole::MeshedPod).unwrap(),
-        [bed.pod_cgroup_id()],
-        "meshed pods survive in the pinned map"
+        [bed.pod_cgroup_id()]
     );
-    assert_eq!(second.ids(CgroupRole::UnmeshedPod).unwrap(), [77]);
+    assert_eq!(second.ids(CgroupRole::UnmeshedPod).unwrap(), [78]);
     let mut agent = second.ids(CgroupRole::Agent).unwrap();
     agent.sort_unstable();
     let mut expected = vec![own_cgroup_id(), AGENT_POD_CGROUP + 1];
     expected.sort_unstable();
     assert_eq!(agent, expected, "the previous agent's cgroups are replaced");
-    drop(first);
 
     let outbound = NetnsListener::spawn(&bed, LISTENER, second.clone(), Mode::TakeAndRead);
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
@@ -432,7 +554,8 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
         outbound.next().redirect,
         Some(Redirect {
             original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id()
+            source_cgroup: bed.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
         })
     );
     drop(outbound);
@@ -552,12 +675,19 @@ impl Testbed {
             excluded_cidrs: vec!["10.250.1.0/24".parse().unwrap()],
             sockmap_acceleration: true,
             pod_parent_cgroups: vec![self.node_cgroup_id()],
+            meshed_pods: Vec::new(),
+            unmeshed_pods: Vec::new(),
             agent_cgroups: vec![AGENT_POD_CGROUP],
         }
     }
 
     fn node_cgroup_id(&self) -> u64 {
         host::cgroup_id(&self.node).unwrap()
+    }
+
+    /// The testbed's root cgroup, the node's parent.
+    fn root_cgroup_id(&self) -> u64 {
+        host::cgroup_id(self.node.parent().unwrap()).unwrap()
     }
 
     /// Runs the client script in the netns as a process of `cgroup`, and waits for it.

@@ -26,7 +26,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_agent::{
     certs::NoCertificate,
     config::Policy,
-    ebpf::{Redirect, RedirectTable},
+    ebpf::{Redirect, RedirectSource, RedirectTable},
     proxy::{
         ConnectionEvent, Direction, NoTlsReason, Phase, Proxy, ProxyConfig, ProxyHandle,
         TlsCredentials,
@@ -186,7 +186,7 @@ impl TlsCredentials for TestCredentials {
 struct TestRegistry {
     node: NodeInfo,
     trust_domain: TrustDomain,
-    workloads: Vec<Arc<Workload>>,
+    workloads: Mutex<Vec<Arc<Workload>>>,
     /// Service VIP:port -> (endpoint pod, target port).
     services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
     version: watch::Sender<u64>,
@@ -203,34 +203,52 @@ impl WorkloadRegistry for TestRegistry {
 
     fn by_cgroup(&self, cgroup_id: u64) -> Option<Arc<Workload>> {
         self.workloads
+            .lock()
+            .unwrap()
             .iter()
             .find(|w| w.node == self.node.name && w.cgroup_id == Some(cgroup_id))
             .cloned()
     }
 
     fn by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Workload>> {
-        self.workloads.iter().find(|w| w.ip == ip).cloned()
+        self.workloads
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|w| w.ip == Some(ip))
+            .cloned()
     }
 
     fn resolve(&self, dst: SocketAddrV4) -> Option<Endpoint> {
         if let Some((workload, port)) = self.services.get(&dst) {
             return Some(Endpoint {
+                addr: SocketAddrV4::new(workload.ip.unwrap(), *port),
                 workload: workload.clone(),
-                port: *port,
             });
         }
         self.by_ip(*dst.ip()).map(|workload| Endpoint {
             workload,
-            port: dst.port(),
+            addr: dst,
         })
     }
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.workloads
+            .lock()
+            .unwrap()
             .iter()
             .filter(|w| w.node == self.node.name)
             .cloned()
             .collect()
+    }
+
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        // The test's pods and Services are 127.77.<n>.2-98; .99 is "outside".
+        ip.octets()[3] != OUTSIDE_HOST
+    }
+
+    fn served_outside_pods(&self, _: SocketAddrV4) -> bool {
+        false
     }
 
     fn pod_parent_cgroups(&self) -> Vec<u64> {
@@ -239,6 +257,14 @@ impl WorkloadRegistry for TestRegistry {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
+    }
+}
+
+impl TestRegistry {
+    /// A pod appears (the API and its cgroup seen): subscribers are told.
+    fn add(&self, workload: Arc<Workload>) {
+        self.workloads.lock().unwrap().push(workload);
+        self.version.send_modify(|v| *v += 1);
     }
 }
 
@@ -272,6 +298,12 @@ struct Pods {
 
 const CLIENT_CGROUP: u64 = 1001;
 const LONELY_CGROUP: u64 = 1002;
+/// The cgroup of a pod node A's registry learns only during a test.
+const NEWCOMER_CGROUP: u64 = 1009;
+/// The host part of the test's one address outside the cluster's networks.
+const OUTSIDE_HOST: u8 = 99;
+/// How long the engines hold a connection of (or to) a pod they do not know.
+const POD_RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 fn ip(n: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 77, n, host)
@@ -303,7 +335,7 @@ fn pod(
         namespace: NAMESPACE.into(),
         service_account: name.into(),
         identity: TrustDomain::default().identity(NAMESPACE, name).unwrap(),
-        ip: host_ip,
+        ip: Some(host_ip),
         node: node.name.clone(),
         node_ip: node.ip,
         meshed,
@@ -348,6 +380,7 @@ fn service_vip(n: u8) -> SocketAddrV4 {
 /// One running engine and what the test needs to drive it.
 struct Node {
     handle: ProxyHandle,
+    registry: Arc<TestRegistry>,
     events: broadcast::Receiver<Arc<ConnectionEvent>>,
     outbound: SocketAddrV4,
     redirects: Arc<TestRedirects>,
@@ -482,8 +515,36 @@ impl Cluster {
     /// Connects from `source` to `original_dst` as if eBPF had redirected
     /// the socket to node A's outbound listener.
     async fn connect_as(&self, source: &Workload, original_dst: SocketAddrV4) -> TcpStream {
+        self.connect_from(
+            source.ip.unwrap(),
+            source.cgroup_id.unwrap(),
+            RedirectSource::MeshedPod,
+            original_dst,
+        )
+        .await
+    }
+
+    /// Like [`Cluster::connect_as`] for a pod the kernel did not know (in
+    /// none of the agent's cgroup maps): `cgroup` at `ip`.
+    async fn connect_as_unknown(
+        &self,
+        ip: Ipv4Addr,
+        cgroup: u64,
+        original_dst: SocketAddrV4,
+    ) -> TcpStream {
+        self.connect_from(ip, cgroup, RedirectSource::UnknownPod, original_dst)
+            .await
+    }
+
+    async fn connect_from(
+        &self,
+        ip: Ipv4Addr,
+        source_cgroup: u64,
+        source: RedirectSource,
+        original_dst: SocketAddrV4,
+    ) -> TcpStream {
         let socket = TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from((source.ip, 0))).unwrap();
+        socket.bind(SocketAddr::from((ip, 0))).unwrap();
         let SocketAddr::V4(client) = socket.local_addr().unwrap() else {
             unreachable!()
         };
@@ -491,7 +552,8 @@ impl Cluster {
             (client, self.a.outbound),
             Redirect {
                 original_dst,
-                source_cgroup: source.cgroup_id.unwrap(),
+                source_cgroup,
+                source,
             },
         );
         socket.connect(self.a.outbound.into()).await.unwrap()
@@ -508,15 +570,16 @@ async fn start_node(
     let mut cfg = ProxyConfig::for_node(node.ip, policy);
     cfg.connect_timeout = Duration::from_secs(2);
     cfg.drain_timeout = DRAIN_TIMEOUT;
+    cfg.pod_resolve_timeout = POD_RESOLVE_TIMEOUT;
     let registry = Arc::new(TestRegistry {
         node,
         trust_domain: TrustDomain::default(),
-        workloads: pods.all(),
+        workloads: Mutex::new(pods.all()),
         services,
         version: watch::Sender::new(0),
     });
     let redirects = Arc::new(TestRedirects::default());
-    let proxy = Proxy::bind(cfg, registry, redirects.clone(), credentials)
+    let proxy = Proxy::bind(cfg, registry.clone(), redirects.clone(), credentials)
         .await
         .unwrap();
     let SocketAddr::V4(outbound) = proxy.outbound_addr() else {
@@ -532,6 +595,7 @@ async fn start_node(
     }));
     Node {
         handle,
+        registry,
         events,
         outbound,
         redirects,
@@ -833,7 +897,7 @@ async fn inbound_answers_each_refusal_with_its_status() {
         (
             server,
             Method::CONNECT,
-            format!("{}:80", ip(n, 99)),
+            format!("{}:80", ip(n, OUTSIDE_HOST)),
             StatusCode::NOT_FOUND,
         ),
         // A meshed pod, but on node A.
@@ -888,7 +952,7 @@ async fn oversized_connect_headers_are_refused() {
     let mut send = send.ready().await.unwrap();
     let request = Request::builder()
         .method(Method::CONNECT)
-        .uri(SocketAddrV4::new(cluster.pods.server.ip, echo.port()).to_string())
+        .uri(SocketAddrV4::new(cluster.pods.server.ip.unwrap(), echo.port()).to_string())
         .header("x-padding", "p".repeat(64 * 1024))
         .body(())
         .unwrap();
@@ -951,7 +1015,7 @@ async fn client_certificate_from_another_ca_is_refused() {
 async fn unmeshed_and_outside_destinations_are_plaintext_with_the_reason() {
     let n = 7;
     let plain = echo_server(ip(n, 30)).await;
-    let outside = echo_server(ip(n, 99)).await;
+    let outside = echo_server(ip(n, OUTSIDE_HOST)).await;
     let mut cluster = Cluster::start(n, Policy::default(), 9).await;
 
     for (dst, reason) in [
@@ -1025,6 +1089,150 @@ async fn source_without_certificate_fails_closed() {
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "nothing reached the destination");
     assert_eq!(cluster.a.handle.pooled_connections(), 0);
+}
+
+#[tokio::test]
+async fn a_new_pods_connection_is_held_until_the_registry_knows_it_then_secured() {
+    let n = 23;
+    let echo = echo_server(ip(n, 20)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    // A second pod of the client's ServiceAccount starts; its first connect
+    // comes before the agent learnt its cgroup.
+    let newcomer = pod("client", &node_a(n), ip(n, 12), true, Some(NEWCOMER_CGROUP));
+    let stream = cluster
+        .connect_as_unknown(newcomer.ip.unwrap(), NEWCOMER_CGROUP, echo)
+        .await;
+    let payload = random_bytes(10_000);
+    let exchange = tokio::spawn(round_trip(stream, payload.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!exchange.is_finished(), "held while the pod is unknown");
+    cluster.a.registry.add(newcomer);
+    assert_eq!(exchange.await.unwrap(), payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(event.tls, "{event:?}");
+    assert_eq!(event.error, None);
+    assert!(event.duration_ms >= 300, "{event:?}");
+    assert_eq!(event.src.unwrap().name, "client-0");
+    let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
+    assert_eq!(
+        inbound.client_id.as_deref(),
+        Some("spiffe://cluster.local/ns/app/sa/client")
+    );
+}
+
+#[tokio::test]
+async fn a_new_unmeshed_pods_first_connection_goes_out_as_without_the_agent() {
+    let n = 24;
+    let echo = echo_server(ip(n, 20)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
+    let legacy = pod(
+        "legacy",
+        &node_a(n),
+        ip(n, 13),
+        false,
+        Some(NEWCOMER_CGROUP),
+    );
+    cluster.a.registry.add(legacy.clone());
+    let stream = cluster
+        .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, echo)
+        .await;
+    let payload = random_bytes(1000);
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::NotMeshed));
+    assert_eq!(event.error, None);
+    assert_eq!(event.src.unwrap().name, "legacy-0");
+    assert_eq!(event.dst.unwrap().name, "server-0");
+    assert_eq!(cluster.a.handle.pooled_connections(), 0, "no HBONE");
+}
+
+#[tokio::test]
+async fn a_source_the_registry_never_learns_is_refused_after_the_timeout() {
+    let n = 25;
+    let listener = TcpListener::bind((ip(n, 20), 0)).await.unwrap();
+    let SocketAddr::V4(server) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let mut cluster = Cluster::start(n, Policy::default(), server.port()).await;
+    let started = std::time::Instant::now();
+    let stream = cluster
+        .connect_as_unknown(ip(n, 14), NEWCOMER_CGROUP, server)
+        .await;
+    assert_closed_without_data(stream).await;
+    assert!(started.elapsed() >= POD_RESOLVE_TIMEOUT);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::UnknownSource));
+    assert!(
+        event
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with(&format!("source cgroup {NEWCOMER_CGROUP} of a redirected connection is not a pod of this node the agent knows")),
+        "{event:?}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "nothing reached the destination");
+}
+
+#[tokio::test]
+async fn a_destination_pod_the_registry_learns_after_the_dial_is_held_then_secured() {
+    let n = 26;
+    let echo = echo_server(ip(n, 40)).await;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    // A second server pod on node B: the client dials its address before
+    // either agent has seen the pod.
+    let server_1 = pod("server", &node_b(n), ip(n, 40), true, None);
+    let stream = cluster.connect_as(&cluster.pods.client, echo).await;
+    let payload = random_bytes(10_000);
+    let exchange = tokio::spawn(round_trip(stream, payload.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !exchange.is_finished(),
+        "held while the destination is unknown"
+    );
+    // The client's agent learns the pod first: node B's waits for it too.
+    cluster.a.registry.add(server_1.clone());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !exchange.is_finished(),
+        "held at node B while it does not know the pod"
+    );
+    cluster.b.registry.add(server_1);
+    assert_eq!(exchange.await.unwrap(), payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(event.tls, "{event:?}");
+    assert_eq!(event.error, None);
+    assert_eq!(event.dst_addr, Some(echo.into()));
+    assert!(event.duration_ms >= 600, "held: {} ms", event.duration_ms);
+    let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
+    assert!(inbound.tls && inbound.error.is_none(), "{inbound:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_destination_in_the_cluster_is_refused_after_the_timeout() {
+    let n = 27;
+    let listener = TcpListener::bind((ip(n, 41), 0)).await.unwrap();
+    let SocketAddr::V4(unknown) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    let started = std::time::Instant::now();
+    let stream = cluster.connect_as(&cluster.pods.client, unknown).await;
+    assert_closed_without_data(stream).await;
+    assert!(started.elapsed() >= POD_RESOLVE_TIMEOUT);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::UnknownDestination));
+    assert!(
+        event.error.as_deref().unwrap().starts_with(&format!(
+            "{unknown} is in the cluster's pod or Service networks but no pod or Service endpoint the agent knows"
+        )),
+        "{event:?}"
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "nothing was sent in plaintext");
 }
 
 #[tokio::test]
@@ -1396,7 +1604,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
     };
     let mut nodes = Vec::new();
     for node in ["node-a", "node-b"] {
-        let registry = LocalRegistry::load(&path("cluster.yaml"), node).unwrap();
+        let registry = LocalRegistry::load(&path("cluster.yaml"), node, Vec::new()).unwrap();
         let certs = CertStore::new(CertStoreConfig {
             identity_addr,
             token_file: path(&format!("{node}.token")),
@@ -1449,6 +1657,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
         Redirect {
             original_dst: vip,
             source_cgroup: client_cgroup.unwrap(),
+            source: RedirectSource::MeshedPod,
         },
     );
     let stream = socket.connect(outbound.into()).await.unwrap();
@@ -1489,4 +1698,48 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
 
     stop.send(true).unwrap();
     stop_identity.send(()).unwrap();
+}
+
+/// The kernel trusts the agent's connects to strict pods; a new unmeshed
+/// pod's held connection, which the agent would carry in plaintext, must
+/// therefore never reach a local strict pod.
+#[tokio::test]
+async fn a_new_unmeshed_pods_connection_never_reaches_a_local_strict_pod() {
+    let n = 28;
+    let strict_a = Policy {
+        default_inbound_policy: sealmesh_common::policy::InboundPolicy::Strict,
+        ..Policy::default()
+    };
+    let echo = echo_server(ip(n, 20)).await;
+    let mut cluster = Cluster::start(n, strict_a, echo.port()).await;
+    let local = cluster.pods.local.clone();
+    let listener = TcpListener::bind((local.ip.unwrap(), 0)).await.unwrap();
+    let SocketAddr::V4(strict_target) = listener.local_addr().unwrap() else {
+        unreachable!()
+    };
+    let legacy = pod(
+        "legacy",
+        &node_a(n),
+        ip(n, 13),
+        false,
+        Some(NEWCOMER_CGROUP),
+    );
+    cluster.a.registry.add(legacy.clone());
+    let stream = cluster
+        .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, strict_target)
+        .await;
+    assert_closed_without_data(stream).await;
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(!event.tls);
+    assert_eq!(
+        event.error.as_deref(),
+        Some(
+            format!(
+                "app/local-0 ({strict_target}) accepts only mutual TLS from meshed pods (strict inbound policy); an unmeshed pod's connection cannot reach it"
+            )
+            .as_str()
+        )
+    );
+    let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
+    assert!(accepted.is_err(), "the strict pod was never connected to");
 }

@@ -146,12 +146,7 @@ async fn run_agent_against_the_api(bpffs_dir: &Path) {
         logged(&log, AGENT_STARTED_MESSAGE, "meshed_pods", &1.into())
     })
     .await;
-    assert!(
-        classified(&log, "cgroup classified", "meshed pod", web_cgroup),
-        "{:#?}",
-        log_lines(&log)
-    );
-
+    // web-0 was in the meshed map before the programs attached (its removal below is logged).
     // A pod arrives, its cgroup a moment later (cgroupfs naming this time).
     let vote = cluster
         .running_pod(PodSpec::new(

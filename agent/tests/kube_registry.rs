@@ -145,8 +145,22 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
     );
     assert_eq!(
         names(&registry.local_workloads()),
-        ["emojivoto/db-0", "emojivoto/web-0", "plain/curl"],
-        "hostNetwork pods are not in the pod network"
+        [
+            "emojivoto/db-0",
+            "emojivoto/node-exporter",
+            "emojivoto/web-0",
+            "plain/curl"
+        ],
+    );
+    let exporter = registry
+        .local_workloads()
+        .into_iter()
+        .find(|w| w.name == "node-exporter")
+        .unwrap();
+    assert_eq!(
+        (exporter.ip, exporter.meshed),
+        (None, false),
+        "a hostNetwork pod is a source by its cgroup only, never meshed"
     );
     let web_identity = TrustDomain::default().identity(MESHED_NS, "web").unwrap();
     let web0 = registry.by_ip(Ipv4Addr::new(10, 244, 1, 2)).unwrap();
@@ -157,7 +171,7 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
             namespace: MESHED_NS.into(),
             service_account: "web".into(),
             identity: web_identity.clone(),
-            ip: Ipv4Addr::new(10, 244, 1, 2),
+            ip: Some(Ipv4Addr::new(10, 244, 1, 2)),
             node: LOCAL_NODE.into(),
             node_ip: LOCAL_IP,
             meshed: true,
@@ -208,6 +222,66 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
 }
 
 #[tokio::test]
+async fn a_scheduled_pod_is_known_by_its_cgroup_as_soon_as_the_kubelet_creates_it() {
+    let fx = Fixture::new("kube-early").await;
+    // No periodic rescan to speak of: only the inotify watch can find the cgroups in time.
+    let registry = KubeRegistry::start(
+        fx.server.client(),
+        KubeRegistryConfig {
+            cgroup_rescan: Duration::from_secs(3600),
+            ..fx.config()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(registry.pod_parent_cgroups(), Vec::<u64>::new());
+
+    // Bound to this node; the kubelet has reported nothing yet.
+    let uid = fx
+        .cluster
+        .scheduled_pod(PodSpec::new(
+            MESHED_NS,
+            "init-0",
+            "web",
+            LOCAL_NODE,
+            [10, 244, 1, 9],
+        ))
+        .await;
+    eventually("the registry to see the scheduled pod", || async {
+        names(&registry.local_workloads()) == ["emojivoto/init-0"]
+    })
+    .await;
+    // The kubelet creates kubepods, its QoS level and the pod's cgroup (systemd driver).
+    let cgroup = host::cgroup_id(&fx.cgroups.create_systemd("besteffort", &uid)).unwrap();
+    eventually("the pod to be known by its cgroup", || async {
+        registry.by_cgroup(cgroup).is_some()
+    })
+    .await;
+    let pod = registry.by_cgroup(cgroup).unwrap();
+    assert_eq!(
+        (pod.name.as_str(), pod.ip, pod.meshed),
+        ("init-0", None, true),
+        "a source before it has an address"
+    );
+    let mut parents = registry.pod_parent_cgroups();
+    parents.sort_unstable();
+    let mut expected = vec![
+        host::cgroup_id(&fx.cgroups.path().join("kubepods.slice")).unwrap(),
+        host::cgroup_id(
+            &fx.cgroups
+                .path()
+                .join("kubepods.slice/kubepods-besteffort.slice"),
+        )
+        .unwrap(),
+    ];
+    expected.sort_unstable();
+    assert_eq!(
+        parents, expected,
+        "the new pod parents are watched and known"
+    );
+}
+
+#[tokio::test]
 async fn service_vips_resolve_through_endpoint_slices_to_ready_pods() {
     let fx = Fixture::new("kube-svc").await;
     let c = &fx.cluster;
@@ -250,7 +324,7 @@ async fn service_vips_resolve_through_endpoint_slices_to_ready_pods() {
         (0..n)
             .map(|_| {
                 let endpoint = registry.resolve(addr([10, 96, 0, 10], port)).unwrap();
-                (endpoint.workload.name.clone(), endpoint.port)
+                (endpoint.workload.name.clone(), endpoint.addr.port())
             })
             .collect::<Vec<_>>()
     };
@@ -273,7 +347,7 @@ async fn service_vips_resolve_through_endpoint_slices_to_ready_pods() {
     assert_eq!(registry.resolve(addr([10, 96, 0, 10], 81)), None);
     let direct = registry.resolve(addr([10, 244, 1, 3], 7000)).unwrap();
     assert_eq!(
-        (direct.workload.name.as_str(), direct.port),
+        (direct.workload.name.as_str(), direct.addr.port()),
         ("web-1", 7000),
         "a pod IP resolves to the pod whatever its readiness"
     );

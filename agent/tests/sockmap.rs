@@ -350,6 +350,8 @@ impl Testbed {
             excluded_cidrs: Vec::new(),
             sockmap_acceleration,
             pod_parent_cgroups: vec![host::cgroup_id(&self.node).unwrap()],
+            meshed_pods: Vec::new(),
+            unmeshed_pods: Vec::new(),
             agent_cgroups: Vec::new(),
         })
         .expect("the eBPF object loads and attaches");

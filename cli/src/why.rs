@@ -234,6 +234,15 @@ fn resolve_destination<'a>(
             )),
         ));
     }
+    let in_cluster = cluster.nodes.iter().any(|n| n.pod_cidr.contains(&ip))
+        || cluster
+            .service_cidr
+            .is_some_and(|range| range.contains(&ip));
+    if in_cluster {
+        bail!(
+            "{text} is in the cluster's pod or Service networks but no pod or Service of the cluster: meshed pods' connections to it are held, then refused (unknown_destination), never sent in plaintext"
+        )
+    }
     bail!(
         "{text} is neither a pod nor a Service of the cluster: traffic to it leaves the mesh (outside_cluster) and is never mTLS"
     )

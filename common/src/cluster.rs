@@ -16,6 +16,7 @@
 //!   - { name: web-0, namespace: emojivoto, serviceAccount: web, ip: 10.244.0.2, node: node-0, cgroup: /sys/fs/cgroup/.../web-0, labels: { app: web } }
 //! services:
 //!   - { name: web-svc, namespace: emojivoto, vip: 10.96.0.10, ports: [{ port: 80, targetPort: 8080 }], selector: { app: web } }
+//! serviceCidr: 10.96.0.0/16
 //! ```
 
 use std::{
@@ -88,6 +89,10 @@ pub struct ClusterFile {
     pub pods: Vec<Pod>,
     #[serde(default)]
     pub services: Vec<Service>,
+    /// The range Service VIPs are allocated from (kube-apiserver's
+    /// `--service-cluster-ip-range`); absent in files written before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_cidr: Option<Ipv4Net>,
 }
 
 fn default_trust_domain() -> String {
@@ -202,6 +207,7 @@ impl ClusterFile {
             service_accounts: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            service_cidr: None,
         }
     }
 
@@ -425,6 +431,14 @@ impl ClusterFile {
             if !vips.insert(svc.vip) || pod_ips.contains(&svc.vip) || node_ips.contains(&svc.vip) {
                 return Err(invalid(format!("{what}: vip {} is already used", svc.vip)));
             }
+            if let Some(range) = self.service_cidr
+                && !range.contains(&svc.vip)
+            {
+                return Err(invalid(format!(
+                    "{what}: vip {} is outside serviceCidr {range}",
+                    svc.vip
+                )));
+            }
             if svc.ports.is_empty() {
                 return Err(invalid(format!("{what}: needs at least one port")));
             }
@@ -588,6 +602,11 @@ services:
                 "vip: 10.96.0.10",
                 "vip: 10.244.0.2",
                 "vip 10.244.0.2 is already used",
+            ),
+            (
+                "name: tb-test",
+                "name: tb-test\nserviceCidr: 10.97.0.0/16",
+                "service emojivoto/web-svc: vip 10.96.0.10 is outside serviceCidr 10.97.0.0/16",
             ),
             ("targetPort: 8080", "targetPort: 0", "ports must be 1-65535"),
             (

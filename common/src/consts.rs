@@ -84,6 +84,9 @@ pub mod kube {
     /// Secret changes (as Linkerd's `kubectl get events --field-selector
     /// reason=IssuerUpdated` expects).
     pub const EVENT_ISSUER_UPDATED: &str = "IssuerUpdated";
+    /// kube-apiserver's (and kubeadm's) default `--service-cluster-ip-range`.
+    pub const DEFAULT_SERVICE_CIDR: ipnet::Ipv4Net =
+        ipnet::Ipv4Net::new_assert(std::net::Ipv4Addr::new(10, 96, 0, 0), 12);
     pub const EVENT_ISSUER_UPDATE_SKIPPED: &str = "IssuerUpdateSkipped";
     /// Warning Event reason recorded by a node's agent on a pod it leaves
     /// out of the mesh because no certificate can name its ServiceAccount.

@@ -27,6 +27,7 @@ use serde_json::Value;
 use crate::testbed::{
     ChildGuard, Testbed, TestbedError, TestbedSpec,
     kube::{KubeCluster, KubeError, KubeMode, KubePki, RegisteredPod},
+    netns,
 };
 
 /// How long agents get to obtain their first certificates.
@@ -81,6 +82,10 @@ pub struct MeshOptions {
     pub identity_args: Vec<String>,
     /// `--log-level` of agents and the identity service.
     pub log_level: String,
+    /// The agents' `--log-level` instead, when set: tracing directives such
+    /// as `info,sealmesh_agent::proxy=debug` (the identity service takes a
+    /// level only).
+    pub agent_log_level: Option<String>,
     /// Start the identity service with the mesh.
     pub start_identity: bool,
     /// Start an agent on every node (off: the bare testbed, for baselines).
@@ -91,6 +96,10 @@ pub struct MeshOptions {
     /// Kubernetes mode: register the testbed with this API server and run
     /// the identity service and agents with `--mode kubernetes`.
     pub kubernetes: Option<KubeMode>,
+    /// Local mode: pods (namespace, name) of the spec left out of the
+    /// cluster file until [`Mesh::list_pod`] (network and cgroup exist from
+    /// the start): pods the agents do not know yet.
+    pub unlisted_pods: Vec<(String, String)>,
 }
 
 impl Default for MeshOptions {
@@ -99,10 +108,12 @@ impl Default for MeshOptions {
             agent_args: Vec::new(),
             identity_args: Vec::new(),
             log_level: "info".to_owned(),
+            agent_log_level: None,
             start_identity: true,
             start_agents: true,
             wait_for_certificates: true,
             kubernetes: None,
+            unlisted_pods: Vec::new(),
         }
     }
 }
@@ -151,6 +162,9 @@ impl Mesh {
             address: SocketAddr::from((testbed.control_plane_ip(), IDENTITY_GRPC_PORT)),
             trust_anchors_file: anchors,
         })?;
+        for (namespace, pod) in &options.unlisted_pods {
+            testbed.unlist_pod(namespace, pod)?;
+        }
         let kube = match &options.kubernetes {
             Some(mode) => Some(KubeCluster::start(
                 &mut testbed,
@@ -215,6 +229,39 @@ impl Mesh {
             .as_mut()
             .ok_or(MeshError::NotKubernetes("create_pod"))?;
         Ok(kube.create_pod(&mut self.testbed, namespace, name)?.clone())
+    }
+
+    /// Kubernetes mode: the first half of [`Mesh::create_pod`], the pod bound
+    /// to its node with its cgroups but not reported yet (no IP): processes
+    /// started in it now are what a pod runs before it is Running.
+    pub fn schedule_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<RegisteredPod, MeshError> {
+        let kube = self
+            .kube
+            .as_mut()
+            .ok_or(MeshError::NotKubernetes("schedule_pod"))?;
+        Ok(kube
+            .schedule_pod(&mut self.testbed, namespace, name)?
+            .clone())
+    }
+
+    /// Kubernetes mode: reports a scheduled pod Running with its IP.
+    pub fn report_pod_running(&mut self, namespace: &str, name: &str) -> Result<(), MeshError> {
+        let kube = self
+            .kube
+            .as_mut()
+            .ok_or(MeshError::NotKubernetes("report_pod_running"))?;
+        kube.report_running(&self.testbed, namespace, name)?;
+        Ok(())
+    }
+
+    /// Local mode: writes a pod of [`MeshOptions::unlisted_pods`] into the
+    /// cluster file, where the agents learn of it.
+    pub fn list_pod(&mut self, namespace: &str, name: &str) -> Result<(), MeshError> {
+        Ok(self.testbed.list_pod(namespace, name)?)
     }
 
     /// Kubernetes mode: deletes a pod from the API, kills its processes and
@@ -287,8 +334,10 @@ impl Mesh {
         }
     }
 
-    /// Starts the agent of `node` in the node's network namespace and cgroup,
-    /// and waits until it redirects the node's meshed pods.
+    /// Starts the agent of `node` in the node's network namespace, in its
+    /// cgroup (local mode) or its agent Pod's container cgroup below the
+    /// kubelet's pod cgroups (Kubernetes mode, as a DaemonSet pod runs), and
+    /// waits until it redirects the node's meshed pods.
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
         let binary = locate_binary("sealmesh-agent")?;
         let mut cmd = Command::new(binary);
@@ -331,13 +380,24 @@ impl Mesh {
             .arg(self.testbed.node_bpffs_dir(node)?)
             .args([
                 "--log-level",
-                &self.options.log_level,
+                self.options
+                    .agent_log_level
+                    .as_deref()
+                    .unwrap_or(&self.options.log_level),
                 "--log-format",
                 "json",
             ])
             .args(&self.options.agent_args);
         redirect_output(&mut cmd, &self.agent_log(node))?;
-        let agent = self.testbed.spawn_in_node(node, cmd)?;
+        let agent_pod = self.kube.as_ref().and_then(|kube| kube.agent_pod(node));
+        let agent = match agent_pod {
+            Some(pod) => {
+                // The DaemonSet passes it as SEALMESH_POD_UID.
+                cmd.args(["--agent-pod-uid", &pod.uid]);
+                netns::spawn_in(self.testbed.node_netns(node)?, &pod.container_cgroup, cmd)?
+            }
+            None => self.testbed.spawn_in_node(node, cmd)?,
+        };
         self.agents.insert(node.to_owned(), agent);
         self.wait_for_agent_log(node, "the agent to start", |lines| {
             lines.iter().any(|l| l["message"] == AGENT_STARTED_MESSAGE)

@@ -645,3 +645,221 @@ mod forged {
         })
     }
 }
+
+/// [`spec`] plus pods the tests leave out of the cluster file at first (the
+/// agents have not heard of them: pods that just started): `shop/newcomer`
+/// (meshed, ServiceAccount `client`) and `legacy/fresh` (unmeshed) on node-0,
+/// `shop/latecomer` (meshed, ServiceAccount `server`) on node-1.
+fn spec_with_newcomers() -> TestbedSpec {
+    spec()
+        .pod(PodSpec::new(APP_NS, "newcomer", "client", 0).label("app", "newcomer"))
+        .pod(PodSpec::new(PLAIN_NS, "fresh", "default", 0).label("app", "fresh"))
+        .pod(PodSpec::new(APP_NS, "latecomer", "server", 1).label("app", "latecomer"))
+}
+
+/// How long the agents hold a connection of (or to) a pod they do not know.
+const POD_RESOLVE_TIMEOUT: &str = "3s";
+/// How long the tests keep a pod unknown while its connection is held.
+const HOLD: Duration = Duration::from_millis(500);
+
+/// Starts a client in a pod without waiting for it.
+fn start_client(app: &App, ns: &str, pod: &str, connect: SocketAddr, text: &str) -> ChildGuard {
+    let mut cmd = testapp::client(testapp_path(), connect, text, 1);
+    cmd.args(["--timeout-secs", "10"]);
+    app.mesh
+        .testbed()
+        .spawn_in_pod(ns, pod, cmd)
+        .expect("client starts")
+}
+
+/// Waits for a client and asserts it succeeded.
+fn client_succeeded(client: ChildGuard, what: &str) {
+    let out = client.wait_with_output().expect("client finishes");
+    assert!(out.status.success(), "{what}: {}", describe(&out));
+}
+
+fn still_running(client: &mut ChildGuard) -> bool {
+    client.child_mut().try_wait().unwrap().is_none()
+}
+
+#[test]
+fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear() {
+    const MARKER: &str = "sealmesh-first-packet-marker-3b9e";
+    let newcomers = [
+        (APP_NS, "newcomer"),
+        (PLAIN_NS, "fresh"),
+        (APP_NS, "latecomer"),
+    ];
+    let mesh = Mesh::up(
+        &spec_with_newcomers(),
+        MeshOptions {
+            agent_args: vec!["--pod-resolve-timeout".into(), POD_RESOLVE_TIMEOUT.into()],
+            unlisted_pods: newcomers
+                .iter()
+                .map(|(ns, pod)| ((*ns).to_owned(), (*pod).to_owned()))
+                .collect(),
+            ..MeshOptions::default()
+        },
+    )
+    .expect("mesh up");
+    let mut app = App {
+        mesh,
+        _servers: Vec::new(),
+    };
+    for (ns, pod) in [
+        (APP_NS, "server"),
+        (APP_NS, "neighbour"),
+        (PLAIN_NS, "plain"),
+        (APP_NS, "latecomer"),
+    ] {
+        let (server, _) =
+            testapp::start_echo_server(app.mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
+                .expect("echo server starts");
+        app._servers.push(server);
+    }
+    let underlay = app.mesh.testbed().underlay_netns();
+    let capture = app
+        .mesh
+        .testbed()
+        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
+        .unwrap()
+        .unwrap();
+
+    // A meshed pod the agent does not know connects: redirected anyway, held
+    // until the agent learns the pod, then carried over mTLS.
+    let mut client = start_client(
+        &app,
+        APP_NS,
+        "newcomer",
+        app.echo_addr(APP_NS, "server"),
+        MARKER,
+    );
+    std::thread::sleep(HOLD);
+    assert!(still_running(&mut client), "held while the pod is unknown");
+    app.mesh.list_pod(APP_NS, "newcomer").unwrap();
+    client_succeeded(client, "newcomer -> server");
+    let event = app.wait_access("node-0", "the newcomer's connection", |e| {
+        e["src"] == "shop/newcomer"
+    });
+    assert_eq!(event["tls"], true, "{event}");
+    assert_eq!(event["client_id"], spiffe("client"), "{event}");
+    assert!(
+        event["duration_ms"].as_u64().unwrap() >= 400,
+        "held: {event}"
+    );
+
+    // An unmeshed pod the agent does not know: held, then carried in
+    // plaintext as it would have gone without the agent, recorded as such.
+    let mut client = start_client(
+        &app,
+        PLAIN_NS,
+        "fresh",
+        app.echo_addr(PLAIN_NS, "plain"),
+        "first",
+    );
+    std::thread::sleep(HOLD);
+    assert!(still_running(&mut client), "held while the pod is unknown");
+    app.mesh.list_pod(PLAIN_NS, "fresh").unwrap();
+    client_succeeded(client, "fresh -> plain, first");
+    let event = app.wait_access("node-0", "the fresh pod's first connection", |e| {
+        e["src"] == "legacy/fresh"
+    });
+    assert_eq!(event["tls"], false, "{event}");
+    assert_eq!(event["no_tls_reason"], "not_meshed", "{event}");
+    assert_eq!(event["error"], "", "{event}");
+    assert_eq!(event["dst"], "legacy/plain", "{event}");
+    // Now the kernel knows it as unmeshed: its connections bypass the agent.
+    app.client_ok(
+        PLAIN_NS,
+        "fresh",
+        app.echo_addr(PLAIN_NS, "plain"),
+        "second",
+    );
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "neighbour"),
+        "a later line",
+    );
+    app.wait_access("node-0", "the later connection", |e| {
+        e["dst"] == "shop/neighbour"
+    });
+    assert_eq!(
+        app.access("node-0", "src", "legacy/fresh").len(),
+        1,
+        "only the first connection went through the agent"
+    );
+    let status = sealmesh_agent::ebpf::Redirector::pinned_status(
+        &app.mesh.testbed().node_bpffs_dir("node-0").unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status.unmeshed_pods, 1, "legacy/fresh: {status:?}");
+
+    // A destination pod the agents learn of after the client dialled it:
+    // held, then secured.
+    let latecomer = app.echo_addr(APP_NS, "latecomer");
+    let mut client = start_client(&app, APP_NS, "client", latecomer, MARKER);
+    std::thread::sleep(HOLD);
+    assert!(
+        still_running(&mut client),
+        "held while the destination is unknown"
+    );
+    app.mesh.list_pod(APP_NS, "latecomer").unwrap();
+    client_succeeded(client, "client -> latecomer");
+    let event = app.wait_access("node-0", "the connection to the latecomer", |e| {
+        e["dst"] == "shop/latecomer"
+    });
+    assert_eq!(event["tls"], true, "{event}");
+    assert_eq!(event["server_id"], spiffe("server"), "{event}");
+
+    // An address of the cluster's pod network that never becomes a pod:
+    // refused after the timeout with its reason, never sent in plaintext.
+    let nobody = SocketAddr::from((Ipv4Addr::new(10, 244, 1, 200), ECHO_PORT));
+    let out = app.client(APP_NS, "client", nobody, MARKER, &["--timeout-secs", "10"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    let event = app.wait_access("node-0", "the refusal", |e| {
+        e["dst_addr"] == nobody.to_string()
+    });
+    assert_eq!(event["no_tls_reason"], "unknown_destination", "{event}");
+    assert!(event["duration_ms"].as_u64().unwrap() >= 2900, "{event}");
+
+    // A host process (the node's, like the kubelet) is never redirected.
+    let node0 = app.mesh.testbed().node_netns("node-0").unwrap().to_owned();
+    let host_client = testapp::client(testapp_path(), app.echo_addr(PLAIN_NS, "plain"), "host", 1);
+    let out = app
+        .mesh
+        .testbed()
+        .spawn_in_node("node-0", host_client)
+        .expect("host client starts")
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "host -> plain: {} in {node0}",
+        describe(&out)
+    );
+    let node_ip = app.mesh.testbed().cluster().node("node-0").unwrap().ip;
+    assert!(
+        app.mesh
+            .access_log("node-0")
+            .unwrap()
+            .iter()
+            .all(|e| !e["src_addr"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with(&format!("{node_ip}:"))),
+        "the host's connection did not reach the agent"
+    );
+
+    std::thread::sleep(Duration::from_millis(300));
+    let report = capture.finish().unwrap();
+    assert!(
+        report.frames > 10,
+        "the capture saw the traffic: {report:?}"
+    );
+    assert_eq!(
+        report.hits_for(MARKER),
+        0,
+        "marker crossed the underlay in clear: {report:?}"
+    );
+}

@@ -477,12 +477,33 @@ fn registers_the_testbed_as_kubelets_and_controllers_would() {
         ["client", "server"]
     );
 
-    // A pod created later: object, cgroup, status, EndpointSlice; then deleted.
-    let late = kube
-        .create_pod(&mut testbed, APP_NS, "late")
+    // A pod created later: object and cgroups first (scheduled, its kubelet
+    // has reported nothing, no EndpointSlice yet), then its status and its
+    // EndpointSlice; then deleted.
+    let scheduled = kube
+        .schedule_pod(&mut testbed, APP_NS, "late")
         .unwrap()
         .clone();
-    assert!(late.container_cgroup.is_dir());
+    assert!(scheduled.container_cgroup.is_dir());
+    assert!(!scheduled.running);
+    let stored: Pod = get(&kube, Some(APP_NS), "late");
+    assert_eq!(
+        stored.spec.as_ref().unwrap().node_name.as_deref(),
+        Some("node-1")
+    );
+    assert_eq!(
+        stored.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        None,
+        "no status before the kubelet reports one"
+    );
+    let (_, endpoints) = endpoint_slice(&kube);
+    assert_eq!(endpoints.len(), 1, "a scheduled pod is no endpoint yet");
+    let late = kube
+        .report_running(&testbed, APP_NS, "late")
+        .unwrap()
+        .clone();
+    assert!(late.running);
+    assert_eq!(late.uid, scheduled.uid);
     let stored: Pod = get(&kube, Some(APP_NS), "late");
     assert_eq!(stored.uid().as_deref(), Some(late.uid.as_str()));
     assert_eq!(

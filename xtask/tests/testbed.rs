@@ -393,6 +393,27 @@ fn state_dir_holds_cluster_file_tokens_and_bpffs_dirs() {
     let on_disk = ClusterFile::load(&tb.cluster_file_path()).unwrap();
     assert_eq!(on_disk.identity, Some(endpoint));
     assert_eq!(&on_disk, tb.cluster());
+    assert_eq!(on_disk.service_cidr, Some("10.96.0.0/16".parse().unwrap()));
+
+    // A pod left out of the cluster file keeps its network and cgroup.
+    let pod = tb.cluster().pods[0].clone();
+    tb.unlist_pod(&pod.namespace, &pod.name).unwrap();
+    let on_disk = ClusterFile::load(&tb.cluster_file_path()).unwrap();
+    assert_eq!(on_disk.pod(&pod.namespace, &pod.name), None);
+    assert_eq!(on_disk.pods.len(), tb.cluster().pods.len() - 1);
+    assert!(pod.cgroup.is_dir());
+    let status = tb
+        .spawn_in_pod(&pod.namespace, &pod.name, Command::new("true"))
+        .unwrap()
+        .wait_with_output()
+        .unwrap()
+        .status;
+    assert!(status.success());
+    tb.list_pod(&pod.namespace, &pod.name).unwrap();
+    assert_eq!(
+        &ClusterFile::load(&tb.cluster_file_path()).unwrap(),
+        tb.cluster()
+    );
 
     assert!(tb.node_bpffs_dir("node-9").is_err());
     assert_eq!(

@@ -11,6 +11,11 @@
 //!   to the agent yet. The agent fills the pod-parent and agent maps before it attaches anything.
 //!   `cgroup/connect6` does the same for IPv4-mapped destinations of dual-stack sockets, which
 //!   never pass connect4 and would otherwise bypass the mesh.
+//! - The programs classify the connecting task once per connect from four pinned cgroup maps the
+//!   agent keeps ([`CgroupRole`]): the host (not below a pod parent cgroup), the agent itself, or
+//!   a pod (the first cgroup below the deepest pod parent) that is meshed, unmeshed, or not known
+//!   to the agent yet. Meshed and unknown pods are redirected (the record says which); the agent
+//!   fills every map before it attaches anything.
 //! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
 //!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
 //!   [`RedirectTable::take`] reads and deletes. A state callback deletes records of connections
@@ -62,7 +67,8 @@ use std::{
 };
 
 use agent_ebpf::{
-    ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, StrictPodCounters, capacity, names,
+    ConnectionKey, MAP_ABI_VERSION, RedirectRecord, SocketTuple, StrictPodCounters, capacity,
+    names, record_source,
 };
 use aya::{
     Ebpf, EbpfLoader,
@@ -121,6 +127,10 @@ pub struct RedirectConfig {
     /// Cgroups whose descendants are pods ([`CgroupRole::PodParent`]), in the maps before the
     /// programs attach; kept current afterwards through [`CgroupRoles`].
     pub pod_parent_cgroups: Vec<u64>,
+    /// The node's meshed and unmeshed pods known at start, in the maps before the programs
+    /// attach (a first agent would otherwise redirect every pod as unknown until its first sync).
+    pub meshed_pods: Vec<u64>,
+    pub unmeshed_pods: Vec<u64>,
     /// The agent's cgroups besides the one it runs in (which the redirector adds itself), e.g.
     /// its pod's cgroup in Kubernetes mode ([`CgroupRole::Agent`]).
     pub agent_cgroups: Vec<u64>,
@@ -131,8 +141,19 @@ pub struct RedirectConfig {
 pub struct Redirect {
     /// Where the pod connected to (a pod IP or a Service VIP).
     pub original_dst: SocketAddrV4,
-    /// The meshed pod cgroup the connecting task belonged to, as the kernel reported it.
+    /// The pod cgroup the connecting task belonged to, as the kernel reported it.
     pub source_cgroup: u64,
+    pub source: RedirectSource,
+}
+
+/// What the kernel knew about the source pod when it redirected the connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RedirectSource {
+    /// Its cgroup was in the meshed-pod map.
+    MeshedPod,
+    /// Its cgroup was in none of the agent's maps: a pod the agent had not classified yet (just
+    /// started, or its cgroup not seen yet). Resolve it before routing.
+    UnknownPod,
 }
 
 /// The outbound listener's view of the redirect records.
@@ -357,20 +378,23 @@ impl Redirector {
         let accelerated_sockets = take_pinned_sockhash(&mut ebpf, &pins)?;
         let strict = StrictInboundMaps::take(&mut ebpf, &pins)?;
 
-        // The agent before the pod parents, so that a starting agent below a pod parent is
-        // never taken for a pod; both before anything attaches, so that the programs classify
-        // tasks correctly from their first connect. Pinned maps may hold a previous agent's.
+        // The agent before the pods and pod parents, so that a starting agent below a pod
+        // parent is never taken for a pod; all before anything attaches, so that the programs
+        // classify tasks correctly from their first connect. Pinned maps may hold a previous
+        // agent's entries: they are replaced.
         let roles = PinnedCgroupRoles {
             own_cgroups: &own_cgroups,
             maps: &cgroup_maps,
         };
+        let set = |ids: &[u64]| ids.iter().copied().collect::<BTreeSet<u64>>();
         sync_roles(&roles, &[(CgroupRole::Agent, agent_cgroups)])?;
         sync_roles(
             &roles,
-            &[(
-                CgroupRole::PodParent,
-                cfg.pod_parent_cgroups.iter().copied().collect(),
-            )],
+            &[
+                (CgroupRole::MeshedPod, set(&cfg.meshed_pods)),
+                (CgroupRole::UnmeshedPod, set(&cfg.unmeshed_pods)),
+                (CgroupRole::PodParent, set(&cfg.pod_parent_cgroups)),
+            ],
         )?;
 
         // sk_msg before sock_ops: a socket added to the sockhash gets the program attached at
@@ -580,6 +604,11 @@ impl RedirectTable for Redirector {
         Some(Redirect {
             original_dst: record.original_dst(),
             source_cgroup: record.source_cgroup,
+            source: match record.source {
+                record_source::MESHED_POD => RedirectSource::MeshedPod,
+                // Anything else must be resolved before it is trusted.
+                _ => RedirectSource::UnknownPod,
+            },
         })
     }
 }

@@ -25,6 +25,7 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered};
+use ipnet::Ipv4Net;
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -47,14 +48,17 @@ use self::{
     objects::{EndpointSliceView, NamespaceView, NodeView, PodView, ServiceView, node_internal_ip},
     snapshot::ClusterObjects,
 };
-use crate::registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry};
+use crate::{
+    dir_watch::DirWatcher,
+    registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry},
+};
 
 /// How long start-up may take to reach the API and list every kind.
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How often the cgroups of local pods are looked for again while some are
-/// missing (the kubelet creates a pod's cgroup shortly after the pod
-/// appears in the API).
-pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_millis(500);
+/// missing, besides the inotify watch on the directories pods are created
+/// in, which normally finds them at once: a safety net for missed events.
+pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_secs(10);
 /// A burst of watch events (a re-list, a rollout) becomes one rebuild.
 const REBUILD_COALESCE: Duration = Duration::from_millis(20);
 const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(200);
@@ -185,6 +189,8 @@ pub struct KubeRegistryConfig {
     pub cgroup_root: PathBuf,
     pub startup_timeout: Duration,
     pub cgroup_rescan: Duration,
+    /// Configured pod and Service networks, besides every Node's pod networks.
+    pub cluster_networks: Vec<Ipv4Net>,
 }
 
 impl KubeRegistryConfig {
@@ -195,6 +201,7 @@ impl KubeRegistryConfig {
             cgroup_root,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             cgroup_rescan: DEFAULT_CGROUP_RESCAN,
+            cluster_networks: Vec::new(),
         }
     }
 }
@@ -231,6 +238,7 @@ struct Shared {
     trust_domain: TrustDomain,
     cgroups: PodCgroups,
     cgroup_rescan: Duration,
+    cluster_networks: Vec<Ipv4Net>,
     published: Published,
     stores: Stores,
     signals: Arc<Signals>,
@@ -278,6 +286,7 @@ impl KubeRegistry {
             trust_domain: config.trust_domain,
             cgroups: PodCgroups::new(config.cgroup_root),
             cgroup_rescan: config.cgroup_rescan,
+            cluster_networks: config.cluster_networks,
             published: Published::new(Default::default()),
             stores,
             signals,
@@ -441,13 +450,30 @@ where
     async move { (kind, store.wait_until_ready().await.is_ok()) }.boxed()
 }
 
-/// Rebuilds the snapshot on every change, and when a missing local pod
-/// cgroup appears (looked for on a short timer).
+/// Rebuilds the snapshot on every API change, on every pod cgroup created
+/// or removed where the kubelet makes them (inotify), and when a missing
+/// local pod cgroup appears (looked for on a slow timer, in case an event
+/// was missed).
 async fn keep_current(shared: Arc<Shared>) {
+    let mut watched_dirs = vec![shared.cgroups.root().to_owned()];
+    watched_dirs.extend(shared.cgroups.parent_candidates());
+    let mut cgroup_events = match DirWatcher::new(watched_dirs) {
+        Ok(watcher) => Some(watcher),
+        Err(error) => {
+            tracing::warn!(%error, rescan = ?shared.cgroup_rescan, "new pods' cgroups are found by the periodic rescan only");
+            None
+        }
+    };
     loop {
         let missing_cgroups = shared.published.load().missing_cgroups;
         tokio::select! {
             () = shared.signals.changed.notified() => tokio::time::sleep(REBUILD_COALESCE).await,
+            changed = async { cgroup_events.as_mut()?.changed().await.ok() }, if cgroup_events.is_some() => {
+                if changed.is_none() {
+                    tracing::warn!(rescan = ?shared.cgroup_rescan, "watching the pod cgroup directories failed; new pods' cgroups are found by the periodic rescan only");
+                    cgroup_events = None;
+                }
+            }
             () = tokio::time::sleep(shared.cgroup_rescan), if missing_cgroups => {
                 if !shared.a_missing_cgroup_appeared() {
                     continue;
@@ -474,6 +500,7 @@ impl Shared {
             &objects,
             &self.node,
             &self.trust_domain,
+            &self.cluster_networks,
             |uid| {
                 let id = self.cgroups.find(uid).map(|cgroup| cgroup.id);
                 if id.is_none() {
@@ -553,6 +580,14 @@ impl WorkloadRegistry for KubeRegistry {
 
     fn local_workloads(&self) -> Vec<Arc<Workload>> {
         self.shared.published.local_workloads()
+    }
+
+    fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
+        self.shared.published.in_cluster_network(ip)
+    }
+
+    fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
+        self.shared.published.served_outside_pods(dst)
     }
 
     fn pod_parent_cgroups(&self) -> Vec<u64> {

@@ -7,6 +7,7 @@
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
+use ipnet::Ipv4Net;
 use k8s_openapi::{
     api::{
         core::v1::{ConfigMap, Namespace, Node, Pod, Service},
@@ -24,7 +25,8 @@ use sealmesh_common::{
 use serde::{Deserialize, Deserializer};
 
 const NODE_INTERNAL_IP: &str = "InternalIP";
-const POD_RUNNING: &str = "Running";
+/// Phases of a pod whose containers are all gone for good.
+const POD_FINISHED: [&str; 2] = ["Succeeded", "Failed"];
 const ADDRESS_TYPE_IPV4: &str = "IPv4";
 const PROTOCOL_TCP: &str = "TCP";
 const KIND_POD: &str = "Pod";
@@ -103,12 +105,22 @@ macro_rules! view_of {
     };
 }
 
-/// A Node: its InternalIP.
+/// A Node: its InternalIP and pod networks.
 #[derive(Clone, Debug, Deserialize)]
 pub(super) struct NodeView {
     #[serde(deserialize_with = "kept_metadata::<NodeView, _>")]
     pub metadata: ObjectMeta,
+    pub spec: Option<NodeSpecView>,
     pub status: Option<NodeStatusView>,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct NodeSpecView {
+    #[serde(rename = "podCIDR")]
+    pub pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pub pod_cidrs: Option<Vec<String>>,
 }
 impl KeptMetadata for NodeView {}
 view_of!(NodeView, Node);
@@ -271,6 +283,17 @@ fn annotation<'a>(metadata: &'a ObjectMeta, key: &str) -> Option<&'a str> {
     metadata.annotations.as_ref()?.get(key).map(String::as_str)
 }
 
+/// The IPv4 networks a node's pods get addresses from (`spec.podCIDRs`,
+/// or the older single `spec.podCIDR`).
+pub(super) fn node_pod_cidrs(node: &NodeView) -> impl Iterator<Item = Ipv4Net> + '_ {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.pod_cidrs.as_ref())
+        .into_iter()
+        .flatten()
+        .chain(spec.and_then(|s| s.pod_cidr.as_ref()))
+        .filter_map(|cidr| cidr.parse().ok())
+}
+
 pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
     mesh::namespace_is_meshed(
         namespace
@@ -282,8 +305,9 @@ pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
     )
 }
 
-/// The facts of a pod that has an address in the pod network: Running, with
-/// an IPv4 pod IP, scheduled, and not sharing its node's network.
+/// The facts of a pod scheduled to a node that has not finished: from the
+/// moment it is bound to its node (init containers run, and connect, long
+/// before it is Running), whether or not it has an address yet.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct PodFacts<'a> {
     pub namespace: &'a str,
@@ -291,7 +315,10 @@ pub(super) struct PodFacts<'a> {
     pub uid: &'a str,
     pub node: &'a str,
     pub service_account: &'a str,
-    pub ip: Ipv4Addr,
+    /// Its IPv4 address in the pod network: None until the kubelet reports
+    /// one, and for pods on their node's network (whose address is the node's).
+    pub ip: Option<Ipv4Addr>,
+    pub host_network: bool,
     /// The node's address as the kubelet reported it with the pod IP; routes
     /// the pod while its Node object has no InternalIP (yet).
     pub host_ip: Option<Ipv4Addr>,
@@ -303,10 +330,12 @@ pub(super) struct PodFacts<'a> {
 impl<'a> PodFacts<'a> {
     pub(super) fn of(pod: &'a PodView) -> Option<Self> {
         let spec = pod.spec.as_ref()?;
-        let status = pod.status.as_ref()?;
-        if status.phase.as_deref() != Some(POD_RUNNING) || spec.host_network == Some(true) {
+        let status = pod.status.as_ref();
+        let phase = status.and_then(|s| s.phase.as_deref());
+        if phase.is_some_and(|phase| POD_FINISHED.contains(&phase)) {
             return None;
         }
+        let host_network = spec.host_network == Some(true);
         let meta = &pod.metadata;
         Some(Self {
             namespace: meta.namespace.as_deref()?,
@@ -318,8 +347,14 @@ impl<'a> PodFacts<'a> {
                 .as_deref()
                 .filter(|sa| !sa.is_empty())
                 .unwrap_or(DEFAULT_SERVICE_ACCOUNT),
-            ip: status.pod_ip.as_deref()?.parse().ok()?,
-            host_ip: status.host_ip.as_deref().and_then(|ip| ip.parse().ok()),
+            ip: status
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok())
+                .filter(|_| !host_network),
+            host_network,
+            host_ip: status
+                .and_then(|s| s.host_ip.as_deref())
+                .and_then(|ip| ip.parse().ok()),
             opted_out: mesh::pod_opted_out(
                 meta.annotations
                     .as_ref()
@@ -505,7 +540,8 @@ mod tests {
                 uid: "0a-1b",
                 node: "n1",
                 service_account: "web",
-                ip: Ipv4Addr::new(10, 244, 1, 5),
+                ip: Some(Ipv4Addr::new(10, 244, 1, 5)),
+                host_network: false,
                 host_ip: Some(Ipv4Addr::new(172, 18, 0, 2)),
                 opted_out: true,
                 inbound_policy: Some("strict"),
@@ -514,34 +550,66 @@ mod tests {
     }
 
     #[test]
-    fn pods_outside_the_pod_network_have_no_facts() {
-        let pod = |spec: serde_json::Value, phase: &str, ip: Option<&str>| -> PodView {
+    fn pods_count_from_their_binding_to_a_node_until_they_finish() {
+        let pod = |spec: serde_json::Value, status: serde_json::Value| -> PodView {
             parse(json!({
                 "metadata": {"name": "p", "namespace": "ns", "uid": "1"},
                 "spec": spec,
-                "status": {"phase": phase, "podIP": ip},
+                "status": status,
             }))
         };
         let scheduled = || json!({"nodeName": "n1", "containers": [{"name": "app"}]});
-        let running = pod(scheduled(), "Running", Some("10.0.0.1"));
-        assert_eq!(PodFacts::of(&running).unwrap().service_account, "default");
+        let facts = |spec, status| {
+            let pod = pod(spec, status);
+            PodFacts::of(&pod).map(|f| (f.ip, f.host_network, f.service_account.to_owned()))
+        };
+        let ip = Some(Ipv4Addr::new(10, 0, 0, 1));
         assert_eq!(
-            PodFacts::of(&pod(scheduled(), "Pending", Some("10.0.0.1"))),
+            facts(
+                scheduled(),
+                json!({"phase": "Running", "podIP": "10.0.0.1"})
+            ),
+            Some((ip, false, "default".to_owned()))
+        );
+        // Bound to its node, before the kubelet reported anything: a source.
+        assert_eq!(
+            facts(scheduled(), json!(null)),
+            Some((None, false, "default".to_owned()))
+        );
+        assert_eq!(
+            facts(scheduled(), json!({"phase": "Pending"})),
+            Some((None, false, "default".to_owned()))
+        );
+        assert_eq!(
+            facts(
+                scheduled(),
+                json!({"phase": "Pending", "podIP": "10.0.0.1"})
+            ),
+            Some((ip, false, "default".to_owned()))
+        );
+        assert_eq!(
+            facts(scheduled(), json!({"phase": "Running", "podIP": "fd00::1"})),
+            Some((None, false, "default".to_owned()))
+        );
+        // Finished, or not scheduled yet: not a pod of any node.
+        for phase in ["Succeeded", "Failed"] {
+            assert_eq!(
+                facts(scheduled(), json!({"phase": phase, "podIP": "10.0.0.1"})),
+                None
+            );
+        }
+        assert_eq!(
+            facts(json!({}), json!({"phase": "Running", "podIP": "10.0.0.1"})),
             None
         );
-        assert_eq!(PodFacts::of(&pod(scheduled(), "Running", None)), None);
-        assert_eq!(
-            PodFacts::of(&pod(scheduled(), "Running", Some("fd00::1"))),
-            None
-        );
-        assert_eq!(
-            PodFacts::of(&pod(json!({}), "Running", Some("10.0.0.1"))),
-            None
-        );
+        // On the node's network: its address is the node's, not a pod's.
         let host_network = json!({"nodeName": "n1", "hostNetwork": true});
         assert_eq!(
-            PodFacts::of(&pod(host_network, "Running", Some("172.18.0.2"))),
-            None
+            facts(
+                host_network,
+                json!({"phase": "Running", "podIP": "172.18.0.2"})
+            ),
+            Some((None, true, "default".to_owned()))
         );
     }
 
@@ -577,6 +645,17 @@ mod tests {
                                      {"type": "InternalIP", "address": "172.18.0.2"}],
                        "capacity": {"cpu": "2"}}}));
         assert_eq!(node_internal_ip(&node), Some(Ipv4Addr::new(172, 18, 0, 2)));
+        let node: NodeView = parse(json!({"metadata": {"name": "n1"},
+            "spec": {"podCIDR": "10.244.1.0/24", "podCIDRs": ["10.244.1.0/24", "fd00:10:244:1::/64"],
+                     "providerID": "kind://n1"}}));
+        assert_eq!(
+            node_pod_cidrs(&node).collect::<Vec<_>>(),
+            [
+                "10.244.1.0/24".parse::<Ipv4Net>().unwrap(),
+                "10.244.1.0/24".parse().unwrap()
+            ],
+            "IPv6 networks are skipped"
+        );
     }
 
     #[test]

@@ -2,16 +2,18 @@
 
 use std::{
     collections::{HashMap, HashSet},
+    net::SocketAddrV4,
     sync::Arc,
 };
 
+use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sealmesh_common::{identity::TrustDomain, policy::InboundPolicyAnnotations};
 
 use super::objects::{
     EndpointSliceView, EndpointTarget, NamespaceView, NodeView, PodFacts, PodView, ServiceView,
-    namespace_inbound_policy, namespace_is_meshed, node_internal_ip, ready_endpoints,
-    service_cluster_ip, service_tcp_ports, slice_port, slice_service,
+    namespace_inbound_policy, namespace_is_meshed, node_internal_ip, node_pod_cidrs,
+    ready_endpoints, service_cluster_ip, service_tcp_ports, slice_port, slice_service,
 };
 use crate::registry::{Endpoint, NodeInfo, Snapshot, Workload};
 
@@ -37,12 +39,14 @@ pub(super) struct ClusterObjects {
 
 /// The snapshot the objects describe, seen from `local` (whose address stays
 /// the one the agent started with). `cgroup_of` finds a local pod's cgroup
-/// id from its UID; local pods that would be meshed but have no identity
-/// are added to `left_out`.
+/// id from its UID; `networks` are the configured pod and Service networks,
+/// to which every Node's pod networks are added; local pods that would be
+/// meshed but have no identity are added to `left_out`.
 pub(super) fn build(
     objects: &ClusterObjects,
     local: &NodeInfo,
     trust_domain: &TrustDomain,
+    networks: &[Ipv4Net],
     mut cgroup_of: impl FnMut(&str) -> Option<u64>,
     left_out: &mut Vec<LeftOut>,
 ) -> Snapshot {
@@ -67,6 +71,11 @@ pub(super) fn build(
     let mut missing_cgroups = false;
     let mut workloads: Vec<Arc<Workload>> = Vec::new();
     for pod in objects.pods.iter().filter_map(|p| PodFacts::of(p)) {
+        let is_local = pod.node == local.name;
+        // A remote pod matters only as a destination, which needs an address.
+        if !is_local && pod.ip.is_none() {
+            continue;
+        }
         let Some(node_ip) = node_ips.get(pod.node).copied().or(pod.host_ip) else {
             tracing::debug!(
                 pod.namespace,
@@ -76,7 +85,8 @@ pub(super) fn build(
             );
             continue;
         };
-        let meshed = meshed_namespaces.contains(pod.namespace) && !pod.opted_out;
+        let meshed =
+            meshed_namespaces.contains(pod.namespace) && !pod.opted_out && !pod.host_network;
         let identity = match trust_domain.identity(pod.namespace, pod.service_account) {
             Ok(identity) => identity,
             Err(error) if meshed && pod.node == local.name => {
@@ -94,7 +104,7 @@ pub(super) fn build(
                 continue;
             }
         };
-        let cgroup_id = if pod.node == local.name {
+        let cgroup_id = if is_local {
             let id = cgroup_of(pod.uid);
             if id.is_none() {
                 tracing::debug!(
@@ -147,6 +157,11 @@ pub(super) fn build(
 
     let mut snapshot = Snapshot::with_workloads(workloads.iter().cloned(), &local.name);
     snapshot.missing_cgroups = missing_cgroups;
+    let mut cluster_networks = networks.to_vec();
+    cluster_networks.extend(objects.nodes.iter().flat_map(|n| node_pod_cidrs(n)));
+    cluster_networks.sort_unstable();
+    cluster_networks.dedup();
+    snapshot.cluster_networks = cluster_networks;
     for service in &objects.services {
         let (Some(namespace), Some(name), Some(vip)) = (
             service.metadata.namespace.as_deref(),
@@ -164,6 +179,7 @@ pub(super) fn build(
                 continue;
             };
             let mut endpoints: Vec<Endpoint> = Vec::new();
+            let mut outside_pods = false;
             for slice in slices {
                 let target_port = match &port.target_port {
                     None => Some(service_port),
@@ -178,24 +194,36 @@ pub(super) fn build(
                         EndpointTarget::Pod { namespace, name } => {
                             by_name.get(&(namespace, name)).cloned()
                         }
-                        EndpointTarget::Address(ip) => snapshot.workload_by_ip(ip).cloned(),
+                        EndpointTarget::Address(ip) => {
+                            let pod = snapshot.workload_by_ip(ip).cloned();
+                            // An address outside the cluster's networks is
+                            // no pod: the API server, an external database.
+                            outside_pods |= pod.is_none() && !snapshot.in_cluster_network(ip);
+                            pod
+                        }
                     };
-                    if let Some(workload) = workload {
+                    // A pod without an address yet cannot serve.
+                    if let Some((workload, ip)) = workload.and_then(|w| Some((w.clone(), w.ip?))) {
                         endpoints.push(Endpoint {
                             workload,
-                            port: target_port,
+                            addr: SocketAddrV4::new(ip, target_port),
                         });
                     }
                 }
             }
             endpoints.sort_by(|a, b| {
-                (&a.workload.namespace, &a.workload.name, a.port).cmp(&(
+                (&a.workload.namespace, &a.workload.name, a.addr.port()).cmp(&(
                     &b.workload.namespace,
                     &b.workload.name,
-                    b.port,
+                    b.addr.port(),
                 ))
             });
             endpoints.dedup();
+            if endpoints.is_empty() && outside_pods {
+                snapshot
+                    .served_outside_pods
+                    .insert(SocketAddrV4::new(vip, service_port));
+            }
             snapshot.set_service_port(vip, service_port, endpoints);
         }
     }
@@ -254,7 +282,7 @@ mod tests {
     fn resolve_all(snapshot: &Snapshot, vip: [u8; 4], port: u16, n: usize) -> Vec<(String, u16)> {
         (0..n)
             .filter_map(|_| snapshot.resolve(SocketAddrV4::new(Ipv4Addr::from(vip), port)))
-            .map(|e| (e.workload.name.clone(), e.port))
+            .map(|e| (e.workload.name.clone(), e.addr.port()))
             .collect()
     }
 
@@ -285,6 +313,7 @@ mod tests {
             &objects,
             &local(),
             &TrustDomain::default(),
+            &[],
             |uid| {
                 looked_up.push(uid.to_owned());
                 (uid == "uid-local-0").then_some(42)
@@ -333,6 +362,7 @@ mod tests {
             &objects,
             &local(),
             &TrustDomain::default(),
+            &[],
             |_| Some(7),
             &mut left_out,
         );
@@ -394,6 +424,7 @@ mod tests {
             &objects,
             &local(),
             &TrustDomain::default(),
+            &[],
             |_| None,
             &mut Vec::new(),
         );
@@ -488,6 +519,7 @@ mod tests {
             &objects,
             &local(),
             &TrustDomain::default(),
+            &[],
             |_| None,
             &mut Vec::new(),
         );
@@ -496,5 +528,130 @@ mod tests {
             vec![("web-0".to_owned(), 8080); 3]
         );
         assert_eq!(resolve_all(&snapshot, [10, 96, 0, 10], 8080, 1), []);
+    }
+
+    #[test]
+    fn local_pods_count_from_scheduling_remote_ones_once_they_have_an_address() {
+        let meshed_ns: Arc<NamespaceView> = object(json!({ "metadata": { "name": "app",
+            "labels": { "sealmesh.io/mesh": "enabled" } } }));
+        let mut host_network_pod = (*pod("app", "agent", "agent", "n1", "172.18.0.2")).clone();
+        host_network_pod.spec.as_mut().unwrap().host_network = Some(true);
+        let objects = ClusterObjects {
+            pods: vec![
+                pod_with_status("app", "starting", "web", "n1", json!(null)),
+                pod_with_status(
+                    "app",
+                    "remote-starting",
+                    "web",
+                    "n2",
+                    json!({ "phase": "Pending" }),
+                ),
+                Arc::new(host_network_pod),
+                pod("app", "running", "web", "n1", "10.244.1.2"),
+            ],
+            nodes: vec![node("n1", "172.18.0.2"), node("n2", "172.18.0.3")],
+            namespaces: vec![meshed_ns],
+            services: Vec::new(),
+            endpoint_slices: Vec::new(),
+        };
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            &[],
+            |uid| {
+                Some(match uid {
+                    "uid-starting" => 7,
+                    "uid-agent" => 8,
+                    _ => 9,
+                })
+            },
+            &mut Vec::new(),
+        );
+        let local: Vec<(&str, Option<Ipv4Addr>, bool, Option<u64>)> = snapshot
+            .local()
+            .iter()
+            .map(|w| (w.name.as_str(), w.ip, w.meshed, w.cgroup_id))
+            .collect();
+        assert_eq!(
+            local,
+            [
+                ("agent", None, false, Some(8)),
+                ("running", Some(Ipv4Addr::new(10, 244, 1, 2)), true, Some(9)),
+                ("starting", None, true, Some(7)),
+            ],
+            "a pod without an address is a source by its cgroup; a host-network pod is never meshed"
+        );
+        assert_eq!(
+            snapshot.workload_by_ip(Ipv4Addr::new(172, 18, 0, 2)),
+            None,
+            "the node's address is not the host-network pod's"
+        );
+    }
+
+    #[test]
+    fn knows_the_cluster_networks_and_services_served_outside_pods() {
+        let node_with_cidr: Arc<NodeView> = object(json!({ "metadata": { "name": "n1" },
+            "spec": { "podCIDR": "10.244.1.0/24" },
+            "status": { "addresses": [{ "type": "InternalIP", "address": "172.18.0.2" }] } }));
+        let service = |name: &str, vip: &str| -> Arc<ServiceView> {
+            object(
+                json!({ "metadata": { "name": name, "namespace": "default" },
+                "spec": { "clusterIP": vip, "ports": [{ "name": "https", "port": 443, "targetPort": 6443 }] } }),
+            )
+        };
+        let slice = |service: &str, address: &str| -> Arc<EndpointSliceView> {
+            object(json!({
+                "metadata": { "name": service, "namespace": "default",
+                              "labels": { "kubernetes.io/service-name": service } },
+                "addressType": "IPv4", "endpoints": [{ "addresses": [address] }],
+                "ports": [{ "name": "https", "port": 6443 }],
+            }))
+        };
+        let objects = ClusterObjects {
+            pods: Vec::new(),
+            nodes: vec![node_with_cidr],
+            namespaces: Vec::new(),
+            services: vec![
+                service("kubernetes", "10.96.0.1"),
+                service("not-yet", "10.96.0.2"),
+            ],
+            endpoint_slices: vec![
+                // The API server: an address outside the pod networks.
+                slice("kubernetes", "172.18.0.9"),
+                // A pod address the registry has no pod for (yet).
+                slice("not-yet", "10.244.1.77"),
+            ],
+        };
+        let configured: Vec<Ipv4Net> = vec!["10.96.0.0/12".parse().unwrap()];
+        let snapshot = build(
+            &objects,
+            &local(),
+            &TrustDomain::default(),
+            &configured,
+            |_| None,
+            &mut Vec::new(),
+        );
+        for (ip, inside) in [
+            ("10.244.1.77", true),
+            ("10.96.0.2", true),
+            ("10.244.2.1", false),
+            ("172.18.0.9", false),
+        ] {
+            assert_eq!(
+                snapshot.in_cluster_network(ip.parse().unwrap()),
+                inside,
+                "{ip}"
+            );
+        }
+        let api = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+        assert_eq!(snapshot.resolve(api), None);
+        assert!(snapshot.served_outside_pods.contains(&api));
+        assert!(
+            !snapshot
+                .served_outside_pods
+                .contains(&SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 2), 443)),
+            "an unknown pod address is not outside the cluster"
+        );
     }
 }

@@ -65,10 +65,17 @@ pub enum NoTlsReason {
     /// Both pods are meshed and on this node: connected directly after the
     /// same identity checks (the bytes never leave the host).
     SecuredLocal,
-    /// The destination is a pod that is not meshed.
+    /// The destination (or, for a pod the kernel redirected before the agent
+    /// knew it, the source) is a pod that is not meshed.
     NotMeshed,
     /// The destination is neither a pod nor a Service of the cluster.
     OutsideCluster,
+    /// Refused: the source cgroup is no pod of this node the agent knows,
+    /// also after waiting for it.
+    UnknownSource,
+    /// Refused: the destination is in the cluster's pod or Service networks
+    /// but no pod or Service endpoint the agent knows, also after waiting.
+    UnknownDestination,
 }
 
 impl Direction {
@@ -86,6 +93,8 @@ impl NoTlsReason {
             Self::SecuredLocal => "secured_local",
             Self::NotMeshed => "not_meshed",
             Self::OutsideCluster => "outside_cluster",
+            Self::UnknownSource => "unknown_source",
+            Self::UnknownDestination => "unknown_destination",
         }
     }
 }

@@ -22,7 +22,7 @@ use super::{
     event::{ConnectionTracker, Direction},
     hbone,
     outbound::FORWARDED_HEADER,
-    peer_chain, peer_distrusted, splice,
+    peer_chain, peer_distrusted, splice, wait_for_registry,
 };
 use crate::{
     registry::Workload,
@@ -265,11 +265,20 @@ async fn admit(
         .parse()
         .map_err(|_| InboundRefusal::BadAuthority(authority.to_owned()))?;
     let local = engine.registry.local_node();
-    let pod = engine
-        .registry
-        .by_ip(*target.ip())
-        .filter(|w| w.meshed && w.node == local.name)
-        .ok_or(InboundRefusal::NotLocalMeshedPod(target))?;
+    // A pod of the cluster's networks this agent has not seen yet (the
+    // peer's registry was quicker) is waited for, as the outbound side
+    // waits for unknown destinations.
+    let wait = if engine.registry.in_cluster_network(*target.ip()) {
+        engine.cfg.pod_resolve_timeout
+    } else {
+        Duration::ZERO
+    };
+    let pod = wait_for_registry(engine.registry.as_ref(), wait, |registry| {
+        registry.by_ip(*target.ip())
+    })
+    .await
+    .filter(|w| w.meshed && w.node == local.name)
+    .ok_or(InboundRefusal::NotLocalMeshedPod(target))?;
     tracker.set_dst(target.into(), Some(&pod));
     if pod.identity != peer.requested {
         return Err(InboundRefusal::IdentityMismatch {

@@ -55,6 +55,10 @@ use crate::{
 /// At most this many refusal lines per window are logged.
 const REFUSAL_LOG_WINDOW: Duration = Duration::from_secs(10);
 const REFUSAL_LOG_BURST: u32 = 10;
+/// How long a connection waits for the registry to learn its unknown pod:
+/// the kubelet creates a pod's cgroup, and reports its IP, moments after the
+/// API has the pod, which the agent watches.
+pub const DEFAULT_POD_RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connection events kept for slow subscribers before they lag.
 const EVENT_BUFFER: usize = 4096;
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop
@@ -158,6 +162,9 @@ pub struct ProxyConfig {
     pub connect_timeout: Duration,
     /// How long open connections may finish after shutdown is requested.
     pub drain_timeout: Duration,
+    /// How long a connection from (or, in the cluster's networks, to) a pod
+    /// the registry does not know yet is held before it is refused.
+    pub pod_resolve_timeout: Duration,
 }
 
 impl ProxyConfig {
@@ -171,6 +178,7 @@ impl ProxyConfig {
             protected_local_ports: Vec::new(),
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            pod_resolve_timeout: DEFAULT_POD_RESOLVE_TIMEOUT,
         }
     }
 }
@@ -205,6 +213,40 @@ impl Engine {
     fn next_id(&self) -> u64 {
         self.next_connection_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// `lookup`'s answer, asking again on every registry change until it has
+/// one or `timeout` passed (None then; with a zero timeout, asks once).
+async fn wait_for_registry<T>(
+    registry: &dyn WorkloadRegistry,
+    timeout: Duration,
+    lookup: impl Fn(&dyn WorkloadRegistry) -> Option<T>,
+) -> Option<T> {
+    // The common case answers at once, without subscribing.
+    if let Some(found) = lookup(registry) {
+        return Some(found);
+    }
+    if timeout.is_zero() {
+        return None;
+    }
+    // Looked at again once subscribed: a change in between is not missed.
+    let mut changes = registry.subscribe();
+    if let Some(found) = lookup(registry) {
+        return Some(found);
+    }
+    tokio::time::timeout(timeout, async {
+        loop {
+            // The registry lives as long as the engine: a closed channel
+            // means shutdown, and the connection is refused.
+            changes.changed().await.ok()?;
+            if let Some(found) = lookup(registry) {
+                return Some(found);
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten()
 }
 
 /// A bound, not yet running engine.

@@ -3,18 +3,24 @@
 //! in the redirect record (never from the IP); the destination decides the
 //! route: HBONE to the destination's node, a direct connection between two
 //! meshed pods of this node, or plaintext to what is not meshed.
+//!
+//! The kernel also redirects pods the agent has not classified yet (a pod
+//! that just started). Such a connection is held until the registry knows
+//! the pod by its cgroup, at most `pod_resolve_timeout`, then routed as that
+//! pod's (an unmeshed pod's goes out as it would have without the agent), or
+//! refused: never sent in plaintext on a guess.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
     pin::pin,
     sync::{Arc, atomic::Ordering},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
 use h2::{SendStream, client::ResponseFuture};
 use http::{Method, Request, StatusCode};
-use sealmesh_common::identity::Identity;
+use sealmesh_common::{identity::Identity, policy::InboundPolicy};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
@@ -24,9 +30,12 @@ use super::{
     hbone, peer_chain, peer_distrusted,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError},
+    wait_for_registry,
 };
 use crate::{
     certs::NoCertificate,
+    ebpf::{Redirect, RedirectSource},
+    inbound_policy,
     registry::{Endpoint, NodeInfo, Workload},
     tls::{self, ALPN_HBONE, PeerRole, TlsError},
 };
@@ -38,9 +47,16 @@ pub(crate) const FORWARDED_HEADER: &str = "forwarded";
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
     #[error(
-        "source cgroup {cgroup} of a redirected connection is not a pod of this node in the registry; refused (fail closed) — is the cluster file up to date?"
+        "source cgroup {cgroup} of a redirected connection is not a pod of this node the agent knows (waited {waited:?} for it); refused (fail closed): is the pod in the cluster file or the API, scheduled to this node?"
     )]
-    UnknownSource { cgroup: u64 },
+    UnknownSource { cgroup: u64, waited: Duration },
+    #[error(
+        "{target} is in the cluster's pod or Service networks but no pod or Service endpoint the agent knows (waited {waited:?}); refused rather than sent in plaintext to what may be a meshed pod"
+    )]
+    UnknownDestination {
+        target: SocketAddrV4,
+        waited: Duration,
+    },
     #[error(
         "no valid certificate for source identity {source_id}; refusing its connection to meshed {destination} (fail closed, never plaintext): {reason}"
     )]
@@ -64,6 +80,10 @@ pub enum OutboundError {
         "{target} is this node's metrics port, which only the node itself and --metrics-allowed-cidrs may read; pods cannot reach it through the agent"
     )]
     ProtectedLocalPort { target: SocketAddrV4 },
+    #[error(
+        "{pod} ({target}) accepts only mutual TLS from meshed pods (strict inbound policy); an unmeshed pod's connection cannot reach it"
+    )]
+    StrictDestination { pod: String, target: SocketAddrV4 },
     #[error("cannot connect to {target}: {source}")]
     Connect {
         target: SocketAddr,
@@ -139,7 +159,7 @@ pub(crate) fn route(
             reason: NoTlsReason::OutsideCluster,
         },
         Some(endpoint) if !endpoint.workload.meshed => Route::Plaintext {
-            target: SocketAddrV4::new(endpoint.workload.ip, endpoint.port),
+            target: endpoint.addr,
             destination: Some(endpoint.workload),
             reason: NoTlsReason::NotMeshed,
         },
@@ -179,41 +199,91 @@ pub(crate) async fn handle(
         Direction::Outbound,
         peer,
     );
-    if let Err(error) = proxy(
-        &engine,
-        client,
-        redirect.original_dst,
-        redirect.source_cgroup,
-        &mut tracker,
-    )
-    .await
-    {
+    if let Err(error) = proxy(&engine, client, redirect, &mut tracker).await {
         tracker.fail(error);
     }
+}
+
+/// The pod that made a redirected connection. A pod the kernel did not
+/// know is waited for: the registry learns a new pod by its API object and
+/// its cgroup, which may come a moment after its first connect.
+async fn source_pod(engine: &Engine, redirect: &Redirect) -> Result<Arc<Workload>, OutboundError> {
+    let cgroup = redirect.source_cgroup;
+    let wait = match redirect.source {
+        RedirectSource::MeshedPod => Duration::ZERO,
+        RedirectSource::UnknownPod => engine.cfg.pod_resolve_timeout,
+    };
+    let started = Instant::now();
+    let found = wait_for_registry(engine.registry.as_ref(), wait, |registry| {
+        registry.by_cgroup(cgroup)
+    })
+    .await;
+    if let Some(source) = &found
+        && redirect.source == RedirectSource::UnknownPod
+    {
+        tracing::debug!(cgroup, pod = %source.name, namespace = %source.namespace, waited_ms = started.elapsed().as_millis(), "connection of a pod the kernel did not know resolved");
+    }
+    found.ok_or(OutboundError::UnknownSource {
+        cgroup,
+        waited: started.elapsed(),
+    })
+}
+
+/// The pod (and port) a connection to `original_dst` goes to, or None when
+/// the destination is outside the cluster. An address in the cluster's pod
+/// or Service networks that the registry cannot resolve (a pod or Service
+/// it has not seen yet) is waited for: guessing "outside the cluster" would
+/// send a meshed destination plaintext.
+async fn destination(
+    engine: &Engine,
+    original_dst: SocketAddrV4,
+) -> Result<Option<Endpoint>, OutboundError> {
+    let started = Instant::now();
+    let resolved = wait_for_registry(
+        engine.registry.as_ref(),
+        engine.cfg.pod_resolve_timeout,
+        |registry| match registry.resolve(original_dst) {
+            Some(endpoint) => Some(Some(endpoint)),
+            None if !registry.in_cluster_network(*original_dst.ip())
+                || registry.served_outside_pods(original_dst) =>
+            {
+                Some(None)
+            }
+            None => None,
+        },
+    )
+    .await;
+    resolved.ok_or(OutboundError::UnknownDestination {
+        target: original_dst,
+        waited: started.elapsed(),
+    })
 }
 
 async fn proxy(
     engine: &Engine,
     client: TcpStream,
-    original_dst: SocketAddrV4,
-    source_cgroup: u64,
+    redirect: Redirect,
     tracker: &mut ConnectionTracker,
 ) -> Result<(), OutboundError> {
+    let original_dst = redirect.original_dst;
     tracker.event.dst_addr = Some(original_dst.into());
-    let source = engine
-        .registry
-        .by_cgroup(source_cgroup)
-        .ok_or(OutboundError::UnknownSource {
-            cgroup: source_cgroup,
-        })?;
+    let source = source_pod(engine, &redirect)
+        .await
+        .inspect_err(|_| tracker.event.no_tls_reason = Some(NoTlsReason::UnknownSource))?;
     tracker.set_src(&source);
+    if !source.meshed {
+        return unmeshed_source(engine, client, original_dst, tracker).await;
+    }
+    let endpoint = destination(engine, original_dst)
+        .await
+        .inspect_err(|_| tracker.event.no_tls_reason = Some(NoTlsReason::UnknownDestination))?;
     let policy = engine.cfg.policy;
     match route(
         engine.registry.local_node(),
         engine.cfg.hbone_port,
         policy.force_mtls_local,
         original_dst,
-        engine.registry.resolve(original_dst),
+        endpoint,
     ) {
         Route::Plaintext {
             target,
@@ -239,7 +309,7 @@ async fn proxy(
         }
         Route::SecuredLocal { endpoint } => {
             let destination = &endpoint.workload;
-            let target = SocketAddrV4::new(destination.ip, endpoint.port);
+            let target = endpoint.addr;
             tracker.set_dst(target.into(), Some(destination));
             // Same checks as HBONE would make: both identities hold a valid
             // certificate, or nothing is carried.
@@ -269,6 +339,45 @@ async fn proxy(
     }
 }
 
+/// A connection of an unmeshed pod, redirected because the kernel did not
+/// know the pod yet: carried in plaintext as the pod would have made it
+/// (a Service VIP resolved to an endpoint, since the redirect happened
+/// before kube-proxy). The pod's later connections no longer reach the
+/// agent: the cgroup sync puts it in the unmeshed map.
+async fn unmeshed_source(
+    engine: &Engine,
+    client: TcpStream,
+    original_dst: SocketAddrV4,
+    tracker: &mut ConnectionTracker,
+) -> Result<(), OutboundError> {
+    let (target, destination) = match engine.registry.resolve(original_dst) {
+        Some(endpoint) => (endpoint.addr, Some(endpoint.workload)),
+        None => (original_dst, None),
+    };
+    tracker.set_dst(target.into(), destination.as_deref());
+    tracker.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
+    // The kernel trusts every agent connect, so the agent must not carry
+    // what no identity vouches for to a pod the kernel guards.
+    if let Some(pod) = destination.as_deref().filter(|pod| {
+        pod.node == engine.registry.local_node().name
+            && inbound_policy::effective_policy(pod, engine.cfg.policy.default_inbound_policy).0
+                == InboundPolicy::Strict
+    }) {
+        return Err(OutboundError::StrictDestination {
+            pod: format!("{}/{}", pod.namespace, pod.name),
+            target,
+        });
+    }
+    if engine.cfg.protected_local_ports.contains(&target.port())
+        && crate::metrics::is_local_address((*target.ip()).into())
+    {
+        return Err(OutboundError::ProtectedLocalPort { target });
+    }
+    let server = connect(engine, target.into()).await?;
+    tracker.open();
+    Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
+}
+
 async fn hbone_connect(
     engine: &Engine,
     client: TcpStream,
@@ -278,7 +387,7 @@ async fn hbone_connect(
     tracker: &mut ConnectionTracker,
 ) -> Result<(), OutboundError> {
     let destination = &endpoint.workload;
-    let authority = SocketAddrV4::new(destination.ip, endpoint.port);
+    let authority = endpoint.addr;
     tracker.set_dst(authority.into(), Some(destination));
     // Boxed: opening the stream (maybe dialling: TLS + h2 handshakes) is
     // by far the largest state of this future and is alive only briefly;
@@ -360,7 +469,7 @@ async fn open_stream(
     source_addr: SocketAddr,
 ) -> Result<(Lease, SendStream<Bytes>, ResponseFuture), OutboundError> {
     let destination = &endpoint.workload;
-    let authority = SocketAddrV4::new(destination.ip, endpoint.port);
+    let authority = endpoint.addr;
     let client_config = engine
         .credentials
         .client_config(&source.identity)
@@ -510,7 +619,7 @@ mod tests {
             namespace: "app".into(),
             service_account: name.into(),
             identity: TrustDomain::default().identity("app", name).unwrap(),
-            ip: ip.into(),
+            ip: Some(ip.into()),
             node: node.into(),
             node_ip: node_ip.into(),
             meshed,
@@ -544,8 +653,8 @@ mod tests {
     fn unmeshed_pods_are_plaintext_to_the_resolved_endpoint() {
         let w = workload("db", "node-1", [172, 18, 0, 3], [10, 244, 1, 5], false);
         let endpoint = Endpoint {
+            addr: SocketAddrV4::new(w.ip.unwrap(), 5432),
             workload: w.clone(),
-            port: 5432,
         };
         assert_eq!(
             route(&local(), 15008, false, DST, Some(endpoint)),
@@ -561,8 +670,8 @@ mod tests {
     fn meshed_pods_elsewhere_go_over_hbone_to_their_node() {
         let w = workload("web", "node-1", [172, 18, 0, 3], [10, 244, 1, 2], true);
         let endpoint = Endpoint {
+            addr: SocketAddrV4::new(w.ip.unwrap(), 8080),
             workload: w,
-            port: 8080,
         };
         assert_eq!(
             route(&local(), 15008, false, DST, Some(endpoint.clone())),
@@ -577,8 +686,8 @@ mod tests {
     fn meshed_pods_here_are_secured_local_unless_mtls_is_forced() {
         let w = workload("web", "node-0", [172, 18, 0, 2], [10, 244, 0, 2], true);
         let endpoint = Endpoint {
+            addr: SocketAddrV4::new(w.ip.unwrap(), 8080),
             workload: w,
-            port: 8080,
         };
         assert_eq!(
             route(&local(), 15008, false, DST, Some(endpoint.clone())),

@@ -166,6 +166,26 @@ impl Cluster {
     /// Creates a pod (as a controller would, scheduled to `node`) and
     /// reports it Running with `ip` (as its kubelet would). Returns its UID.
     pub async fn running_pod(&self, spec: PodSpec<'_>) -> String {
+        let uid = self.scheduled_pod(spec).await;
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), spec.namespace);
+        api.patch_status(
+            spec.name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({ "status": {
+                "phase": "Running",
+                "podIP": spec.ip.to_string(),
+                "podIPs": [{ "ip": spec.ip.to_string() }],
+                "conditions": [{ "type": "Ready", "status": "True" }],
+            } })),
+        )
+        .await
+        .unwrap();
+        uid
+    }
+
+    /// Creates a pod scheduled to `node` that its kubelet has not reported
+    /// on yet (no status, no address). Returns its UID.
+    pub async fn scheduled_pod(&self, spec: PodSpec<'_>) -> String {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), spec.namespace);
         let annotations = if spec.opted_out {
             json!({ "sealmesh.io/mesh": "disabled" })
@@ -188,18 +208,6 @@ impl Cluster {
             )
             .await
             .unwrap();
-        api.patch_status(
-            spec.name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": {
-                "phase": "Running",
-                "podIP": spec.ip.to_string(),
-                "podIPs": [{ "ip": spec.ip.to_string() }],
-                "conditions": [{ "type": "Ready", "status": "True" }],
-            } })),
-        )
-        .await
-        .unwrap();
         created.metadata.uid.expect("the server sets metadata.uid")
     }
 

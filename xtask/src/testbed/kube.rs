@@ -258,6 +258,10 @@ pub struct RegisteredPod {
     pub pod_cgroup: PathBuf,
     /// ... and its container's, where the pod's processes run.
     pub container_cgroup: PathBuf,
+    /// The container's id, as its runtime reports it.
+    pub container_id: String,
+    /// Whether the kubelet reported it Running (with its IP).
+    pub running: bool,
 }
 
 /// An object the testbed created, for removal from external servers.
@@ -291,6 +295,8 @@ pub struct KubeCluster {
     upstream_tls: serde_json::Map<String, Value>,
     upstream_scheme: &'static str,
     pods: BTreeMap<(String, String), RegisteredPod>,
+    /// Each node's agent Pod, by node name.
+    agent_pods: BTreeMap<String, RegisteredPod>,
     created: Vec<Created>,
     /// Runtime of the client, the fake server and the relay: dropped last.
     runtime: tokio::runtime::Runtime,
@@ -364,6 +370,7 @@ impl KubeCluster {
             upstream_tls: upstream.tls,
             upstream_scheme: upstream.scheme,
             pods: BTreeMap::new(),
+            agent_pods: BTreeMap::new(),
             created: Vec::new(),
             runtime,
         };
@@ -411,6 +418,12 @@ impl KubeCluster {
     /// Name of the agent Pod of `node`.
     pub fn agent_pod_name(node: &str) -> String {
         format!("{AGENT_DAEMONSET}-{node}")
+    }
+
+    /// The agent Pod of `node`: its UID (the DaemonSet passes it to the
+    /// agent as `SEALMESH_POD_UID`) and cgroups (where the agent runs).
+    pub fn agent_pod(&self, node: &str) -> Option<&RegisteredPod> {
+        self.agent_pods.get(node)
     }
 
     /// A pod the testbed registered (absent for pending or deleted pods).
@@ -470,13 +483,55 @@ impl KubeCluster {
         namespace: &str,
         name: &str,
     ) -> Result<&RegisteredPod, KubeError> {
+        self.schedule_pod(testbed, namespace, name)?;
+        self.report_running(testbed, namespace, name)
+    }
+
+    /// The first half of [`KubeCluster::create_pod`]: the pod as the
+    /// scheduler binds it and its kubelet starts it (the object with
+    /// `spec.nodeName`, then the pod's and its container's cgroups), before
+    /// the kubelet reports any status (Pending, no IP). Processes can run in
+    /// it from here on, as init containers and apps do in a real pod.
+    pub fn schedule_pod(
+        &mut self,
+        testbed: &mut Testbed,
+        namespace: &str,
+        name: &str,
+    ) -> Result<&RegisteredPod, KubeError> {
         let pod = testbed.pod(namespace, name)?.clone();
-        let node_ip = testbed.node(&pod.node)?.ip;
         let node_cgroup = testbed.node(&pod.node)?.cgroup.clone();
-        let registered = self.block_on(self.register_pod(&pod, node_ip, &node_cgroup))?;
+        let registered = self.block_on(self.register_pod(&pod, &node_cgroup))?;
         testbed.set_pod_cgroup(namespace, name, registered.container_cgroup.clone())?;
         let key = (namespace.to_owned(), name.to_owned());
         self.pods.insert(key.clone(), registered);
+        Ok(&self.pods[&key])
+    }
+
+    /// The second half of [`KubeCluster::create_pod`]: the kubelet reports a
+    /// scheduled pod Running with its IP; EndpointSlices follow.
+    pub fn report_running(
+        &mut self,
+        testbed: &Testbed,
+        namespace: &str,
+        name: &str,
+    ) -> Result<&RegisteredPod, KubeError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        let registered = self.pods.get(&key).ok_or_else(|| KubeError::NoSuchPod {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })?;
+        let pod = testbed.pod(namespace, name)?;
+        let node_ip = testbed.node(&pod.node)?.ip;
+        self.block_on(self.patch_pod_status(
+            namespace,
+            name,
+            pod.ip,
+            node_ip,
+            &registered.container_id,
+        ))?;
+        if let Some(registered) = self.pods.get_mut(&key) {
+            registered.running = true;
+        }
         self.block_on(self.sync_endpoint_slices(testbed.cluster()))?;
         Ok(&self.pods[&key])
     }
@@ -517,8 +572,9 @@ impl KubeCluster {
         runtime.block_on(self.provision_objects(&cluster, pki))?;
         // Agent pods first: their UIDs bind the agents' tokens.
         for node in &cluster.nodes {
-            let uid = runtime.block_on(self.register_agent_pod(node))?;
-            self.write_agent_credentials(node, &uid)?;
+            let agent = runtime.block_on(self.register_agent_pod(node))?;
+            self.write_agent_credentials(node, &agent.uid)?;
+            self.agent_pods.insert(node.name.clone(), agent);
         }
         self.write_identity_credentials()?;
         for pod in &cluster.pods {
@@ -526,7 +582,15 @@ impl KubeCluster {
                 continue;
             }
             let node = testbed.node(&pod.node)?.clone();
-            let registered = self.block_on(self.register_pod(pod, node.ip, &node.cgroup))?;
+            let mut registered = self.block_on(self.register_pod(pod, &node.cgroup))?;
+            self.block_on(self.patch_pod_status(
+                &pod.namespace,
+                &pod.name,
+                pod.ip,
+                node.ip,
+                &registered.container_id,
+            ))?;
+            registered.running = true;
             testbed.set_pod_cgroup(
                 &pod.namespace,
                 &pod.name,
@@ -759,8 +823,12 @@ impl KubeCluster {
         Ok(())
     }
 
-    /// Creates the agent Pod of `node` (host network, Running) and returns its UID.
-    async fn register_agent_pod(&mut self, node: &cluster::Node) -> Result<String, KubeError> {
+    /// Creates the agent Pod of `node` (host network, Running) and its
+    /// cgroups, where the agent runs as in a DaemonSet pod.
+    async fn register_agent_pod(
+        &mut self,
+        node: &cluster::Node,
+    ) -> Result<RegisteredPod, KubeError> {
         let control = self.control_namespace.clone();
         let name = Self::agent_pod_name(&node.name);
         let mut object = pod_object(
@@ -778,17 +846,28 @@ impl KubeCluster {
         object["spec"]["hostNetwork"] = json!(true);
         let created = self.replace(Some(&control), object).await?;
         let uid = created.uid().unwrap_or_default();
-        self.patch_pod_status(&control, &name, node.ip, node.ip, &random_container_id())
+        let container_id = random_container_id();
+        let pod_cgroup = node.cgroup.join(self.mode.cgroup_driver.pod_cgroup(&uid));
+        let container_cgroup =
+            pod_cgroup.join(self.mode.cgroup_driver.container_cgroup(&container_id));
+        cgroup::create(&container_cgroup)?;
+        self.patch_pod_status(&control, &name, node.ip, node.ip, &container_id)
             .await?;
-        Ok(uid)
+        Ok(RegisteredPod {
+            uid,
+            node: node.name.clone(),
+            pod_cgroup,
+            container_cgroup,
+            container_id,
+            running: true,
+        })
     }
 
-    /// Creates a workload pod, its cgroups and its status; returns what the
-    /// testbed needs to run processes in it.
+    /// Creates a workload pod bound to its node and its cgroups (no status
+    /// yet); returns what the testbed needs to run processes in it.
     async fn register_pod(
         &self,
         pod: &cluster::Pod,
-        node_ip: Ipv4Addr,
         node_cgroup: &Path,
     ) -> Result<RegisteredPod, KubeError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
@@ -824,13 +903,13 @@ impl KubeCluster {
         let container_cgroup =
             pod_cgroup.join(self.mode.cgroup_driver.container_cgroup(&container_id));
         cgroup::create(&container_cgroup)?;
-        self.patch_pod_status(&pod.namespace, &pod.name, pod.ip, node_ip, &container_id)
-            .await?;
         Ok(RegisteredPod {
             uid,
             node: pod.node.clone(),
             pod_cgroup,
             container_cgroup,
+            container_id,
+            running: false,
         })
     }
 
@@ -954,7 +1033,9 @@ impl KubeCluster {
             let endpoints: Vec<Value> = cluster
                 .endpoints(service)
                 .filter_map(|pod| {
-                    let registered = self.pod(&pod.namespace, &pod.name)?;
+                    let registered = self
+                        .pod(&pod.namespace, &pod.name)
+                        .filter(|registered| registered.running)?;
                     Some(json!({
                         "addresses": [pod.ip.to_string()],
                         "conditions": { "ready": true, "serving": true, "terminating": false },

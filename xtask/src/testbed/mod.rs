@@ -31,6 +31,7 @@ pub mod netns;
 pub mod spec;
 
 use std::{
+    collections::BTreeSet,
     fs::OpenOptions,
     io::{self, Write as _},
     net::Ipv4Addr,
@@ -126,6 +127,9 @@ pub fn require_root() -> Result<(), TestbedError> {
 pub struct Testbed {
     layout: Layout,
     cluster: ClusterFile,
+    /// Pods (namespace, name) laid out (network, cgroup) but left out of the
+    /// cluster file, as pods the agents have not heard of yet.
+    unlisted: BTreeSet<(String, String)>,
     /// Whether dropping this value tears the testbed down.
     owned: bool,
 }
@@ -177,6 +181,7 @@ impl Testbed {
         let testbed = Self {
             layout,
             cluster,
+            unlisted: BTreeSet::new(),
             owned: true,
         };
         testbed.create(pod_cgroups)?;
@@ -209,7 +214,7 @@ impl Testbed {
             write_token(token_file)?;
         }
         net::build(layout, &self.cluster)?;
-        self.cluster.save(&layout.cluster_file())?;
+        self.save()?;
         Ok(())
     }
 
@@ -225,6 +230,7 @@ impl Testbed {
         Ok(Self {
             layout,
             cluster,
+            unlisted: BTreeSet::new(),
             owned: false,
         })
     }
@@ -264,11 +270,41 @@ impl Testbed {
         layout::UNDERLAY_GATEWAY
     }
 
+    /// Writes the cluster file: the testbed's cluster without its unlisted pods.
+    fn save(&self) -> Result<(), TestbedError> {
+        let mut listed = self.cluster.clone();
+        listed.pods.retain(|p| {
+            !self
+                .unlisted
+                .contains(&(p.namespace.clone(), p.name.clone()))
+        });
+        listed.save(&self.layout.cluster_file())?;
+        Ok(())
+    }
+
+    /// Local mode: takes a pod out of the cluster file while its network,
+    /// cgroup and processes stay, so agents see a pod they do not know (a
+    /// pod just started, as far as they can tell). [`Testbed::list_pod`]
+    /// puts it back.
+    pub fn unlist_pod(&mut self, namespace: &str, pod: &str) -> Result<(), TestbedError> {
+        self.pod(namespace, pod)?;
+        self.unlisted.insert((namespace.to_owned(), pod.to_owned()));
+        self.save()
+    }
+
+    /// Local mode: writes an unlisted pod back into the cluster file (as
+    /// the API would learn of a new pod).
+    pub fn list_pod(&mut self, namespace: &str, pod: &str) -> Result<(), TestbedError> {
+        self.pod(namespace, pod)?;
+        self.unlisted
+            .remove(&(namespace.to_owned(), pod.to_owned()));
+        self.save()
+    }
+
     /// Sets the cluster file's `identity` section and saves the file.
     pub fn set_identity(&mut self, identity: IdentityEndpoint) -> Result<(), TestbedError> {
         self.cluster.identity = Some(identity);
-        self.cluster.save(&self.layout.cluster_file())?;
-        Ok(())
+        self.save()
     }
 
     /// Records where a pod's processes run (Kubernetes mode: its container
@@ -287,7 +323,7 @@ impl Testbed {
             .find(|p| p.namespace == namespace && p.name == pod)
             .ok_or(unknown)?;
         entry.cgroup = cgroup;
-        self.cluster.save(&self.layout.cluster_file())?;
+        self.save()?;
         Ok(())
     }
 
@@ -307,7 +343,7 @@ impl Testbed {
             .find(|s| s.namespace == namespace && s.name == service)
             .ok_or(unknown)?;
         entry.vip = vip;
-        self.cluster.save(&self.layout.cluster_file())?;
+        self.save()?;
         Ok(())
     }
 

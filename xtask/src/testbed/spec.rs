@@ -219,6 +219,7 @@ impl TestbedSpec {
     pub fn to_cluster_file(&self, layout: &Layout) -> Result<ClusterFile, SpecError> {
         self.check_topology()?;
         let mut file = ClusterFile::new(layout.id().as_str());
+        file.service_cidr = Some(SERVICE_CIDR);
         file.nodes = (0..self.nodes)
             .map(|k| {
                 let name = layout::node_name(k);
