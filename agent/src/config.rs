@@ -5,7 +5,7 @@
 
 use std::{
     fmt, io,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     str::FromStr,
     time::Duration,
@@ -16,7 +16,8 @@ use ipnet::Ipv4Net;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{
-        AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
+        AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE,
+        DEFAULT_PLAINTEXT_ALLOWED_PORTS, DEFAULT_PLAINTEXT_ALLOWED_SERVICES, DEFAULT_TRUST_DOMAIN,
         IDENTITY_GRPC_PORT,
         kube::{DEFAULT_SERVICE_CIDR, IDENTITY_TOKEN_PATH},
     },
@@ -249,9 +250,23 @@ pub struct Args {
     /// Carry same-node meshed connections over mTLS (HBONE to this node) instead of connecting directly.
     #[arg(long)]
     pub force_mtls_local: bool,
-    /// Refuse connections to non-meshed destinations instead of passing them through in plaintext.
+    /// Refuse connections to non-meshed destinations instead of passing them through in plaintext
+    /// (except the --plaintext-allowed-* destinations).
     #[arg(long)]
     pub deny_plaintext: bool,
+    /// A Service (namespace/name, repeatable) that --deny-plaintext still lets pods reach in
+    /// plaintext by its ClusterIP, because in-cluster clients need it and it cannot be meshed
+    /// [default: default/kubernetes (the API server) and kube-system/kube-dns (cluster DNS)].
+    #[arg(long = "plaintext-allowed-service", value_name = "NAMESPACE/NAME")]
+    pub plaintext_allowed_services: Vec<ServiceName>,
+    /// A network (repeatable) --deny-plaintext still lets pods reach in plaintext, e.g. a
+    /// node-local DNS cache or a database outside the cluster [default: none].
+    #[arg(long = "plaintext-allowed-cidr", value_name = "CIDR")]
+    pub plaintext_allowed_cidrs: Vec<Ipv4Net>,
+    /// A destination port (repeatable) --deny-plaintext still lets through in plaintext
+    /// anywhere [default: 53, DNS over TCP].
+    #[arg(long = "plaintext-allowed-port", value_name = "PORT")]
+    pub plaintext_allowed_ports: Vec<u16>,
     /// Inbound policy of meshed pods whose pod and namespace carry no sealmesh.io/inbound-policy
     /// annotation: `permissive` accepts plaintext from unmeshed pods, other nodes and hosts too;
     /// `strict` lets the kernel drop every connection that does not come through this node's
@@ -316,6 +331,91 @@ const DEFAULT_WORKER_THREADS: u16 = 2;
 pub enum OnOff {
     On,
     Off,
+}
+
+/// A Service by namespace and name, as `--plaintext-allowed-service` takes it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(into = "String")]
+pub struct ServiceName {
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not <namespace>/<name> of a Service")]
+pub struct ServiceNameError(String);
+
+impl FromStr for ServiceName {
+    type Err = ServiceNameError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let valid = |part: &str| sealmesh_common::identity::check_name(part).is_ok();
+        match text.split_once('/') {
+            Some((namespace, name)) if valid(namespace) && valid(name) => Ok(Self {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            }),
+            _ => Err(ServiceNameError(text.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for ServiceName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl From<ServiceName> for String {
+    fn from(service: ServiceName) -> Self {
+        service.to_string()
+    }
+}
+
+/// Destinations `--deny-plaintext` still lets through in plaintext: what
+/// every in-cluster client needs and no mesh can secure (the API server,
+/// cluster DNS). Without them a strict cluster breaks its own controllers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PlaintextExemptions {
+    /// Reached by their ClusterIP.
+    pub services: Vec<ServiceName>,
+    pub cidrs: Vec<Ipv4Net>,
+    pub ports: Vec<u16>,
+}
+
+impl Default for PlaintextExemptions {
+    fn default() -> Self {
+        Self {
+            services: DEFAULT_PLAINTEXT_ALLOWED_SERVICES
+                .iter()
+                .map(|text| text.parse().expect("the default Service names are valid"))
+                .collect(),
+            cidrs: Vec::new(),
+            ports: DEFAULT_PLAINTEXT_ALLOWED_PORTS.to_vec(),
+        }
+    }
+}
+
+impl PlaintextExemptions {
+    /// Why a plaintext connection to `dst` (its ClusterIP belonging to
+    /// `service`, if it is one) is allowed despite `--deny-plaintext`; None:
+    /// it is refused.
+    pub fn exemption(&self, dst: SocketAddrV4, service: Option<&ServiceName>) -> Option<String> {
+        if let Some(service) = service.filter(|s| self.services.contains(s)) {
+            return Some(format!("--plaintext-allowed-service {service}"));
+        }
+        if let Some(cidr) = self.cidrs.iter().find(|cidr| cidr.contains(dst.ip())) {
+            return Some(format!("--plaintext-allowed-cidr {cidr}"));
+        }
+        self.ports
+            .contains(&dst.port())
+            .then(|| format!("--plaintext-allowed-port {}", dst.port()))
+    }
+}
+
+/// A repeatable flag's values, or its defaults when none were given.
+fn or_default<T>(given: Vec<T>, default: Vec<T>) -> Vec<T> {
+    if given.is_empty() { default } else { given }
 }
 
 /// What the proxy and the kernel enforce beyond the defaults; copied into the TLS engine.
@@ -396,6 +496,7 @@ pub struct Config {
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     pub policy: Policy,
+    pub plaintext_exemptions: PlaintextExemptions,
     /// How long connections of (and to) pods the registry does not know yet are held.
     pub pod_resolve_timeout: Duration,
     pub cluster_networks: ClusterNetworks,
@@ -431,6 +532,7 @@ struct ConfigView<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubeView<'a>>,
     policy: Policy,
+    plaintext_exemptions: &'a PlaintextExemptions,
     #[serde(with = "humantime_serde_text")]
     pod_resolve_timeout: Duration,
     cluster_networks: ClusterNetworksView<'a>,
@@ -518,6 +620,7 @@ impl Config {
                 Source::Local(_) => None,
             },
             policy: self.policy,
+            plaintext_exemptions: &self.plaintext_exemptions,
             pod_resolve_timeout: self.pod_resolve_timeout,
             cluster_networks: ClusterNetworksView {
                 configured: &self.cluster_networks,
@@ -782,6 +885,14 @@ impl Config {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
                 default_inbound_policy: args.default_inbound_policy,
+            },
+            plaintext_exemptions: {
+                let defaults = PlaintextExemptions::default();
+                PlaintextExemptions {
+                    services: or_default(args.plaintext_allowed_services, defaults.services),
+                    cidrs: args.plaintext_allowed_cidrs,
+                    ports: or_default(args.plaintext_allowed_ports, defaults.ports),
+                }
             },
             metrics_access: MetricsAccess {
                 restricted: args.default_inbound_policy == InboundPolicy::Strict
@@ -1079,6 +1190,74 @@ nodes:
 
         let err = resolve(&["--log-level", "sealmesh_agent=loud"]).unwrap_err();
         assert!(matches!(err, ConfigError::LogLevel { .. }), "{err}");
+    }
+
+    #[test]
+    fn plaintext_exemptions_default_to_the_api_server_and_dns_and_given_ones_replace_them() {
+        let defaults = resolve(&["--deny-plaintext"]).unwrap();
+        let exemptions = &defaults.plaintext_exemptions;
+        let api: ServiceName = "default/kubernetes".parse().unwrap();
+        let database: ServiceName = "shop/database".parse().unwrap();
+        let vip = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
+        assert_eq!(
+            exemptions.exemption(vip, Some(&api)).as_deref(),
+            Some("--plaintext-allowed-service default/kubernetes")
+        );
+        assert_eq!(exemptions.exemption(vip, Some(&database)), None);
+        assert_eq!(exemptions.exemption(vip, None), None);
+        assert_eq!(
+            exemptions
+                .exemption(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 2), 53), None)
+                .as_deref(),
+            Some("--plaintext-allowed-port 53")
+        );
+        let dumped: serde_yaml_ng::Value =
+            serde_yaml_ng::from_str(&defaults.to_redacted_yaml()).unwrap();
+        assert_eq!(
+            dumped["plaintext_exemptions"]["services"],
+            serde_yaml_ng::to_value(["default/kubernetes", "kube-system/kube-dns"]).unwrap()
+        );
+
+        let given = resolve(&[
+            "--plaintext-allowed-service",
+            "shop/database",
+            "--plaintext-allowed-cidr",
+            "169.254.20.10/32",
+        ])
+        .unwrap();
+        let exemptions = &given.plaintext_exemptions;
+        assert_eq!(exemptions.services, [database.clone()]);
+        assert_eq!(
+            exemptions.exemption(vip, Some(&api)),
+            None,
+            "given ones replace the defaults"
+        );
+        assert_eq!(
+            exemptions.exemption(vip, Some(&database)).as_deref(),
+            Some("--plaintext-allowed-service shop/database")
+        );
+        assert_eq!(
+            exemptions
+                .exemption(
+                    SocketAddrV4::new(Ipv4Addr::new(169, 254, 20, 10), 8053),
+                    None
+                )
+                .as_deref(),
+            Some("--plaintext-allowed-cidr 169.254.20.10/32")
+        );
+        assert_eq!(exemptions.ports, [53], "ports keep their default");
+
+        let bad = Args::try_parse_from([
+            "sealmesh-agent",
+            "--plaintext-allowed-service",
+            "kubernetes",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            bad.contains("\"kubernetes\" is not <namespace>/<name> of a Service"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -179,6 +179,7 @@ async fn run(config: Config) -> Result<()> {
     release_freed_heap();
     let mut proxy_config = ProxyConfig {
         pod_resolve_timeout: config.pod_resolve_timeout,
+        plaintext_exemptions: config.plaintext_exemptions.clone(),
         ..ProxyConfig::for_node(node_ip, config.policy)
     };
     if config.metrics_access.restricted {

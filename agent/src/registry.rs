@@ -19,7 +19,7 @@ use std::{
 use arc_swap::ArcSwap;
 use ipnet::Ipv4Net;
 
-use crate::dir_watch::DirWatcher;
+use crate::{config::ServiceName, dir_watch::DirWatcher};
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     host,
@@ -84,6 +84,11 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     /// pods (the API server behind `kubernetes.default`): traffic to it
     /// leaves the mesh.
     fn served_outside_pods(&self, dst: SocketAddrV4) -> bool;
+    /// The Service whose ClusterIP `ip` is (None: no Service, or not known;
+    /// never grounds for an exemption then).
+    fn service_at(&self, _ip: Ipv4Addr) -> Option<ServiceName> {
+        None
+    }
     /// Ids of the cgroups this node's pods are created in (their direct parents), sorted.
     fn pod_parent_cgroups(&self) -> Vec<u64>;
     /// Bumped on every change (pods/services come and go).
@@ -344,6 +349,10 @@ impl WorkloadRegistry for LocalRegistry {
         self.published.served_outside_pods(dst)
     }
 
+    fn service_at(&self, ip: Ipv4Addr) -> Option<ServiceName> {
+        self.published.service_at(ip)
+    }
+
     fn pod_parent_cgroups(&self) -> Vec<u64> {
         self.published.pod_parent_cgroups()
     }
@@ -362,6 +371,8 @@ pub(crate) struct Snapshot {
     local: Vec<Arc<Workload>>,
     /// Service VIP -> Service port -> the endpoints behind it.
     services: HashMap<Ipv4Addr, HashMap<u16, Backends>>,
+    /// Service VIP -> that Service.
+    pub(crate) service_names: HashMap<Ipv4Addr, ServiceName>,
     /// The cgroups this node's pods are created in, sorted.
     pub(crate) pod_parents: Vec<u64>,
     /// The cluster's pod and Service networks.
@@ -489,6 +500,13 @@ impl Snapshot {
                     .collect();
                 snapshot.set_service_port(svc.vip, port.port, endpoints);
             }
+            snapshot.service_names.insert(
+                svc.vip,
+                ServiceName {
+                    namespace: svc.namespace.clone(),
+                    name: svc.name.clone(),
+                },
+            );
         }
         Ok(snapshot)
     }
@@ -574,6 +592,10 @@ impl Published {
 
     pub(crate) fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
         self.snapshot.load().served_outside_pods.contains(&dst)
+    }
+
+    pub(crate) fn service_at(&self, ip: Ipv4Addr) -> Option<ServiceName> {
+        self.snapshot.load().service_names.get(&ip).cloned()
     }
 
     pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {

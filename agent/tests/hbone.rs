@@ -25,7 +25,7 @@ use rustls::{HandshakeKind, server::ResolvesServerCertUsingSni, sign::CertifiedK
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_agent::{
     certs::NoCertificate,
-    config::Policy,
+    config::{Policy, ServiceName},
     ebpf::{Redirect, RedirectSource, RedirectTable},
     proxy::{
         ConnectionEvent, Direction, NoTlsReason, Phase, Proxy, ProxyConfig, ProxyHandle,
@@ -189,6 +189,8 @@ struct TestRegistry {
     workloads: Mutex<Vec<Arc<Workload>>>,
     /// Service VIP:port -> (endpoint pod, target port).
     services: HashMap<SocketAddrV4, (Arc<Workload>, u16)>,
+    /// Service VIP -> that Service's namespace/name.
+    service_names: Mutex<HashMap<Ipv4Addr, ServiceName>>,
     version: watch::Sender<u64>,
 }
 
@@ -258,6 +260,10 @@ impl WorkloadRegistry for TestRegistry {
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.version.subscribe()
     }
+
+    fn service_at(&self, ip: Ipv4Addr) -> Option<ServiceName> {
+        self.service_names.lock().unwrap().get(&ip).cloned()
+    }
 }
 
 impl TestRegistry {
@@ -265,6 +271,14 @@ impl TestRegistry {
     fn add(&self, workload: Arc<Workload>) {
         self.workloads.lock().unwrap().push(workload);
         self.version.send_modify(|v| *v += 1);
+    }
+
+    /// Makes `vip` the ClusterIP of the Service `namespace/name`.
+    fn name_service(&self, vip: Ipv4Addr, service: &str) {
+        self.service_names
+            .lock()
+            .unwrap()
+            .insert(vip, service.parse().unwrap());
     }
 }
 
@@ -576,6 +590,7 @@ async fn start_node(
         trust_domain: TrustDomain::default(),
         workloads: Mutex::new(pods.all()),
         services,
+        service_names: Mutex::default(),
         version: watch::Sender::new(0),
     });
     let redirects = Arc::new(TestRedirects::default());
@@ -1742,4 +1757,55 @@ async fn a_new_unmeshed_pods_connection_never_reaches_a_local_strict_pod() {
     );
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "the strict pod was never connected to");
+}
+
+/// `--deny-plaintext` must not break what every in-cluster client needs: the
+/// API server (and cluster DNS) by its Service's ClusterIP, DNS over TCP
+/// anywhere. Everything else outside the mesh stays refused.
+#[tokio::test]
+async fn deny_plaintext_lets_the_exempt_services_and_ports_through() {
+    let n = 29;
+    let deny = Policy {
+        deny_plaintext: true,
+        ..Policy::default()
+    };
+    let mut cluster = Cluster::start(n, deny, 9).await;
+    // A ClusterIP with no pod behind it, like the API server's.
+    let api = echo_server(ip(n, OUTSIDE_HOST)).await;
+    cluster
+        .a
+        .registry
+        .name_service(*api.ip(), "default/kubernetes");
+    let payload = random_bytes(1000);
+    let stream = cluster.connect_as(&cluster.pods.client, api).await;
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!(event.no_tls_reason, Some(NoTlsReason::OutsideCluster));
+    assert_eq!(event.error, None, "{event:?}");
+
+    // The same address as another Service's ClusterIP is refused.
+    cluster.a.registry.name_service(*api.ip(), "shop/database");
+    let stream = cluster.connect_as(&cluster.pods.client, api).await;
+    assert_closed_without_data(stream).await;
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert!(
+        event.error.as_deref().unwrap().contains("--deny-plaintext"),
+        "{event:?}"
+    );
+
+    // DNS over TCP (port 53) is exempt wherever it goes.
+    let dns = SocketAddrV4::new(ip(n, OUTSIDE_HOST), 53);
+    let Ok(listener) = TcpListener::bind(dns).await else {
+        panic!("port 53 on {dns} is taken");
+    };
+    tokio::spawn(async move {
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let (mut read, mut write) = socket.split();
+        tokio::io::copy(&mut read, &mut write).await.unwrap();
+    });
+    let mut stream = cluster.connect_as(&cluster.pods.client, dns).await;
+    stream.write_all(b"query").await.unwrap();
+    let mut answer = [0u8; 5];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"query");
 }

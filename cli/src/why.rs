@@ -47,6 +47,9 @@ struct AgentView {
     certificates: GetCertificatesResponse,
     ebpf: EbpfStatus,
     policy: Policy,
+    /// What --deny-plaintext lets through; None from an agent that predates
+    /// the exemptions.
+    plaintext_exemptions: Option<PlaintextExemptions>,
     /// None from an agent that predates strict inbound mode.
     inbound: Option<InboundPolicyStatus>,
     edges: Vec<sealmesh_proto::admin::Edge>,
@@ -67,6 +70,44 @@ struct Policy {
 struct ConfigDumpView {
     #[serde(default)]
     policy: Policy,
+    plaintext_exemptions: Option<PlaintextExemptions>,
+}
+
+/// The destinations an agent's --deny-plaintext still lets through, from its
+/// configuration dump.
+#[derive(Debug, Default, serde::Deserialize)]
+struct PlaintextExemptions {
+    #[serde(default)]
+    services: Vec<String>,
+    #[serde(default)]
+    cidrs: Vec<String>,
+    #[serde(default)]
+    ports: Vec<u16>,
+}
+
+impl PlaintextExemptions {
+    /// E.g. "the Services default/kubernetes, kube-system/kube-dns by ClusterIP, port 53".
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.services.is_empty() {
+            parts.push(format!(
+                "the Services {} by ClusterIP",
+                self.services.join(", ")
+            ));
+        }
+        if !self.cidrs.is_empty() {
+            parts.push(format!("the networks {}", self.cidrs.join(", ")));
+        }
+        if !self.ports.is_empty() {
+            let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
+            parts.push(format!("port {}", ports.join(", ")));
+        }
+        if parts.is_empty() {
+            "nothing".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 /// The verdict on a pod pair.
@@ -163,9 +204,10 @@ fn view_session(node: String) -> crate::agents::Session<AgentView> {
         .await?
         .edges;
         // An unreadable dump means no policy flags are known: assume none.
-        let policy = serde_yaml_ng::from_str::<ConfigDumpView>(&config.yaml)
-            .map(|c| c.policy)
-            .unwrap_or_default();
+        let (policy, plaintext_exemptions) =
+            serde_yaml_ng::from_str::<ConfigDumpView>(&config.yaml)
+                .map(|c| (c.policy, c.plaintext_exemptions))
+                .unwrap_or_default();
         let inbound = match client.get_inbound_policy(GetInboundPolicyRequest {}).await {
             Ok(response) => Some(response.into_inner()),
             Err(status) if status.code() == tonic::Code::Unimplemented => None,
@@ -178,6 +220,7 @@ fn view_session(node: String) -> crate::agents::Session<AgentView> {
             certificates,
             ebpf,
             policy,
+            plaintext_exemptions,
             inbound,
             edges,
         })
@@ -417,9 +460,29 @@ fn explain(
     if let Some((why, fix)) = unmeshed_reason(cluster, dst) {
         let why = format!("destination {} is not meshed ({why})", pod_name(dst));
         return Ok(if src_view.policy.deny_plaintext {
+            let exempt = match &src_view.plaintext_exemptions {
+                Some(exemptions) => {
+                    let mut exempt = format!(" (it lets through only {})", exemptions.describe());
+                    for service in cluster.services.iter().filter(|s| {
+                        exemptions
+                            .services
+                            .contains(&format!("{}/{}", s.namespace, s.name))
+                            && cluster
+                                .endpoints(s)
+                                .any(|p| p.namespace == dst.namespace && p.name == dst.name)
+                    }) {
+                        exempt.push_str(&format!(
+                            "; through its Service {}/{} ({}) it is reached in plaintext",
+                            service.namespace, service.name, service.vip
+                        ));
+                    }
+                    exempt
+                }
+                None => String::new(),
+            };
             Explanation::new(Verdict::Refused).because(
                 format!(
-                    "{why}, and the agent on {} runs with --deny-plaintext: the connection is refused",
+                    "{why}, and the agent on {} runs with --deny-plaintext: the connection is refused{exempt}",
                     src.node
                 ),
                 fix,

@@ -41,6 +41,14 @@ pub const INBOUND_POLICY_STRICT: &str = "strict";
 /// Linkerd and Istio).
 pub const INBOUND_POLICY_PERMISSIVE: &str = "permissive";
 
+/// Services `--deny-plaintext` lets pods reach in plaintext unless told
+/// otherwise: the API server and cluster DNS, which every in-cluster client
+/// needs and no mesh can secure.
+pub const DEFAULT_PLAINTEXT_ALLOWED_SERVICES: &[&str] =
+    &["default/kubernetes", "kube-system/kube-dns"];
+/// Ports `--deny-plaintext` lets through in plaintext anywhere: DNS over TCP.
+pub const DEFAULT_PLAINTEXT_ALLOWED_PORTS: &[u16] = &[53];
+
 /// Agent log vocabulary that tools (testbed, demo, bench) wait for or parse.
 /// Logged once the agent redirects its node's meshed pods and serves both
 /// listeners.

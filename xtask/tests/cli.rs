@@ -595,7 +595,8 @@ fn why_names_the_deny_plaintext_policy_and_tap_streams_json_lines() {
         stdout(&out).starts_with(
             "shop/client -> legacy/plain: NOT mTLS: connections are refused\n\
              \x20 why: destination legacy/plain is not meshed (namespace legacy lacks the label sealmesh.io/mesh=enabled), \
-             and the agent on node-0 runs with --deny-plaintext: the connection is refused\n\
+             and the agent on node-0 runs with --deny-plaintext: the connection is refused \
+             (it lets through only the Services default/kubernetes, kube-system/kube-dns by ClusterIP, port 53)\n\
              \x20 fix: label the namespace: kubectl label namespace legacy sealmesh.io/mesh=enabled\n"
         ),
         "{}",

@@ -49,6 +49,7 @@ use self::{
     snapshot::ClusterObjects,
 };
 use crate::{
+    config::ServiceName,
     dir_watch::DirWatcher,
     registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry},
 };
@@ -588,6 +589,10 @@ impl WorkloadRegistry for KubeRegistry {
 
     fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
         self.shared.published.served_outside_pods(dst)
+    }
+
+    fn service_at(&self, ip: Ipv4Addr) -> Option<ServiceName> {
+        self.shared.published.service_at(ip)
     }
 
     fn pod_parent_cgroups(&self) -> Vec<u64> {

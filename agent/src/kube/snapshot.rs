@@ -15,7 +15,10 @@ use super::objects::{
     namespace_inbound_policy, namespace_is_meshed, node_internal_ip, node_pod_cidrs,
     ready_endpoints, service_cluster_ip, service_tcp_ports, slice_port, slice_service,
 };
-use crate::registry::{Endpoint, NodeInfo, Snapshot, Workload};
+use crate::{
+    config::ServiceName,
+    registry::{Endpoint, NodeInfo, Snapshot, Workload},
+};
 
 /// A local pod the mesh would carry, left out because its ServiceAccount
 /// has no identity (a name no certificate can carry).
@@ -170,6 +173,13 @@ pub(super) fn build(
         ) else {
             continue;
         };
+        snapshot.service_names.insert(
+            vip,
+            ServiceName {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            },
+        );
         let slices = slices_of
             .get(&(namespace, name))
             .map(Vec::as_slice)

@@ -46,7 +46,7 @@ pub use splice::SpliceError;
 
 use crate::{
     certs::{CertStore, NoCertificate},
-    config::Policy,
+    config::{PlaintextExemptions, Policy},
     ebpf::RedirectTable,
     registry::WorkloadRegistry,
     tls::{PeerRole, TlsError},
@@ -165,6 +165,8 @@ pub struct ProxyConfig {
     /// How long a connection from (or, in the cluster's networks, to) a pod
     /// the registry does not know yet is held before it is refused.
     pub pod_resolve_timeout: Duration,
+    /// What `--deny-plaintext` still lets through.
+    pub plaintext_exemptions: PlaintextExemptions,
 }
 
 impl ProxyConfig {
@@ -179,6 +181,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             pod_resolve_timeout: DEFAULT_POD_RESOLVE_TIMEOUT,
+            plaintext_exemptions: PlaintextExemptions::default(),
         }
     }
 }

@@ -293,10 +293,22 @@ async fn proxy(
             tracker.set_dst(target.into(), destination.as_deref());
             tracker.event.no_tls_reason = Some(reason);
             if policy.deny_plaintext {
-                return Err(OutboundError::PlaintextDenied {
-                    target,
-                    reason: reason.as_str(),
-                });
+                let service = engine.registry.service_at(*original_dst.ip());
+                match engine
+                    .cfg
+                    .plaintext_exemptions
+                    .exemption(original_dst, service.as_ref())
+                {
+                    Some(exemption) => {
+                        tracing::debug!(%original_dst, %target, %exemption, "plaintext despite --deny-plaintext: exempt");
+                    }
+                    None => {
+                        return Err(OutboundError::PlaintextDenied {
+                            target,
+                            reason: reason.as_str(),
+                        });
+                    }
+                }
             }
             if engine.cfg.protected_local_ports.contains(&target.port())
                 && crate::metrics::is_local_address((*target.ip()).into())
