@@ -1226,7 +1226,7 @@ nodes:
         ])
         .unwrap();
         let exemptions = &given.plaintext_exemptions;
-        assert_eq!(exemptions.services, [database.clone()]);
+        assert_eq!(exemptions.services, std::slice::from_ref(&database));
         assert_eq!(
             exemptions.exemption(vip, Some(&api)),
             None,
