@@ -255,7 +255,8 @@ pub struct Args {
     #[arg(long)]
     pub deny_plaintext: bool,
     /// A Service (namespace/name, repeatable) that --deny-plaintext still lets pods reach in
-    /// plaintext by its ClusterIP, because in-cluster clients need it and it cannot be meshed
+    /// plaintext by its ClusterIP (or its endpoints outside the cluster's networks), because
+    /// in-cluster clients need it and it cannot be meshed
     /// [default: default/kubernetes (the API server) and kube-system/kube-dns (cluster DNS)].
     #[arg(long = "plaintext-allowed-service", value_name = "NAMESPACE/NAME")]
     pub plaintext_allowed_services: Vec<ServiceName>,
@@ -377,7 +378,8 @@ impl From<ServiceName> for String {
 /// cluster DNS). Without them a strict cluster breaks its own controllers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PlaintextExemptions {
-    /// Reached by their ClusterIP.
+    /// Reached by their ClusterIP, or their endpoints outside the cluster's
+    /// networks (the API server's addresses).
     pub services: Vec<ServiceName>,
     pub cidrs: Vec<Ipv4Net>,
     pub ports: Vec<u16>,

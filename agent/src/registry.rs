@@ -84,8 +84,9 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     /// pods (the API server behind `kubernetes.default`): traffic to it
     /// leaves the mesh.
     fn served_outside_pods(&self, dst: SocketAddrV4) -> bool;
-    /// The Service whose ClusterIP `ip` is (None: no Service, or not known;
-    /// never grounds for an exemption then).
+    /// The Service whose ClusterIP `ip` is, or whose endpoint outside the
+    /// cluster's networks (None: no Service, or not known; never grounds for
+    /// an exemption then).
     fn service_at(&self, _ip: Ipv4Addr) -> Option<ServiceName> {
         None
     }
@@ -371,7 +372,8 @@ pub(crate) struct Snapshot {
     local: Vec<Arc<Workload>>,
     /// Service VIP -> Service port -> the endpoints behind it.
     services: HashMap<Ipv4Addr, HashMap<u16, Backends>>,
-    /// Service VIP -> that Service.
+    /// Service VIP, and endpoint address outside the cluster's networks
+    /// (the API server's), -> that Service.
     pub(crate) service_names: HashMap<Ipv4Addr, ServiceName>,
     /// The cgroups this node's pods are created in, sorted.
     pub(crate) pod_parents: Vec<u64>,

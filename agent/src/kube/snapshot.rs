@@ -208,7 +208,19 @@ pub(super) fn build(
                             let pod = snapshot.workload_by_ip(ip).cloned();
                             // An address outside the cluster's networks is
                             // no pod: the API server, an external database.
-                            outside_pods |= pod.is_none() && !snapshot.in_cluster_network(ip);
+                            let outside = pod.is_none() && !snapshot.in_cluster_network(ip);
+                            outside_pods |= outside;
+                            if outside {
+                                // Such an endpoint is that Service's too, as
+                                // clients that read the endpoints dial it.
+                                snapshot
+                                    .service_names
+                                    .entry(ip)
+                                    .or_insert_with(|| ServiceName {
+                                        namespace: namespace.to_owned(),
+                                        name: name.to_owned(),
+                                    });
+                            }
                             pod
                         }
                     };
@@ -656,6 +668,22 @@ mod tests {
         }
         let api = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 1), 443);
         assert_eq!(snapshot.resolve(api), None);
+        let kubernetes: ServiceName = "default/kubernetes".parse().unwrap();
+        assert_eq!(
+            snapshot.service_names.get(api.ip()),
+            Some(&kubernetes),
+            "by its ClusterIP"
+        );
+        assert_eq!(
+            snapshot.service_names.get(&Ipv4Addr::new(172, 18, 0, 9)),
+            Some(&kubernetes),
+            "and by its endpoint outside the cluster"
+        );
+        assert_eq!(
+            snapshot.service_names.get(&Ipv4Addr::new(10, 244, 1, 77)),
+            None,
+            "a pod address is never a Service's"
+        );
         assert!(snapshot.served_outside_pods.contains(&api));
         assert!(
             !snapshot
