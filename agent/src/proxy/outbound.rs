@@ -310,14 +310,7 @@ async fn proxy(
                     }
                 }
             }
-            if engine.cfg.protected_local_ports.contains(&target.port())
-                && crate::metrics::is_local_address((*target.ip()).into())
-            {
-                return Err(OutboundError::ProtectedLocalPort { target });
-            }
-            let server = connect(engine, target.into()).await?;
-            tracker.open();
-            Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
+            plaintext(engine, client, target, tracker).await
         }
         Route::SecuredLocal { endpoint } => {
             let destination = &endpoint.workload;
@@ -380,6 +373,18 @@ async fn unmeshed_source(
             target,
         });
     }
+    plaintext(engine, client, target, tracker).await
+}
+
+/// Carries a connection in plaintext to `target`, unless that is one of
+/// this node's protected listeners (a pod's plaintext leaves from the node's
+/// address, which they admit).
+async fn plaintext(
+    engine: &Engine,
+    client: TcpStream,
+    target: SocketAddrV4,
+    tracker: &mut ConnectionTracker,
+) -> Result<(), OutboundError> {
     if engine.cfg.protected_local_ports.contains(&target.port())
         && crate::metrics::is_local_address((*target.ip()).into())
     {
