@@ -378,16 +378,19 @@ impl Mesh {
         cmd.args(["--node", node])
             .arg("--bpffs-dir")
             .arg(self.testbed.node_bpffs_dir(node)?)
-            .args([
+            .args(["--log-format", "json"]);
+        // A level the user passes (e.g. `--agent-arg=--log-level=debug`)
+        // replaces the testbed's: clap refuses a flag given twice.
+        if !sets_flag(&self.options.agent_args, "--log-level") {
+            cmd.args([
                 "--log-level",
                 self.options
                     .agent_log_level
                     .as_deref()
                     .unwrap_or(&self.options.log_level),
-                "--log-format",
-                "json",
-            ])
-            .args(&self.options.agent_args);
+            ]);
+        }
+        cmd.args(&self.options.agent_args);
         redirect_output(&mut cmd, &self.agent_log(node))?;
         let agent_pod = self.kube.as_ref().and_then(|kube| kube.agent_pod(node));
         let agent = match agent_pod {
@@ -531,5 +534,32 @@ pub fn locate_binary(binary: &'static str) -> Result<PathBuf, MeshError> {
         Ok(path)
     } else {
         Err(MeshError::MissingBinary { binary, path })
+    }
+}
+
+/// Whether `args` give `flag`, as `--flag value` or `--flag=value`.
+fn sets_flag(args: &[String], flag: &str) -> bool {
+    args.iter().any(|arg| {
+        arg == flag
+            || arg
+                .strip_prefix(flag)
+                .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
+#[cfg(test)]
+mod flag_tests {
+    use super::sets_flag;
+
+    #[test]
+    fn a_flag_counts_in_both_spellings_and_not_as_a_prefix() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(sets_flag(&args(&["--log-level=debug"]), "--log-level"));
+        assert!(sets_flag(
+            &args(&["--deny-plaintext", "--log-level", "debug"]),
+            "--log-level"
+        ));
+        assert!(!sets_flag(&args(&["--log-levels=debug"]), "--log-level"));
+        assert!(!sets_flag(&args(&["--deny-plaintext"]), "--log-level"));
     }
 }

@@ -186,11 +186,14 @@ pub(crate) async fn handle(
         return;
     };
     let Some(redirect) = engine.redirects.take(peer_v4, listener) else {
-        tracing::warn!(
-            client = %peer,
-            %listener,
-            "connection to the outbound port without a redirect record (dialled directly, not redirected by eBPF); refused"
-        );
+        if let Some(suppressed) = engine.refusal_log.admit() {
+            tracing::warn!(
+                client = %peer,
+                %listener,
+                suppressed,
+                "connection to the outbound port without a redirect record (dialled directly, not redirected by eBPF); refused"
+            );
+        }
         return;
     };
     let mut tracker = ConnectionTracker::new(
