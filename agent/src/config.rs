@@ -23,6 +23,7 @@ use sealmesh_common::{
     },
     host,
     identity::{IdentityError, TrustDomain},
+    logging::{LogArgs, LogFormat},
     policy::InboundPolicy,
 };
 use serde::Serialize;
@@ -66,8 +67,6 @@ pub enum ConfigError {
         "cgroup v2 is not mounted; mount it (mount -t cgroup2 none /sys/fs/cgroup) or pass --cgroup-root"
     )]
     NoCgroup2,
-    #[error("invalid --log-level {level:?}: {reason}")]
-    LogLevel { level: String, reason: String },
     #[error(
         "--mode local needs --cluster-file (SEALMESH_CLUSTER_FILE); to read the Kubernetes API instead, pass --mode kubernetes"
     )]
@@ -80,13 +79,6 @@ pub enum ConfigError {
     },
     #[error("invalid --trust-domain or --namespace: {0}")]
     TrustDomain(#[from] IdentityError),
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
 }
 
 /// Where the agent learns about nodes, pods, Services and trust anchors.
@@ -305,12 +297,8 @@ pub struct Args {
     /// Prometheus metrics and /healthz/live, /healthz/ready [default: 0.0.0.0:15020].
     #[arg(long)]
     pub metrics_listen: Option<SocketAddr>,
-    /// Log filter: a level (info, debug, ...) or tracing directives (sealmesh_agent=debug,h2=info).
-    #[arg(long, default_value = "info", env = "SEALMESH_LOG")]
-    pub log_level: String,
-    /// Log output format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    #[command(flatten)]
+    pub log: LogArgs,
     /// Move payload between pods and this agent with sk_msg/sockhash instead of through the
     /// TCP/IP stack (same-host pod <-> agent hop only). Off by default: on Linux 6.18 a pod
     /// socket in a sockhash can fail a blocking read with EAGAIN when it is woken without data
@@ -869,12 +857,6 @@ impl Config {
         identity_addr: IdentityAddr,
         token_file: PathBuf,
     ) -> Result<Self, ConfigError> {
-        tracing_subscriber::EnvFilter::try_new(&args.log_level).map_err(|e| {
-            ConfigError::LogLevel {
-                level: args.log_level.clone(),
-                reason: e.to_string(),
-            }
-        })?;
         Ok(Self {
             source,
             node: args.node,
@@ -914,8 +896,8 @@ impl Config {
                 Ipv4Addr::UNSPECIFIED,
                 AGENT_METRICS_PORT,
             ))),
-            log_level: args.log_level,
-            log_format: args.log_format,
+            log_level: args.log.log_level,
+            log_format: args.log.log_format,
         })
     }
 }
@@ -1190,8 +1172,15 @@ nodes:
         let err = Config::resolve(args(&[]), &cluster, None).unwrap_err();
         assert!(matches!(err, ConfigError::NoBpffs), "{err}");
 
-        let err = resolve(&["--log-level", "sealmesh_agent=loud"]).unwrap_err();
-        assert!(matches!(err, ConfigError::LogLevel { .. }), "{err}");
+        let err = Args::try_parse_from([
+            "sealmesh-agent",
+            "--node",
+            "n1",
+            "--log-level",
+            "sealmesh_agent=loud",
+        ])
+        .unwrap_err();
+        assert!(err.to_string().contains("invalid log level"), "{err}");
     }
 
     #[test]

@@ -17,7 +17,7 @@ use ipnet::Ipv4Net;
 use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
     certs::{CertStore, CertStoreConfig},
-    config::{Config, IdentityAddr, KubeSettings, LocalSettings, LogFormat, Source},
+    config::{Config, IdentityAddr, KubeSettings, LocalSettings, Source},
     ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
     inbound_policy::{self, InboundPolicyState},
     kube::{
@@ -30,13 +30,12 @@ use sealmesh_agent::{
 };
 use sealmesh_common::{
     consts::{AGENT_STARTED_MESSAGE, OUTBOUND_PORT},
-    host,
+    host, logging,
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::watch,
 };
-use tracing_subscriber::EnvFilter;
 
 /// After a failed map update, how soon the cgroup sync tries again even
 /// without a registry change.
@@ -103,12 +102,9 @@ fn release_freed_heap() {
 }
 
 fn init_tracing(config: &Config) {
-    // Validated by Config, so this parse cannot fail.
-    let filter = EnvFilter::try_new(&config.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
-    match config.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    if let Err(error) = logging::init(&config.log_level, config.log_format) {
+        // Validated when the flags were parsed.
+        eprintln!("{error}");
     }
 }
 

@@ -11,7 +11,9 @@
 //! `src_namespace`, `dst_namespace` — never by pod, connection or port, so
 //! their number is bounded by identity pairs — and the series of identities
 //! (or, for plaintext, namespaces) that left the node are dropped
-//! ([`Metrics::forget_departed`]). Bytes are counted when a connection closes.
+//! ([`Metrics::forget_departed`]). Bytes count as they flow: a scrape adds
+//! the live counters of open connections to the totals of closed ones, so a
+//! long-lived stream's traffic shows while it runs, not only at its close.
 //! Certificate series are read from the cert store at each scrape, so only
 //! identities the store maintains appear.
 //!
@@ -26,9 +28,9 @@
 //! `sealmesh_metrics_refused_total` ([`MetricsAccessCheck`]).
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::{Duration, SystemTime},
 };
 
@@ -44,7 +46,10 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use sealmesh_common::probe::{self, Reply};
+use sealmesh_common::{
+    probe::{self, Reply},
+    process_metrics,
+};
 use tokio::net::TcpListener;
 
 use crate::{
@@ -147,8 +152,7 @@ pub struct Metrics {
     closed: ConnectionFamily,
     refused: ConnectionFamily,
     open: Family<ConnectionLabels, Gauge>,
-    read_bytes: ConnectionFamily,
-    write_bytes: ConnectionFamily,
+    bytes: Arc<ByteTotals>,
     handshakes: Family<HandshakeLabels, Histogram>,
     /// Connections the metrics port refused (see [`MetricsAccessCheck`]).
     metrics_refused: Counter,
@@ -164,7 +168,9 @@ impl std::fmt::Debug for Metrics {
 
 impl Metrics {
     pub fn new(certs: Arc<CertStore>, refusals: Arc<dyn InboundRefusalCounts>) -> Self {
-        let mut registry = Registry::with_prefix(PREFIX);
+        let mut root = Registry::default();
+        process_metrics::register(&mut root, "agent", env!("CARGO_PKG_VERSION"));
+        let registry = root.sub_registry_with_prefix(PREFIX);
         let mut family = |name: &str, help: &str| {
             let family = ConnectionFamily::default();
             registry.register(name, help, family.clone());
@@ -179,14 +185,10 @@ impl Metrics {
             "tcp_refused",
             "TCP connections refused before they opened (fail closed, policy, unreachable)",
         );
-        let read_bytes = family(
-            "tcp_read_bytes",
-            "Bytes read from connections' sources (source to destination), counted at close",
-        );
-        let write_bytes = family(
-            "tcp_write_bytes",
-            "Bytes written back to connections' sources (destination to source), counted at close",
-        );
+        let bytes = Arc::new(ByteTotals::default());
+        registry.register_collector(Box::new(ByteCollector {
+            totals: bytes.clone(),
+        }));
         let open = Family::<ConnectionLabels, Gauge>::default();
         registry.register(
             "tcp_open_connections",
@@ -211,13 +213,12 @@ impl Metrics {
             metrics_refused.clone(),
         );
         Self {
-            registry,
+            registry: root,
             opened,
             closed,
             refused,
             open,
-            read_bytes,
-            write_bytes,
+            bytes,
             handshakes,
             metrics_refused,
             label_sets: Mutex::new(HashSet::new()),
@@ -247,16 +248,11 @@ impl Metrics {
                 local_identities.contains(identity)
             };
             if !present {
-                for family in [
-                    &self.opened,
-                    &self.closed,
-                    &self.refused,
-                    &self.read_bytes,
-                    &self.write_bytes,
-                ] {
+                for family in [&self.opened, &self.closed, &self.refused] {
                     family.remove(labels);
                 }
                 self.open.remove(labels);
+                self.bytes.forget(labels);
             }
             present
         });
@@ -273,10 +269,11 @@ impl Metrics {
 }
 
 impl ConnectionObserver for Metrics {
-    fn connection_opened(&self, event: &ConnectionEvent, _: &Arc<ByteCounters>) {
+    fn connection_opened(&self, event: &ConnectionEvent, bytes: &Arc<ByteCounters>) {
         let labels = self.labels(event);
         self.opened.get_or_create(&labels).inc();
         self.open.get_or_create(&labels).inc();
+        self.bytes.opened(event.id, labels, bytes.clone());
     }
 
     fn connection_closed(&self, event: &ConnectionEvent, opened: bool) {
@@ -290,12 +287,7 @@ impl ConnectionObserver for Metrics {
         if let Some(open) = self.open.get(&labels) {
             open.dec();
         }
-        self.read_bytes
-            .get_or_create(&labels)
-            .inc_by(event.bytes_src_to_dst);
-        self.write_bytes
-            .get_or_create(&labels)
-            .inc_by(event.bytes_dst_to_src);
+        self.bytes.closed(event, labels);
     }
 
     fn tls_handshake(&self, direction: Direction, elapsed: Duration) {
@@ -304,6 +296,108 @@ impl ConnectionObserver for Metrics {
                 direction: direction.as_str(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+}
+
+/// Bytes per label set: totals of closed connections, and the live counters
+/// of open ones (updated by the splice loops, read only at scrape).
+#[derive(Debug, Default)]
+struct ByteTotals {
+    inner: Mutex<ByteTotalsInner>,
+}
+
+#[derive(Debug, Default)]
+struct ByteTotalsInner {
+    /// (source to destination, destination to source) of closed connections.
+    closed: HashMap<ConnectionLabels, (u64, u64)>,
+    /// Open connections by event id.
+    open: HashMap<u64, (ConnectionLabels, Arc<ByteCounters>)>,
+}
+
+impl ByteTotals {
+    fn opened(&self, id: u64, labels: ConnectionLabels, bytes: Arc<ByteCounters>) {
+        let mut inner = self.inner.lock().expect("byte totals lock poisoned");
+        inner.open.insert(id, (labels, bytes));
+    }
+
+    /// Moves a connection's final counts into its totals, in one step with
+    /// its removal from the open set, so no scrape sees a total go down.
+    fn closed(&self, event: &ConnectionEvent, labels: ConnectionLabels) {
+        let mut inner = self.inner.lock().expect("byte totals lock poisoned");
+        let counted = match inner.open.remove(&event.id) {
+            Some((_, bytes)) => (
+                bytes.src_to_dst.load(Ordering::Relaxed),
+                bytes.dst_to_src.load(Ordering::Relaxed),
+            ),
+            // Opened before this observer was added.
+            None => (event.bytes_src_to_dst, event.bytes_dst_to_src),
+        };
+        let total = inner.closed.entry(labels).or_default();
+        total.0 += counted.0;
+        total.1 += counted.1;
+    }
+
+    /// Drops the totals of a departed label set (open connections keep
+    /// counting and bring it back when they close).
+    fn forget(&self, labels: &ConnectionLabels) {
+        let mut inner = self.inner.lock().expect("byte totals lock poisoned");
+        if !inner.open.values().any(|(open, _)| open == labels) {
+            inner.closed.remove(labels);
+        }
+    }
+
+    /// (read, written) per label set, open connections included.
+    fn now(&self) -> Vec<(ConnectionLabels, u64, u64)> {
+        let inner = self.inner.lock().expect("byte totals lock poisoned");
+        let mut totals = inner.closed.clone();
+        for (labels, bytes) in inner.open.values() {
+            let total = totals.entry(labels.clone()).or_default();
+            total.0 += bytes.src_to_dst.load(Ordering::Relaxed);
+            total.1 += bytes.dst_to_src.load(Ordering::Relaxed);
+        }
+        totals
+            .into_iter()
+            .map(|(labels, (read, written))| (labels, read, written))
+            .collect()
+    }
+}
+
+/// `tcp_read_bytes` and `tcp_write_bytes`, from [`ByteTotals`] at each scrape.
+#[derive(Debug)]
+struct ByteCollector {
+    totals: Arc<ByteTotals>,
+}
+
+impl Collector for ByteCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let totals = self.totals.now();
+        if totals.is_empty() {
+            return Ok(());
+        }
+        for (name, help, read) in [
+            (
+                "tcp_read_bytes",
+                "Bytes read from connections' sources (source to destination), open connections included",
+                true,
+            ),
+            (
+                "tcp_write_bytes",
+                "Bytes written back to connections' sources (destination to source), open connections included",
+                false,
+            ),
+        ] {
+            let mut metric = encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                ConstCounter::new(0u64).metric_type(),
+            )?;
+            for (labels, read_bytes, written_bytes) in &totals {
+                let value = if read { *read_bytes } else { *written_bytes };
+                ConstCounter::new(value).encode(metric.encode_family(labels)?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -635,9 +729,11 @@ mod tests {
     async fn counts_connections_and_drops_the_series_of_departed_namespaces() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
-        let bytes = Arc::new(ByteCounters::default());
         for (id, namespace) in [(1, "shop"), (2, "gone")] {
+            let bytes = Arc::new(ByteCounters::default());
             metrics.connection_opened(&plaintext(id, namespace), &bytes);
+            bytes.src_to_dst.store(11, Ordering::Relaxed);
+            bytes.dst_to_src.store(22, Ordering::Relaxed);
             metrics.connection_closed(&plaintext(id, namespace), true);
         }
         metrics.connection_closed(&plaintext(3, "shop"), false);
@@ -672,6 +768,38 @@ mod tests {
         let text = metrics.encode();
         assert!(!text.contains("src_namespace=\"gone\""), "{text}");
         assert!(text.contains(&series("tcp_open_total", "shop")), "{text}");
+    }
+
+    #[tokio::test]
+    async fn bytes_of_open_connections_count_as_they_flow_and_never_go_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
+        let read = |text: &str| {
+            let prefix = "sealmesh_tcp_read_bytes_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"not_meshed\",src_namespace=\"shop\",dst_namespace=\"legacy\"} ";
+            text.lines()
+                .find_map(|line| line.strip_prefix(prefix)?.parse::<u64>().ok())
+                .unwrap_or_else(|| panic!("no read bytes in\n{text}"))
+        };
+        let long_lived = Arc::new(ByteCounters::default());
+        metrics.connection_opened(&plaintext(1, "shop"), &long_lived);
+        long_lived.src_to_dst.store(1000, Ordering::Relaxed);
+        assert_eq!(read(&metrics.encode()), 1000, "counted while open");
+
+        let short = Arc::new(ByteCounters::default());
+        metrics.connection_opened(&plaintext(2, "shop"), &short);
+        short.src_to_dst.store(5, Ordering::Relaxed);
+        metrics.connection_closed(&plaintext(2, "shop"), true);
+        long_lived.src_to_dst.store(1500, Ordering::Relaxed);
+        assert_eq!(read(&metrics.encode()), 1505);
+
+        metrics.connection_closed(&plaintext(1, "shop"), true);
+        assert_eq!(read(&metrics.encode()), 1505, "kept at close");
+        // What the splice loops counted, not the close event's own figures.
+        let text = metrics.encode();
+        assert!(
+            text.contains("sealmesh_tcp_write_bytes_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"not_meshed\",src_namespace=\"shop\",dst_namespace=\"legacy\"} 0\n"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -15,12 +15,15 @@ mod why;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use sealmesh_common::logging::{self, LogArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "sealmesh", version, about = "Operate a sealmesh mesh")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,7 +47,12 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Err(error) = logging::init(&cli.log.log_level, cli.log.log_format) {
+        // Validated when the flags were parsed.
+        eprintln!("{error}");
+    }
+    let result = match cli.command {
         Command::Certs(command) => certs::run(command),
         Command::Check(args) => check::run(args),
         Command::Edges(args) => edges::run(args),

@@ -6,6 +6,8 @@ pub mod cluster;
 pub mod consts;
 pub mod host;
 pub mod identity;
+pub mod logging;
 pub mod mesh;
 pub mod policy;
 pub mod probe;
+pub mod process_metrics;

@@ -23,6 +23,7 @@ use sealmesh_common::{
         kube::{AGENT_SERVICE_ACCOUNT, IDENTITY_NAME, IDENTITY_TOKEN_AUDIENCE},
     },
     identity::{IdentityError, TrustDomain},
+    logging::{LogArgs, LogFormat},
 };
 
 /// How long an issued leaf certificate lives unless configured otherwise.
@@ -41,27 +42,6 @@ fn default_metrics_listen() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::UNSPECIFIED, IDENTITY_METRICS_PORT))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum LogLevel {
-    Error,
-    Warn,
-    Info,
-    Debug,
-    Trace,
-}
-
-impl LogLevel {
-    pub fn as_filter(self) -> &'static str {
-        match self {
-            Self::Error => "error",
-            Self::Warn => "warn",
-            Self::Info => "info",
-            Self::Debug => "debug",
-            Self::Trace => "trace",
-        }
-    }
-}
-
 /// The service's settings. Every field is public so tests, the bench and the
 /// testbed can build a `Config` in code (see [`Config::new`] and
 /// [`Config::kubernetes`]).
@@ -77,7 +57,8 @@ pub struct Config {
     pub cert_lifetime: Duration,
     /// Clock-skew allowance added before NotBefore and after NotAfter of leaves.
     pub clock_skew: Duration,
-    pub log_level: LogLevel,
+    /// `--log-level` and `--log-format`.
+    pub log: LogArgs,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -187,7 +168,10 @@ impl Config {
             metrics_listen: default_metrics_listen(),
             cert_lifetime: DEFAULT_CERT_LIFETIME,
             clock_skew: DEFAULT_CLOCK_SKEW,
-            log_level: LogLevel::Info,
+            log: LogArgs {
+                log_level: "info".to_owned(),
+                log_format: LogFormat::Text,
+            },
         }
     }
 
@@ -275,7 +259,7 @@ impl Config {
             metrics_listen: flags.metrics_listen,
             cert_lifetime: flags.cert_lifetime,
             clock_skew: flags.clock_skew,
-            log_level: flags.log_level,
+            log: flags.log,
         })
     }
 }
@@ -382,8 +366,8 @@ struct Flags {
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     clock_skew: Duration,
 
-    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
-    log_level: LogLevel,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[cfg(test)]
@@ -428,7 +412,7 @@ mod tests {
         assert_eq!(config.listen, "127.0.0.1:1234".parse().unwrap());
         assert_eq!(config.cert_lifetime, Duration::from_secs(5400));
         assert_eq!(config.clock_skew, Duration::from_secs(5));
-        assert_eq!(config.log_level, LogLevel::Debug);
+        assert_eq!(config.log.log_level, "debug");
         let Mode::Local(local) = config.mode else {
             panic!("local mode is the default")
         };

@@ -3,16 +3,15 @@
 
 use std::process::ExitCode;
 
-use sealmesh_common::host;
-use sealmesh_identity::{Config, config::LogLevel};
-use tracing_subscriber::EnvFilter;
+use sealmesh_common::{host, logging};
+use sealmesh_identity::Config;
 
 fn main() -> ExitCode {
     let config = Config::from_args();
-    tracing_subscriber::fmt()
-        .with_env_filter(log_filter(config.log_level))
-        .with_writer(std::io::stderr)
-        .init();
+    if let Err(error) = logging::init(&config.log.log_level, config.log.log_format) {
+        // Validated when the flags were parsed.
+        eprintln!("{error}");
+    }
     // Before the runtime's threads start: they inherit the signal mask.
     if let Err(error) = host::unblock_termination_signals() {
         tracing::warn!(%error, "cannot unblock SIGTERM and SIGINT; a graceful stop may not be possible");
@@ -32,19 +31,6 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// RUST_LOG, when set, wins. Otherwise `--log-level debug|trace` applies to
-/// sealmesh's own modules only (the gRPC stack stays at info), as the seed's
-/// `-log-level=debug` shows the controller's decisions, not HTTP/2 frames.
-fn log_filter(level: LogLevel) -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| match level {
-        LogLevel::Debug | LogLevel::Trace => EnvFilter::new(format!(
-            "info,sealmesh_identity={0},sealmesh_common={0}",
-            level.as_filter()
-        )),
-        _ => EnvFilter::new(level.as_filter()),
-    })
 }
 
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.

@@ -14,7 +14,10 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use sealmesh_common::probe::{self, Reply};
+use sealmesh_common::{
+    probe::{self, Reply},
+    process_metrics,
+};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
@@ -55,7 +58,9 @@ impl Default for Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let mut registry = Registry::with_prefix("sealmesh_identity");
+        let mut root = Registry::default();
+        process_metrics::register(&mut root, "identity", env!("CARGO_PKG_VERSION"));
+        let registry = root.sub_registry_with_prefix("sealmesh_identity");
         let certificates_issued = Family::<ResultLabels, Counter>::default();
         registry.register(
             "certificates_issued",
@@ -88,7 +93,7 @@ impl Metrics {
             serving_certificate_expiry.clone(),
         );
         Self {
-            registry,
+            registry: root,
             certificates_issued,
             issuance_duration,
             issuer_expiry,

@@ -30,7 +30,7 @@ fn identity_command(cluster: &TestCluster) -> Command {
         .arg(&cluster.anchors_file)
         .arg("--issuer-dir")
         .arg(&cluster.issuer_dir)
-        .env_remove("RUST_LOG");
+        .env_remove(sealmesh_common::logging::LOG_LEVEL_ENV);
     command
 }
 
@@ -71,6 +71,17 @@ async fn serves_with_the_documented_flags_and_stops_on_sigterm() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(http_get(metrics_addr, "/ready").await, (200, "ok\n".into()));
+    let (status, metrics_text) = http_get(metrics_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    let build_info = format!(
+        "sealmesh_build_info{{component=\"identity\",version=\"{}\"}} 1\n",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(metrics_text.contains(&build_info), "{metrics_text}");
+    assert!(
+        metrics_text.contains("\nprocess_resident_memory_bytes "),
+        "{metrics_text}"
+    );
 
     let web = identity("web");
     let mut client = sealmesh_proto::identity::identity_client::IdentityClient::new(tls_channel(
@@ -115,6 +126,8 @@ async fn serves_with_the_documented_flags_and_stops_on_sigterm() {
     );
     assert!(output.0.success(), "exit status {:?}", output.0);
     let log = output.1;
+    // stderr is a pipe, as under a kubelet: plain text, no colour escapes.
+    assert!(!log.contains('\x1b'), "{log}");
     assert!(log.contains("starting identity service"), "{log}");
     assert!(log.contains("serving over TLS"), "{log}");
     assert!(

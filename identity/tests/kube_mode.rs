@@ -1178,7 +1178,7 @@ impl Drop for ChildGuard {
 fn identity_binary() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_sealmesh-identity"));
     for env in [
-        "RUST_LOG",
+        sealmesh_common::logging::LOG_LEVEL_ENV,
         "SEALMESH_MODE",
         "SEALMESH_CLUSTER_FILE",
         "SEALMESH_TRUST_ANCHORS",

@@ -7,6 +7,7 @@ use std::process::{Command, ExitCode};
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
+use sealmesh_common::logging;
 use xtask::{
     bench, demo, gates, kind, loadtest, setup,
     testbed::{self, Testbed, TestbedId, TestbedSpec},
@@ -173,17 +174,15 @@ struct DownArgs {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // netlink-packet-route warns about every interface attribute a
-                // newer kernel adds; noise to whoever reads the testbed's output.
-                .unwrap_or_else(|_| {
-                    tracing_subscriber::EnvFilter::new("info,netlink_packet_route=error")
-                }),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // SEALMESH_LOG, as for every sealmesh binary; netlink-packet-route warns
+    // about every interface attribute a newer kernel adds, noise to whoever
+    // reads the testbed's output.
+    let level = std::env::var(logging::LOG_LEVEL_ENV)
+        .unwrap_or_else(|_| "info,netlink_packet_route=error".to_owned());
+    if let Err(error) = logging::init(&level, logging::LogFormat::Text) {
+        eprintln!("{error}");
+        return ExitCode::from(2);
+    }
     match run(Cli::parse().command) {
         Ok(code) => code,
         Err(e) => {

@@ -19,7 +19,7 @@ use tracing::level_filters::LevelFilter;
 
 use super::EbpfError;
 
-/// tracing target of records written by the eBPF programs (e.g. `RUST_LOG=sealmesh_agent::ebpf::kernel=debug`
+/// tracing target of records written by the eBPF programs (e.g. `--log-level sealmesh_agent::ebpf::kernel=debug`
 /// shows every redirect).
 pub const KERNEL_LOG_TARGET: &str = "sealmesh_agent::ebpf::kernel";
 

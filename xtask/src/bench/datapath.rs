@@ -83,7 +83,7 @@ pub enum BenchError {
         report: Box<Report>,
     },
     #[error(
-        "measurements failed (their figures are missing above; rerun with RUST_LOG=debug for more): {0}"
+        "measurements failed (their figures are missing above; rerun with SEALMESH_LOG=debug for more): {0}"
     )]
     MeasurementsFailed(String),
     #[error("process {pid} of the {column} column is gone: it crashed? see its log")]
