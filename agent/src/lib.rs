@@ -2,6 +2,7 @@
 //! and carries them over mTLS (HBONE) with per-ServiceAccount certificates.
 
 pub mod admin;
+pub mod backoff;
 pub mod certs;
 pub mod config;
 pub mod dir_watch;

@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 use ipnet::Ipv4Net;
 use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
+    backoff,
     certs::{CertStore, CertStoreConfig},
     config::{Config, IdentityAddr, KubeSettings, LocalSettings, Source},
     ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
@@ -367,25 +368,21 @@ async fn start_kubernetes(
 /// kubernetes mode; cluster DNS may answer only after a while at boot).
 async fn resolve_identity_addr(addr: &IdentityAddr) -> Result<SocketAddr> {
     let deadline = tokio::time::Instant::now() + DEFAULT_STARTUP_TIMEOUT;
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match addr.resolve().await {
-            Ok(resolved) => {
-                tracing::debug!(%addr, %resolved, "identity service address resolved");
-                return Ok(resolved);
-            }
-            Err(error) if tokio::time::Instant::now() + delay < deadline => {
+    let resolved = backoff::STARTUP
+        .retry_until(
+            deadline,
+            || addr.resolve(),
+            |_| true,
+            |error, delay| {
                 tracing::warn!(%addr, %error, retry_in = ?delay, "cannot resolve the identity service address; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-            Err(error) => {
-                return Err(error).with_context(|| {
-                    format!("cannot resolve the identity service address {addr}; check --identity-addr and the node's DNS")
-                });
-            }
-        }
-    }
+            },
+        )
+        .await
+        .with_context(|| {
+            format!("cannot resolve the identity service address {addr}; check --identity-addr and the node's DNS")
+        })?;
+    tracing::debug!(%addr, %resolved, "identity service address resolved");
+    Ok(resolved)
 }
 
 /// The identity service's address as a /32, when it is IPv4 (the only

@@ -255,6 +255,8 @@ impl Agent {
             trust_anchors_file: cluster.anchors_file.clone(),
             trust_domain: TrustDomain::default(),
             renewal: RenewalPolicy {
+                // The identity service here issues leaves of a few seconds.
+                min_renew_delay: Duration::from_millis(500),
                 initial_backoff: Duration::from_millis(100),
                 max_backoff: Duration::from_millis(400),
                 request_timeout: Duration::from_secs(2),

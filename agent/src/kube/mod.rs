@@ -49,6 +49,7 @@ use self::{
     snapshot::ClusterObjects,
 };
 use crate::{
+    backoff,
     config::ServiceName,
     dir_watch::DirWatcher,
     registry::{Endpoint, NodeInfo, Published, Workload, WorkloadRegistry},
@@ -62,8 +63,6 @@ pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_secs(10);
 /// A burst of watch events (a re-list, a rollout) becomes one rebuild.
 const REBUILD_COALESCE: Duration = Duration::from_millis(20);
-const STARTUP_RETRY_FIRST: Duration = Duration::from_millis(200);
-const STARTUP_RETRY_MAX: Duration = Duration::from_secs(5);
 /// What the error messages point operators at for permissions.
 const AGENT_RBAC_FILE: &str = "deploy/base/agent-rbac.yaml";
 
@@ -162,23 +161,16 @@ pub async fn connect() -> Result<Client, KubeError> {
 
 /// Calls `call` until it succeeds, fails for good, or `deadline` passes,
 /// backing off between transient failures.
-async fn retry_until<T, F, Fut>(deadline: Instant, doing: &str, mut call: F) -> Result<T, KubeError>
+async fn retry_until<T, F, Fut>(deadline: Instant, doing: &str, call: F) -> Result<T, KubeError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, KubeError>>,
 {
-    let mut delay = STARTUP_RETRY_FIRST;
-    loop {
-        match call().await {
-            Ok(value) => return Ok(value),
-            Err(error) if error.is_transient() && Instant::now() + delay < deadline => {
-                tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(STARTUP_RETRY_MAX);
-            }
-            Err(error) => return Err(error),
-        }
-    }
+    backoff::STARTUP
+        .retry_until(deadline, call, KubeError::is_transient, |error, delay| {
+            tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
+        })
+        .await
 }
 
 #[derive(Clone, Debug)]

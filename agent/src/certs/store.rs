@@ -1,17 +1,10 @@
-//! The cert store: one certificate per ServiceAccount of the node's meshed
-//! pods, obtained from the identity service with the node token, renewed
-//! before expiry, kept through identity outages, dropped when the
-//! ServiceAccount leaves the node. It hands out the rustls configs HBONE uses;
-//! without a valid certificate there is no client config (fail closed).
-//!
-//! The identity service is reached over TLS 1.3 only, verified against the
-//! current trust anchors and the identity service's own identity
-//! (`sealmesh_identity::client`): the node token never leaves the agent
-//! unencrypted, nor goes to any other server.
+//! The certificates held: per identity the key, chain and client config,
+//! the trust anchors with the server config (certificate chosen by SNI) and
+//! the TLS config of the identity service channel, and what is known of
+//! each identity's progress (for admin and the CLI).
 
 use std::{
     collections::HashMap,
-    future::Future,
     net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -19,8 +12,7 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use rand::Rng;
-use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
+use rcgen::KeyPair;
 use rustls::{
     ClientConfig, ServerConfig,
     server::{ClientHello, ResolvesServerCert},
@@ -28,60 +20,15 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use sealmesh_common::identity::{Identity, TrustDomain};
-use sealmesh_identity::client::{self as identity_tls, ConnectError};
-use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
-use tokio::{sync::watch, task::JoinHandle};
-use tonic::transport::Channel;
+use sealmesh_identity::client as identity_tls;
+use tokio::sync::watch;
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use crate::{
-    registry::WorkloadRegistry,
-    tls::{PeerRole, SanNames, TlsError, TrustAnchors, crypto_provider},
+use super::{
+    RenewalPolicy,
+    ca_client::{CaError, CertificateAuthority, IdentityService},
 };
-
-/// When to renew and how to retry.
-#[derive(Clone, Debug, PartialEq)]
-pub struct RenewalPolicy {
-    /// A certificate is renewed after a random fraction, between these two,
-    /// of the validity it had left when it was received (spreads renewals of
-    /// many agents over time).
-    pub renew_fraction_min: f64,
-    pub renew_fraction_max: f64,
-    /// Retry delay after the first failure; doubles per failure up to `max_backoff`.
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    /// Deadline of one Certify call, including connecting.
-    pub request_timeout: Duration,
-}
-
-impl Default for RenewalPolicy {
-    fn default() -> Self {
-        Self {
-            renew_fraction_min: 0.5,
-            renew_fraction_max: 0.7,
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(60),
-            request_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-impl RenewalPolicy {
-    fn renew_delay(&self, remaining: Duration) -> Duration {
-        remaining
-            .mul_f64(rand::rng().random_range(self.renew_fraction_min..=self.renew_fraction_max))
-    }
-
-    /// Exponential backoff with jitter (50–100% of the step) so agents that
-    /// lost the identity service together do not retry in lockstep.
-    fn backoff(&self, failures: u32) -> Duration {
-        let step = self
-            .initial_backoff
-            .saturating_mul(1u32.checked_shl(failures.min(31)).unwrap_or(u32::MAX))
-            .min(self.max_backoff);
-        step.mul_f64(rand::rng().random_range(0.5..=1.0))
-    }
-}
+use crate::tls::{PeerRole, SanNames, TlsError, TrustAnchors, crypto_provider};
 
 #[derive(Clone, Debug)]
 pub struct CertStoreConfig {
@@ -122,27 +69,10 @@ pub enum CertStoreError {
 /// Why a certificate could not be obtained (kept as the status's last error).
 #[derive(Debug, thiserror::Error)]
 pub enum ObtainError {
-    #[error(
-        "cannot read the node token file {path}: {source}; it must hold this node's credential for the identity service (local mode: the cluster file's nodes[].tokenFile; kubernetes mode: the agent pod's projected ServiceAccount token)"
-    )]
-    Token {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("cannot generate a key and CSR: {0}")]
     Csr(#[from] rcgen::Error),
-    /// No TLS connection to the identity service (unreachable, or it failed
-    /// verification); the token was not sent.
-    #[error("{0}")]
-    Unreachable(String),
-    #[error("identity service at {addr} failed the request ({code:?}): {message}")]
-    Refused {
-        addr: SocketAddr,
-        code: tonic::Code,
-        message: String,
-    },
-    #[error("identity service returned an empty leaf certificate")]
-    EmptyLeaf,
+    #[error(transparent)]
+    Authority(#[from] CaError),
     #[error(
         "issued certificate names URIs {uris:?} and DNS names {dns_names:?}, not exactly the requested identity {requested}"
     )]
@@ -178,6 +108,8 @@ pub struct CertStatus {
     /// Hex serial of the certificate held, if any.
     pub serial: Option<String>,
     pub not_before: Option<SystemTime>,
+    /// NotAfter of the certificate held, or of the last one, dropped when it
+    /// expired without a successor.
     pub not_after: Option<SystemTime>,
     /// When the certificate held was received.
     pub last_refresh: Option<SystemTime>,
@@ -195,11 +127,11 @@ pub struct CertStatus {
 }
 
 /// One issued certificate with its key and the client config presenting it.
-struct IssuedCert {
-    serial: String,
+pub(super) struct IssuedCert {
+    pub(super) serial: String,
     not_before: SystemTime,
-    not_after: SystemTime,
-    received: SystemTime,
+    pub(super) not_after: SystemTime,
+    pub(super) received: SystemTime,
     key: Arc<CertifiedKey>,
     client_config: Arc<ClientConfig>,
     /// [`Anchored::epoch`] of the anchors `client_config` verifies servers with.
@@ -256,6 +188,9 @@ struct Progress {
     last_error: Option<String>,
     refreshes_succeeded: u64,
     refreshes_failed: u64,
+    /// NotAfter of the certificate dropped when it expired without a
+    /// successor; cleared by the next one.
+    expired_at: Option<SystemTime>,
 }
 
 /// Where a store's trust anchors come from.
@@ -267,15 +202,22 @@ enum AnchorsOrigin {
     Supplied(String),
 }
 
+/// The cert store: one certificate per ServiceAccount of the node's meshed
+/// pods, obtained from a [`CertificateAuthority`] (the identity service,
+/// with the node token), renewed before expiry (`renewal`), kept through
+/// outages while valid, dropped when it expires or the ServiceAccount leaves
+/// the node. It hands out the rustls configs HBONE uses; without a valid
+/// certificate there is no client config, and the SNI lookup finds none
+/// (fail closed).
 pub struct CertStore {
-    cfg: CertStoreConfig,
+    pub(super) cfg: CertStoreConfig,
     anchors_origin: AnchorsOrigin,
-    identity: IdentityClient<Channel>,
+    pub(super) authority: Arc<dyn CertificateAuthority>,
     /// What new connections to the identity service verify it with: follows
     /// `anchored`.
     identity_tls: Arc<ArcSwap<ClientConfig>>,
     anchored: ArcSwap<Anchored>,
-    certs: Arc<ArcSwap<CertMap>>,
+    pub(super) certs: Arc<ArcSwap<CertMap>>,
     /// Serialises changes of `certs` and `anchored`, so no certificate is
     /// installed with a client config built from replaced anchors.
     writer: Mutex<()>,
@@ -301,7 +243,7 @@ impl CertStore {
     /// the identity service channel lives on it.
     pub fn new(cfg: CertStoreConfig) -> Result<Arc<Self>, CertStoreError> {
         let pem = read_anchors_file(&cfg.trust_anchors_file)?;
-        Self::build(cfg, AnchorsOrigin::File, &pem)
+        Self::build(cfg, AnchorsOrigin::File, &pem, None)
     }
 
     /// Like [`CertStore::new`], with the trust anchors given as a PEM bundle
@@ -313,13 +255,32 @@ impl CertStore {
         origin: &str,
         pem: &[u8],
     ) -> Result<Arc<Self>, CertStoreError> {
-        Self::build(cfg, AnchorsOrigin::Supplied(origin.to_owned()), pem)
+        Self::build(cfg, AnchorsOrigin::Supplied(origin.to_owned()), pem, None)
     }
 
+    /// Like [`CertStore::with_trust_anchors_pem`], obtaining certificates
+    /// from `authority` instead of the identity service at
+    /// `cfg.identity_addr` (`cfg.token_file` is not used either).
+    pub fn with_authority(
+        cfg: CertStoreConfig,
+        origin: &str,
+        pem: &[u8],
+        authority: Arc<dyn CertificateAuthority>,
+    ) -> Result<Arc<Self>, CertStoreError> {
+        Self::build(
+            cfg,
+            AnchorsOrigin::Supplied(origin.to_owned()),
+            pem,
+            Some(authority),
+        )
+    }
+
+    /// Without `authority`, certificates come from the identity service.
     fn build(
         cfg: CertStoreConfig,
         anchors_origin: AnchorsOrigin,
         pem: &[u8],
+        authority: Option<Arc<dyn CertificateAuthority>>,
     ) -> Result<Arc<Self>, CertStoreError> {
         let certs = Arc::new(ArcSwap::from_pointee(CertMap::new()));
         let resolver = Arc::new(SniResolver {
@@ -328,15 +289,18 @@ impl CertStore {
         });
         let anchored = anchored_from_pem(&cfg, &anchors_origin, pem, resolver.clone(), 0)?;
         let identity_tls = Arc::new(ArcSwap::new(anchored.identity_tls.clone()));
-        let channel = identity_tls::lazy_channel(
-            cfg.identity_addr,
-            &cfg.trust_domain.identity_service(),
-            identity_tls.clone(),
-            cfg.renewal.request_timeout,
-        );
+        let authority = authority.unwrap_or_else(|| {
+            Arc::new(IdentityService::new(
+                cfg.identity_addr,
+                cfg.token_file.clone(),
+                &cfg.trust_domain,
+                identity_tls.clone(),
+                cfg.renewal.request_timeout,
+            ))
+        });
         Ok(Arc::new(Self {
             anchors_origin,
-            identity: IdentityClient::new(channel),
+            authority,
             identity_tls,
             anchored: ArcSwap::from_pointee(anchored),
             certs,
@@ -432,53 +396,6 @@ impl CertStore {
         }
     }
 
-    /// Keeps a cert for every ServiceAccount of local meshed workloads until
-    /// shutdown resolves.
-    pub async fn run(
-        self: Arc<Self>,
-        registry: Arc<dyn WorkloadRegistry>,
-        shutdown: impl Future<Output = ()> + Send,
-    ) {
-        let mut shutdown = std::pin::pin!(shutdown);
-        let mut changes = registry.subscribe();
-        let mut maintainers: HashMap<Identity, JoinHandle<()>> = HashMap::new();
-        loop {
-            changes.mark_unchanged();
-            let wanted = self.wanted_identities(registry.as_ref());
-            let gone: Vec<Identity> = maintainers
-                .keys()
-                .filter(|id| !wanted.contains(id))
-                .cloned()
-                .collect();
-            for id in gone {
-                if let Some(task) = maintainers.remove(&id) {
-                    self.stop(&id, task).await;
-                }
-            }
-            for id in wanted {
-                maintainers.entry(id.clone()).or_insert_with(|| {
-                    self.progress
-                        .lock()
-                        .expect("cert progress lock poisoned")
-                        .insert(id.clone(), Progress::default());
-                    tokio::spawn(self.clone().maintain(id))
-                });
-            }
-            tokio::select! {
-                () = &mut shutdown => break,
-                changed = changes.changed() => if changed.is_err() {
-                    // The registry is gone; keep what we have until shutdown.
-                    shutdown.as_mut().await;
-                    break;
-                },
-            }
-        }
-        for (_, task) in maintainers {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
     /// rustls client config presenting `source`'s cert, verifying the server
     /// chain against the anchors (server name = the destination identity's
     /// DNS name, sent as SNI), ALPN "h2", TLS 1.3 only. Err when `source` has
@@ -520,7 +437,7 @@ impl CertStore {
                     identity: id.clone(),
                     serial: held.map(|c| c.serial.clone()),
                     not_before: held.map(|c| c.not_before),
-                    not_after: held.map(|c| c.not_after),
+                    not_after: held.map(|c| c.not_after).or(p.expired_at),
                     last_refresh: held.map(|c| c.received),
                     last_error: p.last_error.clone(),
                     valid: held.is_some_and(|c| c.is_valid_at(now)),
@@ -539,29 +456,17 @@ impl CertStore {
         self.anchored.load().pem.clone()
     }
 
-    fn wanted_identities(&self, registry: &dyn WorkloadRegistry) -> Vec<Identity> {
-        let mut wanted: Vec<Identity> = Vec::new();
-        for workload in registry.local_workloads() {
-            if !workload.meshed || wanted.contains(&workload.identity) {
-                continue;
-            }
-            if workload.identity.trust_domain() != &self.cfg.trust_domain {
-                tracing::error!(
-                    identity = %workload.identity,
-                    pod = %workload.name,
-                    "pod's trust domain differs from the agent's; no certificate is requested for it"
-                );
-                continue;
-            }
-            wanted.push(workload.identity.clone());
-        }
-        wanted
+    /// Starts reporting on `id` (its certificate is wanted).
+    pub(super) fn want(&self, id: &Identity) {
+        self.progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .insert(id.clone(), Progress::default());
     }
 
-    async fn stop(&self, id: &Identity, task: JoinHandle<()>) {
-        task.abort();
-        // Wait until it has stopped so it cannot store a certificate after removal.
-        let _ = task.await;
+    /// Drops `id`'s certificate and report (its certificate is no longer
+    /// wanted).
+    pub(super) fn forget(&self, id: &Identity) {
         {
             let _writer = self.writer.lock().expect("cert writer lock poisoned");
             let mut certs = CertMap::clone(&self.certs.load());
@@ -572,61 +477,43 @@ impl CertStore {
             .lock()
             .expect("cert progress lock poisoned")
             .remove(id);
-        tracing::info!(identity = %id, "ServiceAccount left the node; certificate dropped");
     }
 
-    /// Obtains, then renews, `id`'s certificate forever (until aborted).
-    async fn maintain(self: Arc<Self>, id: Identity) {
-        let mut failures = 0u32;
-        loop {
-            let refreshed = self.refresh(&id).await;
-            self.count_refresh(&id, refreshed.is_ok());
-            let delay = match refreshed {
-                Ok(renew_in) => {
-                    failures = 0;
-                    renew_in
-                }
-                Err(error) => {
-                    let delay = self.cfg.renewal.backoff(failures);
-                    failures = failures.saturating_add(1);
-                    tracing::warn!(
-                        identity = %id,
-                        %error,
-                        still_valid = self.has_valid_cert(&id),
-                        retry_in = ?delay,
-                        "cannot obtain certificate"
-                    );
-                    self.set_error(&id, Some(error.to_string()));
-                    delay
-                }
+    /// Drops `id`'s certificate `serial`, which has expired: nothing presents
+    /// it any more, and the SNI lookup for `id` finds nothing.
+    pub(super) fn drop_expired(&self, id: &Identity, serial: &str) {
+        let not_after = {
+            let _writer = self.writer.lock().expect("cert writer lock poisoned");
+            let current = self.certs.load();
+            let Some(not_after) = current
+                .get(id)
+                .filter(|c| c.serial == serial)
+                .map(|c| c.not_after)
+            else {
+                return;
             };
-            tokio::time::sleep(delay).await;
+            let mut certs = CertMap::clone(&current);
+            certs.remove(id);
+            self.certs.store(Arc::new(certs));
+            not_after
+        };
+        if let Some(p) = self
+            .progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .get_mut(id)
+        {
+            p.expired_at = Some(not_after);
         }
-    }
-
-    /// Obtains and installs a certificate; returns when to renew it.
-    async fn refresh(&self, id: &Identity) -> Result<Duration, ObtainError> {
-        let issued = self.obtain(id).await?;
-        let remaining = issued
-            .not_after
-            .duration_since(issued.received)
-            .unwrap_or_default();
-        let renew_in = self.cfg.renewal.renew_delay(remaining);
-        let (serial, not_after) = (issued.serial.clone(), issued.not_after);
-        let renewed = self.certs.load().contains_key(id);
-        self.install(id, issued).map_err(ObtainError::Untrusted)?;
-        tracing::info!(
+        tracing::error!(
             identity = %id,
             %serial,
             not_after = %humanize(not_after),
-            renew_in = ?renew_in,
-            "{}",
-            if renewed { "certificate renewed" } else { "certificate obtained" }
+            "certificate expired before it could be renewed; meshed connections from and to this identity are refused until the identity service issues one"
         );
-        Ok(renew_in)
     }
 
-    fn install(&self, id: &Identity, issued: IssuedCert) -> Result<(), TlsError> {
+    pub(super) fn install(&self, id: &Identity, issued: IssuedCert) -> Result<(), TlsError> {
         {
             let _writer = self.writer.lock().expect("cert writer lock poisoned");
             let anchored = self.anchored.load();
@@ -640,11 +527,19 @@ impl CertStore {
             certs.insert(id.clone(), Arc::new(issued));
             self.certs.store(Arc::new(certs));
         }
-        self.set_error(id, None);
+        if let Some(p) = self
+            .progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .get_mut(id)
+        {
+            p.last_error = None;
+            p.expired_at = None;
+        }
         Ok(())
     }
 
-    fn count_refresh(&self, id: &Identity, succeeded: bool) {
+    pub(super) fn count_refresh(&self, id: &Identity, succeeded: bool) {
         if let Some(p) = self
             .progress
             .lock()
@@ -659,7 +554,7 @@ impl CertStore {
         }
     }
 
-    fn set_error(&self, id: &Identity, error: Option<String>) {
+    pub(super) fn set_error(&self, id: &Identity, error: Option<String>) {
         if let Some(p) = self
             .progress
             .lock()
@@ -675,7 +570,7 @@ impl CertStore {
         let Some(p) = progress.get(id) else {
             return "no meshed pod of this ServiceAccount runs on this node".to_owned();
         };
-        let state = match expired_at {
+        let state = match expired_at.or(p.expired_at) {
             Some(t) => format!("the certificate expired at {}", humanize(t)),
             None => "not issued yet".to_owned(),
         };
@@ -685,47 +580,9 @@ impl CertStore {
         }
     }
 
-    /// One Certify round trip with a fresh key, checked before use.
-    async fn obtain(&self, id: &Identity) -> Result<IssuedCert, ObtainError> {
-        let token = tokio::fs::read(&self.cfg.token_file)
-            .await
-            .map_err(|source| ObtainError::Token {
-                path: self.cfg.token_file.clone(),
-                source,
-            })?;
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-        let request = CertifyRequest {
-            identity: id.dns_name(),
-            token,
-            certificate_signing_request: csr_der(id, &key)?,
-        };
-        let response = self
-            .identity
-            .clone()
-            .certify(request)
-            .await
-            .map_err(|status| match connect_failure(&status) {
-                Some(error) => ObtainError::Unreachable(error.to_string()),
-                None => ObtainError::Refused {
-                    addr: self.cfg.identity_addr,
-                    code: status.code(),
-                    message: status.message().to_owned(),
-                },
-            })?
-            .into_inner();
-        if response.leaf_certificate.is_empty() {
-            return Err(ObtainError::EmptyLeaf);
-        }
-        let chain: Vec<CertificateDer<'static>> = std::iter::once(response.leaf_certificate)
-            .chain(response.intermediate_certificates)
-            .map(CertificateDer::from)
-            .collect();
-        self.accept(id, chain, key)
-    }
-
     /// Uses an issued chain only if it names exactly `id`, chains to the
     /// anchors (as peers will check it) and certifies our key.
-    fn accept(
+    pub(super) fn accept(
         &self,
         id: &Identity,
         chain: Vec<CertificateDer<'static>>,
@@ -765,19 +622,6 @@ impl CertStore {
             anchors_epoch: anchored.epoch,
         })
     }
-}
-
-/// The connection failure behind a call's status, if the call never reached
-/// the identity service.
-fn connect_failure(status: &tonic::Status) -> Option<&ConnectError> {
-    let mut source = std::error::Error::source(status);
-    while let Some(error) = source {
-        if let Some(failure) = error.downcast_ref::<ConnectError>() {
-            return Some(failure);
-        }
-        source = error.source();
-    }
-    None
 }
 
 fn read_anchors_file(path: &Path) -> Result<Vec<u8>, CertStoreError> {
@@ -820,17 +664,6 @@ fn anchored_from_pem(
     })
 }
 
-/// A PKCS#10 CSR for `id` (SAN URI + SAN DNS, empty subject) signed by `key`.
-fn csr_der(id: &Identity, key: &KeyPair) -> Result<Vec<u8>, rcgen::Error> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![
-        SanType::URI(id.spiffe_uri().try_into()?),
-        SanType::DnsName(id.dns_name().try_into()?),
-    ];
-    Ok(params.serialize_request(key)?.der().to_vec())
-}
-
 /// Serial (lowercase hex), notBefore and notAfter of a leaf.
 fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(String, SystemTime, SystemTime), ObtainError> {
     let (_, cert) = X509Certificate::from_der(leaf)
@@ -856,7 +689,7 @@ fn unix_time(secs: i64) -> SystemTime {
 }
 
 /// A readable UTC time for log lines and messages.
-fn humanize(t: SystemTime) -> String {
+pub(super) fn humanize(t: SystemTime) -> String {
     let secs = match t.duration_since(SystemTime::UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
@@ -902,67 +735,12 @@ impl ResolvesServerCert for SniResolver {
 
 #[cfg(test)]
 mod tests {
-    use rcgen::{
-        BasicConstraints, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose,
+    use rcgen::{PKCS_ECDSA_P256_SHA256, SanType};
+
+    use super::{
+        super::test_support::{TestCa, sans_of, web},
+        *,
     };
-    use x509_parser::{
-        certification_request::X509CertificationRequest,
-        extensions::{GeneralName, ParsedExtension},
-    };
-
-    use super::*;
-
-    fn web() -> Identity {
-        TrustDomain::default().identity("emojivoto", "web").unwrap()
-    }
-
-    struct TestCa {
-        root: CertifiedIssuer<'static, KeyPair>,
-        issuer: CertifiedIssuer<'static, KeyPair>,
-    }
-
-    impl TestCa {
-        fn new() -> Self {
-            let ca_params = |cn: &str| {
-                let mut params = CertificateParams::default();
-                params.distinguished_name.push(DnType::CommonName, cn);
-                params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-                params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-                params
-            };
-            let root =
-                CertifiedIssuer::self_signed(ca_params("test root"), KeyPair::generate().unwrap())
-                    .unwrap();
-            let issuer = CertifiedIssuer::signed_by(
-                ca_params("test issuer"),
-                KeyPair::generate().unwrap(),
-                &root,
-            )
-            .unwrap();
-            Self { root, issuer }
-        }
-
-        /// A leaf as the identity service issues it, with the given SANs.
-        fn leaf(&self, key: &KeyPair, sans: Vec<SanType>) -> Vec<CertificateDer<'static>> {
-            let mut params = CertificateParams::default();
-            params.distinguished_name = DistinguishedName::new();
-            params.subject_alt_names = sans;
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            let leaf = params.signed_by(key, &self.issuer).unwrap();
-            vec![leaf.der().clone(), self.issuer.der().clone()]
-        }
-    }
-
-    fn sans_of(id: &Identity) -> Vec<SanType> {
-        vec![
-            SanType::URI(id.spiffe_uri().try_into().unwrap()),
-            SanType::DnsName(id.dns_name().try_into().unwrap()),
-        ]
-    }
 
     fn store_trusting(ca: &TestCa, dir: &tempfile::TempDir) -> Arc<CertStore> {
         let anchors = dir.path().join("ca-bundle.crt");
@@ -975,67 +753,6 @@ mod tests {
             renewal: RenewalPolicy::default(),
         })
         .unwrap()
-    }
-
-    #[test]
-    fn backoff_doubles_with_jitter_up_to_the_cap() {
-        let policy = RenewalPolicy {
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(8),
-            ..RenewalPolicy::default()
-        };
-        for (failures, full) in [(0, 1), (1, 2), (2, 4), (3, 8), (4, 8), (40, 8)] {
-            for _ in 0..50 {
-                let delay = policy.backoff(failures);
-                let full = Duration::from_secs(full);
-                assert!(
-                    delay >= full / 2 && delay <= full,
-                    "{failures} failures: {delay:?}"
-                );
-            }
-        }
-    }
-
-    #[test]
-    fn renewal_falls_between_half_and_seventy_percent() {
-        let policy = RenewalPolicy::default();
-        let remaining = Duration::from_secs(24 * 3600);
-        for _ in 0..100 {
-            let delay = policy.renew_delay(remaining);
-            assert!(
-                delay >= remaining / 2 && delay <= remaining.mul_f64(0.7),
-                "{delay:?}"
-            );
-        }
-    }
-
-    #[test]
-    fn csr_carries_exactly_the_identity() {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let der = csr_der(&web(), &key).unwrap();
-        let (_, csr) = X509CertificationRequest::from_der(&der).unwrap();
-        csr.verify_signature().unwrap();
-        assert_eq!(csr.certification_request_info.subject.iter().count(), 0);
-        let names: Vec<String> = csr
-            .requested_extensions()
-            .unwrap()
-            .flat_map(|ext| match ext {
-                ParsedExtension::SubjectAlternativeName(san) => san.general_names.clone(),
-                _ => vec![],
-            })
-            .map(|name| match name {
-                GeneralName::URI(uri) => format!("URI:{uri}"),
-                GeneralName::DNSName(dns) => format!("DNS:{dns}"),
-                other => format!("other:{other:?}"),
-            })
-            .collect();
-        assert_eq!(
-            names,
-            [
-                "URI:spiffe://cluster.local/ns/emojivoto/sa/web",
-                "DNS:web.emojivoto.serviceaccount.identity.sealmesh.cluster.local",
-            ]
-        );
     }
 
     #[tokio::test]
@@ -1116,11 +833,7 @@ mod tests {
              the identity service issues one"
         );
 
-        store
-            .progress
-            .lock()
-            .unwrap()
-            .insert(id.clone(), Progress::default());
+        store.want(&id);
         store.set_error(&id, Some("identity service unreachable".into()));
         let err = store.client_config(&id).unwrap_err();
         assert!(
