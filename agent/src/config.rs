@@ -700,12 +700,7 @@ impl Config {
             .ok_or_else(|| ConfigError::UnknownNode {
                 node: args.node.clone(),
                 file: cluster_file.clone(),
-                known: cluster
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: cluster.node_names(),
             })?;
         let missing_identity = |what, flag| ConfigError::MissingIdentity {
             what,

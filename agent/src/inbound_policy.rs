@@ -208,25 +208,16 @@ impl InboundPolicyState {
             ),
         };
         ConnectionEvent {
-            id: 0,
-            phase: Phase::Refused,
-            direction: Direction::Inbound,
             timestamp_ms: unix_ms(SystemTime::now()),
-            src_addr,
             dst_addr: Some(refusal.flow.dst()),
             src: src.as_deref().map(PodRef::of),
             dst: dst.as_deref().map(PodRef::of),
-            client_id: None,
             server_id: dst.as_deref().map(|w| w.identity.spiffe_uri()),
-            tls: false,
-            no_tls_reason: None,
-            bytes_src_to_dst: 0,
-            bytes_dst_to_src: 0,
-            duration_ms: 0,
             error: Some(format!(
                 "plaintext connection refused by the kernel: the pod only accepts connections through its node's agent ({why})"
             )),
             refused_reason: Some(RefusalReason::StrictInbound),
+            ..ConnectionEvent::new(0, Phase::Refused, Direction::Inbound, src_addr)
         }
     }
 }

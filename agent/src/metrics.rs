@@ -699,11 +699,6 @@ mod tests {
 
     fn plaintext(id: u64, src_namespace: &str) -> ConnectionEvent {
         ConnectionEvent {
-            id,
-            phase: Phase::Close,
-            direction: Direction::Outbound,
-            timestamp_ms: 0,
-            src_addr: "10.244.0.2:40000".parse().unwrap(),
             dst_addr: Some("10.244.1.3:8080".parse().unwrap()),
             src: Some(PodRef {
                 namespace: src_namespace.into(),
@@ -713,15 +708,16 @@ mod tests {
                 namespace: "legacy".into(),
                 name: "plain".into(),
             }),
-            client_id: None,
-            server_id: None,
-            tls: false,
             no_tls_reason: Some(NoTlsReason::NotMeshed),
             bytes_src_to_dst: 11,
             bytes_dst_to_src: 22,
             duration_ms: 5,
-            error: None,
-            refused_reason: None,
+            ..ConnectionEvent::new(
+                id,
+                Phase::Close,
+                Direction::Outbound,
+                "10.244.0.2:40000".parse().unwrap(),
+            )
         }
     }
 

@@ -188,12 +188,7 @@ impl LocalRegistry {
             .ok_or_else(|| RegistryError::UnknownNode {
                 node: node_name.to_owned(),
                 path: path.to_owned(),
-                known: file
-                    .nodes
-                    .iter()
-                    .map(|n| n.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "),
+                known: file.node_names(),
             })?;
         let node = NodeInfo {
             name: node.name.clone(),

@@ -253,6 +253,15 @@ impl ClusterFile {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The nodes' names, comma-separated (for errors naming a missing node).
+    pub fn node_names(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     pub fn pods_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
         self.pods.iter().filter(move |p| p.node == node)
     }

@@ -89,38 +89,8 @@ struct ManifestsArgs {
 struct BenchArgs {
     #[command(subcommand)]
     task: Option<BenchTask>,
-    /// Print one JSON object with every figure as the last line.
-    #[arg(long)]
-    json: bool,
-    /// Measure another node proxy as a third column: `sh -c CMD` runs once per
-    /// node in its network namespace and cgroup with NODE, NODE_IP,
-    /// CLUSTER_FILE and BPFFS_DIR set, and must print `ready` on stdout once
-    /// it intercepts the node's pods.
-    #[arg(long, value_name = "CMD")]
-    peer_cmd: Option<String>,
-    /// sealmesh column to measure, as NAME=AGENT-FLAGS (repeatable, e.g.
-    /// `--variant sealmesh= --variant "sockmap=--sockmap-acceleration on"`); the first is
-    /// the one compared in the top-level ratios. Default: `sealmesh=`.
-    #[arg(long = "variant", value_name = "NAME=FLAGS")]
-    variants: Vec<bench::datapath::Variant>,
-    /// Tiny durations and one round: checks that the harness works, nothing more.
-    #[arg(long)]
-    quick: bool,
-    /// Run only these measurements (comma-separated; default: all), e.g.
-    /// `--only connrate,rr` while working on one figure. Figures not measured
-    /// are `-` in the table and null in the JSON.
-    #[arg(long, value_delimiter = ',', value_name = "MEASURE")]
-    only: Vec<bench::datapath::Measure>,
-    /// Rounds to take the medians over (default 3, 1 with --quick): more
-    /// rounds for tighter medians on a noisy machine.
-    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
-    rounds: Option<usize>,
-    /// Run the sealmesh columns' agents and identity service in Kubernetes
-    /// mode, as deployed: they read nodes, pods and Services from an in-process
-    /// fake API server that the testbed registers with (as `xtask demo
-    /// --kubernetes`). The peer column runs as its command says.
-    #[arg(long)]
-    kubernetes: bool,
+    #[command(flatten)]
+    options: bench::datapath::BenchOptions,
 }
 
 #[derive(Subcommand)]
@@ -226,23 +196,9 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         }) => bench::identity::run(certs, concurrency)?,
         Task::Bench(BenchArgs {
             task: None,
-            json,
-            peer_cmd,
-            variants,
-            quick,
-            only,
-            rounds,
-            kubernetes,
+            options,
         }) => {
-            bench::datapath::run(&bench::datapath::BenchOptions {
-                json,
-                peer_cmd,
-                variants,
-                quick,
-                only,
-                rounds,
-                kubernetes,
-            })?;
+            bench::datapath::run(&options)?;
         }
         Task::Loadtest(args) => {
             if !loadtest::run(&args)?.passed() {

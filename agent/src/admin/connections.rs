@@ -205,11 +205,7 @@ mod tests {
 
     fn event(id: u64, phase: Phase, ts: u64) -> ConnectionEvent {
         ConnectionEvent {
-            id,
-            phase,
-            direction: Direction::Outbound,
             timestamp_ms: ts,
-            src_addr: "10.244.0.2:40000".parse().unwrap(),
             dst_addr: Some("10.244.1.2:8080".parse().unwrap()),
             src: Some(PodRef {
                 namespace: "shop".into(),
@@ -222,12 +218,12 @@ mod tests {
             client_id: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
             server_id: Some("spiffe://cluster.local/ns/shop/sa/server".into()),
             tls: true,
-            no_tls_reason: None,
-            bytes_src_to_dst: 0,
-            bytes_dst_to_src: 0,
-            duration_ms: 0,
-            error: None,
-            refused_reason: None,
+            ..ConnectionEvent::new(
+                id,
+                phase,
+                Direction::Outbound,
+                "10.244.0.2:40000".parse().unwrap(),
+            )
         }
     }
 

@@ -354,26 +354,16 @@ mod tests {
 
     fn event(id: u64) -> ConnectionEvent {
         ConnectionEvent {
-            id,
-            phase: Phase::Open,
-            direction: Direction::Outbound,
-            timestamp_ms: 0,
-            src_addr: "10.244.0.2:1".parse().unwrap(),
-            dst_addr: None,
             src: Some(PodRef {
                 namespace: "shop".into(),
                 name: "client".into(),
             }),
-            dst: None,
-            client_id: None,
-            server_id: None,
-            tls: false,
-            no_tls_reason: None,
-            bytes_src_to_dst: 0,
-            bytes_dst_to_src: 0,
-            duration_ms: 0,
-            error: None,
-            refused_reason: None,
+            ..ConnectionEvent::new(
+                id,
+                Phase::Open,
+                Direction::Outbound,
+                "10.244.0.2:1".parse().unwrap(),
+            )
         }
     }
 
@@ -445,23 +435,14 @@ mod tests {
             })
         };
         let event = ConnectionEvent {
-            id: 1,
-            phase: Phase::Open,
-            direction: Direction::Outbound,
-            timestamp_ms: 0,
-            src_addr: "10.244.0.2:1".parse().unwrap(),
-            dst_addr: None,
             src: pod("shop", "client"),
             dst: pod("legacy", "plain"),
-            client_id: None,
-            server_id: None,
-            tls: false,
-            no_tls_reason: None,
-            bytes_src_to_dst: 0,
-            bytes_dst_to_src: 0,
-            duration_ms: 0,
-            error: None,
-            refused_reason: None,
+            ..ConnectionEvent::new(
+                1,
+                Phase::Open,
+                Direction::Outbound,
+                "10.244.0.2:1".parse().unwrap(),
+            )
         };
         let filter = |namespace: &str, pod: &str| pb::TapRequest {
             namespace: namespace.into(),

@@ -153,6 +153,31 @@ pub struct ConnectionEvent {
     pub refused_reason: Option<RefusalReason>,
 }
 
+impl ConnectionEvent {
+    /// What every event has; the rest is filled in as it is learned.
+    pub fn new(id: u64, phase: Phase, direction: Direction, src_addr: SocketAddr) -> Self {
+        Self {
+            id,
+            phase,
+            direction,
+            timestamp_ms: 0,
+            src_addr,
+            dst_addr: None,
+            src: None,
+            dst: None,
+            client_id: None,
+            server_id: None,
+            tls: false,
+            no_tls_reason: None,
+            bytes_src_to_dst: 0,
+            bytes_dst_to_src: 0,
+            duration_ms: 0,
+            error: None,
+            refused_reason: None,
+        }
+    }
+}
+
 /// Byte counters both splice directions update (once per chunk, not per byte).
 #[derive(Debug, Default)]
 pub struct ByteCounters {
@@ -218,25 +243,7 @@ impl ConnectionTracker {
             sink,
             started: Instant::now(),
             opened: false,
-            event: ConnectionEvent {
-                id,
-                phase: Phase::Open,
-                direction,
-                timestamp_ms: 0,
-                src_addr,
-                dst_addr: None,
-                src: None,
-                dst: None,
-                client_id: None,
-                server_id: None,
-                tls: false,
-                no_tls_reason: None,
-                bytes_src_to_dst: 0,
-                bytes_dst_to_src: 0,
-                duration_ms: 0,
-                error: None,
-                refused_reason: None,
-            },
+            event: ConnectionEvent::new(id, Phase::Open, direction, src_addr),
             bytes: Arc::default(),
         }
     }

@@ -132,18 +132,39 @@ impl FromStr for Variant {
 }
 
 /// What to run and how long.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, clap::Args)]
 pub struct BenchOptions {
+    /// Print one JSON object with every figure as the last line.
+    #[arg(long)]
     pub json: bool,
+    /// Measure another node proxy as a third column: `sh -c CMD` runs once per
+    /// node in its network namespace and cgroup with NODE, NODE_IP,
+    /// CLUSTER_FILE and BPFFS_DIR set, and must print `ready` on stdout once
+    /// it intercepts the node's pods.
+    #[arg(long, value_name = "CMD")]
     pub peer_cmd: Option<String>,
-    /// sealmesh columns; the first one is compared in the top-level ratios.
+    /// sealmesh column to measure, as NAME=AGENT-FLAGS (repeatable, e.g.
+    /// `--variant sealmesh= --variant "sockmap=--sockmap-acceleration on"`); the first is
+    /// the one compared in the top-level ratios. Default: `sealmesh=`.
+    #[arg(long = "variant", value_name = "NAME=FLAGS")]
     pub variants: Vec<Variant>,
+    /// Tiny durations and one round: checks that the harness works, nothing more.
+    #[arg(long)]
     pub quick: bool,
-    /// Measurements to run; empty: all of them.
+    /// Run only these measurements (comma-separated; default: all), e.g.
+    /// `--only connrate,rr` while working on one figure. Figures not measured
+    /// are `-` in the table and null in the JSON.
+    #[arg(long, value_delimiter = ',', value_name = "MEASURE")]
     pub only: Vec<Measure>,
-    /// Rounds instead of the plan's (3, or 1 with `quick`).
+    /// Rounds to take the medians over (default 3, 1 with --quick): more
+    /// rounds for tighter medians on a noisy machine.
+    #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub rounds: Option<usize>,
-    /// Run the sealmesh columns in Kubernetes mode (fake API server).
+    /// Run the sealmesh columns' agents and identity service in Kubernetes
+    /// mode, as deployed: they read nodes, pods and Services from an in-process
+    /// fake API server that the testbed registers with (as `xtask demo
+    /// --kubernetes`). The peer column runs as its command says.
+    #[arg(long)]
     pub kubernetes: bool,
 }
 
