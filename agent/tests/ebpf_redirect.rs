@@ -100,6 +100,9 @@ fn loads_attaches_pins_and_uninstalls() {
         (0, 0, 0)
     );
     assert_eq!(status.pin_dir, bed.pin_dir());
+    // What readiness reads: the same programs, without walking any map.
+    assert_eq!(redirector.attached_programs(), status.attached_programs);
+    assert_eq!(redirector.pin_dir(), bed.pin_dir());
     let maps = format!("maps-v{MAP_ABI_VERSION}");
     for pin in [
         "links/track_redirected".to_owned(),

@@ -29,6 +29,7 @@ use std::{
     collections::BTreeSet,
     future::Future,
     net::SocketAddr,
+    path::PathBuf,
     sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -76,10 +77,17 @@ pub enum AdminError {
 
 /// Where the datapath's state comes from; [`Redirector`] in the agent.
 pub trait DatapathStatus: Send + Sync + 'static {
+    /// Cheap: what readiness needs (programs attached, and where they pin).
+    fn attachment(&self) -> (Vec<&'static str>, PathBuf);
+    /// Costly (walks every map): run off the runtime's workers.
     fn status(&self) -> EbpfStatus;
 }
 
 impl DatapathStatus for Redirector {
+    fn attachment(&self) -> (Vec<&'static str>, PathBuf) {
+        (self.attached_programs(), self.pin_dir().to_owned())
+    }
+
     fn status(&self) -> EbpfStatus {
         Redirector::status(self)
     }
@@ -121,16 +129,17 @@ impl AgentState {
     }
 
     /// Ready when every redirect program is attached and every local meshed
-    /// ServiceAccount has a valid certificate; otherwise, why not.
+    /// ServiceAccount has a valid certificate; otherwise, why not. Cheap
+    /// enough for every probe: no eBPF map is read.
     pub fn readiness(&self) -> Readiness {
-        let ebpf = self.datapath.status();
+        let (attached, pin_dir) = self.datapath.attachment();
         let mut reasons: Vec<String> = REQUIRED_PROGRAMS
             .iter()
-            .filter(|program| !ebpf.attached_programs.contains(program))
+            .filter(|program| !attached.contains(program))
             .map(|program| {
                 format!(
                     "eBPF program {program} is not attached at the node cgroup (no link pinned under {}): meshed pods' connections are not redirected; see the agent log for the load error",
-                    ebpf.pin_dir.display()
+                    pin_dir.display()
                 )
             })
             .collect();

@@ -130,7 +130,10 @@ impl pb::admin_server::Admin for AdminService {
         &self,
         _: Request<pb::GetEbpfStatusRequest>,
     ) -> Result<Response<pb::EbpfStatus>, Status> {
-        let status = self.state.datapath.status();
+        let datapath = self.state.datapath.clone();
+        let status = tokio::task::spawn_blocking(move || datapath.status())
+            .await
+            .map_err(|e| Status::internal(format!("reading the eBPF maps failed: {e}")))?;
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         Ok(Response::new(pb::EbpfStatus {
             attached_programs: status

@@ -471,23 +471,39 @@ impl Redirector {
         })
     }
 
+    /// Programs whose link is pinned (and so attached) at the node cgroup:
+    /// one stat per program, no map walk, no lock (readiness probes call it).
+    pub fn attached_programs(&self) -> Vec<&'static str> {
+        self.links
+            .iter()
+            .filter(|link| link.pin.exists())
+            .map(|link| link.program)
+            .collect()
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pins.root
+    }
+
+    /// Entry counts: walks every map key by key, so callers run it off the
+    /// runtime's workers. The accept path's map is read through its own
+    /// handle, never under the lock each accepted connection takes.
     pub fn status(&self) -> EbpfStatus {
         EbpfStatus {
-            attached_programs: self
-                .links
-                .iter()
-                .filter(|link| link.pin.exists())
-                .map(|link| link.program)
-                .collect(),
+            attached_programs: self.attached_programs(),
             meshed_pods: self.count(CgroupRole::MeshedPod),
             unmeshed_pods: self.count(CgroupRole::UnmeshedPod),
             pod_parent_cgroups: self.count(CgroupRole::PodParent),
             agent_cgroups: self.count(CgroupRole::Agent),
             pending_connects: self.by_cookie.keys().filter(Result::is_ok).count(),
-            pending_accepts: lock(&self.by_connection)
-                .keys()
-                .filter(Result::is_ok)
-                .count(),
+            pending_accepts: count_pinned::<ConnectionKey, RedirectRecord>(
+                &self.pins,
+                names::REDIRECT_BY_CONNECTION,
+            )
+            .unwrap_or_else(|error| {
+                tracing::debug!(%error, "counting pending accepts failed");
+                0
+            }),
             original_destinations: self.original_dsts.keys().filter(Result::is_ok).count(),
             sockmap_acceleration: Some(self.sockmap_acceleration),
             accelerated_sockets: self
