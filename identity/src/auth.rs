@@ -45,7 +45,7 @@ impl fmt::Display for Caller {
     }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     #[error(
         "no token was sent; send the node agent's token (or the workload's ServiceAccount token)"

@@ -9,6 +9,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
+    num::NonZeroU32,
     path::PathBuf,
     time::Duration,
 };
@@ -25,6 +26,8 @@ use sealmesh_common::{
     identity::{IdentityError, TrustDomain},
     logging::{LogArgs, LogFormat},
 };
+
+use crate::limits::{DEFAULT_CALLER_RATE, DEFAULT_MAX_CONCURRENT_REQUESTS, RequestLimits};
 
 /// How long an issued leaf certificate lives unless configured otherwise.
 pub const DEFAULT_CERT_LIFETIME: Duration = Duration::from_secs(24 * 60 * 60);
@@ -59,6 +62,8 @@ pub struct Config {
     pub clock_skew: Duration,
     /// `--log-level` and `--log-format`.
     pub log: LogArgs,
+    /// Concurrency, deadline and per-caller rate of Certify calls.
+    pub limits: RequestLimits,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,6 +177,7 @@ impl Config {
                 log_level: "info".to_owned(),
                 log_format: LogFormat::Text,
             },
+            limits: RequestLimits::default(),
         }
     }
 
@@ -260,6 +266,11 @@ impl Config {
             cert_lifetime: flags.cert_lifetime,
             clock_skew: flags.clock_skew,
             log: flags.log,
+            limits: RequestLimits {
+                max_concurrent: flags.max_concurrent_requests,
+                deadline: flags.request_deadline,
+                caller_rate: NonZeroU32::new(flags.caller_rate_limit),
+            },
         })
     }
 }
@@ -365,6 +376,20 @@ struct Flags {
     /// Clock-skew allowance added before NotBefore and after NotAfter of leaves.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
     clock_skew: Duration,
+
+    /// Requests served at once; more wait, up to their deadline.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONCURRENT_REQUESTS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_concurrent_requests: usize,
+
+    /// How long one request may take, waiting included.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    request_deadline: Duration,
+
+    /// Certify calls per second per caller address (bursts up to ten times
+    /// this); beyond it calls are refused with RESOURCE_EXHAUSTED before any
+    /// token is reviewed. 0: unlimited.
+    #[arg(long, default_value_t = DEFAULT_CALLER_RATE)]
+    caller_rate_limit: u32,
 
     #[command(flatten)]
     log: LogArgs,

@@ -5,6 +5,7 @@
 //! - [`pki`]: trust anchors and issuers: loading, validation, generation;
 //! - [`ca`]: CSR verification and leaf signing;
 //! - [`auth`]: who is calling (`TokenValidator`) and what they may request;
+//! - [`limits`]: per-caller rate, concurrency and deadline of requests;
 //! - [`service`]: the Certify gRPC API under both package names;
 //! - [`serving`]: the service's own TLS: its serving certificate (issued,
 //!   renewed, re-issued on issuer rotation) and the TLS 1.3 listener;
@@ -24,6 +25,7 @@ pub mod ca;
 pub mod client;
 pub mod config;
 pub mod kube;
+pub mod limits;
 pub mod metrics;
 pub mod pki;
 pub mod rotation;

@@ -20,6 +20,7 @@ use crate::{
         AnchorBundle, KubeError, KubeIssuerEvents, KubeTokenValidator, KubeWorkloadDirectory,
         PkiObjects,
     },
+    limits::RequestLimits,
     metrics::{self, Metrics},
     pki::{CaMaterial, PkiError, TrustAnchors},
     rotation::{self, IssuerEvents, IssuerStore, LoggingIssuerEvents, RotationError},
@@ -186,8 +187,10 @@ impl ServerBuilder {
             issuers.clone(),
             policy,
             metrics.clone(),
+            config.limits.caller_rate,
         );
         Ok(Server {
+            limits: config.limits,
             grpc,
             metrics_listener,
             service,
@@ -279,6 +282,7 @@ impl ServerBuilder {
 
 /// A bound, not yet serving, identity service.
 pub struct Server {
+    limits: RequestLimits,
     grpc: TcpListener,
     metrics_listener: TcpListener,
     service: CertifyService,
@@ -389,6 +393,10 @@ impl Server {
         );
         let incoming = serving::tls_incoming(self.grpc, tls);
         let serving = tonic::transport::Server::builder()
+            .timeout(self.limits.deadline)
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                self.limits.max_concurrent,
+            ))
             .add_service(health_service)
             .add_service(pb::identity_server::IdentityServer::new(
                 self.service.clone(),

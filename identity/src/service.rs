@@ -1,7 +1,7 @@
 //! The Certify gRPC API, served under both `sealmesh.identity.v1.Identity`
 //! and Linkerd's `io.linkerd.proxy.identity.Identity` by one implementation.
 
-use std::{sync::Arc, time::Instant};
+use std::{net::SocketAddr, num::NonZeroU32, sync::Arc, time::Instant};
 
 use sealmesh_common::identity::TrustDomain;
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
@@ -11,6 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::{
     auth::{AuthError, Authorizer},
     ca::{self, CaError, LeafPolicy},
+    limits::CallerLimiter,
     metrics::Metrics,
     rotation::IssuerStore,
 };
@@ -22,6 +23,8 @@ pub struct CertifyService {
 }
 
 struct Inner {
+    /// `None`: no per-caller rate limit.
+    callers: Option<CallerLimiter>,
     trust_domain: TrustDomain,
     authorizer: Authorizer,
     issuers: Arc<IssuerStore>,
@@ -45,9 +48,11 @@ impl CertifyService {
         issuers: Arc<IssuerStore>,
         policy: LeafPolicy,
         metrics: Arc<Metrics>,
+        caller_rate: Option<NonZeroU32>,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
+                callers: caller_rate.map(CallerLimiter::new),
                 trust_domain,
                 authorizer,
                 issuers,
@@ -57,10 +62,22 @@ impl CertifyService {
         }
     }
 
-    /// Authorises the caller, verifies the CSR and signs the leaf.
-    pub async fn handle(&self, request: pb::CertifyRequest) -> Result<pb::CertifyResponse, Status> {
+    /// Admits the caller (its rate, by source address), authorises it,
+    /// verifies the CSR and signs the leaf.
+    pub async fn handle(
+        &self,
+        caller: Option<SocketAddr>,
+        request: pb::CertifyRequest,
+    ) -> Result<pb::CertifyResponse, Status> {
         let started = Instant::now();
-        let result = self.certify_unmetered(&request).await;
+        let admitted = match (&self.inner.callers, caller) {
+            (Some(limiter), Some(caller)) => limiter.admit(caller.ip()),
+            _ => Ok(()),
+        };
+        let result = match admitted {
+            Ok(()) => self.certify_unmetered(&request).await,
+            Err(refused) => Err(refused),
+        };
         let label = match &result {
             Ok(_) => "ok",
             Err(status) => code_label(status.code()),
@@ -130,6 +147,7 @@ fn code_label(code: Code) -> &'static str {
         Code::PermissionDenied => "permission_denied",
         Code::FailedPrecondition => "failed_precondition",
         Code::Unavailable => "unavailable",
+        Code::ResourceExhausted => "resource_exhausted",
         _ => "internal",
     }
 }
@@ -168,7 +186,10 @@ impl pb::identity_server::Identity for CertifyService {
         &self,
         request: Request<pb::CertifyRequest>,
     ) -> Result<Response<pb::CertifyResponse>, Status> {
-        self.handle(request.into_inner()).await.map(Response::new)
+        let caller = request.remote_addr();
+        self.handle(caller, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 
@@ -178,17 +199,21 @@ impl linkerd::identity_server::Identity for CertifyService {
         &self,
         request: Request<linkerd::CertifyRequest>,
     ) -> Result<Response<linkerd::CertifyResponse>, Status> {
+        let caller = request.remote_addr();
         let linkerd::CertifyRequest {
             identity,
             token,
             certificate_signing_request,
         } = request.into_inner();
         let response = self
-            .handle(pb::CertifyRequest {
-                identity,
-                token,
-                certificate_signing_request,
-            })
+            .handle(
+                caller,
+                pb::CertifyRequest {
+                    identity,
+                    token,
+                    certificate_signing_request,
+                },
+            )
             .await?;
         Ok(Response::new(linkerd::CertifyResponse {
             leaf_certificate: response.leaf_certificate,

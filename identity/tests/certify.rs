@@ -606,3 +606,43 @@ async fn a_service_account_name_with_dots_gets_its_identity() {
     );
     service.stop().await;
 }
+
+#[tokio::test]
+async fn a_caller_over_its_rate_is_refused_before_its_token_is_checked() {
+    let cluster = TestCluster::new();
+    let mut config = cluster.config();
+    config.limits.caller_rate = std::num::NonZeroU32::new(1);
+    let service = Running::start(config).await;
+    let web = identity("web");
+    let mut client = service.client().await;
+    // The burst (ten times the rate) is admitted and answered on its merits...
+    for call in 0..10 {
+        let refused = client
+            .certify(request(&web, "bogus-token", csr_for(&web)))
+            .await
+            .expect_err("a bogus token is refused");
+        assert_eq!(
+            refused.code(),
+            Code::Unauthenticated,
+            "call {call}: {refused:?}"
+        );
+    }
+    // ...then the caller, known by its address through the TLS listener, is
+    // refused at once, whatever it sends.
+    let limited = client
+        .certify(request(&web, NODE0_TOKEN, csr_for(&web)))
+        .await
+        .expect_err("over the rate");
+    assert_eq!(limited.code(), Code::ResourceExhausted, "{limited:?}");
+    assert_eq!(
+        limited.message(),
+        "caller 127.0.0.1 exceeded 1 certificate requests per second; retry with back-off"
+    );
+    // One token a second later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    client
+        .certify(request(&web, NODE0_TOKEN, csr_for(&web)))
+        .await
+        .expect("admitted again after the rate's period");
+    service.stop().await;
+}

@@ -729,12 +729,25 @@ async fn a_token_for_another_audience_is_unauthenticated() {
         "Kubernetes TokenReview rejected the token: [invalid bearer token, token audiences don't match the requested audiences]; \
          send a ServiceAccount token projected for the audience \"identity.sealmesh.io\"",
     );
-    assert_status(
-        service.certify(&identity("web"), "not-a-token").await,
-        Code::Unauthenticated,
-        "Kubernetes TokenReview rejected the token: [invalid bearer token, token lookup failed]; \
-         send a ServiceAccount token projected for the audience \"identity.sealmesh.io\"",
-    );
+    // A flood of one bogus token costs one TokenReview, not one per call:
+    // refusals are remembered briefly, with the same answer.
+    for _ in 0..20 {
+        assert_status(
+            service.certify(&identity("web"), "not-a-token").await,
+            Code::Unauthenticated,
+            "Kubernetes TokenReview rejected the token: [invalid bearer token, token lookup failed]; \
+             send a ServiceAccount token projected for the audience \"identity.sealmesh.io\"",
+        );
+    }
+    let reviews = cluster
+        .api
+        .requests()
+        .iter()
+        .filter(|(method, path)| {
+            method == "POST" && path.starts_with("/apis/authentication.k8s.io/v1/tokenreviews")
+        })
+        .count();
+    assert_eq!(reviews, 2, "one review per distinct token");
 }
 
 #[tokio::test]

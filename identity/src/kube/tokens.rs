@@ -35,32 +35,46 @@ use crate::{
 
 /// How long an accepted token's caller is remembered.
 const ACCEPTED_TOKEN_TTL: Duration = Duration::from_secs(10);
-/// At most this many remembered tokens (a burst beyond it starts afresh).
-const ACCEPTED_TOKEN_CAPACITY: usize = 4096;
+/// How long a rejected token's refusal is remembered: a flood of bogus
+/// tokens costs one TokenReview per distinct token and this period, not one
+/// per request. Short, so a token that becomes valid (a pod just created)
+/// waits at most this long.
+const REJECTED_TOKEN_TTL: Duration = Duration::from_secs(5);
+/// At most this many remembered tokens per cache (a burst beyond it starts afresh).
+const TOKEN_CACHE_CAPACITY: usize = 4096;
 
-/// Callers of recently accepted tokens, by SHA-256 of the token (the
-/// tokens themselves are not kept).
-#[derive(Default)]
-struct AcceptedTokens(Mutex<HashMap<[u8; 32], (Caller, Instant)>>);
+/// Outcomes of recent token reviews, by SHA-256 of the token (the tokens
+/// themselves are not kept).
+struct TokenCache<V> {
+    ttl: Duration,
+    entries: Mutex<HashMap<[u8; 32], (V, Instant)>>,
+}
 
-impl AcceptedTokens {
-    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<Caller> {
-        let entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        entries
-            .get(digest)
-            .filter(|(_, accepted)| now.duration_since(*accepted) < ACCEPTED_TOKEN_TTL)
-            .map(|(caller, _)| caller.clone())
+impl<V: Clone> TokenCache<V> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: Mutex::default(),
+        }
     }
 
-    fn insert(&self, digest: [u8; 32], caller: Caller, now: Instant) {
-        let mut entries = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= ACCEPTED_TOKEN_CAPACITY {
-            entries.retain(|_, (_, accepted)| now.duration_since(*accepted) < ACCEPTED_TOKEN_TTL);
-            if entries.len() >= ACCEPTED_TOKEN_CAPACITY {
+    fn get(&self, digest: &[u8; 32], now: Instant) -> Option<V> {
+        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        entries
+            .get(digest)
+            .filter(|(_, at)| now.duration_since(*at) < self.ttl)
+            .map(|(value, _)| value.clone())
+    }
+
+    fn insert(&self, digest: [u8; 32], value: V, now: Instant) {
+        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if entries.len() >= TOKEN_CACHE_CAPACITY {
+            entries.retain(|_, (_, at)| now.duration_since(*at) < self.ttl);
+            if entries.len() >= TOKEN_CACHE_CAPACITY {
                 entries.clear();
             }
         }
-        entries.insert(digest, (caller, now));
+        entries.insert(digest, (value, now));
     }
 }
 
@@ -74,7 +88,9 @@ pub struct KubeTokenValidator {
     trust_domain: TrustDomain,
     audience: String,
     agent_service_account: String,
-    accepted: Arc<AcceptedTokens>,
+    accepted: Arc<TokenCache<Caller>>,
+    /// Definitive refusals only; the API being unavailable is never cached.
+    rejected: Arc<TokenCache<AuthError>>,
 }
 
 impl std::fmt::Debug for KubeTokenValidator {
@@ -95,7 +111,8 @@ impl KubeTokenValidator {
             trust_domain: settings.trust_domain.clone(),
             audience: settings.token_audience.clone(),
             agent_service_account: settings.agent_service_account.clone(),
-            accepted: Arc::default(),
+            accepted: Arc::new(TokenCache::new(ACCEPTED_TOKEN_TTL)),
+            rejected: Arc::new(TokenCache::new(REJECTED_TOKEN_TTL)),
         }
     }
 
@@ -219,9 +236,21 @@ impl TokenValidator for KubeTokenValidator {
         if let Some(caller) = self.accepted.get(&digest, Instant::now()) {
             return Ok(caller);
         }
-        let caller = self.authenticate(token).await?;
-        self.accepted.insert(digest, caller.clone(), Instant::now());
-        Ok(caller)
+        if let Some(refusal) = self.rejected.get(&digest, Instant::now()) {
+            return Err(refusal);
+        }
+        match self.authenticate(token).await {
+            Ok(caller) => {
+                self.accepted.insert(digest, caller.clone(), Instant::now());
+                Ok(caller)
+            }
+            Err(AuthError::Unavailable(reason)) => Err(AuthError::Unavailable(reason)),
+            Err(refusal) => {
+                self.rejected
+                    .insert(digest, refusal.clone(), Instant::now());
+                Err(refusal)
+            }
+        }
     }
 }
 
@@ -230,8 +259,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn accepted_tokens_are_remembered_briefly_and_boundedly() {
-        let accepted = AcceptedTokens::default();
+    fn review_outcomes_are_remembered_briefly_and_boundedly() {
+        let accepted = TokenCache::new(ACCEPTED_TOKEN_TTL);
         let start = Instant::now();
         let node = Caller::Node("n1".into());
         accepted.insert([1; 32], node.clone(), start);
@@ -242,12 +271,20 @@ mod tests {
         assert_eq!(accepted.get(&[1; 32], start + ACCEPTED_TOKEN_TTL), None);
         assert_eq!(accepted.get(&[2; 32], start), None);
 
-        for i in 0..ACCEPTED_TOKEN_CAPACITY {
+        for i in 0..TOKEN_CACHE_CAPACITY {
             let mut digest = [0; 32];
             digest[..8].copy_from_slice(&(i as u64).to_be_bytes());
             accepted.insert(digest, node.clone(), start);
         }
         // Full of live entries: started afresh with the newest one.
-        assert_eq!(accepted.0.lock().unwrap().len(), 1);
+        assert_eq!(accepted.entries.lock().unwrap().len(), 1);
+
+        let rejected = TokenCache::new(REJECTED_TOKEN_TTL);
+        rejected.insert([3; 32], AuthError::UnknownToken, start);
+        assert_eq!(
+            rejected.get(&[3; 32], start + Duration::from_secs(4)),
+            Some(AuthError::UnknownToken)
+        );
+        assert_eq!(rejected.get(&[3; 32], start + REJECTED_TOKEN_TTL), None);
     }
 }

@@ -209,6 +209,8 @@ fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identit
     let mut config = Config::new(cluster_file, anchors, issuer_dir);
     config.listen = "127.0.0.1:0".parse()?;
     config.metrics_listen = "127.0.0.1:0".parse()?;
+    // One client measuring the CA's own throughput: no per-caller rate.
+    config.limits.caller_rate = None;
     Ok((config, token, identities))
 }
 
