@@ -36,7 +36,7 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use crate::{
     registry::WorkloadRegistry,
-    tls::{PeerRole, SanNames, TlsError, TrustAnchors, crypto_provider},
+    tls::{HboneTrust, PeerRole, SanNames, TlsError, crypto_provider},
 };
 
 /// When to renew and how to retry.
@@ -241,7 +241,7 @@ type CertMap = HashMap<Identity, Arc<IssuedCert>>;
 /// The anchors and the server config verifying clients against them; swapped
 /// together when the bundle is reloaded.
 struct Anchored {
-    anchors: TrustAnchors,
+    anchors: HboneTrust,
     /// The bundle `anchors` was parsed from.
     pem: String,
     server_config: Arc<ServerConfig>,
@@ -804,7 +804,7 @@ fn anchored_from_pem(
             source,
         },
     };
-    let anchors = TrustAnchors::from_pem(pem, &cfg.trust_domain).map_err(bad)?;
+    let anchors = HboneTrust::from_pem(pem, &cfg.trust_domain).map_err(bad)?;
     let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
     let identity_tls = Arc::new(
         identity_tls::client_config(anchors.roots(), &cfg.trust_domain.identity_service())
@@ -812,7 +812,7 @@ fn anchored_from_pem(
     );
     Ok(Anchored {
         anchors,
-        // TrustAnchors::from_pem accepted it, so it is PEM text.
+        // HboneTrust::from_pem accepted it, so it is PEM text.
         pem: String::from_utf8_lossy(pem).into_owned(),
         server_config,
         identity_tls,

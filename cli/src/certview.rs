@@ -9,7 +9,7 @@ use std::{
 };
 
 use rustls_pki_types::{CertificateDer, UnixTime};
-use sealmesh_identity::pki::{self, PkiError};
+use sealmesh_pki::{self as pki, PemError};
 use time::OffsetDateTime;
 use x509_parser::{
     certificate::X509Certificate, extensions::GeneralName, oid_registry, prelude::FromDer,
@@ -24,7 +24,7 @@ pub enum CertViewError {
         reason: String,
     },
     #[error(transparent)]
-    Pem(#[from] PkiError),
+    Pem(#[from] PemError),
     #[error("{what} holds no certificate")]
     Empty { what: String },
 }
@@ -107,7 +107,7 @@ impl CertFacts {
         Ok(Self {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
-            serial: cert.raw_serial_as_string(),
+            serial: pki::serial_hex(cert.raw_serial()),
             not_before: cert.validity().not_before.to_datetime(),
             not_after: cert.validity().not_after.to_datetime(),
             key_algorithm,
@@ -406,7 +406,7 @@ mod tests {
     use rcgen::{
         CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
     };
-    use sealmesh_identity::pki::{CaSpec, GeneratedCa, generate_issuer, generate_root};
+    use sealmesh_pki::{CaSpec, GeneratedCa, generate_issuer, generate_root};
 
     use super::*;
 

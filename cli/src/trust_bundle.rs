@@ -6,6 +6,7 @@
 //! those certificates.
 
 use rustls_pki_types::CertificateDer;
+use sealmesh_pki::fingerprint;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::certview;
@@ -41,16 +42,6 @@ impl RemovedAnchor {
             self.subject, self.fingerprint
         )
     }
-}
-
-/// `AB:CD:...` SHA-256 fingerprint of a DER certificate.
-pub fn fingerprint(der: &[u8]) -> String {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Subject and public key (DER) of a certificate: an anchor is "kept" when
@@ -111,7 +102,7 @@ mod tests {
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
     };
-    use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, generate_issuer, generate_root};
+    use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, generate_issuer, generate_root};
 
     use super::*;
 
@@ -153,15 +144,6 @@ mod tests {
             label: label.to_owned(),
             chain: vec![leaf.der().clone(), der(&issuer.cert_pem)],
         }
-    }
-
-    #[test]
-    fn fingerprints_are_colon_separated_sha256() {
-        // SHA-256 of the empty input.
-        assert_eq!(
-            fingerprint(b""),
-            "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55"
-        );
     }
 
     #[test]

@@ -5,7 +5,7 @@ mod support;
 
 use std::{os::unix::fs::symlink, path::Path};
 
-use sealmesh_identity::pki::{GeneratedCa, Layout};
+use sealmesh_pki::{GeneratedCa, Layout};
 use support::*;
 
 async fn certify_web(service: &Running) -> sealmesh_proto::identity::CertifyResponse {

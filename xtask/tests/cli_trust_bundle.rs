@@ -11,7 +11,7 @@ use std::{
 };
 
 use sealmesh_common::consts::{MESH_LABEL, MESH_LABEL_ENABLED};
-use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, Layout};
+use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use xtask::{
     mesh::{Mesh, MeshOptions, locate_binary},
     testbed::{PodSpec, TestbedSpec},
