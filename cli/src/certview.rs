@@ -11,18 +11,10 @@ use std::{
 use rustls_pki_types::{CertificateDer, UnixTime};
 use sealmesh_pki::{self as pki, PemError};
 use time::OffsetDateTime;
-use x509_parser::{
-    certificate::X509Certificate, extensions::GeneralName, oid_registry, prelude::FromDer,
-};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, oid_registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertViewError {
-    #[error("{what}: certificate {index} is not valid X.509: {reason}")]
-    Parse {
-        what: String,
-        index: usize,
-        reason: String,
-    },
     #[error(transparent)]
     Pem(#[from] PemError),
     #[error("{what} holds no certificate")]
@@ -51,7 +43,7 @@ pub struct CertFacts {
 
 impl CertFacts {
     pub fn parse(der: &[u8], what: &str, index: usize) -> Result<Self, CertViewError> {
-        let cert = parse(der, what, index)?;
+        let cert = pki::parse_cert(der, what, index)?;
         let spki = cert.public_key();
         let key_is_p256 = pki::is_p256(spki);
         let key_algorithm = if key_is_p256 {
@@ -192,20 +184,6 @@ fn describe_name(name: &GeneralName<'_>) -> String {
     }
 }
 
-fn parse<'a>(
-    der: &'a [u8],
-    what: &str,
-    index: usize,
-) -> Result<X509Certificate<'a>, CertViewError> {
-    X509Certificate::from_der(der)
-        .map(|(_, cert)| cert)
-        .map_err(|e| CertViewError::Parse {
-            what: what.to_owned(),
-            index,
-            reason: e.to_string(),
-        })
-}
-
 pub fn rfc3339(at: OffsetDateTime) -> String {
     humantime::format_rfc3339_seconds(SystemTime::from(at)).to_string()
 }
@@ -251,7 +229,7 @@ pub fn read_certificates(
             what: what.to_owned(),
         });
     }
-    parse(bytes, what, 0)?;
+    pki::parse_cert(bytes, what, 0)?;
     Ok(vec![CertificateDer::from(bytes.to_vec())])
 }
 
@@ -263,11 +241,11 @@ pub fn verify_chain(
     now: OffsetDateTime,
 ) -> Result<String, String> {
     let first = chain.first().ok_or("the chain is empty")?;
-    let first_cert = parse(first, "chain", 0).map_err(|e| e.to_string())?;
+    let first_cert = pki::parse_cert(first, "chain", 0).map_err(|e| e.to_string())?;
     let anchor_certs = anchors
         .iter()
         .enumerate()
-        .map(|(i, der)| parse(der, "trust anchors", i))
+        .map(|(i, der)| pki::parse_cert(der, "trust anchors", i))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     if first_cert.is_ca() {
@@ -317,7 +295,7 @@ pub fn verify_ca_signatures(
     let anchor_certs = anchors
         .iter()
         .enumerate()
-        .map(|(i, der)| parse(der, "trust anchors", i))
+        .map(|(i, der)| pki::parse_cert(der, "trust anchors", i))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     verify_ca_chain(chain, &anchor_certs, None)
@@ -350,7 +328,7 @@ fn verify_ca_chain(
     let certs = chain
         .iter()
         .enumerate()
-        .map(|(i, der)| parse(der, "chain", i))
+        .map(|(i, der)| pki::parse_cert(der, "chain", i))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let valid_then = |cert: &X509Certificate<'_>| match now {

@@ -218,4 +218,14 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
     }
+
+    #[test]
+    fn debug_output_never_shows_a_key() {
+        let root = generate_root(&CaSpec::valid_for("root.test", DAY)).unwrap();
+        let secret = root.key_pem.lines().nth(1).unwrap();
+        for shown in [format!("{root:?}"), format!("{:?}", root.material())] {
+            assert!(shown.contains("<redacted>"), "{shown}");
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
 }

@@ -32,7 +32,7 @@ pub use generate::{
     CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME, GenerateError, GeneratedCa,
     generate_issuer, generate_root, random_serial,
 };
-pub use pem::{PemError, parse_key, parse_pem_certs};
+pub use pem::{PemError, parse_cert, parse_key, parse_pem_certs};
 
 /// Any failure of this crate, for callers that combine reading, validating
 /// and generating.

@@ -43,9 +43,9 @@ pub fn parse_pem_certs(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'sta
     Ok(certs)
 }
 
-/// Parses certificate number `index` of `what`.
-pub(crate) fn parse_cert<'a>(
-    der: &'a CertificateDer<'_>,
+/// Parses a DER certificate, number `index` of `what` (for errors).
+pub fn parse_cert<'a>(
+    der: &'a [u8],
     what: &str,
     index: usize,
 ) -> Result<X509Certificate<'a>, PemError> {
