@@ -381,48 +381,25 @@ pub fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> b
 
 #[cfg(test)]
 mod tests {
-    use rcgen::{
-        CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    use sealmesh_pki::{
+        GeneratedCa,
+        test_support::{DAY, new_issuer, new_root, pem_certs, workload_leaf},
     };
-    use sealmesh_pki::{CaSpec, GeneratedCa, generate_issuer, generate_root};
 
     use super::*;
 
-    const DAY: Duration = Duration::from_secs(86_400);
-
-    fn root(name: &str) -> GeneratedCa {
-        generate_root(&CaSpec::valid_for(name, 10 * DAY)).unwrap()
-    }
-
     fn der(pem: &str) -> CertificateDer<'static> {
-        pki::parse_pem_certs(pem.as_bytes(), "test")
-            .unwrap()
-            .remove(0)
-    }
-
-    /// A workload leaf signed by `issuer`, as the identity service issues them.
-    fn leaf(issuer: &GeneratedCa) -> CertificateDer<'static> {
-        let key = KeyPair::from_pem(&issuer.key_pem).unwrap();
-        let signer = rcgen::Issuer::from_ca_cert_pem(&issuer.cert_pem, key).unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
-        )];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        params.signed_by(&leaf_key, &signer).unwrap().der().clone()
+        pem_certs(pem).remove(0)
     }
 
     #[test]
     fn a_leaf_chains_to_its_root_only_while_valid() {
-        let root = root("root.test");
-        let (issuer, _) =
-            generate_issuer(&root.material(), &CaSpec::valid_for("issuer.test", DAY)).unwrap();
-        let chain = [leaf(&issuer), der(&issuer.cert_pem)];
+        let root = new_root();
+        let issuer = new_issuer(&root, "issuer.test", DAY);
+        let chain = [
+            workload_leaf(&issuer, "spiffe://cluster.local/ns/shop/sa/web"),
+            der(&issuer.cert_pem),
+        ];
         let now = OffsetDateTime::now_utc();
         assert_eq!(
             verify_chain(&chain, &[der(&root.cert_pem)], now).unwrap(),
@@ -466,7 +443,7 @@ mod tests {
 
     fn root_named_other() -> GeneratedCa {
         // Same name as the real root, other key: names alone must not chain.
-        root("root.test")
+        new_root()
     }
 
     #[test]

@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, SignatureAlgorithm};
+use rcgen::{
+    CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    SignatureAlgorithm,
+};
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
 use sealmesh_common::identity::Identity;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -30,6 +33,22 @@ pub fn new_issuer(root: &GeneratedCa, common_name: &str, validity: Duration) -> 
     generate_issuer(&root.material(), &CaSpec::valid_for(common_name, validity))
         .unwrap()
         .0
+}
+
+/// A workload leaf for `spiffe_uri` signed by `issuer`, with the usages the
+/// identity service gives (serverAuth and clientAuth).
+pub fn workload_leaf(issuer: &GeneratedCa, spiffe_uri: &str) -> CertificateDer<'static> {
+    let issuer_key = KeyPair::from_pem(&issuer.key_pem).unwrap();
+    let signer = rcgen::Issuer::from_ca_cert_pem(&issuer.cert_pem, issuer_key).unwrap();
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.subject_alt_names = vec![SanType::URI(spiffe_uri.try_into().unwrap())];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    params.signed_by(&key, &signer).unwrap().der().clone()
 }
 
 /// Every certificate of a PEM text.
