@@ -57,7 +57,7 @@ pub enum ChainError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertInfo {
     pub subject: String,
-    /// Hex, colon-separated (as `openssl x509 -serial` groups it).
+    /// Lowercase hex, colon-separated ([`serial_hex`]).
     pub serial: String,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
