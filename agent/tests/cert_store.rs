@@ -23,10 +23,8 @@ use sealmesh_common::{
     consts::{MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE},
     identity::{Identity, TrustDomain},
 };
-use sealmesh_identity::{
-    Config, ServerBuilder,
-    pki::{CaSpec, GeneratedCa, Layout, generate_issuer, generate_root},
-};
+use sealmesh_identity::{Config, ServerBuilder};
+use sealmesh_pki::{CaSpec, GeneratedCa, Layout, generate_issuer, generate_root};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},

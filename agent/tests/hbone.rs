@@ -32,7 +32,7 @@ use sealmesh_agent::{
         TlsCredentials,
     },
     registry::{Endpoint, NodeInfo, Workload, WorkloadRegistry},
-    tls::{self, PeerRole, TlsError, TrustAnchors},
+    tls::{self, HboneTrust, PeerRole, TlsError},
 };
 use sealmesh_common::{
     consts::{HBONE_PORT, OUTBOUND_PORT},
@@ -72,8 +72,8 @@ impl TestCa {
         }
     }
 
-    fn anchors(&self) -> TrustAnchors {
-        TrustAnchors::from_pem(self.root_pem.as_bytes(), &TrustDomain::default()).unwrap()
+    fn anchors(&self) -> HboneTrust {
+        HboneTrust::from_pem(self.root_pem.as_bytes(), &TrustDomain::default()).unwrap()
     }
 
     /// Leaf + issuer chain and key for `id`, with the identity service's profile.
@@ -114,7 +114,7 @@ fn ca_params(common_name: &str) -> CertificateParams {
 struct TestCredentials {
     clients: HashMap<Identity, Arc<rustls::ClientConfig>>,
     server: Arc<rustls::ServerConfig>,
-    anchors: Mutex<Arc<TrustAnchors>>,
+    anchors: Mutex<Arc<HboneTrust>>,
     anchor_changes: watch::Sender<u64>,
 }
 
@@ -141,9 +141,8 @@ impl TestCredentials {
     /// What an anchor rotation does to the cert store: new anchors, and
     /// every live connection told to check its peer.
     fn replace_anchors(&self, bundle_pem: &str) {
-        *self.anchors.lock().unwrap() = Arc::new(
-            TrustAnchors::from_pem(bundle_pem.as_bytes(), &TrustDomain::default()).unwrap(),
-        );
+        *self.anchors.lock().unwrap() =
+            Arc::new(HboneTrust::from_pem(bundle_pem.as_bytes(), &TrustDomain::default()).unwrap());
         self.anchor_changes.send_modify(|epoch| *epoch += 1);
     }
 }
@@ -705,7 +704,7 @@ async fn next_closes(node: &mut Node, count: usize) -> Vec<ConnectionEvent> {
 /// A raw HBONE client (what a forged or confused peer would do): mTLS with
 /// `client_key` asking for `sni`, then one CONNECT; returns the status.
 async fn raw_connect(
-    anchors: &TrustAnchors,
+    anchors: &HboneTrust,
     client_key: CertifiedKey,
     inbound: SocketAddrV4,
     sni: &Identity,
@@ -1530,10 +1529,8 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
         cluster::{ClusterFile, Namespace, Node as ClusterNode, Pod, Service, ServicePort},
         consts::{MESH_LABEL, MESH_LABEL_ENABLED},
     };
-    use sealmesh_identity::{
-        Config as IdentityConfig, ServerBuilder,
-        pki::{CaSpec, Layout, generate_issuer, generate_root},
-    };
+    use sealmesh_identity::{Config as IdentityConfig, ServerBuilder};
+    use sealmesh_pki::{CaSpec, Layout, generate_issuer, generate_root};
 
     const DAY: Duration = Duration::from_secs(86_400);
     let n = 14;

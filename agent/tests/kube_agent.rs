@@ -22,7 +22,7 @@ use fake_apiserver::FakeApiServer;
 use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
 use nix::sched::{CloneFlags, setns};
 use sealmesh_common::{consts::AGENT_STARTED_MESSAGE, host};
-use sealmesh_identity::pki::{CaSpec, generate_root};
+use sealmesh_pki::{CaSpec, generate_root};
 use serde_json::Value;
 use support::{Process, Spec, Testbed};
 

@@ -23,7 +23,7 @@ use sealmesh_agent::{
     },
 };
 use sealmesh_common::identity::TrustDomain;
-use sealmesh_identity::pki::{CaSpec, generate_root};
+use sealmesh_pki::{CaSpec, generate_root};
 use tokio::time::Instant;
 
 const CONTROL_NS: &str = "sealmesh";

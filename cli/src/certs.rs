@@ -1,14 +1,14 @@
 //! `sealmesh certs`: create the root (trust anchor) and the issuer the
 //! identity service signs with (ECDSA P-256), in place of `step certificate
 //! create`, and inspect certificates. The certificate work lives in
-//! `sealmesh_identity::pki`.
+//! `sealmesh_pki`.
 
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
-use sealmesh_identity::pki::{
-    self, CaMaterial, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME, Layout,
+use sealmesh_pki::{
+    self as pki, CaMaterial, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME, Layout,
 };
 
 #[derive(Debug, Subcommand)]

@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 use rustls_pki_types::CertificateDer;
-use sealmesh_identity::pki::parse_pem_certs;
+use sealmesh_pki::parse_pem_certs;
 use sealmesh_proto::admin::{CertificateStatus, GetCertificatesRequest};
 use time::OffsetDateTime;
 

@@ -9,22 +9,14 @@ use std::{
 };
 
 use rustls_pki_types::{CertificateDer, UnixTime};
-use sealmesh_identity::pki::{self, PkiError};
+use sealmesh_pki::{self as pki, PemError};
 use time::OffsetDateTime;
-use x509_parser::{
-    certificate::X509Certificate, extensions::GeneralName, oid_registry, prelude::FromDer,
-};
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, oid_registry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CertViewError {
-    #[error("{what}: certificate {index} is not valid X.509: {reason}")]
-    Parse {
-        what: String,
-        index: usize,
-        reason: String,
-    },
     #[error(transparent)]
-    Pem(#[from] PkiError),
+    Pem(#[from] PemError),
     #[error("{what} holds no certificate")]
     Empty { what: String },
 }
@@ -51,7 +43,7 @@ pub struct CertFacts {
 
 impl CertFacts {
     pub fn parse(der: &[u8], what: &str, index: usize) -> Result<Self, CertViewError> {
-        let cert = parse(der, what, index)?;
+        let cert = pki::parse_cert(der, what, index)?;
         let spki = cert.public_key();
         let key_is_p256 = pki::is_p256(spki);
         let key_algorithm = if key_is_p256 {
@@ -107,7 +99,7 @@ impl CertFacts {
         Ok(Self {
             subject: cert.subject().to_string(),
             issuer: cert.issuer().to_string(),
-            serial: cert.raw_serial_as_string(),
+            serial: pki::serial_hex(cert.raw_serial()),
             not_before: cert.validity().not_before.to_datetime(),
             not_after: cert.validity().not_after.to_datetime(),
             key_algorithm,
@@ -192,20 +184,6 @@ fn describe_name(name: &GeneralName<'_>) -> String {
     }
 }
 
-fn parse<'a>(
-    der: &'a [u8],
-    what: &str,
-    index: usize,
-) -> Result<X509Certificate<'a>, CertViewError> {
-    X509Certificate::from_der(der)
-        .map(|(_, cert)| cert)
-        .map_err(|e| CertViewError::Parse {
-            what: what.to_owned(),
-            index,
-            reason: e.to_string(),
-        })
-}
-
 pub fn rfc3339(at: OffsetDateTime) -> String {
     humantime::format_rfc3339_seconds(SystemTime::from(at)).to_string()
 }
@@ -251,7 +229,7 @@ pub fn read_certificates(
             what: what.to_owned(),
         });
     }
-    parse(bytes, what, 0)?;
+    pki::parse_cert(bytes, what, 0)?;
     Ok(vec![CertificateDer::from(bytes.to_vec())])
 }
 
@@ -263,11 +241,11 @@ pub fn verify_chain(
     now: OffsetDateTime,
 ) -> Result<String, String> {
     let first = chain.first().ok_or("the chain is empty")?;
-    let first_cert = parse(first, "chain", 0).map_err(|e| e.to_string())?;
+    let first_cert = pki::parse_cert(first, "chain", 0).map_err(|e| e.to_string())?;
     let anchor_certs = anchors
         .iter()
         .enumerate()
-        .map(|(i, der)| parse(der, "trust anchors", i))
+        .map(|(i, der)| pki::parse_cert(der, "trust anchors", i))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     if first_cert.is_ca() {
@@ -317,7 +295,7 @@ pub fn verify_ca_signatures(
     let anchor_certs = anchors
         .iter()
         .enumerate()
-        .map(|(i, der)| parse(der, "trust anchors", i))
+        .map(|(i, der)| pki::parse_cert(der, "trust anchors", i))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     verify_ca_chain(chain, &anchor_certs, None)
@@ -350,7 +328,7 @@ fn verify_ca_chain(
     let certs = chain
         .iter()
         .enumerate()
-        .map(|(i, der)| parse(der, "chain", i))
+        .map(|(i, der)| pki::parse_cert(der, "chain", i))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let valid_then = |cert: &X509Certificate<'_>| match now {
@@ -403,48 +381,25 @@ pub fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> b
 
 #[cfg(test)]
 mod tests {
-    use rcgen::{
-        CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    use sealmesh_pki::{
+        GeneratedCa,
+        test_support::{DAY, new_issuer, new_root, pem_certs, workload_leaf},
     };
-    use sealmesh_identity::pki::{CaSpec, GeneratedCa, generate_issuer, generate_root};
 
     use super::*;
 
-    const DAY: Duration = Duration::from_secs(86_400);
-
-    fn root(name: &str) -> GeneratedCa {
-        generate_root(&CaSpec::valid_for(name, 10 * DAY)).unwrap()
-    }
-
     fn der(pem: &str) -> CertificateDer<'static> {
-        pki::parse_pem_certs(pem.as_bytes(), "test")
-            .unwrap()
-            .remove(0)
-    }
-
-    /// A workload leaf signed by `issuer`, as the identity service issues them.
-    fn leaf(issuer: &GeneratedCa) -> CertificateDer<'static> {
-        let key = KeyPair::from_pem(&issuer.key_pem).unwrap();
-        let signer = rcgen::Issuer::from_ca_cert_pem(&issuer.cert_pem, key).unwrap();
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::ExplicitNoCa;
-        params.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/shop/sa/web".try_into().unwrap(),
-        )];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        params.signed_by(&leaf_key, &signer).unwrap().der().clone()
+        pem_certs(pem).remove(0)
     }
 
     #[test]
     fn a_leaf_chains_to_its_root_only_while_valid() {
-        let root = root("root.test");
-        let (issuer, _) =
-            generate_issuer(&root.material(), &CaSpec::valid_for("issuer.test", DAY)).unwrap();
-        let chain = [leaf(&issuer), der(&issuer.cert_pem)];
+        let root = new_root();
+        let issuer = new_issuer(&root, "issuer.test", DAY);
+        let chain = [
+            workload_leaf(&issuer, "spiffe://cluster.local/ns/shop/sa/web"),
+            der(&issuer.cert_pem),
+        ];
         let now = OffsetDateTime::now_utc();
         assert_eq!(
             verify_chain(&chain, &[der(&root.cert_pem)], now).unwrap(),
@@ -488,7 +443,7 @@ mod tests {
 
     fn root_named_other() -> GeneratedCa {
         // Same name as the real root, other key: names alone must not chain.
-        root("root.test")
+        new_root()
     }
 
     #[test]

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use clap::Args;
 use rustls_pki_types::CertificateDer;
 use sealmesh_common::cluster::ClusterFile;
-use sealmesh_identity::pki::{CaMaterial, Issuer, TrustAnchors};
+use sealmesh_pki::{CaMaterial, Issuer, TrustAnchors};
 use sealmesh_proto::admin::{
     AgentStatus, GetCertificatesRequest, GetCertificatesResponse, GetStatusRequest,
 };

@@ -6,6 +6,7 @@
 //! those certificates.
 
 use rustls_pki_types::CertificateDer;
+use sealmesh_pki::fingerprint;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
 use crate::certview;
@@ -41,16 +42,6 @@ impl RemovedAnchor {
             self.subject, self.fingerprint
         )
     }
-}
-
-/// `AB:CD:...` SHA-256 fingerprint of a DER certificate.
-pub fn fingerprint(der: &[u8]) -> String {
-    use sha2::{Digest as _, Sha256};
-    Sha256::digest(der)
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 /// Subject and public key (DER) of a certificate: an anchor is "kept" when
@@ -105,63 +96,38 @@ pub fn removed_signing_anchors(
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use rcgen::{
-        BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-        IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, SanType,
+        BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, KeyPair,
+        KeyUsagePurpose,
     };
-    use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, generate_issuer, generate_root};
+    use sealmesh_pki::{
+        GeneratedCa,
+        test_support::{DAY, new_issuer, new_root_named, pem_certs, workload_leaf},
+    };
 
     use super::*;
 
-    const DAY: Duration = Duration::from_secs(86_400);
-
     fn root(name: &str) -> GeneratedCa {
-        generate_root(&CaSpec::valid_for(name, 30 * DAY)).unwrap()
+        new_root_named(name)
     }
 
     fn der(pem: &str) -> CertificateDer<'static> {
-        pki::parse_pem_certs(pem.as_bytes(), "test")
-            .unwrap()
-            .remove(0)
+        pem_certs(pem).remove(0)
     }
 
     fn issuer(root: &GeneratedCa, name: &str) -> GeneratedCa {
-        generate_issuer(&root.material(), &CaSpec::valid_for(name, 10 * DAY))
-            .unwrap()
-            .0
+        new_issuer(root, name, 10 * DAY)
     }
 
     /// A leaf signed by `issuer`, with the chain an agent reports (leaf, issuer).
     fn leaf_chain(issuer: &GeneratedCa, label: &str) -> LiveChain {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/shop/sa/client"
-                .try_into()
-                .unwrap(),
-        )];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let issuer_key = KeyPair::from_pem(&issuer.key_pem).unwrap();
-        let signer = rcgen::Issuer::from_ca_cert_pem(&issuer.cert_pem, issuer_key).unwrap();
-        let leaf = params.signed_by(&key, &signer).unwrap();
         LiveChain {
             label: label.to_owned(),
-            chain: vec![leaf.der().clone(), der(&issuer.cert_pem)],
+            chain: vec![
+                workload_leaf(issuer, "spiffe://cluster.local/ns/shop/sa/client"),
+                der(&issuer.cert_pem),
+            ],
         }
-    }
-
-    #[test]
-    fn fingerprints_are_colon_separated_sha256() {
-        // SHA-256 of the empty input.
-        assert_eq!(
-            fingerprint(b""),
-            "E3:B0:C4:42:98:FC:1C:14:9A:FB:F4:C8:99:6F:B9:24:27:AE:41:E4:64:9B:93:4C:A4:95:99:1B:78:52:B8:55"
-        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::{os::unix::fs::PermissionsExt, path::Path, process::Command};
 
-use sealmesh_identity::pki::{CaMaterial, Issuer, TrustAnchors};
+use sealmesh_pki::{CaMaterial, Issuer, TrustAnchors};
 use time::OffsetDateTime;
 
 fn sealmesh(args: &[&str]) -> std::process::Output {

@@ -2,36 +2,24 @@
 //! trust anchors: the real binary on real certificates in a PKI directory.
 //! (Live agent leaves, with --proxy, are covered by xtask/tests/cli_trust_bundle.rs.)
 
-use std::{path::Path, process::Output, time::Duration};
+use std::{path::Path, process::Output};
 
-use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, Layout};
-use sha2::{Digest as _, Sha256};
-
-const DAY: Duration = Duration::from_secs(86_400);
+use sealmesh_pki::{
+    GeneratedCa, Layout,
+    test_support::{DAY, new_issuer, new_root_named, pem_certs},
+};
 const SECTION: &str = "sealmesh-trust-bundle\n---------------------\n";
 
 fn root(name: &str) -> GeneratedCa {
-    pki::generate_root(&CaSpec::valid_for(name, 365 * DAY)).unwrap()
+    new_root_named(name)
 }
 
 fn issuer(root: &GeneratedCa) -> GeneratedCa {
-    pki::generate_issuer(
-        &root.material(),
-        &CaSpec::valid_for("issuer.test", 90 * DAY),
-    )
-    .unwrap()
-    .0
+    new_issuer(root, "issuer.test", 90 * DAY)
 }
 
 fn fingerprint(root: &GeneratedCa) -> String {
-    let der = pki::parse_pem_certs(root.cert_pem.as_bytes(), "root")
-        .unwrap()
-        .remove(0);
-    Sha256::digest(der.as_ref())
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    sealmesh_pki::fingerprint(&pem_certs(&root.cert_pem)[0])
 }
 
 /// A PKI directory (`ca-bundle.crt` = `current`, `issuer/`) and a candidate

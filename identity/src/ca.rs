@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData, SanType, SignatureAlgorithm,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256, PublicKeyData,
+    SanType, SignatureAlgorithm,
 };
 use rustls_pki_types::CertificateDer;
 use sealmesh_common::identity::Identity;
@@ -21,7 +21,7 @@ use x509_parser::{
     x509::SubjectPublicKeyInfo,
 };
 
-use crate::pki::{self, Issuer};
+use sealmesh_pki::{self as pki, Issuer};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum CaError {
@@ -233,15 +233,7 @@ fn sign_leaf(
     let not_before = now - policy.clock_skew;
     let serial = pki::random_serial();
 
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.dns_name());
-    params.subject_alt_names = vec![
-        SanType::URI(ia5(identity.spiffe_uri())?),
-        SanType::DnsName(ia5(identity.dns_name())?),
-    ];
+    let mut params = pki::identity_params(identity).map_err(|e| CaError::Sign(e.to_string()))?;
     for hostname in hostnames {
         params
             .subject_alt_names
@@ -261,7 +253,7 @@ fn sign_leaf(
     Ok(IssuedLeaf {
         certificate: certificate.der().clone(),
         chain: issuer.chain().to_vec(),
-        serial: hex_serial(&serial.to_bytes()),
+        serial: pki::serial_hex(&serial.to_bytes()),
         not_before,
         not_after,
     })
@@ -272,39 +264,29 @@ fn ia5(name: String) -> Result<rcgen::string::Ia5String, CaError> {
         .map_err(|e: rcgen::Error| CaError::Sign(e.to_string()))
 }
 
-fn hex_serial(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 #[cfg(test)]
 mod tests {
     use rcgen::{PKCS_ECDSA_P384_SHA384, PKCS_ED25519};
     use sealmesh_common::identity::TrustDomain;
     use x509_parser::prelude::X509Certificate;
 
+    use sealmesh_pki::{
+        CaSpec, TrustAnchors, generate_issuer, generate_root,
+        test_support::{csr_with, names_of, san_strings},
+    };
+
     use super::*;
-    use crate::pki::{CaSpec, TrustAnchors, generate_issuer, generate_root};
 
     fn identity() -> Identity {
         TrustDomain::default().identity("emojivoto", "web").unwrap()
     }
 
     fn csr(alg: &'static SignatureAlgorithm, sans: &[SanType]) -> Vec<u8> {
-        let key = KeyPair::generate_for(alg).unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = sans.to_vec();
-        params.serialize_request(&key).unwrap().der().to_vec()
+        csr_with(alg, sans.to_vec())
     }
 
     fn both_names() -> Vec<SanType> {
-        vec![
-            SanType::URI(identity().spiffe_uri().try_into().unwrap()),
-            SanType::DnsName(identity().dns_name().try_into().unwrap()),
-        ]
+        names_of(&identity())
     }
 
     #[test]
@@ -378,17 +360,8 @@ mod tests {
 
         let (_, cert) = X509Certificate::from_der(&leaf.certificate).unwrap();
         assert_eq!(cert.raw_serial_as_string(), leaf.serial);
-        let sans: Vec<String> = cert
-            .subject_alternative_name()
-            .unwrap()
-            .unwrap()
-            .value
-            .general_names
-            .iter()
-            .map(ToString::to_string)
-            .collect();
         assert_eq!(
-            sans,
+            san_strings(&leaf.certificate),
             [
                 "URI(spiffe://cluster.local/ns/emojivoto/sa/web)",
                 "DNSName(web.emojivoto.serviceaccount.identity.sealmesh.cluster.local)"

@@ -1,8 +1,8 @@
 //! sealmesh identity service: the CA that issues short-lived certificates to
-//! ServiceAccounts, in the style of Linkerd's identity controller.
+//! ServiceAccounts, in the style of Linkerd's identity controller. Trust
+//! anchors and issuers (loading, validation, generation) are `sealmesh_pki`'s.
 //!
 //! - [`config`]: the one `Config` (flags) of the service;
-//! - [`pki`]: trust anchors and issuers: loading, validation, generation;
 //! - [`ca`]: CSR verification and leaf signing;
 //! - [`auth`]: who is calling (`TokenValidator`) and what they may request;
 //! - [`limits`]: per-caller rate, concurrency and deadline of requests;
@@ -27,7 +27,6 @@ pub mod config;
 pub mod kube;
 pub mod limits;
 pub mod metrics;
-pub mod pki;
 pub mod rotation;
 mod server;
 pub mod service;

@@ -21,7 +21,7 @@ use sealmesh_common::{
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
 
-use crate::pki::CertInfo;
+use sealmesh_pki::CertInfo;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {

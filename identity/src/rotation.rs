@@ -21,10 +21,8 @@ use tokio::sync::{mpsc, watch};
 
 use sealmesh_common::consts::kube::{EVENT_ISSUER_UPDATE_SKIPPED, EVENT_ISSUER_UPDATED};
 
-use crate::{
-    metrics::Metrics,
-    pki::{CaMaterial, CertInfo, Issuer, PkiError, TrustAnchors},
-};
+use crate::metrics::Metrics;
+use sealmesh_pki::{CaMaterial, CertInfo, Issuer, PkiError, TrustAnchors};
 
 /// After a file event, wait until the directory has been quiet this long, so
 /// a writer replacing several files is read once, when done.

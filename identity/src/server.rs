@@ -22,11 +22,11 @@ use crate::{
     },
     limits::RequestLimits,
     metrics::{self, Metrics},
-    pki::{CaMaterial, PkiError, TrustAnchors},
     rotation::{self, IssuerEvents, IssuerStore, LoggingIssuerEvents, RotationError},
     service::CertifyService,
     serving::{self, ServingCertificate, ServingError},
 };
+use sealmesh_pki::{CaMaterial, PkiError, TrustAnchors};
 
 /// How long in-flight calls get to finish after shutdown is requested.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -224,7 +224,7 @@ impl ServerBuilder {
         let material =
             CaMaterial::read_dir(&local.issuer_dir).map_err(|source| ServeError::Issuer {
                 origin: local.issuer_dir.display().to_string(),
-                source,
+                source: source.into(),
             })?;
         Ok(Loaded {
             trust_domain,

@@ -42,9 +42,9 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::{
     ca::{self, CaError, LeafPolicy},
     metrics::Metrics,
-    pki::Issuer,
     rotation::IssuerStore,
 };
+use sealmesh_pki::Issuer;
 
 /// ALPN protocol of the gRPC API: HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";

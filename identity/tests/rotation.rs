@@ -5,7 +5,7 @@ mod support;
 
 use std::{os::unix::fs::symlink, path::Path};
 
-use sealmesh_identity::pki::{GeneratedCa, Layout};
+use sealmesh_pki::{GeneratedCa, Layout};
 use support::*;
 
 async fn certify_web(service: &Running) -> sealmesh_proto::identity::CertifyResponse {
@@ -69,20 +69,8 @@ async fn rewritten_issuer_files_take_over_and_old_leaves_still_verify() {
     let new_leaf = certify_web(&service).await;
     assert_eq!(new_leaf.intermediate_certificates, [issuer_der(&next)]);
     let anchors = cluster.anchors();
-    verify_chain(
-        &new_leaf.leaf_certificate,
-        &new_leaf.intermediate_certificates,
-        &anchors,
-        &web,
-    )
-    .unwrap();
-    verify_chain(
-        &old_leaf.leaf_certificate,
-        &old_leaf.intermediate_certificates,
-        &anchors,
-        &web,
-    )
-    .unwrap();
+    assert_issued_for(&new_leaf, &anchors, &web);
+    assert_issued_for(&old_leaf, &anchors, &web);
     service.stop().await;
 }
 
@@ -123,20 +111,8 @@ async fn kubelet_data_symlink_swap_is_followed() {
     assert_eq!(new_leaf.intermediate_certificates, [issuer_der(&next)]);
     let web = identity("web");
     let anchors = cluster.anchors();
-    verify_chain(
-        &new_leaf.leaf_certificate,
-        &new_leaf.intermediate_certificates,
-        &anchors,
-        &web,
-    )
-    .unwrap();
-    verify_chain(
-        &old_leaf.leaf_certificate,
-        &old_leaf.intermediate_certificates,
-        &anchors,
-        &web,
-    )
-    .unwrap();
+    assert_issued_for(&new_leaf, &anchors, &web);
+    assert_issued_for(&old_leaf, &anchors, &web);
     service.stop().await;
 }
 

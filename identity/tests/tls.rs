@@ -10,7 +10,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use rustls::{ClientConfig, ProtocolVersion, RootCertStore};
 use rustls_pki_types::{CertificateDer, ServerName};
 use sealmesh_common::identity::TrustDomain;
-use sealmesh_identity::pki::Layout;
+use sealmesh_pki::Layout;
 use support::*;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -55,18 +55,6 @@ async fn handshake(
     })
 }
 
-fn sans(cert: &CertificateDer<'_>) -> Vec<String> {
-    let (_, cert) = X509Certificate::from_der(cert).unwrap();
-    cert.subject_alternative_name()
-        .unwrap()
-        .unwrap()
-        .value
-        .general_names
-        .iter()
-        .map(ToString::to_string)
-        .collect()
-}
-
 #[tokio::test]
 async fn the_api_is_served_over_tls13_with_a_certificate_for_its_own_identity() {
     let cluster = TestCluster::new();
@@ -82,7 +70,7 @@ async fn the_api_is_served_over_tls13_with_a_certificate_for_its_own_identity() 
     assert_eq!(seen.version, Some(ProtocolVersion::TLSv1_3));
     assert_eq!(seen.alpn.as_deref(), Some(&b"h2"[..]));
     assert_eq!(
-        sans(&seen.chain[0]),
+        san_strings(&seen.chain[0]),
         [
             "URI(spiffe://cluster.local/ns/sealmesh/sa/sealmesh-identity)",
             "DNSName(sealmesh-identity.sealmesh.serviceaccount.identity.sealmesh.cluster.local)",
@@ -106,10 +94,7 @@ async fn the_api_is_served_over_tls13_with_a_certificate_for_its_own_identity() 
             .unwrap_or_else(|e| panic!("{name}: {e}"));
     }
     // A client without the mesh's anchors does not trust it.
-    let stranger = sealmesh_identity::pki::generate_root(
-        &sealmesh_identity::pki::CaSpec::valid_for("stranger.test", 365 * DAY),
-    )
-    .unwrap();
+    let stranger = new_root_named("stranger.test");
     let error = handshake(
         service.addr,
         &pem_certs(&stranger.cert_pem),
@@ -221,7 +206,7 @@ async fn the_serving_certificate_is_reissued_when_the_issuer_rotates() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_ne!(after.chain[0], before.chain[0]);
-    assert_eq!(sans(&after.chain[0]), sans(&before.chain[0]));
+    assert_eq!(san_strings(&after.chain[0]), san_strings(&before.chain[0]));
     let web = identity("web");
     let issued = service
         .client()
@@ -268,7 +253,7 @@ async fn the_serving_certificate_is_renewed_before_it_expires() {
     };
     let (_, leaf) = X509Certificate::from_der(&renewed.chain[0]).unwrap();
     assert!(leaf.validity().not_after.timestamp() > first_not_after);
-    assert_eq!(sans(&renewed.chain[0]), sans(&first.chain[0]));
+    assert_eq!(san_strings(&renewed.chain[0]), san_strings(&first.chain[0]));
     let (_, metrics) = http_get(service.metrics_addr, "/metrics").await;
     assert!(
         metrics.contains(&format!(

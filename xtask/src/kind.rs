@@ -19,7 +19,7 @@ use std::{
 };
 
 use sealmesh_common::consts::{self, MESH_LABEL, MESH_LABEL_ENABLED};
-use sealmesh_identity::pki::{self, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME};
+use sealmesh_pki::{self as pki, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME};
 use serde_json::{Value, json};
 
 use crate::{
@@ -88,7 +88,7 @@ pub enum KindError {
         source: std::io::Error,
     },
     #[error("creating the trust anchor and issuer: {0}")]
-    Pki(#[from] pki::PkiError),
+    Pki(#[from] pki::GenerateError),
     #[error("{0}")]
     Unexpected(String),
 }

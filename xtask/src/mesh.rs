@@ -21,7 +21,7 @@ use sealmesh_common::{
     cluster::IdentityEndpoint,
     consts::{ACCESS_LOG_TARGET, AGENT_STARTED_MESSAGE, IDENTITY_GRPC_PORT},
 };
-use sealmesh_identity::pki::{self, CaSpec, Layout};
+use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use serde_json::Value;
 
 use crate::testbed::{
@@ -66,6 +66,23 @@ impl From<KubeError> for MeshError {
     fn from(error: KubeError) -> Self {
         Self::Kube(Box::new(error))
     }
+}
+
+/// A root and an issuer it signed, written to `pki_dir` (`root/` in the pem
+/// layout, `issuer/` in the tls layout, as cert-manager writes it); returns
+/// the root and the issuer as the identity service reads it.
+fn create_pki(pki_dir: &Path) -> Result<(GeneratedCa, pki::CaMaterial), pki::PkiError> {
+    let root = pki::generate_root(&CaSpec::valid_for(
+        "root.sealmesh.cluster.local",
+        ROOT_VALIDITY,
+    ))?;
+    let (issuer, _) = pki::generate_issuer(
+        &root.material(),
+        &CaSpec::valid_for("identity.sealmesh.cluster.local", ISSUER_VALIDITY),
+    )?;
+    root.write_dir(&pki_dir.join("root"), Layout::Pem, false)?;
+    issuer.write_dir(&pki_dir.join("issuer"), Layout::Tls, false)?;
+    Ok((root, pki::CaMaterial::read_dir(&pki_dir.join("issuer"))?))
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> MeshError {
@@ -145,16 +162,7 @@ impl Mesh {
         std::fs::create_dir_all(&logs_dir)
             .map_err(io_err(format!("creating {}", logs_dir.display())))?;
 
-        let root = pki::generate_root(&CaSpec::valid_for(
-            "root.sealmesh.cluster.local",
-            ROOT_VALIDITY,
-        ))?;
-        let (issuer, _) = pki::generate_issuer(
-            &root.material(),
-            &CaSpec::valid_for("identity.sealmesh.cluster.local", ISSUER_VALIDITY),
-        )?;
-        root.write_dir(&pki_dir.join("root"), Layout::Pem, false)?;
-        issuer.write_dir(&pki_dir.join("issuer"), Layout::Tls, false)?;
+        let (root, issuer) = create_pki(&pki_dir)?;
         let anchors = pki_dir.join("ca-bundle.crt");
         std::fs::write(&anchors, &root.cert_pem)
             .map_err(io_err(format!("writing {}", anchors.display())))?;
@@ -171,7 +179,7 @@ impl Mesh {
                 mode.clone(),
                 &KubePki {
                     trust_anchors_pem: root.cert_pem.as_bytes(),
-                    issuer: &pki::CaMaterial::read_dir(&pki_dir.join("issuer"))?,
+                    issuer: &issuer,
                     issuer_layout: Layout::Tls,
                 },
             )?),

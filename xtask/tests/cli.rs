@@ -15,7 +15,7 @@ use sealmesh_common::{
     cluster::{Service, ServicePort},
     consts::{MESH_LABEL, MESH_LABEL_ENABLED},
 };
-use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, Layout};
+use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use serde_json::Value;
 use xtask::{
     mesh::{Mesh, MeshOptions, locate_binary},

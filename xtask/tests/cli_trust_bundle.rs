@@ -11,7 +11,7 @@ use std::{
 };
 
 use sealmesh_common::consts::{MESH_LABEL, MESH_LABEL_ENABLED};
-use sealmesh_identity::pki::{self, CaSpec, GeneratedCa, Layout};
+use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use xtask::{
     mesh::{Mesh, MeshOptions, locate_binary},
     testbed::{PodSpec, TestbedSpec},
@@ -57,15 +57,10 @@ fn section(out: &Output) -> String {
 
 /// `openssl x509 -fingerprint -sha256` style.
 fn fingerprint(pem: &str) -> String {
-    use sha2::{Digest as _, Sha256};
     let der = pki::parse_pem_certs(pem.as_bytes(), "root")
         .unwrap()
         .remove(0);
-    Sha256::digest(der.as_ref())
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect::<Vec<_>>()
-        .join(":")
+    pki::fingerprint(&der)
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {

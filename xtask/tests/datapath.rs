@@ -498,7 +498,7 @@ mod forged {
         pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName},
     };
     use sealmesh_common::cluster::ClusterFile;
-    use sealmesh_identity::pki::{self, CaSpec};
+    use sealmesh_pki::{self as pki, CaSpec};
 
     #[derive(Debug, PartialEq, Eq)]
     pub struct Outcomes {

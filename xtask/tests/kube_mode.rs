@@ -20,7 +20,7 @@ use sealmesh_common::{
         kube::{EVENT_ISSUER_UPDATED, IDENTITY_NAME},
     },
 };
-use sealmesh_identity::pki::{self, CaSpec, Layout};
+use sealmesh_pki::{self as pki, CaSpec, Layout};
 use sealmesh_proto::admin::{self as pb, admin_client::AdminClient};
 use serde_json::Value;
 mod kube_support;

@@ -31,7 +31,7 @@ use sealmesh_common::{
     },
     consts::{INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT, MESH_LABEL, MESH_LABEL_ENABLED},
 };
-use sealmesh_identity::pki::{self, CaSpec, Layout};
+use sealmesh_pki::{self as pki, CaSpec, Layout};
 use serde_json::json;
 mod kube_support;
 

@@ -101,7 +101,7 @@ impl pb::admin_server::Admin for AdminService {
             .into_iter()
             .map(|s| pb::CertificateStatus {
                 identity: s.identity.spiffe_uri(),
-                serial: s.serial.as_deref().map(colon_hex).unwrap_or_default(),
+                serial: s.serial.clone().unwrap_or_default(),
                 not_before_unix: secs(s.not_before),
                 not_after_unix: secs(s.not_after),
                 last_refresh_unix: secs(s.last_refresh),
@@ -331,15 +331,6 @@ fn edge_order(e: &pb::Edge) -> (String, String, i32, String) {
     )
 }
 
-/// "0a1b2c" -> "0a:1b:2c", as openssl and Linkerd print serials.
-fn colon_hex(hex: &str) -> String {
-    hex.as_bytes()
-        .chunks(2)
-        .map(|pair| String::from_utf8_lossy(pair).into_owned())
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -421,12 +412,6 @@ mod tests {
         let status = rx.recv().await.unwrap().unwrap_err();
         assert_eq!(status.code(), tonic::Code::Unavailable);
         tap.await.unwrap();
-    }
-
-    #[test]
-    fn serials_print_as_colon_separated_hex() {
-        assert_eq!(colon_hex("0a1b2c"), "0a:1b:2c");
-        assert_eq!(colon_hex(""), "");
     }
 
     #[test]

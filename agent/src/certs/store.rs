@@ -28,7 +28,7 @@ use super::{
     RenewalPolicy,
     ca_client::{CaError, CertificateAuthority, IdentityService},
 };
-use crate::tls::{PeerRole, SanNames, TlsError, TrustAnchors, crypto_provider};
+use crate::tls::{HboneTrust, PeerRole, SanNames, TlsError, crypto_provider};
 
 #[derive(Clone, Debug)]
 pub struct CertStoreConfig {
@@ -173,7 +173,7 @@ type CertMap = HashMap<Identity, Arc<IssuedCert>>;
 /// The anchors and the server config verifying clients against them; swapped
 /// together when the bundle is reloaded.
 struct Anchored {
-    anchors: TrustAnchors,
+    anchors: HboneTrust,
     /// The bundle `anchors` was parsed from.
     pem: String,
     server_config: Arc<ServerConfig>,
@@ -648,7 +648,7 @@ fn anchored_from_pem(
             source,
         },
     };
-    let anchors = TrustAnchors::from_pem(pem, &cfg.trust_domain).map_err(bad)?;
+    let anchors = HboneTrust::from_pem(pem, &cfg.trust_domain).map_err(bad)?;
     let server_config = Arc::new(anchors.server_config(resolver).map_err(bad)?);
     let identity_tls = Arc::new(
         identity_tls::client_config(anchors.roots(), &cfg.trust_domain.identity_service())
@@ -656,7 +656,7 @@ fn anchored_from_pem(
     );
     Ok(Anchored {
         anchors,
-        // TrustAnchors::from_pem accepted it, so it is PEM text.
+        // HboneTrust::from_pem accepted it, so it is PEM text.
         pem: String::from_utf8_lossy(pem).into_owned(),
         server_config,
         identity_tls,
@@ -664,15 +664,11 @@ fn anchored_from_pem(
     })
 }
 
-/// Serial (lowercase hex), notBefore and notAfter of a leaf.
+/// Serial (colon-separated hex, as openssl prints it), notBefore and notAfter of a leaf.
 fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(String, SystemTime, SystemTime), ObtainError> {
     let (_, cert) = X509Certificate::from_der(leaf)
         .map_err(|e| ObtainError::Untrusted(TlsError::UnparseableCertificate(e.to_string())))?;
-    let serial = cert
-        .raw_serial()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let serial = sealmesh_pki::serial_hex(cert.raw_serial());
     let validity = cert.validity();
     Ok((
         serial,

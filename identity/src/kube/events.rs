@@ -22,9 +22,9 @@ use sealmesh_common::consts::kube::{
 
 use crate::{
     config::KubeSettings,
-    pki::CertInfo,
     rotation::{IssuerEvents, LoggingIssuerEvents},
 };
+use sealmesh_pki::CertInfo;
 
 const EVENT_NORMAL: &str = "Normal";
 const EVENT_WARNING: &str = "Warning";

@@ -23,12 +23,9 @@ use kube::{
 use sealmesh_common::consts::kube::{ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY};
 
 use super::KubeError;
-use crate::{
-    pki::{
-        CaMaterial, PEM_CERT_FILE, PEM_KEY_FILE, TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE,
-        TrustAnchors,
-    },
-    rotation::{IssuerStore, Offer},
+use crate::rotation::{IssuerStore, Offer};
+use sealmesh_pki::{
+    CaMaterial, PEM_CERT_FILE, PEM_KEY_FILE, TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE, TrustAnchors,
 };
 
 /// The issuer Secret and trust-roots ConfigMap of the control namespace.
@@ -258,8 +255,10 @@ fn anchors_of(config_map: &ConfigMap, namespace: &str) -> Result<AnchorBundle, K
             object: object.clone(),
             key: TRUST_ROOTS_KEY,
         })?;
-    let anchors = TrustAnchors::from_pem(&pem, &object)
-        .map_err(|source| KubeError::Content { object, source })?;
+    let anchors = TrustAnchors::from_pem(&pem, &object).map_err(|source| KubeError::Content {
+        object,
+        source: source.into(),
+    })?;
     Ok(AnchorBundle { pem, anchors })
 }
 

@@ -38,7 +38,7 @@ pub use issuer::{AnchorBundle, PkiObjects};
 pub use pods::KubeWorkloadDirectory;
 pub use tokens::KubeTokenValidator;
 
-use crate::pki::{PEM_CERT_FILE, PEM_KEY_FILE, PkiError, TLS_CERT_FILE, TLS_KEY_FILE};
+use sealmesh_pki::{PEM_CERT_FILE, PEM_KEY_FILE, PkiError, TLS_CERT_FILE, TLS_KEY_FILE};
 
 /// The RBAC the identity service needs, as shipped.
 const IDENTITY_RBAC_FILE: &str = "deploy/base/identity-rbac.yaml";

@@ -9,8 +9,7 @@ use std::{
     time::Duration,
 };
 
-use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType, SignatureAlgorithm};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime, pem::PemObject};
+use rustls_pki_types::CertificateDer;
 use sealmesh_common::{
     cluster::{ClusterFile, Namespace, Node, Pod, ServiceAccount},
     identity::{Identity, TrustDomain},
@@ -18,28 +17,18 @@ use sealmesh_common::{
 use sealmesh_identity::{
     Config, ServerBuilder, client,
     config::{LocalSources, Mode},
-    pki::{CaSpec, CertInfo, GeneratedCa, Layout, generate_issuer, generate_root},
     rotation::IssuerEvents,
 };
+pub use sealmesh_pki::test_support::*;
+use sealmesh_pki::{CertInfo, GeneratedCa, Layout};
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
 use tokio::sync::{mpsc, oneshot};
 use tonic::transport::Channel;
 
-pub const DAY: Duration = Duration::from_secs(86_400);
 pub const NAMESPACE: &str = "emojivoto";
 
 pub fn identity(sa: &str) -> Identity {
     TrustDomain::default().identity(NAMESPACE, sa).unwrap()
-}
-
-pub fn new_root() -> GeneratedCa {
-    generate_root(&CaSpec::valid_for("root.test", 365 * DAY)).unwrap()
-}
-
-pub fn new_issuer(root: &GeneratedCa, common_name: &str, validity: Duration) -> GeneratedCa {
-    generate_issuer(&root.material(), &CaSpec::valid_for(common_name, validity))
-        .unwrap()
-        .0
 }
 
 /// A cluster: node-0 runs web-0 (sa web); node-1 runs emoji-0 (sa emoji).
@@ -162,12 +151,6 @@ pub fn pod(name: &str, sa: &str, node: &str, ip: &str) -> Pod {
     }
 }
 
-pub fn pem_certs(pem: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_slice_iter(pem.as_bytes())
-        .collect::<Result<_, _>>()
-        .unwrap()
-}
-
 /// Issuer events as the test sees them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -284,26 +267,6 @@ impl Drop for Running {
     }
 }
 
-/// A key and a CSR for `sans` with a key of `alg`.
-pub fn csr_with(alg: &'static SignatureAlgorithm, sans: Vec<SanType>) -> Vec<u8> {
-    let key = KeyPair::generate_for(alg).unwrap();
-    let mut params = CertificateParams::default();
-    params.subject_alt_names = sans;
-    params.serialize_request(&key).unwrap().der().to_vec()
-}
-
-pub fn names_of(identity: &Identity) -> Vec<SanType> {
-    vec![
-        SanType::URI(identity.spiffe_uri().try_into().unwrap()),
-        SanType::DnsName(identity.dns_name().try_into().unwrap()),
-    ]
-}
-
-/// A P-256 CSR for both names of `identity`.
-pub fn csr_for(identity: &Identity) -> Vec<u8> {
-    csr_with(&PKCS_ECDSA_P256_SHA256, names_of(identity))
-}
-
 pub fn request(identity: &Identity, token: &str, csr: Vec<u8>) -> pb::CertifyRequest {
     pb::CertifyRequest {
         identity: identity.dns_name(),
@@ -312,40 +275,20 @@ pub fn request(identity: &Identity, token: &str, csr: Vec<u8>) -> pb::CertifyReq
     }
 }
 
-/// Verifies `leaf` + `chain` against `anchors` as an mTLS peer would (both
-/// usages, and the identity's DNS name).
-pub fn verify_chain(
-    leaf: &[u8],
-    chain: &[Vec<u8>],
+/// Asserts that `response` holds a leaf for `identity` whose chain leads to
+/// `anchors`, as mTLS peers verify it.
+pub fn assert_issued_for(
+    response: &pb::CertifyResponse,
     anchors: &[CertificateDer<'static>],
     identity: &Identity,
-) -> Result<(), webpki::Error> {
-    let anchors: Vec<_> = anchors
-        .iter()
-        .map(|a| webpki::anchor_from_trusted_cert(a).unwrap().to_owned())
-        .collect();
-    let intermediates: Vec<CertificateDer<'_>> = chain
-        .iter()
-        .map(|c| CertificateDer::from(c.as_slice()))
-        .collect();
-    let leaf = CertificateDer::from(leaf);
-    let end_entity = webpki::EndEntityCert::try_from(&leaf)?;
-    let now = UnixTime::now();
-    for usage in [
-        webpki::KeyUsage::server_auth(),
-        webpki::KeyUsage::client_auth(),
-    ] {
-        end_entity.verify_for_usage(
-            webpki::ALL_VERIFICATION_ALGS,
-            &anchors,
-            &intermediates,
-            now,
-            usage,
-            None,
-            None,
-        )?;
-    }
-    end_entity.verify_is_valid_for_subject_name(&ServerName::try_from(identity.dns_name()).unwrap())
+) {
+    verify_chain(
+        &response.leaf_certificate,
+        &response.intermediate_certificates,
+        anchors,
+        identity,
+    )
+    .unwrap_or_else(|e| panic!("the leaf for {identity} does not verify: {e}"));
 }
 
 /// GETs `path` from the metrics endpoint; returns (status, body).

@@ -16,19 +16,14 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use rcgen::{
-    CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
-};
+use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use sealmesh_common::{
     cluster::{ClusterFile, Namespace, Node, Pod},
     consts::{MESH_LABEL, MESH_LABEL_ENABLED},
     identity::{Identity, TrustDomain},
 };
-use sealmesh_identity::{
-    Config, ServerBuilder, client,
-    config::Mode,
-    pki::{self, CaSpec, Layout, generate_issuer, generate_root},
-};
+use sealmesh_identity::{Config, ServerBuilder, client, config::Mode};
+use sealmesh_pki::{self as pki, CaSpec, Layout, generate_issuer, generate_root};
 use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
 use tonic::transport::Channel;
 
@@ -216,16 +211,8 @@ fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identit
 
 fn certify_request(identity: &Identity, token: &str) -> anyhow::Result<CertifyRequest> {
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
-    let mut params = CertificateParams::default();
     // As Linkerd proxies do: CN = the identity's DNS name.
-    params.distinguished_name = DistinguishedName::new();
-    params
-        .distinguished_name
-        .push(DnType::CommonName, identity.dns_name());
-    params.subject_alt_names = vec![
-        SanType::URI(identity.spiffe_uri().try_into()?),
-        SanType::DnsName(identity.dns_name().try_into()?),
-    ];
+    let params = pki::identity_params(identity)?;
     Ok(CertifyRequest {
         identity: identity.dns_name(),
         token: token.as_bytes().to_vec(),

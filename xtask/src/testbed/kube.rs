@@ -63,7 +63,7 @@ use sealmesh_common::{
         IDENTITY_TOKEN_AUDIENCE, ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY,
     },
 };
-use sealmesh_identity::pki::{CaMaterial, Layout as PkiLayout};
+use sealmesh_pki::{CaMaterial, Layout as PkiLayout};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use sealmesh_identity::pki::{
-    self, CaMaterial, CaSpec, GeneratedCa, Issuer, PkiError, TrustAnchors,
+use sealmesh_pki::{
+    self as pki, CaMaterial, CaSpec, ChainError, GeneratedCa, Issuer, PemError, TrustAnchors,
 };
 use time::OffsetDateTime;
 
@@ -21,7 +21,7 @@ fn anchors(root: &GeneratedCa) -> TrustAnchors {
     TrustAnchors::from_pem(root.cert_pem.as_bytes(), "test").unwrap()
 }
 
-fn issuer_with_key(issuer: &GeneratedCa, key_pem: &str) -> Result<Issuer, PkiError> {
+fn issuer_with_key(issuer: &GeneratedCa, key_pem: &str) -> Result<Issuer, ChainError> {
     let material = CaMaterial {
         key_pem: key_pem.as_bytes().to_vec(),
         ..issuer.material()
@@ -47,7 +47,7 @@ fn certificates_are_found_among_other_blocks_and_text() {
 fn a_file_without_certificates_says_so() {
     let (_, issuer) = root_and_issuer();
     let err = pki::parse_pem_certs(issuer.key_pem.as_bytes(), "ca.crt").unwrap_err();
-    assert!(matches!(err, PkiError::NoCertificates { .. }), "{err}");
+    assert!(matches!(err, PemError::NoCertificates { .. }), "{err}");
     assert_eq!(err.to_string(), "ca.crt holds no PEM CERTIFICATE block");
 }
 
@@ -56,7 +56,7 @@ fn broken_base64_is_a_pem_error_naming_the_file() {
     let (root, _) = root_and_issuer();
     let broken = root.cert_pem.replacen("MII", "M*I", 1);
     let err = pki::parse_pem_certs(broken.as_bytes(), "ca.crt").unwrap_err();
-    assert!(matches!(err, PkiError::Pem { .. }), "{err}");
+    assert!(matches!(err, PemError::Pem { .. }), "{err}");
     assert!(
         err.to_string().starts_with("ca.crt is not valid PEM: "),
         "{err}"
@@ -75,7 +75,10 @@ fn the_generated_pkcs8_key_is_read() {
 fn a_key_file_without_a_key_block_says_which_blocks_it_needs() {
     let (_, issuer) = root_and_issuer();
     let err = issuer_with_key(&issuer, &issuer.cert_pem).unwrap_err();
-    assert!(matches!(err, PkiError::Key { .. }), "{err}");
+    assert!(
+        matches!(err, ChainError::Pem(PemError::Key { .. })),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
         "generated CA key holds no usable private key: no PRIVATE KEY or EC PRIVATE KEY block"
@@ -87,6 +90,9 @@ fn a_key_with_broken_base64_is_refused() {
     let (_, issuer) = root_and_issuer();
     let broken = issuer.key_pem.replacen("MI", "M*", 1);
     let err = issuer_with_key(&issuer, &broken).unwrap_err();
-    assert!(matches!(err, PkiError::Key { .. }), "{err}");
+    assert!(
+        matches!(err, ChainError::Pem(PemError::Key { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("base64"), "{err}");
 }
