@@ -185,8 +185,8 @@ impl IdentityAddr {
     }
 }
 
-/// Command-line flags as typed; `Config::from_args` turns them into a
-/// complete `Config`.
+/// Command-line flags as typed; `AgentConfig::from_args` turns them into a
+/// complete `AgentConfig`.
 #[derive(Clone, Debug, Parser)]
 #[command(name = "sealmesh-agent", version, about = "sealmesh node agent")]
 pub struct Args {
@@ -476,7 +476,7 @@ pub enum Source {
 
 /// The agent's complete, validated configuration.
 #[derive(Clone, Debug)]
-pub struct Config {
+pub struct AgentConfig {
     pub source: Source,
     pub node: String,
     pub trust_domain: TrustDomain,
@@ -567,7 +567,7 @@ const NODE_POD_CIDRS: &str = "every Node's spec.podCIDRs";
 /// What the YAML dump shows instead of the token.
 const TOKEN_REDACTED: &str = "<redacted: read from token_file on each request>";
 
-impl Config {
+impl AgentConfig {
     pub fn mode(&self) -> Mode {
         match self.source {
             Source::Local(_) => Mode::Local,
@@ -933,7 +933,7 @@ fn cidr_list(cidrs: &[Ipv4Net]) -> String {
 
 /// One-line dump for the start-up log. It holds no secrets (the token file's
 /// path, never its content) so nothing needs masking beyond that.
-impl fmt::Display for Config {
+impl fmt::Display for AgentConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "mode={} ", self.mode())?;
         match &self.source {
@@ -1017,9 +1017,9 @@ nodes:
         args_for("node-0", extra)
     }
 
-    fn resolve(extra: &[&str]) -> Result<Config, ConfigError> {
+    fn resolve(extra: &[&str]) -> Result<AgentConfig, ConfigError> {
         let cluster = ClusterFile::from_yaml(CLUSTER).unwrap();
-        Config::resolve(args(extra), &cluster, Some(Path::new("/sys/fs/bpf")))
+        AgentConfig::resolve(args(extra), &cluster, Some(Path::new("/sys/fs/bpf")))
     }
 
     #[test]
@@ -1054,7 +1054,7 @@ nodes:
     fn local_mode_takes_the_service_range_from_the_cluster_file() {
         let cluster =
             ClusterFile::from_yaml(&format!("{CLUSTER}serviceCidr: 10.96.0.0/16\n")).unwrap();
-        let c = Config::resolve(args(&[]), &cluster, Some(Path::new("/sys/fs/bpf"))).unwrap();
+        let c = AgentConfig::resolve(args(&[]), &cluster, Some(Path::new("/sys/fs/bpf"))).unwrap();
         assert_eq!(
             c.cluster_networks.service_cidrs,
             ["10.96.0.0/16".parse::<Ipv4Net>().unwrap()]
@@ -1132,7 +1132,7 @@ nodes:
     #[test]
     fn explains_what_is_missing() {
         let cluster = ClusterFile::from_yaml(CLUSTER).unwrap();
-        let err = Config::resolve(
+        let err = AgentConfig::resolve(
             args_for("node-9", &[]),
             &cluster,
             Some(Path::new("/sys/fs/bpf")),
@@ -1143,7 +1143,7 @@ nodes:
             "node \"node-9\" is not in the cluster file /etc/cluster.yaml (nodes: node-0, node-1); pass --node with one of them"
         );
 
-        let err = Config::resolve(
+        let err = AgentConfig::resolve(
             args_for("node-1", &[]),
             &cluster,
             Some(Path::new("/sys/fs/bpf")),
@@ -1156,15 +1156,15 @@ nodes:
 
         let mut no_identity = cluster.clone();
         no_identity.identity = None;
-        let err =
-            Config::resolve(args(&[]), &no_identity, Some(Path::new("/sys/fs/bpf"))).unwrap_err();
+        let err = AgentConfig::resolve(args(&[]), &no_identity, Some(Path::new("/sys/fs/bpf")))
+            .unwrap_err();
         assert!(
             err.to_string()
                 .starts_with("no identity service address configured"),
             "{err}"
         );
 
-        let err = Config::resolve(args(&[]), &cluster, None).unwrap_err();
+        let err = AgentConfig::resolve(args(&[]), &cluster, None).unwrap_err();
         assert!(matches!(err, ConfigError::NoBpffs), "{err}");
 
         let err = Args::try_parse_from([
@@ -1358,8 +1358,8 @@ nodes:
         Args::try_parse_from(argv).unwrap()
     }
 
-    fn resolve_kube(extra: &[&str]) -> Result<Config, ConfigError> {
-        Config::resolve_kubernetes(
+    fn resolve_kube(extra: &[&str]) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::resolve_kubernetes(
             kube_args(extra),
             Some(Path::new("/sys/fs/bpf")),
             Some(Path::new("/sys/fs/cgroup")),
@@ -1504,7 +1504,7 @@ nodes:
         );
 
         let no_file = Args::try_parse_from(["sealmesh-agent", "--node", "n1"]).unwrap();
-        let err = Config::from_args(Args {
+        let err = AgentConfig::from_args(Args {
             bpffs_dir: Some("/sys/fs/bpf/x".into()),
             ..no_file
         })
@@ -1513,8 +1513,9 @@ nodes:
 
         let err = resolve_kube(&["--trust-domain", "Bad_Domain"]).unwrap_err();
         assert!(matches!(err, ConfigError::TrustDomain(_)), "{err}");
-        let err = Config::resolve_kubernetes(kube_args(&[]), Some(Path::new("/sys/fs/bpf")), None)
-            .unwrap_err();
+        let err =
+            AgentConfig::resolve_kubernetes(kube_args(&[]), Some(Path::new("/sys/fs/bpf")), None)
+                .unwrap_err();
         assert!(matches!(err, ConfigError::NoCgroup2), "{err}");
     }
 

@@ -18,14 +18,14 @@ use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
     backoff,
     certs::{CertStore, CertStoreConfig},
-    config::{Config, IdentityAddr, KubeSettings, LocalSettings, Source},
+    config::{AgentConfig, IdentityAddr, KubeSettings, LocalSettings, Source},
     ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
     inbound_policy::{self, InboundPolicyState},
     kube::{
         self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig, PodCgroups,
         trust_roots::{fetch_trust_roots, trust_roots_origin, watch_trust_roots},
     },
-    metrics::{self, Metrics, MetricsAccessCheck},
+    metrics::{self, AgentMetrics, MetricsAccessCheck},
     proxy::{Proxy, ProxyConfig},
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
@@ -43,7 +43,7 @@ use tokio::{
 const CGROUP_SYNC_RETRY: Duration = Duration::from_secs(5);
 
 fn main() -> ExitCode {
-    let config = match Config::load() {
+    let config = match AgentConfig::load() {
         Ok(config) => config,
         Err(error) => {
             eprintln!("sealmesh-agent: {error}");
@@ -102,14 +102,14 @@ fn release_freed_heap() {
     }
 }
 
-fn init_tracing(config: &Config) {
+fn init_tracing(config: &AgentConfig) {
     if let Err(error) = logging::init(&config.log_level, config.log_format) {
         // Validated when the flags were parsed.
         eprintln!("{error}");
     }
 }
 
-async fn run(config: Config) -> Result<()> {
+async fn run(config: AgentConfig) -> Result<()> {
     tracing::info!(%config, "sealmesh-agent starting");
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = move || {
@@ -207,7 +207,7 @@ async fn run(config: Config) -> Result<()> {
         registry_dyn.clone(),
         redirector.clone(),
     ));
-    let metrics = Arc::new(Metrics::new(certs.clone(), inbound.clone()));
+    let metrics = Arc::new(AgentMetrics::new(certs.clone(), inbound.clone()));
     let proxy_handle = proxy.handle();
     proxy_handle.add_observer(connections.clone());
     proxy_handle.add_observer(metrics.clone());
@@ -303,7 +303,7 @@ enum RegistrySource {
 type Started = (RegistrySource, Arc<dyn WorkloadRegistry>, Arc<CertStore>);
 
 fn start_local(
-    config: &Config,
+    config: &AgentConfig,
     local: &LocalSettings,
     cert_config: CertStoreConfig,
 ) -> Result<Started> {
@@ -329,7 +329,7 @@ fn start_local(
 
 /// Reads this node, every watched kind and the trust roots from the API.
 async fn start_kubernetes(
-    config: &Config,
+    config: &AgentConfig,
     kube: &KubeSettings,
     cert_config: CertStoreConfig,
 ) -> Result<Started> {
@@ -406,7 +406,7 @@ async fn wait_for_signal() -> Result<()> {
 
 /// The agent's pod cgroup in Kubernetes mode, when its UID is given (the
 /// redirector adds the cgroup the agent runs in by itself).
-fn agent_pod_cgroups(config: &Config) -> Result<Vec<u64>> {
+fn agent_pod_cgroups(config: &AgentConfig) -> Result<Vec<u64>> {
     let Source::Kubernetes(KubeSettings {
         cgroup_root,
         agent_pod_uid: Some(uid),

@@ -11,7 +11,7 @@
 //! `src_namespace`, `dst_namespace` — never by pod, connection or port, so
 //! their number is bounded by identity pairs — and the series of identities
 //! (or, for plaintext, namespaces) that left the node are dropped
-//! ([`Metrics::forget_departed`]). Bytes count as they flow: a scrape adds
+//! ([`AgentMetrics::forget_departed`]). Bytes count as they flow: a scrape adds
 //! the live counters of open connections to the totals of closed ones, so a
 //! long-lived stream's traffic shows while it runs, not only at its close.
 //! Certificate series are read from the cert store at each scrape, so only
@@ -146,7 +146,7 @@ pub trait InboundRefusalCounts: Send + Sync + 'static {
 }
 
 /// The agent's metrics registry; feed it as a [`ConnectionObserver`].
-pub struct Metrics {
+pub struct AgentMetrics {
     registry: Registry,
     opened: ConnectionFamily,
     closed: ConnectionFamily,
@@ -160,13 +160,13 @@ pub struct Metrics {
     label_sets: Mutex<HashSet<ConnectionLabels>>,
 }
 
-impl std::fmt::Debug for Metrics {
+impl std::fmt::Debug for AgentMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 
-impl Metrics {
+impl AgentMetrics {
     pub fn new(certs: Arc<CertStore>, refusals: Arc<dyn InboundRefusalCounts>) -> Self {
         let mut root = Registry::default();
         process_metrics::register(&mut root, "agent", env!("CARGO_PKG_VERSION"));
@@ -268,7 +268,7 @@ impl Metrics {
     }
 }
 
-impl ConnectionObserver for Metrics {
+impl ConnectionObserver for AgentMetrics {
     fn connection_opened(&self, event: &ConnectionEvent, bytes: &Arc<ByteCounters>) {
         let labels = self.labels(event);
         self.opened.get_or_create(&labels).inc();
@@ -566,7 +566,7 @@ pub(crate) fn is_local_address(ip: IpAddr) -> bool {
 /// closed at once, counted and logged.
 pub async fn serve_http(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<AgentMetrics>,
     readiness: Arc<dyn Fn() -> Readiness + Send + Sync>,
     access: MetricsAccessCheck,
     shutdown: impl Future<Output = ()>,
@@ -656,7 +656,7 @@ mod tests {
     #[tokio::test]
     async fn strict_pods_refusals_are_counted_by_pod_with_no_empty_label() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new(store(&dir), Arc::new(StrictPods));
+        let metrics = AgentMetrics::new(store(&dir), Arc::new(StrictPods));
         let text = metrics.encode();
         for line in [
             "sealmesh_inbound_refused_total{namespace=\"shop\",pod=\"web\",reason=\"strict_inbound\"} 3\n",
@@ -666,7 +666,7 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
         }
-        let empty = Metrics::new(store(&dir), Arc::new(NoStrictPods)).encode();
+        let empty = AgentMetrics::new(store(&dir), Arc::new(NoStrictPods)).encode();
         assert!(!empty.contains("sealmesh_inbound_refused"), "{empty}");
     }
 
@@ -724,7 +724,7 @@ mod tests {
     #[tokio::test]
     async fn counts_connections_and_drops_the_series_of_departed_namespaces() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
+        let metrics = AgentMetrics::new(store(&dir), Arc::new(NoStrictPods));
         for (id, namespace) in [(1, "shop"), (2, "gone")] {
             let bytes = Arc::new(ByteCounters::default());
             metrics.connection_opened(&plaintext(id, namespace), &bytes);
@@ -769,7 +769,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_of_open_connections_count_as_they_flow_and_never_go_down() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
+        let metrics = AgentMetrics::new(store(&dir), Arc::new(NoStrictPods));
         let read = |text: &str| {
             let prefix = "sealmesh_tcp_read_bytes_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"not_meshed\",src_namespace=\"shop\",dst_namespace=\"legacy\"} ";
             text.lines()
@@ -801,7 +801,7 @@ mod tests {
     #[tokio::test]
     async fn refusals_of_unknown_pods_count_with_their_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let metrics = Metrics::new(store(&dir), Arc::new(NoStrictPods));
+        let metrics = AgentMetrics::new(store(&dir), Arc::new(NoStrictPods));
         let unknown_source = ConnectionEvent {
             src: None,
             dst: None,

@@ -23,7 +23,7 @@ use sealmesh_common::{
     consts::{MESH_LABEL, MESH_LABEL_ENABLED, MESH_OPT_OUT_ANNOTATION, MESH_OPT_OUT_VALUE},
     identity::{Identity, TrustDomain},
 };
-use sealmesh_identity::{Config, ServerBuilder};
+use sealmesh_identity::{IdentityConfig, ServerBuilder};
 use sealmesh_pki::{CaSpec, GeneratedCa, Layout, generate_issuer, generate_root};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -153,8 +153,8 @@ impl TestCluster {
         self.dir.path().join(format!("{node}.token"))
     }
 
-    fn identity_config(&self, listen: SocketAddr, lifetime: Duration) -> Config {
-        let mut config = Config::new(
+    fn identity_config(&self, listen: SocketAddr, lifetime: Duration) -> IdentityConfig {
+        let mut config = IdentityConfig::new(
             self.cluster_file.clone(),
             self.anchors_file.clone(),
             self.issuer_dir.clone(),
@@ -185,7 +185,7 @@ struct IdentityService {
 }
 
 impl IdentityService {
-    fn start(config: Config) -> Self {
+    fn start(config: IdentityConfig) -> Self {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {

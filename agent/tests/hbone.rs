@@ -1529,7 +1529,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
         cluster::{ClusterFile, Namespace, Node as ClusterNode, Pod, Service, ServicePort},
         consts::{MESH_LABEL, MESH_LABEL_ENABLED},
     };
-    use sealmesh_identity::{Config as IdentityConfig, ServerBuilder};
+    use sealmesh_identity::{IdentityConfig, ServerBuilder};
     use sealmesh_pki::{CaSpec, Layout, generate_issuer, generate_root};
 
     const DAY: Duration = Duration::from_secs(86_400);

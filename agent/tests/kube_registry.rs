@@ -18,7 +18,7 @@ use kube::{
 };
 use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
 use sealmesh_agent::{
-    kube::{KubeError, KubeRegistry, KubeRegistryConfig},
+    kube::{KubeRegistry, KubeRegistryConfig, KubeRegistryError},
     registry::{NodeInfo, Workload, WorkloadRegistry},
 };
 use sealmesh_common::{host, identity::TrustDomain};
@@ -561,7 +561,10 @@ async fn start_up_failures_say_what_to_fix() {
     let err = KubeRegistry::start(fx.server.client(), config)
         .await
         .unwrap_err();
-    assert!(matches!(err, KubeError::NodeNotFound { .. }), "{err}");
+    assert!(
+        matches!(err, KubeRegistryError::NodeNotFound { .. }),
+        "{err}"
+    );
     assert_eq!(
         err.to_string(),
         "node \"n9\" does not exist in the Kubernetes API; --node (SEALMESH_NODE) must name this node as the API does (the DaemonSet sets it from spec.nodeName)"
@@ -582,12 +585,18 @@ async fn start_up_failures_say_what_to_fix() {
     let err = KubeRegistry::start(fx.server.client(), config)
         .await
         .unwrap_err();
-    assert!(matches!(err, KubeError::NoInternalIp { .. }), "{err}");
+    assert!(
+        matches!(err, KubeRegistryError::NoInternalIp { .. }),
+        "{err}"
+    );
 
     let err = KubeRegistry::start(fx.server.client_with_token("not-a-token"), fx.config())
         .await
         .unwrap_err();
-    assert!(matches!(err, KubeError::Denied { code: 401, .. }), "{err}");
+    assert!(
+        matches!(err, KubeRegistryError::Denied { code: 401, .. }),
+        "{err}"
+    );
     assert!(
         err.to_string()
             .ends_with("grant its ServiceAccount the permissions of deploy/base/agent-rbac.yaml"),
@@ -607,7 +616,10 @@ async fn start_up_failures_say_what_to_fix() {
     };
     let started = tokio::time::Instant::now();
     let err = KubeRegistry::start(unreachable, config).await.unwrap_err();
-    assert!(matches!(err, KubeError::Unreachable { .. }), "{err}");
+    assert!(
+        matches!(err, KubeRegistryError::Unreachable { .. }),
+        "{err}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(3),
         "gives up at the start-up deadline"

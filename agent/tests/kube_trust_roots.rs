@@ -18,7 +18,7 @@ use kube_support::{Cluster, eventually};
 use sealmesh_agent::{
     certs::{CertStore, CertStoreConfig, RenewalPolicy},
     kube::{
-        KubeError,
+        KubeRegistryError,
         trust_roots::{fetch_trust_roots, trust_roots_origin, watch_trust_roots},
     },
 };
@@ -102,7 +102,10 @@ async fn missing_trust_roots_fail_start_up_with_what_to_deploy() {
     let err = fetch_trust_roots(&cluster.client, CONTROL_NS, deadline)
         .await
         .unwrap_err();
-    assert!(matches!(err, KubeError::TrustRootsEmpty { .. }), "{err}");
+    assert!(
+        matches!(err, KubeRegistryError::TrustRootsEmpty { .. }),
+        "{err}"
+    );
     assert_eq!(trust_roots_origin(CONTROL_NS), ORIGIN);
 }
 

@@ -2,7 +2,7 @@
 //! environment) and dumped at start-up. It holds only paths and settings,
 //! never secrets: tokens and keys stay in the files (or Secrets) it points at.
 //!
-//! One [`Config`] with a [`Mode`]: local mode reads callers, placements and
+//! One [`IdentityConfig`] with a [`Mode`]: local mode reads callers, placements and
 //! the PKI from files; Kubernetes mode reads them through the API. Flags of
 //! the other mode are refused, so a mistaken deployment fails at start
 //! instead of silently ignoring what the operator wrote.
@@ -46,10 +46,10 @@ fn default_metrics_listen() -> SocketAddr {
 }
 
 /// The service's settings. Every field is public so tests, the bench and the
-/// testbed can build a `Config` in code (see [`Config::new`] and
-/// [`Config::kubernetes`]).
+/// testbed can build a `IdentityConfig` in code (see [`IdentityConfig::new`] and
+/// [`IdentityConfig::kubernetes`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Config {
+pub struct IdentityConfig {
     /// Where callers, placements and the PKI come from.
     pub mode: Mode,
     /// Address of the gRPC Certify and health API.
@@ -150,7 +150,7 @@ pub enum ConfigError {
     TrustDomain(IdentityError),
 }
 
-impl Config {
+impl IdentityConfig {
     /// A local-mode configuration with every default, for the three required paths.
     pub fn new(cluster_file: PathBuf, trust_anchors: PathBuf, issuer_dir: PathBuf) -> Self {
         Self::with_mode(Mode::Local(LocalSources {
@@ -307,7 +307,7 @@ impl ModeName {
     }
 }
 
-/// `sealmesh-identity` flags, as clap sees them; [`Config`] is what they mean.
+/// `sealmesh-identity` flags, as clap sees them; [`IdentityConfig`] is what they mean.
 #[derive(Debug, Parser)]
 #[command(
     name = "sealmesh-identity",
@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn flags_parse_with_the_documented_defaults() {
-        let config = Config::try_parse_from([
+        let config = IdentityConfig::try_parse_from([
             "sealmesh-identity",
             "--cluster-file",
             "/c.yaml",
@@ -413,7 +413,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             config,
-            Config::new("/c.yaml".into(), "/ca.crt".into(), "/issuer".into())
+            IdentityConfig::new("/c.yaml".into(), "/ca.crt".into(), "/issuer".into())
         );
         assert_eq!(config.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.metrics_listen.to_string(), "0.0.0.0:9990");
@@ -421,7 +421,7 @@ mod tests {
 
     #[test]
     fn flags_override_durations_and_addresses() {
-        let config = Config::try_parse_from([
+        let config = IdentityConfig::try_parse_from([
             "sealmesh-identity",
             "--cluster-file=/c.yaml",
             "--trust-anchors=/ca.crt",
@@ -446,8 +446,9 @@ mod tests {
 
     #[test]
     fn kubernetes_mode_has_the_documented_defaults() {
-        let config = Config::try_parse_from(["sealmesh-identity", "--mode", "kubernetes"]).unwrap();
-        let expected = Config::kubernetes(KubeSettings::new(TrustDomain::default()));
+        let config =
+            IdentityConfig::try_parse_from(["sealmesh-identity", "--mode", "kubernetes"]).unwrap();
+        let expected = IdentityConfig::kubernetes(KubeSettings::new(TrustDomain::default()));
         assert_eq!(config, expected);
         let Mode::Kubernetes(settings) = &config.mode else {
             unreachable!()
@@ -462,7 +463,7 @@ mod tests {
 
     #[test]
     fn kubernetes_mode_takes_its_own_flags() {
-        let config = Config::try_parse_from([
+        let config = IdentityConfig::try_parse_from([
             "sealmesh-identity",
             "--mode=kubernetes",
             "--namespace=mesh-system",
@@ -496,8 +497,9 @@ mod tests {
             "--issuer-dir=/issuer",
             "--issuer-poll-interval=1s",
         ] {
-            let error = Config::try_parse_from(["sealmesh-identity", "--mode=kubernetes", flag])
-                .unwrap_err();
+            let error =
+                IdentityConfig::try_parse_from(["sealmesh-identity", "--mode=kubernetes", flag])
+                    .unwrap_err();
             let name = flag.trim_start_matches("--").split('=').next().unwrap();
             assert_eq!(
                 error.to_string(),
@@ -508,7 +510,7 @@ mod tests {
 
     #[test]
     fn local_mode_refuses_kubernetes_flags_and_needs_its_paths() {
-        let error = Config::try_parse_from([
+        let error = IdentityConfig::try_parse_from([
             "sealmesh-identity",
             "--cluster-file=/c.yaml",
             "--trust-anchors=/ca.crt",
@@ -520,7 +522,7 @@ mod tests {
             error.to_string(),
             "--token-audience is a kubernetes-mode flag; remove it, or run with --mode kubernetes"
         );
-        let error = Config::try_parse_from([
+        let error = IdentityConfig::try_parse_from([
             "sealmesh-identity",
             "--cluster-file=/c.yaml",
             "--issuer-dir=/issuer",
@@ -534,7 +536,7 @@ mod tests {
 
     #[test]
     fn an_invalid_trust_domain_is_refused() {
-        let error = Config::try_parse_from([
+        let error = IdentityConfig::try_parse_from([
             "sealmesh-identity",
             "--mode=kubernetes",
             "--trust-domain=Not A Domain",

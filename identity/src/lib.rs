@@ -2,7 +2,7 @@
 //! ServiceAccounts, in the style of Linkerd's identity controller. Trust
 //! anchors and issuers (loading, validation, generation) are `sealmesh_pki`'s.
 //!
-//! - [`config`]: the one `Config` (flags) of the service;
+//! - [`config`]: the one `IdentityConfig` (flags) of the service;
 //! - [`ca`]: CSR verification and leaf signing;
 //! - [`auth`]: who is calling (`TokenValidator`) and what they may request;
 //! - [`limits`]: per-caller rate, concurrency and deadline of requests;
@@ -32,5 +32,5 @@ mod server;
 pub mod service;
 pub mod serving;
 
-pub use config::Config;
+pub use config::IdentityConfig;
 pub use server::{ServeError, Server, ServerBuilder, serve};

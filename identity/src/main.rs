@@ -4,10 +4,10 @@
 use std::process::ExitCode;
 
 use sealmesh_common::{host, logging};
-use sealmesh_identity::Config;
+use sealmesh_identity::IdentityConfig;
 
 fn main() -> ExitCode {
-    let config = Config::from_args();
+    let config = IdentityConfig::from_args();
     if let Err(error) = logging::init(&config.log.log_level, config.log.log_format) {
         // Validated when the flags were parsed.
         eprintln!("{error}");

@@ -35,7 +35,7 @@ struct AnchorLabels {
 }
 
 /// The identity service's metrics, all prefixed `sealmesh_identity_`.
-pub struct Metrics {
+pub struct IdentityMetrics {
     registry: Registry,
     certificates_issued: Family<ResultLabels, Counter>,
     issuance_duration: Histogram,
@@ -44,19 +44,19 @@ pub struct Metrics {
     serving_certificate_expiry: Gauge,
 }
 
-impl std::fmt::Debug for Metrics {
+impl std::fmt::Debug for IdentityMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics").finish_non_exhaustive()
     }
 }
 
-impl Default for Metrics {
+impl Default for IdentityMetrics {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Metrics {
+impl IdentityMetrics {
     pub fn new() -> Self {
         let mut root = Registry::default();
         process_metrics::register(&mut root, "identity", env!("CARGO_PKG_VERSION"));
@@ -143,7 +143,7 @@ impl Metrics {
 /// 503) on `listener` until `shutdown` resolves.
 pub async fn serve_http(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IdentityMetrics>,
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
     shutdown: impl Future<Output = ()>,
 ) {
@@ -169,7 +169,7 @@ mod tests {
 
     #[test]
     fn encodes_the_documented_series() {
-        let metrics = Metrics::new();
+        let metrics = IdentityMetrics::new();
         metrics.record_certify("ok", Duration::from_micros(150));
         metrics.set_issuer_expiry(OffsetDateTime::from_unix_timestamp(1_900_000_000).unwrap());
         let text = metrics.encode();

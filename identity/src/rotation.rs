@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 
 use sealmesh_common::consts::kube::{EVENT_ISSUER_UPDATE_SKIPPED, EVENT_ISSUER_UPDATED};
 
-use crate::metrics::Metrics;
+use crate::metrics::IdentityMetrics;
 use sealmesh_pki::{CaMaterial, CertInfo, Issuer, PkiError, TrustAnchors};
 
 /// After a file event, wait until the directory has been quiet this long, so
@@ -84,7 +84,7 @@ pub struct IssuerStore {
     current: ArcSwap<Issuer>,
     anchors: ArcSwap<TrustAnchors>,
     events: Arc<dyn IssuerEvents>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IdentityMetrics>,
     /// Content hash of the last material offered (valid or not), so each
     /// distinct version is judged and reported once.
     last_offered: Mutex<[u8; 32]>,
@@ -101,7 +101,7 @@ impl IssuerStore {
         material: &CaMaterial,
         anchors: TrustAnchors,
         events: Arc<dyn IssuerEvents>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<IdentityMetrics>,
     ) -> Result<Self, PkiError> {
         let issuer = Issuer::from_material(material, &anchors, OffsetDateTime::now_utc())?;
         metrics.set_issuer_expiry(issuer.info().not_after);

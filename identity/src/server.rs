@@ -12,16 +12,16 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic_health::ServingStatus;
 
 use crate::{
-    Config,
+    IdentityConfig,
     auth::{Authorizer, LocalCluster},
     ca::LeafPolicy,
     config::{KubeSettings, LocalSources, Mode},
     kube::{
-        AnchorBundle, KubeError, KubeIssuerEvents, KubeTokenValidator, KubeWorkloadDirectory,
+        AnchorBundle, KubeIssuerEvents, KubeModeError, KubeTokenValidator, KubeWorkloadDirectory,
         PkiObjects,
     },
     limits::RequestLimits,
-    metrics::{self, Metrics},
+    metrics::{self, IdentityMetrics},
     rotation::{self, IssuerEvents, IssuerStore, LoggingIssuerEvents, RotationError},
     service::CertifyService,
     serving::{self, ServingCertificate, ServingError},
@@ -49,7 +49,7 @@ pub enum ServeError {
     #[error(transparent)]
     Rotation(#[from] RotationError),
     #[error(transparent)]
-    Kube(#[from] KubeError),
+    Kube(#[from] KubeModeError),
     #[error(transparent)]
     Serving(#[from] ServingError),
     #[error("gRPC server failed: {0}")]
@@ -61,7 +61,7 @@ pub enum ServeError {
 /// to the log; Kubernetes mode uses `kube::Client::try_default()` and
 /// records issuer events as Kubernetes Events.
 pub struct ServerBuilder {
-    config: Config,
+    config: IdentityConfig,
     events: Option<Arc<dyn IssuerEvents>>,
     authorization: Option<(TrustDomain, Authorizer)>,
     kube_client: Option<kube::Client>,
@@ -93,7 +93,7 @@ struct Loaded {
 }
 
 impl ServerBuilder {
-    pub fn new(config: Config) -> Self {
+    pub fn new(config: IdentityConfig) -> Self {
         Self {
             config,
             events: None,
@@ -133,7 +133,7 @@ impl ServerBuilder {
             }
         };
         let config = self.config;
-        let metrics = Arc::new(Metrics::new());
+        let metrics = Arc::new(IdentityMetrics::new());
         metrics.set_anchor_expiries(loaded.anchors.infos());
         let issuers = Arc::new(
             IssuerStore::new(
@@ -246,7 +246,7 @@ impl ServerBuilder {
             Some(client) => client,
             None => kube::Client::try_default()
                 .await
-                .map_err(KubeError::Client)?,
+                .map_err(KubeModeError::Client)?,
         };
         let (trust_domain, authorizer, placements) = match authorization {
             Some((trust_domain, authorizer)) => (trust_domain, authorizer, None),
@@ -288,7 +288,7 @@ pub struct Server {
     service: CertifyService,
     serving: Arc<ServingCertificate>,
     issuers: Arc<IssuerStore>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IdentityMetrics>,
     pki_source: PkiSource,
 }
 
@@ -430,7 +430,7 @@ impl Server {
 
 /// Binds with `config` and serves until `shutdown` resolves.
 pub async fn serve(
-    config: Config,
+    config: IdentityConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     ServerBuilder::new(config).bind().await?.run(shutdown).await

@@ -12,7 +12,7 @@ use crate::{
     auth::{AuthError, Authorizer},
     ca::{self, CaError, LeafPolicy},
     limits::CallerLimiter,
-    metrics::Metrics,
+    metrics::IdentityMetrics,
     rotation::IssuerStore,
 };
 
@@ -29,7 +29,7 @@ struct Inner {
     authorizer: Authorizer,
     issuers: Arc<IssuerStore>,
     policy: LeafPolicy,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IdentityMetrics>,
 }
 
 impl std::fmt::Debug for CertifyService {
@@ -47,7 +47,7 @@ impl CertifyService {
         authorizer: Authorizer,
         issuers: Arc<IssuerStore>,
         policy: LeafPolicy,
-        metrics: Arc<Metrics>,
+        metrics: Arc<IdentityMetrics>,
         caller_rate: Option<NonZeroU32>,
     ) -> Self {
         Self {

@@ -41,7 +41,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 
 use crate::{
     ca::{self, CaError, LeafPolicy},
-    metrics::Metrics,
+    metrics::IdentityMetrics,
     rotation::IssuerStore,
 };
 use sealmesh_pki::Issuer;
@@ -99,7 +99,7 @@ pub struct ServingCertificate {
     identity: Identity,
     hostnames: Vec<String>,
     policy: LeafPolicy,
-    metrics: Arc<Metrics>,
+    metrics: Arc<IdentityMetrics>,
     current: ArcSwap<Served>,
 }
 
@@ -123,7 +123,7 @@ impl ServingCertificate {
         identity: Identity,
         hostnames: Vec<String>,
         policy: LeafPolicy,
-        metrics: Arc<Metrics>,
+        metrics: Arc<IdentityMetrics>,
     ) -> Result<Arc<Self>, ServingError> {
         let served = sign(issuer, &identity, &hostnames, &policy)?;
         log_issued(

@@ -36,7 +36,9 @@ use sealmesh_common::{
     },
     identity::{Identity, TrustDomain},
 };
-use sealmesh_identity::{Config, ServeError, ServerBuilder, config::KubeSettings, kube::KubeError};
+use sealmesh_identity::{
+    IdentityConfig, ServeError, ServerBuilder, config::KubeSettings, kube::KubeModeError,
+};
 use sealmesh_pki::{CaMaterial, GeneratedCa, Issuer, Layout, TrustAnchors};
 use sealmesh_proto::identity::{CertifyResponse, identity_client::IdentityClient};
 use serde_json::json;
@@ -236,8 +238,8 @@ impl KubeCluster {
         .await
     }
 
-    fn config() -> Config {
-        let mut config = Config::kubernetes(KubeSettings::new(TrustDomain::default()));
+    fn config() -> IdentityConfig {
+        let mut config = IdentityConfig::kubernetes(KubeSettings::new(TrustDomain::default()));
         config.listen = "127.0.0.1:0".parse().unwrap();
         config.metrics_listen = "127.0.0.1:0".parse().unwrap();
         config
@@ -1063,7 +1065,10 @@ async fn start_up_fails_when_token_reviews_are_not_allowed() {
         .deny_access("authentication.k8s.io", "tokenreviews", "create");
     let error = cluster.builder().bind().await.unwrap_err();
     assert!(
-        matches!(error, ServeError::Kube(KubeError::TokenReviewDenied { .. })),
+        matches!(
+            error,
+            ServeError::Kube(KubeModeError::TokenReviewDenied { .. })
+        ),
         "{error}"
     );
     assert_eq!(

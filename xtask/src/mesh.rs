@@ -26,7 +26,7 @@ use serde_json::Value;
 
 use crate::testbed::{
     ChildGuard, Testbed, TestbedError, TestbedSpec,
-    kube::{KubeCluster, KubeError, KubeMode, KubePki, RegisteredPod},
+    kube::{KubeCluster, KubeMode, KubePki, RegisteredPod, TestbedKubeError},
     netns,
 };
 
@@ -57,13 +57,13 @@ pub enum MeshError {
     NoAgent(String),
     /// Boxed: the Kubernetes errors are large, and every mesh call returns this.
     #[error(transparent)]
-    Kube(Box<KubeError>),
+    Kube(Box<TestbedKubeError>),
     #[error("the mesh runs in local mode; {0} needs MeshOptions::kubernetes")]
     NotKubernetes(&'static str),
 }
 
-impl From<KubeError> for MeshError {
-    fn from(error: KubeError) -> Self {
+impl From<TestbedKubeError> for MeshError {
+    fn from(error: TestbedKubeError) -> Self {
         Self::Kube(Box::new(error))
     }
 }

@@ -46,7 +46,7 @@ use crate::{
     certs::CertStore,
     ebpf::{EbpfStatus, Redirector},
     inbound_policy::InboundPolicyState,
-    metrics::{Metrics, Readiness},
+    metrics::{AgentMetrics, Readiness},
     proxy::ProxyHandle,
     registry::WorkloadRegistry,
 };
@@ -97,7 +97,7 @@ impl DatapathStatus for Redirector {
 pub struct AgentState {
     pub node: String,
     pub node_ip: String,
-    /// [`Config::to_redacted_yaml`](crate::config::Config::to_redacted_yaml).
+    /// [`AgentConfig::to_redacted_yaml`](crate::config::AgentConfig::to_redacted_yaml).
     pub config_yaml: String,
     pub started: SystemTime,
     pub registry: Arc<dyn WorkloadRegistry>,
@@ -167,7 +167,7 @@ impl AgentState {
     /// registry change, forgets pods and identities that left.
     pub async fn forget_departed(
         self: Arc<Self>,
-        metrics: Arc<Metrics>,
+        metrics: Arc<AgentMetrics>,
         shutdown: impl Future<Output = ()>,
     ) {
         let mut changes = self.registry.subscribe();

@@ -67,7 +67,7 @@ const REBUILD_COALESCE: Duration = Duration::from_millis(20);
 const AGENT_RBAC_FILE: &str = "deploy/base/agent-rbac.yaml";
 
 #[derive(Debug, thiserror::Error)]
-pub enum KubeError {
+pub enum KubeRegistryError {
     #[error(
         "no Kubernetes API credentials: {0}; set KUBECONFIG to a kubeconfig file, or run the agent in a pod with its ServiceAccount token mounted"
     )]
@@ -122,7 +122,7 @@ pub enum KubeError {
     TrustRootsEmpty { origin: String },
 }
 
-impl KubeError {
+impl KubeRegistryError {
     /// Classifies an API call's failure; `doing` says what the agent was doing.
     pub fn from_api(doing: impl Into<String>, error: kube::Error) -> Self {
         let doing = doing.into();
@@ -155,21 +155,32 @@ impl KubeError {
 
 /// Connects with the usual credentials: `KUBECONFIG` (or `~/.kube/config`),
 /// else the in-cluster ServiceAccount.
-pub async fn connect() -> Result<Client, KubeError> {
-    Client::try_default().await.map_err(KubeError::Credentials)
+pub async fn connect() -> Result<Client, KubeRegistryError> {
+    Client::try_default()
+        .await
+        .map_err(KubeRegistryError::Credentials)
 }
 
 /// Calls `call` until it succeeds, fails for good, or `deadline` passes,
 /// backing off between transient failures.
-async fn retry_until<T, F, Fut>(deadline: Instant, doing: &str, call: F) -> Result<T, KubeError>
+async fn retry_until<T, F, Fut>(
+    deadline: Instant,
+    doing: &str,
+    call: F,
+) -> Result<T, KubeRegistryError>
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, KubeError>>,
+    Fut: Future<Output = Result<T, KubeRegistryError>>,
 {
     backoff::STARTUP
-        .retry_until(deadline, call, KubeError::is_transient, |error, delay| {
-            tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
-        })
+        .retry_until(
+            deadline,
+            call,
+            KubeRegistryError::is_transient,
+            |error, delay| {
+                tracing::warn!(%error, retry_in = ?delay, "{doing} failed; retrying");
+            },
+        )
         .await
 }
 
@@ -247,7 +258,10 @@ impl KubeRegistry {
     /// Reads this node from the API, lists every watched kind and builds the
     /// first snapshot; then keeps it current in the background. Transient
     /// API failures are retried until `config.startup_timeout`.
-    pub async fn start(client: Client, config: KubeRegistryConfig) -> Result<Arc<Self>, KubeError> {
+    pub async fn start(
+        client: Client,
+        config: KubeRegistryConfig,
+    ) -> Result<Arc<Self>, KubeRegistryError> {
         let deadline = Instant::now() + config.startup_timeout;
         let node = local_node(&client, &config.node, deadline).await?;
         tracing::info!(node = %node.name, ip = %node.ip, "node found in the Kubernetes API");
@@ -297,19 +311,23 @@ impl KubeRegistry {
 }
 
 /// Reads this node and its InternalIP.
-async fn local_node(client: &Client, name: &str, deadline: Instant) -> Result<NodeInfo, KubeError> {
+async fn local_node(
+    client: &Client,
+    name: &str,
+    deadline: Instant,
+) -> Result<NodeInfo, KubeRegistryError> {
     let api: Api<NodeView> = Api::all(client.clone());
     let doing = format!("reading node {name}");
     let node = retry_until(deadline, &doing, || async {
         api.get_opt(name)
             .await
-            .map_err(|error| KubeError::from_api(doing.clone(), error))
+            .map_err(|error| KubeRegistryError::from_api(doing.clone(), error))
     })
     .await?
-    .ok_or_else(|| KubeError::NodeNotFound {
+    .ok_or_else(|| KubeRegistryError::NodeNotFound {
         node: name.to_owned(),
     })?;
-    let ip = node_internal_ip(&node).ok_or_else(|| KubeError::NoInternalIp {
+    let ip = node_internal_ip(&node).ok_or_else(|| KubeRegistryError::NoInternalIp {
         node: name.to_owned(),
     })?;
     Ok(NodeInfo {
@@ -399,7 +417,7 @@ async fn wait_until_listed(
     signals: &Signals,
     deadline: Instant,
     timeout: Duration,
-) -> Result<(), KubeError> {
+) -> Result<(), KubeRegistryError> {
     let mut waits: FuturesUnordered<BoxFuture<'_, (&'static str, bool)>> = [
         listed("nodes", &stores.nodes),
         listed("namespaces", &stores.namespaces),
@@ -417,7 +435,7 @@ async fn wait_until_listed(
             // A writer only goes away with its task, which runs until dropped.
             Ok(Some((_, false))) | Err(_) => {
                 let errors = signals.errors();
-                return Err(KubeError::SyncTimeout {
+                return Err(KubeRegistryError::SyncTimeout {
                     pending: pending.join(", "),
                     timeout,
                     errors: if errors.is_empty() {

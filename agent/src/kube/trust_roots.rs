@@ -14,7 +14,7 @@ use kube::{
 use sealmesh_common::consts::kube::{TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY};
 use tokio::time::Instant;
 
-use super::{KubeError, objects::ConfigMapView, retry_until};
+use super::{KubeRegistryError, objects::ConfigMapView, retry_until};
 use crate::certs::CertStore;
 
 /// How the bundle is named in logs and errors:
@@ -40,22 +40,22 @@ pub async fn fetch_trust_roots(
     client: &Client,
     namespace: &str,
     deadline: Instant,
-) -> Result<String, KubeError> {
+) -> Result<String, KubeRegistryError> {
     let api: Api<ConfigMapView> = Api::namespaced(client.clone(), namespace);
     let doing = format!("reading ConfigMap {namespace}/{TRUST_ROOTS_CONFIGMAP}");
     let config_map = retry_until(deadline, &doing, || async {
         api.get_opt(TRUST_ROOTS_CONFIGMAP)
             .await
-            .map_err(|error| KubeError::from_api(doing.clone(), error))
+            .map_err(|error| KubeRegistryError::from_api(doing.clone(), error))
     })
     .await?
-    .ok_or_else(|| KubeError::TrustRootsMissing {
+    .ok_or_else(|| KubeRegistryError::TrustRootsMissing {
         namespace: namespace.to_owned(),
         name: TRUST_ROOTS_CONFIGMAP.to_owned(),
     })?;
     bundle_of(&config_map)
         .map(str::to_owned)
-        .ok_or_else(|| KubeError::TrustRootsEmpty {
+        .ok_or_else(|| KubeRegistryError::TrustRootsEmpty {
             origin: trust_roots_origin(namespace),
         })
 }

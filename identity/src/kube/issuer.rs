@@ -22,7 +22,7 @@ use kube::{
 };
 use sealmesh_common::consts::kube::{ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY};
 
-use super::KubeError;
+use super::KubeModeError;
 use crate::rotation::{IssuerStore, Offer};
 use sealmesh_pki::{
     CaMaterial, PEM_CERT_FILE, PEM_KEY_FILE, TLS_CA_FILE, TLS_CERT_FILE, TLS_KEY_FILE, TrustAnchors,
@@ -61,32 +61,32 @@ impl PkiObjects {
     }
 
     /// The trust anchors now; a missing ConfigMap is an error saying how to create it.
-    pub async fn trust_anchors(&self) -> Result<AnchorBundle, KubeError> {
+    pub async fn trust_anchors(&self) -> Result<AnchorBundle, KubeModeError> {
         let config_map = self
             .config_maps
             .get_opt(TRUST_ROOTS_CONFIGMAP)
             .await
-            .map_err(|source| KubeError::Api {
+            .map_err(|source| KubeModeError::Api {
                 action: format!("read ConfigMap {}/{TRUST_ROOTS_CONFIGMAP}", self.namespace),
                 source,
             })?
-            .ok_or_else(|| KubeError::TrustRootsMissing {
+            .ok_or_else(|| KubeModeError::TrustRootsMissing {
                 namespace: self.namespace.clone(),
             })?;
         anchors_of(&config_map, &self.namespace)
     }
 
     /// The issuer now; a missing Secret is an error saying how to create it.
-    pub async fn issuer(&self) -> Result<CaMaterial, KubeError> {
+    pub async fn issuer(&self) -> Result<CaMaterial, KubeModeError> {
         let secret = self
             .secrets
             .get_opt(ISSUER_SECRET)
             .await
-            .map_err(|source| KubeError::Api {
+            .map_err(|source| KubeModeError::Api {
                 action: format!("read Secret {}/{ISSUER_SECRET}", self.namespace),
                 source,
             })?
-            .ok_or_else(|| KubeError::IssuerSecretMissing {
+            .ok_or_else(|| KubeModeError::IssuerSecretMissing {
                 namespace: self.namespace.clone(),
             })?;
         material_of(&secret, &self.namespace)
@@ -237,7 +237,7 @@ fn object_name<K: Resource<DynamicType = ()>>(namespace: &str, name: &str) -> St
 }
 
 /// A trust-anchor bundle from the ConfigMap's `ca-bundle.crt` (`data` or `binaryData`).
-fn anchors_of(config_map: &ConfigMap, namespace: &str) -> Result<AnchorBundle, KubeError> {
+fn anchors_of(config_map: &ConfigMap, namespace: &str) -> Result<AnchorBundle, KubeModeError> {
     let object = object_name::<ConfigMap>(namespace, TRUST_ROOTS_CONFIGMAP);
     let pem = config_map
         .data
@@ -251,20 +251,21 @@ fn anchors_of(config_map: &ConfigMap, namespace: &str) -> Result<AnchorBundle, K
                 .and_then(|data| data.get(TRUST_ROOTS_KEY))
                 .map(|bytes| bytes.0.clone())
         })
-        .ok_or_else(|| KubeError::MissingKey {
+        .ok_or_else(|| KubeModeError::MissingKey {
             object: object.clone(),
             key: TRUST_ROOTS_KEY,
         })?;
-    let anchors = TrustAnchors::from_pem(&pem, &object).map_err(|source| KubeError::Content {
-        object,
-        source: source.into(),
-    })?;
+    let anchors =
+        TrustAnchors::from_pem(&pem, &object).map_err(|source| KubeModeError::Content {
+            object,
+            source: source.into(),
+        })?;
     Ok(AnchorBundle { pem, anchors })
 }
 
 /// The issuer from a Secret in either layout: `crt.pem` + `key.pem`, or
 /// cert-manager's `tls.crt` + `tls.key` (+ `ca.crt`).
-fn material_of(secret: &Secret, namespace: &str) -> Result<CaMaterial, KubeError> {
+fn material_of(secret: &Secret, namespace: &str) -> Result<CaMaterial, KubeModeError> {
     let object = object_name::<Secret>(namespace, ISSUER_SECRET);
     let empty = BTreeMap::new();
     let data: &BTreeMap<String, ByteString> = secret.data.as_ref().unwrap_or(&empty);
@@ -275,15 +276,15 @@ fn material_of(secret: &Secret, namespace: &str) -> Result<CaMaterial, KubeError
     ) {
         (true, false) => (PEM_CERT_FILE, PEM_KEY_FILE, None),
         (false, true) => (TLS_CERT_FILE, TLS_KEY_FILE, Some(TLS_CA_FILE)),
-        (true, true) => return Err(KubeError::AmbiguousIssuer { object }),
+        (true, true) => return Err(KubeModeError::AmbiguousIssuer { object }),
         (false, false) => {
-            return Err(KubeError::NoIssuer {
+            return Err(KubeModeError::NoIssuer {
                 object,
                 keys: data.keys().cloned().collect(),
             });
         }
     };
-    let key_pem = get(key_file).ok_or_else(|| KubeError::MissingKey {
+    let key_pem = get(key_file).ok_or_else(|| KubeModeError::MissingKey {
         object: object.clone(),
         key: key_file,
     })?;

@@ -44,7 +44,7 @@ use sealmesh_pki::{PEM_CERT_FILE, PEM_KEY_FILE, PkiError, TLS_CERT_FILE, TLS_KEY
 const IDENTITY_RBAC_FILE: &str = "deploy/base/identity-rbac.yaml";
 
 #[derive(Debug, thiserror::Error)]
-pub enum KubeError {
+pub enum KubeModeError {
     #[error(
         "cannot configure a Kubernetes client: {0}; in a pod, mount the ServiceAccount token (automountServiceAccountToken: true); elsewhere set KUBECONFIG"
     )]
@@ -95,7 +95,10 @@ pub enum KubeError {
 
 /// Refuses to start unless this service may create TokenReviews (asked with
 /// a SelfSubjectAccessReview), naming the RBAC to apply otherwise.
-pub async fn check_token_review_access(client: &Client, namespace: &str) -> Result<(), KubeError> {
+pub async fn check_token_review_access(
+    client: &Client,
+    namespace: &str,
+) -> Result<(), KubeModeError> {
     let review = SelfSubjectAccessReview {
         metadata: ObjectMeta::default(),
         spec: SelfSubjectAccessReviewSpec {
@@ -112,7 +115,7 @@ pub async fn check_token_review_access(client: &Client, namespace: &str) -> Resu
     let reviewed = Api::<SelfSubjectAccessReview>::all(client.clone())
         .create(&PostParams::default(), &review)
         .await
-        .map_err(|source| KubeError::Api {
+        .map_err(|source| KubeModeError::Api {
             action:
                 "ask whether the identity service may create TokenReviews (SelfSubjectAccessReview)"
                     .to_owned(),
@@ -128,7 +131,7 @@ pub async fn check_token_review_access(client: &Client, namespace: &str) -> Resu
         .filter(|text| !text.is_empty())
         .collect::<Vec<_>>()
         .join("; ");
-    Err(KubeError::TokenReviewDenied {
+    Err(KubeModeError::TokenReviewDenied {
         namespace: namespace.to_owned(),
         reason: if reason.is_empty() {
             String::new()

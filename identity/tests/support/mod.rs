@@ -15,7 +15,7 @@ use sealmesh_common::{
     identity::{Identity, TrustDomain},
 };
 use sealmesh_identity::{
-    Config, ServerBuilder, client,
+    IdentityConfig, ServerBuilder, client,
     config::{LocalSources, Mode},
     rotation::IssuerEvents,
 };
@@ -107,8 +107,8 @@ impl TestCluster {
         }
     }
 
-    pub fn config(&self) -> Config {
-        let mut config = Config::new(
+    pub fn config(&self) -> IdentityConfig {
+        let mut config = IdentityConfig::new(
             self.cluster_file.clone(),
             self.anchors_file.clone(),
             self.issuer_dir.clone(),
@@ -130,7 +130,7 @@ impl TestCluster {
 }
 
 /// The file sources of a local-mode config.
-pub fn local_sources(config: &mut Config) -> &mut LocalSources {
+pub fn local_sources(config: &mut IdentityConfig) -> &mut LocalSources {
     match &mut config.mode {
         Mode::Local(local) => local,
         Mode::Kubernetes(_) => panic!("a local-mode config"),
@@ -199,7 +199,7 @@ pub struct Running {
 }
 
 impl Running {
-    pub async fn start(config: Config) -> Self {
+    pub async fn start(config: IdentityConfig) -> Self {
         let anchors = match &config.mode {
             Mode::Local(local) => {
                 pem_certs(&std::fs::read_to_string(&local.trust_anchors).unwrap())

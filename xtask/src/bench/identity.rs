@@ -22,7 +22,7 @@ use sealmesh_common::{
     consts::{MESH_LABEL, MESH_LABEL_ENABLED},
     identity::{Identity, TrustDomain},
 };
-use sealmesh_identity::{Config, ServerBuilder, client, config::Mode};
+use sealmesh_identity::{IdentityConfig, ServerBuilder, client, config::Mode};
 use sealmesh_pki::{self as pki, CaSpec, Layout, generate_issuer, generate_root};
 use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
 use tonic::transport::Channel;
@@ -149,7 +149,7 @@ fn runtime(name: &str) -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// Writes root, issuer, a node token and a cluster file under `dir`.
-fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identity>)> {
+fn prepare(dir: &std::path::Path) -> anyhow::Result<(IdentityConfig, String, Vec<Identity>)> {
     let root = generate_root(&CaSpec::valid_for(
         "root.bench",
         Duration::from_secs(86_400),
@@ -201,7 +201,7 @@ fn prepare(dir: &std::path::Path) -> anyhow::Result<(Config, String, Vec<Identit
         .map(|pod| cluster.identity_of(pod))
         .collect::<Result<_, _>>()?;
 
-    let mut config = Config::new(cluster_file, anchors, issuer_dir);
+    let mut config = IdentityConfig::new(cluster_file, anchors, issuer_dir);
     config.listen = "127.0.0.1:0".parse()?;
     config.metrics_listen = "127.0.0.1:0".parse()?;
     // One client measuring the CA's own throughput: no per-caller rate.

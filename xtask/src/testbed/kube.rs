@@ -95,7 +95,7 @@ const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 const RBAC_FILES: [&str; 2] = ["agent-rbac.yaml", "identity-rbac.yaml"];
 
 #[derive(Debug, thiserror::Error)]
-pub enum KubeError {
+pub enum TestbedKubeError {
     #[error("cannot start the tokio runtime for the Kubernetes client: {0}")]
     Runtime(std::io::Error),
     #[error("cannot start the in-process fake API server: {0:#}")]
@@ -143,9 +143,9 @@ pub enum KubeError {
     Testbed(#[from] TestbedError),
 }
 
-fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
+fn api_err(what: impl Into<String>) -> impl FnOnce(kube::Error) -> TestbedKubeError {
     let what = what.into();
-    move |source| KubeError::Api {
+    move |source| TestbedKubeError::Api {
         what,
         source: Box::new(source),
     }
@@ -319,18 +319,22 @@ impl KubeCluster {
     /// records them in the testbed's cluster file, and writes component
     /// credentials under `<state dir>/kube/`. The testbed must have been
     /// built with [`Testbed::up_for_kubelet`].
-    pub fn start(testbed: &mut Testbed, mode: KubeMode, pki: &KubePki) -> Result<Self, KubeError> {
+    pub fn start(
+        testbed: &mut Testbed,
+        mode: KubeMode,
+        pki: &KubePki,
+    ) -> Result<Self, TestbedKubeError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("kube-testbed")
             .enable_all()
             .build()
-            .map_err(KubeError::Runtime)?;
+            .map_err(TestbedKubeError::Runtime)?;
         let (fake, client, upstream) = match &mode.api {
             KubeApi::Fake => {
                 let fake = runtime
                     .block_on(FakeApiServer::start())
-                    .map_err(KubeError::FakeServer)?;
+                    .map_err(TestbedKubeError::FakeServer)?;
                 let client = {
                     let _runtime = runtime.enter();
                     fake.client()
@@ -348,7 +352,7 @@ impl KubeCluster {
             }
         };
         let dir = testbed.state_dir().join("kube");
-        std::fs::create_dir_all(&dir).map_err(|source| KubeError::Io {
+        std::fs::create_dir_all(&dir).map_err(|source| TestbedKubeError::Io {
             what: "cannot create",
             path: dir.clone(),
             source,
@@ -433,7 +437,7 @@ impl KubeCluster {
 
     /// Events in the control namespace with this `reason` (field selector,
     /// as `kubectl get events --field-selector reason=...`).
-    pub fn events(&self, reason: &str) -> Result<Vec<Event>, KubeError> {
+    pub fn events(&self, reason: &str) -> Result<Vec<Event>, TestbedKubeError> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), &self.control_namespace);
         let list = self
             .block_on(api.list(&ListParams::default().fields(&format!("reason={reason}"))))
@@ -443,7 +447,11 @@ impl KubeCluster {
 
     /// Replaces the issuer Secret's data (an issuer rotation). A Secret's
     /// type is immutable, so `layout` must be the one the mesh started with.
-    pub fn update_issuer(&self, issuer: &CaMaterial, layout: PkiLayout) -> Result<(), KubeError> {
+    pub fn update_issuer(
+        &self,
+        issuer: &CaMaterial,
+        layout: PkiLayout,
+    ) -> Result<(), TestbedKubeError> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), &self.control_namespace);
         let what = format!(
             "replacing Secret {}/{ISSUER_SECRET}",
@@ -460,7 +468,7 @@ impl KubeCluster {
     }
 
     /// Replaces the trust-roots ConfigMap's bundle.
-    pub fn update_trust_roots(&self, bundle_pem: &[u8]) -> Result<(), KubeError> {
+    pub fn update_trust_roots(&self, bundle_pem: &[u8]) -> Result<(), TestbedKubeError> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.control_namespace);
         let patch = json!({ "data": { TRUST_ROOTS_KEY: String::from_utf8_lossy(bundle_pem) } });
         self.block_on(api.patch(
@@ -482,7 +490,7 @@ impl KubeCluster {
         testbed: &mut Testbed,
         namespace: &str,
         name: &str,
-    ) -> Result<&RegisteredPod, KubeError> {
+    ) -> Result<&RegisteredPod, TestbedKubeError> {
         self.schedule_pod(testbed, namespace, name)?;
         self.report_running(testbed, namespace, name)
     }
@@ -497,7 +505,7 @@ impl KubeCluster {
         testbed: &mut Testbed,
         namespace: &str,
         name: &str,
-    ) -> Result<&RegisteredPod, KubeError> {
+    ) -> Result<&RegisteredPod, TestbedKubeError> {
         let pod = testbed.pod(namespace, name)?.clone();
         let node_cgroup = testbed.node(&pod.node)?.cgroup.clone();
         let registered = self.block_on(self.register_pod(&pod, &node_cgroup))?;
@@ -514,12 +522,15 @@ impl KubeCluster {
         testbed: &Testbed,
         namespace: &str,
         name: &str,
-    ) -> Result<&RegisteredPod, KubeError> {
+    ) -> Result<&RegisteredPod, TestbedKubeError> {
         let key = (namespace.to_owned(), name.to_owned());
-        let registered = self.pods.get(&key).ok_or_else(|| KubeError::NoSuchPod {
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-        })?;
+        let registered = self
+            .pods
+            .get(&key)
+            .ok_or_else(|| TestbedKubeError::NoSuchPod {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+            })?;
         let pod = testbed.pod(namespace, name)?;
         let node_ip = testbed.node(&pod.node)?.ip;
         self.block_on(self.patch_pod_status(
@@ -544,18 +555,18 @@ impl KubeCluster {
         testbed: &Testbed,
         namespace: &str,
         name: &str,
-    ) -> Result<(), KubeError> {
+    ) -> Result<(), TestbedKubeError> {
         let registered = self
             .pods
             .remove(&(namespace.to_owned(), name.to_owned()))
-            .ok_or_else(|| KubeError::NoSuchPod {
+            .ok_or_else(|| TestbedKubeError::NoSuchPod {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
             })?;
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         self.block_on(api.delete(name, &DeleteParams::default().grace_period(0)))
             .map_err(api_err(format!("deleting Pod {namespace}/{name}")))?;
-        let cgroup_error = |problem: String| KubeError::Io {
+        let cgroup_error = |problem: String| TestbedKubeError::Io {
             what: "cannot remove pod cgroup",
             path: registered.pod_cgroup.clone(),
             source: std::io::Error::other(problem),
@@ -565,7 +576,7 @@ impl KubeCluster {
         self.block_on(self.sync_endpoint_slices(testbed.cluster()))
     }
 
-    fn provision(&mut self, testbed: &mut Testbed, pki: &KubePki) -> Result<(), KubeError> {
+    fn provision(&mut self, testbed: &mut Testbed, pki: &KubePki) -> Result<(), TestbedKubeError> {
         let cluster = testbed.cluster().clone();
         // A handle, not `self.block_on`: the futures borrow `self` mutably.
         let runtime = self.runtime.handle().clone();
@@ -619,7 +630,7 @@ impl KubeCluster {
         &mut self,
         cluster: &ClusterFile,
         pki: &KubePki<'_>,
-    ) -> Result<(), KubeError> {
+    ) -> Result<(), TestbedKubeError> {
         let control = self.control_namespace.clone();
         self.ensure(
             None,
@@ -690,7 +701,11 @@ impl KubeCluster {
 
     /// Creates `object`; one that already exists is kept as it is (shared
     /// objects: namespaces, accounts, RBAC, nodes).
-    async fn ensure(&mut self, namespace: Option<&str>, object: Value) -> Result<(), KubeError> {
+    async fn ensure(
+        &mut self,
+        namespace: Option<&str>,
+        object: Value,
+    ) -> Result<(), TestbedKubeError> {
         let (api, resource, name, namespace) = self.dynamic_api(namespace, &object).await?;
         let object: DynamicObject = from_json(object)?;
         match api.create(&post_params(), &object).await {
@@ -709,7 +724,7 @@ impl KubeCluster {
         &mut self,
         namespace: Option<&str>,
         object: Value,
-    ) -> Result<DynamicObject, KubeError> {
+    ) -> Result<DynamicObject, TestbedKubeError> {
         let (api, resource, name, namespace) = self.dynamic_api(namespace, &object).await?;
         let object: DynamicObject = from_json(object)?;
         let what = || format!("creating {} {name}", resource.kind);
@@ -744,7 +759,7 @@ impl KubeCluster {
         &self,
         namespace: Option<&str>,
         object: &Value,
-    ) -> Result<(Api<DynamicObject>, ApiResource, String, Option<String>), KubeError> {
+    ) -> Result<(Api<DynamicObject>, ApiResource, String, Option<String>), TestbedKubeError> {
         let field = |name: &str| object[name].as_str().unwrap_or_default().to_owned();
         let (api_version, kind) = (field("apiVersion"), field("kind"));
         let name = object["metadata"]["name"]
@@ -769,8 +784,8 @@ impl KubeCluster {
 
     /// Applies every object of a YAML stream (`---`-separated documents);
     /// namespaced objects without a namespace go to the control namespace.
-    async fn apply_manifest(&mut self, path: &Path) -> Result<(), KubeError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KubeError::Io {
+    async fn apply_manifest(&mut self, path: &Path) -> Result<(), TestbedKubeError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TestbedKubeError::Io {
             what: "cannot read RBAC manifest",
             path: path.to_owned(),
             source,
@@ -782,7 +797,7 @@ impl KubeCluster {
         Ok(())
     }
 
-    async fn register_node(&mut self, node: &cluster::Node) -> Result<(), KubeError> {
+    async fn register_node(&mut self, node: &cluster::Node) -> Result<(), TestbedKubeError> {
         self.replace(
             None,
             json!({
@@ -828,7 +843,7 @@ impl KubeCluster {
     async fn register_agent_pod(
         &mut self,
         node: &cluster::Node,
-    ) -> Result<RegisteredPod, KubeError> {
+    ) -> Result<RegisteredPod, TestbedKubeError> {
         let control = self.control_namespace.clone();
         let name = Self::agent_pod_name(&node.name);
         let mut object = pod_object(
@@ -869,7 +884,7 @@ impl KubeCluster {
         &self,
         pod: &cluster::Pod,
         node_cgroup: &Path,
-    ) -> Result<RegisteredPod, KubeError> {
+    ) -> Result<RegisteredPod, TestbedKubeError> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let object: Pod = from_json(pod_object(
             &pod.namespace,
@@ -920,7 +935,7 @@ impl KubeCluster {
         pod_ip: Ipv4Addr,
         host_ip: Ipv4Addr,
         container_id: &str,
-    ) -> Result<(), KubeError> {
+    ) -> Result<(), TestbedKubeError> {
         let now = now_rfc3339();
         let condition =
             |kind: &str| json!({ "type": kind, "status": "True", "lastTransitionTime": now });
@@ -969,7 +984,7 @@ impl KubeCluster {
     async fn register_service(
         &mut self,
         service: &cluster::Service,
-    ) -> Result<Ipv4Addr, KubeError> {
+    ) -> Result<Ipv4Addr, TestbedKubeError> {
         let multi = service.ports.len() > 1;
         let ports: Vec<Value> = service
             .ports
@@ -995,7 +1010,7 @@ impl KubeCluster {
             },
         });
         let created = match self.replace(Some(&service.namespace), object.clone()).await {
-            Err(KubeError::Api { what, source }) if status_code(&source) == Some(422) => {
+            Err(TestbedKubeError::Api { what, source }) if status_code(&source) == Some(422) => {
                 tracing::warn!(
                     service = %format!("{}/{}", service.namespace, service.name),
                     vip = %service.vip,
@@ -1012,7 +1027,7 @@ impl KubeCluster {
         let allocated = created.data["spec"]["clusterIP"]
             .as_str()
             .and_then(|ip| ip.parse().ok());
-        allocated.ok_or_else(|| KubeError::Manifest {
+        allocated.ok_or_else(|| TestbedKubeError::Manifest {
             path: PathBuf::from(format!("Service {}/{}", service.namespace, service.name)),
             reason: format!(
                 "the API server returned no IPv4 spec.clusterIP: {}",
@@ -1023,7 +1038,7 @@ impl KubeCluster {
 
     /// Writes every Service's EndpointSlice from the pods registered now, as
     /// the endpoint-slice controller would (one IPv4 slice per Service).
-    async fn sync_endpoint_slices(&self, cluster: &ClusterFile) -> Result<(), KubeError> {
+    async fn sync_endpoint_slices(&self, cluster: &ClusterFile) -> Result<(), TestbedKubeError> {
         for service in &cluster.services {
             let services: Api<Service> = Api::namespaced(self.client.clone(), &service.namespace);
             let stored = services.get(&service.name).await.map_err(api_err(format!(
@@ -1124,7 +1139,7 @@ impl KubeCluster {
         &self,
         node: &cluster::Node,
         pod_uid: &str,
-    ) -> Result<(), KubeError> {
+    ) -> Result<(), TestbedKubeError> {
         let pod = Self::agent_pod_name(&node.name);
         let bound = Some((pod.as_str(), pod_uid));
         let identity_token = self.block_on(self.request_token(
@@ -1145,7 +1160,7 @@ impl KubeCluster {
         )
     }
 
-    fn write_identity_credentials(&self) -> Result<(), KubeError> {
+    fn write_identity_credentials(&self) -> Result<(), TestbedKubeError> {
         let token = self.block_on(self.request_token(IDENTITY_NAME, None, None))?;
         write_secret_file(
             &self.identity_kubeconfig(),
@@ -1160,7 +1175,7 @@ impl KubeCluster {
         service_account: &str,
         audience: Option<&str>,
         bound_pod: Option<(&str, &str)>,
-    ) -> Result<String, KubeError> {
+    ) -> Result<String, TestbedKubeError> {
         let mut spec = json!({ "expirationSeconds": TOKEN_LIFETIME_SECS });
         if let Some(audience) = audience {
             spec["audiences"] = json!([audience]);
@@ -1295,11 +1310,12 @@ impl Drop for KubeCluster {
 }
 
 /// Admin client and relay upstream for an external API server.
-async fn external_client(path: &Path) -> Result<(Client, Upstream), KubeError> {
-    let kubeconfig = Kubeconfig::read_from(path).map_err(|source| KubeError::Kubeconfig {
-        path: path.to_owned(),
-        source: Box::new(source),
-    })?;
+async fn external_client(path: &Path) -> Result<(Client, Upstream), TestbedKubeError> {
+    let kubeconfig =
+        Kubeconfig::read_from(path).map_err(|source| TestbedKubeError::Kubeconfig {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })?;
     let context = kubeconfig
         .current_context
         .clone()
@@ -1313,12 +1329,12 @@ async fn external_client(path: &Path) -> Result<(Client, Upstream), KubeError> {
         .and_then(|c| c.cluster.clone());
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .map_err(|source| KubeError::Kubeconfig {
+        .map_err(|source| TestbedKubeError::Kubeconfig {
             path: path.to_owned(),
             source: Box::new(source),
         })?;
     let url = config.cluster_url.clone();
-    let address_error = |reason: String| KubeError::ServerAddress {
+    let address_error = |reason: String| TestbedKubeError::ServerAddress {
         path: path.to_owned(),
         server: url.to_string(),
         reason,
@@ -1360,7 +1376,7 @@ async fn external_client(path: &Path) -> Result<(Client, Upstream), KubeError> {
             tls.insert("tls-server-name".into(), json!(host));
         }
     }
-    let client = Client::try_from(config).map_err(|source| KubeError::Client {
+    let client = Client::try_from(config).map_err(|source| TestbedKubeError::Client {
         path: path.to_owned(),
         source: Box::new(source),
     })?;
@@ -1383,11 +1399,11 @@ pub fn deploy_base_dir() -> PathBuf {
 }
 
 /// The objects of a `---`-separated YAML stream (empty documents skipped).
-fn parse_manifest(path: &Path, text: &str) -> Result<Vec<Value>, KubeError> {
+fn parse_manifest(path: &Path, text: &str) -> Result<Vec<Value>, TestbedKubeError> {
     let mut objects = Vec::new();
     for document in serde_yaml_ng::Deserializer::from_str(text) {
         let value: Value =
-            serde::Deserialize::deserialize(document).map_err(|e| KubeError::Manifest {
+            serde::Deserialize::deserialize(document).map_err(|e| TestbedKubeError::Manifest {
                 path: path.to_owned(),
                 reason: e.to_string(),
             })?;
@@ -1396,14 +1412,14 @@ fn parse_manifest(path: &Path, text: &str) -> Result<Vec<Value>, KubeError> {
         }
         for field in ["apiVersion", "kind"] {
             if !value[field].is_string() {
-                return Err(KubeError::Manifest {
+                return Err(TestbedKubeError::Manifest {
                     path: path.to_owned(),
                     reason: format!("a document has no {field}"),
                 });
             }
         }
         if !value["metadata"]["name"].is_string() {
-            return Err(KubeError::Manifest {
+            return Err(TestbedKubeError::Manifest {
                 path: path.to_owned(),
                 reason: format!("a {} has no metadata.name", value["kind"]),
             });
@@ -1517,8 +1533,8 @@ fn post_params() -> PostParams {
     }
 }
 
-fn from_json<K: DeserializeOwned>(value: Value) -> Result<K, KubeError> {
-    serde_json::from_value(value).map_err(|e| KubeError::Manifest {
+fn from_json<K: DeserializeOwned>(value: Value) -> Result<K, TestbedKubeError> {
+    serde_json::from_value(value).map_err(|e| TestbedKubeError::Manifest {
         path: PathBuf::from("<testbed object>"),
         reason: e.to_string(),
     })
@@ -1537,8 +1553,8 @@ fn random_container_id() -> String {
 
 /// Writes a credential atomically (temp file + rename, as kubelet swaps
 /// projected tokens), owner-only.
-fn write_secret_file(path: &Path, content: &[u8]) -> Result<(), KubeError> {
-    let io_error = |source| KubeError::Io {
+fn write_secret_file(path: &Path, content: &[u8]) -> Result<(), TestbedKubeError> {
+    let io_error = |source| TestbedKubeError::Io {
         what: "cannot write credential",
         path: path.to_owned(),
         source,
