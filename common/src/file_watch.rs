@@ -12,6 +12,7 @@ use std::{
     collections::HashSet,
     ffi::OsString,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex},
 };
 
 use notify::{
@@ -37,20 +38,22 @@ pub enum FileWatchError {
     },
 }
 
-/// Watches a fixed set of files (see the module docs); dropping it stops the
+/// Watches a set of files (see the module docs); dropping it stops the
 /// watch.
 pub struct FileWatch {
-    _watcher: RecommendedWatcher,
+    watcher: RecommendedWatcher,
     changes: watch::Receiver<u64>,
-    files: Vec<PathBuf>,
+    /// (directory, file name) of every watched file; read by the watcher's thread.
+    names: Arc<Mutex<HashSet<(PathBuf, OsString)>>>,
+    dirs: HashSet<PathBuf>,
 }
 
 impl std::fmt::Debug for FileWatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FileWatch")
-            .field("files", &self.files)
+            .field("dirs", &self.dirs)
             .field("generation", &self.generation())
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
@@ -60,42 +63,58 @@ impl FileWatch {
     pub fn new<P: AsRef<Path>>(
         files: impl IntoIterator<Item = P>,
     ) -> Result<FileWatch, FileWatchError> {
-        let files: Vec<PathBuf> = files.into_iter().map(|f| f.as_ref().to_owned()).collect();
-        let watched: Vec<(PathBuf, OsString)> = files
-            .iter()
-            .filter_map(|file| Some((directory_of(file), file.file_name()?.to_owned())))
-            .collect();
-        let dirs: HashSet<PathBuf> = watched.iter().map(|(dir, _)| dir.clone()).collect();
-        let names: HashSet<(PathBuf, OsString)> = watched.into_iter().collect();
+        let names: Arc<Mutex<HashSet<(PathBuf, OsString)>>> = Arc::default();
         let (sender, changes) = watch::channel(0);
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+        let watched = names.clone();
+        let watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
             // An error or an overflowed queue may hide a change: count it as one.
             let relevant = event.map_or(true, |event| {
-                event.need_rescan() || (changes_content(&event.kind) && names_any(&event, &names))
+                event.need_rescan()
+                    || (changes_content(&event.kind)
+                        && names_any(&event, &watched.lock().unwrap_or_else(|p| p.into_inner())))
             });
             if relevant {
                 sender.send_modify(|generation| *generation += 1);
             }
         })
         .map_err(FileWatchError::Start)?;
-        for dir in &dirs {
-            watcher
-                .watch(dir, RecursiveMode::NonRecursive)
-                .map_err(|source| FileWatchError::Watch {
-                    dir: dir.clone(),
-                    file: files
-                        .iter()
-                        .find(|file| directory_of(file) == *dir)
-                        .cloned()
-                        .unwrap_or_default(),
-                    source,
-                })?;
-        }
-        Ok(FileWatch {
-            _watcher: watcher,
+        let mut file_watch = FileWatch {
+            watcher,
             changes,
-            files,
-        })
+            names,
+            dirs: HashSet::new(),
+        };
+        file_watch.add(files)?;
+        Ok(file_watch)
+    }
+
+    /// Watches `files` too (those watched already stay so).
+    pub fn add<P: AsRef<Path>>(
+        &mut self,
+        files: impl IntoIterator<Item = P>,
+    ) -> Result<(), FileWatchError> {
+        for file in files {
+            let file = file.as_ref();
+            let Some(name) = file.file_name() else {
+                continue;
+            };
+            let dir = directory_of(file);
+            self.names
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((dir.clone(), name.to_owned()));
+            if !self.dirs.contains(&dir) {
+                self.watcher
+                    .watch(&dir, RecursiveMode::NonRecursive)
+                    .map_err(|source| FileWatchError::Watch {
+                        dir: dir.clone(),
+                        file: file.to_owned(),
+                        source,
+                    })?;
+                self.dirs.insert(dir);
+            }
+        }
+        Ok(())
     }
 
     /// A counter bumped on every change of a watched file: equal to an
@@ -181,6 +200,18 @@ mod tests {
         std::fs::create_dir(dir.path().join("..2026_01_01")).unwrap();
         assert!(changed(&mut changes).await, "kubelet's next ..data");
         assert!(watch.generation() >= 3);
+    }
+
+    #[tokio::test]
+    async fn files_added_later_are_followed_too() {
+        let first = tempfile::tempdir().unwrap();
+        let second = tempfile::tempdir().unwrap();
+        let mut watch = FileWatch::new([first.path().join("cluster.yaml")]).unwrap();
+        let mut changes = watch.subscribe();
+        let token = second.path().join("node.token");
+        watch.add([&token]).unwrap();
+        std::fs::write(&token, "secret").unwrap();
+        assert!(changed(&mut changes).await);
     }
 
     #[test]
