@@ -193,14 +193,7 @@ fn redirects_meshed_pods_and_their_children_only() {
     let accepted = outbound.next();
     assert_eq!(accepted.received, b"hi");
     assert_eq!(accepted.local, LISTENER);
-    assert_eq!(
-        accepted.redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
-    );
+    assert_eq!(accepted.redirect, Some(bed.meshed_pod_redirect(REMOTE_POD)));
     assert_eq!(
         redirector.take(accepted.peer, accepted.local),
         None,
@@ -217,24 +210,13 @@ fn redirects_meshed_pods_and_their_children_only() {
     );
     let accepted = outbound.next();
     assert_eq!(accepted.received, b"hi");
-    assert_eq!(
-        accepted.redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
-    );
+    assert_eq!(accepted.redirect, Some(bed.meshed_pod_redirect(REMOTE_POD)));
 
     // A process in a child cgroup of the pod counts as the pod.
     bed.run_client(bed.child(), REMOTE_POD, 1, "send");
     assert_eq!(
         outbound.next().redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
+        Some(bed.meshed_pod_redirect(REMOTE_POD))
     );
 
     // Not redirected: a process of the (unmeshed) node cgroup, loopback, an excluded port,
@@ -363,11 +345,7 @@ fn classifies_the_connecting_task_by_its_cgroups() {
     bed.run_client(bed.child(), plain_addr, 1, "send");
     assert_eq!(
         outbound.next().redirect,
-        Some(Redirect {
-            original_dst: plain_addr,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
+        Some(bed.meshed_pod_redirect(plain_addr))
     );
 
     // Without a pod parent, nothing below the node is a pod (the host).
@@ -423,11 +401,7 @@ fn no_records_leak_over_many_connections() {
         assert_eq!(accepted.received, b"hi", "connection {n}");
         assert_eq!(
             accepted.redirect,
-            Some(Redirect {
-                original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id(),
-                source: RedirectSource::MeshedPod,
-            }),
+            Some(bed.meshed_pod_redirect(REMOTE_POD)),
             "connection {n}"
         );
     }
@@ -447,11 +421,7 @@ fn no_records_leak_over_many_connections() {
         let accepted = outbound.next();
         assert_eq!(
             accepted.redirect,
-            Some(Redirect {
-                original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id(),
-                source: RedirectSource::MeshedPod,
-            }),
+            Some(bed.meshed_pod_redirect(REMOTE_POD)),
             "connection {n}"
         );
     }
@@ -467,11 +437,7 @@ fn no_records_leak_over_many_connections() {
         assert_eq!(accepted.received, b"hi", "connection {n}");
         assert_eq!(
             accepted.redirect,
-            Some(Redirect {
-                original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id(),
-                source: RedirectSource::MeshedPod,
-            }),
+            Some(bed.meshed_pod_redirect(REMOTE_POD)),
             "connection {n}"
         );
         clients.insert(accepted.peer);
@@ -552,11 +518,7 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert_eq!(
         outbound.next().redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
+        Some(bed.meshed_pod_redirect(REMOTE_POD))
     );
     drop(outbound);
     let second = Arc::into_inner(second).expect("the listener thread released the redirector");
@@ -666,6 +628,15 @@ const TESTBED: Spec = Spec {
 };
 
 impl Testbed {
+    /// The record of a connection from the meshed pod to `original_dst`.
+    fn meshed_pod_redirect(&self, original_dst: SocketAddrV4) -> Redirect {
+        Redirect {
+            original_dst,
+            source_cgroup: self.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
+        }
+    }
+
     fn config(&self) -> RedirectConfig {
         RedirectConfig {
             node_cgroup: self.node.clone(),

@@ -459,71 +459,36 @@ impl Cluster {
 
     /// Shuts node A's engine down and starts a fresh one (an empty HBONE
     /// pool) with the same credentials, as a long-running agent keeps them.
-    async fn restart_a(self, policy_a: Policy) -> Self {
-        let Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b,
-            a,
-            b,
-        } = self;
-        a.shut_down().await;
-        let a = start_node(
-            node_a(n),
-            &pods,
-            services.clone(),
-            creds_a.clone(),
+    async fn restart_a(mut self, policy_a: Policy) -> Self {
+        self.a.shut_down().await;
+        self.a = start_node(
+            node_a(self.n),
+            &self.pods,
+            self.services.clone(),
+            self.creds_a.clone(),
             policy_a,
         )
         .await;
-        Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b,
-            a,
-            b,
-        }
+        self
     }
 
     /// Shuts node B's engine down (draining, then cutting its connections)
     /// and starts a fresh one in its place.
-    async fn restart_b(self) -> Self {
-        let Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b: _,
-            a,
-            b,
-        } = self;
-        b.shut_down().await;
-        let creds_b = TestCredentials::new(&ca, &[&pods.server.identity, &pods.other.identity]);
-        let b = start_node(
-            node_b(n),
-            &pods,
-            services.clone(),
-            creds_b.clone(),
+    async fn restart_b(mut self) -> Self {
+        self.b.shut_down().await;
+        self.creds_b = TestCredentials::new(
+            &self.ca,
+            &[&self.pods.server.identity, &self.pods.other.identity],
+        );
+        self.b = start_node(
+            node_b(self.n),
+            &self.pods,
+            self.services.clone(),
+            self.creds_b.clone(),
             Policy::default(),
         )
         .await;
-        Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b,
-            a,
-            b,
-        }
+        self
     }
 
     /// Connects from `source` to `original_dst` as if eBPF had redirected

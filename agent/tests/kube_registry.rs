@@ -41,10 +41,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(name: &str) -> Self {
-        let server = FakeApiServer::start().await.unwrap();
-        let cluster = Cluster {
-            client: server.client(),
-        };
+        let (server, cluster) = Cluster::start().await;
         cluster.node(LOCAL_NODE, LOCAL_IP).await;
         cluster.node(REMOTE_NODE, REMOTE_IP).await;
         cluster.namespace(MESHED_NS, true).await;
@@ -65,6 +62,33 @@ impl Fixture {
                 self.cgroups.path().to_owned(),
             )
         }
+    }
+
+    /// `plain/curl` (unmeshed) on the local node, at 10.244.1.4.
+    async fn plain_local_pod(&self) {
+        self.cluster
+            .running_pod(PodSpec::new(
+                PLAIN_NS,
+                "curl",
+                "default",
+                LOCAL_NODE,
+                [10, 244, 1, 4],
+            ))
+            .await;
+    }
+
+    /// `emojivoto/web-1` (meshed, ServiceAccount `web`) on the remote node,
+    /// at 10.244.2.2.
+    async fn meshed_remote_pod(&self) {
+        self.cluster
+            .running_pod(PodSpec::new(
+                MESHED_NS,
+                "web-1",
+                "web",
+                REMOTE_NODE,
+                [10, 244, 2, 2],
+            ))
+            .await;
     }
 
     async fn registry(&self) -> Arc<KubeRegistry> {
@@ -104,14 +128,7 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
             ..PodSpec::new(MESHED_NS, "db-0", "db", LOCAL_NODE, [10, 244, 1, 3])
         })
         .await;
-    c.running_pod(PodSpec::new(
-        PLAIN_NS,
-        "curl",
-        "default",
-        LOCAL_NODE,
-        [10, 244, 1, 4],
-    ))
-    .await;
+    fx.plain_local_pod().await;
     c.running_pod(PodSpec {
         host_network: true,
         ..PodSpec::new(
@@ -123,14 +140,7 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
         )
     })
     .await;
-    c.running_pod(PodSpec::new(
-        MESHED_NS,
-        "web-1",
-        "web",
-        REMOTE_NODE,
-        [10, 244, 2, 2],
-    ))
-    .await;
+    fx.meshed_remote_pod().await;
     // The kubelet made the opted-out pod's cgroup (cgroupfs driver) already;
     // web-0's comes later.
     let db_cgroup = fx.cgroups.create_cgroupfs("besteffort", &db);
@@ -490,22 +500,8 @@ async fn eventually_local(registry: &KubeRegistry, count: usize) -> Vec<Arc<Work
 async fn lists_again_after_410_gone_and_sees_what_changed_meanwhile() {
     let fx = Fixture::new("kube-relist").await;
     let c = &fx.cluster;
-    c.running_pod(PodSpec::new(
-        PLAIN_NS,
-        "curl",
-        "default",
-        LOCAL_NODE,
-        [10, 244, 1, 4],
-    ))
-    .await;
-    c.running_pod(PodSpec::new(
-        MESHED_NS,
-        "web-1",
-        "web",
-        REMOTE_NODE,
-        [10, 244, 2, 2],
-    ))
-    .await;
+    fx.plain_local_pod().await;
+    fx.meshed_remote_pod().await;
     let registry = fx.registry().await;
     assert!(!registry.by_ip(Ipv4Addr::new(10, 244, 1, 4)).unwrap().meshed);
     let pod_lists = || {

@@ -1,11 +1,14 @@
 //! Create, get, list, update, patch and delete through kube-rs, with the
 //! exact codes and reasons the real server answers with.
 
+mod support;
+
 use fake_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
+use support::object_names;
 
 fn api_error(error: kube::Error) -> (u16, String) {
     match error {
@@ -131,11 +134,7 @@ async fn create_get_list_delete_with_real_codes() {
     .await
     .unwrap();
     let listed = pods.list(&ListParams::default()).await.unwrap();
-    let names: Vec<_> = listed
-        .items
-        .iter()
-        .map(|p| p.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&listed.items);
     assert_eq!(names, ["db", "web"]);
     let list_rv: u64 = listed.metadata.resource_version.unwrap().parse().unwrap();
     let newest: u64 = listed
@@ -212,11 +211,7 @@ async fn pagination_with_limit_and_continue() {
         .list(&ListParams::default().limit(10).continue_token(&token))
         .await
         .unwrap();
-    let names: Vec<_> = second
-        .items
-        .iter()
-        .map(|c| c.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&second.items);
     assert_eq!(names, ["cm-2", "cm-3", "cm-4"]);
     assert_eq!(second.metadata.continue_, None);
 }
@@ -636,11 +631,7 @@ async fn delete_preconditions_and_delete_collection() {
         .unwrap()
         .left()
         .expect("the real server returns the deleted objects as a list");
-    let names: Vec<_> = deleted
-        .items
-        .iter()
-        .map(|c| c.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&deleted.items);
     assert_eq!(names, ["b"]);
     let left: Vec<_> = config_maps
         .list(&ListParams::default())
