@@ -457,6 +457,19 @@ impl Cluster {
         }
     }
 
+    /// An unmeshed pod `legacy` on node A, known to its registry only now.
+    fn add_unmeshed_newcomer(&self) -> Arc<Workload> {
+        let legacy = pod(
+            "legacy",
+            &node_a(self.n),
+            ip(self.n, 13),
+            false,
+            Some(NEWCOMER_CGROUP),
+        );
+        self.a.registry.add(legacy.clone());
+        legacy
+    }
+
     /// Shuts node A's engine down and starts a fresh one (an empty HBONE
     /// pool) with the same credentials, as a long-running agent keeps them.
     async fn restart_a(mut self, policy_a: Policy) -> Self {
@@ -1105,14 +1118,7 @@ async fn a_new_unmeshed_pods_first_connection_goes_out_as_without_the_agent() {
     let n = 24;
     let echo = echo_server(ip(n, 20)).await;
     let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
-    let legacy = pod(
-        "legacy",
-        &node_a(n),
-        ip(n, 13),
-        false,
-        Some(NEWCOMER_CGROUP),
-    );
-    cluster.a.registry.add(legacy.clone());
+    let legacy = cluster.add_unmeshed_newcomer();
     let stream = cluster
         .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, echo)
         .await;
@@ -1697,14 +1703,7 @@ async fn a_new_unmeshed_pods_connection_never_reaches_a_local_strict_pod() {
     let SocketAddr::V4(strict_target) = listener.local_addr().unwrap() else {
         unreachable!()
     };
-    let legacy = pod(
-        "legacy",
-        &node_a(n),
-        ip(n, 13),
-        false,
-        Some(NEWCOMER_CGROUP),
-    );
-    cluster.a.registry.add(legacy.clone());
+    let legacy = cluster.add_unmeshed_newcomer();
     let stream = cluster
         .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, strict_target)
         .await;

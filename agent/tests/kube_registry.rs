@@ -64,6 +64,20 @@ impl Fixture {
         }
     }
 
+    /// `emojivoto/web-0` (meshed, ServiceAccount `web`) on the local node, at
+    /// 10.244.1.2; its uid.
+    async fn meshed_local_pod(&self) -> String {
+        self.cluster
+            .running_pod(PodSpec::new(
+                MESHED_NS,
+                "web-0",
+                "web",
+                LOCAL_NODE,
+                [10, 244, 1, 2],
+            ))
+            .await
+    }
+
     /// `plain/curl` (unmeshed) on the local node, at 10.244.1.4.
     async fn plain_local_pod(&self) {
         self.cluster
@@ -113,15 +127,7 @@ fn names(workloads: &[Arc<Workload>]) -> Vec<String> {
 async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists() {
     let fx = Fixture::new("kube-local").await;
     let c = &fx.cluster;
-    let web = c
-        .running_pod(PodSpec::new(
-            MESHED_NS,
-            "web-0",
-            "web",
-            LOCAL_NODE,
-            [10, 244, 1, 2],
-        ))
-        .await;
+    let web = fx.meshed_local_pod().await;
     let db = c
         .running_pod(PodSpec {
             opted_out: true,
@@ -379,15 +385,7 @@ async fn service_vips_resolve_through_endpoint_slices_to_ready_pods() {
 async fn deleted_pods_leave_the_registry() {
     let fx = Fixture::new("kube-delete").await;
     let c = &fx.cluster;
-    let uid = c
-        .running_pod(PodSpec::new(
-            MESHED_NS,
-            "web-0",
-            "web",
-            LOCAL_NODE,
-            [10, 244, 1, 2],
-        ))
-        .await;
+    let uid = fx.meshed_local_pod().await;
     let cgroup_id = host::cgroup_id(&fx.cgroups.create_systemd("besteffort", &uid)).unwrap();
     let registry = fx.registry().await;
     assert_eq!(registry.by_cgroup(cgroup_id).unwrap().name, "web-0");

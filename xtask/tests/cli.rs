@@ -20,8 +20,8 @@ use xtask::{
 mod support;
 
 use support::{
-    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service, sealmesh_path,
-    spiffe, start_echo_servers, stdout,
+    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
+    mesh_with_echo_servers, sealmesh_path, spiffe, stdout,
 };
 
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -48,19 +48,16 @@ struct App {
 
 impl App {
     fn up(options: MeshOptions) -> Self {
-        let mesh = Mesh::up(&spec(), options).expect("mesh up");
-        let servers = start_echo_servers(
-            &mesh,
+        let (mesh, _servers) = mesh_with_echo_servers(
+            &spec(),
+            options,
             &[
                 (APP_NS, "server"),
                 (APP_NS, "neighbour"),
                 (PLAIN_NS, "plain"),
             ],
         );
-        Self {
-            mesh,
-            _servers: servers,
-        }
+        Self { mesh, _servers }
     }
 
     fn sealmesh(&self, args: &[&str]) -> Output {

@@ -20,8 +20,8 @@ use xtask::{
 mod support;
 
 use support::{
-    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service, pod_ip, spiffe,
-    start_echo_servers, testapp_path, wait_access_count,
+    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
+    mesh_with_echo_servers, pod_ip, spiffe, start_echo_servers, testapp_path, wait_access_count,
 };
 
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -49,9 +49,9 @@ struct App {
 
 impl App {
     fn up(options: MeshOptions) -> Self {
-        let mesh = Mesh::up(&spec(), options).expect("mesh up");
-        let servers = start_echo_servers(
-            &mesh,
+        let (mesh, _servers) = mesh_with_echo_servers(
+            &spec(),
+            options,
             &[
                 (APP_NS, "server"),
                 (APP_NS, "neighbour"),
@@ -59,10 +59,7 @@ impl App {
                 (PLAIN_NS, "plain"),
             ],
         );
-        Self {
-            mesh,
-            _servers: servers,
-        }
+        Self { mesh, _servers }
     }
 
     fn ip(&self, ns: &str, pod: &str) -> Ipv4Addr {

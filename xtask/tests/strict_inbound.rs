@@ -33,7 +33,7 @@ use xtask::{
 mod support;
 
 use support::{
-    ECHO_PORT, describe, echo_addr, pod_ip, sealmesh_path, start_echo_servers, testapp_path,
+    ECHO_PORT, describe, echo_addr, mesh_with_echo_servers, pod_ip, sealmesh_path, testapp_path,
 };
 
 const SHOP: &str = "shop";
@@ -88,12 +88,8 @@ struct App {
 
 impl App {
     fn up(spec: &TestbedSpec, options: MeshOptions, servers: &[(&str, &str)]) -> Self {
-        let mesh = Mesh::up(spec, options).expect("mesh up");
-        let servers = start_echo_servers(&mesh, servers);
-        Self {
-            mesh,
-            _servers: servers,
-        }
+        let (mesh, _servers) = mesh_with_echo_servers(spec, options, servers);
+        Self { mesh, _servers }
     }
 
     fn ip(&self, ns: &str, pod: &str) -> Ipv4Addr {

@@ -22,9 +22,9 @@ use serde_json::Value;
 use tonic::transport::Channel;
 use xtask::{
     capture::Capture,
-    mesh::{Mesh, locate_binary},
+    mesh::{Mesh, MeshOptions, locate_binary},
     testapp,
-    testbed::{ChildGuard, Testbed},
+    testbed::{ChildGuard, Testbed, TestbedSpec},
 };
 
 /// The meshed namespace of the test apps.
@@ -76,6 +76,17 @@ pub fn start_echo_servers(mesh: &Mesh, pods: &[(&str, &str)]) -> Vec<ChildGuard>
     pods.iter()
         .map(|(ns, pod)| start_echo_server(mesh, ns, pod))
         .collect()
+}
+
+/// A mesh up on `spec` with [`start_echo_servers`] in `servers`.
+pub fn mesh_with_echo_servers(
+    spec: &TestbedSpec,
+    options: MeshOptions,
+    servers: &[(&str, &str)],
+) -> (Mesh, Vec<ChildGuard>) {
+    let mesh = Mesh::up(spec, options).expect("mesh up");
+    let servers = start_echo_servers(&mesh, servers);
+    (mesh, servers)
 }
 
 pub fn pod_ip(testbed: &Testbed, ns: &str, pod: &str) -> Ipv4Addr {
