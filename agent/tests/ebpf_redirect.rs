@@ -162,30 +162,20 @@ fn redirects_meshed_pods_and_their_children_only() {
         redirector.ids(CgroupRole::MeshedPod).unwrap(),
         [bed.pod_cgroup_id()]
     );
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
-    let plain = NetnsListener::spawn(
-        &bed,
-        SocketAddrV4::new(NODE_IP, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
-    );
-    let excluded_port = NetnsListener::spawn(
-        &bed,
-        SocketAddrV4::new(NODE_IP, EXCLUDED_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
-    );
-    let excluded_net = NetnsListener::spawn(
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
+    let plain =
+        NetnsListener::take_and_read(&bed, SocketAddrV4::new(NODE_IP, PLAIN_PORT), &redirector);
+    let excluded_port =
+        NetnsListener::take_and_read(&bed, SocketAddrV4::new(NODE_IP, EXCLUDED_PORT), &redirector);
+    let excluded_net = NetnsListener::take_and_read(
         &bed,
         SocketAddrV4::new(EXCLUDED_NET_IP, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
+        &redirector,
     );
-    let loopback = NetnsListener::spawn(
+    let loopback = NetnsListener::take_and_read(
         &bed,
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
+        &redirector,
     );
 
     // A pod process: redirected, with the original destination and the pod's cgroup.
@@ -266,13 +256,9 @@ fn redirects_meshed_pods_and_their_children_only() {
 fn classifies_the_connecting_task_by_its_cgroups() {
     let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
-    let plain = NetnsListener::spawn(
-        &bed,
-        SocketAddrV4::new(NODE_IP, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
-    );
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
+    let plain =
+        NetnsListener::take_and_read(&bed, SocketAddrV4::new(NODE_IP, PLAIN_PORT), &redirector);
     let plain_addr = SocketAddrV4::new(NODE_IP, PLAIN_PORT);
     let unknown = |cgroup: u64| {
         Some(Redirect {
@@ -415,7 +401,7 @@ fn no_records_leak_over_many_connections() {
     // Clients that send and close at once (usually before the accept): all records survive
     // until taken, then nothing is left.
     const CONNECTIONS: usize = 500;
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
     bed.run_client(&bed.pod, REMOTE_POD, CONNECTIONS, "send");
     for n in 0..CONNECTIONS {
         let accepted = outbound.next();
@@ -514,7 +500,7 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
     expected.sort_unstable();
     assert_eq!(agent, expected, "the previous agent's cgroups are replaced");
 
-    let outbound = NetnsListener::spawn(&bed, LISTENER, second.clone(), Mode::TakeAndRead);
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &second);
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert_eq!(
         outbound.next().redirect,
@@ -533,7 +519,7 @@ fn kernel_logs_reach_tracing() {
     redirector
         .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
         .unwrap();
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert!(outbound.next().redirect.is_some());
 
@@ -731,6 +717,11 @@ struct NetnsListener {
 }
 
 impl NetnsListener {
+    /// A listener at `addr` that takes each connection's record and reads it to the end.
+    fn take_and_read(bed: &Testbed, addr: SocketAddrV4, table: &Arc<Redirector>) -> Self {
+        Self::spawn(bed, addr, table.clone(), Mode::TakeAndRead)
+    }
+
     fn spawn(bed: &Testbed, addr: SocketAddrV4, table: Arc<Redirector>, mode: Mode) -> Self {
         let netns = File::open(Path::new("/run/netns").join(&bed.netns)).expect("open the netns");
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -11,7 +11,6 @@ use std::{
 use sealmesh_common::consts::{HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED};
 use serde_json::Value;
 use xtask::{
-    capture::Capture,
     mesh::{Mesh, MeshOptions},
     testapp,
     testbed::{ChildGuard, PodSpec, TestbedSpec},
@@ -20,8 +19,9 @@ use xtask::{
 mod support;
 
 use support::{
-    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
-    mesh_with_echo_servers, pod_ip, spiffe, start_echo_servers, testapp_path, wait_access_count,
+    APP_NS, ECHO_PORT, PLAIN_NS, assert_marker_never_in_clear, capture_underlay, client_in_pod,
+    describe, echo_addr, echo_service, mesh_with_echo_servers, pod_ip, spiffe, start_echo_servers,
+    testapp_path, wait_access_count,
 };
 
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -199,13 +199,7 @@ fn no_plaintext_crosses_the_underlay() {
     const MARKER: &str = "sealmesh-secret-marker-7f3a";
     // With agents: the marker never appears in clear between nodes.
     let app = App::up(MeshOptions::default());
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
     app.client_ok(APP_NS, "client", app.echo_addr(APP_NS, "server"), MARKER);
     app.client_ok(
         APP_NS,
@@ -213,17 +207,7 @@ fn no_plaintext_crosses_the_underlay() {
         SocketAddr::from((SERVICE_VIP, SERVICE_PORT)),
         MARKER,
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let report = capture.finish().unwrap();
-    assert!(
-        report.frames > 10,
-        "the capture saw the mTLS traffic: {report:?}"
-    );
-    assert_eq!(
-        report.hits_for(MARKER),
-        0,
-        "marker crossed the underlay in clear: {report:?}"
-    );
+    assert_marker_never_in_clear(capture, MARKER, "the mTLS traffic");
     drop(app);
 
     // Without agents the same exchange is cleartext on the same wire: the
@@ -234,13 +218,7 @@ fn no_plaintext_crosses_the_underlay() {
         wait_for_certificates: false,
         ..MeshOptions::default()
     });
-    let underlay = bare.mesh.testbed().underlay_netns();
-    let capture = bare
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&bare.mesh, &[MARKER]);
     bare.client_ok(APP_NS, "client", bare.echo_addr(APP_NS, "server"), MARKER);
     std::thread::sleep(Duration::from_millis(300));
     let report = capture.finish().unwrap();
@@ -655,13 +633,7 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
         mesh,
         _servers: servers,
     };
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
 
     // A meshed pod the agent does not know connects: redirected anyway, held
     // until the agent learns the pod, then carried over mTLS.
@@ -789,15 +761,5 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
         "the host's connection did not reach the agent"
     );
 
-    std::thread::sleep(Duration::from_millis(300));
-    let report = capture.finish().unwrap();
-    assert!(
-        report.frames > 10,
-        "the capture saw the traffic: {report:?}"
-    );
-    assert_eq!(
-        report.hits_for(MARKER),
-        0,
-        "marker crossed the underlay in clear: {report:?}"
-    );
+    assert_marker_never_in_clear(capture, MARKER, "the traffic");
 }

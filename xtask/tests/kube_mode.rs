@@ -24,11 +24,10 @@ mod support;
 
 use kube_support::HttpsFakeServer;
 use support::{
-    APP_NS, assert_marker_never_in_clear, client_in_pod, describe, echo_addr, echo_service, spiffe,
-    start_echo_server, stdout, testapp_path, wait_access,
+    APP_NS, assert_marker_never_in_clear, capture_underlay, client_in_pod, describe, echo_addr,
+    echo_service, spiffe, start_echo_server, stdout, testapp_path, wait_access,
 };
 use xtask::{
-    capture::Capture,
     mesh::{Mesh, MeshOptions},
     testapp,
     testbed::{
@@ -188,13 +187,7 @@ impl App {
 fn service_over_mtls(api: KubeApi) {
     const MARKER: &str = "sealmesh-kube-secret-marker-51c2";
     let app = App::up(api, MeshOptions::default());
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
 
     let service = app.service_addr();
     let out = app.client_ok(service, MARKER);
@@ -431,13 +424,7 @@ fn pods_connecting_as_they_start_never_send_their_first_bytes_in_clear() {
             ..MeshOptions::default()
         },
     );
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
     let netns = app
         .mesh
         .testbed()

@@ -185,6 +185,15 @@ pub fn node_token(testbed: &Testbed, node: &str) -> String {
     std::fs::read_to_string(node_token_file(testbed, node)).expect("node token readable")
 }
 
+/// A capture on the underlay (the wire between the nodes) looking for `markers`.
+pub fn capture_underlay(mesh: &Mesh, markers: &[&str]) -> Capture {
+    let testbed = mesh.testbed();
+    testbed
+        .run_in_netns(&testbed.underlay_netns(), || Capture::start(markers))
+        .unwrap()
+        .unwrap()
+}
+
 /// Ends `capture` a moment after the traffic, and checks that it saw the
 /// traffic (`what`) and never `marker` in clear.
 pub fn assert_marker_never_in_clear(capture: Capture, marker: &str, what: &str) {
