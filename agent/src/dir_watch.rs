@@ -1,7 +1,6 @@
 //! Wakes the registries when entries appear in or leave a set of
 //! directories (inotify): the cgroups pods are created in, so a new pod's
-//! cgroup is known as soon as the kubelet (or the testbed) makes it, and the
-//! cluster file's directory in local mode.
+//! cgroup is known as soon as the kubelet (or the testbed) makes it.
 //!
 //! The directories need not exist yet: each is watched once it does, so a
 //! directory's parent should be in the set too (`kubepods.slice` is seen

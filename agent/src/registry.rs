@@ -7,13 +7,12 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     net::{Ipv4Addr, SocketAddrV4},
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use arc_swap::ArcSwap;
@@ -22,6 +21,7 @@ use ipnet::Ipv4Net;
 use crate::{config::ServiceName, dir_watch::DirWatcher};
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
+    file_watch::FileWatch,
     host,
     identity::{Identity, TrustDomain},
     policy::InboundPolicyAnnotations,
@@ -29,8 +29,9 @@ use sealmesh_common::{
 use tokio::sync::watch;
 
 /// How often [`LocalRegistry::watch`] checks the cluster file and the local
-/// pods' cgroups, besides the inotify watch that normally sees changes at
-/// once: a safety net for missed events.
+/// pods' cgroups, besides the inotify watches that normally see changes at
+/// once: a safety net for missed events, and the only way when the watches
+/// cannot be set up.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,11 +113,6 @@ pub enum RegistryError {
         "cluster file {path} changed this node's {what}; the agent keeps the old value until it is restarted"
     )]
     ImmutableChanged { path: PathBuf, what: &'static str },
-    #[error("cannot stat cluster file {path}: {source}")]
-    Stat {
-        path: PathBuf,
-        source: std::io::Error,
-    },
 }
 
 /// A registry fed by the cluster file, for one node. Re-reads the file when
@@ -141,35 +137,18 @@ impl std::fmt::Debug for LocalRegistry {
     }
 }
 
-/// The last good file and the stamp of the last file version read (good or not).
+/// The last good file and the text of the last version read (good or not):
+/// a version is parsed, and a bad one reported, once.
 struct Source {
     file: ClusterFile,
-    stamp: FileStamp,
+    text: String,
 }
 
-/// Identifies one version of the file without reading it; atomic
-/// replacement (rename) changes the inode, in-place rewrites the mtime/size.
-#[derive(Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    modified: SystemTime,
-    len: u64,
-    dev: u64,
-    ino: u64,
-}
-
-impl FileStamp {
-    fn of(path: &Path) -> Result<Self, RegistryError> {
-        let meta = std::fs::metadata(path).map_err(|source| RegistryError::Stat {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(Self {
-            modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
-            len: meta.len(),
-            dev: meta.dev(),
-            ino: meta.ino(),
-        })
-    }
+fn read_cluster_file(path: &Path) -> Result<String, ClusterError> {
+    std::fs::read_to_string(path).map_err(|source| ClusterError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl LocalRegistry {
@@ -181,8 +160,8 @@ impl LocalRegistry {
         node_name: &str,
         cluster_networks: Vec<Ipv4Net>,
     ) -> Result<Arc<Self>, RegistryError> {
-        let stamp = FileStamp::of(path)?;
-        let file = ClusterFile::load(path)?;
+        let text = read_cluster_file(path)?;
+        let file = ClusterFile::from_yaml(&text)?;
         let node = file
             .node(node_name)
             .ok_or_else(|| RegistryError::UnknownNode {
@@ -202,7 +181,7 @@ impl LocalRegistry {
             cluster_networks,
             trust_domain,
             published: Published::new(snapshot),
-            source: Mutex::new(Source { file, stamp }),
+            source: Mutex::new(Source { file, text }),
         }))
     }
 
@@ -223,12 +202,12 @@ impl LocalRegistry {
     /// replaced by one with another id).
     fn refresh(&self, cgroups_changed: bool) -> Result<bool, RegistryError> {
         let mut source = self.source.lock().expect("registry source lock poisoned");
-        let stamp = FileStamp::of(&self.path)?;
-        let file_changed = stamp != source.stamp;
+        let text = read_cluster_file(&self.path)?;
+        let file_changed = text != source.text;
         if file_changed {
             // Recorded first so one bad version is reported once, not every poll.
-            source.stamp = stamp;
-            let file = ClusterFile::load(&self.path)?;
+            source.text = text;
+            let file = ClusterFile::from_yaml(&source.text)?;
             self.check_immutable(&file)?;
             source.file = file;
         } else if !cgroups_changed && !self.published.load().missing_cgroups {
@@ -238,18 +217,24 @@ impl LocalRegistry {
         Ok(self.published.publish(snapshot))
     }
 
-    /// Reloads when the cluster file is replaced or a directory appears in
-    /// (or leaves) the node's cgroup, where pod cgroups are created
-    /// (inotify), and every `interval` in case an event was missed, until
-    /// `shutdown` resolves; logs changes and errors.
+    /// Reloads when the cluster file changes (rewritten or replaced) or a
+    /// directory appears in (or leaves) the node's cgroup, where pod cgroups
+    /// are created (inotify), and every `interval` in case an event was
+    /// missed, until `shutdown` resolves; logs changes and errors.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: impl Future<Output = ()>) {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut ticks = tokio::time::interval(interval);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut events = match DirWatcher::new(self.watched_dirs()) {
+        let file_watch = FileWatch::new([&self.path])
+            .inspect_err(|error| {
+                tracing::warn!(%error, ?interval, "cluster file changes are found by polling only");
+            })
+            .ok();
+        let mut file_changes = file_watch.as_ref().map(FileWatch::subscribe);
+        let mut cgroup_events = match DirWatcher::new(self.node_cgroup()) {
             Ok(watcher) => Some(watcher),
             Err(error) => {
-                tracing::warn!(%error, ?interval, "cluster file and pod cgroup changes are found by polling only");
+                tracing::warn!(%error, ?interval, "pod cgroup changes are found by polling only");
                 None
             }
         };
@@ -257,10 +242,17 @@ impl LocalRegistry {
             let cgroups_changed = tokio::select! {
                 () = &mut shutdown => return,
                 _ = ticks.tick() => false,
-                changed = async { events.as_mut()?.changed().await.ok() }, if events.is_some() => {
+                changed = async { file_changes.as_mut()?.changed().await.ok() }, if file_changes.is_some() => {
                     if changed.is_none() {
-                        tracing::warn!(?interval, "watching the cluster file and pod cgroups failed; changes are found by polling only");
-                        events = None;
+                        tracing::warn!(?interval, "watching the cluster file failed; its changes are found by polling only");
+                        file_changes = None;
+                    }
+                    false
+                }
+                changed = async { cgroup_events.as_mut()?.changed().await.ok() }, if cgroup_events.is_some() => {
+                    if changed.is_none() {
+                        tracing::warn!(?interval, "watching pod cgroups failed; their changes are found by polling only");
+                        cgroup_events = None;
                     }
                     true
                 }
@@ -281,16 +273,14 @@ impl LocalRegistry {
         }
     }
 
-    /// The cluster file's directory (the file is replaced by rename) and
-    /// this node's cgroup, where its pods' cgroups are created.
-    fn watched_dirs(&self) -> Vec<PathBuf> {
+    /// This node's cgroup, where its pods' cgroups are created.
+    fn node_cgroup(&self) -> Vec<PathBuf> {
         let source = self.source.lock().expect("registry source lock poisoned");
-        let node_cgroup = source.file.node(&self.node.name).map(|n| n.cgroup.clone());
-        self.path
-            .parent()
-            .map(Path::to_owned)
+        source
+            .file
+            .node(&self.node.name)
+            .map(|n| n.cgroup.clone())
             .into_iter()
-            .chain(node_cgroup)
             .collect()
     }
 
@@ -784,7 +774,7 @@ services:
             .collect();
         assert_eq!(picks, ["web-0", "web-2"]);
 
-        // Same content written again: new stamp, same state, no bump.
+        // Same content written again (a new inode): same state, no bump.
         fx.rewrite(|_| {});
         assert!(!reg.reload().unwrap());
         assert!(!changes.has_changed().unwrap());
@@ -863,7 +853,7 @@ services:
     }
 
     #[tokio::test]
-    async fn watch_sees_a_new_pod_cgroup_and_a_replaced_file_at_once() {
+    async fn watch_sees_a_new_pod_cgroup_and_a_replaced_or_rewritten_file_at_once() {
         let fx = Fixture::new();
         fs::remove_dir(fx.dir.path().join("node-0/curl")).unwrap();
         let reg = LocalRegistry::load(&fx.file, "node-0", Vec::new()).unwrap();
@@ -887,6 +877,12 @@ services:
             .expect("the replaced file is read without polling")
             .unwrap();
         assert_eq!(reg.resolve(addr([10, 96, 0, 10], 80)), None);
+        fs::write(&fx.file, cluster_yaml(fx.dir.path())).unwrap();
+        tokio::time::timeout(Duration::from_secs(5), changes.changed())
+            .await
+            .expect("the file rewritten in place is read without polling")
+            .unwrap();
+        assert!(reg.resolve(addr([10, 96, 0, 10], 80)).is_some());
         stop.send(()).unwrap();
         task.await.unwrap();
     }

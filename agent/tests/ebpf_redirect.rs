@@ -165,30 +165,20 @@ fn redirects_meshed_pods_and_their_children_only() {
         redirector.ids(CgroupRole::MeshedPod).unwrap(),
         [bed.pod_cgroup_id()]
     );
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
-    let plain = NetnsListener::spawn(
-        &bed,
-        SocketAddrV4::new(NODE_IP, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
-    );
-    let excluded_port = NetnsListener::spawn(
-        &bed,
-        SocketAddrV4::new(NODE_IP, EXCLUDED_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
-    );
-    let excluded_net = NetnsListener::spawn(
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
+    let plain =
+        NetnsListener::take_and_read(&bed, SocketAddrV4::new(NODE_IP, PLAIN_PORT), &redirector);
+    let excluded_port =
+        NetnsListener::take_and_read(&bed, SocketAddrV4::new(NODE_IP, EXCLUDED_PORT), &redirector);
+    let excluded_net = NetnsListener::take_and_read(
         &bed,
         SocketAddrV4::new(EXCLUDED_NET_IP, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
+        &redirector,
     );
-    let loopback = NetnsListener::spawn(
+    let loopback = NetnsListener::take_and_read(
         &bed,
         SocketAddrV4::new(Ipv4Addr::LOCALHOST, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
+        &redirector,
     );
 
     // A pod process: redirected, with the original destination and the pod's cgroup.
@@ -196,14 +186,7 @@ fn redirects_meshed_pods_and_their_children_only() {
     let accepted = outbound.next();
     assert_eq!(accepted.received, b"hi");
     assert_eq!(accepted.local, LISTENER);
-    assert_eq!(
-        accepted.redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
-    );
+    assert_eq!(accepted.redirect, Some(bed.meshed_pod_redirect(REMOTE_POD)));
     assert_eq!(
         redirector.take(accepted.peer, accepted.local),
         None,
@@ -220,24 +203,13 @@ fn redirects_meshed_pods_and_their_children_only() {
     );
     let accepted = outbound.next();
     assert_eq!(accepted.received, b"hi");
-    assert_eq!(
-        accepted.redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
-    );
+    assert_eq!(accepted.redirect, Some(bed.meshed_pod_redirect(REMOTE_POD)));
 
     // A process in a child cgroup of the pod counts as the pod.
     bed.run_client(bed.child(), REMOTE_POD, 1, "send");
     assert_eq!(
         outbound.next().redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
+        Some(bed.meshed_pod_redirect(REMOTE_POD))
     );
 
     // Not redirected: a process of the (unmeshed) node cgroup, loopback, an excluded port,
@@ -287,13 +259,9 @@ fn redirects_meshed_pods_and_their_children_only() {
 fn classifies_the_connecting_task_by_its_cgroups() {
     let bed = Testbed::new(&TESTBED);
     let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
-    let plain = NetnsListener::spawn(
-        &bed,
-        SocketAddrV4::new(NODE_IP, PLAIN_PORT),
-        redirector.clone(),
-        Mode::TakeAndRead,
-    );
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
+    let plain =
+        NetnsListener::take_and_read(&bed, SocketAddrV4::new(NODE_IP, PLAIN_PORT), &redirector);
     let plain_addr = SocketAddrV4::new(NODE_IP, PLAIN_PORT);
     let unknown = |cgroup: u64| {
         Some(Redirect {
@@ -366,11 +334,7 @@ fn classifies_the_connecting_task_by_its_cgroups() {
     bed.run_client(bed.child(), plain_addr, 1, "send");
     assert_eq!(
         outbound.next().redirect,
-        Some(Redirect {
-            original_dst: plain_addr,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
+        Some(bed.meshed_pod_redirect(plain_addr))
     );
 
     // Without a pod parent, nothing below the node is a pod (the host).
@@ -426,11 +390,7 @@ fn no_records_leak_over_many_connections() {
         assert_eq!(accepted.received, b"hi", "connection {n}");
         assert_eq!(
             accepted.redirect,
-            Some(Redirect {
-                original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id(),
-                source: RedirectSource::MeshedPod,
-            }),
+            Some(bed.meshed_pod_redirect(REMOTE_POD)),
             "connection {n}"
         );
     }
@@ -444,17 +404,13 @@ fn no_records_leak_over_many_connections() {
     // Clients that send and close at once (usually before the accept): all records survive
     // until taken, then nothing is left.
     const CONNECTIONS: usize = 500;
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
     bed.run_client(&bed.pod, REMOTE_POD, CONNECTIONS, "send");
     for n in 0..CONNECTIONS {
         let accepted = outbound.next();
         assert_eq!(
             accepted.redirect,
-            Some(Redirect {
-                original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id(),
-                source: RedirectSource::MeshedPod,
-            }),
+            Some(bed.meshed_pod_redirect(REMOTE_POD)),
             "connection {n}"
         );
     }
@@ -470,11 +426,7 @@ fn no_records_leak_over_many_connections() {
         assert_eq!(accepted.received, b"hi", "connection {n}");
         assert_eq!(
             accepted.redirect,
-            Some(Redirect {
-                original_dst: REMOTE_POD,
-                source_cgroup: bed.pod_cgroup_id(),
-                source: RedirectSource::MeshedPod,
-            }),
+            Some(bed.meshed_pod_redirect(REMOTE_POD)),
             "connection {n}"
         );
         clients.insert(accepted.peer);
@@ -551,15 +503,11 @@ fn a_restarted_agent_reuses_the_pinned_state_and_takes_over() {
     expected.sort_unstable();
     assert_eq!(agent, expected, "the previous agent's cgroups are replaced");
 
-    let outbound = NetnsListener::spawn(&bed, LISTENER, second.clone(), Mode::TakeAndRead);
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &second);
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert_eq!(
         outbound.next().redirect,
-        Some(Redirect {
-            original_dst: REMOTE_POD,
-            source_cgroup: bed.pod_cgroup_id(),
-            source: RedirectSource::MeshedPod,
-        })
+        Some(bed.meshed_pod_redirect(REMOTE_POD))
     );
     drop(outbound);
     let second = Arc::into_inner(second).expect("the listener thread released the redirector");
@@ -574,7 +522,7 @@ fn kernel_logs_reach_tracing() {
     redirector
         .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
         .unwrap();
-    let outbound = NetnsListener::spawn(&bed, LISTENER, redirector.clone(), Mode::TakeAndRead);
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
     bed.run_client(&bed.pod, REMOTE_POD, 1, "send");
     assert!(outbound.next().redirect.is_some());
 
@@ -669,6 +617,15 @@ const TESTBED: Spec = Spec {
 };
 
 impl Testbed {
+    /// The record of a connection from the meshed pod to `original_dst`.
+    fn meshed_pod_redirect(&self, original_dst: SocketAddrV4) -> Redirect {
+        Redirect {
+            original_dst,
+            source_cgroup: self.pod_cgroup_id(),
+            source: RedirectSource::MeshedPod,
+        }
+    }
+
     fn config(&self) -> RedirectConfig {
         RedirectConfig {
             node_cgroup: self.node.clone(),
@@ -763,6 +720,11 @@ struct NetnsListener {
 }
 
 impl NetnsListener {
+    /// A listener at `addr` that takes each connection's record and reads it to the end.
+    fn take_and_read(bed: &Testbed, addr: SocketAddrV4, table: &Arc<Redirector>) -> Self {
+        Self::spawn(bed, addr, table.clone(), Mode::TakeAndRead)
+    }
+
     fn spawn(bed: &Testbed, addr: SocketAddrV4, table: Arc<Redirector>, mode: Mode) -> Self {
         let netns = File::open(Path::new("/run/netns").join(&bed.netns)).expect("open the netns");
         let (ready_tx, ready_rx) = mpsc::channel();

@@ -456,73 +456,51 @@ impl Cluster {
         }
     }
 
+    /// An unmeshed pod `legacy` on node A, known to its registry only now.
+    fn add_unmeshed_newcomer(&self) -> Arc<Workload> {
+        let legacy = pod(
+            "legacy",
+            &node_a(self.n),
+            ip(self.n, 13),
+            false,
+            Some(NEWCOMER_CGROUP),
+        );
+        self.a.registry.add(legacy.clone());
+        legacy
+    }
+
     /// Shuts node A's engine down and starts a fresh one (an empty HBONE
     /// pool) with the same credentials, as a long-running agent keeps them.
-    async fn restart_a(self, policy_a: Policy) -> Self {
-        let Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b,
-            a,
-            b,
-        } = self;
-        a.shut_down().await;
-        let a = start_node(
-            node_a(n),
-            &pods,
-            services.clone(),
-            creds_a.clone(),
+    async fn restart_a(mut self, policy_a: Policy) -> Self {
+        self.a.shut_down().await;
+        self.a = start_node(
+            node_a(self.n),
+            &self.pods,
+            self.services.clone(),
+            self.creds_a.clone(),
             policy_a,
         )
         .await;
-        Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b,
-            a,
-            b,
-        }
+        self
     }
 
     /// Shuts node B's engine down (draining, then cutting its connections)
     /// and starts a fresh one in its place.
-    async fn restart_b(self) -> Self {
-        let Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b: _,
-            a,
-            b,
-        } = self;
-        b.shut_down().await;
-        let creds_b = TestCredentials::new(&ca, &[&pods.server.identity, &pods.other.identity]);
-        let b = start_node(
-            node_b(n),
-            &pods,
-            services.clone(),
-            creds_b.clone(),
+    async fn restart_b(mut self) -> Self {
+        self.b.shut_down().await;
+        self.creds_b = TestCredentials::new(
+            &self.ca,
+            &[&self.pods.server.identity, &self.pods.other.identity],
+        );
+        self.b = start_node(
+            node_b(self.n),
+            &self.pods,
+            self.services.clone(),
+            self.creds_b.clone(),
             Policy::default(),
         )
         .await;
-        Self {
-            n,
-            pods,
-            ca,
-            services,
-            creds_a,
-            creds_b,
-            a,
-            b,
-        }
+        self
     }
 
     /// Connects from `source` to `original_dst` as if eBPF had redirected
@@ -1139,14 +1117,7 @@ async fn a_new_unmeshed_pods_first_connection_goes_out_as_without_the_agent() {
     let n = 24;
     let echo = echo_server(ip(n, 20)).await;
     let mut cluster = Cluster::start(n, Policy::default(), echo.port()).await;
-    let legacy = pod(
-        "legacy",
-        &node_a(n),
-        ip(n, 13),
-        false,
-        Some(NEWCOMER_CGROUP),
-    );
-    cluster.a.registry.add(legacy.clone());
+    let legacy = cluster.add_unmeshed_newcomer();
     let stream = cluster
         .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, echo)
         .await;
@@ -1729,14 +1700,7 @@ async fn a_new_unmeshed_pods_connection_never_reaches_a_local_strict_pod() {
     let SocketAddr::V4(strict_target) = listener.local_addr().unwrap() else {
         unreachable!()
     };
-    let legacy = pod(
-        "legacy",
-        &node_a(n),
-        ip(n, 13),
-        false,
-        Some(NEWCOMER_CGROUP),
-    );
-    cluster.a.registry.add(legacy.clone());
+    let legacy = cluster.add_unmeshed_newcomer();
     let stream = cluster
         .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, strict_target)
         .await;

@@ -18,7 +18,6 @@ use std::{
     time::Duration,
 };
 
-use fake_apiserver::FakeApiServer;
 use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
 use nix::sched::{CloneFlags, setns};
 use sealmesh_common::{consts::AGENT_STARTED_MESSAGE, host};
@@ -84,10 +83,7 @@ fn kubernetes_mode_agent_follows_the_api() {
 
 async fn run_agent_against_the_api(bpffs_dir: &Path) {
     let cgroups = CgroupRoot::new("kube-agent");
-    let server = FakeApiServer::start().await.unwrap();
-    let cluster = Cluster {
-        client: server.client(),
-    };
+    let (server, cluster) = Cluster::start().await;
     cluster.node(NODE, NODE_IP).await;
     cluster.namespace(CONTROL_NS, false).await;
     cluster.namespace(MESHED_NS, true).await;

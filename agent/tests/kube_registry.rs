@@ -41,10 +41,7 @@ struct Fixture {
 
 impl Fixture {
     async fn new(name: &str) -> Self {
-        let server = FakeApiServer::start().await.unwrap();
-        let cluster = Cluster {
-            client: server.client(),
-        };
+        let (server, cluster) = Cluster::start().await;
         cluster.node(LOCAL_NODE, LOCAL_IP).await;
         cluster.node(REMOTE_NODE, REMOTE_IP).await;
         cluster.namespace(MESHED_NS, true).await;
@@ -67,11 +64,35 @@ impl Fixture {
         }
     }
 
+    /// Starts a registry for node `node`.
+    async fn start_as(&self, node: &str) -> Result<Arc<KubeRegistry>, KubeRegistryError> {
+        let config = KubeRegistryConfig {
+            node: node.into(),
+            ..self.config()
+        };
+        KubeRegistry::start(self.server.client(), config).await
+    }
+
     async fn registry(&self) -> Arc<KubeRegistry> {
         KubeRegistry::start(self.server.client(), self.config())
             .await
             .unwrap()
     }
+}
+
+/// `emojivoto/web-0` (meshed, ServiceAccount `web`) on the local node.
+fn local_web() -> PodSpec<'static> {
+    PodSpec::new(MESHED_NS, "web-0", "web", LOCAL_NODE, [10, 244, 1, 2])
+}
+
+/// `plain/curl` (unmeshed) on the local node.
+fn local_curl() -> PodSpec<'static> {
+    PodSpec::new(PLAIN_NS, "curl", "default", LOCAL_NODE, [10, 244, 1, 4])
+}
+
+/// `emojivoto/web-1` (meshed, ServiceAccount `web`) on the remote node.
+fn remote_web() -> PodSpec<'static> {
+    PodSpec::new(MESHED_NS, "web-1", "web", REMOTE_NODE, [10, 244, 2, 2])
 }
 
 fn addr(ip: [u8; 4], port: u16) -> SocketAddrV4 {
@@ -89,29 +110,14 @@ fn names(workloads: &[Arc<Workload>]) -> Vec<String> {
 async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists() {
     let fx = Fixture::new("kube-local").await;
     let c = &fx.cluster;
-    let web = c
-        .running_pod(PodSpec::new(
-            MESHED_NS,
-            "web-0",
-            "web",
-            LOCAL_NODE,
-            [10, 244, 1, 2],
-        ))
-        .await;
+    let web = c.running_pod(local_web()).await;
     let db = c
         .running_pod(PodSpec {
             opted_out: true,
             ..PodSpec::new(MESHED_NS, "db-0", "db", LOCAL_NODE, [10, 244, 1, 3])
         })
         .await;
-    c.running_pod(PodSpec::new(
-        PLAIN_NS,
-        "curl",
-        "default",
-        LOCAL_NODE,
-        [10, 244, 1, 4],
-    ))
-    .await;
+    c.running_pod(local_curl()).await;
     c.running_pod(PodSpec {
         host_network: true,
         ..PodSpec::new(
@@ -123,14 +129,7 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
         )
     })
     .await;
-    c.running_pod(PodSpec::new(
-        MESHED_NS,
-        "web-1",
-        "web",
-        REMOTE_NODE,
-        [10, 244, 2, 2],
-    ))
-    .await;
+    c.running_pod(remote_web()).await;
     // The kubelet made the opted-out pod's cgroup (cgroupfs driver) already;
     // web-0's comes later.
     let db_cgroup = fx.cgroups.create_cgroupfs("besteffort", &db);
@@ -369,15 +368,7 @@ async fn service_vips_resolve_through_endpoint_slices_to_ready_pods() {
 async fn deleted_pods_leave_the_registry() {
     let fx = Fixture::new("kube-delete").await;
     let c = &fx.cluster;
-    let uid = c
-        .running_pod(PodSpec::new(
-            MESHED_NS,
-            "web-0",
-            "web",
-            LOCAL_NODE,
-            [10, 244, 1, 2],
-        ))
-        .await;
+    let uid = c.running_pod(local_web()).await;
     let cgroup_id = host::cgroup_id(&fx.cgroups.create_systemd("besteffort", &uid)).unwrap();
     let registry = fx.registry().await;
     assert_eq!(registry.by_cgroup(cgroup_id).unwrap().name, "web-0");
@@ -490,22 +481,8 @@ async fn eventually_local(registry: &KubeRegistry, count: usize) -> Vec<Arc<Work
 async fn lists_again_after_410_gone_and_sees_what_changed_meanwhile() {
     let fx = Fixture::new("kube-relist").await;
     let c = &fx.cluster;
-    c.running_pod(PodSpec::new(
-        PLAIN_NS,
-        "curl",
-        "default",
-        LOCAL_NODE,
-        [10, 244, 1, 4],
-    ))
-    .await;
-    c.running_pod(PodSpec::new(
-        MESHED_NS,
-        "web-1",
-        "web",
-        REMOTE_NODE,
-        [10, 244, 2, 2],
-    ))
-    .await;
+    c.running_pod(local_curl()).await;
+    c.running_pod(remote_web()).await;
     let registry = fx.registry().await;
     assert!(!registry.by_ip(Ipv4Addr::new(10, 244, 1, 4)).unwrap().meshed);
     let pod_lists = || {
@@ -554,13 +531,7 @@ async fn lists_again_after_410_gone_and_sees_what_changed_meanwhile() {
 #[tokio::test]
 async fn start_up_failures_say_what_to_fix() {
     let fx = Fixture::new("kube-startup").await;
-    let config = KubeRegistryConfig {
-        node: "n9".into(),
-        ..fx.config()
-    };
-    let err = KubeRegistry::start(fx.server.client(), config)
-        .await
-        .unwrap_err();
+    let err = fx.start_as("n9").await.unwrap_err();
     assert!(
         matches!(err, KubeRegistryError::NodeNotFound { .. }),
         "{err}"
@@ -578,13 +549,7 @@ async fn start_up_failures_say_what_to_fix() {
         )
         .await
         .unwrap();
-    let config = KubeRegistryConfig {
-        node: "n3".into(),
-        ..fx.config()
-    };
-    let err = KubeRegistry::start(fx.server.client(), config)
-        .await
-        .unwrap_err();
+    let err = fx.start_as("n3").await.unwrap_err();
     assert!(
         matches!(err, KubeRegistryError::NoInternalIp { .. }),
         "{err}"

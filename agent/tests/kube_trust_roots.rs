@@ -11,7 +11,6 @@ use std::{
     time::Duration,
 };
 
-use fake_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{Api, api::DeleteParams};
 use kube_support::{Cluster, eventually};
@@ -84,10 +83,7 @@ fn store(anchors: &str) -> Arc<CertStore> {
 
 #[tokio::test]
 async fn missing_trust_roots_fail_start_up_with_what_to_deploy() {
-    let server = FakeApiServer::start().await.unwrap();
-    let cluster = Cluster {
-        client: server.client(),
-    };
+    let (_server, cluster) = Cluster::start().await;
     cluster.namespace(CONTROL_NS, false).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     let err = fetch_trust_roots(&cluster.client, CONTROL_NS, deadline)
@@ -121,10 +117,7 @@ async fn trust_roots_hot_reload_and_bad_bundles_keep_the_anchors_in_use() {
             .with_env_filter("sealmesh_agent=info")
             .finish(),
     );
-    let server = FakeApiServer::start().await.unwrap();
-    let cluster = Cluster {
-        client: server.client(),
-    };
+    let (server, cluster) = Cluster::start().await;
     cluster.namespace(CONTROL_NS, false).await;
     let first = root_pem("root-a.test");
     cluster.trust_roots(CONTROL_NS, &first).await;

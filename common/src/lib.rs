@@ -4,6 +4,7 @@
 
 pub mod cluster;
 pub mod consts;
+pub mod file_watch;
 pub mod host;
 pub mod identity;
 pub mod logging;

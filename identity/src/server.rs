@@ -5,7 +5,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
-use sealmesh_common::{cluster::ClusterError, identity::TrustDomain};
+use sealmesh_common::identity::TrustDomain;
 use sealmesh_proto::{identity as pb, linkerd_identity as linkerd};
 use time::OffsetDateTime;
 use tokio::{net::TcpListener, sync::watch};
@@ -13,7 +13,7 @@ use tonic_health::ServingStatus;
 
 use crate::{
     IdentityConfig,
-    auth::{Authorizer, LocalCluster},
+    auth::{Authorizer, LocalCluster, LocalClusterError},
     ca::LeafPolicy,
     config::{KubeSettings, LocalSources, Mode},
     kube::{
@@ -34,7 +34,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("cluster file {path}: {source}")]
-    Cluster { path: PathBuf, source: ClusterError },
+    Cluster {
+        path: PathBuf,
+        source: LocalClusterError,
+    },
     #[error("trust anchors: {0}")]
     Anchors(PkiError),
     #[error("issuer from {origin}: {source}; refusing to start without a valid issuer")]

@@ -5,7 +5,6 @@
 
 use std::{
     collections::BTreeSet,
-    future::Future,
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
     path::Path,
@@ -14,31 +13,21 @@ use std::{
 };
 
 use rustls::pki_types::{CertificateDer, pem::PemObject};
-use sealmesh_common::consts::{
-    AGENT_ADMIN_PORT, AGENT_METRICS_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
-};
-use sealmesh_proto::admin::{
-    self as pb, ConnectionEvent, Direction, Phase, PodRef, admin_client::AdminClient,
-};
-use tonic::transport::Channel;
+use sealmesh_common::consts::{AGENT_METRICS_PORT, MESH_LABEL, MESH_LABEL_ENABLED};
+use sealmesh_proto::admin::{self as pb, ConnectionEvent, Direction, Phase, PodRef};
 use xtask::{
     mesh::{Mesh, MeshOptions},
-    testapp,
     testbed::{ChildGuard, PodSpec, TestbedSpec},
 };
 
-const APP_NS: &str = "shop";
-const PLAIN_NS: &str = "legacy";
-const ECHO_PORT: u16 = 8080;
+mod support;
+
+use support::{
+    APP_NS, PLAIN_NS, admin, admin_client, client_in_pod, describe, echo_addr, node_token,
+    node_token_file, spiffe, start_echo_server,
+};
+
 const TIMEOUT: Duration = Duration::from_secs(40);
-
-fn testapp_path() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_testapp"))
-}
-
-fn spiffe(sa: &str) -> String {
-    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
-}
 
 fn pod_ref(namespace: &str, name: &str) -> Option<PodRef> {
     Some(PodRef {
@@ -56,31 +45,6 @@ fn spec() -> TestbedSpec {
         .pod(PodSpec::new(APP_NS, "client", "client", 0))
         .pod(PodSpec::new(APP_NS, "server", "server", 1))
         .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1))
-}
-
-/// Runs `call` with an admin client inside `node`'s network namespace.
-fn admin<T, F, Fut>(mesh: &Mesh, node: &str, call: F) -> T
-where
-    T: Send,
-    F: FnOnce(AdminClient<Channel>) -> Fut + Send,
-    Fut: Future<Output = T>,
-{
-    let netns = mesh.testbed().node_netns(node).unwrap().to_owned();
-    mesh.testbed()
-        .run_in_netns(&netns, move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            runtime.block_on(async move { call(connect().await).await })
-        })
-        .unwrap()
-}
-
-async fn connect() -> AdminClient<Channel> {
-    AdminClient::connect(format!("http://127.0.0.1:{AGENT_ADMIN_PORT}"))
-        .await
-        .expect("the admin API answers on the node's loopback")
 }
 
 fn status(mesh: &Mesh, node: &str) -> pb::AgentStatus {
@@ -145,24 +109,18 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 }
 
 fn start_server(mesh: &Mesh, ns: &str, pod: &str) -> (ChildGuard, SocketAddr) {
-    testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT).unwrap()
+    (
+        start_echo_server(mesh, ns, pod),
+        echo_addr(mesh.testbed(), ns, pod),
+    )
 }
 
 fn run_client(mesh: &Mesh, connect: SocketAddr, text: &str) {
-    let out = mesh
-        .testbed()
-        .spawn_in_pod(
-            APP_NS,
-            "client",
-            testapp::client(testapp_path(), connect, text, 1),
-        )
-        .unwrap()
-        .wait_with_output()
-        .unwrap();
+    let out = client_in_pod(mesh.testbed(), APP_NS, "client", connect, text, &[]);
     assert!(
         out.status.success(),
         "client -> {connect}: {}",
-        String::from_utf8_lossy(&out.stderr)
+        describe(&out)
     );
 }
 
@@ -180,7 +138,7 @@ fn tap_until_close(mesh: &Mesh, node: &str) -> std::thread::JoinHandle<Vec<Conne
                 .build()
                 .unwrap();
             runtime.block_on(async move {
-                let mut client = connect().await;
+                let mut client = admin_client().await;
                 let mut stream = client
                     .tap(pb::TapRequest {
                         namespace: APP_NS.into(),
@@ -349,15 +307,8 @@ fn admin_api_and_metrics_report_a_real_mtls_connection_exactly() {
             .unwrap()
             .into_inner()
     });
-    let token_file = mesh
-        .testbed()
-        .cluster()
-        .node("node-0")
-        .unwrap()
-        .token_file
-        .clone()
-        .unwrap();
-    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token_file = node_token_file(mesh.testbed(), "node-0");
+    let token = node_token(mesh.testbed(), "node-0");
     assert!(config.yaml.contains("node: node-0\n"), "{}", config.yaml);
     assert!(
         config.yaml.contains("node_ip: 172.18.0.2\n"),

@@ -10,6 +10,10 @@ use std::{
 
 use serde_json::Value;
 
+mod support;
+
+use support::describe;
+
 fn xtask(args: &[&str]) -> Output {
     xtask_with_env(args, &[])
 }
@@ -21,15 +25,6 @@ fn xtask_with_env(args: &[&str], env: &[(&str, &Path)]) -> Output {
         .env("NO_COLOR", "1")
         .output()
         .expect("xtask runs")
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The JSON object on the last line of stdout.

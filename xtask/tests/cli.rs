@@ -3,44 +3,30 @@
 //! meshes (root, real agents, real identity service).
 
 use std::{
-    collections::BTreeMap,
     io::{BufRead, BufReader},
-    net::{Ipv4Addr, SocketAddr},
-    path::{Path, PathBuf},
-    process::{Command, Output, Stdio},
+    net::Ipv4Addr,
+    process::{Child, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
-use sealmesh_common::{
-    cluster::{Service, ServicePort},
-    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
-};
+use sealmesh_common::consts::{MESH_LABEL, MESH_LABEL_ENABLED};
 use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use serde_json::Value;
 use xtask::{
-    mesh::{Mesh, MeshOptions, locate_binary},
-    testapp,
+    mesh::{Mesh, MeshOptions},
     testbed::{ChildGuard, PodSpec, TestbedSpec},
 };
 
-const APP_NS: &str = "shop";
-const PLAIN_NS: &str = "legacy";
-const ECHO_PORT: u16 = 8080;
+mod support;
+
+use support::{
+    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
+    mesh_with_echo_servers, sealmesh_path, spiffe, stdout,
+};
+
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const DAY: Duration = Duration::from_secs(86_400);
 const WAIT: Duration = Duration::from_secs(20);
-
-fn testapp_path() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_testapp"))
-}
-
-fn sealmesh_path() -> PathBuf {
-    locate_binary("sealmesh").expect("sealmesh is built (cargo build --workspace)")
-}
-
-fn spiffe(sa: &str) -> String {
-    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
-}
 
 /// node-0: `client`, `neighbour` (meshed); node-1: `server` (meshed, Service
 /// `server` at 10.96.0.10:80), `legacy/plain` (unmeshed).
@@ -52,17 +38,7 @@ fn spec() -> TestbedSpec {
         .pod(PodSpec::new(APP_NS, "neighbour", "neighbour", 0).label("app", "neighbour"))
         .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
         .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
-        .service(Service {
-            name: "server".into(),
-            namespace: APP_NS.into(),
-            vip: SERVICE_VIP,
-            ports: vec![ServicePort {
-                name: None,
-                port: 80,
-                target_port: ECHO_PORT,
-            }],
-            selector: BTreeMap::from([("app".into(), "server".into())]),
-        })
+        .service(echo_service("server", SERVICE_VIP, 80))
 }
 
 struct App {
@@ -72,22 +48,16 @@ struct App {
 
 impl App {
     fn up(options: MeshOptions) -> Self {
-        let mesh = Mesh::up(&spec(), options).expect("mesh up");
-        let mut servers = Vec::new();
-        for (ns, pod) in [
-            (APP_NS, "server"),
-            (APP_NS, "neighbour"),
-            (PLAIN_NS, "plain"),
-        ] {
-            let (server, _) =
-                testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
-                    .expect("echo server starts");
-            servers.push(server);
-        }
-        Self {
-            mesh,
-            _servers: servers,
-        }
+        let (mesh, _servers) = mesh_with_echo_servers(
+            &spec(),
+            options,
+            &[
+                (APP_NS, "server"),
+                (APP_NS, "neighbour"),
+                (PLAIN_NS, "plain"),
+            ],
+        );
+        Self { mesh, _servers }
     }
 
     fn sealmesh(&self, args: &[&str]) -> Output {
@@ -103,39 +73,32 @@ impl App {
         cmd
     }
 
+    /// `sealmesh tap` running with `args`, its output piped.
+    fn spawn_tap(&self, args: &[&str]) -> Child {
+        self.command(&[&["tap"], args].concat())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// One echo round trip from `client` to `ns/pod`.
     fn connect(&self, ns: &str, pod: &str) {
-        let ip = self.mesh.testbed().cluster().pod(ns, pod).unwrap().ip;
-        let out = self
-            .mesh
-            .testbed()
-            .spawn_in_pod(
-                APP_NS,
-                "client",
-                testapp::client(testapp_path(), SocketAddr::from((ip, ECHO_PORT)), "hi", 1),
-            )
-            .unwrap()
-            .wait_with_output()
-            .unwrap();
+        let testbed = self.mesh.testbed();
+        let out = client_in_pod(
+            testbed,
+            APP_NS,
+            "client",
+            echo_addr(testbed, ns, pod),
+            "hi",
+            &[],
+        );
         assert!(
             out.status.success(),
             "client -> {ns}/{pod}: {}",
             describe(&out)
         );
     }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// The `√`/`×`/`‼` lines and the summary of a `check` output.
@@ -205,21 +168,15 @@ fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() 
     );
 
     // tap sees a cross-node connection made while it runs, with both identities.
-    let mut tap = app
-        .command(&[
-            "tap",
-            "deploy/client",
-            "-n",
-            APP_NS,
-            "--max",
-            "4",
-            "--timeout",
-            "20s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tap = app.spawn_tap(&[
+        "deploy/client",
+        "-n",
+        APP_NS,
+        "--max",
+        "4",
+        "--timeout",
+        "20s",
+    ]);
     let mut tap_err = BufReader::new(tap.stderr.take().unwrap());
     let mut line = String::new();
     tap_err.read_line(&mut line).unwrap();
@@ -603,23 +560,17 @@ fn why_names_the_deny_plaintext_policy_and_tap_streams_json_lines() {
         describe(&out)
     );
 
-    let mut tap = app
-        .command(&[
-            "tap",
-            "pod/server",
-            "-n",
-            APP_NS,
-            "-o",
-            "json",
-            "--max",
-            "4",
-            "--timeout",
-            "20s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut tap = app.spawn_tap(&[
+        "pod/server",
+        "-n",
+        APP_NS,
+        "-o",
+        "json",
+        "--max",
+        "4",
+        "--timeout",
+        "20s",
+    ]);
     let mut line = String::new();
     BufReader::new(tap.stderr.take().unwrap())
         .read_line(&mut line)

@@ -3,38 +3,29 @@
 //! mTLS with kernel-attested identities to failing closed.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::Path,
     process::Output,
     time::Duration,
 };
 
-use sealmesh_common::{
-    cluster::{Service, ServicePort},
-    consts::{ACCESS_LOG_TARGET, HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED},
-};
+use sealmesh_common::consts::{HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED};
 use serde_json::Value;
 use xtask::{
-    capture::Capture,
     mesh::{Mesh, MeshOptions},
     testapp,
     testbed::{ChildGuard, PodSpec, TestbedSpec},
 };
 
-const APP_NS: &str = "shop";
-const PLAIN_NS: &str = "legacy";
-const ECHO_PORT: u16 = 8080;
+mod support;
+
+use support::{
+    APP_NS, ECHO_PORT, PLAIN_NS, assert_marker_never_in_clear, capture_underlay, client_in_pod,
+    describe, echo_addr, echo_service, mesh_with_echo_servers, pod_ip, spiffe, start_echo_servers,
+    testapp_path, wait_access_count,
+};
+
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const SERVICE_PORT: u16 = 80;
-
-fn testapp_path() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_testapp"))
-}
-
-fn spiffe(sa: &str) -> String {
-    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
-}
 
 /// node-0: `client` (meshed), `neighbour` (meshed, same node as client);
 /// node-1: `server` (meshed, behind Service `server` at 10.96.0.10:80),
@@ -48,17 +39,7 @@ fn spec() -> TestbedSpec {
         .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
         .pod(PodSpec::new(APP_NS, "stranger", "stranger", 1).label("app", "stranger"))
         .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
-        .service(Service {
-            name: "server".into(),
-            namespace: APP_NS.into(),
-            vip: SERVICE_VIP,
-            ports: vec![ServicePort {
-                name: None,
-                port: SERVICE_PORT,
-                target_port: ECHO_PORT,
-            }],
-            selector: BTreeMap::from([("app".into(), "server".into())]),
-        })
+        .service(echo_service("server", SERVICE_VIP, SERVICE_PORT))
 }
 
 struct App {
@@ -68,31 +49,25 @@ struct App {
 
 impl App {
     fn up(options: MeshOptions) -> Self {
-        let mesh = Mesh::up(&spec(), options).expect("mesh up");
-        let mut servers = Vec::new();
-        for (ns, pod) in [
-            (APP_NS, "server"),
-            (APP_NS, "neighbour"),
-            (APP_NS, "stranger"),
-            (PLAIN_NS, "plain"),
-        ] {
-            let (server, _) =
-                testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
-                    .expect("echo server starts");
-            servers.push(server);
-        }
-        Self {
-            mesh,
-            _servers: servers,
-        }
+        let (mesh, _servers) = mesh_with_echo_servers(
+            &spec(),
+            options,
+            &[
+                (APP_NS, "server"),
+                (APP_NS, "neighbour"),
+                (APP_NS, "stranger"),
+                (PLAIN_NS, "plain"),
+            ],
+        );
+        Self { mesh, _servers }
     }
 
     fn ip(&self, ns: &str, pod: &str) -> Ipv4Addr {
-        self.mesh.testbed().cluster().pod(ns, pod).unwrap().ip
+        pod_ip(self.mesh.testbed(), ns, pod)
     }
 
     fn echo_addr(&self, ns: &str, pod: &str) -> SocketAddr {
-        SocketAddr::from((self.ip(ns, pod), ECHO_PORT))
+        echo_addr(self.mesh.testbed(), ns, pod)
     }
 
     /// Runs `testapp client` in a pod with extra arguments.
@@ -104,14 +79,13 @@ impl App {
         text: &str,
         extra: &[&str],
     ) -> Output {
-        let mut cmd = testapp::client(testapp_path(), connect, text, 1);
-        cmd.args(extra);
-        self.mesh
-            .testbed()
-            .spawn_in_pod(ns, pod, cmd)
-            .expect("client starts")
-            .wait_with_output()
-            .expect("client finishes")
+        client_in_pod(self.mesh.testbed(), ns, pod, connect, text, extra)
+    }
+
+    /// `client` fails to reach `connect` within 3 s.
+    fn client_refused(&self, connect: SocketAddr, text: &str, why: &str) {
+        let out = self.client(APP_NS, "client", connect, text, &["--timeout-secs", "3"]);
+        assert!(!out.status.success(), "{why}: {}", describe(&out));
     }
 
     fn client_ok(&self, ns: &str, pod: &str, connect: SocketAddr, text: &str) -> String {
@@ -147,28 +121,8 @@ impl App {
         count: usize,
         pred: impl Fn(&Value) -> bool,
     ) -> Vec<Value> {
-        let mut found = Vec::new();
-        self.mesh
-            .wait_for_agent_log(node, what, |lines| {
-                found = lines
-                    .iter()
-                    .filter(|l| l["target"] == ACCESS_LOG_TARGET && pred(l))
-                    .cloned()
-                    .collect();
-                found.len() >= count
-            })
-            .unwrap();
-        found
+        wait_access_count(&self.mesh, node, what, count, pred)
     }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}, stdout {:?}, stderr {:?}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[test]
@@ -245,13 +199,7 @@ fn no_plaintext_crosses_the_underlay() {
     const MARKER: &str = "sealmesh-secret-marker-7f3a";
     // With agents: the marker never appears in clear between nodes.
     let app = App::up(MeshOptions::default());
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
     app.client_ok(APP_NS, "client", app.echo_addr(APP_NS, "server"), MARKER);
     app.client_ok(
         APP_NS,
@@ -259,17 +207,7 @@ fn no_plaintext_crosses_the_underlay() {
         SocketAddr::from((SERVICE_VIP, SERVICE_PORT)),
         MARKER,
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let report = capture.finish().unwrap();
-    assert!(
-        report.frames > 10,
-        "the capture saw the mTLS traffic: {report:?}"
-    );
-    assert_eq!(
-        report.hits_for(MARKER),
-        0,
-        "marker crossed the underlay in clear: {report:?}"
-    );
+    assert_marker_never_in_clear(capture, MARKER, "the mTLS traffic");
     drop(app);
 
     // Without agents the same exchange is cleartext on the same wire: the
@@ -280,13 +218,7 @@ fn no_plaintext_crosses_the_underlay() {
         wait_for_certificates: false,
         ..MeshOptions::default()
     });
-    let underlay = bare.mesh.testbed().underlay_netns();
-    let capture = bare
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&bare.mesh, &[MARKER]);
     bare.client_ok(APP_NS, "client", bare.echo_addr(APP_NS, "server"), MARKER);
     std::thread::sleep(Duration::from_millis(300));
     let report = capture.finish().unwrap();
@@ -353,17 +285,10 @@ fn plaintext_can_be_denied_by_policy() {
         agent_args: vec!["--deny-plaintext".into()],
         ..MeshOptions::default()
     });
-    let out = app.client(
-        APP_NS,
-        "client",
+    app.client_refused(
         app.echo_addr(PLAIN_NS, "plain"),
         "to legacy",
-        &["--timeout-secs", "3"],
-    );
-    assert!(
-        !out.status.success(),
-        "plaintext must be refused: {}",
-        describe(&out)
+        "plaintext must be refused",
     );
     // Meshed traffic is unaffected.
     app.client_ok(
@@ -382,17 +307,10 @@ fn identity_outage_fails_closed_before_the_first_certificate_and_not_after() {
         ..MeshOptions::default()
     });
     // No certificate yet: meshed connections fail closed, never plaintext.
-    let out = app.client(
-        APP_NS,
-        "client",
+    app.client_refused(
         app.echo_addr(APP_NS, "server"),
         "too early",
-        &["--timeout-secs", "3"],
-    );
-    assert!(
-        !out.status.success(),
-        "must fail closed without a certificate: {}",
-        describe(&out)
+        "must fail closed without a certificate",
     );
     let refused = app.wait_access("node-0", "fail-closed record", |e| {
         e["dst"] == "shop/server"
@@ -702,28 +620,20 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
         },
     )
     .expect("mesh up");
+    let servers = start_echo_servers(
+        &mesh,
+        &[
+            (APP_NS, "server"),
+            (APP_NS, "neighbour"),
+            (PLAIN_NS, "plain"),
+            (APP_NS, "latecomer"),
+        ],
+    );
     let mut app = App {
         mesh,
-        _servers: Vec::new(),
+        _servers: servers,
     };
-    for (ns, pod) in [
-        (APP_NS, "server"),
-        (APP_NS, "neighbour"),
-        (PLAIN_NS, "plain"),
-        (APP_NS, "latecomer"),
-    ] {
-        let (server, _) =
-            testapp::start_echo_server(app.mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
-                .expect("echo server starts");
-        app._servers.push(server);
-    }
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
 
     // A meshed pod the agent does not know connects: redirected anyway, held
     // until the agent learns the pod, then carried over mTLS.
@@ -851,15 +761,5 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
         "the host's connection did not reach the agent"
     );
 
-    std::thread::sleep(Duration::from_millis(300));
-    let report = capture.finish().unwrap();
-    assert!(
-        report.frames > 10,
-        "the capture saw the traffic: {report:?}"
-    );
-    assert_eq!(
-        report.hits_for(MARKER),
-        0,
-        "marker crossed the underlay in clear: {report:?}"
-    );
+    assert_marker_never_in_clear(capture, MARKER, "the traffic");
 }

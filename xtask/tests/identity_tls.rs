@@ -6,36 +6,29 @@
 //! pod gets no certificate; and ServiceAccounts whose names hold dots are
 //! meshed across nodes.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use sealmesh_common::consts::{IDENTITY_GRPC_PORT, MESH_LABEL, MESH_LABEL_ENABLED};
 use sealmesh_proto::identity::{CertifyRequest, identity_client::IdentityClient};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use xtask::{
     capture::{Capture, CaptureReport},
     mesh::{Mesh, MeshOptions},
-    testapp,
     testbed::{PodSpec, TestbedSpec, kube::KubeMode},
 };
 
-const APP_NS: &str = "shop";
-const PLAIN_NS: &str = "legacy";
-const ECHO_PORT: u16 = 8080;
+mod support;
+
+use support::{
+    APP_NS, PLAIN_NS, client_in_pod, describe, echo_addr, spiffe, start_echo_server, wait_access,
+};
+
 /// The HTTP/2 connection preface, which opens every cleartext gRPC
 /// connection.
 const HTTP2_PREFACE: &str = "PRI * HTTP/2.0";
 /// Bytes of a token looked for at a time: a long token may be split across
 /// segments, so pieces of it are the markers.
 const TOKEN_PIECE: usize = 24;
-
-fn testapp_path() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_testapp"))
-}
-
-fn spiffe(sa: &str) -> String {
-    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
-}
 
 /// node-0: `client` (ServiceAccount `a.b`); node-1: `server` (ServiceAccount
 /// `api.v1`) and `legacy/plain` (unmeshed).
@@ -59,16 +52,7 @@ fn token_pieces(token: &str) -> Vec<String> {
 }
 
 fn node_token(mesh: &Mesh, node: &str) -> String {
-    let path = mesh
-        .testbed()
-        .cluster()
-        .node(node)
-        .and_then(|n| n.token_file.clone())
-        .expect("every testbed node has a token file");
-    std::fs::read_to_string(path)
-        .expect("node token readable")
-        .trim()
-        .to_owned()
+    support::node_token(mesh.testbed(), node).trim().to_owned()
 }
 
 fn capture_identity_port(mesh: &Mesh, markers: &[String]) -> Capture {
@@ -87,16 +71,6 @@ fn hits(report: &CaptureReport, markers: &[String]) -> Vec<(String, u64)> {
         .map(|m| (m.clone(), report.hits_for(m)))
         .filter(|(_, n)| *n > 0)
         .collect()
-}
-
-fn wait_access(mesh: &Mesh, node: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    let mut found = None;
-    mesh.wait_for_agent_log(node, "an access-log event", |_| {
-        found = mesh.access_log(node).unwrap().into_iter().find(|e| pred(e));
-        found.is_some()
-    })
-    .unwrap();
-    found.unwrap()
 }
 
 fn the_identity_channel_is_encrypted_and_authenticated(kubernetes: Option<KubeMode>) {
@@ -137,38 +111,28 @@ fn the_identity_channel_is_encrypted_and_authenticated(kubernetes: Option<KubeMo
     );
 
     // ServiceAccounts named with dots: meshed end to end, across nodes.
-    let (_server, _) =
-        testapp::start_echo_server(mesh.testbed(), testapp_path(), APP_NS, "server", ECHO_PORT)
-            .expect("echo server starts");
-    let server_ip = mesh.testbed().cluster().pod(APP_NS, "server").unwrap().ip;
-    let out = mesh
-        .testbed()
-        .spawn_in_pod(
-            APP_NS,
-            "client",
-            testapp::client(
-                testapp_path(),
-                SocketAddr::from((server_ip, ECHO_PORT)),
-                "hello a.b",
-                1,
-            ),
-        )
-        .expect("client starts")
-        .wait_with_output()
-        .expect("client finishes");
+    let _server = start_echo_server(&mesh, APP_NS, "server");
+    let out = client_in_pod(
+        mesh.testbed(),
+        APP_NS,
+        "client",
+        echo_addr(mesh.testbed(), APP_NS, "server"),
+        "hello a.b",
+        &[],
+    );
     assert!(
         out.status.success(),
         "client (a.b) -> server (api.v1): {}",
-        String::from_utf8_lossy(&out.stderr)
+        describe(&out)
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with("ok "),
         "{out:?}"
     );
-    let outbound = wait_access(&mesh, "node-0", |e| {
+    let outbound = wait_access(&mesh, "node-0", "an access-log event", |e| {
         e["direction"] == "outbound" && e["dst"] == "shop/server"
     });
-    let inbound = wait_access(&mesh, "node-1", |e| {
+    let inbound = wait_access(&mesh, "node-1", "an access-log event", |e| {
         e["direction"] == "inbound" && e["dst"] == "shop/server"
     });
     for event in [&outbound, &inbound] {

@@ -6,28 +6,28 @@
 //! Service test also runs against it.
 
 use std::{
-    collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Output,
     time::{Duration, Instant},
 };
 
-use sealmesh_common::{
-    cluster::{Service, ServicePort},
-    consts::{
-        ACCESS_LOG_TARGET, AGENT_ADMIN_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
-        kube::{EVENT_ISSUER_UPDATED, IDENTITY_NAME},
-    },
+use sealmesh_common::consts::{
+    ACCESS_LOG_TARGET, AGENT_ADMIN_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
+    kube::{EVENT_ISSUER_UPDATED, IDENTITY_NAME},
 };
 use sealmesh_pki::{self as pki, CaSpec, Layout};
 use sealmesh_proto::admin::{self as pb, admin_client::AdminClient};
 use serde_json::Value;
 mod kube_support;
+mod support;
 
 use kube_support::HttpsFakeServer;
+use support::{
+    APP_NS, assert_marker_never_in_clear, capture_underlay, client_in_pod, describe, echo_addr,
+    echo_service, spiffe, start_echo_server, stdout, testapp_path, wait_access,
+};
 use xtask::{
-    capture::Capture,
     mesh::{Mesh, MeshOptions},
     testapp,
     testbed::{
@@ -37,8 +37,6 @@ use xtask::{
     },
 };
 
-const APP_NS: &str = "shop";
-const ECHO_PORT: u16 = 8080;
 /// The Service's VIP; a real API server may allocate another ClusterIP,
 /// which the testbed then uses ([`App::service_addr`]).
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
@@ -46,14 +44,6 @@ const SERVICE_PORT: u16 = 80;
 /// Environment variable naming a real API server's kubeconfig for test (e).
 const REAL_KUBECONFIG_ENV: &str = "SEALMESH_TEST_KUBECONFIG";
 const WAIT: Duration = Duration::from_secs(40);
-
-fn testapp_path() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_testapp"))
-}
-
-fn spiffe(sa: &str) -> String {
-    format!("spiffe://cluster.local/ns/{APP_NS}/sa/{sa}")
-}
 
 /// node-0: `client`, and `starter` (ServiceAccount `client`); node-1:
 /// `server` behind Service `server` (10.96.0.10:80 → 8080), and `late`.
@@ -66,17 +56,7 @@ fn spec() -> TestbedSpec {
         .pod(PodSpec::new(APP_NS, "starter", "client", 0).label("app", "starter"))
         .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
         .pod(PodSpec::new(APP_NS, "late", "late", 1).label("app", "late"))
-        .service(Service {
-            name: "server".into(),
-            namespace: APP_NS.into(),
-            vip: SERVICE_VIP,
-            ports: vec![ServicePort {
-                name: None,
-                port: SERVICE_PORT,
-                target_port: ECHO_PORT,
-            }],
-            selector: BTreeMap::from([("app".into(), "server".into())]),
-        })
+        .service(echo_service("server", SERVICE_VIP, SERVICE_PORT))
 }
 
 fn kube_mode(api: KubeApi) -> KubeMode {
@@ -114,15 +94,12 @@ impl App {
     }
 
     fn serve(&mut self, pod: &str) {
-        let (server, _) =
-            testapp::start_echo_server(self.mesh.testbed(), testapp_path(), APP_NS, pod, ECHO_PORT)
-                .expect("echo server starts");
-        self.servers.push(server);
+        self.servers
+            .push(start_echo_server(&self.mesh, APP_NS, pod));
     }
 
     fn echo_addr(&self, pod: &str) -> SocketAddr {
-        let ip = self.mesh.testbed().cluster().pod(APP_NS, pod).unwrap().ip;
-        SocketAddr::from((ip, ECHO_PORT))
+        echo_addr(self.mesh.testbed(), APP_NS, pod)
     }
 
     /// The Service's ClusterIP and port, as the API server holds them.
@@ -132,41 +109,29 @@ impl App {
     }
 
     fn client(&self, connect: SocketAddr, text: &str) -> Output {
-        let mut cmd = testapp::client(testapp_path(), connect, text, 1);
-        cmd.args(["--timeout-secs", "10"]);
-        self.mesh
-            .testbed()
-            .spawn_in_pod(APP_NS, "client", cmd)
-            .expect("client starts")
-            .wait_with_output()
-            .expect("client finishes")
+        client_in_pod(
+            self.mesh.testbed(),
+            APP_NS,
+            "client",
+            connect,
+            text,
+            &["--timeout-secs", "10"],
+        )
     }
 
     fn client_ok(&self, connect: SocketAddr, text: &str) -> String {
         let out = self.client(connect, text);
         assert!(
             out.status.success(),
-            "client -> {connect}: status {:?}, stdout {:?}, stderr {:?}",
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            "client -> {connect}: {}",
+            describe(&out)
         );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        stdout(&out)
     }
 
     /// Waits for an access-log event of `node`'s agent matching `pred`.
     fn wait_access(&self, node: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let mut found = None;
-        self.mesh
-            .wait_for_agent_log(node, what, |lines| {
-                found = lines
-                    .iter()
-                    .find(|l| l["target"] == ACCESS_LOG_TARGET && pred(l))
-                    .cloned();
-                found.is_some()
-            })
-            .unwrap();
-        found.unwrap()
+        wait_access(&self.mesh, node, what, pred)
     }
 
     /// The agent's certificate store, through its admin API on the node's loopback.
@@ -222,13 +187,7 @@ impl App {
 fn service_over_mtls(api: KubeApi) {
     const MARKER: &str = "sealmesh-kube-secret-marker-51c2";
     let app = App::up(api, MeshOptions::default());
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
 
     let service = app.service_addr();
     let out = app.client_ok(service, MARKER);
@@ -277,17 +236,7 @@ fn service_over_mtls(api: KubeApi) {
         );
     }
 
-    std::thread::sleep(Duration::from_millis(300));
-    let report = capture.finish().unwrap();
-    assert!(
-        report.frames > 10,
-        "the capture saw the mTLS traffic: {report:?}"
-    );
-    assert_eq!(
-        report.hits_for(MARKER),
-        0,
-        "marker crossed the underlay in clear: {report:?}"
-    );
+    assert_marker_never_in_clear(capture, MARKER, "the mTLS traffic");
 }
 
 #[test]
@@ -475,13 +424,7 @@ fn pods_connecting_as_they_start_never_send_their_first_bytes_in_clear() {
             ..MeshOptions::default()
         },
     );
-    let underlay = app.mesh.testbed().underlay_netns();
-    let capture = app
-        .mesh
-        .testbed()
-        .run_in_netns(&underlay, || Capture::start(&[MARKER]))
-        .unwrap()
-        .unwrap();
+    let capture = capture_underlay(&app.mesh, &[MARKER]);
     let netns = app
         .mesh
         .testbed()
@@ -606,15 +549,5 @@ fn pods_connecting_as_they_start_never_send_their_first_bytes_in_clear() {
         );
     }
 
-    std::thread::sleep(Duration::from_millis(300));
-    let report = capture.finish().unwrap();
-    assert!(
-        report.frames > 10,
-        "the capture saw the traffic: {report:?}"
-    );
-    assert_eq!(
-        report.hits_for(MARKER),
-        0,
-        "marker crossed the underlay in clear: {report:?}"
-    );
+    assert_marker_never_in_clear(capture, MARKER, "the traffic");
 }

@@ -34,6 +34,7 @@ use sealmesh_common::{
 use sealmesh_pki::{self as pki, CaSpec, Layout};
 use serde_json::json;
 mod kube_support;
+mod support;
 
 use kube_support::HttpsFakeServer;
 use xtask::testbed::{
@@ -434,14 +435,7 @@ fn registers_the_testbed_as_kubelets_and_controllers_would() {
     drop(sleeper);
 
     // The agent's identity token: bound to its pod, audience identity.sealmesh.io.
-    let token_file = testbed
-        .cluster()
-        .node("node-0")
-        .unwrap()
-        .token_file
-        .clone()
-        .unwrap();
-    let token = std::fs::read_to_string(&token_file).unwrap();
+    let token = support::node_token(&testbed, "node-0");
     let agent0: Pod = get(&kube, Some("sealmesh"), "sealmesh-agent-node-0");
     let review: TokenReview = serde_json::from_value(json!({
         "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",

@@ -9,7 +9,6 @@
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
     process::{Command, Output},
     sync::mpsc,
     time::{Duration, Instant},
@@ -26,26 +25,23 @@ use sealmesh_common::{
 use sealmesh_proto::admin::{self as pb, ConnectionEvent, Phase, admin_client::AdminClient};
 use serde_json::Value;
 use xtask::{
-    mesh::{Mesh, MeshOptions, locate_binary},
+    mesh::{Mesh, MeshOptions},
     testapp,
     testbed::{ChildGuard, PodSpec, TestbedSpec, kube::KubeMode},
+};
+
+mod support;
+
+use support::{
+    ECHO_PORT, describe, echo_addr, mesh_with_echo_servers, pod_ip, sealmesh_path, testapp_path,
 };
 
 const SHOP: &str = "shop";
 const OPEN: &str = "open";
 const LEGACY: &str = "legacy";
-const ECHO_PORT: u16 = 8080;
 const WAIT: Duration = Duration::from_secs(40);
 /// How long a refused client waits: its SYN is dropped, so it times out.
 const REFUSED_CONNECT_TIMEOUT_SECS: &str = "2";
-
-fn testapp_path() -> &'static Path {
-    Path::new(env!("CARGO_BIN_EXE_testapp"))
-}
-
-fn sealmesh_path() -> PathBuf {
-    locate_binary("sealmesh").expect("sealmesh is built (cargo build --workspace)")
-}
 
 /// `shop` (meshed) is strict by namespace annotation; `open` (meshed) is
 /// not annotated; `legacy` is not meshed.
@@ -92,27 +88,16 @@ struct App {
 
 impl App {
     fn up(spec: &TestbedSpec, options: MeshOptions, servers: &[(&str, &str)]) -> Self {
-        let mesh = Mesh::up(spec, options).expect("mesh up");
-        let servers = servers
-            .iter()
-            .map(|(ns, pod)| {
-                testapp::start_echo_server(mesh.testbed(), testapp_path(), ns, pod, ECHO_PORT)
-                    .expect("echo server starts")
-                    .0
-            })
-            .collect();
-        Self {
-            mesh,
-            _servers: servers,
-        }
+        let (mesh, _servers) = mesh_with_echo_servers(spec, options, servers);
+        Self { mesh, _servers }
     }
 
     fn ip(&self, ns: &str, pod: &str) -> Ipv4Addr {
-        self.mesh.testbed().cluster().pod(ns, pod).unwrap().ip
+        pod_ip(self.mesh.testbed(), ns, pod)
     }
 
     fn echo(&self, ns: &str, pod: &str) -> SocketAddr {
-        SocketAddr::from((self.ip(ns, pod), ECHO_PORT))
+        echo_addr(self.mesh.testbed(), ns, pod)
     }
 
     fn client_command(&self, connect: SocketAddr) -> Command {
@@ -140,28 +125,13 @@ impl App {
         wait(self.mesh.testbed().spawn_in_underlay(cmd).unwrap())
     }
 
-    fn admin<T: Send>(
-        &self,
-        node: &str,
-        call: impl AsyncFnOnce(AdminClient<tonic::transport::Channel>) -> T + Send,
-    ) -> T {
-        let netns = self.mesh.testbed().node_netns(node).unwrap().to_owned();
-        self.mesh
-            .testbed()
-            .run_in_netns(&netns, move || {
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap()
-                    .block_on(async move {
-                        let client =
-                            AdminClient::connect(format!("http://127.0.0.1:{AGENT_ADMIN_PORT}"))
-                                .await
-                                .expect("the admin API answers");
-                        call(client).await
-                    })
-            })
-            .unwrap()
+    fn admin<T, F, Fut>(&self, node: &str, call: F) -> T
+    where
+        T: Send,
+        F: FnOnce(AdminClient<tonic::transport::Channel>) -> Fut + Send,
+        Fut: std::future::Future<Output = T>,
+    {
+        support::admin(&self.mesh, node, call)
     }
 
     fn inbound_policy(&self, node: &str) -> pb::InboundPolicyStatus {
@@ -265,15 +235,6 @@ impl App {
 
 fn wait(child: ChildGuard) -> Output {
     child.wait_with_output().expect("client finishes")
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "status {:?}, stdout {:?}, stderr {:?}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 #[track_caller]

@@ -14,6 +14,7 @@ use std::{
     time::Duration,
 };
 
+use fake_apiserver::FakeApiServer;
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Namespace, Node, Pod, Service},
     discovery::v1::EndpointSlice,
@@ -116,6 +117,15 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A fresh in-process API server, and the cluster writer on it.
+    pub async fn start() -> (FakeApiServer, Cluster) {
+        let server = FakeApiServer::start().await.unwrap();
+        let cluster = Cluster {
+            client: server.client(),
+        };
+        (server, cluster)
+    }
+
     pub async fn node(&self, name: &str, internal_ip: Ipv4Addr) {
         let api: Api<Node> = Api::all(self.client.clone());
         api.create(

@@ -17,8 +17,8 @@
 //!   allows per resource, `limit`/`continue`), create (201, `generateName`,
 //!   409 AlreadyExists, 404 for a missing namespace), update (409 Conflict on
 //!   a stale resourceVersion; no-op updates keep the resourceVersion), merge
-//!   patch (strategic merge and apply patches are applied as merge patches;
-//!   apply creates), delete (with preconditions) and deletecollection, with
+//!   and JSON patch (strategic merge and apply patches are applied as merge
+//!   patches; apply creates; a JSON patch that does not apply gets 422), delete (with preconditions) and deletecollection, with
 //!   `Status` error bodies carrying the real reasons and codes;
 //! - `/status` subresources: writes to the main resource keep `status`,
 //!   writes to `/status` change only `status`;
@@ -48,7 +48,7 @@
 //! names, garbage collection (ownerReferences), graceful deletion and
 //! finalizers (deletes are immediate), controllers (no ServiceAccount token
 //! controller, no endpoints, no scheduling, no kubelet), field management of
-//! server-side apply, JSON patch, protobuf bodies (415: kubectl's
+//! server-side apply, protobuf bodies (415: kubectl's
 //! imperative `create namespace|secret|configmap` need a real server; `kubectl
 //! apply --validate=false` works), OpenAPI documents, Table output (kubectl
 //! falls back to its own columns), TLS (put a TLS relay in front if needed).

@@ -82,37 +82,16 @@ fn error_response(error: &ApiError) -> Response<Body> {
     )
 }
 
-fn percent_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut index = 0;
-    while index < bytes.len() {
-        match bytes[index] {
-            b'+' => decoded.push(b' '),
-            b'%' if index + 2 < bytes.len() => match hex::decode(&bytes[index + 1..index + 3]) {
-                Ok(byte) => {
-                    decoded.extend(byte);
-                    index += 2;
-                }
-                Err(_) => decoded.push(b'%'),
-            },
-            byte => decoded.push(byte),
-        }
-        index += 1;
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
-}
-
+/// The query parameters; a repeated one counts with its first value, as the
+/// real server reads `url.Values`.
 fn parse_query(query: Option<&str>) -> HashMap<String, String> {
-    query
-        .unwrap_or_default()
-        .split('&')
-        .filter(|pair| !pair.is_empty())
-        .map(|pair| {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            (percent_decode(key), percent_decode(value))
-        })
-        .collect()
+    let mut parameters = HashMap::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        parameters
+            .entry(key.into_owned())
+            .or_insert_with(|| value.into_owned());
+    }
+    parameters
 }
 
 fn truthy(query: &HashMap<String, String>, key: &str) -> bool {
@@ -447,8 +426,10 @@ async fn serve_resource(
         (&Method::PATCH, Some(name), subresource @ (None | Some("status"))) => {
             check_status_subresource(resource, subresource)?;
             let (content_type, body) = read_body(request).await?;
-            let (patch, apply) = parse_patch(content_type.as_deref(), &body)?;
-            if apply && query.get("fieldManager").is_none_or(String::is_empty) {
+            let patch = parse_patch(content_type.as_deref(), &body)?;
+            if matches!(patch, PatchBody::Apply(_))
+                && query.get("fieldManager").is_none_or(String::is_empty)
+            {
                 return Err(ApiError::BadRequest(
                     "PATCH /apply requires fieldManager: set ?fieldManager=<your controller>"
                         .to_string(),
@@ -460,7 +441,6 @@ async fn serve_resource(
                 namespace,
                 name,
                 patch,
-                apply,
                 subresource.is_some(),
             )?;
             Ok(json_response(code, &object))
@@ -515,41 +495,36 @@ fn check_status_subresource(
     Ok(())
 }
 
-/// The patch document and whether it is a server-side apply.
-fn parse_patch(content_type: Option<&str>, body: &[u8]) -> Result<(Value, bool), ApiError> {
-    const ACCEPTED: &str = "application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml";
+/// A PATCH body by its content type, as the real server tells them apart.
+enum PatchBody {
+    /// RFC 7386; strategic merge patches are applied as merge patches too
+    /// (no patch strategies of list fields).
+    Merge(Value),
+    /// RFC 6902 operations.
+    Json(json_patch::Patch),
+    /// Server-side apply (without field management): a merge patch that
+    /// creates a missing object.
+    Apply(Value),
+}
+
+fn parse_patch(content_type: Option<&str>, body: &[u8]) -> Result<PatchBody, ApiError> {
+    const ACCEPTED: &str = "application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json, application/apply-patch+yaml";
     match content_type {
         Some("application/merge-patch+json" | "application/strategic-merge-patch+json") => {
-            Ok((parse_json(body)?, false))
+            Ok(PatchBody::Merge(parse_json(body)?))
         }
+        Some("application/json-patch+json") => serde_json::from_slice(body)
+            .map(PatchBody::Json)
+            .map_err(|error| ApiError::BadRequest(format!("invalid JSON patch: {error}"))),
         Some("application/apply-patch+yaml") => {
             let patch: Value = serde_yaml_ng::from_slice(body).map_err(|error| {
                 ApiError::BadRequest(format!(
                     "the apply patch is not valid YAML or JSON: {error}"
                 ))
             })?;
-            Ok((patch, true))
+            Ok(PatchBody::Apply(patch))
         }
         _ => Err(ApiError::UnsupportedMediaType { accepted: ACCEPTED }),
-    }
-}
-
-/// RFC 7386 JSON merge patch.
-pub(crate) fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = json!({});
-    }
-    let target = target.as_object_mut().expect("just made an object");
-    for (key, value) in patch {
-        if value.is_null() {
-            target.remove(key);
-        } else {
-            merge_patch(target.entry(key.clone()).or_insert(Value::Null), value);
-        }
     }
 }
 
@@ -558,24 +533,28 @@ fn patch_object(
     resource_id: ResourceId,
     namespace: Option<&str>,
     name: &str,
-    patch: Value,
-    apply: bool,
+    patch: PatchBody,
     status_only: bool,
 ) -> Result<(StatusCode, Value), ApiError> {
-    let current = match store.get(resource_id, namespace, name) {
-        Ok(current) => current,
-        Err(ApiError::NotFound { .. }) if apply && !status_only => {
-            let mut object = patch;
-            merge_patch(&mut object, &json!({"metadata": {"name": name}}));
+    let current = match (store.get(resource_id, namespace, name), patch) {
+        (Ok(current), patch) => (current, patch),
+        (Err(ApiError::NotFound { .. }), PatchBody::Apply(mut object)) if !status_only => {
+            json_patch::merge(&mut object, &json!({"metadata": {"name": name}}));
             return Ok((
                 StatusCode::CREATED,
                 store.create(resource_id, namespace, object)?,
             ));
         }
-        Err(error) => return Err(error),
+        (Err(error), _) => return Err(error),
     };
-    let mut patched = current;
-    merge_patch(&mut patched, &patch);
+    let (mut patched, patch) = current;
+    match patch {
+        PatchBody::Merge(patch) | PatchBody::Apply(patch) => {
+            json_patch::merge(&mut patched, &patch)
+        }
+        PatchBody::Json(operations) => json_patch::patch(&mut patched, &operations)
+            .map_err(|error| ApiError::PatchFailed(error.to_string()))?,
+    }
     Ok((
         StatusCode::OK,
         store.update(resource_id, namespace, name, patched, status_only)?,

@@ -36,6 +36,11 @@ pub(crate) enum ApiError {
     },
     #[error("{0}")]
     BadRequest(String),
+    /// A JSON patch whose operations do not apply to the object (a `test`
+    /// that fails, a path that is missing); the real server words it as any
+    /// unexpected 422 and names the cause in `details.causes`.
+    #[error("the server rejected our request due to an error in our request")]
+    PatchFailed(String),
     #[error("Unauthorized{}", hint.as_deref().map(|h| format!(": {h}")).unwrap_or_default())]
     Unauthorized { hint: Option<String> },
     #[error("the server does not allow this method on the requested resource")]
@@ -55,7 +60,7 @@ impl ApiError {
         match self {
             ApiError::NotFound { .. } | ApiError::NoRoute => 404,
             ApiError::AlreadyExists { .. } | ApiError::Conflict { .. } => 409,
-            ApiError::Invalid { .. } => 422,
+            ApiError::Invalid { .. } | ApiError::PatchFailed(_) => 422,
             ApiError::BadRequest(_) => 400,
             ApiError::Unauthorized { .. } => 401,
             ApiError::MethodNotAllowed => 405,
@@ -70,7 +75,7 @@ impl ApiError {
             ApiError::NotFound { .. } | ApiError::NoRoute => "NotFound",
             ApiError::AlreadyExists { .. } => "AlreadyExists",
             ApiError::Conflict { .. } => "Conflict",
-            ApiError::Invalid { .. } => "Invalid",
+            ApiError::Invalid { .. } | ApiError::PatchFailed(_) => "Invalid",
             ApiError::BadRequest(_) => "BadRequest",
             ApiError::Unauthorized { .. } => "Unauthorized",
             ApiError::MethodNotAllowed => "MethodNotAllowed",
@@ -101,6 +106,9 @@ impl ApiError {
                 "name": name,
                 "kind": kind,
                 "causes": [{"reason": cause_reason(detail), "message": detail, "field": field}],
+            })),
+            ApiError::PatchFailed(cause) => Some(json!({
+                "causes": [{"reason": "UnexpectedServerResponse", "message": cause}],
             })),
             ApiError::NoRoute => Some(json!({})),
             _ => None,

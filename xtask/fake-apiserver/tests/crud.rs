@@ -1,11 +1,14 @@
 //! Create, get, list, update, patch and delete through kube-rs, with the
 //! exact codes and reasons the real server answers with.
 
+mod support;
+
 use fake_apiserver::FakeApiServer;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
 use serde_json::json;
+use support::object_names;
 
 fn api_error(error: kube::Error) -> (u16, String) {
     match error {
@@ -131,11 +134,7 @@ async fn create_get_list_delete_with_real_codes() {
     .await
     .unwrap();
     let listed = pods.list(&ListParams::default()).await.unwrap();
-    let names: Vec<_> = listed
-        .items
-        .iter()
-        .map(|p| p.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&listed.items);
     assert_eq!(names, ["db", "web"]);
     let list_rv: u64 = listed.metadata.resource_version.unwrap().parse().unwrap();
     let newest: u64 = listed
@@ -212,11 +211,7 @@ async fn pagination_with_limit_and_continue() {
         .list(&ListParams::default().limit(10).continue_token(&token))
         .await
         .unwrap();
-    let names: Vec<_> = second
-        .items
-        .iter()
-        .map(|c| c.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&second.items);
     assert_eq!(names, ["cm-2", "cm-3", "cm-4"]);
     assert_eq!(second.metadata.continue_, None);
 }
@@ -358,6 +353,171 @@ async fn merge_patch_and_status_subresource() {
     );
 }
 
+/// A raw request through the client's authentication; the decoded body, or
+/// the API error's code and reason.
+async fn raw(
+    client: &Client,
+    request: http::Request<Vec<u8>>,
+) -> Result<serde_json::Value, (u16, String)> {
+    client.request(request).await.map_err(api_error)
+}
+
+fn patch_request(
+    path: &str,
+    content_type: &str,
+    body: serde_json::Value,
+) -> http::Request<Vec<u8>> {
+    http::Request::patch(path)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .body(body.to_string().into_bytes())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn merge_patch_null_deletes_and_json_patch_operations() {
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "default");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "settings", "labels": {"app": "web"}},
+                "data": {"mode": "strict", "level": "debug", "keep": "yes"},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let path = "/api/v1/namespaces/default/configmaps/settings";
+
+    // null deletes a key, and a whole object; other keys merge.
+    let merged = raw(
+        &client,
+        patch_request(
+            path,
+            "application/merge-patch+json",
+            json!({"metadata": {"labels": null}, "data": {"level": null, "mode": "permissive"}}),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(merged["data"], json!({"mode": "permissive", "keep": "yes"}));
+    assert_eq!(merged["metadata"].get("labels"), None);
+
+    let patched = raw(
+        &client,
+        patch_request(
+            path,
+            "application/json-patch+json",
+            json!([
+                {"op": "test", "path": "/data/mode", "value": "permissive"},
+                {"op": "remove", "path": "/data/keep"},
+                {"op": "add", "path": "/data/extra", "value": "1"},
+            ]),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(patched["data"], json!({"mode": "permissive", "extra": "1"}));
+
+    // A failing test operation changes nothing: 422, as the real server answers.
+    let failed = raw(
+        &client,
+        patch_request(
+            path,
+            "application/json-patch+json",
+            json!([
+                {"op": "remove", "path": "/data/extra"},
+                {"op": "test", "path": "/data/mode", "value": "strict"},
+            ]),
+        ),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(failed, (422, "Invalid".to_string()));
+    let unchanged = config_maps.get("settings").await.unwrap();
+    assert_eq!(
+        unchanged.data,
+        Some(
+            [
+                ("mode".to_string(), "permissive".to_string()),
+                ("extra".to_string(), "1".to_string())
+            ]
+            .into()
+        )
+    );
+
+    // Not a list of operations: 400.
+    let malformed = raw(
+        &client,
+        patch_request(path, "application/json-patch+json", json!({"op": "remove"})),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(malformed, (400, "BadRequest".to_string()));
+}
+
+#[tokio::test]
+async fn percent_encoded_label_selectors() {
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
+    for (name, labels) in [
+        ("front", json!({"tier": "front", "app": "web"})),
+        ("back", json!({"tier": "back", "app": "db"})),
+        ("edge", json!({"tier": "edge", "app": "web"})),
+    ] {
+        pods.create(&PostParams::default(), &pod(name, "node-1", labels))
+            .await
+            .unwrap();
+    }
+    let names = |list: serde_json::Value| {
+        let mut names: Vec<String> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|pod| pod["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+
+    // `tier in (front, back),app!=db`: %-escapes and `+` for spaces.
+    let list = raw(
+        &client,
+        http::Request::get(
+            "/api/v1/namespaces/default/pods?labelSelector=tier+in+%28front%2C%20back%29%2Capp%21%3Ddb",
+        )
+        .body(Vec::new())
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(names(list), ["front"]);
+
+    // kube-rs encodes its selectors itself; the server decodes them alike.
+    let listed = pods
+        .list(&ListParams::default().labels("tier notin (back),app=web"))
+        .await
+        .unwrap();
+    let mut listed: Vec<_> = listed
+        .items
+        .iter()
+        .filter_map(|pod| pod.metadata.name.clone())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, ["edge", "front"]);
+    assert!(
+        server
+            .requests()
+            .iter()
+            .any(|(_, path)| path.contains("labelSelector=tier+notin+%28back%29%2Capp%3Dweb")),
+        "kube-rs sent the selector percent-encoded: {:?}",
+        server.requests()
+    );
+}
+
 #[tokio::test]
 async fn server_defaults_and_namespace_deletion() {
     let server = FakeApiServer::start().await.unwrap();
@@ -471,11 +631,7 @@ async fn delete_preconditions_and_delete_collection() {
         .unwrap()
         .left()
         .expect("the real server returns the deleted objects as a list");
-    let names: Vec<_> = deleted
-        .items
-        .iter()
-        .map(|c| c.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&deleted.items);
     assert_eq!(names, ["b"]);
     let left: Vec<_> = config_maps
         .list(&ListParams::default())

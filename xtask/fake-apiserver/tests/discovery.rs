@@ -1,10 +1,10 @@
 //! Kubeconfig, discovery, events and the streaming-list watch: what kube-rs
 //! and other components use beyond plain CRUD.
 
-use std::time::Duration;
+mod support;
 
 use fake_apiserver::FakeApiServer;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Event};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event as EventV1;
@@ -18,8 +18,7 @@ use sealmesh_common::consts::kube::{
     ENDPOINTSLICE_SERVICE_LABEL, EVENT_ISSUER_UPDATED, IDENTITY_NAME,
 };
 use serde_json::json;
-
-const STEP: Duration = Duration::from_secs(10);
+use support::{next_item, object_names};
 
 #[tokio::test]
 async fn kubeconfig_file_gives_a_working_client() {
@@ -135,11 +134,7 @@ async fn events_by_reason_and_endpointslices_by_service() {
         )))
         .await
         .unwrap();
-    let names: Vec<_> = selected
-        .items
-        .iter()
-        .map(|e| e.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&selected.items);
     assert_eq!(names, ["a"]);
     let by_source = events
         .list(&ListParams::default().fields(&format!("source={IDENTITY_NAME}")))
@@ -193,11 +188,7 @@ async fn events_by_reason_and_endpointslices_by_service() {
         .list(&ListParams::default().labels(&format!("{ENDPOINTSLICE_SERVICE_LABEL}=web")))
         .await
         .unwrap();
-    let names: Vec<_> = web
-        .items
-        .iter()
-        .map(|s| s.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&web.items);
     assert_eq!(names, ["web-abc"]);
 }
 
@@ -216,11 +207,7 @@ async fn streaming_list_watcher() {
     let mut stream = watcher::watcher(config_maps.clone(), config).boxed();
     let mut seen = Vec::new();
     loop {
-        let event = tokio::time::timeout(STEP, stream.try_next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let event = next_item(&mut stream).await;
         let done = matches!(event, WatcherEvent::InitDone);
         seen.push(match event {
             WatcherEvent::Init => "Init".to_string(),
@@ -254,11 +241,7 @@ async fn streaming_list_watcher() {
         .create(&PostParams::default(), &two)
         .await
         .unwrap();
-    let event = tokio::time::timeout(STEP, stream.try_next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_item(&mut stream).await;
     let WatcherEvent::Apply(applied) = event else {
         panic!("expected Apply, got {event:?}")
     };

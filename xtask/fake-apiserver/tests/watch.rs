@@ -1,7 +1,7 @@
 //! Watches through kube-rs: the runtime watcher, raw watches with bookmarks,
 //! resuming, 410 Expired after compaction, selectors and closed streams.
 
-use std::time::Duration;
+mod support;
 
 use fake_apiserver::FakeApiServer;
 use futures::{StreamExt, TryStreamExt};
@@ -10,8 +10,7 @@ use kube::Api;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams};
 use kube::runtime::watcher::{self, Event};
 use serde_json::json;
-
-const STEP: Duration = Duration::from_secs(10);
+use support::{STEP, next_item, object_names};
 
 fn config_map(name: &str, labels: serde_json::Value) -> ConfigMap {
     serde_json::from_value(
@@ -163,11 +162,7 @@ async fn raw_watch_gets_expired_error_after_compaction() {
         .await
         .unwrap()
         .boxed();
-    let event = tokio::time::timeout(STEP, events.try_next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_item(&mut events).await;
     let WatchEvent::Error(status) = event else {
         panic!("expected an ERROR event, got {event:?}")
     };
@@ -195,11 +190,7 @@ async fn raw_watch_resumes_and_sends_bookmarks() {
     let params = WatchParams::default().timeout(30);
     assert!(params.bookmarks, "kube asks for bookmarks by default");
     let mut events = config_maps.watch(&params, &from).await.unwrap().boxed();
-    let event = tokio::time::timeout(STEP, events.try_next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_item(&mut events).await;
     let WatchEvent::Added(added) = event else {
         panic!("expected ADDED, got {event:?}")
     };
@@ -208,11 +199,7 @@ async fn raw_watch_resumes_and_sends_bookmarks() {
         second.metadata.resource_version
     );
 
-    let event = tokio::time::timeout(STEP, events.try_next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let event = next_item(&mut events).await;
     let WatchEvent::Bookmark(bookmark) = event else {
         panic!("expected BOOKMARK, got {event:?}")
     };
@@ -281,11 +268,7 @@ async fn selector_watch_turns_label_changes_into_added_and_deleted() {
     // resourceVersion "0": synthetic ADDED for the current matching objects.
     let mut events = config_maps.watch(&params, "0").await.unwrap().boxed();
     let mut next_event = async || {
-        let event = tokio::time::timeout(STEP, events.try_next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let event = next_item(&mut events).await;
         match event {
             WatchEvent::Added(o) => ("ADDED", name(&o).to_string()),
             WatchEvent::Modified(o) => ("MODIFIED", name(&o).to_string()),
@@ -336,11 +319,7 @@ async fn pods_by_node_field_selector() {
         .list(&kube::api::ListParams::default().fields("spec.nodeName=node-1"))
         .await
         .unwrap();
-    let names: Vec<_> = on_node_1
-        .items
-        .iter()
-        .map(|p| p.metadata.name.clone().unwrap())
-        .collect();
+    let names = object_names(&on_node_1.items);
     assert_eq!(names, ["a", "c"]);
     let kube::Error::Api(status) = pods
         .list(&kube::api::ListParams::default().fields("spec.containers=x"))
