@@ -132,8 +132,9 @@ async fn run_agent_against_the_api(bpffs_dir: &Path) {
             .env("KUBECONFIG", &kubeconfig)
             .env_remove("SEALMESH_CLUSTER_FILE")
             .stdin(Stdio::null())
-            .stdout(File::create(&log).unwrap())
-            .stderr(File::create(dir.path().join("agent.stderr")).unwrap())
+            .stdout(Stdio::null())
+            // Every sealmesh binary logs to stderr.
+            .stderr(File::create(&log).unwrap())
             .spawn()
             .unwrap(),
     );

@@ -242,12 +242,7 @@ pub fn verify_chain(
 ) -> Result<String, String> {
     let first = chain.first().ok_or("the chain is empty")?;
     let first_cert = pki::parse_cert(first, "chain", 0).map_err(|e| e.to_string())?;
-    let anchor_certs = anchors
-        .iter()
-        .enumerate()
-        .map(|(i, der)| pki::parse_cert(der, "trust anchors", i))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let anchor_certs = parse_all(anchors, "trust anchors")?;
     if first_cert.is_ca() {
         // webpki verifies end-entity certificates only; a CA (issuer or an
         // anchor itself) is checked by signature up to an anchor.
@@ -292,17 +287,10 @@ pub fn verify_ca_signatures(
     chain: &[CertificateDer<'_>],
     anchors: &[CertificateDer<'_>],
 ) -> Result<String, String> {
-    let anchor_certs = anchors
-        .iter()
-        .enumerate()
-        .map(|(i, der)| pki::parse_cert(der, "trust anchors", i))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let anchor_certs = parse_all(anchors, "trust anchors")?;
     verify_ca_chain(chain, &anchor_certs, None)
 }
 
-/// Walks signatures from `chain[0]` through the chain's other certificates to
-/// an anchor; with `now`, every certificate on the way must be valid then.
 /// webpki's verdicts in words, keeping its name for searching.
 fn describe_webpki_error(error: &webpki::Error) -> String {
     let words = match error {
@@ -320,17 +308,26 @@ fn describe_webpki_error(error: &webpki::Error) -> String {
     format!("{words} ({error:?})")
 }
 
+/// Parses every certificate of `ders` (named `what` in errors).
+fn parse_all<'a>(
+    ders: &'a [CertificateDer<'_>],
+    what: &str,
+) -> Result<Vec<X509Certificate<'a>>, String> {
+    ders.iter()
+        .enumerate()
+        .map(|(i, der)| pki::parse_cert(der, what, i))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())
+}
+
+/// Walks signatures from `chain[0]` through the chain's other certificates to
+/// an anchor; with `now`, every certificate on the way must be valid then.
 fn verify_ca_chain(
     chain: &[CertificateDer<'_>],
     anchors: &[X509Certificate<'_>],
     now: Option<OffsetDateTime>,
 ) -> Result<String, String> {
-    let certs = chain
-        .iter()
-        .enumerate()
-        .map(|(i, der)| pki::parse_cert(der, "chain", i))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
+    let certs = parse_all(chain, "chain")?;
     let valid_then = |cert: &X509Certificate<'_>| match now {
         Some(now) => {
             let validity = cert.validity();

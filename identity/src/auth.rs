@@ -491,11 +491,21 @@ mod tests {
         std::fs::write(dir.path().join("node-0.token"), "node-0-token").unwrap();
         std::fs::write(&file, cluster_yaml(dir.path(), true)).unwrap();
         let cluster = LocalCluster::load(&file).unwrap();
+        let before = *cluster.changes.borrow();
 
         replace(
             &file,
             "apiVersion: sealmesh.io/v1alpha1\nkind: Cluster\nnodes: [oops\n",
         );
+        // Once the file's event is in: a call before it would parse it again then.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while *cluster.changes.borrow() == before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no event for the rewrite"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let kept = cluster.current(true);
         assert!(kept.placements.contains_key("node-0"));
         assert!(

@@ -572,41 +572,41 @@ pub fn check_contract(
             format!("{}: port must be {IDENTITY_GRPC_PORT}", service.describe()),
         );
     }
-    if let Some(identity) = find("Deployment", consts::kube::IDENTITY_NAME) {
-        let pod = &identity.document["spec"]["template"]["spec"];
+    // Each workload runs as its ServiceAccount and declares its ports.
+    for (kind, name, service_account, ports) in [
+        (
+            "Deployment",
+            consts::kube::IDENTITY_NAME,
+            consts::kube::IDENTITY_NAME,
+            [IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT],
+        ),
+        (
+            "DaemonSet",
+            consts::kube::AGENT_DAEMONSET,
+            consts::kube::AGENT_SERVICE_ACCOUNT,
+            [HBONE_PORT, AGENT_METRICS_PORT],
+        ),
+    ] {
+        let Some(workload) = find(kind, name) else {
+            continue;
+        };
+        let pod = &workload.document["spec"]["template"]["spec"];
         expect(
-            pod["serviceAccountName"] == consts::kube::IDENTITY_NAME,
+            pod["serviceAccountName"] == service_account,
             format!(
-                "{}: serviceAccountName must be {}",
-                identity.describe(),
-                consts::kube::IDENTITY_NAME
+                "{}: serviceAccountName must be {service_account}",
+                workload.describe()
             ),
         );
-        let ports = container_ports(identity);
-        for port in [IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT] {
+        let declared = container_ports(workload);
+        for port in ports {
             expect(
-                ports.contains(&u64::from(port)),
-                format!("{}: no containerPort {port}", identity.describe()),
+                declared.contains(&u64::from(port)),
+                format!("{}: no containerPort {port}", workload.describe()),
             );
         }
     }
     if let Some(agent) = find("DaemonSet", consts::kube::AGENT_DAEMONSET) {
-        let pod = &agent.document["spec"]["template"]["spec"];
-        expect(
-            pod["serviceAccountName"] == consts::kube::AGENT_SERVICE_ACCOUNT,
-            format!(
-                "{}: serviceAccountName must be {}",
-                agent.describe(),
-                consts::kube::AGENT_SERVICE_ACCOUNT
-            ),
-        );
-        let ports = container_ports(agent);
-        for port in [HBONE_PORT, AGENT_METRICS_PORT] {
-            expect(
-                ports.contains(&u64::from(port)),
-                format!("{}: no containerPort {port}", agent.describe()),
-            );
-        }
         expect(
             token_volume_matches(agent),
             format!(

@@ -53,6 +53,12 @@ pub enum MeshError {
         log: PathBuf,
         tail: String,
     },
+    #[error("{what} exited while starting; last lines of {log}:\n{tail}")]
+    Exited {
+        what: String,
+        log: PathBuf,
+        tail: String,
+    },
     #[error("no agent runs on node {0}")]
     NoAgent(String),
     /// Boxed: the Kubernetes errors are large, and every mesh call returns this.
@@ -483,6 +489,29 @@ impl Mesh {
             if done(&read_json_lines(&log)?) {
                 return Ok(());
             }
+            // A component that exits at start (a bad flag, a taken port) is
+            // reported at once, not after the whole timeout.
+            let components = [
+                (
+                    format!("the agent of {node}"),
+                    self.agents.get(node),
+                    log.clone(),
+                ),
+                (
+                    "the identity service".to_owned(),
+                    self.identity.as_ref(),
+                    self.identity_log(),
+                ),
+            ];
+            for (component, process, component_log) in components {
+                if process.is_some_and(|p| has_exited(p.id())) {
+                    return Err(MeshError::Exited {
+                        what: component,
+                        tail: tail(&component_log),
+                        log: component_log,
+                    });
+                }
+            }
             if Instant::now() > deadline {
                 return Err(MeshError::Timeout {
                     what: format!("agent {node}: {what}"),
@@ -521,6 +550,18 @@ fn read_json_lines(log: &Path) -> Result<Vec<Value>, MeshError> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+/// Whether process `pid` (a child not reaped yet) has exited: it is gone or
+/// a zombie.
+fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Err(_) => true,
+    }
 }
 
 fn tail(log: &Path) -> String {

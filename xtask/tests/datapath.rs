@@ -11,7 +11,7 @@ use std::{
 use sealmesh_common::consts::{HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED};
 use serde_json::Value;
 use xtask::{
-    mesh::{Mesh, MeshOptions},
+    mesh::{Mesh, MeshError, MeshOptions},
     testapp,
     testbed::{ChildGuard, PodSpec, TestbedSpec},
 };
@@ -762,4 +762,35 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
     );
 
     assert_marker_never_in_clear(capture, MARKER, "the traffic");
+}
+
+#[test]
+fn a_component_that_exits_at_start_is_reported_with_its_log_not_waited_for() {
+    for (options, component, said) in [
+        (
+            MeshOptions {
+                agent_args: vec!["--no-such-flag".into()],
+                ..MeshOptions::default()
+            },
+            "the agent of node-0",
+            "unexpected argument '--no-such-flag'",
+        ),
+        (
+            MeshOptions {
+                identity_args: vec!["--cert-lifetime=soon".into()],
+                ..MeshOptions::default()
+            },
+            "the identity service",
+            "invalid value 'soon' for '--cert-lifetime",
+        ),
+    ] {
+        let Err(error) = Mesh::up(&spec(), options) else {
+            panic!("{component} started with a bad flag");
+        };
+        let MeshError::Exited { what, tail, .. } = &error else {
+            panic!("reported as exited, not after a timeout: {error}");
+        };
+        assert_eq!(what, component);
+        assert!(tail.contains(said), "{error}");
+    }
 }

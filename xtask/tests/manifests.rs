@@ -9,7 +9,7 @@ use std::{
     process::Command,
 };
 
-use sealmesh_common::consts;
+use sealmesh_common::{consts, logging::LOG_LEVEL_ENV};
 use xtask::{
     manifests::{self, ManifestError, Tools},
     mesh::locate_binary,
@@ -229,13 +229,19 @@ fn flags_and_env_in_the_manifests_exist_in_the_real_binaries() {
         assert!(agent_line.flags.contains(&"--mode".to_owned()));
         assert_eq!(
             agent_line.env,
-            ["SEALMESH_NODE", "SEALMESH_NAMESPACE", "SEALMESH_POD_UID"]
+            [
+                LOG_LEVEL_ENV,
+                "SEALMESH_NODE",
+                "SEALMESH_NAMESPACE",
+                "SEALMESH_POD_UID"
+            ]
         );
         let identity_line = lines
             .iter()
             .find(|l| l.binary == "sealmesh-identity")
             .expect("identity container");
-        assert_eq!(identity_line.flags, ["--mode"]);
+        assert_eq!(identity_line.flags, ["--mode", "--log-format"]);
+        assert_eq!(identity_line.env, [LOG_LEVEL_ENV, "SEALMESH_NAMESPACE"]);
         manifests::check_flags(kustomization, &objects, bin_dir).unwrap_or_else(|e| panic!("{e}"));
     }
 }
