@@ -207,7 +207,9 @@ async fn run(config: AgentConfig) -> Result<()> {
         registry_dyn.clone(),
         redirector.clone(),
     ));
-    let metrics = Arc::new(AgentMetrics::new(certs.clone(), inbound.clone()));
+    let metrics = Arc::new(
+        AgentMetrics::new(certs.clone(), inbound.clone()).with_source_health(registry_dyn.clone()),
+    );
     let proxy_handle = proxy.handle();
     proxy_handle.add_observer(connections.clone());
     proxy_handle.add_observer(metrics.clone());

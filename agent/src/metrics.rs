@@ -56,14 +56,17 @@ use crate::{
     certs::CertStore,
     config::MetricsAccess,
     proxy::{ByteCounters, ConnectionEvent, ConnectionObserver, Direction, PodRef, RefusalReason},
+    registry::WorkloadRegistry,
 };
 
 const PREFIX: &str = "sealmesh";
 
-/// Whether the agent is ready, and why not.
+/// Whether the agent is ready, and why not; and what degrades it without
+/// making it unready (it serves from its last state meanwhile).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Readiness {
     pub reasons: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 impl Readiness {
@@ -223,6 +226,15 @@ impl AgentMetrics {
             metrics_refused,
             label_sets: Mutex::new(HashSet::new()),
         }
+    }
+
+    /// Adds `sealmesh_control_plane_failing{source}`: 1 for each part of
+    /// the registry's source (e.g. a Kubernetes API watch) failing now.
+    pub fn with_source_health(mut self, registry: Arc<dyn WorkloadRegistry>) -> Self {
+        self.registry
+            .sub_registry_with_prefix(PREFIX)
+            .register_collector(Box::new(SourceHealthCollector { registry }));
+        self
     }
 
     /// The OpenMetrics text exposition.
@@ -396,6 +408,42 @@ impl Collector for ByteCollector {
                 let value = if read { *read_bytes } else { *written_bytes };
                 ConstCounter::new(value).encode(metric.encode_family(labels)?)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// `control_plane_failing`, read from the registry at each scrape.
+struct SourceHealthCollector {
+    registry: Arc<dyn WorkloadRegistry>,
+}
+
+impl std::fmt::Debug for SourceHealthCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SourceHealthCollector")
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: String,
+}
+
+impl Collector for SourceHealthCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let failures = self.registry.source_failures();
+        if failures.is_empty() {
+            return Ok(());
+        }
+        let mut metric = encoder.encode_descriptor(
+            "control_plane_failing",
+            "1 for each part of the agent's control-plane source failing now (it serves its last state meanwhile)",
+            None,
+            ConstGauge::new(0i64).metric_type(),
+        )?;
+        for (source, _) in failures {
+            ConstGauge::new(1i64).encode(metric.encode_family(&SourceLabels { source })?)?;
         }
         Ok(())
     }
@@ -577,8 +625,16 @@ pub async fn serve_http(
         "/healthz/live" => Reply::text(StatusCode::OK, "ok\n"),
         "/healthz/ready" => {
             let readiness = readiness();
-            if readiness.is_ready() {
+            if readiness.is_ready() && readiness.warnings.is_empty() {
                 Reply::text(StatusCode::OK, "ready\n")
+            } else if readiness.is_ready() {
+                let mut body = String::from("ready, degraded:\n");
+                for warning in &readiness.warnings {
+                    body.push_str("- ");
+                    body.push_str(warning);
+                    body.push('\n');
+                }
+                Reply::text(StatusCode::OK, body)
             } else {
                 let mut body = String::from("not ready:\n");
                 for reason in &readiness.reasons {

@@ -93,6 +93,12 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     }
     /// Ids of the cgroups this node's pods are created in (their direct parents), sorted.
     fn pod_parent_cgroups(&self) -> Vec<u64>;
+    /// What of the registry's source fails now (e.g. the Kubernetes API's
+    /// pod watch), with the error, sorted; empty while it follows its
+    /// source. The registry serves its last state meanwhile.
+    fn source_failures(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
     /// Bumped on every change (pods/services come and go).
     fn subscribe(&self) -> watch::Receiver<u64>;
 }

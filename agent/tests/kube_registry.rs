@@ -617,5 +617,19 @@ async fn keeps_serving_its_last_state_while_the_api_is_gone() {
     let web0 = registry.by_cgroup(cgroup_id).unwrap();
     assert_eq!((web0.name.as_str(), web0.meshed), ("web-0", true));
     assert_eq!(names(&registry.local_workloads()), ["emojivoto/web-0"]);
+    // ...and says so: every watch is named failing (readiness details, metrics).
+    let failing: Vec<String> = registry
+        .source_failures()
+        .into_iter()
+        .map(|(source, error)| {
+            assert!(!error.is_empty(), "{source} fails with an error");
+            source
+        })
+        .collect();
+    assert_eq!(
+        failing,
+        ["endpointslices", "namespaces", "nodes", "pods", "services"]
+            .map(|kind| format!("the Kubernetes API watch of {kind}"))
+    );
     drop(cgroups);
 }

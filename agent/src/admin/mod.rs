@@ -160,7 +160,15 @@ impl AgentState {
                 "no valid certificate for local meshed ServiceAccount {identity}: {why}"
             ));
         }
-        Readiness { reasons }
+        let warnings = self
+            .registry
+            .source_failures()
+            .into_iter()
+            .map(|(source, error)| {
+                format!("{source} fails ({error}); serving pods and Services as last seen")
+            })
+            .collect();
+        Readiness { reasons, warnings }
     }
 
     /// Keeps edges and metric series to what is on the node: on every

@@ -45,6 +45,7 @@ impl pb::admin_server::Admin for AdminService {
             node_ip: self.state.node_ip.clone(),
             ready: readiness.is_ready(),
             not_ready_reasons: readiness.reasons,
+            degraded_reasons: readiness.warnings,
             version: env!("CARGO_PKG_VERSION").to_owned(),
             started_unix_ms: unix_ms_signed(self.state.started),
         }))

@@ -573,6 +573,15 @@ impl WorkloadRegistry for KubeRegistry {
         &self.shared.node
     }
 
+    fn source_failures(&self) -> Vec<(String, String)> {
+        self.shared
+            .signals
+            .errors()
+            .into_iter()
+            .map(|(kind, error)| (format!("the Kubernetes API watch of {kind}"), error))
+            .collect()
+    }
+
     fn trust_domain(&self) -> &TrustDomain {
         &self.shared.trust_domain
     }
