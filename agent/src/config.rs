@@ -19,7 +19,7 @@ use sealmesh_common::{
         AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE,
         DEFAULT_PLAINTEXT_ALLOWED_PORTS, DEFAULT_PLAINTEXT_ALLOWED_SERVICES, DEFAULT_TRUST_DOMAIN,
         IDENTITY_GRPC_PORT,
-        kube::{DEFAULT_SERVICE_CIDR, IDENTITY_TOKEN_PATH},
+        kube::{CERT_CACHE_DIR, DEFAULT_SERVICE_CIDR, IDENTITY_TOKEN_PATH},
     },
     host,
     identity::{IdentityError, TrustDomain},
@@ -239,6 +239,11 @@ pub struct Args {
     /// /var/run/secrets/sealmesh.io/identity/token].
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// Directory (on a tmpfs) where certificates are kept so a restarted agent serves at once,
+    /// even while the identity service is unreachable [default: in kubernetes mode
+    /// /run/sealmesh/certs; in local mode none].
+    #[arg(long)]
+    pub cert_cache_dir: Option<PathBuf>,
     /// Carry same-node meshed connections over mTLS (HBONE to this node) instead of connecting directly.
     #[arg(long)]
     pub force_mtls_local: bool,
@@ -485,6 +490,8 @@ pub struct AgentConfig {
     pub identity_addr: IdentityAddr,
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
+    /// Where certificates are kept across restarts (a tmpfs), if anywhere.
+    pub cert_cache_dir: Option<PathBuf>,
     pub policy: Policy,
     pub plaintext_exemptions: PlaintextExemptions,
     /// How long connections of (and to) pods the registry does not know yet are held.
@@ -519,6 +526,7 @@ struct ConfigView<'a> {
     trust_anchors: String,
     token_file: &'a Path,
     token: &'static str,
+    cert_cache_dir: Option<&'a Path>,
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubeView<'a>>,
     policy: Policy,
@@ -602,6 +610,7 @@ impl AgentConfig {
             trust_anchors: self.trust_anchors_origin(),
             token_file: &self.token_file,
             token: TOKEN_REDACTED,
+            cert_cache_dir: self.cert_cache_dir.as_deref(),
             kubernetes: match &self.source {
                 Source::Kubernetes(settings) => Some(KubeView {
                     settings,
@@ -852,6 +861,10 @@ impl AgentConfig {
         identity_addr: IdentityAddr,
         token_file: PathBuf,
     ) -> Result<Self, ConfigError> {
+        let cert_cache_dir = args.cert_cache_dir.or_else(|| match source {
+            Source::Kubernetes(_) => Some(PathBuf::from(CERT_CACHE_DIR)),
+            Source::Local(_) => None,
+        });
         Ok(Self {
             source,
             node: args.node,
@@ -860,6 +873,7 @@ impl AgentConfig {
             node_cgroup,
             identity_addr,
             token_file,
+            cert_cache_dir,
             policy: Policy {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
@@ -957,7 +971,7 @@ impl fmt::Display for AgentConfig {
         write!(
             f,
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
-             token_file={} (content not shown) force_mtls_local={} deny_plaintext={} \
+             token_file={} (content not shown) cert_cache_dir={} force_mtls_local={} deny_plaintext={} \
              default_inbound_policy={} pod_resolve_timeout={} service_cidrs={} pod_cidrs={}{} \
              admin_listen={} metrics_listen={} metrics_restricted={} metrics_allowed_cidrs={:?} \
              log_level={} log_format={:?}",
@@ -967,6 +981,9 @@ impl fmt::Display for AgentConfig {
             self.identity_addr,
             self.trust_anchors_origin(),
             self.token_file.display(),
+            self.cert_cache_dir
+                .as_deref()
+                .map_or_else(|| "none".to_owned(), |dir| dir.display().to_string()),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
             self.policy.default_inbound_policy,

@@ -138,6 +138,7 @@ async fn run(config: AgentConfig) -> Result<()> {
         trust_anchors_file: PathBuf::new(),
         trust_domain: config.trust_domain.clone(),
         renewal: Default::default(),
+        cache_dir: config.cert_cache_dir.clone(),
     };
     let (source, registry_dyn, certs) = match &config.source {
         Source::Local(local) => start_local(&config, local, cert_config)?,

@@ -685,6 +685,7 @@ mod tests {
             trust_anchors_file: anchors,
             trust_domain: TrustDomain::default(),
             renewal: Default::default(),
+            cache_dir: None,
         })
         .unwrap()
     }

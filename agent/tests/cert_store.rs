@@ -260,6 +260,7 @@ impl Agent {
                 request_timeout: Duration::from_secs(2),
                 ..RenewalPolicy::default()
             },
+            cache_dir: None,
         })
         .unwrap();
         let (stop, stopped) = watch::channel(false);

@@ -1594,6 +1594,7 @@ async fn real_identity_service_cert_stores_and_registries_carry_bytes_across_nod
             trust_anchors_file: path("ca-bundle.crt"),
             trust_domain: TrustDomain::default(),
             renewal: Default::default(),
+            cache_dir: None,
         })
         .unwrap();
         tokio::spawn(certs.clone().run(registry.clone(), until_stopped()));

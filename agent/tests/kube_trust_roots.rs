@@ -74,6 +74,7 @@ fn store(anchors: &str) -> Arc<CertStore> {
             trust_anchors_file: "/nonexistent/ca-bundle.crt".into(),
             trust_domain: TrustDomain::default(),
             renewal: RenewalPolicy::default(),
+            cache_dir: None,
         },
         ORIGIN,
         anchors.as_bytes(),

@@ -64,6 +64,9 @@ pub mod kube {
     pub const IDENTITY_TOKEN_AUDIENCE: &str = "identity.sealmesh.io";
     /// Where the agent DaemonSet mounts that projected token.
     pub const IDENTITY_TOKEN_PATH: &str = "/var/run/secrets/sealmesh.io/identity/token";
+    /// Where the agent DaemonSet keeps its certificates across a container
+    /// restart: an emptyDir with medium Memory (a tmpfs).
+    pub const CERT_CACHE_DIR: &str = "/run/sealmesh/certs";
     /// ServiceAccount the agents run as (in the control namespace); node-mode
     /// callers must hold a token of it.
     pub const AGENT_SERVICE_ACCOUNT: &str = "sealmesh-agent";

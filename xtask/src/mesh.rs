@@ -354,6 +354,7 @@ impl Mesh {
     /// waits until it redirects the node's meshed pods.
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
         let binary = locate_binary("sealmesh-agent")?;
+        let started_before = started_lines(&self.agent_log_lines(node)?);
         let mut cmd = Command::new(binary);
         match &self.kube {
             // Everything else comes from the API, as in a DaemonSet pod.
@@ -404,6 +405,11 @@ impl Mesh {
                     .unwrap_or(&self.options.log_level),
             ]);
         }
+        // Per node, as each node's DaemonSet pod has its own emptyDir.
+        if !sets_flag(&self.options.agent_args, "--cert-cache-dir") {
+            cmd.arg("--cert-cache-dir")
+                .arg(self.testbed.cert_cache_dir(node)?);
+        }
         cmd.args(&self.options.agent_args);
         redirect_output(&mut cmd, &self.agent_log(node))?;
         let agent_pod = self.kube.as_ref().and_then(|kube| kube.agent_pod(node));
@@ -416,8 +422,9 @@ impl Mesh {
             None => self.testbed.spawn_in_node(node, cmd)?,
         };
         self.agents.insert(node.to_owned(), agent);
+        // The log is appended to across restarts: wait for this run's line.
         self.wait_for_agent_log(node, "the agent to start", |lines| {
-            lines.iter().any(|l| l["message"] == AGENT_STARTED_MESSAGE)
+            started_lines(lines) > started_before
         })
     }
 
@@ -550,6 +557,14 @@ fn read_json_lines(log: &Path) -> Result<Vec<Value>, MeshError> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
+}
+
+/// How many times an agent's log says it started.
+fn started_lines(lines: &[Value]) -> usize {
+    lines
+        .iter()
+        .filter(|l| l["message"] == AGENT_STARTED_MESSAGE)
+        .count()
 }
 
 /// Whether process `pid` (a child not reaped yet) has exited: it is gone or

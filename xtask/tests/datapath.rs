@@ -342,6 +342,31 @@ fn identity_outage_fails_closed_before_the_first_certificate_and_not_after() {
         app.echo_addr(APP_NS, "server"),
         "during the outage",
     );
+
+    // Both agents restart during the outage (a crash, as the kubelet
+    // restarts a container): they serve the certificates kept on their
+    // tmpfs at once, so the mesh keeps working without the identity service.
+    for node in ["node-0", "node-1"] {
+        app.mesh.stop_agent(node).unwrap();
+        app.mesh.start_agent(node).unwrap();
+        app.mesh
+            .wait_for_agent_log(node, "the kept certificates inherited", |lines| {
+                lines
+                    .iter()
+                    .any(|l| l["message"] == "certificate inherited from the previous run")
+            })
+            .unwrap();
+    }
+    app.client_ok(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "server"),
+        "after restarts during the outage",
+    );
+    let secured = app.wait_access("node-1", "an mTLS connection after the restarts", |e| {
+        e["direction"] == "inbound" && e["src"] == "shop/client" && e["tls"] == true
+    });
+    assert_eq!(secured["client_id"], spiffe("client"));
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Duration, time:
 
 use rand::Rng;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
+use rustls_pki_types::PrivatePkcs8KeyDer;
 use sealmesh_common::identity::Identity;
 use tokio::{
     task::JoinHandle,
@@ -20,6 +21,7 @@ use tokio::{
 
 use super::{
     ca_client::csr_der,
+    cache::CachedCert,
     store::{CertStore, IssuedCert, ObtainError, humanize},
 };
 use crate::{backoff::CappedBackoff, registry::WorkloadRegistry};
@@ -103,6 +105,15 @@ impl CertStore {
         loop {
             changes.mark_unchanged();
             let wanted = self.wanted_identities(registry.as_ref());
+            // Inherited certificates of ServiceAccounts that left while the
+            // agent was down.
+            for id in self.held_identities() {
+                if !wanted.contains(&id) && !maintainers.contains_key(&id) {
+                    self.take_inherited(&id);
+                    self.forget(&id);
+                    tracing::info!(identity = %id, "ServiceAccount no longer on the node; inherited certificate dropped");
+                }
+            }
             let gone: Vec<Identity> = maintainers
                 .keys()
                 .filter(|id| !wanted.contains(id))
@@ -172,6 +183,15 @@ impl CertStore {
         let mut backoff = policy.backoff();
         // The certificate held and when it runs out, on the runtime's clock.
         let mut held: Option<(String, Instant)> = None;
+        // A certificate inherited from the previous run is renewed when the
+        // policy says, not at once: a restarted agent needs no identity service.
+        if let Some((serial, not_after)) = self.take_inherited(&id) {
+            let left = not_after
+                .duration_since(SystemTime::now())
+                .unwrap_or_default();
+            held = Some((serial, Instant::now() + left));
+            sleep_until(Instant::now() + policy.renew_delay(left)).await;
+        }
         loop {
             let refreshed = self.refresh(&id).await;
             self.count_refresh(&id, refreshed.is_ok());
@@ -206,7 +226,7 @@ impl CertStore {
 
     /// Obtains and installs a certificate.
     async fn refresh(&self, id: &Identity) -> Result<Installed, ObtainError> {
-        let issued = self.obtain(id).await?;
+        let (issued, kept) = self.obtain(id).await?;
         let remaining = issued
             .not_after
             .duration_since(issued.received)
@@ -215,6 +235,7 @@ impl CertStore {
         let (serial, not_after) = (issued.serial.clone(), issued.not_after);
         let renewed = self.certs.load().contains_key(id);
         self.install(id, issued).map_err(ObtainError::Untrusted)?;
+        self.keep(id, &kept);
         tracing::info!(
             identity = %id,
             %serial,
@@ -233,10 +254,15 @@ impl CertStore {
     }
 
     /// One Certify round trip with a fresh key, checked before use.
-    async fn obtain(&self, id: &Identity) -> Result<IssuedCert, ObtainError> {
+    /// Also returns the chain and key as kept for a restart.
+    async fn obtain(&self, id: &Identity) -> Result<(IssuedCert, CachedCert), ObtainError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
         let chain = self.authority.certify(id, csr_der(id, &key)?).await?;
-        self.accept(id, chain, key)
+        let kept = CachedCert {
+            chain: chain.clone(),
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+        };
+        Ok((self.accept(id, chain, key)?, kept))
     }
 }
 
@@ -245,7 +271,7 @@ mod tests {
     use super::{
         super::{
             CertStatus,
-            test_support::{FakeCa, TestCa, handshake, store_with, web},
+            test_support::{FakeCa, TestCa, handshake, store_keeping, store_with, web},
         },
         *,
     };
@@ -264,6 +290,67 @@ mod tests {
             .into_iter()
             .find(|s| &s.identity == id)
             .unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_store_serves_its_kept_certificate_without_the_authority() {
+        use std::os::unix::fs::PermissionsExt;
+        // A tmpfs, as the agent requires for keys.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let ca = FakeCa::new(TestCa::new(), DAY);
+        let id = web();
+        let first = store_keeping(
+            &ca.ca,
+            ca.clone(),
+            RenewalPolicy::default(),
+            Some(dir.path()),
+        );
+        let task = maintain(&first, &id);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let kept_serial = status(&first, &id).serial;
+        task.abort();
+        drop(first);
+        let file = dir.path().join("emojivoto_web.pem");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "only the agent may read the key");
+
+        // The authority is down: the restarted store serves the kept
+        // certificate at once and renews it when the policy says, not before.
+        ca.set_up(false);
+        let second = store_keeping(
+            &ca.ca,
+            ca.clone(),
+            RenewalPolicy::default(),
+            Some(dir.path()),
+        );
+        assert!(second.has_valid_cert(&id));
+        let _task = maintain(&second, &id);
+        tokio::time::sleep(DAY.mul_f64(0.45)).await;
+        assert_eq!(
+            ca.requests().len(),
+            1,
+            "no request while the kept one is fresh"
+        );
+        let inherited = status(&second, &id);
+        assert!(inherited.valid);
+        assert_eq!(inherited.serial, kept_serial);
+        let client = second
+            .client_config(&id)
+            .expect("a client config from the kept certificate");
+        handshake(second.server_config(), client, &id)
+            .await
+            .expect("served with the kept certificate");
+
+        // Under other anchors the kept certificate is not trusted: deleted.
+        let other = FakeCa::new(TestCa::new(), DAY);
+        let third = store_keeping(
+            &other.ca,
+            other.clone(),
+            RenewalPolicy::default(),
+            Some(dir.path()),
+        );
+        assert!(!third.has_valid_cert(&id));
+        assert!(!file.exists());
     }
 
     fn gaps(requests: &[Instant]) -> Vec<Duration> {

@@ -27,6 +27,7 @@ use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 use super::{
     RenewalPolicy,
     ca_client::{CaError, CertificateAuthority, IdentityService},
+    cache::{CachedCert, CertCache},
 };
 use crate::tls::{HboneTrust, PeerRole, SanNames, TlsError, crypto_provider};
 
@@ -43,6 +44,8 @@ pub struct CertStoreConfig {
     pub trust_anchors_file: PathBuf,
     pub trust_domain: TrustDomain,
     pub renewal: RenewalPolicy,
+    /// Where certificates are kept across a restart (a tmpfs); `None`: not kept.
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -226,6 +229,11 @@ pub struct CertStore {
     resolver: Arc<SniResolver>,
     /// The anchors' epoch, published so live connections re-check their peer.
     anchor_changes: watch::Sender<u64>,
+    /// Where certificates are kept across a restart, if anywhere.
+    cache: Option<CertCache>,
+    /// Certificates taken over from the cache at start, by identity: serial
+    /// and NotAfter, until their maintainer starts from them.
+    inherited: Mutex<HashMap<Identity, (String, SystemTime)>>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -298,7 +306,14 @@ impl CertStore {
                 cfg.renewal.request_timeout,
             ))
         });
-        Ok(Arc::new(Self {
+        let cache = cfg.cache_dir.as_deref().and_then(|dir| {
+            CertCache::open(dir)
+                .inspect_err(|error| {
+                    tracing::warn!(%error, "certificates are not kept across restarts");
+                })
+                .ok()
+        });
+        let store = Arc::new(Self {
             anchors_origin,
             authority,
             identity_tls,
@@ -308,8 +323,63 @@ impl CertStore {
             progress: Mutex::new(HashMap::new()),
             resolver,
             anchor_changes: watch::Sender::new(0),
+            cache,
+            inherited: Mutex::new(HashMap::new()),
             cfg,
-        }))
+        });
+        store.inherit_kept();
+        Ok(store)
+    }
+
+    /// Installs the certificates kept by the previous run that are still
+    /// valid for their identity under the anchors in use; deletes the rest.
+    fn inherit_kept(&self) {
+        let Some(cache) = &self.cache else { return };
+        for (id, kept) in cache.load(&self.cfg.trust_domain) {
+            let inherited = KeyPair::try_from(&kept.key)
+                .map_err(ObtainError::from)
+                .and_then(|key| self.accept(&id, kept.chain, key))
+                // The chain is verified at the current time: an expired one fails.
+                .and_then(|issued| {
+                    let facts = (issued.serial.clone(), issued.not_after);
+                    self.install(&id, issued).map_err(ObtainError::Untrusted)?;
+                    Ok(facts)
+                });
+            match inherited {
+                Ok((serial, not_after)) => {
+                    tracing::info!(identity = %id, %serial, not_after = %humanize(not_after),
+                        "certificate inherited from the previous run");
+                    self.inherited
+                        .lock()
+                        .expect("inherited lock poisoned")
+                        .insert(id, (serial, not_after));
+                }
+                Err(error) => {
+                    tracing::info!(identity = %id, %error, "kept certificate unusable; deleted");
+                    cache.remove(&id);
+                }
+            }
+        }
+    }
+
+    /// The certificate inherited for `id` at start, once: serial and NotAfter.
+    pub(super) fn take_inherited(&self, id: &Identity) -> Option<(String, SystemTime)> {
+        self.inherited
+            .lock()
+            .expect("inherited lock poisoned")
+            .remove(id)
+    }
+
+    /// Identities holding a certificate now.
+    pub(super) fn held_identities(&self) -> Vec<Identity> {
+        self.certs.load().keys().cloned().collect()
+    }
+
+    /// Keeps `cert` for a restart, if certificates are kept.
+    pub(super) fn keep(&self, id: &Identity, cert: &CachedCert) {
+        if let Some(cache) = &self.cache {
+            cache.save(id, cert);
+        }
     }
 
     /// Re-reads the trust anchors file and switches every config to it (for
@@ -467,6 +537,9 @@ impl CertStore {
     /// Drops `id`'s certificate and report (its certificate is no longer
     /// wanted).
     pub(super) fn forget(&self, id: &Identity) {
+        if let Some(cache) = &self.cache {
+            cache.remove(id);
+        }
         // The report first: whoever sees the certificate gone sees no report either.
         self.progress
             .lock()
@@ -496,6 +569,9 @@ impl CertStore {
             self.certs.store(Arc::new(certs));
             not_after
         };
+        if let Some(cache) = &self.cache {
+            cache.remove(id);
+        }
         if let Some(p) = self
             .progress
             .lock()
@@ -746,6 +822,7 @@ mod tests {
             trust_anchors_file: anchors,
             trust_domain: TrustDomain::default(),
             renewal: RenewalPolicy::default(),
+            cache_dir: None,
         })
         .unwrap()
     }
@@ -869,6 +946,7 @@ mod tests {
                 trust_anchors_file: dir.path().join("never-read.crt"),
                 trust_domain: TrustDomain::default(),
                 renewal: RenewalPolicy::default(),
+                cache_dir: None,
             },
             origin,
             ca.root.pem().as_bytes(),

@@ -110,6 +110,16 @@ pub(super) fn store_with(
     authority: Arc<dyn CertificateAuthority>,
     renewal: RenewalPolicy,
 ) -> Arc<CertStore> {
+    store_keeping(ca, authority, renewal, None)
+}
+
+/// [`store_with`], keeping its certificates in `cache_dir` (a tmpfs).
+pub(super) fn store_keeping(
+    ca: &TestCa,
+    authority: Arc<dyn CertificateAuthority>,
+    renewal: RenewalPolicy,
+    cache_dir: Option<&std::path::Path>,
+) -> Arc<CertStore> {
     CertStore::with_authority(
         CertStoreConfig {
             identity_addr: "127.0.0.1:9".parse().unwrap(),
@@ -117,6 +127,7 @@ pub(super) fn store_with(
             trust_anchors_file: "/nonexistent/ca-bundle.crt".into(),
             trust_domain: TrustDomain::default(),
             renewal,
+            cache_dir: cache_dir.map(ToOwned::to_owned),
         },
         "the test CA",
         ca.root.pem().as_bytes(),

@@ -218,6 +218,11 @@ impl Layout {
         self.host.state_root().join(self.id.as_str())
     }
 
+    /// The tmpfs agents keep their certificates on (`<state>/certs`).
+    pub fn cert_cache_mount(&self) -> PathBuf {
+        self.state_dir().join("certs")
+    }
+
     pub fn cluster_file(&self) -> PathBuf {
         self.state_dir().join(CLUSTER_FILE)
     }

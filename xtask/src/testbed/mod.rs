@@ -265,6 +265,35 @@ impl Testbed {
         self.layout.state_dir()
     }
 
+    /// Where `node`'s agent keeps its certificates across restarts: a
+    /// directory on the testbed's own tmpfs (mounted on first use, unmounted
+    /// with the testbed), as the DaemonSet's memory-backed emptyDir.
+    pub fn cert_cache_dir(&self, node: &str) -> Result<PathBuf, TestbedError> {
+        let mount = self.layout.cert_cache_mount();
+        let mounted = nix::sys::statfs::statfs(&mount)
+            .is_ok_and(|fs| fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC);
+        if !mounted {
+            std::fs::create_dir_all(&mount).map_err(|source| TestbedError::Io {
+                what: "cannot create the certificate tmpfs dir",
+                path: mount.clone(),
+                source,
+            })?;
+            nix::mount::mount(
+                Some("tmpfs"),
+                &mount,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                Some("size=16m,mode=0700"),
+            )
+            .map_err(|errno| TestbedError::Io {
+                what: "cannot mount a tmpfs on",
+                path: mount.clone(),
+                source: errno.into(),
+            })?;
+        }
+        Ok(mount.join(node))
+    }
+
     /// Address of the underlay bridge, where the control plane should listen.
     pub fn control_plane_ip(&self) -> Ipv4Addr {
         layout::UNDERLAY_GATEWAY
@@ -503,6 +532,8 @@ fn teardown(layout: &Layout) -> Result<(), TestbedError> {
     if let Err(e) = cgroup::remove_tree(&layout.cgroup_dir()) {
         problems.push(e);
     }
+    // Not mounted (no agent kept certificates) is fine.
+    let _ = nix::mount::umount2(&layout.cert_cache_mount(), nix::mount::MntFlags::MNT_DETACH);
     for dir in [layout.bpffs_dir(), layout.state_dir()] {
         match std::fs::remove_dir_all(&dir) {
             Ok(()) => {}
