@@ -28,7 +28,10 @@ use sealmesh_common::{
 };
 use serde::Serialize;
 
-use crate::{kube::trust_roots::trust_roots_origin, proxy::DEFAULT_POD_RESOLVE_TIMEOUT};
+use crate::{
+    kube::trust_roots::trust_roots_origin,
+    proxy::{DEFAULT_MAX_CONNECTIONS_PER_LISTENER, DEFAULT_POD_RESOLVE_TIMEOUT},
+};
 
 /// Directory under the bpffs mount that holds every sealmesh pin; below it,
 /// one directory per cluster and node so several testbed nodes share a host.
@@ -315,6 +318,11 @@ pub struct Args {
     /// on nodes whose agent must carry more than one core's worth of traffic.
     #[arg(long, default_value_t = DEFAULT_WORKER_THREADS, value_parser = clap::value_parser!(u16).range(1..), env = "SEALMESH_WORKER_THREADS")]
     pub worker_threads: u16,
+    /// Open connections each listener (pods' redirected connections; peers' HBONE connections)
+    /// may hold; beyond it the agent stops accepting, logs it once, and new connections wait in
+    /// the kernel's backlog until one closes.
+    #[arg(long, default_value_t = DEFAULT_MAX_CONNECTIONS_PER_LISTENER, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub max_connections_per_listener: usize,
 }
 
 /// Engine threads unless `--worker-threads` says otherwise (ztunnel's default too).
@@ -499,6 +507,7 @@ pub struct AgentConfig {
     pub cluster_networks: ClusterNetworks,
     pub sockmap_acceleration: bool,
     pub worker_threads: u16,
+    pub max_connections_per_listener: usize,
     pub admin_listen: SocketAddr,
     pub metrics_listen: SocketAddr,
     pub metrics_access: MetricsAccess,
@@ -536,6 +545,7 @@ struct ConfigView<'a> {
     cluster_networks: ClusterNetworksView<'a>,
     sockmap_acceleration: bool,
     worker_threads: u16,
+    max_connections_per_listener: usize,
     admin_listen: SocketAddr,
     metrics_listen: SocketAddr,
     metrics_access: &'a MetricsAccess,
@@ -630,6 +640,7 @@ impl AgentConfig {
             },
             sockmap_acceleration: self.sockmap_acceleration,
             worker_threads: self.worker_threads,
+            max_connections_per_listener: self.max_connections_per_listener,
             admin_listen: self.admin_listen,
             metrics_listen: self.metrics_listen,
             metrics_access: &self.metrics_access,
@@ -898,6 +909,7 @@ impl AgentConfig {
             cluster_networks,
             sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
             worker_threads: args.worker_threads,
+            max_connections_per_listener: args.max_connections_per_listener,
             admin_listen: args
                 .admin_listen
                 .unwrap_or(SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT))),
@@ -1294,6 +1306,10 @@ nodes:
         assert_eq!(dumped["cluster_networks"].get("also"), None);
         assert_eq!(dumped["sockmap_acceleration"], false);
         assert_eq!(dumped["worker_threads"], 2);
+        assert_eq!(
+            dumped["max_connections_per_listener"],
+            DEFAULT_MAX_CONNECTIONS_PER_LISTENER
+        );
         assert_eq!(dumped["admin_listen"], "127.0.0.1:15000");
         assert_eq!(dumped["log_format"], "text");
     }

@@ -178,6 +178,7 @@ async fn run(config: AgentConfig) -> Result<()> {
     let mut proxy_config = ProxyConfig {
         pod_resolve_timeout: config.pod_resolve_timeout,
         plaintext_exemptions: config.plaintext_exemptions.clone(),
+        max_connections_per_listener: config.max_connections_per_listener,
         ..ProxyConfig::for_node(node_ip, config.policy)
     };
     if config.metrics_access.restricted {

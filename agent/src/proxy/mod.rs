@@ -31,7 +31,7 @@ use sealmesh_common::{
 };
 use tokio::{
     net::{TcpListener, TcpSocket},
-    sync::{broadcast, watch},
+    sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch},
     task::JoinSet,
 };
 
@@ -167,6 +167,9 @@ pub struct ProxyConfig {
     pub pod_resolve_timeout: Duration,
     /// What `--deny-plaintext` still lets through.
     pub plaintext_exemptions: PlaintextExemptions,
+    /// Open connections each listener may hold; beyond it accepting pauses
+    /// (new connections wait in the kernel's backlog) until one closes.
+    pub max_connections_per_listener: usize,
 }
 
 impl ProxyConfig {
@@ -182,6 +185,64 @@ impl ProxyConfig {
             drain_timeout: Duration::from_secs(5),
             pod_resolve_timeout: DEFAULT_POD_RESOLVE_TIMEOUT,
             plaintext_exemptions: PlaintextExemptions::default(),
+            max_connections_per_listener: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+        }
+    }
+}
+
+/// Open connections per listener unless configured: far above what a node's
+/// pods open (each costs the agent a few KiB), below the agent's fd limit.
+pub const DEFAULT_MAX_CONNECTIONS_PER_LISTENER: usize = 100_000;
+
+/// The open-connection slots of one listener.
+struct ListenerSlots {
+    listener: &'static str,
+    max: usize,
+    slots: Arc<Semaphore>,
+    /// Whether it is full now (said once per time it fills).
+    full: bool,
+}
+
+impl ListenerSlots {
+    fn new(listener: &'static str, max: usize) -> Self {
+        Self {
+            listener,
+            max,
+            slots: Arc::new(Semaphore::new(max)),
+            full: false,
+        }
+    }
+
+    /// A slot for the next connection; waits for one while the listener is full.
+    async fn next(&mut self) -> OwnedSemaphorePermit {
+        if let Ok(slot) = self.slots.clone().try_acquire_owned() {
+            self.no_longer_full();
+            return slot;
+        }
+        if !self.full {
+            self.full = true;
+            tracing::warn!(
+                listener = self.listener,
+                max = self.max,
+                "listener at its connection limit (--max-connections-per-listener); new connections wait in the backlog until one closes"
+            );
+        }
+        let slot = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the slots are never closed");
+        self.no_longer_full();
+        slot
+    }
+
+    fn no_longer_full(&mut self) {
+        if std::mem::take(&mut self.full) {
+            tracing::info!(
+                listener = self.listener,
+                "listener below its connection limit; accepting again"
+            );
         }
     }
 }
@@ -367,18 +428,37 @@ impl Proxy {
             inbound = %engine.cfg.inbound_listen,
             "TLS engine listening"
         );
+        let max = engine.cfg.max_connections_per_listener;
+        let (mut outbound_slots, mut inbound_slots) = (
+            ListenerSlots::new("outbound", max),
+            ListenerSlots::new("inbound", max),
+        );
+        // Each listener accepts only while it holds a slot for the connection.
+        let (mut outbound_slot, mut inbound_slot) = (None, None);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
-                accepted = outbound.accept() => match accepted {
+                slot = outbound_slots.next(), if outbound_slot.is_none() => outbound_slot = Some(slot),
+                slot = inbound_slots.next(), if inbound_slot.is_none() => inbound_slot = Some(slot),
+                accepted = outbound.accept(), if outbound_slot.is_some() => match accepted {
                     Ok((socket, peer)) => {
-                        connections.spawn(outbound::handle(engine.clone(), socket, peer, outbound_addr));
+                        let slot = outbound_slot.take();
+                        let handled = outbound::handle(engine.clone(), socket, peer, outbound_addr);
+                        connections.spawn(async move {
+                            handled.await;
+                            drop(slot);
+                        });
                     }
                     Err(error) => accept_failed("outbound", error).await,
                 },
-                accepted = inbound.accept() => match accepted {
+                accepted = inbound.accept(), if inbound_slot.is_some() => match accepted {
                     Ok((socket, peer)) => {
-                        connections.spawn(inbound::serve(engine.clone(), socket, peer, stop_rx.clone()));
+                        let slot = inbound_slot.take();
+                        let served = inbound::serve(engine.clone(), socket, peer, stop_rx.clone());
+                        connections.spawn(async move {
+                            served.await;
+                            drop(slot);
+                        });
                     }
                     Err(error) => accept_failed("inbound", error).await,
                 },
@@ -444,6 +524,21 @@ fn log_task_end(done: Result<(), tokio::task::JoinError>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_full_listener_waits_for_a_slot_and_takes_it_when_a_connection_closes() {
+        let mut slots = ListenerSlots::new("outbound", 2);
+        let first = slots.next().await;
+        let _second = slots.next().await;
+        let waiting = tokio::time::timeout(Duration::from_millis(50), slots.next()).await;
+        assert!(waiting.is_err(), "no third slot while two are open");
+        assert!(slots.full, "the limit was said");
+        drop(first);
+        let _third = tokio::time::timeout(Duration::from_secs(1), slots.next())
+            .await
+            .expect("a closed connection frees its slot");
+        assert!(!slots.full);
+    }
 
     #[tokio::test]
     async fn accepted_sockets_have_nodelay_from_the_listener() {
