@@ -482,7 +482,12 @@ fn sync_once(
             registry.pod_parent_cgroups().into_iter().collect(),
         ),
     ];
-    for (role, changes) in sync_roles(cgroups, &wanted)? {
+    let synced = sync_roles(cgroups, &wanted);
+    let applied = match &synced {
+        Ok(applied) | Err(EbpfError::CgroupSyncIncomplete { applied, .. }) => applied.clone(),
+        Err(_) => Vec::new(),
+    };
+    for (role, changes) in applied {
         for cgroup in changes.added {
             tracing::info!(cgroup, role = role.describe(), "cgroup classified");
         }
@@ -494,7 +499,7 @@ fn sync_once(
             );
         }
     }
-    Ok(meshed_count)
+    synced.map(|_| meshed_count)
 }
 
 #[cfg(test)]
@@ -554,10 +559,18 @@ mod tests {
     struct Maps {
         sets: Mutex<std::collections::BTreeMap<CgroupRole, BTreeSet<u64>>>,
         log: Mutex<Vec<(&'static str, CgroupRole, u64)>>,
+        /// Insertions of this id fail (a full map, a kernel error).
+        failing: Mutex<Option<u64>>,
     }
 
     impl CgroupRoles for Maps {
         fn insert(&self, role: CgroupRole, id: u64) -> Result<(), EbpfError> {
+            if *self.failing.lock().unwrap() == Some(id) {
+                return Err(EbpfError::PinDir {
+                    path: "MESHED_PODS".into(),
+                    source: std::io::Error::from_raw_os_error(libc::E2BIG),
+                });
+            }
             self.sets
                 .lock()
                 .unwrap()
@@ -644,6 +657,28 @@ mod tests {
                 ("remove", CgroupRole::UnmeshedPod, 13),
             ]
         );
+
+        // One failed update does not hold back the others: 14 joins, 13
+        // cannot move (it keeps its old role, never none), 11 leaves.
+        registry.local = vec![
+            pod("opted-out", false, Some(13)),
+            pod("new", true, Some(14)),
+        ];
+        *maps.failing.lock().unwrap() = Some(13);
+        let error = sync_once(&registry, &maps).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("1 cgroup map update(s) failed, the others were applied"),
+            "{error}"
+        );
+        assert_eq!(maps.ids(CgroupRole::MeshedPod).unwrap(), [13, 14]);
+        assert_eq!(maps.ids(CgroupRole::UnmeshedPod).unwrap(), [] as [u64; 0]);
+        // The next sync completes it.
+        *maps.failing.lock().unwrap() = None;
+        sync_once(&registry, &maps).unwrap();
+        assert_eq!(maps.ids(CgroupRole::MeshedPod).unwrap(), [14]);
+        assert_eq!(maps.ids(CgroupRole::UnmeshedPod).unwrap(), [13]);
     }
 
     #[test]

@@ -6,6 +6,15 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error(
+        "{} cgroup map update(s) failed, the others were applied (retried at the next sync): {}",
+        failures.len(), failures.join("; ")
+    )]
+    CgroupSyncIncomplete {
+        failures: Vec<String>,
+        /// What was applied nonetheless, by map.
+        applied: Vec<(super::CgroupRole, super::RoleChanges)>,
+    },
+    #[error(
         "cgroup v2 is not mounted on this host; mount it (`mount -t cgroup2 none /sys/fs/cgroup`) \
          or boot with systemd.unified_cgroup_hierarchy=1: the redirect programs attach to a cgroup v2 directory"
     )]

@@ -230,7 +230,9 @@ pub struct RoleChanges {
 
 /// Makes the map of each role hold exactly the ids given for it. Every addition comes before
 /// every removal, so a cgroup moving between roles (a pod becoming meshed, unmeshed) is never in
-/// none of them on the way: the programs never see a known pod as unknown.
+/// none of them on the way: the programs never see a known pod as unknown. One failed update
+/// does not stop the others ([`EbpfError::CgroupSyncIncomplete`] says what failed and what was
+/// applied); a cgroup whose addition failed keeps its old role until the next sync.
 pub fn sync_roles(
     roles: &dyn CgroupRoles,
     wanted: &[(CgroupRole, BTreeSet<u64>)],
@@ -246,17 +248,43 @@ pub fn sync_roles(
             },
         ));
     }
+    let mut failures = Vec::new();
+    let mut not_added = BTreeSet::new();
+    let mut applied: Vec<(CgroupRole, RoleChanges)> = Vec::with_capacity(changes.len());
     for (role, change) in &changes {
+        let mut done = RoleChanges::default();
         for &id in &change.added {
-            roles.insert(*role, id)?;
+            match roles.insert(*role, id) {
+                Ok(()) => done.added.push(id),
+                Err(error) => {
+                    failures.push(format!(
+                        "adding cgroup {id} as {}: {error}",
+                        role.describe()
+                    ));
+                    not_added.insert(id);
+                }
+            }
+        }
+        applied.push((*role, done));
+    }
+    for ((role, change), (_, done)) in changes.iter().zip(&mut applied) {
+        for &id in change.removed.iter().filter(|id| !not_added.contains(id)) {
+            match roles.remove(*role, id) {
+                Ok(()) => done.removed.push(id),
+                Err(error) => {
+                    failures.push(format!(
+                        "removing cgroup {id} as {}: {error}",
+                        role.describe()
+                    ));
+                }
+            }
         }
     }
-    for (role, change) in &changes {
-        for &id in &change.removed {
-            roles.remove(*role, id)?;
-        }
+    if failures.is_empty() {
+        Ok(applied)
+    } else {
+        Err(EbpfError::CgroupSyncIncomplete { failures, applied })
     }
-    Ok(changes)
 }
 
 /// A snapshot of the redirect datapath for admin/metrics.
