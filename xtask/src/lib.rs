@@ -7,6 +7,7 @@ pub mod bench;
 pub mod capture;
 pub mod cmd;
 pub mod demo;
+pub mod fuzz;
 pub mod gates;
 pub mod kind;
 pub mod loadtest;

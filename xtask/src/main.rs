@@ -38,6 +38,10 @@ enum Task {
     /// `cargo deny check bans licenses sources` and `cargo clippy --workspace
     /// --all-targets -- -D warnings`; installs their tools when missing.
     Lint,
+    /// Fuzz every parser of untrusted input (cargo-fuzz targets in fuzz/,
+    /// AddressSanitizer, the pinned nightly) for --seconds each; installs
+    /// cargo-fuzz when missing.
+    Fuzz(xtask::fuzz::FuzzArgs),
     /// Show the main job on a local testbed: an app in a 2-node mesh, its live
     /// mTLS connections and edges. Needs root.
     Demo(demo::DemoArgs),
@@ -187,6 +191,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             setup::gate_tools()?;
             gates::run_all()?;
         }
+        Task::Fuzz(args) => xtask::fuzz::run(&args)?,
         Task::Manifests(args) => manifests(&args)?,
         Task::Kind(args) => kind::run(&args)?,
         Task::Demo(args) => demo::main(&args)?,

@@ -33,6 +33,13 @@ const CARGO_TOOLS: &[CargoTool] = &[
         version: "0.20.2",
     },
 ];
+/// What `cargo xtask fuzz` builds the fuzz targets with (not installed by
+/// `setup`: only fuzzing needs it).
+const CARGO_FUZZ: CargoTool = CargoTool {
+    subcommand: "fuzz",
+    krate: "cargo-fuzz",
+    version: "0.13.1",
+};
 /// rustup components of the workspace's toolchain that the gates use.
 const RUSTUP_COMPONENTS: &[(&str, &str)] = &[("rustfmt", "fmt"), ("clippy", "clippy")];
 
@@ -157,6 +164,13 @@ pub fn gate_tools() -> Result<(), SetupError> {
         report(tool.krate, cargo_tool(tool)?);
     }
     Ok(())
+}
+
+/// Installs cargo-fuzz when missing; returns the toolchain the fuzz targets
+/// build with: the eBPF build's pinned nightly (sanitizers need a nightly).
+pub fn fuzz_toolchain() -> Result<String, SetupError> {
+    report(CARGO_FUZZ.krate, cargo_tool(&CARGO_FUZZ)?);
+    ebpf_toolchain()
 }
 
 /// Everything (`cargo xtask setup`, `cargo xtask test`).
