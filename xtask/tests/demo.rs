@@ -336,6 +336,7 @@ fn demo_restarts_a_crashed_agent_and_tap_follows_the_new_one() {
                 &stop,
                 &mut printer,
             )
+            .map_err(|e| e.to_string())
         });
         let cluster = wait_for("cluster line", &|l| l.starts_with("cluster "));
         let testbed = cluster.split_whitespace().nth(1).unwrap().to_owned();
@@ -346,7 +347,9 @@ fn demo_restarts_a_crashed_agent_and_tap_follows_the_new_one() {
             nix::sys::signal::Signal::SIGKILL,
         )
         .unwrap();
-        demo.join().unwrap().expect("the demo runs to its end")
+        demo.join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the demo did not run to its end: {e}"))
     });
     printed.extend(rx.try_iter());
     let printed = printed.join("\n");
