@@ -651,7 +651,22 @@ fn tap_follows_an_agent_through_its_restart() {
         "{outage}"
     );
     // Several reconnect attempts fail meanwhile (200 ms, then doubling).
-    std::thread::sleep(Duration::from_secs(2));
+    // `edges` asks the missing agent again for its 3 s, then names it.
+    let asked = Instant::now();
+    let out = app.sealmesh(&["edges", "-n", APP_NS]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with(
+            "warning: edges are incomplete: agent on node node-1 is not reachable at 127.0.0.1:15000: "
+        ),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
     assert!(tap.child_mut().try_wait().unwrap().is_none(), "tap exited");
 
     // A new agent (as a DaemonSet restarts it): tap is back on that node
