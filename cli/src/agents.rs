@@ -19,15 +19,25 @@ use std::{
 
 use nix::sched::{CloneFlags, setns};
 use sealmesh_common::{
+    backoff::CappedBackoff,
     cluster::{ClusterError, ClusterFile},
     consts::AGENT_ADMIN_PORT,
     host::NETNS_RUN_DIR,
 };
 use sealmesh_proto::admin::admin_client::AdminClient;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-/// How long to wait for an agent to accept the admin connection.
+/// How long to wait for an agent to accept the admin connection; one-shot
+/// commands retry an agent that does not answer within this time too.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Between attempts to reach an agent that did not answer: quick at first
+/// (an agent restarting is back within a second or two), then every few
+/// seconds at most.
+pub const RECONNECT: CappedBackoff = CappedBackoff {
+    first: Duration::from_millis(200),
+    cap: Duration::from_secs(5),
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -83,6 +93,16 @@ impl AgentError {
             status: Box::new(status),
         }
     }
+
+    /// The agent did not answer (not listening, or going away): asking again
+    /// shortly may succeed, unlike for an error it answered with.
+    pub fn is_unanswered(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Rpc { status, .. } => status.code() == tonic::Code::Unavailable,
+            _ => false,
+        }
+    }
 }
 
 /// One node agent as the cluster describes it.
@@ -101,6 +121,12 @@ pub type Session<T> = Box<
     dyn FnOnce(AdminClient<Channel>) -> Pin<Box<dyn Future<Output = Result<T, AgentError>>>> + Send,
 >;
 
+/// A session that dials the agent itself, as often as it needs (to retry or
+/// reconnect), through the [`AgentLink`] it is given; it runs as a
+/// [`Session`] does.
+pub type LinkSession<T> =
+    Box<dyn FnOnce(AgentLink) -> Pin<Box<dyn Future<Output = Result<T, AgentError>>>> + Send>;
+
 /// A running session's thread.
 pub type SessionHandle<T> = JoinHandle<Result<T, AgentError>>;
 
@@ -111,6 +137,79 @@ where
     Fut: Future<Output = Result<T, AgentError>> + 'static,
 {
     Box::new(move |client| Box::pin(f(client)))
+}
+
+/// Boxes an async closure as a [`LinkSession`].
+pub fn link_session<T, F, Fut>(f: F) -> LinkSession<T>
+where
+    F: FnOnce(AgentLink) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<T, AgentError>> + 'static,
+{
+    Box::new(move |link| Box::pin(f(link)))
+}
+
+/// Runs `session` on a client of the agent, connected once.
+fn connected<T: 'static>(session: Session<T>) -> LinkSession<T> {
+    link_session(move |link| async move { session(link.connect().await?).await })
+}
+
+/// An agent's admin API as a session reaches it (from inside its node).
+#[derive(Clone, Debug)]
+pub struct AgentLink {
+    node: String,
+    address: SocketAddr,
+}
+
+impl AgentLink {
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Dials the agent, waiting at most [`CONNECT_TIMEOUT`].
+    pub async fn connect(&self) -> Result<AdminClient<Channel>, AgentError> {
+        self.connect_within(CONNECT_TIMEOUT).await
+    }
+
+    async fn connect_within(&self, timeout: Duration) -> Result<AdminClient<Channel>, AgentError> {
+        let endpoint = Endpoint::from_shared(format!("http://{}", self.address))
+            .expect("a socket address makes a valid URI")
+            .connect_timeout(timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| AgentError::Connect {
+                node: self.node.clone(),
+                address: self.address,
+                source,
+            })?;
+        Ok(AdminClient::new(channel))
+    }
+
+    /// Dials the agent and makes `call`, again with [`RECONNECT`] delays
+    /// while the agent does not answer ([`AgentError::is_unanswered`]), for
+    /// at most [`CONNECT_TIMEOUT`] in all: a one-shot command rides out an
+    /// agent that is restarting and still names one that stays down.
+    pub async fn call_with_retries<T, Fut>(
+        &self,
+        call: impl Fn(AdminClient<Channel>) -> Fut,
+    ) -> Result<T, AgentError>
+    where
+        Fut: Future<Output = Result<T, AgentError>>,
+    {
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let call = &call;
+        RECONNECT
+            .retry_until(
+                deadline,
+                || async move {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    call(self.connect_within(left).await?).await
+                },
+                AgentError::is_unanswered,
+                |_, _| {},
+            )
+            .await
+    }
 }
 
 /// Awaits one admin call and names the node and call when it fails.
@@ -127,12 +226,22 @@ pub async fn call<T>(
 
 /// How sessions reach an agent's admin API.
 pub trait AgentTransport {
+    /// Starts `session` with a link to `agent`'s admin API on a thread of
+    /// its own.
+    fn spawn_linked<T: Send + 'static>(
+        &self,
+        agent: &AgentRef,
+        session: LinkSession<T>,
+    ) -> Result<SessionHandle<T>, AgentError>;
+
     /// Starts `session` against `agent`'s admin API on a thread of its own.
     fn spawn<T: Send + 'static>(
         &self,
         agent: &AgentRef,
         session: Session<T>,
-    ) -> Result<SessionHandle<T>, AgentError>;
+    ) -> Result<SessionHandle<T>, AgentError> {
+        self.spawn_linked(agent, connected(session))
+    }
 }
 
 /// Local mode: join the node's network namespace and dial the agent on loopback.
@@ -160,10 +269,10 @@ impl NetnsTransport {
 }
 
 impl AgentTransport for NetnsTransport {
-    fn spawn<T: Send + 'static>(
+    fn spawn_linked<T: Send + 'static>(
         &self,
         agent: &AgentRef,
-        session: Session<T>,
+        session: LinkSession<T>,
     ) -> Result<SessionHandle<T>, AgentError> {
         let node = agent.node.clone();
         let netns = agent
@@ -195,32 +304,17 @@ impl AgentTransport for NetnsTransport {
                         node: node.clone(),
                         source,
                     })?;
-                let address = SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT));
-                runtime.block_on(async move {
-                    let client = connect(&node, address).await?;
-                    session(client).await
-                })
+                let link = AgentLink {
+                    node,
+                    address: SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT)),
+                };
+                runtime.block_on(session(link))
             })
             .map_err(|source| AgentError::Runtime {
                 node: agent.node.clone(),
                 source,
             })
     }
-}
-
-async fn connect(node: &str, address: SocketAddr) -> Result<AdminClient<Channel>, AgentError> {
-    let endpoint = Endpoint::from_shared(format!("http://{address}"))
-        .expect("a socket address makes a valid URI")
-        .connect_timeout(CONNECT_TIMEOUT);
-    let channel = endpoint
-        .connect()
-        .await
-        .map_err(|source| AgentError::Connect {
-            node: node.to_owned(),
-            address,
-            source,
-        })?;
-    Ok(AdminClient::new(channel))
 }
 
 /// The agents of a cluster and the way to reach them.
@@ -258,14 +352,17 @@ impl<T: AgentTransport> AgentDirectory<T> {
         self.agents.iter().find(|a| a.node == node)
     }
 
-    /// Starts one session per agent, all at once.
-    pub fn spawn_all<R: Send + 'static>(
+    /// Starts one linked session per agent, all at once.
+    pub fn spawn_all_linked<R: Send + 'static>(
         &self,
-        mut make: impl FnMut(&AgentRef) -> Session<R>,
+        mut make: impl FnMut(&AgentRef) -> LinkSession<R>,
     ) -> Vec<(AgentRef, Result<SessionHandle<R>, AgentError>)> {
         self.agents
             .iter()
-            .map(|agent| (agent.clone(), self.transport.spawn(agent, make(agent))))
+            .map(|agent| {
+                let handle = self.transport.spawn_linked(agent, make(agent));
+                (agent.clone(), handle)
+            })
             .collect()
     }
 
@@ -273,9 +370,17 @@ impl<T: AgentTransport> AgentDirectory<T> {
     /// result, in directory order.
     pub fn query_all<R: Send + 'static>(
         &self,
-        make: impl FnMut(&AgentRef) -> Session<R>,
+        mut make: impl FnMut(&AgentRef) -> Session<R>,
     ) -> Vec<(AgentRef, Result<R, AgentError>)> {
-        self.spawn_all(make)
+        self.query_all_linked(|agent| connected(make(agent)))
+    }
+
+    /// [`AgentDirectory::query_all`] for linked sessions.
+    pub fn query_all_linked<R: Send + 'static>(
+        &self,
+        make: impl FnMut(&AgentRef) -> LinkSession<R>,
+    ) -> Vec<(AgentRef, Result<R, AgentError>)> {
+        self.spawn_all_linked(make)
             .into_iter()
             .map(|(agent, handle)| {
                 let result = handle.and_then(|h| join(&agent.node, h));

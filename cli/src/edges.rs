@@ -9,7 +9,7 @@ use sealmesh_proto::admin::{Direction, Edge, GetConnectionsRequest, PodRef};
 use serde::Serialize;
 
 use crate::{
-    agents::{AgentDirectory, AgentError, ClusterArgs, call, session},
+    agents::{AgentDirectory, AgentError, ClusterArgs, call, link_session},
     output::{OutputFormat, table},
 };
 
@@ -132,18 +132,23 @@ pub fn merge(edges: impl IntoIterator<Item = Edge>) -> Vec<MergedEdge> {
         .collect()
 }
 
-/// Every agent's edges, merged; and the agents that could not be asked.
+/// Every agent's edges, merged; and the agents that could not be asked (an
+/// agent that does not answer at once, e.g. while it restarts, is asked
+/// again for a few seconds first).
 pub fn fetch(directory: &AgentDirectory) -> (Vec<MergedEdge>, Vec<AgentError>) {
     let mut all = Vec::new();
     let mut failures = Vec::new();
-    let results = directory.query_all(|agent| {
-        let node = agent.node.clone();
-        session(move |mut client| async move {
-            call(
-                &node,
-                "GetConnections",
-                client.get_connections(GetConnectionsRequest {}),
-            )
+    let results = directory.query_all_linked(|_| {
+        link_session(|link| async move {
+            let node = link.node();
+            link.call_with_retries(|mut client| async move {
+                call(
+                    node,
+                    "GetConnections",
+                    client.get_connections(GetConnectionsRequest {}),
+                )
+                .await
+            })
             .await
         })
     });

@@ -36,10 +36,14 @@ enum Command {
     /// the anchors still in use. Exits 1 when a check fails (×); warnings (‼)
     /// do not fail.
     Check(check::CheckArgs),
-    /// Pod-to-pod edges the agents saw and whether they are mTLS. Exits 1 when
-    /// an agent did not answer (the table then lacks its edges).
+    /// Pod-to-pod edges the agents saw and whether they are mTLS. An agent
+    /// that does not answer is asked again for a few seconds; exits 1 when it
+    /// still did not (the table then lacks its edges).
     Edges(edges::EdgesArgs),
-    /// Live connection events from every agent.
+    /// Live connection events from every agent, until Ctrl-C, --max or
+    /// --timeout. An agent that cannot be reached or restarts is reconnected
+    /// with back-off (told once per outage on stderr); events of its outage
+    /// are not shown.
     Tap(tap::TapArgs),
     /// Whether traffic from one pod to another is mTLS, and if not why and
     /// what to change. Exits 0 when it is secured, 1 when it is not.

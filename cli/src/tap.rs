@@ -3,7 +3,7 @@
 //! and `refused` when the kernel refused a connection attempt to a strict pod.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     process::ExitCode,
     sync::mpsc,
@@ -17,14 +17,16 @@ use sealmesh_proto::admin::{ConnectionEvent, Direction, Phase, PodRef, TapReques
 use serde_json::json;
 
 use crate::{
-    agents::{AgentDirectory, AgentError, ClusterArgs, call, join, session},
+    agents::{
+        AgentDirectory, AgentError, AgentLink, ClusterArgs, RECONNECT, call, join, link_session,
+    },
     edges::DEFAULT_NAMESPACE,
 };
 
 /// Label whose value names a pod's deployment (`deploy/NAME`), as kubectl
 /// users label apps.
 const APP_LABEL: &str = "app";
-/// How often ended sessions and the deadline are looked at.
+/// How often the deadline is looked at.
 const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Args)]
@@ -150,8 +152,79 @@ impl Filter {
 
 /// What each agent's tap thread reports.
 enum TapMessage {
-    Streaming,
+    /// The agent's event stream is open (again).
+    Streaming {
+        node: String,
+    },
+    /// The agent cannot be reached or its stream ended; its thread tries
+    /// again after a back-off.
+    Lost {
+        node: String,
+        reason: String,
+    },
     Event(Box<ConnectionEvent>),
+}
+
+/// Taps one agent until the receiver is gone: streams its events, and when
+/// the agent is unreachable or its stream ends, reports the outage and
+/// reconnects with [`RECONNECT`] delays (reset by each stream that opens).
+async fn follow_agent(link: AgentLink, request: TapRequest, events: mpsc::Sender<TapMessage>) {
+    let node = link.node().to_owned();
+    let mut delays = RECONNECT.delays();
+    loop {
+        let reason = match open_stream(&link, request.clone()).await {
+            Ok(mut stream) => {
+                delays = RECONNECT.delays();
+                if events
+                    .send(TapMessage::Streaming { node: node.clone() })
+                    .is_err()
+                {
+                    return;
+                }
+                loop {
+                    match stream.message().await {
+                        Ok(Some(event)) => {
+                            if events.send(TapMessage::Event(Box::new(event))).is_err() {
+                                return;
+                            }
+                        }
+                        Ok(None) => break "the agent ended its event stream".to_owned(),
+                        Err(status) => {
+                            break format!("its event stream broke: {}", status.message());
+                        }
+                    }
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        let lost = TapMessage::Lost {
+            node: node.clone(),
+            reason,
+        };
+        if events.send(lost).is_err() {
+            return;
+        }
+        tokio::time::sleep(delays.next().unwrap_or(RECONNECT.cap)).await;
+    }
+}
+
+async fn open_stream(
+    link: &AgentLink,
+    request: TapRequest,
+) -> Result<tonic::Streaming<ConnectionEvent>, AgentError> {
+    let mut client = link.connect().await?;
+    call(link.node(), "Tap", client.tap(request)).await
+}
+
+/// What the stderr notes have said about one agent, so that each outage is
+/// told once.
+#[derive(Debug, Default)]
+struct AgentWatch {
+    /// Its first attempt succeeded or failed.
+    answered: bool,
+    streaming: bool,
+    /// Its current outage was reported.
+    outage_told: bool,
 }
 
 pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
@@ -161,36 +234,29 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
     let (events_tx, events_rx) = mpsc::channel::<TapMessage>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let request = filter.request();
-    let handles = directory.spawn_all(|agent| {
-        let node = agent.node.clone();
+    let handles = directory.spawn_all_linked(|_| {
         let events = events_tx.clone();
         let mut stop = stop_rx.clone();
         let request = request.clone();
-        session(move |mut client| async move {
-            let mut stream = call(&node, "Tap", client.tap(request)).await?;
-            // The receiver lives until every thread is joined.
-            let _ = events.send(TapMessage::Streaming);
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    message = stream.message() => match message {
-                        Ok(Some(event)) => {
-                            let _ = events.send(TapMessage::Event(Box::new(event)));
-                        }
-                        Ok(None) => return Ok(()),
-                        Err(status) => return Err(AgentError::rpc(&node, "Tap", status)),
-                    },
-                }
+        link_session(move |link| async move {
+            tokio::select! {
+                _ = stop.changed() => {}
+                () = follow_agent(link, request, events) => {}
             }
+            Ok(())
         })
     });
     drop(events_tx);
 
     let mut running = Vec::new();
+    let mut watches = BTreeMap::new();
     let mut failures = 0;
     for (agent, handle) in handles {
         match handle {
-            Ok(handle) => running.push((agent.node, handle)),
+            Ok(handle) => {
+                watches.insert(agent.node.clone(), AgentWatch::default());
+                running.push((agent.node, handle));
+            }
             Err(e) => {
                 eprintln!("warning: not tapping node {}: {e}", agent.node);
                 failures += 1;
@@ -198,26 +264,21 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let deadline = args.timeout.map(|t| Instant::now() + t);
-    let mut streaming = 0;
     let mut announced = false;
     let mut shown = 0;
     let json = args.output == Some(TapFormat::Json);
     while args.max.is_none_or(|max| shown < max) && !running.is_empty() {
-        // Sessions that ended (an agent unreachable, or its stream closed)
-        // are reported as soon as they end, not at exit.
+        // A thread ends early only when it cannot work in its node at all
+        // (an unreachable agent is retried): said at once, not at exit.
         let (ended, still_running): (Vec<_>, Vec<_>) =
             running.into_iter().partition(|(_, h)| h.is_finished());
         running = still_running;
         for (node, handle) in ended {
+            watches.remove(&node);
             if let Err(e) = join(&node, handle) {
-                eprintln!("warning: tap of node {node} failed: {e}");
-                failures += 1;
+                eprintln!("warning: not tapping node {node}: {e}");
             }
-        }
-        if !announced && streaming > 0 && streaming >= running.len() {
-            // Scripts wait for this line before making traffic.
-            eprintln!("tapping {streaming} agent(s)");
-            announced = true;
+            failures += 1;
         }
         let now = Instant::now();
         if deadline.is_some_and(|d| d <= now) {
@@ -225,7 +286,30 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
         }
         let tick = deadline.map_or(POLL, |d| POLL.min(d - now));
         match events_rx.recv_timeout(tick) {
-            Ok(TapMessage::Streaming) => streaming += 1,
+            Ok(TapMessage::Streaming { node }) => {
+                if let Some(watch) = watches.get_mut(&node) {
+                    if watch.outage_told {
+                        eprintln!("tap: agent {node} back");
+                    }
+                    *watch = AgentWatch {
+                        answered: true,
+                        streaming: true,
+                        outage_told: false,
+                    };
+                }
+            }
+            Ok(TapMessage::Lost { node, reason }) => {
+                if let Some(watch) = watches.get_mut(&node) {
+                    if !watch.outage_told {
+                        eprintln!("tap: agent {node} unreachable ({reason}); reconnecting");
+                    }
+                    *watch = AgentWatch {
+                        answered: true,
+                        streaming: false,
+                        outage_told: true,
+                    };
+                }
+            }
             Ok(TapMessage::Event(event)) if filter.matches(&event) => {
                 println!(
                     "{}",
@@ -238,7 +322,14 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
                 shown += 1;
             }
             Ok(TapMessage::Event(_)) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            // Every thread is ending; the next round joins them.
+            Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(tick),
+        }
+        let streaming = watches.values().filter(|w| w.streaming).count();
+        if !announced && streaming > 0 && watches.values().all(|w| w.answered) {
+            // Scripts wait for this line before making traffic.
+            eprintln!("tapping {streaming} agent(s)");
+            announced = true;
         }
     }
     // Stopping: every thread leaves its select at once.

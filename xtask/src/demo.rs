@@ -11,11 +11,14 @@
 //! unmeshed one with the reason it is not), `sealmesh tap` (live connections)
 //! for the duration, during which `leaderboard` tries plaintext to `voting`
 //! and the kernel refuses it (a `refused` tap line), `sealmesh why` for that
-//! attempt, and `sealmesh edges` again after the run.
+//! attempt, and `sealmesh edges` again after the run. During the live part
+//! an agent that exits is reported and started again, as the kubelet
+//! restarts a DaemonSet pod; `sealmesh tap` reconnects to it by itself, and
+//! its notes (an agent away, back) are shown with its lines.
 
 use std::{
     collections::BTreeMap,
-    io::{self, BufRead, BufReader, Write},
+    io::{self, BufRead, BufReader, Read, Write},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, ExitStatus, Stdio},
@@ -331,7 +334,7 @@ pub fn run(
         "bringing up a 2-node testbed, the identity service and one agent per node ({mode})"
     )
     .map_err(DemoError::Output)?;
-    let mesh = Mesh::up(
+    let mut mesh = Mesh::up(
         &spec(),
         MeshOptions {
             agent_args: options.agent_args.clone(),
@@ -342,7 +345,7 @@ pub fn run(
     let cluster = mesh.testbed().cluster().clone();
     print_cluster(&mesh, out).map_err(DemoError::Output)?;
     let cli = OperatorCli {
-        binary: sealmesh,
+        binary: &sealmesh,
         mesh: &mesh,
     };
     let mut summary = DemoSummary {
@@ -359,7 +362,7 @@ pub fn run(
     }
     cli.show_edges(out)?;
 
-    let (tap, tap_lines) = cli.start_tap(options.duration, out)?;
+    let (tap, tap_lines, tap_notes) = cli.start_tap(options.duration, out)?;
     // The tap ends by itself after the duration; the margin covers its start.
     let deadline = options
         .duration
@@ -386,6 +389,10 @@ pub fn run(
                 Err(mpsc::TryRecvError::Disconnected) => break true,
             }
         };
+        // tap's notes on stderr (it started; an agent is away or back).
+        for note in tap_notes.try_iter() {
+            writeln!(out, "{note}").map_err(DemoError::Output)?;
+        }
         if let PlaintextAttempt::Running(client) = &mut attempt
             && let Some(outcome) = plaintext_outcome(client, out)?
         {
@@ -393,6 +400,9 @@ pub fn run(
             attempt = PlaintextAttempt::Done;
         }
         app.tally_bot(&mut summary.bot, out)?;
+        if !stop.load(Ordering::SeqCst) {
+            restart_exited_agents(&mut mesh, stop, &mut summary, out)?;
+        }
         if tap_ended || stop.load(Ordering::SeqCst) || deadline.is_some_and(|d| Instant::now() >= d)
         {
             break;
@@ -404,6 +414,10 @@ pub fn run(
     if let PlaintextAttempt::Running(client) = attempt {
         client.kill();
     }
+    let cli = OperatorCli {
+        binary: &sealmesh,
+        mesh: &mesh,
+    };
     if summary.plaintext_refused.is_some() {
         summary.why = Some(cli.show_why(PLAINTEXT_FROM, PLAINTEXT_TO, out)?);
     }
@@ -431,6 +445,32 @@ pub fn run(
     drop(app);
     drop(mesh);
     Ok(summary)
+}
+
+/// Starts a new agent for each one that exited, as the kubelet restarts a
+/// DaemonSet's pod, and says so; `sealmesh tap` reconnects by itself.
+fn restart_exited_agents(
+    mesh: &mut Mesh,
+    stop: &AtomicBool,
+    summary: &mut DemoSummary,
+    out: &mut dyn Write,
+) -> Result<(), DemoError> {
+    for (node, status) in mesh.reap_exited_agents()? {
+        writeln!(
+            out,
+            "\n# the agent of {node} exited ({status}); starting a new one, as the kubelet restarts a DaemonSet pod (log {})",
+            mesh.agent_log(&node).display()
+        )
+        .map_err(DemoError::Output)?;
+        summary.agent_exits.push(format!("{node} ({status})"));
+        // Ctrl-C reaches the agents too: no restart once the demo stops.
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        mesh.start_agent(&node)?;
+        writeln!(out, "# the agent of {node} is running again").map_err(DemoError::Output)?;
+    }
+    Ok(())
 }
 
 fn print_cluster(mesh: &Mesh, out: &mut dyn Write) -> io::Result<()> {
@@ -594,7 +634,7 @@ impl App {
             bot_interval,
         );
         let mut bot = testbed.spawn_in_pod(APP_NAMESPACE, "vote-bot", bot_cmd)?;
-        let bot_reports = forward_lines(&mut bot, "vote-bot")?;
+        let bot_reports = forward_lines(bot.child_mut().stdout.take(), "vote-bot")?;
         Ok(Self {
             bot: Some(bot),
             bot_reports,
@@ -661,14 +701,14 @@ impl App {
 /// underlay, the control plane's network, in the testbed's cgroup (so
 /// teardown stops it whatever happens).
 struct OperatorCli<'a> {
-    binary: PathBuf,
+    binary: &'a Path,
     mesh: &'a Mesh,
 }
 
 impl OperatorCli<'_> {
     /// `sealmesh <args> --cluster-file <file>`.
     fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(&self.binary);
+        let mut cmd = Command::new(self.binary);
         cmd.args(args)
             .arg("--cluster-file")
             .arg(self.mesh.testbed().cluster_file_path())
@@ -747,12 +787,13 @@ impl OperatorCli<'_> {
     }
 
     /// Starts `sealmesh tap -n <app namespace>` (for `duration`, or until
-    /// killed) with a thread forwarding its stdout lines.
+    /// killed) with threads forwarding its stdout lines (events) and its
+    /// stderr lines (notes).
     fn start_tap(
         &self,
         duration: Option<Duration>,
         out: &mut dyn Write,
-    ) -> Result<(ChildGuard, mpsc::Receiver<String>), DemoError> {
+    ) -> Result<(ChildGuard, mpsc::Receiver<String>, mpsc::Receiver<String>), DemoError> {
         let timeout = duration.map(|d| humantime::format_duration(d).to_string());
         let mut args = vec!["tap", "-n", APP_NAMESPACE];
         if let Some(timeout) = &timeout {
@@ -760,22 +801,26 @@ impl OperatorCli<'_> {
         }
         writeln!(out, "\n$ sealmesh {}", args.join(" ")).map_err(DemoError::Output)?;
         let mut tap = self.mesh.testbed().spawn_in_underlay(self.command(&args))?;
-        let lines = forward_lines(&mut tap, "sealmesh tap")?;
-        Ok((tap, lines))
+        let lines = forward_lines(tap.child_mut().stdout.take(), "sealmesh tap")?;
+        let notes = forward_lines(tap.child_mut().stderr.take(), "sealmesh tap notes")?;
+        Ok((tap, lines, notes))
     }
 }
 
-/// Forwards a child's stdout lines to a channel from a thread; the channel
-/// disconnects when the child closes its stdout.
-fn forward_lines(child: &mut ChildGuard, what: &str) -> Result<mpsc::Receiver<String>, DemoError> {
-    let stdout = child.child_mut().stdout.take().ok_or_else(|| {
+/// Forwards the lines of a child's output pipe to a channel from a thread;
+/// the channel disconnects when the child closes the pipe.
+fn forward_lines(
+    pipe: Option<impl Read + Send + 'static>,
+    what: &str,
+) -> Result<mpsc::Receiver<String>, DemoError> {
+    let pipe = pipe.ok_or_else(|| {
         io_err(format!("reading the output of {what}"))(io::ErrorKind::BrokenPipe.into())
     })?;
     let (tx, rx) = mpsc::channel();
     std::thread::Builder::new()
         .name(format!("{what} output"))
         .spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
                     break;
                 }
@@ -842,6 +887,8 @@ pub struct DemoSummary {
     pub why: Option<String>,
     /// Stopped by SIGINT or SIGTERM before the duration ended.
     pub interrupted: bool,
+    /// Agents that exited during the run (and were started again).
+    pub agent_exits: Vec<String>,
 }
 
 impl DemoSummary {
@@ -887,6 +934,9 @@ impl DemoSummary {
                 .any(|l| l.starts_with("refused ") && l.contains(&refused_line))
         {
             problems.push(format!("sealmesh tap showed no refusal of the {attempt}"));
+        }
+        for exit in &self.agent_exits {
+            problems.push(format!("the agent of {exit} exited during the run"));
         }
         problems.extend(self.bot.failures.iter().cloned());
         problems

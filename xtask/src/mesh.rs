@@ -13,7 +13,7 @@ use std::{
     io,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::{Command, ExitStatus, Stdio},
     time::{Duration, Instant},
 };
 
@@ -145,6 +145,9 @@ impl Default for MeshOptions {
 pub struct Mesh {
     // Agents and identity are dropped (killed) before the testbed.
     agents: BTreeMap<String, ChildGuard>,
+    /// Per node, how many JSON lines of its agent log earlier agents wrote:
+    /// waits for the running agent look past them.
+    agent_log_starts: BTreeMap<String, usize>,
     identity: Option<ChildGuard>,
     // The API registration goes after its clients and before the testbed.
     kube: Option<KubeCluster>,
@@ -194,6 +197,7 @@ impl Mesh {
 
         let mut mesh = Self {
             agents: BTreeMap::new(),
+            agent_log_starts: BTreeMap::new(),
             identity: None,
             kube,
             testbed,
@@ -354,7 +358,6 @@ impl Mesh {
     /// waits until it redirects the node's meshed pods.
     pub fn start_agent(&mut self, node: &str) -> Result<(), MeshError> {
         let binary = locate_binary("sealmesh-agent")?;
-        let started_before = started_lines(&self.agent_log_lines(node)?);
         let mut cmd = Command::new(binary);
         match &self.kube {
             // Everything else comes from the API, as in a DaemonSet pod.
@@ -411,6 +414,8 @@ impl Mesh {
                 .arg(self.testbed.cert_cache_dir(node)?);
         }
         cmd.args(&self.options.agent_args);
+        // A restarted agent appends to the log of the ones before it.
+        let log_start = self.agent_log_lines(node)?.len();
         redirect_output(&mut cmd, &self.agent_log(node))?;
         let agent_pod = self.kube.as_ref().and_then(|kube| kube.agent_pod(node));
         let agent = match agent_pod {
@@ -422,9 +427,11 @@ impl Mesh {
             None => self.testbed.spawn_in_node(node, cmd)?,
         };
         self.agents.insert(node.to_owned(), agent);
-        // The log is appended to across restarts: wait for this run's line.
+        self.agent_log_starts.insert(node.to_owned(), log_start);
         self.wait_for_agent_log(node, "the agent to start", |lines| {
-            started_lines(lines) > started_before
+            lines[log_start.min(lines.len())..]
+                .iter()
+                .any(|l| l["message"] == AGENT_STARTED_MESSAGE)
         })
     }
 
@@ -436,8 +443,28 @@ impl Mesh {
         Ok(())
     }
 
-    /// Waits until the agent of `node` logged a certificate for every
-    /// ServiceAccount of the node's meshed pods.
+    /// Agents that exited by themselves (crashed, or were killed from
+    /// outside) since the last call, with how they ended; they no longer
+    /// count as running, and [`Mesh::start_agent`] starts a new one.
+    pub fn reap_exited_agents(&mut self) -> Result<Vec<(String, ExitStatus)>, MeshError> {
+        let mut exited = Vec::new();
+        for (node, agent) in &mut self.agents {
+            let status = agent
+                .child_mut()
+                .try_wait()
+                .map_err(io_err(format!("checking the agent of {node}")))?;
+            if let Some(status) = status {
+                exited.push((node.clone(), status));
+            }
+        }
+        for (node, _) in &exited {
+            self.agents.remove(node);
+        }
+        Ok(exited)
+    }
+
+    /// Waits until the running agent of `node` logged a certificate for
+    /// every ServiceAccount of the node's meshed pods.
     pub fn wait_for_certificates(&self, node: &str) -> Result<(), MeshError> {
         let cluster = self.testbed.cluster();
         let mut wanted: BTreeSet<String> = BTreeSet::new();
@@ -459,8 +486,9 @@ impl Mesh {
                     .spiffe_uri(),
             );
         }
+        let log_start = self.agent_log_starts.get(node).copied().unwrap_or(0);
         self.wait_for_agent_log(node, &format!("certificates for {wanted:?}"), |lines| {
-            let obtained: BTreeSet<String> = lines
+            let obtained: BTreeSet<String> = lines[log_start.min(lines.len())..]
                 .iter()
                 .filter(|l| l["message"] == "certificate obtained")
                 .filter_map(|l| l["identity"].as_str().map(str::to_owned))
@@ -557,14 +585,6 @@ fn read_json_lines(log: &Path) -> Result<Vec<Value>, MeshError> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
-}
-
-/// How many times an agent's log says it started.
-fn started_lines(lines: &[Value]) -> usize {
-    lines
-        .iter()
-        .filter(|l| l["message"] == AGENT_STARTED_MESSAGE)
-        .count()
 }
 
 /// Whether process `pid` (a child not reaped yet) has exited: it is gone or

@@ -20,7 +20,7 @@ use xtask::{
 mod support;
 
 use support::{
-    APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
+    APP_NS, ECHO_PORT, FollowedLines, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
     mesh_with_echo_servers, sealmesh_path, spiffe, stdout,
 };
 
@@ -610,16 +610,91 @@ fn why_names_the_deny_plaintext_policy_and_tap_streams_json_lines() {
     .collect();
     assert_eq!(seen, expected, "{events:?}");
 
-    // With one agent down, tap still streams from the others and says so.
+    // With one agent down, tap still streams from the others and says so,
+    // once, while it keeps trying that agent.
     app.mesh.stop_agent("node-1").unwrap();
-    let out = app.sealmesh(&["tap", "-n", APP_NS, "--timeout", "1s"]);
+    let out = app.sealmesh(&["tap", "-n", APP_NS, "--timeout", "2s"]);
     assert!(out.status.success(), "{}", describe(&out));
     let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
     assert!(
-        stderr.starts_with(
-            "warning: tap of node node-1 failed: agent on node node-1 is not reachable at 127.0.0.1:15000: "
-        ),
+        lines[0].starts_with(
+            "tap: agent node-1 unreachable (agent on node node-1 is not reachable at 127.0.0.1:15000: "
+        ) && lines[0].ends_with("); reconnecting"),
         "{stderr}"
     );
-    assert!(stderr.ends_with("\ntapping 1 agent(s)\n"), "{stderr}");
+    assert_eq!(lines[1], "tapping 1 agent(s)", "{stderr}");
+}
+
+#[test]
+fn tap_follows_an_agent_through_its_restart() {
+    let mut app = App::up(MeshOptions::default());
+    // In the testbed's cgroup: it runs until killed, and teardown kills it
+    // whatever happens.
+    let mut cmd = app.command(&["tap", "-n", APP_NS]);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut tap = app.mesh.testbed().spawn_in_underlay(cmd).unwrap();
+    let mut tap_out = FollowedLines::new(tap.child_mut().stdout.take().unwrap());
+    let mut tap_err = FollowedLines::new(tap.child_mut().stderr.take().unwrap());
+    tap_err.wait_for("the tap started", WAIT, |l| l == "tapping 2 agent(s)");
+
+    // The agent of the server's node goes away: tap says so once and keeps
+    // running while it retries.
+    app.mesh.stop_agent("node-1").unwrap();
+    let outage = tap_err.wait_for("the outage of node-1", WAIT, |l| {
+        l.starts_with("tap: agent node-1 ")
+    });
+    assert!(
+        outage.starts_with("tap: agent node-1 unreachable (")
+            && outage.ends_with("); reconnecting"),
+        "{outage}"
+    );
+    // Several reconnect attempts fail meanwhile (200 ms, then doubling).
+    // `edges` asks the missing agent again for its 3 s, then names it.
+    let asked = Instant::now();
+    let out = app.sealmesh(&["edges", "-n", APP_NS]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).starts_with(
+            "warning: edges are incomplete: agent on node node-1 is not reachable at 127.0.0.1:15000: "
+        ),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        asked.elapsed() >= Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    assert!(tap.child_mut().try_wait().unwrap().is_none(), "tap exited");
+
+    // A new agent (as a DaemonSet restarts it): tap is back on that node
+    // and shows its new connections, mTLS as before.
+    app.mesh.start_agent("node-1").unwrap();
+    app.mesh.wait_for_certificates("node-1").unwrap();
+    tap_err.wait_for("node-1 back", WAIT, |l| l == "tap: agent node-1 back");
+    app.connect(APP_NS, "server");
+    let inbound = tap_out.wait_for("the restarted agent's inbound open line", WAIT, |l| {
+        l.starts_with("tcp id=node-1:") && l.contains(" proxy=in ")
+    });
+    assert!(
+        inbound.contains(&format!(
+            " src_pod=shop/client dst_pod=shop/server tls=true client_id={} server_id={}",
+            spiffe("client"),
+            spiffe("server")
+        )),
+        "{inbound}"
+    );
+
+    tap.kill();
+    // One note per outage and per return, nothing about the other node.
+    assert_eq!(
+        tap_err.all(Duration::from_millis(200)),
+        [
+            "tapping 2 agent(s)",
+            outage.as_str(),
+            "tap: agent node-1 back"
+        ],
+    );
 }

@@ -4,12 +4,12 @@
 
 use std::{
     collections::BTreeSet,
-    io::{BufRead, BufReader},
+    io::{self, BufRead, BufReader, Write},
     net::{SocketAddr, TcpListener},
     path::Path,
     process::{Child, Command, Stdio},
-    sync::atomic::AtomicBool,
-    time::Duration,
+    sync::{atomic::AtomicBool, mpsc},
+    time::{Duration, Instant},
 };
 
 use sealmesh_common::identity::TrustDomain;
@@ -254,6 +254,141 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
         String::from_utf8_lossy(&netns.stdout)
     );
     assert!(!Path::new("/run/sealmesh").join(&summary.testbed).exists());
+}
+
+/// What the demo prints, line by line, to a channel: a test reads it while
+/// the demo runs.
+struct LineSender {
+    lines: mpsc::Sender<String>,
+    partial: Vec<u8>,
+}
+
+impl Write for LineSender {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.partial.extend_from_slice(buf);
+        while let Some(end) = self.partial.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=end).collect();
+            let _ = self
+                .lines
+                .send(String::from_utf8_lossy(&line[..end]).into_owned());
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The process id of the agent of `node` of testbed `testbed`, from its
+/// command line.
+fn agent_pid(testbed: &str, node: &str) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_agent = args.first()?.ends_with("/sealmesh-agent")
+                && args.windows(2).any(|w| w[0] == "--node" && w[1] == node)
+                && args.iter().any(|a| a.contains(testbed));
+            is_agent.then_some(pid)
+        })
+}
+
+/// An agent that crashes during the demo is reported and started again, as
+/// the kubelet restarts a DaemonSet pod; `sealmesh tap` says it lost the
+/// agent, reconnects, and shows the new agent's connections; the demo runs
+/// on to its end.
+#[test]
+fn demo_restarts_a_crashed_agent_and_tap_follows_the_new_one() {
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = mpsc::channel();
+    let mut printer = LineSender {
+        lines: tx,
+        partial: Vec::new(),
+    };
+    let mut printed: Vec<String> = Vec::new();
+    let mut wait_for = |what: &str, pred: &dyn Fn(&str) -> bool| -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line: String = rx
+                .recv_timeout(left)
+                .unwrap_or_else(|_| panic!("the demo printed no {what}:\n{}", printed.join("\n")));
+            printed.push(line.clone());
+            if pred(&line) {
+                return line;
+            }
+        }
+    };
+    let summary = std::thread::scope(|scope| {
+        let demo = scope.spawn(|| {
+            demo::run(
+                &DemoOptions {
+                    duration: Some(Duration::from_secs(15)),
+                    ..DemoOptions::default()
+                },
+                &stop,
+                &mut printer,
+            )
+            .map_err(|e| e.to_string())
+        });
+        let cluster = wait_for("cluster line", &|l| l.starts_with("cluster "));
+        let testbed = cluster.split_whitespace().nth(1).unwrap().to_owned();
+        wait_for("tap start", &|l| l == "tapping 2 agent(s)");
+        let pid = agent_pid(&testbed, "node-1").expect("the agent of node-1 runs");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        demo.join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("the demo did not run to its end: {e}"))
+    });
+    printed.extend(rx.try_iter());
+    let printed = printed.join("\n");
+
+    assert_eq!(
+        summary.agent_exits,
+        ["node-1 (signal: 9 (SIGKILL))"],
+        "{printed}"
+    );
+    assert!(
+        summary.problems().contains(
+            &"the agent of node-1 (signal: 9 (SIGKILL)) exited during the run".to_owned()
+        ),
+        "{:?}",
+        summary.problems()
+    );
+    let position = |what: &str| {
+        printed
+            .find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in:\n{printed}"))
+    };
+    let exited = position("# the agent of node-1 exited (signal: 9 (SIGKILL)); starting a new one");
+    let running = position("# the agent of node-1 is running again");
+    let lost = position("tap: agent node-1 unreachable (");
+    let back = position("tap: agent node-1 back");
+    assert!(exited < running && lost < back, "{printed}");
+    assert_eq!(
+        printed.matches("tap: agent node-1 unreachable").count(),
+        1,
+        "{printed}"
+    );
+    // The new agent's connections show in tap after its return.
+    assert!(
+        printed[running.max(back)..]
+            .lines()
+            .any(|l| l.starts_with("tcp id=node-1:") && l.contains(" tls=true ")),
+        "{printed}"
+    );
+    assert!(!printed.contains("tap: agent node-0"), "{printed}");
 }
 
 fn testapp_path() -> &'static Path {

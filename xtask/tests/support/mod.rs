@@ -1,6 +1,6 @@
 //! What the testbed test binaries share: the test app, echo servers and
 //! Services in the mesh, clients run in pods, access-log waits, node tokens,
-//! and command output for assertion messages.
+//! command output for assertion messages, and the lines of a running command.
 
 // Each test binary includes this module and uses only part of it.
 #![allow(dead_code)]
@@ -8,9 +8,12 @@
 use std::{
     collections::BTreeMap,
     future::Future,
+    io::{BufRead, BufReader, Read},
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Output,
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
 use sealmesh_common::{
@@ -218,4 +221,65 @@ pub fn describe(out: &Output) -> String {
 
 pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The lines a running child writes to one of its pipes, read by a thread as
+/// they come, so that a test can wait for one while the child runs.
+pub struct FollowedLines {
+    incoming: mpsc::Receiver<String>,
+    seen: Vec<String>,
+    /// Lines before this one were matched or passed over by a wait.
+    next: usize,
+}
+
+impl FollowedLines {
+    pub fn new(pipe: impl Read + Send + 'static) -> Self {
+        let (tx, incoming) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            incoming,
+            seen: Vec::new(),
+            next: 0,
+        }
+    }
+
+    /// Waits up to `timeout` for a line after the last one waited for that
+    /// matches `pred`, and returns it; panics with every line so far.
+    pub fn wait_for(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(found) = self.seen[self.next..].iter().position(|l| pred(l)) {
+                self.next += found + 1;
+                return self.seen[self.next - 1].clone();
+            }
+            self.next = self.seen.len();
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.incoming.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(_) => panic!(
+                    "no line with {what} within {timeout:?}; lines so far:\n{}",
+                    self.seen.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Every line read so far, after waiting `quiet` for more.
+    pub fn all(&mut self, quiet: Duration) -> &[String] {
+        while let Ok(line) = self.incoming.recv_timeout(quiet) {
+            self.seen.push(line);
+        }
+        &self.seen
+    }
 }
