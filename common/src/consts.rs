@@ -53,6 +53,10 @@ pub const DEFAULT_PLAINTEXT_ALLOWED_PORTS: &[u16] = &[53];
 /// Logged once the agent redirects its node's meshed pods and serves both
 /// listeners.
 pub const AGENT_STARTED_MESSAGE: &str = "agent started";
+/// Logged (with `identity`) when the agent obtains an identity's first certificate.
+pub const CERTIFICATE_OBTAINED_MESSAGE: &str = "certificate obtained";
+/// Logged (with `identity`) when a restarted agent takes over a kept certificate.
+pub const CERTIFICATE_INHERITED_MESSAGE: &str = "certificate inherited from the previous run";
 /// `tracing` target of the agent's per-connection access log.
 pub const ACCESS_LOG_TARGET: &str = "sealmesh_agent::access";
 

@@ -637,17 +637,7 @@ pub fn rbac_problems(objects: &[ManifestObject]) -> Vec<String> {
             .cloned()
             .unwrap_or_default();
         for (index, rule) in rules.iter().enumerate() {
-            let list = |field: &str| -> Vec<String> {
-                rule[field]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
+            let list = |field: &str| strings(&rule[field]);
             let (groups, resources, verbs) = (list("apiGroups"), list("resources"), list("verbs"));
             let mut problem = |what: String| {
                 problems.push(format!("{} rule {index}: {what}", role.describe()));
@@ -748,20 +738,9 @@ pub fn command_lines(objects: &[ManifestObject]) -> Vec<ContainerCommandLine> {
                 continue;
             };
             let name = repository.split([':', '@']).next().unwrap_or(repository);
-            let strings = |field: &str| -> Vec<String> {
-                container[field]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(Value::as_str)
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            };
-            let flags = strings("command")
+            let flags = strings(&container["command"])
                 .into_iter()
-                .chain(strings("args"))
+                .chain(strings(&container["args"]))
                 .filter(|a| a.starts_with("--"))
                 .map(|a| a.split('=').next().unwrap_or(&a).to_owned())
                 .collect();
@@ -908,6 +887,19 @@ pub fn validate_repository(
     problems.dedup();
     into_result(&root.join("deploy").display().to_string(), problems)?;
     Ok(summary)
+}
+
+/// The strings of a JSON array (none when it is not one).
+fn strings(value: &Value) -> Vec<String> {
+    value
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -19,7 +19,10 @@ use std::{
 
 use sealmesh_common::{
     cluster::IdentityEndpoint,
-    consts::{ACCESS_LOG_TARGET, AGENT_STARTED_MESSAGE, IDENTITY_GRPC_PORT},
+    consts::{
+        ACCESS_LOG_TARGET, AGENT_STARTED_MESSAGE, CERTIFICATE_INHERITED_MESSAGE,
+        CERTIFICATE_OBTAINED_MESSAGE, IDENTITY_GRPC_PORT,
+    },
 };
 use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use serde_json::Value;
@@ -490,7 +493,11 @@ impl Mesh {
         self.wait_for_agent_log(node, &format!("certificates for {wanted:?}"), |lines| {
             let obtained: BTreeSet<String> = lines[log_start.min(lines.len())..]
                 .iter()
-                .filter(|l| l["message"] == "certificate obtained")
+                // Obtained, or (after a restart) taken over from the previous run.
+                .filter(|l| {
+                    l["message"] == CERTIFICATE_OBTAINED_MESSAGE
+                        || l["message"] == CERTIFICATE_INHERITED_MESSAGE
+                })
                 .filter_map(|l| l["identity"].as_str().map(str::to_owned))
                 .collect();
             wanted.is_subset(&obtained)

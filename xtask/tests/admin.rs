@@ -278,7 +278,7 @@ fn admin_api_and_metrics_report_a_real_mtls_connection_exactly() {
         .agent_log_lines("node-0")
         .unwrap()
         .into_iter()
-        .find(|l| l["message"] == "certificate obtained")
+        .find(|l| l["message"] == sealmesh_common::consts::CERTIFICATE_OBTAINED_MESSAGE)
         .and_then(|l| l["serial"].as_str().map(str::to_owned))
         .unwrap();
     // The log and the admin API print one serial, as openssl does.

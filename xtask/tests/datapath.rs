@@ -8,7 +8,9 @@ use std::{
     time::Duration,
 };
 
-use sealmesh_common::consts::{HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED};
+use sealmesh_common::consts::{
+    CERTIFICATE_INHERITED_MESSAGE, HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
+};
 use serde_json::Value;
 use xtask::{
     mesh::{Mesh, MeshError, MeshOptions},
@@ -353,7 +355,7 @@ fn identity_outage_fails_closed_before_the_first_certificate_and_not_after() {
             .wait_for_agent_log(node, "the kept certificates inherited", |lines| {
                 lines
                     .iter()
-                    .any(|l| l["message"] == "certificate inherited from the previous run")
+                    .any(|l| l["message"] == CERTIFICATE_INHERITED_MESSAGE)
             })
             .unwrap();
     }

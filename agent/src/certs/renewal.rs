@@ -13,7 +13,7 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Duration, time:
 use rand::Rng;
 use rcgen::{KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::PrivatePkcs8KeyDer;
-use sealmesh_common::identity::Identity;
+use sealmesh_common::{consts::CERTIFICATE_OBTAINED_MESSAGE, identity::Identity};
 use tokio::{
     task::JoinHandle,
     time::{Instant, sleep_until},
@@ -242,7 +242,7 @@ impl CertStore {
             not_after = %humanize(not_after),
             renew_in = ?renew_in,
             "{}",
-            if renewed { "certificate renewed" } else { "certificate obtained" }
+            if renewed { "certificate renewed" } else { CERTIFICATE_OBTAINED_MESSAGE }
         );
         Ok(Installed {
             serial,

@@ -19,7 +19,10 @@ use rustls::{
     sign::CertifiedKey,
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use sealmesh_common::identity::{Identity, TrustDomain};
+use sealmesh_common::{
+    consts::CERTIFICATE_INHERITED_MESSAGE,
+    identity::{Identity, TrustDomain},
+};
 use sealmesh_identity::client as identity_tls;
 use tokio::sync::watch;
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
@@ -348,7 +351,7 @@ impl CertStore {
             match inherited {
                 Ok((serial, not_after)) => {
                     tracing::info!(identity = %id, %serial, not_after = %humanize(not_after),
-                        "certificate inherited from the previous run");
+                        "{CERTIFICATE_INHERITED_MESSAGE}");
                     self.inherited
                         .lock()
                         .expect("inherited lock poisoned")
