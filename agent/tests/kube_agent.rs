@@ -119,6 +119,9 @@ async fn run_agent_against_the_api(bpffs_dir: &Path) {
             .arg(bpffs_dir)
             .arg("--token-file")
             .arg(&token)
+            // Not the DaemonSet's path: this test leaves nothing on the host.
+            .arg("--cert-cache-dir")
+            .arg(dir.path().join("certs"))
             .args([
                 "--identity-addr",
                 "172.31.0.1:8080",

@@ -47,8 +47,18 @@ pub(super) struct CertCache {
 }
 
 impl CertCache {
-    /// Creates `dir` (0700) if needed; it must be on a tmpfs.
+    /// Creates `dir` (0700) if needed; it must be on a tmpfs. Nothing is
+    /// created on another filesystem.
     pub fn open(dir: &Path) -> Result<Self, CertCacheError> {
+        let existing = dir
+            .ancestors()
+            .find(|path| path.exists())
+            .unwrap_or(Path::new("/"));
+        if !is_tmpfs(existing) {
+            return Err(CertCacheError::NotTmpfs {
+                dir: dir.to_owned(),
+            });
+        }
         DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -57,11 +67,7 @@ impl CertCache {
                 dir: dir.to_owned(),
                 source,
             })?;
-        let fs = statfs(dir).map_err(|errno| CertCacheError::Create {
-            dir: dir.to_owned(),
-            source: errno.into(),
-        })?;
-        if fs.filesystem_type() != TMPFS_MAGIC {
+        if !is_tmpfs(dir) {
             return Err(CertCacheError::NotTmpfs {
                 dir: dir.to_owned(),
             });
@@ -130,6 +136,10 @@ impl CertCache {
         }
         kept
     }
+}
+
+fn is_tmpfs(path: &Path) -> bool {
+    statfs(path).is_ok_and(|fs| fs.filesystem_type() == TMPFS_MAGIC)
 }
 
 fn read(path: &Path, trust_domain: &TrustDomain) -> Option<(Identity, CachedCert)> {
