@@ -213,7 +213,8 @@ pub struct Args {
     #[arg(long)]
     pub trust_domain: Option<String>,
     /// Kubernetes mode: the cgroup v2 directory the kubelet's pod cgroups are under
-    /// (kubepods.slice/... or kubepods/...) [default: the host's cgroup2 mount].
+    /// (kubepods.slice/... or kubepods/...); a hybrid host's cgroup root stands for its
+    /// `unified` cgroup v2 part [default: the host's cgroup2 mount].
     #[arg(long)]
     pub cgroup_root: Option<PathBuf>,
     /// Kubernetes mode: the UID of the agent's own pod (the DaemonSet sets it from
@@ -815,7 +816,9 @@ impl AgentConfig {
             &namespace,
         )?;
         let cgroup_root = match (&args.cgroup_root, cgroup2_mount) {
-            (Some(dir), _) => dir.clone(),
+            // The host's /sys/fs/cgroup as the DaemonSet mounts it: on a
+            // hybrid host its cgroup v2 part is `unified` below it.
+            (Some(dir), _) => host::cgroup2_dir(dir).unwrap_or_else(|| dir.clone()),
             (None, Some(mount)) => mount.to_owned(),
             (None, None) => return Err(ConfigError::NoCgroup2),
         };

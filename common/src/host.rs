@@ -16,6 +16,19 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
     mount_point_of_type("cgroup2")
 }
 
+/// The cgroup v2 directory `dir` stands for: `dir` itself when it is on
+/// cgroup2, else its `unified` child on a hybrid host (cgroup v1 at
+/// `/sys/fs/cgroup`, v2 at `/sys/fs/cgroup/unified`), as a DaemonSet sees
+/// the host's `/sys/fs/cgroup` mounted at one fixed path on either kind.
+pub fn cgroup2_dir(dir: &Path) -> Option<PathBuf> {
+    use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+    let is_cgroup2 =
+        |path: &Path| statfs(path).is_ok_and(|fs| fs.filesystem_type() == CGROUP2_SUPER_MAGIC);
+    [dir.to_owned(), dir.join("unified")]
+        .into_iter()
+        .find(|candidate| is_cgroup2(candidate))
+}
+
 /// Where bpffs is mounted, if it is.
 pub fn bpffs_mount() -> Option<PathBuf> {
     mount_point_of_type("bpf")
@@ -73,6 +86,17 @@ fn unescape_octal(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cgroup2_dir_of_a_hybrid_or_unified_cgroup_root_is_found() {
+        let mount = cgroup2_mount().expect("cgroup v2 is mounted on hosts that run sealmesh");
+        assert_eq!(cgroup2_dir(&mount), Some(mount.clone()));
+        // Hybrid: the root of the v1 hierarchy stands for its `unified` child.
+        if mount.ends_with("unified") {
+            assert_eq!(cgroup2_dir(mount.parent().unwrap()), Some(mount.clone()));
+        }
+        assert_eq!(cgroup2_dir(Path::new("/proc")), None);
+    }
 
     #[test]
     fn finds_this_hosts_cgroup2_mount() {

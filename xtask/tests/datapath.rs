@@ -287,10 +287,23 @@ fn plaintext_can_be_denied_by_policy() {
         agent_args: vec!["--deny-plaintext".into()],
         ..MeshOptions::default()
     });
-    app.client_refused(
+    let out = app.client(
+        APP_NS,
+        "client",
         app.echo_addr(PLAIN_NS, "plain"),
         "to legacy",
-        "plaintext must be refused",
+        &["--timeout-secs", "3"],
+    );
+    assert!(
+        !out.status.success(),
+        "plaintext must be refused: {}",
+        describe(&out)
+    );
+    // Reset, not an orderly end the app could take for an empty answer.
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Connection reset by peer"),
+        "{}",
+        describe(&out)
     );
     // Meshed traffic is unaffected.
     app.client_ok(

@@ -261,6 +261,11 @@ impl ConnectionTracker {
         self.event.error = Some(error.to_string());
     }
 
+    /// Whether the path to the destination came up ([`Self::open`]).
+    pub fn is_open(&self) -> bool {
+        self.opened
+    }
+
     /// Reports the open event to the observers, and to tap clients if any.
     pub fn open(&mut self) {
         self.opened = true;

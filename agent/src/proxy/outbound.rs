@@ -12,6 +12,7 @@
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
     pin::pin,
     sync::{Arc, atomic::Ordering},
     time::{Duration, Instant},
@@ -202,7 +203,20 @@ pub(crate) async fn handle(
         Direction::Outbound,
         peer,
     );
+    // A second handle on the pod's socket, to reset it if the connection is
+    // refused: the app then fails at once (ECONNRESET) instead of reading an
+    // orderly end it could take for an empty answer.
+    let reset_handle = client.as_fd().try_clone_to_owned().ok();
     if let Err(error) = proxy(&engine, client, redirect, &mut tracker).await {
+        if !tracker.is_open()
+            && let Some(handle) = &reset_handle
+        {
+            let abort = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            let _ = nix::sys::socket::setsockopt(handle, nix::sys::socket::sockopt::Linger, &abort);
+        }
         tracker.fail(error);
     }
 }
