@@ -546,7 +546,7 @@ impl Mesh {
                 ),
             ];
             for (component, process, component_log) in components {
-                if process.is_some_and(|p| has_exited(p.id())) {
+                if process.is_some_and(ChildGuard::has_exited) {
                     return Err(MeshError::Exited {
                         what: component,
                         tail: tail(&component_log),
@@ -592,18 +592,6 @@ fn read_json_lines(log: &Path) -> Result<Vec<Value>, MeshError> {
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect())
-}
-
-/// Whether process `pid` (a child not reaped yet) has exited: it is gone or
-/// a zombie.
-fn has_exited(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        Err(_) => true,
-    }
 }
 
 fn tail(log: &Path) -> String {

@@ -12,7 +12,7 @@
 use std::{
     fs::{self, DirBuilder, OpenOptions},
     io::{self, Write},
-    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -72,6 +72,13 @@ impl CertCache {
                 dir: dir.to_owned(),
             });
         }
+        // An existing directory (an emptyDir is created 0777) is narrowed too.
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| {
+            CertCacheError::Create {
+                dir: dir.to_owned(),
+                source,
+            }
+        })?;
         Ok(Self {
             dir: dir.to_owned(),
         })

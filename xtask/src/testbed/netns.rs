@@ -155,6 +155,18 @@ impl ChildGuard {
             .expect("child is present until consumed")
     }
 
+    /// Whether the process has exited, without reaping it (its exit status
+    /// stays for [`Self::child_mut`]'s `wait`, and dropping still works).
+    pub fn has_exited(&self) -> bool {
+        use nix::{
+            sys::wait::{Id, WaitPidFlag, WaitStatus, waitid},
+            unistd::Pid,
+        };
+        let pid = Pid::from_raw(i32::try_from(self.id()).expect("pids fit in i32"));
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        !matches!(waitid(Id::Pid(pid), flags), Ok(WaitStatus::StillAlive))
+    }
+
     /// Waits for the process to exit by itself and collects piped output.
     pub fn wait_with_output(mut self) -> std::io::Result<Output> {
         self.child
