@@ -16,7 +16,7 @@ use ipnet::Ipv4Net;
 use sealmesh_common::{
     cluster::{ClusterError, ClusterFile},
     consts::{
-        AGENT_ADMIN_PORT, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE,
+        AGENT_ADMIN_PORT, AGENT_HANDOVER_SOCKET, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE,
         DEFAULT_PLAINTEXT_ALLOWED_PORTS, DEFAULT_PLAINTEXT_ALLOWED_SERVICES, DEFAULT_TRUST_DOMAIN,
         IDENTITY_GRPC_PORT,
         kube::{CERT_CACHE_DIR, DEFAULT_SERVICE_CIDR, IDENTITY_TOKEN_PATH},
@@ -248,6 +248,15 @@ pub struct Args {
     /// /run/sealmesh/certs; in local mode none].
     #[arg(long)]
     pub cert_cache_dir: Option<PathBuf>,
+    /// Unix socket through which this agent takes the listening sockets of the agent running
+    /// on the node (a rolling update refuses no connection) and later hands them to its own
+    /// successor; node-local, only the agent's user may open it.
+    #[arg(long, default_value = AGENT_HANDOVER_SOCKET)]
+    pub handover_socket: PathBuf,
+    /// How long a starting agent waits for the certificates of its node's meshed
+    /// ServiceAccounts before it listens (kept ones count at once).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub certificate_wait: Duration,
     /// Carry same-node meshed connections over mTLS (HBONE to this node) instead of connecting directly.
     #[arg(long)]
     pub force_mtls_local: bool,
@@ -501,6 +510,10 @@ pub struct AgentConfig {
     pub token_file: PathBuf,
     /// Where certificates are kept across restarts (a tmpfs), if anywhere.
     pub cert_cache_dir: Option<PathBuf>,
+    /// Where listening sockets pass from this agent to the next.
+    pub handover_socket: PathBuf,
+    /// How long the start waits for the node's certificates before listening.
+    pub certificate_wait: Duration,
     pub policy: Policy,
     pub plaintext_exemptions: PlaintextExemptions,
     /// How long connections of (and to) pods the registry does not know yet are held.
@@ -537,6 +550,9 @@ struct ConfigView<'a> {
     token_file: &'a Path,
     token: &'static str,
     cert_cache_dir: Option<&'a Path>,
+    handover_socket: &'a Path,
+    #[serde(with = "humantime_serde_text")]
+    certificate_wait: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
     kubernetes: Option<KubeView<'a>>,
     policy: Policy,
@@ -622,6 +638,8 @@ impl AgentConfig {
             token_file: &self.token_file,
             token: TOKEN_REDACTED,
             cert_cache_dir: self.cert_cache_dir.as_deref(),
+            handover_socket: &self.handover_socket,
+            certificate_wait: self.certificate_wait,
             kubernetes: match &self.source {
                 Source::Kubernetes(settings) => Some(KubeView {
                     settings,
@@ -888,6 +906,8 @@ impl AgentConfig {
             identity_addr,
             token_file,
             cert_cache_dir,
+            handover_socket: args.handover_socket,
+            certificate_wait: args.certificate_wait,
             policy: Policy {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,
@@ -986,7 +1006,7 @@ impl fmt::Display for AgentConfig {
         write!(
             f,
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
-             token_file={} (content not shown) cert_cache_dir={} force_mtls_local={} deny_plaintext={} \
+             token_file={} (content not shown) cert_cache_dir={} handover_socket={} force_mtls_local={} deny_plaintext={} \
              default_inbound_policy={} pod_resolve_timeout={} service_cidrs={} pod_cidrs={}{} \
              admin_listen={} metrics_listen={} metrics_restricted={} metrics_allowed_cidrs={:?} \
              log_level={} log_format={:?}",
@@ -999,6 +1019,7 @@ impl fmt::Display for AgentConfig {
             self.cert_cache_dir
                 .as_deref()
                 .map_or_else(|| "none".to_owned(), |dir| dir.display().to_string()),
+            self.handover_socket.display(),
             self.policy.force_mtls_local,
             self.policy.deny_plaintext,
             self.policy.default_inbound_policy,

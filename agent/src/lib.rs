@@ -7,6 +7,7 @@ pub mod certs;
 pub mod config;
 pub mod dir_watch;
 pub mod ebpf;
+pub mod handover;
 pub mod inbound_policy;
 pub mod kube;
 pub mod metrics;

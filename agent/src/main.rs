@@ -20,6 +20,7 @@ use sealmesh_agent::{
     certs::{CertStore, CertStoreConfig},
     config::{AgentConfig, IdentityAddr, KubeSettings, LocalSettings, Source},
     ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
+    handover::{HandoverServer, Listeners, Predecessor, Succession},
     inbound_policy::{self, InboundPolicyState},
     kube::{
         self as kube_mode, DEFAULT_STARTUP_TIMEOUT, KubeRegistry, KubeRegistryConfig, PodCgroups,
@@ -41,6 +42,10 @@ use tokio::{
 /// After a failed map update, how soon the cgroup sync tries again even
 /// without a registry change.
 const CGROUP_SYNC_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a stopping agent waits for an announced successor to take its
+/// listeners: a successor's start (eBPF, certificates) takes well under it.
+const SUCCESSOR_WAIT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
     let config = match AgentConfig::load() {
@@ -129,6 +134,7 @@ async fn run(config: AgentConfig) -> Result<()> {
             config.bpffs_dir.display()
         )
     })?;
+    let predecessor = announce_to_running_agent(config.handover_socket.clone()).await;
     let identity_addr = resolve_identity_addr(&config.identity_addr).await?;
     let cert_config = CertStoreConfig {
         identity_addr,
@@ -175,6 +181,21 @@ async fn run(config: AgentConfig) -> Result<()> {
         })?,
     );
     release_freed_heap();
+    let mut tasks = tokio::task::JoinSet::new();
+    // Certificates first: connections arrive as soon as the agent listens.
+    tasks.spawn(certs.clone().run(registry_dyn.clone(), stopped()));
+    let missing = certs
+        .wait_for_local_certificates(registry_dyn.as_ref(), config.certificate_wait)
+        .await;
+    if !missing.is_empty() {
+        let missing: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        tracing::warn!(?missing, wait = ?config.certificate_wait,
+            "listening without certificates for these identities; their pods' connections fail (closed, never in plaintext) until they are issued");
+    }
+    let mut listeners = match predecessor {
+        Some(predecessor) => take_listeners(predecessor).await,
+        None => Listeners::default(),
+    };
     let mut proxy_config = ProxyConfig {
         pod_resolve_timeout: config.pod_resolve_timeout,
         plaintext_exemptions: config.plaintext_exemptions.clone(),
@@ -186,17 +207,18 @@ async fn run(config: AgentConfig) -> Result<()> {
             .protected_local_ports
             .push(config.metrics_listen.port());
     }
-    let proxy = Proxy::bind(
+    let proxy = Proxy::bind_from(
         proxy_config,
         registry_dyn.clone(),
         redirector.clone(),
         certs.clone(),
+        &mut listeners,
     )
     .await
     .context("starting the TLS engine")?;
-    let admin_listener = admin::bind(config.admin_listen).await?;
-    let metrics_listener = tokio::net::TcpListener::bind(config.metrics_listen)
-        .await
+    let admin_listener = admin::bind(config.admin_listen, &mut listeners)?;
+    let metrics_listener = listeners
+        .tcp(config.metrics_listen, std::net::TcpListener::bind)
         .with_context(|| {
             format!(
                 "cannot listen on {} for metrics and health probes; choose another address with --metrics-listen",
@@ -238,7 +260,26 @@ async fn run(config: AgentConfig) -> Result<()> {
         .take_refusals()
         .context("watching the kernel's refusal reports")?;
 
-    let mut tasks = tokio::task::JoinSet::new();
+    let handover = HandoverServer::listen(&config.handover_socket).with_context(|| {
+        "a new agent could not take over this one's listeners, so the next rolling update would refuse connections"
+    })?;
+    let handover_file = handover.file();
+    let mut succession = handover.spawn(listeners);
+    // Accepting stops when the agent stops or a successor took the listeners.
+    let accepting = {
+        let succession = succession.clone();
+        let stopped = stopped.clone();
+        move || {
+            let mut succession = succession.clone();
+            let stopped = stopped();
+            async move {
+                tokio::select! {
+                    () = stopped => {}
+                    _ = succession.wait_for(|s| matches!(s, Succession::HandedOver { .. })) => {}
+                }
+            }
+        }
+    };
     match source {
         RegistrySource::Local(registry) => {
             tasks.spawn(registry.watch(DEFAULT_POLL_INTERVAL, stopped()));
@@ -252,7 +293,6 @@ async fn run(config: AgentConfig) -> Result<()> {
             ));
         }
     }
-    tasks.spawn(certs.run(registry_dyn.clone(), stopped()));
     tasks.spawn(sync_cgroup_roles(registry_dyn, redirector, stopped()));
     tasks.spawn(inbound_policy::sync_strict_pods(inbound.clone(), stopped()));
     if let Some(refusals) = refusals {
@@ -263,7 +303,7 @@ async fn run(config: AgentConfig) -> Result<()> {
             stopped(),
         ));
     }
-    tasks.spawn(proxy.run(stopped()));
+    tasks.spawn(proxy.run_until(accepting(), stopped()));
     tasks.spawn(state.clone().forget_departed(metrics.clone(), stopped()));
     let readiness_state = state.clone();
     tasks.spawn(metrics::serve_http(
@@ -271,16 +311,20 @@ async fn run(config: AgentConfig) -> Result<()> {
         metrics,
         Arc::new(move || readiness_state.readiness()),
         MetricsAccessCheck::new(config.metrics_access.clone()),
-        stopped(),
+        accepting(),
     ));
     tasks.spawn(async move {
-        if let Err(error) = admin::serve(admin_listener, state, stopped()).await {
+        if let Err(error) = admin::serve(admin_listener, state, accepting()).await {
             tracing::error!(%error, "admin API stopped; the CLI cannot reach this agent");
         }
     });
     tracing::info!(meshed_pods, strict_pods, "{AGENT_STARTED_MESSAGE}");
 
-    wait_for_signal().await?;
+    wait_for_signal(&mut succession).await?;
+    wait_for_successor(&mut succession).await;
+    if *succession.borrow() == Succession::None {
+        HandoverServer::remove_file(&config.handover_socket, handover_file);
+    }
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     while let Some(done) = tasks.join_next().await {
@@ -398,14 +442,83 @@ fn identity_service_cidr(addr: SocketAddr) -> Option<Ipv4Net> {
     }
 }
 
-async fn wait_for_signal() -> Result<()> {
+/// Waits for SIGTERM or SIGINT, saying when a successor took the listeners
+/// meanwhile (this agent then only finishes its connections: exiting by
+/// itself would make a kubelet restart it).
+async fn wait_for_signal(succession: &mut watch::Receiver<Succession>) -> Result<()> {
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut announced_hand_over = false;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM received"); return Ok(()) }
+            _ = int.recv() => { tracing::info!("SIGINT received"); return Ok(()) }
+            changed = succession.changed(), if !announced_hand_over => {
+                if changed.is_err() {
+                    announced_hand_over = true;
+                } else if let Succession::HandedOver { pid } = *succession.borrow_and_update() {
+                    tracing::info!(successor_pid = pid, "the new agent accepts this node's connections now; finishing the open ones, then idle until stopped");
+                    announced_hand_over = true;
+                }
+            }
+        }
     }
-    Ok(())
+}
+
+/// A successor that announced itself is waited for (at most
+/// [`SUCCESSOR_WAIT`]) before stopping: while this agent still holds the
+/// listeners, stopping first would refuse connections until the successor
+/// binds its own.
+async fn wait_for_successor(succession: &mut watch::Receiver<Succession>) {
+    let Succession::Announced { pid } = *succession.borrow() else {
+        return;
+    };
+    tracing::info!(successor_pid = pid, wait = ?SUCCESSOR_WAIT, "waiting for the new agent to take over the listeners before stopping");
+    let settled = succession.wait_for(|s| !matches!(s, Succession::Announced { .. }));
+    match tokio::time::timeout(SUCCESSOR_WAIT, settled).await {
+        Ok(_) => {}
+        Err(_) => tracing::warn!(
+            successor_pid = pid,
+            "the new agent did not take over the listeners in time; stopping anyway (connections are refused until it listens)"
+        ),
+    }
+}
+
+/// Announces this agent to the one running on the node, if any.
+async fn announce_to_running_agent(socket: PathBuf) -> Option<Predecessor> {
+    let path = socket.clone();
+    match tokio::task::spawn_blocking(move || Predecessor::announce(&path)).await {
+        Ok(Ok(Some(predecessor))) => {
+            tracing::info!(predecessor_pid = predecessor.pid(), handover_socket = %socket.display(),
+                "an agent runs on this node; taking over its listening sockets once ready");
+            Some(predecessor)
+        }
+        Ok(Ok(None)) => None,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "not taking over the running agent's listeners; binding the ports instead");
+            None
+        }
+        Err(error) => {
+            tracing::warn!(%error, "the hand-over announcement failed");
+            None
+        }
+    }
+}
+
+/// The running agent's listening sockets; none (bind afresh) when it does
+/// not hand them over.
+async fn take_listeners(predecessor: Predecessor) -> Listeners {
+    match tokio::task::spawn_blocking(move || predecessor.take_listeners()).await {
+        Ok(Ok(inherited)) => Listeners::inheriting(inherited),
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "the running agent did not hand over its listeners; binding the ports instead");
+            Listeners::default()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "taking over the listeners failed; binding the ports instead");
+            Listeners::default()
+        }
+    }
 }
 
 /// The agent's pod cgroup in Kubernetes mode, when its UID is given (the

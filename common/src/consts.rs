@@ -59,6 +59,11 @@ pub const CERTIFICATE_OBTAINED_MESSAGE: &str = "certificate obtained";
 pub const CERTIFICATE_INHERITED_MESSAGE: &str = "certificate inherited from the previous run";
 /// `tracing` target of the agent's per-connection access log.
 pub const ACCESS_LOG_TARGET: &str = "sealmesh_agent::access";
+/// Where a node's running agent hands its listening sockets to its successor
+/// (a Unix socket, node-local: a hostPath in the DaemonSet).
+pub const AGENT_HANDOVER_SOCKET: &str = "/run/sealmesh/agent.sock";
+/// What the running agent logs once its successor took its listeners.
+pub const LISTENERS_HANDED_OVER_MESSAGE: &str = "listening sockets handed over to the new agent";
 
 /// Kubernetes object and key names shared by the agent, the identity service,
 /// the CLI, the testbed and `deploy/`.
@@ -68,8 +73,8 @@ pub mod kube {
     pub const IDENTITY_TOKEN_AUDIENCE: &str = "identity.sealmesh.io";
     /// Where the agent DaemonSet mounts that projected token.
     pub const IDENTITY_TOKEN_PATH: &str = "/var/run/secrets/sealmesh.io/identity/token";
-    /// Where the agent DaemonSet keeps its certificates across a container
-    /// restart: an emptyDir with medium Memory (a tmpfs).
+    /// Where the agent DaemonSet keeps its certificates across a restart and
+    /// a rolling update: the host's `/run/sealmesh` (a tmpfs on usual hosts).
     pub const CERT_CACHE_DIR: &str = "/run/sealmesh/certs";
     /// ServiceAccount the agents run as (in the control namespace); node-mode
     /// callers must hold a token of it.

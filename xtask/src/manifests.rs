@@ -28,7 +28,7 @@ use std::{
 };
 
 use sealmesh_common::consts::{
-    self, AGENT_METRICS_PORT, HBONE_PORT, IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT,
+    self, AGENT_METRICS_PORT, IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT,
 };
 use serde_json::Value;
 
@@ -572,19 +572,21 @@ pub fn check_contract(
             format!("{}: port must be {IDENTITY_GRPC_PORT}", service.describe()),
         );
     }
-    // Each workload runs as its ServiceAccount and declares its ports.
+    // Each workload runs as its ServiceAccount; the identity service
+    // declares its ports, the agent none (on the host network they would be
+    // hostPorts, which keep its surging successor off the node).
     for (kind, name, service_account, ports) in [
         (
             "Deployment",
             consts::kube::IDENTITY_NAME,
             consts::kube::IDENTITY_NAME,
-            [IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT],
+            &[IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT][..],
         ),
         (
             "DaemonSet",
             consts::kube::AGENT_DAEMONSET,
             consts::kube::AGENT_SERVICE_ACCOUNT,
-            [HBONE_PORT, AGENT_METRICS_PORT],
+            &[][..],
         ),
     ] {
         let Some(workload) = find(kind, name) else {
@@ -601,12 +603,41 @@ pub fn check_contract(
         let declared = container_ports(workload);
         for port in ports {
             expect(
-                declared.contains(&u64::from(port)),
+                declared.contains(&u64::from(*port)),
                 format!("{}: no containerPort {port}", workload.describe()),
+            );
+        }
+        if ports.is_empty() {
+            expect(
+                declared.is_empty(),
+                format!(
+                    "{}: declares ports {declared:?}; on the host network they are hostPorts, which stop a rolling update from starting the new agent beside the old one",
+                    workload.describe()
+                ),
             );
         }
     }
     if let Some(agent) = find("DaemonSet", consts::kube::AGENT_DAEMONSET) {
+        // Undeclared ports are named by number: the probes must ask the
+        // agent's health endpoints.
+        for container in agent.document["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            for probe in ["readinessProbe", "livenessProbe", "startupProbe"] {
+                let port = &container[probe]["httpGet"]["port"];
+                if !port.is_null() {
+                    expect(
+                        *port == AGENT_METRICS_PORT,
+                        format!(
+                            "{}: {probe} must ask port {AGENT_METRICS_PORT} (the agent's health endpoints), not {port}",
+                            agent.describe()
+                        ),
+                    );
+                }
+            }
+        }
         expect(
             token_volume_matches(agent),
             format!(

@@ -35,6 +35,9 @@ use crate::testbed::{
 
 /// How long agents get to obtain their first certificates.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a stopped agent may take (the DaemonSet's
+/// terminationGracePeriodSeconds): its drain and a successor's start.
+const AGENT_STOP_GRACE: Duration = Duration::from_secs(45);
 const POLL: Duration = Duration::from_millis(50);
 const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
 const ISSUER_VALIDITY: Duration = Duration::from_secs(48 * 3600);
@@ -411,10 +414,20 @@ impl Mesh {
                     .unwrap_or(&self.options.log_level),
             ]);
         }
-        // Per node, as each node's DaemonSet pod has its own emptyDir.
+        // Per node, as each node's DaemonSet pods share the node's /run/sealmesh.
         if !sets_flag(&self.options.agent_args, "--cert-cache-dir") {
             cmd.arg("--cert-cache-dir")
                 .arg(self.testbed.cert_cache_dir(node)?);
+        }
+        if !sets_flag(&self.options.agent_args, "--handover-socket") {
+            cmd.arg("--handover-socket")
+                .arg(self.testbed.handover_socket(node));
+        }
+        // Without an identity service no certificate can come.
+        if !self.options.start_identity
+            && !sets_flag(&self.options.agent_args, "--certificate-wait")
+        {
+            cmd.args(["--certificate-wait", "0s"]);
         }
         cmd.args(&self.options.agent_args);
         // A restarted agent appends to the log of the ones before it.
@@ -436,6 +449,20 @@ impl Mesh {
                 .iter()
                 .any(|l| l["message"] == AGENT_STARTED_MESSAGE)
         })
+    }
+
+    /// Replaces the agent of `node` as a rolling update does: a new agent
+    /// starts beside the running one and takes over its listening sockets,
+    /// then the old one gets SIGTERM and is waited for (its open connections
+    /// have the drain time). Returns how the old agent ended.
+    pub fn roll_agent(&mut self, node: &str) -> Result<ExitStatus, MeshError> {
+        let old = self
+            .agents
+            .remove(node)
+            .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?;
+        self.start_agent(node)?;
+        old.terminate(AGENT_STOP_GRACE)
+            .map_err(io_err(format!("stopping the previous agent of {node}")))
     }
 
     pub fn stop_agent(&mut self, node: &str) -> Result<(), MeshError> {

@@ -9,7 +9,8 @@ use std::{
 };
 
 use sealmesh_common::consts::{
-    CERTIFICATE_INHERITED_MESSAGE, HBONE_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
+    AGENT_ADMIN_PORT, AGENT_METRICS_PORT, CERTIFICATE_INHERITED_MESSAGE, HBONE_PORT,
+    LISTENERS_HANDED_OVER_MESSAGE, MESH_LABEL, MESH_LABEL_ENABLED, OUTBOUND_PORT,
 };
 use serde_json::Value;
 use xtask::{
@@ -833,4 +834,99 @@ fn a_component_that_exits_at_start_is_reported_with_its_log_not_waited_for() {
         assert_eq!(what, component);
         assert!(tail.contains(said), "{error}");
     }
+}
+
+/// A rolling update replaces each node's agent while a meshed client keeps
+/// opening connections across nodes: the new agent takes the running one's
+/// listening sockets, so not one new connection is refused, and the
+/// long-lived connection the old agents carried ends at most once per
+/// replaced agent (cut at the end of its drain), never in plaintext.
+#[test]
+fn a_rolling_update_of_every_agent_refuses_no_new_connection() {
+    let mut app = App::up(MeshOptions::default());
+    let testbed = app.mesh.testbed();
+    let server_addr = SocketAddr::from((pod_ip(testbed, APP_NS, "server"), ECHO_PORT + 1));
+    let mut server = testbed
+        .spawn_in_pod(
+            APP_NS,
+            "server",
+            testapp::line_server(testapp_path(), server_addr, "server"),
+        )
+        .unwrap();
+    testapp::wait_listening(&mut server).unwrap();
+    let capture = capture_underlay(&app.mesh, &["vote "]);
+    let mut bot = testbed
+        .spawn_in_pod(
+            APP_NS,
+            "client",
+            testapp::bot(
+                testapp_path(),
+                &[("server", server_addr)],
+                Duration::from_millis(20),
+            ),
+        )
+        .unwrap();
+    let mut lines = support::FollowedLines::new(bot.child_mut().stdout.take().unwrap());
+    let ok = |l: &str| l.starts_with("ok ");
+    for _ in 0..10 {
+        lines.wait_for("answers before the update", Duration::from_secs(30), ok);
+    }
+
+    for node in ["node-1", "node-0"] {
+        let status = app.mesh.roll_agent(node).unwrap();
+        assert!(
+            status.success(),
+            "the old agent of {node} stopped cleanly: {status}"
+        );
+        let logs = app.mesh.agent_log_lines(node).unwrap();
+        assert!(
+            logs.iter()
+                .any(|l| l["message"] == LISTENERS_HANDED_OVER_MESSAGE),
+            "{node}: the old agent handed its listeners over"
+        );
+        let taken: Vec<_> = logs
+            .iter()
+            .filter(|l| l["message"] == "listening socket taken over from the previous agent")
+            .filter_map(|l| l["addr"].as_str())
+            .collect();
+        for port in [
+            OUTBOUND_PORT,
+            HBONE_PORT,
+            AGENT_ADMIN_PORT,
+            AGENT_METRICS_PORT,
+        ] {
+            assert!(
+                taken.iter().any(|addr| addr.ends_with(&format!(":{port}"))),
+                "{node}: the new agent took the listener on port {port}: {taken:?}"
+            );
+        }
+        for _ in 0..10 {
+            lines.wait_for("answers after the update", Duration::from_secs(30), ok);
+        }
+    }
+    bot.kill();
+    let reports: Vec<testapp::BotReport> = lines
+        .all(Duration::from_millis(200))
+        .iter()
+        .filter_map(|l| testapp::BotReport::parse(l))
+        .collect();
+    let failed = |conn: &str| {
+        reports
+            .iter()
+            .filter(|r| r.conn == conn && r.outcome.is_err())
+            .collect::<Vec<_>>()
+    };
+    let fresh = reports.iter().filter(|r| r.conn == "fresh").count();
+    assert!(fresh >= 20, "the client kept connecting: {reports:?}");
+    assert_eq!(
+        failed("fresh"),
+        Vec::<&testapp::BotReport>::new(),
+        "no new connection failed"
+    );
+    assert!(
+        failed("persistent").len() <= 2,
+        "the long-lived connection ended at most once per replaced agent: {:?}",
+        failed("persistent")
+    );
+    assert_marker_never_in_clear(capture, "vote ", "the requests during the update");
 }

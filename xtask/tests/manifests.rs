@@ -266,23 +266,23 @@ fn an_unknown_flag_is_reported_with_its_container() {
 #[test]
 fn a_schema_violation_fails_cargo_xtask_manifests_naming_file_object_and_error() {
     let copy = BrokenCopy::new(
-        "deploy/base/agent.yaml",
-        "containerPort: 15008",
-        "containerPort: hbone",
+        "deploy/base/identity.yaml",
+        "containerPort: 8080",
+        "containerPort: grpc",
     );
     let (success, stderr) = copy.run_xtask();
     assert!(!success, "broken manifests must fail: {stderr}");
     for version in ["1.28", "1.33"] {
         assert!(
             stderr.contains(&format!(
-                "deploy/base: deploy/base/agent.yaml: DaemonSet sealmesh/sealmesh-agent: did not validate for resource daemonset/sealmesh-agent against version {version}: spec.template.spec.containers.0.ports.0.containerPort: 'hbone' is not of type 'integer'"
+                "deploy/base: deploy/base/identity.yaml: Deployment sealmesh/sealmesh-identity: did not validate for resource deployment/sealmesh-identity against version {version}: spec.template.spec.containers.0.ports.0.containerPort: 'grpc' is not of type 'integer'"
             )),
             "{stderr}"
         );
     }
     // The overlay includes the base, so it reports the same object too.
     assert!(
-        stderr.contains("deploy/overlays/cert-manager: deploy/base/agent.yaml: DaemonSet sealmesh/sealmesh-agent: did not validate"),
+        stderr.contains("deploy/overlays/cert-manager: deploy/base/identity.yaml: Deployment sealmesh/sealmesh-identity: did not validate"),
         "{stderr}"
     );
 }

@@ -45,6 +45,7 @@ pub use service::AdminService;
 use crate::{
     certs::CertStore,
     ebpf::{EbpfStatus, Redirector},
+    handover::Listeners,
     inbound_policy::InboundPolicyState,
     metrics::{AgentMetrics, Readiness},
     proxy::ProxyHandle,
@@ -193,10 +194,11 @@ impl AgentState {
     }
 }
 
-/// Binds the admin gRPC listener (so a taken port fails the start-up).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, AdminError> {
-    TcpListener::bind(addr)
-        .await
+/// Binds the admin gRPC listener, or takes the one a previous agent handed
+/// over (so a taken port fails the start-up).
+pub fn bind(addr: SocketAddr, listeners: &mut Listeners) -> Result<TcpListener, AdminError> {
+    listeners
+        .tcp(addr, std::net::TcpListener::bind)
         .map_err(|source| AdminError::Bind {
             what: "the admin gRPC API",
             flag: "--admin-listen",

@@ -144,6 +144,34 @@ impl CertStore {
         }
     }
 
+    /// Waits (with [`CertStore::run`] running) until every local meshed
+    /// ServiceAccount holds a valid certificate, for at most `timeout`, so
+    /// that an agent listens with its node's identities in hand; returns
+    /// those still missing then.
+    pub async fn wait_for_local_certificates(
+        &self,
+        registry: &dyn WorkloadRegistry,
+        timeout: Duration,
+    ) -> Vec<Identity> {
+        // A start-up wait: polling is simpler than a notification on every install.
+        const POLL: Duration = Duration::from_millis(20);
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let missing: Vec<Identity> = self
+                .wanted_identities(registry)
+                .into_iter()
+                .filter(|id| !self.has_valid_cert(id))
+                .collect();
+            if missing.is_empty() {
+                return missing;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return missing;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
     fn wanted_identities(&self, registry: &dyn WorkloadRegistry) -> Vec<Identity> {
         let mut wanted: Vec<Identity> = Vec::new();
         for workload in registry.local_workloads() {

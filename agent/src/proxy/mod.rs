@@ -48,6 +48,7 @@ use crate::{
     certs::{CertStore, NoCertificate},
     config::{PlaintextExemptions, Policy},
     ebpf::RedirectTable,
+    handover::Listeners,
     registry::WorkloadRegistry,
     tls::{PeerRole, TlsError},
 };
@@ -367,8 +368,29 @@ impl Proxy {
         redirects: Arc<dyn RedirectTable>,
         credentials: Arc<dyn TlsCredentials>,
     ) -> Result<Self, ProxyError> {
-        let listen = |what, addr: SocketAddrV4| {
-            listener(addr).map_err(|source| ProxyError::Bind { what, addr, source })
+        Self::bind_from(
+            cfg,
+            registry,
+            redirects,
+            credentials,
+            &mut Listeners::default(),
+        )
+        .await
+    }
+
+    /// Like [`Proxy::bind`], taking the listeners a previous agent handed
+    /// over from `listeners`.
+    pub async fn bind_from(
+        cfg: ProxyConfig,
+        registry: Arc<dyn WorkloadRegistry>,
+        redirects: Arc<dyn RedirectTable>,
+        credentials: Arc<dyn TlsCredentials>,
+        listeners: &mut Listeners,
+    ) -> Result<Self, ProxyError> {
+        let mut listen = |what, addr: SocketAddrV4| {
+            listeners
+                .tcp(addr.into(), |_| listener(addr)?.into_std())
+                .map_err(|source| ProxyError::Bind { what, addr, source })
         };
         let outbound = listen("outbound (redirected pod connections)", cfg.outbound_listen)?;
         let inbound = listen("inbound HBONE", cfg.inbound_listen)?;
@@ -410,6 +432,18 @@ impl Proxy {
     /// asks HBONE peers to finish (GOAWAY), and gives open connections
     /// `drain_timeout` to end before cutting them.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        self.run_until(shutdown, std::future::ready(())).await;
+    }
+
+    /// Like [`Proxy::run`], but after accepting stops (`stop_accepting`: the
+    /// listeners were handed to a new agent) open connections may go on
+    /// until `stop` resolves; then they have `drain_timeout` to end.
+    pub async fn run_until(
+        self,
+        stop_accepting: impl Future<Output = ()> + Send,
+        stop: impl Future<Output = ()> + Send,
+    ) {
+        let shutdown = stop_accepting;
         let Self {
             engine,
             outbound,
@@ -470,15 +504,25 @@ impl Proxy {
         tracing::info!(
             open = connections.len(),
             drain_timeout = ?engine.cfg.drain_timeout,
-            "TLS engine stopped accepting; draining connections"
+            "TLS engine stopped accepting; finishing open connections"
         );
-        let drained = tokio::time::timeout(engine.cfg.drain_timeout, async {
-            while let Some(done) = connections.join_next().await {
-                log_task_end(done);
+        let drain_timeout = engine.cfg.drain_timeout;
+        let cut = {
+            let drained = async {
+                while let Some(done) = connections.join_next().await {
+                    log_task_end(done);
+                }
+            };
+            let deadline = async {
+                stop.await;
+                tokio::time::sleep(drain_timeout).await;
+            };
+            tokio::select! {
+                () = drained => false,
+                () = deadline => true,
             }
-        })
-        .await;
-        if drained.is_err() {
+        };
+        if cut {
             tracing::warn!(
                 cut = connections.len(),
                 "connections still open after the drain timeout; closing them"

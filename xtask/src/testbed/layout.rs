@@ -223,6 +223,12 @@ impl Layout {
         self.state_dir().join("certs")
     }
 
+    /// The Unix socket through which `node`'s agents hand their listeners
+    /// over (the DaemonSet's hostPath `/run/sealmesh/agent.sock`, per node).
+    pub fn handover_socket(&self, node_name: &str) -> PathBuf {
+        self.state_dir().join(format!("handover-{node_name}.sock"))
+    }
+
     pub fn cluster_file(&self) -> PathBuf {
         self.state_dir().join(CLUSTER_FILE)
     }

@@ -268,6 +268,11 @@ impl Testbed {
     /// Where `node`'s agent keeps its certificates across restarts: a
     /// directory on the testbed's own tmpfs (mounted on first use, unmounted
     /// with the testbed), as the DaemonSet's memory-backed emptyDir.
+    /// Where `node`'s agents hand their listening sockets over.
+    pub fn handover_socket(&self, node: &str) -> PathBuf {
+        self.layout.handover_socket(node)
+    }
+
     pub fn cert_cache_dir(&self, node: &str) -> Result<PathBuf, TestbedError> {
         let mount = self.layout.cert_cache_mount();
         let mounted = nix::sys::statfs::statfs(&mount)

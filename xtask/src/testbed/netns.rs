@@ -5,9 +5,10 @@ use std::{
     os::fd::OwnedFd,
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
-    process::{Child, Command, Output},
+    process::{Child, Command, ExitStatus, Output},
     sync::mpsc,
     thread::JoinHandle,
+    time::{Duration, Instant},
 };
 
 use nix::{
@@ -173,6 +174,24 @@ impl ChildGuard {
             .take()
             .expect("child is present until consumed")
             .wait_with_output()
+    }
+
+    /// Stops the process as a kubelet does: SIGTERM, then SIGKILL if it has
+    /// not exited after `grace`. Returns how it ended.
+    pub fn terminate(mut self, grace: Duration) -> std::io::Result<ExitStatus> {
+        let mut child = self.child.take().expect("child is present until consumed");
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pids fit in i32"));
+        // Fails only if it already exited, which try_wait then reports.
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        child.wait()
     }
 
     /// Kills the process and reaps it.
