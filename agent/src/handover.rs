@@ -83,6 +83,8 @@ pub enum HandoverError {
         expected: &'static str,
         got: String,
     },
+    #[error("the running agent at {} will not hand over its listeners: {reason}", path.display())]
+    Refused { path: PathBuf, reason: String },
     #[error(
         "the running agent at {} sent {fds} sockets for {addrs} listener addresses",
         path.display()
@@ -97,10 +99,13 @@ pub enum HandoverError {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 enum Message {
-    /// A starting agent announces itself.
-    Hello { protocol: u32, pid: u32 },
+    /// A starting agent announces itself, with its network namespace (the
+    /// sockets serve only agents of the same one).
+    Hello { protocol: u32, pid: u32, netns: u64 },
     /// The running agent will wait for it.
     Welcome { protocol: u32, pid: u32 },
+    /// The running agent will not hand over, and why.
+    Refused { reason: String },
     /// The successor is ready to accept.
     Take,
     /// The listening sockets, in the order of the attached descriptors.
@@ -112,6 +117,7 @@ impl Message {
         match self {
             Self::Hello { protocol, .. } => format!("hello (protocol {protocol})"),
             Self::Welcome { protocol, .. } => format!("welcome (protocol {protocol})"),
+            Self::Refused { reason } => format!("refused ({reason})"),
             Self::Take => "take".to_owned(),
             Self::Listeners { .. } => "listeners".to_owned(),
         }
@@ -150,6 +156,7 @@ impl Predecessor {
         let hello = Message::Hello {
             protocol: PROTOCOL,
             pid: std::process::id(),
+            netns: own_netns().map_err(failed("reading this agent's network namespace"))?,
         };
         send(&socket, &hello, &[]).map_err(failed("announcing this agent"))?;
         match receive(&socket).map_err(failed("waiting for the running agent's answer"))? {
@@ -164,6 +171,10 @@ impl Predecessor {
                 path: path.to_owned(),
                 pid,
             })),
+            (Message::Refused { reason }, _) => Err(HandoverError::Refused {
+                path: path.to_owned(),
+                reason,
+            }),
             (other, _) => Err(HandoverError::Unexpected {
                 path: path.to_owned(),
                 expected: "welcome",
@@ -389,16 +400,31 @@ impl HandoverServer {
         }
         socket::setsockopt(successor, sockopt::ReceiveTimeout, &timeval(ANSWER_TIMEOUT))
             .map_err(|e| e.to_string())?;
-        let pid = match receive(successor).map_err(|e| format!("reading its hello: {e}"))? {
-            (
-                Message::Hello {
-                    protocol: PROTOCOL,
-                    pid,
+        let (pid, netns) =
+            match receive(successor).map_err(|e| format!("reading its hello: {e}"))? {
+                (
+                    Message::Hello {
+                        protocol: PROTOCOL,
+                        pid,
+                        netns,
+                    },
+                    _,
+                ) => (pid, netns),
+                (other, _) => return Err(format!("it sent {} instead of hello", other.name())),
+            };
+        if own_netns().ok() != Some(netns) {
+            let reason = format!(
+                "the agent of pid {pid} runs in another network namespace; listeners serve their own"
+            );
+            let _ = send(
+                successor,
+                &Message::Refused {
+                    reason: reason.clone(),
                 },
-                _,
-            ) => pid,
-            (other, _) => return Err(format!("it sent {} instead of hello", other.name())),
-        };
+                &[],
+            );
+            return Err(reason);
+        }
         let welcome = Message::Welcome {
             protocol: PROTOCOL,
             pid: std::process::id(),
@@ -439,6 +465,13 @@ impl HandoverServer {
     pub fn file(&self) -> (u64, u64) {
         self.file
     }
+}
+
+/// The inode of the calling thread's network namespace.
+fn own_netns() -> nix::Result<u64> {
+    std::fs::metadata("/proc/thread-self/ns/net")
+        .map(|meta| meta.ino())
+        .map_err(|e| io_errno(&e))
 }
 
 fn seqpacket() -> nix::Result<OwnedFd> {
@@ -595,6 +628,30 @@ mod tests {
         // And new connections reach it too.
         let _later = TcpStream::connect(addr).unwrap();
         new_listener.accept().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_agent_of_another_network_namespace_gets_no_listener() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let mut old = Listeners::default();
+        let _listener = old
+            .tcp("127.0.0.1:0".parse().unwrap(), bind_loopback)
+            .unwrap();
+        let _succession = HandoverServer::listen(&path).unwrap().spawn(old);
+        let announced = std::thread::spawn(move || {
+            // This thread only: the test's other threads keep their namespace.
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("a new network namespace (tests run as root)");
+            Predecessor::announce(&path)
+        })
+        .join()
+        .unwrap();
+        let error = announced.expect_err("the running agent refuses");
+        assert!(
+            error.to_string().contains("another network namespace"),
+            "{error}"
+        );
     }
 
     #[tokio::test]

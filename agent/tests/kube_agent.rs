@@ -122,6 +122,8 @@ async fn run_agent_against_the_api(bpffs_dir: &Path) {
             // Not the DaemonSet's path: this test leaves nothing on the host.
             .arg("--cert-cache-dir")
             .arg(dir.path().join("certs"))
+            .arg("--handover-socket")
+            .arg(dir.path().join("agent.sock"))
             .args([
                 "--identity-addr",
                 "172.31.0.1:8080",

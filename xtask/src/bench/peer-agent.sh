@@ -30,4 +30,5 @@ agent=$$
     echo ready
 ) &
 exec "$PEER_AGENT" --cluster-file "$CLUSTER_FILE" --node "$NODE" --bpffs-dir "$BPFFS_DIR" \
+    --handover-socket "$(dirname "$CLUSTER_FILE")/peer-handover-$NODE.sock" \
     --log-format json >"$log" 2>&1
