@@ -19,7 +19,7 @@ use sealmesh_agent::{
     backoff,
     certs::{CertStore, CertStoreConfig},
     config::{AgentConfig, IdentityAddr, KubeSettings, LocalSettings, Source},
-    ebpf::{CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
+    ebpf::{self, CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
     handover::{HandoverServer, Listeners, Predecessor, Succession},
     inbound_policy::{self, InboundPolicyState},
     kube::{
@@ -135,6 +135,7 @@ async fn run(config: AgentConfig) -> Result<()> {
         )
     })?;
     let predecessor = announce_to_running_agent(config.handover_socket.clone()).await;
+    ebpf::lift_memlock_limit_if_charged()?;
     let identity_addr = resolve_identity_addr(&config.identity_addr).await?;
     let cert_config = CertStoreConfig {
         identity_addr,
@@ -305,11 +306,10 @@ async fn run(config: AgentConfig) -> Result<()> {
     }
     tasks.spawn(proxy.run_until(accepting(), stopped()));
     tasks.spawn(state.clone().forget_departed(metrics.clone(), stopped()));
-    let readiness_state = state.clone();
     tasks.spawn(metrics::serve_http(
         metrics_listener,
         metrics,
-        Arc::new(move || readiness_state.readiness()),
+        state.clone(),
         MetricsAccessCheck::new(config.metrics_access.clone()),
         accepting(),
     ));

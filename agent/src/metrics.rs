@@ -3,7 +3,7 @@
 //! agents' probe ports; it carries aggregates, never per-connection data):
 //!
 //! - `GET /metrics`: every series below;
-//! - `GET /healthz/live`: 200 while the agent serves;
+//! - `GET /healthz/live`: 200 while the TLS engine accepts connections;
 //! - `GET /healthz/ready`: 200 when ready, else 503 with the reasons.
 //!
 //! Series follow Linkerd's TCP metrics. Connection series are labelled
@@ -47,6 +47,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use sealmesh_common::{
+    consts::{HEALTH_LIVE_PATH, HEALTH_READY_PATH},
     probe::{self, Reply},
     process_metrics,
 };
@@ -609,22 +610,37 @@ pub(crate) fn is_local_address(ip: IpAddr) -> bool {
     }
 }
 
+/// What the health endpoints report.
+pub trait Health: Send + Sync {
+    /// `Err` with the reason when the agent cannot serve any more and a
+    /// restart is the cure.
+    fn liveness(&self) -> Result<(), String>;
+    fn readiness(&self) -> Readiness;
+}
+
 /// Serves `/metrics`, `/healthz/live` and `/healthz/ready` on `listener`
 /// until `shutdown` resolves; connections `access` does not admit are
 /// closed at once, counted and logged.
 pub async fn serve_http(
     listener: TcpListener,
     metrics: Arc<AgentMetrics>,
-    readiness: Arc<dyn Fn() -> Readiness + Send + Sync>,
+    health: Arc<dyn Health>,
     access: MetricsAccessCheck,
     shutdown: impl Future<Output = ()>,
 ) {
     let refused = metrics.metrics_refused.clone();
     let routes = move |path: &str| match path {
         "/metrics" => Reply::openmetrics(metrics.encode()),
-        "/healthz/live" => Reply::text(StatusCode::OK, "ok\n"),
-        "/healthz/ready" => {
-            let readiness = readiness();
+        HEALTH_LIVE_PATH => match health.liveness() {
+            Ok(()) => Reply::text(StatusCode::OK, "ok\n"),
+            Err(reason) => Reply::text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not live: {reason}\n"),
+            ),
+        },
+        HEALTH_READY_PATH => {
+            let readiness = health.readiness();
+
             if readiness.is_ready() && readiness.warnings.is_empty() {
                 Reply::text(StatusCode::OK, "ready\n")
             } else if readiness.is_ready() {
@@ -647,7 +663,7 @@ pub async fn serve_http(
         }
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /healthz/live or /healthz/ready\n",
+            format!("not found; try /metrics, {HEALTH_LIVE_PATH} or {HEALTH_READY_PATH}\n"),
         ),
     };
     let admit = move |peer: SocketAddr, local: SocketAddr| {

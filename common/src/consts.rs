@@ -62,6 +62,10 @@ pub const ACCESS_LOG_TARGET: &str = "sealmesh_agent::access";
 /// Where a node's running agent hands its listening sockets to its successor
 /// (a Unix socket, node-local: a hostPath in the DaemonSet).
 pub const AGENT_HANDOVER_SOCKET: &str = "/run/sealmesh/agent.sock";
+/// Health endpoints of every sealmesh binary's metrics port (the probes'
+/// paths): live while the process serves, ready when it can do its job.
+pub const HEALTH_LIVE_PATH: &str = "/healthz/live";
+pub const HEALTH_READY_PATH: &str = "/healthz/ready";
 /// What the running agent logs once its successor took its listeners.
 pub const LISTENERS_HANDED_OVER_MESSAGE: &str = "listening sockets handed over to the new agent";
 

@@ -54,7 +54,7 @@ pub struct IdentityConfig {
     pub mode: Mode,
     /// Address of the gRPC Certify and health API.
     pub listen: SocketAddr,
-    /// Address of the HTTP endpoint serving /metrics, /live and /ready.
+    /// Address of the HTTP endpoint serving /metrics, /healthz/live and /healthz/ready.
     pub metrics_listen: SocketAddr,
     /// Lifetime of issued leaf certificates.
     pub cert_lifetime: Duration,
@@ -365,7 +365,7 @@ struct Flags {
     #[arg(long, default_value_t = default_grpc_listen())]
     listen: SocketAddr,
 
-    /// Address of the HTTP endpoint serving /metrics, /live and /ready.
+    /// Address of the HTTP endpoint serving /metrics, /healthz/live and /healthz/ready.
     #[arg(long, default_value_t = default_metrics_listen())]
     metrics_listen: SocketAddr,
 

@@ -15,6 +15,7 @@ use prometheus_client::{
     registry::Registry,
 };
 use sealmesh_common::{
+    consts::{HEALTH_LIVE_PATH, HEALTH_READY_PATH},
     probe::{self, Reply},
     process_metrics,
 };
@@ -139,8 +140,8 @@ impl IdentityMetrics {
     }
 }
 
-/// Serves `/metrics`, `/live` and `/ready` (200 while `ready()` holds, else
-/// 503) on `listener` until `shutdown` resolves.
+/// Serves `/metrics`, `/healthz/live` and `/healthz/ready` (200 while
+/// `ready()` holds, else 503) on `listener` until `shutdown` resolves.
 pub async fn serve_http(
     listener: TcpListener,
     metrics: Arc<IdentityMetrics>,
@@ -149,15 +150,15 @@ pub async fn serve_http(
 ) {
     let routes = move |path: &str| match path {
         "/metrics" => Reply::openmetrics(metrics.encode()),
-        "/live" => Reply::text(StatusCode::OK, "ok\n"),
-        "/ready" if ready() => Reply::text(StatusCode::OK, "ok\n"),
-        "/ready" => Reply::text(
+        HEALTH_LIVE_PATH => Reply::text(StatusCode::OK, "ok\n"),
+        HEALTH_READY_PATH if ready() => Reply::text(StatusCode::OK, "ok\n"),
+        HEALTH_READY_PATH => Reply::text(
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: the issuer has expired; rotate it\n",
         ),
         _ => Reply::text(
             StatusCode::NOT_FOUND,
-            "not found; try /metrics, /live or /ready\n",
+            format!("not found; try /metrics, {HEALTH_LIVE_PATH} or {HEALTH_READY_PATH}\n"),
         ),
     };
     probe::serve(listener, Arc::new(routes), shutdown).await;

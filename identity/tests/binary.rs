@@ -70,7 +70,10 @@ async fn serves_with_the_documented_flags_and_stops_on_sigterm() {
         assert!(Instant::now() < deadline, "metrics endpoint never came up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(http_get(metrics_addr, "/ready").await, (200, "ok\n".into()));
+    assert_eq!(
+        http_get(metrics_addr, "/healthz/ready").await,
+        (200, "ok\n".into())
+    );
     let (status, metrics_text) = http_get(metrics_addr, "/metrics").await;
     assert_eq!(status, 200);
     let build_info = format!(

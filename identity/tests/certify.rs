@@ -458,11 +458,11 @@ async fn metrics_health_and_probes() {
         );
     }
     assert_eq!(
-        http_get(service.metrics_addr, "/live").await,
+        http_get(service.metrics_addr, "/healthz/live").await,
         (200, "ok\n".into())
     );
     assert_eq!(
-        http_get(service.metrics_addr, "/ready").await,
+        http_get(service.metrics_addr, "/healthz/ready").await,
         (200, "ok\n".into())
     );
     assert_eq!(http_get(service.metrics_addr, "/nope").await.0, 404);

@@ -43,7 +43,11 @@ pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// (k8s-openapi's `earliest`).
 pub const SCHEMA_VERSIONS: &[&str] = &["1.28.0", "1.33.0"];
 /// The kustomizations in the repository, relative to its root.
-pub const KUSTOMIZATIONS: &[&str] = &["deploy/base", "deploy/overlays/cert-manager"];
+pub const KUSTOMIZATIONS: &[&str] = &[
+    "deploy/base",
+    "deploy/overlays/cert-manager",
+    "deploy/overlays/kernel-before-5.11",
+];
 
 /// Annotation kustomize adds (when asked) naming the file an object came from.
 const ORIGIN_ANNOTATION: &str = "config.kubernetes.io/origin";
@@ -600,6 +604,23 @@ pub fn check_contract(
                 workload.describe()
             ),
         );
+        // Every binary serves its health on the same paths.
+        for container in pod["containers"].as_array().into_iter().flatten() {
+            for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
+                let path = &container[probe]["httpGet"]["path"];
+                if !path.is_null() {
+                    expect(
+                        *path == consts::HEALTH_LIVE_PATH || *path == consts::HEALTH_READY_PATH,
+                        format!(
+                            "{}: {probe} asks {path}, not {} or {}",
+                            workload.describe(),
+                            consts::HEALTH_LIVE_PATH,
+                            consts::HEALTH_READY_PATH
+                        ),
+                    );
+                }
+            }
+        }
         let declared = container_ports(workload);
         for port in ports {
             expect(

@@ -367,3 +367,33 @@ fn rbac_beyond_least_privilege_is_reported() {
     let objects = manifests::render(&tools(), &repository().join("deploy/base")).expect("render");
     assert_eq!(manifests::rbac_problems(&objects), Vec::<String>::new());
 }
+
+#[test]
+fn probes_off_the_health_paths_or_declared_agent_ports_break_the_contract() {
+    let copy = BrokenCopy::new(
+        "deploy/base/identity.yaml",
+        "path: /healthz/ready",
+        "path: /ready",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    assert_eq!(
+        problems(manifests::check_contract("deploy/base", &objects)),
+        [
+            "Deployment sealmesh/sealmesh-identity: readinessProbe asks \"/ready\", not /healthz/live or /healthz/ready"
+        ]
+    );
+
+    // A host port on the agent keeps a surging successor off the node.
+    let copy = BrokenCopy::new(
+        "deploy/base/agent.yaml",
+        "          readinessProbe:",
+        "          ports:\n            - containerPort: 15008\n          readinessProbe:",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    assert_eq!(
+        problems(manifests::check_contract("deploy/base", &objects)),
+        [
+            "DaemonSet sealmesh/sealmesh-agent: declares ports [15008]; on the host network they are hostPorts, which stop a rolling update from starting the new agent beside the old one"
+        ]
+    );
+}

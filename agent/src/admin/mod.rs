@@ -47,7 +47,7 @@ use crate::{
     ebpf::{EbpfStatus, Redirector},
     handover::Listeners,
     inbound_policy::InboundPolicyState,
-    metrics::{AgentMetrics, Readiness},
+    metrics::{AgentMetrics, Health, Readiness},
     proxy::ProxyHandle,
     registry::WorkloadRegistry,
 };
@@ -115,6 +115,22 @@ impl std::fmt::Debug for AgentState {
             .field("node", &self.node)
             .field("connections", &self.connections)
             .finish_non_exhaustive()
+    }
+}
+
+impl Health for AgentState {
+    /// The TLS engine's accept loop runs: a stopped one (a failed task) is
+    /// cured by a restart.
+    fn liveness(&self) -> Result<(), String> {
+        if self.proxy.is_accepting() {
+            Ok(())
+        } else {
+            Err("the TLS engine stopped accepting connections; see the agent log".to_owned())
+        }
+    }
+
+    fn readiness(&self) -> Readiness {
+        AgentState::readiness(self)
     }
 }
 

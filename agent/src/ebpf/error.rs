@@ -6,6 +6,12 @@ use std::{io, path::PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum EbpfError {
     #[error(
+        "kernel {release} charges eBPF maps to RLIMIT_MEMLOCK (kernels before 5.11 do) and the agent \
+         cannot lift that limit: {source}; grant the agent CAP_SYS_RESOURCE (the DaemonSet overlay \
+         deploy/overlays/kernel-before-5.11 adds it)"
+    )]
+    MemlockLimit { release: String, source: nix::Error },
+    #[error(
         "{} cgroup map update(s) failed, the others were applied (retried at the next sync): {}",
         failures.len(), failures.join("; ")
     )]

@@ -79,7 +79,10 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
-use nix::sys::statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
+use nix::sys::{
+    resource::{RLIM_INFINITY, Resource, setrlimit},
+    statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs},
+};
 use sealmesh_common::host;
 
 pub use self::error::EbpfError;
@@ -1112,8 +1115,54 @@ fn check_layout<K, V>(
     Ok(())
 }
 
+/// Kernels before 5.11 charge eBPF maps to RLIMIT_MEMLOCK (later ones to the
+/// memory cgroup): on those the limit is lifted before loading, which needs
+/// CAP_SYS_RESOURCE; later kernels need neither.
+pub fn lift_memlock_limit_if_charged() -> Result<(), EbpfError> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_owned())
+        .unwrap_or_default();
+    if !charges_maps_to_memlock(&release) {
+        return Ok(());
+    }
+    setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY)
+        .map_err(|source| EbpfError::MemlockLimit { release, source })
+}
+
+/// Whether kernel `release` (e.g. `5.10.0-21-amd64`) predates memcg-based
+/// accounting of eBPF memory (5.11). An unreadable release counts as a
+/// modern kernel: the load itself then says what is wrong.
+fn charges_maps_to_memlock(release: &str) -> bool {
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>());
+    match (numbers.next(), numbers.next()) {
+        (Some(Ok(major)), Some(Ok(minor))) => (major, minor) < (5, 11),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_kernels_before_5_11_charge_maps_to_memlock() {
+        for (release, charged) in [
+            ("4.19.0-25-amd64", true),
+            ("5.10.0-21-cloud-amd64", true),
+            ("5.11.0", false),
+            ("5.15.0-1034-aws", false),
+            ("6.18.0", false),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(
+                super::charges_maps_to_memlock(release),
+                charged,
+                "{release}"
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -19,7 +19,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -272,6 +272,8 @@ pub(crate) struct Engine {
     /// connections): what is refused is counted in metrics, not logged.
     refusal_log: log_limit::LogLimiter,
     next_connection_id: AtomicU64,
+    /// Whether the accept loop runs (liveness).
+    accepting: AtomicBool,
 }
 
 impl Engine {
@@ -328,6 +330,12 @@ pub struct ProxyHandle {
 }
 
 impl ProxyHandle {
+    /// Whether the engine accepts connections: from [`Proxy::run`]'s start
+    /// until accepting stops (shutdown, hand-over, or a failed task).
+    pub fn is_accepting(&self) -> bool {
+        self.engine.accepting.load(Ordering::Acquire)
+    }
+
     /// Open/close events of every connection from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<ConnectionEvent>> {
         self.engine.sink.events.subscribe()
@@ -408,6 +416,7 @@ impl Proxy {
                 },
                 refusal_log: log_limit::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
                 next_connection_id: AtomicU64::new(1),
+                accepting: AtomicBool::new(false),
             }),
             outbound,
             inbound,
@@ -469,6 +478,7 @@ impl Proxy {
         );
         // Each listener accepts only while it holds a slot for the connection.
         let (mut outbound_slot, mut inbound_slot) = (None, None);
+        let accepting = AcceptingFlag::raise(&engine);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
@@ -499,6 +509,7 @@ impl Proxy {
                 Some(done) = connections.join_next(), if !connections.is_empty() => log_task_end(done),
             }
         }
+        drop(accepting);
         drop((outbound, inbound));
         let _ = stop_tx.send(true);
         tracing::info!(
@@ -529,6 +540,23 @@ impl Proxy {
             );
             connections.shutdown().await;
         }
+    }
+}
+
+/// The engine's accepting flag, set while the accept loop runs and cleared
+/// however it ends (a panic included).
+struct AcceptingFlag<'a>(&'a Engine);
+
+impl<'a> AcceptingFlag<'a> {
+    fn raise(engine: &'a Engine) -> Self {
+        engine.accepting.store(true, Ordering::Release);
+        Self(engine)
+    }
+}
+
+impl Drop for AcceptingFlag<'_> {
+    fn drop(&mut self) {
+        self.0.accepting.store(false, Ordering::Release);
     }
 }
 
