@@ -286,8 +286,8 @@ pub struct Args {
     #[arg(long, default_value_t = InboundPolicy::Permissive, env = "SEALMESH_DEFAULT_INBOUND_POLICY")]
     pub default_inbound_policy: InboundPolicy,
     /// Networks besides the node itself that may read the metrics port (e.g. Prometheus' pod
-    /// CIDR), comma-separated. Given, or with --default-inbound-policy strict, the metrics port
-    /// refuses everyone else at accept.
+    /// CIDR), comma-separated; everyone else is refused at accept, as the admin API listens on
+    /// loopback only: both carry the node's traffic metadata.
     #[arg(long, value_delimiter = ',', env = "SEALMESH_METRICS_ALLOWED_CIDRS")]
     pub metrics_allowed_cidrs: Vec<Ipv4Net>,
     /// The Service ClusterIP range (repeatable). A connection to an address there that is no
@@ -440,11 +440,10 @@ pub struct Policy {
     pub default_inbound_policy: InboundPolicy,
 }
 
-/// Who may read the metrics port (`--metrics-listen`).
+/// Who may read the metrics port (`--metrics-listen`): the node itself and
+/// `allowed_cidrs`; the rest is refused at accept.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MetricsAccess {
-    /// Only the node itself and `allowed_cidrs`; the rest is refused at accept.
-    pub restricted: bool,
     pub allowed_cidrs: Vec<Ipv4Net>,
 }
 
@@ -922,8 +921,6 @@ impl AgentConfig {
                 }
             },
             metrics_access: MetricsAccess {
-                restricted: args.default_inbound_policy == InboundPolicy::Strict
-                    || !args.metrics_allowed_cidrs.is_empty(),
                 allowed_cidrs: args.metrics_allowed_cidrs,
             },
             pod_resolve_timeout: args
@@ -1008,7 +1005,7 @@ impl fmt::Display for AgentConfig {
             "trust_domain={} bpffs_dir={} node_cgroup={} identity_addr={} trust_anchors=({}) \
              token_file={} (content not shown) cert_cache_dir={} handover_socket={} force_mtls_local={} deny_plaintext={} \
              default_inbound_policy={} pod_resolve_timeout={} service_cidrs={} pod_cidrs={}{} \
-             admin_listen={} metrics_listen={} metrics_restricted={} metrics_allowed_cidrs={:?} \
+             admin_listen={} metrics_listen={} metrics_allowed_cidrs={:?} \
              log_level={} log_format={:?}",
             self.trust_domain.domain(),
             self.bpffs_dir.display(),
@@ -1032,7 +1029,6 @@ impl fmt::Display for AgentConfig {
             },
             self.admin_listen,
             self.metrics_listen,
-            self.metrics_access.restricted,
             self.metrics_access.allowed_cidrs,
             self.log_level,
             self.log_format,
@@ -1316,7 +1312,10 @@ nodes:
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped["policy"]["deny_plaintext"], true);
         assert_eq!(dumped["policy"]["default_inbound_policy"], "permissive");
-        assert_eq!(dumped["metrics_access"]["restricted"], false);
+        assert_eq!(
+            dumped["metrics_access"]["allowed_cidrs"],
+            serde_yaml_ng::to_value(Vec::<String>::new()).unwrap()
+        );
         assert_eq!(dumped["pod_resolve_timeout"], "5s");
         assert_eq!(
             dumped["cluster_networks"]["pod_cidrs"],
@@ -1348,34 +1347,23 @@ nodes:
     }
 
     #[test]
-    fn strict_default_restricts_the_metrics_port() {
+    fn the_metrics_port_admits_the_allowed_networks_besides_the_node() {
         let c = resolve(&[]).unwrap();
-        assert_eq!(c.policy.default_inbound_policy, InboundPolicy::Permissive);
         assert_eq!(c.metrics_access, MetricsAccess::default());
-
-        let c = resolve(&["--default-inbound-policy", "strict"]).unwrap();
-        assert_eq!(c.policy.default_inbound_policy, InboundPolicy::Strict);
-        assert_eq!(
-            c.metrics_access,
-            MetricsAccess {
-                restricted: true,
-                allowed_cidrs: Vec::new()
-            }
-        );
-        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&c.to_redacted_yaml()).unwrap();
-        assert_eq!(yaml["policy"]["default_inbound_policy"], "strict");
-        assert_eq!(yaml["metrics_access"]["restricted"], true);
-
         let c = resolve(&["--metrics-allowed-cidrs", "10.244.0.0/16,192.168.1.7/32"]).unwrap();
         assert_eq!(
             c.metrics_access,
             MetricsAccess {
-                restricted: true,
                 allowed_cidrs: vec![
                     "10.244.0.0/16".parse().unwrap(),
                     "192.168.1.7/32".parse().unwrap()
                 ]
             }
+        );
+        let yaml: serde_yaml_ng::Value = serde_yaml_ng::from_str(&c.to_redacted_yaml()).unwrap();
+        assert_eq!(
+            yaml["metrics_access"]["allowed_cidrs"],
+            serde_yaml_ng::to_value(["10.244.0.0/16", "192.168.1.7/32"]).unwrap()
         );
     }
 

@@ -203,11 +203,9 @@ async fn run(config: AgentConfig) -> Result<()> {
         max_connections_per_listener: config.max_connections_per_listener,
         ..ProxyConfig::for_node(node_ip, config.policy)
     };
-    if config.metrics_access.restricted {
-        proxy_config
-            .protected_local_ports
-            .push(config.metrics_listen.port());
-    }
+    proxy_config
+        .protected_local_ports
+        .push(config.metrics_listen.port());
     let proxy = Proxy::bind_from(
         proxy_config,
         registry_dyn.clone(),

@@ -553,8 +553,8 @@ impl Collector for InboundRefusalCollector {
     }
 }
 
-/// Who may connect to the metrics port: everyone, or (restricted) the node
-/// itself and the allowed networks.
+/// Who may connect to the metrics port: the node itself and the allowed
+/// networks.
 #[derive(Clone, Debug)]
 pub struct MetricsAccessCheck {
     access: MetricsAccess,
@@ -570,9 +570,6 @@ impl MetricsAccessCheck {
     /// packet from elsewhere with such a source is dropped by the kernel as
     /// a martian).
     pub fn admits(&self, peer: SocketAddr, local: SocketAddr) -> bool {
-        if !self.access.restricted {
-            return true;
-        }
         let ip = match peer.ip() {
             IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
                 Some(v4) => IpAddr::V4(v4),
@@ -670,7 +667,7 @@ pub async fn serve_http(
         let admitted = access.admits(peer, local);
         if !admitted {
             refused.inc();
-            tracing::warn!(%peer, "metrics port: connection refused; only the node itself and --metrics-allowed-cidrs may read it while access is restricted (strict default inbound policy)");
+            tracing::warn!(%peer, "metrics port: connection refused; only the node itself and --metrics-allowed-cidrs may read it");
         }
         admitted
     };
@@ -744,12 +741,12 @@ mod tests {
     }
 
     #[test]
-    fn restricted_metrics_access_admits_the_node_and_the_allowed_networks_only() {
+    fn metrics_access_admits_the_node_and_the_allowed_networks_only() {
         let local: SocketAddr = "172.18.0.2:15020".parse().unwrap();
-        let open = MetricsAccessCheck::new(MetricsAccess::default());
-        assert!(open.admits("10.244.0.9:5000".parse().unwrap(), local));
+        let node_only = MetricsAccessCheck::new(MetricsAccess::default());
+        assert!(!node_only.admits("10.244.0.9:5000".parse().unwrap(), local));
+        assert!(node_only.admits("172.18.0.2:5000".parse().unwrap(), local));
         let restricted = MetricsAccessCheck::new(MetricsAccess {
-            restricted: true,
             allowed_cidrs: vec!["10.244.3.0/24".parse().unwrap()],
         });
         for (peer, admitted) in [
