@@ -1074,6 +1074,51 @@ async fn deny_plaintext_refuses_unmeshed_destinations() {
     assert!(accepted.is_err(), "the unmeshed pod was never connected to");
 }
 
+/// The steps of an HBONE connection that can fail before its stream is
+/// admitted each refuse with their own reason, never in plaintext.
+#[tokio::test]
+async fn hbone_failures_before_the_stream_opens_are_refused_with_their_reason() {
+    let n = 30;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    // A meshed pod on a node whose agent does not listen.
+    let gone = NodeInfo {
+        name: "node-gone".into(),
+        ip: ip(n, 4),
+    };
+    let orphan = pod("orphan", &gone, ip(n, 40), true, None);
+    // A meshed pod on node B whose identity B holds no certificate for: B's
+    // TLS server has nothing to answer its SNI with.
+    let stranger = pod("stranger", &node_b(n), ip(n, 41), true, None);
+    cluster.a.registry.add(orphan.clone());
+    cluster.a.registry.add(stranger.clone());
+    for (destination, reason, error) in [
+        (
+            &orphan,
+            RefusalReason::PeerUnreachable,
+            format!("cannot connect to the agent at {}:{HBONE_PORT}", ip(n, 4)),
+        ),
+        (
+            &stranger,
+            RefusalReason::PeerHandshakeFailed,
+            format!(
+                "mTLS handshake with the agent at {}",
+                inbound_of(&node_b(n))
+            ),
+        ),
+    ] {
+        let target = SocketAddrV4::new(destination.ip.unwrap(), 8080);
+        let stream = cluster.connect_as(&cluster.pods.client, target).await;
+        assert_closed_without_data(stream).await;
+        let event = next_close(&mut cluster.a, Direction::Outbound).await;
+        assert_eq!(event.refused_reason, Some(reason), "{event:?}");
+        assert_eq!(event.no_tls_reason, None, "never plaintext: {event:?}");
+        assert!(
+            event.error.as_deref().unwrap().starts_with(&error),
+            "{error} in {event:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn source_without_certificate_fails_closed() {
     let n = 9;
