@@ -9,7 +9,9 @@
 //! Series follow Linkerd's TCP metrics. Connection series are labelled
 //! `direction`, `tls`, `client_id`, `server_id`, `no_tls_reason`,
 //! `src_namespace`, `dst_namespace` — never by pod, connection or port, so
-//! their number is bounded by identity pairs — and the series of identities
+//! their number is bounded by identity pairs; on `tcp_refused_total`,
+//! which counts connections that never opened, `no_tls_reason` is the
+//! refusal reason ([`RefusalReason`], never empty) — and the series of identities
 //! (or, for plaintext, namespaces) that left the node are dropped
 //! ([`AgentMetrics::forget_departed`]). Bytes count as they flow: a scrape adds
 //! the live counters of open connections to the totals of closed ones, so a
@@ -56,7 +58,10 @@ use tokio::net::TcpListener;
 use crate::{
     certs::CertStore,
     config::MetricsAccess,
-    proxy::{ByteCounters, ConnectionEvent, ConnectionObserver, Direction, PodRef, RefusalReason},
+    proxy::{
+        ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, PodRef,
+        RefusalReason,
+    },
     registry::WorkloadRegistry,
 };
 
@@ -100,7 +105,13 @@ impl ConnectionLabels {
             tls: if e.tls { "true" } else { "false" },
             client_id: e.client_id.clone().unwrap_or_default(),
             server_id: e.server_id.clone().unwrap_or_default(),
-            no_tls_reason: e.no_tls_reason.map(|r| r.as_str()).unwrap_or(""),
+            // A refused connection carried nothing, with or without TLS:
+            // its reason is the refusal's.
+            no_tls_reason: e
+                .refused_reason
+                .map(RefusalReason::as_str)
+                .or(e.no_tls_reason.map(NoTlsReason::as_str))
+                .unwrap_or(""),
             src_namespace: namespace(&e.src),
             dst_namespace: namespace(&e.dst),
         }
@@ -682,7 +693,7 @@ mod tests {
     use super::*;
     use crate::{
         certs::CertStoreConfig,
-        proxy::{NoTlsReason, Phase, PodRef},
+        proxy::{Phase, PodRef},
     };
 
     fn store(dir: &tempfile::TempDir) -> Arc<CertStore> {
@@ -869,30 +880,88 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn refusals_of_unknown_pods_count_with_their_reason() {
+    async fn refusals_count_with_their_reason() {
         let dir = tempfile::tempdir().unwrap();
         let metrics = AgentMetrics::new(store(&dir), Arc::new(NoStrictPods));
+        let refused = |id, reason| ConnectionEvent {
+            no_tls_reason: None,
+            refused_reason: Some(reason),
+            error: Some("refused".into()),
+            ..plaintext(id, "shop")
+        };
         let unknown_source = ConnectionEvent {
             src: None,
             dst: None,
-            no_tls_reason: Some(NoTlsReason::UnknownSource),
-            error: Some("source cgroup 7 ... refused".into()),
-            ..plaintext(1, "shop")
+            ..refused(1, RefusalReason::UnknownSource)
         };
         let unknown_destination = ConnectionEvent {
             dst: None,
-            no_tls_reason: Some(NoTlsReason::UnknownDestination),
-            error: Some("10.244.1.3:8080 ... refused".into()),
-            ..plaintext(2, "shop")
+            ..refused(2, RefusalReason::UnknownDestination)
         };
-        metrics.connection_closed(&unknown_source, false);
-        metrics.connection_closed(&unknown_destination, false);
+        // The route said plaintext to an unmeshed pod; the refusal says why
+        // nothing was carried.
+        let denied = ConnectionEvent {
+            no_tls_reason: Some(NoTlsReason::NotMeshed),
+            ..refused(3, RefusalReason::PlaintextDenied)
+        };
+        // An mTLS stream the peer agent refused.
+        let over_tls = ConnectionEvent {
+            tls: true,
+            client_id: Some("spiffe://cluster.local/ns/shop/sa/client".into()),
+            server_id: Some("spiffe://cluster.local/ns/legacy/sa/plain".into()),
+            ..refused(4, RefusalReason::TargetRefused)
+        };
+        for event in [&unknown_source, &unknown_destination, &denied, &over_tls] {
+            metrics.connection_closed(event, false);
+        }
         let text = metrics.encode();
         for line in [
             "sealmesh_tcp_refused_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"unknown_source\",src_namespace=\"\",dst_namespace=\"\"} 1\n",
             "sealmesh_tcp_refused_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"unknown_destination\",src_namespace=\"shop\",dst_namespace=\"\"} 1\n",
+            "sealmesh_tcp_refused_total{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"plaintext_denied\",src_namespace=\"shop\",dst_namespace=\"legacy\"} 1\n",
+            "sealmesh_tcp_refused_total{direction=\"outbound\",tls=\"true\",client_id=\"spiffe://cluster.local/ns/shop/sa/client\",server_id=\"spiffe://cluster.local/ns/legacy/sa/plain\",no_tls_reason=\"target_refused\",src_namespace=\"shop\",dst_namespace=\"legacy\"} 1\n",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");
+        }
+        assert!(
+            !text
+                .lines()
+                .any(|l| l.starts_with("sealmesh_tcp_refused_total{")
+                    && l.contains("no_tls_reason=\"\"")),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn every_refusal_reason_is_its_own_snake_case_label_value() {
+        let values: HashSet<&str> = RefusalReason::ALL.iter().map(|r| r.as_str()).collect();
+        assert_eq!(values.len(), RefusalReason::ALL.len(), "distinct");
+        for reason in RefusalReason::ALL {
+            let value = reason.as_str();
+            assert!(
+                !value.is_empty() && value.chars().all(|c| c.is_ascii_lowercase() || c == '_'),
+                "{value}"
+            );
+            // Serialised (tap JSON, the admin API) as the label value.
+            assert_eq!(
+                serde_json::to_value(reason).unwrap(),
+                serde_json::Value::from(value)
+            );
+            // No refusal reads as a reason a carried connection has.
+            assert!(
+                !["secured_local", "not_meshed", "outside_cluster"].contains(&value),
+                "{value}"
+            );
+            let labels = ConnectionLabels::of(&ConnectionEvent {
+                refused_reason: Some(reason),
+                ..ConnectionEvent::new(
+                    1,
+                    Phase::Close,
+                    Direction::Inbound,
+                    "10.0.0.1:1".parse().unwrap(),
+                )
+            });
+            assert_eq!(labels.no_tls_reason, value);
         }
     }
 }

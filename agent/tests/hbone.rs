@@ -29,7 +29,7 @@ use sealmesh_agent::{
     ebpf::{Redirect, RedirectSource, RedirectTable},
     proxy::{
         ConnectionEvent, Direction, NoTlsReason, Phase, Proxy, ProxyConfig, ProxyHandle,
-        TlsCredentials,
+        RefusalReason, TlsCredentials,
     },
     registry::{Endpoint, NodeInfo, Workload, WorkloadRegistry},
     tls::{self, HboneTrust, PeerRole, TlsError},
@@ -851,7 +851,7 @@ async fn connection_without_redirect_record_is_refused() {
 #[tokio::test]
 async fn inbound_answers_each_refusal_with_its_status() {
     let n = 4;
-    let cluster = Cluster::start(n, Policy::default(), 9).await;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
     let b = inbound_of(&node_b(n));
     let anchors = cluster.ca.anchors();
     let client = &cluster.pods.client.identity;
@@ -871,6 +871,7 @@ async fn inbound_answers_each_refusal_with_its_status() {
             Method::CONNECT,
             format!("{server_ip}:{closed_port}"),
             StatusCode::SERVICE_UNAVAILABLE,
+            RefusalReason::TargetRefused,
         ),
         // SNI asks for "other" but the pod runs as "server".
         (
@@ -878,6 +879,7 @@ async fn inbound_answers_each_refusal_with_its_status() {
             Method::CONNECT,
             format!("{server_ip}:{closed_port}"),
             StatusCode::FORBIDDEN,
+            RefusalReason::IdentityMismatch,
         ),
         // Not meshed, and not a pod at all.
         (
@@ -885,12 +887,14 @@ async fn inbound_answers_each_refusal_with_its_status() {
             Method::CONNECT,
             format!("{}:80", ip(n, 30)),
             StatusCode::NOT_FOUND,
+            RefusalReason::NotLocalMeshedPod,
         ),
         (
             server,
             Method::CONNECT,
             format!("{}:80", ip(n, OUTSIDE_HOST)),
             StatusCode::NOT_FOUND,
+            RefusalReason::NotLocalMeshedPod,
         ),
         // A meshed pod, but on node A.
         (
@@ -898,21 +902,24 @@ async fn inbound_answers_each_refusal_with_its_status() {
             Method::CONNECT,
             format!("{}:80", ip(n, 21)),
             StatusCode::NOT_FOUND,
+            RefusalReason::NotLocalMeshedPod,
         ),
         (
             server,
             Method::CONNECT,
             "server.example:80".into(),
             StatusCode::BAD_REQUEST,
+            RefusalReason::BadAuthority,
         ),
         (
             server,
             Method::GET,
             format!("{server_ip}:80"),
             StatusCode::METHOD_NOT_ALLOWED,
+            RefusalReason::NotConnect,
         ),
     ];
-    for (sni, method, authority, expected) in cases {
+    for (sni, method, authority, expected, reason) in cases {
         let status = raw_connect(
             &anchors,
             cluster.ca.leaf(client),
@@ -924,6 +931,13 @@ async fn inbound_answers_each_refusal_with_its_status() {
         .await
         .unwrap();
         assert_eq!(status, expected, "{method} {authority} asking for {sni}");
+        let event = next_close(&mut cluster.b, Direction::Inbound).await;
+        assert_eq!(
+            event.refused_reason,
+            Some(reason),
+            "{method} {authority} asking for {sni}: {event:?}"
+        );
+        assert!(event.error.is_some(), "{event:?}");
     }
 }
 
@@ -1021,6 +1035,7 @@ async fn unmeshed_and_outside_destinations_are_plaintext_with_the_reason() {
         assert!(!event.tls);
         assert_eq!(event.no_tls_reason, Some(reason));
         assert_eq!(event.error, None);
+        assert_eq!(event.refused_reason, None, "carried, not refused");
         assert_eq!(
             (event.bytes_src_to_dst, event.bytes_dst_to_src),
             (100_000, 100_000)
@@ -1050,12 +1065,58 @@ async fn deny_plaintext_refuses_unmeshed_destinations() {
     assert_closed_without_data(stream).await;
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
     assert_eq!(event.no_tls_reason, Some(NoTlsReason::NotMeshed));
+    assert_eq!(event.refused_reason, Some(RefusalReason::PlaintextDenied));
     assert!(
         event.error.as_deref().unwrap().contains("--deny-plaintext"),
         "{event:?}"
     );
     let accepted = tokio::time::timeout(Duration::from_millis(200), listener.accept()).await;
     assert!(accepted.is_err(), "the unmeshed pod was never connected to");
+}
+
+/// The steps of an HBONE connection that can fail before its stream is
+/// admitted each refuse with their own reason, never in plaintext.
+#[tokio::test]
+async fn hbone_failures_before_the_stream_opens_are_refused_with_their_reason() {
+    let n = 30;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    // A meshed pod on a node whose agent does not listen.
+    let gone = NodeInfo {
+        name: "node-gone".into(),
+        ip: ip(n, 4),
+    };
+    let orphan = pod("orphan", &gone, ip(n, 40), true, None);
+    // A meshed pod on node B whose identity B holds no certificate for: B's
+    // TLS server has nothing to answer its SNI with.
+    let stranger = pod("stranger", &node_b(n), ip(n, 41), true, None);
+    cluster.a.registry.add(orphan.clone());
+    cluster.a.registry.add(stranger.clone());
+    for (destination, reason, error) in [
+        (
+            &orphan,
+            RefusalReason::PeerUnreachable,
+            format!("cannot connect to the agent at {}:{HBONE_PORT}", ip(n, 4)),
+        ),
+        (
+            &stranger,
+            RefusalReason::PeerHandshakeFailed,
+            format!(
+                "mTLS handshake with the agent at {}",
+                inbound_of(&node_b(n))
+            ),
+        ),
+    ] {
+        let target = SocketAddrV4::new(destination.ip.unwrap(), 8080);
+        let stream = cluster.connect_as(&cluster.pods.client, target).await;
+        assert_closed_without_data(stream).await;
+        let event = next_close(&mut cluster.a, Direction::Outbound).await;
+        assert_eq!(event.refused_reason, Some(reason), "{event:?}");
+        assert_eq!(event.no_tls_reason, None, "never plaintext: {event:?}");
+        assert!(
+            event.error.as_deref().unwrap().starts_with(&error),
+            "{error} in {event:?}"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1071,6 +1132,10 @@ async fn source_without_certificate_fails_closed() {
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
     assert!(!event.tls);
     assert_eq!(event.no_tls_reason, None, "never plaintext");
+    assert_eq!(
+        event.refused_reason,
+        Some(RefusalReason::NoSourceCertificate)
+    );
     let error = event.error.unwrap();
     assert!(
         error.starts_with(
@@ -1148,7 +1213,8 @@ async fn a_source_the_registry_never_learns_is_refused_after_the_timeout() {
     assert!(started.elapsed() >= POD_RESOLVE_TIMEOUT);
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
     assert!(!event.tls);
-    assert_eq!(event.no_tls_reason, Some(NoTlsReason::UnknownSource));
+    assert_eq!(event.no_tls_reason, None);
+    assert_eq!(event.refused_reason, Some(RefusalReason::UnknownSource));
     assert!(
         event
             .error
@@ -1209,7 +1275,11 @@ async fn an_unknown_destination_in_the_cluster_is_refused_after_the_timeout() {
     assert!(started.elapsed() >= POD_RESOLVE_TIMEOUT);
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
     assert!(!event.tls);
-    assert_eq!(event.no_tls_reason, Some(NoTlsReason::UnknownDestination));
+    assert_eq!(event.no_tls_reason, None);
+    assert_eq!(
+        event.refused_reason,
+        Some(RefusalReason::UnknownDestination)
+    );
     assert!(
         event.error.as_deref().unwrap().starts_with(&format!(
             "{unknown} is in the cluster's pod or Service networks but no pod or Service endpoint the agent knows"
@@ -1482,8 +1552,11 @@ async fn bytes_sent_before_a_refused_connect_close_the_client_and_are_not_counte
             .as_str()
         )
     );
+    // Both agents record the same reason: the peer's 503 reads back as it.
+    assert_eq!(close.refused_reason, Some(RefusalReason::TargetRefused));
     let inbound = next_close(&mut cluster.b, Direction::Inbound).await;
     assert_eq!(inbound.bytes_src_to_dst, 0);
+    assert_eq!(inbound.refused_reason, Some(RefusalReason::TargetRefused));
 }
 
 /// Everything real but eBPF: the identity service issuing over gRPC, each
@@ -1708,6 +1781,7 @@ async fn a_new_unmeshed_pods_connection_never_reaches_a_local_strict_pod() {
     assert_closed_without_data(stream).await;
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
     assert!(!event.tls);
+    assert_eq!(event.refused_reason, Some(RefusalReason::StrictInbound));
     assert_eq!(
         event.error.as_deref(),
         Some(
@@ -1750,6 +1824,7 @@ async fn deny_plaintext_lets_the_exempt_services_and_ports_through() {
     let stream = cluster.connect_as(&cluster.pods.client, api).await;
     assert_closed_without_data(stream).await;
     let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!(event.refused_reason, Some(RefusalReason::PlaintextDenied));
     assert!(
         event.error.as_deref().unwrap().contains("--deny-plaintext"),
         "{event:?}"

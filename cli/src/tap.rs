@@ -359,7 +359,8 @@ fn pod_name(pod: Option<&PodRef>) -> Option<String> {
 }
 
 /// `tcp id=node-0:7 proxy=out src=… dst=… src_pod=ns/a dst_pod=ns/b tls=true
-/// client_id=… server_id=…`, and for `end` also bytes, duration and error;
+/// client_id=… server_id=…`, and for `end` also bytes, duration and error
+/// (`reason=…` for a connection the agent refused before it opened);
 /// `refused … reason=strict_inbound error=…` for an attempt the kernel refused.
 pub fn text_line(event: &ConnectionEvent) -> String {
     let phase = event.phase();
@@ -381,12 +382,11 @@ pub fn text_line(event: &ConnectionEvent) -> String {
     };
     field("src_pod", &pod_name(event.src.as_ref()).unwrap_or_default());
     field("dst_pod", &pod_name(event.dst.as_ref()).unwrap_or_default());
-    if refused {
-        field("reason", &event.refused_reason);
-    } else {
+    if !refused {
         field("tls", if event.tls { "true" } else { "false" });
         field("no_tls_reason", &event.no_tls_reason);
     }
+    field("reason", &event.refused_reason);
     field("client_id", &event.client_id);
     field("server_id", &event.server_id);
     if closing {
@@ -514,5 +514,34 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&json_line(&event)).unwrap();
         assert_eq!(json["phase"], "refused");
         assert_eq!(json["refused_reason"], "strict_inbound");
+    }
+
+    #[test]
+    fn a_connection_the_agent_refused_ends_with_its_reason() {
+        let event = ConnectionEvent {
+            id: 4,
+            node: "node-0".into(),
+            phase: Phase::Close as i32,
+            direction: Direction::Outbound as i32,
+            src_addr: "10.244.0.2:40000".into(),
+            dst_addr: "10.244.0.9:80".into(),
+            src: Some(PodRef {
+                namespace: "shop".into(),
+                name: "client".into(),
+            }),
+            no_tls_reason: "not_meshed".into(),
+            error: "plaintext to 10.244.0.9:80 (not_meshed) is denied by --deny-plaintext".into(),
+            refused_reason: "plaintext_denied".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            text_line(&event),
+            "end id=node-0:4 proxy=out src=10.244.0.2:40000 dst=10.244.0.9:80 src_pod=shop/client tls=false \
+             no_tls_reason=not_meshed reason=plaintext_denied bytes_out=0 bytes_in=0 duration=0ms \
+             error=\"plaintext to 10.244.0.9:80 (not_meshed) is denied by --deny-plaintext\""
+        );
+        let json: serde_json::Value = serde_json::from_str(&json_line(&event)).unwrap();
+        assert_eq!(json["phase"], "close");
+        assert_eq!(json["refused_reason"], "plaintext_denied");
     }
 }

@@ -6,6 +6,7 @@ pub mod backoff;
 pub mod cluster;
 pub mod consts;
 pub mod file_watch;
+pub mod hbone;
 pub mod host;
 pub mod identity;
 pub mod logging;

@@ -306,6 +306,9 @@ fn plaintext_can_be_denied_by_policy() {
         "{}",
         describe(&out)
     );
+    let refused = app.wait_access("node-0", "the refusal", |e| e["dst"] == "legacy/plain");
+    assert_eq!(refused["refused_reason"], "plaintext_denied", "{refused}");
+    assert_eq!(refused["no_tls_reason"], "not_meshed", "{refused}");
     // Meshed traffic is unaffected.
     app.client_ok(
         APP_NS,
@@ -332,6 +335,10 @@ fn identity_outage_fails_closed_before_the_first_certificate_and_not_after() {
         e["dst"] == "shop/server"
     });
     assert_eq!(refused["tls"], false);
+    assert_eq!(
+        refused["refused_reason"], "no_source_certificate",
+        "{refused}"
+    );
     assert!(
         refused["error"]
             .as_str()
@@ -771,7 +778,7 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
     let event = app.wait_access("node-0", "the refusal", |e| {
         e["dst_addr"] == nobody.to_string()
     });
-    assert_eq!(event["no_tls_reason"], "unknown_destination", "{event}");
+    assert_eq!(event["refused_reason"], "unknown_destination", "{event}");
     assert!(event["duration_ms"].as_u64().unwrap() >= 2900, "{event}");
 
     // A host process (the node's, like the kubelet) is never redirected.

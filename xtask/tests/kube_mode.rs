@@ -484,7 +484,9 @@ fn pods_connecting_as_they_start_never_send_their_first_bytes_in_clear() {
     assert_eq!(secured, succeeded, "every success was mTLS: {lines:#?}");
     let refused: Vec<&Value> = lines.iter().filter(|l| l["error"] != "").collect();
     assert!(
-        refused.iter().all(|l| l["no_tls_reason"] != ""),
+        refused
+            .iter()
+            .all(|l| l["refused_reason"].as_str().is_some_and(|r| !r.is_empty())),
         "every refusal names its reason: {refused:#?}"
     );
     // Connections the kernel redirected before the agent knew the pod:

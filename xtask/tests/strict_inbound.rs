@@ -674,11 +674,27 @@ fn agents_follow_policy_changes_and_a_strict_default_closes_the_metrics_port() {
         "{body}"
     );
     let log = app.mesh.agent_log_lines("node-1").unwrap();
-    assert!(
-        log.iter().any(|l| l["error"]
-            .as_str()
-            .is_some_and(|e| e.contains("this node's metrics port"))),
-        "the agent logs why it refused to carry the meshed pod's connection"
+    let refusal = log
+        .iter()
+        .find(|l| {
+            l["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("this node's metrics port"))
+        })
+        .expect("the agent logs why it refused to carry the meshed pod's connection");
+    assert_eq!(
+        refusal["refused_reason"], "protected_local_port",
+        "{refusal}"
+    );
+    assert_eq!(
+        metric(
+            &body,
+            &format!(
+                "sealmesh_tcp_refused_total{{direction=\"outbound\",tls=\"false\",client_id=\"\",server_id=\"\",no_tls_reason=\"protected_local_port\",src_namespace=\"{SHOP}\",dst_namespace=\"\"}}"
+            )
+        ),
+        Some(1),
+        "{body}"
     );
 
     // Annotating the pod permissive at run time lets plaintext in again.

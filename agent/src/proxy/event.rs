@@ -41,19 +41,127 @@ pub enum Phase {
     Refused,
 }
 
-/// Why a connection attempt was refused before it reached its pod.
+/// Why a connection was refused before it opened (nothing reached the
+/// destination); one value per refusal path of the agent and the kernel.
+/// The values are stable: tap, the access log (`refused_reason`) and the
+/// `no_tls_reason` label of `sealmesh_tcp_refused_total` carry them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RefusalReason {
+    /// Outbound: the source cgroup is no pod of this node the agent knows,
+    /// also after waiting `--pod-resolve-timeout` for it.
+    UnknownSource,
+    /// Outbound: the destination is in the cluster's pod or Service
+    /// networks but no pod or Service endpoint the agent knows, also after
+    /// waiting.
+    UnknownDestination,
+    /// Outbound: plaintext (to an unmeshed pod or outside the cluster) that
+    /// `--deny-plaintext` does not exempt.
+    PlaintextDenied,
+    /// Outbound: a pod's plaintext to this node's restricted metrics port.
+    ProtectedLocalPort,
     /// The destination pod's inbound policy is strict and the attempt did
-    /// not come through its node's agent, the node itself or its loopback.
+    /// not come through its node's agent, the node itself or its loopback
+    /// (refused by the kernel, or by the agent for an unmeshed pod's
+    /// connection it carries).
     StrictInbound,
+    /// Outbound: the source's ServiceAccount holds no valid certificate on
+    /// this node (fail closed, never plaintext).
+    NoSourceCertificate,
+    /// Outbound, same node: the destination's ServiceAccount holds no valid
+    /// certificate on this node.
+    NoDestinationCertificate,
+    /// TCP to the peer agent failed, or a dial to it failed just before for
+    /// another connection.
+    PeerUnreachable,
+    /// The peer agent did not complete the handshakes, or did not answer
+    /// the CONNECT, within the connect timeout.
+    PeerTimeout,
+    /// The TLS handshake with the peer agent failed, or it did not speak h2.
+    PeerHandshakeFailed,
+    /// The peer agent proved another identity than the destination's.
+    WrongPeerIdentity,
+    /// The HBONE (HTTP/2) connection or stream failed before the stream was
+    /// admitted (outbound), or before the reply went out (inbound).
+    HboneFailed,
+    /// The peer agent refused the CONNECT with a status that names no other
+    /// reason here.
+    PeerRefused,
+    /// Inbound (outbound: the peer answered 405): the request is not a
+    /// CONNECT.
+    NotConnect,
+    /// Inbound (outbound: 400): the CONNECT authority is not an IPv4
+    /// address:port.
+    BadAuthority,
+    /// Inbound (outbound: 404): the target is no meshed pod of the node.
+    NotLocalMeshedPod,
+    /// Inbound (outbound: 403): the target pod runs as another identity than
+    /// the client asked for (SNI).
+    IdentityMismatch,
+    /// Connecting to the destination pod failed (inbound; outbound direct,
+    /// or the peer answered 502).
+    TargetUnreachable,
+    /// The destination pod refused the TCP connection (outbound: also the
+    /// peer's 503).
+    TargetRefused,
+    /// Connecting to the destination pod timed out (outbound: also the
+    /// peer's 504).
+    TargetTimeout,
+    /// The agent stopped handling the connection before it opened (cut at
+    /// shutdown).
+    Aborted,
 }
 
 impl RefusalReason {
+    /// Every reason, for the tests that check their values.
+    #[cfg(test)]
+    pub(crate) const ALL: [Self; 21] = [
+        Self::UnknownSource,
+        Self::UnknownDestination,
+        Self::PlaintextDenied,
+        Self::ProtectedLocalPort,
+        Self::StrictInbound,
+        Self::NoSourceCertificate,
+        Self::NoDestinationCertificate,
+        Self::PeerUnreachable,
+        Self::PeerTimeout,
+        Self::PeerHandshakeFailed,
+        Self::WrongPeerIdentity,
+        Self::HboneFailed,
+        Self::PeerRefused,
+        Self::NotConnect,
+        Self::BadAuthority,
+        Self::NotLocalMeshedPod,
+        Self::IdentityMismatch,
+        Self::TargetUnreachable,
+        Self::TargetRefused,
+        Self::TargetTimeout,
+        Self::Aborted,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::UnknownSource => "unknown_source",
+            Self::UnknownDestination => "unknown_destination",
+            Self::PlaintextDenied => "plaintext_denied",
+            Self::ProtectedLocalPort => "protected_local_port",
             Self::StrictInbound => "strict_inbound",
+            Self::NoSourceCertificate => "no_source_certificate",
+            Self::NoDestinationCertificate => "no_destination_certificate",
+            Self::PeerUnreachable => "peer_unreachable",
+            Self::PeerTimeout => "peer_timeout",
+            Self::PeerHandshakeFailed => "peer_handshake_failed",
+            Self::WrongPeerIdentity => "wrong_peer_identity",
+            Self::HboneFailed => "hbone_failed",
+            Self::PeerRefused => "peer_refused",
+            Self::NotConnect => "not_connect",
+            Self::BadAuthority => "bad_authority",
+            Self::NotLocalMeshedPod => "not_local_meshed_pod",
+            Self::IdentityMismatch => "identity_mismatch",
+            Self::TargetUnreachable => "target_unreachable",
+            Self::TargetRefused => "target_refused",
+            Self::TargetTimeout => "target_timeout",
+            Self::Aborted => "aborted",
         }
     }
 }
@@ -70,12 +178,6 @@ pub enum NoTlsReason {
     NotMeshed,
     /// The destination is neither a pod nor a Service of the cluster.
     OutsideCluster,
-    /// Refused: the source cgroup is no pod of this node the agent knows,
-    /// also after waiting for it.
-    UnknownSource,
-    /// Refused: the destination is in the cluster's pod or Service networks
-    /// but no pod or Service endpoint the agent knows, also after waiting.
-    UnknownDestination,
 }
 
 impl Direction {
@@ -93,8 +195,6 @@ impl NoTlsReason {
             Self::SecuredLocal => "secured_local",
             Self::NotMeshed => "not_meshed",
             Self::OutsideCluster => "outside_cluster",
-            Self::UnknownSource => "unknown_source",
-            Self::UnknownDestination => "unknown_destination",
         }
     }
 }
@@ -149,7 +249,8 @@ pub struct ConnectionEvent {
     pub duration_ms: u64,
     /// Why the connection was refused or broke; None for a clean close.
     pub error: Option<String>,
-    /// Set on `Refused` events only.
+    /// Set exactly when the connection was refused before it opened: on
+    /// `Refused` events and on the close of a connection that never opened.
     pub refused_reason: Option<RefusalReason>,
 }
 
@@ -257,7 +358,15 @@ impl ConnectionTracker {
         self.event.dst = w.map(PodRef::of);
     }
 
+    /// The connection broke after it opened.
     pub fn fail(&mut self, error: impl std::fmt::Display) {
+        self.event.error = Some(error.to_string());
+    }
+
+    /// The connection is refused before it opened, for `reason`.
+    pub fn refuse(&mut self, reason: RefusalReason, error: impl std::fmt::Display) {
+        debug_assert!(!self.opened, "refusing an open connection");
+        self.event.refused_reason = Some(reason);
         self.event.error = Some(error.to_string());
     }
 
@@ -287,6 +396,13 @@ impl Drop for ConnectionTracker {
         e.bytes_src_to_dst = self.bytes.src_to_dst.load(Ordering::Relaxed);
         e.bytes_dst_to_src = self.bytes.dst_to_src.load(Ordering::Relaxed);
         e.duration_ms = duration_ms(self.started.elapsed());
+        if !self.opened && e.refused_reason.is_none() {
+            // Every path that refuses says why; a connection dropped
+            // unopened without one was cut by shutdown.
+            e.refused_reason = Some(RefusalReason::Aborted);
+            e.error
+                .get_or_insert_with(|| "the agent stopped before the connection opened".to_owned());
+        }
         access_log(e, self.opened);
         // Observers first, so a tap subscriber that sees the close finds the
         // edges and metrics already updated.
@@ -315,6 +431,7 @@ fn access_log(e: &ConnectionEvent, opened: bool) {
                 server_id = e.server_id.as_deref().unwrap_or(""),
                 tls = e.tls,
                 no_tls_reason = reason,
+                refused_reason = e.refused_reason.map(RefusalReason::as_str),
                 bytes_src_to_dst = e.bytes_src_to_dst,
                 bytes_dst_to_src = e.bytes_dst_to_src,
                 duration_ms = e.duration_ms,
@@ -376,6 +493,47 @@ mod tests {
         assert_eq!(close.phase, Phase::Close);
         assert_eq!((close.bytes_src_to_dst, close.bytes_dst_to_src), (10, 20));
         assert!(close.tls);
+    }
+
+    #[test]
+    fn a_refusal_closes_with_its_reason_and_a_connection_dropped_unopened_as_aborted() {
+        let (tx, mut rx) = broadcast::channel(8);
+        let src = "10.0.0.1:5000".parse().unwrap();
+        let mut refused = ConnectionTracker::new(sink(tx.clone()), 1, Direction::Outbound, src);
+        refused.refuse(
+            RefusalReason::PlaintextDenied,
+            "plaintext to 10.0.0.9:80 (not_meshed) is denied by --deny-plaintext",
+        );
+        drop(refused);
+        let close = rx.try_recv().unwrap();
+        assert_eq!(close.phase, Phase::Close);
+        assert_eq!(close.refused_reason, Some(RefusalReason::PlaintextDenied));
+        assert_eq!(
+            close.error.as_deref(),
+            Some("plaintext to 10.0.0.9:80 (not_meshed) is denied by --deny-plaintext")
+        );
+
+        drop(ConnectionTracker::new(
+            sink(tx.clone()),
+            2,
+            Direction::Inbound,
+            src,
+        ));
+        let cut = rx.try_recv().unwrap();
+        assert_eq!(cut.refused_reason, Some(RefusalReason::Aborted));
+        assert_eq!(
+            cut.error.as_deref(),
+            Some("the agent stopped before the connection opened")
+        );
+
+        let mut broken = ConnectionTracker::new(sink(tx), 3, Direction::Outbound, src);
+        broken.open();
+        broken.fail("connection reset by peer");
+        drop(broken);
+        let _open = rx.try_recv().unwrap();
+        let close = rx.try_recv().unwrap();
+        assert_eq!(close.refused_reason, None, "it opened: not a refusal");
+        assert_eq!(close.error.as_deref(), Some("connection reset by peer"));
     }
 
     #[test]

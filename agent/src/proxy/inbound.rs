@@ -12,30 +12,32 @@ use std::{
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
-use http::{Method, Request, Response, StatusCode};
-use sealmesh_common::identity::Identity;
+use http::{Request, Response, StatusCode};
+use sealmesh_common::{
+    hbone::{ConnectRequestError, forwarded_for, requested_target},
+    identity::Identity,
+};
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
 use tokio_rustls::TlsAcceptor;
 
 use super::{
     Engine,
-    event::{ConnectionTracker, Direction},
-    hbone,
-    outbound::FORWARDED_HEADER,
-    peer_chain, peer_distrusted, splice, wait_for_registry,
+    event::{ConnectionTracker, Direction, RefusalReason},
+    hbone, peer_chain, peer_distrusted, splice, wait_for_registry,
 };
 use crate::{
     registry::Workload,
     tls::{self, PeerRole},
 };
 
-/// Why a CONNECT stream was refused; each maps to one HTTP status.
+/// Why a CONNECT stream was refused; each maps to one HTTP status, which
+/// the client's agent reads back as the same [`RefusalReason`]
+/// ([`peer_refusal_reason`]).
 #[derive(Debug, thiserror::Error)]
 pub enum InboundRefusal {
-    #[error("method {0} is not supported; HBONE streams are CONNECT")]
-    NotConnect(Method),
-    #[error("CONNECT authority {0:?} is not an IPv4 address:port")]
-    BadAuthority(String),
+    /// Not a CONNECT, or not to an IPv4 address:port.
+    #[error(transparent)]
+    Request(#[from] ConnectRequestError),
     #[error("{0} is not a meshed pod on this node")]
     NotLocalMeshedPod(SocketAddrV4),
     #[error("pod {pod} runs as {pod_identity} but the client asked for {requested} (SNI); refused")]
@@ -56,16 +58,44 @@ pub enum InboundRefusal {
 }
 
 impl InboundRefusal {
+    pub fn reason(&self) -> RefusalReason {
+        match self {
+            Self::Request(ConnectRequestError::NotConnect(_)) => RefusalReason::NotConnect,
+            Self::Request(ConnectRequestError::BadAuthority(_)) => RefusalReason::BadAuthority,
+            Self::NotLocalMeshedPod(_) => RefusalReason::NotLocalMeshedPod,
+            Self::IdentityMismatch { .. } => RefusalReason::IdentityMismatch,
+            Self::Unreachable { .. } => RefusalReason::TargetUnreachable,
+            Self::TargetRefused { .. } => RefusalReason::TargetRefused,
+            Self::TargetTimeout { .. } => RefusalReason::TargetTimeout,
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::NotConnect(_) => StatusCode::METHOD_NOT_ALLOWED,
-            Self::BadAuthority(_) => StatusCode::BAD_REQUEST,
+            Self::Request(ConnectRequestError::NotConnect(_)) => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Request(ConnectRequestError::BadAuthority(_)) => StatusCode::BAD_REQUEST,
             Self::NotLocalMeshedPod(_) => StatusCode::NOT_FOUND,
             Self::IdentityMismatch { .. } => StatusCode::FORBIDDEN,
             Self::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::TargetRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::TargetTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
+    }
+}
+
+/// The reason a peer agent's refusal `status` stands for ([`InboundRefusal::status`]
+/// read back on the client's side); `peer_refused` for any other status
+/// (e.g. h2's 431 for an oversized header block).
+pub(crate) fn peer_refusal_reason(status: StatusCode) -> RefusalReason {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => RefusalReason::NotConnect,
+        StatusCode::BAD_REQUEST => RefusalReason::BadAuthority,
+        StatusCode::NOT_FOUND => RefusalReason::NotLocalMeshedPod,
+        StatusCode::FORBIDDEN => RefusalReason::IdentityMismatch,
+        StatusCode::BAD_GATEWAY => RefusalReason::TargetUnreachable,
+        StatusCode::SERVICE_UNAVAILABLE => RefusalReason::TargetRefused,
+        StatusCode::GATEWAY_TIMEOUT => RefusalReason::TargetTimeout,
+        _ => RefusalReason::PeerRefused,
     }
 }
 
@@ -223,14 +253,17 @@ async fn stream(
             let status = refusal.status();
             tracing::debug!(peer = %peer.addr, client = %peer.client, %status, %refusal, "CONNECT refused");
             let _ = respond.send_response(empty_response(status), true);
-            tracker.fail(refusal);
+            tracker.refuse(refusal.reason(), refusal);
             return;
         }
     };
     let send = match respond.send_response(empty_response(StatusCode::OK), false) {
         Ok(send) => send,
         Err(error) => {
-            tracker.fail(format!("HBONE stream closed before the reply: {error}"));
+            tracker.refuse(
+                RefusalReason::HboneFailed,
+                format!("HBONE stream closed before the reply: {error}"),
+            );
             return;
         }
     };
@@ -257,13 +290,7 @@ async fn admit(
     request: &Request<RecvStream>,
     tracker: &mut ConnectionTracker,
 ) -> Result<TcpStream, InboundRefusal> {
-    if request.method() != Method::CONNECT {
-        return Err(InboundRefusal::NotConnect(request.method().clone()));
-    }
-    let authority = request.uri().authority().map(|a| a.as_str()).unwrap_or("");
-    let target: SocketAddrV4 = authority
-        .parse()
-        .map_err(|_| InboundRefusal::BadAuthority(authority.to_owned()))?;
+    let target = requested_target(request.method(), request.uri())?;
     let local = engine.registry.local_node();
     // A pod of the cluster's networks this agent has not seen yet (the
     // peer's registry was quicker) is waited for, as the outbound side
@@ -315,12 +342,7 @@ fn forwarded_source(
     peer: &Peer,
     request: &Request<RecvStream>,
 ) -> Option<(SocketAddrV4, Arc<Workload>)> {
-    let value = request.headers().get(FORWARDED_HEADER)?.to_str().ok()?;
-    let addr: SocketAddrV4 = value
-        .strip_prefix("for=\"")?
-        .strip_suffix('"')?
-        .parse()
-        .ok()?;
+    let addr = forwarded_for(request.headers())?;
     engine
         .registry
         .by_ip(*addr.ip())
@@ -332,4 +354,88 @@ fn empty_response(status: StatusCode) -> Response<()> {
     let mut response = Response::new(());
     *response.status_mut() = status;
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+
+    use http::Method;
+    use sealmesh_common::identity::TrustDomain;
+
+    use super::*;
+
+    #[test]
+    fn each_refusal_has_its_status_and_the_client_reads_the_same_reason_back() {
+        let target: SocketAddrV4 = "10.244.1.5:80".parse().unwrap();
+        let td = TrustDomain::default();
+        let refusals = [
+            (
+                InboundRefusal::from(ConnectRequestError::NotConnect(Method::GET)),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "not_connect",
+            ),
+            (
+                ConnectRequestError::BadAuthority("server.example:80".into()).into(),
+                StatusCode::BAD_REQUEST,
+                "bad_authority",
+            ),
+            (
+                InboundRefusal::NotLocalMeshedPod(target),
+                StatusCode::NOT_FOUND,
+                "not_local_meshed_pod",
+            ),
+            (
+                InboundRefusal::IdentityMismatch {
+                    pod: "app/server-0".into(),
+                    pod_identity: td.identity("app", "server").unwrap(),
+                    requested: td.identity("app", "other").unwrap(),
+                },
+                StatusCode::FORBIDDEN,
+                "identity_mismatch",
+            ),
+            (
+                InboundRefusal::Unreachable {
+                    target,
+                    source: io::Error::from(io::ErrorKind::HostUnreachable),
+                },
+                StatusCode::BAD_GATEWAY,
+                "target_unreachable",
+            ),
+            (
+                InboundRefusal::TargetRefused { target },
+                StatusCode::SERVICE_UNAVAILABLE,
+                "target_refused",
+            ),
+            (
+                InboundRefusal::TargetTimeout { target },
+                StatusCode::GATEWAY_TIMEOUT,
+                "target_timeout",
+            ),
+        ];
+        for (refusal, status, reason) in refusals {
+            assert_eq!(refusal.status(), status, "{refusal}");
+            assert_eq!(refusal.reason().as_str(), reason, "{refusal}");
+            assert_eq!(peer_refusal_reason(status), refusal.reason(), "{status}");
+        }
+        for other in [
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            StatusCode::OK,
+        ] {
+            assert_eq!(peer_refusal_reason(other), RefusalReason::PeerRefused);
+        }
+    }
+
+    #[test]
+    fn request_refusals_keep_their_messages() {
+        assert_eq!(
+            InboundRefusal::from(ConnectRequestError::NotConnect(Method::GET)).to_string(),
+            "method GET is not supported; HBONE streams are CONNECT"
+        );
+        assert_eq!(
+            InboundRefusal::from(ConnectRequestError::BadAuthority("[::1]:80".into())).to_string(),
+            "CONNECT authority \"[::1]:80\" is not an IPv4 address:port"
+        );
+    }
 }

@@ -20,15 +20,15 @@ use std::{
 
 use bytes::Bytes;
 use h2::{SendStream, client::ResponseFuture};
-use http::{Method, Request, StatusCode};
-use sealmesh_common::{identity::Identity, policy::InboundPolicy};
+use http::StatusCode;
+use sealmesh_common::{hbone::connect_request, identity::Identity, policy::InboundPolicy};
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
     Engine,
-    event::{ConnectionTracker, Direction, NoTlsReason},
-    hbone, peer_chain, peer_distrusted,
+    event::{ConnectionTracker, Direction, NoTlsReason, RefusalReason},
+    hbone, inbound, peer_chain, peer_distrusted,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError},
     wait_for_registry,
@@ -40,10 +40,6 @@ use crate::{
     registry::{Endpoint, NodeInfo, Workload},
     tls::{self, ALPN_HBONE, PeerRole, TlsError},
 };
-
-/// Header carrying the source pod's address to the destination's agent, for
-/// its access log (it trusts it only when it matches the client identity).
-pub(crate) const FORWARDED_HEADER: &str = "forwarded";
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
@@ -92,6 +88,18 @@ pub enum OutboundError {
     },
     #[error("timed out connecting to {target}")]
     ConnectTimeout { target: SocketAddr },
+    #[error("cannot connect to the agent at {node}: {source}")]
+    PeerConnect {
+        node: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("timed out connecting to the agent at {node}")]
+    PeerConnectTimeout { node: SocketAddr },
+    #[error("the agent at {node} did not answer CONNECT {authority} within the connect timeout")]
+    ConnectUnanswered {
+        node: SocketAddr,
+        authority: SocketAddrV4,
+    },
     #[error("mTLS handshake with the agent at {node} failed: {source}")]
     Handshake {
         node: SocketAddr,
@@ -123,6 +131,38 @@ pub enum OutboundError {
     PeerDialFailed(#[from] PeerDialFailed),
     #[error(transparent)]
     Splice(#[from] SpliceError),
+}
+
+impl OutboundError {
+    /// Why the connection was refused, for an error before it opened; None
+    /// for one that broke after it opened (a splice error).
+    pub fn refusal_reason(&self) -> Option<RefusalReason> {
+        Some(match self {
+            Self::UnknownSource { .. } => RefusalReason::UnknownSource,
+            Self::UnknownDestination { .. } => RefusalReason::UnknownDestination,
+            Self::NoSourceCertificate { .. } => RefusalReason::NoSourceCertificate,
+            Self::NoDestinationCertificate { .. } => RefusalReason::NoDestinationCertificate,
+            Self::PlaintextDenied { .. } => RefusalReason::PlaintextDenied,
+            Self::ProtectedLocalPort { .. } => RefusalReason::ProtectedLocalPort,
+            Self::StrictDestination { .. } => RefusalReason::StrictInbound,
+            Self::Connect { source, .. }
+                if source.kind() == std::io::ErrorKind::ConnectionRefused =>
+            {
+                RefusalReason::TargetRefused
+            }
+            Self::Connect { .. } => RefusalReason::TargetUnreachable,
+            Self::ConnectTimeout { .. } => RefusalReason::TargetTimeout,
+            Self::PeerConnect { .. } | Self::PeerDialFailed(_) => RefusalReason::PeerUnreachable,
+            Self::PeerConnectTimeout { .. } | Self::ConnectUnanswered { .. } => {
+                RefusalReason::PeerTimeout
+            }
+            Self::Handshake { .. } | Self::NoH2 { .. } => RefusalReason::PeerHandshakeFailed,
+            Self::PeerIdentity { .. } | Self::WrongPeer { .. } => RefusalReason::WrongPeerIdentity,
+            Self::Hbone { .. } => RefusalReason::HboneFailed,
+            Self::Refused { status, .. } => inbound::peer_refusal_reason(*status),
+            Self::Splice(_) => return None,
+        })
+    }
 }
 
 /// Where a redirected connection goes.
@@ -208,16 +248,24 @@ pub(crate) async fn handle(
     // orderly end it could take for an empty answer.
     let reset_handle = client.as_fd().try_clone_to_owned().ok();
     if let Err(error) = proxy(&engine, client, redirect, &mut tracker).await {
-        if !tracker.is_open()
-            && let Some(handle) = &reset_handle
-        {
-            let abort = libc::linger {
-                l_onoff: 1,
-                l_linger: 0,
-            };
-            let _ = nix::sys::socket::setsockopt(handle, nix::sys::socket::sockopt::Linger, &abort);
+        // Splice errors (no refusal reason) come only once the path is open.
+        match error.refusal_reason().filter(|_| !tracker.is_open()) {
+            Some(reason) => {
+                if let Some(handle) = &reset_handle {
+                    let abort = libc::linger {
+                        l_onoff: 1,
+                        l_linger: 0,
+                    };
+                    let _ = nix::sys::socket::setsockopt(
+                        handle,
+                        nix::sys::socket::sockopt::Linger,
+                        &abort,
+                    );
+                }
+                tracker.refuse(reason, error);
+            }
+            None => tracker.fail(error),
         }
-        tracker.fail(error);
     }
 }
 
@@ -284,16 +332,12 @@ async fn proxy(
 ) -> Result<(), OutboundError> {
     let original_dst = redirect.original_dst;
     tracker.event.dst_addr = Some(original_dst.into());
-    let source = source_pod(engine, &redirect)
-        .await
-        .inspect_err(|_| tracker.event.no_tls_reason = Some(NoTlsReason::UnknownSource))?;
+    let source = source_pod(engine, &redirect).await?;
     tracker.set_src(&source);
     if !source.meshed {
         return unmeshed_source(engine, client, original_dst, tracker).await;
     }
-    let endpoint = destination(engine, original_dst)
-        .await
-        .inspect_err(|_| tracker.event.no_tls_reason = Some(NoTlsReason::UnknownDestination))?;
+    let endpoint = destination(engine, original_dst).await?;
     let policy = engine.cfg.policy;
     match route(
         engine.registry.local_node(),
@@ -423,18 +467,15 @@ async fn hbone_connect(
     let destination = &endpoint.workload;
     let authority = endpoint.addr;
     tracker.set_dst(authority.into(), Some(destination));
+    let SocketAddr::V4(source_addr) = tracker.event.src_addr else {
+        unreachable!("the outbound listener accepts IPv4 connections only")
+    };
     // Boxed: opening the stream (maybe dialling: TLS + h2 handshakes) is
     // by far the largest state of this future and is alive only briefly;
     // unboxed, every connection's task would hold that space for its whole
     // life (memory per proxied connection).
-    let (lease, send, response) = Box::pin(open_stream(
-        engine,
-        source,
-        endpoint,
-        node,
-        tracker.event.src_addr,
-    ))
-    .await?;
+    let (lease, send, response) =
+        Box::pin(open_stream(engine, source, endpoint, node, source_addr)).await?;
     tracker.event.tls = true;
     tracker.event.client_id = Some(source.identity.to_string());
     tracker.event.server_id = Some(destination.identity.to_string());
@@ -460,7 +501,7 @@ async fn hbone_connect(
             // Silence may mean a dead connection or peer: no new stream
             // picks it (streams open on it go on; a live peer costs a dial).
             lease.discard();
-            Err(OutboundError::ConnectTimeout { target: node })
+            Err(OutboundError::ConnectUnanswered { node, authority })
         }
         Ok(Err(source)) => Err(OutboundError::Hbone { node, source }),
         Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(response.into_body()),
@@ -500,7 +541,7 @@ async fn open_stream(
     source: &Workload,
     endpoint: &Endpoint,
     node: SocketAddr,
-    source_addr: SocketAddr,
+    source_addr: SocketAddrV4,
 ) -> Result<(Lease, SendStream<Bytes>, ResponseFuture), OutboundError> {
     let destination = &endpoint.workload;
     let authority = endpoint.addr;
@@ -517,12 +558,7 @@ async fn open_stream(
         destination: destination.identity.clone(),
         node,
     };
-    let request = Request::builder()
-        .method(Method::CONNECT)
-        .uri(authority.to_string())
-        .header(FORWARDED_HEADER, format!("for=\"{source_addr}\""))
-        .body(())
-        .expect("a CONNECT request to a socket address is well-formed");
+    let request = connect_request(authority, source_addr);
 
     // A pooled connection can break between checkout and use; then one
     // retry on a freshly dialled connection.
@@ -561,10 +597,7 @@ async fn dial(
     let handshake = async {
         let tcp = TcpStream::connect(node)
             .await
-            .map_err(|source| OutboundError::Connect {
-                target: node,
-                source,
-            })?;
+            .map_err(|source| OutboundError::PeerConnect { node, source })?;
         let _ = tcp.set_nodelay(true);
         if let Err(error) = hbone::set_keepalive(&tcp) {
             tracing::debug!(%node, %error, "cannot set TCP keepalive on the HBONE connection");
@@ -621,7 +654,7 @@ async fn dial(
     };
     tokio::time::timeout(engine.cfg.connect_timeout, handshake)
         .await
-        .map_err(|_| OutboundError::ConnectTimeout { target: node })?
+        .map_err(|_| OutboundError::PeerConnectTimeout { node })?
 }
 
 async fn connect(engine: &Engine, target: SocketAddr) -> Result<TcpStream, OutboundError> {
@@ -670,6 +703,162 @@ mod tests {
     }
 
     const DST: SocketAddrV4 = SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 10), 80);
+
+    #[test]
+    fn every_outbound_refusal_has_its_reason() {
+        use std::io::{Error, ErrorKind};
+
+        let td = TrustDomain::default();
+        let id = |sa: &str| td.identity("app", sa).unwrap();
+        let node: SocketAddr = "172.18.0.3:15008".parse().unwrap();
+        let pod: SocketAddr = DST.into();
+        let waited = Duration::from_secs(5);
+        let refused = |status| OutboundError::Refused {
+            node,
+            authority: DST,
+            status,
+        };
+        let cases = [
+            (
+                OutboundError::UnknownSource { cgroup: 7, waited },
+                "unknown_source",
+            ),
+            (
+                OutboundError::UnknownDestination {
+                    target: DST,
+                    waited,
+                },
+                "unknown_destination",
+            ),
+            (
+                OutboundError::NoSourceCertificate {
+                    source_id: id("client"),
+                    destination: id("server"),
+                    reason: NoCertificate {
+                        identity: id("client"),
+                        reason: "not issued yet".into(),
+                    },
+                },
+                "no_source_certificate",
+            ),
+            (
+                OutboundError::NoDestinationCertificate {
+                    destination: id("server"),
+                },
+                "no_destination_certificate",
+            ),
+            (
+                OutboundError::PlaintextDenied {
+                    target: DST,
+                    reason: "not_meshed",
+                },
+                "plaintext_denied",
+            ),
+            (
+                OutboundError::ProtectedLocalPort { target: DST },
+                "protected_local_port",
+            ),
+            (
+                OutboundError::StrictDestination {
+                    pod: "app/server-0".into(),
+                    target: DST,
+                },
+                "strict_inbound",
+            ),
+            (
+                OutboundError::Connect {
+                    target: pod,
+                    source: Error::from(ErrorKind::ConnectionRefused),
+                },
+                "target_refused",
+            ),
+            (
+                OutboundError::Connect {
+                    target: pod,
+                    source: Error::from(ErrorKind::HostUnreachable),
+                },
+                "target_unreachable",
+            ),
+            (
+                OutboundError::ConnectTimeout { target: pod },
+                "target_timeout",
+            ),
+            (
+                OutboundError::PeerConnect {
+                    node,
+                    source: Error::from(ErrorKind::ConnectionRefused),
+                },
+                "peer_unreachable",
+            ),
+            (
+                OutboundError::PeerDialFailed(PeerDialFailed),
+                "peer_unreachable",
+            ),
+            (OutboundError::PeerConnectTimeout { node }, "peer_timeout"),
+            (
+                OutboundError::ConnectUnanswered {
+                    node,
+                    authority: DST,
+                },
+                "peer_timeout",
+            ),
+            (
+                OutboundError::Handshake {
+                    node,
+                    source: Error::from(ErrorKind::InvalidData),
+                },
+                "peer_handshake_failed",
+            ),
+            (OutboundError::NoH2 { node }, "peer_handshake_failed"),
+            (
+                OutboundError::PeerIdentity {
+                    node,
+                    expected: id("server"),
+                    source: TlsError::NoSpiffeIdentity,
+                },
+                "wrong_peer_identity",
+            ),
+            (
+                OutboundError::WrongPeer {
+                    node,
+                    expected: id("server"),
+                    got: id("other"),
+                },
+                "wrong_peer_identity",
+            ),
+            (
+                OutboundError::Hbone {
+                    node,
+                    source: h2::Reason::REFUSED_STREAM.into(),
+                },
+                "hbone_failed",
+            ),
+            // The peer's status names its reason, so both agents agree.
+            (refused(StatusCode::SERVICE_UNAVAILABLE), "target_refused"),
+            (refused(StatusCode::BAD_GATEWAY), "target_unreachable"),
+            (refused(StatusCode::GATEWAY_TIMEOUT), "target_timeout"),
+            (refused(StatusCode::NOT_FOUND), "not_local_meshed_pod"),
+            (refused(StatusCode::FORBIDDEN), "identity_mismatch"),
+            (refused(StatusCode::BAD_REQUEST), "bad_authority"),
+            (refused(StatusCode::METHOD_NOT_ALLOWED), "not_connect"),
+            (
+                refused(StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE),
+                "peer_refused",
+            ),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(
+                error.refusal_reason().map(RefusalReason::as_str),
+                Some(reason),
+                "{error}"
+            );
+        }
+        // A splice error comes after the connection opened: no refusal.
+        assert_eq!(
+            OutboundError::Splice(SpliceError::StreamClosed).refusal_reason(),
+            None
+        );
+    }
 
     #[test]
     fn outside_the_cluster_is_plaintext_to_the_original_destination() {
