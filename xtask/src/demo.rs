@@ -130,6 +130,8 @@ pub enum DemoError {
     Io { what: String, source: io::Error },
     #[error("the testbed lacks the app's pod {0} (a bug in the demo's spec)")]
     MissingPod(String),
+    #[error("the testbed lacks the app's Service {0} (a bug in the demo's spec)")]
+    MissingService(String),
     #[error("writing the demo's output: {0}")]
     Output(io::Error),
     #[error("`{command}` failed ({status}): {stderr}")]
@@ -301,15 +303,6 @@ pub fn spec() -> TestbedSpec {
 
 fn service_vip(offset: u32) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(SERVICE_CIDR.network()) + offset)
-}
-
-fn service_addr(name: &str) -> SocketAddr {
-    let offset = WORKLOADS
-        .iter()
-        .find(|w| w.name == name)
-        .and_then(|w| w.vip_offset)
-        .expect("the demo's Services are fixed");
-    SocketAddr::from((service_vip(offset), SERVICE_PORT))
 }
 
 /// Brings the mesh and the app up, shows the edges, live connections for
@@ -598,6 +591,20 @@ impl App {
                 .ok_or_else(|| DemoError::MissingPod(format!("{namespace}/{name}")))?;
             Ok(SocketAddr::from((pod.ip, APP_PORT)))
         };
+        // The ClusterIP the API server allocated (Kubernetes mode), which
+        // need not be the one the spec asked for.
+        let service = |name: &str| -> Result<SocketAddr, DemoError> {
+            let namespace = WORKLOADS
+                .iter()
+                .find(|w| w.name == name)
+                .map_or(APP_NAMESPACE, |w| w.namespace);
+            let service = cluster
+                .services
+                .iter()
+                .find(|s| s.namespace == namespace && s.name == name)
+                .ok_or_else(|| DemoError::MissingService(format!("{namespace}/{name}")))?;
+            Ok(SocketAddr::from((service.vip, SERVICE_PORT)))
+        };
         let mut servers = Vec::new();
         let mut start_server = |namespace: &str, name: &str, cmd: Command| {
             let mut server = testbed.spawn_in_pod(namespace, name, cmd)?;
@@ -618,18 +625,15 @@ impl App {
             testapp,
             listen(APP_NAMESPACE, "web")?,
             "web",
-            &[
-                ("emoji", service_addr("emoji")),
-                ("voting", service_addr("voting")),
-            ],
+            &[("emoji", service("emoji")?), ("voting", service("voting")?)],
         );
         start_server(APP_NAMESPACE, "web", web)?;
 
         let bot_cmd = testapp::bot(
             testapp,
             &[
-                ("web", service_addr("web")),
-                (leaderboard, service_addr(leaderboard)),
+                ("web", service("web")?),
+                (leaderboard, service(leaderboard)?),
             ],
             bot_interval,
         );

@@ -36,11 +36,16 @@ fn demo_secures_every_meshed_edge_with_both_identities_and_explains_the_unmeshed
 }
 
 /// `cargo xtask demo --kubernetes`: the same app and guarantees, with the
-/// agents and the identity service on the Kubernetes API.
+/// agents and the identity service on the Kubernetes API, whose service
+/// range is not the testbed's: the app dials the ClusterIPs the server
+/// allocated, as on a real cluster.
 #[test]
 fn demo_in_kubernetes_mode_secures_every_meshed_edge_the_same_way() {
     demo_secures_every_meshed_edge(
-        Some(KubeMode::fake()),
+        Some(KubeMode {
+            fake_service_range: "10.0.0.0/24".parse().unwrap(),
+            ..KubeMode::fake()
+        }),
         "(Kubernetes mode: an in-process API server)",
     );
 }

@@ -61,6 +61,7 @@ mod server;
 mod status;
 mod store;
 
+use ipnet::Ipv4Net;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -78,6 +79,10 @@ use crate::server::{Shared, lock};
 /// Name of the cluster, user and context in the generated kubeconfig.
 const KUBECONFIG_NAME: &str = "fake-apiserver";
 
+/// kube-apiserver's default `--service-cluster-ip-range`.
+pub const DEFAULT_SERVICE_RANGE: Ipv4Net =
+    Ipv4Net::new_assert(std::net::Ipv4Addr::new(10, 96, 0, 0), 12);
+
 /// A running fake API server; dropping it stops it and ends every watch.
 #[derive(Debug)]
 pub struct FakeApiServer {
@@ -87,15 +92,23 @@ pub struct FakeApiServer {
 }
 
 impl FakeApiServer {
-    /// Starts a server on 127.0.0.1 with an ephemeral port.
+    /// Starts a server on 127.0.0.1 with an ephemeral port, allocating
+    /// Service ClusterIPs from kube-apiserver's default range.
     pub async fn start() -> anyhow::Result<FakeApiServer> {
+        Self::start_with_service_range(DEFAULT_SERVICE_RANGE).await
+    }
+
+    /// Like [`FakeApiServer::start`], with `--service-cluster-ip-range`
+    /// `service_range`: ClusterIPs are allocated from it, and a Service
+    /// asking for one outside it is refused (422) as the real server does.
+    pub async fn start_with_service_range(service_range: Ipv4Net) -> anyhow::Result<FakeApiServer> {
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
             .context("binding the fake API server to 127.0.0.1:0")?;
         let addr = listener
             .local_addr()
             .context("reading the fake API server's address")?;
-        let shared = Arc::new(Shared::new(addr.to_string()));
+        let shared = Arc::new(Shared::new(addr.to_string(), service_range));
         let accept_loop = tokio::spawn(accept_connections(listener, shared.clone()));
         Ok(FakeApiServer {
             addr,

@@ -52,9 +52,9 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Shared {
-    pub fn new(server_address: String) -> Shared {
+    pub fn new(server_address: String, service_range: ipnet::Ipv4Net) -> Shared {
         Shared {
-            store: Mutex::new(Store::new()),
+            store: Mutex::new(Store::new(service_range)),
             auth: Mutex::new(Auth::new()),
             requests: Mutex::new(Vec::new()),
             watch_epoch: watch::Sender::new(0),

@@ -3,8 +3,10 @@
 //! history that watches resume from.
 
 use std::collections::{BTreeMap, VecDeque};
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 
+use ipnet::Ipv4Net;
 use k8s_openapi::jiff::Timestamp;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
@@ -20,9 +22,9 @@ const HISTORY_LIMIT: usize = 10_000;
 const BROADCAST_CAPACITY: usize = 4_096;
 /// Namespaces the real server creates at start-up.
 const SYSTEM_NAMESPACES: &[&str] = &["default", "kube-system", "kube-public", "kube-node-lease"];
-/// First Service ClusterIP handed out when a Service has none (the default
-/// service CIDR 10.96.0.0/12; .1 is the `kubernetes` Service).
-const FIRST_ALLOCATED_CLUSTER_IP: u32 = u32::from_be_bytes([10, 96, 0, 10]);
+/// Offset in the service range of the first ClusterIP handed out when a
+/// Service has none (.1 is the `kubernetes` Service).
+const FIRST_ALLOCATED_CLUSTER_IP_OFFSET: u32 = 10;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum EventType {
@@ -111,6 +113,7 @@ pub(crate) struct Store {
     history_start: u64,
     events: broadcast::Sender<Arc<StoredEvent>>,
     next_cluster_ip: u32,
+    service_range: Ipv4Net,
 }
 
 /// Objects include Secrets: only counts are shown.
@@ -162,7 +165,13 @@ fn metadata_mut(object: &mut Value) -> &mut Map<String, Value> {
 }
 
 /// Fills what the real server's registry strategies default on create.
-fn default_on_create(resource: &ResourceType, object: &mut Value, next_cluster_ip: &mut u32) {
+fn default_on_create(
+    resource: &ResourceType,
+    object: &mut Value,
+    next_cluster_ip: &mut u32,
+    service_range: Ipv4Net,
+) -> Result<(), ApiError> {
+    let name = name_of(object).to_string();
     match (resource.group, resource.plural) {
         ("", "pods") => {
             // Pod status is the kubelet's; a new pod is Pending.
@@ -171,7 +180,6 @@ fn default_on_create(resource: &ResourceType, object: &mut Value, next_cluster_i
         ("", "namespaces") => {
             object["spec"] = json!({"finalizers": ["kubernetes"]});
             object["status"] = json!({"phase": "Active"});
-            let name = name_of(object).to_string();
             metadata_mut(object)
                 .entry("labels")
                 .or_insert_with(|| json!({}))
@@ -190,7 +198,23 @@ fn default_on_create(resource: &ResourceType, object: &mut Value, next_cluster_i
                 spec["type"] = json!("ClusterIP");
             }
             let cluster_ip = match spec.get("clusterIP").and_then(Value::as_str) {
-                Some(ip) if !ip.is_empty() => ip.to_string(),
+                Some("None") => "None".to_string(),
+                Some(ip) if !ip.is_empty() => {
+                    if !ip
+                        .parse::<Ipv4Addr>()
+                        .is_ok_and(|ip| service_range.contains(&ip))
+                    {
+                        return Err(ApiError::Invalid {
+                            kind: "Service",
+                            name,
+                            field: "spec.clusterIPs".to_string(),
+                            detail: format!(
+                                "Invalid value: [\"{ip}\"]: failed to allocate IP {ip}: provided IP is not in the valid range. The range of valid IPs is {service_range}"
+                            ),
+                        });
+                    }
+                    ip.to_string()
+                }
                 _ => {
                     let ip = std::net::Ipv4Addr::from(*next_cluster_ip).to_string();
                     *next_cluster_ip += 1;
@@ -213,6 +237,7 @@ fn default_on_create(resource: &ResourceType, object: &mut Value, next_cluster_i
         }
         _ => {}
     }
+    Ok(())
 }
 
 /// Secrets: `stringData` is write-only; the server merges it into `data`
@@ -235,7 +260,7 @@ fn fold_string_data(object: &mut Value) {
 }
 
 impl Store {
-    pub fn new() -> Store {
+    pub fn new(service_range: Ipv4Net) -> Store {
         let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
         let mut store = Store {
             objects: BTreeMap::new(),
@@ -243,7 +268,8 @@ impl Store {
             history: VecDeque::new(),
             history_start: 0,
             events,
-            next_cluster_ip: FIRST_ALLOCATED_CLUSTER_IP,
+            next_cluster_ip: u32::from(service_range.network()) + FIRST_ALLOCATED_CLUSTER_IP_OFFSET,
+            service_range,
         };
         let namespaces = id_of("", "namespaces");
         for namespace in SYSTEM_NAMESPACES {
@@ -418,7 +444,12 @@ impl Store {
         metadata.remove("deletionTimestamp");
         object["apiVersion"] = json!(resource.api_version());
         object["kind"] = json!(resource.kind);
-        default_on_create(resource, &mut object, &mut self.next_cluster_ip);
+        default_on_create(
+            resource,
+            &mut object,
+            &mut self.next_cluster_ip,
+            self.service_range,
+        )?;
         self.objects.insert(key, object.clone());
         self.record(
             resource_id,

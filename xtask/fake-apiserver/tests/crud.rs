@@ -643,3 +643,55 @@ async fn delete_preconditions_and_delete_collection() {
         .collect();
     assert_eq!(left, ["c"]);
 }
+
+/// ClusterIPs come from the server's service range; one asked for outside
+/// it is refused as kube-apiserver refuses it.
+#[tokio::test]
+async fn cluster_ips_come_from_the_service_range() {
+    let server = FakeApiServer::start_with_service_range("10.0.0.0/24".parse().unwrap())
+        .await
+        .unwrap();
+    let client = server.client();
+    namespace(&client, "shop").await;
+    let services: Api<Service> = Api::namespaced(client.clone(), "shop");
+    let service = |name: &str, cluster_ip: Option<&str>| -> Service {
+        let mut spec = json!({"ports": [{"port": 80}]});
+        if let Some(ip) = cluster_ip {
+            spec["clusterIP"] = json!(ip);
+        }
+        serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec})).unwrap()
+    };
+    let allocated = services
+        .create(&PostParams::default(), &service("web", None))
+        .await
+        .unwrap();
+    assert_eq!(
+        allocated.spec.unwrap().cluster_ip.as_deref(),
+        Some("10.0.0.10")
+    );
+    let chosen = services
+        .create(&PostParams::default(), &service("api", Some("10.0.0.77")))
+        .await
+        .unwrap();
+    assert_eq!(
+        chosen.spec.unwrap().cluster_ip.as_deref(),
+        Some("10.0.0.77")
+    );
+    let outside = services
+        .create(&PostParams::default(), &service("old", Some("10.96.0.10")))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = outside else {
+        panic!("expected an API error, got {outside:?}")
+    };
+    assert_eq!((status.code, status.reason.as_str()), (422, "Invalid"));
+    assert_eq!(
+        status.message,
+        "Service \"old\" is invalid: spec.clusterIPs: Invalid value: [\"10.96.0.10\"]: failed to allocate IP 10.96.0.10: provided IP is not in the valid range. The range of valid IPs is 10.0.0.0/24"
+    );
+    // Headless Services ask for no IP.
+    services
+        .create(&PostParams::default(), &service("headless", Some("None")))
+        .await
+        .unwrap();
+}

@@ -27,6 +27,7 @@
 //! relies on one: everything they would write is written here. Objects
 //! created on an external server are removed again on drop.
 
+use ipnet::Ipv4Net;
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
@@ -211,6 +212,10 @@ pub struct KubeMode {
     /// but are not created in the API at start-up: tests create them later
     /// with [`KubeCluster::create_pod`].
     pub pending_pods: Vec<(String, String)>,
+    /// The fake API server's `--service-cluster-ip-range` (an external
+    /// server has its own): Services get their ClusterIPs from it, not the
+    /// testbed's addresses.
+    pub fake_service_range: Ipv4Net,
 }
 
 impl KubeMode {
@@ -220,6 +225,7 @@ impl KubeMode {
             api: KubeApi::Fake,
             cgroup_driver: CgroupDriver::Systemd,
             pending_pods: Vec::new(),
+            fake_service_range: fake_apiserver::DEFAULT_SERVICE_RANGE,
         }
     }
 
@@ -333,7 +339,9 @@ impl KubeCluster {
         let (fake, client, upstream) = match &mode.api {
             KubeApi::Fake => {
                 let fake = runtime
-                    .block_on(FakeApiServer::start())
+                    .block_on(FakeApiServer::start_with_service_range(
+                        mode.fake_service_range,
+                    ))
                     .map_err(TestbedKubeError::FakeServer)?;
                 let client = {
                     let _runtime = runtime.enter();

@@ -377,6 +377,15 @@ impl Testbed {
             .find(|s| s.namespace == namespace && s.name == service)
             .ok_or(unknown)?;
         entry.vip = vip;
+        // The API server's range, not the testbed's, holds it: the file no
+        // longer names a range it cannot vouch for.
+        if self
+            .cluster
+            .service_cidr
+            .is_some_and(|range| !range.contains(&vip))
+        {
+            self.cluster.service_cidr = None;
+        }
         self.save()?;
         Ok(())
     }
