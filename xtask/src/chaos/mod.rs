@@ -256,7 +256,7 @@ impl ScenarioResult {
         let _ = writeln!(out, "{}  {verdict}  ({:.1} s)", self.name, self.seconds);
         let _ = writeln!(out, "  proves: {}", self.proves);
         for (key, value) in &self.findings.figures {
-            let _ = writeln!(out, "  {key:<34} {}", display(value));
+            let _ = writeln!(out, "  {key:<38} {}", display(value));
         }
         for problem in &self.findings.problems {
             let _ = writeln!(out, "  problem: {problem}");

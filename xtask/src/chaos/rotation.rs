@@ -6,8 +6,8 @@ use sealmesh_pki::{self as pki, CaMaterial, CaSpec, Layout};
 use sealmesh_proto::admin as pb;
 
 use super::{
-    Bed, ChaosArgs, ChaosError, Findings,
-    load::{seconds_between, unix_micros},
+    Bed, CLIENT_POD, ChaosArgs, ChaosError, Findings, MARKER, NAMESPACE,
+    load::{self, LoadEvent, RunningLoad, Timeline, seconds_between, unix_micros},
 };
 use crate::{mesh::MeshOptions, testbed::kube::KubeMode};
 
@@ -16,19 +16,13 @@ const LEAF_LIFETIME: &str = "--cert-lifetime=10s";
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 const ISSUER_VALIDITY: Duration = Duration::from_secs(48 * 3600);
 const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
+/// New connections per second of the load started after the issuer moved.
+const LATE_RATE: f64 = 10.0;
 /// Load after the last step, to show it stays healthy.
 const AFTER: Duration = Duration::from_secs(3);
 
-fn options() -> MeshOptions {
-    MeshOptions {
-        identity_args: vec![
-            LEAF_LIFETIME.into(),
-            "--clock-skew=0s".into(),
-            // Local mode: the issuer directory's poll backs up its watch.
-            "--issuer-poll-interval=1s".into(),
-        ],
-        ..MeshOptions::default()
-    }
+fn short_leaves() -> Vec<String> {
+    vec![LEAF_LIFETIME.into(), "--clock-skew=0s".into()]
 }
 
 fn first_der(pem: &str, what: &str) -> Result<Vec<u8>, ChaosError> {
@@ -73,7 +67,13 @@ fn judge(findings: &mut Findings, timeline: &super::load::Timeline) {
 /// Writes a new issuer (same root) into the identity service's issuer
 /// directory under load, as cert-manager renewing it would.
 pub(super) fn issuer_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> {
-    let mut bed = Bed::up(options())?;
+    let mut identity_args = short_leaves();
+    // The issuer directory's poll backs up its watch.
+    identity_args.push("--issuer-poll-interval=1s".into());
+    let mut bed = Bed::up(MeshOptions {
+        identity_args,
+        ..MeshOptions::default()
+    })?;
     let load = bed.start_load(args)?;
     std::thread::sleep(Duration::from_secs(1));
 
@@ -114,7 +114,8 @@ pub(super) fn issuer_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
 pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> {
     let mut bed = Bed::up(MeshOptions {
         kubernetes: Some(KubeMode::fake()),
-        ..options()
+        identity_args: short_leaves(),
+        ..MeshOptions::default()
     })?;
     let load = bed.start_load(args)?;
     std::thread::sleep(Duration::from_secs(1));
@@ -132,7 +133,6 @@ pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
     ))
     .map_err(pki::PkiError::from)?;
     let kube = bed.mesh.kube().expect("the mesh runs in Kubernetes mode");
-
     let started_us = unix_micros();
     let both = format!("{old_root}{}", new_root.cert_pem);
     kube.update_trust_roots(both.as_bytes())?;
@@ -156,7 +156,26 @@ pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
         all_under(&issuer_der),
     )?;
     let moved_us = unix_micros();
+    // Connections and streams opened from here on are the new root's business:
+    // removing the old root must not cut them.
+    let late_log = bed.log_path("chaosload-late");
+    let late = RunningLoad::start(
+        bed.mesh.testbed(),
+        NAMESPACE,
+        CLIENT_POD,
+        &load::steady_args(bed.server_addr(), LATE_RATE, args.streams, MARKER),
+        &late_log,
+    )?;
+    late.wait_for("the late load's streams to be up", STEP_TIMEOUT, |events| {
+        events
+            .iter()
+            .filter(|e| matches!(e, LoadEvent::StreamUp { .. }))
+            .count()
+            >= args.streams
+    })?;
+    let late_up_us = unix_micros();
 
+    let kube = bed.mesh.kube().expect("the mesh runs in Kubernetes mode");
     kube.update_trust_roots(new_root.cert_pem.as_bytes())?;
     bed.wait_certificates("only the new root trusted", STEP_TIMEOUT, |c| {
         c.trust_anchors_pem == new_root.cert_pem
@@ -164,6 +183,7 @@ pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
     let removed_us = unix_micros();
     std::thread::sleep(AFTER);
 
+    let late = Timeline::from_events(&late.stop());
     let mut findings = Findings::default();
     let timeline = bed.finish(load, &mut findings)?;
     findings.figure("add_anchor_s", seconds_between(started_us, added_us));
@@ -171,18 +191,54 @@ pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
         "every_leaf_under_new_root_s",
         seconds_between(added_us, moved_us),
     );
-    findings.figure("remove_old_anchor_s", seconds_between(moved_us, removed_us));
+    findings.figure(
+        "remove_old_anchor_s",
+        seconds_between(late_up_us, removed_us),
+    );
+    let removal = late_up_us..=removed_us + 1_000_000;
     let failed_at_removal = timeline
         .failed()
-        .filter(|a| a.overlaps(moved_us, removed_us + 1_000_000))
+        .chain(late.failed())
+        .filter(|a| a.overlaps(*removal.start(), *removal.end()))
         .count();
-    let breaks_at_removal = timeline
+    let early_breaks_before_removal = timeline
         .stream_breaks
         .iter()
-        .filter(|b| (moved_us..=removed_us + 1_000_000).contains(&b.end_us))
+        .filter(|b| b.end_us < late_up_us)
+        .count();
+    let early_cut_at_removal = timeline
+        .stream_breaks
+        .iter()
+        .filter(|b| removal.contains(&b.end_us))
         .count();
     findings.figure("failed_at_old_anchor_removal", failed_at_removal);
-    findings.figure("stream_breaks_at_old_anchor_removal", breaks_at_removal);
-    judge(&mut findings, &timeline);
+    findings.figure("streams_broken_before_removal", early_breaks_before_removal);
+    findings.figure(
+        "streams_from_before_the_move_cut_at_removal",
+        early_cut_at_removal,
+    );
+    findings.figure("late_connections_ok", late.ok());
+    findings.figure("late_connections_failed", late.failed().count());
+    findings.figure("late_streams_cut", late.stream_breaks.len());
+    let failed = timeline.failed().count() + late.failed().count();
+    findings.check(failed == 0, || {
+        format!(
+            "{failed} connections failed during the rotation, first: {:?}",
+            timeline.first_error().or_else(|| late.first_error())
+        )
+    });
+    findings.check(early_breaks_before_removal == 0, || {
+        format!(
+            "{early_breaks_before_removal} long-lived streams broke before the old root was removed"
+        )
+    });
+    findings.check(late.stream_breaks.is_empty(), || {
+        format!(
+            "{} of {} streams opened after every leaf had moved to the new root were cut when the old root was removed ({:?}): new streams still ride HBONE connections authenticated by old-root leaves",
+            late.stream_breaks.len(),
+            args.streams,
+            late.stream_breaks.first().map(|b| &b.error)
+        )
+    });
     Ok(findings)
 }
