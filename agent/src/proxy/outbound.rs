@@ -205,12 +205,13 @@ pub(crate) async fn handle(
     );
     // A second handle on the pod's socket, to reset it if the connection is
     // refused: the app then fails at once (ECONNRESET) instead of reading an
-    // orderly end it could take for an empty answer.
-    let reset_handle = client.as_fd().try_clone_to_owned().ok();
+    // orderly end it could take for an empty answer. The tracker drops it
+    // when the connection opens.
+    if let Ok(handle) = client.as_fd().try_clone_to_owned() {
+        tracker.keep_reset_handle(handle);
+    }
     if let Err(error) = proxy(&engine, client, redirect, &mut tracker).await {
-        if !tracker.is_open()
-            && let Some(handle) = &reset_handle
-        {
+        if let Some(handle) = tracker.reset_handle() {
             let abort = libc::linger {
                 l_onoff: 1,
                 l_linger: 0,
