@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use nix::sys::resource::{Resource, setrlimit};
+use nix::sys::resource::{Resource, getrlimit, setrlimit};
 
 use super::{
     Bed, CLIENT_NODE, CLIENT_POD, ChaosArgs, ChaosError, Findings, MARKER, NAMESPACE, SERVER_NODE,
@@ -11,10 +11,9 @@ use super::{
 };
 use crate::mesh::{MeshError, MeshOptions};
 
-/// Open files every process of the scenario may have: a source-side agent
-/// holds two descriptors per pod connection (the socket and the handle kept
-/// to reset it), so 10,000 connections need more than this machine's default
-/// hard limit of 20,000. A node's container runtime gives ~1M.
+/// Open files every process of the scenario should be allowed, as a node's
+/// container runtime allows (~1M): an agent holds a descriptor per
+/// connection on each side it serves.
 const OPEN_FILES: u64 = 1 << 20;
 /// Connections being opened at once by the holding client.
 const OPENING_CONCURRENCY: usize = 128;
@@ -25,11 +24,7 @@ const MIB: f64 = 1024.0 * 1024.0;
 /// Holds `--connections` connections from the client pod to the server pod
 /// (one agent pair) for `--hold`, beside the steady load.
 pub(super) fn scale(args: &ChaosArgs) -> Result<Findings, ChaosError> {
-    // Inherited by every process the mesh starts from here on.
-    setrlimit(Resource::RLIMIT_NOFILE, OPEN_FILES, OPEN_FILES).map_err(|errno| ChaosError::Io {
-        what: format!("raising the open-files limit to {OPEN_FILES}"),
-        source: errno.into(),
-    })?;
+    let open_files_limit = raise_open_files_limit()?;
     let mut bed = Bed::up(MeshOptions::default())?;
     let load = bed.start_load(args)?;
     let pid = |node: &str| {
@@ -77,6 +72,7 @@ pub(super) fn scale(args: &ChaosArgs) -> Result<Findings, ChaosError> {
     // Measured half-way through the hold, once the agents settled.
     std::thread::sleep(args.hold / 2);
     let held = [rss_bytes(pids[0])?, rss_bytes(pids[1])?];
+    let open_files_held = [open_files(pids[0])?, open_files(pids[1])?];
     let is_released = |e: &LoadEvent| matches!(e, LoadEvent::Released { .. });
     let events = hold.wait_for(
         "the held connections to echo again",
@@ -96,6 +92,7 @@ pub(super) fn scale(args: &ChaosArgs) -> Result<Findings, ChaosError> {
     let mut findings = Findings::default();
     let timeline = bed.finish(load, &mut findings)?;
     let asked = args.connections as u64;
+    findings.figure("open_files_limit", open_files_limit);
     findings.figure("connections_asked", asked);
     findings.figure("connections_held", connections);
     findings.figure("open_errors", open_errors);
@@ -112,6 +109,10 @@ pub(super) fn scale(args: &ChaosArgs) -> Result<Findings, ChaosError> {
         findings.figure(
             &format!("agent_rss_holding_{label}_mib"),
             held[index] as f64 / MIB,
+        );
+        findings.figure(
+            &format!("agent_open_files_holding_{label}"),
+            open_files_held[index],
         );
         findings.figure(
             &format!("agent_bytes_per_connection_{label}"),
@@ -135,4 +136,47 @@ pub(super) fn scale(args: &ChaosArgs) -> Result<Findings, ChaosError> {
         )
     });
     Ok(findings)
+}
+
+/// Raises this process's open-files limit, inherited by every process the
+/// mesh starts from here on, to [`OPEN_FILES`], or as far as the hard limit
+/// goes without `CAP_SYS_RESOURCE` (containers often lack it); returns it.
+fn raise_open_files_limit() -> Result<u64, ChaosError> {
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|errno| ChaosError::Io {
+        what: "reading the open-files limit".into(),
+        source: errno.into(),
+    })?;
+    let wanted = OPEN_FILES.max(hard);
+    let limit = match setrlimit(Resource::RLIMIT_NOFILE, wanted, wanted) {
+        Ok(()) => wanted,
+        Err(nix::errno::Errno::EPERM) => {
+            tracing::warn!(
+                hard,
+                wanted,
+                "cannot raise the open-files hard limit (no CAP_SYS_RESOURCE); the mesh's processes keep {hard}"
+            );
+            setrlimit(Resource::RLIMIT_NOFILE, hard, hard).map_err(|errno| ChaosError::Io {
+                what: "raising the open-files soft limit".into(),
+                source: errno.into(),
+            })?;
+            hard
+        }
+        Err(errno) => {
+            return Err(ChaosError::Io {
+                what: format!("raising the open-files limit to {wanted}"),
+                source: errno.into(),
+            });
+        }
+    };
+    Ok(limit)
+}
+
+/// Descriptors a process has open (entries of /proc/<pid>/fd).
+fn open_files(pid: u32) -> Result<u64, ChaosError> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).map_err(|source| ChaosError::Io {
+        what: format!("listing {dir}"),
+        source,
+    })?;
+    Ok(entries.count() as u64)
 }
