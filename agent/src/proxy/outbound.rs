@@ -15,7 +15,7 @@ use std::{
     os::fd::AsFd,
     pin::pin,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -532,7 +532,13 @@ async fn open_stream(
         let lease = engine
             .pool
             .checkout(&key, || {
-                dial(engine, client_config.clone(), node, &destination.identity)
+                dial(
+                    engine,
+                    client_config.clone(),
+                    engine.credentials.not_after(&source.identity),
+                    node,
+                    &destination.identity,
+                )
             })
             .await?;
         let sent = async {
@@ -552,10 +558,12 @@ async fn open_stream(
     }
 }
 
-/// Opens a new HBONE connection to `node`, proving `expected`'s identity.
+/// Opens a new HBONE connection to `node`, proving `expected`'s identity
+/// with `client_config`, whose certificate expires at `local_not_after`.
 async fn dial(
     engine: &Engine,
     client_config: Arc<rustls::ClientConfig>,
+    local_not_after: Option<SystemTime>,
     node: SocketAddr,
     expected: &Identity,
 ) -> Result<Dialed<TlsStream<TcpStream>>, OutboundError> {
@@ -603,6 +611,11 @@ async fn dial(
         let handshake = session
             .handshake_kind()
             .expect("a completed handshake has a kind");
+        let peer_not_after = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| tls::not_after(leaf));
+        let retire_at = local_not_after.into_iter().chain(peer_not_after).min();
         let chain = peer_chain(session.peer_certificates());
         let (send, connection) = hbone::client_builder()
             .handshake::<_, Bytes>(tls)
@@ -618,6 +631,7 @@ async fn dial(
                 PeerRole::Server(got.clone()),
             )),
             peer: got,
+            retire_at,
         })
     };
     tokio::time::timeout(engine.cfg.connect_timeout, handshake)

@@ -12,7 +12,7 @@ use super::{
 use crate::{mesh::MeshOptions, testbed::kube::KubeMode};
 
 /// Short leaves, so that every agent renews under a new issuer within seconds.
-const LEAF_LIFETIME: &str = "--cert-lifetime=10s";
+const LEAF_LIFETIME: Duration = Duration::from_secs(10);
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
 const ISSUER_VALIDITY: Duration = Duration::from_secs(48 * 3600);
 const ROOT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -22,7 +22,10 @@ const LATE_RATE: f64 = 10.0;
 const AFTER: Duration = Duration::from_secs(3);
 
 fn short_leaves() -> Vec<String> {
-    vec![LEAF_LIFETIME.into(), "--clock-skew=0s".into()]
+    vec![
+        format!("--cert-lifetime={}s", LEAF_LIFETIME.as_secs()),
+        "--clock-skew=0s".into(),
+    ]
 }
 
 fn first_der(pem: &str, what: &str) -> Result<Vec<u8>, ChaosError> {
@@ -156,6 +159,10 @@ pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
         all_under(&issuer_der),
     )?;
     let moved_us = unix_micros();
+    // As an operator waits before removing the old root: every leaf it
+    // signed has expired by then.
+    std::thread::sleep(LEAF_LIFETIME);
+    let old_leaves_expired_us = unix_micros();
     // Connections and streams opened from here on are the new root's business:
     // removing the old root must not cut them.
     let late_log = bed.log_path("chaosload-late");
@@ -190,6 +197,10 @@ pub(super) fn anchor_rotation(args: &ChaosArgs) -> Result<Findings, ChaosError> 
     findings.figure(
         "every_leaf_under_new_root_s",
         seconds_between(added_us, moved_us),
+    );
+    findings.figure(
+        "old_leaves_expiry_wait_s",
+        seconds_between(moved_us, old_leaves_expired_us),
     );
     findings.figure(
         "remove_old_anchor_s",
