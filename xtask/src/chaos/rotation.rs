@@ -46,7 +46,7 @@ fn all_under(issuer_der: &[u8]) -> impl Fn(&pb::GetCertificatesResponse) -> bool
     }
 }
 
-/// What every rotation checks once the load stopped.
+/// What `issuer-rotation` checks once the load stopped: nothing failed.
 fn judge(findings: &mut Findings, timeline: &super::load::Timeline) {
     let failed = timeline.failed().count();
     findings.check(failed == 0, || {
