@@ -2,7 +2,10 @@
 //! the trust anchors as HBONE applies them. Verifying peers' chains and
 //! reading their SPIFFE identities is `sealmesh_pki::verify`'s.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    sync::{Arc, OnceLock},
+    time::{Duration, SystemTime},
+};
 
 use rustls::{
     ClientConfig, RootCertStore, ServerConfig,
@@ -17,6 +20,15 @@ pub use sealmesh_pki::verify::{PeerRole, SanNames, TlsError, peer_identity, serv
 
 /// ALPN protocol of HBONE: HTTP/2 (CONNECT streams) over mTLS.
 pub const ALPN_HBONE: &[u8] = b"h2";
+
+/// A certificate's NotAfter; `None` if it does not parse (the handshake
+/// that presented it verified it, so only for hand-made input).
+pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    use x509_parser::{certificate::X509Certificate, prelude::FromDer};
+    let (_, parsed) = X509Certificate::from_der(cert).ok()?;
+    let seconds = u64::try_from(parsed.validity().not_after.timestamp()).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
+}
 
 /// TLS 1.3 suites in the order the agent offers them (a rustls server
 /// follows the client's order). AES-128-GCM first, the suite every TLS 1.3

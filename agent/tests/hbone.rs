@@ -12,7 +12,7 @@ use std::{
     collections::HashMap,
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use http::{Method, Request, StatusCode};
@@ -164,6 +164,11 @@ impl TlsCredentials for TestCredentials {
 
     fn has_valid_cert(&self, id: &Identity) -> bool {
         self.clients.contains_key(id)
+    }
+
+    fn not_after(&self, _id: &Identity) -> Option<SystemTime> {
+        // Test leaves outlive the tests; peers' certificates still count.
+        None
     }
 
     fn anchor_changes(&self) -> watch::Receiver<u64> {

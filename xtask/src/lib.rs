@@ -5,6 +5,7 @@
 
 pub mod bench;
 pub mod capture;
+pub mod chaos;
 pub mod cmd;
 pub mod demo;
 pub mod fuzz;

@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use sealmesh_common::logging;
 use xtask::{
-    bench, demo, gates, kind, loadtest, setup,
+    bench, chaos, demo, gates, kind, loadtest, setup,
     testbed::{self, Testbed, TestbedId, TestbedSpec},
 };
 
@@ -53,6 +53,11 @@ enum Task {
     /// Connections between pods of every node through a Service at a rate and
     /// concurrency; fails on any error or any non-mTLS connection. Needs root.
     Loadtest(loadtest::LoadtestArgs),
+    /// Fault-injection scenarios under a steady load of meshed cross-node
+    /// connections (agent restart, identity outage and flood, issuer and
+    /// anchor rotation, peer partition, scale); prints each one's PASS/FAIL
+    /// and figures, and fails if any fails. Needs root and nftables.
+    Chaos(chaos::ChaosArgs),
     /// Local testbeds (network namespaces + cgroups) for humans. Needs root.
     #[command(subcommand)]
     Testbed(TestbedTask),
@@ -207,6 +212,11 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         }
         Task::Loadtest(args) => {
             if !loadtest::run(&args)?.passed() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Task::Chaos(args) => {
+            if !chaos::run(&args)?.passed() {
                 return Ok(ExitCode::FAILURE);
             }
         }

@@ -57,6 +57,10 @@ const APT_PACKAGES: &[(&str, &str)] = &[
     ("gcc", "the C compiler that ring's build script needs"),
     ("libc6-dev", "C headers and crt files for linking"),
     (
+        "nftables",
+        "`nft`, with which `cargo xtask chaos` partitions the testbed's underlay",
+    ),
+    (
         "python3",
         "the plain blocking socket clients the agent's eBPF tests run in test cgroups",
     ),

@@ -490,6 +490,11 @@ impl CertStore {
         self.anchored.load().server_config.clone()
     }
 
+    /// NotAfter of the certificate held for `id`, if any.
+    pub fn not_after(&self, id: &Identity) -> Option<SystemTime> {
+        self.certs.load().get(id).map(|c| c.not_after)
+    }
+
     pub fn has_valid_cert(&self, id: &Identity) -> bool {
         self.certs
             .load()

@@ -8,6 +8,7 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::OwnedFd,
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -336,6 +337,10 @@ pub(crate) struct ConnectionTracker {
     opened: bool,
     pub event: ConnectionEvent,
     pub bytes: Arc<ByteCounters>,
+    /// A second handle on the client's socket to reset it with if the
+    /// connection is refused; dropped when it opens, so an established
+    /// connection costs the agent one descriptor on this side, not two.
+    reset_handle: Option<OwnedFd>,
 }
 
 impl ConnectionTracker {
@@ -346,7 +351,20 @@ impl ConnectionTracker {
             opened: false,
             event: ConnectionEvent::new(id, Phase::Open, direction, src_addr),
             bytes: Arc::default(),
+            reset_handle: None,
         }
+    }
+
+    /// Keeps `handle` (a duplicate of the client's socket) until the
+    /// connection opens, for [`Self::reset_handle`].
+    pub fn keep_reset_handle(&mut self, handle: OwnedFd) {
+        self.reset_handle = Some(handle);
+    }
+
+    /// The client's socket while the connection has not opened (to reset it
+    /// on refusal); `None` once it opened.
+    pub fn reset_handle(&self) -> Option<&OwnedFd> {
+        self.reset_handle.as_ref()
     }
 
     pub fn set_src(&mut self, w: &Workload) {
@@ -378,6 +396,7 @@ impl ConnectionTracker {
     /// Reports the open event to the observers, and to tap clients if any.
     pub fn open(&mut self) {
         self.opened = true;
+        self.reset_handle = None;
         // The close event overwrites phase and timestamp.
         self.event.phase = Phase::Open;
         self.event.timestamp_ms = unix_ms(SystemTime::now());
@@ -534,6 +553,22 @@ mod tests {
         let close = rx.try_recv().unwrap();
         assert_eq!(close.refused_reason, None, "it opened: not a refusal");
         assert_eq!(close.error.as_deref(), Some("connection reset by peer"));
+    }
+
+    #[test]
+    fn the_reset_handle_is_kept_only_until_the_connection_opens() {
+        let (tx, _rx) = broadcast::channel(4);
+        let mut t = ConnectionTracker::new(
+            sink(tx),
+            1,
+            Direction::Outbound,
+            "10.0.0.1:5000".parse().unwrap(),
+        );
+        let (socket, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        t.keep_reset_handle(OwnedFd::from(socket));
+        assert!(t.reset_handle().is_some());
+        t.open();
+        assert!(t.reset_handle().is_none(), "dropped at open");
     }
 
     #[test]

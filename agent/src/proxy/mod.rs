@@ -21,7 +21,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use rustls_pki_types::CertificateDer;
@@ -77,6 +77,10 @@ pub trait TlsCredentials: Send + Sync + 'static {
     /// requiring a client certificate chaining to the trust anchors.
     fn server_config(&self) -> Arc<rustls::ServerConfig>;
     fn has_valid_cert(&self, id: &Identity) -> bool;
+    /// NotAfter of the certificate `client_config` presents for `id`;
+    /// `None` when unknown (the peer's certificate alone then bounds how
+    /// long a pooled connection takes new streams).
+    fn not_after(&self, id: &Identity) -> Option<SystemTime>;
     /// Marked changed whenever the trust anchors change; live connections
     /// then check their peer again with [`TlsCredentials::verify_peer_chain`].
     fn anchor_changes(&self) -> watch::Receiver<u64>;
@@ -100,6 +104,10 @@ impl TlsCredentials for CertStore {
 
     fn has_valid_cert(&self, id: &Identity) -> bool {
         CertStore::has_valid_cert(self, id)
+    }
+
+    fn not_after(&self, id: &Identity) -> Option<SystemTime> {
+        CertStore::not_after(self, id)
     }
 
     fn anchor_changes(&self) -> watch::Receiver<u64> {

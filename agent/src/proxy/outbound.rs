@@ -15,7 +15,7 @@ use std::{
     os::fd::AsFd,
     pin::pin,
     sync::{Arc, atomic::Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -245,13 +245,16 @@ pub(crate) async fn handle(
     );
     // A second handle on the pod's socket, to reset it if the connection is
     // refused: the app then fails at once (ECONNRESET) instead of reading an
-    // orderly end it could take for an empty answer.
-    let reset_handle = client.as_fd().try_clone_to_owned().ok();
+    // orderly end it could take for an empty answer. The tracker drops it
+    // when the connection opens.
+    if let Ok(handle) = client.as_fd().try_clone_to_owned() {
+        tracker.keep_reset_handle(handle);
+    }
     if let Err(error) = proxy(&engine, client, redirect, &mut tracker).await {
         // Splice errors (no refusal reason) come only once the path is open.
         match error.refusal_reason().filter(|_| !tracker.is_open()) {
             Some(reason) => {
-                if let Some(handle) = &reset_handle {
+                if let Some(handle) = tracker.reset_handle() {
                     let abort = libc::linger {
                         l_onoff: 1,
                         l_linger: 0,
@@ -567,7 +570,13 @@ async fn open_stream(
         let lease = engine
             .pool
             .checkout(&key, || {
-                dial(engine, client_config.clone(), node, &destination.identity)
+                dial(
+                    engine,
+                    client_config.clone(),
+                    engine.credentials.not_after(&source.identity),
+                    node,
+                    &destination.identity,
+                )
             })
             .await?;
         let sent = async {
@@ -587,10 +596,12 @@ async fn open_stream(
     }
 }
 
-/// Opens a new HBONE connection to `node`, proving `expected`'s identity.
+/// Opens a new HBONE connection to `node`, proving `expected`'s identity
+/// with `client_config`, whose certificate expires at `local_not_after`.
 async fn dial(
     engine: &Engine,
     client_config: Arc<rustls::ClientConfig>,
+    local_not_after: Option<SystemTime>,
     node: SocketAddr,
     expected: &Identity,
 ) -> Result<Dialed<TlsStream<TcpStream>>, OutboundError> {
@@ -635,6 +646,11 @@ async fn dial(
         let handshake = session
             .handshake_kind()
             .expect("a completed handshake has a kind");
+        let peer_not_after = session
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .and_then(|leaf| tls::not_after(leaf));
+        let retire_at = local_not_after.into_iter().chain(peer_not_after).min();
         let chain = peer_chain(session.peer_certificates());
         let (send, connection) = hbone::client_builder()
             .handshake::<_, Bytes>(tls)
@@ -650,6 +666,7 @@ async fn dial(
                 PeerRole::Server(got.clone()),
             )),
             peer: got,
+            retire_at,
         })
     };
     tokio::time::timeout(engine.cfg.connect_timeout, handshake)

@@ -7,7 +7,11 @@
 //! concurrent-stream limit; then another connection is opened rather than
 //! queueing behind the limit (no head-of-line blocking). Connections whose
 //! driver ended (peer closed, broken) are dropped; idle ones are closed, and
-//! so are those whose peer the trust anchors stopped trusting.
+//! so are those whose peer the trust anchors stopped trusting. A connection
+//! takes no new stream once a certificate it was authenticated with expired
+//! (its streams go on; it closes when idle): a busy pair never keeps old
+//! credentials, so after an issuer or root rotation every new stream runs
+//! under the new certificates within one leaf lifetime.
 
 use std::{
     collections::HashMap,
@@ -18,7 +22,7 @@ use std::{
         Arc, Mutex, Weak,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -78,6 +82,8 @@ struct PooledConnection {
     send: SendRequest<Bytes>,
     handshake: HandshakeKind,
     peer: Identity,
+    /// See [`Dialed::retire_at`].
+    retire_at: Option<SystemTime>,
     streams: AtomicUsize,
     closed: AtomicBool,
     last_released: Mutex<Instant>,
@@ -136,6 +142,9 @@ pub(crate) struct Dialed<T> {
     /// Resolves when the peer's certificate no longer chains to the trust
     /// anchors (one was removed): the connection and its streams end then.
     pub distrusted: Pin<Box<dyn Future<Output = TlsError> + Send>>,
+    /// When the connection stops taking new streams: the earliest NotAfter
+    /// of the two certificates its handshake used (`None`: never).
+    pub retire_at: Option<SystemTime>,
 }
 
 /// One pooled HBONE connection, as status pages and tests see it.
@@ -185,6 +194,7 @@ impl Pool {
             handshake,
             peer,
             distrusted,
+            retire_at,
         } = dial().await.inspect_err(|_| {
             slot.failed_dials.fetch_add(1, Ordering::AcqRel);
         })?;
@@ -193,6 +203,7 @@ impl Pool {
             send,
             handshake,
             peer,
+            retire_at,
             streams: AtomicUsize::new(1),
             closed: AtomicBool::new(false),
             last_released: Mutex::new(Instant::now()),
@@ -269,10 +280,12 @@ impl Slot {
     fn try_lease(&self) -> Option<Lease> {
         let mut conns = self.conns.lock().expect("pool lock poisoned");
         conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        let now = SystemTime::now();
         // Fill the fullest connection that still has room: keeps streams
         // together and lets the others go idle and close.
         let conn = conns
             .iter()
+            .filter(|c| c.retire_at.is_none_or(|at| now < at))
             .filter(|c| c.streams.load(Ordering::Acquire) < c.stream_budget())
             .max_by_key(|c| c.streams.load(Ordering::Acquire))?;
         conn.streams.fetch_add(1, Ordering::AcqRel);
@@ -377,6 +390,16 @@ mod tests {
     /// Pools one connection to an h2 server over an in-memory pipe; the
     /// server answers (pings included) only while `answering`.
     async fn pooled_connection_to(pool: &Pool, key: &PoolKey, answering: bool) {
+        pooled_connection_retiring(pool, key, answering, None).await;
+    }
+
+    /// [`pooled_connection_to`], taking no new stream from `retire_at` on.
+    async fn pooled_connection_retiring(
+        pool: &Pool,
+        key: &PoolKey,
+        answering: bool,
+        retire_at: Option<SystemTime>,
+    ) {
         let (client_io, server_io) = tokio::io::duplex(64 * 1024);
         let server = tokio::spawn(async move {
             let mut connection = h2::server::handshake(server_io).await.unwrap();
@@ -396,6 +419,7 @@ mod tests {
                     handshake: HandshakeKind::Full,
                     peer: key.destination.clone(),
                     distrusted: Box::pin(std::future::pending()),
+                    retire_at,
                 })
             })
             .await
@@ -429,6 +453,34 @@ mod tests {
         // Long after, the live one is still there: answered pings keep it.
         tokio::time::sleep(PING_INTERVAL * 3).await;
         assert_eq!(pool.total_connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_connection_whose_certificates_expired_takes_no_new_stream() {
+        let td = TrustDomain::default();
+        let key = |destination: &str| PoolKey {
+            source: td.identity("app", "a").unwrap(),
+            destination: td.identity("app", destination).unwrap(),
+            node: "127.0.0.1:15008".parse().unwrap(),
+        };
+        let pool = Pool::default();
+        let past = SystemTime::now() - Duration::from_secs(1);
+        let future = SystemTime::now() + Duration::from_secs(3600);
+        pooled_connection_retiring(&pool, &key("expired"), true, Some(past)).await;
+        pooled_connection_retiring(&pool, &key("valid"), true, Some(future)).await;
+        let dialled = |destination: &'static str| {
+            let key = key(destination);
+            let pool = &pool;
+            async move {
+                pool.checkout(&key, || async {
+                    Err::<Dialed<TcpStream>, _>(TestError::Unreachable)
+                })
+                .await
+                .is_err()
+            }
+        };
+        assert!(dialled("expired").await, "a new connection is dialled");
+        assert!(!dialled("valid").await, "the pooled connection is used");
     }
 
     #[tokio::test]

@@ -45,6 +45,12 @@ pub fn node_name(index: usize) -> String {
     format!("node-{index}")
 }
 
+/// The underlay bridge's port towards node `index` (the veth whose other
+/// end is the node's `eth0`).
+pub fn underlay_port(index: usize) -> String {
+    format!("n{index}")
+}
+
 pub fn node_ip(index: usize) -> Ipv4Addr {
     Ipv4Addr::new(172, 18, 0, host_octet(index))
 }

@@ -125,7 +125,7 @@ pub fn build(layout: &Layout, cluster: &ClusterFile) -> Result<(), TestbedError>
         rtnl.add_address(BRIDGE, UNDERLAY_GATEWAY, UNDERLAY_PREFIX_LEN)
             .await?;
         for (node, fd) in nodes.iter().zip(&node_fds) {
-            let port = format!("n{}", node.index);
+            let port = layout::underlay_port(node.index);
             rtnl.add_veth(&port, ETH0, fd).await?;
             rtnl.set(
                 LinkUnspec::new_with_name(&port)
