@@ -1,11 +1,11 @@
-//! Agent faults: `agent-restart`.
+//! Agent faults: `agent-restart`, `rolling-update`.
 
 use std::time::Duration;
 
 use nix::{sys::signal::Signal, unistd::Pid};
 
 use super::{
-    Bed, CLIENT_NODE, ChaosArgs, ChaosError, Findings,
+    Bed, CLIENT_NODE, ChaosArgs, ChaosError, Findings, SERVER_NODE,
     load::{seconds_between, unix_micros},
 };
 use crate::mesh::{MeshError, MeshOptions};
@@ -98,6 +98,52 @@ pub(super) fn agent_restart(args: &ChaosArgs) -> Result<Findings, ChaosError> {
     });
     findings.check(recovery.is_some(), || {
         "no connection succeeded after the restart".into()
+    });
+    Ok(findings)
+}
+
+/// Replaces the agent of each node as a rolling update does (the server's
+/// node first, then the client's): a new agent starts beside the running
+/// one and takes over its listening sockets, then the old one gets SIGTERM
+/// and finishes its connections. No new connection may fail; a long-lived
+/// stream the old agent carried may end when its drain does (the app
+/// reconnects), never in clear.
+pub(super) fn rolling_update(args: &ChaosArgs) -> Result<Findings, ChaosError> {
+    let mut bed = Bed::up(MeshOptions::default())?;
+    let load = bed.start_load(args)?;
+    std::thread::sleep(Duration::from_secs(1));
+
+    let mut findings = Findings::default();
+    let rolling_us = unix_micros();
+    for node in [SERVER_NODE, CLIENT_NODE] {
+        let started = std::time::Instant::now();
+        let old = bed.mesh.roll_agent(node)?;
+        findings.figure(&format!("{node}_update_s"), started.elapsed().as_secs_f64());
+        findings.check(old.success(), || {
+            format!("the old agent of {node} did not stop cleanly: {old}")
+        });
+    }
+    let rolled_us = unix_micros();
+    load.wait_for_successes(rolled_us, 5, RECOVERY_TIMEOUT)?;
+    std::thread::sleep(AFTER);
+
+    let timeline = bed.finish(load, &mut findings)?;
+    let failed: Vec<_> = timeline.failed().collect();
+    let during = timeline
+        .attempts
+        .iter()
+        .filter(|a| a.overlaps(rolling_us, rolled_us))
+        .count();
+    findings.figure("connections_during_update", during);
+    findings.check(failed.is_empty(), || {
+        format!(
+            "{} new connections failed during the update, first: {:?}",
+            failed.len(),
+            failed[0].error
+        )
+    });
+    findings.check(during > 0, || {
+        "no connection was attempted while the agents were replaced".into()
     });
     Ok(findings)
 }

@@ -144,6 +144,11 @@ pub const SCENARIOS: &[Scenario] = &[
         run: agent::agent_restart,
     },
     Scenario {
+        name: "rolling-update",
+        proves: "replacing every agent as a rolling update does (the new one takes the old one's listening sockets) fails no new connection",
+        run: agent::rolling_update,
+    },
+    Scenario {
         name: "identity-outage",
         proves: "an identity service outage spanning a renewal costs no connection while certificates are valid, and renewals resume when it returns",
         run: identity::identity_outage,
