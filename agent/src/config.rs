@@ -257,6 +257,11 @@ pub struct Args {
     /// ServiceAccounts before it listens (kept ones count at once).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub certificate_wait: Duration,
+    /// Remove sealmesh from this node and exit: delete the eBPF pins under the pin directory
+    /// (the programs detach once no agent holds them), the kept certificates and the hand-over
+    /// socket. For nodes whose agent did not remove it when its DaemonSet was deleted.
+    #[arg(long)]
+    pub uninstall: bool,
     /// Carry same-node meshed connections over mTLS (HBONE to this node) instead of connecting directly.
     #[arg(long)]
     pub force_mtls_local: bool,
@@ -513,6 +518,8 @@ pub struct AgentConfig {
     pub handover_socket: PathBuf,
     /// How long the start waits for the node's certificates before listening.
     pub certificate_wait: Duration,
+    /// Remove sealmesh from the node instead of running.
+    pub uninstall: bool,
     pub policy: Policy,
     pub plaintext_exemptions: PlaintextExemptions,
     /// How long connections of (and to) pods the registry does not know yet are held.
@@ -907,6 +914,7 @@ impl AgentConfig {
             cert_cache_dir,
             handover_socket: args.handover_socket,
             certificate_wait: args.certificate_wait,
+            uninstall: args.uninstall,
             policy: Policy {
                 force_mtls_local: args.force_mtls_local,
                 deny_plaintext: args.deny_plaintext,

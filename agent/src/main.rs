@@ -31,7 +31,7 @@ use sealmesh_agent::{
     registry::{DEFAULT_POLL_INTERVAL, LocalRegistry, WorkloadRegistry},
 };
 use sealmesh_common::{
-    consts::{AGENT_STARTED_MESSAGE, OUTBOUND_PORT},
+    consts::{AGENT_STARTED_MESSAGE, OUTBOUND_PORT, SEALMESH_REMOVED_MESSAGE},
     host, logging,
 };
 use tokio::{
@@ -42,6 +42,9 @@ use tokio::{
 /// After a failed map update, how soon the cgroup sync tries again even
 /// without a registry change.
 const CGROUP_SYNC_RETRY: Duration = Duration::from_secs(5);
+
+/// How long a stopping agent asks the API whether its DaemonSet is gone.
+const REMOVAL_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// How long a stopping agent waits for an announced successor to take its
 /// listeners: a successor's start (eBPF, certificates) takes well under it.
@@ -56,6 +59,12 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(&config);
+    if config.uninstall {
+        return match remove_from_node(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(()) => ExitCode::FAILURE,
+        };
+    }
     if let Err(error) = host::unblock_termination_signals() {
         tracing::warn!(%error, "cannot unblock SIGTERM and SIGINT; a graceful stop may not be possible");
     }
@@ -279,6 +288,13 @@ async fn run(config: AgentConfig) -> Result<()> {
             }
         }
     };
+    // Kubernetes mode: asked at stop whether sealmesh is being removed.
+    let removal_check = match &source {
+        RegistrySource::Kubernetes { client, namespace } => {
+            Some((client.clone(), namespace.clone()))
+        }
+        RegistrySource::Local(_) => None,
+    };
     match source {
         RegistrySource::Local(registry) => {
             tasks.spawn(registry.watch(DEFAULT_POLL_INTERVAL, stopped()));
@@ -320,15 +336,23 @@ async fn run(config: AgentConfig) -> Result<()> {
 
     wait_for_signal(&mut succession).await?;
     wait_for_successor(&mut succession).await;
-    if *succession.borrow() == Succession::None {
+    let handed_over = *succession.borrow() != Succession::None;
+    if !handed_over {
         HandoverServer::remove_file(&config.handover_socket, handover_file);
     }
+    let uninstalling = !handed_over && sealmesh_removed(removal_check).await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
     while let Some(done) = tasks.join_next().await {
         if let Err(error) = done {
             tracing::error!(%error, "agent task failed during shutdown");
         }
+    }
+    if uninstalling {
+        tracing::info!(
+            "sealmesh is being removed (the agent DaemonSet or its credentials are gone): removing it from this node"
+        );
+        let _ = remove_from_node(&config);
     }
     tracing::info!("sealmesh-agent stopped");
     Ok(())
@@ -479,6 +503,59 @@ async fn wait_for_successor(succession: &mut watch::Receiver<Succession>) {
             successor_pid = pid,
             "the new agent did not take over the listeners in time; stopping anyway (connections are refused until it listens)"
         ),
+    }
+}
+
+/// Whether sealmesh is being removed (Kubernetes mode: the agent's DaemonSet
+/// or its credentials are gone): this stop is then not a restart.
+async fn sealmesh_removed(removal_check: Option<(::kube::Client, String)>) -> bool {
+    let Some((client, namespace)) = removal_check else {
+        return false;
+    };
+    match tokio::time::timeout(
+        REMOVAL_CHECK_TIMEOUT,
+        kube_mode::sealmesh_being_removed(&client, &namespace),
+    )
+    .await
+    {
+        Ok(Ok(removed)) => removed,
+        Ok(Err(error)) => {
+            tracing::warn!(%error, "cannot tell whether the agent DaemonSet was deleted; keeping the redirection (meshed pods' connections fail closed until an agent runs again)");
+            false
+        }
+        Err(_) => {
+            tracing::warn!(timeout = ?REMOVAL_CHECK_TIMEOUT, "the API did not say whether the agent DaemonSet was deleted; keeping the redirection (meshed pods' connections fail closed until an agent runs again)");
+            false
+        }
+    }
+}
+
+/// Removes sealmesh from this node: the eBPF pins (the programs detach once
+/// no process holds them: this one exits next), the kept certificates and
+/// the hand-over socket; the node's pods connect directly again.
+fn remove_from_node(config: &AgentConfig) -> Result<(), ()> {
+    let removed = Redirector::remove_pins(&config.bpffs_dir);
+    if let Some(dir) = &config.cert_cache_dir
+        && let Err(error) = std::fs::remove_dir_all(dir)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, dir = %dir.display(), "cannot delete the kept certificates");
+    }
+    if let Err(error) = std::fs::remove_file(&config.handover_socket)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(%error, path = %config.handover_socket.display(), "cannot delete the hand-over socket");
+    }
+    match removed {
+        Ok(()) => {
+            tracing::info!(node = %config.node, bpffs_dir = %config.bpffs_dir.display(), "{SEALMESH_REMOVED_MESSAGE}");
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(%error, bpffs_dir = %config.bpffs_dir.display(),
+                "the redirection could not be removed; meshed pods' connections fail until `sealmesh-agent --uninstall` succeeds on this node");
+            Err(())
+        }
     }
 }
 

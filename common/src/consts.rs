@@ -66,6 +66,8 @@ pub const AGENT_HANDOVER_SOCKET: &str = "/run/sealmesh/agent.sock";
 /// paths): live while the process serves, ready when it can do its job.
 pub const HEALTH_LIVE_PATH: &str = "/healthz/live";
 pub const HEALTH_READY_PATH: &str = "/healthz/ready";
+/// What an agent logs once it removed sealmesh from its node.
+pub const SEALMESH_REMOVED_MESSAGE: &str = "sealmesh removed from this node";
 /// What the running agent logs once its successor took its listeners.
 pub const LISTENERS_HANDED_OVER_MESSAGE: &str = "listening sockets handed over to the new agent";
 

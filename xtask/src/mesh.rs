@@ -465,6 +465,17 @@ impl Mesh {
             .map_err(io_err(format!("stopping the previous agent of {node}")))
     }
 
+    /// Stops the agent of `node` as a kubelet stops a pod (SIGTERM, then
+    /// SIGKILL after the grace period), with no successor; returns how it
+    /// ended.
+    pub fn terminate_agent(&mut self, node: &str) -> Result<ExitStatus, MeshError> {
+        self.agents
+            .remove(node)
+            .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?
+            .terminate(AGENT_STOP_GRACE)
+            .map_err(io_err(format!("stopping the agent of {node}")))
+    }
+
     pub fn stop_agent(&mut self, node: &str) -> Result<(), MeshError> {
         self.agents
             .remove(node)

@@ -11,10 +11,11 @@ use std::{
 use sealmesh_common::consts::{
     AGENT_ADMIN_PORT, AGENT_METRICS_PORT, CERTIFICATE_INHERITED_MESSAGE, HBONE_PORT,
     LISTENERS_HANDED_OVER_MESSAGE, MESH_LABEL, MESH_LABEL_ENABLED, OUTBOUND_PORT,
+    SEALMESH_REMOVED_MESSAGE,
 };
 use serde_json::Value;
 use xtask::{
-    mesh::{Mesh, MeshError, MeshOptions},
+    mesh::{Mesh, MeshError, MeshOptions, locate_binary},
     testapp,
     testbed::{ChildGuard, PodSpec, TestbedSpec},
 };
@@ -936,4 +937,54 @@ fn a_rolling_update_of_every_agent_refuses_no_new_connection() {
         failed("persistent")
     );
     assert_marker_never_in_clear(capture, "vote ", "the requests during the update");
+}
+
+/// A node whose agent is gone without removing sealmesh (it crashed, or its
+/// DaemonSet was deleted while it was down) keeps refusing its meshed pods'
+/// connections, failing closed; `sealmesh-agent --uninstall` on the node
+/// removes the redirection, and the pods connect directly again.
+#[test]
+fn uninstall_on_a_node_without_agent_lets_its_pods_connect_directly() {
+    let mut app = App::up(MeshOptions::default());
+    let server = app.echo_addr(APP_NS, "server");
+    app.client_ok(APP_NS, "client", server, "meshed");
+    app.mesh.stop_agent("node-0").unwrap();
+    let refused = app.client(
+        APP_NS,
+        "client",
+        server,
+        "no agent",
+        &["--timeout-secs", "3"],
+    );
+    assert!(
+        !refused.status.success(),
+        "fails closed: {}",
+        describe(&refused)
+    );
+
+    let bpffs_dir = app.mesh.testbed().node_bpffs_dir("node-0").unwrap();
+    let out = std::process::Command::new(locate_binary("sealmesh-agent").unwrap())
+        .arg("--uninstall")
+        .arg("--cluster-file")
+        .arg(app.mesh.testbed().cluster_file_path())
+        .args(["--node", "node-0", "--log-format", "json"])
+        .arg("--bpffs-dir")
+        .arg(&bpffs_dir)
+        .arg("--handover-socket")
+        .arg(app.mesh.testbed().handover_socket("node-0"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(SEALMESH_REMOVED_MESSAGE),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        !bpffs_dir.exists(),
+        "no pin left under {}",
+        bpffs_dir.display()
+    );
+    let direct = app.client_ok(APP_NS, "client", server, "after uninstall");
+    assert!(direct.contains("ok "), "{direct}");
 }

@@ -13,7 +13,7 @@ use std::{
 };
 
 use sealmesh_common::consts::{
-    ACCESS_LOG_TARGET, AGENT_ADMIN_PORT, MESH_LABEL, MESH_LABEL_ENABLED,
+    ACCESS_LOG_TARGET, AGENT_ADMIN_PORT, MESH_LABEL, MESH_LABEL_ENABLED, SEALMESH_REMOVED_MESSAGE,
     kube::{EVENT_ISSUER_UPDATED, IDENTITY_NAME},
 };
 use sealmesh_pki::{self as pki, CaSpec, Layout};
@@ -552,4 +552,64 @@ fn pods_connecting_as_they_start_never_send_their_first_bytes_in_clear() {
     }
 
     assert_marker_never_in_clear(capture, MARKER, "the traffic");
+}
+
+/// Deleting the agents' DaemonSet (what `kubectl delete -k deploy/base`
+/// does) removes sealmesh from each node as its agent stops: the node's pods
+/// connect directly again instead of being refused for ever by a redirect
+/// nobody serves. An agent stopped while its DaemonSet exists (a restart, a
+/// drain) keeps the redirection: meshed connections fail closed meanwhile.
+#[test]
+fn deleting_the_agent_daemonset_removes_sealmesh_from_each_node_as_its_agent_stops() {
+    let mut app = App::up(KubeApi::Fake, MeshOptions::default());
+    let server = app.echo_addr("server");
+    app.client_ok(server, "meshed");
+    let links = |app: &App, node: &str| {
+        let dir = app.mesh.testbed().node_bpffs_dir(node).unwrap();
+        std::fs::read_dir(dir.join("links")).map_or(0, |entries| entries.count())
+    };
+    assert!(links(&app, "node-0") > 0, "the redirection is pinned");
+
+    let stopped = app.mesh.terminate_agent("node-0").unwrap();
+    assert!(stopped.success(), "{stopped}");
+    assert!(
+        links(&app, "node-0") > 0,
+        "a stop with the DaemonSet in place keeps the redirection"
+    );
+    let refused = app.client(server, "no agent");
+    assert!(
+        !refused.status.success(),
+        "meshed connections fail closed while no agent runs: {}",
+        describe(&refused)
+    );
+    app.mesh.start_agent("node-0").unwrap();
+    app.client_ok(server, "agent back");
+
+    // As `kubectl delete -k` does: node-0's agent stops after the DaemonSet
+    // is gone, node-1's after its RBAC is gone too (it can no longer ask).
+    app.mesh.kube().unwrap().delete_agent_daemonset().unwrap();
+    for node in ["node-0", "node-1"] {
+        if node == "node-1" {
+            app.mesh
+                .kube()
+                .unwrap()
+                .delete_agent_role_binding()
+                .unwrap();
+        }
+        let stopped = app.mesh.terminate_agent(node).unwrap();
+        assert!(stopped.success(), "{node}: {stopped}");
+        assert_eq!(links(&app, node), 0, "{node}: no link pinned");
+        let dir = app.mesh.testbed().node_bpffs_dir(node).unwrap();
+        assert!(!dir.exists(), "{node}: the pin directory is gone");
+        let removed = app
+            .mesh
+            .agent_log_lines(node)
+            .unwrap()
+            .into_iter()
+            .any(|l| l["message"] == SEALMESH_REMOVED_MESSAGE);
+        assert!(removed, "{node}: the agent said it removed sealmesh");
+    }
+    // No agent anywhere, and the pods talk again: directly, in plaintext.
+    let out = app.client_ok(server, "after uninstall");
+    assert!(out.contains("ok "), "{out}");
 }

@@ -587,8 +587,31 @@ impl Redirector {
     /// Detaches the programs and deletes this node's pins (links, maps, and the pin directory
     /// when it is left empty): for removing sealmesh from a node. A plain drop keeps redirecting.
     pub fn uninstall(self) -> Result<(), EbpfError> {
-        for link in &self.links {
-            remove_pin(&link.pin)?;
+        let root = self.pins.root.clone();
+        Self::remove_pins(&root)?;
+        // Closing our link fds is what detaches the programs, now that no pin holds them.
+        drop(self);
+        Ok(())
+    }
+
+    /// Deletes the pins under `bpffs_dir` (every link, this ABI's maps, and the directories
+    /// left empty), so the programs detach once no process holds them: at once when no agent
+    /// runs, else when the agents holding them exit. For removing sealmesh from a node.
+    pub fn remove_pins(bpffs_dir: &Path) -> Result<(), EbpfError> {
+        let pins = PinLayout::at(bpffs_dir);
+        match fs::read_dir(&pins.links) {
+            Ok(entries) => {
+                for entry in entries.flatten() {
+                    remove_pin(&entry.path())?;
+                }
+            }
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(EbpfError::PinDir {
+                    path: pins.links.clone(),
+                    source,
+                });
+            }
         }
         for map in [
             names::MESHED_PODS,
@@ -607,16 +630,9 @@ impl Redirector {
             names::REFUSED_FLOWS,
             names::INBOUND_REFUSALS,
         ] {
-            remove_pin(&self.pins.maps.join(map))?;
+            remove_pin(&pins.maps.join(map))?;
         }
-        let dirs = [
-            self.pins.maps.clone(),
-            self.pins.links.clone(),
-            self.pins.root.clone(),
-        ];
-        // Closing our link fds is what detaches the programs, now that no pin holds them.
-        drop(self);
-        for dir in dirs {
+        for dir in [pins.maps, pins.links, pins.root] {
             match fs::remove_dir(&dir) {
                 // Another ABI version's maps or another node's files: not ours to delete.
                 Err(error) if error.raw_os_error() == Some(libc::ENOTEMPTY) => {}

@@ -161,6 +161,28 @@ pub async fn connect() -> Result<Client, KubeRegistryError> {
         .map_err(KubeRegistryError::Credentials)
 }
 
+/// Whether sealmesh is being removed from the cluster: the agents'
+/// DaemonSet in `namespace` is gone or being deleted, or the agent's own
+/// credentials were revoked (401/403: its ServiceAccount or RBAC deleted,
+/// which `kubectl delete -k` does before it reaches the DaemonSet). A
+/// stopping agent then removes sealmesh from its node (pods connect directly
+/// again) instead of keeping the redirection for a successor that will never
+/// come. Any other answer (the DaemonSet there, the API unreachable) keeps
+/// it, failing closed.
+pub async fn sealmesh_being_removed(client: &Client, namespace: &str) -> Result<bool, kube::Error> {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), namespace);
+    match daemonsets
+        .get_opt(sealmesh_common::consts::kube::AGENT_DAEMONSET)
+        .await
+    {
+        Ok(None) => Ok(true),
+        Ok(Some(daemonset)) => Ok(daemonset.metadata.deletion_timestamp.is_some()),
+        Err(kube::Error::Api(status)) if status.code == 401 || status.code == 403 => Ok(true),
+        Err(error) => Err(error),
+    }
+}
+
 /// Calls `call` until it succeeds, fails for good, or `deadline` passes,
 /// backing off between transient failures.
 async fn retry_until<T, F, Fut>(

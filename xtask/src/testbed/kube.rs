@@ -589,6 +589,7 @@ impl KubeCluster {
         // A handle, not `self.block_on`: the futures borrow `self` mutably.
         let runtime = self.runtime.handle().clone();
         runtime.block_on(self.provision_objects(&cluster, pki))?;
+        runtime.block_on(self.register_agent_daemonset())?;
         // Agent pods first: their UIDs bind the agents' tokens.
         for node in &cluster.nodes {
             let agent = runtime.block_on(self.register_agent_pod(node))?;
@@ -844,6 +845,54 @@ impl KubeCluster {
         .await
         .map_err(api_err(format!("patching Node {} status", node.name)))?;
         Ok(())
+    }
+
+    /// Creates the agents' DaemonSet, which a stopping agent asks about (its
+    /// deletion means sealmesh is being removed). The testbed runs the agent
+    /// pods itself: the DaemonSet selects no node, so a real API server's
+    /// controller creates no pods for it.
+    async fn register_agent_daemonset(&mut self) -> Result<(), TestbedKubeError> {
+        let control = self.control_namespace.clone();
+        let labels = json!({ "app.kubernetes.io/name": AGENT_DAEMONSET });
+        let object = json!({
+            "apiVersion": "apps/v1",
+            "kind": "DaemonSet",
+            "metadata": { "name": AGENT_DAEMONSET, "namespace": control, "labels": managed_labels() },
+            "spec": {
+                "selector": { "matchLabels": labels },
+                "template": {
+                    "metadata": { "labels": labels },
+                    "spec": {
+                        "nodeSelector": { "sealmesh.io/testbed-runs-agents-itself": "true" },
+                        "containers": [{ "name": "agent", "image": "sealmesh-agent:testbed" }],
+                    },
+                },
+            },
+        });
+        self.replace(Some(&control), object).await?;
+        Ok(())
+    }
+
+    /// Deletes the agents' DaemonSet, as uninstalling sealmesh does.
+    pub fn delete_agent_daemonset(&self) -> Result<(), TestbedKubeError> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), &self.control_namespace);
+        self.block_on(api.delete(AGENT_DAEMONSET, &DeleteParams::default()))
+            .map(drop)
+            .map_err(api_err(format!("deleting DaemonSet {AGENT_DAEMONSET}")))
+    }
+
+    /// Deletes the agents' RoleBinding in the control namespace (their
+    /// access to the trust roots and their DaemonSet), as uninstalling
+    /// sealmesh does.
+    pub fn delete_agent_role_binding(&self) -> Result<(), TestbedKubeError> {
+        use k8s_openapi::api::rbac::v1::RoleBinding;
+        let api: Api<RoleBinding> = Api::namespaced(self.client.clone(), &self.control_namespace);
+        self.block_on(api.delete(AGENT_SERVICE_ACCOUNT, &DeleteParams::default()))
+            .map(drop)
+            .map_err(api_err(format!(
+                "deleting RoleBinding {AGENT_SERVICE_ACCOUNT}"
+            )))
     }
 
     /// Creates the agent Pod of `node` (host network, Running) and its
