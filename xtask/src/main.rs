@@ -2,6 +2,7 @@
 //! and manage local testbeds by hand.
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
@@ -9,8 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use nix::sys::signal::{SigSet, Signal};
 use sealmesh_common::logging;
 use xtask::{
-    bench, chaos, demo, gates, kind, loadtest, setup,
-    testbed::{self, Testbed, TestbedId, TestbedSpec},
+    bench, chaos, demo, gates, kind, loadtest,
+    mesh::{Mesh, MeshOptions},
+    setup,
+    testbed::{self, Testbed, TestbedId, TestbedSpec, kube::KubeMode},
 };
 
 #[derive(Parser)]
@@ -126,6 +129,16 @@ enum TestbedTask {
         pods: usize,
         #[arg(long)]
         foreground: bool,
+        /// Run the mesh in Kubernetes mode on an in-process API server: the
+        /// identity service and an agent per node run with `--mode kubernetes`;
+        /// an admin kubeconfig for the API server is written for kubectl and
+        /// sealmesh. Stays up until Ctrl-C (implies --foreground).
+        #[arg(long)]
+        kubernetes: bool,
+        /// Like --kubernetes, with an external API server (e.g. a real
+        /// kube-apiserver) and admin credentials from this kubeconfig.
+        #[arg(long, value_name = "FILE", conflicts_with = "kubernetes")]
+        kubeconfig: Option<PathBuf>,
     },
     /// Remove a testbed, or with --all every testbed's leftovers (also of crashed
     /// runs; this destroys testbeds in use too).
@@ -285,11 +298,22 @@ fn testbed_task(task: TestbedTask) -> anyhow::Result<ExitCode> {
             nodes,
             pods,
             foreground,
+            kubernetes,
+            kubeconfig,
         } => {
             // Block the signals before any thread starts, so sigwait below gets them.
             let signals = SigSet::from_iter([Signal::SIGINT, Signal::SIGTERM]);
-            if foreground {
+            let kube_mode = match (kubernetes, kubeconfig) {
+                (_, Some(kubeconfig)) => Some(KubeMode::external(kubeconfig)),
+                (true, None) => Some(KubeMode::fake()),
+                (false, None) => None,
+            };
+            if foreground || kube_mode.is_some() {
                 signals.thread_block()?;
+            }
+            if let Some(mode) = kube_mode {
+                kube_testbed_up(&TestbedSpec::meshed(nodes, pods), mode, &signals)?;
+                return Ok(ExitCode::SUCCESS);
             }
             let testbed = Testbed::up(&TestbedSpec::meshed(nodes, pods))?;
             print_testbed(&testbed);
@@ -340,6 +364,43 @@ fn join(ids: &[TestbedId]) -> String {
         .map(TestbedId::to_string)
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// `testbed up --kubernetes`: the mesh on the API server until a signal;
+/// children (agents, identity service) and the in-process API server live
+/// as long as this process.
+fn kube_testbed_up(spec: &TestbedSpec, mode: KubeMode, signals: &SigSet) -> anyhow::Result<()> {
+    let mesh = Mesh::up(
+        spec,
+        MeshOptions {
+            kubernetes: Some(mode),
+            ..MeshOptions::default()
+        },
+    )?;
+    print_testbed(mesh.testbed());
+    let kube = mesh.kube().expect("the mesh runs in Kubernetes mode");
+    if let Some(server) = kube.fake_server() {
+        let kubeconfig = mesh.testbed().state_dir().join("admin.kubeconfig");
+        server.write_kubeconfig(&kubeconfig, &server.admin_token())?;
+        println!(
+            "  API server {} (admin kubeconfig {})",
+            server.url(),
+            kubeconfig.display()
+        );
+    }
+    for node in &mesh.testbed().cluster().nodes {
+        println!(
+            "  agent {:<9} log {}",
+            node.name,
+            mesh.agent_log(&node.name).display()
+        );
+    }
+    println!("  identity  log {}", mesh.identity_log().display());
+    println!("Kubernetes mode: up until Ctrl-C");
+    let signal = signals.wait()?;
+    println!("{signal}: tearing down");
+    drop(mesh);
+    Ok(())
 }
 
 fn print_testbed(testbed: &Testbed) {

@@ -518,3 +518,90 @@ fn a_testbed_left_running_is_attached_and_removed_by_id() {
 fn testapp_is_found_next_to_test_binaries() {
     assert_eq!(testapp::locate().unwrap(), testapp_path());
 }
+
+/// `cargo xtask testbed up --kubernetes`: the mesh on an in-process API
+/// server until Ctrl-C, with an admin kubeconfig a user (kubectl, sealmesh)
+/// reaches it with; the signal takes everything down.
+#[test]
+fn testbed_up_in_kubernetes_mode_serves_the_api_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+    let mut up = Command::new(env!("CARGO_BIN_EXE_xtask"))
+        .args([
+            "testbed",
+            "up",
+            "--kubernetes",
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
+    let mut printed = Vec::new();
+    let (mut id, mut kubeconfig) = (None, None);
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if id.is_none() {
+            id = line.split_whitespace().next().map(str::to_owned);
+        }
+        if let Some(path) = line
+            .split("(admin kubeconfig ")
+            .nth(1)
+            .and_then(|rest| rest.strip_suffix(')'))
+        {
+            kubeconfig = Some(PathBuf::from(path));
+        }
+        let done = line == "Kubernetes mode: up until Ctrl-C";
+        printed.push(line);
+        if done {
+            break;
+        }
+    }
+    let kubeconfig = kubeconfig.unwrap_or_else(|| panic!("no kubeconfig in {printed:#?}"));
+    let id = id.unwrap();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (agents, apps) = runtime.block_on(async {
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(&kubeconfig).unwrap(),
+            &Default::default(),
+        )
+        .await
+        .unwrap();
+        let client = kube::Client::try_from(config).unwrap();
+        let names = |namespace: &str| {
+            let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+                kube::Api::namespaced(client.clone(), namespace);
+            async move {
+                let mut names: Vec<String> = pods
+                    .list(&Default::default())
+                    .await
+                    .unwrap()
+                    .items
+                    .into_iter()
+                    .filter_map(|p| p.metadata.name)
+                    .collect();
+                names.sort();
+                names
+            }
+        };
+        (names("sealmesh").await, names(MESHED_NAMESPACE).await)
+    });
+    assert_eq!(agents, ["sealmesh-agent-node-0", "sealmesh-agent-node-1"]);
+    assert_eq!(apps.len(), 2, "{apps:?}");
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(up.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let status = up.wait().unwrap();
+    assert!(status.success(), "{status}");
+    assert!(
+        !testbed::list().iter().any(|t| t.as_str() == id),
+        "testbed {id} was taken down"
+    );
+}
