@@ -7,6 +7,7 @@ mod certs_inspect;
 mod certview;
 mod check;
 mod edges;
+mod install;
 mod output;
 mod tap;
 mod trust_bundle;
@@ -48,6 +49,14 @@ enum Command {
     /// Whether traffic from one pod to another is mTLS, and if not why and
     /// what to change. Exits 0 when it is secured, 1 when it is not.
     Why(why::WhyArgs),
+    /// Print the manifests that install sealmesh, for `kubectl apply -f -`:
+    /// everything of deploy/base with a trust anchor and issuer (generated,
+    /// or from the --identity-* files).
+    Install(install::InstallArgs),
+    /// Print what removes sealmesh, for `kubectl delete -f -`: the agents'
+    /// DaemonSet first (each agent removes sealmesh from its node as it
+    /// stops), the Namespace last.
+    Uninstall(install::UninstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +71,8 @@ fn main() -> ExitCode {
         Command::Edges(args) => edges::run(args),
         Command::Tap(args) => tap::run(args),
         Command::Why(args) => why::run(args),
+        Command::Install(args) => install::install(&args),
+        Command::Uninstall(args) => install::uninstall(&args),
     };
     match result {
         Ok(code) => code,

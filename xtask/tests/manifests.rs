@@ -397,3 +397,132 @@ fn probes_off_the_health_paths_or_declared_agent_ports_break_the_contract() {
         ]
     );
 }
+
+fn sealmesh(args: &[&str]) -> Vec<serde_json::Value> {
+    let out = Command::new(locate_binary("sealmesh").expect("sealmesh is built"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "sealmesh {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml_ng::Deserializer::from_slice(&out.stdout)
+        .map(|document| serde::Deserialize::deserialize(document).unwrap())
+        .filter(|value: &serde_json::Value| !value.is_null())
+        .collect()
+}
+
+fn identities(objects: &[serde_json::Value]) -> Vec<(String, String, String)> {
+    objects
+        .iter()
+        .map(|o| {
+            (
+                o["kind"].as_str().unwrap().to_owned(),
+                o["metadata"]["namespace"].as_str().unwrap_or("").to_owned(),
+                o["metadata"]["name"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `sealmesh install` prints what kustomize renders of deploy/base (the same
+/// objects, images and labels) with generated PKI in the trust-roots
+/// ConfigMap and the issuer Secret; it validates against the schemas, keeps
+/// the contract, and an API server takes every object. `sealmesh uninstall`
+/// names the same objects, the agents' DaemonSet first.
+#[test]
+fn sealmesh_install_prints_the_base_with_its_pki_and_a_server_takes_it() {
+    let installed = sealmesh(&["install"]);
+    let base = manifests::render(&tools(), &repository().join("deploy/base")).expect("render");
+    let mut expected: Vec<_> =
+        identities(&base.iter().map(|o| o.document.clone()).collect::<Vec<_>>());
+    expected.push((
+        "Secret".into(),
+        "sealmesh".into(),
+        consts::kube::ISSUER_SECRET.into(),
+    ));
+    let mut got = identities(&installed);
+    expected.sort();
+    got.sort();
+    assert_eq!(got, expected);
+    for object in &base {
+        let twin = installed
+            .iter()
+            .find(|o| o["kind"] == object.kind() && o["metadata"]["name"] == object.name())
+            .unwrap();
+        assert_eq!(
+            twin["metadata"]["labels"],
+            object.document["metadata"]["labels"],
+            "{}",
+            object.describe()
+        );
+        for (mine, theirs) in object.containers().iter().zip(
+            twin["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap_or(&Vec::new()),
+        ) {
+            assert_eq!(mine["image"], theirs["image"], "{}", object.describe());
+            assert_eq!(mine["args"], theirs["args"], "{}", object.describe());
+        }
+    }
+    let roots = installed.iter().find(|o| o["kind"] == "ConfigMap").unwrap();
+    assert!(
+        roots["data"]["ca-bundle.crt"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----"),
+        "the generated anchor is in the trust roots"
+    );
+
+    let objects: Vec<_> = installed
+        .iter()
+        .map(|document| manifests::ManifestObject {
+            origin: "sealmesh install".into(),
+            document: document.clone(),
+        })
+        .collect();
+    manifests::validate_schemas(&tools(), "sealmesh install", &objects).expect("valid");
+    manifests::check_contract("sealmesh install", &objects).expect("contract");
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let server = fake_apiserver::FakeApiServer::start().await.unwrap();
+        let client = server.client();
+        for document in &installed {
+            let object: kube::api::DynamicObject =
+                serde_json::from_value(document.clone()).unwrap();
+            let gvk =
+                kube::api::GroupVersionKind::try_from(object.types.as_ref().unwrap()).unwrap();
+            let (resource, capabilities) =
+                kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
+            let api: kube::Api<kube::api::DynamicObject> =
+                if capabilities.scope == kube::discovery::Scope::Namespaced {
+                    kube::Api::namespaced_with(client.clone(), "sealmesh", &resource)
+                } else {
+                    kube::Api::all_with(client.clone(), &resource)
+                };
+            api.create(&Default::default(), &object)
+                .await
+                .unwrap_or_else(|e| panic!("{} {:?}: {e}", gvk.kind, object.metadata.name));
+        }
+    });
+
+    let uninstall = identities(&sealmesh(&["uninstall"]));
+    assert_eq!(
+        uninstall[0],
+        (
+            "DaemonSet".into(),
+            "sealmesh".into(),
+            consts::kube::AGENT_DAEMONSET.into()
+        )
+    );
+    assert_eq!(uninstall.last().unwrap().0, "Namespace");
+    let mut uninstall_sorted = uninstall.clone();
+    uninstall_sorted.sort();
+    assert_eq!(
+        uninstall_sorted, got,
+        "uninstall names every installed object"
+    );
+}

@@ -230,6 +230,17 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
         )),
         &["ds"],
     ),
+    short(
+        with_status(stored(
+            "policy",
+            "v1",
+            "poddisruptionbudgets",
+            "poddisruptionbudget",
+            "PodDisruptionBudget",
+            true,
+        )),
+        &["pdb"],
+    ),
     stored(
         "rbac.authorization.k8s.io",
         "v1",

@@ -78,6 +78,7 @@ async fn discovery_lists_every_served_group() {
             "authorization.k8s.io",
             "discovery.k8s.io",
             "events.k8s.io",
+            "policy",
             "rbac.authorization.k8s.io"
         ]
     );
