@@ -8,12 +8,22 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-RUN cargo xtask setup --build-only
+# BuildKit cache mounts keep the downloaded crates and the build directory
+# from one image build to the next, so a source change rebuilds only what it
+# touches; the binary is copied out of the cached target directory.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo xtask setup --build-only
 # The `dist` profile: release with fat LTO (Cargo.toml).
-RUN cargo build --profile dist --locked --package sealmesh-agent --bin sealmesh-agent
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --profile dist --locked --package sealmesh-agent --bin sealmesh-agent \
+    && cp target/dist/sealmesh-agent /usr/local/bin/sealmesh-agent
 
 FROM debian:bookworm-slim
-COPY --from=build /src/target/dist/sealmesh-agent /usr/local/bin/sealmesh-agent
+COPY --from=build /usr/local/bin/sealmesh-agent /usr/local/bin/sealmesh-agent
 # Root with a few capabilities (see deploy/base/agent.yaml), not privileged.
 USER 0
 ENTRYPOINT ["/usr/local/bin/sealmesh-agent"]

@@ -5,11 +5,17 @@
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
-# The `dist` profile: release with fat LTO (Cargo.toml).
-RUN cargo build --profile dist --locked --package sealmesh-identity --bin sealmesh-identity
+# The `dist` profile: release with fat LTO (Cargo.toml). BuildKit cache
+# mounts keep the crates and the build directory between image builds; the
+# binary is copied out of the cached target directory.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/usr/local/cargo/git \
+    --mount=type=cache,target=/src/target,sharing=locked \
+    cargo build --profile dist --locked --package sealmesh-identity --bin sealmesh-identity \
+    && cp target/dist/sealmesh-identity /usr/local/bin/sealmesh-identity
 
 FROM debian:bookworm-slim
-COPY --from=build /src/target/dist/sealmesh-identity /usr/local/bin/sealmesh-identity
+COPY --from=build /usr/local/bin/sealmesh-identity /usr/local/bin/sealmesh-identity
 # Matches runAsUser in deploy/base/identity.yaml.
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/sealmesh-identity"]

@@ -576,21 +576,24 @@ pub fn check_contract(
             format!("{}: port must be {IDENTITY_GRPC_PORT}", service.describe()),
         );
     }
-    // Each workload runs as its ServiceAccount; the identity service
-    // declares its ports, the agent none (on the host network they would be
-    // hostPorts, which keep its surging successor off the node).
-    for (kind, name, service_account, ports) in [
+    // Each workload runs as its ServiceAccount and is scraped on its metrics
+    // port; the identity service declares its ports, the agent none (on the
+    // host network they would be hostPorts, which keep its surging successor
+    // off the node).
+    for (kind, name, service_account, ports, metrics_port) in [
         (
             "Deployment",
             consts::kube::IDENTITY_NAME,
             consts::kube::IDENTITY_NAME,
             &[IDENTITY_GRPC_PORT, IDENTITY_METRICS_PORT][..],
+            IDENTITY_METRICS_PORT,
         ),
         (
             "DaemonSet",
             consts::kube::AGENT_DAEMONSET,
             consts::kube::AGENT_SERVICE_ACCOUNT,
             &[][..],
+            AGENT_METRICS_PORT,
         ),
     ] {
         let Some(workload) = find(kind, name) else {
@@ -601,6 +604,15 @@ pub fn check_contract(
             pod["serviceAccountName"] == service_account,
             format!(
                 "{}: serviceAccountName must be {service_account}",
+                workload.describe()
+            ),
+        );
+        let scrape_port =
+            &workload.document["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"];
+        expect(
+            *scrape_port == metrics_port.to_string(),
+            format!(
+                "{}: annotation prometheus.io/port must be \"{metrics_port}\" (its metrics port), not {scrape_port}",
                 workload.describe()
             ),
         );

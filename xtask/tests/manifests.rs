@@ -175,7 +175,8 @@ fn repository_manifests_are_valid_for_every_supported_kubernetes() {
         summary.kustomizations,
         vec![
             ("deploy/base".to_owned(), 16),
-            ("deploy/overlays/cert-manager".to_owned(), 18)
+            ("deploy/overlays/cert-manager".to_owned(), 18),
+            ("deploy/overlays/kernel-before-5.11".to_owned(), 16)
         ]
     );
 }
@@ -524,5 +525,33 @@ fn sealmesh_install_prints_the_base_with_its_pki_and_a_server_takes_it() {
     assert_eq!(
         uninstall_sorted, got,
         "uninstall names every installed object"
+    );
+}
+
+/// The base asks no SYS_RESOURCE (runtimes whose bounding set lacks it refuse
+/// to start the container); the overlay for kernels before 5.11, which
+/// charge eBPF maps to RLIMIT_MEMLOCK, adds it and nothing else.
+#[test]
+fn only_the_old_kernel_overlay_grants_sys_resource() {
+    let capabilities = |dir: &str| -> Vec<String> {
+        let objects = manifests::render(&tools(), &repository().join(dir)).expect("render");
+        let agent = objects
+            .iter()
+            .find(|o| o.kind() == "DaemonSet")
+            .expect("the agent DaemonSet");
+        agent.containers()[0]["securityContext"]["capabilities"]["add"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c.as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        capabilities("deploy/base"),
+        ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"]
+    );
+    assert_eq!(
+        capabilities("deploy/overlays/kernel-before-5.11"),
+        ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]
     );
 }
