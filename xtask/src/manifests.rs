@@ -610,7 +610,7 @@ pub fn check_contract(
         let scrape_port =
             &workload.document["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"];
         expect(
-            *scrape_port == metrics_port.to_string(),
+            scrape_port.as_str().and_then(|p| p.parse::<u16>().ok()) == Some(metrics_port),
             format!(
                 "{}: annotation prometheus.io/port must be \"{metrics_port}\" (its metrics port), not {scrape_port}",
                 workload.describe()
