@@ -7,6 +7,7 @@ mod certs_inspect;
 mod certview;
 mod check;
 mod edges;
+mod kube;
 mod output;
 mod tap;
 mod trust_bundle;
