@@ -550,8 +550,6 @@ impl ClusterSource {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterArgsError {
-    #[error("{0}: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE")]
-    Missing(String),
     #[error(transparent)]
     Load(#[from] ClusterError),
     #[error(transparent)]
@@ -567,14 +565,6 @@ impl ClusterArgs {
             return Ok(ClusterSource::Local(Box::new(ClusterFile::load(path)?)));
         }
         Ok(ClusterSource::Kubernetes(Box::new(self.kube.cluster()?)))
-    }
-
-    /// The cluster file (local mode only).
-    pub fn load(&self) -> Result<ClusterFile, ClusterArgsError> {
-        let path = self.cluster_file.as_deref().ok_or_else(|| {
-            ClusterArgsError::Missing("this command reads the cluster file".to_owned())
-        })?;
-        Ok(ClusterFile::load(path)?)
     }
 
     pub fn path(&self) -> Option<&Path> {

@@ -73,10 +73,15 @@ pub enum KubeError {
     Kubeconfig(String),
     #[error("cannot start the Kubernetes client: {0}")]
     Client(String),
-    #[error("cannot {what} from the Kubernetes API: {source}{}", hint(source))]
+    #[error(
+        "cannot {what} from the Kubernetes API: {}{}",
+        api_text(error),
+        hint(error)
+    )]
     Api {
         what: String,
-        source: Box<kube::Error>,
+        /// Shown in the message, not as a cause (its text repeats it).
+        error: Box<kube::Error>,
     },
     #[error(
         "no agent pods (label {APP_NAME_LABEL}={AGENT_DAEMONSET}) in namespace {namespace}: is sealmesh installed there? (pass --sealmesh-namespace if it runs elsewhere)"
@@ -99,11 +104,21 @@ fn hint(error: &kube::Error) -> &'static str {
     }
 }
 
+/// An API error as people read it: the server's message and code.
+fn api_text(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) => {
+            format!("{} ({} {})", status.message, status.code, status.reason)
+        }
+        other => other.to_string(),
+    }
+}
+
 fn api_error(what: impl Into<String>) -> impl FnOnce(kube::Error) -> KubeError {
     let what = what.into();
-    move |source| KubeError::Api {
+    move |error| KubeError::Api {
         what,
-        source: Box::new(source),
+        error: Box::new(error),
     }
 }
 
@@ -503,8 +518,8 @@ impl std::fmt::Display for PodPort {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ForwardError {
-    #[error("{}{}", source, hint(source))]
-    Api { source: Box<kube::Error> },
+    #[error("{}{}", api_text(error), hint(error))]
+    Api { error: Box<kube::Error> },
     #[error("{0}")]
     Pod(String),
     #[error("reading the agent's first answer: {0}")]
@@ -540,8 +555,8 @@ impl PodPort {
             .pods
             .portforward(&self.pod, &[self.port])
             .await
-            .map_err(|source| ForwardError::Api {
-                source: Box::new(source),
+            .map_err(|error| ForwardError::Api {
+                error: Box::new(error),
             })?;
         let mut stream = forwarder
             .take_stream(self.port)
