@@ -110,7 +110,19 @@ fn api_text(error: &kube::Error) -> String {
         kube::Error::Api(status) => {
             format!("{} ({} {})", status.message, status.code, status.reason)
         }
-        other => other.to_string(),
+        other => {
+            // The causes say what failed (a refused connection, a TLS error).
+            let mut text = other.to_string();
+            let mut cause = std::error::Error::source(other);
+            while let Some(error) = cause {
+                let part = error.to_string();
+                if !text.contains(&part) {
+                    text = format!("{text}: {part}");
+                }
+                cause = error.source();
+            }
+            text
+        }
     }
 }
 
@@ -623,5 +635,168 @@ impl AsyncWrite for ForwardedStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write as _;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::agents::{ClusterArgs, ClusterSource};
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+    }
+
+    fn parse(args: &[&str]) -> ClusterArgs {
+        Cli::try_parse_from([&["sealmesh"], args].concat())
+            .unwrap()
+            .cluster
+    }
+
+    /// A kubeconfig with two contexts, `a` (current) and `b`.
+    fn kubeconfig() -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(
+            br#"
+apiVersion: v1
+kind: Config
+clusters:
+  - { name: a, cluster: { server: "http://127.0.0.1:7001" } }
+  - { name: b, cluster: { server: "http://127.0.0.1:7002" } }
+users:
+  - { name: u, user: { token: "t" } }
+contexts:
+  - { name: a, context: { cluster: a, user: u } }
+  - { name: b, context: { cluster: b, user: u } }
+current-context: a
+"#,
+        )
+        .unwrap();
+        file
+    }
+
+    fn server(args: &ClusterArgs) -> String {
+        match args.source().unwrap() {
+            ClusterSource::Kubernetes(cluster) => cluster.config.cluster_url.to_string(),
+            ClusterSource::Local(_) => panic!("expected Kubernetes mode"),
+        }
+    }
+
+    #[test]
+    fn a_kubeconfig_selects_kubernetes_mode_with_its_current_or_the_given_context() {
+        let file = kubeconfig();
+        let path = file.path().to_str().unwrap();
+        let args = parse(&["--kubeconfig", path]);
+        assert_eq!(server(&args), "http://127.0.0.1:7001/");
+        assert_eq!(args.kube.sealmesh_namespace, DEFAULT_CONTROL_NAMESPACE);
+        let args = parse(&["--kubeconfig", path, "--context", "b"]);
+        assert_eq!(server(&args), "http://127.0.0.1:7002/");
+        let args = parse(&["--kubeconfig", path, "--sealmesh-namespace", "mesh-system"]);
+        let ClusterSource::Kubernetes(cluster) = args.source().unwrap() else {
+            panic!("expected Kubernetes mode");
+        };
+        assert_eq!(cluster.namespace(), "mesh-system");
+    }
+
+    #[test]
+    fn the_cluster_file_wins_over_a_kubeconfig() {
+        let mut cluster_file = tempfile::NamedTempFile::new().unwrap();
+        cluster_file
+            .write_all(
+                b"apiVersion: sealmesh.io/v1alpha1\nkind: Cluster\nname: tb-test\nnodes:\n  \
+                  - { name: node-0, ip: 172.18.0.2, podCidr: 10.244.0.0/24, cgroup: /sys/fs/cgroup/x/node-0 }\n",
+            )
+            .unwrap();
+        let file = kubeconfig();
+        let args = parse(&[
+            "--cluster-file",
+            cluster_file.path().to_str().unwrap(),
+            "--kubeconfig",
+            file.path().to_str().unwrap(),
+        ]);
+        let ClusterSource::Local(cluster) = args.source().unwrap() else {
+            panic!("expected local mode");
+        };
+        assert_eq!(cluster.nodes[0].name, "node-0");
+    }
+
+    #[test]
+    fn a_missing_kubeconfig_or_context_is_named() {
+        let args = parse(&["--kubeconfig", "/nonexistent/kubeconfig"]);
+        let error = args.source().unwrap_err().to_string();
+        assert!(
+            error.starts_with("cannot read the kubeconfig: ")
+                && error.contains("/nonexistent/kubeconfig"),
+            "{error}"
+        );
+        let file = kubeconfig();
+        let args = parse(&[
+            "--kubeconfig",
+            file.path().to_str().unwrap(),
+            "--context",
+            "c",
+        ]);
+        let error = args.source().unwrap_err().to_string();
+        assert_eq!(
+            error,
+            "cannot read the kubeconfig: failed to load current context: c"
+        );
+    }
+
+    fn agent_pod(name: &str, node: &str, phase: &str, created: &str) -> Pod {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "creationTimestamp": created},
+            "spec": {"nodeName": node, "containers": []},
+            "status": {"phase": phase, "hostIP": "172.18.0.2"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn one_agent_per_node_the_running_newest_pod() {
+        let agents = agents_of(vec![
+            agent_pod(
+                "sealmesh-agent-old",
+                "node-0",
+                "Running",
+                "2026-01-01T00:00:00Z",
+            ),
+            agent_pod(
+                "sealmesh-agent-new",
+                "node-0",
+                "Running",
+                "2026-01-02T00:00:00Z",
+            ),
+            agent_pod(
+                "sealmesh-agent-pending",
+                "node-0",
+                "Pending",
+                "2026-01-03T00:00:00Z",
+            ),
+            agent_pod(
+                "sealmesh-agent-b",
+                "node-1",
+                "Running",
+                "2026-01-01T00:00:00Z",
+            ),
+        ]);
+        let chosen: Vec<(&str, Option<&str>)> = agents
+            .iter()
+            .map(|a| (a.node.as_str(), a.pod.as_deref()))
+            .collect();
+        assert_eq!(
+            chosen,
+            [
+                ("node-0", Some("sealmesh-agent-new")),
+                ("node-1", Some("sealmesh-agent-b"))
+            ]
+        );
+        assert_eq!(agents[0].node_ip, Ipv4Addr::new(172, 18, 0, 2));
     }
 }
