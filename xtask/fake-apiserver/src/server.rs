@@ -664,6 +664,15 @@ fn resource_list(group: &str, version: &str) -> Value {
                 "verbs": ["get", "patch", "update"],
             }));
         }
+        if group.is_empty() && resource.plural == "pods" {
+            entries.push(json!({
+                "name": "pods/portforward",
+                "singularName": "",
+                "namespaced": true,
+                "kind": "PodPortForwardOptions",
+                "verbs": ["create", "get"],
+            }));
+        }
         if group.is_empty() && resource.plural == "serviceaccounts" {
             entries.push(json!({
                 "name": "serviceaccounts/token",

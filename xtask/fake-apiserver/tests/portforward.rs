@@ -4,6 +4,7 @@ use std::sync::{Arc, Mutex};
 
 use fake_apiserver::{FakeApiServer, PortForwarder};
 use futures::FutureExt;
+use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::{Api, Client};
@@ -184,6 +185,19 @@ async fn port_forward_needs_create_on_pods_portforward() {
         status.message,
         "pods \"web\" is forbidden: User \"kubernetes-admin\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"default\""
     );
+    // `kubectl auth can-i create pods --subresource=portforward` agrees.
+    let reviews: Api<SelfSubjectAccessReview> = Api::all(server.client());
+    let review = reviews
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"spec": {"resourceAttributes": {
+                "namespace": "default", "verb": "create", "resource": "pods", "subresource": "portforward",
+            }}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(!review.status.unwrap().allowed);
 }
 
 #[tokio::test]
