@@ -178,6 +178,10 @@ pub enum AgentRoute {
 }
 
 impl AgentLink {
+    pub fn new(node: String, route: AgentRoute) -> Self {
+        Self { node, route }
+    }
+
     pub fn node(&self) -> &str {
         &self.node
     }
@@ -236,12 +240,6 @@ impl AgentLink {
                 |_, _| {},
             )
             .await
-    }
-}
-
-impl AgentLink {
-    pub fn new(node: String, route: AgentRoute) -> Self {
-        Self { node, route }
     }
 }
 
