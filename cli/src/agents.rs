@@ -4,8 +4,10 @@
 //! so a caller must be "on" the node to reach it. [`AgentDirectory`] lists the
 //! agents of a cluster and runs one session per agent through a
 //! [`AgentTransport`]: in local mode ([`NetnsTransport`]) a thread that joins
-//! the node's network namespace; a Kubernetes transport (port-forward through
-//! the API server) can be added behind the same seam.
+//! the node's network namespace (root); on a Kubernetes cluster
+//! ([`PortForwardTransport`](crate::kube::PortForwardTransport)) a
+//! port-forward through the API server to the agent pod, per connection, with
+//! the caller's kubeconfig only.
 
 use std::{
     fs::File,
@@ -61,18 +63,22 @@ pub enum AgentError {
         netns: String,
         source: nix::Error,
     },
+    #[error("node {node} has no agent pod; Kubernetes mode reaches agents through their pods")]
+    NoPod { node: String },
     #[error("cannot start a thread or runtime for node {node}: {source}")]
     Runtime {
         node: String,
         source: std::io::Error,
     },
     #[error(
-        "agent on node {node} is not reachable at {address}: {source}; is the agent running there? (see its log)"
+        "agent on node {node} is not reachable at {address}: {reason}; is the agent running there? (see its log)"
     )]
     Connect {
         node: String,
-        address: SocketAddr,
-        source: tonic::transport::Error,
+        /// Where the agent was dialled (an address, or the pod port-forwarded to).
+        address: String,
+        /// The error and its causes, one line.
+        reason: String,
     },
     #[error("agent on node {node} answered {call} with an error: {status}")]
     Rpc {
@@ -112,6 +118,8 @@ pub struct AgentRef {
     pub node_ip: Ipv4Addr,
     /// Network namespace of the node (local mode).
     pub netns: Option<String>,
+    /// The agent's pod (Kubernetes mode).
+    pub pod: Option<String>,
 }
 
 /// What a session does with a connected admin client. Its future runs on a
@@ -153,14 +161,27 @@ fn connected<T: 'static>(session: Session<T>) -> LinkSession<T> {
     link_session(move |link| async move { session(link.connect().await?).await })
 }
 
-/// An agent's admin API as a session reaches it (from inside its node).
+/// An agent's admin API as a session reaches it.
 #[derive(Clone, Debug)]
 pub struct AgentLink {
     node: String,
-    address: SocketAddr,
+    route: AgentRoute,
+}
+
+/// How a link dials its agent.
+#[derive(Clone, Debug)]
+pub enum AgentRoute {
+    /// A TCP address the session's thread reaches (inside the node).
+    Direct(SocketAddr),
+    /// A port-forward through the API server, one per connection.
+    PortForward(Box<crate::kube::PodPort>),
 }
 
 impl AgentLink {
+    pub fn new(node: String, route: AgentRoute) -> Self {
+        Self { node, route }
+    }
+
     pub fn node(&self) -> &str {
         &self.node
     }
@@ -171,17 +192,27 @@ impl AgentLink {
     }
 
     async fn connect_within(&self, timeout: Duration) -> Result<AdminClient<Channel>, AgentError> {
-        let endpoint = Endpoint::from_shared(format!("http://{}", self.address))
-            .expect("a socket address makes a valid URI")
-            .connect_timeout(timeout);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| AgentError::Connect {
-                node: self.node.clone(),
-                address: self.address,
-                source,
-            })?;
+        let connected = match &self.route {
+            AgentRoute::Direct(address) => {
+                Endpoint::from_shared(format!("http://{address}"))
+                    .expect("a socket address makes a valid URI")
+                    .connect_timeout(timeout)
+                    .connect()
+                    .await
+            }
+            AgentRoute::PortForward(pod_port) => {
+                Endpoint::from_shared(pod_port.uri())
+                    .expect("a pod's name makes a valid URI")
+                    .connect_timeout(timeout)
+                    .connect_with_connector(pod_port.connector())
+                    .await
+            }
+        };
+        let channel = connected.map_err(|error| AgentError::Connect {
+            node: self.node.clone(),
+            address: self.route.to_string(),
+            reason: error_chain(&error),
+        })?;
         Ok(AdminClient::new(channel))
     }
 
@@ -209,6 +240,34 @@ impl AgentLink {
                 |_, _| {},
             )
             .await
+    }
+}
+
+impl std::fmt::Display for AgentRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Direct(address) => write!(f, "{address}"),
+            Self::PortForward(pod_port) => write!(f, "{pod_port}"),
+        }
+    }
+}
+
+/// An error and its causes on one line, without tonic's bare
+/// "transport error" wrapper.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(error) = next {
+        let text = error.to_string();
+        if text != "transport error" && !parts.iter().any(|part| part.contains(&text)) {
+            parts.push(text);
+        }
+        next = error.source();
+    }
+    if parts.is_empty() {
+        "transport error".to_owned()
+    } else {
+        parts.join(": ")
     }
 }
 
@@ -304,10 +363,10 @@ impl AgentTransport for NetnsTransport {
                         node: node.clone(),
                         source,
                     })?;
-                let link = AgentLink {
+                let link = AgentLink::new(
                     node,
-                    address: SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT)),
-                };
+                    AgentRoute::Direct(SocketAddr::from((Ipv4Addr::LOCALHOST, AGENT_ADMIN_PORT))),
+                );
                 runtime.block_on(session(link))
             })
             .map_err(|source| AgentError::Runtime {
@@ -317,14 +376,34 @@ impl AgentTransport for NetnsTransport {
     }
 }
 
+/// Either transport, chosen at run time by where the cluster is described.
+#[derive(Debug)]
+pub enum AnyTransport {
+    Netns(NetnsTransport),
+    PortForward(Box<crate::kube::PortForwardTransport>),
+}
+
+impl AgentTransport for AnyTransport {
+    fn spawn_linked<T: Send + 'static>(
+        &self,
+        agent: &AgentRef,
+        session: LinkSession<T>,
+    ) -> Result<SessionHandle<T>, AgentError> {
+        match self {
+            Self::Netns(transport) => transport.spawn_linked(agent, session),
+            Self::PortForward(transport) => transport.spawn_linked(agent, session),
+        }
+    }
+}
+
 /// The agents of a cluster and the way to reach them.
 #[derive(Debug)]
-pub struct AgentDirectory<T = NetnsTransport> {
+pub struct AgentDirectory<T = AnyTransport> {
     agents: Vec<AgentRef>,
     transport: T,
 }
 
-impl AgentDirectory<NetnsTransport> {
+impl AgentDirectory {
     /// Local mode: one agent per node of the cluster file.
     pub fn local(cluster: &ClusterFile) -> Result<Self, AgentError> {
         let agents = cluster
@@ -334,12 +413,29 @@ impl AgentDirectory<NetnsTransport> {
                 node: node.name.clone(),
                 node_ip: node.ip,
                 netns: node.netns.clone(),
+                pod: None,
             })
             .collect();
         Ok(Self {
             agents,
-            transport: NetnsTransport::new()?,
+            transport: AnyTransport::Netns(NetnsTransport::new()?),
         })
+    }
+
+    /// Kubernetes mode: the agent pods the API lists, reached by port-forward.
+    pub fn kubernetes(agents: Vec<AgentRef>, transport: crate::kube::PortForwardTransport) -> Self {
+        Self {
+            agents,
+            transport: AnyTransport::PortForward(Box::new(transport)),
+        }
+    }
+
+    /// The agents of whichever cluster `source` describes.
+    pub fn of(source: &ClusterSource) -> Result<Self, anyhow::Error> {
+        match source {
+            ClusterSource::Local(cluster) => Ok(Self::local(cluster)?),
+            ClusterSource::Kubernetes(cluster) => Ok(cluster.agent_directory()?),
+        }
     }
 }
 
@@ -417,32 +513,56 @@ pub fn join<R>(node: &str, handle: SessionHandle<R>) -> Result<R, AgentError> {
     })
 }
 
-/// Where the CLI learns about the cluster.
+/// Where the CLI learns about the cluster: the cluster file (local mode), or
+/// else the Kubernetes API as kubectl finds it.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClusterArgs {
     /// Local mode: the cluster file (written by the testbed) that lists the
-    /// nodes, pods and the identity service.
+    /// nodes, pods and the identity service. Without it the CLI uses the
+    /// Kubernetes API (kubeconfig or in-cluster config).
     #[arg(long, env = "SEALMESH_CLUSTER_FILE")]
     pub cluster_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub kube: crate::kube::KubeArgs,
+}
+
+/// The cluster a command works on.
+#[derive(Debug)]
+pub enum ClusterSource {
+    /// The testbed's cluster file; agents are reached in node namespaces.
+    Local(Box<ClusterFile>),
+    /// A Kubernetes cluster; agents are reached by port-forward.
+    Kubernetes(Box<crate::kube::KubeCluster>),
+}
+
+impl ClusterSource {
+    /// The cluster's pods, Services, namespaces and nodes as a cluster file
+    /// (on Kubernetes read from the API now).
+    pub fn cluster_file(&self) -> Result<std::borrow::Cow<'_, ClusterFile>, ClusterArgsError> {
+        match self {
+            Self::Local(cluster) => Ok(std::borrow::Cow::Borrowed(cluster)),
+            Self::Kubernetes(cluster) => Ok(std::borrow::Cow::Owned(cluster.snapshot()?)),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterArgsError {
-    #[error(
-        "no cluster given: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE (Kubernetes mode is not available yet)"
-    )]
-    Missing,
     #[error(transparent)]
     Load(#[from] ClusterError),
+    #[error(transparent)]
+    Kube(#[from] crate::kube::KubeError),
 }
 
 impl ClusterArgs {
-    pub fn load(&self) -> Result<ClusterFile, ClusterArgsError> {
-        let path = self
-            .cluster_file
-            .as_deref()
-            .ok_or(ClusterArgsError::Missing)?;
-        Ok(ClusterFile::load(path)?)
+    /// The cluster file given with `--cluster-file`, else the Kubernetes
+    /// cluster of the kubeconfig (`--kubeconfig`, `KUBECONFIG`,
+    /// `~/.kube/config`) or of the pod the CLI runs in.
+    pub fn source(&self) -> Result<ClusterSource, ClusterArgsError> {
+        if let Some(path) = &self.cluster_file {
+            return Ok(ClusterSource::Local(Box::new(ClusterFile::load(path)?)));
+        }
+        Ok(ClusterSource::Kubernetes(Box::new(self.kube.cluster()?)))
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -461,6 +581,7 @@ mod tests {
             node: "node-0".into(),
             node_ip: Ipv4Addr::new(172, 18, 0, 2),
             netns: None,
+            pod: None,
         };
         let err = transport
             .spawn::<()>(&agent, Box::new(|_| Box::pin(async { Ok(()) })))
@@ -480,6 +601,7 @@ mod tests {
             node: "node-1".into(),
             node_ip: Ipv4Addr::new(172, 18, 0, 3),
             netns: Some("sm-x-n1".into()),
+            pod: None,
         };
         let err = transport
             .spawn::<()>(&agent, Box::new(|_| Box::pin(async { Ok(()) })))

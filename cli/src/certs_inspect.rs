@@ -11,12 +11,13 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 use rustls_pki_types::CertificateDer;
+use sealmesh_common::{cluster::ClusterFile, consts::kube::TRUST_ROOTS_CONFIGMAP};
 use sealmesh_pki::parse_pem_certs;
 use sealmesh_proto::admin::{CertificateStatus, GetCertificatesRequest};
 use time::OffsetDateTime;
 
 use crate::{
-    agents::{AgentDirectory, ClusterArgs, call, session},
+    agents::{AgentDirectory, ClusterArgs, ClusterSource, call, session},
     certview::{self, CertFacts},
 };
 
@@ -32,8 +33,8 @@ pub struct InspectArgs {
     #[arg(long, requires = "agent")]
     identity: Option<String>,
     /// Trust anchors to verify against. Default: the cluster file's
-    /// `identity.trustAnchorsFile`; with --agent and no cluster anchors, the
-    /// anchors the agent trusts.
+    /// `identity.trustAnchorsFile`, on Kubernetes the trust-roots ConfigMap;
+    /// with --agent and no cluster anchors, the anchors the agent trusts.
     #[arg(long)]
     trust_anchors: Option<PathBuf>,
     #[command(flatten)]
@@ -56,17 +57,31 @@ fn read_anchors(path: &PathBuf) -> anyhow::Result<Anchors> {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
-    let cluster = match args.cluster.path() {
-        Some(_) => Some(args.cluster.load()?),
-        None => None,
+    // An agent is found in the cluster; a file needs one only for anchors.
+    let source = if args.agent.is_some() || args.cluster.path().is_some() {
+        Some(args.cluster.source()?)
+    } else {
+        None
     };
-    let anchors_path = args.trust_anchors.clone().or_else(|| {
-        cluster
+    let anchors = match (&args.trust_anchors, &source) {
+        (Some(path), _) => Some(read_anchors(path)?),
+        (None, Some(ClusterSource::Local(cluster))) => cluster
+            .identity
             .as_ref()
-            .and_then(|c| c.identity.as_ref())
-            .map(|i| i.trust_anchors_file.clone())
-    });
-    let anchors = anchors_path.as_ref().map(read_anchors).transpose()?;
+            .map(|identity| read_anchors(&identity.trust_anchors_file))
+            .transpose()?,
+        (None, Some(ClusterSource::Kubernetes(cluster))) => {
+            let source = format!("ConfigMap {}/{TRUST_ROOTS_CONFIGMAP}", cluster.namespace());
+            Some(Anchors {
+                certificates: parse_pem_certs(
+                    &cluster.trust_anchors_pem()?,
+                    &format!("trust anchors of {source}"),
+                )?,
+                source,
+            })
+        }
+        (None, None) => None,
+    };
     let now = OffsetDateTime::now_utc();
 
     if let Some(file) = &args.file {
@@ -82,23 +97,21 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         .agent
         .as_deref()
         .expect("clap requires FILE or --agent");
-    let cluster = cluster.context(
-        "--agent reads the agent's certificates: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE",
-    )?;
+    let source = source.expect("--agent makes the cluster source");
+    let trust_domain = match &source {
+        ClusterSource::Local(cluster) => cluster.trust_domain()?,
+        // The agents' default; a cluster file names its own.
+        ClusterSource::Kubernetes(_) => ClusterFile::new("kubernetes").trust_domain()?,
+    };
     let wanted_identity = args
         .identity
         .as_deref()
-        .map(|text| {
-            cluster
-                .trust_domain()
-                .map_err(anyhow::Error::from)
-                .and_then(|td| Ok(td.parse(text)?.spiffe_uri()))
-        })
+        .map(|text| anyhow::Ok(trust_domain.parse(text)?.spiffe_uri()))
         .transpose()?;
-    let directory = AgentDirectory::local(&cluster)?;
+    let directory = AgentDirectory::of(&source)?;
     let agent = directory
         .agent(node)
-        .with_context(|| format!("node {node} is not in the cluster file"))?
+        .with_context(|| format!("node {node} runs no agent sealmesh knows of"))?
         .clone();
     let agent_node = agent.node.clone();
     let response = directory.query(

@@ -14,7 +14,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Args;
 use rustls_pki_types::CertificateDer;
-use sealmesh_common::cluster::ClusterFile;
+use sealmesh_common::{cluster::ClusterFile, consts::kube::TRUST_ROOTS_CONFIGMAP};
 use sealmesh_pki::{CaMaterial, Issuer, TrustAnchors};
 use sealmesh_proto::admin::{
     AgentStatus, GetCertificatesRequest, GetCertificatesResponse, GetStatusRequest,
@@ -22,8 +22,9 @@ use sealmesh_proto::admin::{
 use time::OffsetDateTime;
 
 use crate::{
-    agents::{AgentDirectory, AgentError, ClusterArgs, call, session},
+    agents::{AgentDirectory, AgentError, ClusterArgs, ClusterSource, call, session},
     certview::{self, CertFacts},
+    kube::KubeCluster,
     trust_bundle::{self, LiveChain},
 };
 
@@ -48,7 +49,8 @@ pub struct CheckArgs {
     #[arg(long, conflicts_with_all = ["trust_anchors", "issuer_dir"])]
     pki_dir: Option<PathBuf>,
     /// PEM bundle of trust anchors. Default: the cluster file's
-    /// `identity.trustAnchorsFile`.
+    /// `identity.trustAnchorsFile`; on Kubernetes the trust-roots ConfigMap
+    /// and the issuer Secret of the sealmesh namespace.
     #[arg(long)]
     trust_anchors: Option<PathBuf>,
     /// Issuer directory (`crt.pem` + `key.pem`, or `tls.crt` + `tls.key` +
@@ -157,14 +159,23 @@ fn failed(sections: &[Section]) -> bool {
 }
 
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let cluster = match args.cluster.path() {
-        Some(_) => Some(args.cluster.load()?),
-        None => None,
+    let explicit_pki = args.pki_dir.is_some() || args.trust_anchors.is_some();
+    // The cluster is needed for the agents, and for the PKI unless flags name it.
+    let source = if args.cluster.path().is_some() || args.proxy || !explicit_pki {
+        Some(args.cluster.source()?)
+    } else {
+        None
     };
-    let (anchors_file, issuer_dir) = pki_paths(&args, cluster.as_ref())?;
+    let pki = match &source {
+        Some(ClusterSource::Kubernetes(cluster)) if !explicit_pki && args.issuer_dir.is_none() => {
+            load_cluster_pki(cluster)
+        }
+        Some(ClusterSource::Local(cluster)) => load_pki_files(&pki_paths(&args, Some(cluster))?),
+        _ => load_pki_files(&pki_paths(&args, None)?),
+    };
     let now = OffsetDateTime::now_utc();
     let mut sections = Vec::new();
-    let (identity, (anchors, issuer_chain)) = check_identity(&anchors_file, &issuer_dir, now);
+    let (identity, (anchors, issuer_chain)) = check_identity(pki, now);
     sections.push(identity);
     let mut live = Vec::new();
     if let Some(chain) = issuer_chain {
@@ -174,10 +185,10 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         });
     }
     if args.proxy {
-        let cluster = cluster.context(
-            "--proxy checks the agents of a cluster: pass --cluster-file FILE or set SEALMESH_CLUSTER_FILE",
+        let source = source.context(
+            "--proxy checks the agents of a cluster: pass --kubeconfig FILE, or --cluster-file FILE in local mode",
         )?;
-        sections.push(match AgentDirectory::local(&cluster) {
+        sections.push(match AgentDirectory::of(&source) {
             Ok(directory) => {
                 let (section, leaves) = check_data_plane(&directory, anchors.as_deref(), now);
                 live.extend(leaves);
@@ -187,9 +198,16 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
                 let mut section = Section::new(DATA_PLANE_SECTION);
                 section.expect(
                     AGENTS_REACHABLE,
-                    vec![e.to_string()],
+                    vec![format!("{e:#}")],
                     Status::Fail,
-                    "run `sealmesh check --proxy` as root on the host of the testbed",
+                    match source {
+                        ClusterSource::Local(_) => {
+                            "run `sealmesh check --proxy` as root on the host of the testbed"
+                        }
+                        ClusterSource::Kubernetes(_) => {
+                            "check that the agent DaemonSet runs (`kubectl -n <sealmesh namespace> get pods`) and that you may list its pods and create pods/portforward there"
+                        }
+                    },
                 );
                 section
             }
@@ -238,6 +256,24 @@ fn pki_paths(
     Ok((anchors, issuer))
 }
 
+/// The trust anchors and the issuer, loaded (or why not).
+type Pki = Result<(TrustAnchors, CaMaterial), String>;
+
+fn load_pki_files((anchors_file, issuer_dir): &(PathBuf, PathBuf)) -> Pki {
+    let anchors = TrustAnchors::load(anchors_file).map_err(|e| e.to_string())?;
+    let material = CaMaterial::read_dir(issuer_dir).map_err(|e| e.to_string())?;
+    Ok((anchors, material))
+}
+
+/// Kubernetes mode: the trust-roots ConfigMap and the issuer Secret.
+fn load_cluster_pki(cluster: &KubeCluster) -> Pki {
+    let source = format!("ConfigMap {}/{TRUST_ROOTS_CONFIGMAP}", cluster.namespace());
+    let pem = cluster.trust_anchors_pem().map_err(|e| e.to_string())?;
+    let anchors = TrustAnchors::from_pem(&pem, &source).map_err(|e| e.to_string())?;
+    let material = cluster.issuer_material().map_err(|e| e.to_string())?;
+    Ok((anchors, material))
+}
+
 /// The current anchors (DER) and the issuer's chain, when they loaded.
 type Loaded = (
     Option<Vec<CertificateDer<'static>>>,
@@ -246,23 +282,14 @@ type Loaded = (
 
 /// The identity section; also returns the anchors and the issuer chain (DER)
 /// when they loaded.
-fn check_identity(
-    anchors_file: &Path,
-    issuer_dir: &Path,
-    now: OffsetDateTime,
-) -> (Section, Loaded) {
+fn check_identity(pki: Pki, now: OffsetDateTime) -> (Section, Loaded) {
     let mut section = Section::new("sealmesh-identity");
-    let loaded = TrustAnchors::load(anchors_file)
-        .map_err(|e| e.to_string())
-        .and_then(|anchors| {
-            let material = CaMaterial::read_dir(issuer_dir).map_err(|e| e.to_string())?;
-            let issuer_chain = certview::read_certificates(
-                &material.cert_pem,
-                &format!("issuer {}", issuer_dir.display()),
-            )
-            .map_err(|e| e.to_string())?;
-            Ok((anchors, material, issuer_chain))
-        });
+    let loaded = pki.and_then(|(anchors, material)| {
+        let issuer_chain =
+            certview::read_certificates(&material.cert_pem, &format!("issuer {}", material.source))
+                .map_err(|e| e.to_string())?;
+        Ok((anchors, material, issuer_chain))
+    });
     let (anchors, material, issuer_chain) = match loaded {
         Ok(loaded) => loaded,
         Err(problem) => {

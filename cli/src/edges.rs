@@ -162,8 +162,7 @@ pub fn fetch(directory: &AgentDirectory) -> (Vec<MergedEdge>, Vec<AgentError>) {
 }
 
 pub fn run(args: EdgesArgs) -> anyhow::Result<ExitCode> {
-    let cluster = args.cluster.load()?;
-    let directory = AgentDirectory::local(&cluster)?;
+    let directory = AgentDirectory::of(&args.cluster.source()?)?;
     let (edges, failures) = fetch(&directory);
     if failures.len() == directory.agents().len() {
         let reasons: Vec<String> = failures.iter().map(ToString::to_string).collect();

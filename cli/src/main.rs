@@ -8,6 +8,7 @@ mod certview;
 mod check;
 mod edges;
 mod install;
+mod kube;
 mod output;
 mod tap;
 mod trust_bundle;

@@ -18,7 +18,8 @@ use serde_json::json;
 
 use crate::{
     agents::{
-        AgentDirectory, AgentError, AgentLink, ClusterArgs, RECONNECT, call, join, link_session,
+        AgentDirectory, AgentError, AgentLink, ClusterArgs, ClusterSource, RECONNECT, call, join,
+        link_session,
     },
     edges::DEFAULT_NAMESPACE,
 };
@@ -228,9 +229,15 @@ struct AgentWatch {
 }
 
 pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
-    let cluster = args.cluster.load()?;
-    let filter = Filter::resolve(&args, &cluster)?;
-    let directory = AgentDirectory::local(&cluster)?;
+    let source = args.cluster.source()?;
+    // Only a pod or deployment target needs the cluster's pods.
+    let filter = match (&source, &args.target) {
+        (ClusterSource::Kubernetes(_), None) => {
+            Filter::resolve(&args, &ClusterFile::new("kubernetes"))?
+        }
+        _ => Filter::resolve(&args, &*source.cluster_file()?)?,
+    };
+    let directory = AgentDirectory::of(&source)?;
     let (events_tx, events_rx) = mpsc::channel::<TapMessage>();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let request = filter.request();

@@ -142,10 +142,11 @@ impl Explanation {
 }
 
 pub fn run(args: WhyArgs) -> anyhow::Result<ExitCode> {
-    let cluster = args.cluster.load()?;
+    let source = args.cluster.source()?;
+    let cluster = source.cluster_file()?;
     let src = resolve_pod(&cluster, &args.src, &args.namespace)?;
     let (dst, dst_note) = resolve_destination(&cluster, &args.dst, &args.namespace)?;
-    let directory = AgentDirectory::local(&cluster)?;
+    let directory = AgentDirectory::of(&source)?;
     let mut nodes = vec![src.node.clone()];
     if dst.node != src.node {
         nodes.push(dst.node.clone());
@@ -156,7 +157,7 @@ pub fn run(args: WhyArgs) -> anyhow::Result<ExitCode> {
         .map(|node| {
             let agent = directory
                 .agent(node)
-                .with_context(|| format!("node {node} is not in the cluster file"))?;
+                .with_context(|| format!("node {node} runs no agent sealmesh knows of"))?;
             Ok((
                 node.clone(),
                 directory.spawn(agent, view_session(node.clone())),

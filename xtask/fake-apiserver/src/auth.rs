@@ -5,7 +5,9 @@ use std::collections::{HashMap, HashSet};
 use std::fmt;
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use sealmesh_common::consts::kube::{TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID};
+use sealmesh_common::consts::kube::{
+    SERVICE_ACCOUNT_USERNAME_PREFIX, TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID,
+};
 use serde_json::{Value, json};
 
 use crate::resources::{by_id, id_of};
@@ -20,6 +22,9 @@ const DEFAULT_EXPIRATION_SECONDS: i64 = 3600;
 /// The real server rejects shorter TokenRequests.
 const MIN_EXPIRATION_SECONDS: i64 = 600;
 const ADMIN_USER: &str = "kubernetes-admin";
+/// Who kubectl's requests without credentials are served as (the real
+/// server's insecure port had this user).
+const INSECURE_PORT_USER: &str = "system:unsecured";
 
 /// What a ServiceAccount token stands for.
 #[derive(Clone)]
@@ -129,8 +134,8 @@ impl Auth {
         None
     }
 
-    /// Checks the credentials of an API request: the `Authorization` header
-    /// value and the `User-Agent`.
+    /// Checks the credentials of an API request (the `Authorization` header
+    /// value and the `User-Agent`) and returns the caller's user name.
     ///
     /// kubectl (client-go) never sends credentials to an `http://` server, so
     /// kubectl requests without credentials are served, as the real server's
@@ -141,9 +146,9 @@ impl Auth {
         authorization: Option<&str>,
         user_agent: Option<&str>,
         store: &Store,
-    ) -> Result<(), ApiError> {
+    ) -> Result<String, ApiError> {
         if authorization.is_none() && user_agent.is_some_and(|agent| agent.starts_with("kubectl")) {
-            return Ok(());
+            return Ok(INSECURE_PORT_USER.to_string());
         }
         let Some(token) = authorization
             .and_then(|value| value.strip_prefix("Bearer "))
@@ -157,7 +162,7 @@ impl Auth {
             });
         };
         if token == self.admin_token {
-            return Ok(());
+            return Ok(ADMIN_USER.to_string());
         }
         let Some(sa_token) = self.tokens.get(token) else {
             return Err(ApiError::Unauthorized { hint: None });
@@ -179,7 +184,19 @@ impl Auth {
                 )),
             });
         }
-        Ok(())
+        Ok(format!(
+            "{SERVICE_ACCOUNT_USERNAME_PREFIX}{}:{}",
+            sa_token.namespace, sa_token.service_account
+        ))
+    }
+
+    /// Whether a caller may `verb` `resource` (`plural` or
+    /// `plural/subresource`) of `group`: RBAC is not enforced, so everything
+    /// is allowed except what [`Auth::deny`] listed (for every caller).
+    pub fn allows(&self, group: &str, resource: &str, verb: &str) -> bool {
+        !self
+            .denied
+            .contains(&(group.to_string(), resource.to_string(), verb.to_string()))
     }
 
     /// `POST /api/v1/namespaces/{ns}/serviceaccounts/{name}/token`.
@@ -378,8 +395,12 @@ impl Auth {
                 .unwrap_or_default()
                 .to_string()
         };
-        let key = (attribute("group"), attribute("resource"), attribute("verb"));
-        let status = if self.denied.contains(&key) {
+        let resource = match attribute("subresource").as_str() {
+            "" => attribute("resource"),
+            subresource => format!("{}/{subresource}", attribute("resource")),
+        };
+        let key = (attribute("group"), resource, attribute("verb"));
+        let status = if !self.allows(&key.0, &key.1, &key.2) {
             json!({"allowed": false, "denied": true, "reason": format!("denied by the test (deny_access {key:?})")})
         } else {
             json!({"allowed": true, "reason": "RBAC is not enforced by the fake API server"})

@@ -29,6 +29,10 @@
 //!   sent as ADDED/DELETED; BOOKMARKs every second with
 //!   `allowWatchBookmarks`; `timeoutSeconds`; a resourceVersion older than the
 //!   history (see [`FakeApiServer::compact`]) gets a 410 Expired ERROR event;
+//! - `pods/portforward` over WebSocket (kube-rs' `Api::portforward`), to
+//!   pods' ports through a [`PortForwarder`] the caller registers, since no
+//!   kubelet runs (`create` on `pods/portforward` is needed, see
+//!   [`FakeApiServer::deny_access`]);
 //! - bearer tokens: an admin token, and ServiceAccount tokens from
 //!   TokenRequest (audiences, expiry, bound Pod) that TokenReview verifies
 //!   and that authenticate API calls when they carry the API audience
@@ -43,7 +47,8 @@
 //!   `data`; deleting a namespace deletes its objects.
 //!
 //! Not modelled: RBAC enforcement (every valid token may do everything;
-//! SelfSubjectAccessReview answers from [`FakeApiServer::deny_access`]),
+//! SelfSubjectAccessReview and port-forward answer from
+//! [`FakeApiServer::deny_access`]),
 //! admission (beyond the namespace-must-exist check), validation beyond
 //! names, garbage collection (ownerReferences), graceful deletion and
 //! finalizers (deletes are immediate), controllers (no ServiceAccount token
@@ -55,6 +60,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod portforward;
 mod resources;
 mod selector;
 mod server;
@@ -75,6 +81,8 @@ use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::server::{Shared, lock};
+
+pub use crate::portforward::PortForwarder;
 
 /// Name of the cluster, user and context in the generated kubeconfig.
 const KUBECONFIG_NAME: &str = "fake-apiserver";
@@ -187,9 +195,18 @@ impl FakeApiServer {
     }
 
     /// Answers SelfSubjectAccessReviews for this (group, resource, verb) with
-    /// allowed=false. The core group is "".
+    /// allowed=false, and refuses such requests where the server authorises
+    /// them (`pods/portforward`: 403). The core group is ""; a subresource
+    /// is written `plural/subresource`.
     pub fn deny_access(&self, group: &str, resource: &str, verb: &str) {
         lock(&self.shared.auth).deny(group, resource, verb);
+    }
+
+    /// How `pods/portforward` reaches a pod's port (the kubelet's part):
+    /// without one, port-forward requests get 500 as when the API server
+    /// cannot dial a node's kubelet.
+    pub fn set_port_forwarder(&self, forwarder: PortForwarder) {
+        *lock(&self.shared.port_forwarder) = Some(portforward::Registered(forwarder));
     }
 
     /// Requests seen so far: (method, path with query) in arrival order.
@@ -204,6 +221,7 @@ impl Drop for FakeApiServer {
         // connection; watch tasks end on the epoch bump.
         self.accept_loop.abort();
         self.shared.close_watches();
+        self.shared.stopped.send_replace(true);
     }
 }
 
@@ -225,6 +243,7 @@ async fn accept_connections(listener: TcpListener, shared: Arc<Shared>) {
             let service = service_fn(move |request| server::handle(shared.clone(), request));
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
                 .await
             {
                 tracing::debug!(%error, "fake API server: connection ended with an error");

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::auth::Auth;
+use crate::portforward::{self, Registered};
 use crate::resources::{self, RESOURCES, ResourceId, ResourceType, by_id};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::ApiError;
@@ -43,6 +44,10 @@ pub(crate) struct Shared {
     /// Bumped to end every open watch (`close_watches`, server drop).
     pub watch_epoch: watch::Sender<u64>,
     pub server_address: String,
+    /// How port-forward reaches pods (the testbed's stand-in for kubelets).
+    pub port_forwarder: Mutex<Option<Registered>>,
+    /// Set when the server stops: ends port-forward sessions.
+    pub stopped: watch::Sender<bool>,
 }
 
 /// Locks a mutex; a panic while holding one leaves plain data behind, which
@@ -59,6 +64,8 @@ impl Shared {
             requests: Mutex::new(Vec::new()),
             watch_epoch: watch::Sender::new(0),
             server_address,
+            port_forwarder: Mutex::new(None),
+            stopped: watch::Sender::new(false),
         }
     }
 
@@ -252,15 +259,15 @@ async fn serve(
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .map(str::to_string);
-    {
+    let user = {
         let auth = lock(&shared.auth);
         let store = lock(&shared.store);
         let user_agent = request
             .headers()
             .get(USER_AGENT)
             .and_then(|value| value.to_str().ok());
-        auth.authenticate(authorization.as_deref(), user_agent, &store)?;
-    }
+        auth.authenticate(authorization.as_deref(), user_agent, &store)?
+    };
     let query = parse_query(request.uri().query());
     let method = request.method().clone();
     let route = route(&path).ok_or(ApiError::NoRoute)?;
@@ -281,6 +288,14 @@ async fn serve(
             StatusCode::OK,
             &resource_list(&group, &version),
         )),
+        Route::Resource(Target {
+            resource,
+            namespace: Some(namespace),
+            name: Some(name),
+            subresource: Some(subresource),
+        }) if resource == resources::id_of("", "pods") && subresource == "portforward" => {
+            portforward::serve(shared, request, &user, &namespace, &name, &query).await
+        }
         Route::Resource(target) => serve_resource(shared, request, method, target, query).await,
         _ => Err(ApiError::MethodNotAllowed),
     }
@@ -647,6 +662,15 @@ fn resource_list(group: &str, version: &str) -> Value {
                 "namespaced": resource.namespaced,
                 "kind": resource.kind,
                 "verbs": ["get", "patch", "update"],
+            }));
+        }
+        if group.is_empty() && resource.plural == "pods" {
+            entries.push(json!({
+                "name": "pods/portforward",
+                "singularName": "",
+                "namespaced": true,
+                "kind": "PodPortForwardOptions",
+                "verbs": ["create", "get"],
             }));
         }
         if group.is_empty() && resource.plural == "serviceaccounts" {

@@ -53,6 +53,21 @@ pub(crate) enum ApiError {
     Expired { requested: u64, oldest: u64 },
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// RBAC denied the request (as the real server words it).
+    #[error(
+        "{resource} \"{name}\" is forbidden: User \"{user}\" cannot {verb} resource \"{resource}/{subresource}\" in API group \"\" in the namespace \"{namespace}\""
+    )]
+    Forbidden {
+        user: String,
+        verb: &'static str,
+        resource: &'static str,
+        subresource: &'static str,
+        name: String,
+        namespace: String,
+    },
+    /// The server cannot reach what the request needs (a pod's node).
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl ApiError {
@@ -67,6 +82,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType { .. } => 415,
             ApiError::Expired { .. } => 410,
             ApiError::TooLarge { .. } => 413,
+            ApiError::Forbidden { .. } => 403,
+            ApiError::Internal(_) => 500,
         }
     }
 
@@ -82,6 +99,8 @@ impl ApiError {
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             ApiError::Expired { .. } => "Expired",
             ApiError::TooLarge { .. } => "RequestEntityTooLarge",
+            ApiError::Forbidden { .. } => "Forbidden",
+            ApiError::Internal(_) => "InternalError",
         }
     }
 
@@ -111,6 +130,9 @@ impl ApiError {
                 "causes": [{"reason": "UnexpectedServerResponse", "message": cause}],
             })),
             ApiError::NoRoute => Some(json!({})),
+            ApiError::Forbidden { resource, name, .. } => {
+                Some(json!({"name": name, "kind": resource}))
+            }
             _ => None,
         }
     }

@@ -98,6 +98,12 @@ async fn discovery_lists_every_served_group() {
             .iter()
             .any(|(sub, _)| sub.plural == "pods/status" || sub.plural == "status")
     );
+    assert!(
+        capabilities
+            .subresources
+            .iter()
+            .any(|(sub, _)| sub.plural == "pods/portforward" || sub.plural == "portforward")
+    );
 
     // A dynamic client built from discovery creates what typed clients read.
     let roles: Api<DynamicObject> = Api::all_with(server.client(), &resource);

@@ -278,6 +278,10 @@ struct Created {
     name: String,
 }
 
+/// How long the kubelet stand-in waits for a pod's port to accept (loopback:
+/// it answers or refuses at once).
+const PORT_FORWARD_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// How to reach the API server from the host and how components should
 /// reach it through the relay.
 struct Upstream {
@@ -285,6 +289,59 @@ struct Upstream {
     scheme: &'static str,
     /// Cluster fields kept for component kubeconfigs (CA, TLS server name).
     tls: serde_json::Map<String, Value>,
+}
+
+/// The kubelets' part of `pods/portforward` for the fake API server: a
+/// connection to `127.0.0.1:<port>` inside the pod's network namespace (the
+/// node's for the host-network agent pods), opened by a thread that entered
+/// it. Pods are those of the cluster file and the agent Pods at start.
+fn port_forwarder(testbed: &Testbed) -> fake_apiserver::PortForwarder {
+    let control_namespace = testbed.cluster().control_namespace.clone();
+    let mut netns_of: BTreeMap<(String, String), String> = testbed
+        .cluster()
+        .pods
+        .iter()
+        .filter_map(|pod| {
+            let netns = pod.netns.clone()?;
+            Some(((pod.namespace.clone(), pod.name.clone()), netns))
+        })
+        .collect();
+    for node in &testbed.cluster().nodes {
+        if let Some(netns) = &node.netns {
+            netns_of.insert(
+                (
+                    control_namespace.clone(),
+                    KubeCluster::agent_pod_name(&node.name),
+                ),
+                netns.clone(),
+            );
+        }
+    }
+    let netns_of = std::sync::Arc::new(netns_of);
+    std::sync::Arc::new(move |namespace: String, pod: String, port: u16| {
+        let netns = netns_of.get(&(namespace.clone(), pod.clone())).cloned();
+        Box::pin(async move {
+            let netns = netns.ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("pod {namespace}/{pod} runs on no testbed node"),
+                )
+            })?;
+            let stream = tokio::task::spawn_blocking(move || {
+                super::netns::run_in_netns(&netns, || {
+                    std::net::TcpStream::connect_timeout(
+                        &SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+                        PORT_FORWARD_CONNECT_TIMEOUT,
+                    )
+                })
+                .map_err(std::io::Error::other)?
+            })
+            .await
+            .map_err(std::io::Error::other)??;
+            stream.set_nonblocking(true)?;
+            tokio::net::TcpStream::from_std(stream)
+        }) as futures::future::BoxFuture<'static, std::io::Result<tokio::net::TcpStream>>
+    })
 }
 
 /// The testbed's registration with a Kubernetes API server. Dropping it
@@ -365,6 +422,9 @@ impl KubeCluster {
             path: dir.clone(),
             source,
         })?;
+        if let Some(fake) = &fake {
+            fake.set_port_forwarder(port_forwarder(testbed));
+        }
         let relay = ApiRelay::start(
             runtime.handle(),
             &testbed.underlay_netns(),
