@@ -633,7 +633,10 @@ mod tests {
             "in table order"
         );
         let error = select(&["nope".into()]).err().unwrap().to_string();
-        assert!(error.contains("agent-restart, identity-outage"), "{error}");
+        assert!(
+            error.contains("agent-restart, rolling-update, identity-outage"),
+            "{error}"
+        );
     }
 
     #[test]
