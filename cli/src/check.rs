@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use crate::{
     agents::{AgentDirectory, AgentError, ClusterArgs, ClusterSource, call, session},
     certview::{self, CertFacts},
-    kube::KubeCluster,
+    kube::{KubeCluster, Replicas},
     trust_bundle::{self, LiveChain},
 };
 
@@ -34,6 +34,7 @@ const MIN_CA_VALIDITY: Duration = Duration::from_secs(60 * 86_400);
 /// testbed lays it out.
 const PKI_ANCHORS_FILE: &str = "ca-bundle.crt";
 const PKI_ISSUER_DIR: &str = "issuer";
+const CONTROL_PLANE_SECTION: &str = "sealmesh-control-plane";
 const DATA_PLANE_SECTION: &str = "sealmesh-data-plane";
 const TRUST_BUNDLE_SECTION: &str = "sealmesh-trust-bundle";
 const AGENTS_REACHABLE: &str = "agents are running and reachable";
@@ -175,6 +176,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     };
     let now = OffsetDateTime::now_utc();
     let mut sections = Vec::new();
+    if let Some(ClusterSource::Kubernetes(cluster)) = &source {
+        sections.push(check_control_plane(cluster));
+    }
     let (identity, (anchors, issuer_chain)) = check_identity(pki, now);
     sections.push(identity);
     let mut live = Vec::new();
@@ -227,6 +231,67 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The workloads sealmesh runs, as the Kubernetes API reports them: the
+/// identity service available, an agent on every node, and cert-manager's
+/// issuer Certificate ready when cert-manager rotates the issuer.
+fn check_control_plane(cluster: &KubeCluster) -> Section {
+    let mut section = Section::new(CONTROL_PLANE_SECTION);
+    let namespace = cluster.namespace();
+    let shortfall = |what: &str, replicas: Result<Replicas, _>| -> Vec<String> {
+        match replicas {
+            Ok(Replicas { ready, wanted: 0 }) => {
+                vec![format!("{what}: none wanted (ready {ready})")]
+            }
+            Ok(Replicas { ready, wanted }) if ready < wanted => {
+                vec![format!("{what}: {ready} of {wanted} available")]
+            }
+            Ok(_) => Vec::new(),
+            Err(error) => vec![format!("{error}")],
+        }
+    };
+    section.expect(
+        "the identity service is available",
+        shortfall(
+            &format!("Deployment {namespace}/sealmesh-identity"),
+            cluster.identity_replicas(),
+        ),
+        Status::Fail,
+        &format!(
+            "kubectl -n {namespace} describe deployment sealmesh-identity; kubectl -n {namespace} logs deployment/sealmesh-identity"
+        ),
+    );
+    section.expect(
+        "an agent runs on every node",
+        shortfall(
+            &format!("DaemonSet {namespace}/sealmesh-agent"),
+            cluster.agent_replicas(),
+        ),
+        Status::Fail,
+        &format!(
+            "kubectl -n {namespace} get pods -o wide -l app.kubernetes.io/name=sealmesh-agent: a node without a running agent refuses its meshed pods' connections"
+        ),
+    );
+    match cluster.issuer_certificate() {
+        Ok(None) => {}
+        Ok(Some((true, _))) => section.pass("cert-manager's issuer Certificate is ready"),
+        Ok(Some((false, message))) => section.push(
+            Status::Fail,
+            "cert-manager's issuer Certificate is ready",
+            vec![message],
+            Some(format!(
+                "kubectl -n {namespace} describe certificate sealmesh-identity-issuer"
+            )),
+        ),
+        Err(error) => section.push(
+            Status::Warn,
+            "cert-manager's issuer Certificate is ready",
+            vec![format!("{error}")],
+            None,
+        ),
+    }
+    section
 }
 
 /// The anchors file and issuer directory to check: explicit flags, else

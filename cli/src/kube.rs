@@ -29,7 +29,9 @@ use sealmesh_common::{
     cluster::{self, ClusterFile},
     consts::{
         AGENT_ADMIN_PORT, DEFAULT_CONTROL_NAMESPACE,
-        kube::{AGENT_DAEMONSET, ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY},
+        kube::{
+            AGENT_DAEMONSET, IDENTITY_NAME, ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY,
+        },
     },
 };
 use sealmesh_pki::files::{
@@ -174,6 +176,13 @@ impl KubeArgs {
     }
 }
 
+/// Ready and wanted copies of a workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Replicas {
+    pub ready: i32,
+    pub wanted: i32,
+}
+
 /// A Kubernetes cluster the CLI talks to.
 #[derive(Debug, Clone)]
 pub struct KubeCluster {
@@ -247,6 +256,76 @@ impl KubeCluster {
             cluster.services = services.items.iter().filter_map(service_of).collect();
             Ok(cluster)
         })?
+    }
+
+    /// Ready and wanted replicas of the identity service's Deployment.
+    pub fn identity_replicas(&self) -> Result<Replicas, KubeError> {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let what = format!("read Deployment {}/{IDENTITY_NAME}", self.namespace);
+        let deployment = block_on(async {
+            Api::<Deployment>::namespaced(client(&self.config)?, &self.namespace)
+                .get(IDENTITY_NAME)
+                .await
+                .map_err(api_error(what.clone()))
+        })??;
+        Ok(Replicas {
+            ready: deployment
+                .status
+                .and_then(|s| s.available_replicas)
+                .unwrap_or(0),
+            wanted: deployment.spec.and_then(|s| s.replicas).unwrap_or(1),
+        })
+    }
+
+    /// Available agents, and nodes that should run one, of the agent DaemonSet.
+    pub fn agent_replicas(&self) -> Result<Replicas, KubeError> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let what = format!("read DaemonSet {}/{AGENT_DAEMONSET}", self.namespace);
+        let daemonset = block_on(async {
+            Api::<DaemonSet>::namespaced(client(&self.config)?, &self.namespace)
+                .get(AGENT_DAEMONSET)
+                .await
+                .map_err(api_error(what.clone()))
+        })??;
+        let status = daemonset.status.unwrap_or_default();
+        Ok(Replicas {
+            ready: status.number_available.unwrap_or(0),
+            wanted: status.desired_number_scheduled,
+        })
+    }
+
+    /// The Ready condition of cert-manager's Certificate for the issuer, when
+    /// cert-manager rotates it (`None`: no such Certificate, or no cert-manager).
+    pub fn issuer_certificate(&self) -> Result<Option<(bool, String)>, KubeError> {
+        use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+        let resource = ApiResource::from_gvk(&GroupVersionKind::gvk(
+            "cert-manager.io",
+            "v1",
+            "Certificate",
+        ));
+        let what = format!("read Certificate {}/{ISSUER_SECRET}", self.namespace);
+        let found = block_on(async {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(client(&self.config)?, &self.namespace, &resource);
+            match api.get(ISSUER_SECRET).await {
+                Ok(object) => Ok(Some(object)),
+                // No such Certificate, or no cert-manager (no such kind).
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                Err(error) => Err(api_error(what.clone())(error)),
+            }
+        })??;
+        Ok(found.map(|certificate| {
+            let ready = certificate.data["status"]["conditions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["type"] == "Ready");
+            let message = ready
+                .and_then(|c| c["message"].as_str())
+                .unwrap_or("cert-manager reported no Ready condition yet")
+                .to_owned();
+            (ready.is_some_and(|c| c["status"] == "True"), message)
+        }))
     }
 
     /// The trust-anchor bundle (PEM) of the trust-roots ConfigMap.

@@ -348,6 +348,9 @@ impl Mesh {
             .args(&self.options.identity_args);
         redirect_output(&mut cmd, &self.identity_log())?;
         self.identity = Some(self.testbed.spawn_in_underlay(cmd)?);
+        if let Some(kube) = &self.kube {
+            kube.report_identity_available(true)?;
+        }
         Ok(())
     }
 
@@ -355,7 +358,20 @@ impl Mesh {
     pub fn stop_identity(&mut self) {
         if let Some(identity) = self.identity.take() {
             identity.kill();
+            if let Some(kube) = &self.kube
+                && let Err(error) = kube.report_identity_available(false)
+            {
+                tracing::warn!(%error, "cannot report the identity service down in its Deployment");
+            }
         }
+    }
+
+    /// Kubernetes mode: the agents' DaemonSet status says how many run.
+    fn report_agents(&self) -> Result<(), MeshError> {
+        if let Some(kube) = &self.kube {
+            kube.report_agents_ready(self.agents.len())?;
+        }
+        Ok(())
     }
 
     /// Starts the agent of `node` in the node's network namespace, in its
@@ -448,7 +464,8 @@ impl Mesh {
             lines[log_start.min(lines.len())..]
                 .iter()
                 .any(|l| l["message"] == AGENT_STARTED_MESSAGE)
-        })
+        })?;
+        self.report_agents()
     }
 
     /// Replaces the agent of `node` as a rolling update does: a new agent
@@ -469,11 +486,14 @@ impl Mesh {
     /// SIGKILL after the grace period), with no successor; returns how it
     /// ended.
     pub fn terminate_agent(&mut self, node: &str) -> Result<ExitStatus, MeshError> {
-        self.agents
+        let status = self
+            .agents
             .remove(node)
             .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?
             .terminate(AGENT_STOP_GRACE)
-            .map_err(io_err(format!("stopping the agent of {node}")))
+            .map_err(io_err(format!("stopping the agent of {node}")))?;
+        self.report_agents()?;
+        Ok(status)
     }
 
     pub fn stop_agent(&mut self, node: &str) -> Result<(), MeshError> {
@@ -481,7 +501,7 @@ impl Mesh {
             .remove(node)
             .ok_or_else(|| MeshError::NoAgent(node.to_owned()))?
             .kill();
-        Ok(())
+        self.report_agents()
     }
 
     /// Agents that exited by themselves (crashed, or were killed from
@@ -500,6 +520,9 @@ impl Mesh {
         }
         for (node, _) in &exited {
             self.agents.remove(node);
+        }
+        if !exited.is_empty() {
+            self.report_agents()?;
         }
         Ok(exited)
     }

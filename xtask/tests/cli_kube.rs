@@ -166,6 +166,8 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
     assert!(out.status.success(), "{}", describe(&out));
     let lines = status_lines(&out);
     for expected in [
+        "√ the identity service is available",
+        "√ an agent runs on every node",
         "√ certificate config is valid",
         "√ issuer cert is issued by the trust anchor",
         "√ issuer can sign certificates",
@@ -307,6 +309,65 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
         describe(&out)
     );
 
+    // With cert-manager rotating the issuer, its Certificate must be ready.
+    let kube = app.mesh.kube().unwrap();
+    let certificates: kube::Api<kube::api::DynamicObject> = kube::Api::namespaced_with(
+        kube.client(),
+        "sealmesh",
+        &kube::api::ApiResource::from_gvk(&kube::api::GroupVersionKind::gvk(
+            "cert-manager.io",
+            "v1",
+            "Certificate",
+        )),
+    );
+    let certificate: kube::api::DynamicObject = serde_json::from_value(serde_json::json!({
+        "apiVersion": "cert-manager.io/v1", "kind": "Certificate",
+        "metadata": { "name": "sealmesh-identity-issuer", "namespace": "sealmesh" },
+        "spec": { "secretName": "sealmesh-identity-issuer", "isCA": true },
+    }))
+    .unwrap();
+    let ready = |status: &str, message: &str| {
+        serde_json::json!({ "status": { "conditions": [
+            { "type": "Ready", "status": status, "message": message }
+        ]}})
+    };
+    kube.block_on(certificates.create(&Default::default(), &certificate))
+        .unwrap();
+    kube.block_on(certificates.patch_status(
+        "sealmesh-identity-issuer",
+        &Default::default(),
+        &kube::api::Patch::Merge(ready(
+            "False",
+            "Issuing certificate as Secret does not exist",
+        )),
+    ))
+    .unwrap();
+    let out = app.sealmesh(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(
+            "× cert-manager's issuer Certificate is ready\n    Issuing certificate as Secret does not exist"
+        ),
+        "{}",
+        describe(&out)
+    );
+    kube.block_on(certificates.patch_status(
+        "sealmesh-identity-issuer",
+        &Default::default(),
+        &kube::api::Patch::Merge(ready(
+            "True",
+            "Certificate is up to date and has not expired",
+        )),
+    ))
+    .unwrap();
+    let out = app.sealmesh(&["check"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        status_lines(&out).contains(&"√ cert-manager's issuer Certificate is ready".to_owned()),
+        "{}",
+        describe(&out)
+    );
+
     // An agent that is down is named, the command fails, the other answers.
     let mut app = app;
     app.mesh.stop_agent("node-1").unwrap();
@@ -321,6 +382,12 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
     );
     assert!(!text.contains("agent on node node-0"), "{text}");
     assert!(text.contains("\n√ agents are ready\n"), "{text}");
+    assert!(
+        text.contains(
+            "× an agent runs on every node\n    DaemonSet sealmesh/sealmesh-agent: 1 of 2 available"
+        ),
+        "the control plane names the missing agent: {text}"
+    );
     let out = app.sealmesh(&["edges", "-n", APP_NS, "-o", "json"]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
     assert!(

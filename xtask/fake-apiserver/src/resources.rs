@@ -230,6 +230,15 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
         )),
         &["ds"],
     ),
+    // cert-manager's, as on a cluster that runs it (the issuer overlay).
+    with_status(stored(
+        "cert-manager.io",
+        "v1",
+        "certificates",
+        "certificate",
+        "Certificate",
+        true,
+    )),
     short(
         with_status(stored(
             "policy",

@@ -76,6 +76,7 @@ async fn discovery_lists_every_served_group() {
             "apps",
             "authentication.k8s.io",
             "authorization.k8s.io",
+            "cert-manager.io",
             "discovery.k8s.io",
             "events.k8s.io",
             "policy",

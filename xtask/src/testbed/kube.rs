@@ -933,6 +933,63 @@ impl KubeCluster {
         Ok(())
     }
 
+    /// Reports how many of the node agents run, in the DaemonSet's status,
+    /// as its controller would (the testbed runs them itself).
+    pub fn report_agents_ready(&self, ready: usize) -> Result<(), TestbedKubeError> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let desired = self.agent_pods.len();
+        let api: Api<DaemonSet> = Api::namespaced(self.client.clone(), &self.control_namespace);
+        let status = json!({ "status": {
+            "desiredNumberScheduled": desired,
+            "currentNumberScheduled": desired,
+            "updatedNumberScheduled": desired,
+            "numberMisscheduled": 0,
+            "numberReady": ready,
+            "numberAvailable": ready,
+            "numberUnavailable": desired.saturating_sub(ready),
+        }});
+        match self.block_on(api.patch_status(
+            AGENT_DAEMONSET,
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        )) {
+            Ok(_) => Ok(()),
+            // Deleted (uninstall tests): nothing to report on.
+            Err(e) if status_code(&e) == Some(404) => Ok(()),
+            Err(e) => Err(api_err(format!(
+                "reporting DaemonSet {AGENT_DAEMONSET} status"
+            ))(e)),
+        }
+    }
+
+    /// Reports whether the identity service runs, in its Deployment's status.
+    pub fn report_identity_available(&self, available: bool) -> Result<(), TestbedKubeError> {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let ready = usize::from(available);
+        let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.control_namespace);
+        let condition = json!({
+            "type": "Available",
+            "status": if available { "True" } else { "False" },
+            "reason": if available { "MinimumReplicasAvailable" } else { "MinimumReplicasUnavailable" },
+            "lastTransitionTime": now_rfc3339(),
+        });
+        let status = json!({ "status": {
+            "replicas": 1, "updatedReplicas": 1,
+            "readyReplicas": ready, "availableReplicas": ready,
+            "unavailableReplicas": 1 - ready,
+            "conditions": [condition],
+        }});
+        self.block_on(api.patch_status(
+            IDENTITY_NAME,
+            &PatchParams::default(),
+            &Patch::Merge(status),
+        ))
+        .map(drop)
+        .map_err(api_err(format!(
+            "reporting Deployment {IDENTITY_NAME} status"
+        )))
+    }
+
     /// Deletes the agents' DaemonSet, as uninstalling sealmesh does.
     pub fn delete_agent_daemonset(&self) -> Result<(), TestbedKubeError> {
         use k8s_openapi::api::apps::v1::DaemonSet;
