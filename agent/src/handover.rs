@@ -555,6 +555,31 @@ mod tests {
         std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
     }
 
+    /// An agent listening on loopback and serving successors at
+    /// `<dir>/agent.sock`.
+    struct RunningAgent {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        listener: tokio::net::TcpListener,
+        succession: watch::Receiver<Succession>,
+    }
+
+    fn running_agent() -> RunningAgent {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let mut listeners = Listeners::default();
+        let listener = listeners
+            .tcp("127.0.0.1:0".parse().unwrap(), bind_loopback)
+            .unwrap();
+        let succession = HandoverServer::listen(&path).unwrap().spawn(listeners);
+        RunningAgent {
+            _dir: dir,
+            path,
+            listener,
+            succession,
+        }
+    }
+
     #[tokio::test]
     async fn no_running_agent_means_no_predecessor() {
         let dir = tempfile::tempdir().unwrap();
@@ -568,17 +593,15 @@ mod tests {
 
     #[tokio::test]
     async fn a_successor_takes_the_same_listening_socket_and_nothing_queued_is_lost() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let mut old = Listeners::default();
-        let old_listener = old
-            .tcp("127.0.0.1:0".parse().unwrap(), bind_loopback)
-            .unwrap();
+        let RunningAgent {
+            _dir,
+            path,
+            listener: old_listener,
+            mut succession,
+        } = running_agent();
         let addr = old_listener.local_addr().unwrap();
-        let server = HandoverServer::listen(&path).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let mut succession = server.spawn(old);
 
         let predecessor = tokio::task::spawn_blocking({
             let path = path.clone();
@@ -632,13 +655,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_agent_of_another_network_namespace_gets_no_listener() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let mut old = Listeners::default();
-        let _listener = old
-            .tcp("127.0.0.1:0".parse().unwrap(), bind_loopback)
-            .unwrap();
-        let _succession = HandoverServer::listen(&path).unwrap().spawn(old);
+        let RunningAgent { _dir, path, .. } = running_agent();
         let announced = std::thread::spawn(move || {
             // This thread only: the test's other threads keep their namespace.
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
@@ -656,13 +673,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_successor_that_leaves_before_taking_leaves_the_listeners_with_the_running_agent() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("agent.sock");
-        let mut old = Listeners::default();
-        let _listener = old
-            .tcp("127.0.0.1:0".parse().unwrap(), bind_loopback)
-            .unwrap();
-        let mut succession = HandoverServer::listen(&path).unwrap().spawn(old);
+        let RunningAgent {
+            _dir,
+            path,
+            mut succession,
+            ..
+        } = running_agent();
         let announced = tokio::task::spawn_blocking({
             let path = path.clone();
             move || Predecessor::announce(&path)
