@@ -176,6 +176,24 @@ impl KubeArgs {
     }
 }
 
+/// Workloads `tap` resolves to their pods by their selector.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WorkloadKind {
+    Deployment,
+    DaemonSet,
+    StatefulSet,
+}
+
+impl WorkloadKind {
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Deployment => "Deployment",
+            Self::DaemonSet => "DaemonSet",
+            Self::StatefulSet => "StatefulSet",
+        }
+    }
+}
+
 /// Ready and wanted copies of a workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Replicas {
@@ -256,6 +274,48 @@ impl KubeCluster {
             cluster.services = services.items.iter().filter_map(service_of).collect();
             Ok(cluster)
         })?
+    }
+
+    /// The label selector (matchLabels) of workload `kind`/`name` in
+    /// `namespace`: a Deployment, DaemonSet or StatefulSet.
+    pub fn workload_selector(
+        &self,
+        kind: WorkloadKind,
+        namespace: &str,
+        name: &str,
+    ) -> Result<BTreeMap<String, String>, KubeError> {
+        use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+        let what = format!("read {} {namespace}/{name}", kind.kind());
+        let selector = block_on(async {
+            let client = client(&self.config)?;
+            let selector = match kind {
+                WorkloadKind::Deployment => Api::<Deployment>::namespaced(client, namespace)
+                    .get(name)
+                    .await
+                    .map(|o| o.spec.map(|s| s.selector)),
+                WorkloadKind::DaemonSet => Api::<DaemonSet>::namespaced(client, namespace)
+                    .get(name)
+                    .await
+                    .map(|o| o.spec.map(|s| s.selector)),
+                WorkloadKind::StatefulSet => Api::<StatefulSet>::namespaced(client, namespace)
+                    .get(name)
+                    .await
+                    .map(|o| o.spec.map(|s| s.selector)),
+            };
+            selector.map_err(api_error(what.clone()))
+        })??
+        .unwrap_or_default();
+        if selector
+            .match_expressions
+            .as_ref()
+            .is_some_and(|e| !e.is_empty())
+        {
+            return Err(KubeError::Invalid(format!(
+                "{} {namespace}/{name} selects its pods with matchExpressions, which tap does not evaluate; tap its pods (pod/NAME) or its namespace (ns/{namespace})",
+                kind.kind()
+            )));
+        }
+        Ok(selector.match_labels.unwrap_or_default())
     }
 
     /// Ready and wanted replicas of the identity service's Deployment.

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::bail;
 use clap::Args;
-use sealmesh_common::cluster::ClusterFile;
+use sealmesh_common::cluster::{self, ClusterFile};
 use sealmesh_proto::admin::{ConnectionEvent, Direction, Phase, PodRef, TapRequest};
 use serde_json::json;
 
@@ -22,6 +22,7 @@ use crate::{
         link_session,
     },
     edges::DEFAULT_NAMESPACE,
+    kube::{KubeCluster, WorkloadKind},
 };
 
 /// Label whose value names a pod's deployment (`deploy/NAME`), as kubectl
@@ -32,9 +33,10 @@ const POLL: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Args)]
 pub struct TapArgs {
-    /// What to tap: `pod/NAME`, `deploy/NAME` (pods labelled app=NAME or
-    /// named NAME-*), or `NAME` (a pod, else a deployment). Default: every pod
-    /// of the namespace.
+    /// What to tap: `pod/NAME`, `deploy/NAME`, `ds/NAME`, `sts/NAME` (the
+    /// pods its selector matches; in local mode deploy/NAME is the pods
+    /// labelled app=NAME or named NAME-*), `ns/NAME`, or `NAME` (a pod, else
+    /// a deployment). Default: every pod of the namespace.
     target: Option<String>,
     #[arg(short, long, default_value = DEFAULT_NAMESPACE)]
     namespace: String,
@@ -68,7 +70,14 @@ enum Filter {
 }
 
 impl Filter {
-    fn resolve(args: &TapArgs, cluster: &ClusterFile) -> anyhow::Result<Self> {
+    /// The pods `args` names. On Kubernetes (`api`) a workload's pods are
+    /// those its selector matches; in local mode (no workload objects) a
+    /// deployment's are those labelled `app=NAME` or named `NAME-*`.
+    fn resolve(
+        args: &TapArgs,
+        cluster: &ClusterFile,
+        api: Option<&KubeCluster>,
+    ) -> anyhow::Result<Self> {
         if args.all_namespaces {
             return Ok(Self::All);
         }
@@ -77,35 +86,66 @@ impl Filter {
         };
         let ns = &args.namespace;
         let in_ns = || cluster.pods.iter().filter(|p| &p.namespace == ns);
-        let deployment = |name: &str| -> BTreeSet<(String, String)> {
-            in_ns()
-                .filter(|p| {
-                    p.labels.get(APP_LABEL).is_some_and(|v| v == name)
-                        || p.name
-                            .strip_prefix(name)
-                            .is_some_and(|r| r.starts_with('-'))
-                })
+        let keys = |pods: Vec<&cluster::Pod>| -> BTreeSet<(String, String)> {
+            pods.into_iter()
                 .map(|p| (p.namespace.clone(), p.name.clone()))
                 .collect()
         };
-        let pod = |name: &str| -> BTreeSet<(String, String)> {
-            in_ns()
-                .filter(|p| p.name == name)
-                .map(|p| (p.namespace.clone(), p.name.clone()))
-                .collect()
+        let workload = |kind: WorkloadKind,
+                        name: &str|
+         -> anyhow::Result<BTreeSet<(String, String)>> {
+            match api {
+                Some(api) => {
+                    let selector = api.workload_selector(kind, ns, name)?;
+                    if selector.is_empty() {
+                        bail!("{} {ns}/{name} has an empty selector", kind.kind());
+                    }
+                    Ok(keys(
+                        in_ns()
+                            .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+                            .collect(),
+                    ))
+                }
+                None if kind == WorkloadKind::Deployment => Ok(keys(
+                    in_ns()
+                        .filter(|p| {
+                            p.labels.get(APP_LABEL).is_some_and(|v| v == name)
+                                || p.name
+                                    .strip_prefix(name)
+                                    .is_some_and(|r| r.starts_with('-'))
+                        })
+                        .collect(),
+                )),
+                None => bail!(
+                    "{} targets need the Kubernetes API (their selector); in local mode tap pod/NAME or deploy/NAME",
+                    kind.kind()
+                ),
+            }
         };
+        let pod = |name: &str| keys(in_ns().filter(|p| p.name == name).collect());
         let (kind, pods) = match target.split_once('/') {
             Some(("pod" | "po" | "pods", name)) => ("pod", pod(name)),
+            Some(("ns" | "namespace" | "namespaces", name)) => {
+                return Ok(Self::Namespace(name.to_owned()));
+            }
             Some(("deploy" | "deployment" | "deployments", name)) => {
-                ("deployment", deployment(name))
+                ("deployment", workload(WorkloadKind::Deployment, name)?)
             }
-            Some((kind, _)) => {
-                bail!("cannot tap {kind:?} resources: use pod/NAME, deploy/NAME or NAME")
+            Some(("ds" | "daemonset" | "daemonsets", name)) => {
+                ("daemonset", workload(WorkloadKind::DaemonSet, name)?)
             }
+            Some(("sts" | "statefulset" | "statefulsets", name)) => {
+                ("statefulset", workload(WorkloadKind::StatefulSet, name)?)
+            }
+            Some((kind, _)) => bail!(
+                "cannot tap {kind:?} resources: use pod/NAME, deploy/NAME, ds/NAME, sts/NAME, ns/NAME or NAME"
+            ),
             None => {
                 let pods = pod(target);
                 if pods.is_empty() {
-                    ("pod or deployment", deployment(target))
+                    // A bare name that is no pod may be a deployment.
+                    let deployment = workload(WorkloadKind::Deployment, target).unwrap_or_default();
+                    ("pod or deployment", deployment)
                 } else {
                     ("pod", pods)
                 }
@@ -233,9 +273,12 @@ pub fn run(args: TapArgs) -> anyhow::Result<ExitCode> {
     // Only a pod or deployment target needs the cluster's pods.
     let filter = match (&source, &args.target) {
         (ClusterSource::Kubernetes(_), None) => {
-            Filter::resolve(&args, &ClusterFile::new("kubernetes"))?
+            Filter::resolve(&args, &ClusterFile::new("kubernetes"), None)?
         }
-        _ => Filter::resolve(&args, &*source.cluster_file()?)?,
+        (ClusterSource::Kubernetes(api), Some(_)) => {
+            Filter::resolve(&args, &*source.cluster_file()?, Some(api))?
+        }
+        (ClusterSource::Local(_), _) => Filter::resolve(&args, &*source.cluster_file()?, None)?,
     };
     let directory = AgentDirectory::of(&source)?;
     let (events_tx, events_rx) = mpsc::channel::<TapMessage>();

@@ -219,9 +219,35 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
         );
     }
 
-    // tap sees a cross-node connection made while it runs, over mTLS.
+    // tap sees a cross-node connection made while it runs, over mTLS; a
+    // Deployment target is the pods its selector matches (not its name).
+    let kube = app.mesh.kube().unwrap();
+    let deployment: k8s_openapi::api::apps::v1::Deployment =
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "frontend", "namespace": APP_NS },
+            "spec": {
+                "selector": { "matchLabels": { "app": "client" } },
+                "template": {
+                    "metadata": { "labels": { "app": "client" } },
+                    "spec": { "containers": [{ "name": "app", "image": "app" }] },
+                },
+            },
+        }))
+        .unwrap();
+    kube.block_on(
+        kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(kube.client(), APP_NS)
+            .create(&Default::default(), &deployment),
+    )
+    .unwrap();
+    let out = app.sealmesh(&["tap", "deploy/nothing", "-n", APP_NS, "--max", "1"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("read Deployment shop/nothing"),
+        "{}",
+        describe(&out)
+    );
     let mut tap = app.spawn_tap(&[
-        "deploy/client",
+        "deploy/frontend",
         "-n",
         APP_NS,
         "--max",
