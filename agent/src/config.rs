@@ -19,7 +19,7 @@ use sealmesh_common::{
         AGENT_ADMIN_PORT, AGENT_HANDOVER_SOCKET, AGENT_METRICS_PORT, DEFAULT_CONTROL_NAMESPACE,
         DEFAULT_PLAINTEXT_ALLOWED_PORTS, DEFAULT_PLAINTEXT_ALLOWED_SERVICES, DEFAULT_TRUST_DOMAIN,
         IDENTITY_GRPC_PORT,
-        kube::{CERT_CACHE_DIR, DEFAULT_SERVICE_CIDR, IDENTITY_TOKEN_PATH},
+        kube::{CERT_CACHE_DIR, DEFAULT_SERVICE_CIDR, IDENTITY_NAME, IDENTITY_TOKEN_PATH},
     },
     host,
     identity::{IdentityError, TrustDomain},
@@ -100,6 +100,35 @@ impl fmt::Display for Mode {
             Self::Local => "local",
             Self::Kubernetes => "kubernetes",
         })
+    }
+}
+
+/// Where the agent finds the identity service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdentityLocation {
+    /// `--identity-addr` or the cluster file's: an IP or DNS name and a port.
+    Address(IdentityAddr),
+    /// Kubernetes mode without `--identity-addr`: a ready endpoint of this
+    /// Service, read from the API (the agent starts without cluster DNS) and
+    /// followed as the endpoints change.
+    Service { service: ServiceName, port: u16 },
+}
+
+impl fmt::Display for IdentityLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Address(addr) => addr.fmt(f),
+            Self::Service { service, port } => write!(
+                f,
+                "Service {service} port {port} (its endpoints, from the Kubernetes API)"
+            ),
+        }
+    }
+}
+
+impl Serialize for IdentityLocation {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -231,7 +260,8 @@ pub struct Args {
     #[arg(long)]
     pub node_cgroup: Option<PathBuf>,
     /// Identity service gRPC address, <IP or DNS name>:<port> [default: from the cluster
-    /// file; in kubernetes mode sealmesh-identity.<namespace>.svc.cluster.local:8080].
+    /// file; in kubernetes mode a ready endpoint of the Service sealmesh-identity in
+    /// --namespace, read from the API (no cluster DNS) and followed as it changes].
     #[arg(long)]
     pub identity_addr: Option<IdentityAddr>,
     /// PEM bundle of trust anchors (local mode) [default: from the cluster file]. Kubernetes
@@ -509,7 +539,7 @@ pub struct AgentConfig {
     pub trust_domain: TrustDomain,
     pub bpffs_dir: PathBuf,
     pub node_cgroup: PathBuf,
-    pub identity_addr: IdentityAddr,
+    pub identity_addr: IdentityLocation,
     /// Path only; the token itself is read by the cert store and never logged.
     pub token_file: PathBuf,
     /// Where certificates are kept across restarts (a tmpfs), if anywhere.
@@ -550,7 +580,7 @@ struct ConfigView<'a> {
     trust_domain: &'a str,
     bpffs_dir: &'a Path,
     node_cgroup: &'a Path,
-    identity_addr: &'a IdentityAddr,
+    identity_addr: &'a IdentityLocation,
     /// A file in local mode, the ConfigMap in kubernetes mode.
     trust_anchors: String,
     token_file: &'a Path,
@@ -753,8 +783,8 @@ impl AgentConfig {
             file: cluster_file.clone(),
         };
         let identity_addr = match (&args.identity_addr, &cluster.identity) {
-            (Some(addr), _) => addr.clone(),
-            (None, Some(id)) => id.address.into(),
+            (Some(addr), _) => IdentityLocation::Address(addr.clone()),
+            (None, Some(id)) => IdentityLocation::Address(id.address.into()),
             (None, None) => {
                 return Err(missing_identity(
                     "identity service address",
@@ -846,13 +876,16 @@ impl AgentConfig {
             (None, Some(mount)) => mount.to_owned(),
             (None, None) => return Err(ConfigError::NoCgroup2),
         };
-        let identity_addr = args.identity_addr.clone().unwrap_or_else(|| {
-            let [_, service_fqdn] = trust_domain.identity_service_hostnames();
-            IdentityAddr {
-                host: service_fqdn,
+        let identity_addr = match args.identity_addr.clone() {
+            Some(addr) => IdentityLocation::Address(addr),
+            None => IdentityLocation::Service {
+                service: ServiceName {
+                    namespace: namespace.clone(),
+                    name: IDENTITY_NAME.to_owned(),
+                },
                 port: IDENTITY_GRPC_PORT,
-            }
-        });
+            },
+        };
         let token_file = args
             .token_file
             .clone()
@@ -896,7 +929,7 @@ impl AgentConfig {
         cluster_networks: ClusterNetworks,
         bpffs_dir: PathBuf,
         node_cgroup: PathBuf,
-        identity_addr: IdentityAddr,
+        identity_addr: IdentityLocation,
         token_file: PathBuf,
     ) -> Result<Self, ConfigError> {
         let cert_cache_dir = args.cert_cache_dir.or_else(|| match source {
@@ -1092,7 +1125,10 @@ nodes:
                 trust_anchors: "/run/sealmesh/tb-cfg/ca-bundle.crt".into(),
             })
         );
-        assert_eq!(c.identity_addr, "172.18.0.1:8080".parse().unwrap());
+        assert_eq!(
+            c.identity_addr,
+            IdentityLocation::Address("172.18.0.1:8080".parse().unwrap())
+        );
         assert_eq!(c.token_file, Path::new("/run/sealmesh/tb-cfg/node-0.token"));
         assert_eq!(
             c.node_cgroup,
@@ -1169,7 +1205,10 @@ nodes:
         assert_eq!(c.pod_resolve_timeout, Duration::from_millis(750));
         assert_eq!(c.admin_listen, "172.18.0.2:16000".parse().unwrap());
         assert_eq!(c.metrics_listen, "127.0.0.1:16020".parse().unwrap());
-        assert_eq!(c.identity_addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(
+            c.identity_addr,
+            IdentityLocation::Address("127.0.0.1:9000".parse().unwrap())
+        );
         assert_eq!(c.trust_anchors_origin(), "/a.pem");
         assert_eq!(c.token_file, Path::new("/t"));
         assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup/x"));
@@ -1435,7 +1474,7 @@ nodes:
         assert_eq!(c.trust_domain, TrustDomain::default());
         assert_eq!(
             c.identity_addr.to_string(),
-            "sealmesh-identity.sealmesh.svc.cluster.local:8080"
+            "Service sealmesh/sealmesh-identity port 8080 (its endpoints, from the Kubernetes API)"
         );
         assert_eq!(c.token_file, Path::new(IDENTITY_TOKEN_PATH));
         assert_eq!(c.bpffs_dir, Path::new("/sys/fs/bpf/sealmesh/kubernetes/n1"));
@@ -1492,7 +1531,10 @@ nodes:
             })
         );
         assert_eq!(c.node_cgroup, Path::new("/sys/fs/cgroup/kubelet.slice"));
-        assert_eq!(c.identity_addr, "172.18.0.1:8080".parse().unwrap());
+        assert_eq!(
+            c.identity_addr,
+            IdentityLocation::Address("172.18.0.1:8080".parse().unwrap())
+        );
         assert_eq!(c.token_file, Path::new("/run/token"));
     }
 
@@ -1591,7 +1633,7 @@ nodes:
         );
         assert_eq!(
             dumped["identity_addr"],
-            "sealmesh-identity.sealmesh.svc.cluster.local:8080"
+            "Service sealmesh/sealmesh-identity port 8080 (its endpoints, from the Kubernetes API)"
         );
         assert_eq!(dumped["token"], TOKEN_REDACTED);
         assert_eq!(dumped.get("cluster_file"), None);

@@ -18,7 +18,10 @@ use sealmesh_agent::{
     admin::{self, AgentState, ConnectionTable},
     backoff,
     certs::{CertStore, CertStoreConfig},
-    config::{AgentConfig, IdentityAddr, KubeSettings, LocalSettings, Source},
+    config::{
+        AgentConfig, IdentityAddr, IdentityLocation, KubeSettings, LocalSettings, ServiceName,
+        Source,
+    },
     ebpf::{self, CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
     handover::{HandoverServer, Listeners, Predecessor, Succession},
     inbound_policy::{self, InboundPolicyState},
@@ -145,7 +148,19 @@ async fn run(config: AgentConfig) -> Result<()> {
     })?;
     let predecessor = announce_to_running_agent(config.handover_socket.clone()).await;
     ebpf::lift_memlock_limit_if_charged()?;
-    let identity_addr = resolve_identity_addr(&config.identity_addr).await?;
+    let kube_client = match &config.source {
+        Source::Kubernetes(_) => Some(kube_mode::connect().await?),
+        Source::Local(_) => None,
+    };
+    let identity_addr = match (&config.identity_addr, &kube_client) {
+        (IdentityLocation::Address(addr), _) => resolve_identity_addr(addr).await?,
+        (IdentityLocation::Service { service, port }, Some(client)) => {
+            find_identity_service(client, service, *port).await?
+        }
+        (IdentityLocation::Service { .. }, None) => {
+            unreachable!("a Service location is chosen only in kubernetes mode")
+        }
+    };
     let cert_config = CertStoreConfig {
         identity_addr,
         token_file: config.token_file.clone(),
@@ -158,7 +173,12 @@ async fn run(config: AgentConfig) -> Result<()> {
     };
     let (source, registry_dyn, certs) = match &config.source {
         Source::Local(local) => start_local(&config, local, cert_config)?,
-        Source::Kubernetes(kube) => start_kubernetes(&config, kube, cert_config).await?,
+        Source::Kubernetes(kube) => {
+            let client = kube_client
+                .clone()
+                .expect("kubernetes mode connected above");
+            start_kubernetes(&config, kube, cert_config, client).await?
+        }
     };
     let node_ip = registry_dyn.local_node().ip;
     let listener = SocketAddrV4::new(node_ip, OUTBOUND_PORT);
@@ -308,6 +328,19 @@ async fn run(config: AgentConfig) -> Result<()> {
             ));
         }
     }
+    if let (IdentityLocation::Service { service, port }, Some(client)) =
+        (&config.identity_addr, kube_client)
+    {
+        let certs = certs.clone();
+        tasks.spawn(kube_mode::follow_service_endpoints(
+            client,
+            service.clone(),
+            *port,
+            identity_addr,
+            move |addr| certs.retarget_identity_service(addr),
+            stopped(),
+        ));
+    }
     tasks.spawn(sync_cgroup_roles(registry_dyn, redirector, stopped()));
     tasks.spawn(inbound_policy::sync_strict_pods(inbound.clone(), stopped()));
     if let Some(refusals) = refusals {
@@ -402,8 +435,8 @@ async fn start_kubernetes(
     config: &AgentConfig,
     kube: &KubeSettings,
     cert_config: CertStoreConfig,
+    client: ::kube::Client,
 ) -> Result<Started> {
-    let client = kube_mode::connect().await?;
     let registry = KubeRegistry::start(
         client.clone(),
         KubeRegistryConfig {
@@ -453,6 +486,38 @@ async fn resolve_identity_addr(addr: &IdentityAddr) -> Result<SocketAddr> {
         })?;
     tracing::debug!(%addr, %resolved, "identity service address resolved");
     Ok(resolved)
+}
+
+/// A ready endpoint of the identity service's Service, from the API: the
+/// agent needs no cluster DNS (which may itself wait for the mesh) to start.
+async fn find_identity_service(
+    client: &::kube::Client,
+    service: &ServiceName,
+    port: u16,
+) -> Result<SocketAddr> {
+    let deadline = tokio::time::Instant::now() + DEFAULT_STARTUP_TIMEOUT;
+    let found = backoff::STARTUP
+        .retry_until(
+            deadline,
+            || async {
+                match kube_mode::service_endpoints(client, service, port).await {
+                    Ok(endpoints) => endpoints.first().copied().ok_or_else(|| {
+                        anyhow::anyhow!("the Service has no ready endpoint yet")
+                    }),
+                    Err(error) => Err(anyhow::Error::from(error)),
+                }
+            },
+            |_| true,
+            |error, delay| {
+                tracing::warn!(%service, %error, retry_in = ?delay, "cannot find the identity service through the API; retrying");
+            },
+        )
+        .await
+        .with_context(|| {
+            format!("no ready endpoint of the identity service's Service {service} port {port}; check that it runs (`kubectl -n {} get endpointslices -l kubernetes.io/service-name={}`), or pass --identity-addr", service.namespace, service.name)
+        })?;
+    tracing::info!(%service, endpoint = %found, "identity service found through the API");
+    Ok(found)
 }
 
 /// The identity service's address as a /32, when it is IPv4 (the only

@@ -404,11 +404,8 @@ impl Mesh {
                 .arg(&node_entry.cgroup)
                 .arg("--token-file")
                 .arg(token_file)
-                .arg("--identity-addr")
-                .arg(
-                    SocketAddr::from((self.testbed.control_plane_ip(), IDENTITY_GRPC_PORT))
-                        .to_string(),
-                )
+                // No --identity-addr: the agent finds the identity service's
+                // endpoint through the API, as in the DaemonSet.
                 .env("KUBECONFIG", kube.agent_kubeconfig(node))
             }
             None => cmd

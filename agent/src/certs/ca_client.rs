@@ -24,6 +24,10 @@ pub trait CertificateAuthority: Send + Sync + std::fmt::Debug {
         identity: &'a Identity,
         csr: Vec<u8>,
     ) -> BoxFuture<'a, Result<Vec<CertificateDer<'static>>, CaError>>;
+
+    /// The authority moved to `addr` (a new endpoint of its Service); later
+    /// requests go there. Authorities with no address ignore it.
+    fn retarget(&self, _addr: SocketAddr) {}
 }
 
 /// Why the certificate authority issued nothing.
@@ -56,9 +60,19 @@ pub enum CaError {
 /// unencrypted, nor goes to any other server.
 #[derive(Debug)]
 pub struct IdentityService {
-    addr: SocketAddr,
+    target: ArcSwap<Target>,
     /// The node's credential; re-read on every request because it is rotated.
     token_file: PathBuf,
+    /// What a channel to a new address is built with.
+    identity_service: Identity,
+    tls: Arc<ArcSwap<ClientConfig>>,
+    request_timeout: Duration,
+}
+
+/// Where requests go now, and the channel there.
+#[derive(Debug)]
+struct Target {
+    addr: SocketAddr,
     client: IdentityClient<Channel>,
 }
 
@@ -73,16 +87,14 @@ impl IdentityService {
         tls: Arc<ArcSwap<ClientConfig>>,
         request_timeout: Duration,
     ) -> Self {
-        let channel = identity_tls::lazy_channel(
-            addr,
-            &trust_domain.identity_service(),
+        let identity_service = trust_domain.identity_service();
+        let target = Target::new(addr, &identity_service, &tls, request_timeout);
+        Self {
+            target: ArcSwap::from_pointee(target),
+            token_file,
+            identity_service,
             tls,
             request_timeout,
-        );
-        Self {
-            addr,
-            token_file,
-            client: IdentityClient::new(channel),
         }
     }
 
@@ -102,7 +114,8 @@ impl IdentityService {
             token,
             certificate_signing_request: csr,
         };
-        let response = self
+        let target = self.target.load();
+        let response = target
             .client
             .clone()
             .certify(request)
@@ -110,7 +123,7 @@ impl IdentityService {
             .map_err(|status| match connect_failure(&status) {
                 Some(error) => CaError::Unreachable(error.to_string()),
                 None => CaError::Refused {
-                    addr: self.addr,
+                    addr: target.addr,
                     code: status.code(),
                     message: status.message().to_owned(),
                 },
@@ -133,6 +146,34 @@ impl CertificateAuthority for IdentityService {
         csr: Vec<u8>,
     ) -> BoxFuture<'a, Result<Vec<CertificateDer<'static>>, CaError>> {
         Box::pin(self.call(identity, csr))
+    }
+
+    fn retarget(&self, addr: SocketAddr) {
+        if self.target.load().addr != addr {
+            self.target.store(Arc::new(Target::new(
+                addr,
+                &self.identity_service,
+                &self.tls,
+                self.request_timeout,
+            )));
+        }
+    }
+}
+
+impl Target {
+    /// Connects lazily, on the first request, and again after a broken
+    /// connection.
+    fn new(
+        addr: SocketAddr,
+        identity_service: &Identity,
+        tls: &Arc<ArcSwap<ClientConfig>>,
+        timeout: Duration,
+    ) -> Self {
+        let channel = identity_tls::lazy_channel(addr, identity_service, tls.clone(), timeout);
+        Self {
+            addr,
+            client: IdentityClient::new(channel),
+        }
     }
 }
 

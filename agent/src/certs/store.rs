@@ -385,6 +385,12 @@ impl CertStore {
         }
     }
 
+    /// Sends later certificate requests to the identity service at `addr`
+    /// (its Service's endpoints changed).
+    pub fn retarget_identity_service(&self, addr: SocketAddr) {
+        self.authority.retarget(addr);
+    }
+
     /// Re-reads the trust anchors file and switches every config to it (for
     /// anchor rotation). On error the old anchors stay.
     pub fn reload_trust_anchors(&self) -> Result<(), CertStoreError> {

@@ -18,7 +18,7 @@ use std::{
     collections::BTreeMap,
     fmt::Debug,
     future::Future,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
     path::PathBuf,
     sync::{Arc, Mutex},
     time::Duration,
@@ -34,7 +34,7 @@ use kube::{
         watcher,
     },
 };
-use sealmesh_common::identity::TrustDomain;
+use sealmesh_common::{consts::kube::ENDPOINTSLICE_SERVICE_LABEL, identity::TrustDomain};
 use serde::de::DeserializeOwned;
 use tokio::{
     sync::{Notify, watch},
@@ -159,6 +159,101 @@ pub async fn connect() -> Result<Client, KubeRegistryError> {
     Client::try_default()
         .await
         .map_err(KubeRegistryError::Credentials)
+}
+
+/// The ready endpoints of `service`'s port `port`, as the API lists them
+/// (what kube-proxy balances over), sorted: the agent reaches the identity
+/// service there without cluster DNS or a Service proxy.
+pub async fn service_endpoints(
+    client: &Client,
+    service: &ServiceName,
+    port: u16,
+) -> Result<Vec<SocketAddr>, kube::Error> {
+    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+    let spec = Api::<Service>::namespaced(client.clone(), &service.namespace)
+        .get(&service.name)
+        .await?
+        .spec
+        .unwrap_or_default();
+    // EndpointSlice ports carry the Service port's name (none when it has one port).
+    let port_name = spec
+        .ports
+        .unwrap_or_default()
+        .into_iter()
+        .find(|p| p.port == i32::from(port))
+        .and_then(|p| p.name);
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), &service.namespace)
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("{ENDPOINTSLICE_SERVICE_LABEL}={}", service.name)),
+        )
+        .await?;
+    let mut endpoints = Vec::new();
+    for slice in slices.items {
+        let Some(target) = slice
+            .ports
+            .unwrap_or_default()
+            .into_iter()
+            .find(|p| p.name == port_name)
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for endpoint in slice.endpoints {
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            endpoints.extend(
+                endpoint
+                    .addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, target)),
+            );
+        }
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    Ok(endpoints)
+}
+
+/// Keeps the identity service's address on a ready endpoint of `service`:
+/// when the one in use is gone (the pod moved), later requests go to
+/// another (`retarget`). Runs until `shutdown`.
+pub async fn follow_service_endpoints(
+    client: Client,
+    service: ServiceName,
+    port: u16,
+    mut current: SocketAddr,
+    retarget: impl Fn(SocketAddr) + Send,
+    shutdown: impl Future<Output = ()>,
+) {
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    let slices = Api::<EndpointSlice>::namespaced(client.clone(), &service.namespace);
+    let config = watcher::Config::default()
+        .labels(&format!("{ENDPOINTSLICE_SERVICE_LABEL}={}", service.name));
+    let mut changes = std::pin::pin!(watcher(slices, config).default_backoff());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            change = changes.next() => match change {
+                None => return,
+                Some(Err(error)) => tracing::debug!(%error, %service, "watching the identity service's endpoints failed; retrying"),
+                Some(Ok(_)) => match service_endpoints(&client, &service, port).await {
+                    Ok(endpoints) if !endpoints.is_empty() && !endpoints.contains(&current) => {
+                        let next = endpoints[0];
+                        tracing::info!(%service, from = %current, to = %next, "the identity service moved; requesting certificates from its new endpoint");
+                        retarget(next);
+                        current = next;
+                    }
+                    Ok(_) => {}
+                    Err(error) => tracing::debug!(%error, %service, "reading the identity service's endpoints failed"),
+                },
+            },
+        }
+    }
 }
 
 /// Whether sealmesh is being removed from the cluster: the agents'

@@ -765,6 +765,53 @@ impl KubeCluster {
         .await?;
         self.replace(Some(&control), identity_deployment(&control))
             .await?;
+        if let Some(identity) = &cluster.identity {
+            self.register_identity_service(&control, identity.address)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The identity service's Service, where agents find it through the API
+    /// (no cluster DNS): selectorless, with the testbed's identity address
+    /// as its one endpoint (the address the testbed runs it at, in the
+    /// underlay), so no endpoint controller competes for it.
+    async fn register_identity_service(
+        &mut self,
+        namespace: &str,
+        address: SocketAddr,
+    ) -> Result<(), TestbedKubeError> {
+        let port = json!({ "name": "grpc", "port": address.port(), "protocol": "TCP" });
+        self.replace(
+            Some(namespace),
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": { "name": IDENTITY_NAME, "namespace": namespace, "labels": managed_labels() },
+                "spec": { "type": "ClusterIP", "ports": [port] },
+            }),
+        )
+        .await?;
+        self.replace(
+            Some(namespace),
+            json!({
+                "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {
+                    "name": IDENTITY_NAME, "namespace": namespace,
+                    "labels": {
+                        ENDPOINTSLICE_SERVICE_LABEL: IDENTITY_NAME,
+                        ENDPOINTSLICE_MANAGED_BY_LABEL: FIELD_MANAGER,
+                        MANAGED_BY_LABEL: FIELD_MANAGER,
+                    },
+                },
+                "addressType": "IPv4",
+                "endpoints": [{
+                    "addresses": [address.ip().to_string()],
+                    "conditions": { "ready": true, "serving": true, "terminating": false },
+                }],
+                "ports": [port],
+            }),
+        )
+        .await?;
         Ok(())
     }
 
