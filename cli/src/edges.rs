@@ -53,6 +53,8 @@ pub struct MergedEdge {
     pub connections_total: u64,
     pub connections_open: u64,
     pub errors_total: u64,
+    /// Of `connections_total`, those refused before they opened.
+    pub refused_total: u64,
     pub last_seen_unix_ms: i64,
 }
 
@@ -82,52 +84,122 @@ fn or_else(first: &str, second: &str) -> String {
     if first.is_empty() { second } else { first }.to_owned()
 }
 
+/// Shown for a pair whose every connection was refused before it opened.
+pub const REFUSED: &str = "refused";
+
+/// Connections of `edge` that opened (and so carried bytes).
+fn opened(edge: &Edge) -> u64 {
+    edge.connections_total.saturating_sub(edge.refused_total)
+}
+
+/// Whether what `edge` carried was secured: mTLS, or never left the node.
+fn is_secured(edge: &Edge) -> bool {
+    edge.tls || edge.no_tls_reason == SECURED_LOCAL
+}
+
+/// One pair's state as one direction's agent saw it, from every record it
+/// (or an earlier run of it) reported: agents keep one record per pair and
+/// outcome, so a pair whose connections were refused while an agent
+/// restarted has a refused record beside its mTLS one.
+struct View<'e> {
+    edges: &'e [Edge],
+}
+
+impl View<'_> {
+    fn carried_traffic(&self) -> bool {
+        self.edges.iter().any(|e| opened(e) > 0)
+    }
+
+    /// `(tls, no_tls_reason)` for the pair: refused records carried nothing
+    /// and do not count; of the rest, one unsecured record is enough to show
+    /// the pair unsecured (its reason), else mTLS, else local.
+    fn verdict(&self) -> (bool, String) {
+        let carried: Vec<&Edge> = self.edges.iter().filter(|e| opened(e) > 0).collect();
+        if carried.is_empty() {
+            return (false, REFUSED.to_owned());
+        }
+        if let Some(plain) = carried.iter().find(|e| !is_secured(e)) {
+            return (false, plain.no_tls_reason.clone());
+        }
+        if carried.iter().any(|e| e.tls) {
+            (true, String::new())
+        } else {
+            (false, SECURED_LOCAL.to_owned())
+        }
+    }
+
+    fn identity(&self, pick: impl Fn(&Edge) -> &str) -> String {
+        self.edges
+            .iter()
+            .map(pick)
+            .find(|id| !id.is_empty())
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
 /// Merges the agents' edges: one row per (source pod, destination pod). The
-/// outbound (source-side) view wins, as it saw the connection from its start;
-/// identities missing there are filled from the inbound view.
+/// outbound (source-side) view wins when it saw traffic, as it saw the
+/// connections from their start; identities missing there are filled from
+/// the inbound view.
 pub fn merge(edges: impl IntoIterator<Item = Edge>) -> Vec<MergedEdge> {
     type Key = (String, String, String, String);
-    let mut views: BTreeMap<Key, (Option<Edge>, Option<Edge>)> = BTreeMap::new();
+    let mut views: BTreeMap<Key, (Vec<Edge>, Vec<Edge>)> = BTreeMap::new();
     for edge in edges {
         let (src_ns, src) = pod_parts(edge.src.as_ref());
         let (dst_ns, dst) = pod_parts(edge.dst.as_ref());
         let entry = views.entry((src_ns, src, dst_ns, dst)).or_default();
-        let slot = if edge.direction() == Direction::Inbound {
-            &mut entry.1
+        if edge.direction() == Direction::Inbound {
+            entry.1.push(edge);
         } else {
-            &mut entry.0
-        };
-        match slot {
-            // Several agents (or restarts) may report the same direction: add up.
-            Some(seen) => {
-                seen.connections_total += edge.connections_total;
-                seen.connections_open += edge.connections_open;
-                seen.errors_total += edge.errors_total;
-                seen.last_seen_unix_ms = seen.last_seen_unix_ms.max(edge.last_seen_unix_ms);
-            }
-            None => *slot = Some(edge),
+            entry.0.push(edge);
         }
     }
     views
         .into_iter()
-        .filter_map(|((src_ns, src, dst_ns, dst), (outbound, inbound))| {
-            let other = inbound.clone().or_else(|| outbound.clone())?;
-            let base = outbound.unwrap_or_else(|| other.clone());
-            Some(MergedEdge {
-                secured: base.tls || base.no_tls_reason == SECURED_LOCAL,
-                tls: base.tls,
-                no_tls_reason: base.no_tls_reason.clone(),
-                client_id: or_else(&base.client_id, &other.client_id),
-                server_id: or_else(&base.server_id, &other.server_id),
-                connections_total: base.connections_total,
-                connections_open: base.connections_open,
-                errors_total: base.errors_total,
-                last_seen_unix_ms: base.last_seen_unix_ms.max(other.last_seen_unix_ms),
+        .map(|((src_ns, src, dst_ns, dst), (outbound, inbound))| {
+            // Records in a fixed order, whichever agent answered first.
+            let sorted = |mut edges: Vec<Edge>| {
+                edges.sort_by(|a, b| {
+                    (a.no_tls_reason.as_str(), !a.tls).cmp(&(b.no_tls_reason.as_str(), !b.tls))
+                });
+                edges
+            };
+            let (outbound, inbound) = (sorted(outbound), sorted(inbound));
+            let (outbound, inbound) = (View { edges: &outbound }, View { edges: &inbound });
+            let (base, other) = if outbound.carried_traffic()
+                || (!inbound.carried_traffic() && !outbound.edges.is_empty())
+            {
+                (&outbound, &inbound)
+            } else {
+                (&inbound, &outbound)
+            };
+            let (tls, no_tls_reason) = base.verdict();
+            let sum = |count: fn(&Edge) -> u64| base.edges.iter().map(count).sum::<u64>();
+            let identity =
+                |pick: fn(&Edge) -> &str| or_else(&base.identity(pick), &other.identity(pick));
+            MergedEdge {
+                secured: tls || no_tls_reason == SECURED_LOCAL,
+                tls,
+                no_tls_reason,
+                client_id: identity(|e| &e.client_id),
+                server_id: identity(|e| &e.server_id),
+                connections_total: sum(|e| e.connections_total),
+                connections_open: sum(|e| e.connections_open),
+                errors_total: sum(|e| e.errors_total),
+                refused_total: sum(|e| e.refused_total),
+                last_seen_unix_ms: outbound
+                    .edges
+                    .iter()
+                    .chain(inbound.edges)
+                    .map(|e| e.last_seen_unix_ms)
+                    .max()
+                    .unwrap_or_default(),
                 src,
                 dst,
                 src_ns,
                 dst_ns,
-            })
+            }
         })
         .collect()
 }
@@ -245,6 +317,7 @@ mod tests {
             connections_total: 1,
             connections_open: 0,
             errors_total: 0,
+            refused_total: 0,
             last_seen_unix_ms: 1_000,
         }
     }
@@ -277,5 +350,73 @@ mod tests {
         );
         assert_eq!(merged[2].last_seen_unix_ms, 2_000);
         assert!(merged[1].secured && !merged[1].tls);
+    }
+
+    fn refused(src: &str, dst: &str, direction: Direction, count: u64) -> Edge {
+        Edge {
+            connections_total: count,
+            refused_total: count,
+            errors_total: count,
+            ..edge(src, dst, direction, false, "")
+        }
+    }
+
+    fn secured(merged: &[MergedEdge]) -> Vec<(String, String)> {
+        merged
+            .iter()
+            .map(|e| (e.dst.clone(), e.secured_column()))
+            .collect()
+    }
+
+    #[test]
+    fn connections_refused_while_an_agent_restarted_do_not_unsecure_an_mtls_pair() {
+        let mut out = edge("client", "server", Direction::Outbound, true, "");
+        out.connections_total = 5;
+        // Whichever record an agent lists first, the pair stays secured.
+        for records in [
+            vec![
+                refused("client", "server", Direction::Outbound, 2),
+                out.clone(),
+            ],
+            vec![
+                out.clone(),
+                refused("client", "server", Direction::Outbound, 2),
+            ],
+        ] {
+            let merged = merge(records);
+            assert_eq!(secured(&merged), [("server".to_owned(), "√".to_owned())]);
+            assert_eq!(
+                (
+                    merged[0].connections_total,
+                    merged[0].refused_total,
+                    merged[0].errors_total
+                ),
+                (7, 2, 2)
+            );
+        }
+        // The restarted source agent saw only refusals; the destination saw
+        // the mTLS connections.
+        let merged = merge([
+            refused("client", "server", Direction::Outbound, 1),
+            edge("client", "server", Direction::Inbound, true, ""),
+        ]);
+        assert_eq!(secured(&merged), [("server".to_owned(), "√".to_owned())]);
+    }
+
+    #[test]
+    fn one_plaintext_connection_shows_the_pair_unsecured_and_refusals_alone_show_refused() {
+        let merged = merge([
+            edge("client", "server", Direction::Outbound, true, ""),
+            edge("client", "server", Direction::Outbound, false, "not_meshed"),
+            refused("client", "other", Direction::Outbound, 3),
+        ]);
+        assert_eq!(
+            secured(&merged),
+            [
+                ("other".to_owned(), REFUSED.to_owned()),
+                ("server".to_owned(), "not_meshed".to_owned()),
+            ]
+        );
+        assert!(!merged[0].secured && !merged[1].secured && !merged[1].tls);
     }
 }

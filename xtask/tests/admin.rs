@@ -232,6 +232,7 @@ fn admin_api_and_metrics_report_a_real_mtls_connection_exactly() {
         connections_total: 1,
         connections_open: 0,
         errors_total: 0,
+        refused_total: 0,
         last_seen_unix_ms: 0,
     };
     let without_time = |mut edges: Vec<pb::Edge>| {

@@ -53,6 +53,8 @@ pub struct EdgeStats {
     pub connections_open: u64,
     /// Connections refused or broken.
     pub errors_total: u64,
+    /// Of `connections_total`, those refused before they opened.
+    pub refused_total: u64,
     pub last_seen_ms: u64,
     /// The pods' addresses when last seen, to tell whether they are still
     /// the same pods in the registry.
@@ -153,6 +155,7 @@ impl ConnectionTable {
             connections_total: 0,
             connections_open: 0,
             errors_total: 0,
+            refused_total: 0,
             last_seen_ms: 0,
             src_ip: None,
             dst_ip: None,
@@ -189,6 +192,7 @@ impl ConnectionObserver for ConnectionTable {
         if !opened {
             // Refused: it never opened, so it is counted here.
             stats.connections_total += 1;
+            stats.refused_total += 1;
         }
         if event.error.is_some() {
             stats.errors_total += 1;
@@ -251,9 +255,10 @@ mod tests {
                 stats.connections_total,
                 stats.connections_open,
                 stats.errors_total,
+                stats.refused_total,
                 stats.last_seen_ms
             ),
-            (3, 1, 1, 2100)
+            (3, 1, 1, 1, 2100)
         );
         assert_eq!(table.open_connections(3000).len(), 1);
     }

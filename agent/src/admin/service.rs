@@ -313,6 +313,7 @@ fn edge_to_proto(key: EdgeKey, stats: &EdgeStats) -> pb::Edge {
         connections_total: stats.connections_total,
         connections_open: stats.connections_open,
         errors_total: stats.errors_total,
+        refused_total: stats.refused_total,
         last_seen_unix_ms: i64::try_from(stats.last_seen_ms).unwrap_or(i64::MAX),
     }
 }
