@@ -39,9 +39,12 @@ use sealmesh_pki::files::{
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream, ReadBuf};
 
-use crate::agents::{
-    AgentDirectory, AgentError, AgentLink, AgentRef, AgentRoute, AgentTransport, LinkSession,
-    SessionHandle,
+use crate::{
+    agents::{
+        AgentDirectory, AgentError, AgentLink, AgentRef, AgentRoute, AgentTransport, LinkSession,
+        SessionHandle,
+    },
+    selector::Selector,
 };
 
 /// The recommended Kubernetes label the agent DaemonSet selects its pods by
@@ -276,14 +279,14 @@ impl KubeCluster {
         })?
     }
 
-    /// The label selector (matchLabels) of workload `kind`/`name` in
-    /// `namespace`: a Deployment, DaemonSet or StatefulSet.
+    /// The label selector of workload `kind`/`name` in `namespace`: a
+    /// Deployment, DaemonSet or StatefulSet.
     pub fn workload_selector(
         &self,
         kind: WorkloadKind,
         namespace: &str,
         name: &str,
-    ) -> Result<BTreeMap<String, String>, KubeError> {
+    ) -> Result<Selector, KubeError> {
         use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
         let what = format!("read {} {namespace}/{name}", kind.kind());
         let selector = block_on(async {
@@ -305,17 +308,8 @@ impl KubeCluster {
             selector.map_err(api_error(what.clone()))
         })??
         .unwrap_or_default();
-        if selector
-            .match_expressions
-            .as_ref()
-            .is_some_and(|e| !e.is_empty())
-        {
-            return Err(KubeError::Invalid(format!(
-                "{} {namespace}/{name} selects its pods with matchExpressions, which tap does not evaluate; tap its pods (pod/NAME) or its namespace (ns/{namespace})",
-                kind.kind()
-            )));
-        }
-        Ok(selector.match_labels.unwrap_or_default())
+        Selector::parse(&selector)
+            .map_err(|e| KubeError::Invalid(format!("{} {namespace}/{name}: {e}", kind.kind())))
     }
 
     /// Ready and wanted replicas of the identity service's Deployment.

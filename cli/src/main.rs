@@ -10,6 +10,7 @@ mod edges;
 mod install;
 mod kube;
 mod output;
+mod selector;
 mod tap;
 mod trust_bundle;
 mod why;

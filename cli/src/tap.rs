@@ -101,9 +101,7 @@ impl Filter {
                         bail!("{} {ns}/{name} has an empty selector", kind.kind());
                     }
                     Ok(keys(
-                        in_ns()
-                            .filter(|p| selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
-                            .collect(),
+                        in_ns().filter(|p| selector.matches(&p.labels)).collect(),
                     ))
                 }
                 None if kind == WorkloadKind::Deployment => Ok(keys(
