@@ -11,12 +11,16 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Args;
 use rustls_pki_types::CertificateDer;
-use sealmesh_common::{cluster::ClusterFile, consts::kube::TRUST_ROOTS_CONFIGMAP};
+use sealmesh_common::{
+    consts::{DEFAULT_TRUST_DOMAIN, kube::TRUST_ROOTS_CONFIGMAP},
+    identity::TrustDomain,
+};
 use sealmesh_pki::parse_pem_certs;
-use sealmesh_proto::admin::{CertificateStatus, GetCertificatesRequest};
+use sealmesh_proto::admin::{CertificateStatus, GetCertificatesRequest, GetConfigRequest};
 use time::OffsetDateTime;
 
 use crate::{
+    agent_config::ConfigDumpView,
     agents::{AgentDirectory, ClusterArgs, ClusterSource, call, session},
     certview::{self, CertFacts},
 };
@@ -98,33 +102,50 @@ pub fn run(args: InspectArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .expect("clap requires FILE or --agent");
     let source = source.expect("--agent makes the cluster source");
-    let trust_domain = match &source {
-        ClusterSource::Local(cluster) => cluster.trust_domain()?,
-        // The agents' default; a cluster file names its own.
-        ClusterSource::Kubernetes(_) => ClusterFile::new("kubernetes").trust_domain()?,
-    };
-    let wanted_identity = args
-        .identity
-        .as_deref()
-        .map(|text| anyhow::Ok(trust_domain.parse(text)?.spiffe_uri()))
-        .transpose()?;
     let directory = AgentDirectory::of(&source)?;
     let agent = directory
         .agent(node)
         .with_context(|| format!("node {node} runs no agent sealmesh knows of"))?
         .clone();
     let agent_node = agent.node.clone();
-    let response = directory.query(
+    let (response, config) = directory.query(
         &agent,
         session(move |mut client| async move {
-            call(
+            let certificates = call(
                 &agent_node,
                 "GetCertificates",
                 client.get_certificates(GetCertificatesRequest {}),
             )
-            .await
+            .await?;
+            let config = call(
+                &agent_node,
+                "GetConfig",
+                client.get_config(GetConfigRequest {}),
+            )
+            .await?;
+            Ok((certificates, config))
         }),
     )?;
+    // `NAMESPACE/SA` is named in the trust domain the agent uses.
+    let (domain, control_namespace) = match &source {
+        ClusterSource::Local(cluster) => (
+            cluster.trust_domain.clone(),
+            cluster.control_namespace.clone(),
+        ),
+        ClusterSource::Kubernetes(cluster) => (
+            DEFAULT_TRUST_DOMAIN.to_owned(),
+            cluster.namespace().to_owned(),
+        ),
+    };
+    let domain = ConfigDumpView::parse(&config.yaml)
+        .trust_domain
+        .unwrap_or(domain);
+    let trust_domain = TrustDomain::new(&domain, &control_namespace)?;
+    let wanted_identity = args
+        .identity
+        .as_deref()
+        .map(|text| anyhow::Ok(trust_domain.parse(text)?.spiffe_uri()))
+        .transpose()?;
     let agent_anchors = Anchors {
         certificates: parse_pem_certs(
             response.trust_anchors_pem.as_bytes(),

@@ -1,6 +1,7 @@
 //! `sealmesh`: operator commands, one module per command group.
 #![forbid(unsafe_code)]
 
+mod agent_config;
 mod agents;
 mod certs;
 mod certs_inspect;

@@ -23,6 +23,7 @@ use sealmesh_proto::admin::{
 use time::OffsetDateTime;
 
 use crate::{
+    agent_config::{ClusterNetworks, ConfigDumpView, PlaintextExemptions, Policy},
     agents::{AgentDirectory, AgentError, ClusterArgs, call, join, session},
     certview::{self, CertFacts},
     edges::{self, DEFAULT_NAMESPACE, MergedEdge},
@@ -53,61 +54,9 @@ struct AgentView {
     /// None from an agent that predates strict inbound mode.
     inbound: Option<InboundPolicyStatus>,
     edges: Vec<sealmesh_proto::admin::Edge>,
-}
-
-/// The agent's policy flags, read from its configuration dump.
-#[derive(Debug, Default, serde::Deserialize)]
-struct Policy {
-    #[serde(default)]
-    deny_plaintext: bool,
-    #[serde(default)]
-    force_mtls_local: bool,
-    #[serde(default)]
-    default_inbound_policy: InboundPolicy,
-}
-
-#[derive(Debug, serde::Deserialize)]
-struct ConfigDumpView {
-    #[serde(default)]
-    policy: Policy,
-    plaintext_exemptions: Option<PlaintextExemptions>,
-}
-
-/// The destinations an agent's --deny-plaintext still lets through, from its
-/// configuration dump.
-#[derive(Debug, Default, serde::Deserialize)]
-struct PlaintextExemptions {
-    #[serde(default)]
-    services: Vec<String>,
-    #[serde(default)]
-    cidrs: Vec<String>,
-    #[serde(default)]
-    ports: Vec<u16>,
-}
-
-impl PlaintextExemptions {
-    /// E.g. "the Services default/kubernetes, kube-system/kube-dns by ClusterIP, port 53".
-    fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        if !self.services.is_empty() {
-            parts.push(format!(
-                "the Services {} by ClusterIP",
-                self.services.join(", ")
-            ));
-        }
-        if !self.cidrs.is_empty() {
-            parts.push(format!("the networks {}", self.cidrs.join(", ")));
-        }
-        if !self.ports.is_empty() {
-            let ports: Vec<String> = self.ports.iter().map(u16::to_string).collect();
-            parts.push(format!("port {}", ports.join(", ")));
-        }
-        if parts.is_empty() {
-            "nothing".into()
-        } else {
-            parts.join(", ")
-        }
-    }
+    /// The trust domain the agent names identities in (None: an older agent).
+    trust_domain: Option<String>,
+    cluster_networks: ClusterNetworks,
 }
 
 /// The verdict on a pod pair.
@@ -143,29 +92,38 @@ impl Explanation {
 
 pub fn run(args: WhyArgs) -> anyhow::Result<ExitCode> {
     let source = args.cluster.source()?;
-    let cluster = source.cluster_file()?;
-    let src = resolve_pod(&cluster, &args.src, &args.namespace)?;
-    let (dst, dst_note) = resolve_destination(&cluster, &args.dst, &args.namespace)?;
+    let mut cluster = source.cluster_file()?.into_owned();
     let directory = AgentDirectory::of(&source)?;
-    let mut nodes = vec![src.node.clone()];
-    if dst.node != src.node {
-        nodes.push(dst.node.clone());
-    }
+    let ask = |node: &str| -> anyhow::Result<Result<AgentView, AgentError>> {
+        let agent = directory
+            .agent(node)
+            .with_context(|| format!("node {node} runs no agent sealmesh knows of"))?;
+        Ok(directory
+            .spawn(agent, view_session(node.to_owned()))
+            .and_then(|h| join(node, h)))
+    };
+    // The source's agent first: the destination is classified with the
+    // networks and trust domain the agents enforce, not assumed defaults.
+    let src_node = resolve_pod(&cluster, &args.src, &args.namespace)?
+        .node
+        .clone();
     let mut views: BTreeMap<String, Result<AgentView, AgentError>> = BTreeMap::new();
-    let handles: Vec<_> = nodes
-        .iter()
-        .map(|node| {
-            let agent = directory
-                .agent(node)
-                .with_context(|| format!("node {node} runs no agent sealmesh knows of"))?;
-            Ok((
-                node.clone(),
-                directory.spawn(agent, view_session(node.clone())),
-            ))
-        })
-        .collect::<anyhow::Result<_>>()?;
-    for (node, handle) in handles {
-        views.insert(node.clone(), handle.and_then(|h| join(&node, h)));
+    views.insert(src_node.clone(), ask(&src_node)?);
+    let agent_networks = match &views[&src_node] {
+        Ok(view) => {
+            if let Some(domain) = &view.trust_domain {
+                cluster.trust_domain.clone_from(domain);
+            }
+            view.cluster_networks.clone()
+        }
+        Err(_) => ClusterNetworks::default(),
+    };
+    let src = resolve_pod(&cluster, &args.src, &args.namespace)?;
+    let (dst, dst_note) =
+        resolve_destination(&cluster, &agent_networks, &args.dst, &args.namespace)?;
+    if !views.contains_key(&dst.node) {
+        let view = ask(&dst.node)?;
+        views.insert(dst.node.clone(), view);
     }
 
     let now = OffsetDateTime::now_utc();
@@ -204,11 +162,7 @@ fn view_session(node: String) -> crate::agents::Session<AgentView> {
         )
         .await?
         .edges;
-        // An unreadable dump means no policy flags are known: assume none.
-        let (policy, plaintext_exemptions) =
-            serde_yaml_ng::from_str::<ConfigDumpView>(&config.yaml)
-                .map(|c| (c.policy, c.plaintext_exemptions))
-                .unwrap_or_default();
+        let config = ConfigDumpView::parse(&config.yaml);
         let inbound = match client.get_inbound_policy(GetInboundPolicyRequest {}).await {
             Ok(response) => Some(response.into_inner()),
             Err(status) if status.code() == tonic::Code::Unimplemented => None,
@@ -220,10 +174,12 @@ fn view_session(node: String) -> crate::agents::Session<AgentView> {
             status,
             certificates,
             ebpf,
-            policy,
-            plaintext_exemptions,
+            policy: config.policy,
+            plaintext_exemptions: config.plaintext_exemptions,
             inbound,
             edges,
+            trust_domain: config.trust_domain,
+            cluster_networks: config.cluster_networks,
         })
     })
 }
@@ -242,6 +198,7 @@ fn resolve_pod<'a>(
 /// A destination pod, and a note when it was reached through a Service.
 fn resolve_destination<'a>(
     cluster: &'a ClusterFile,
+    agent_networks: &ClusterNetworks,
     text: &str,
     namespace: &str,
 ) -> anyhow::Result<(&'a Pod, Option<String>)> {
@@ -281,7 +238,8 @@ fn resolve_destination<'a>(
     let in_cluster = cluster.nodes.iter().any(|n| n.pod_cidr.contains(&ip))
         || cluster
             .service_cidr
-            .is_some_and(|range| range.contains(&ip));
+            .is_some_and(|range| range.contains(&ip))
+        || agent_networks.contains(ip);
     if in_cluster {
         bail!(
             "{text} is in the cluster's pod or Service networks but no pod or Service of the cluster: meshed pods' connections to it are held, then refused (unknown_destination), never sent in plaintext"

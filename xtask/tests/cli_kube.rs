@@ -25,10 +25,12 @@ mod support;
 
 use support::{
     APP_NS, ECHO_PORT, PLAIN_NS, client_in_pod, describe, echo_addr, echo_service,
-    mesh_with_echo_servers, sealmesh_path, spiffe, stdout,
+    mesh_with_echo_servers, sealmesh_path, stdout,
 };
 
 const SERVICE_VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
+/// Not the default: the CLI must learn it from the agents, not assume it.
+const TRUST_DOMAIN: &str = "mesh.example";
 const WAIT: Duration = Duration::from_secs(20);
 /// The unprivileged user the CLI runs as (`nobody`).
 const UNPRIVILEGED_UID: u32 = 65534;
@@ -37,6 +39,7 @@ const UNPRIVILEGED_UID: u32 = 65534;
 /// `server`), `legacy/plain` (unmeshed).
 fn spec() -> TestbedSpec {
     TestbedSpec::new(2)
+        .trust_domain(TRUST_DOMAIN)
         .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
         .namespace(PLAIN_NS, &[])
         .pod(PodSpec::new(APP_NS, "client", "client", 0).label("app", "client"))
@@ -44,6 +47,10 @@ fn spec() -> TestbedSpec {
         .pod(PodSpec::new(APP_NS, "server", "server", 1).label("app", "server"))
         .pod(PodSpec::new(PLAIN_NS, "plain", "default", 1).label("app", "plain"))
         .service(echo_service("server", SERVICE_VIP, 80))
+}
+
+fn spiffe(service_account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{APP_NS}/sa/{service_account}")
 }
 
 struct App {
@@ -218,15 +225,36 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
             "{text}"
         );
     }
+    // An identity DNS name is read in the agents' trust domain.
+    let out = app.sealmesh(&[
+        "certs",
+        "inspect",
+        "--agent",
+        "node-0",
+        "--identity",
+        &format!("neighbour.{APP_NS}.serviceaccount.identity.sealmesh.{TRUST_DOMAIN}"),
+    ]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(&format!("Identity: {}\n", spiffe("neighbour"))),
+        "{}",
+        describe(&out)
+    );
 
     // tap sees a cross-node connection made while it runs, over mTLS; a
-    // Deployment target is the pods its selector matches (not its name).
+    // Deployment target is the pods its selector matches (not its name),
+    // matchExpressions included.
     let kube = app.mesh.kube().unwrap();
     let deployment: k8s_openapi::api::apps::v1::Deployment =
         serde_json::from_value(serde_json::json!({
             "metadata": { "name": "frontend", "namespace": APP_NS },
             "spec": {
-                "selector": { "matchLabels": { "app": "client" } },
+                "selector": {
+                    "matchExpressions": [
+                        { "key": "app", "operator": "In", "values": ["client", "web"] },
+                        { "key": "canary", "operator": "DoesNotExist" },
+                    ],
+                },
                 "template": {
                     "metadata": { "labels": { "app": "client" } },
                     "spec": { "containers": [{ "name": "app", "image": "app" }] },
@@ -324,6 +352,17 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
             spiffe("server")
         )),
         "{text}"
+    );
+    // An address of the agents' Service range that no Service holds: held,
+    // then refused, as the agents enforce (not "outside the cluster").
+    let out = app.sealmesh(&["why", "shop/client", "10.100.7.7:80"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(
+            "10.100.7.7:80 is in the cluster's pod or Service networks but no pod or Service of the cluster"
+        ),
+        "{}",
+        describe(&out)
     );
     let out = app.sealmesh(&["why", "client", "legacy/plain", "-n", APP_NS]);
     assert_eq!(out.status.code(), Some(1), "{}", describe(&out));

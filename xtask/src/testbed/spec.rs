@@ -85,6 +85,8 @@ pub struct TestbedSpec {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<PodSpec>,
     pub services: Vec<Service>,
+    /// None: the default trust domain.
+    pub trust_domain: Option<String>,
 }
 
 /// Namespace used by [`TestbedSpec::meshed`].
@@ -98,7 +100,15 @@ impl TestbedSpec {
             namespaces: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            trust_domain: None,
         }
+    }
+
+    /// Names identities in `domain` instead of the default (agents and the
+    /// identity service are started with it).
+    pub fn trust_domain(mut self, domain: &str) -> Self {
+        self.trust_domain = Some(domain.to_owned());
+        self
     }
 
     /// `nodes` × `pods_per_node` pods in the meshed namespace `mesh-demo`. Pod m of
@@ -220,6 +230,9 @@ impl TestbedSpec {
         self.check_topology()?;
         let mut file = ClusterFile::new(layout.id().as_str());
         file.service_cidr = Some(SERVICE_CIDR);
+        if let Some(domain) = &self.trust_domain {
+            file.trust_domain.clone_from(domain);
+        }
         file.nodes = (0..self.nodes)
             .map(|k| {
                 let name = layout::node_name(k);
