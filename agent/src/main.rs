@@ -332,12 +332,21 @@ async fn run(config: AgentConfig) -> Result<()> {
         (&config.identity_addr, kube_client)
     {
         let certs = certs.clone();
+        let redirector = redirector.clone();
         tasks.spawn(kube_mode::follow_service_endpoints(
             client,
             service.clone(),
             *port,
             identity_addr,
-            move |addr| certs.retarget_identity_service(addr),
+            move |addr| {
+                certs.retarget_identity_service(addr);
+                // The old address may become a meshed pod's: it must be
+                // redirected again, and the new one not.
+                let excluded: Vec<Ipv4Net> = identity_service_cidr(addr).into_iter().collect();
+                if let Err(error) = redirector.replace_excluded_cidrs(&excluded) {
+                    tracing::error!(%error, identity = %addr, "cannot move the redirect's exclusion to the identity service's new address");
+                }
+            },
             stopped(),
         ));
     }

@@ -605,6 +605,45 @@ fn assert_direct(listener: &NetnsListener) {
     );
 }
 
+#[test]
+fn a_replaced_cidr_exclusion_redirects_the_old_network_again_and_exempts_the_new() {
+    let bed = Testbed::new(&TESTBED);
+    let redirector = Arc::new(Redirector::load(&bed.config()).expect("load"));
+    redirector
+        .insert(CgroupRole::MeshedPod, bed.pod_cgroup_id())
+        .expect("mark the pod meshed");
+    let outbound = NetnsListener::take_and_read(&bed, LISTENER, &redirector);
+    let old_net = SocketAddrV4::new(EXCLUDED_NET_IP, PLAIN_PORT);
+    let new_net = SocketAddrV4::new(NODE_IP, PLAIN_PORT);
+    let old_listener = NetnsListener::take_and_read(&bed, old_net, &redirector);
+    let new_listener = NetnsListener::take_and_read(&bed, new_net, &redirector);
+
+    // As when the identity service's endpoint moves to another address.
+    let moved: ipnet::Ipv4Net = format!("{NODE_IP}/32").parse().unwrap();
+    redirector
+        .replace_excluded_cidrs(&[moved])
+        .expect("move the exclusion");
+    bed.run_client(&bed.pod, old_net, 1, "send");
+    let accepted = outbound.next();
+    assert_eq!(accepted.received, b"hi");
+    assert_eq!(accepted.redirect, Some(bed.meshed_pod_redirect(old_net)));
+    old_listener.assert_idle();
+    bed.run_client(&bed.pod, new_net, 1, "send");
+    assert_direct(&new_listener);
+
+    // Replacing with the same set changes nothing; an empty set exempts nothing.
+    redirector.replace_excluded_cidrs(&[moved]).unwrap();
+    bed.run_client(&bed.pod, new_net, 1, "send");
+    assert_direct(&new_listener);
+    redirector.replace_excluded_cidrs(&[]).unwrap();
+    bed.run_client(&bed.pod, new_net, 1, "send");
+    assert_eq!(
+        outbound.next().redirect,
+        Some(bed.meshed_pod_redirect(new_net))
+    );
+    outbound.assert_idle();
+}
+
 /// An agent cgroup id given in the configuration (as a Kubernetes-mode agent's pod cgroup).
 const AGENT_POD_CGROUP: u64 = 0x5ea1_0000;
 

@@ -79,6 +79,7 @@ use aya::{
         links::{FdLink, LinkError},
     },
 };
+use ipnet::Ipv4Net;
 use nix::sys::{
     resource::{RLIM_INFINITY, Resource, setrlimit},
     statfs::{BPF_FS_MAGIC, CGROUP2_SUPER_MAGIC, statfs},
@@ -124,7 +125,7 @@ pub struct RedirectConfig {
     /// Destination ports never redirected.
     pub excluded_ports: Vec<u16>,
     /// Destination networks never redirected.
-    pub excluded_cidrs: Vec<ipnet::Ipv4Net>,
+    pub excluded_cidrs: Vec<Ipv4Net>,
     /// Move pod <-> agent payload between the two sockets with sk_msg instead of TCP/IP.
     pub sockmap_acceleration: bool,
     /// Cgroups whose descendants are pods ([`CgroupRole::PodParent`]), in the maps before the
@@ -329,6 +330,7 @@ pub struct Redirector {
     by_cookie: HashMap<MapData, u64, RedirectRecord>,
     original_dsts: HashMap<MapData, u64, RedirectRecord>,
     accelerated_sockets: SockHash<MapData, SocketTuple>,
+    excluded_cidrs: Mutex<ExcludedCidrs>,
     sockmap_acceleration: bool,
     strict: StrictInboundMaps,
     links: Vec<AttachedLink>,
@@ -383,6 +385,7 @@ impl Redirector {
             .map_err(EbpfError::from_loader)?;
         let kernel_log = KernelLogForwarder::start(&mut ebpf)?;
         fill_exclusions(&mut ebpf, cfg)?;
+        let excluded_cidrs = ExcludedCidrs::take(&mut ebpf, &cfg.excluded_cidrs)?;
         let cgroup_maps = CgroupRole::ALL.map(|role| {
             take_pinned_map(&mut ebpf, &pins, role.map_name(), role.capacity()).map(Mutex::new)
         });
@@ -494,12 +497,20 @@ impl Redirector {
             by_cookie,
             original_dsts,
             accelerated_sockets,
+            excluded_cidrs: Mutex::new(excluded_cidrs),
             sockmap_acceleration: cfg.sockmap_acceleration,
             strict,
             links,
             _kernel_log: kernel_log,
             _ebpf: ebpf,
         })
+    }
+
+    /// Makes the destination networks never redirected exactly `cidrs`, for
+    /// connections from now on (e.g. the identity service's new address when
+    /// its endpoint moves: the old one may become a meshed pod's).
+    pub fn replace_excluded_cidrs(&self, cidrs: &[Ipv4Net]) -> Result<(), EbpfError> {
+        lock(&self.excluded_cidrs).replace(cidrs)
     }
 
     /// Programs whose link is pinned (and so attached) at the node cgroup:
@@ -1028,22 +1039,60 @@ fn fill_exclusions(ebpf: &mut Ebpf, cfg: &RedirectConfig) -> Result<(), EbpfErro
             .map_err(|error| EbpfError::from_aya(format!("excluding port {port}"), error))?;
     }
 
-    let map = ebpf
-        .map_mut(names::EXCLUDED_CIDRS)
-        .ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_CIDRS))?;
-    let mut cidrs: LpmTrie<&mut MapData, u32, u8> = LpmTrie::try_from(map)
-        .map_err(|error| EbpfError::from_aya("opening the excluded CIDRs map", error))?;
-    for net in &cfg.excluded_cidrs {
-        // The program looks up the address in network order (LPM matches from the first byte).
-        let key = Key::new(
+    Ok(())
+}
+
+/// The CIDR exclusion map and what it holds, kept so that the set can change
+/// while the programs run (the identity service's endpoint moves).
+struct ExcludedCidrs {
+    map: LpmTrie<MapData, u32, u8>,
+    held: BTreeSet<Ipv4Net>,
+}
+
+impl ExcludedCidrs {
+    fn take(ebpf: &mut Ebpf, cidrs: &[Ipv4Net]) -> Result<Self, EbpfError> {
+        let map = ebpf
+            .take_map(names::EXCLUDED_CIDRS)
+            .ok_or(EbpfError::MissingObjectItem(names::EXCLUDED_CIDRS))?;
+        let map = LpmTrie::try_from(map)
+            .map_err(|error| EbpfError::from_aya("opening the excluded CIDRs map", error))?;
+        let mut excluded = Self {
+            map,
+            held: BTreeSet::new(),
+        };
+        excluded.replace(cidrs)?;
+        Ok(excluded)
+    }
+
+    /// The program looks up the address in network order (LPM matches from the first byte).
+    fn key(net: &Ipv4Net) -> Key<u32> {
+        Key::new(
             u32::from(net.prefix_len()),
             u32::from_ne_bytes(net.network().octets()),
-        );
-        cidrs
-            .insert(&key, 1, 0)
-            .map_err(|error| EbpfError::from_aya(format!("excluding CIDR {net}"), error))?;
+        )
     }
-    Ok(())
+
+    /// Makes the map hold exactly `cidrs`: additions first, so that an address
+    /// in both the old and the new set is never redirected on the way.
+    fn replace(&mut self, cidrs: &[Ipv4Net]) -> Result<(), EbpfError> {
+        check_exclusion_count("CIDRs", cidrs.len(), capacity::EXCLUDED_CIDRS)?;
+        let wanted: BTreeSet<Ipv4Net> = cidrs.iter().map(Ipv4Net::trunc).collect();
+        let new: Vec<Ipv4Net> = wanted.difference(&self.held).copied().collect();
+        for net in &new {
+            self.map
+                .insert(&Self::key(net), 1, 0)
+                .map_err(|error| EbpfError::from_aya(format!("excluding CIDR {net}"), error))?;
+            self.held.insert(*net);
+        }
+        let gone: Vec<Ipv4Net> = self.held.difference(&wanted).copied().collect();
+        for net in gone {
+            self.map.remove(&Self::key(&net)).map_err(|error| {
+                EbpfError::from_aya(format!("ending the exclusion of CIDR {net}"), error)
+            })?;
+            self.held.remove(&net);
+        }
+        Ok(())
+    }
 }
 
 /// Entries of a pinned map, opened from its pin.
