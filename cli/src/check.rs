@@ -1,7 +1,9 @@
-//! `sealmesh check [--proxy] [--trust-bundle FILE]`: Linkerd's identity
-//! checks on the trust anchors and issuer, with `--proxy` checks of every
-//! agent's live certificates, and with `--trust-bundle` whether a candidate
-//! anchor bundle keeps every anchor the issuer and live leaves still need.
+//! `sealmesh check [--proxy] [--trust-bundle FILE] [-o table|json|short]`:
+//! Linkerd's identity checks on the trust anchors and issuer, on Kubernetes
+//! the control plane's workloads, ServiceAccounts and RBAC, with `--proxy`
+//! checks of every agent's live certificates, and with `--trust-bundle`
+//! whether a candidate anchor bundle keeps every anchor the issuer and live
+//! leaves still need; printed as `linkerd check` prints them.
 
 use std::{
     collections::BTreeSet,
@@ -12,19 +14,24 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Args;
+use clap::{Args, ValueEnum};
 use rustls_pki_types::CertificateDer;
-use sealmesh_common::{cluster::ClusterFile, consts::kube::TRUST_ROOTS_CONFIGMAP};
+use sealmesh_common::{
+    cluster::ClusterFile,
+    consts::{DEFAULT_CONTROL_NAMESPACE, kube::TRUST_ROOTS_CONFIGMAP},
+};
 use sealmesh_pki::{CaMaterial, Issuer, TrustAnchors};
 use sealmesh_proto::admin::{
     AgentStatus, GetCertificatesRequest, GetCertificatesResponse, GetStatusRequest,
 };
+use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::{
     agents::{AgentDirectory, AgentError, ClusterArgs, ClusterSource, call, session},
     certview::{self, CertFacts},
     kube::{KubeCluster, Replicas},
+    rbac,
     trust_bundle::{self, LiveChain},
 };
 
@@ -35,6 +42,7 @@ const MIN_CA_VALIDITY: Duration = Duration::from_secs(60 * 86_400);
 const PKI_ANCHORS_FILE: &str = "ca-bundle.crt";
 const PKI_ISSUER_DIR: &str = "issuer";
 const CONTROL_PLANE_SECTION: &str = "sealmesh-control-plane";
+const RBAC_SECTION: &str = "sealmesh-rbac";
 const DATA_PLANE_SECTION: &str = "sealmesh-data-plane";
 const TRUST_BUNDLE_SECTION: &str = "sealmesh-trust-bundle";
 const AGENTS_REACHABLE: &str = "agents are running and reachable";
@@ -63,8 +71,23 @@ pub struct CheckArgs {
     /// issuer or, with --proxy, a live certificate of an agent.
     #[arg(long, value_name = "CANDIDATE_PEM")]
     trust_bundle: Option<PathBuf>,
+    /// Output format, as `linkerd check -o`.
+    #[arg(short, long, value_enum, default_value_t = CheckOutput::Table)]
+    output: CheckOutput,
     #[command(flatten)]
     cluster: ClusterArgs,
+}
+
+/// `check -o`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum CheckOutput {
+    /// Every check, by section, with `√`/`‼`/`×`.
+    Table,
+    /// `{"success", "categories": [{"categoryName", "checks": [{"description",
+    /// "result": success|warning|error, "error", "hint"}]}]}`.
+    Json,
+    /// Only the warnings and failures, and the result line.
+    Short,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,11 +146,28 @@ impl Section {
     }
 }
 
-fn render(sections: &[Section]) -> String {
+fn render(sections: &[Section], format: CheckOutput) -> String {
+    match format {
+        CheckOutput::Table => render_text(sections, true),
+        CheckOutput::Short => render_text(sections, false),
+        CheckOutput::Json => render_json(sections),
+    }
+}
+
+/// The table; without `passed`, only the sections' warnings and failures.
+fn render_text(sections: &[Section], passed: bool) -> String {
     let mut out = String::new();
     for section in sections {
+        let lines: Vec<&CheckLine> = section
+            .lines
+            .iter()
+            .filter(|l| passed || l.status != Status::Pass)
+            .collect();
+        if lines.is_empty() && !passed {
+            continue;
+        }
         let _ = writeln!(out, "{}\n{}", section.name, "-".repeat(section.name.len()));
-        for line in &section.lines {
+        for line in lines {
             let mark = match line.status {
                 Status::Pass => "√",
                 Status::Warn => "‼",
@@ -150,6 +190,42 @@ fn render(sections: &[Section]) -> String {
         if failed { "×" } else { "√" }
     );
     out
+}
+
+/// `linkerd check -o json`'s shape: a check's details are its `error`.
+fn render_json(sections: &[Section]) -> String {
+    let categories: Vec<Value> = sections
+        .iter()
+        .map(|section| {
+            let checks: Vec<Value> = section
+                .lines
+                .iter()
+                .map(|line| {
+                    let mut check = json!({
+                        "description": line.title,
+                        "result": match line.status {
+                            Status::Pass => "success",
+                            Status::Warn => "warning",
+                            Status::Fail => "error",
+                        },
+                    });
+                    if !line.details.is_empty() {
+                        check["error"] = json!(line.details.join("\n"));
+                    }
+                    if let Some(hint) = &line.hint {
+                        check["hint"] = json!(hint);
+                    }
+                    check
+                })
+                .collect();
+            json!({ "categoryName": section.name, "checks": checks })
+        })
+        .collect();
+    let report = json!({ "success": !failed(sections), "categories": categories });
+    format!(
+        "{}\n",
+        serde_json::to_string_pretty(&report).expect("a JSON value serialises")
+    )
 }
 
 fn failed(sections: &[Section]) -> bool {
@@ -178,6 +254,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let mut sections = Vec::new();
     if let Some(ClusterSource::Kubernetes(cluster)) = &source {
         sections.push(check_control_plane(cluster));
+        sections.push(check_rbac(cluster));
     }
     let (identity, (anchors, issuer_chain)) = check_identity(pki, now);
     sections.push(identity);
@@ -225,7 +302,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             args.proxy,
         ));
     }
-    print!("{}", render(&sections));
+    print!("{}", render(&sections, args.output));
     Ok(if failed(&sections) {
         ExitCode::FAILURE
     } else {
@@ -290,6 +367,68 @@ fn check_control_plane(cluster: &KubeCluster) -> Section {
             vec![format!("{error}")],
             None,
         ),
+    }
+    section
+}
+
+/// The control plane's ServiceAccounts exist, and RBAC grants each what
+/// `deploy/base` grants it. Not being allowed to read them is a warning.
+fn check_rbac(cluster: &KubeCluster) -> Section {
+    let mut section = Section::new(RBAC_SECTION);
+    let namespace = cluster.namespace();
+    let needs = rbac::required(namespace);
+    let reinstall = format!(
+        "`sealmesh install{} | kubectl apply -f -` applies the ServiceAccounts, roles and bindings sealmesh needs; pass it your current trust anchors and issuer (--identity-trust-anchors-file, --identity-issuer-certificate-file, --identity-issuer-key-file), or it generates new ones that replace them",
+        if namespace == DEFAULT_CONTROL_NAMESPACE {
+            String::new()
+        } else {
+            format!(" --namespace {namespace}")
+        }
+    );
+
+    let (mut missing, mut unreadable) = (Vec::new(), Vec::new());
+    for need in &needs {
+        match cluster.service_account_exists(&need.account.name) {
+            Ok(true) => {}
+            Ok(false) => missing.push(format!("{} does not exist", need.account)),
+            Err(error) if error.is_forbidden() => unreadable.push(error.to_string()),
+            Err(error) => missing.push(error.to_string()),
+        }
+    }
+    const ACCOUNTS_EXIST: &str = "control plane ServiceAccounts exist";
+    if missing.is_empty() && !unreadable.is_empty() {
+        section.push(
+            Status::Warn,
+            ACCOUNTS_EXIST,
+            unreadable,
+            Some(format!(
+                "this check reads the ServiceAccounts of namespace {namespace}: ask for get on them"
+            )),
+        );
+    } else {
+        missing.extend(unreadable);
+        section.expect(ACCOUNTS_EXIST, missing, Status::Fail, &reinstall);
+    }
+
+    const PERMISSIONS: &str = "control plane ServiceAccounts have the permissions they need";
+    match cluster.rbac() {
+        Ok(granted) => {
+            section.expect(
+                PERMISSIONS,
+                rbac::missing(&granted, &needs),
+                Status::Fail,
+                &reinstall,
+            );
+        }
+        Err(error) if error.is_forbidden() => section.push(
+            Status::Warn,
+            PERMISSIONS,
+            vec![error.to_string()],
+            Some(format!(
+                "this check reads ClusterRoles, ClusterRoleBindings, and the Roles and RoleBindings of namespace {namespace} (rbac.authorization.k8s.io): ask for get and list on them"
+            )),
+        ),
+        Err(error) => section.push(Status::Fail, PERMISSIONS, vec![error.to_string()], None),
     }
     section
 }
@@ -845,15 +984,68 @@ mod tests {
             "renew it",
         );
         assert_eq!(
-            render(std::slice::from_ref(&section)),
+            render(std::slice::from_ref(&section), CheckOutput::Table),
             "sealmesh-identity\n-----------------\n√ certificate config is valid\n\
              ‼ issuer cert is valid for at least 60 days\n    issuer CN=x expires in 3d\n    see: renew it\n\n\
              Status check results are √\n"
         );
         section.expect("b", vec!["broken".into()], Status::Fail, "fix b");
         assert!(
-            render(&[section])
+            render(&[section], CheckOutput::Table)
                 .ends_with("× b\n    broken\n    see: fix b\n\nStatus check results are ×\n")
         );
+    }
+
+    #[test]
+    fn short_output_keeps_only_warnings_and_failures() {
+        let mut passing = Section::new("sealmesh-control-plane");
+        passing.pass("the identity service is available");
+        let mut mixed = Section::new("sealmesh-identity");
+        mixed.pass("certificate config is valid");
+        mixed.expect("a", vec!["x".into(), "y".into()], Status::Warn, "fix a");
+        mixed.expect("b", vec!["z".into()], Status::Fail, "fix b");
+        assert_eq!(
+            render(&[passing, mixed], CheckOutput::Short),
+            "sealmesh-identity\n-----------------\n‼ a\n    x\n    y\n    see: fix a\n\
+             × b\n    z\n    see: fix b\n\n\
+             Status check results are ×\n"
+        );
+        let mut healthy = Section::new("sealmesh-identity");
+        healthy.pass("certificate config is valid");
+        assert_eq!(
+            render(&[healthy], CheckOutput::Short),
+            "Status check results are √\n"
+        );
+    }
+
+    #[test]
+    fn json_output_has_linkerds_categories_and_results() {
+        let mut section = Section::new("sealmesh-identity");
+        section.pass("certificate config is valid");
+        section.expect("a", vec!["x".into(), "y".into()], Status::Warn, "fix a");
+        section.expect("b", vec!["z".into()], Status::Fail, "fix b");
+        let json: Value = serde_json::from_str(&render(&[section], CheckOutput::Json)).unwrap();
+        assert_eq!(
+            json,
+            json!({
+                "success": false,
+                "categories": [{
+                    "categoryName": "sealmesh-identity",
+                    "checks": [
+                        { "description": "certificate config is valid", "result": "success" },
+                        { "description": "a", "result": "warning", "error": "x\ny", "hint": "fix a" },
+                        { "description": "b", "result": "error", "error": "z", "hint": "fix b" },
+                    ],
+                }],
+            })
+        );
+    }
+
+    #[test]
+    fn output_formats_parse_like_linkerds() {
+        assert_eq!(args(&[]).output, CheckOutput::Table);
+        assert_eq!(args(&["-o", "json"]).output, CheckOutput::Json);
+        assert_eq!(args(&["--output", "short"]).output, CheckOutput::Short);
+        assert!(Cli::try_parse_from(["check", "-o", "wide"]).is_err());
     }
 }

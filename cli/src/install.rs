@@ -187,7 +187,7 @@ fn read(path: &Path) -> Result<String> {
 }
 
 /// The base's objects as YAML values.
-fn base_objects() -> Result<Vec<Value>> {
+pub(crate) fn base_objects() -> Result<Vec<Value>> {
     let mut objects = Vec::new();
     for (file, text) in BASE {
         for document in serde_yaml_ng::Deserializer::from_str(text) {
@@ -316,7 +316,7 @@ fn uninstall_documents(namespace: &str) -> Result<Vec<Value>> {
 }
 
 /// Puts `object` in `namespace` (and its RBAC subjects), with the base's label.
-fn place(object: &mut Value, namespace: &str) {
+pub(crate) fn place(object: &mut Value, namespace: &str) {
     let kind = object["kind"].as_str().unwrap_or_default().to_owned();
     if kind == "Namespace" {
         object["metadata"]["name"] = json!(namespace);

@@ -19,7 +19,10 @@ use std::{
 use futures::future::BoxFuture;
 use hyper_util::rt::TokioIo;
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Namespace, Node, Pod, Secret, Service, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
 use kube::{
     Api, Client, Config,
     api::ListParams,
@@ -44,6 +47,7 @@ use crate::{
         AgentDirectory, AgentError, AgentLink, AgentRef, AgentRoute, AgentTransport, LinkSession,
         SessionHandle,
     },
+    rbac::Rbac,
     selector::Selector,
 };
 
@@ -94,6 +98,13 @@ pub enum KubeError {
     NoAgents { namespace: String },
     #[error("{0}")]
     Invalid(String),
+}
+
+impl KubeError {
+    /// The API server refused the call (403): the user lacks a permission.
+    pub fn is_forbidden(&self) -> bool {
+        matches!(self, Self::Api { error, .. } if matches!(&**error, kube::Error::Api(status) if status.code == 403))
+    }
 }
 
 /// What to do about a refused API call.
@@ -310,6 +321,56 @@ impl KubeCluster {
         .unwrap_or_default();
         Selector::parse(&selector)
             .map_err(|e| KubeError::Invalid(format!("{} {namespace}/{name}: {e}", kind.kind())))
+    }
+
+    /// Whether ServiceAccount `name` exists in the sealmesh namespace.
+    pub fn service_account_exists(&self, name: &str) -> Result<bool, KubeError> {
+        let what = format!("read ServiceAccount {}/{name}", self.namespace);
+        block_on(async {
+            match Api::<ServiceAccount>::namespaced(client(&self.config)?, &self.namespace)
+                .get(name)
+                .await
+            {
+                Ok(_) => Ok(true),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
+                Err(error) => Err(api_error(what.clone())(error)),
+            }
+        })?
+    }
+
+    /// What can grant the sealmesh namespace's ServiceAccounts permissions:
+    /// every ClusterRole and ClusterRoleBinding, and the Roles and
+    /// RoleBindings of that namespace.
+    pub fn rbac(&self) -> Result<Rbac, KubeError> {
+        let namespace = &self.namespace;
+        block_on(async {
+            let client = client(&self.config)?;
+            let all = ListParams::default();
+            Ok(Rbac {
+                cluster_roles: Api::<ClusterRole>::all(client.clone())
+                    .list(&all)
+                    .await
+                    .map_err(api_error("list ClusterRoles"))?
+                    .items,
+                cluster_role_bindings: Api::<ClusterRoleBinding>::all(client.clone())
+                    .list(&all)
+                    .await
+                    .map_err(api_error("list ClusterRoleBindings"))?
+                    .items,
+                roles: Api::<Role>::namespaced(client.clone(), namespace)
+                    .list(&all)
+                    .await
+                    .map_err(api_error(format!("list Roles in namespace {namespace}")))?
+                    .items,
+                role_bindings: Api::<RoleBinding>::namespaced(client, namespace)
+                    .list(&all)
+                    .await
+                    .map_err(api_error(format!(
+                        "list RoleBindings in namespace {namespace}"
+                    )))?
+                    .items,
+            })
+        })?
     }
 
     /// Ready and wanted replicas of the identity service's Deployment.

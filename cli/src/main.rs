@@ -11,6 +11,7 @@ mod edges;
 mod install;
 mod kube;
 mod output;
+mod rbac;
 mod selector;
 mod tap;
 mod trust_bundle;
@@ -35,7 +36,8 @@ enum Command {
     /// Create the mesh's trust anchor and issuer; inspect certificates.
     #[command(subcommand)]
     Certs(certs::CertsCommand),
-    /// Check the trust anchors and issuer, with --proxy every agent's live
+    /// Check the trust anchors and issuer, on Kubernetes the control plane's
+    /// workloads, ServiceAccounts and RBAC, with --proxy every agent's live
     /// certificates, and with --trust-bundle whether a new anchor bundle keeps
     /// the anchors still in use. Exits 1 when a check fails (×); warnings (‼)
     /// do not fail.

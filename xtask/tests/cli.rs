@@ -452,9 +452,14 @@ impl Pki {
     }
 
     fn check(&self) -> Output {
+        self.check_with(&[])
+    }
+
+    fn check_with(&self, args: &[&str]) -> Output {
         Command::new(sealmesh_path())
             .args(["check", "--pki-dir"])
             .arg(self.dir.path())
+            .args(args)
             .env_remove("SEALMESH_CLUSTER_FILE")
             .output()
             .unwrap()
@@ -493,6 +498,65 @@ fn check_fails_for_an_expired_issuer() {
     assert!(
         text.contains("    see: issue a new issuer: `sealmesh certs create-issuer --root <root dir> --out <issuer dir> --force`"),
         "{text}"
+    );
+}
+
+#[test]
+fn check_prints_json_and_short_as_linkerd_check_does() {
+    let root = root(365 * DAY);
+    let pki = Pki::new(&root, &issuer(&root, 10 * DAY, 9 * DAY));
+    let out = pki.check_with(&["-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("check -o json is JSON");
+    assert_eq!(json["success"], false);
+    assert_eq!(json["categories"][0]["categoryName"], "sealmesh-identity");
+    let checks = json["categories"][0]["checks"].as_array().unwrap();
+    let results: Vec<(&str, &str)> = checks
+        .iter()
+        .map(|c| {
+            (
+                c["description"].as_str().unwrap(),
+                c["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(results[0], ("certificate config is valid", "success"));
+    assert_eq!(
+        results
+            .iter()
+            .filter(|(_, r)| *r != "success")
+            .collect::<Vec<_>>(),
+        [&("issuer cert is within its validity period", "error")]
+    );
+    let failed = checks.iter().find(|c| c["result"] == "error").unwrap();
+    assert!(
+        failed["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("issuer CN=issuer.test is not valid now: expired 24h0m ago ("),
+        "{failed}"
+    );
+    assert!(
+        failed["hint"]
+            .as_str()
+            .unwrap()
+            .starts_with("issue a new issuer: "),
+        "{failed}"
+    );
+
+    let out = pki.check_with(&["-o", "short"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("sealmesh-identity\n-----------------\n× issuer cert is within its validity period\n    issuer CN=issuer.test is not valid now: "),
+        "{text}"
+    );
+    assert_eq!(
+        status_lines(&out),
+        [
+            "× issuer cert is within its validity period",
+            "Status check results are ×"
+        ]
     );
 }
 

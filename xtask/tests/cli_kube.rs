@@ -484,3 +484,156 @@ fn check_certs_tap_edges_and_why_reach_the_agents_through_the_api_server() {
         describe(&out)
     );
 }
+
+/// The one warning of a healthy testbed: its issuer lives 48 hours.
+const ISSUER_WARNING: &str = "‼ issuer cert is valid for at least 60 days";
+
+/// `check`'s RBAC section and its `-o json` and `-o short` output: the
+/// testbed applies deploy/base's ServiceAccounts, roles and bindings, so the
+/// section passes; without the agent's ClusterRoleBinding every permission it
+/// granted is named; a user who may not read RBAC gets a warning.
+#[test]
+fn check_verifies_the_control_planes_rbac_and_prints_json_and_short() {
+    use k8s_openapi::api::{core::v1::ServiceAccount, rbac::v1::ClusterRoleBinding};
+
+    let app = App::up();
+    let out = app.sealmesh(&["check", "-o", "json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("check -o json is JSON");
+    assert_eq!(json["success"], true, "{json:#}");
+    let categories = json["categories"].as_array().unwrap();
+    let names: Vec<&str> = categories
+        .iter()
+        .map(|c| c["categoryName"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "sealmesh-control-plane",
+            "sealmesh-rbac",
+            "sealmesh-identity"
+        ]
+    );
+    assert_eq!(
+        categories[1]["checks"],
+        serde_json::json!([
+            { "description": "control plane ServiceAccounts exist", "result": "success" },
+            { "description": "control plane ServiceAccounts have the permissions they need", "result": "success" },
+        ])
+    );
+    // Short: only the testbed's issuer warning (it lives 48 hours).
+    let out = app.sealmesh(&["check", "-o", "short"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert_eq!(status_lines(&out), [ISSUER_WARNING], "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("sealmesh-identity\n-----------------\n‼ ")
+            && text.ends_with("\n\nStatus check results are √\n"),
+        "{text}"
+    );
+
+    // The agent's ClusterRoleBinding deleted: what it granted is missing.
+    let kube = app.mesh.kube().unwrap();
+    let bindings: kube::Api<ClusterRoleBinding> = kube::Api::all(kube.client());
+    let mut binding = kube.block_on(bindings.get("sealmesh-agent")).unwrap();
+    kube.block_on(bindings.delete("sealmesh-agent", &Default::default()))
+        .unwrap();
+    let hint = "`sealmesh install | kubectl apply -f -` applies the ServiceAccounts, roles and bindings sealmesh needs; \
+                pass it your current trust anchors and issuer (--identity-trust-anchors-file, \
+                --identity-issuer-certificate-file, --identity-issuer-key-file), or it generates new ones that replace them";
+    let missing = [
+        "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch pods cluster-wide",
+        "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch nodes cluster-wide",
+        "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch services cluster-wide",
+        "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch namespaces cluster-wide",
+        "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch endpointslices.discovery.k8s.io cluster-wide",
+        "ServiceAccount sealmesh/sealmesh-agent cannot create events cluster-wide",
+    ];
+    let failed_check = format!(
+        "× control plane ServiceAccounts have the permissions they need\n{}    see: {hint}\n",
+        missing
+            .iter()
+            .map(|l| format!("    {l}\n"))
+            .collect::<String>()
+    );
+    let out = app.sealmesh(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "sealmesh-rbac\n-------------\n√ control plane ServiceAccounts exist\n{failed_check}\n"
+        )),
+        "{}",
+        describe(&out)
+    );
+    let out = app.sealmesh(&["check", "-o", "short"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!(
+            "sealmesh-rbac\n-------------\n{failed_check}\nsealmesh-identity\n"
+        )) && text.ends_with("\n\nStatus check results are ×\n"),
+        "{text}"
+    );
+    assert_eq!(
+        status_lines(&out),
+        [
+            "× control plane ServiceAccounts have the permissions they need",
+            ISSUER_WARNING
+        ]
+    );
+    let out = app.sealmesh(&["check", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let json: Value = serde_json::from_slice(&out.stdout).expect("check -o json is JSON");
+    assert_eq!(json["success"], false);
+    assert_eq!(
+        json["categories"][1]["checks"][1],
+        serde_json::json!({
+            "description": "control plane ServiceAccounts have the permissions they need",
+            "result": "error",
+            "error": missing.join("\n"),
+            "hint": hint,
+        })
+    );
+
+    // Restored, it passes again.
+    binding.metadata.resource_version = None;
+    binding.metadata.uid = None;
+    kube.block_on(bindings.create(&Default::default(), &binding))
+        .unwrap();
+    let out = app.sealmesh(&["check"]);
+    assert!(out.status.success(), "{}", describe(&out));
+
+    // A user who may not list ClusterRoleBindings is warned, not failed.
+    let fake = kube.fake_server().unwrap();
+    fake.deny_access("rbac.authorization.k8s.io", "clusterrolebindings", "list");
+    let out = app.sealmesh(&["check", "-o", "short"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stdout(&out).starts_with(
+        "sealmesh-rbac\n-------------\n\
+         ‼ control plane ServiceAccounts have the permissions they need\n    \
+         cannot list ClusterRoleBindings from the Kubernetes API: clusterrolebindings.rbac.authorization.k8s.io is forbidden: \
+         User \"kubernetes-admin\" cannot list resource \"clusterrolebindings\" in API group \"rbac.authorization.k8s.io\" at the cluster scope \
+         (403 Forbidden); your user lacks that permission (ask for it, or use another --context)\n    \
+         see: this check reads ClusterRoles, ClusterRoleBindings, and the Roles and RoleBindings of namespace sealmesh \
+         (rbac.authorization.k8s.io): ask for get and list on them\n\n\
+         sealmesh-identity\n"
+        ),
+        "{}",
+        describe(&out)
+    );
+
+    // A missing ServiceAccount is named.
+    let accounts: kube::Api<ServiceAccount> = kube::Api::namespaced(kube.client(), "sealmesh");
+    kube.block_on(accounts.delete("sealmesh-identity", &Default::default()))
+        .unwrap();
+    let out = app.sealmesh(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(&format!(
+            "× control plane ServiceAccounts exist\n    ServiceAccount sealmesh/sealmesh-identity does not exist\n    see: {hint}\n"
+        )),
+        "{}",
+        describe(&out)
+    );
+}

@@ -46,9 +46,11 @@
 //!   get a ClusterIP, namespaces are `Active`, Secret `stringData` folds into
 //!   `data`; deleting a namespace deletes its objects.
 //!
-//! Not modelled: RBAC enforcement (every valid token may do everything;
-//! SelfSubjectAccessReview and port-forward answer from
-//! [`FakeApiServer::deny_access`]),
+//! Not modelled: RBAC enforcement (every valid token may do everything
+//! except what [`FakeApiServer::deny_access`] denies every caller: such
+//! requests get 403 Forbidden in the real server's words, and
+//! SelfSubjectAccessReviews answer from it; RBAC objects are stored and
+//! served, not evaluated),
 //! admission (beyond the namespace-must-exist check), validation beyond
 //! names, garbage collection (ownerReferences), graceful deletion and
 //! finalizers (deletes are immediate), controllers (no ServiceAccount token
@@ -194,10 +196,13 @@ impl FakeApiServer {
         self.shared.close_watches();
     }
 
-    /// Answers SelfSubjectAccessReviews for this (group, resource, verb) with
-    /// allowed=false, and refuses such requests where the server authorises
-    /// them (`pods/portforward`: 403). The core group is ""; a subresource
-    /// is written `plural/subresource`.
+    /// Refuses requests for this (group, resource, verb), from every caller,
+    /// with 403 Forbidden as the real server words it (`list` on
+    /// `clusterroles`, `create` on `pods/portforward`, ...), and answers
+    /// SelfSubjectAccessReviews for it with allowed=false. The core group is
+    /// ""; a subresource is written `plural/subresource`; verbs are RBAC's
+    /// (`get`, `list`, `watch`, `create`, `update`, `patch`, `delete`,
+    /// `deletecollection`).
     pub fn deny_access(&self, group: &str, resource: &str, verb: &str) {
         lock(&self.shared.auth).deny(group, resource, verb);
     }

@@ -64,23 +64,12 @@ const FRAME_BYTES: usize = 32 * 1024;
 pub(crate) async fn serve(
     shared: &Arc<Shared>,
     request: Request<Incoming>,
-    user: &str,
     namespace: &str,
     name: &str,
     query: &HashMap<String, String>,
 ) -> Result<Response<Body>, ApiError> {
     if !matches!(*request.method(), Method::GET | Method::POST) {
         return Err(ApiError::MethodNotAllowed);
-    }
-    if !lock(&shared.auth).allows("", "pods/portforward", "create") {
-        return Err(ApiError::Forbidden {
-            user: user.to_string(),
-            verb: "create",
-            resource: "pods",
-            subresource: "portforward",
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-        });
     }
     lock(&shared.store).get(id_of("", "pods"), Some(namespace), name)?;
     let ports = parse_ports(query)?;

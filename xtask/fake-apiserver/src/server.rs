@@ -271,6 +271,9 @@ async fn serve(
     let query = parse_query(request.uri().query());
     let method = request.method().clone();
     let route = route(&path).ok_or(ApiError::NoRoute)?;
+    if let Route::Resource(target) = &route {
+        authorize(shared, &user, &method, target, &query)?;
+    }
     match route {
         Route::Version if method == Method::GET => Ok(json_response(StatusCode::OK, &version())),
         Route::ApiVersions if method == Method::GET => Ok(json_response(
@@ -294,11 +297,52 @@ async fn serve(
             name: Some(name),
             subresource: Some(subresource),
         }) if resource == resources::id_of("", "pods") && subresource == "portforward" => {
-            portforward::serve(shared, request, &user, &namespace, &name, &query).await
+            portforward::serve(shared, request, &namespace, &name, &query).await
         }
         Route::Resource(target) => serve_resource(shared, request, method, target, query).await,
         _ => Err(ApiError::MethodNotAllowed),
     }
+}
+
+/// Refuses (403) a request for what [`Auth::deny`] listed, before anything
+/// is looked up, as the real server's authorizer does. The verb is the one
+/// RBAC sees: `get`/`list`/`watch` for reads, `create` for a port-forward.
+fn authorize(
+    shared: &Shared,
+    user: &str,
+    method: &Method,
+    target: &Target,
+    query: &HashMap<String, String>,
+) -> Result<(), ApiError> {
+    let verb = match (method, target.name.is_some(), target.subresource.as_deref()) {
+        (_, _, Some("portforward")) => "create",
+        (&Method::GET, true, _) => "get",
+        (&Method::GET, false, _) if truthy(query, "watch") => "watch",
+        (&Method::GET, false, _) => "list",
+        (&Method::POST, _, _) => "create",
+        (&Method::PUT, _, _) => "update",
+        (&Method::PATCH, _, _) => "patch",
+        (&Method::DELETE, true, _) => "delete",
+        (&Method::DELETE, false, _) => "deletecollection",
+        // Not served: answered 405 after this.
+        _ => return Ok(()),
+    };
+    let resource = by_id(target.resource);
+    let requested = match &target.subresource {
+        Some(subresource) => format!("{}/{subresource}", resource.plural),
+        None => resource.plural.to_string(),
+    };
+    if lock(&shared.auth).allows(resource.group, &requested, verb) {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden {
+        user: user.to_string(),
+        verb,
+        resource,
+        subresource: target.subresource.clone(),
+        name: target.name.clone(),
+        namespace: target.namespace.clone(),
+    })
 }
 
 fn scope(

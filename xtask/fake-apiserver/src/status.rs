@@ -54,16 +54,14 @@ pub(crate) enum ApiError {
     #[error("the request body is larger than {limit} bytes")]
     TooLarge { limit: usize },
     /// RBAC denied the request (as the real server words it).
-    #[error(
-        "{resource} \"{name}\" is forbidden: User \"{user}\" cannot {verb} resource \"{resource}/{subresource}\" in API group \"\" in the namespace \"{namespace}\""
-    )]
+    #[error("{}", forbidden_message(resource, name.as_deref(), user, verb, subresource.as_deref(), namespace.as_deref()))]
     Forbidden {
         user: String,
         verb: &'static str,
-        resource: &'static str,
-        subresource: &'static str,
-        name: String,
-        namespace: String,
+        resource: &'static ResourceType,
+        subresource: Option<String>,
+        name: Option<String>,
+        namespace: Option<String>,
     },
     /// The server cannot reach what the request needs (a pod's node).
     #[error("{0}")]
@@ -131,7 +129,14 @@ impl ApiError {
             })),
             ApiError::NoRoute => Some(json!({})),
             ApiError::Forbidden { resource, name, .. } => {
-                Some(json!({"name": name, "kind": resource}))
+                let mut details = named(resource, name.as_deref().unwrap_or_default());
+                if name.is_none() {
+                    details
+                        .as_object_mut()
+                        .expect("details are an object")
+                        .remove("name");
+                }
+                Some(details)
             }
             _ => None,
         }
@@ -162,6 +167,36 @@ impl ApiError {
                 .to_string(),
         }
     }
+}
+
+/// kube-apiserver's words for a request RBAC denied:
+/// `pods "x" is forbidden: User "u" cannot get resource "pods" in API group ""
+/// in the namespace "ns"` (no name for collections, `at the cluster scope`
+/// for cluster-wide requests).
+fn forbidden_message(
+    resource: &ResourceType,
+    name: Option<&str>,
+    user: &str,
+    verb: &str,
+    subresource: Option<&str>,
+    namespace: Option<&str>,
+) -> String {
+    let object = match name {
+        Some(name) => format!("{resource} \"{name}\""),
+        None => resource.to_string(),
+    };
+    let requested = match subresource {
+        Some(subresource) => format!("{}/{subresource}", resource.plural),
+        None => resource.plural.to_string(),
+    };
+    let scope = match namespace {
+        Some(namespace) => format!("in the namespace \"{namespace}\""),
+        None => "at the cluster scope".to_string(),
+    };
+    format!(
+        "{object} is forbidden: User \"{user}\" cannot {verb} resource \"{requested}\" in API group \"{}\" {scope}",
+        resource.group
+    )
 }
 
 /// The `causes[].reason` of a field error, from the real server's message

@@ -695,3 +695,142 @@ async fn cluster_ips_come_from_the_service_range() {
         .await
         .unwrap();
 }
+
+/// What `sealmesh check` reads of RBAC: ServiceAccounts, roles and bindings,
+/// listed and read like any object, and refused (403, the real server's
+/// words) when access is denied.
+#[tokio::test]
+async fn rbac_objects_are_served_and_denied_reads_are_forbidden() {
+    use k8s_openapi::api::{
+        core::v1::ServiceAccount,
+        rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+    };
+    let server = FakeApiServer::start().await.unwrap();
+    let client = server.client();
+    namespace(&client, "sealmesh").await;
+    let create = |api: Api<kube::api::DynamicObject>, object: serde_json::Value| async move {
+        api.create(
+            &PostParams::default(),
+            &serde_json::from_value(object).unwrap(),
+        )
+        .await
+        .unwrap();
+    };
+    let resource = |kind: &str, plural: &str| {
+        kube::api::ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind),
+            plural,
+        )
+    };
+    let rule = json!([{ "apiGroups": [""], "resources": ["pods"], "verbs": ["list"] }]);
+    let binding = json!({
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "reader" },
+        "subjects": [{ "kind": "ServiceAccount", "name": "agent", "namespace": "sealmesh" }],
+    });
+    Api::<ServiceAccount>::namespaced(client.clone(), "sealmesh")
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({ "metadata": { "name": "agent" } })).unwrap(),
+        )
+        .await
+        .unwrap();
+    create(
+        Api::all_with(client.clone(), &resource("ClusterRole", "clusterroles")),
+        json!({ "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": { "name": "reader" }, "rules": rule }),
+    )
+    .await;
+    let binding = |kind: &str| {
+        let mut object = binding.clone();
+        object["apiVersion"] = json!("rbac.authorization.k8s.io/v1");
+        object["kind"] = json!(kind);
+        object["metadata"] = json!({ "name": "reader" });
+        object
+    };
+    create(
+        Api::all_with(
+            client.clone(),
+            &resource("ClusterRoleBinding", "clusterrolebindings"),
+        ),
+        binding("ClusterRoleBinding"),
+    )
+    .await;
+    create(
+        Api::namespaced_with(
+            client.clone(),
+            "sealmesh",
+            &resource("RoleBinding", "rolebindings"),
+        ),
+        binding("RoleBinding"),
+    )
+    .await;
+    create(
+        Api::namespaced_with(client.clone(), "sealmesh", &resource("Role", "roles")),
+        json!({ "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": { "name": "reader" }, "rules": rule }),
+    )
+    .await;
+
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), "sealmesh");
+    assert!(accounts.get("agent").await.is_ok());
+    assert_eq!(
+        api_error(accounts.get("identity").await.unwrap_err()),
+        (404, "NotFound".into())
+    );
+    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    let listed = cluster_roles.list(&ListParams::default()).await.unwrap();
+    assert_eq!(object_names(&listed.items), ["reader"]);
+    assert_eq!(
+        listed.items[0].rules.as_ref().unwrap()[0].verbs,
+        ["list".to_owned()]
+    );
+    let roles: Api<Role> = Api::namespaced(client.clone(), "sealmesh");
+    assert_eq!(
+        object_names(&roles.list(&ListParams::default()).await.unwrap().items),
+        ["reader"]
+    );
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), "sealmesh");
+    let reader = bindings.get("reader").await.unwrap();
+    assert_eq!(reader.subjects.unwrap()[0].name, "agent");
+    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
+    cluster_bindings
+        .delete("reader", &DeleteParams::default())
+        .await
+        .unwrap();
+    let kube::Error::Api(status) = cluster_bindings.get("reader").await.unwrap_err() else {
+        panic!("expected an API error");
+    };
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (
+            404,
+            "clusterrolebindings.rbac.authorization.k8s.io \"reader\" not found"
+        )
+    );
+
+    // Denied: a cluster-wide list, a namespaced get; other verbs still work.
+    server.deny_access("rbac.authorization.k8s.io", "clusterroles", "list");
+    server.deny_access("rbac.authorization.k8s.io", "roles", "get");
+    let kube::Error::Api(status) = cluster_roles
+        .list(&ListParams::default())
+        .await
+        .unwrap_err()
+    else {
+        panic!("expected an API error");
+    };
+    assert_eq!((status.code, status.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        status.message,
+        "clusterroles.rbac.authorization.k8s.io is forbidden: User \"kubernetes-admin\" cannot list resource \"clusterroles\" in API group \"rbac.authorization.k8s.io\" at the cluster scope"
+    );
+    assert!(cluster_roles.get("reader").await.is_ok());
+    let kube::Error::Api(status) = roles.get("reader").await.unwrap_err() else {
+        panic!("expected an API error");
+    };
+    assert_eq!(
+        (status.code, status.message.as_str()),
+        (
+            403,
+            "roles.rbac.authorization.k8s.io \"reader\" is forbidden: User \"kubernetes-admin\" cannot get resource \"roles\" in API group \"rbac.authorization.k8s.io\" in the namespace \"sealmesh\""
+        )
+    );
+    assert!(roles.list(&ListParams::default()).await.is_ok());
+}
