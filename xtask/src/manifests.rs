@@ -871,10 +871,10 @@ pub fn network_policy_problems(objects: &[ManifestObject]) -> Vec<String> {
                 continue;
             }
             for port in &ports {
-                let number = resolve_port(identity, &port["port"]);
+                let number = resolve_port(identity, &port["port"]).unwrap_or_default();
                 let check: fn(&Value) -> Result<(), String> = match number {
-                    Some(n) if n == u64::from(IDENTITY_GRPC_PORT) => node_cidr_peer,
-                    Some(n) if n == u64::from(IDENTITY_METRICS_PORT) => monitoring_peer,
+                    n if n == u64::from(IDENTITY_GRPC_PORT) => node_cidr_peer,
+                    n if n == u64::from(IDENTITY_METRICS_PORT) => monitoring_peer,
                     _ => {
                         problem(format!(
                             "admits port {}, neither the identity service's gRPC port nor its metrics port",
@@ -883,7 +883,6 @@ pub fn network_policy_problems(objects: &[ManifestObject]) -> Vec<String> {
                         continue;
                     }
                 };
-                let number = number.expect("matched a port");
                 admitted.insert(number);
                 for peer in &peers {
                     if let Err(what) = check(peer) {
