@@ -1,7 +1,8 @@
 //! `sealmesh install` and `sealmesh uninstall`: the manifests of
-//! `deploy/base` (embedded in the binary) with the trust anchor and issuer,
-//! printed for `kubectl apply -f -` and `kubectl delete -f -`, as `linkerd
-//! install` / `linkerd uninstall` do.
+//! `deploy/base` and the NetworkPolicies of `deploy/overlays/network-policy`
+//! (embedded in the binary) with the trust anchor and issuer, the nodes'
+//! CIDRs and the monitoring namespace, printed for `kubectl apply -f -` and
+//! `kubectl delete -f -`, as `linkerd install` / `linkerd uninstall` do.
 
 use std::{
     io::Write,
@@ -12,9 +13,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
+use ipnet::IpNet;
 use sealmesh_common::consts::{
     DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
-    kube::{AGENT_DAEMONSET, IDENTITY_NAME, ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP},
+    kube::{
+        AGENT_DAEMONSET, DEFAULT_MONITORING_NAMESPACE, IDENTITY_NAME, ISSUER_SECRET,
+        NAMESPACE_NAME_LABEL, NODE_CIDRS_PLACEHOLDER, TRUST_ROOTS_CONFIGMAP,
+    },
 };
 use sealmesh_pki::{
     CaMaterial, CaSpec, DEFAULT_ISSUER_COMMON_NAME, DEFAULT_ROOT_COMMON_NAME, Issuer, TrustAnchors,
@@ -23,30 +28,37 @@ use sealmesh_pki::{
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-/// The base's documents, in the order they are applied: the Namespace
-/// first, then identities and permissions, then the workloads.
-const BASE: &[(&str, &str)] = &[
+/// The documents, in the order they are applied: the Namespace first, then
+/// identities, permissions and NetworkPolicies, then the workloads.
+const DOCUMENTS: &[(&str, &str)] = &[
     (
-        "namespace.yaml",
+        "deploy/base/namespace.yaml",
         include_str!("../../deploy/base/namespace.yaml"),
     ),
     (
-        "serviceaccounts.yaml",
+        "deploy/base/serviceaccounts.yaml",
         include_str!("../../deploy/base/serviceaccounts.yaml"),
     ),
     (
-        "agent-rbac.yaml",
+        "deploy/base/agent-rbac.yaml",
         include_str!("../../deploy/base/agent-rbac.yaml"),
     ),
     (
-        "identity-rbac.yaml",
+        "deploy/base/identity-rbac.yaml",
         include_str!("../../deploy/base/identity-rbac.yaml"),
     ),
     (
-        "identity.yaml",
+        "deploy/overlays/network-policy/network-policy.yaml",
+        include_str!("../../deploy/overlays/network-policy/network-policy.yaml"),
+    ),
+    (
+        "deploy/base/identity.yaml",
         include_str!("../../deploy/base/identity.yaml"),
     ),
-    ("agent.yaml", include_str!("../../deploy/base/agent.yaml")),
+    (
+        "deploy/base/agent.yaml",
+        include_str!("../../deploy/base/agent.yaml"),
+    ),
 ];
 /// The namespace the base's documents name.
 const BASE_NAMESPACE: &str = "sealmesh";
@@ -99,6 +111,17 @@ pub struct InstallArgs {
     /// PodDisruptionBudget keeps one available either way).
     #[arg(long)]
     pub ha: bool,
+    /// CIDRs of the nodes' addresses (comma-separated, e.g.
+    /// 10.0.0.0/16,fd00::/64): the only sources the NetworkPolicy admits to
+    /// the identity service's gRPC port, since the agents run on the host
+    /// network. Add the nodes' tunnel addresses where the CNI sends host
+    /// traffic from them (docs/OPERATIONS.md, "NetworkPolicies").
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', required = true)]
+    pub node_cidrs: Vec<IpNet>,
+    /// Namespace whose pods (Prometheus) may scrape the identity service's
+    /// metrics port.
+    #[arg(long, value_name = "NAMESPACE", default_value = DEFAULT_MONITORING_NAMESPACE)]
+    pub monitoring_namespace: String,
 }
 
 #[derive(Debug, Args)]
@@ -186,13 +209,13 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// The base's objects as YAML values.
+/// The embedded objects (the base and the network policies) as YAML values.
 pub(crate) fn base_objects() -> Result<Vec<Value>> {
     let mut objects = Vec::new();
-    for (file, text) in BASE {
+    for (file, text) in DOCUMENTS {
         for document in serde_yaml_ng::Deserializer::from_str(text) {
             let value: Value = serde::Deserialize::deserialize(document)
-                .with_context(|| format!("parsing the embedded deploy/base/{file}"))?;
+                .with_context(|| format!("parsing the embedded {file}"))?;
             if !value.is_null() {
                 objects.push(value);
             }
@@ -205,15 +228,29 @@ fn is_cluster_scoped(kind: &str) -> bool {
     matches!(kind, "Namespace" | "ClusterRole" | "ClusterRoleBinding")
 }
 
-/// What `kubectl apply -f -` installs: the base in `args.namespace` with
-/// its images, the trust-roots ConfigMap and the issuer Secret.
+/// What `kubectl apply -f -` installs: the base and the NetworkPolicies in
+/// `args.namespace` with its images, node CIDRs and monitoring namespace, the
+/// trust-roots ConfigMap and the issuer Secret.
 fn install_documents(args: &InstallArgs, pki: &MeshPki) -> Result<Vec<Value>> {
-    if args.namespace.is_empty() || args.namespace.len() > 63 {
-        bail!("--namespace must be a Kubernetes namespace name (1-63 characters)");
+    for (flag, namespace) in [
+        ("--namespace", &args.namespace),
+        ("--monitoring-namespace", &args.monitoring_namespace),
+    ] {
+        if namespace.is_empty() || namespace.len() > 63 {
+            bail!("{flag} must be a Kubernetes namespace name (1-63 characters)");
+        }
+    }
+    if let Some(everything) = args.node_cidrs.iter().find(|c| c.prefix_len() == 0) {
+        bail!(
+            "--node-cidrs {everything} admits every address to the identity service: give the nodes' CIDRs"
+        );
     }
     let mut objects = base_objects()?;
     for object in &mut objects {
         place(object, &args.namespace);
+        if object["kind"] == "NetworkPolicy" {
+            fill_network_policy(object, args);
+        }
         let kind = object["kind"].as_str().unwrap_or_default().to_owned();
         let name = object["metadata"]["name"]
             .as_str()
@@ -262,6 +299,45 @@ fn install_documents(args: &InstallArgs, pki: &MeshPki) -> Result<Vec<Value>> {
         ],
     );
     Ok(objects)
+}
+
+/// Fills in what `deploy/overlays/network-policy` leaves to its user: the
+/// nodes' CIDRs for the placeholder and the monitoring namespace.
+fn fill_network_policy(policy: &mut Value, args: &InstallArgs) {
+    let Some(rules) = policy
+        .pointer_mut("/spec/ingress")
+        .and_then(Value::as_array_mut)
+    else {
+        return;
+    };
+    for rule in rules {
+        let Some(peers) = rule.get_mut("from").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        if peers
+            .iter()
+            .any(|peer| peer["ipBlock"]["cidr"] == NODE_CIDRS_PLACEHOLDER)
+        {
+            // Canonical (host bits cleared), as the API server expects.
+            *peers = args
+                .node_cidrs
+                .iter()
+                .map(|cidr| json!({ "ipBlock": { "cidr": cidr.trunc().to_string() } }))
+                .collect();
+        }
+        for peer in peers {
+            if let Some(labels) = peer
+                .pointer_mut("/namespaceSelector/matchLabels")
+                .and_then(Value::as_object_mut)
+                && labels.contains_key(NAMESPACE_NAME_LABEL)
+            {
+                labels.insert(
+                    NAMESPACE_NAME_LABEL.to_owned(),
+                    json!(args.monitoring_namespace),
+                );
+            }
+        }
+    }
 }
 
 /// Flags the container of `kind`/`name` gets from the install options.
@@ -399,6 +475,8 @@ mod tests {
             "--ha",
             "--default-inbound-policy",
             "strict",
+            "--node-cidrs",
+            "10.0.0.0/16",
         ]);
         let pki = MeshPki::for_install(&args).unwrap();
         let objects = install_documents(&args, &pki).unwrap();
@@ -461,6 +539,92 @@ mod tests {
         );
     }
 
+    /// The ingress rules of the NetworkPolicy `name`, by port: its sources.
+    fn admitted(objects: &[Value], name: &str) -> Vec<(Value, Value)> {
+        let policy = objects
+            .iter()
+            .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("NetworkPolicy {name}"));
+        policy["spec"]["ingress"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|rule| (rule["ports"].clone(), rule["from"].clone()))
+            .collect()
+    }
+
+    #[test]
+    fn install_admits_only_the_node_cidrs_to_grpc_and_the_monitoring_namespace_to_metrics() {
+        let args = args(&[
+            "--node-cidrs",
+            "10.0.3.7/16,fd00:10::1/64",
+            "--monitoring-namespace",
+            "observability",
+        ]);
+        let pki = MeshPki::generate().unwrap();
+        let objects = install_documents(&args, &pki).unwrap();
+        assert_eq!(
+            admitted(&objects, "sealmesh-identity-grpc"),
+            [(
+                json!([{ "protocol": "TCP", "port": "grpc" }]),
+                json!([
+                    { "ipBlock": { "cidr": "10.0.0.0/16" } },
+                    { "ipBlock": { "cidr": "fd00:10::/64" } }
+                ])
+            )]
+        );
+        assert_eq!(
+            admitted(&objects, "sealmesh-identity-metrics"),
+            [(
+                json!([{ "protocol": "TCP", "port": "metrics" }]),
+                json!([{ "namespaceSelector": { "matchLabels": {
+                    NAMESPACE_NAME_LABEL: "observability"
+                } } }])
+            )]
+        );
+        let deny = objects
+            .iter()
+            .find(|o| o["metadata"]["name"] == "sealmesh-default-deny-ingress")
+            .unwrap();
+        assert_eq!(
+            deny["spec"],
+            json!({ "podSelector": {}, "policyTypes": ["Ingress"] })
+        );
+        let listed = kinds_and_names(&objects);
+        let policies = listed.iter().position(|(k, _, _)| k == "NetworkPolicy");
+        let workloads = listed.iter().position(|(k, _, _)| k == "Deployment");
+        assert!(policies < workloads, "the policies before the workloads");
+
+        let defaults =
+            install_documents(&self::args(&["--node-cidrs", "10.0.0.0/16"]), &pki).unwrap();
+        assert_eq!(
+            admitted(&defaults, "sealmesh-identity-metrics")[0].1,
+            json!([{ "namespaceSelector": { "matchLabels": {
+                NAMESPACE_NAME_LABEL: DEFAULT_MONITORING_NAMESPACE
+            } } }])
+        );
+    }
+
+    #[test]
+    fn node_cidrs_are_required_and_may_not_admit_everything() {
+        let error = Cli::try_parse_from(["install"]).err().expect("refused");
+        assert!(error.to_string().contains("--node-cidrs"), "{error}");
+        let error = Cli::try_parse_from(["install", "--node-cidrs", "10.0.0.0"])
+            .err()
+            .expect("refused");
+        assert!(
+            error.to_string().contains("invalid IP address syntax"),
+            "{error}"
+        );
+        let pki = MeshPki::generate().unwrap();
+        let error = install_documents(&args(&["--node-cidrs", "10.0.0.0/16,0.0.0.0/0"]), &pki)
+            .expect_err("refused");
+        assert_eq!(
+            error.to_string(),
+            "--node-cidrs 0.0.0.0/0 admits every address to the identity service: give the nodes' CIDRs"
+        );
+    }
+
     #[test]
     fn an_issuer_of_another_root_is_refused_before_anything_is_printed() {
         let dir = tempfile::tempdir().unwrap();
@@ -475,6 +639,8 @@ mod tests {
         let cert = write("issuer.crt", &theirs.issuer_cert_pem);
         let key = write("issuer.key", &theirs.issuer_key_pem);
         let args = args(&[
+            "--node-cidrs",
+            "10.0.0.0/16",
             "--identity-trust-anchors-file",
             anchors.to_str().unwrap(),
             "--identity-issuer-certificate-file",

@@ -119,4 +119,15 @@ pub mod kube {
     pub const EVENT_IDENTITY_UNREPRESENTABLE: &str = "IdentityUnrepresentable";
     /// Label EndpointSlices carry to name their Service.
     pub const ENDPOINTSLICE_SERVICE_LABEL: &str = "kubernetes.io/service-name";
+    /// Label the API server puts on every Namespace, its own name; the
+    /// NetworkPolicy of the identity service's metrics port selects the
+    /// monitoring namespace by it, so that namespace needs no labelling.
+    pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+    /// Namespace whose pods (Prometheus) may scrape the identity service's
+    /// metrics port (`sealmesh install --monitoring-namespace` changes it).
+    pub const DEFAULT_MONITORING_NAMESPACE: &str = "monitoring";
+    /// The node-CIDR placeholder (TEST-NET-1, RFC 5737: no node has such an
+    /// address) in `deploy/overlays/network-policy`, to be replaced by the
+    /// nodes' CIDRs before applying; `sealmesh install --node-cidrs` does.
+    pub const NODE_CIDRS_PLACEHOLDER: &str = "192.0.2.0/24";
 }

@@ -17,8 +17,9 @@
 //!   not there on others.
 //! - kubernetes-validate (PyPI, in a venv): bundles the upstream OpenAPI
 //!   JSON schemas of every Kubernetes minor version, so it validates offline;
-//!   `--strict` rejects unknown fields (typos). cert-manager's CRDs have no
-//!   bundled schema: their required fields are checked here.
+//!   `--strict` rejects unknown fields (typos). cert-manager's and the
+//!   Prometheus Operator's CRDs have no bundled schema: their required
+//!   fields are checked here.
 
 use std::{
     collections::BTreeSet,
@@ -42,11 +43,46 @@ pub const KUBERNETES_VALIDATE_VERSION: &str = "1.37.0";
 /// sealmesh supports and the schema the Rust code is built against
 /// (k8s-openapi's `earliest`).
 pub const SCHEMA_VERSIONS: &[&str] = &["1.28.0", "1.33.0"];
-/// The kustomizations in the repository, relative to its root.
-pub const KUSTOMIZATIONS: &[&str] = &[
-    "deploy/base",
-    "deploy/overlays/cert-manager",
-    "deploy/overlays/kernel-before-5.11",
+/// Versions for objects using `securityContext.appArmorProfile`, which
+/// servers before 1.30 reject.
+pub const APPARMOR_FIELD_SCHEMA_VERSIONS: &[&str] = &["1.30.0", "1.33.0"];
+
+/// A kustomization of the repository and what it must satisfy.
+#[derive(Clone, Copy, Debug)]
+pub struct Kustomization {
+    /// Relative to the repository root.
+    pub path: &'static str,
+    /// Kubernetes versions whose schemas its objects must validate against.
+    pub schema_versions: &'static [&'static str],
+    /// Its sealmesh images must be pinned by digest (`@sha256:` and 64 hex).
+    pub pinned_images: bool,
+}
+
+impl Kustomization {
+    const fn new(path: &'static str) -> Self {
+        Self {
+            path,
+            schema_versions: SCHEMA_VERSIONS,
+            pinned_images: false,
+        }
+    }
+}
+
+/// The kustomizations in the repository.
+pub const KUSTOMIZATIONS: &[Kustomization] = &[
+    Kustomization::new("deploy/base"),
+    Kustomization::new("deploy/overlays/cert-manager"),
+    Kustomization::new("deploy/overlays/kernel-before-5.11"),
+    Kustomization::new("deploy/overlays/network-policy"),
+    Kustomization::new("deploy/overlays/prometheus-operator"),
+    Kustomization {
+        pinned_images: true,
+        ..Kustomization::new("deploy/overlays/image-digests")
+    },
+    Kustomization {
+        schema_versions: APPARMOR_FIELD_SCHEMA_VERSIONS,
+        ..Kustomization::new("deploy/overlays/apparmor-field")
+    },
 ];
 
 /// Annotation kustomize adds (when asked) naming the file an object came from.
@@ -348,13 +384,14 @@ fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// Validates `objects` against the Kubernetes schemas of every
-/// [`SCHEMA_VERSIONS`] (cert-manager objects against their required
-/// fields); every problem names the source file and the object.
+/// Validates `objects` against the Kubernetes schemas of every version in
+/// `versions` (e.g. [`SCHEMA_VERSIONS`]; objects of CRDs against their
+/// required fields); every problem names the source file and the object.
 pub fn validate_schemas(
     tools: &Tools,
     kustomization: &str,
     objects: &[ManifestObject],
+    versions: &[&str],
 ) -> Result<(), ManifestError> {
     let dir =
         tempfile::tempdir().map_err(io_error("cannot create a temp dir", Path::new("/tmp")))?;
@@ -366,7 +403,7 @@ pub fn validate_schemas(
         files.push(file);
     }
     let mut problems = BTreeSet::new();
-    for version in SCHEMA_VERSIONS {
+    for version in versions {
         // kubernetes-validate exits non-zero on any invalid object and prints
         // one line per object; its lines are what we report, so its exit
         // status is not needed beyond them.
@@ -498,10 +535,98 @@ fn check_without_schema(object: &ManifestObject) -> Result<(), String> {
             }
             Ok(())
         }
+        ("monitoring.coreos.com/v1", "PodMonitor") => pod_monitor_spec_problem(spec),
         (api_version, kind) => Err(format!(
             "no schema for kind {kind} in {api_version}: a typo in kind or apiVersion? (objects of other CRDs need a check in xtask/src/manifests.rs)"
         )),
     }
+}
+
+/// The Prometheus Operator's PodMonitor (monitoring.coreos.com/v1): a pod
+/// selector, and endpoints that name a port or set the target address by
+/// relabeling, with known fields only (the CRD's schema is not bundled).
+fn pod_monitor_spec_problem(spec: &Value) -> Result<(), String> {
+    const ENDPOINT_FIELDS: &[&str] = &[
+        "port",
+        "portNumber",
+        "targetPort",
+        "path",
+        "scheme",
+        "params",
+        "interval",
+        "scrapeTimeout",
+        "honorLabels",
+        "honorTimestamps",
+        "trackTimestampsStaleness",
+        "relabelings",
+        "metricRelabelings",
+        "tlsConfig",
+        "basicAuth",
+        "authorization",
+        "oauth2",
+        "bearerTokenSecret",
+        "followRedirects",
+        "enableHttp2",
+        "filterRunning",
+        "proxyUrl",
+    ];
+    const RELABELING_FIELDS: &[&str] = &[
+        "sourceLabels",
+        "separator",
+        "targetLabel",
+        "regex",
+        "modulus",
+        "replacement",
+        "action",
+    ];
+    let selector = &spec["selector"];
+    if !selector["matchLabels"].is_object() && !selector["matchExpressions"].is_array() {
+        return Err("spec.selector needs matchLabels or matchExpressions".into());
+    }
+    let endpoints = spec["podMetricsEndpoints"]
+        .as_array()
+        .filter(|e| !e.is_empty())
+        .ok_or("spec.podMetricsEndpoints must list at least one endpoint")?;
+    let unknown = |object: &Value, known: &[&str]| {
+        object
+            .as_object()
+            .and_then(|fields| fields.keys().find(|k| !known.contains(&k.as_str())))
+            .cloned()
+    };
+    for (index, endpoint) in endpoints.iter().enumerate() {
+        let at = format!("spec.podMetricsEndpoints[{index}]");
+        if let Some(field) = unknown(endpoint, ENDPOINT_FIELDS) {
+            return Err(format!("{at}.{field} is no field of a PodMetricsEndpoint"));
+        }
+        if let Some(path) = endpoint.get("path")
+            && !path.as_str().is_some_and(|p| p.starts_with('/'))
+        {
+            return Err(format!("{at}.path must be an absolute path, not {path}"));
+        }
+        let relabelings = endpoint["relabelings"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (r, relabeling) in relabelings.iter().enumerate() {
+            if let Some(field) = unknown(relabeling, RELABELING_FIELDS) {
+                return Err(format!(
+                    "{at}.relabelings[{r}].{field} is no field of a RelabelConfig"
+                ));
+            }
+        }
+        let sets_address = relabelings
+            .iter()
+            .any(|r| r["targetLabel"] == "__address__");
+        let names_port = ["port", "portNumber", "targetPort"]
+            .iter()
+            .any(|f| endpoint.get(*f).is_some());
+        if !names_port && !sets_address {
+            return Err(format!(
+                "{at} names no port (port, portNumber) and sets no __address__ by relabeling"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Seconds of a Go duration as cert-manager takes them (`48h`, `1h30m`, `90s`).
@@ -682,7 +807,410 @@ pub fn check_contract(
         );
     }
     problems.extend(rbac_problems(objects));
+    problems.extend(network_policy_problems(objects));
+    problems.extend(pod_monitor_problems(objects));
+    problems.extend(apparmor_problems(objects));
+    problems.extend(
+        sealmesh_images(objects)
+            .filter(|(_, image)| image.contains('@'))
+            .filter_map(|(object, image)| digest_problem(object, image)),
+    );
     into_result(kustomization, problems)
+}
+
+/// With NetworkPolicies (`deploy/overlays/network-policy`, `sealmesh
+/// install`): ingress is denied by default, and admitted only to the
+/// identity service's gRPC port from CIDRs (the nodes', where the
+/// host-network agents run; no pod) and to its metrics port from one
+/// namespace named by its [`consts::kube::NAMESPACE_NAME_LABEL`].
+pub fn network_policy_problems(objects: &[ManifestObject]) -> Vec<String> {
+    let policies: Vec<_> = objects
+        .iter()
+        .filter(|o| o.kind() == "NetworkPolicy")
+        .collect();
+    let mut problems = Vec::new();
+    if policies.is_empty() {
+        return problems;
+    }
+    let identity = objects
+        .iter()
+        .find(|o| o.kind() == "Deployment" && o.name() == consts::kube::IDENTITY_NAME);
+    let mut default_deny = false;
+    let mut admitted = BTreeSet::new();
+    for policy in policies {
+        let spec = &policy.document["spec"];
+        let selector = &spec["podSelector"];
+        let rules = spec["ingress"].as_array().cloned().unwrap_or_default();
+        if rules.is_empty() {
+            default_deny |= selects_everything(selector)
+                && strings(&spec["policyTypes"]).iter().any(|t| t == "Ingress");
+            continue;
+        }
+        let Some(identity) = identity.filter(|i| selects_pods_of(selector, i)) else {
+            problems.push(format!(
+                "{}: admits traffic to pods other than the identity service's",
+                policy.describe()
+            ));
+            continue;
+        };
+        for (index, rule) in rules.iter().enumerate() {
+            let mut problem = |what: String| {
+                problems.push(format!(
+                    "{} ingress rule {index}: {what}",
+                    policy.describe()
+                ));
+            };
+            let peers = rule["from"].as_array().cloned().unwrap_or_default();
+            let ports = rule["ports"].as_array().cloned().unwrap_or_default();
+            if peers.is_empty() {
+                problem("admits every source (no `from`)".into());
+                continue;
+            }
+            if ports.is_empty() {
+                problem("admits every port (no `ports`)".into());
+                continue;
+            }
+            for port in &ports {
+                let number = resolve_port(identity, &port["port"]).unwrap_or_default();
+                let check: fn(&Value) -> Result<(), String> = match number {
+                    n if n == u64::from(IDENTITY_GRPC_PORT) => node_cidr_peer,
+                    n if n == u64::from(IDENTITY_METRICS_PORT) => monitoring_peer,
+                    _ => {
+                        problem(format!(
+                            "admits port {}, neither the identity service's gRPC port nor its metrics port",
+                            port["port"]
+                        ));
+                        continue;
+                    }
+                };
+                admitted.insert(number);
+                for peer in &peers {
+                    if let Err(what) = check(peer) {
+                        problem(format!("port {number}: {what}"));
+                    }
+                }
+            }
+        }
+    }
+    if !default_deny {
+        problems.push(
+            "no NetworkPolicy denies ingress by default (podSelector {}, policyTypes [Ingress], no ingress rules)"
+                .into(),
+        );
+    }
+    for (port, who) in [
+        (
+            IDENTITY_GRPC_PORT,
+            "the agents (from the nodes' CIDRs) to the identity service's gRPC port: they could not get certificates",
+        ),
+        (
+            IDENTITY_METRICS_PORT,
+            "Prometheus (from the monitoring namespace) to the identity service's metrics port",
+        ),
+    ] {
+        if !admitted.contains(&u64::from(port)) {
+            problems.push(format!("no NetworkPolicy admits {who} ({port})"));
+        }
+    }
+    problems
+}
+
+/// A peer of the gRPC port: an ipBlock (node CIDRs) narrower than everything.
+fn node_cidr_peer(peer: &Value) -> Result<(), String> {
+    if let Some(other) = peer
+        .as_object()
+        .and_then(|p| p.keys().find(|k| *k != "ipBlock"))
+    {
+        return Err(format!(
+            "admits a {other} peer: only the nodes' CIDRs (ipBlock) may reach it, where the host-network agents are, no pod"
+        ));
+    }
+    let cidr = peer["ipBlock"]["cidr"].as_str().unwrap_or_default();
+    match cidr.parse::<ipnet::IpNet>() {
+        Ok(net) if net.prefix_len() == 0 => Err(format!("{cidr} admits every address")),
+        Ok(_) => Ok(()),
+        Err(_) => Err(format!("{cidr:?} is not a CIDR")),
+    }
+}
+
+/// A peer of the metrics port: one namespace, selected by its name label.
+fn monitoring_peer(peer: &Value) -> Result<(), String> {
+    let label = consts::kube::NAMESPACE_NAME_LABEL;
+    let one_namespace = peer.as_object().is_some_and(|p| p.len() == 1)
+        && peer["namespaceSelector"]
+            .as_object()
+            .is_some_and(|s| s.len() == 1)
+        && peer["namespaceSelector"]["matchLabels"]
+            .as_object()
+            .is_some_and(|labels| {
+                labels.len() == 1
+                    && labels
+                        .get(label)
+                        .and_then(Value::as_str)
+                        .is_some_and(|n| !n.is_empty())
+            });
+    if one_namespace {
+        Ok(())
+    } else {
+        Err(format!(
+            "admits {peer}: only the monitoring namespace (namespaceSelector matchLabels {label}: <name>) may scrape it"
+        ))
+    }
+}
+
+/// An empty label selector (every pod of the namespace).
+fn selects_everything(selector: &Value) -> bool {
+    selector.as_object().is_none_or(|s| {
+        s.values().all(|v| {
+            v.as_object().is_some_and(|m| m.is_empty())
+                || v.as_array().is_some_and(|a| a.is_empty())
+        })
+    })
+}
+
+/// `selector` (matchLabels only) selects the pods of `workload`, and not
+/// every pod.
+fn selects_pods_of(selector: &Value, workload: &ManifestObject) -> bool {
+    let labels = &workload.document["spec"]["template"]["metadata"]["labels"];
+    selector.get("matchExpressions").is_none()
+        && selector["matchLabels"]
+            .as_object()
+            .is_some_and(|m| !m.is_empty() && m.iter().all(|(k, v)| labels[k] == *v))
+}
+
+/// A port given by number, or by the name of one of `workload`'s container ports.
+fn resolve_port(workload: &ManifestObject, port: &Value) -> Option<u64> {
+    if let Some(number) = port.as_u64() {
+        return Some(number);
+    }
+    let name = port.as_str()?;
+    workload
+        .containers()
+        .iter()
+        .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+        .find(|p| p["name"] == name)
+        .and_then(|p| p["containerPort"].as_u64())
+}
+
+/// PodMonitors scrape what the selected workload's `prometheus.io/port` and
+/// `prometheus.io/path` annotations name: a container port of that number,
+/// by name, or (the agent, which declares no ports) the pod's address
+/// rewritten to that port.
+pub fn pod_monitor_problems(objects: &[ManifestObject]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for monitor in objects.iter().filter(|o| o.kind() == "PodMonitor") {
+        let spec = &monitor.document["spec"];
+        let Some(workload) = objects.iter().find(|o| {
+            matches!(o.kind(), "Deployment" | "DaemonSet") && selects_pods_of(&spec["selector"], o)
+        }) else {
+            problems.push(format!(
+                "{}: selects no sealmesh workload",
+                monitor.describe()
+            ));
+            continue;
+        };
+        let annotations = &workload.document["spec"]["template"]["metadata"]["annotations"];
+        let path = &annotations["prometheus.io/path"];
+        let port = annotations["prometheus.io/port"]
+            .as_str()
+            .and_then(|p| p.parse::<u64>().ok());
+        let endpoints = spec["podMetricsEndpoints"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        for (index, endpoint) in endpoints.iter().enumerate() {
+            let mut problem = |what: String| {
+                problems.push(format!(
+                    "{} endpoint {index}: {what} ({} says prometheus.io/port {}, prometheus.io/path {path})",
+                    monitor.describe(),
+                    workload.describe(),
+                    port.map_or("none".into(), |p| p.to_string()),
+                ));
+            };
+            if endpoint["path"] != *path {
+                problem(format!("scrapes path {}", endpoint["path"]));
+            }
+            if let Some(name) = endpoint.get("port") {
+                let number = resolve_port(workload, name).filter(|_| name.is_string());
+                if number.is_none() || number != port {
+                    problem(format!(
+                        "port {name} is {}",
+                        number.map_or("no named container port".into(), |n| format!("port {n}"))
+                    ));
+                }
+                continue;
+            }
+            let addresses: Vec<&str> = endpoint["relabelings"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|r| r["targetLabel"] == "__address__")
+                .map(|r| r["replacement"].as_str().unwrap_or_default())
+                .collect();
+            let suffix = port.map(|p| format!(":{p}"));
+            if addresses.is_empty()
+                || !addresses
+                    .iter()
+                    .all(|a| suffix.as_ref().is_some_and(|s| a.ends_with(s.as_str())))
+            {
+                problem(format!("sets __address__ to {addresses:?}"));
+            }
+        }
+    }
+    problems
+}
+
+/// Annotation prefix of the beta AppArmor profile of a pod's container,
+/// honoured by every supported server (deprecated from 1.30 on, where
+/// `securityContext.appArmorProfile` replaces it).
+const APPARMOR_ANNOTATION_PREFIX: &str = "container.apparmor.security.beta.kubernetes.io/";
+
+/// AppArmor annotations name containers of their pod and agree with the
+/// `securityContext.appArmorProfile` field where both are set (servers from
+/// 1.30 on reject a mismatch), and the agent's container is Unconfined: the
+/// runtime's default profile denies its writes below /sys/fs (the bpffs pins).
+pub fn apparmor_problems(objects: &[ManifestObject]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for workload in objects.iter().filter(|o| !o.containers().is_empty()) {
+        let template = &workload.document["spec"]["template"];
+        let containers = workload.containers();
+        let annotations = template["metadata"]["annotations"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        for key in annotations.keys() {
+            if let Some(name) = key.strip_prefix(APPARMOR_ANNOTATION_PREFIX)
+                && !containers.iter().any(|c| c["name"] == name)
+            {
+                problems.push(format!(
+                    "{}: annotation {key} names no container of the pod",
+                    workload.describe()
+                ));
+            }
+        }
+        let pod_field = template["spec"]["securityContext"]["appArmorProfile"]["type"].as_str();
+        for container in containers {
+            let name = container["name"].as_str().unwrap_or_default();
+            let annotation = annotations
+                .get(&format!("{APPARMOR_ANNOTATION_PREFIX}{name}"))
+                .and_then(Value::as_str)
+                .map(|value| match value {
+                    "unconfined" => "Unconfined",
+                    "runtime/default" => "RuntimeDefault",
+                    v if v.starts_with("localhost/") => "Localhost",
+                    other => other,
+                });
+            let field = container["securityContext"]["appArmorProfile"]["type"]
+                .as_str()
+                .or(pod_field);
+            if let (Some(annotation), Some(field)) = (annotation, field)
+                && annotation != field
+            {
+                problems.push(format!(
+                    "{} container {name}: the AppArmor annotation says {annotation}, securityContext.appArmorProfile {field}",
+                    workload.describe()
+                ));
+            }
+            if workload.kind() == "DaemonSet"
+                && workload.name() == consts::kube::AGENT_DAEMONSET
+                && field.or(annotation) != Some("Unconfined")
+            {
+                problems.push(format!(
+                    "{} container {name}: AppArmor must be Unconfined (annotation {APPARMOR_ANNOTATION_PREFIX}{name}: unconfined, or from Kubernetes 1.30 securityContext.appArmorProfile.type: Unconfined); the runtime's default profile denies the agent's writes below /sys/fs (its bpffs pins)",
+                    workload.describe()
+                ));
+            }
+        }
+    }
+    problems
+}
+
+/// Every sealmesh image of `objects`, with its object.
+fn sealmesh_images(objects: &[ManifestObject]) -> impl Iterator<Item = (&ManifestObject, &str)> {
+    objects.iter().flat_map(|object| {
+        object
+            .containers()
+            .into_iter()
+            .filter_map(|c| c["image"].as_str())
+            .filter(|image| image.starts_with(IMAGE_PREFIX))
+            .map(move |image| (object, image))
+    })
+}
+
+/// `image` is pinned as registries and kustomize's `digest:` write it:
+/// `@sha256:` and 64 lowercase hex digits.
+fn digest_problem(object: &ManifestObject, image: &str) -> Option<String> {
+    let pinned = image.split_once('@').is_some_and(|(_, digest)| {
+        digest.strip_prefix("sha256:").is_some_and(|hex| {
+            hex.len() == 64
+                && hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+    });
+    (!pinned).then(|| {
+        format!(
+            "{}: image {image} is not pinned by digest (<image>@sha256:<64 hex digits>)",
+            object.describe()
+        )
+    })
+}
+
+/// For kustomizations that pin images ([`Kustomization::pinned_images`]):
+/// every sealmesh image is pinned by digest.
+pub fn unpinned_images(objects: &[ManifestObject]) -> Vec<String> {
+    sealmesh_images(objects)
+        .filter_map(|(object, image)| digest_problem(object, image))
+        .collect()
+}
+
+/// What a user must still fill in before applying `objects`: the node-CIDR
+/// placeholder of `deploy/overlays/network-policy`, the all-zero digests of
+/// `deploy/overlays/image-digests`, and trust roots holding no certificate
+/// (`deploy/base`'s placeholder bundle). The repository's kustomizations
+/// ship them; what `sealmesh install` prints must have none.
+pub fn placeholder_problems(objects: &[ManifestObject]) -> Vec<String> {
+    let mut problems = Vec::new();
+    for policy in objects.iter().filter(|o| o.kind() == "NetworkPolicy") {
+        if policy.document["spec"]["ingress"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|rule| rule["from"].as_array().cloned().unwrap_or_default())
+            .any(|peer| peer["ipBlock"]["cidr"] == consts::kube::NODE_CIDRS_PLACEHOLDER)
+        {
+            problems.push(format!(
+                "{}: still admits the placeholder {} instead of the nodes' CIDRs (`sealmesh install --node-cidrs`, or patch it: docs/OPERATIONS.md)",
+                policy.describe(),
+                consts::kube::NODE_CIDRS_PLACEHOLDER
+            ));
+        }
+    }
+    let zeros = format!("@sha256:{}", "0".repeat(64));
+    for (object, image) in sealmesh_images(objects) {
+        if image.ends_with(&zeros) {
+            problems.push(format!(
+                "{}: image {image} has the placeholder digest (look the real one up: docs/OPERATIONS.md)",
+                object.describe()
+            ));
+        }
+    }
+    for roots in objects
+        .iter()
+        .filter(|o| o.kind() == "ConfigMap" && o.name() == consts::kube::TRUST_ROOTS_CONFIGMAP)
+    {
+        let bundle = roots.document["data"][consts::kube::TRUST_ROOTS_KEY]
+            .as_str()
+            .unwrap_or_default();
+        if !bundle.contains("-----BEGIN CERTIFICATE-----") {
+            problems.push(format!(
+                "{}: {} holds no certificate (put your trust anchors there)",
+                roots.describe(),
+                consts::kube::TRUST_ROOTS_KEY
+            ));
+        }
+    }
+    problems
 }
 
 /// Least privilege in every Role and ClusterRole: no wildcards, no write
@@ -894,18 +1422,19 @@ impl Summary {
     pub fn line(&self) -> String {
         let mut line = String::from("manifests valid:");
         for (kustomization, objects) in &self.kustomizations {
-            let _ = write!(line, " {kustomization} ({objects} objects)");
+            let versions = KUSTOMIZATIONS
+                .iter()
+                .find(|k| k.path == kustomization)
+                .map_or(SCHEMA_VERSIONS, |k| k.schema_versions);
+            let _ = write!(
+                line,
+                " {kustomization} ({objects} objects, Kubernetes {})",
+                versions.join(", ")
+            );
         }
-        let _ = write!(
-            line,
-            "; Kubernetes {}{}",
-            SCHEMA_VERSIONS.join(", "),
-            if self.flags_checked {
-                "; flags match the binaries"
-            } else {
-                ""
-            }
-        );
+        if self.flags_checked {
+            line.push_str("; flags match the binaries");
+        }
         line
     }
 }
@@ -924,12 +1453,16 @@ pub fn validate_repository(
         ..Summary::default()
     };
     let mut problems = Vec::new();
-    for kustomization in KUSTOMIZATIONS {
+    for entry in KUSTOMIZATIONS {
+        let kustomization = entry.path;
         let objects = render(tools, &root.join(kustomization))?;
         let mut checks = vec![
-            validate_schemas(tools, kustomization, &objects),
+            validate_schemas(tools, kustomization, &objects, entry.schema_versions),
             check_contract(kustomization, &objects),
         ];
+        if entry.pinned_images {
+            checks.push(into_result(kustomization, unpinned_images(&objects)));
+        }
         if let Some(bin_dir) = bin_dir {
             checks.push(check_flags(kustomization, &objects, bin_dir));
         }
@@ -946,7 +1479,7 @@ pub fn validate_repository(
         }
         summary
             .kustomizations
-            .push(((*kustomization).to_owned(), objects.len()));
+            .push((kustomization.to_owned(), objects.len()));
     }
     problems.dedup();
     into_result(&root.join("deploy").display().to_string(), problems)?;

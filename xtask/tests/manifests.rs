@@ -176,7 +176,11 @@ fn repository_manifests_are_valid_for_every_supported_kubernetes() {
         vec![
             ("deploy/base".to_owned(), 16),
             ("deploy/overlays/cert-manager".to_owned(), 18),
-            ("deploy/overlays/kernel-before-5.11".to_owned(), 16)
+            ("deploy/overlays/kernel-before-5.11".to_owned(), 16),
+            ("deploy/overlays/network-policy".to_owned(), 19),
+            ("deploy/overlays/prometheus-operator".to_owned(), 18),
+            ("deploy/overlays/image-digests".to_owned(), 16),
+            ("deploy/overlays/apparmor-field".to_owned(), 16),
         ]
     );
 }
@@ -219,7 +223,7 @@ fn flags_and_env_in_the_manifests_exist_in_the_real_binaries() {
     let agent =
         locate_binary("sealmesh-agent").expect("sealmesh-agent built (cargo build --workspace)");
     let bin_dir = agent.parent().expect("binary dir");
-    for kustomization in manifests::KUSTOMIZATIONS {
+    for kustomization in manifests::KUSTOMIZATIONS.iter().map(|k| k.path) {
         let objects =
             manifests::render(&tools(), &repository().join(kustomization)).expect("render");
         let lines = manifests::command_lines(&objects);
@@ -300,6 +304,7 @@ fn an_unknown_field_is_rejected_by_strict_validation() {
         &tools(),
         "deploy/base",
         &objects,
+        manifests::SCHEMA_VERSIONS,
     ));
     assert_eq!(found.len(), 2, "{found:#?}");
     for problem in &found {
@@ -322,7 +327,12 @@ fn a_certificate_without_secret_name_is_caught_without_a_schema() {
     let objects = manifests::render(&tools(), &copy.root().join("deploy/overlays/cert-manager"))
         .expect("render");
     assert_eq!(
-        problems(manifests::validate_schemas(&tools(), "overlay", &objects)),
+        problems(manifests::validate_schemas(
+            &tools(),
+            "overlay",
+            &objects,
+            manifests::SCHEMA_VERSIONS
+        )),
         [
             "deploy/overlays/cert-manager/issuer.yaml: Certificate sealmesh/sealmesh-identity-issuer: spec.secretName is required"
         ]
@@ -428,15 +438,21 @@ fn identities(objects: &[serde_json::Value]) -> Vec<(String, String, String)> {
         .collect()
 }
 
-/// `sealmesh install` prints what kustomize renders of deploy/base (the same
+/// `sealmesh install` prints what kustomize renders of
+/// deploy/overlays/network-policy (the base and the NetworkPolicies: the same
 /// objects, images and labels) with generated PKI in the trust-roots
-/// ConfigMap and the issuer Secret; it validates against the schemas, keeps
-/// the contract, and an API server takes every object. `sealmesh uninstall`
-/// names the same objects, the agents' DaemonSet first.
+/// ConfigMap and the issuer Secret and the given node CIDRs in place of the
+/// placeholder; it validates against the schemas, keeps the contract, leaves
+/// nothing to fill in, and an API server takes every object. `sealmesh
+/// uninstall` names the same objects, the agents' DaemonSet first.
 #[test]
-fn sealmesh_install_prints_the_base_with_its_pki_and_a_server_takes_it() {
-    let installed = sealmesh(&["install"]);
-    let base = manifests::render(&tools(), &repository().join("deploy/base")).expect("render");
+fn sealmesh_install_prints_the_base_and_policies_with_its_pki_and_a_server_takes_it() {
+    let installed = sealmesh(&["install", "--node-cidrs", "10.0.0.0/16,192.168.10.0/24"]);
+    let base = manifests::render(
+        &tools(),
+        &repository().join("deploy/overlays/network-policy"),
+    )
+    .expect("render");
     let mut expected: Vec<_> =
         identities(&base.iter().map(|o| o.document.clone()).collect::<Vec<_>>());
     expected.push((
@@ -484,8 +500,33 @@ fn sealmesh_install_prints_the_base_with_its_pki_and_a_server_takes_it() {
             document: document.clone(),
         })
         .collect();
-    manifests::validate_schemas(&tools(), "sealmesh install", &objects).expect("valid");
+    manifests::validate_schemas(
+        &tools(),
+        "sealmesh install",
+        &objects,
+        manifests::SCHEMA_VERSIONS,
+    )
+    .expect("valid");
     manifests::check_contract("sealmesh install", &objects).expect("contract");
+    assert_eq!(
+        manifests::placeholder_problems(&objects),
+        Vec::<String>::new()
+    );
+    // The identity service's gRPC port admits exactly the node CIDRs given.
+    let grpc = installed
+        .iter()
+        .find(|o| o["kind"] == "NetworkPolicy" && o["metadata"]["name"] == "sealmesh-identity-grpc")
+        .expect("the gRPC port's NetworkPolicy");
+    assert_eq!(
+        grpc["spec"]["ingress"],
+        serde_json::json!([{
+            "from": [
+                { "ipBlock": { "cidr": "10.0.0.0/16" } },
+                { "ipBlock": { "cidr": "192.168.10.0/24" } }
+            ],
+            "ports": [{ "protocol": "TCP", "port": "grpc" }]
+        }])
+    );
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
@@ -553,5 +594,361 @@ fn only_the_old_kernel_overlay_grants_sys_resource() {
     assert_eq!(
         capabilities("deploy/overlays/kernel-before-5.11"),
         ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN", "SYS_RESOURCE"]
+    );
+}
+
+fn rendered(dir: &str) -> Vec<manifests::ManifestObject> {
+    manifests::render(&tools(), &repository().join(dir)).expect("render")
+}
+
+fn object<'a>(
+    objects: &'a [manifests::ManifestObject],
+    kind: &str,
+    name: &str,
+) -> &'a manifests::ManifestObject {
+    objects
+        .iter()
+        .find(|o| o.kind() == kind && o.name() == name)
+        .unwrap_or_else(|| panic!("{kind} {name}"))
+}
+
+/// The overlay denies ingress to the namespace's pods and admits the
+/// identity service's gRPC port from the node-CIDR placeholder only and its
+/// metrics port from the monitoring namespace only; the placeholder (and the
+/// base's empty trust bundle) are reported as left to fill in.
+#[test]
+fn network_policy_overlay_admits_grpc_from_node_cidrs_and_metrics_from_monitoring() {
+    let objects = rendered("deploy/overlays/network-policy");
+    let policies: Vec<_> = objects
+        .iter()
+        .filter(|o| o.kind() == "NetworkPolicy")
+        .map(|o| (o.describe(), o.origin.clone(), o.document["spec"].clone()))
+        .collect();
+    let origin = "deploy/overlays/network-policy/network-policy.yaml";
+    let identity_pods = serde_json::json!({
+        "matchLabels": { "app.kubernetes.io/name": consts::kube::IDENTITY_NAME }
+    });
+    assert_eq!(
+        policies,
+        [
+            (
+                "NetworkPolicy sealmesh/sealmesh-default-deny-ingress".to_owned(),
+                origin.to_owned(),
+                serde_json::json!({ "podSelector": {}, "policyTypes": ["Ingress"] })
+            ),
+            (
+                "NetworkPolicy sealmesh/sealmesh-identity-grpc".to_owned(),
+                origin.to_owned(),
+                serde_json::json!({
+                    "podSelector": identity_pods,
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{
+                        "from": [{ "ipBlock": { "cidr": consts::kube::NODE_CIDRS_PLACEHOLDER } }],
+                        "ports": [{ "protocol": "TCP", "port": "grpc" }]
+                    }]
+                })
+            ),
+            (
+                "NetworkPolicy sealmesh/sealmesh-identity-metrics".to_owned(),
+                origin.to_owned(),
+                serde_json::json!({
+                    "podSelector": identity_pods,
+                    "policyTypes": ["Ingress"],
+                    "ingress": [{
+                        "from": [{ "namespaceSelector": { "matchLabels": {
+                            consts::kube::NAMESPACE_NAME_LABEL: consts::kube::DEFAULT_MONITORING_NAMESPACE
+                        } } }],
+                        "ports": [{ "protocol": "TCP", "port": "metrics" }]
+                    }]
+                })
+            ),
+        ]
+    );
+    // The named ports are the identity service's gRPC and metrics ports.
+    let identity = object(&objects, "Deployment", consts::kube::IDENTITY_NAME);
+    let ports: Vec<_> = identity.containers()[0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].clone(), p["containerPort"].clone()))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("grpc".into(), consts::IDENTITY_GRPC_PORT.into()),
+            ("metrics".into(), consts::IDENTITY_METRICS_PORT.into())
+        ]
+    );
+    assert_eq!(
+        manifests::placeholder_problems(&objects),
+        [
+            format!(
+                "NetworkPolicy sealmesh/sealmesh-identity-grpc: still admits the placeholder {} instead of the nodes' CIDRs (`sealmesh install --node-cidrs`, or patch it: docs/OPERATIONS.md)",
+                consts::kube::NODE_CIDRS_PLACEHOLDER
+            ),
+            "ConfigMap sealmesh/sealmesh-identity-trust-roots: ca-bundle.crt holds no certificate (put your trust anchors there)".to_owned(),
+        ]
+    );
+}
+
+#[test]
+fn network_policies_admitting_pods_or_everyone_break_the_contract() {
+    let contract = |file: &str, from: &str, to: &str| {
+        let copy = BrokenCopy::new(file, from, to);
+        let objects = manifests::render(
+            &tools(),
+            &copy.root().join("deploy/overlays/network-policy"),
+        )
+        .expect("render");
+        problems(manifests::check_contract("overlay", &objects))
+    };
+    let policies = "deploy/overlays/network-policy/network-policy.yaml";
+    // Pods (here: every pod of the namespace) next to the node CIDRs.
+    assert_eq!(
+        contract(
+            policies,
+            "        - ipBlock:\n            cidr: 192.0.2.0/24\n",
+            "        - ipBlock:\n            cidr: 192.0.2.0/24\n        - podSelector: {}\n",
+        ),
+        [
+            "NetworkPolicy sealmesh/sealmesh-identity-grpc ingress rule 0: port 8080: admits a podSelector peer: only the nodes' CIDRs (ipBlock) may reach it, where the host-network agents are, no pod"
+        ]
+    );
+    assert_eq!(
+        contract(policies, "cidr: 192.0.2.0/24", "cidr: 0.0.0.0/0"),
+        [
+            "NetworkPolicy sealmesh/sealmesh-identity-grpc ingress rule 0: port 8080: 0.0.0.0/0 admits every address"
+        ]
+    );
+    // Every namespace may scrape.
+    assert_eq!(
+        contract(
+            policies,
+            "            matchLabels:\n              kubernetes.io/metadata.name: monitoring\n",
+            "            matchLabels: {}\n",
+        ),
+        [
+            "NetworkPolicy sealmesh/sealmesh-identity-metrics ingress rule 0: port 9990: admits {\"namespaceSelector\":{\"matchLabels\":{}}}: only the monitoring namespace (namespaceSelector matchLabels kubernetes.io/metadata.name: <name>) may scrape it"
+        ]
+    );
+    // No default deny: every other port of every pod would be open.
+    assert_eq!(
+        contract(
+            policies,
+            "  podSelector: {}\n",
+            "  podSelector:\n    matchLabels: {app.kubernetes.io/name: sealmesh-identity}\n"
+        ),
+        [
+            "no NetworkPolicy denies ingress by default (podSelector {}, policyTypes [Ingress], no ingress rules)"
+        ]
+    );
+}
+
+/// The PodMonitors scrape what the base's prometheus.io/* annotations name:
+/// the identity service's container port named `metrics`, the agent's
+/// (undeclared) metrics port by relabeling the address.
+#[test]
+fn pod_monitors_scrape_the_annotated_metrics_ports_and_paths() {
+    let objects = rendered("deploy/overlays/prometheus-operator");
+    let identity = object(&objects, "PodMonitor", consts::kube::IDENTITY_NAME);
+    assert_eq!(
+        identity.document["spec"]["podMetricsEndpoints"],
+        serde_json::json!([{ "port": "metrics", "path": "/metrics" }])
+    );
+    let deployment = object(&objects, "Deployment", consts::kube::IDENTITY_NAME);
+    let metrics = deployment.containers()[0]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "metrics")
+        .expect("a port named metrics")["containerPort"]
+        .clone();
+    assert_eq!(metrics, consts::IDENTITY_METRICS_PORT);
+    let agent = object(&objects, "PodMonitor", consts::kube::AGENT_DAEMONSET);
+    let endpoint = &agent.document["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["path"], "/metrics");
+    let addresses: Vec<_> = endpoint["relabelings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["targetLabel"].clone(), r["replacement"].clone()))
+        .collect();
+    let port = consts::AGENT_METRICS_PORT;
+    assert_eq!(
+        addresses,
+        [
+            ("__address__".into(), format!("$1:{port}").into()),
+            ("__address__".into(), format!("[$1]:{port}").into())
+        ]
+    );
+    assert_eq!(
+        agent.document["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        consts::kube::AGENT_DAEMONSET
+    );
+    assert_eq!(
+        manifests::pod_monitor_problems(&objects),
+        Vec::<String>::new()
+    );
+
+    // A port the annotation does not name, and a field PodMonitors lack.
+    let copy = BrokenCopy::new(
+        "deploy/overlays/prometheus-operator/pod-monitors.yaml",
+        "    - port: metrics\n      path: /metrics\n",
+        "    - port: grpc\n      pathh: /metrics\n",
+    );
+    let objects = manifests::render(
+        &tools(),
+        &copy.root().join("deploy/overlays/prometheus-operator"),
+    )
+    .expect("render");
+    assert_eq!(
+        manifests::pod_monitor_problems(&objects),
+        [
+            "PodMonitor sealmesh/sealmesh-identity endpoint 0: scrapes path null (Deployment sealmesh/sealmesh-identity says prometheus.io/port 9990, prometheus.io/path \"/metrics\")",
+            "PodMonitor sealmesh/sealmesh-identity endpoint 0: port \"grpc\" is port 8080 (Deployment sealmesh/sealmesh-identity says prometheus.io/port 9990, prometheus.io/path \"/metrics\")",
+        ]
+    );
+    assert_eq!(
+        problems(manifests::validate_schemas(
+            &tools(),
+            "overlay",
+            &objects,
+            manifests::SCHEMA_VERSIONS
+        )),
+        [
+            "deploy/overlays/prometheus-operator/pod-monitors.yaml: PodMonitor sealmesh/sealmesh-identity: spec.podMetricsEndpoints[0].pathh is no field of a PodMetricsEndpoint"
+        ]
+    );
+}
+
+#[test]
+fn image_digests_overlay_pins_both_images_by_digest() {
+    let objects = rendered("deploy/overlays/image-digests");
+    let zeros = "0".repeat(64);
+    let images: Vec<_> = objects
+        .iter()
+        .flat_map(|o| o.containers())
+        .map(|c| c["image"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        images,
+        [
+            format!("ghcr.io/sealmesh/identity@sha256:{zeros}"),
+            format!("ghcr.io/sealmesh/agent@sha256:{zeros}"),
+        ]
+    );
+    assert_eq!(manifests::unpinned_images(&objects), Vec::<String>::new());
+    // The base's tags are what the overlay replaces.
+    assert_eq!(
+        manifests::unpinned_images(&rendered("deploy/base")).len(),
+        2
+    );
+    // The placeholder digests are left to fill in.
+    assert_eq!(
+        manifests::placeholder_problems(&objects)[..2],
+        [
+            format!(
+                "Deployment sealmesh/sealmesh-identity: image ghcr.io/sealmesh/identity@sha256:{zeros} has the placeholder digest (look the real one up: docs/OPERATIONS.md)"
+            ),
+            format!(
+                "DaemonSet sealmesh/sealmesh-agent: image ghcr.io/sealmesh/agent@sha256:{zeros} has the placeholder digest (look the real one up: docs/OPERATIONS.md)"
+            ),
+        ]
+    );
+
+    // One hex digit short fails `cargo xtask manifests`.
+    let copy = BrokenCopy::new(
+        "deploy/overlays/image-digests/kustomization.yaml",
+        &format!("digest: sha256:{zeros}"),
+        &format!("digest: sha256:{}", "0".repeat(63)),
+    );
+    let (success, stderr) = copy.run_xtask();
+    assert!(!success, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "deploy/overlays/image-digests: DaemonSet sealmesh/sealmesh-agent: image ghcr.io/sealmesh/agent@sha256:{} is not pinned by digest (<image>@sha256:<64 hex digits>)",
+            "0".repeat(63)
+        )),
+        "{stderr}"
+    );
+}
+
+/// The agent's AppArmor profile is Unconfined (the runtime default denies
+/// its bpffs pins), by the beta annotation in the base (every supported
+/// server) and by securityContext.appArmorProfile in the overlay, whose
+/// schema only 1.30 and later have; the capabilities stay the base's.
+#[test]
+fn apparmor_is_an_annotation_in_the_base_and_the_field_from_1_30() {
+    let annotation = "container.apparmor.security.beta.kubernetes.io/agent";
+    let base = rendered("deploy/base");
+    let agent = object(&base, "DaemonSet", consts::kube::AGENT_DAEMONSET);
+    assert_eq!(
+        agent.document["spec"]["template"]["metadata"]["annotations"][annotation],
+        "unconfined"
+    );
+    assert!(
+        agent.containers()[0]["securityContext"]
+            .get("appArmorProfile")
+            .is_none()
+    );
+    let identity = object(&base, "Deployment", consts::kube::IDENTITY_NAME);
+    assert_eq!(
+        identity.document["spec"]["template"]["metadata"]["annotations"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .filter(|k| k.starts_with("container.apparmor"))
+            .count(),
+        0,
+        "RuntimeDefault named explicitly would keep the identity service off nodes without AppArmor"
+    );
+
+    let objects = rendered("deploy/overlays/apparmor-field");
+    let agent = object(&objects, "DaemonSet", consts::kube::AGENT_DAEMONSET);
+    assert!(
+        agent.document["spec"]["template"]["metadata"]["annotations"]
+            .get(annotation)
+            .is_none()
+    );
+    let security = &agent.containers()[0]["securityContext"];
+    assert_eq!(
+        security["appArmorProfile"],
+        serde_json::json!({ "type": "Unconfined" })
+    );
+    assert_eq!(
+        security["capabilities"],
+        serde_json::json!({ "drop": ["ALL"], "add": ["BPF", "PERFMON", "NET_ADMIN", "SYS_ADMIN"] })
+    );
+    manifests::validate_schemas(
+        &tools(),
+        "deploy/overlays/apparmor-field",
+        &objects,
+        manifests::APPARMOR_FIELD_SCHEMA_VERSIONS,
+    )
+    .expect("valid from 1.30");
+    assert_eq!(
+        problems(manifests::validate_schemas(
+            &tools(),
+            "deploy/overlays/apparmor-field",
+            &objects,
+            &["1.28.0"]
+        )),
+        [
+            "deploy/base/agent.yaml: DaemonSet sealmesh/sealmesh-agent: did not validate for resource daemonset/sealmesh-agent against version 1.28: spec.template.spec.containers.0.securityContext: Additional properties are not allowed ('appArmorProfile' was unexpected)"
+        ]
+    );
+
+    // The runtime's default profile for the agent breaks the contract.
+    let copy = BrokenCopy::new(
+        "deploy/base/agent.yaml",
+        "apparmor.security.beta.kubernetes.io/agent: unconfined",
+        "apparmor.security.beta.kubernetes.io/agent: runtime/default",
+    );
+    let objects = manifests::render(&tools(), &copy.root().join("deploy/base")).expect("render");
+    assert_eq!(
+        manifests::apparmor_problems(&objects),
+        [
+            "DaemonSet sealmesh/sealmesh-agent container agent: AppArmor must be Unconfined (annotation container.apparmor.security.beta.kubernetes.io/agent: unconfined, or from Kubernetes 1.30 securityContext.appArmorProfile.type: Unconfined); the runtime's default profile denies the agent's writes below /sys/fs (its bpffs pins)"
+        ]
     );
 }

@@ -240,6 +240,17 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
         true,
     )),
     short(
+        stored(
+            "networking.k8s.io",
+            "v1",
+            "networkpolicies",
+            "networkpolicy",
+            "NetworkPolicy",
+            true,
+        ),
+        &["netpol"],
+    ),
+    short(
         with_status(stored(
             "policy",
             "v1",

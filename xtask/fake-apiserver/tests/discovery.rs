@@ -79,6 +79,7 @@ async fn discovery_lists_every_served_group() {
             "cert-manager.io",
             "discovery.k8s.io",
             "events.k8s.io",
+            "networking.k8s.io",
             "policy",
             "rbac.authorization.k8s.io"
         ]
