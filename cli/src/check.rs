@@ -378,7 +378,7 @@ fn check_rbac(cluster: &KubeCluster) -> Section {
     let namespace = cluster.namespace();
     let needs = rbac::required(namespace);
     let reinstall = format!(
-        "`sealmesh install{} | kubectl apply -f -` applies the ServiceAccounts, roles and bindings sealmesh needs; pass it your current trust anchors and issuer (--identity-trust-anchors-file, --identity-issuer-certificate-file, --identity-issuer-key-file), or it generates new ones that replace them",
+        "`sealmesh install --node-cidrs <your nodes' CIDRs>{} | kubectl apply -f -` applies the ServiceAccounts, roles and bindings sealmesh needs; pass it your current trust anchors and issuer (--identity-trust-anchors-file, --identity-issuer-certificate-file, --identity-issuer-key-file), or it generates new ones that replace them",
         if namespace == DEFAULT_CONTROL_NAMESPACE {
             String::new()
         } else {

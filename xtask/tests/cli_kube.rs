@@ -538,7 +538,7 @@ fn check_verifies_the_control_planes_rbac_and_prints_json_and_short() {
     let mut binding = kube.block_on(bindings.get("sealmesh-agent")).unwrap();
     kube.block_on(bindings.delete("sealmesh-agent", &Default::default()))
         .unwrap();
-    let hint = "`sealmesh install | kubectl apply -f -` applies the ServiceAccounts, roles and bindings sealmesh needs; \
+    let hint = "`sealmesh install --node-cidrs <your nodes' CIDRs> | kubectl apply -f -` applies the ServiceAccounts, roles and bindings sealmesh needs; \
                 pass it your current trust anchors and issuer (--identity-trust-anchors-file, \
                 --identity-issuer-certificate-file, --identity-issuer-key-file), or it generates new ones that replace them";
     let missing = [

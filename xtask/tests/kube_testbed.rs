@@ -536,12 +536,32 @@ fn cgroupfs_driver_names_pod_cgroups_like_kubelet() {
 
 #[test]
 fn an_external_server_gets_the_same_objects_and_loses_them_on_drop() {
+    external_server_round_trip(NamespaceController::Runs);
+}
+
+#[test]
+fn without_a_namespace_controller_the_teardown_empties_namespaces_before_finalizing_them() {
+    external_server_round_trip(NamespaceController::Absent);
+}
+
+#[derive(PartialEq, Eq)]
+enum NamespaceController {
+    Runs,
+    /// A bare kube-apiserver: deleted namespaces stay Terminating, contents
+    /// and all, until finalized.
+    Absent,
+}
+
+fn external_server_round_trip(controller: NamespaceController) {
     // The fake server stands in for an external one: reached only through
     // its kubeconfig, as a real kube-apiserver would be.
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let server = runtime
         .block_on(fake_apiserver::FakeApiServer::start())
         .unwrap();
+    if controller == NamespaceController::Absent {
+        server.stop_namespace_controller();
+    }
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("admin.kubeconfig");
     server
@@ -576,11 +596,36 @@ fn an_external_server_gets_the_same_objects_and_loses_them_on_drop() {
         ["client", "server"]
     );
 
-    drop(kube);
+    // What controllers add to every namespace (the root CA ConfigMap, the
+    // default ServiceAccount) is not the testbed's, and must go too.
     let client = {
         let _runtime = runtime.enter();
         server.client()
     };
+    let testbed_namespaces = ["sealmesh", APP_NS, PLAIN_NS];
+    runtime.block_on(async {
+        for namespace in testbed_namespaces {
+            let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+            let root_ca: ConfigMap = serde_json::from_value(serde_json::json!({
+                "metadata": { "name": "kube-root-ca.crt" },
+                "data": { "ca.crt": "-----BEGIN CERTIFICATE-----" },
+            }))
+            .unwrap();
+            config_maps
+                .create(&PostParams::default(), &root_ca)
+                .await
+                .unwrap();
+            let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+            let default: ServiceAccount =
+                serde_json::from_value(serde_json::json!({ "metadata": { "name": "default" } }))
+                    .unwrap();
+            if let Err(e) = accounts.create(&PostParams::default(), &default).await {
+                assert!(matches!(&e, kube::Error::Api(s) if s.code == 409), "{e}");
+            }
+        }
+    });
+
+    drop(kube);
     let names = |list: Vec<String>| -> Vec<String> {
         let mut list = list;
         list.sort();
@@ -623,6 +668,33 @@ fn an_external_server_gets_the_same_objects_and_loses_them_on_drop() {
             .map(|r| r.name_any())
             .collect();
         assert_eq!(left, Vec::<String>::new(), "RBAC removed");
+        // Nothing is left in storage under the namespaces' names, so a
+        // namespace created again with one of them starts empty.
+        let in_testbed_namespaces = |namespace: Option<String>| {
+            namespace.is_some_and(|ns| testbed_namespaces.contains(&ns.as_str()))
+        };
+        let config_maps: Api<ConfigMap> = Api::all(client.clone());
+        let orphans: Vec<String> = config_maps
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|o| in_testbed_namespaces(o.namespace()))
+            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+            .collect();
+        assert_eq!(orphans, Vec::<String>::new(), "ConfigMaps left behind");
+        let accounts: Api<ServiceAccount> = Api::all(client.clone());
+        let orphans: Vec<String> = accounts
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|o| in_testbed_namespaces(o.namespace()))
+            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
+            .collect();
+        assert_eq!(orphans, Vec::<String>::new(), "ServiceAccounts left behind");
     });
 }
 

@@ -44,7 +44,9 @@
 //!   a token;
 //! - server defaulting that clients rely on: pods start `Pending`, Services
 //!   get a ClusterIP, namespaces are `Active`, Secret `stringData` folds into
-//!   `data`; deleting a namespace deletes its objects.
+//!   `data`; deleting a namespace deletes its objects (the namespace
+//!   controller's work, done at once; without one, see
+//!   [`FakeApiServer::stop_namespace_controller`]).
 //!
 //! Not modelled: RBAC enforcement (every valid token may do everything
 //! except what [`FakeApiServer::deny_access`] denies every caller: such
@@ -189,6 +191,15 @@ impl FakeApiServer {
     /// resourceVersion get a 410 Expired ERROR event.
     pub fn compact(&self) {
         lock(&self.shared.store).compact();
+    }
+
+    /// Runs without a namespace controller, as a kube-apiserver without
+    /// kube-controller-manager: a deleted namespace stays Terminating with
+    /// its contents (creating there is refused, 403) until a client removes
+    /// its finalizers through `namespaces/NAME/finalize`, which removes it
+    /// whatever it still holds.
+    pub fn stop_namespace_controller(&self) {
+        lock(&self.shared.store).set_namespace_controller(false);
     }
 
     /// Ends every open watch stream (clients must re-watch).

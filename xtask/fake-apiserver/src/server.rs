@@ -470,6 +470,13 @@ async fn serve_resource(
             };
             Ok(json_response(StatusCode::CREATED, &response))
         }
+        (&Method::PUT, Some(name), Some("finalize"))
+            if resource.group.is_empty() && resource.plural == "namespaces" =>
+        {
+            let object = read_object(request).await?;
+            let finalized = lock(&shared.store).finalize_namespace(name, &object)?;
+            Ok(json_response(StatusCode::OK, &finalized))
+        }
         (&Method::PUT, Some(name), subresource @ (None | Some("status"))) => {
             check_status_subresource(resource, subresource)?;
             let object = read_object(request).await?;

@@ -66,6 +66,11 @@ pub(crate) enum ApiError {
     /// The server cannot reach what the request needs (a pod's node).
     #[error("{0}")]
     Internal(String),
+    /// Creating in a namespace being deleted.
+    #[error(
+        "namespaces \"{0}\" is forbidden: unable to create new content in namespace {0} because it is being terminated"
+    )]
+    NamespaceTerminating(String),
 }
 
 impl ApiError {
@@ -80,7 +85,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType { .. } => 415,
             ApiError::Expired { .. } => 410,
             ApiError::TooLarge { .. } => 413,
-            ApiError::Forbidden { .. } => 403,
+            ApiError::Forbidden { .. } | ApiError::NamespaceTerminating(_) => 403,
             ApiError::Internal(_) => 500,
         }
     }
@@ -97,7 +102,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType { .. } => "UnsupportedMediaType",
             ApiError::Expired { .. } => "Expired",
             ApiError::TooLarge { .. } => "RequestEntityTooLarge",
-            ApiError::Forbidden { .. } => "Forbidden",
+            ApiError::Forbidden { .. } | ApiError::NamespaceTerminating(_) => "Forbidden",
             ApiError::Internal(_) => "InternalError",
         }
     }
@@ -128,6 +133,9 @@ impl ApiError {
                 "causes": [{"reason": "UnexpectedServerResponse", "message": cause}],
             })),
             ApiError::NoRoute => Some(json!({})),
+            ApiError::NamespaceTerminating(namespace) => {
+                Some(json!({"name": namespace, "kind": "namespaces"}))
+            }
             ApiError::Forbidden { resource, name, .. } => {
                 let mut details = named(resource, name.as_deref().unwrap_or_default());
                 if name.is_none() {

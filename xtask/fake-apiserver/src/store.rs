@@ -114,6 +114,10 @@ pub(crate) struct Store {
     events: broadcast::Sender<Arc<StoredEvent>>,
     next_cluster_ip: u32,
     service_range: Ipv4Net,
+    /// Whether a namespace controller runs: it empties a deleted namespace
+    /// and finalizes it (at once here). Without one, a deleted namespace
+    /// stays Terminating, contents and all, until a client finalizes it.
+    namespace_controller: bool,
 }
 
 /// Objects include Secrets: only counts are shown.
@@ -270,6 +274,7 @@ impl Store {
             events,
             next_cluster_ip: u32::from(service_range.network()) + FIRST_ALLOCATED_CLUSTER_IP_OFFSET,
             service_range,
+            namespace_controller: true,
         };
         let namespaces = id_of("", "namespaces");
         for namespace in SYSTEM_NAMESPACES {
@@ -278,6 +283,10 @@ impl Store {
                 .expect("system namespaces are created in an empty store");
         }
         store
+    }
+
+    pub fn set_namespace_controller(&mut self, runs: bool) {
+        self.namespace_controller = runs;
     }
 
     pub fn resource_version(&self) -> u64 {
@@ -392,6 +401,9 @@ impl Store {
     ) -> Result<Value, ApiError> {
         let resource = by_id(resource_id);
         let namespace = self.check_namespace(resource, namespace)?;
+        if self.is_terminating(&namespace) {
+            return Err(ApiError::NamespaceTerminating(namespace));
+        }
         Self::check_body(resource, &namespace, &object)?;
         let metadata = metadata_mut(&mut object);
         let mut name = metadata
@@ -639,6 +651,12 @@ impl Store {
         } else {
             String::new()
         };
+        if resource.group.is_empty()
+            && resource.plural == "namespaces"
+            && !self.namespace_controller
+        {
+            return Ok(self.mark_terminating(resource_id, name, current));
+        }
         if resource.group.is_empty() && resource.plural == "namespaces" {
             // The namespace controller empties a deleted namespace; done at once here.
             let contained: Vec<ObjectKey> = self
@@ -652,6 +670,86 @@ impl Store {
             }
         }
         Ok(self.remove(resource_id, &namespace, name))
+    }
+
+    fn is_terminating(&self, namespace: &str) -> bool {
+        !namespace.is_empty()
+            && self
+                .objects
+                .get(&(
+                    id_of("", "namespaces"),
+                    String::new(),
+                    namespace.to_string(),
+                ))
+                .is_some_and(|ns| ns.pointer("/metadata/deletionTimestamp").is_some())
+    }
+
+    /// A deleted namespace without a namespace controller: Terminating, with
+    /// its contents, until its finalizers are removed (`finalize`).
+    fn mark_terminating(&mut self, resource_id: ResourceId, name: &str, current: Value) -> Value {
+        if current.pointer("/metadata/deletionTimestamp").is_some() {
+            return current;
+        }
+        let mut updated = current.clone();
+        self.resource_version += 1;
+        let metadata = metadata_mut(&mut updated);
+        metadata.insert("deletionTimestamp".to_string(), json!(now_timestamp()));
+        metadata.insert(
+            "resourceVersion".to_string(),
+            json!(self.resource_version.to_string()),
+        );
+        updated["status"]["phase"] = json!("Terminating");
+        self.objects.insert(
+            (resource_id, String::new(), name.to_string()),
+            updated.clone(),
+        );
+        self.record(
+            resource_id,
+            "",
+            EventType::Modified,
+            updated.clone(),
+            Some(current),
+        );
+        updated
+    }
+
+    /// `PUT namespaces/NAME/finalize`: sets the namespace's spec.finalizers;
+    /// a Terminating namespace left without finalizers is removed at once,
+    /// whatever it still holds (those objects stay in storage, orphaned, as
+    /// in etcd: emptying it first is the caller's job).
+    pub fn finalize_namespace(&mut self, name: &str, object: &Value) -> Result<Value, ApiError> {
+        let namespaces = id_of("", "namespaces");
+        let current = self.get(namespaces, None, name)?;
+        let finalizers = object
+            .pointer("/spec/finalizers")
+            .cloned()
+            .unwrap_or_else(|| json!([]));
+        let done = finalizers.as_array().is_none_or(Vec::is_empty);
+        if done && current.pointer("/metadata/deletionTimestamp").is_some() {
+            return Ok(self.remove(namespaces, "", name));
+        }
+        let mut updated = current.clone();
+        updated["spec"]["finalizers"] = finalizers;
+        if updated == current {
+            return Ok(current);
+        }
+        self.resource_version += 1;
+        metadata_mut(&mut updated).insert(
+            "resourceVersion".to_string(),
+            json!(self.resource_version.to_string()),
+        );
+        self.objects.insert(
+            (namespaces, String::new(), name.to_string()),
+            updated.clone(),
+        );
+        self.record(
+            namespaces,
+            "",
+            EventType::Modified,
+            updated.clone(),
+            Some(current),
+        );
+        Ok(updated)
     }
 
     fn remove(&mut self, resource_id: ResourceId, namespace: &str, name: &str) -> Value {

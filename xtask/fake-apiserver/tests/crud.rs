@@ -834,3 +834,68 @@ async fn rbac_objects_are_served_and_denied_reads_are_forbidden() {
     );
     assert!(roles.list(&ListParams::default()).await.is_ok());
 }
+
+#[tokio::test]
+async fn without_a_namespace_controller_a_deleted_namespace_terminates_until_finalized() {
+    let server = FakeApiServer::start().await.unwrap();
+    server.stop_namespace_controller();
+    let client = server.client();
+    namespace(&client, "apps").await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "apps");
+    let config_map = |name: &str| -> ConfigMap {
+        serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
+    };
+    config_maps
+        .create(&PostParams::default(), &config_map("kept"))
+        .await
+        .unwrap();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .delete("apps", &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = namespaces.get("apps").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    assert_eq!(
+        terminating.status.unwrap().phase.as_deref(),
+        Some("Terminating")
+    );
+    let refused = config_maps
+        .create(&PostParams::default(), &config_map("late"))
+        .await
+        .unwrap_err();
+    let kube::Error::Api(status) = refused else {
+        panic!("expected a Status, got {refused:?}")
+    };
+    assert_eq!(
+        (status.code, status.reason.as_str(), status.message.as_str()),
+        (
+            403,
+            "Forbidden",
+            "namespaces \"apps\" is forbidden: unable to create new content in namespace apps because it is being terminated"
+        )
+    );
+
+    // Finalizing removes the namespace whatever it holds: its objects stay
+    // in storage, as in etcd.
+    let mut finalized = namespaces.get("apps").await.unwrap();
+    finalized.spec.as_mut().unwrap().finalizers = Some(Vec::new());
+    namespaces
+        .replace_subresource("finalize", "apps", &PostParams::default(), &finalized)
+        .await
+        .unwrap();
+    assert_eq!(
+        api_error(namespaces.get("apps").await.unwrap_err()),
+        (404, "NotFound".to_string())
+    );
+    assert_eq!(
+        object_names(
+            &config_maps
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+        ),
+        ["kept"]
+    );
+}

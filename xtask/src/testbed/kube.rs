@@ -77,6 +77,14 @@ use super::{
 /// Port of the API relay on the underlay's control-plane address (the
 /// kube-apiserver's usual secure port).
 pub const API_RELAY_PORT: u16 = 6443;
+/// How long the teardown waits for a cluster's namespace controller to
+/// remove the testbed's namespaces.
+const NAMESPACE_DELETION_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+/// A Terminating namespace still without status conditions after this has
+/// no namespace controller working on it (the controller reports its
+/// progress there from its first pass).
+const NAMESPACE_CONTROLLER_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const NAMESPACE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 /// Lifetime requested for every token the testbed mints (a real server
 /// accepts any value of at least 10 minutes unless capped by
 /// `--service-account-max-token-expiration`).
@@ -1451,16 +1459,7 @@ impl KubeCluster {
             .filter(|c| c.resource.kind == "Namespace")
             .map(|c| c.name.as_str())
             .collect();
-        // Events (recorded by the identity service) would outlive the
-        // namespace: without a namespace controller nothing deletes them.
         for namespace in &namespaces {
-            let events: Api<Event> = Api::namespaced(self.client.clone(), namespace);
-            if let Err(e) = events
-                .delete_collection(&DeleteParams::default(), &ListParams::default())
-                .await
-            {
-                tracing::warn!(namespace, error = %e, "cannot delete testbed events");
-            }
             let slices: Api<EndpointSlice> = Api::namespaced(self.client.clone(), namespace);
             let _ = slices
                 .delete_collection(
@@ -1491,19 +1490,98 @@ impl KubeCluster {
                 }
             }
         }
-        // A deleted namespace waits for the namespace controller to finalize
-        // it; there is none, and its contents are gone, so finalize it here.
+        self.await_namespace_deletion(namespaces).await;
+    }
+
+    /// Waits (bounded) for the cluster's namespace controller to empty and
+    /// remove the deleted `namespaces`, as on any cluster. Where none works
+    /// on them (a bare kube-apiserver: no status conditions appear on a
+    /// Terminating namespace), empties each itself, every namespaced kind the
+    /// server lists, and only then removes its finalizer: finalizing a
+    /// namespace that still holds objects would leave them in storage, to
+    /// reappear when a namespace of that name is created again.
+    async fn await_namespace_deletion(&self, namespaces: BTreeSet<&str>) {
         let api: Api<Namespace> = Api::all(self.client.clone());
-        for namespace in namespaces {
-            if let Ok(mut stored) = api.get(namespace).await {
-                if let Some(spec) = stored.spec.as_mut() {
-                    spec.finalizers = Some(Vec::new());
+        let started = std::time::Instant::now();
+        let mut pending: Vec<Namespace> = Vec::new();
+        loop {
+            pending.clear();
+            for namespace in &namespaces {
+                match api.get_opt(namespace).await {
+                    Ok(Some(stored)) => pending.push(stored),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(namespace, error = %e, "cannot read testbed namespace");
+                    }
                 }
-                if let Err(e) = api
-                    .replace_subresource("finalize", namespace, &PostParams::default(), &stored)
+            }
+            if pending.is_empty() {
+                return;
+            }
+            let controller_at_work = pending.iter().any(|ns| {
+                ns.status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|c| !c.is_empty())
+            });
+            let waited = started.elapsed();
+            if waited >= NAMESPACE_DELETION_WAIT
+                || (!controller_at_work && waited >= NAMESPACE_CONTROLLER_GRACE)
+            {
+                break;
+            }
+            tokio::time::sleep(NAMESPACE_POLL).await;
+        }
+        for mut stored in pending {
+            let namespace = stored.name_any();
+            tracing::info!(
+                namespace,
+                "no namespace controller removed the testbed namespace: emptying and finalizing it"
+            );
+            self.empty_namespace(&namespace).await;
+            if let Some(spec) = stored.spec.as_mut() {
+                spec.finalizers = Some(Vec::new());
+            }
+            if let Err(e) = api
+                .replace_subresource("finalize", &namespace, &PostParams::default(), &stored)
+                .await
+            {
+                tracing::warn!(namespace, error = %e, "cannot finalize testbed namespace");
+            }
+        }
+    }
+
+    /// Deletes every object of every namespaced kind the server can list and
+    /// delete by collection, as the namespace controller does.
+    async fn empty_namespace(&self, namespace: &str) {
+        let discovery = match discovery::Discovery::new(self.client.clone()).run().await {
+            Ok(discovery) => discovery,
+            Err(e) => {
+                tracing::warn!(namespace, error = %e, "cannot discover the server's kinds to empty the namespace");
+                return;
+            }
+        };
+        for group in discovery.groups() {
+            for (resource, capabilities) in group.recommended_resources() {
+                if capabilities.scope != Scope::Namespaced
+                    || !capabilities.supports_operation(discovery::verbs::DELETE_COLLECTION)
+                {
+                    continue;
+                }
+                let api: Api<DynamicObject> =
+                    Api::namespaced_with(self.client.clone(), namespace, &resource);
+                match api
+                    .delete_collection(
+                        &DeleteParams::default().grace_period(0),
+                        &ListParams::default(),
+                    )
                     .await
                 {
-                    tracing::warn!(namespace, error = %e, "cannot finalize testbed namespace");
+                    Ok(_) => {}
+                    Err(e) if matches!(status_code(&e), Some(404 | 405)) => {}
+                    Err(e) => {
+                        tracing::warn!(namespace, kind = %resource.kind, error = %e, "cannot empty the testbed namespace");
+                    }
                 }
             }
         }
