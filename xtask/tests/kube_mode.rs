@@ -25,7 +25,7 @@ mod support;
 use kube_support::HttpsFakeServer;
 use support::{
     APP_NS, assert_marker_never_in_clear, capture_underlay, client_in_pod, describe, echo_addr,
-    echo_service, spiffe, start_echo_server, stdout, testapp_path, wait_access,
+    echo_service, sealmesh_path, spiffe, start_echo_server, stdout, testapp_path, wait_access,
 };
 use xtask::{
     mesh::{Mesh, MeshOptions},
@@ -186,6 +186,10 @@ impl App {
 /// identities, and nothing of it crosses the underlay in clear.
 fn service_over_mtls(api: KubeApi) {
     const MARKER: &str = "sealmesh-kube-secret-marker-51c2";
+    let user_kubeconfig = match &api {
+        KubeApi::Kubeconfig(path) => Some(path.clone()),
+        KubeApi::Fake => None,
+    };
     let app = App::up(api, MeshOptions::default());
     let capture = capture_underlay(&app.mesh, &[MARKER]);
 
@@ -237,6 +241,41 @@ fn service_over_mtls(api: KubeApi) {
     }
 
     assert_marker_never_in_clear(capture, MARKER, "the mTLS traffic");
+
+    // `sealmesh check` reads the control plane, RBAC, trust roots and issuer
+    // through the same API, as a user with the cluster's kubeconfig.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = user_kubeconfig.unwrap_or_else(|| {
+        let fake = app.mesh.kube().unwrap().fake_server().unwrap();
+        let path = dir.path().join("kubeconfig");
+        fake.write_kubeconfig(&path, &fake.admin_token()).unwrap();
+        path
+    });
+    let out = std::process::Command::new(sealmesh_path())
+        .args(["check", "-o", "json"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("SEALMESH_CLUSTER_FILE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", describe(&out));
+    let report: Value = serde_json::from_slice(&out.stdout).expect("check -o json is JSON");
+    let failed: Vec<&Value> = report["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["checks"].as_array().unwrap())
+        .filter(|c| c["result"] == "error")
+        .collect();
+    assert_eq!(failed, Vec::<&Value>::new(), "{}", describe(&out));
+    let categories: Vec<&str> = report["categories"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["categoryName"].as_str().unwrap())
+        .collect();
+    for expected in ["sealmesh-control-plane", "sealmesh-rbac"] {
+        assert!(categories.contains(&expected), "{categories:?}");
+    }
 }
 
 #[test]
