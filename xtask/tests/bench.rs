@@ -63,6 +63,51 @@ fn positive(object: &Value, key: &str) -> f64 {
     value
 }
 
+/// Equal up to float parsing (serde_json may round the last bit).
+fn assert_close(actual: f64, expected: f64, what: &str) {
+    assert!(
+        (actual - expected).abs() <= expected.abs() * 1e-12,
+        "{what}: {actual} != {expected}"
+    );
+}
+
+fn numbers(value: &Value) -> Vec<f64> {
+    let array = value
+        .as_array()
+        .unwrap_or_else(|| panic!("{value} is not an array"));
+    array
+        .iter()
+        .map(|v| v.as_f64().expect("a number"))
+        .collect()
+}
+
+/// `rr_p50_added_us` of a column is the median over rounds of its rr p50
+/// minus plaintext's of the same round, as its samples show.
+fn assert_added_latency(summary: &Value, column: &str) {
+    let columns = &summary["columns"];
+    let own = numbers(&columns[column]["samples"]["rr_p50_us"]);
+    let plaintext = numbers(&columns["plaintext"]["samples"]["rr_p50_us"]);
+    let added = numbers(&columns[column]["samples"]["rr_p50_added_us"]);
+    assert_eq!(
+        added.len(),
+        own.len(),
+        "one difference per round: {summary}"
+    );
+    assert_eq!(plaintext.len(), own.len(), "{summary}");
+    for ((added, own), plaintext) in added.iter().zip(&own).zip(&plaintext) {
+        assert_close(*added, own - plaintext, "per-round difference");
+    }
+    let mut sorted = added.clone();
+    sorted.sort_by(f64::total_cmp);
+    let n = sorted.len();
+    let median = (sorted[(n - 1) / 2] + sorted[n / 2]) / 2.0;
+    let reported = columns[column]["rr_p50_added_us"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no rr_p50_added_us in {column}: {summary}"));
+    assert_close(reported, median, "rr_p50_added_us");
+    assert!(columns["plaintext"]["rr_p50_added_us"].is_null());
+}
+
 #[test]
 fn quick_bench_reports_every_figure_against_plaintext() {
     let out = xtask(&["bench", "--quick", "--json"]);
@@ -130,6 +175,14 @@ fn quick_bench_reports_every_figure_against_plaintext() {
     );
     // Plaintext has no proxy: nothing to charge memory or CPU to.
     assert!(summary["columns"]["plaintext"]["idle_rss_bytes"].is_null());
+    // An unoptimized agent adds latency to every round trip.
+    assert_eq!(
+        positive(&summary, "rr_p50_added_us"),
+        positive(sealmesh, "rr_p50_added_us")
+    );
+    assert_added_latency(&summary, "sealmesh");
+    assert!(summary.get("vs_peer").is_none(), "no peer: {summary}");
+    assert!(sealmesh.get("vs_peer").is_none(), "no peer: {summary}");
 
     let ids = testbed_ids(&out);
     assert_eq!(ids.len(), 2, "one testbed per column: {ids:?}");
@@ -167,6 +220,10 @@ fn bench_only_runs_the_chosen_measurements_for_the_rounds_asked() {
         "one sample per round: {summary}"
     );
     assert_eq!(summary["plan"]["rounds"], 2);
+    // Two rounds: the median of the per-round differences is their mean,
+    // which the median of each column's p50s would not give in general.
+    assert_added_latency(&summary, "sealmesh");
+    assert_eq!(summary["rr_p50_added_us"], sealmesh["rr_p50_added_us"]);
     assert!(
         sealmesh["samples"]["throughput_gbps"]
             .as_array()
@@ -249,15 +306,7 @@ fn bench_peer_agent_script_runs_another_agent_build_as_the_peer_column() {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/src/bench/peer-agent.sh");
     let peer_cmd = format!("exec {script}");
     let out = xtask_with_env(
-        &[
-            "bench",
-            "--quick",
-            "--json",
-            "--only",
-            "rr,memory",
-            "--peer-cmd",
-            &peer_cmd,
-        ],
+        &["bench", "--quick", "--json", "--peer-cmd", &peer_cmd],
         &[("PEER_AGENT", &agent)],
     );
     assert!(out.status.success(), "{}", describe(&out));
@@ -265,6 +314,58 @@ fn bench_peer_agent_script_runs_another_agent_build_as_the_peer_column() {
     let peer = &summary["columns"]["peer"];
     positive(peer, "rr_p50_ratio");
     positive(peer, "mem_per_conn_bytes");
+    assert_added_latency(&summary, "peer");
+    assert_added_latency(&summary, "sealmesh");
+    // Every figure of the sealmesh column divided by the peer's.
+    let sealmesh = &summary["columns"]["sealmesh"];
+    let vs_peer = sealmesh["vs_peer"].as_object().expect("vs_peer object");
+    assert_eq!(
+        vs_peer.keys().map(String::as_str).collect::<BTreeSet<_>>(),
+        BTreeSet::from([
+            "throughput_gbps",
+            "throughput_16_gbps",
+            "rr_p50_us",
+            "rr_p90_us",
+            "rr_p99_us",
+            "rr_p50_added_us",
+            "conn_per_s",
+            "idle_rss_bytes",
+            "idle_anon_rss_bytes",
+            "mem_per_conn_bytes",
+            "cpu_seconds_per_gb",
+        ]),
+        "{summary}"
+    );
+    for (key, ratio) in vs_peer {
+        let quotient = positive(sealmesh, key) / positive(peer, key);
+        assert_close(
+            ratio
+                .as_f64()
+                .unwrap_or_else(|| panic!("vs_peer.{key} = {ratio}")),
+            quotient,
+            &format!("vs_peer.{key}"),
+        );
+    }
+    assert_eq!(summary["vs_peer"], sealmesh["vs_peer"]);
+    assert!(peer.get("vs_peer").is_none(), "{summary}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let header = stdout.lines().find(|l| l.starts_with("metric")).unwrap();
+    assert_eq!(
+        header.split_whitespace().collect::<Vec<_>>(),
+        [
+            "metric",
+            "plaintext",
+            "sealmesh",
+            "ratio",
+            "vs",
+            "peer",
+            "peer",
+            "ratio",
+            "target",
+            "(sealmesh)"
+        ],
+        "{stdout}"
+    );
     // Its memory is the agent's alone (the script execs it), so it matches
     // the sealmesh column's, the same binary; a shell left in the process
     // tree would add ~1.5 MiB.

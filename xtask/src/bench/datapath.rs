@@ -20,8 +20,10 @@
 //!   killed when its testbed is torn down (the testbed kills its cgroups).
 //!
 //! Rounds alternate the columns (the order rotates each round) and the
-//! figures are medians over rounds, because the machine is noisy. Memory and
-//! CPU figures sum the proxy processes and their descendants per node.
+//! figures are medians over rounds, because the machine is noisy; the added
+//! latency is a per-round difference to plaintext first. Memory and CPU
+//! figures sum the proxy processes and their descendants per node. With a
+//! peer, every sealmesh column's figures are also divided by the peer's.
 
 use std::{
     collections::BTreeMap,
@@ -49,6 +51,9 @@ const CLIENT: &str = "client";
 const SERVER: &str = "server";
 const ECHO_PORT: u16 = 8080;
 const SINK_PORT: u16 = 5001;
+/// Column names of the baseline and of `--peer-cmd`, which no variant takes.
+const PLAINTEXT: &str = "plaintext";
+const PEER: &str = "peer";
 const PEER_READY_LINE: &str = "ready";
 const PEER_READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Time for freed memory and background work to settle before sampling RSS.
@@ -120,7 +125,7 @@ impl FromStr for Variant {
         let (name, flags) = text.split_once('=').ok_or_else(bad)?;
         let valid_name = !name.is_empty()
             && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-            && !matches!(name, "plaintext" | "peer");
+            && ![PLAINTEXT, PEER].contains(&name);
         if !valid_name {
             return Err(bad());
         }
@@ -140,7 +145,8 @@ pub struct BenchOptions {
     /// Measure another node proxy as a third column: `sh -c CMD` runs once per
     /// node in its network namespace and cgroup with NODE, NODE_IP,
     /// CLUSTER_FILE and BPFFS_DIR set, and must print `ready` on stdout once
-    /// it intercepts the node's pods.
+    /// it intercepts the node's pods. Every sealmesh figure is then also
+    /// given divided by the peer's (`vs peer`, JSON `vs_peer`).
     #[arg(long, value_name = "CMD")]
     pub peer_cmd: Option<String>,
     /// sealmesh column to measure, as NAME=AGENT-FLAGS (repeatable, e.g.
@@ -241,17 +247,19 @@ struct Column {
     sink: SocketAddr,
 }
 
-/// Raw figures of one column (medians over rounds).
+/// Raw figures of one column. The per-round ones hold one sample per round
+/// of the measurements run, `None` where it failed, so the samples of one
+/// round line up across columns (`rr_p50_added_us` pairs them).
 #[derive(Clone, Debug, Default)]
 struct Figures {
     /// Whether the column runs node proxies (all but plaintext).
     proxied: bool,
-    bulk1_gbps: Vec<f64>,
-    bulk16_gbps: Vec<f64>,
-    rr_p50_us: Vec<f64>,
-    rr_p90_us: Vec<f64>,
-    rr_p99_us: Vec<f64>,
-    conn_per_s: Vec<f64>,
+    bulk1_gbps: Vec<Option<f64>>,
+    bulk16_gbps: Vec<Option<f64>>,
+    rr_p50_us: Vec<Option<f64>>,
+    rr_p90_us: Vec<Option<f64>>,
+    rr_p99_us: Vec<Option<f64>>,
+    conn_per_s: Vec<Option<f64>>,
     conn_errors: u64,
     bulk_bytes: u64,
     proxy_cpu_seconds: f64,
@@ -457,40 +465,51 @@ impl Column {
         }
     }
 
-    /// One round of every measurement; a failed one is recorded in
-    /// `figures.failures` and the others still run.
+    /// One round of every measurement: each of its figures gets a sample,
+    /// `None` for a failed one, which is recorded in `figures.failures`
+    /// while the others still run.
     fn round(&self, plan: &Plan, options: &BenchOptions, figures: &mut Figures) {
-        type Step = fn(&Column, &Plan, &mut Figures) -> Result<(), BenchError>;
-        let steps: [(Measure, &str, Step); 4] = [
-            (Measure::Bulk1, "1-stream bulk", |c, plan, f| {
-                let gbps = c.bulk(plan, 1, f)?;
-                f.bulk1_gbps.push(gbps);
-                Ok(())
-            }),
-            (Measure::Bulk16, "16-stream bulk", |c, plan, f| {
-                let gbps = c.bulk(plan, 16, f)?;
-                f.bulk16_gbps.push(gbps);
-                Ok(())
-            }),
-            (Measure::Rr, "request/response", Column::request_response),
-            (
-                Measure::Connrate,
-                "connection rate",
-                Column::connection_rate,
-            ),
-        ];
-        for (_, what, step) in steps
-            .into_iter()
-            .filter(|(measure, ..)| options.measures(*measure))
-        {
-            if let Err(e) = step(self, plan, figures) {
-                tracing::warn!(column = self.name, "{what} failed: {e}");
-                figures.failures.push(format!("{what}: {e}"));
-            }
+        if options.measures(Measure::Bulk1) {
+            let gbps = self.bulk(plan, 1, figures);
+            let gbps = self.sample("1-stream bulk", gbps, &mut figures.failures);
+            figures.bulk1_gbps.push(gbps);
+        }
+        if options.measures(Measure::Bulk16) {
+            let gbps = self.bulk(plan, 16, figures);
+            let gbps = self.sample("16-stream bulk", gbps, &mut figures.failures);
+            figures.bulk16_gbps.push(gbps);
+        }
+        if options.measures(Measure::Rr) {
+            let rr = self.request_response(plan);
+            let rr = self.sample("request/response", rr, &mut figures.failures);
+            figures.rr_p50_us.push(rr.map(|[p50, _, _]| p50));
+            figures.rr_p90_us.push(rr.map(|[_, p90, _]| p90));
+            figures.rr_p99_us.push(rr.map(|[_, _, p99]| p99));
+        }
+        if options.measures(Measure::Connrate) {
+            let rate = self.connection_rate(plan, figures);
+            let rate = self.sample("connection rate", rate, &mut figures.failures);
+            figures.conn_per_s.push(rate);
         }
     }
 
-    fn request_response(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
+    /// The measurement's value, or `None` with the failure recorded.
+    fn sample<T>(
+        &self,
+        what: &str,
+        result: Result<T, BenchError>,
+        failures: &mut Vec<String>,
+    ) -> Option<T> {
+        result
+            .map_err(|e| {
+                tracing::warn!(column = self.name, "{what} failed: {e}");
+                failures.push(format!("{what}: {e}"));
+            })
+            .ok()
+    }
+
+    /// p50, p90 and p99 of 64 B round trips, in µs.
+    fn request_response(&self, plan: &Plan) -> Result<[f64; 3], BenchError> {
         let echo = self.echo.to_string();
         match self.run(
             "rr",
@@ -509,17 +528,13 @@ impl Column {
                 p90_us,
                 p99_us,
                 ..
-            } => {
-                figures.rr_p50_us.push(p50_us);
-                figures.rr_p90_us.push(p90_us);
-                figures.rr_p99_us.push(p99_us);
-            }
-            other => return Err(self.unexpected("rr", other)),
+            } => Ok([p50_us, p90_us, p99_us]),
+            other => Err(self.unexpected("rr", other)),
         }
-        Ok(())
     }
 
-    fn connection_rate(&self, plan: &Plan, figures: &mut Figures) -> Result<(), BenchError> {
+    /// New connections per second; counts the connection errors.
+    fn connection_rate(&self, plan: &Plan, figures: &mut Figures) -> Result<f64, BenchError> {
         let echo = self.echo.to_string();
         match self.run(
             "connrate",
@@ -543,11 +558,10 @@ impl Column {
                     tracing::warn!(column = self.name, errors, error, "connrate had errors");
                 }
                 figures.conn_errors += errors;
-                figures.conn_per_s.push(connections as f64 / seconds);
+                Ok(connections as f64 / seconds)
             }
-            other => return Err(self.unexpected("connrate", other)),
+            other => Err(self.unexpected("connrate", other)),
         }
-        Ok(())
     }
 
     /// Idle RSS of the fresh proxies, then their growth per idle connection.
@@ -619,12 +633,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
         wait_for_certificates: false,
         ..MeshOptions::default()
     };
-    let mut columns = vec![Column::up(
-        "plaintext",
-        Kind::Plaintext,
-        bare.clone(),
-        None,
-    )?];
+    let mut columns = vec![Column::up(PLAINTEXT, Kind::Plaintext, bare.clone(), None)?];
     for variant in &variants {
         let options = MeshOptions {
             agent_args: variant.agent_args.clone(),
@@ -638,7 +647,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
             start_identity: true,
             ..bare
         };
-        columns.push(Column::up("peer", Kind::Peer, options, Some(cmd))?);
+        columns.push(Column::up(PEER, Kind::Peer, options, Some(cmd))?);
     }
 
     let mut figures: Vec<Figures> = columns
@@ -712,6 +721,27 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Median of the rounds that have a sample (NaN without any).
+fn median_of(samples: &[Option<f64>]) -> f64 {
+    median(&samples.iter().flatten().copied().collect::<Vec<_>>())
+}
+
+/// Per round, a sample minus the baseline's of the same round (`None` where
+/// either failed): the baseline moves with the machine's load from round to
+/// round, so a difference is only meaningful within one.
+fn per_round_differences(samples: &[Option<f64>], baseline: &[Option<f64>]) -> Vec<Option<f64>> {
+    samples
+        .iter()
+        .zip(baseline)
+        .map(|(sample, base)| Some((*sample)? - (*base)?))
+        .collect()
+}
+
+/// `value ÷ base`; `None` where either is missing or it is not finite.
+fn quotient(value: Option<f64>, base: Option<f64>) -> Option<f64> {
+    Some(value? / base?).filter(|q| q.is_finite())
+}
+
 /// Medians of a column's raw figures.
 struct Medians {
     bulk1_gbps: f64,
@@ -719,6 +749,9 @@ struct Medians {
     rr_p50_us: f64,
     rr_p90_us: f64,
     rr_p99_us: f64,
+    /// Median over rounds of (rr p50 − plaintext's rr p50 of the same
+    /// round); `None` for plaintext itself.
+    rr_p50_added_us: Option<f64>,
     conn_per_s: f64,
     /// Per-side figures are means over the nodes' proxies.
     idle_rss_bytes: Option<f64>,
@@ -727,18 +760,32 @@ struct Medians {
     cpu_seconds_per_gb: Option<f64>,
 }
 
+/// Every column's medians, plaintext (the first) being the baseline.
+fn medians(figures: &[Figures]) -> Vec<Medians> {
+    figures
+        .iter()
+        .map(|f| Medians::of(f, &figures[0]))
+        .collect()
+}
+
 impl Medians {
-    fn of(figures: &Figures) -> Self {
+    fn of(figures: &Figures, plaintext: &Figures) -> Self {
         let mean = |values: Vec<f64>| {
             (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
         };
         Self {
-            bulk1_gbps: median(&figures.bulk1_gbps),
-            bulk16_gbps: median(&figures.bulk16_gbps),
-            rr_p50_us: median(&figures.rr_p50_us),
-            rr_p90_us: median(&figures.rr_p90_us),
-            rr_p99_us: median(&figures.rr_p99_us),
-            conn_per_s: median(&figures.conn_per_s),
+            bulk1_gbps: median_of(&figures.bulk1_gbps),
+            bulk16_gbps: median_of(&figures.bulk16_gbps),
+            rr_p50_us: median_of(&figures.rr_p50_us),
+            rr_p90_us: median_of(&figures.rr_p90_us),
+            rr_p99_us: median_of(&figures.rr_p99_us),
+            rr_p50_added_us: figures.proxied.then(|| {
+                median_of(&per_round_differences(
+                    &figures.rr_p50_us,
+                    &plaintext.rr_p50_us,
+                ))
+            }),
+            conn_per_s: median_of(&figures.conn_per_s),
             idle_rss_bytes: mean(figures.idle_rss_bytes.values().map(|&b| b as f64).collect()),
             idle_anon_rss_bytes: mean(
                 figures
@@ -753,30 +800,46 @@ impl Medians {
         }
     }
 
-    fn raw(&self, figures: &Figures) -> Value {
-        json!({
-            "throughput_gbps": self.bulk1_gbps,
-            "throughput_16_gbps": self.bulk16_gbps,
-            "rr_p50_us": self.rr_p50_us,
-            "rr_p90_us": self.rr_p90_us,
-            "rr_p99_us": self.rr_p99_us,
-            "conn_per_s": self.conn_per_s,
+    /// The figures compared between columns, under their JSON keys.
+    fn figures(&self) -> [(&'static str, Option<f64>); 11] {
+        [
+            ("throughput_gbps", Some(self.bulk1_gbps)),
+            ("throughput_16_gbps", Some(self.bulk16_gbps)),
+            ("rr_p50_us", Some(self.rr_p50_us)),
+            ("rr_p90_us", Some(self.rr_p90_us)),
+            ("rr_p99_us", Some(self.rr_p99_us)),
+            ("rr_p50_added_us", self.rr_p50_added_us),
+            ("conn_per_s", Some(self.conn_per_s)),
+            ("idle_rss_bytes", self.idle_rss_bytes),
+            ("idle_anon_rss_bytes", self.idle_anon_rss_bytes),
+            ("mem_per_conn_bytes", self.mem_per_conn_bytes),
+            ("cpu_seconds_per_gb", self.cpu_seconds_per_gb),
+        ]
+    }
+
+    fn raw(&self, figures: &Figures, plaintext: &Figures) -> Value {
+        let mut raw = json!({
             "conn_errors": figures.conn_errors,
-            "idle_rss_bytes": self.idle_rss_bytes,
             "idle_rss_bytes_by_node": figures.idle_rss_bytes,
-            "idle_anon_rss_bytes": self.idle_anon_rss_bytes,
-            "mem_per_conn_bytes": self.mem_per_conn_bytes,
             "mem_per_conn_bytes_by_node": figures.rss_per_conn_bytes,
-            "cpu_seconds_per_gb": self.cpu_seconds_per_gb,
             "failures": figures.failures,
             "samples": {
                 "throughput_gbps": figures.bulk1_gbps,
                 "throughput_16_gbps": figures.bulk16_gbps,
                 "rr_p50_us": figures.rr_p50_us,
+                "rr_p50_added_us": figures.proxied.then(|| {
+                    per_round_differences(&figures.rr_p50_us, &plaintext.rr_p50_us)
+                }),
                 "rr_p99_us": figures.rr_p99_us,
                 "conn_per_s": figures.conn_per_s,
             },
-        })
+        });
+        let object = raw.as_object_mut().expect("an object");
+        for (key, value) in self.figures() {
+            // NaN (not measured) becomes null.
+            object.insert(key.into(), json!(value));
+        }
+        raw
     }
 
     /// This column ÷ plaintext.
@@ -798,6 +861,16 @@ impl Medians {
         }
         ratios
     }
+
+    /// Every figure of this column ÷ the peer's, under the figure's key:
+    /// above 1 is better for throughput and conn/s, below 1 for the others.
+    fn vs_peer(&self, peer: &Medians) -> Map<String, Value> {
+        self.figures()
+            .into_iter()
+            .zip(peer.figures())
+            .map(|((key, value), (_, base))| (key.to_owned(), json!(quotient(value, base))))
+            .collect()
+    }
 }
 
 /// The JSON object: the first sealmesh column's ratios and memory at the top
@@ -809,21 +882,27 @@ fn summarise(
     profile: &str,
     kubernetes: bool,
 ) -> Value {
-    let medians: Vec<Medians> = figures.iter().map(Medians::of).collect();
+    let medians = medians(figures);
     let plaintext = &medians[0];
+    let peer = names.iter().position(|n| *n == PEER).map(|i| &medians[i]);
     let mut columns = Map::new();
     for ((name, m), f) in names.iter().zip(&medians).zip(figures) {
-        let mut column = m.raw(f);
-        if *name != "plaintext" {
-            column
-                .as_object_mut()
-                .expect("raw() is an object")
-                .extend(m.ratios(plaintext));
+        let mut column = m.raw(f, &figures[0]);
+        if *name != PLAINTEXT {
+            let column = column.as_object_mut().expect("raw() is an object");
+            column.extend(m.ratios(plaintext));
+            if let Some(peer) = peer.filter(|_| *name != PEER) {
+                column.insert("vs_peer".into(), Value::Object(m.vs_peer(peer)));
+            }
         }
         columns.insert((*name).to_owned(), column);
     }
     let sealmesh = &medians[1];
     let mut summary = sealmesh.ratios(plaintext);
+    summary.insert("rr_p50_added_us".into(), json!(sealmesh.rr_p50_added_us));
+    if let Some(peer) = peer {
+        summary.insert("vs_peer".into(), Value::Object(sealmesh.vs_peer(peer)));
+    }
     summary.insert(
         "mem_per_conn_bytes".into(),
         json!(sealmesh.mem_per_conn_bytes),
@@ -858,15 +937,20 @@ fn summarise(
     Value::Object(summary)
 }
 
-/// The human table: every column, and each non-plaintext column's ratio.
+/// The human table: every column, each non-plaintext column's ratio to
+/// plaintext and, with a peer, each sealmesh column's ratio to the peer.
 fn table(names: &[&str], figures: &[Figures]) -> String {
-    let medians: Vec<Medians> = figures.iter().map(Medians::of).collect();
+    let medians = medians(figures);
     let plaintext = &medians[0];
+    let peer = names.iter().position(|n| *n == PEER);
+    // The column's index, when it has a "vs peer" column beside it.
+    let beside_peer = |i: usize| peer.filter(|&p| i > 0 && i != p);
     type Pick = fn(&Medians) -> Option<f64>;
-    let rows: [(&str, Pick, bool, &str); 10] = [
+    let rows: [(&str, Pick, bool, &str); 11] = [
         ("1-stream Gbit/s", |m| Some(m.bulk1_gbps), true, ">= 0.32x"),
         ("16-stream Gbit/s", |m| Some(m.bulk16_gbps), true, ""),
         ("64 B rr p50 us", |m| Some(m.rr_p50_us), true, "<= 2.0x"),
+        ("  p50 added us", |m| m.rr_p50_added_us, false, ""),
         ("64 B rr p90 us", |m| Some(m.rr_p90_us), true, ""),
         ("64 B rr p99 us", |m| Some(m.rr_p99_us), true, "<= 2.5x"),
         ("new conn/s", |m| Some(m.conn_per_s), true, ">= 0.7x"),
@@ -890,11 +974,20 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
         ),
         ("proxy CPU s/GB", |m| m.cpu_seconds_per_gb, false, ""),
     ];
+    let ratio_cell = |out: &mut String, ratio: Option<f64>| {
+        let _ = match ratio {
+            Some(ratio) => write!(out, " {ratio:>6.2}x"),
+            None => write!(out, " {:>7}", ""),
+        };
+    };
     let mut out = format!("{:<20}", "metric");
     for (i, name) in names.iter().enumerate() {
         let _ = write!(out, " {name:>12}");
         if i > 0 {
             let _ = write!(out, " {:>7}", "ratio");
+        }
+        if beside_peer(i).is_some() {
+            let _ = write!(out, " {:>7}", "vs peer");
         }
     }
     let _ = writeln!(out, "  target ({})", names.get(1).unwrap_or(&""));
@@ -910,17 +1003,20 @@ fn table(names: &[&str], figures: &[Figures]) -> String {
                 }
             }
             if i > 0 {
-                match (has_ratio, pick(m), pick(plaintext)) {
-                    (true, Some(v), Some(base)) if (v / base).is_finite() => {
-                        let _ = write!(out, " {:>6.2}x", v / base);
-                    }
-                    _ => {
-                        let _ = write!(out, " {:>7}", "");
-                    }
-                }
+                let ratio = has_ratio.then(|| quotient(pick(m), pick(plaintext)));
+                ratio_cell(&mut out, ratio.flatten());
+            }
+            if let Some(p) = beside_peer(i) {
+                ratio_cell(&mut out, quotient(pick(m), pick(&medians[p])));
             }
         }
         let _ = writeln!(out, "  {target}");
+    }
+    if peer.is_some() {
+        let _ = writeln!(
+            out,
+            "vs peer: the column's figure / the peer's; higher is better for Gbit/s and conn/s, lower for the others"
+        );
     }
     for (name, f) in names.iter().zip(figures) {
         if f.conn_errors > 0 {
@@ -1051,6 +1147,132 @@ mod tests {
         assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
         assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn added_latency_is_the_median_of_per_round_differences() {
+        // The baseline jumps between rounds; the per-round differences do not.
+        let plaintext = [Some(22.0), Some(57.0), Some(30.0), Some(40.0)];
+        let sealmesh = [Some(150.0), Some(180.0), Some(160.0), None];
+        let added = per_round_differences(&sealmesh, &plaintext);
+        assert_eq!(added, [Some(128.0), Some(123.0), Some(130.0), None]);
+        assert_eq!(median_of(&added), 128.0);
+        // Not the difference of the medians (160 - 35 = 125).
+        assert_eq!(median_of(&sealmesh) - median_of(&plaintext), 125.0);
+        assert_eq!(
+            per_round_differences(&[Some(1.0)], &[None]),
+            [None],
+            "a failed baseline round pairs with nothing"
+        );
+        assert!(median_of(&[None, None]).is_nan());
+    }
+
+    #[test]
+    fn quotients_are_finite_or_none() {
+        assert_eq!(quotient(Some(3.0), Some(4.0)), Some(0.75));
+        assert_eq!(quotient(Some(3.0), Some(0.0)), None);
+        assert_eq!(quotient(Some(f64::NAN), Some(4.0)), None);
+        assert_eq!(quotient(None, Some(4.0)), None);
+        assert_eq!(quotient(Some(3.0), None), None);
+    }
+
+    /// Figures of a column measured in two rounds (connrate failing in the
+    /// second), with memory and CPU for proxied ones.
+    fn two_rounds(proxied: bool, rr_p50_us: [f64; 2], gbps: f64, rss: u64) -> Figures {
+        let mut figures = Figures {
+            proxied,
+            bulk1_gbps: vec![Some(gbps); 2],
+            rr_p50_us: rr_p50_us.map(Some).to_vec(),
+            conn_per_s: vec![Some(gbps * 100.0), None],
+            ..Figures::default()
+        };
+        if proxied {
+            figures.bulk_bytes = 4_000_000_000;
+            figures.proxy_cpu_seconds = 10.0;
+            for node in ["node-0", "node-1"] {
+                figures.idle_rss_bytes.insert(node.into(), rss);
+                figures
+                    .rss_per_conn_bytes
+                    .insert(node.into(), rss as f64 / 4096.0);
+            }
+        }
+        figures
+    }
+
+    #[test]
+    fn summary_pairs_rounds_with_plaintext_and_divides_by_the_peer() {
+        let names = [PLAINTEXT, "sealmesh", PEER];
+        let figures = [
+            two_rounds(false, [22.0, 57.0], 20.0, 0),
+            two_rounds(true, [150.0, 190.0], 5.0, 8 << 20),
+            two_rounds(true, [200.0, 250.0], 4.0, 16 << 20),
+        ];
+        let plan = Plan::new(true);
+        let summary = summarise(&names, &figures, &plan, "debug", false);
+        let columns = &summary["columns"];
+        // (150 - 22, 190 - 57) = (128, 133): median 130.5.
+        assert_eq!(columns["sealmesh"]["rr_p50_added_us"], 130.5);
+        assert_eq!(
+            columns["sealmesh"]["samples"]["rr_p50_added_us"],
+            json!([128.0, 133.0])
+        );
+        // (178, 193): median 185.5.
+        assert_eq!(columns[PEER]["rr_p50_added_us"], 185.5);
+        assert!(columns[PLAINTEXT]["rr_p50_added_us"].is_null());
+        assert!(columns[PLAINTEXT]["samples"]["rr_p50_added_us"].is_null());
+        assert_eq!(summary["rr_p50_added_us"], 130.5);
+        // A failed round is null in the samples and left out of the median.
+        assert_eq!(
+            columns["sealmesh"]["samples"]["conn_per_s"],
+            json!([500.0, null])
+        );
+        assert_eq!(columns["sealmesh"]["conn_per_s"], 500.0);
+
+        let vs_peer = &columns["sealmesh"]["vs_peer"];
+        assert_eq!(vs_peer, &summary["vs_peer"]);
+        assert_eq!(
+            vs_peer,
+            &json!({
+                "throughput_gbps": 5.0 / 4.0,
+                "throughput_16_gbps": null,
+                "rr_p50_us": 170.0 / 225.0,
+                "rr_p90_us": null,
+                "rr_p99_us": null,
+                "rr_p50_added_us": 130.5 / 185.5,
+                "conn_per_s": 500.0 / 400.0,
+                "idle_rss_bytes": 0.5,
+                "idle_anon_rss_bytes": null,
+                "mem_per_conn_bytes": 0.5,
+                // The same CPU time over the same bytes.
+                "cpu_seconds_per_gb": 1.0,
+            })
+        );
+        assert!(columns[PEER].get("vs_peer").is_none());
+        assert!(columns[PLAINTEXT].get("vs_peer").is_none());
+
+        let without_peer = summarise(&names[..2], &figures[..2], &plan, "debug", false);
+        assert!(without_peer.get("vs_peer").is_none());
+        assert!(without_peer["columns"]["sealmesh"].get("vs_peer").is_none());
+
+        let table = table(&names, &figures);
+        let lines: Vec<&str> = table.lines().collect();
+        assert!(
+            lines[0].contains("  ratio vs peer         peer   ratio  target"),
+            "{table}"
+        );
+        let added = lines
+            .iter()
+            .find(|l| l.starts_with("  p50 added us"))
+            .unwrap();
+        assert_eq!(
+            added.split_whitespace().collect::<Vec<_>>(),
+            ["p50", "added", "us", "-", "130.50", "0.70x", "185.50"],
+            "{table}"
+        );
+        assert!(
+            table.contains("vs peer: the column's figure / the peer's"),
+            "{table}"
+        );
     }
 
     #[test]
