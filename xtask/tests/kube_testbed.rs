@@ -552,6 +552,30 @@ enum NamespaceController {
     Absent,
 }
 
+/// `NAMESPACE/NAME` of every `K` the server still stores in `namespaces`.
+async fn left_in<K>(client: &Client, namespaces: &[&str]) -> Vec<String>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    Api::<K>::all(client.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|o| {
+            let namespace = o.namespace()?;
+            namespaces
+                .contains(&namespace.as_str())
+                .then(|| format!("{namespace}/{}", o.name_any()))
+        })
+        .collect()
+}
+
 fn external_server_round_trip(controller: NamespaceController) {
     // The fake server stands in for an external one: reached only through
     // its kubeconfig, as a real kube-apiserver would be.
@@ -670,31 +694,16 @@ fn external_server_round_trip(controller: NamespaceController) {
         assert_eq!(left, Vec::<String>::new(), "RBAC removed");
         // Nothing is left in storage under the namespaces' names, so a
         // namespace created again with one of them starts empty.
-        let in_testbed_namespaces = |namespace: Option<String>| {
-            namespace.is_some_and(|ns| testbed_namespaces.contains(&ns.as_str()))
-        };
-        let config_maps: Api<ConfigMap> = Api::all(client.clone());
-        let orphans: Vec<String> = config_maps
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter(|o| in_testbed_namespaces(o.namespace()))
-            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
-            .collect();
-        assert_eq!(orphans, Vec::<String>::new(), "ConfigMaps left behind");
-        let accounts: Api<ServiceAccount> = Api::all(client.clone());
-        let orphans: Vec<String> = accounts
-            .list(&ListParams::default())
-            .await
-            .unwrap()
-            .items
-            .into_iter()
-            .filter(|o| in_testbed_namespaces(o.namespace()))
-            .map(|o| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any()))
-            .collect();
-        assert_eq!(orphans, Vec::<String>::new(), "ServiceAccounts left behind");
+        assert_eq!(
+            left_in::<ConfigMap>(&client, &testbed_namespaces).await,
+            Vec::<String>::new(),
+            "ConfigMaps left behind"
+        );
+        assert_eq!(
+            left_in::<ServiceAccount>(&client, &testbed_namespaces).await,
+            Vec::<String>::new(),
+            "ServiceAccounts left behind"
+        );
     });
 }
 

@@ -593,23 +593,36 @@ impl Store {
         if updated == current {
             return Ok(current);
         }
+        Ok(self.store_modified(resource_id, &namespace, name, updated, current))
+    }
+
+    /// Stores a changed object under a new resourceVersion and records the
+    /// MODIFIED event.
+    fn store_modified(
+        &mut self,
+        resource_id: ResourceId,
+        namespace: &str,
+        name: &str,
+        mut updated: Value,
+        current: Value,
+    ) -> Value {
         self.resource_version += 1;
         metadata_mut(&mut updated).insert(
             "resourceVersion".to_string(),
             json!(self.resource_version.to_string()),
         );
         self.objects.insert(
-            (resource_id, namespace.clone(), name.to_string()),
+            (resource_id, namespace.to_string(), name.to_string()),
             updated.clone(),
         );
         self.record(
             resource_id,
-            &namespace,
+            namespace,
             EventType::Modified,
             updated.clone(),
             Some(current),
         );
-        Ok(updated)
+        updated
     }
 
     pub fn delete(
@@ -691,26 +704,9 @@ impl Store {
             return current;
         }
         let mut updated = current.clone();
-        self.resource_version += 1;
-        let metadata = metadata_mut(&mut updated);
-        metadata.insert("deletionTimestamp".to_string(), json!(now_timestamp()));
-        metadata.insert(
-            "resourceVersion".to_string(),
-            json!(self.resource_version.to_string()),
-        );
+        metadata_mut(&mut updated).insert("deletionTimestamp".to_string(), json!(now_timestamp()));
         updated["status"]["phase"] = json!("Terminating");
-        self.objects.insert(
-            (resource_id, String::new(), name.to_string()),
-            updated.clone(),
-        );
-        self.record(
-            resource_id,
-            "",
-            EventType::Modified,
-            updated.clone(),
-            Some(current),
-        );
-        updated
+        self.store_modified(resource_id, "", name, updated, current)
     }
 
     /// `PUT namespaces/NAME/finalize`: sets the namespace's spec.finalizers;
@@ -733,23 +729,7 @@ impl Store {
         if updated == current {
             return Ok(current);
         }
-        self.resource_version += 1;
-        metadata_mut(&mut updated).insert(
-            "resourceVersion".to_string(),
-            json!(self.resource_version.to_string()),
-        );
-        self.objects.insert(
-            (namespaces, String::new(), name.to_string()),
-            updated.clone(),
-        );
-        self.record(
-            namespaces,
-            "",
-            EventType::Modified,
-            updated.clone(),
-            Some(current),
-        );
-        Ok(updated)
+        Ok(self.store_modified(namespaces, "", name, updated, current))
     }
 
     fn remove(&mut self, resource_id: ResourceId, namespace: &str, name: &str) -> Value {
