@@ -31,22 +31,57 @@ pub fn not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
 }
 
 /// TLS 1.3 suites in the order the agent offers them (a rustls server
-/// follows the client's order). AES-128-GCM first, the suite every TLS 1.3
-/// implementation must support: ring's default offers AES-256-GCM first,
-/// whose 14 rounds cost more per byte on the data path.
-const CIPHER_SUITES: [rustls::SupportedCipherSuite; 3] = [
-    rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
-    rustls::crypto::ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
-    rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-];
+/// follows the client's order), for a CPU with or without AES instructions.
+/// With them, AES-128-GCM first, the suite every TLS 1.3 implementation must
+/// support: ring's default offers AES-256-GCM first, whose 14 rounds cost
+/// more per byte on the data path. Without them (small ARM cores, some
+/// virtual CPUs), ChaCha20-Poly1305 first: constant-time AES in software is
+/// several times slower than ChaCha20.
+fn cipher_suites(aes_in_hardware: bool) -> [rustls::SupportedCipherSuite; 3] {
+    use rustls::crypto::ring::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    if aes_in_hardware {
+        [
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    } else {
+        [
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+        ]
+    }
+}
 
-/// The one crypto provider the agent uses (ring, like the rest of sealmesh).
+/// Whether this CPU has the instructions ring's AES-GCM uses in hardware.
+pub fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// The one crypto provider the agent uses (ring, like the rest of sealmesh),
+/// its suites ordered for this CPU.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| {
             Arc::new(CryptoProvider {
-                cipher_suites: CIPHER_SUITES.to_vec(),
+                cipher_suites: cipher_suites(aes_in_hardware()).to_vec(),
                 ..rustls::crypto::ring::default_provider()
             })
         })
@@ -154,7 +189,28 @@ mod tests {
     }
 
     #[test]
-    fn hbone_handshakes_negotiate_aes_128_gcm() {
+    fn suites_are_ordered_for_the_cpu() {
+        let names = |aes| cipher_suites(aes).map(|s| s.suite());
+        assert_eq!(
+            names(true),
+            [
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+                rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+            ]
+        );
+        assert_eq!(
+            names(false),
+            [
+                rustls::CipherSuite::TLS13_CHACHA20_POLY1305_SHA256,
+                rustls::CipherSuite::TLS13_AES_128_GCM_SHA256,
+                rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+            ]
+        );
+    }
+
+    #[test]
+    fn hbone_handshakes_negotiate_the_cpus_first_suite() {
         let td = TrustDomain::default();
         let root_key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::default();
@@ -189,7 +245,7 @@ mod tests {
         ] {
             assert_eq!(
                 suite.map(|s| s.suite()),
-                Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+                Some(cipher_suites(aes_in_hardware())[0].suite())
             );
         }
         assert_eq!(
