@@ -732,6 +732,18 @@ fn tap_follows_an_agent_through_its_restart() {
         asked.elapsed()
     );
     assert!(tap.child_mut().try_wait().unwrap().is_none(), "tap exited");
+    // A connection tried meanwhile fails (closed, never in clear): node-0's
+    // agent records it as refused beside the pair's mTLS connections.
+    let testbed = app.mesh.testbed();
+    let refused = client_in_pod(
+        testbed,
+        APP_NS,
+        "client",
+        echo_addr(testbed, APP_NS, "server"),
+        "hi",
+        &[],
+    );
+    assert!(!refused.status.success(), "{}", describe(&refused));
 
     // A new agent (as a DaemonSet restarts it): tap is back on that node
     // and shows its new connections, mTLS as before.
@@ -750,6 +762,24 @@ fn tap_follows_an_agent_through_its_restart() {
         )),
         "{inbound}"
     );
+
+    // The pair was mTLS whenever it carried bytes: the refusal during the
+    // outage does not make edges call it unsecured.
+    let out = app.sealmesh(&["edges", "-n", APP_NS, "-o", "json"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    let rows: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let pair = rows
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["src"] == "client" && r["dst"] == "server")
+        .unwrap_or_else(|| panic!("no client -> server edge: {rows}"));
+    assert_eq!(
+        (&pair["secured"], &pair["tls"], &pair["no_tls_reason"]),
+        (&Value::Bool(true), &Value::Bool(true), &Value::from("")),
+        "{pair}"
+    );
+    assert!(pair["refused_total"].as_u64() >= Some(1), "{pair}");
 
     tap.kill();
     // One note per outage and per return, nothing about the other node.
