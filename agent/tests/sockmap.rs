@@ -268,8 +268,9 @@ fn connections_of_a_replaced_agent_stay_accelerated() {
 
 /// Why `--sockmap-acceleration` defaults to off: on Linux 6.18, `tcp_bpf_recvmsg` (the receive
 /// path of a socket in a sockhash) waits once and returns EAGAIN when woken without data — here
-/// by the same socket's writer thread — so a blocking reader sees "Resource temporarily
-/// unavailable". Run with `--ignored` to check a new kernel.
+/// by the writer thread's `shutdown(SHUT_WR)`, which wakes the socket's waiters — so a blocking
+/// reader sees "Resource temporarily unavailable" (docs/PERFORMANCE.md, Experiments). Run with
+/// `--ignored` to check a new kernel.
 #[test]
 #[ignore = "fails on Linux 6.18: blocking reads of sockhash sockets return EAGAIN on a wakeup without data"]
 fn blocking_readers_get_their_bytes_with_acceleration() {
