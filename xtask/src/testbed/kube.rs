@@ -1532,13 +1532,14 @@ impl KubeCluster {
             }
             tokio::time::sleep(NAMESPACE_POLL).await;
         }
+        let kinds = self.deletable_namespaced_kinds().await;
         for mut stored in pending {
             let namespace = stored.name_any();
             tracing::info!(
                 namespace,
                 "no namespace controller removed the testbed namespace: emptying and finalizing it"
             );
-            self.empty_namespace(&namespace).await;
+            self.empty_namespace(&namespace, &kinds).await;
             if let Some(spec) = stored.spec.as_mut() {
                 spec.finalizers = Some(Vec::new());
             }
@@ -1551,37 +1552,43 @@ impl KubeCluster {
         }
     }
 
-    /// Deletes every object of every namespaced kind the server can list and
-    /// delete by collection, as the namespace controller does.
-    async fn empty_namespace(&self, namespace: &str) {
+    /// Every namespaced kind the server can delete by collection, as the
+    /// namespace controller empties a namespace of.
+    async fn deletable_namespaced_kinds(&self) -> Vec<ApiResource> {
         let discovery = match discovery::Discovery::new(self.client.clone()).run().await {
             Ok(discovery) => discovery,
             Err(e) => {
-                tracing::warn!(namespace, error = %e, "cannot discover the server's kinds to empty the namespace");
-                return;
+                tracing::warn!(error = %e, "cannot discover the server's kinds to empty the testbed namespaces");
+                return Vec::new();
             }
         };
-        for group in discovery.groups() {
-            for (resource, capabilities) in group.recommended_resources() {
-                if capabilities.scope != Scope::Namespaced
-                    || !capabilities.supports_operation(discovery::verbs::DELETE_COLLECTION)
-                {
-                    continue;
-                }
-                let api: Api<DynamicObject> =
-                    Api::namespaced_with(self.client.clone(), namespace, &resource);
-                match api
-                    .delete_collection(
-                        &DeleteParams::default().grace_period(0),
-                        &ListParams::default(),
-                    )
-                    .await
-                {
-                    Ok(_) => {}
-                    Err(e) if matches!(status_code(&e), Some(404 | 405)) => {}
-                    Err(e) => {
-                        tracing::warn!(namespace, kind = %resource.kind, error = %e, "cannot empty the testbed namespace");
-                    }
+        discovery
+            .groups()
+            .flat_map(|group| group.recommended_resources())
+            .filter(|(_, capabilities)| {
+                capabilities.scope == Scope::Namespaced
+                    && capabilities.supports_operation(discovery::verbs::DELETE_COLLECTION)
+            })
+            .map(|(resource, _)| resource)
+            .collect()
+    }
+
+    /// Deletes every object of `kinds` in `namespace`.
+    async fn empty_namespace(&self, namespace: &str, kinds: &[ApiResource]) {
+        for resource in kinds {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(self.client.clone(), namespace, resource);
+            match api
+                .delete_collection(
+                    &DeleteParams::default().grace_period(0),
+                    &ListParams::default(),
+                )
+                .await
+            {
+                Ok(_) => {}
+                Err(e) if matches!(status_code(&e), Some(404 | 405)) => {}
+                Err(e) => {
+                    tracing::warn!(namespace, kind = %resource.kind, error = %e, "cannot empty the testbed namespace");
                 }
             }
         }
