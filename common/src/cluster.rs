@@ -17,6 +17,8 @@
 //! services:
 //!   - { name: web-svc, namespace: emojivoto, vip: 10.96.0.10, ports: [{ port: 80, targetPort: 8080 }], selector: { app: web } }
 //! serviceCidr: 10.96.0.0/16
+//! authorizationPolicies:
+//!   - { name: web-from-frontend, namespace: emojivoto, spec: { selector: { matchLabels: { app: web } }, rules: [{ from: [{ source: { principals: [cluster.local/ns/emojivoto/sa/frontend] } }] }] } }
 //! ```
 
 use std::{
@@ -29,6 +31,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    authz::{self, AuthorizationPolicy},
     consts::{
         DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN, INBOUND_POLICY_ANNOTATION, MESH_LABEL,
         MESH_OPT_OUT_ANNOTATION,
@@ -93,6 +96,10 @@ pub struct ClusterFile {
     /// `--service-cluster-ip-range`); absent in files written before it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_cidr: Option<Ipv4Net>,
+    /// Who may connect to whom (`crate::authz`), as the cluster's
+    /// `AuthorizationPolicy` objects would say.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub authorization_policies: Vec<AuthorizationPolicy>,
 }
 
 fn default_trust_domain() -> String {
@@ -208,6 +215,7 @@ impl ClusterFile {
             pods: Vec::new(),
             services: Vec::new(),
             service_cidr: None,
+            authorization_policies: Vec::new(),
         }
     }
 
@@ -464,6 +472,21 @@ impl ClusterFile {
                 return Err(invalid(format!("{what}: selector must not be empty")));
             }
         }
+
+        let mut policies = HashSet::new();
+        for policy in &self.authorization_policies {
+            let what = format!("authorizationPolicy {}/{}", policy.namespace, policy.name);
+            declared(&what, &policy.namespace)?;
+            identity::check_service_account_name(&policy.name).map_err(|_| {
+                invalid(format!(
+                    "{what}: name must be a lowercase RFC 1123 subdomain"
+                ))
+            })?;
+            if !policies.insert((policy.namespace.as_str(), policy.name.as_str())) {
+                return Err(invalid(format!("{what}: duplicate policy")));
+            }
+            authz::validate(&policy.spec).map_err(|e| invalid(format!("{what}: spec.{e}")))?;
+        }
         Ok(())
     }
 }
@@ -501,6 +524,8 @@ pods:
   - { name: curl, namespace: plain, serviceAccount: default, ip: 10.244.1.3, node: node-1, cgroup: /sys/fs/cgroup/x/node-1/curl }
 services:
   - { name: web-svc, namespace: emojivoto, vip: 10.96.0.10, ports: [{ port: 80, targetPort: 8080 }], selector: { app: web } }
+authorizationPolicies:
+  - { name: web-allow, namespace: emojivoto, annotations: { sealmesh.io/dry-run: "true" }, spec: { selector: { matchLabels: { app: web } }, rules: [{ from: [{ source: { namespaces: [emojivoto] } }], to: [{ operation: { ports: [8080] } }] }] } }
 "#;
 
     #[test]
@@ -632,6 +657,21 @@ services:
                 "ip: 172.18.0.2,",
                 "ip: 999.1.1.1,",
                 "invalid IPv4 address syntax",
+            ),
+            (
+                "ports: [8080] }",
+                "ports: [80800] }",
+                "authorizationPolicy emojivoto/web-allow: spec.rules[0].to[0].operation.ports[0]: \"80800\" is not a port",
+            ),
+            (
+                "name: web-allow, namespace: emojivoto",
+                "name: web-allow, namespace: nowhere",
+                "authorizationPolicy nowhere/web-allow: namespace \"nowhere\" is not listed",
+            ),
+            (
+                "operation: { ports:",
+                "operation: { methods: [GET], ports:",
+                "unknown field `methods`",
             ),
         ];
         for (from, to, expected) in cases {

@@ -19,7 +19,7 @@ use crate::consts::{
     kube::{CLUSTER_DNS_DOMAIN, IDENTITY_NAME},
 };
 
-const SPIFFE_SCHEME: &str = "spiffe://";
+pub const SPIFFE_SCHEME: &str = "spiffe://";
 const DNS_SERVICEACCOUNT_LABEL: &str = "serviceaccount.identity";
 /// Longest DNS name (RFC 1035, as TLS server names and DNS SANs are checked).
 const MAX_DNS_NAME: usize = 253;

@@ -2,6 +2,7 @@
 //! cluster-file schema, identity names, and well-known ports and labels.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod backoff;
 pub mod cluster;
 pub mod consts;
