@@ -870,6 +870,7 @@ mod tests {
             meshed,
             inbound_policy: Default::default(),
             cgroup_id,
+            authz: Default::default(),
         })
     }
 

@@ -20,6 +20,7 @@ use ipnet::Ipv4Net;
 
 use crate::{config::ServiceName, dir_watch::DirWatcher};
 use sealmesh_common::{
+    authz::{CompiledPolicy, PodPolicies, PolicySet},
     cluster::{ClusterError, ClusterFile},
     file_watch::FileWatch,
     host,
@@ -58,6 +59,10 @@ pub struct Workload {
     pub inbound_policy: InboundPolicyAnnotations,
     /// Some only for pods on this node whose cgroup directory exists.
     pub cgroup_id: Option<u64>,
+    /// The authorization policies selecting this pod (local meshed pods
+    /// only: the agent judges connections to its own pods), compiled when
+    /// pods or policies change.
+    pub authz: PodPolicies,
 }
 
 /// Where a connection to a pod or Service goes: a pod and the address (pod
@@ -93,6 +98,11 @@ pub trait WorkloadRegistry: Send + Sync + 'static {
     }
     /// Ids of the cgroups this node's pods are created in (their direct parents), sorted.
     fn pod_parent_cgroups(&self) -> Vec<u64>;
+    /// Every authorization policy of the cluster, compiled (none for a
+    /// registry that follows no policy source).
+    fn policies(&self) -> Arc<PolicySet> {
+        Arc::default()
+    }
     /// What of the registry's source fails now (e.g. the Kubernetes API's
     /// pod watch), with the error, sorted; empty while it follows its
     /// source. The registry serves its last state meanwhile.
@@ -349,6 +359,10 @@ impl WorkloadRegistry for LocalRegistry {
         self.published.pod_parent_cgroups()
     }
 
+    fn policies(&self) -> Arc<PolicySet> {
+        self.published.policies()
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.published.subscribe()
     }
@@ -375,6 +389,8 @@ pub(crate) struct Snapshot {
     pub(crate) served_outside_pods: HashSet<SocketAddrV4>,
     /// A local pod's cgroup directory did not exist (yet): worth a re-scan.
     pub(crate) missing_cgroups: bool,
+    /// Every authorization policy of the cluster.
+    pub(crate) policies: Arc<PolicySet>,
 }
 
 /// The endpoints of one Service port, each with its own target port (named
@@ -443,6 +459,12 @@ impl Snapshot {
         cluster_networks: &[Ipv4Net],
     ) -> Result<Self, RegistryError> {
         let mut workloads = Vec::with_capacity(file.pods.len());
+        let policies = PolicySet::new(
+            &file.control_namespace,
+            file.authorization_policies
+                .iter()
+                .map(CompiledPolicy::compile),
+        );
         // The node's cgroup is the parent of its pods' cgroups.
         let node_cgroup = file
             .node(local_node)
@@ -465,6 +487,12 @@ impl Snapshot {
             } else {
                 None
             };
+            let meshed = file.is_meshed(pod);
+            let authz = if meshed && pod.node == local_node {
+                policies.for_pod(&pod.namespace, &pod.labels)
+            } else {
+                PodPolicies::default()
+            };
             workloads.push(Arc::new(Workload {
                 name: pod.name.clone(),
                 namespace: pod.namespace.clone(),
@@ -473,15 +501,17 @@ impl Snapshot {
                 ip: Some(pod.ip),
                 node: pod.node.clone(),
                 node_ip: node.ip,
-                meshed: file.is_meshed(pod),
+                meshed,
                 inbound_policy: file.inbound_policy_annotations(pod),
                 cgroup_id,
+                authz,
             }));
         }
         let mut snapshot = Self::with_workloads(workloads, local_node);
         snapshot.missing_cgroups = missing_cgroups;
         snapshot.pod_parents = node_cgroup.and_then(Result::ok).into_iter().collect();
         snapshot.cluster_networks = cluster_networks.to_vec();
+        snapshot.policies = Arc::new(policies);
         for svc in &file.services {
             for port in &svc.ports {
                 let endpoints = file
@@ -581,6 +611,10 @@ impl Published {
 
     pub(crate) fn in_cluster_network(&self, ip: Ipv4Addr) -> bool {
         self.snapshot.load().in_cluster_network(ip)
+    }
+
+    pub(crate) fn policies(&self) -> Arc<PolicySet> {
+        self.snapshot.load().policies.clone()
     }
 
     pub(crate) fn served_outside_pods(&self, dst: SocketAddrV4) -> bool {
@@ -690,6 +724,7 @@ services:
                 meshed: true,
                 inbound_policy: InboundPolicyAnnotations::default(),
                 cgroup_id: Some(fx.cgroup("web-0")),
+                authz: PodPolicies::default(),
             }
         );
         assert!(!reg.by_cgroup(fx.cgroup("db-0")).unwrap().meshed);

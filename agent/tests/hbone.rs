@@ -359,6 +359,7 @@ fn pod(
         meshed,
         inbound_policy: Default::default(),
         cgroup_id: cgroup,
+        authz: Default::default(),
     })
 }
 

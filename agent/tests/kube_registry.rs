@@ -176,6 +176,7 @@ async fn meshed_local_pods_get_their_identity_and_cgroup_once_the_cgroup_exists(
             meshed: true,
             inbound_policy: Default::default(),
             cgroup_id: None,
+            authz: Default::default(),
         }
     );
     let db0 = registry.by_ip(Ipv4Addr::new(10, 244, 1, 3)).unwrap();

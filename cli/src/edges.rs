@@ -318,6 +318,9 @@ mod tests {
             connections_open: 0,
             errors_total: 0,
             refused_total: 0,
+            denied_total: 0,
+            denied_policy: String::new(),
+            dry_run_denied_policy: String::new(),
             last_seen_unix_ms: 1_000,
         }
     }

@@ -233,6 +233,9 @@ fn admin_api_and_metrics_report_a_real_mtls_connection_exactly() {
         connections_open: 0,
         errors_total: 0,
         refused_total: 0,
+        denied_total: 0,
+        denied_policy: String::new(),
+        dry_run_denied_policy: String::new(),
         last_seen_unix_ms: 0,
     };
     let without_time = |mut edges: Vec<pb::Edge>| {

@@ -55,6 +55,13 @@ pub struct EdgeStats {
     pub errors_total: u64,
     /// Of `connections_total`, those refused before they opened.
     pub refused_total: u64,
+    /// Of `refused_total`, those an authorization policy denied, and the
+    /// policy that denied the latest.
+    pub denied_total: u64,
+    pub denied_policy: Option<String>,
+    /// The latest dry-run policy that would have denied one of the pair's
+    /// connections.
+    pub dry_run_denied_policy: Option<String>,
     pub last_seen_ms: u64,
     /// The pods' addresses when last seen, to tell whether they are still
     /// the same pods in the registry.
@@ -156,6 +163,9 @@ impl ConnectionTable {
             connections_open: 0,
             errors_total: 0,
             refused_total: 0,
+            denied_total: 0,
+            denied_policy: None,
+            dry_run_denied_policy: None,
             last_seen_ms: 0,
             src_ip: None,
             dst_ip: None,
@@ -163,6 +173,9 @@ impl ConnectionTable {
         stats.last_seen_ms = e.timestamp_ms;
         stats.src_ip = e.src.as_ref().map(|_| e.src_addr.ip());
         stats.dst_ip = e.dst.as_ref().and(e.dst_addr).map(|a| a.ip());
+        if let Some(dry_run) = e.authz.as_ref().and_then(|a| a.dry_run_denied.as_ref()) {
+            stats.dry_run_denied_policy = Some(dry_run.policy.clone());
+        }
         stats
     }
 }
@@ -193,6 +206,10 @@ impl ConnectionObserver for ConnectionTable {
             // Refused: it never opened, so it is counted here.
             stats.connections_total += 1;
             stats.refused_total += 1;
+            if let Some(denied) = event.authz.as_ref().and_then(|a| a.denied.as_ref()) {
+                stats.denied_total += 1;
+                stats.denied_policy = Some(denied.policy.clone());
+            }
         }
         if event.error.is_some() {
             stats.errors_total += 1;

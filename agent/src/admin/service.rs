@@ -295,6 +295,28 @@ fn event_to_proto(e: &ConnectionEvent, node: &str) -> pb::ConnectionEvent {
             .refused_reason
             .map(|r| r.as_str().to_owned())
             .unwrap_or_default(),
+        denied_policy: e
+            .authz
+            .as_ref()
+            .and_then(|a| a.denied.as_ref())
+            .map(|d| d.policy.clone())
+            .unwrap_or_default(),
+        denied_rule: e
+            .authz
+            .as_ref()
+            .and_then(|a| a.denied.as_ref())
+            .and_then(|d| d.rule),
+        dry_run_denied_policy: e
+            .authz
+            .as_ref()
+            .and_then(|a| a.dry_run_denied.as_ref())
+            .map(|d| d.policy.clone())
+            .unwrap_or_default(),
+        dry_run_denied_rule: e
+            .authz
+            .as_ref()
+            .and_then(|a| a.dry_run_denied.as_ref())
+            .and_then(|d| d.rule),
     }
 }
 
@@ -314,6 +336,9 @@ fn edge_to_proto(key: EdgeKey, stats: &EdgeStats) -> pb::Edge {
         connections_open: stats.connections_open,
         errors_total: stats.errors_total,
         refused_total: stats.refused_total,
+        denied_total: stats.denied_total,
+        denied_policy: stats.denied_policy.clone().unwrap_or_default(),
+        dry_run_denied_policy: stats.dry_run_denied_policy.clone().unwrap_or_default(),
         last_seen_unix_ms: i64::try_from(stats.last_seen_ms).unwrap_or(i64::MAX),
     }
 }

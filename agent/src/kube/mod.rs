@@ -735,6 +735,10 @@ impl WorkloadRegistry for KubeRegistry {
         self.shared.published.pod_parent_cgroups()
     }
 
+    fn policies(&self) -> Arc<sealmesh_common::authz::PolicySet> {
+        self.shared.published.policies()
+    }
+
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.published.subscribe()
     }

@@ -136,6 +136,7 @@ pub(super) fn build(
                 namespace_policies.get(pod.namespace).copied(),
             ),
             cgroup_id,
+            authz: Default::default(),
         }));
     }
     // Deterministic order: local workloads and endpoint lists compare equal

@@ -17,7 +17,10 @@ use std::{
 };
 
 use arc_swap::ArcSwap;
-use sealmesh_common::consts::ACCESS_LOG_TARGET;
+use sealmesh_common::{
+    authz::{Decider, Verdict},
+    consts::ACCESS_LOG_TARGET,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
@@ -108,6 +111,11 @@ pub enum RefusalReason {
     /// Connecting to the destination pod timed out (outbound: also the
     /// peer's 504).
     TargetTimeout,
+    /// An authorization policy of the destination pod denies the source
+    /// (inbound, outbound same-node, the kernel for plaintext; outbound
+    /// HBONE: the peer answered 403 naming a policy). The event's `authz`
+    /// names the policy and rule.
+    PolicyDenied,
     /// The agent stopped handling the connection before it opened (cut at
     /// shutdown).
     Aborted,
@@ -116,7 +124,7 @@ pub enum RefusalReason {
 impl RefusalReason {
     /// Every reason, for the tests that check their values.
     #[cfg(test)]
-    pub(crate) const ALL: [Self; 21] = [
+    pub(crate) const ALL: [Self; 22] = [
         Self::UnknownSource,
         Self::UnknownDestination,
         Self::PlaintextDenied,
@@ -137,6 +145,7 @@ impl RefusalReason {
         Self::TargetUnreachable,
         Self::TargetRefused,
         Self::TargetTimeout,
+        Self::PolicyDenied,
         Self::Aborted,
     ];
 
@@ -162,6 +171,7 @@ impl RefusalReason {
             Self::TargetUnreachable => "target_unreachable",
             Self::TargetRefused => "target_refused",
             Self::TargetTimeout => "target_timeout",
+            Self::PolicyDenied => "policy_denied",
             Self::Aborted => "aborted",
         }
     }
@@ -253,6 +263,61 @@ pub struct ConnectionEvent {
     /// Set exactly when the connection was refused before it opened: on
     /// `Refused` events and on the close of a connection that never opened.
     pub refused_reason: Option<RefusalReason>,
+    /// What the destination's authorization policies said, when there is
+    /// something to say: a denial, or a dry-run policy that would deny.
+    /// Boxed: most connections have nothing here.
+    pub authz: Option<Box<AuthzNote>>,
+}
+
+/// A policy (`<namespace>/<name>`) and the index of its rule that decided
+/// (None: the policy as a whole, e.g. an ALLOW policy none of whose rules
+/// matched).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRule {
+    pub policy: String,
+    pub rule: Option<u32>,
+}
+
+impl PolicyRule {
+    fn of(decider: &Decider) -> Self {
+        Self {
+            policy: decider.policy.name.to_string(),
+            rule: decider.rule.and_then(|rule| u32::try_from(rule).ok()),
+        }
+    }
+}
+
+impl std::fmt::Display for PolicyRule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.policy)?;
+        match self.rule {
+            Some(rule) => write!(f, " rule {rule}"),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The authorization outcome worth reporting for one connection.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthzNote {
+    /// The enforced policy that denied the connection.
+    pub denied: Option<PolicyRule>,
+    /// A dry-run policy that would have denied the (allowed) connection.
+    pub dry_run_denied: Option<PolicyRule>,
+}
+
+impl AuthzNote {
+    /// None when the verdict allows and no dry-run policy objects.
+    pub fn of(verdict: &Verdict) -> Option<Box<Self>> {
+        let denied = verdict.denied_by().map(PolicyRule::of);
+        let dry_run_denied = verdict.dry_run_denial.as_ref().map(PolicyRule::of);
+        (denied.is_some() || dry_run_denied.is_some()).then(|| {
+            Box::new(Self {
+                denied,
+                dry_run_denied,
+            })
+        })
+    }
 }
 
 impl ConnectionEvent {
@@ -276,6 +341,7 @@ impl ConnectionEvent {
             duration_ms: 0,
             error: None,
             refused_reason: None,
+            authz: None,
         }
     }
 }
@@ -451,6 +517,8 @@ fn access_log(e: &ConnectionEvent, opened: bool) {
                 tls = e.tls,
                 no_tls_reason = reason,
                 refused_reason = e.refused_reason.map(RefusalReason::as_str),
+                denied_by = e.authz.as_ref().and_then(|a| a.denied.as_ref()).map(|d| d.to_string()),
+                dry_run_denied_by = e.authz.as_ref().and_then(|a| a.dry_run_denied.as_ref()).map(|d| d.to_string()),
                 bytes_src_to_dst = e.bytes_src_to_dst,
                 bytes_dst_to_src = e.bytes_dst_to_src,
                 duration_ms = e.duration_ms,

@@ -709,6 +709,7 @@ mod tests {
             meshed,
             inbound_policy: Default::default(),
             cgroup_id: None,
+            authz: Default::default(),
         })
     }
 
