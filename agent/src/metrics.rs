@@ -143,6 +143,16 @@ struct RefreshLabels {
     result: &'static str,
 }
 
+/// `<namespace>/<name>` of a policy of this cluster (judged here, so the
+/// values are bounded by the policies that exist) and what it did.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthorizationLabels {
+    policy: String,
+    /// `denied` (refused before it opened), `revoked` (reset when a policy
+    /// change denied it), `would_deny` (a dry-run policy).
+    decision: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedPodLabels {
     namespace: String,
@@ -171,6 +181,7 @@ pub struct AgentMetrics {
     handshakes: Family<HandshakeLabels, Histogram>,
     /// Connections the metrics port refused (see [`MetricsAccessCheck`]).
     metrics_refused: Counter,
+    authorization: Family<AuthorizationLabels, Counter>,
     /// Every connection label set in use, so departed ones can be removed.
     label_sets: Mutex<HashSet<ConnectionLabels>>,
 }
@@ -227,6 +238,12 @@ impl AgentMetrics {
             "Connections to this metrics port refused because they came neither from the node nor from --metrics-allowed-cidrs",
             metrics_refused.clone(),
         );
+        let authorization = Family::<AuthorizationLabels, Counter>::default();
+        registry.register(
+            "authorization_decisions",
+            "Connections to this node's pods that an authorization policy denied, reset after a policy change, or would deny (dry run), by policy",
+            authorization.clone(),
+        );
         Self {
             registry: root,
             opened,
@@ -236,6 +253,7 @@ impl AgentMetrics {
             bytes,
             handshakes,
             metrics_refused,
+            authorization,
             label_sets: Mutex::new(HashSet::new()),
         }
     }
@@ -282,6 +300,32 @@ impl AgentMetrics {
         });
     }
 
+    /// Counts what a policy of this node's pods decided. An outbound
+    /// connection's policy was judged here only when its destination is on
+    /// this node (secured local); a peer's 403 is counted by the peer.
+    fn count_authorization(&self, e: &ConnectionEvent, opened: bool) {
+        let Some(note) = &e.authz else { return };
+        let judged_here =
+            e.direction == Direction::Inbound || e.no_tls_reason == Some(NoTlsReason::SecuredLocal);
+        if !judged_here {
+            return;
+        }
+        let count = |policy: &str, decision| {
+            self.authorization
+                .get_or_create(&AuthorizationLabels {
+                    policy: policy.to_owned(),
+                    decision,
+                })
+                .inc();
+        };
+        if let Some(denied) = &note.denied {
+            count(&denied.policy, if opened { "revoked" } else { "denied" });
+        }
+        if let Some(dry_run) = &note.dry_run_denied {
+            count(&dry_run.policy, "would_deny");
+        }
+    }
+
     fn labels(&self, e: &ConnectionEvent) -> ConnectionLabels {
         let labels = ConnectionLabels::of(e);
         let mut label_sets = self.label_sets.lock().expect("metrics lock poisoned");
@@ -301,6 +345,7 @@ impl ConnectionObserver for AgentMetrics {
     }
 
     fn connection_closed(&self, event: &ConnectionEvent, opened: bool) {
+        self.count_authorization(event, opened);
         let labels = self.labels(event);
         if !opened {
             self.refused.get_or_create(&labels).inc();

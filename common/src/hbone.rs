@@ -10,9 +10,19 @@ use std::net::SocketAddrV4;
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 
 /// Header carrying the source pod's address (`for="ip:port"`, RFC 7239) to
-/// the destination's agent, for its access log; that agent believes it
-/// only when the address is a pod of the authenticated client identity.
+/// the destination's agent, for its access log and the `ipBlocks` of
+/// authorization policies; that agent believes it only when the address is
+/// a pod of the authenticated client identity.
 pub const FORWARDED_HEADER: &str = "forwarded";
+
+/// Header of the destination agent's 403 when an authorization policy
+/// denied the CONNECT: `<namespace>/<name>` of the policy, then
+/// `;rule=<index>` when one rule decided. Only for the client agent's
+/// reports (tap, access log): both agents then name the same policy.
+pub const DENIED_BY_HEADER: &str = "sealmesh-denied-by";
+/// Longest `DENIED_BY_HEADER` value read back: a namespace (63), `/`, a
+/// name (253) and the rule suffix; a longer one is not a policy name.
+const MAX_DENIED_BY: usize = 63 + 1 + 253 + 16;
 
 /// Why a peer's request is not a CONNECT this mesh carries.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -67,9 +77,72 @@ pub fn forwarded_for(headers: &HeaderMap) -> Option<SocketAddrV4> {
         .ok()
 }
 
+/// The `DENIED_BY_HEADER` value for a policy (`<namespace>/<name>`) and
+/// the rule that decided, if one did.
+pub fn denied_by_value(policy: &str, rule: Option<u32>) -> Option<HeaderValue> {
+    let text = match rule {
+        Some(rule) => format!("{policy};rule={rule}"),
+        None => policy.to_owned(),
+    };
+    HeaderValue::try_from(text).ok()
+}
+
+/// The policy and rule a peer's 403 names; None when the header is
+/// missing or not of that form (the refusal is then reported without them).
+pub fn denied_by(headers: &HeaderMap) -> Option<(String, Option<u32>)> {
+    let text = headers.get(DENIED_BY_HEADER)?.to_str().ok()?;
+    if text.len() > MAX_DENIED_BY {
+        return None;
+    }
+    let (policy, rule) = match text.split_once(";rule=") {
+        Some((policy, rule)) => (policy, Some(rule.parse().ok()?)),
+        None => (text, None),
+    };
+    let (namespace, name) = policy.split_once('/')?;
+    let valid = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    };
+    (valid(namespace) && valid(name)).then(|| (policy.to_owned(), rule))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_denying_policy_travels_in_the_403_and_nothing_else_is_believed() {
+        let read = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(DENIED_BY_HEADER, HeaderValue::from_str(value).unwrap());
+            denied_by(&headers)
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            DENIED_BY_HEADER,
+            denied_by_value("shop/deny-legacy", Some(2)).unwrap(),
+        );
+        assert_eq!(
+            denied_by(&headers),
+            Some(("shop/deny-legacy".into(), Some(2)))
+        );
+        headers.insert(DENIED_BY_HEADER, denied_by_value("shop/web", None).unwrap());
+        assert_eq!(denied_by(&headers), Some(("shop/web".into(), None)));
+        assert_eq!(denied_by(&HeaderMap::new()), None);
+        for bad in [
+            "shop",
+            "/web",
+            "shop/",
+            "Shop/web",
+            "shop/web;rule=x",
+            "a/b c",
+            &format!("a/{}", "b".repeat(400)),
+        ] {
+            assert_eq!(read(bad), None, "{bad}");
+        }
+    }
 
     fn target_of(method: &str, uri: &str) -> Result<SocketAddrV4, ConnectRequestError> {
         let request = Request::builder().method(method).uri(uri).body(()).unwrap();

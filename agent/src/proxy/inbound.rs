@@ -14,7 +14,9 @@ use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
 use sealmesh_common::{
-    hbone::{ConnectRequestError, forwarded_for, requested_target},
+    hbone::{
+        ConnectRequestError, DENIED_BY_HEADER, denied_by_value, forwarded_for, requested_target,
+    },
     identity::Identity,
 };
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
@@ -22,6 +24,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::{
     Engine,
+    authz::{self, AdmissionGuard, ProvenSource, Subject},
     event::{ConnectionTracker, Direction, RefusalReason},
     hbone, peer_chain, peer_distrusted, splice, wait_for_registry,
 };
@@ -55,6 +58,8 @@ pub enum InboundRefusal {
     TargetRefused { target: SocketAddrV4 },
     #[error("timed out connecting to target {target}")]
     TargetTimeout { target: SocketAddrV4 },
+    #[error(transparent)]
+    PolicyDenied(#[from] authz::PolicyDenied),
 }
 
 impl InboundRefusal {
@@ -67,6 +72,7 @@ impl InboundRefusal {
             Self::Unreachable { .. } => RefusalReason::TargetUnreachable,
             Self::TargetRefused { .. } => RefusalReason::TargetRefused,
             Self::TargetTimeout { .. } => RefusalReason::TargetTimeout,
+            Self::PolicyDenied(_) => RefusalReason::PolicyDenied,
         }
     }
 
@@ -75,7 +81,7 @@ impl InboundRefusal {
             Self::Request(ConnectRequestError::NotConnect(_)) => StatusCode::METHOD_NOT_ALLOWED,
             Self::Request(ConnectRequestError::BadAuthority(_)) => StatusCode::BAD_REQUEST,
             Self::NotLocalMeshedPod(_) => StatusCode::NOT_FOUND,
-            Self::IdentityMismatch { .. } => StatusCode::FORBIDDEN,
+            Self::IdentityMismatch { .. } | Self::PolicyDenied(_) => StatusCode::FORBIDDEN,
             Self::Unreachable { .. } => StatusCode::BAD_GATEWAY,
             Self::TargetRefused { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::TargetTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -85,7 +91,8 @@ impl InboundRefusal {
 
 /// The reason a peer agent's refusal `status` stands for ([`InboundRefusal::status`]
 /// read back on the client's side); `peer_refused` for any other status
-/// (e.g. h2's 431 for an oversized header block).
+/// (e.g. h2's 431 for an oversized header block). A 403 that names a policy
+/// (`hbone::DENIED_BY_HEADER`) is `policy_denied`, read by the caller.
 pub(crate) fn peer_refusal_reason(status: StatusCode) -> RefusalReason {
     match status {
         StatusCode::METHOD_NOT_ALLOWED => RefusalReason::NotConnect,
@@ -102,7 +109,8 @@ pub(crate) fn peer_refusal_reason(status: StatusCode) -> RefusalReason {
 /// What the handshake established, shared by the connection's streams.
 struct Peer {
     addr: SocketAddr,
-    client: Identity,
+    /// Shared with the authorization checks of its streams.
+    client: Arc<Identity>,
     requested: Identity,
 }
 
@@ -189,7 +197,7 @@ pub(crate) async fn serve(
     };
     let peer = Arc::new(Peer {
         addr,
-        client,
+        client: Arc::new(client),
         requested,
     });
     let mut streams = JoinSet::new();
@@ -243,16 +251,25 @@ async fn stream(
     tracker.event.tls = true;
     tracker.event.client_id = Some(peer.client.to_string());
     tracker.event.server_id = Some(peer.requested.to_string());
-    if let Some((addr, source)) = forwarded_source(&engine, &peer, &request) {
+    let source_ip = forwarded_source(&engine, &peer, &request).map(|(addr, source)| {
         tracker.event.src_addr = addr.into();
         tracker.set_src(&source);
-    }
-    let target = match admit(&engine, &peer, &request, &mut tracker).await {
-        Ok(target) => target,
+        *addr.ip()
+    });
+    let (target, mut admission) = match admit(&engine, &peer, &request, source_ip, &mut tracker)
+        .await
+    {
+        Ok(admitted) => admitted,
         Err(refusal) => {
             let status = refusal.status();
             tracing::debug!(peer = %peer.addr, client = %peer.client, %status, %refusal, "CONNECT refused");
-            let _ = respond.send_response(empty_response(status), true);
+            let mut response = empty_response(status);
+            if let InboundRefusal::PolicyDenied(denied) = &refusal
+                && let Some(value) = denied_by_value(&denied.denied.policy, denied.denied.rule)
+            {
+                response.headers_mut().insert(DENIED_BY_HEADER, value);
+            }
+            let _ = respond.send_response(response, true);
             tracker.refuse(refusal.reason(), refusal);
             return;
         }
@@ -269,27 +286,38 @@ async fn stream(
     };
     tracker.open();
     let bytes = tracker.bytes.clone();
-    if let Err(error) = splice::tcp_h2(
+    match splice::tcp_h2(
         target,
         send,
         request.into_body(),
         &bytes.dst_to_src,
         &bytes.src_to_dst,
+        admission.revoked(),
     )
     .await
     {
-        tracker.fail(error);
+        Ok(None) => {}
+        Ok(Some(note)) => {
+            if let Some(denied) = &note.denied {
+                tracker.fail(format!(
+                    "closed: authorization policy {denied} now denies this connection (the policies changed after it opened)"
+                ));
+            }
+            tracker.event.authz = Some(note);
+        }
+        Err(error) => tracker.fail(error),
     }
 }
 
-/// Checks the CONNECT against the handshake's identities and connects to
-/// the target pod.
-async fn admit(
-    engine: &Engine,
+/// Checks the CONNECT against the handshake's identities and the target
+/// pod's authorization policies, and connects to the target pod.
+async fn admit<'e>(
+    engine: &'e Engine,
     peer: &Peer,
     request: &Request<RecvStream>,
+    source_ip: Option<std::net::Ipv4Addr>,
     tracker: &mut ConnectionTracker,
-) -> Result<TcpStream, InboundRefusal> {
+) -> Result<(TcpStream, AdmissionGuard<'e>), InboundRefusal> {
     let target = requested_target(request.method(), request.uri())?;
     let local = engine.registry.local_node();
     // A pod of the cluster's networks this agent has not seen yet (the
@@ -314,7 +342,21 @@ async fn admit(
             requested: peer.requested.clone(),
         });
     }
-    connect_target(target, engine.cfg.connect_timeout).await
+    let subject = Subject {
+        source: ProvenSource::Peer(peer.client.clone()),
+        source_ip,
+        pod_ip: *target.ip(),
+        port: target.port(),
+    };
+    let admission = engine.admissions.admit(
+        tracker.event.id,
+        subject,
+        &pod,
+        engine.registry.as_ref(),
+        tracker,
+    )?;
+    let socket = connect_target(target, engine.cfg.connect_timeout).await?;
+    Ok((socket, admission))
 }
 
 async fn connect_target(
@@ -346,7 +388,7 @@ fn forwarded_source(
     engine
         .registry
         .by_ip(*addr.ip())
-        .filter(|w| w.identity == peer.client)
+        .filter(|w| w.identity == *peer.client)
         .map(|w| (addr, w))
 }
 

@@ -6,6 +6,7 @@
 //! pod ──redirect──▶ outbound (node IP:15001) ──HBONE pool──▶ peer inbound (node IP:15008) ──TCP──▶ pod
 //! ```
 
+mod authz;
 mod event;
 mod hbone;
 mod inbound;
@@ -36,8 +37,8 @@ use tokio::{
 };
 
 pub use event::{
-    ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, Phase, PodRef,
-    RefusalReason,
+    AuthzNote, ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, Phase,
+    PodRef, PolicyRule, RefusalReason,
 };
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
@@ -282,6 +283,8 @@ pub(crate) struct Engine {
     next_connection_id: AtomicU64,
     /// Whether the accept loop runs (liveness).
     accepting: AtomicBool,
+    /// Open connections to local pods, judged again when policies change.
+    admissions: authz::OpenAdmissions,
 }
 
 impl Engine {
@@ -425,6 +428,7 @@ impl Proxy {
                 refusal_log: log_limit::LogLimiter::new(REFUSAL_LOG_WINDOW, REFUSAL_LOG_BURST),
                 next_connection_id: AtomicU64::new(1),
                 accepting: AtomicBool::new(false),
+                admissions: authz::OpenAdmissions::default(),
             }),
             outbound,
             inbound,
@@ -468,6 +472,14 @@ impl Proxy {
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut connections = JoinSet::new();
+        let rejudging = {
+            let engine = engine.clone();
+            tokio::spawn(async move {
+                authz::follow_policy_changes(&engine.admissions, engine.registry.as_ref()).await;
+            })
+        };
+        // Dropping the handle would leave the task running.
+        let _rejudging = AbortOnDrop(rejudging);
         let mut shutdown = std::pin::pin!(shutdown);
         // Known once rather than asked of every accepted socket (a syscall
         // per connection): the listener is bound to one IPv4 address.
@@ -548,6 +560,15 @@ impl Proxy {
             );
             connections.shutdown().await;
         }
+    }
+}
+
+/// Aborts a task when dropped (when the engine stops, however it ends).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -21,13 +21,21 @@ use std::{
 use bytes::Bytes;
 use h2::{SendStream, client::ResponseFuture};
 use http::StatusCode;
-use sealmesh_common::{hbone::connect_request, identity::Identity, policy::InboundPolicy};
-use tokio::net::TcpStream;
+use sealmesh_common::{
+    hbone::{connect_request, denied_by},
+    identity::Identity,
+    policy::InboundPolicy,
+};
+use tokio::net::{
+    TcpStream,
+    tcp::{OwnedReadHalf, OwnedWriteHalf},
+};
 use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use super::{
     Engine,
-    event::{ConnectionTracker, Direction, NoTlsReason, RefusalReason},
+    authz::{self, ProvenSource, Subject},
+    event::{AuthzNote, ConnectionTracker, Direction, NoTlsReason, PolicyRule, RefusalReason},
     hbone, inbound, peer_chain, peer_distrusted,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError},
@@ -121,12 +129,23 @@ pub enum OutboundError {
     NoH2 { node: SocketAddr },
     #[error("HBONE to {node}: {source}")]
     Hbone { node: SocketAddr, source: h2::Error },
-    #[error("the agent at {node} refused CONNECT {authority} with HTTP {status}")]
+    #[error(
+        "the agent at {node} refused CONNECT {authority} with HTTP {status}{}",
+        denied.as_ref().map(|d| format!(": authorization policy {d} of the destination denies this source")).unwrap_or_default()
+    )]
     Refused {
         node: SocketAddr,
         authority: SocketAddrV4,
         status: StatusCode,
+        /// The policy the peer named in its 403.
+        denied: Option<PolicyRule>,
     },
+    #[error(transparent)]
+    PolicyDenied(#[from] authz::PolicyDenied),
+    #[error(
+        "closed: authorization policy {denied} now denies this connection (the policies changed after it opened)"
+    )]
+    Revoked { denied: PolicyRule },
     #[error("HBONE to the destination's agent: {0}")]
     PeerDialFailed(#[from] PeerDialFailed),
     #[error(transparent)]
@@ -159,8 +178,12 @@ impl OutboundError {
             Self::Handshake { .. } | Self::NoH2 { .. } => RefusalReason::PeerHandshakeFailed,
             Self::PeerIdentity { .. } | Self::WrongPeer { .. } => RefusalReason::WrongPeerIdentity,
             Self::Hbone { .. } => RefusalReason::HboneFailed,
+            Self::Refused {
+                denied: Some(_), ..
+            }
+            | Self::PolicyDenied(_) => RefusalReason::PolicyDenied,
             Self::Refused { status, .. } => inbound::peer_refusal_reason(*status),
-            Self::Splice(_) => return None,
+            Self::Splice(_) | Self::Revoked { .. } => return None,
         })
     }
 }
@@ -398,9 +421,31 @@ async fn proxy(
             tracker.event.client_id = Some(source.identity.to_string());
             tracker.event.server_id = Some(destination.identity.to_string());
             tracker.event.no_tls_reason = Some(NoTlsReason::SecuredLocal);
+            let subject = Subject {
+                source: ProvenSource::Pod(source.clone()),
+                source_ip: source.ip,
+                pod_ip: *target.ip(),
+                port: target.port(),
+            };
+            let mut admission = engine.admissions.admit(
+                tracker.event.id,
+                subject,
+                destination,
+                engine.registry.as_ref(),
+                tracker,
+            )?;
             let server = connect(engine, target.into()).await?;
             tracker.open();
-            Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
+            let revoked =
+                splice::tcp_tcp(client, server, &tracker.bytes, admission.revoked()).await?;
+            match revoked {
+                None => Ok(()),
+                Some(note) => {
+                    let denied = note.denied.clone().expect("revoked for a denial");
+                    tracker.event.authz = Some(note);
+                    Err(OutboundError::Revoked { denied })
+                }
+            }
         }
         Route::Hbone { endpoint, node } => {
             hbone_connect(engine, client, &source, &endpoint, node, tracker).await
@@ -456,7 +501,8 @@ async fn plaintext(
     }
     let server = connect(engine, target.into()).await?;
     tracker.open();
-    Ok(splice::tcp_tcp(client, server, &tracker.bytes).await?)
+    splice::tcp_tcp(client, server, &tracker.bytes, std::future::pending::<()>()).await?;
+    Ok(())
 }
 
 async fn hbone_connect(
@@ -482,8 +528,51 @@ async fn hbone_connect(
     tracker.event.tls = true;
     tracker.event.client_id = Some(source.identity.to_string());
     tracker.event.server_id = Some(destination.identity.to_string());
+    let (mut read, mut write) = client.into_split();
+    let stream = Stream {
+        send,
+        response,
+        lease: &lease,
+        node,
+        authority,
+    };
+    let carried = carry_hbone(engine, tracker, &mut read, &mut write, stream).await;
+    // A stream the peer cut (reset: e.g. an authorization policy now
+    // denies it) resets the pod's socket too: an orderly end would pass
+    // for a complete answer.
+    if let Err(OutboundError::Splice(SpliceError::H2(_) | SpliceError::StreamClosed)) = &carried {
+        splice::reset(read, write);
+    }
+    drop(lease);
+    carried
+}
+
+/// An HBONE stream whose CONNECT is sent, its answer still to come.
+struct Stream<'a> {
+    send: SendStream<Bytes>,
+    response: ResponseFuture,
+    lease: &'a Lease,
+    node: SocketAddr,
+    authority: SocketAddrV4,
+}
+
+/// Carries the client's first bytes, reads the peer's answer, then
+/// carries both directions.
+async fn carry_hbone(
+    engine: &Engine,
+    tracker: &mut ConnectionTracker,
+    read: &mut OwnedReadHalf,
+    write: &mut OwnedWriteHalf,
+    stream: Stream<'_>,
+) -> Result<(), OutboundError> {
+    let Stream {
+        send,
+        response,
+        lease,
+        node,
+        authority,
+    } = stream;
     let bytes = tracker.bytes.clone();
-    let (read, write) = client.into_split();
     // The client's first bytes go out right behind the CONNECT instead of a
     // round trip later: the peer agent is already authenticated, holds them
     // in the stream's window, and passes nothing on unless it admits the
@@ -508,11 +597,24 @@ async fn hbone_connect(
         }
         Ok(Err(source)) => Err(OutboundError::Hbone { node, source }),
         Ok(Ok(response)) if response.status() == StatusCode::OK => Ok(response.into_body()),
-        Ok(Ok(response)) => Err(OutboundError::Refused {
-            node,
-            authority,
-            status: response.status(),
-        }),
+        Ok(Ok(response)) => {
+            let denied = (response.status() == StatusCode::FORBIDDEN)
+                .then(|| denied_by(response.headers()))
+                .flatten()
+                .map(|(policy, rule)| PolicyRule { policy, rule });
+            if let Some(denied) = &denied {
+                tracker.event.authz = Some(Box::new(AuthzNote {
+                    denied: Some(denied.clone()),
+                    dry_run_denied: None,
+                }));
+            }
+            Err(OutboundError::Refused {
+                node,
+                authority,
+                status: response.status(),
+                denied,
+            })
+        }
     };
     let recv = match admitted {
         Ok(recv) => recv,
@@ -533,7 +635,6 @@ async fn hbone_connect(
             tokio::try_join!(upload, download)?;
         }
     }
-    drop(lease);
     Ok(())
 }
 
@@ -735,6 +836,7 @@ mod tests {
             node,
             authority: DST,
             status,
+            denied: None,
         };
         let cases = [
             (

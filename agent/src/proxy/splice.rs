@@ -52,36 +52,76 @@ pub enum SpliceError {
 /// connection keeps flowing in the other direction. An error in either
 /// direction ends both (h2 resets the stream when its handles drop).
 /// `from_tcp` counts the bytes read from the socket, `to_tcp` those written
-/// to it.
-pub(crate) async fn tcp_h2(
+/// to it. If `revoked` resolves first, the socket is reset and the stream
+/// dropped (reset), and its value returned.
+pub(crate) async fn tcp_h2<R>(
     tcp: TcpStream,
     send: SendStream<Bytes>,
     recv: RecvStream,
     from_tcp: &AtomicU64,
     to_tcp: &AtomicU64,
-) -> Result<(), SpliceError> {
-    let (read, write) = tcp.into_split();
-    tokio::try_join!(
-        tcp_to_h2(read, send, from_tcp),
-        h2_to_tcp(recv, write, to_tcp)
-    )?;
-    Ok(())
+    revoked: impl Future<Output = R>,
+) -> Result<Option<R>, SpliceError> {
+    let (mut read, mut write) = tcp.into_split();
+    let outcome = tokio::select! {
+        done = async {
+            tokio::try_join!(
+                tcp_to_h2(&mut read, send, from_tcp),
+                h2_to_tcp(recv, &mut write, to_tcp)
+            )
+        } => {
+            done?;
+            None
+        }
+        revoked = revoked => Some(revoked),
+    };
+    if outcome.is_some() {
+        reset(read, write);
+    }
+    Ok(outcome)
 }
 
 /// Carries bytes both ways between two sockets (plaintext and
-/// secured-local), passing each FIN on.
-pub(crate) async fn tcp_tcp(
+/// secured-local), passing each FIN on. If `revoked` resolves first, both
+/// sockets are reset and its value returned.
+pub(crate) async fn tcp_tcp<R>(
     source: TcpStream,
     destination: TcpStream,
     bytes: &Arc<ByteCounters>,
-) -> Result<(), SpliceError> {
-    let (source_read, source_write) = source.into_split();
-    let (destination_read, destination_write) = destination.into_split();
-    tokio::try_join!(
-        tcp_to_tcp(source_read, destination_write, &bytes.src_to_dst),
-        tcp_to_tcp(destination_read, source_write, &bytes.dst_to_src)
-    )?;
-    Ok(())
+    revoked: impl Future<Output = R>,
+) -> Result<Option<R>, SpliceError> {
+    let (mut source_read, mut source_write) = source.into_split();
+    let (mut destination_read, mut destination_write) = destination.into_split();
+    let outcome = tokio::select! {
+        done = async {
+            tokio::try_join!(
+                tcp_to_tcp(&mut source_read, &mut destination_write, &bytes.src_to_dst),
+                tcp_to_tcp(&mut destination_read, &mut source_write, &bytes.dst_to_src)
+            )
+        } => {
+            done?;
+            None
+        }
+        revoked = revoked => Some(revoked),
+    };
+    if outcome.is_some() {
+        reset(source_read, source_write);
+        reset(destination_read, destination_write);
+    }
+    Ok(outcome)
+}
+
+/// Closes a socket with a reset (SO_LINGER 0), so its peer fails at once
+/// instead of reading an orderly end of a cut stream. The halves are
+/// reunited first: a dropped write half would send a FIN before the reset.
+pub(crate) fn reset(read: OwnedReadHalf, write: OwnedWriteHalf) {
+    if let Ok(socket) = read.reunite(write) {
+        let abort = libc::linger {
+            l_onoff: 1,
+            l_linger: 0,
+        };
+        let _ = nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::Linger, &abort);
+    }
 }
 
 /// Reads a socket in chunks sized to the traffic: small after idleness,
@@ -134,11 +174,11 @@ impl<'a> ChunkReader<'a> {
 }
 
 pub(crate) async fn tcp_to_h2(
-    mut read: OwnedReadHalf,
+    read: &mut OwnedReadHalf,
     mut send: SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<(), SpliceError> {
-    let mut reader = ChunkReader::new(&mut read);
+    let mut reader = ChunkReader::new(read);
     while let Some(mut data) = reader.next().await? {
         counter.fetch_add(data.len() as u64, Ordering::Relaxed);
         while !data.is_empty() {
@@ -155,7 +195,7 @@ pub(crate) async fn tcp_to_h2(
 
 pub(crate) async fn h2_to_tcp(
     mut recv: RecvStream,
-    mut write: OwnedWriteHalf,
+    write: &mut OwnedWriteHalf,
     counter: &AtomicU64,
 ) -> Result<(), SpliceError> {
     while let Some(chunk) = recv.data().await {
@@ -170,11 +210,11 @@ pub(crate) async fn h2_to_tcp(
 }
 
 async fn tcp_to_tcp(
-    mut read: OwnedReadHalf,
-    mut write: OwnedWriteHalf,
+    read: &mut OwnedReadHalf,
+    write: &mut OwnedWriteHalf,
     counter: &AtomicU64,
 ) -> Result<(), SpliceError> {
-    let mut reader = ChunkReader::new(&mut read);
+    let mut reader = ChunkReader::new(read);
     while let Some(chunk) = reader.next().await? {
         write.write_all(&chunk).await?;
         counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
