@@ -36,8 +36,8 @@ use tokio::{
 };
 
 pub use event::{
-    ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, Phase, PodRef,
-    RefusalReason,
+    AuthzNote, ByteCounters, ConnectionEvent, ConnectionObserver, Direction, NoTlsReason, Phase,
+    PodRef, RefusalReason,
 };
 pub use inbound::InboundRefusal;
 pub use outbound::OutboundError;
