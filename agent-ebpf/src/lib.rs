@@ -3,8 +3,9 @@
 //!
 //! Every address and port in these types is a plain host-order number (`u32::from(Ipv4Addr)`,
 //! `u16` port): the programs convert from the kernel's mixed byte orders at the one place they
-//! read a socket field, so the agent never has to think about byte order. The one exception is
-//! [`InboundFlow`], which also carries IPv6 addresses: those are octets as on the wire.
+//! read a socket field, so the agent never has to think about byte order. The exceptions are
+//! [`InboundFlow`], which also carries IPv6 addresses (octets as on the wire), and
+//! [`PlaintextSource`], an LPM trie key (bytes in network order; its accessors convert).
 #![cfg_attr(not(test), no_std)]
 #![deny(unsafe_code)]
 
@@ -17,7 +18,9 @@ use core::net::{Ipv4Addr, SocketAddrV4};
 /// 2: the connecting task's origin comes from `POD_PARENT_CGROUPS`, `AGENT_CGROUPS` and
 /// `UNMESHED_PODS` besides `MESHED_PODS`; records say whether the source pod was known
 /// ([`RedirectRecord::source`]).
-pub const MAP_ABI_VERSION: u32 = 2;
+/// 3: `STRICT_PODS` also holds pods whose authorization policies restrict plaintext; the
+/// plaintext they admit is in `PLAINTEXT_ACCESS`.
+pub const MAP_ABI_VERSION: u32 = 3;
 
 /// Deepest cgroup level the connect programs inspect when classifying the connecting task by its
 /// cgroup and its ancestors. Kubernetes pod cgroups sit at level 3–5 (plus container scopes below
@@ -87,6 +90,10 @@ pub mod names {
     /// `RingBuf` of [`InboundRefusal`](super::InboundRefusal): every refused connection attempt,
     /// for the agent's tap, access log and admin API (pinned).
     pub const INBOUND_REFUSALS: &str = "INBOUND_REFUSALS";
+    /// `LpmTrie<PlaintextSource, u8>`: the plaintext sources a strict pod admits although they
+    /// are not trusted (its authorization policies allow them), as [`plaintext`] decisions
+    /// (pinned).
+    pub const PLAINTEXT_ACCESS: &str = "PLAINTEXT_ACCESS";
     /// cgroup_skb/ingress program dropping untrusted connection attempts to strict pods.
     pub const STRICT_INBOUND_PROGRAM: &str = "enforce_strict_inbound";
 }
@@ -112,6 +119,9 @@ pub mod capacity {
     pub const TRUSTED_SOCKETS: u32 = 65536;
     pub const TRUSTED_CONNECTIONS: u32 = 65536;
     pub const REFUSED_FLOWS: u32 = 16384;
+    /// Every (port, network) region of every pod the agent enforces authorization policies
+    /// for in the kernel; a pod whose regions do not fit gets none (all plaintext refused).
+    pub const PLAINTEXT_ACCESS: u32 = 65536;
     /// Bytes (a power of two, a multiple of the page size): 5,461 refusals of 48 bytes (plus
     /// an 8-byte header each) wait for the agent.
     pub const INBOUND_REFUSALS_BYTES: u32 = 256 * 1024;
@@ -233,6 +243,61 @@ impl SocketTuple {
 pub const FAMILY_IPV4: u16 = 2;
 pub const FAMILY_IPV6: u16 = 10;
 
+/// `PLAINTEXT_ACCESS` lookups: an entry's key is a [`PlaintextSource`] whose prefix covers the
+/// pod and the port and `prefix_len` bits of the source network; the kernel looks a SYN's
+/// (pod, destination port, source) up with every bit, and on a miss with [`plaintext::ANY_PORT`]
+/// (the regions for ports no policy names). Only a hit with [`plaintext::ALLOW`] admits it.
+pub mod plaintext {
+    /// Bits of a key before the source address: the pod's cgroup id and the port always match
+    /// in full.
+    pub const EXACT_BITS: u32 = 64 + 16;
+    /// Bits of a full key (an IPv4 source address at the end).
+    pub const FULL_BITS: u32 = EXACT_BITS + 32;
+    /// The port of the regions for every port no policy names.
+    pub const ANY_PORT: u16 = 0;
+    /// Values: the region's plaintext is admitted, or refused.
+    pub const ALLOW: u8 = 1;
+    pub const DENY: u8 = 0;
+
+    /// The prefix length of an entry for a source network of `source_prefix_len` bits.
+    pub const fn prefix_len(source_prefix_len: u8) -> u32 {
+        EXACT_BITS + source_prefix_len as u32
+    }
+}
+
+/// The data of a `PLAINTEXT_ACCESS` key: bytes in network order, since an LPM trie matches
+/// from the first byte's highest bit.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PlaintextSource {
+    pod_cgroup: [u8; 8],
+    port: [u8; 2],
+    source: [u8; 4],
+}
+
+impl PlaintextSource {
+    /// `source`: the address's octets as on the wire.
+    pub const fn new(pod_cgroup: u64, port: u16, source: [u8; 4]) -> Self {
+        Self {
+            pod_cgroup: pod_cgroup.to_be_bytes(),
+            port: port.to_be_bytes(),
+            source,
+        }
+    }
+
+    pub const fn pod_cgroup(&self) -> u64 {
+        u64::from_be_bytes(self.pod_cgroup)
+    }
+
+    pub const fn port(&self) -> u16 {
+        u16::from_be_bytes(self.port)
+    }
+
+    pub const fn source(&self) -> [u8; 4] {
+        self.source
+    }
+}
+
 /// A TCP connection attempt (a SYN) as it arrived at a pod: addresses as octets on the wire
 /// (IPv4 in the first four), ports in host order.
 #[repr(C)]
@@ -318,7 +383,8 @@ pub struct StrictPodCounters {
 mod pod {
     #![allow(unsafe_code)]
     use super::{
-        ConnectionKey, InboundFlow, InboundRefusal, RedirectRecord, SocketTuple, StrictPodCounters,
+        ConnectionKey, InboundFlow, InboundRefusal, PlaintextSource, RedirectRecord, SocketTuple,
+        StrictPodCounters,
     };
 
     // SAFETY: `#[repr(C)]`, only integer fields, no implicit padding (explicit `reserved`), so
@@ -334,6 +400,8 @@ mod pod {
     unsafe impl aya::Pod for InboundRefusal {}
     // SAFETY: `#[repr(C)]`, two u64: 16 bytes with no padding.
     unsafe impl aya::Pod for StrictPodCounters {}
+    // SAFETY: `#[repr(C)]`, byte arrays only (8 + 2 + 4): 14 bytes, alignment 1, no padding.
+    unsafe impl aya::Pod for PlaintextSource {}
 }
 
 #[cfg(test)]
@@ -348,6 +416,31 @@ mod tests {
         assert_eq!(core::mem::size_of::<InboundFlow>(), 40);
         assert_eq!(core::mem::size_of::<InboundRefusal>(), 48);
         assert_eq!(core::mem::size_of::<StrictPodCounters>(), 16);
+        assert_eq!(core::mem::size_of::<PlaintextSource>(), 14);
+    }
+
+    #[test]
+    fn plaintext_sources_are_matched_from_the_pod_over_the_port_to_the_address() {
+        let key = PlaintextSource::new(0x0102_0304_0506_0708, 8080, [10, 244, 1, 7]);
+        // The bytes in the order the trie matches them.
+        let PlaintextSource {
+            pod_cgroup,
+            port,
+            source,
+        } = key;
+        assert_eq!(pod_cgroup, [1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(port, [0x1f, 0x90]);
+        assert_eq!(source, [10, 244, 1, 7]);
+        assert_eq!(
+            (key.pod_cgroup(), key.port(), key.source()),
+            (0x0102_0304_0506_0708, 8080, [10, 244, 1, 7])
+        );
+        assert_eq!(plaintext::prefix_len(0), plaintext::EXACT_BITS);
+        assert_eq!(plaintext::prefix_len(32), plaintext::FULL_BITS);
+        assert_eq!(
+            plaintext::FULL_BITS as usize,
+            core::mem::size_of::<PlaintextSource>() * 8
+        );
     }
 
     #[test]

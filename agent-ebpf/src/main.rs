@@ -22,7 +22,8 @@
 //!   strict pod's address as trusted (`TRUSTED_SOCKETS`); `track_redirected` moves the mark to
 //!   the connection's tuple before the SYN leaves (`TRUSTED_CONNECTIONS`) and drops it at close.
 //!   `enforce_strict_inbound` (cgroup_skb/ingress) drops a SYN to a listening socket of a pod in
-//!   `STRICT_PODS` unless its tuple is trusted or it came over the pod's loopback, counts the
+//!   `STRICT_PODS` unless its tuple is trusted, it came over the pod's loopback or the pod's
+//!   authorization policies admit its IPv4 source on its port (`PLAINTEXT_ACCESS`), counts the
 //!   refusal for the pod and reports it in `INBOUND_REFUSALS`.
 //!
 //! Only built for the bpf target (see the `programs` feature in Cargo.toml).
@@ -31,7 +32,8 @@
 
 use agent_ebpf::{
     ConnectionKey, FAMILY_IPV4, FAMILY_IPV6, InboundFlow, InboundRefusal, MAX_CGROUP_DEPTH,
-    RedirectRecord, SocketTuple, StrictPodCounters, capacity, record_source,
+    PlaintextSource, RedirectRecord, SocketTuple, StrictPodCounters, capacity, plaintext,
+    record_source,
 };
 use aya_ebpf::{
     EbpfContext, Global,
@@ -115,6 +117,10 @@ static TRUSTED_CONNECTIONS: LruHashMap<SocketTuple, u8> =
 static REFUSED_FLOWS: LruHashMap<InboundFlow, u64> = LruHashMap::pinned(capacity::REFUSED_FLOWS, 0);
 #[map]
 static INBOUND_REFUSALS: RingBuf = RingBuf::pinned(capacity::INBOUND_REFUSALS_BYTES, 0);
+/// Keys are (pod cgroup, port, source network) in network order; see `agent_ebpf::plaintext`.
+#[map]
+static PLAINTEXT_ACCESS: LpmTrie<PlaintextSource, u8> =
+    LpmTrie::pinned(capacity::PLAINTEXT_ACCESS, 0);
 
 #[cgroup_sock_addr(connect4)]
 pub fn redirect_connect4(ctx: SockAddrContext) -> i32 {
@@ -689,8 +695,27 @@ fn judge_syn(ctx: &SkBuffContext, flow: InboundFlow) -> i32 {
     let Some(pod_cgroup) = strict_pod_of_socket(ctx) else {
         return SKB_PASS;
     };
+    if flow.family == FAMILY_IPV4 && plaintext_admitted(pod_cgroup, &flow) {
+        return SKB_PASS;
+    }
     refuse(pod_cgroup, flow);
     SKB_DROP
+}
+
+/// Whether the pod's authorization policies admit this plaintext source on this port: the
+/// longest source network listed for the port, else for the ports no policy names, must allow
+/// it. Pods strict by their inbound policy have no entries, so nothing is admitted.
+fn plaintext_admitted(pod_cgroup: u64, flow: &InboundFlow) -> bool {
+    let [s0, s1, s2, s3, ..] = flow.src_addr;
+    let lookup = |port| {
+        PLAINTEXT_ACCESS
+            .get(Key::new(
+                plaintext::FULL_BITS,
+                PlaintextSource::new(pod_cgroup, port, [s0, s1, s2, s3]),
+            ))
+            .copied()
+    };
+    lookup(flow.dst_port).or_else(|| lookup(plaintext::ANY_PORT)) == Some(plaintext::ALLOW)
 }
 
 /// The strict pod the receiving socket belongs to: its cgroup or an ancestor in `STRICT_PODS`.

@@ -165,9 +165,21 @@ type ConnectionFamily = Family<ConnectionLabels, Counter>;
 /// The kernel's refusal counts of local strict pods
 /// ([`InboundPolicyState`](crate::inbound_policy::InboundPolicyState)).
 pub trait InboundRefusalCounts: Send + Sync + 'static {
-    /// Each strict pod with its refused connection attempts and how many of
-    /// those could not be reported (the agent fell behind).
-    fn refused_by_pod(&self) -> Vec<(PodRef, u64, u64)>;
+    /// Each pod the kernel guards, with its refusals.
+    fn refused_by_pod(&self) -> Vec<PodRefusals>;
+}
+
+/// What the kernel refused one pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRefusals {
+    pub pod: PodRef,
+    /// `strict_inbound`, or `policy_denied` for a pod guarded by its
+    /// authorization policies.
+    pub reason: RefusalReason,
+    /// Connection attempts refused.
+    pub refused: u64,
+    /// Of those, attempts that could not be reported (the agent fell behind).
+    pub unreported: u64,
 }
 
 /// The agent's metrics registry; feed it as a [`ConnectionObserver`].
@@ -585,18 +597,18 @@ impl Collector for InboundRefusalCollector {
         {
             let mut metric = encoder.encode_descriptor(
                 "inbound_refused",
-                "Connection attempts the kernel refused a strict pod (plaintext that did not come through the node's agent), by pod",
+                "Connection attempts the kernel refused a pod it guards (plaintext that did not come through the node's agent and that the pod's policies refuse), by pod and reason",
                 None,
                 ConstCounter::new(0u64).metric_type(),
             )?;
-            for (pod, refused, lost) in &pods {
+            for pod in &pods {
                 let labels = RefusedPodLabels {
-                    namespace: pod.namespace.clone(),
-                    pod: pod.name.clone(),
-                    reason: RefusalReason::StrictInbound.as_str(),
+                    namespace: pod.pod.namespace.clone(),
+                    pod: pod.pod.name.clone(),
+                    reason: pod.reason.as_str(),
                 };
-                ConstCounter::new(*refused).encode(metric.encode_family(&labels)?)?;
-                unreported += lost;
+                ConstCounter::new(pod.refused).encode(metric.encode_family(&labels)?)?;
+                unreported += pod.unreported;
             }
         }
         let metric = encoder.encode_descriptor(
@@ -762,7 +774,7 @@ mod tests {
     struct NoStrictPods;
 
     impl InboundRefusalCounts for NoStrictPods {
-        fn refused_by_pod(&self) -> Vec<(PodRef, u64, u64)> {
+        fn refused_by_pod(&self) -> Vec<PodRefusals> {
             Vec::new()
         }
     }
@@ -770,12 +782,21 @@ mod tests {
     struct StrictPods;
 
     impl InboundRefusalCounts for StrictPods {
-        fn refused_by_pod(&self) -> Vec<(PodRef, u64, u64)> {
-            let pod = |name: &str| PodRef {
-                namespace: "shop".into(),
-                name: name.into(),
+        fn refused_by_pod(&self) -> Vec<PodRefusals> {
+            let pod = |name: &str, reason, refused, unreported| PodRefusals {
+                pod: PodRef {
+                    namespace: "shop".into(),
+                    name: name.into(),
+                },
+                reason,
+                refused,
+                unreported,
             };
-            vec![(pod("web"), 3, 1), (pod("db"), 0, 0)]
+            vec![
+                pod("web", RefusalReason::StrictInbound, 3, 1),
+                pod("db", RefusalReason::StrictInbound, 0, 0),
+                pod("api", RefusalReason::PolicyDenied, 2, 1),
+            ]
         }
     }
 
@@ -787,7 +808,8 @@ mod tests {
         for line in [
             "sealmesh_inbound_refused_total{namespace=\"shop\",pod=\"web\",reason=\"strict_inbound\"} 3\n",
             "sealmesh_inbound_refused_total{namespace=\"shop\",pod=\"db\",reason=\"strict_inbound\"} 0\n",
-            "sealmesh_inbound_refusals_unreported_total 1\n",
+            "sealmesh_inbound_refused_total{namespace=\"shop\",pod=\"api\",reason=\"policy_denied\"} 2\n",
+            "sealmesh_inbound_refusals_unreported_total 2\n",
             "sealmesh_metrics_refused_total 0\n",
         ] {
             assert!(text.contains(line), "{line} in\n{text}");

@@ -95,9 +95,10 @@ fn loads_attaches_pins_and_uninstalls() {
         (
             status.meshed_pods,
             status.pending_connects,
-            status.pending_accepts
+            status.pending_accepts,
+            status.plaintext_access_entries
         ),
-        (0, 0, 0)
+        (0, 0, 0, 0)
     );
     assert_eq!(status.pin_dir, bed.pin_dir());
     // What readiness reads: the same programs, without walking any map.
@@ -116,6 +117,7 @@ fn loads_attaches_pins_and_uninstalls() {
         format!("{maps}/STRICT_POD_ADDRESSES"),
         format!("{maps}/TRUSTED_CONNECTIONS"),
         format!("{maps}/INBOUND_REFUSALS"),
+        format!("{maps}/PLAINTEXT_ACCESS"),
     ] {
         assert!(bed.pin_dir().join(&pin).exists(), "{pin} is pinned");
     }

@@ -1852,3 +1852,70 @@ async fn deny_plaintext_lets_the_exempt_services_and_ports_through() {
     stream.read_exact(&mut answer).await.unwrap();
     assert_eq!(&answer, b"query");
 }
+
+/// The same for a local pod guarded by its authorization policies: the
+/// agent carries a new unmeshed pod's plaintext only where the policies
+/// admit its source address and port, as the kernel would.
+#[tokio::test]
+async fn a_new_unmeshed_pods_connection_to_a_local_pod_follows_its_plaintext_policies() {
+    let n = 41;
+    let mut cluster = Cluster::start(n, Policy::default(), 9).await;
+    let legacy = cluster.add_unmeshed_newcomer();
+    let admitted = echo_server(ip(n, 24)).await;
+    let other_port = echo_server(ip(n, 24)).await;
+    let spec = format!(
+        "{{ rules: [{{ from: [{{ source: {{ ipBlocks: [{}/32] }} }}], to: [{{ operation: {{ ports: [{}] }} }}] }}] }}",
+        legacy.ip.unwrap(),
+        admitted.port()
+    );
+    let policies = sealmesh_common::authz::PolicySet::new(
+        "sealmesh",
+        [sealmesh_common::authz::CompiledPolicy::compile(
+            &sealmesh_common::authz::AuthorizationPolicy {
+                name: "legacy-on-one-port".into(),
+                namespace: NAMESPACE.into(),
+                annotations: Default::default(),
+                spec: serde_yaml_ng::from_str(&spec).unwrap(),
+            },
+        )],
+    );
+    let guarded = Arc::into_inner(pod("guarded", &node_a(n), ip(n, 24), true, Some(1010))).unwrap();
+    cluster.a.registry.add(Arc::new(Workload {
+        authz: policies.for_pod(NAMESPACE, &Default::default()),
+        ..guarded
+    }));
+
+    let stream = cluster
+        .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, admitted)
+        .await;
+    let payload = random_bytes(1000);
+    assert_eq!(round_trip(stream, payload.clone()).await, payload);
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!((event.error, event.refused_reason), (None, None));
+
+    let stream = cluster
+        .connect_as_unknown(legacy.ip.unwrap(), NEWCOMER_CGROUP, other_port)
+        .await;
+    assert_closed_without_data(stream).await;
+    let event = next_close(&mut cluster.a, Direction::Outbound).await;
+    assert_eq!(event.refused_reason, Some(RefusalReason::PolicyDenied));
+    assert_eq!(
+        event
+            .authz
+            .as_ref()
+            .and_then(|a| a.denied.as_ref())
+            .map(ToString::to_string)
+            .as_deref(),
+        Some("app/legacy-on-one-port")
+    );
+    assert_eq!(
+        event.error.as_deref(),
+        Some(
+            format!(
+                "app/guarded-0 ({other_port}) refuses plaintext from {}: no rule of ALLOW policy app/legacy-on-one-port matches it; an unmeshed pod's connection cannot reach it",
+                legacy.ip.unwrap()
+            )
+            .as_str()
+        )
+    );
+}

@@ -16,6 +16,7 @@ use std::{
 
 use sealmesh_agent::ebpf::Redirector;
 use sealmesh_common::{
+    authz::AuthorizationPolicy,
     cluster::ClusterFile,
     consts::{
         ACCESS_LOG_TARGET, AGENT_ADMIN_PORT, AGENT_METRICS_PORT, INBOUND_POLICY_ANNOTATION,
@@ -230,6 +231,30 @@ impl App {
     fn trusted_connections(&self, node: &str) -> usize {
         let dir = self.mesh.testbed().node_bpffs_dir(node).unwrap();
         Redirector::pinned_status(&dir).unwrap().trusted_connections
+    }
+
+    fn plaintext_access_entries(&self, node: &str) -> usize {
+        let dir = self.mesh.testbed().node_bpffs_dir(node).unwrap();
+        Redirector::pinned_status(&dir)
+            .unwrap()
+            .plaintext_access_entries
+    }
+
+    /// Replaces the cluster's authorization policies with `policies` of
+    /// namespace shop, as (name, spec in YAML).
+    fn set_policies(&self, policies: &[(&str, &str)]) {
+        let path = self.mesh.testbed().cluster_file_path();
+        let mut file = ClusterFile::load(&path).unwrap();
+        file.authorization_policies = policies
+            .iter()
+            .map(|(name, spec)| AuthorizationPolicy {
+                name: (*name).into(),
+                namespace: SHOP.into(),
+                annotations: Default::default(),
+                spec: serde_yaml_ng::from_str(spec).unwrap(),
+            })
+            .collect();
+        file.save(&path).unwrap();
     }
 }
 
@@ -725,6 +750,165 @@ fn agents_follow_policy_changes_and_a_strict_default_closes_the_metrics_port() {
         None,
         "{body}"
     );
+}
+
+/// Authorization policies that refuse some plaintext make a permissive pod
+/// strict by implication: the kernel admits plaintext only from the
+/// `ipBlocks` and `ports` they allow, reports the rest with the denying
+/// policy, and its map follows policy and pod changes.
+#[test]
+fn authorization_policies_make_a_pod_strict_by_implication() {
+    let spec = TestbedSpec::new(2)
+        .namespace(SHOP, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
+        .namespace(LEGACY, &[])
+        .pod(PodSpec::new(SHOP, "client", "client", 0))
+        .pod(PodSpec::new(LEGACY, "outsider", "default", 0))
+        .pod(PodSpec::new(SHOP, "server", "server", 1).label("app", "server"))
+        .pod(
+            PodSpec::new(SHOP, "guarded", "guarded", 1)
+                .label("app", "server")
+                .annotation(INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT),
+        )
+        .pod(PodSpec::new(LEGACY, "plain", "default", 1));
+    let app = App::up(
+        &spec,
+        MeshOptions::default(),
+        &[(SHOP, "server"), (SHOP, "guarded")],
+    );
+    let (_other_port_server, other_port) = testapp::start_echo_server(
+        app.mesh.testbed(),
+        testapp_path(),
+        SHOP,
+        "server",
+        ECHO_PORT + 1,
+    )
+    .unwrap();
+    let server = app.echo(SHOP, "server");
+    // Plaintext from the pod network to the echo port; mTLS from shop; and
+    // no plaintext from node-0's pods (10.244.0.0/24).
+    let allow = format!(
+        r#"{{ selector: {{ matchLabels: {{ app: server }} }}, rules: [
+            {{ from: [{{ source: {{ principals: ["cluster.local/ns/shop/*"] }} }}] }},
+            {{ from: [{{ source: {{ ipBlocks: [10.244.0.0/16] }} }}], to: [{{ operation: {{ ports: ["{ECHO_PORT}"] }} }}] }} ] }}"#
+    );
+    let deny = r#"{ selector: { matchLabels: { app: server } }, action: DENY, rules: [
+        { from: [{ source: { ipBlocks: [10.244.0.0/24], notPrincipals: ["*"] } }] } ] }"#;
+    let tap = app.tap_refusals("node-1", 4);
+    app.set_policies(&[("server-plaintext", &allow), ("no-node0-plaintext", deny)]);
+    wait_until("shop/server to be guarded by its policies", || {
+        let status = app.inbound_policy("node-1");
+        let policy = pod_policy(&status, SHOP, "server");
+        (policy.enforced && policy.required_by_authorization_policy).then_some(())
+    });
+    // Its regions: the echo port and every other port, each for 0.0.0.0/0,
+    // the allowed block and the denied block inside it; none for the pod
+    // strict by annotation.
+    assert_eq!(app.plaintext_access_entries("node-1"), 6);
+
+    accepted(
+        &app.client_in_pod(LEGACY, "plain", server),
+        "legacy/plain -> shop/server (allowed block and port)",
+    );
+    refused(
+        &app.client_in_pod(LEGACY, "plain", other_port),
+        "legacy/plain -> shop/server's other port",
+    );
+    refused(
+        &app.client_in_pod(LEGACY, "outsider", server),
+        "legacy/outsider (node-0) -> shop/server: the DENY block inside the ALLOW block",
+    );
+    refused(
+        &app.client_on_underlay(server),
+        "underlay -> shop/server: another block",
+    );
+    refused(
+        &app.client_in_pod(LEGACY, "plain", app.echo(SHOP, "guarded")),
+        "legacy/plain -> shop/guarded: strict by annotation admits no plaintext",
+    );
+    accepted(
+        &app.client_in_pod(SHOP, "client", server),
+        "shop/client (node-0) -> shop/server over mTLS",
+    );
+    accepted(
+        &app.client_on_node("node-1", server),
+        "node-1 -> shop/server",
+    );
+
+    // Each refusal names the policy, and the rule when one matched.
+    let refusals = tap.join().unwrap();
+    let summary: Vec<(&str, &str, Option<u32>)> = refusals
+        .iter()
+        .map(|e| {
+            (
+                e.refused_reason.as_str(),
+                e.denied_policy.as_str(),
+                e.denied_rule,
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("policy_denied", "shop/server-plaintext", None),
+            ("policy_denied", "shop/no-node0-plaintext", Some(0)),
+            ("policy_denied", "shop/server-plaintext", None),
+            ("strict_inbound", "", None),
+        ],
+        "{refusals:?}"
+    );
+    assert!(
+        refusals[0]
+            .error
+            .contains("no rule of ALLOW policy shop/server-plaintext matches it"),
+        "{:?}",
+        refusals[0]
+    );
+    let metrics = app.metrics("node-1");
+    assert_eq!(
+        metric(
+            &metrics,
+            &format!(
+                "sealmesh_inbound_refused_total{{namespace=\"{SHOP}\",pod=\"server\",reason=\"policy_denied\"}}"
+            )
+        ),
+        Some(3),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric(&metrics, &refused_series(SHOP, "guarded")),
+        Some(1),
+        "{metrics}"
+    );
+    let logged = app.logged_refusals("node-1");
+    assert_eq!(logged[0]["reason"], "policy_denied", "{logged:?}");
+    assert_eq!(logged[1]["denied_by"], "shop/no-node0-plaintext rule 0");
+    let status = app.inbound_policy("node-1");
+    let guarded = pod_policy(&status, SHOP, "guarded");
+    assert!(guarded.enforced && !guarded.required_by_authorization_policy);
+    assert_eq!(
+        pod_policy(&status, SHOP, "server").policy,
+        "permissive",
+        "the annotation policy is unchanged"
+    );
+
+    // The map follows the policies: without the DENY, node-0's pods get in.
+    app.set_policies(&[("server-plaintext", &allow)]);
+    wait_until("the DENY block to leave the map", || {
+        (app.plaintext_access_entries("node-1") == 4).then_some(())
+    });
+    accepted(
+        &app.client_in_pod(LEGACY, "outsider", server),
+        "legacy/outsider -> shop/server without the DENY policy",
+    );
+    // ... and the pod: its regions go with it.
+    let path = app.mesh.testbed().cluster_file_path();
+    let mut file = ClusterFile::load(&path).unwrap();
+    file.pods
+        .retain(|p| !(p.namespace == SHOP && p.name == "server"));
+    file.save(&path).unwrap();
+    wait_until("shop/server's regions to leave the map", || {
+        (app.plaintext_access_entries("node-1") == 0).then_some(())
+    });
 }
 
 /// Kubernetes mode reads the policy from namespace and pod annotations in

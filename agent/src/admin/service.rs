@@ -151,6 +151,7 @@ impl pb::admin_server::Admin for AdminService {
             agent_cgroups: count(status.agent_cgroups),
             strict_pods: count(status.strict_pods),
             trusted_connections: count(status.trusted_connections),
+            plaintext_access_entries: count(status.plaintext_access_entries),
         }))
     }
 
@@ -171,6 +172,7 @@ impl pb::admin_server::Admin for AdminService {
                 enforced: p.enforced,
                 refused_total: p.refused_total,
                 ignored_annotations: p.ignored_annotations,
+                required_by_authorization_policy: p.required_by_authorization_policy,
             })
             .collect();
         let recent_refusals = inbound

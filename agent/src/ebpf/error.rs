@@ -107,6 +107,8 @@ pub enum EbpfError {
         count: usize,
         max: u32,
     },
+    #[error("eBPF map {map} is full ({max_entries} entries)")]
+    MapFull { map: &'static str, max_entries: u32 },
     #[error(
         "the eBPF object has no {0}; the agent and its embedded object are out of sync: rebuild the agent"
     )]

@@ -50,7 +50,9 @@
 //!   record connect4 writes and sock_ops deletes when the socket closes (LRU as a last bound).
 //! - Strict inbound (`strict`): a `cgroup_skb/ingress` program drops SYNs to strict pods unless
 //!   the host or the agent made the connection (marked at connect, moved to the 4-tuple by
-//!   sock_ops before the SYN leaves); its maps and refusal ring buffer are pinned like the rest.
+//!   sock_ops before the SYN leaves) or the pod's authorization policies admit the plaintext
+//!   source on that port (an LPM trie of (pod, port, source network)); its maps and refusal
+//!   ring buffer are pinned like the rest.
 #![forbid(unsafe_code)]
 
 mod error;
@@ -315,6 +317,8 @@ pub struct EbpfStatus {
     pub strict_pods: usize,
     /// Open connections from the host or the agent to strict pods.
     pub trusted_connections: usize,
+    /// (port, network) regions of the plaintext that strict pods' authorization policies admit.
+    pub plaintext_access_entries: usize,
     pub pin_dir: PathBuf,
 }
 
@@ -555,6 +559,7 @@ impl Redirector {
                 .count(),
             strict_pods: self.strict.strict_pod_count(),
             trusted_connections: self.strict.trusted_connection_count(),
+            plaintext_access_entries: self.strict.plaintext_entry_count(),
             pin_dir: self.pins.root.clone(),
         }
     }
@@ -591,6 +596,7 @@ impl Redirector {
                 &pins,
                 names::TRUSTED_CONNECTIONS,
             )?,
+            plaintext_access_entries: strict::count_pinned_plaintext_entries(&pins)?,
             pin_dir: pins.root,
         })
     }
@@ -640,6 +646,7 @@ impl Redirector {
             names::TRUSTED_CONNECTIONS,
             names::REFUSED_FLOWS,
             names::INBOUND_REFUSALS,
+            names::PLAINTEXT_ACCESS,
         ] {
             remove_pin(&pins.maps.join(map))?;
         }

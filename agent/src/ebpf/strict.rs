@@ -1,6 +1,6 @@
 //! The strict-inbound side of the eBPF object: the maps the agent fills
-//! (`STRICT_PODS`, `STRICT_POD_ADDRESSES`), the trusted connections it
-//! counts, and the ring buffer of refusals it reads. All pinned, so a
+//! (`STRICT_PODS`, `STRICT_POD_ADDRESSES`, `PLAINTEXT_ACCESS`), the trusted
+//! connections it counts, and the ring buffer of refusals it reads. All pinned, so a
 //! restarted agent finds the pods still enforced and the refusals reported
 //! meanwhile. The ring buffer is read by a small thread blocking in poll(2),
 //! as the kernel log is, which hands batches to the agent's tasks.
@@ -13,12 +13,18 @@ use std::{
     thread::JoinHandle,
 };
 
-use agent_ebpf::{InboundRefusal, SocketTuple, StrictPodCounters, capacity, names};
+use agent_ebpf::{
+    InboundRefusal, PlaintextSource, SocketTuple, StrictPodCounters, capacity, names, plaintext,
+};
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, RingBuf},
+    maps::{
+        HashMap, LpmTrie, Map, MapData, MapError, PerCpuHashMap, PerCpuValues, RingBuf,
+        lpm_trie::Key,
+    },
     util::nr_cpus,
 };
+use ipnet::Ipv4Net;
 use nix::{
     errno::Errno,
     poll::{PollFd, PollFlags, PollTimeout, poll},
@@ -26,12 +32,13 @@ use nix::{
 use tokio::sync::mpsc;
 
 use super::{EbpfError, PinLayout, Redirector, check_layout, take_pinned_map};
-use crate::inbound_policy::{RefusalSource, StrictPodMaps};
+use crate::inbound_policy::{PlaintextEntry, RefusalSource, StrictPodMaps};
 
 /// The strict-inbound maps of a loaded object.
 pub(super) struct StrictInboundMaps {
     pods: Mutex<PerCpuHashMap<MapData, u64, StrictPodCounters>>,
     addresses: Mutex<HashMap<MapData, u32, u8>>,
+    plaintext: Mutex<LpmTrie<MapData, PlaintextSource, u8>>,
     trusted: HashMap<MapData, SocketTuple, u8>,
     /// Taken once, by the task reporting refusals.
     refusals: Mutex<Option<RingBuf<MapData>>>,
@@ -52,6 +59,7 @@ impl StrictInboundMaps {
             names::TRUSTED_CONNECTIONS,
             capacity::TRUSTED_CONNECTIONS,
         )?;
+        let plaintext = take_plaintext_access(ebpf, pins)?;
         let name = names::INBOUND_REFUSALS;
         let map = ebpf
             .take_map(name)
@@ -78,6 +86,7 @@ impl StrictInboundMaps {
         Ok(Self {
             pods: Mutex::new(pods),
             addresses: Mutex::new(addresses),
+            plaintext: Mutex::new(plaintext),
             trusted,
             refusals: Mutex::new(Some(refusals)),
         })
@@ -92,6 +101,65 @@ impl StrictInboundMaps {
     pub(super) fn trusted_connection_count(&self) -> usize {
         self.trusted.keys().filter(Result::is_ok).count()
     }
+
+    /// Plaintext regions of pods guarded by authorization policies.
+    pub(super) fn plaintext_entry_count(&self) -> usize {
+        lock(&self.plaintext).keys().filter(Result::is_ok).count()
+    }
+}
+
+/// `PLAINTEXT_ACCESS`, an LPM trie.
+fn take_plaintext_access(
+    ebpf: &mut Ebpf,
+    pins: &PinLayout,
+) -> Result<LpmTrie<MapData, PlaintextSource, u8>, EbpfError> {
+    let name = names::PLAINTEXT_ACCESS;
+    let map = ebpf
+        .take_map(name)
+        .ok_or(EbpfError::MissingObjectItem(name))?;
+    let Map::LpmTrie(data) = &map else {
+        return Err(EbpfError::MissingObjectItem(name));
+    };
+    let info = data
+        .info()
+        .map_err(|error| EbpfError::from_aya(format!("inspecting map {name}"), error))?;
+    check_layout::<Key<PlaintextSource>, u8>(pins, name, &info, capacity::PLAINTEXT_ACCESS)?;
+    LpmTrie::try_from(map)
+        .map_err(|error| EbpfError::from_aya(format!("opening map {name}"), error))
+}
+
+/// Entries of the pinned `PLAINTEXT_ACCESS`, opened from its pin.
+pub(super) fn count_pinned_plaintext_entries(pins: &PinLayout) -> Result<usize, EbpfError> {
+    let name = names::PLAINTEXT_ACCESS;
+    let data = MapData::from_pin(pins.maps.join(name))
+        .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
+    let map: LpmTrie<MapData, PlaintextSource, u8> = LpmTrie::try_from(Map::LpmTrie(data))
+        .map_err(|error| EbpfError::from_aya(format!("opening pinned map {name}"), error))?;
+    Ok(map.keys().filter(Result::is_ok).count())
+}
+
+fn plaintext_key(entry: &PlaintextEntry) -> Key<PlaintextSource> {
+    Key::new(
+        plaintext::prefix_len(entry.net.prefix_len()),
+        PlaintextSource::new(
+            entry.pod_cgroup,
+            entry.port.unwrap_or(plaintext::ANY_PORT),
+            entry.net.network().octets(),
+        ),
+    )
+}
+
+/// The entry a key stands for; None for a key the agent never writes (a prefix shorter than
+/// the pod and port, or longer than an address).
+fn plaintext_entry(key: &Key<PlaintextSource>) -> Option<PlaintextEntry> {
+    let source_bits = key.prefix_len().checked_sub(plaintext::EXACT_BITS)?;
+    let data = key.data();
+    let net = Ipv4Net::new(data.source().into(), u8::try_from(source_bits).ok()?).ok()?;
+    Some(PlaintextEntry {
+        pod_cgroup: data.pod_cgroup(),
+        port: Some(data.port()).filter(|port| *port != plaintext::ANY_PORT),
+        net,
+    })
 }
 
 /// `STRICT_PODS`, a per-CPU hash map.
@@ -188,6 +256,59 @@ impl StrictPodMaps for Redirector {
         ignore_absent(
             lock(&self.strict.pods).remove(&cgroup_id),
             format!("ending strict inbound for cgroup {cgroup_id}"),
+        )
+    }
+
+    fn plaintext_entries(&self) -> Result<Vec<(PlaintextEntry, bool)>, EbpfError> {
+        let map = lock(&self.strict.plaintext);
+        let mut entries = Vec::new();
+        for entry in map.iter() {
+            let (key, value) = entry
+                .map_err(|error| EbpfError::from_aya("listing plaintext access entries", error))?;
+            match plaintext_entry(&key) {
+                Some(entry) => entries.push((entry, value == plaintext::ALLOW)),
+                None => tracing::warn!(
+                    prefix_len = key.prefix_len(),
+                    "a plaintext access entry the agent does not write; ignored (an agent of another version wrote it?)"
+                ),
+            }
+        }
+        Ok(entries)
+    }
+
+    fn set_plaintext_entry(&self, entry: &PlaintextEntry, allow: bool) -> Result<(), EbpfError> {
+        let value = if allow {
+            plaintext::ALLOW
+        } else {
+            plaintext::DENY
+        };
+        match lock(&self.strict.plaintext).insert(&plaintext_key(entry), value, 0) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(error))
+                if matches!(
+                    error.io_error.raw_os_error(),
+                    Some(libc::ENOSPC | libc::E2BIG)
+                ) =>
+            {
+                Err(EbpfError::MapFull {
+                    map: names::PLAINTEXT_ACCESS,
+                    max_entries: capacity::PLAINTEXT_ACCESS,
+                })
+            }
+            Err(error) => Err(EbpfError::from_aya(
+                format!("admitting plaintext to cgroup {}", entry.pod_cgroup),
+                error,
+            )),
+        }
+    }
+
+    fn remove_plaintext_entry(&self, entry: &PlaintextEntry) -> Result<(), EbpfError> {
+        ignore_absent(
+            lock(&self.strict.plaintext).remove(&plaintext_key(entry)),
+            format!(
+                "removing a plaintext access entry of cgroup {}",
+                entry.pod_cgroup
+            ),
         )
     }
 }

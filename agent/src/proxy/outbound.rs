@@ -24,7 +24,6 @@ use http::StatusCode;
 use sealmesh_common::{
     hbone::{connect_request, denied_by},
     identity::Identity,
-    policy::InboundPolicy,
 };
 use tokio::net::{
     TcpStream,
@@ -85,10 +84,9 @@ pub enum OutboundError {
         "{target} is this node's metrics port, which only the node itself and --metrics-allowed-cidrs may read; pods cannot reach it through the agent"
     )]
     ProtectedLocalPort { target: SocketAddrV4 },
-    #[error(
-        "{pod} ({target}) accepts only mutual TLS from meshed pods (strict inbound policy); an unmeshed pod's connection cannot reach it"
-    )]
-    StrictDestination { pod: String, target: SocketAddrV4 },
+    /// An unmeshed pod's plaintext to a local pod the kernel guards.
+    #[error(transparent)]
+    StrictDestination(Box<inbound_policy::PlaintextRefusal>),
     #[error("cannot connect to {target}: {source}")]
     Connect {
         target: SocketAddr,
@@ -163,7 +161,7 @@ impl OutboundError {
             Self::NoDestinationCertificate { .. } => RefusalReason::NoDestinationCertificate,
             Self::PlaintextDenied { .. } => RefusalReason::PlaintextDenied,
             Self::ProtectedLocalPort { .. } => RefusalReason::ProtectedLocalPort,
-            Self::StrictDestination { .. } => RefusalReason::StrictInbound,
+            Self::StrictDestination(refusal) => refusal.reason,
             Self::Connect { source, .. }
                 if source.kind() == std::io::ErrorKind::ConnectionRefused =>
             {
@@ -472,15 +470,15 @@ async fn unmeshed_source(
     tracker.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
     // The kernel trusts every agent connect, so the agent must not carry
     // what no identity vouches for to a pod the kernel guards.
-    if let Some(pod) = destination.as_deref().filter(|pod| {
-        pod.node == engine.registry.local_node().name
-            && inbound_policy::effective_policy(pod, engine.cfg.policy.default_inbound_policy).0
-                == InboundPolicy::Strict
-    }) {
-        return Err(OutboundError::StrictDestination {
-            pod: format!("{}/{}", pod.namespace, pod.name),
-            target,
-        });
+    let default = engine.cfg.policy.default_inbound_policy;
+    let source = tracker.event.src_addr.ip();
+    if let Some(refusal) = destination
+        .as_deref()
+        .filter(|pod| pod.node == engine.registry.local_node().name)
+        .and_then(|pod| inbound_policy::plaintext_refusal(pod, default, source, target))
+    {
+        tracker.event.authz = refusal.authz.clone();
+        return Err(OutboundError::StrictDestination(Box::new(refusal)));
     }
     plaintext(engine, client, target, tracker).await
 }
@@ -879,10 +877,15 @@ mod tests {
                 "protected_local_port",
             ),
             (
-                OutboundError::StrictDestination {
-                    pod: "app/server-0".into(),
-                    target: DST,
-                },
+                OutboundError::StrictDestination(Box::new(
+                    inbound_policy::plaintext_refusal(
+                        &workload("server-0", "node-0", [172, 18, 0, 2], [10, 244, 0, 7], true),
+                        sealmesh_common::policy::InboundPolicy::Strict,
+                        Ipv4Addr::new(10, 244, 0, 9).into(),
+                        DST,
+                    )
+                    .expect("a strict pod refuses plaintext"),
+                )),
                 "strict_inbound",
             ),
             (
