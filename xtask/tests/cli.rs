@@ -222,10 +222,10 @@ fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() 
     app.connect(APP_NS, "neighbour");
     app.connect(PLAIN_NS, "plain");
     let expected_table = "\
-SRC      DST         SRC_NS   DST_NS   SECURED
-client   plain       shop     legacy   not_meshed
-client   neighbour   shop     shop     √ (local)
-client   server      shop     shop     √
+SRC      DST         SRC_NS   DST_NS   SECURED      AUTHZ
+client   plain       shop     legacy   not_meshed   allowed
+client   neighbour   shop     shop     √ (local)    allowed
+client   server      shop     shop     √            allowed
 ";
     let deadline = Instant::now() + WAIT;
     let table = loop {
@@ -241,8 +241,8 @@ client   server      shop     shop     √
     let out = app.sealmesh(&["edges", "-n", PLAIN_NS, "-o", "wide"]);
     assert_eq!(
         stdout(&out),
-        "SRC      DST     SRC_NS   DST_NS   SECURED      CLIENT_ID   SERVER_ID\n\
-         client   plain   shop     legacy   not_meshed   -           -\n"
+        "SRC      DST     SRC_NS   DST_NS   SECURED      AUTHZ     CLIENT_ID   SERVER_ID\n\
+         client   plain   shop     legacy   not_meshed   allowed   -           -\n"
     );
 
     let out = app.sealmesh(&["edges", "-n", APP_NS, "-o", "json"]);
@@ -257,6 +257,9 @@ client   server      shop     shop     √
     assert_eq!(server["client_id"], spiffe("client"));
     assert_eq!(server["server_id"], spiffe("server"));
     assert_eq!(server["connections_total"], 1);
+    assert_eq!(server["denied_total"], 0);
+    assert_eq!(server["denied_policy"], "");
+    assert_eq!(server["dry_run_denied_policy"], "");
     let plain = &rows[0];
     assert_eq!(plain["dst_ns"], PLAIN_NS);
     assert_eq!(plain["secured"], false);
