@@ -1,12 +1,13 @@
 //! `sealmesh check [--proxy] [--trust-bundle FILE] [-o table|json|short]`:
 //! Linkerd's identity checks on the trust anchors and issuer, on Kubernetes
-//! the control plane's workloads, ServiceAccounts and RBAC, with `--proxy`
+//! the control plane's workloads, ServiceAccounts and RBAC, in both modes
+//! the authorization policies, with `--proxy`
 //! checks of every agent's live certificates, and with `--trust-bundle`
 //! whether a candidate anchor bundle keeps every anchor the issuer and live
 //! leaves still need; printed as `linkerd check` prints them.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt::Write as _,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -17,8 +18,9 @@ use anyhow::Context as _;
 use clap::{Args, ValueEnum};
 use rustls_pki_types::CertificateDer;
 use sealmesh_common::{
-    cluster::ClusterFile,
-    consts::{DEFAULT_CONTROL_NAMESPACE, kube::TRUST_ROOTS_CONFIGMAP},
+    authz::{self, PolicyName},
+    cluster::{ClusterFile, Pod},
+    consts::{DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN, kube::TRUST_ROOTS_CONFIGMAP},
 };
 use sealmesh_pki::{CaMaterial, Issuer, TrustAnchors};
 use sealmesh_proto::admin::{
@@ -28,9 +30,12 @@ use serde_json::{Value, json};
 use time::OffsetDateTime;
 
 use crate::{
-    agents::{AgentDirectory, AgentError, ClusterArgs, ClusterSource, call, session},
+    agents::{
+        AgentDirectory, AgentError, ClusterArgs, ClusterArgsError, ClusterSource, call, session,
+    },
     certview::{self, CertFacts},
-    kube::{KubeCluster, Replicas},
+    kube::{KubeCluster, KubeError, Replicas},
+    policies::{self, ListedPolicy, policy_set},
     rbac,
     trust_bundle::{self, LiveChain},
 };
@@ -45,6 +50,12 @@ const CONTROL_PLANE_SECTION: &str = "sealmesh-control-plane";
 const RBAC_SECTION: &str = "sealmesh-rbac";
 const DATA_PLANE_SECTION: &str = "sealmesh-data-plane";
 const TRUST_BUNDLE_SECTION: &str = "sealmesh-trust-bundle";
+const POLICIES_SECTION: &str = "sealmesh-policies";
+const POLICIES_LISTED: &str = "authorization policies can be listed";
+const POLICIES_VALID: &str = "authorization policies are valid";
+const PRINCIPALS_EXIST: &str = "policy principals name existing ServiceAccounts";
+const SELECTORS_MATCH: &str = "policy selectors match pods";
+const POLICIES_PROTECT: &str = "policies select meshed pods";
 const AGENTS_REACHABLE: &str = "agents are running and reachable";
 
 #[derive(Debug, Args)]
@@ -238,8 +249,23 @@ fn failed(sections: &[Section]) -> bool {
 pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let explicit_pki = args.pki_dir.is_some() || args.trust_anchors.is_some();
     // The cluster is needed for the agents, and for the PKI unless flags name it.
+    let mut unloadable_policies = None;
     let source = if args.cluster.path().is_some() || args.proxy || !explicit_pki {
-        Some(args.cluster.source()?)
+        match args.cluster.source() {
+            Ok(source) => Some(source),
+            // A cluster file whose only fault is in its policies: every
+            // bad policy is named in the policies section.
+            Err(error @ ClusterArgsError::Load(_)) => {
+                let (cluster, policies) = args
+                    .cluster
+                    .path()
+                    .and_then(policies::load_cluster_file_leniently)
+                    .ok_or(error)?;
+                unloadable_policies = Some(policies);
+                Some(ClusterSource::Local(Box::new(cluster)))
+            }
+            Err(error) => return Err(error.into()),
+        }
     } else {
         None
     };
@@ -258,6 +284,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     }
     let (identity, (anchors, issuer_chain)) = check_identity(pki, now);
     sections.push(identity);
+    let policies = source
+        .as_ref()
+        .map(|source| check_cluster_policies(source, unloadable_policies));
     let mut live = Vec::new();
     if let Some(chain) = issuer_chain {
         live.push(LiveChain {
@@ -294,6 +323,7 @@ pub fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
             }
         });
     }
+    sections.extend(policies);
     if let Some(candidate) = &args.trust_bundle {
         sections.push(check_trust_bundle(
             candidate,
@@ -430,6 +460,274 @@ fn check_rbac(cluster: &KubeCluster) -> Section {
         ),
         Err(error) => section.push(Status::Fail, PERMISSIONS, vec![error.to_string()], None),
     }
+    section
+}
+
+/// Something the policies section needed and could not read.
+#[derive(Debug)]
+struct Unread {
+    message: String,
+    /// The API refused the caller (403): a warning, not a failure.
+    forbidden: bool,
+}
+
+impl From<KubeError> for Unread {
+    fn from(error: KubeError) -> Self {
+        Self {
+            forbidden: error.is_forbidden(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// What the policies section judges: the policies, the cluster's pods and
+/// namespaces, its ServiceAccounts and the trust domain principals name.
+struct PolicyInputs<'a> {
+    policies: Result<Vec<ListedPolicy>, Unread>,
+    cluster: Result<&'a ClusterFile, Unread>,
+    accounts: Result<BTreeSet<(String, String)>, Unread>,
+    trust_domain: &'a str,
+}
+
+/// The policies section of either mode. `unloadable`: the policies of a
+/// cluster file that did not load because of them.
+fn check_cluster_policies(
+    source: &ClusterSource,
+    unloadable: Option<Vec<ListedPolicy>>,
+) -> Section {
+    match source {
+        ClusterSource::Local(cluster) => {
+            let policies = unloadable.unwrap_or_else(|| {
+                cluster
+                    .authorization_policies
+                    .iter()
+                    .map(ListedPolicy::of)
+                    .collect()
+            });
+            let accounts = cluster
+                .service_accounts
+                .iter()
+                .map(|a| (a.namespace.clone(), a.name.clone()))
+                .chain(
+                    cluster
+                        .pods
+                        .iter()
+                        .map(|p| (p.namespace.clone(), p.service_account.clone())),
+                )
+                .collect();
+            check_policies(PolicyInputs {
+                policies: Ok(policies),
+                cluster: Ok(cluster),
+                accounts: Ok(accounts),
+                trust_domain: &cluster.trust_domain,
+            })
+        }
+        ClusterSource::Kubernetes(api) => {
+            let snapshot = api.snapshot();
+            // A DaemonSet that cannot be read is the control-plane section's
+            // finding; principals are then read in the default domain.
+            let trust_domain = api
+                .trust_domain()
+                .unwrap_or_else(|_| DEFAULT_TRUST_DOMAIN.to_owned());
+            check_policies(PolicyInputs {
+                policies: api
+                    .authorization_policies()
+                    .map(Option::unwrap_or_default)
+                    .map_err(Unread::from),
+                cluster: snapshot.as_ref().map_err(|e| Unread {
+                    message: e.to_string(),
+                    forbidden: e.is_forbidden(),
+                }),
+                accounts: api.service_accounts().map_err(Unread::from),
+                trust_domain: &trust_domain,
+            })
+        }
+    }
+}
+
+/// Every policy readable and valid (an error otherwise: the agents judge
+/// it fail-closed), and warnings for what makes a valid policy miss its
+/// aim: an exact principal of this trust domain naming no ServiceAccount, a
+/// selector matching no pod, a policy whose pods are not meshed (the
+/// agents judge only meshed pods' connections).
+fn check_policies(inputs: PolicyInputs<'_>) -> Section {
+    let mut section = Section::new(POLICIES_SECTION);
+    let mut policies = match inputs.policies {
+        Ok(policies) => policies,
+        Err(unread) if unread.forbidden => {
+            section.push(
+                Status::Warn,
+                POLICIES_LISTED,
+                vec![unread.message],
+                Some(format!(
+                    "this check lists {}.{} in every namespace: ask for list on them (RBAC rule apiGroups: [\"{}\"], resources: [\"{}\"], verbs: [\"list\"])",
+                    authz::PLURAL,
+                    authz::API_GROUP,
+                    authz::API_GROUP,
+                    authz::PLURAL
+                )),
+            );
+            return section;
+        }
+        Err(unread) => {
+            section.push(Status::Fail, POLICIES_LISTED, vec![unread.message], None);
+            return section;
+        }
+    };
+
+    // By name, whatever order the file or the API lists them in.
+    policies.sort_by(|a, b| a.name.cmp(&b.name));
+    let invalid: Vec<String> = policies
+        .iter()
+        .filter_map(|p| p.invalid().map(|e| format!("{}: {e}", p.name)))
+        .collect();
+    section.expect(
+        POLICIES_VALID,
+        invalid,
+        Status::Fail,
+        "correct the named field (kubectl edit authorizationpolicy NAME -n NAMESPACE); until then the agents judge the policy fail-closed: an invalid ALLOW policy admits nothing, an invalid DENY policy or an unreadable one denies every connection to the pods it may select",
+    );
+
+    // Exact principals of this trust domain, by the field naming them.
+    let mut principals = Vec::new();
+    for policy in &policies {
+        let Ok(spec) = &policy.spec else { continue };
+        for (r, rule) in spec.rules.iter().enumerate() {
+            for (f, from) in rule.from.iter().enumerate() {
+                let fields = [
+                    ("principals", &from.source.principals),
+                    ("notPrincipals", &from.source.not_principals),
+                ];
+                for (field, values) in fields {
+                    for (i, text) in values.iter().enumerate() {
+                        if let Some((domain, namespace, account)) = authz::exact_principal(text)
+                            && domain == inputs.trust_domain
+                        {
+                            principals.push((
+                                format!(
+                                    "{}: spec.rules[{r}].from[{f}].source.{field}[{i}]",
+                                    policy.name
+                                ),
+                                (namespace.to_owned(), account.to_owned()),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    match &inputs.accounts {
+        Ok(accounts) => {
+            let missing = principals
+                .iter()
+                .filter(|(_, account)| !accounts.contains(account))
+                .map(|(field, (namespace, account))| {
+                    format!("{field}: ServiceAccount {namespace}/{account} does not exist")
+                })
+                .collect();
+            section.expect(
+                PRINCIPALS_EXIST,
+                missing,
+                Status::Warn,
+                "a principal matches only the pods of that ServiceAccount: correct the name (kubectl get serviceaccounts -n NAMESPACE) or create the ServiceAccount",
+            );
+        }
+        Err(unread) if !principals.is_empty() => section.push(
+            Status::Warn,
+            PRINCIPALS_EXIST,
+            vec![unread.message.clone()],
+            Some("this check lists ServiceAccounts in every namespace: ask for list on serviceaccounts".to_owned()),
+        ),
+        Err(_) => section.pass(PRINCIPALS_EXIST),
+    }
+
+    let cluster = match inputs.cluster {
+        Ok(cluster) => cluster,
+        Err(unread) => {
+            for title in [SELECTORS_MATCH, POLICIES_PROTECT] {
+                section.push(
+                    Status::Warn,
+                    title,
+                    vec![unread.message.clone()],
+                    Some("this check lists nodes, namespaces, pods and Services in every namespace: ask for list on them".to_owned()),
+                );
+            }
+            return section;
+        }
+    };
+    let set = policy_set(&cluster.control_namespace, &policies);
+    // Each policy's pods, as the agents select them.
+    let mut selected: BTreeMap<PolicyName, Vec<&Pod>> = BTreeMap::new();
+    for pod in &cluster.pods {
+        for policy in set.for_pod(&pod.namespace, &pod.labels).policies() {
+            selected.entry(policy.name.clone()).or_default().push(pod);
+        }
+    }
+    let (mut unmatched, mut unprotected) = (Vec::new(), Vec::new());
+    for policy in &policies {
+        let root = policy.name.namespace == cluster.control_namespace;
+        let in_scope = |pod: &&Pod| root || pod.namespace == policy.name.namespace;
+        let scope = if root {
+            "the cluster".to_owned()
+        } else {
+            format!("namespace {}", policy.name.namespace)
+        };
+        if !cluster
+            .pods
+            .iter()
+            .filter(in_scope)
+            .any(|p| cluster.is_meshed(p))
+        {
+            unprotected.push(format!(
+                "{}: {scope} has no meshed pod, so the policy protects nothing",
+                policy.name
+            ));
+            continue;
+        }
+        let pods = selected
+            .get(&policy.name)
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let selector = policy
+            .spec
+            .as_ref()
+            .ok()
+            .and_then(|spec| spec.selector.as_ref())
+            .map(|s| &s.match_labels)
+            .filter(|labels| !labels.is_empty());
+        if let Some(labels) = selector
+            && pods.is_empty()
+        {
+            let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            unmatched.push(format!(
+                "{}: selector {} matches no pod of {scope}",
+                policy.name,
+                labels.join(",")
+            ));
+        } else if !pods.is_empty() && !pods.iter().any(|p| cluster.is_meshed(p)) {
+            let names: Vec<String> = pods
+                .iter()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            unprotected.push(format!(
+                "{}: selects only pods that are not meshed ({}), so it protects nothing",
+                policy.name,
+                names.join(", ")
+            ));
+        }
+    }
+    section.expect(
+        SELECTORS_MATCH,
+        unmatched,
+        Status::Warn,
+        "a policy applies to the pods whose labels include all of its selector's matchLabels: correct the labels, or delete the policy",
+    );
+    section.expect(
+        POLICIES_PROTECT,
+        unprotected,
+        Status::Warn,
+        "the agents judge only meshed pods' connections: label the namespace sealmesh.io/mesh=enabled (and remove any pod's sealmesh.io/mesh=disabled annotation), or delete the policy",
+    );
     section
 }
 
@@ -1047,5 +1345,178 @@ mod tests {
         assert_eq!(args(&["-o", "json"]).output, CheckOutput::Json);
         assert_eq!(args(&["--output", "short"]).output, CheckOutput::Short);
         assert!(Cli::try_parse_from(["check", "-o", "wide"]).is_err());
+    }
+
+    const POLICY_CLUSTER: &str = r#"
+apiVersion: sealmesh.io/v1alpha1
+kind: Cluster
+name: tb-test
+nodes:
+  - { name: node-0, ip: 172.18.0.2, podCidr: 10.244.0.0/24, cgroup: /sys/fs/cgroup/x/node-0 }
+namespaces:
+  - { name: sealmesh }
+  - { name: shop, labels: { sealmesh.io/mesh: enabled } }
+  - { name: legacy }
+serviceAccounts:
+  - { name: batch, namespace: shop }
+pods:
+  - { name: server, namespace: shop, serviceAccount: server, ip: 10.244.0.2, node: node-0, cgroup: /sys/fs/cgroup/x/node-0/server, labels: { app: web } }
+  - { name: client, namespace: shop, serviceAccount: client, ip: 10.244.0.3, node: node-0, cgroup: /sys/fs/cgroup/x/node-0/client, labels: { app: client } }
+  - { name: opted-out, namespace: shop, serviceAccount: default, ip: 10.244.0.4, node: node-0, cgroup: /sys/fs/cgroup/x/node-0/opted-out, labels: { app: old }, annotations: { sealmesh.io/mesh: disabled } }
+  - { name: plain, namespace: legacy, serviceAccount: default, ip: 10.244.0.5, node: node-0, cgroup: /sys/fs/cgroup/x/node-0/plain }
+authorizationPolicies:
+  - name: web
+    namespace: shop
+    spec:
+      selector: { matchLabels: { app: web } }
+      rules:
+        - from:
+            - source: { principals: [cluster.local/ns/shop/sa/client, spiffe://cluster.local/ns/shop/sa/batch, "cluster.local/ns/ops/*", other.example/ns/shop/sa/nobody] }
+            - source: { notPrincipals: [cluster.local/ns/shop/sa/clinet] }
+  - { name: db, namespace: shop, spec: { selector: { matchLabels: { app: db } }, rules: [{}] } }
+  - { name: old, namespace: shop, spec: { selector: { matchLabels: { app: old } }, rules: [{}] } }
+  - { name: legacy, namespace: legacy, spec: { action: DENY, rules: [{}] } }
+  - { name: mesh-wide, namespace: sealmesh, spec: { action: DENY, rules: [{ to: [{ operation: { ports: [23] } }] }] } }
+"#;
+
+    /// The policies section of a cluster file that did not load because
+    /// of `policies`.
+    fn policy_section(cluster: &ClusterFile, policies: Vec<ListedPolicy>) -> Section {
+        check_cluster_policies(
+            &ClusterSource::Local(Box::new(cluster.clone())),
+            Some(policies),
+        )
+    }
+
+    #[test]
+    fn policies_are_checked_for_validity_principals_selectors_and_meshed_pods() {
+        let (cluster, policies) = policies::leniently(POLICY_CLUSTER).unwrap();
+        let section = policy_section(&cluster, policies);
+        assert_eq!(
+            render(std::slice::from_ref(&section), CheckOutput::Table),
+            "sealmesh-policies\n-----------------\n\
+             √ authorization policies are valid\n\
+             ‼ policy principals name existing ServiceAccounts\n    \
+             shop/web: spec.rules[0].from[1].source.notPrincipals[0]: ServiceAccount shop/clinet does not exist\n    \
+             see: a principal matches only the pods of that ServiceAccount: correct the name (kubectl get serviceaccounts -n NAMESPACE) or create the ServiceAccount\n\
+             ‼ policy selectors match pods\n    \
+             shop/db: selector app=db matches no pod of namespace shop\n    \
+             see: a policy applies to the pods whose labels include all of its selector's matchLabels: correct the labels, or delete the policy\n\
+             ‼ policies select meshed pods\n    \
+             legacy/legacy: namespace legacy has no meshed pod, so the policy protects nothing\n    \
+             shop/old: selects only pods that are not meshed (shop/opted-out), so it protects nothing\n    \
+             see: the agents judge only meshed pods' connections: label the namespace sealmesh.io/mesh=enabled (and remove any pod's sealmesh.io/mesh=disabled annotation), or delete the policy\n\n\
+             Status check results are √\n"
+        );
+        // The same through the loaded file (all policies valid there).
+        let loaded = ClusterFile::from_yaml(POLICY_CLUSTER).unwrap();
+        let section = check_cluster_policies(&ClusterSource::Local(Box::new(loaded)), None);
+        assert_eq!(
+            section.lines.iter().map(|l| l.status).collect::<Vec<_>>(),
+            [Status::Pass, Status::Warn, Status::Warn, Status::Warn]
+        );
+    }
+
+    #[test]
+    fn an_invalid_policy_is_an_error_naming_the_field_and_short_and_json_show_it() {
+        let broken = POLICY_CLUSTER.replace(
+            "rules: [{ to: [{ operation: { ports: [23] } }] }]",
+            "rules: [{ to: [{ operation: { ports: [telnet] } }] }, { to: [{ operation: { methods: [GET] } }] }]",
+        );
+        assert!(ClusterFile::from_yaml(&broken).is_err());
+        let (cluster, policies) = policies::leniently(&broken).unwrap();
+        let section = policy_section(&cluster, policies);
+        let short = render(std::slice::from_ref(&section), CheckOutput::Short);
+        assert!(
+            short.starts_with(
+                "sealmesh-policies\n-----------------\n\
+                 × authorization policies are valid\n    \
+                 sealmesh/mesh-wide: spec.rules[1].to[0].operation.methods: unknown field `methods`, expected `ports` or `notPorts`\n    \
+                 see: correct the named field (kubectl edit authorizationpolicy NAME -n NAMESPACE); until then the agents judge the policy fail-closed"
+            ),
+            "{short}"
+        );
+        assert!(short.ends_with("Status check results are ×\n"), "{short}");
+        let json: Value = serde_json::from_str(&render(&[section], CheckOutput::Json)).unwrap();
+        assert_eq!(json["success"], false);
+        assert_eq!(json["categories"][0]["categoryName"], POLICIES_SECTION);
+        assert_eq!(json["categories"][0]["checks"][0]["result"], "error");
+
+        // Only the bad port: validate() names it.
+        let bad_port = POLICY_CLUSTER.replace("ports: [23]", "ports: [telnet]");
+        let (cluster, policies) = policies::leniently(&bad_port).unwrap();
+        let section = policy_section(&cluster, policies);
+        assert_eq!(
+            section.lines[0].details,
+            [
+                "sealmesh/mesh-wide: spec.rules[0].to[0].operation.ports[0]: \"telnet\" is not a port (1-65535)"
+            ]
+        );
+    }
+
+    #[test]
+    fn policies_or_accounts_the_user_may_not_list_are_warnings_naming_the_rule() {
+        let cluster = ClusterFile::from_yaml(POLICY_CLUSTER).unwrap();
+        let forbidden = || Unread {
+            message: "cannot list ... (403 Forbidden)".into(),
+            forbidden: true,
+        };
+        let section = check_policies(PolicyInputs {
+            policies: Err(forbidden()),
+            cluster: Ok(&cluster),
+            accounts: Ok(BTreeSet::new()),
+            trust_domain: "cluster.local",
+        });
+        assert_eq!(section.lines.len(), 1);
+        assert_eq!(section.lines[0].status, Status::Warn);
+        assert_eq!(
+            section.lines[0].hint.as_deref(),
+            Some(
+                "this check lists authorizationpolicies.sealmesh.io in every namespace: ask for list on them (RBAC rule apiGroups: [\"sealmesh.io\"], resources: [\"authorizationpolicies\"], verbs: [\"list\"])"
+            )
+        );
+        let listed: Vec<ListedPolicy> = cluster
+            .authorization_policies
+            .iter()
+            .map(ListedPolicy::of)
+            .collect();
+        let section = check_policies(PolicyInputs {
+            policies: Ok(listed.clone()),
+            cluster: Err(forbidden()),
+            accounts: Err(forbidden()),
+            trust_domain: "cluster.local",
+        });
+        let statuses: Vec<(&str, Status)> = section
+            .lines
+            .iter()
+            .map(|l| (l.title.as_str(), l.status))
+            .collect();
+        assert_eq!(
+            statuses,
+            [
+                (POLICIES_VALID, Status::Pass),
+                (PRINCIPALS_EXIST, Status::Warn),
+                (SELECTORS_MATCH, Status::Warn),
+                (POLICIES_PROTECT, Status::Warn),
+            ]
+        );
+        // In another trust domain, none of these principals is checked.
+        let section = check_policies(PolicyInputs {
+            policies: Ok(listed),
+            cluster: Ok(&cluster),
+            accounts: Err(forbidden()),
+            trust_domain: "example.org",
+        });
+        assert_eq!(section.lines[1].status, Status::Pass);
+    }
+
+    #[test]
+    fn without_policies_the_section_passes() {
+        let cluster = ClusterFile::from_yaml(
+            &POLICY_CLUSTER[..POLICY_CLUSTER.find("authorizationPolicies:").unwrap()],
+        )
+        .unwrap();
+        let section = check_cluster_policies(&ClusterSource::Local(Box::new(cluster)), None);
+        assert!(section.lines.iter().all(|l| l.status == Status::Pass));
     }
 }

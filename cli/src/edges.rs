@@ -55,6 +55,13 @@ pub struct MergedEdge {
     pub errors_total: u64,
     /// Of `connections_total`, those refused before they opened.
     pub refused_total: u64,
+    /// Of `refused_total`, those an authorization policy denied, and the
+    /// policy (`<namespace>/<name>`) that denied the latest (empty: none).
+    pub denied_total: u64,
+    pub denied_policy: String,
+    /// The latest dry-run policy that would have denied one of the pair's
+    /// connections (empty: none).
+    pub dry_run_denied_policy: String,
     pub last_seen_unix_ms: i64,
 }
 
@@ -71,7 +78,25 @@ impl MergedEdge {
             self.no_tls_reason.clone()
         }
     }
+
+    /// The AUTHZ column: `denied <policy>` when a policy denied connections
+    /// of the pair, else `would-deny <policy>` when a dry-run policy would
+    /// have, else `allowed`.
+    pub fn authz_column(&self) -> String {
+        if self.denied_total > 0 {
+            format!("{DENIED} {}", or_else(&self.denied_policy, UNKNOWN))
+        } else if !self.dry_run_denied_policy.is_empty() {
+            format!("{WOULD_DENY} {}", self.dry_run_denied_policy)
+        } else {
+            ALLOWED.to_owned()
+        }
+    }
 }
+
+/// AUTHZ column words.
+const DENIED: &str = "denied";
+const WOULD_DENY: &str = "would-deny";
+const ALLOWED: &str = "allowed";
 
 fn pod_parts(pod: Option<&PodRef>) -> (String, String) {
     match pod {
@@ -138,10 +163,24 @@ impl View<'_> {
     }
 }
 
+/// The policy named by the latest of `edges` that names one.
+fn latest_policy<'e>(
+    edges: impl Iterator<Item = &'e Edge>,
+    policy: impl Fn(&Edge) -> &str,
+) -> String {
+    edges
+        .filter(|e| !policy(e).is_empty())
+        .max_by_key(|e| e.last_seen_unix_ms)
+        .map(|e| policy(e).to_owned())
+        .unwrap_or_default()
+}
+
 /// Merges the agents' edges: one row per (source pod, destination pod). The
 /// outbound (source-side) view wins when it saw traffic, as it saw the
 /// connections from their start; identities missing there are filled from
-/// the inbound view.
+/// the inbound view. Both agents may count one denial (the destination's
+/// agent denies, the source's hears it refused), so a pair's denials are
+/// the larger of the two views' counts.
 pub fn merge(edges: impl IntoIterator<Item = Edge>) -> Vec<MergedEdge> {
     type Key = (String, String, String, String);
     let mut views: BTreeMap<Key, (Vec<Edge>, Vec<Edge>)> = BTreeMap::new();
@@ -178,6 +217,8 @@ pub fn merge(edges: impl IntoIterator<Item = Edge>) -> Vec<MergedEdge> {
             let sum = |count: fn(&Edge) -> u64| base.edges.iter().map(count).sum::<u64>();
             let identity =
                 |pick: fn(&Edge) -> &str| or_else(&base.identity(pick), &other.identity(pick));
+            let all = || outbound.edges.iter().chain(inbound.edges);
+            let denied = |view: &View<'_>| view.edges.iter().map(|e| e.denied_total).sum::<u64>();
             MergedEdge {
                 secured: tls || no_tls_reason == SECURED_LOCAL,
                 tls,
@@ -188,13 +229,12 @@ pub fn merge(edges: impl IntoIterator<Item = Edge>) -> Vec<MergedEdge> {
                 connections_open: sum(|e| e.connections_open),
                 errors_total: sum(|e| e.errors_total),
                 refused_total: sum(|e| e.refused_total),
-                last_seen_unix_ms: outbound
-                    .edges
-                    .iter()
-                    .chain(inbound.edges)
-                    .map(|e| e.last_seen_unix_ms)
-                    .max()
-                    .unwrap_or_default(),
+                denied_total: denied(&outbound).max(denied(&inbound)),
+                denied_policy: latest_policy(all().filter(|e| e.denied_total > 0), |e| {
+                    &e.denied_policy
+                }),
+                dry_run_denied_policy: latest_policy(all(), |e| &e.dry_run_denied_policy),
+                last_seen_unix_ms: all().map(|e| e.last_seen_unix_ms).max().unwrap_or_default(),
                 src,
                 dst,
                 src_ns,
@@ -270,7 +310,7 @@ fn render(edges: &[MergedEdge], format: OutputFormat) -> String {
         return String::new();
     }
     let wide = format == OutputFormat::Wide;
-    let mut header = vec!["SRC", "DST", "SRC_NS", "DST_NS", "SECURED"];
+    let mut header = vec!["SRC", "DST", "SRC_NS", "DST_NS", "SECURED", "AUTHZ"];
     if wide {
         header.extend(["CLIENT_ID", "SERVER_ID"]);
     }
@@ -284,6 +324,7 @@ fn render(edges: &[MergedEdge], format: OutputFormat) -> String {
                 e.src_ns.clone(),
                 e.dst_ns.clone(),
                 e.secured_column(),
+                e.authz_column(),
             ];
             if wide {
                 row.extend([dash(&e.client_id), dash(&e.server_id)]);
@@ -346,10 +387,10 @@ mod tests {
         let rows = render(&merged, OutputFormat::Wide);
         assert_eq!(
             rows,
-            "SRC      DST         SRC_NS   DST_NS   SECURED      CLIENT_ID                                  SERVER_ID\n\
-             client   plain       shop     legacy   not_meshed   -                                          -\n\
-             client   neighbour   shop     shop     √ (local)    -                                          -\n\
-             client   server      shop     shop     √            spiffe://cluster.local/ns/shop/sa/client   spiffe://cluster.local/ns/shop/sa/server\n"
+            "SRC      DST         SRC_NS   DST_NS   SECURED      AUTHZ     CLIENT_ID                                  SERVER_ID\n\
+             client   plain       shop     legacy   not_meshed   allowed   -                                          -\n\
+             client   neighbour   shop     shop     √ (local)    allowed   -                                          -\n\
+             client   server      shop     shop     √            allowed   spiffe://cluster.local/ns/shop/sa/client   spiffe://cluster.local/ns/shop/sa/server\n"
         );
         assert_eq!(merged[2].last_seen_unix_ms, 2_000);
         assert!(merged[1].secured && !merged[1].tls);
@@ -421,5 +462,95 @@ mod tests {
             ]
         );
         assert!(!merged[0].secured && !merged[1].secured && !merged[1].tls);
+    }
+
+    fn denied(
+        src: &str,
+        dst: &str,
+        direction: Direction,
+        count: u64,
+        policy: &str,
+        at: i64,
+    ) -> Edge {
+        Edge {
+            denied_total: count,
+            denied_policy: policy.into(),
+            last_seen_unix_ms: at,
+            ..refused(src, dst, direction, count)
+        }
+    }
+
+    fn authz(merged: &[MergedEdge]) -> Vec<(String, String)> {
+        merged
+            .iter()
+            .map(|e| (e.dst.clone(), e.authz_column()))
+            .collect()
+    }
+
+    #[test]
+    fn a_pair_shows_the_policy_that_denied_it_else_the_dry_run_policy_that_would() {
+        // The destination's agent denied three connections, the source's
+        // agent heard two of them refused: three denials, not five; the
+        // latest denial names the policy.
+        let mut mtls = edge("client", "server", Direction::Outbound, true, "");
+        mtls.dry_run_denied_policy = "shop/only-frontend".into();
+        let merged = merge([
+            mtls,
+            denied(
+                "client",
+                "server",
+                Direction::Outbound,
+                2,
+                "shop/old",
+                1_000,
+            ),
+            denied("client", "server", Direction::Inbound, 1, "shop/old", 1_500),
+            denied(
+                "client",
+                "server",
+                Direction::Inbound,
+                2,
+                "shop/web-allow",
+                2_000,
+            ),
+        ]);
+        assert_eq!(
+            authz(&merged),
+            [("server".to_owned(), "denied shop/web-allow".to_owned())]
+        );
+        assert_eq!(merged[0].denied_total, 3);
+        assert_eq!(merged[0].dry_run_denied_policy, "shop/only-frontend");
+        assert_eq!(secured(&merged), [("server".to_owned(), "√".to_owned())]);
+
+        // Only a dry-run policy objected: the connections went through.
+        let mut inbound = edge("client", "other", Direction::Inbound, true, "");
+        inbound.dry_run_denied_policy = "shop/only-frontend".into();
+        let merged = merge([
+            edge("client", "other", Direction::Outbound, true, ""),
+            inbound,
+            edge("client", "plain", Direction::Outbound, false, "not_meshed"),
+        ]);
+        assert_eq!(
+            authz(&merged),
+            [
+                ("plain".to_owned(), "allowed".to_owned()),
+                (
+                    "other".to_owned(),
+                    "would-deny shop/only-frontend".to_owned()
+                ),
+            ]
+        );
+        let rows = render(&merged, OutputFormat::Table);
+        assert_eq!(
+            rows,
+            "SRC      DST     SRC_NS   DST_NS   SECURED      AUTHZ\n\
+             client   plain   shop     legacy   not_meshed   allowed\n\
+             client   other   shop     shop     √            would-deny shop/only-frontend\n"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&render(&merged, OutputFormat::Json)).unwrap();
+        assert_eq!(json[1]["dry_run_denied_policy"], "shop/only-frontend");
+        assert_eq!(json[1]["denied_total"], 0);
+        assert_eq!(json[1]["denied_policy"], "");
     }
 }

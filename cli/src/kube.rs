@@ -7,7 +7,7 @@
 //! `pods/portforward` there), no root and no access to nodes.
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     future::Future,
     io,
     net::Ipv4Addr,
@@ -29,9 +29,10 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use sealmesh_common::{
+    authz::{self, PolicyName},
     cluster::{self, ClusterFile},
     consts::{
-        AGENT_ADMIN_PORT, DEFAULT_CONTROL_NAMESPACE,
+        AGENT_ADMIN_PORT, DEFAULT_CONTROL_NAMESPACE, DEFAULT_TRUST_DOMAIN,
         kube::{
             AGENT_DAEMONSET, IDENTITY_NAME, ISSUER_SECRET, TRUST_ROOTS_CONFIGMAP, TRUST_ROOTS_KEY,
         },
@@ -47,6 +48,7 @@ use crate::{
         AgentDirectory, AgentError, AgentLink, AgentRef, AgentRoute, AgentTransport, LinkSession,
         SessionHandle,
     },
+    policies::ListedPolicy,
     rbac::Rbac,
     selector::Selector,
 };
@@ -54,6 +56,8 @@ use crate::{
 /// The recommended Kubernetes label the agent DaemonSet selects its pods by
 /// (`deploy/base/agent.yaml`), with the value [`AGENT_DAEMONSET`].
 const APP_NAME_LABEL: &str = "app.kubernetes.io/name";
+/// The agents' flag naming their trust domain.
+const TRUST_DOMAIN_FLAG: &str = "--trust-domain";
 /// Bytes of the agent's first answer read before the stream is handed on.
 const FIRST_READ_BYTES: usize = 4096;
 
@@ -288,6 +292,67 @@ impl KubeCluster {
             cluster.services = services.items.iter().filter_map(service_of).collect();
             Ok(cluster)
         })?
+    }
+
+    /// Every `AuthorizationPolicy` of the cluster (`authorizationpolicies.sealmesh.io`),
+    /// each with its spec or why it cannot be read. None when the API
+    /// serves no such resource (its CRD is not installed): then there are
+    /// no policies to enforce.
+    pub fn authorization_policies(&self) -> Result<Option<Vec<ListedPolicy>>, KubeError> {
+        use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(authz::API_GROUP, authz::API_VERSION, authz::KIND),
+            authz::PLURAL,
+        );
+        let listed = block_on(async {
+            let api: Api<DynamicObject> = Api::all_with(client(&self.config)?, &resource);
+            match api.list(&ListParams::default()).await {
+                Ok(list) => Ok(Some(list.items)),
+                Err(kube::Error::Api(status)) if status.code == 404 => Ok(None),
+                Err(error) => Err(api_error(format!(
+                    "list {}.{}",
+                    authz::PLURAL,
+                    authz::API_GROUP
+                ))(error)),
+            }
+        })??;
+        Ok(listed.map(|objects| objects.iter().filter_map(policy_of).collect()))
+    }
+
+    /// Every ServiceAccount of the cluster, as (namespace, name).
+    pub fn service_accounts(&self) -> Result<BTreeSet<(String, String)>, KubeError> {
+        let accounts = block_on(async {
+            Api::<ServiceAccount>::all(client(&self.config)?)
+                .list(&ListParams::default())
+                .await
+                .map_err(api_error("list ServiceAccounts"))
+        })??;
+        Ok(accounts
+            .items
+            .into_iter()
+            .filter_map(|a| Some((a.metadata.namespace?, a.metadata.name?)))
+            .collect())
+    }
+
+    /// The trust domain the agents name identities in: the agent
+    /// DaemonSet's `--trust-domain` (as `sealmesh install` sets it), else
+    /// the default.
+    pub fn trust_domain(&self) -> Result<String, KubeError> {
+        use k8s_openapi::api::apps::v1::DaemonSet;
+        let what = format!("read DaemonSet {}/{AGENT_DAEMONSET}", self.namespace);
+        let daemonset = block_on(async {
+            Api::<DaemonSet>::namespaced(client(&self.config)?, &self.namespace)
+                .get(AGENT_DAEMONSET)
+                .await
+                .map_err(api_error(what.clone()))
+        })??;
+        let args = daemonset
+            .spec
+            .and_then(|spec| spec.template.spec)
+            .into_iter()
+            .flat_map(|spec| spec.containers)
+            .flat_map(|container| container.args.unwrap_or_default());
+        Ok(flag_value(args, TRUST_DOMAIN_FLAG).unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_owned()))
     }
 
     /// The label selector of workload `kind`/`name` in `namespace`: a
@@ -541,6 +606,36 @@ fn agents_of(pods: Vec<Pod>) -> Vec<AgentRef> {
         }
     }
     by_node.into_values().map(|(_, _, agent)| agent).collect()
+}
+
+/// The value of `--flag VALUE` or `--flag=VALUE` in container arguments.
+fn flag_value(args: impl IntoIterator<Item = String>, flag: &str) -> Option<String> {
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        if arg == flag {
+            return args.next();
+        }
+        if let Some(value) = arg
+            .strip_prefix(flag)
+            .and_then(|rest| rest.strip_prefix('='))
+        {
+            return Some(value.to_owned());
+        }
+    }
+    None
+}
+
+/// A policy object; one without a name or namespace is skipped (the API
+/// server never returns such a namespaced object).
+fn policy_of(object: &kube::api::DynamicObject) -> Option<ListedPolicy> {
+    Some(ListedPolicy::from_json(
+        PolicyName {
+            namespace: object.metadata.namespace.clone()?,
+            name: object.metadata.name.clone()?,
+        },
+        labels(object.metadata.annotations.as_ref()),
+        object.data.get("spec"),
+    ))
 }
 
 fn labels(map: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
@@ -940,6 +1035,64 @@ current-context: a
         assert_eq!(
             error,
             "cannot read the kubeconfig: failed to load current context: c"
+        );
+    }
+
+    #[test]
+    fn policy_objects_parse_and_an_unreadable_spec_is_invalid() {
+        let object = |spec: serde_json::Value| -> kube::api::DynamicObject {
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "sealmesh.io/v1alpha1",
+                "kind": "AuthorizationPolicy",
+                "metadata": {
+                    "name": "web-allow",
+                    "namespace": "shop",
+                    "annotations": { "sealmesh.io/dry-run": "true" },
+                },
+                "spec": spec,
+            }))
+            .unwrap()
+        };
+        let policy = policy_of(&object(serde_json::json!({
+            "selector": { "matchLabels": { "app": "web" } },
+            "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/shop/sa/frontend"] } }] }],
+        })))
+        .unwrap();
+        assert_eq!(policy.name.to_string(), "shop/web-allow");
+        assert!(policy.dry_run());
+        let spec = policy.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.rules[0].from[0].source.principals,
+            ["cluster.local/ns/shop/sa/frontend"]
+        );
+        assert_eq!(policy.invalid(), None);
+
+        let unreadable = policy_of(&object(serde_json::json!({ "rules": "all" }))).unwrap();
+        let error = unreadable.invalid().unwrap();
+        assert_eq!(error.field, "spec.rules");
+        assert!(
+            error.problem.starts_with("invalid type: string \"all\""),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn the_trust_domain_flag_is_read_in_either_form() {
+        let args = |list: &[&str]| list.iter().map(|a| (*a).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            flag_value(
+                args(&["--node", "x", "--trust-domain", "example.org"]),
+                TRUST_DOMAIN_FLAG
+            ),
+            Some("example.org".to_owned())
+        );
+        assert_eq!(
+            flag_value(args(&["--trust-domain=example.org"]), TRUST_DOMAIN_FLAG),
+            Some("example.org".to_owned())
+        );
+        assert_eq!(
+            flag_value(args(&["--trust-domainx=a"]), TRUST_DOMAIN_FLAG),
+            None
         );
     }
 

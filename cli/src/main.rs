@@ -11,6 +11,7 @@ mod edges;
 mod install;
 mod kube;
 mod output;
+mod policies;
 mod rbac;
 mod selector;
 mod tap;
@@ -37,7 +38,8 @@ enum Command {
     #[command(subcommand)]
     Certs(certs::CertsCommand),
     /// Check the trust anchors and issuer, on Kubernetes the control plane's
-    /// workloads, ServiceAccounts and RBAC, with --proxy every agent's live
+    /// workloads, ServiceAccounts and RBAC, the authorization policies (valid,
+    /// and aimed at existing accounts and meshed pods), with --proxy every agent's live
     /// certificates, and with --trust-bundle whether a new anchor bundle keeps
     /// the anchors still in use. Exits 1 when a check fails (×); warnings (‼)
     /// do not fail.
@@ -52,7 +54,8 @@ enum Command {
     /// are not shown.
     Tap(tap::TapArgs),
     /// Whether traffic from one pod to another is mTLS, and if not why and
-    /// what to change. Exits 0 when it is secured, 1 when it is not.
+    /// what to change; and which authorization policy and rule allows or
+    /// denies it. Exits 0 when it is secured and allowed, 1 when it is not.
     Why(why::WhyArgs),
     /// Print the manifests that install sealmesh, for `kubectl apply -f -`:
     /// everything of deploy/base with a trust anchor and issuer (generated,

@@ -410,6 +410,9 @@ fn pod_name(pod: Option<&PodRef>) -> Option<String> {
 /// client_id=… server_id=…`, and for `end` also bytes, duration and error
 /// (`reason=…` for a connection the agent refused before it opened);
 /// `refused … reason=strict_inbound error=…` for an attempt the kernel refused.
+/// A policy's denial follows the reason (`denied policy=<ns>/<name> rule=<n>`);
+/// a dry-run policy that would have denied an allowed connection shows as
+/// `would-deny policy=<ns>/<name> rule=<n>`.
 pub fn text_line(event: &ConnectionEvent) -> String {
     let phase = event.phase();
     let closing = phase == Phase::Close;
@@ -423,29 +426,57 @@ pub fn text_line(event: &ConnectionEvent) -> String {
         event.src_addr,
         event.dst_addr
     );
-    let mut field = |key: &str, value: &str| {
-        if !value.is_empty() {
-            let _ = write!(line, " {key}={value}");
-        }
-    };
-    field("src_pod", &pod_name(event.src.as_ref()).unwrap_or_default());
-    field("dst_pod", &pod_name(event.dst.as_ref()).unwrap_or_default());
+    field(
+        &mut line,
+        "src_pod",
+        &pod_name(event.src.as_ref()).unwrap_or_default(),
+    );
+    field(
+        &mut line,
+        "dst_pod",
+        &pod_name(event.dst.as_ref()).unwrap_or_default(),
+    );
     if !refused {
-        field("tls", if event.tls { "true" } else { "false" });
-        field("no_tls_reason", &event.no_tls_reason);
+        field(&mut line, "tls", if event.tls { "true" } else { "false" });
+        field(&mut line, "no_tls_reason", &event.no_tls_reason);
     }
-    field("reason", &event.refused_reason);
-    field("client_id", &event.client_id);
-    field("server_id", &event.server_id);
+    field(&mut line, "reason", &event.refused_reason);
+    if let Some(denied) = policy_rule(&event.denied_policy, event.denied_rule) {
+        let _ = write!(line, " denied {denied}");
+    }
+    if let Some(would) = policy_rule(&event.dry_run_denied_policy, event.dry_run_denied_rule) {
+        let _ = write!(line, " would-deny {would}");
+    }
+    field(&mut line, "client_id", &event.client_id);
+    field(&mut line, "server_id", &event.server_id);
     if closing {
-        field("bytes_out", &event.bytes_src_to_dst.to_string());
-        field("bytes_in", &event.bytes_dst_to_src.to_string());
-        field("duration", &format!("{}ms", event.duration_ms));
+        field(&mut line, "bytes_out", &event.bytes_src_to_dst.to_string());
+        field(&mut line, "bytes_in", &event.bytes_dst_to_src.to_string());
+        field(&mut line, "duration", &format!("{}ms", event.duration_ms));
     }
     if !event.error.is_empty() {
-        field("error", &format!("{:?}", event.error));
+        field(&mut line, "error", &format!("{:?}", event.error));
     }
     line
+}
+
+/// ` key=value`, unless the value is empty.
+fn field(line: &mut String, key: &str, value: &str) {
+    if !value.is_empty() {
+        let _ = write!(line, " {key}={value}");
+    }
+}
+
+/// `policy=<ns>/<name> rule=<n>` (no `rule=` when the policy as a whole
+/// decided, e.g. an ALLOW policy none of whose rules matched).
+fn policy_rule(policy: &str, rule: Option<u32>) -> Option<String> {
+    if policy.is_empty() {
+        return None;
+    }
+    Some(match rule {
+        Some(rule) => format!("policy={policy} rule={rule}"),
+        None => format!("policy={policy}"),
+    })
 }
 
 fn phase_word(phase: Phase) -> &'static str {
@@ -482,6 +513,10 @@ pub fn json_line(event: &ConnectionEvent) -> String {
         "duration_ms": event.duration_ms,
         "error": event.error,
         "refused_reason": event.refused_reason,
+        "denied_policy": event.denied_policy,
+        "denied_rule": event.denied_rule,
+        "dry_run_denied_policy": event.dry_run_denied_policy,
+        "dry_run_denied_rule": event.dry_run_denied_rule,
     })
     .to_string()
 }
@@ -562,6 +597,69 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&json_line(&event)).unwrap();
         assert_eq!(json["phase"], "refused");
         assert_eq!(json["refused_reason"], "strict_inbound");
+    }
+
+    #[test]
+    fn policy_denials_and_dry_run_denials_name_the_policy_and_rule() {
+        let mut event = ConnectionEvent {
+            id: 3,
+            node: "node-1".into(),
+            phase: Phase::Refused as i32,
+            direction: Direction::Inbound as i32,
+            src_addr: "10.244.0.2:40000".into(),
+            dst_addr: "10.244.1.2:8080".into(),
+            src: Some(PodRef {
+                namespace: "shop".into(),
+                name: "client".into(),
+            }),
+            dst: Some(PodRef {
+                namespace: "shop".into(),
+                name: "server".into(),
+            }),
+            client_id: "spiffe://cluster.local/ns/shop/sa/client".into(),
+            refused_reason: "policy_denied".into(),
+            denied_policy: "shop/deny-legacy".into(),
+            denied_rule: Some(1),
+            ..Default::default()
+        };
+        assert_eq!(
+            text_line(&event),
+            "refused id=node-1:3 proxy=in src=10.244.0.2:40000 dst=10.244.1.2:8080 src_pod=shop/client \
+             dst_pod=shop/server reason=policy_denied denied policy=shop/deny-legacy rule=1 \
+             client_id=spiffe://cluster.local/ns/shop/sa/client"
+        );
+        let json: serde_json::Value = serde_json::from_str(&json_line(&event)).unwrap();
+        assert_eq!(json["denied_policy"], "shop/deny-legacy");
+        assert_eq!(json["denied_rule"], 1);
+        assert_eq!(json["dry_run_denied_rule"], serde_json::Value::Null);
+        // An ALLOW policy none of whose rules matched: no rule to name.
+        event.denied_policy = "shop/web-allow".into();
+        event.denied_rule = None;
+        assert!(
+            text_line(&event)
+                .contains(" reason=policy_denied denied policy=shop/web-allow client_id="),
+            "{}",
+            text_line(&event)
+        );
+
+        let allowed = ConnectionEvent {
+            phase: Phase::Open as i32,
+            refused_reason: String::new(),
+            denied_policy: String::new(),
+            tls: true,
+            dry_run_denied_policy: "shop/only-frontend".into(),
+            dry_run_denied_rule: None,
+            ..event
+        };
+        assert_eq!(
+            text_line(&allowed),
+            "tcp id=node-1:3 proxy=in src=10.244.0.2:40000 dst=10.244.1.2:8080 src_pod=shop/client \
+             dst_pod=shop/server tls=true would-deny policy=shop/only-frontend \
+             client_id=spiffe://cluster.local/ns/shop/sa/client"
+        );
+        let json: serde_json::Value = serde_json::from_str(&json_line(&allowed)).unwrap();
+        assert_eq!(json["dry_run_denied_policy"], "shop/only-frontend");
+        assert_eq!(json["denied_policy"], "");
     }
 
     #[test]

@@ -266,6 +266,29 @@ fn principal_parts(identity: &Identity) -> [&str; 5] {
     ]
 }
 
+/// An identity as principals name it: `<trust domain>/ns/<ns>/sa/<sa>`.
+pub fn principal(identity: &Identity) -> String {
+    principal_parts(identity).concat()
+}
+
+/// The trust domain, namespace and ServiceAccount that an exact principal
+/// (Istio's form or the SPIFFE URI) names; None for a `*` pattern or a
+/// value of another shape, which no identity's principal equals.
+pub fn exact_principal(text: &str) -> Option<(&str, &str, &str)> {
+    let text = text.strip_prefix(SPIFFE_SCHEME).unwrap_or(text);
+    if text.contains('*') {
+        return None;
+    }
+    match text.split('/').collect::<Vec<_>>()[..] {
+        [domain, "ns", namespace, "sa", account]
+            if !domain.is_empty() && !namespace.is_empty() && !account.is_empty() =>
+        {
+            Some((domain, namespace, account))
+        }
+        _ => None,
+    }
+}
+
 /// A principal pattern: Istio's `<td>/ns/<ns>/sa/<sa>` or the SPIFFE URI.
 fn parse_principal(text: &str) -> Result<Pattern, String> {
     Pattern::parse(text.strip_prefix(SPIFFE_SCHEME).unwrap_or(text))
@@ -910,6 +933,44 @@ mod tests {
 
     fn denier(verdict: &Verdict) -> Option<String> {
         verdict.denied_by().map(|d| d.to_string())
+    }
+
+    #[test]
+    fn principals_name_identities_and_exact_ones_parse() {
+        assert_eq!(
+            principal(&id("shop", "web")),
+            "cluster.local/ns/shop/sa/web"
+        );
+        let set = PolicySet::new(
+            "sealmesh",
+            [policy(
+                "shop",
+                "p",
+                &format!(
+                    "{{ rules: [{{ from: [{{ source: {{ principals: [\"{}\"] }} }}] }}] }}",
+                    principal(&id("a", "b"))
+                ),
+            )],
+        );
+        let pod = set.for_pod("shop", &BTreeMap::new());
+        assert!(judge(&pod, Some(&id("a", "b")), "10.0.0.1", 80).allowed());
+        assert_eq!(
+            exact_principal("cluster.local/ns/shop/sa/web"),
+            Some(("cluster.local", "shop", "web"))
+        );
+        assert_eq!(
+            exact_principal("spiffe://example.org/ns/a/sa/b.c"),
+            Some(("example.org", "a", "b.c"))
+        );
+        for pattern in [
+            "*/ns/shop/sa/web",
+            "cluster.local/ns/shop/*",
+            "shop/web",
+            "a/ns//sa/b",
+            "a/ns/b/sa/c/d",
+        ] {
+            assert_eq!(exact_principal(pattern), None, "{pattern}");
+        }
     }
 
     #[test]

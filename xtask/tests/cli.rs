@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sealmesh_common::consts::{MESH_LABEL, MESH_LABEL_ENABLED};
+use sealmesh_common::{
+    authz::AuthorizationPolicy,
+    consts::{MESH_LABEL, MESH_LABEL_ENABLED},
+};
 use sealmesh_pki::{self as pki, CaSpec, GeneratedCa, Layout};
 use serde_json::Value;
 use xtask::{
@@ -130,6 +133,24 @@ const IDENTITY_OK: [&str; 12] = [
     "Status check results are √",
 ];
 
+/// The policies section of a cluster without policies.
+const POLICIES_OK: [&str; 4] = [
+    "√ authorization policies are valid",
+    "√ policy principals name existing ServiceAccounts",
+    "√ policy selectors match pods",
+    "√ policies select meshed pods",
+];
+
+/// A policy of the app namespace with `spec` (YAML).
+fn policy(name: &str, spec: &str) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        name: name.into(),
+        namespace: APP_NS.into(),
+        annotations: Default::default(),
+        spec: serde_yaml_ng::from_str(spec).unwrap(),
+    }
+}
+
 fn strings(lines: &[&str]) -> Vec<String> {
     lines.iter().map(|l| (*l).to_owned()).collect()
 }
@@ -150,8 +171,9 @@ fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() 
         "√ data plane certificates chain to the trust anchors",
         "√ every meshed ServiceAccount has a valid certificate",
         "√ data plane certificates are not close to expiry",
-        "Status check results are √",
     ]));
+    expected.extend(strings(&POLICIES_OK));
+    expected.push("Status check results are √".into());
     assert_eq!(status_lines(&out), expected, "{}", describe(&out));
     let text = stdout(&out);
     assert!(
@@ -222,10 +244,10 @@ fn a_healthy_mesh_passes_check_and_edges_tap_why_and_inspect_show_its_traffic() 
     app.connect(APP_NS, "neighbour");
     app.connect(PLAIN_NS, "plain");
     let expected_table = "\
-SRC      DST         SRC_NS   DST_NS   SECURED
-client   plain       shop     legacy   not_meshed
-client   neighbour   shop     shop     √ (local)
-client   server      shop     shop     √
+SRC      DST         SRC_NS   DST_NS   SECURED      AUTHZ
+client   plain       shop     legacy   not_meshed   allowed
+client   neighbour   shop     shop     √ (local)    allowed
+client   server      shop     shop     √            allowed
 ";
     let deadline = Instant::now() + WAIT;
     let table = loop {
@@ -241,8 +263,8 @@ client   server      shop     shop     √
     let out = app.sealmesh(&["edges", "-n", PLAIN_NS, "-o", "wide"]);
     assert_eq!(
         stdout(&out),
-        "SRC      DST     SRC_NS   DST_NS   SECURED      CLIENT_ID   SERVER_ID\n\
-         client   plain   shop     legacy   not_meshed   -           -\n"
+        "SRC      DST     SRC_NS   DST_NS   SECURED      AUTHZ     CLIENT_ID   SERVER_ID\n\
+         client   plain   shop     legacy   not_meshed   allowed   -           -\n"
     );
 
     let out = app.sealmesh(&["edges", "-n", APP_NS, "-o", "json"]);
@@ -257,6 +279,9 @@ client   server      shop     shop     √
     assert_eq!(server["client_id"], spiffe("client"));
     assert_eq!(server["server_id"], spiffe("server"));
     assert_eq!(server["connections_total"], 1);
+    assert_eq!(server["denied_total"], 0);
+    assert_eq!(server["denied_policy"], "");
+    assert_eq!(server["dry_run_denied_policy"], "");
     let plain = &rows[0];
     assert_eq!(plain["dst_ns"], PLAIN_NS);
     assert_eq!(plain["secured"], false);
@@ -362,6 +387,98 @@ client   server      shop     shop     √
         )),
         "{text}"
     );
+
+    // Authorization policies, read from a copy of the cluster file the CLI
+    // is given (the agents keep theirs): why judges the pair as the
+    // destination's agent would, check names what misses its aim.
+    let mut cluster = app.mesh.testbed().cluster().clone();
+    let principal = |sa: &str| spiffe(sa).trim_start_matches("spiffe://").to_owned();
+    cluster.authorization_policies = vec![
+        policy(
+            "server-allow",
+            &format!(
+                "{{ selector: {{ matchLabels: {{ app: server }} }}, rules: [{{ from: [{{ source: {{ principals: [\"{}\"] }} }}] }}] }}",
+                principal("neighbour")
+            ),
+        ),
+        policy(
+            "typo",
+            &format!(
+                "{{ selector: {{ matchLabels: {{ app: neighbour }} }}, rules: [{{ from: [{{ source: {{ principals: [\"{}\"] }} }}] }}] }}",
+                principal("clinet")
+            ),
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let with_policies = dir.path().join("cluster.yaml");
+    std::fs::write(&with_policies, cluster.to_yaml()).unwrap();
+    let sealmesh = |args: &[&str]| {
+        app.command(args)
+            .env("SEALMESH_CLUSTER_FILE", &with_policies)
+            .output()
+            .unwrap()
+    };
+    let port = ECHO_PORT.to_string();
+    let out = sealmesh(&["why", "shop/client", "shop/server", "--port", &port]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(
+            "shop/client -> shop/server: mTLS; DENIED by authorization policy shop/server-allow\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "\n  authorization (port {ECHO_PORT}, as {}): DENIED: ALLOW policy shop/server-allow selects shop/server and none of its rules matches the source\n  \
+             fix: add the source's principal {} (or its namespace shop) to a rule of shop/server-allow: kubectl edit authorizationpolicy server-allow -n shop\n",
+            principal("client"),
+            principal("client")
+        )),
+        "{text}"
+    );
+    let out = sealmesh(&["why", "shop/client", "shop/neighbour"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).starts_with(
+            "shop/client -> shop/neighbour: secured (same node, no network hop); DENIED by authorization policy shop/typo\n"
+        ),
+        "{}",
+        describe(&out)
+    );
+    let out = sealmesh(&["check", "-o", "short"]);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(
+            "sealmesh-policies\n-----------------\n\
+             ‼ policy principals name existing ServiceAccounts\n    \
+             shop/typo: spec.rules[0].from[0].source.principals[0]: ServiceAccount shop/clinet does not exist\n"
+        ),
+        "{}",
+        describe(&out)
+    );
+    // A policy the agents cannot use is an error naming the field; the
+    // rest of the file is checked as usual.
+    cluster.authorization_policies = vec![policy(
+        "bad-port",
+        "{ rules: [{ to: [{ operation: { ports: [http] } }] }] }",
+    )];
+    std::fs::write(&with_policies, cluster.to_yaml()).unwrap();
+    let out = sealmesh(&["check"]);
+    assert_eq!(out.status.code(), Some(1), "{}", describe(&out));
+    assert!(
+        stdout(&out).contains(
+            "× authorization policies are valid\n    \
+             shop/bad-port: spec.rules[0].to[0].operation.ports[0]: \"http\" is not a port (1-65535)\n"
+        ),
+        "{}",
+        describe(&out)
+    );
+    assert!(
+        status_lines(&out).contains(&"√ issuer cert is issued by the trust anchor".to_owned()),
+        "{}",
+        describe(&out)
+    );
 }
 
 #[test]
@@ -383,6 +500,10 @@ fn check_proxy_fails_when_an_agent_has_no_certificate() {
             "√ data plane certificates chain to the trust anchors",
             "× every meshed ServiceAccount has a valid certificate",
             "√ data plane certificates are not close to expiry",
+            POLICIES_OK[0],
+            POLICIES_OK[1],
+            POLICIES_OK[2],
+            POLICIES_OK[3],
             "Status check results are ×",
         ]),
         "{}",

@@ -511,7 +511,8 @@ fn check_verifies_the_control_planes_rbac_and_prints_json_and_short() {
         [
             "sealmesh-control-plane",
             "sealmesh-rbac",
-            "sealmesh-identity"
+            "sealmesh-identity",
+            "sealmesh-policies"
         ]
     );
     assert_eq!(

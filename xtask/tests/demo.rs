@@ -147,6 +147,7 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
             "SRC_NS",
             "DST_NS",
             "SECURED",
+            "AUTHZ",
             "CLIENT_ID",
             "SERVER_ID"
         ]
@@ -167,6 +168,7 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
             "emojivoto",
             "legacy",
             "not_meshed",
+            "allowed",
             "-",
             "-"
         ]
@@ -180,6 +182,7 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
             "emojivoto",
             "emojivoto",
             "√",
+            "allowed",
             &spiffe("web"),
             &spiffe("emoji")
         ]
