@@ -8,7 +8,10 @@
 //!   EOF, and prints `ok local=.. peer=.. round_trips=N bytes=..`; exits 1 otherwise.
 //!   `--random-bytes N` sends N random bytes instead (any binary protocol);
 //!   `--connections N` holds N connections open at once, each doing the exchange,
-//!   and prints `ok connections=N bytes=..`.
+//!   and prints `ok connections=N bytes=..`. `--hold-secs N`: after the
+//!   round trips prints `open local=.. peer=..`, keeps the connection idle
+//!   for N seconds, and fails with `ended=reset|eof` if the path closes it
+//!   meanwhile (e.g. a policy change revoked it).
 //!
 //! Line protocol (the demo's emojivoto-like app): a request is one line, a
 //! reply is one line.
@@ -69,6 +72,9 @@ enum Mode {
         /// Open this many connections at once; each sends TEXT once.
         #[arg(long)]
         connections: Option<usize>,
+        /// Keep the connection idle this long after the round trips.
+        #[arg(long, conflicts_with_all = ["connections", "random_bytes"])]
+        hold_secs: Option<u64>,
     },
     /// Answer every request line with `NAME: <line>`.
     LineServer {
@@ -147,12 +153,14 @@ fn main() -> ExitCode {
             timeout_secs,
             random_bytes,
             connections,
+            hold_secs,
         } => {
             let timeout = Duration::from_secs(timeout_secs);
+            let hold = hold_secs.map(Duration::from_secs);
             match (random_bytes, connections) {
                 (Some(len), _) => random_client(connect, len, timeout),
                 (None, Some(n)) => many_clients(connect, &send, n, timeout),
-                (None, None) => client(connect, &send, repeat, timeout),
+                (None, None) => client(connect, &send, repeat, timeout, hold),
             }
         }
         Mode::LineServer { listen, name } => line_server(listen, &name),
@@ -389,7 +397,13 @@ fn echo(stream: TcpStream) -> io::Result<()> {
     writer.shutdown(Shutdown::Write)
 }
 
-fn client(connect: SocketAddr, text: &str, repeat: u32, timeout: Duration) -> io::Result<()> {
+fn client(
+    connect: SocketAddr,
+    text: &str,
+    repeat: u32,
+    timeout: Duration,
+    hold: Option<Duration>,
+) -> io::Result<()> {
     let mut stream = TcpStream::connect_timeout(&connect, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
     // Taken now: once both sides have closed, the socket no longer knows them.
@@ -404,6 +418,32 @@ fn client(connect: SocketAddr, text: &str, repeat: u32, timeout: Duration) -> io
                 String::from_utf8_lossy(&echoed)
             )));
         }
+    }
+    if let Some(hold) = hold {
+        println!("open local={local} peer={peer}");
+        io::stdout().flush()?;
+        stream.set_read_timeout(Some(hold))?;
+        let ended = match stream.read(&mut [0u8; 1]) {
+            Ok(0) => "eof",
+            Ok(_) => "data",
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                ""
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => "reset",
+            Err(e) => return Err(e),
+        };
+        if !ended.is_empty() {
+            println!("ended={ended}");
+            return Err(io::Error::other(format!(
+                "the connection ended while held: {ended}"
+            )));
+        }
+        stream.set_read_timeout(Some(timeout))?;
     }
     stream.shutdown(Shutdown::Write)?;
     let mut rest = Vec::new();
