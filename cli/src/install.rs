@@ -28,9 +28,14 @@ use sealmesh_pki::{
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 
-/// The documents, in the order they are applied: the Namespace first, then
+/// The documents, in the order they are applied: the CRD first (so it is
+/// Established before anything names its resource), the Namespace, then
 /// identities, permissions and NetworkPolicies, then the workloads.
 const DOCUMENTS: &[(&str, &str)] = &[
+    (
+        "deploy/base/authorizationpolicy-crd.yaml",
+        include_str!("../../deploy/base/authorizationpolicy-crd.yaml"),
+    ),
     (
         "deploy/base/namespace.yaml",
         include_str!("../../deploy/base/namespace.yaml"),
@@ -225,7 +230,10 @@ pub(crate) fn base_objects() -> Result<Vec<Value>> {
 }
 
 fn is_cluster_scoped(kind: &str) -> bool {
-    matches!(kind, "Namespace" | "ClusterRole" | "ClusterRoleBinding")
+    matches!(
+        kind,
+        "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition"
+    )
 }
 
 /// What `kubectl apply -f -` installs: the base and the NetworkPolicies in
@@ -481,8 +489,21 @@ mod tests {
         let pki = MeshPki::for_install(&args).unwrap();
         let objects = install_documents(&args, &pki).unwrap();
         let listed = kinds_and_names(&objects);
+        // The CRD first and cluster-wide, whatever the namespace.
         assert_eq!(
             listed[0],
+            (
+                "CustomResourceDefinition".into(),
+                "".into(),
+                format!(
+                    "{}.{}",
+                    sealmesh_common::authz::PLURAL,
+                    sealmesh_common::authz::API_GROUP
+                )
+            )
+        );
+        assert_eq!(
+            listed[1],
             ("Namespace".into(), "".into(), "mesh-system".into())
         );
         for (kind, namespace, _) in &listed {

@@ -583,6 +583,7 @@ mod tests {
                 "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch services cluster-wide",
                 "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch namespaces cluster-wide",
                 "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch endpointslices.discovery.k8s.io cluster-wide",
+                "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch authorizationpolicies.sealmesh.io cluster-wide",
                 "ServiceAccount sealmesh/sealmesh-agent cannot create events cluster-wide",
                 "ServiceAccount sealmesh/sealmesh-identity cannot get, list, watch secrets \"sealmesh-identity-issuer\" in namespace sealmesh",
             ]

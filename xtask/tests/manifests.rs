@@ -9,9 +9,9 @@ use std::{
     process::Command,
 };
 
-use sealmesh_common::{consts, logging::LOG_LEVEL_ENV};
+use sealmesh_common::{authz, consts, logging::LOG_LEVEL_ENV};
 use xtask::{
-    manifests::{self, ManifestError, Tools},
+    manifests::{self, ManifestError, Tools, authz as authz_manifests},
     mesh::locate_binary,
 };
 
@@ -104,6 +104,10 @@ fn base_renders_exactly_the_sealmesh_objects_with_their_source_files() {
             "deploy/base/kustomization.yaml",
         ),
         (
+            "CustomResourceDefinition authorizationpolicies.sealmesh.io",
+            "deploy/base/authorizationpolicy-crd.yaml",
+        ),
+        (
             "DaemonSet sealmesh/sealmesh-agent",
             "deploy/base/agent.yaml",
         ),
@@ -174,15 +178,16 @@ fn repository_manifests_are_valid_for_every_supported_kubernetes() {
     assert_eq!(
         summary.kustomizations,
         vec![
-            ("deploy/base".to_owned(), 16),
-            ("deploy/overlays/cert-manager".to_owned(), 18),
-            ("deploy/overlays/kernel-before-5.11".to_owned(), 16),
-            ("deploy/overlays/network-policy".to_owned(), 19),
-            ("deploy/overlays/prometheus-operator".to_owned(), 18),
-            ("deploy/overlays/image-digests".to_owned(), 16),
-            ("deploy/overlays/apparmor-field".to_owned(), 16),
+            ("deploy/base".to_owned(), 17),
+            ("deploy/overlays/cert-manager".to_owned(), 19),
+            ("deploy/overlays/kernel-before-5.11".to_owned(), 17),
+            ("deploy/overlays/network-policy".to_owned(), 20),
+            ("deploy/overlays/prometheus-operator".to_owned(), 19),
+            ("deploy/overlays/image-digests".to_owned(), 17),
+            ("deploy/overlays/apparmor-field".to_owned(), 17),
         ]
     );
+    assert_eq!(summary.example_policies, 5);
 }
 
 #[test]
@@ -548,6 +553,35 @@ fn sealmesh_install_prints_the_base_and_policies_with_its_pki_and_a_server_takes
             api.create(&Default::default(), &object)
                 .await
                 .unwrap_or_else(|e| panic!("{} {:?}: {e}", gvk.kind, object.metadata.name));
+        }
+        // The CRD came first and is served: the example policies apply.
+        let namespaces: kube::Api<k8s_openapi::api::core::v1::Namespace> =
+            kube::Api::all(client.clone());
+        namespaces
+            .create(
+                &Default::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": "shop"}})).unwrap(),
+            )
+            .await
+            .unwrap();
+        let gvk =
+            kube::api::GroupVersionKind::gvk(authz::API_GROUP, authz::API_VERSION, authz::KIND);
+        let (resource, _) = kube::discovery::pinned_kind(&client, &gvk).await.unwrap();
+        for example in
+            authz_manifests::read_documents(&repository().join(authz_manifests::EXAMPLES_FILE))
+                .unwrap()
+        {
+            let namespace = example["metadata"]["namespace"].as_str().unwrap();
+            let api: kube::Api<kube::api::DynamicObject> =
+                kube::Api::namespaced_with(client.clone(), namespace, &resource);
+            let created = api
+                .create(
+                    &Default::default(),
+                    &serde_json::from_value(example).unwrap(),
+                )
+                .await
+                .unwrap();
+            assert!(created.data["spec"]["action"].is_string(), "defaulted");
         }
     });
 
@@ -951,4 +985,297 @@ fn apparmor_is_an_annotation_in_the_base_and_the_field_from_1_30() {
             "DaemonSet sealmesh/sealmesh-agent container agent: AppArmor must be Unconfined (annotation container.apparmor.security.beta.kubernetes.io/agent: unconfined, or from Kubernetes 1.30 securityContext.appArmorProfile.type: Unconfined); the runtime's default profile denies the agent's writes below /sys/fs (its bpffs pins)"
         ]
     );
+}
+
+/// The schema of deploy/base's AuthorizationPolicy CRD.
+fn policy_schema() -> serde_json::Value {
+    let crd = authz_manifests::read_documents(&repository().join(authz_manifests::CRD_FILE))
+        .expect("the CRD reads")
+        .remove(0);
+    authz_manifests::policy_schema(&crd)
+        .expect("the CRD has a schema")
+        .clone()
+}
+
+/// A policy object in namespace `shop` with this spec (YAML).
+fn policy_object(spec: &str) -> serde_json::Value {
+    serde_json::json!({
+        "apiVersion": authz_manifests::api_version(),
+        "kind": authz::KIND,
+        "metadata": { "name": "p", "namespace": "shop" },
+        "spec": serde_yaml_ng::from_str::<serde_json::Value>(spec).expect("spec YAML"),
+    })
+}
+
+/// Whether the CRD's schema (jsonschema) and the agents' reader
+/// (`sealmesh_common::authz`) accept each spec.
+fn verdicts(specs: &[&str]) -> Vec<(bool, bool)> {
+    let objects: Vec<_> = specs.iter().map(|spec| policy_object(spec)).collect();
+    let errors = authz_manifests::schema_errors(&tools(), &policy_schema(), &objects)
+        .expect("jsonschema runs");
+    objects
+        .iter()
+        .zip(errors)
+        .map(|(object, errors)| {
+            (
+                errors.is_empty(),
+                authz_manifests::read_policy(object).is_ok(),
+            )
+        })
+        .collect()
+}
+
+/// The examples read as the agents read policies, and judge connections as
+/// their comments say.
+#[test]
+fn example_policies_read_as_the_agents_read_them_and_do_what_they_say() {
+    use authz::{CompiledPolicy, Connection, Decision, PolicySet};
+    use sealmesh_common::identity::TrustDomain;
+    use std::collections::BTreeMap;
+
+    let examples =
+        authz_manifests::read_documents(&repository().join(authz_manifests::EXAMPLES_FILE))
+            .expect("the examples read");
+    let policies: Vec<_> = examples
+        .iter()
+        .map(|object| authz_manifests::read_policy(object).expect("a valid policy"))
+        .collect();
+    let dry_run: Vec<_> = policies
+        .iter()
+        .filter(|p| p.dry_run())
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(dry_run, ["metrics-from-prometheus"]);
+    let set = PolicySet::new(
+        consts::DEFAULT_CONTROL_NAMESPACE,
+        policies.iter().map(CompiledPolicy::compile),
+    );
+    let id = |ns: &str, sa: &str| TrustDomain::default().identity(ns, sa).unwrap();
+    let pod = |app: &str| set.for_pod("shop", &BTreeMap::from([("app".into(), app.into())]));
+    let judge = |app: &str, identity: Option<&_>, ip: &str, port| {
+        pod(app).judge(&Connection {
+            identity,
+            source_ip: Some(ip.parse().unwrap()),
+            port,
+        })
+    };
+    let denier = |app: &str, identity: Option<&_>, ip: &str, port| {
+        judge(app, identity, ip, port)
+            .denied_by()
+            .map(|d| d.to_string())
+    };
+    let pod_ip = "10.244.1.7";
+    let frontend = id("shop", "frontend");
+    assert!(judge("web", Some(&frontend), pod_ip, 8080).allowed());
+    assert_eq!(
+        denier("web", Some(&id("shop", "cart")), pod_ip, 8080).as_deref(),
+        Some("shop/web-from-frontend")
+    );
+    assert_eq!(
+        denier("web", Some(&id("legacy-billing", "app")), pod_ip, 8080).as_deref(),
+        Some("shop/deny-legacy-and-ssh rule 0")
+    );
+    assert_eq!(
+        denier("db", Some(&id("shop", "cart")), pod_ip, 22).as_deref(),
+        Some("shop/deny-legacy-and-ssh rule 1")
+    );
+    assert!(judge("db", Some(&id("shop", "cart")), pod_ip, 5432).allowed());
+    // Plaintext: from the nodes (probes) to the database port; from a pod,
+    // refused cluster-wide.
+    assert!(judge("db", None, "10.0.3.4", 5432).allowed());
+    assert_eq!(
+        denier("cart", None, pod_ip, 80).as_deref(),
+        Some("sealmesh/require-mtls rule 0")
+    );
+    // The dry run reports, never refuses.
+    let scrape = judge("cart", Some(&id("shop", "cart")), pod_ip, 9090);
+    assert_eq!(scrape.decision, Decision::NoPolicy);
+    assert_eq!(
+        scrape.dry_run_denial.map(|d| d.to_string()).as_deref(),
+        Some("shop/metrics-from-prometheus")
+    );
+    let prometheus = judge("cart", Some(&id("monitoring", "prometheus")), pod_ip, 9090);
+    assert_eq!(prometheus.dry_run_denial, None);
+}
+
+/// Specs the API server must refuse are refused by the CRD's schema and by
+/// the agents' reader alike; valid edge cases pass both.
+#[test]
+fn the_crds_schema_and_the_agents_reader_agree_on_invalid_and_valid_specs() {
+    let invalid = [
+        // A source or operation that sets nothing, or only empty lists.
+        "{ rules: [{ from: [{ source: {} }] }] }",
+        "{ rules: [{ from: [{ source: { principals: [] } }] }] }",
+        "{ rules: [{ to: [{ operation: {} }] }] }",
+        "{ rules: [{ from: [{}] }] }",
+        // `*` inside a value, empty values.
+        r#"{ rules: [{ from: [{ source: { principals: ["cluster.local/ns/*/sa/web"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { principals: ["spiffe://"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { notNamespaces: ["a*b"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { namespaces: [""] } }] }] }"#,
+        // Ports out of range or named; addresses that are not IPv4.
+        r#"{ rules: [{ to: [{ operation: { ports: ["0"] } }] }] }"#,
+        r#"{ rules: [{ to: [{ operation: { notPorts: ["65536"] } }] }] }"#,
+        r#"{ rules: [{ to: [{ operation: { ports: ["http"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { ipBlocks: ["fd00::/8"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { notIpBlocks: ["10.0.0.0/33"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { ipBlocks: ["256.0.0.1"] } }] }] }"#,
+        // An unknown action, L7 fields sealmesh does not have, a label value
+        // no pod can carry.
+        "{ action: AUDIT }",
+        "{ rules: [{ to: [{ operation: { methods: [GET] } }] }] }",
+        "{ rules: [{ when: [{ key: request.auth.claims, values: [x] }] }] }",
+        &format!(
+            "{{ selector: {{ matchLabels: {{ app: {} }} }} }}",
+            "a".repeat(64)
+        ),
+    ];
+    for (spec, verdict) in invalid.iter().zip(verdicts(&invalid)) {
+        assert_eq!(verdict, (false, false), "(schema, Rust) on {spec}");
+    }
+    let valid = [
+        "{}",
+        "{ action: DENY, rules: [{}] }",
+        r#"{ rules: [{ from: [{ source: { notPrincipals: ["*"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { principals: ["spiffe://*", "*/sa/web", "cluster.local/ns/shop/*"] } }] }] }"#,
+        r#"{ rules: [{ from: [{ source: { namespaces: ["*"], ipBlocks: ["10.0.0.1", "0.0.0.0/0"] } }] }] }"#,
+        r#"{ rules: [{ to: [{ operation: { ports: ["1", "65535"], notPorts: ["8080"] } }] }] }"#,
+        "{ selector: { matchLabels: { app.kubernetes.io/name: web, tier: '' } } }",
+    ];
+    for (spec, verdict) in valid.iter().zip(verdicts(&valid)) {
+        assert_eq!(verdict, (true, true), "(schema, Rust) on {spec}");
+    }
+    // A label key must not be empty: a CEL rule says so to the API server
+    // (CEL needs one to run), the agents' reader refuses it too.
+    let empty_key = "{ selector: { matchLabels: { '': web } } }";
+    assert_eq!(verdicts(&[empty_key]), [(true, false)]);
+    let labels = &policy_schema()["properties"]["spec"]["properties"]["selector"]["properties"]["matchLabels"];
+    assert_eq!(
+        labels["x-kubernetes-validations"][0]["rule"],
+        "self.all(key, key != '')"
+    );
+}
+
+/// The schema is never more lenient than the agents: whatever a field's
+/// pattern admits, `sealmesh_common::authz` reads (else the API server
+/// would store policies the agents can only fail closed on). It is
+/// stricter only on port spellings the API's own fields refuse too.
+#[test]
+fn the_crds_schema_admits_nothing_the_agents_refuse() {
+    let values = [
+        "",
+        "*",
+        "**",
+        "*a",
+        "a*",
+        "a*b",
+        "*a*",
+        "spiffe://",
+        "spiffe://*",
+        "spiffe://a*",
+        "spiffe://*a",
+        "spiffe://a*b",
+        "spiffe*",
+        "0",
+        "1",
+        "80",
+        "080",
+        "+80",
+        "65535",
+        "65536",
+        "99999",
+        "-1",
+        "1.5",
+        "10.0.0.1",
+        "10.0.0.0/8",
+        "10.0.0.1/8",
+        "10.0.0.0/32",
+        "10.0.0.0/33",
+        "010.0.0.1",
+        "10.0.0",
+        "10.0.0.0/",
+        "::1",
+        "a b",
+    ];
+    let fields = [
+        ("from", "source", "principals"),
+        ("from", "source", "notNamespaces"),
+        ("from", "source", "ipBlocks"),
+        ("to", "operation", "ports"),
+    ];
+    let mut specs = Vec::new();
+    for (list, entry, field) in fields {
+        for value in values {
+            specs.push(format!(
+                "{{ rules: [{{ {list}: [{{ {entry}: {{ {field}: [{}] }} }}] }}] }}",
+                serde_json::Value::from(value)
+            ));
+        }
+    }
+    let specs: Vec<&str> = specs.iter().map(String::as_str).collect();
+    let mut stricter = Vec::new();
+    for (spec, (schema, rust)) in specs.iter().zip(verdicts(&specs)) {
+        assert!(
+            !schema || rust,
+            "the schema admits what the agents refuse: {spec}"
+        );
+        if rust && !schema {
+            stricter.push(*spec);
+        }
+    }
+    assert_eq!(
+        stricter,
+        [
+            r#"{ rules: [{ to: [{ operation: { ports: ["080"] } }] }] }"#,
+            r#"{ rules: [{ to: [{ operation: { ports: ["+80"] } }] }] }"#,
+        ],
+        "only ports with a leading zero or sign, which Kubernetes' own port fields refuse"
+    );
+}
+
+/// The CRD mirrors the Rust model: a field renamed in the schema, or an
+/// action default that differs, fails `cargo xtask manifests`; so does an
+/// example the agents would refuse.
+#[test]
+fn a_crd_or_example_drifting_from_the_rust_model_fails_cargo_xtask_manifests() {
+    let renamed = BrokenCopy::new(authz_manifests::CRD_FILE, "notPorts:", "notPort:");
+    let (success, stderr) = renamed.run_xtask();
+    assert!(!success, "{stderr}");
+    for problem in [
+        "spec.rules[].to[].operation.notPorts: in sealmesh_common::authz, missing from the schema",
+        "spec.rules[].to[].operation.notPort: in the schema, not in sealmesh_common::authz",
+    ] {
+        assert!(
+            stderr.contains(&format!(
+                "deploy/base: deploy/base/authorizationpolicy-crd.yaml: CustomResourceDefinition authorizationpolicies.sealmesh.io: {problem}"
+            )),
+            "{stderr}"
+        );
+    }
+    let default_deny =
+        BrokenCopy::new(authz_manifests::CRD_FILE, "default: ALLOW", "default: DENY");
+    let (success, stderr) = default_deny.run_xtask();
+    assert!(!success, "{stderr}");
+    assert!(
+        stderr.contains("spec.action must be an enum of ALLOW and DENY defaulting to ALLOW"),
+        "{stderr}"
+    );
+    let named_port = BrokenCopy::new(
+        authz_manifests::EXAMPLES_FILE,
+        r#"ports: ["5432"]"#,
+        "ports: [postgres]",
+    );
+    let (success, stderr) = named_port.run_xtask();
+    assert!(!success, "{stderr}");
+    for problem in [
+        "the CRD's schema refuses spec.rules[0].to[0].operation.ports[0]: 'postgres' does not match",
+        "spec.rules[0].to[0].operation.ports[0]: \"postgres\" is not a port (1-65535)",
+    ] {
+        assert!(
+            stderr.contains(&format!(
+                "deploy/examples/authorization-policies.yaml: AuthorizationPolicy shop/db-from-shop: {problem}"
+            )),
+            "{stderr}"
+        );
+    }
 }

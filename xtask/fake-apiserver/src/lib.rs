@@ -11,8 +11,23 @@
 //! - paths of core/v1 (namespaces, nodes, pods, services, serviceaccounts,
 //!   secrets, configmaps, events), events.k8s.io/v1, discovery.k8s.io/v1
 //!   endpointslices, apps/v1 deployments and daemonsets,
-//!   rbac.authorization.k8s.io/v1, namespaced and all-namespaces lists, and
+//!   rbac.authorization.k8s.io/v1, apiextensions.k8s.io/v1
+//!   customresourcedefinitions, namespaced and all-namespaces lists, and
 //!   `/version`, `/api`, `/apis` discovery (see `resources::RESOURCES`);
+//! - CustomResourceDefinitions: creating one (checked for the fields the
+//!   real server requires: name `<plural>.<group>`, scope, one storage
+//!   version) serves each of its served versions at once (discovery, CRUD,
+//!   list/watch, `/status` when `subresources.status` is set, the CRD's
+//!   scope) and sets its status (`NamesAccepted` and `Established` True,
+//!   which the real server's controllers set moments later); until then,
+//!   and after the CRD is deleted, requests for its resources get the real
+//!   server's 404. Deleting a CRD deletes its objects (DELETED events), then
+//!   ends the watches on them. Objects get the `default`s of their
+//!   version's `openAPIV3Schema`; they are not validated against it (no
+//!   schema, CEL or pruning of unknown fields). A CRD is served as it was
+//!   created: later updates are stored but do not change what is served;
+//!   versions do not share objects (no conversion); name conflicts between
+//!   CRDs are not detected;
 //! - get, list (`labelSelector`, `fieldSelector` on the fields the real server
 //!   allows per resource, `limit`/`continue`), create (201, `generateName`,
 //!   409 AlreadyExists, 404 for a missing namespace), update (409 Conflict on
@@ -64,6 +79,7 @@
 #![forbid(unsafe_code)]
 
 mod auth;
+mod crd;
 mod portforward;
 mod resources;
 mod selector;

@@ -1,6 +1,10 @@
-//! The resource table: every served resource is one row, and routing,
+//! The resource table: every built-in resource is one row, and routing,
 //! discovery, field-selector validation and status-subresource handling are
-//! all driven by it.
+//! all driven by it. Resources that CustomResourceDefinitions define join it
+//! at run time ([`intern`]); which of them a server serves is its store's
+//! business (`Store::find`).
+
+use std::sync::{PoisonError, RwLock};
 
 /// What the server stores and does for one resource type.
 #[derive(Debug)]
@@ -124,7 +128,7 @@ const EVENTS_V1_FIELDS: &[&str] = &[
     "type",
 ];
 
-/// Every served resource. Adding a resource is one line here.
+/// Every built-in resource. Adding a resource is one line here.
 pub(crate) static RESOURCES: &[ResourceType] = &[
     short(
         fields(
@@ -261,6 +265,17 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
         )),
         &["pdb"],
     ),
+    short(
+        with_status(stored(
+            "apiextensions.k8s.io",
+            "v1",
+            "customresourcedefinitions",
+            "customresourcedefinition",
+            "CustomResourceDefinition",
+            false,
+        )),
+        &["crd", "crds"],
+    ),
     stored(
         "rbac.authorization.k8s.io",
         "v1",
@@ -311,21 +326,32 @@ pub(crate) static RESOURCES: &[ResourceType] = &[
     )),
 ];
 
-/// Index of a resource in [`RESOURCES`]: the store's key.
+/// Index of a resource in [`RESOURCES`], or past its end in [`DEFINED`]:
+/// the store's key.
 pub(crate) type ResourceId = usize;
 
-pub(crate) fn find(group: &str, version: &str, plural: &str) -> Option<ResourceId> {
+/// Resource types CustomResourceDefinitions define, interned: each distinct
+/// definition is leaked once and keeps its id for the life of the process
+/// (a test process defines a handful), so every part of the server holds
+/// `&'static ResourceType` for them as for the built-in ones.
+static DEFINED: RwLock<Vec<&'static ResourceType>> = RwLock::new(Vec::new());
+
+/// A built-in resource by group, version and plural.
+pub(crate) fn find_builtin(group: &str, version: &str, plural: &str) -> Option<ResourceId> {
     RESOURCES
         .iter()
         .position(|r| r.group == group && r.version == version && r.plural == plural)
 }
 
 pub(crate) fn by_id(id: ResourceId) -> &'static ResourceType {
-    &RESOURCES[id]
+    match id.checked_sub(RESOURCES.len()) {
+        None => &RESOURCES[id],
+        Some(index) => DEFINED.read().unwrap_or_else(PoisonError::into_inner)[index],
+    }
 }
 
-/// Resource ids by group and kind (for the namespace lookup of pods and
-/// service accounts the token code needs).
+/// Built-in resource ids by group and plural (for the lookups of pods,
+/// service accounts and the like that the server's own code needs).
 pub(crate) fn id_of(group: &str, plural: &str) -> ResourceId {
     RESOURCES
         .iter()
@@ -333,15 +359,58 @@ pub(crate) fn id_of(group: &str, plural: &str) -> ResourceId {
         .unwrap_or_else(|| panic!("resource {plural}.{group} is not in the resource table"))
 }
 
-/// The API groups served, in discovery order (core excluded).
-pub(crate) fn groups() -> Vec<&'static str> {
-    let mut groups: Vec<&'static str> = Vec::new();
-    for resource in RESOURCES {
-        if !resource.group.is_empty() && !groups.contains(&resource.group) {
-            groups.push(resource.group);
-        }
+/// Whether a resource is one a CRD defined.
+pub(crate) fn is_custom(id: ResourceId) -> bool {
+    id >= RESOURCES.len()
+}
+
+/// One served version of a CustomResourceDefinition, as a resource type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Definition {
+    pub group: String,
+    pub version: String,
+    pub plural: String,
+    pub singular: String,
+    pub kind: String,
+    pub namespaced: bool,
+    pub status_subresource: bool,
+    pub short_names: Vec<String>,
+}
+
+impl Definition {
+    fn describes(&self, resource: &ResourceType) -> bool {
+        resource.group == self.group
+            && resource.version == self.version
+            && resource.plural == self.plural
+            && resource.singular == self.singular
+            && resource.kind == self.kind
+            && resource.namespaced == self.namespaced
+            && resource.status_subresource == self.status_subresource
+            && resource.short_names.iter().eq(self.short_names.iter())
     }
-    groups
+}
+
+/// The id of a defined resource type (the same for the same definition).
+pub(crate) fn intern(definition: &Definition) -> ResourceId {
+    let mut defined = DEFINED.write().unwrap_or_else(PoisonError::into_inner);
+    if let Some(index) = defined.iter().position(|r| definition.describes(r)) {
+        return RESOURCES.len() + index;
+    }
+    let leak = |text: &str| -> &'static str { text.to_owned().leak() };
+    let short_names: Vec<&'static str> = definition.short_names.iter().map(|s| leak(s)).collect();
+    defined.push(Box::leak(Box::new(ResourceType {
+        group: leak(&definition.group),
+        version: leak(&definition.version),
+        plural: leak(&definition.plural),
+        singular: leak(&definition.singular),
+        kind: leak(&definition.kind),
+        namespaced: definition.namespaced,
+        status_subresource: definition.status_subresource,
+        review: false,
+        short_names: short_names.leak(),
+        selectable_fields: &[],
+    })));
+    RESOURCES.len() + defined.len() - 1
 }
 
 /// `pods`, `deployments.apps`: the name the real server uses in messages.

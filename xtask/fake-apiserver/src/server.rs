@@ -16,11 +16,12 @@ use serde_json::{Value, json};
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::auth::Auth;
+use crate::crd;
 use crate::portforward::{self, Registered};
-use crate::resources::{self, RESOURCES, ResourceId, ResourceType, by_id};
+use crate::resources::{self, ResourceId, ResourceType, by_id};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::ApiError;
-use crate::store::{Preconditions, Scope, Store, decode_continue, translate_event};
+use crate::store::{EventType, Preconditions, Scope, Store, decode_continue, translate_event};
 
 /// The real server's default request body limit (3 MiB).
 const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
@@ -126,7 +127,9 @@ enum Route {
     Resource(Target),
 }
 
-fn route(path: &str) -> Option<Route> {
+/// Resolves a path against what `store` serves (the built-in resources and
+/// those of its CRDs; anything else is the real server's 404).
+fn route(path: &str, store: &Store) -> Option<Route> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (group, version, rest) = match segments.as_slice() {
         ["version"] => return Some(Route::Version),
@@ -136,8 +139,11 @@ fn route(path: &str) -> Option<Route> {
         ["apis", group, version, rest @ ..] => (*group, *version, rest),
         _ => return None,
     };
-    let namespaced_collection =
-        |plural: &str| resources::find(group, version, plural).filter(|&id| by_id(id).namespaced);
+    let namespaced_collection = |plural: &str| {
+        store
+            .find(group, version, plural)
+            .filter(|&id| by_id(id).namespaced)
+    };
     let target =
         |resource, namespace: Option<&str>, name: Option<&str>, subresource: Option<&str>| {
             Some(Route::Resource(Target {
@@ -148,8 +154,8 @@ fn route(path: &str) -> Option<Route> {
             }))
         };
     match rest {
-        [] if RESOURCES
-            .iter()
+        [] if store
+            .served()
             .any(|r| r.group == group && r.version == version) =>
         {
             Some(Route::ResourceList {
@@ -169,7 +175,7 @@ fn route(path: &str) -> Option<Route> {
             }
         }
         [plural, tail @ ..] => {
-            let resource = resources::find(group, version, plural)?;
+            let resource = store.find(group, version, plural)?;
             let namespaced = by_id(resource).namespaced;
             match tail {
                 [] => target(resource, None, None, None),
@@ -270,7 +276,7 @@ async fn serve(
     };
     let query = parse_query(request.uri().query());
     let method = request.method().clone();
-    let route = route(&path).ok_or(ApiError::NoRoute)?;
+    let route = route(&path, &lock(&shared.store)).ok_or(ApiError::NoRoute)?;
     if let Route::Resource(target) = &route {
         authorize(shared, &user, &method, target, &query)?;
     }
@@ -284,12 +290,13 @@ async fn serve(
                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": shared.server_address}],
             }),
         )),
-        Route::ApiGroups if method == Method::GET => {
-            Ok(json_response(StatusCode::OK, &api_groups()))
-        }
+        Route::ApiGroups if method == Method::GET => Ok(json_response(
+            StatusCode::OK,
+            &api_groups(&lock(&shared.store)),
+        )),
         Route::ResourceList { group, version } if method == Method::GET => Ok(json_response(
             StatusCode::OK,
-            &resource_list(&group, &version),
+            &resource_list(&lock(&shared.store), &group, &version),
         )),
         Route::Resource(Target {
             resource,
@@ -658,16 +665,24 @@ fn version() -> Value {
     })
 }
 
-fn api_groups() -> Value {
-    let groups: Vec<Value> = resources::groups()
+/// The API groups `store` serves (core excluded), in discovery order: the
+/// built-in ones, then those of CRDs.
+fn api_groups(store: &Store) -> Value {
+    let mut names: Vec<&'static str> = Vec::new();
+    for resource in store.served() {
+        if !resource.group.is_empty() && !names.contains(&resource.group) {
+            names.push(resource.group);
+        }
+    }
+    let groups: Vec<Value> = names
         .into_iter()
         .map(|group| {
-            let mut versions: Vec<&str> = RESOURCES
-                .iter()
-                .filter(|r| r.group == group)
-                .map(|r| r.version)
-                .collect();
-            versions.dedup();
+            let mut versions: Vec<&str> = Vec::new();
+            for resource in store.served().filter(|r| r.group == group) {
+                if !versions.contains(&resource.version) {
+                    versions.push(resource.version);
+                }
+            }
             let versions: Vec<Value> = versions
                 .into_iter()
                 .map(|version| json!({"groupVersion": format!("{group}/{version}"), "version": version}))
@@ -678,10 +693,10 @@ fn api_groups() -> Value {
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-fn resource_list(group: &str, version: &str) -> Value {
+fn resource_list(store: &Store, group: &str, version: &str) -> Value {
     let mut entries = Vec::new();
-    for resource in RESOURCES
-        .iter()
+    for resource in store
+        .served()
         .filter(|r| r.group == group && r.version == version)
     {
         let verbs: &[&str] = if resource.review {
@@ -864,9 +879,20 @@ async fn run_watch(
         tokio::time::Instant::now() + BOOKMARK_INTERVAL,
         BOOKMARK_INTERVAL,
     );
+    let crds = resources::id_of("apiextensions.k8s.io", "customresourcedefinitions");
     loop {
         let line = tokio::select! {
             event = live.recv() => match event {
+                // The resource is no longer served: as the real server tears
+                // down a deleted CRD's storage, its watches end (after the
+                // DELETED events of its objects).
+                Ok(event)
+                    if event.resource == crds
+                        && event.event_type == EventType::Deleted
+                        && crd::defines(&event.object, resource) =>
+                {
+                    return;
+                }
                 Ok(event) if event.resource_version > progress => {
                     progress = event.resource_version;
                     match translate_event(&scope, &event) {

@@ -11,7 +11,8 @@ use k8s_openapi::jiff::Timestamp;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
-use crate::resources::{ResourceId, ResourceType, by_id, id_of};
+use crate::crd;
+use crate::resources::{self, RESOURCES, ResourceId, ResourceType, by_id, id_of};
 use crate::selector::{FieldSelector, LabelSelector};
 use crate::status::ApiError;
 
@@ -105,6 +106,17 @@ pub(crate) struct WatchStart {
 
 type ObjectKey = (ResourceId, String, String);
 
+/// One resource a CustomResourceDefinition serves, and its version's schema.
+#[derive(Debug)]
+struct CustomResource {
+    id: ResourceId,
+    schema: Option<Value>,
+}
+
+fn crd_id() -> ResourceId {
+    id_of("apiextensions.k8s.io", "customresourcedefinitions")
+}
+
 pub(crate) struct Store {
     objects: BTreeMap<ObjectKey, Value>,
     resource_version: u64,
@@ -118,6 +130,9 @@ pub(crate) struct Store {
     /// and finalizes it (at once here). Without one, a deleted namespace
     /// stays Terminating, contents and all, until a client finalizes it.
     namespace_controller: bool,
+    /// The resources of every stored CustomResourceDefinition, by its name,
+    /// as defined when it was created.
+    crds: BTreeMap<String, Vec<CustomResource>>,
 }
 
 /// Objects include Secrets: only counts are shown.
@@ -239,6 +254,7 @@ fn default_on_create(
             }
             fold_string_data(object);
         }
+        ("apiextensions.k8s.io", "customresourcedefinitions") => crd::prepare(object)?,
         _ => {}
     }
     Ok(())
@@ -275,6 +291,7 @@ impl Store {
             next_cluster_ip: u32::from(service_range.network()) + FIRST_ALLOCATED_CLUSTER_IP_OFFSET,
             service_range,
             namespace_controller: true,
+            crds: BTreeMap::new(),
         };
         let namespaces = id_of("", "namespaces");
         for namespace in SYSTEM_NAMESPACES {
@@ -291,6 +308,50 @@ impl Store {
 
     pub fn resource_version(&self) -> u64 {
         self.resource_version
+    }
+
+    /// A served resource: built in, or of a stored CRD.
+    pub fn find(&self, group: &str, version: &str, plural: &str) -> Option<ResourceId> {
+        resources::find_builtin(group, version, plural).or_else(|| {
+            self.custom_resources().find(|&id| {
+                let r = by_id(id);
+                r.group == group && r.version == version && r.plural == plural
+            })
+        })
+    }
+
+    /// Every served resource: the built-in ones, then those of the CRDs.
+    pub fn served(&self) -> impl Iterator<Item = &'static ResourceType> + '_ {
+        RESOURCES.iter().chain(self.custom_resources().map(by_id))
+    }
+
+    fn custom_resources(&self) -> impl Iterator<Item = ResourceId> + '_ {
+        self.crds.values().flatten().map(|custom| custom.id)
+    }
+
+    /// Serves what a just-stored CRD defines.
+    fn serve_crd(&mut self, name: &str, crd: &Value) {
+        let served = crd::served_versions(crd)
+            .into_iter()
+            .map(|(definition, schema)| CustomResource {
+                id: resources::intern(&definition),
+                schema,
+            })
+            .collect();
+        self.crds.insert(name.to_string(), served);
+    }
+
+    /// Sets the schema's defaults in an object of a CRD's resource.
+    fn apply_schema_defaults(&self, resource_id: ResourceId, object: &mut Value) {
+        if let Some(schema) = self
+            .crds
+            .values()
+            .flatten()
+            .find(|custom| custom.id == resource_id)
+            .and_then(|custom| custom.schema.as_ref())
+        {
+            crd::apply_defaults(schema, object);
+        }
     }
 
     fn record(
@@ -462,6 +523,14 @@ impl Store {
             &mut self.next_cluster_ip,
             self.service_range,
         )?;
+        if resource.status_subresource && resources::is_custom(resource_id) {
+            // Status is the controller's: a custom resource's create ignores it.
+            object
+                .as_object_mut()
+                .expect("checked to be an object")
+                .remove("status");
+        }
+        self.apply_schema_defaults(resource_id, &mut object);
         self.objects.insert(key, object.clone());
         self.record(
             resource_id,
@@ -470,6 +539,9 @@ impl Store {
             object.clone(),
             None,
         );
+        if resource_id == crd_id() {
+            self.serve_crd(&name, &object);
+        }
         Ok(object)
     }
 
@@ -570,6 +642,7 @@ impl Store {
             if resource.group.is_empty() && resource.plural == "secrets" {
                 fold_string_data(&mut object);
             }
+            self.apply_schema_defaults(resource_id, &mut object);
             object
         };
         // Server-owned metadata survives any write.
@@ -669,6 +742,20 @@ impl Store {
             && !self.namespace_controller
         {
             return Ok(self.mark_terminating(resource_id, name, current));
+        }
+        if resource_id == crd_id() {
+            // The CRD's finalizer deletes its objects before the CRD goes;
+            // done at once here.
+            let served = self.crds.remove(name).unwrap_or_default();
+            let contained: Vec<ObjectKey> = self
+                .objects
+                .keys()
+                .filter(|(rid, _, _)| served.iter().any(|custom| custom.id == *rid))
+                .cloned()
+                .collect();
+            for (rid, ns, object_name) in contained {
+                self.remove(rid, &ns, &object_name);
+            }
         }
         if resource.group.is_empty() && resource.plural == "namespaces" {
             // The namespace controller empties a deleted namespace; done at once here.

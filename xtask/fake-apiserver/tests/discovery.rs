@@ -73,6 +73,7 @@ async fn discovery_lists_every_served_group() {
         groups,
         [
             "",
+            "apiextensions.k8s.io",
             "apps",
             "authentication.k8s.io",
             "authorization.k8s.io",

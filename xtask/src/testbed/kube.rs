@@ -4,6 +4,8 @@
 //!
 //! Pointed at an API server (the in-process fake one, or a real
 //! kube-apiserver through a kubeconfig), [`KubeCluster::start`] creates:
+//! - the AuthorizationPolicy CRD of `deploy/base` (kept if the server has
+//!   it already), waiting until it is Established and its resource served;
 //! - the control namespace (`sealmesh`), the agent and identity
 //!   ServiceAccounts and the RBAC of `deploy/base/{agent,identity}-rbac.yaml`;
 //! - one Node per testbed node (InternalIP = its underlay IP, `Ready` through
@@ -15,6 +17,7 @@
 //!   cgroup root (pod processes run in a child "container" cgroup);
 //! - Services (ClusterIP = the testbed VIP) and their EndpointSlices as the
 //!   endpoint-slice controller writes them;
+//! - the cluster file's AuthorizationPolicies, as objects of the CRD;
 //! - the trust-roots ConfigMap, the issuer Secret, one agent Pod per node
 //!   (`sealmesh-agent-<node>`, host network) and the identity Deployment (the
 //!   object the identity service records events on);
@@ -58,6 +61,7 @@ use kube::{
 };
 use rand::RngCore;
 use sealmesh_common::{
+    authz::{self, AuthorizationPolicy},
     cluster::{self, ClusterFile},
     consts::kube::{
         AGENT_DAEMONSET, AGENT_SERVICE_ACCOUNT, ENDPOINTSLICE_SERVICE_LABEL, IDENTITY_NAME,
@@ -102,6 +106,12 @@ const ENDPOINTSLICE_MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/manage
 const ENDPOINTSLICE_CONTROLLER: &str = "endpointslice-controller.k8s.io";
 /// Files of `deploy/base` the testbed applies.
 const RBAC_FILES: [&str; 2] = ["agent-rbac.yaml", "identity-rbac.yaml"];
+/// The AuthorizationPolicy CRD in `deploy/base`.
+const AUTHZ_CRD_FILE: &str = "authorizationpolicy-crd.yaml";
+/// How long a created CRD may take to be Established and served (a real
+/// server's controllers take milliseconds).
+const CRD_ESTABLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const CRD_POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TestbedKubeError {
@@ -146,6 +156,13 @@ pub enum TestbedKubeError {
         "the API server has no pod {namespace}/{name}: create it with KubeCluster::create_pod first"
     )]
     NoSuchPod { namespace: String, name: String },
+    #[error(
+        "CustomResourceDefinition {name} is not Established and served after {waited:?}: see its status conditions (`kubectl get crd {name} -o yaml`)"
+    )]
+    CrdNotEstablished {
+        name: String,
+        waited: std::time::Duration,
+    },
     #[error(transparent)]
     Relay(#[from] RelayError),
     #[error(transparent)]
@@ -708,6 +725,10 @@ impl KubeCluster {
         cluster: &ClusterFile,
         pki: &KubePki<'_>,
     ) -> Result<(), TestbedKubeError> {
+        // First, so the server establishes it while the rest is created.
+        let crd = self
+            .apply_manifest(&deploy_base_dir().join(AUTHZ_CRD_FILE))
+            .await?;
         let control = self.control_namespace.clone();
         self.ensure(
             None,
@@ -777,6 +798,110 @@ impl KubeCluster {
             self.register_identity_service(&control, identity.address)
                 .await?;
         }
+        for name in crd {
+            self.await_established(&name).await?;
+        }
+        for policy in &cluster.authorization_policies {
+            self.replace(Some(&policy.namespace), policy_object(policy))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Waits until the CRD `name` is Established and its resource is in
+    /// discovery: a real server serves it a moment after creating it.
+    async fn await_established(&self, name: &str) -> Result<(), TestbedKubeError> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let api: Api<CustomResourceDefinition> = Api::all(self.client.clone());
+        let started = std::time::Instant::now();
+        loop {
+            let crd = api
+                .get(name)
+                .await
+                .map_err(api_err(format!("reading CustomResourceDefinition {name}")))?;
+            let established = crd
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True")
+                });
+            let served = match crd.spec.versions.iter().find(|v| v.served) {
+                Some(version) if established => {
+                    let gvk =
+                        GroupVersionKind::gvk(&crd.spec.group, &version.name, &crd.spec.names.kind);
+                    discovery::pinned_kind(&self.client, &gvk).await.is_ok()
+                }
+                _ => false,
+            };
+            if served {
+                return Ok(());
+            }
+            if started.elapsed() >= CRD_ESTABLISH_WAIT {
+                return Err(TestbedKubeError::CrdNotEstablished {
+                    name: name.to_owned(),
+                    waited: CRD_ESTABLISH_WAIT,
+                });
+            }
+            tokio::time::sleep(CRD_POLL).await;
+        }
+    }
+
+    /// Creates an AuthorizationPolicy, or replaces the one of that name in
+    /// place (one update, as `kubectl apply` makes it: watchers never see
+    /// the namespace without it).
+    pub fn apply_authorization_policy(
+        &mut self,
+        policy: &AuthorizationPolicy,
+    ) -> Result<(), TestbedKubeError> {
+        let runtime = self.runtime.handle().clone();
+        runtime.block_on(self.put_authorization_policy(policy))
+    }
+
+    async fn put_authorization_policy(
+        &mut self,
+        policy: &AuthorizationPolicy,
+    ) -> Result<(), TestbedKubeError> {
+        let (api, resource, name, namespace) = self
+            .dynamic_api(Some(&policy.namespace), &policy_object(policy))
+            .await?;
+        let mut object: DynamicObject = from_json(policy_object(policy))?;
+        let what = |verb: &str| format!("{verb} {} {}/{name}", authz::KIND, policy.namespace);
+        match api.get_opt(&name).await.map_err(api_err(what("reading")))? {
+            Some(current) => {
+                object.metadata.resource_version = current.metadata.resource_version;
+                api.replace(&name, &post_params(), &object)
+                    .await
+                    .map_err(api_err(what("replacing")))?;
+            }
+            None => {
+                api.create(&post_params(), &object)
+                    .await
+                    .map_err(api_err(what("creating")))?;
+                self.record(resource, namespace.as_deref(), &name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes an AuthorizationPolicy.
+    pub fn delete_authorization_policy(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), TestbedKubeError> {
+        let resource = ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk(authz::API_GROUP, authz::API_VERSION, authz::KIND),
+            authz::PLURAL,
+        );
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(self.client.clone(), namespace, &resource);
+        self.block_on(api.delete(name, &DeleteParams::default()))
+            .map_err(api_err(format!(
+                "deleting {} {namespace}/{name}",
+                authz::KIND
+            )))?;
         Ok(())
     }
 
@@ -908,17 +1033,25 @@ impl KubeCluster {
 
     /// Applies every object of a YAML stream (`---`-separated documents);
     /// namespaced objects without a namespace go to the control namespace.
-    async fn apply_manifest(&mut self, path: &Path) -> Result<(), TestbedKubeError> {
+    /// Returns the objects' names.
+    async fn apply_manifest(&mut self, path: &Path) -> Result<Vec<String>, TestbedKubeError> {
         let text = std::fs::read_to_string(path).map_err(|source| TestbedKubeError::Io {
-            what: "cannot read RBAC manifest",
+            what: "cannot read manifest",
             path: path.to_owned(),
             source,
         })?;
+        let mut names = Vec::new();
         for object in parse_manifest(path, &text)? {
             let namespace = object["metadata"]["namespace"].as_str().map(str::to_owned);
+            names.push(
+                object["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            );
             self.ensure(namespace.as_deref(), object).await?;
         }
-        Ok(())
+        Ok(names)
     }
 
     async fn register_node(&mut self, node: &cluster::Node) -> Result<(), TestbedKubeError> {
@@ -1696,7 +1829,7 @@ async fn external_client(path: &Path) -> Result<(Client, Upstream), TestbedKubeE
     ))
 }
 
-/// `<workspace>/deploy/base`, whose RBAC manifests the testbed applies.
+/// `<workspace>/deploy/base`, whose RBAC and CRD manifests the testbed applies.
 pub fn deploy_base_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -1737,6 +1870,19 @@ fn parse_manifest(path: &Path, text: &str) -> Result<Vec<Value>, TestbedKubeErro
 
 fn managed_labels() -> Value {
     json!({ MANAGED_BY_LABEL: FIELD_MANAGER })
+}
+
+/// A policy of the cluster file as an object of the CRD.
+fn policy_object(policy: &AuthorizationPolicy) -> Value {
+    json!({
+        "apiVersion": format!("{}/{}", authz::API_GROUP, authz::API_VERSION),
+        "kind": authz::KIND,
+        "metadata": {
+            "name": policy.name, "namespace": policy.namespace,
+            "labels": managed_labels(), "annotations": policy.annotations,
+        },
+        "spec": policy.spec,
+    })
 }
 
 fn namespace_object(

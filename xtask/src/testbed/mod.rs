@@ -31,7 +31,7 @@ pub mod netns;
 pub mod spec;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs::OpenOptions,
     io::{self, Write as _},
     net::Ipv4Addr,
@@ -42,7 +42,10 @@ use std::{
 };
 
 use rand::RngCore;
-use sealmesh_common::cluster::{ClusterError, ClusterFile, IdentityEndpoint};
+use sealmesh_common::{
+    authz::AuthorizationPolicy,
+    cluster::{self, ClusterError, ClusterFile, IdentityEndpoint},
+};
 
 pub use layout::TestbedId;
 use layout::{HostPaths, Layout, NETNS_PREFIX, STATE_ROOT};
@@ -332,6 +335,54 @@ impl Testbed {
         self.pod(namespace, pod)?;
         self.unlisted
             .remove(&(namespace.to_owned(), pod.to_owned()));
+        self.save()
+    }
+
+    /// Creates or replaces (by namespace and name) an AuthorizationPolicy in
+    /// the cluster file, declaring its namespace if the file does not list
+    /// it, and saves the file (atomically: agents read it whole). An invalid
+    /// policy leaves the file as it was.
+    pub fn set_authorization_policy(
+        &mut self,
+        policy: AuthorizationPolicy,
+    ) -> Result<(), TestbedError> {
+        let before = self.cluster.clone();
+        if !self
+            .cluster
+            .namespaces
+            .iter()
+            .any(|ns| ns.name == policy.namespace)
+        {
+            self.cluster.namespaces.push(cluster::Namespace {
+                name: policy.namespace.clone(),
+                labels: BTreeMap::new(),
+                annotations: BTreeMap::new(),
+            });
+        }
+        let policies = &mut self.cluster.authorization_policies;
+        match policies
+            .iter_mut()
+            .find(|p| p.namespace == policy.namespace && p.name == policy.name)
+        {
+            Some(existing) => *existing = policy,
+            None => policies.push(policy),
+        }
+        self.save().inspect_err(|_| self.cluster = before)
+    }
+
+    /// Removes an AuthorizationPolicy from the cluster file and saves it.
+    pub fn remove_authorization_policy(
+        &mut self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(), TestbedError> {
+        let unknown = self.unknown("authorization policy", &format!("{namespace}/{name}"));
+        let policies = &mut self.cluster.authorization_policies;
+        let index = policies
+            .iter()
+            .position(|p| p.namespace == namespace && p.name == name)
+            .ok_or(unknown)?;
+        policies.remove(index);
         self.save()
     }
 

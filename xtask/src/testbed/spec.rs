@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use sealmesh_common::{
+    authz::AuthorizationPolicy,
     cluster::{self, ClusterError, ClusterFile, Namespace, Service},
     consts::{MESH_LABEL, MESH_LABEL_ENABLED},
     identity,
@@ -85,6 +86,7 @@ pub struct TestbedSpec {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<PodSpec>,
     pub services: Vec<Service>,
+    pub authorization_policies: Vec<AuthorizationPolicy>,
     /// None: the default trust domain.
     pub trust_domain: Option<String>,
 }
@@ -100,6 +102,7 @@ impl TestbedSpec {
             namespaces: Vec::new(),
             pods: Vec::new(),
             services: Vec::new(),
+            authorization_policies: Vec::new(),
             trust_domain: None,
         }
     }
@@ -169,6 +172,17 @@ impl TestbedSpec {
 
     pub fn service(mut self, service: Service) -> Self {
         self.services.push(service);
+        self
+    }
+
+    /// An AuthorizationPolicy (in Kubernetes mode, an object of the CRD),
+    /// declaring its namespace without labels if the spec does not list it
+    /// yet (a policy of the control namespace applies to every namespace).
+    pub fn authorization_policy(mut self, policy: AuthorizationPolicy) -> Self {
+        if !self.namespaces.iter().any(|ns| ns.name == policy.namespace) {
+            self = self.namespace(&policy.namespace, &[]);
+        }
+        self.authorization_policies.push(policy);
         self
     }
 
@@ -280,6 +294,7 @@ impl TestbedSpec {
             })
             .collect();
         file.services = self.services.clone();
+        file.authorization_policies = self.authorization_policies.clone();
         file.validate()?;
         Ok(file)
     }
@@ -420,6 +435,30 @@ mod tests {
         let svc = file.service_by_vip(Ipv4Addr::new(10, 96, 0, 10)).unwrap();
         let endpoints: Vec<_> = file.endpoints(svc).map(|p| p.name.as_str()).collect();
         assert_eq!(endpoints, ["pod-1-0"]);
+    }
+
+    #[test]
+    fn authorization_policies_go_to_the_cluster_file_with_their_namespace() {
+        let policy = |namespace: &str, spec: &str| AuthorizationPolicy {
+            name: "p".into(),
+            namespace: namespace.into(),
+            annotations: Default::default(),
+            spec: serde_yaml_ng::from_str(spec).unwrap(),
+        };
+        let spec = TestbedSpec::meshed(1, 1)
+            .authorization_policy(policy(MESHED_NAMESPACE, "{ rules: [{}] }"))
+            .authorization_policy(policy("sealmesh", "{ action: DENY }"));
+        let file = spec.to_cluster_file(&layout()).unwrap();
+        assert_eq!(file.authorization_policies, spec.authorization_policies);
+        let namespaces: Vec<_> = file.namespaces.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(namespaces, [MESHED_NAMESPACE, "sealmesh"]);
+        // What the agents could not read fails before anything is built.
+        let bad = TestbedSpec::meshed(1, 1).authorization_policy(policy(
+            MESHED_NAMESPACE,
+            "{ rules: [{ to: [{ operation: { ports: ['0'] } }] }] }",
+        ));
+        let error = bad.to_cluster_file(&layout()).unwrap_err().to_string();
+        assert!(error.contains("is not a port"), "{error}");
     }
 
     #[test]
