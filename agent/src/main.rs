@@ -454,6 +454,7 @@ async fn start_kubernetes(
                 &config.node,
                 config.trust_domain.clone(),
                 kube.cgroup_root.clone(),
+                &kube.namespace,
             )
         },
     )

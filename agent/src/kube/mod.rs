@@ -2,11 +2,12 @@
 //! Kubernetes API instead of the local cluster file.
 //!
 //! [`KubeRegistry`] runs one kube-rs reflector per kind (Pods, Nodes,
-//! Namespaces, Services, EndpointSlices, all cluster-wide): each watcher
-//! lists, then watches from the list's resourceVersion, re-lists by itself
-//! after `410 Gone` and backs off on errors. Objects are parsed into views
-//! of the fields the data path reads (`objects`), and every change
-//! rebuilds one immutable [`Snapshot`] that the proxy reads lock-free.
+//! Namespaces, Services, EndpointSlices, AuthorizationPolicies, all
+//! cluster-wide): each watcher lists, then watches from the list's
+//! resourceVersion, re-lists by itself after `410 Gone` and backs off on
+//! errors. Objects are parsed into views of the fields the data path reads
+//! (`objects`), and every change rebuilds one immutable [`Snapshot`] that
+//! the proxy reads lock-free.
 
 pub mod cgroup;
 mod events;
@@ -28,13 +29,18 @@ use futures::{FutureExt, StreamExt, future::BoxFuture, stream::FuturesUnordered}
 use ipnet::Ipv4Net;
 use kube::{
     Api, Client, Resource,
+    api::ListParams,
     runtime::{
         WatchStreamExt,
         reflector::{self, Store},
         watcher,
     },
 };
-use sealmesh_common::{consts::kube::ENDPOINTSLICE_SERVICE_LABEL, identity::TrustDomain};
+use sealmesh_common::{
+    authz::{API_GROUP, PLURAL},
+    consts::kube::ENDPOINTSLICE_SERVICE_LABEL,
+    identity::TrustDomain,
+};
 use serde::de::DeserializeOwned;
 use tokio::{
     sync::{Notify, watch},
@@ -45,7 +51,10 @@ use tokio::{
 pub use self::cgroup::{PodCgroup, PodCgroups};
 use self::{
     events::PodEvents,
-    objects::{EndpointSliceView, NamespaceView, NodeView, PodView, ServiceView, node_internal_ip},
+    objects::{
+        AuthorizationPolicyView, EndpointSliceView, NamespaceView, NodeView, PodView, ServiceView,
+        keep_labels_if_on, node_internal_ip,
+    },
     snapshot::ClusterObjects,
 };
 use crate::{
@@ -65,6 +74,8 @@ pub const DEFAULT_CGROUP_RESCAN: Duration = Duration::from_secs(10);
 const REBUILD_COALESCE: Duration = Duration::from_millis(20);
 /// What the error messages point operators at for permissions.
 const AGENT_RBAC_FILE: &str = "deploy/base/agent-rbac.yaml";
+/// ... and for the AuthorizationPolicy resource.
+const POLICY_CRD_FILE: &str = "authorizationpolicy-crd.yaml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KubeRegistryError {
@@ -91,6 +102,24 @@ pub enum KubeRegistryError {
     },
     #[error("the Kubernetes API failed {doing} ({code} {reason}): {message}")]
     Api {
+        doing: String,
+        code: u16,
+        reason: String,
+        message: String,
+    },
+    #[error(
+        "the Kubernetes API does not serve {PLURAL}.{API_GROUP} ({doing}: {code} {reason}: {message}): its CustomResourceDefinition is not installed; apply deploy/base ({POLICY_CRD_FILE}); the agent does not start without it, as enforcing no AuthorizationPolicy would let through what they deny"
+    )]
+    PolicyCrdMissing {
+        doing: String,
+        code: u16,
+        reason: String,
+        message: String,
+    },
+    #[error(
+        "the Kubernetes API refused {doing} ({code} {reason}: {message}); grant the agent's ServiceAccount get, list and watch on {PLURAL}.{API_GROUP} (the rule in {AGENT_RBAC_FILE})"
+    )]
+    PolicyDenied {
         doing: String,
         code: u16,
         reason: String,
@@ -140,6 +169,27 @@ impl KubeRegistryError {
                 message: status.message.clone(),
             },
             source => Self::Unreachable { doing, source },
+        }
+    }
+
+    /// Classifies the failure of reading AuthorizationPolicies, which has
+    /// its own fixes: install the CRD (404), grant the rule (403).
+    fn from_policy_api(doing: impl Into<String>, error: kube::Error) -> Self {
+        let doing = doing.into();
+        match error {
+            kube::Error::Api(status) if status.code == 404 => Self::PolicyCrdMissing {
+                doing,
+                code: status.code,
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            },
+            kube::Error::Api(status) if status.code == 403 => Self::PolicyDenied {
+                doing,
+                code: status.code,
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            },
+            error => Self::from_api(doing, error),
         }
     }
 
@@ -306,6 +356,9 @@ pub struct KubeRegistryConfig {
     /// This node's name in the API.
     pub node: String,
     pub trust_domain: TrustDomain,
+    /// The control namespace (`--namespace`): its AuthorizationPolicies
+    /// apply to every namespace.
+    pub control_namespace: String,
     /// Where the kubelet's pod cgroups are found.
     pub cgroup_root: PathBuf,
     pub startup_timeout: Duration,
@@ -315,10 +368,16 @@ pub struct KubeRegistryConfig {
 }
 
 impl KubeRegistryConfig {
-    pub fn new(node: &str, trust_domain: TrustDomain, cgroup_root: PathBuf) -> Self {
+    pub fn new(
+        node: &str,
+        trust_domain: TrustDomain,
+        cgroup_root: PathBuf,
+        control_namespace: &str,
+    ) -> Self {
         Self {
             node: node.to_owned(),
             trust_domain,
+            control_namespace: control_namespace.to_owned(),
             cgroup_root,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             cgroup_rescan: DEFAULT_CGROUP_RESCAN,
@@ -351,12 +410,15 @@ struct Stores {
     pods: Store<PodView>,
     services: Store<ServiceView>,
     endpoint_slices: Store<EndpointSliceView>,
+    authorization_policies: Store<AuthorizationPolicyView>,
 }
 
 /// What the registry's tasks share.
 struct Shared {
     node: NodeInfo,
     trust_domain: TrustDomain,
+    /// Whose AuthorizationPolicies apply to every namespace.
+    control_namespace: String,
     cgroups: PodCgroups,
     cgroup_rescan: Duration,
     cluster_networks: Vec<Ipv4Net>,
@@ -382,25 +444,32 @@ impl KubeRegistry {
         let deadline = Instant::now() + config.startup_timeout;
         let node = local_node(&client, &config.node, deadline).await?;
         tracing::info!(node = %node.name, ip = %node.ip, "node found in the Kubernetes API");
+        policies_readable(&client, deadline).await?;
 
         let mut tasks = JoinSet::new();
         let signals = Arc::new(Signals::default());
         let events = PodEvents::new(client.clone(), &node.name);
+        let local = node.name.clone();
         let stores = Stores {
-            nodes: spawn_reflector(&mut tasks, Api::all(client.clone()), "nodes", &signals),
-            namespaces: spawn_reflector(
+            nodes: spawn_reflector(&mut tasks, &client, "nodes", keep_whole, &signals),
+            namespaces: spawn_reflector(&mut tasks, &client, "namespaces", keep_whole, &signals),
+            pods: spawn_reflector(
                 &mut tasks,
-                Api::all(client.clone()),
-                "namespaces",
+                &client,
+                "pods",
+                move |pod| keep_labels_if_on(pod, &local),
                 &signals,
             ),
-            pods: spawn_reflector(&mut tasks, Api::all(client.clone()), "pods", &signals),
-            services: spawn_reflector(&mut tasks, Api::all(client.clone()), "services", &signals),
+            services: spawn_reflector(&mut tasks, &client, "services", keep_whole, &signals),
             endpoint_slices: spawn_reflector(
                 &mut tasks,
-                Api::all(client),
+                &client,
                 "endpointslices",
+                keep_whole,
                 &signals,
+            ),
+            authorization_policies: spawn_reflector(
+                &mut tasks, &client, PLURAL, keep_whole, &signals,
             ),
         };
         wait_until_listed(&stores, &signals, deadline, config.startup_timeout).await?;
@@ -408,6 +477,7 @@ impl KubeRegistry {
         let shared = Arc::new(Shared {
             node,
             trust_domain: config.trust_domain,
+            control_namespace: config.control_namespace,
             cgroups: PodCgroups::new(config.cgroup_root),
             cgroup_rescan: config.cgroup_rescan,
             cluster_networks: config.cluster_networks,
@@ -453,6 +523,22 @@ async fn local_node(
     })
 }
 
+/// Lists AuthorizationPolicies once before the reflectors start. Without
+/// the resource (its CRD not installed) or the right to read it, the agent
+/// would enforce no policy and let through what policies deny: start-up
+/// fails at once with what to fix, rather than at the sync timeout.
+async fn policies_readable(client: &Client, deadline: Instant) -> Result<(), KubeRegistryError> {
+    let api: Api<AuthorizationPolicyView> = Api::all(client.clone());
+    let doing = format!("listing {PLURAL}.{API_GROUP}");
+    retry_until(deadline, &doing, || async {
+        api.list(&ListParams::default().limit(1))
+            .await
+            .map(drop)
+            .map_err(|error| KubeRegistryError::from_policy_api(doing.clone(), error))
+    })
+    .await
+}
+
 /// What the reflectors report.
 #[derive(Default)]
 struct Signals {
@@ -471,20 +557,27 @@ impl Signals {
     }
 }
 
-/// Starts a reflector for `K` and returns its cache.
+/// The `trim` of the kinds whose views hold nothing to drop.
+fn keep_whole<K>(_: &mut K) {}
+
+/// Starts a reflector for `K` in every namespace and returns its cache,
+/// which holds each object as `trim` leaves it.
 fn spawn_reflector<K>(
     tasks: &mut JoinSet<()>,
-    api: Api<K>,
+    client: &Client,
     kind: &'static str,
+    trim: impl FnMut(&mut K) + Send + 'static,
     signals: &Arc<Signals>,
 ) -> Store<K>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
     let (reader, writer) = reflector::store();
+    let api: Api<K> = Api::all(client.clone());
     let signals = signals.clone();
     tasks.spawn(async move {
         let events = watcher(api, watcher::Config::default())
+            .modify(trim)
             .default_backoff()
             .reflect(writer);
         let mut events = std::pin::pin!(events);
@@ -541,10 +634,18 @@ async fn wait_until_listed(
         listed("pods", &stores.pods),
         listed("services", &stores.services),
         listed("endpointslices", &stores.endpoint_slices),
+        listed(PLURAL, &stores.authorization_policies),
     ]
     .into_iter()
     .collect();
-    let mut pending = vec!["nodes", "namespaces", "pods", "services", "endpointslices"];
+    let mut pending = vec![
+        "nodes",
+        "namespaces",
+        "pods",
+        "services",
+        "endpointslices",
+        PLURAL,
+    ];
     loop {
         match tokio::time::timeout_at(deadline, waits.next()).await {
             Ok(Some((kind, true))) => pending.retain(|k| *k != kind),
@@ -620,6 +721,7 @@ impl Shared {
             namespaces: self.stores.namespaces.state(),
             services: self.stores.services.state(),
             endpoint_slices: self.stores.endpoint_slices.state(),
+            authorization_policies: self.stores.authorization_policies.state(),
         };
         self.check_local_node(&objects);
         let mut missing = Vec::new();
@@ -629,6 +731,7 @@ impl Shared {
             &self.node,
             &self.trust_domain,
             &self.cluster_networks,
+            &self.control_namespace,
             |uid| {
                 let id = self.cgroups.find(uid).map(|cgroup| cgroup.id);
                 if id.is_none() {

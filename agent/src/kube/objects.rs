@@ -1,11 +1,11 @@
 //! What the agent reads of each watched object. Every kind is parsed into a
-//! view holding only the fields the data path reads (a Pod keeps 10 of its
+//! view holding only the fields the data path reads (a Pod keeps 11 of its
 //! hundreds); the rest of the JSON is skipped while parsing, so the caches of
 //! a large cluster stay small and the agent carries no code for the full
 //! API types. The readers here are the only code that interprets those
 //! fields.
 
-use std::{collections::BTreeMap, net::Ipv4Addr};
+use std::{borrow::Cow, collections::BTreeMap, net::Ipv4Addr};
 
 use ipnet::Ipv4Net;
 use k8s_openapi::{
@@ -16,6 +16,7 @@ use k8s_openapi::{
     apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use sealmesh_common::{
+    authz::{self, AuthorizationPolicySpec, InvalidPolicy},
     consts::{
         INBOUND_POLICY_ANNOTATION, MESH_LABEL, MESH_OPT_OUT_ANNOTATION,
         kube::ENDPOINTSLICE_SERVICE_LABEL,
@@ -32,12 +33,21 @@ const PROTOCOL_TCP: &str = "TCP";
 const KIND_POD: &str = "Pod";
 /// Pods that name no ServiceAccount run as this one.
 const DEFAULT_SERVICE_ACCOUNT: &str = "default";
+/// The labels of a pod that has none.
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
 
-/// The one label (if any) and the annotations a kind's view keeps; the
-/// others are dropped while parsing.
+/// The labels and the annotations a kind's view keeps; the others are
+/// dropped while parsing.
 trait KeptMetadata {
-    const LABEL: Option<&'static str> = None;
+    const LABELS: KeptLabels = KeptLabels::Only(&[]);
     const ANNOTATIONS: &'static [&'static str] = &[];
+}
+
+enum KeptLabels {
+    /// These keys.
+    Only(&'static [&'static str]),
+    /// Every label (a Pod's: policies select pods by any of them).
+    All,
 }
 
 /// The metadata fields every view reads.
@@ -66,12 +76,16 @@ fn kept_metadata<'de, K: KeptMetadata, D: Deserializer<'de>>(
         (!kept.is_empty()).then_some(kept)
     };
     let fields = MetadataFields::deserialize(deserializer)?;
+    let labels = match K::LABELS {
+        KeptLabels::Only(keys) => keep(fields.labels, keys),
+        KeptLabels::All => fields.labels.filter(|labels| !labels.is_empty()),
+    };
     Ok(ObjectMeta {
         name: fields.name,
         namespace: fields.namespace,
         uid: fields.uid,
         resource_version: fields.resource_version,
-        labels: keep(fields.labels, K::LABEL.as_slice()),
+        labels,
         annotations: keep(fields.annotations, K::ANNOTATIONS),
         ..ObjectMeta::default()
     })
@@ -145,13 +159,14 @@ pub(super) struct NamespaceView {
     pub metadata: ObjectMeta,
 }
 impl KeptMetadata for NamespaceView {
-    const LABEL: Option<&'static str> = Some(MESH_LABEL);
+    const LABELS: KeptLabels = KeptLabels::Only(&[MESH_LABEL]);
     const ANNOTATIONS: &'static [&'static str] = &[INBOUND_POLICY_ANNOTATION];
 }
 view_of!(NamespaceView, Namespace);
 
-/// A Pod: where it runs, as whom, at which address, whether it opted out, and
-/// its inbound policy annotation.
+/// A Pod: where it runs, as whom, at which address, whether it opted out, its
+/// inbound policy annotation, and its labels (which authorization policies
+/// select it).
 #[derive(Clone, Debug, Deserialize)]
 pub(super) struct PodView {
     #[serde(deserialize_with = "kept_metadata::<PodView, _>")]
@@ -160,6 +175,7 @@ pub(super) struct PodView {
     pub status: Option<PodStatusView>,
 }
 impl KeptMetadata for PodView {
+    const LABELS: KeptLabels = KeptLabels::All;
     const ANNOTATIONS: &'static [&'static str] =
         &[MESH_OPT_OUT_ANNOTATION, INBOUND_POLICY_ANNOTATION];
 }
@@ -223,7 +239,7 @@ pub(super) struct EndpointSliceView {
     pub ports: Option<Vec<EndpointPortView>>,
 }
 impl KeptMetadata for EndpointSliceView {
-    const LABEL: Option<&'static str> = Some(ENDPOINTSLICE_SERVICE_LABEL);
+    const LABELS: KeptLabels = KeptLabels::Only(&[ENDPOINTSLICE_SERVICE_LABEL]);
 }
 view_of!(EndpointSliceView, EndpointSlice);
 
@@ -262,6 +278,91 @@ pub(super) struct ConfigMapView {
 }
 impl KeptMetadata for ConfigMapView {}
 view_of!(ConfigMapView, ConfigMap);
+
+/// An AuthorizationPolicy: where it lives, whether it is a dry run, and its
+/// spec. The spec is read leniently: one the agent cannot read (a field it
+/// does not know, such as an L7 one, or a wrong type) is kept as the reason,
+/// so the policy still counts and fails closed
+/// ([`authz::CompiledPolicy::from_spec`]), and the list carrying it does not
+/// fail as a whole.
+#[derive(Clone, Debug, Deserialize)]
+pub(super) struct AuthorizationPolicyView {
+    #[serde(deserialize_with = "kept_metadata::<AuthorizationPolicyView, _>")]
+    pub metadata: ObjectMeta,
+    #[serde(default = "empty_spec", deserialize_with = "lenient_spec")]
+    pub spec: Result<AuthorizationPolicySpec, InvalidPolicy>,
+}
+impl KeptMetadata for AuthorizationPolicyView {
+    const ANNOTATIONS: &'static [&'static str] = &[authz::DRY_RUN_ANNOTATION];
+}
+
+/// No spec is an empty one (Istio's: an ALLOW policy that matches nothing).
+fn empty_spec() -> Result<AuthorizationPolicySpec, InvalidPolicy> {
+    Ok(AuthorizationPolicySpec::default())
+}
+
+fn lenient_spec<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Result<AuthorizationPolicySpec, InvalidPolicy>, D::Error> {
+    Ok(
+        match Option::<serde_json::Value>::deserialize(deserializer)? {
+            None => empty_spec(),
+            Some(value) => {
+                AuthorizationPolicySpec::deserialize(value).map_err(|error| InvalidPolicy {
+                    field: "spec".to_owned(),
+                    problem: error.to_string(),
+                })
+            }
+        },
+    )
+}
+
+/// The custom resource has no k8s-openapi type to borrow its coordinates
+/// from; they come from `sealmesh_common::authz`.
+impl kube::Resource for AuthorizationPolicyView {
+    type DynamicType = ();
+    type Scope = k8s_openapi::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        authz::KIND.into()
+    }
+
+    fn group(_: &()) -> Cow<'_, str> {
+        authz::API_GROUP.into()
+    }
+
+    fn version(_: &()) -> Cow<'_, str> {
+        authz::API_VERSION.into()
+    }
+
+    fn plural(_: &()) -> Cow<'_, str> {
+        authz::PLURAL.into()
+    }
+
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+/// The policy compiled for judging (None without a name or namespace, which
+/// the API always sets).
+pub(super) fn compiled_policy(policy: &AuthorizationPolicyView) -> Option<authz::CompiledPolicy> {
+    let meta = &policy.metadata;
+    let name = authz::PolicyName {
+        namespace: meta.namespace.clone()?,
+        name: meta.name.clone()?,
+    };
+    let dry_run = meta.annotations.as_ref().is_some_and(authz::is_dry_run);
+    Some(authz::CompiledPolicy::from_spec(
+        name,
+        dry_run,
+        policy.spec.as_ref().map_err(Clone::clone),
+    ))
+}
 
 /// The IPv4 InternalIP a node reports, which agents listen and dial on.
 pub(super) fn node_internal_ip(node: &NodeView) -> Option<Ipv4Addr> {
@@ -305,6 +406,19 @@ pub(super) fn namespace_is_meshed(namespace: &NamespaceView) -> bool {
     )
 }
 
+/// Drops the labels of a pod not bound to `node`: the node's agent judges
+/// connections to its own pods only, and a Deployment pod's two labels take
+/// about 580 bytes of heap (a B-tree node and four strings), more than the
+/// rest of its view; kept for every pod of the cluster, on every node, they
+/// would cost about 6 MB per 10,000 pods. Each watch event carries the whole
+/// object, so a pod bound to the node later arrives with its labels.
+pub(super) fn keep_labels_if_on(pod: &mut PodView, node: &str) {
+    let bound_here = pod.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node);
+    if !bound_here {
+        pod.metadata.labels = None;
+    }
+}
+
 /// The facts of a pod scheduled to a node that has not finished: from the
 /// moment it is bound to its node (init containers run, and connect, long
 /// before it is Running), whether or not it has an address yet.
@@ -325,6 +439,7 @@ pub(super) struct PodFacts<'a> {
     pub opted_out: bool,
     /// The value of the pod's inbound policy annotation, if it has one.
     pub inbound_policy: Option<&'a str>,
+    pub labels: &'a BTreeMap<String, String>,
 }
 
 impl<'a> PodFacts<'a> {
@@ -362,6 +477,7 @@ impl<'a> PodFacts<'a> {
                     .map(String::as_str),
             ),
             inbound_policy: annotation(meta, INBOUND_POLICY_ANNOTATION),
+            labels: meta.labels.as_ref().unwrap_or(&NO_LABELS),
         })
     }
 }
@@ -496,6 +612,18 @@ mod tests {
             of::<ConfigMapView>(),
             coordinates("ConfigMap", "v1", "configmaps")
         );
+        assert_eq!(
+            of::<AuthorizationPolicyView>(),
+            coordinates(
+                "AuthorizationPolicy",
+                "sealmesh.io/v1alpha1",
+                "authorizationpolicies"
+            )
+        );
+        assert_eq!(
+            AuthorizationPolicyView::url_path(&(), Some("shop")),
+            "/apis/sealmesh.io/v1alpha1/namespaces/shop/authorizationpolicies"
+        );
     }
 
     #[test]
@@ -504,7 +632,7 @@ mod tests {
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {
                 "name": "web-0", "namespace": "emojivoto", "uid": "0a-1b", "resourceVersion": "7",
-                "labels": {"app": "web"},
+                "labels": {"app": "web", "pod-template-hash": "5d8f9"},
                 "annotations": {"sealmesh.io/mesh": "disabled", "big": "x",
                                 "sealmesh.io/inbound-policy": "strict"},
                 "managedFields": [{"manager": "kubectl"}],
@@ -525,12 +653,17 @@ mod tests {
                 namespace: Some("emojivoto".into()),
                 uid: Some("0a-1b".into()),
                 resource_version: Some("7".into()),
+                labels: Some(BTreeMap::from([
+                    ("app".into(), "web".into()),
+                    ("pod-template-hash".into(), "5d8f9".into()),
+                ])),
                 annotations: Some(BTreeMap::from([
                     ("sealmesh.io/mesh".into(), "disabled".into()),
                     ("sealmesh.io/inbound-policy".into(), "strict".into()),
                 ])),
                 ..ObjectMeta::default()
-            }
+            },
+            "every label (policies select by any), only the annotations read"
         );
         assert_eq!(
             PodFacts::of(&pod),
@@ -545,8 +678,32 @@ mod tests {
                 host_ip: Some(Ipv4Addr::new(172, 18, 0, 2)),
                 opted_out: true,
                 inbound_policy: Some("strict"),
+                labels: pod.metadata.labels.as_ref().unwrap(),
             })
         );
+    }
+
+    #[test]
+    fn only_the_nodes_own_pods_keep_their_labels() {
+        let pod = |node: Option<&str>| -> PodView {
+            parse(json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "1",
+                             "labels": {"app": "web", "pod-template-hash": "5d8f9c7b6"}},
+                "spec": {"nodeName": node},
+            }))
+        };
+        let mut local = pod(Some("n1"));
+        keep_labels_if_on(&mut local, "n1");
+        assert_eq!(
+            PodFacts::of(&local).map(|f| f.labels.len()),
+            Some(2),
+            "policies select this node's pods by their labels"
+        );
+        for node in [Some("n2"), None] {
+            let mut other = pod(node);
+            keep_labels_if_on(&mut other, "n1");
+            assert_eq!(other.metadata.labels, None, "{node:?}");
+        }
     }
 
     #[test]
@@ -705,5 +862,77 @@ mod tests {
         }));
         assert_eq!(ready_endpoints(&slice).count(), 0);
         assert_eq!(slice_port(&slice, None), None);
+    }
+
+    #[test]
+    fn a_policy_keeps_its_spec_or_why_it_cannot_be_read() {
+        let policy = |spec: serde_json::Value| -> AuthorizationPolicyView {
+            parse(json!({
+                "apiVersion": "sealmesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "web", "namespace": "shop", "uid": "u", "resourceVersion": "9",
+                             "generation": 2, "labels": {"team": "a"},
+                             "annotations": {"sealmesh.io/dry-run": "true",
+                                             "kubectl.kubernetes.io/last-applied-configuration": "{}"}},
+                "spec": spec,
+            }))
+        };
+        let read = policy(json!({
+            "selector": {"matchLabels": {"app": "web"}},
+            "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/frontend"]}}],
+                       "to": [{"operation": {"ports": ["8080", 9090]}}]}],
+        }));
+        assert_eq!(
+            read.metadata,
+            ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("shop".into()),
+                uid: Some("u".into()),
+                resource_version: Some("9".into()),
+                annotations: Some(BTreeMap::from([(
+                    authz::DRY_RUN_ANNOTATION.into(),
+                    authz::DRY_RUN_VALUE.into()
+                )])),
+                ..ObjectMeta::default()
+            }
+        );
+        let spec = read.spec.as_ref().unwrap();
+        assert_eq!(spec.action, authz::Action::Allow);
+        assert_eq!(spec.rules[0].to[0].operation.ports, ["8080", "9090"]);
+        let compiled = compiled_policy(&read).unwrap();
+        assert_eq!(compiled.name.to_string(), "shop/web");
+        assert!(compiled.dry_run);
+        assert_eq!(compiled.invalid, None);
+
+        // An L7 field this mesh does not enforce, and a spec of the wrong
+        // type: read, kept with the reason, compiled to fail closed.
+        for (spec, problem) in [
+            (
+                json!({"rules": [{"to": [{"operation": {"methods": ["GET"]}}]}]}),
+                "unknown field `methods`",
+            ),
+            (json!("allow-all"), "invalid type: string"),
+            (json!({"action": "AUDIT"}), "unknown variant `AUDIT`"),
+        ] {
+            let unreadable = policy(spec);
+            let error = unreadable.spec.as_ref().unwrap_err();
+            assert_eq!(error.field, "spec");
+            assert!(error.problem.contains(problem), "{error}");
+            let compiled = compiled_policy(&unreadable).unwrap();
+            assert_eq!(
+                (compiled.action, compiled.match_labels.as_ref()),
+                (authz::Action::Deny, None)
+            );
+            assert!(compiled.invalid.is_some());
+        }
+
+        // No spec at all: Istio's empty policy (ALLOW, no rules: allows nothing).
+        let empty: AuthorizationPolicyView =
+            parse(json!({"metadata": {"name": "deny-all", "namespace": "shop"}}));
+        assert_eq!(empty.spec, Ok(AuthorizationPolicySpec::default()));
+        assert_eq!(empty.metadata.annotations, None);
+        let null: AuthorizationPolicyView =
+            parse(json!({"metadata": {"name": "deny-all", "namespace": "shop"}, "spec": null}));
+        assert_eq!(null.spec, Ok(AuthorizationPolicySpec::default()));
+        assert!(!compiled_policy(&empty).unwrap().dry_run);
     }
 }

@@ -8,12 +8,17 @@ use std::{
 
 use ipnet::Ipv4Net;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use sealmesh_common::{identity::TrustDomain, policy::InboundPolicyAnnotations};
+use sealmesh_common::{
+    authz::{PodPolicies, PolicySet},
+    identity::TrustDomain,
+    policy::InboundPolicyAnnotations,
+};
 
 use super::objects::{
-    EndpointSliceView, EndpointTarget, NamespaceView, NodeView, PodFacts, PodView, ServiceView,
-    namespace_inbound_policy, namespace_is_meshed, node_internal_ip, node_pod_cidrs,
-    ready_endpoints, service_cluster_ip, service_tcp_ports, slice_port, slice_service,
+    AuthorizationPolicyView, EndpointSliceView, EndpointTarget, NamespaceView, NodeView, PodFacts,
+    PodView, ServiceView, compiled_policy, namespace_inbound_policy, namespace_is_meshed,
+    node_internal_ip, node_pod_cidrs, ready_endpoints, service_cluster_ip, service_tcp_ports,
+    slice_port, slice_service,
 };
 use crate::{
     config::ServiceName,
@@ -38,21 +43,31 @@ pub(super) struct ClusterObjects {
     pub namespaces: Vec<Arc<NamespaceView>>,
     pub services: Vec<Arc<ServiceView>>,
     pub endpoint_slices: Vec<Arc<EndpointSliceView>>,
+    pub authorization_policies: Vec<Arc<AuthorizationPolicyView>>,
 }
 
 /// The snapshot the objects describe, seen from `local` (whose address stays
 /// the one the agent started with). `cgroup_of` finds a local pod's cgroup
 /// id from its UID; `networks` are the configured pod and Service networks,
-/// to which every Node's pod networks are added; local pods that would be
-/// meshed but have no identity are added to `left_out`.
+/// to which every Node's pod networks are added; the policies of
+/// `root_namespace` (the control namespace) apply to every namespace; local
+/// pods that would be meshed but have no identity are added to `left_out`.
 pub(super) fn build(
     objects: &ClusterObjects,
     local: &NodeInfo,
     trust_domain: &TrustDomain,
     networks: &[Ipv4Net],
+    root_namespace: &str,
     mut cgroup_of: impl FnMut(&str) -> Option<u64>,
     left_out: &mut Vec<LeftOut>,
 ) -> Snapshot {
+    let policies = PolicySet::new(
+        root_namespace,
+        objects
+            .authorization_policies
+            .iter()
+            .filter_map(|p| compiled_policy(p)),
+    );
     let mut node_ips: HashMap<&str, _> = objects
         .nodes
         .iter()
@@ -107,6 +122,12 @@ pub(super) fn build(
                 continue;
             }
         };
+        // The agent judges connections to its own meshed pods only.
+        let authz = if meshed && is_local {
+            policies.for_pod(pod.namespace, pod.labels)
+        } else {
+            PodPolicies::default()
+        };
         let cgroup_id = if is_local {
             let id = cgroup_of(pod.uid);
             if id.is_none() {
@@ -136,7 +157,7 @@ pub(super) fn build(
                 namespace_policies.get(pod.namespace).copied(),
             ),
             cgroup_id,
-            authz: Default::default(),
+            authz,
         }));
     }
     // Deterministic order: local workloads and endpoint lists compare equal
@@ -161,6 +182,7 @@ pub(super) fn build(
 
     let mut snapshot = Snapshot::with_workloads(workloads.iter().cloned(), &local.name);
     snapshot.missing_cgroups = missing_cgroups;
+    snapshot.policies = Arc::new(policies);
     let mut cluster_networks = networks.to_vec();
     cluster_networks.extend(objects.nodes.iter().flat_map(|n| node_pod_cidrs(n)));
     cluster_networks.sort_unstable();
@@ -257,10 +279,15 @@ pub(super) fn build(
 mod tests {
     use std::net::{Ipv4Addr, SocketAddrV4};
 
+    use sealmesh_common::authz::Connection;
     use serde::de::DeserializeOwned;
     use serde_json::json;
 
     use super::*;
+    use crate::registry::Published;
+
+    /// The control namespace, whose policies apply everywhere.
+    const ROOT: &str = "sealmesh";
 
     fn object<K: DeserializeOwned>(value: serde_json::Value) -> Arc<K> {
         Arc::new(serde_json::from_value(value).unwrap())
@@ -329,6 +356,7 @@ mod tests {
             namespaces: Vec::new(),
             services: Vec::new(),
             endpoint_slices: Vec::new(),
+            authorization_policies: Vec::new(),
         };
         let mut looked_up = Vec::new();
         let mut left_out = Vec::new();
@@ -337,6 +365,7 @@ mod tests {
             &local(),
             &TrustDomain::default(),
             &[],
+            ROOT,
             |uid| {
                 looked_up.push(uid.to_owned());
                 (uid == "uid-local-0").then_some(42)
@@ -379,6 +408,7 @@ mod tests {
                 "labels": { "sealmesh.io/mesh": "enabled" } } }))],
             services: Vec::new(),
             endpoint_slices: Vec::new(),
+            authorization_policies: Vec::new(),
         };
         let mut left_out = Vec::new();
         let snapshot = build(
@@ -386,6 +416,7 @@ mod tests {
             &local(),
             &TrustDomain::default(),
             &[],
+            ROOT,
             |_| Some(7),
             &mut left_out,
         );
@@ -442,12 +473,14 @@ mod tests {
             ],
             services: Vec::new(),
             endpoint_slices: Vec::new(),
+            authorization_policies: Vec::new(),
         };
         let snapshot = build(
             &objects,
             &local(),
             &TrustDomain::default(),
             &[],
+            ROOT,
             |_| None,
             &mut Vec::new(),
         );
@@ -537,12 +570,14 @@ mod tests {
                     json!([{ "name": "http", "port": 8080 }]),
                 ),
             ],
+            authorization_policies: Vec::new(),
         };
         let snapshot = build(
             &objects,
             &local(),
             &TrustDomain::default(),
             &[],
+            ROOT,
             |_| None,
             &mut Vec::new(),
         );
@@ -576,12 +611,14 @@ mod tests {
             namespaces: vec![meshed_ns],
             services: Vec::new(),
             endpoint_slices: Vec::new(),
+            authorization_policies: Vec::new(),
         };
         let snapshot = build(
             &objects,
             &local(),
             &TrustDomain::default(),
             &[],
+            ROOT,
             |uid| {
                 Some(match uid {
                     "uid-starting" => 7,
@@ -645,6 +682,7 @@ mod tests {
                 // A pod address the registry has no pod for (yet).
                 slice("not-yet", "10.244.1.77"),
             ],
+            authorization_policies: Vec::new(),
         };
         let configured: Vec<Ipv4Net> = vec!["10.96.0.0/12".parse().unwrap()];
         let snapshot = build(
@@ -652,6 +690,7 @@ mod tests {
             &local(),
             &TrustDomain::default(),
             &configured,
+            ROOT,
             |_| None,
             &mut Vec::new(),
         );
@@ -691,6 +730,295 @@ mod tests {
                 .served_outside_pods
                 .contains(&SocketAddrV4::new(Ipv4Addr::new(10, 96, 0, 2), 443)),
             "an unknown pod address is not outside the cluster"
+        );
+    }
+
+    fn labelled_pod(
+        namespace: &str,
+        name: &str,
+        node: &str,
+        ip: &str,
+        labels: serde_json::Value,
+    ) -> Arc<PodView> {
+        object(json!({
+            "metadata": { "name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                          "labels": labels },
+            "spec": { "nodeName": node, "serviceAccountName": "web" },
+            "status": { "phase": "Running", "podIP": ip },
+        }))
+    }
+
+    fn meshed_namespace(name: &str) -> Arc<NamespaceView> {
+        object(json!({ "metadata": { "name": name,
+            "labels": { "sealmesh.io/mesh": "enabled" } } }))
+    }
+
+    fn authorization_policy(
+        namespace: &str,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Arc<AuthorizationPolicyView> {
+        object(json!({
+            "apiVersion": "sealmesh.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": { "name": name, "namespace": namespace, "resourceVersion": "1" },
+            "spec": spec,
+        }))
+    }
+
+    /// Two meshed namespaces and an unmeshed one: `shop/web-0` (app=web),
+    /// `shop/db-0` (app=db), `shop/opted-out` (app=web, opted out) and
+    /// `ops/prom-0` on this node, `shop/web-1` (app=web) on n2, `plain/curl`
+    /// (app=web) on this node.
+    fn policy_cluster(authorization_policies: Vec<Arc<AuthorizationPolicyView>>) -> ClusterObjects {
+        let web = || json!({ "app": "web" });
+        let mut opted_out = (*labelled_pod("shop", "opted-out", "n1", "10.244.1.5", web())).clone();
+        opted_out.metadata.annotations =
+            Some([("sealmesh.io/mesh".to_owned(), "disabled".to_owned())].into());
+        ClusterObjects {
+            pods: vec![
+                labelled_pod("shop", "web-0", "n1", "10.244.1.2", web()),
+                labelled_pod("shop", "db-0", "n1", "10.244.1.3", json!({ "app": "db" })),
+                Arc::new(opted_out),
+                labelled_pod("ops", "prom-0", "n1", "10.244.1.4", json!({})),
+                labelled_pod("shop", "web-1", "n2", "10.244.2.2", web()),
+                labelled_pod("plain", "curl", "n1", "10.244.1.6", web()),
+            ],
+            nodes: vec![node("n1", "172.18.0.2"), node("n2", "172.18.0.3")],
+            namespaces: vec![
+                meshed_namespace("shop"),
+                meshed_namespace("ops"),
+                object(json!({ "metadata": { "name": "plain" } })),
+            ],
+            services: Vec::new(),
+            endpoint_slices: Vec::new(),
+            authorization_policies,
+        }
+    }
+
+    fn build_policies(objects: &ClusterObjects) -> Snapshot {
+        build(
+            objects,
+            &local(),
+            &TrustDomain::default(),
+            &[],
+            ROOT,
+            |_| None,
+            &mut Vec::new(),
+        )
+    }
+
+    /// The names of the policies selecting the pod at `ip`.
+    fn selecting(snapshot: &Snapshot, ip: [u8; 4]) -> Vec<String> {
+        snapshot
+            .workload_by_ip(Ipv4Addr::from(ip))
+            .unwrap()
+            .authz
+            .policies()
+            .iter()
+            .map(|p| p.name.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn local_meshed_pods_carry_the_policies_selecting_them_by_label_or_from_the_root_namespace() {
+        let objects = policy_cluster(vec![
+            authorization_policy(
+                "shop",
+                "web-only",
+                json!({ "selector": { "matchLabels": { "app": "web" } },
+                        "rules": [{ "from": [{ "source": { "namespaces": ["shop"] } }] }] }),
+            ),
+            authorization_policy(
+                ROOT,
+                "require-mtls",
+                json!({ "action": "DENY",
+                        "rules": [{ "from": [{ "source": { "notPrincipals": ["*"] } }] }] }),
+            ),
+            // A namespace's policy never reaches another namespace's pods.
+            authorization_policy("ops", "ops-all", json!({ "rules": [{}] })),
+        ]);
+        let snapshot = build_policies(&objects);
+        assert_eq!(
+            selecting(&snapshot, [10, 244, 1, 2]),
+            ["sealmesh/require-mtls", "shop/web-only"],
+            "web-0: its namespace's policy by its label, and the root namespace's"
+        );
+        assert_eq!(
+            selecting(&snapshot, [10, 244, 1, 3]),
+            ["sealmesh/require-mtls"],
+            "db-0: not app=web"
+        );
+        assert_eq!(
+            selecting(&snapshot, [10, 244, 1, 4]),
+            ["ops/ops-all", "sealmesh/require-mtls"],
+            "prom-0: no labels; its namespace's and the root's policies select every pod"
+        );
+        assert_eq!(snapshot.policies.policies().len(), 3);
+
+        // The compiled policies judge as written.
+        let web0 = snapshot
+            .workload_by_ip(Ipv4Addr::new(10, 244, 1, 2))
+            .unwrap();
+        let from = |ns: &str| TrustDomain::default().identity(ns, "client").unwrap();
+        let judge = |identity: Option<&sealmesh_common::identity::Identity>| {
+            web0.authz.judge(&Connection {
+                identity,
+                source_ip: Some(Ipv4Addr::new(10, 244, 1, 9)),
+                port: 8080,
+            })
+        };
+        assert!(judge(Some(&from("shop"))).allowed());
+        assert_eq!(
+            judge(Some(&from("ops"))).denied_by().map(|d| d.to_string()),
+            Some("shop/web-only".to_owned())
+        );
+        assert_eq!(
+            judge(None).denied_by().map(|d| d.to_string()),
+            Some("sealmesh/require-mtls rule 0".to_owned())
+        );
+    }
+
+    #[test]
+    fn remote_and_unmeshed_pods_carry_no_policies() {
+        let objects = policy_cluster(vec![
+            authorization_policy(ROOT, "everything", json!({ "rules": [{}] })),
+            authorization_policy(
+                "shop",
+                "web",
+                json!({ "selector": { "matchLabels": { "app": "web" } }, "rules": [{}] }),
+            ),
+        ]);
+        let snapshot = build_policies(&objects);
+        for (pod, ip) in [
+            ("web-1, on another node", [10, 244, 2, 2]),
+            ("opted-out", [10, 244, 1, 5]),
+            ("curl, in an unmeshed namespace", [10, 244, 1, 6]),
+        ] {
+            assert_eq!(
+                selecting(&snapshot, ip),
+                Vec::<String>::new(),
+                "{pod} is not judged by this agent"
+            );
+        }
+        assert_eq!(
+            selecting(&snapshot, [10, 244, 1, 2]),
+            ["sealmesh/everything", "shop/web"]
+        );
+        assert_eq!(
+            snapshot
+                .policies
+                .policies()
+                .iter()
+                .map(|p| p.name.to_string())
+                .collect::<Vec<_>>(),
+            ["sealmesh/everything", "shop/web"],
+            "the snapshot holds every policy of the cluster"
+        );
+    }
+
+    #[test]
+    fn a_policy_the_agent_cannot_read_fails_closed() {
+        let objects = policy_cluster(vec![authorization_policy(
+            "shop",
+            "l7",
+            // An L7 rule: its selector cannot be trusted either.
+            json!({ "selector": { "matchLabels": { "app": "db" } },
+                    "rules": [{ "to": [{ "operation": { "methods": ["GET"] } }] }] }),
+        )]);
+        let snapshot = build_policies(&objects);
+        for ip in [[10, 244, 1, 2], [10, 244, 1, 3]] {
+            assert_eq!(selecting(&snapshot, ip), ["shop/l7"], "every pod of shop");
+            let pod = snapshot.workload_by_ip(Ipv4Addr::from(ip)).unwrap();
+            let identity = TrustDomain::default().identity("shop", "web").unwrap();
+            let verdict = pod.authz.judge(&Connection {
+                identity: Some(&identity),
+                source_ip: Some(Ipv4Addr::new(10, 244, 1, 9)),
+                port: 80,
+            });
+            assert_eq!(
+                verdict.denied_by().map(|d| d.to_string()),
+                Some("shop/l7".to_owned())
+            );
+        }
+        let policy = &snapshot.policies.policies()[0];
+        assert!(
+            policy
+                .invalid
+                .as_ref()
+                .is_some_and(|e| e.problem.contains("unknown field `methods`")),
+            "{policy:?}"
+        );
+        assert_eq!(
+            selecting(&snapshot, [10, 244, 1, 4]),
+            Vec::<String>::new(),
+            "another namespace's pods are not affected"
+        );
+    }
+
+    #[test]
+    fn a_policy_change_is_a_new_snapshot_and_an_unrelated_change_is_not() {
+        let web_only = |ns: &str, metadata: serde_json::Value| -> Arc<AuthorizationPolicyView> {
+            object(json!({
+                "metadata": metadata,
+                "spec": { "selector": { "matchLabels": { "app": "web" } },
+                          "rules": [{ "from": [{ "source": { "namespaces": [ns] } }] }] },
+            }))
+        };
+        let first = || json!({ "name": "web", "namespace": "shop", "resourceVersion": "1" });
+        let published = Published::new(build_policies(&policy_cluster(vec![web_only(
+            "shop",
+            first(),
+        )])));
+        let changes = published.subscribe();
+
+        // The same policy at a later resourceVersion, with a label and an
+        // annotation the agent does not read: the same judgement.
+        let relabelled = json!({ "name": "web", "namespace": "shop", "resourceVersion": "2",
+            "labels": { "owner": "team-a" }, "annotations": { "note": "reviewed" } });
+        assert!(
+            !published.publish(build_policies(&policy_cluster(vec![web_only(
+                "shop", relabelled
+            )])))
+        );
+        assert!(!changes.has_changed().unwrap());
+
+        // The rule changes.
+        assert!(
+            published.publish(build_policies(&policy_cluster(vec![web_only(
+                "ops",
+                first()
+            )])))
+        );
+        assert!(changes.has_changed().unwrap(), "subscribers are told");
+        let web0 = published.by_ip(Ipv4Addr::new(10, 244, 1, 2)).unwrap();
+        let shop = TrustDomain::default().identity("shop", "a").unwrap();
+        assert!(
+            !web0
+                .authz
+                .judge(&Connection {
+                    identity: Some(&shop),
+                    source_ip: None,
+                    port: 80
+                })
+                .allowed(),
+            "the new rule applies"
+        );
+
+        // A policy selecting no local pod still counts (the snapshot lists
+        // every policy), and a deleted one no longer applies.
+        let elsewhere = authorization_policy("plain", "p", json!({ "rules": [{}] }));
+        assert!(published.publish(build_policies(&policy_cluster(vec![
+            web_only("ops", first()),
+            elsewhere,
+        ]))));
+        assert_eq!(published.policies().policies().len(), 2);
+        assert!(published.publish(build_policies(&policy_cluster(Vec::new()))));
+        assert!(
+            published
+                .by_ip(Ipv4Addr::new(10, 244, 1, 2))
+                .unwrap()
+                .authz
+                .is_empty()
         );
     }
 }
