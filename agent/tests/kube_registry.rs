@@ -791,7 +791,6 @@ fn refused_by(registry: &KubeRegistry, ip: [u8; 4], namespace: &str) -> Option<S
 }
 
 #[tokio::test]
-#[ignore = "needs CRD support in fake-apiserver"]
 async fn local_meshed_pods_follow_the_policies_selecting_them() {
     let fx = Fixture::new("kube-authz").await;
     let c = &fx.cluster;
@@ -964,7 +963,6 @@ async fn start_up_fails_naming_the_crd_when_policies_are_not_served() {
 }
 
 #[tokio::test]
-#[ignore = "needs CRD support in fake-apiserver"]
 async fn start_up_fails_naming_the_rbac_rule_when_policies_are_forbidden() {
     let fx = Fixture::new("kube-policy-rbac").await;
     fx.server

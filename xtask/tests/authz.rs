@@ -196,8 +196,12 @@ impl App {
         );
     }
 
-    fn set_policies(&self, policies: Vec<AuthorizationPolicy>) {
-        self.mesh.set_authorization_policies(policies).unwrap();
+    /// Creates or replaces each policy (the cluster file, or the API's
+    /// objects in place).
+    fn apply_policies(&mut self, policies: Vec<AuthorizationPolicy>) {
+        for policy in policies {
+            self.mesh.apply_authorization_policy(policy).unwrap();
+        }
     }
 
     /// `sealmesh` through the cluster file, or on Kubernetes through the API.
@@ -255,8 +259,8 @@ fn logged(app: &App, node: &str, src: &str, dst: &str, pred: impl Fn(&Value) -> 
 }
 
 fn run(options: MeshOptions) {
-    let app = App::up(options);
-    app.set_policies(policies(9));
+    let mut app = App::up(options);
+    app.apply_policies(policies(9));
     // The agents apply policies within a second of the change; wait until
     // they deny what the new policies deny.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -380,7 +384,7 @@ fn run(options: MeshOptions) {
     let mut changed = policies(ECHO_PORT);
     changed.push(deny_frontend());
     let changed_at = Instant::now();
-    app.set_policies(changed);
+    app.apply_policies(changed);
     for (_, lines) in &mut held {
         let ended = lines.wait_for(
             "the end of the held connection",
