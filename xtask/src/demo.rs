@@ -10,8 +10,11 @@
 //! `sealmesh edges` (every meshed pair secured, with both identities; the
 //! unmeshed one with the reason it is not), `sealmesh tap` (live connections)
 //! for the duration, during which `leaderboard` tries plaintext to `voting`
-//! and the kernel refuses it (a `refused` tap line), `sealmesh why` for that
-//! attempt, and `sealmesh edges` again after the run. During the live part
+//! and the kernel refuses it (a `refused` tap line), and `vote-bot` tries
+//! `voting` directly, which the authorization policy `voting-from-web`
+//! (only `web` may call `voting`) denies at once (a `denied policy=` tap
+//! line), `sealmesh why` for both attempts, and `sealmesh edges` again after
+//! the run, with one denied pair among the allowed ones. During the live part
 //! an agent that exits is reported and started again, as the kubelet
 //! restarts a DaemonSet pod; `sealmesh tap` reconnects to it by itself, and
 //! its notes (an agent away, back) are shown with its lines.
@@ -33,8 +36,12 @@ use std::{
 use anyhow::{Context as _, bail};
 use nix::sys::signal::{SigSet, Signal};
 use sealmesh_common::{
+    authz::AuthorizationPolicy,
     cluster::{ClusterFile, Service, ServicePort},
-    consts::{INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT, MESH_LABEL, MESH_LABEL_ENABLED},
+    consts::{
+        DEFAULT_TRUST_DOMAIN, INBOUND_POLICY_ANNOTATION, INBOUND_POLICY_STRICT, MESH_LABEL,
+        MESH_LABEL_ENABLED,
+    },
 };
 use serde::Deserialize;
 
@@ -73,6 +80,13 @@ const PLAINTEXT_FROM: (&str, &str) = (LEGACY_NAMESPACE, "leaderboard");
 const PLAINTEXT_TO: (&str, &str) = (APP_NAMESPACE, "voting");
 /// The attempt's connect timeout: the kernel drops its SYN, so it times out.
 const PLAINTEXT_TIMEOUT_SECS: &str = "2";
+/// The authorization policy of the app: only `web` may call `voting` ...
+pub const VOTING_POLICY: &str = "voting-from-web";
+/// ... so this mTLS attempt from a meshed pod is denied.
+const DENIED_FROM: (&str, &str) = (APP_NAMESPACE, "vote-bot");
+const DENIED_TO: (&str, &str) = (APP_NAMESPACE, "voting");
+/// A denied client is reset at once; this only bounds a misbehaving mesh.
+const DENIED_TIMEOUT_SECS: &str = "5";
 
 /// A workload of the demo app: pod, ServiceAccount, node and Service.
 struct Workload {
@@ -298,7 +312,20 @@ pub fn spec() -> TestbedSpec {
             });
         }
     }
-    spec
+    spec.authorization_policy(voting_policy())
+}
+
+/// `voting` admits only `web`'s identity (ALLOW by principal).
+fn voting_policy() -> AuthorizationPolicy {
+    let spec = format!(
+        "{{ selector: {{ matchLabels: {{ app: voting }} }}, action: ALLOW, rules: [{{ from: [{{ source: {{ principals: [\"{DEFAULT_TRUST_DOMAIN}/ns/{APP_NAMESPACE}/sa/web\"] }} }}] }}] }}"
+    );
+    AuthorizationPolicy {
+        name: VOTING_POLICY.into(),
+        namespace: APP_NAMESPACE.into(),
+        annotations: BTreeMap::new(),
+        spec: serde_yaml_ng::from_str(&spec).expect("the demo's policy is valid YAML"),
+    }
 }
 
 fn service_vip(offset: u32) -> Ipv4Addr {
@@ -365,6 +392,7 @@ pub fn run(
         .map(|p| p.node.clone())
         .ok_or_else(|| DemoError::MissingPod(format!("{}/{}", PLAINTEXT_TO.0, PLAINTEXT_TO.1)))?;
     let mut attempt = PlaintextAttempt::NotYet;
+    let mut denied_attempt = None;
     loop {
         let tap_ended = loop {
             match tap_lines.try_recv() {
@@ -375,6 +403,7 @@ pub fn run(
                         && line.contains(&format!(" id={plaintext_node}:"))
                     {
                         attempt = PlaintextAttempt::Running(app.try_plaintext(&mesh, out)?);
+                        denied_attempt = Some(app.try_denied(&mesh, out)?);
                     }
                     summary.tap_lines.push(line);
                 }
@@ -413,6 +442,24 @@ pub fn run(
     };
     if summary.plaintext_refused.is_some() {
         summary.why = Some(cli.show_why(PLAINTEXT_FROM, PLAINTEXT_TO, out)?);
+    }
+    if let Some(client) = denied_attempt {
+        let output = client
+            .wait_with_output()
+            .map_err(io_err("waiting for the denied attempt"))?;
+        let denied = !output.status.success();
+        let verdict = if denied {
+            format!(
+                "# denied: authorization policy {APP_NAMESPACE}/{VOTING_POLICY} reset vote-bot's connection (see the denied line)"
+            )
+        } else {
+            format!(
+                "# ACCEPTED: vote-bot reached voting despite {APP_NAMESPACE}/{VOTING_POLICY} (the mesh misbehaved)"
+            )
+        };
+        writeln!(out, "{verdict}").map_err(DemoError::Output)?;
+        summary.policy_denied = Some(denied);
+        summary.policy_why = Some(cli.show_why(DENIED_FROM, DENIED_TO, out)?);
     }
     // Stop the bot before the last table: its persistent connections close
     // while the agents still run, so they are counted too.
@@ -667,6 +714,27 @@ impl App {
         Ok(testbed.spawn_in_pod(from_ns, from_pod, cmd)?)
     }
 
+    /// Starts vote-bot's direct call of voting, which the app's
+    /// authorization policy denies.
+    fn try_denied(&self, mesh: &Mesh, out: &mut dyn Write) -> Result<ChildGuard, DemoError> {
+        let testbed = mesh.testbed();
+        let (to_ns, to_pod) = DENIED_TO;
+        let target = testbed
+            .cluster()
+            .pod(to_ns, to_pod)
+            .map(|p| SocketAddr::from((p.ip, APP_PORT)))
+            .ok_or_else(|| DemoError::MissingPod(format!("{to_ns}/{to_pod}")))?;
+        let (from_ns, from_pod) = DENIED_FROM;
+        writeln!(
+            out,
+            "\n# {from_ns}/{from_pod} (meshed) calls {to_ns}/{to_pod} at {target} directly; policy {APP_NAMESPACE}/{VOTING_POLICY} admits only web"
+        )
+        .map_err(DemoError::Output)?;
+        let mut cmd = testapp::client(&self.testapp, target, "vote 0\n", 1);
+        cmd.args(["--timeout-secs", DENIED_TIMEOUT_SECS]);
+        Ok(testbed.spawn_in_pod(from_ns, from_pod, cmd)?)
+    }
+
     fn stop_bot(&mut self) {
         if let Some(bot) = self.bot.take() {
             bot.kill();
@@ -851,6 +919,10 @@ pub struct Edge {
     pub server_id: String,
     pub connections_total: u64,
     pub errors_total: u64,
+    /// Of `connections_total`, those an authorization policy denied, and
+    /// the policy.
+    pub denied_total: u64,
+    pub denied_policy: String,
     #[serde(skip)]
     pub src_node: Option<String>,
     #[serde(skip)]
@@ -889,6 +961,11 @@ pub struct DemoSummary {
     pub plaintext_refused: Option<bool>,
     /// What `sealmesh why` said about that attempt.
     pub why: Option<String>,
+    /// Whether the authorization policy denied vote-bot's call of voting;
+    /// None if it was not tried.
+    pub policy_denied: Option<bool>,
+    /// What `sealmesh why` said about it.
+    pub policy_why: Option<String>,
     /// Stopped by SIGINT or SIGTERM before the duration ended.
     pub interrupted: bool,
     /// Agents that exited during the run (and were started again).
@@ -902,16 +979,20 @@ impl DemoSummary {
         let mut problems = Vec::new();
         for e in &self.edges {
             let edge = format!("{}/{} -> {}/{}", e.src_ns, e.src, e.dst_ns, e.dst);
-            if e.dst_meshed && !e.secured {
+            // A pair whose every connection a policy denied carried nothing
+            // to secure; the attempt is checked below.
+            let only_denied = e.denied_total > 0 && e.denied_total == e.connections_total;
+            if e.dst_meshed && !e.secured && !only_denied {
                 problems.push(format!(
                     "meshed edge {edge} is not secured ({})",
                     e.no_tls_reason
                 ));
             }
-            if e.errors_total > 0 {
+            if e.errors_total > e.denied_total {
                 problems.push(format!(
                     "{} of {} connections {edge} failed (see the agents' logs)",
-                    e.errors_total, e.connections_total
+                    e.errors_total - e.denied_total,
+                    e.connections_total
                 ));
             }
         }
@@ -938,6 +1019,21 @@ impl DemoSummary {
                 .any(|l| l.starts_with("refused ") && l.contains(&refused_line))
         {
             problems.push(format!("sealmesh tap showed no refusal of the {attempt}"));
+        }
+        let denial = format!(
+            "{}/{} calling {}/{} (policy {APP_NAMESPACE}/{VOTING_POLICY})",
+            DENIED_FROM.0, DENIED_FROM.1, DENIED_TO.0, DENIED_TO.1
+        );
+        match self.policy_denied {
+            Some(true) => {}
+            Some(false) => problems.push(format!("{denial} was accepted")),
+            None => problems.push(format!("{denial} was not tried")),
+        }
+        let denied_line = format!("denied policy={APP_NAMESPACE}/{VOTING_POLICY}");
+        if self.policy_denied == Some(true)
+            && !self.tap_lines.iter().any(|l| l.contains(&denied_line))
+        {
+            problems.push(format!("sealmesh tap showed no denial of {denial}"));
         }
         for exit in &self.agent_exits {
             problems.push(format!("the agent of {exit} exited during the run"));

@@ -14,7 +14,7 @@ use std::{
 
 use sealmesh_common::identity::TrustDomain;
 use xtask::{
-    demo::{self, APP_NAMESPACE, DemoOptions, LEGACY_NAMESPACE},
+    demo::{self, APP_NAMESPACE, DemoOptions, LEGACY_NAMESPACE, VOTING_POLICY},
     testapp::{self, BotReport},
     testbed::kube::KubeMode,
 };
@@ -112,10 +112,47 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
             ),
             edge("web", "emojivoto/emoji", "node-0->node-1", true, ""),
             edge("web", "emojivoto/voting", "node-0->node-1", true, ""),
+            edge(
+                "vote-bot",
+                "emojivoto/voting",
+                "node-0->node-1",
+                false,
+                "refused"
+            ),
         ]),
         "{printed}"
     );
-    for e in &summary.edges {
+    // vote-bot's direct call of voting: denied by the app's policy, every time.
+    let (denied, allowed): (Vec<_>, Vec<_>) =
+        summary.edges.iter().partition(|e| e.denied_total > 0);
+    let [denied] = denied.as_slice() else {
+        panic!("one denied pair expected: {denied:?}\n{printed}")
+    };
+    assert_eq!(
+        (denied.src.as_str(), denied.dst.as_str()),
+        ("vote-bot", "voting")
+    );
+    assert_eq!(
+        denied.denied_policy,
+        format!("{APP_NAMESPACE}/{VOTING_POLICY}")
+    );
+    assert_eq!(denied.denied_total, denied.connections_total, "{denied:?}");
+    assert_eq!(summary.policy_denied, Some(true), "{printed}");
+    let denied_line = summary
+        .tap_lines
+        .iter()
+        .find(|l| l.contains(&format!("denied policy={APP_NAMESPACE}/{VOTING_POLICY}")))
+        .unwrap_or_else(|| panic!("no denied tap line:\n{printed}"));
+    assert!(
+        denied_line.contains(" src_pod=emojivoto/vote-bot dst_pod=emojivoto/voting "),
+        "{denied_line}"
+    );
+    let policy_why = summary.policy_why.as_deref().expect("sealmesh why ran");
+    assert!(
+        policy_why.contains(&format!("{APP_NAMESPACE}/{VOTING_POLICY}")),
+        "{policy_why}"
+    );
+    for e in allowed {
         assert_eq!(e.errors_total, 0, "{e:?}\n{printed}");
         assert!(e.connections_total > 0, "{e:?}");
         assert_eq!(e.secured, e.dst_meshed, "{e:?}");
@@ -130,7 +167,7 @@ fn demo_secures_every_meshed_edge(kubernetes: Option<KubeMode>, mode_line_end: &
     let cross_node_mtls = summary
         .edges
         .iter()
-        .filter(|e| e.crosses_nodes() && e.tls)
+        .filter(|e| e.crosses_nodes() && e.tls && e.denied_total == 0)
         .count();
     assert_eq!(cross_node_mtls, 2, "{printed}");
 
