@@ -38,6 +38,7 @@ use std::{
     time::Duration,
 };
 
+use sealmesh_common::{authz::AuthorizationPolicy, consts::DEFAULT_TRUST_DOMAIN};
 use serde_json::{Map, Value, json};
 
 use super::loadgen::{Loadgen, LoadgenError, Report, tune_sysctls};
@@ -162,6 +163,13 @@ pub struct BenchOptions {
     /// are `-` in the table and null in the JSON.
     #[arg(long, value_delimiter = ',', value_name = "MEASURE")]
     pub only: Vec<Measure>,
+    /// Also measure the first sealmesh variant with this many
+    /// AuthorizationPolicies in force, as column `<variant>+<N>policies`:
+    /// one admits the client, half of the rest are DENY rules the server's
+    /// agent judges (and passes) on every connection, the others select
+    /// pods that do not exist.
+    #[arg(long, value_name = "N")]
+    pub policies: Option<usize>,
     /// Rounds to take the medians over (default 3, 1 with --quick): more
     /// rounds for tighter medians on a noisy machine.
     #[arg(long, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
@@ -172,6 +180,45 @@ pub struct BenchOptions {
     /// --kubernetes`). The peer column runs as its command says.
     #[arg(long)]
     pub kubernetes: bool,
+}
+
+/// `count` policies of the bench namespace: the first admits the client to
+/// the server (so the server is selected by an ALLOW policy and every
+/// connection needs a match); of the others, the odd ones are DENY policies
+/// selecting the server whose principals never match (judged and passed on
+/// every connection), the even ones ALLOW policies selecting pods that do
+/// not exist.
+fn bench_policies(count: usize) -> Vec<AuthorizationPolicy> {
+    let policy = |name: String, spec: String| AuthorizationPolicy {
+        name,
+        namespace: NAMESPACE.into(),
+        annotations: BTreeMap::new(),
+        spec: serde_yaml_ng::from_str(&spec).expect("bench policies are valid YAML"),
+    };
+    let mut policies = vec![policy(
+        "allow-client".into(),
+        format!(
+            r#"{{ selector: {{ matchLabels: {{ app: {SERVER} }} }}, rules: [{{ from: [{{ source: {{ principals: ["{DEFAULT_TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{CLIENT}"] }} }}] }}] }}"#
+        ),
+    )];
+    for i in 1..count {
+        policies.push(if i % 2 == 1 {
+            policy(
+                format!("deny-{i}"),
+                format!(
+                    r#"{{ selector: {{ matchLabels: {{ app: {SERVER} }} }}, action: DENY, rules: [{{ from: [{{ source: {{ principals: ["{DEFAULT_TRUST_DOMAIN}/ns/other-{i}/sa/*"], namespaces: ["other-{i}"] }} }}], to: [{{ operation: {{ ports: ["{i}"] }} }}] }}] }}"#
+                ),
+            )
+        } else {
+            policy(
+                format!("allow-{i}"),
+                format!(
+                    r#"{{ selector: {{ matchLabels: {{ app: svc-{i} }} }}, rules: [{{ from: [{{ source: {{ namespaces: [{NAMESPACE}] }} }}] }}] }}"#
+                ),
+            )
+        });
+    }
+    policies
 }
 
 /// One measurement of a round (or the memory one, made once per column).
@@ -279,12 +326,16 @@ impl Column {
         kind: Kind,
         options: MeshOptions,
         peer_cmd: Option<&str>,
+        policies: Vec<AuthorizationPolicy>,
     ) -> Result<Self, BenchError> {
         tracing::info!(column = name, "bringing the testbed up");
-        let spec = TestbedSpec::new(2)
-            .meshed_namespace(NAMESPACE)
-            .pod(PodSpec::new(NAMESPACE, CLIENT, CLIENT, 0).label("app", CLIENT))
-            .pod(PodSpec::new(NAMESPACE, SERVER, SERVER, 1).label("app", SERVER));
+        let spec = policies.into_iter().fold(
+            TestbedSpec::new(2)
+                .meshed_namespace(NAMESPACE)
+                .pod(PodSpec::new(NAMESPACE, CLIENT, CLIENT, 0).label("app", CLIENT))
+                .pod(PodSpec::new(NAMESPACE, SERVER, SERVER, 1).label("app", SERVER)),
+            TestbedSpec::authorization_policy,
+        );
         let mesh = Mesh::up(&spec, options)?;
         tune_sysctls(&mesh)?;
         let loadgen = mesh::locate_binary("loadgen")?;
@@ -633,21 +684,54 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
         wait_for_certificates: false,
         ..MeshOptions::default()
     };
-    let mut columns = vec![Column::up(PLAINTEXT, Kind::Plaintext, bare.clone(), None)?];
+    let mut columns = vec![Column::up(
+        PLAINTEXT,
+        Kind::Plaintext,
+        bare.clone(),
+        None,
+        Vec::new(),
+    )?];
     for variant in &variants {
         let options = MeshOptions {
             agent_args: variant.agent_args.clone(),
             kubernetes: options.kubernetes.then(KubeMode::fake),
             ..MeshOptions::default()
         };
-        columns.push(Column::up(&variant.name, Kind::Sealmesh, options, None)?);
+        columns.push(Column::up(
+            &variant.name,
+            Kind::Sealmesh,
+            options,
+            None,
+            Vec::new(),
+        )?);
+    }
+    if let Some(count) = options.policies.filter(|n| *n > 0) {
+        let variant = &variants[0];
+        let mesh_options = MeshOptions {
+            agent_args: variant.agent_args.clone(),
+            kubernetes: options.kubernetes.then(KubeMode::fake),
+            ..MeshOptions::default()
+        };
+        columns.push(Column::up(
+            &format!("{}+{count}policies", variant.name),
+            Kind::Sealmesh,
+            mesh_options,
+            None,
+            bench_policies(count),
+        )?);
     }
     if let Some(cmd) = &options.peer_cmd {
         let options = MeshOptions {
             start_identity: true,
             ..bare
         };
-        columns.push(Column::up(PEER, Kind::Peer, options, Some(cmd))?);
+        columns.push(Column::up(
+            PEER,
+            Kind::Peer,
+            options,
+            Some(cmd),
+            Vec::new(),
+        )?);
     }
 
     let mut figures: Vec<Figures> = columns
@@ -1118,6 +1202,38 @@ mod proc_stats {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bench_policies_are_valid_and_admit_only_the_client() {
+        use sealmesh_common::{
+            authz::{CompiledPolicy, Connection, Decision, PolicySet, validate},
+            identity::TrustDomain,
+        };
+        let policies = bench_policies(100);
+        assert_eq!(policies.len(), 100);
+        for policy in &policies {
+            validate(&policy.spec).unwrap();
+        }
+        let set = PolicySet::new("sealmesh", policies.iter().map(CompiledPolicy::compile));
+        let server = set.for_pod(NAMESPACE, &BTreeMap::from([("app".into(), SERVER.into())]));
+        assert_eq!(
+            server.policies().len(),
+            51,
+            "the ALLOW and the 50 DENY policies"
+        );
+        let judge = |sa: &str| {
+            let id = TrustDomain::default().identity(NAMESPACE, sa).unwrap();
+            server
+                .judge(&Connection {
+                    identity: Some(&id),
+                    source_ip: None,
+                    port: 8080,
+                })
+                .decision
+        };
+        assert!(matches!(judge(CLIENT), Decision::Allowed(_)));
+        assert!(matches!(judge("intruder"), Decision::Denied(_)));
+    }
 
     #[test]
     fn variants_parse_name_and_flags() {
