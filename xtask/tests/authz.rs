@@ -35,6 +35,8 @@ use support::{
 
 const SHOP: &str = "shop";
 const OPS: &str = "ops";
+/// Not meshed: its connections are plaintext.
+const LEGACY: &str = "legacy";
 /// How long a client waits for its connection and echo: a denied client
 /// must fail well within it (reset, not a timeout).
 const CLIENT_TIMEOUT_SECS: u64 = 10;
@@ -42,7 +44,7 @@ const CLIENT_TIMEOUT_SECS: u64 = 10;
 /// for a loaded machine and far below a timeout.
 const PROMPT: Duration = Duration::from_secs(3);
 
-/// node-0: `shop/frontend`, `shop/bot`, `ops/prom` (clients) and
+/// node-0: `shop/frontend`, `shop/bot`, `ops/prom`, `legacy/outsider` (clients) and
 /// `shop/web-local` (app=web, served on the clients' node);
 /// node-1: `shop/web` (app=web), `shop/db` (app=db), `ops/api`.
 fn spec() -> TestbedSpec {
@@ -56,6 +58,8 @@ fn spec() -> TestbedSpec {
         .pod(PodSpec::new(SHOP, "web", "web", 1).label("app", "web"))
         .pod(PodSpec::new(SHOP, "db", "db", 1).label("app", "db"))
         .pod(PodSpec::new(OPS, "api", "api", 1))
+        .namespace(LEGACY, &[])
+        .pod(PodSpec::new(LEGACY, "outsider", "default", 0))
 }
 
 const SERVERS: [(&str, &str); 4] = [
@@ -283,6 +287,30 @@ fn run(options: MeshOptions) {
     app.denied("ops/prom", (SHOP, "web"));
     // No policy selects ops/api: everyone may connect.
     app.allowed("shop/bot", (OPS, "api"));
+    // web's ALLOW policy names principals, so plaintext cannot match it: the
+    // kernel refuses the unmeshed outsider (strict by implication; a dropped
+    // SYN, so the client times out), while db, whose only enforced policy is
+    // a DENY of bot, still takes plaintext.
+    let mut cmd = testapp::client(testapp_path(), app.echo(SHOP, "web"), "plain?", 1);
+    cmd.args(["--timeout-secs", "2"]);
+    let out = app
+        .mesh
+        .testbed()
+        .spawn_in_pod(LEGACY, "outsider", cmd)
+        .unwrap()
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "plaintext reached web: {}",
+        describe(&out)
+    );
+    let kernel = wait_access(&app.mesh, "node-1", "the kernel's refusal", |l| {
+        l["message"] == "connection refused" && l["src"] == "legacy/outsider"
+    });
+    assert_eq!(kernel["reason"], "policy_denied", "{kernel}");
+    assert_eq!(kernel["denied_by"], "shop/web-allow", "{kernel}");
+    app.allowed("legacy/outsider", (SHOP, "db"));
     // Dry run: prom to db is allowed and reported as would-deny.
     app.allowed("ops/prom", (SHOP, "db"));
     app.allowed("shop/frontend", (SHOP, "db"));
