@@ -530,10 +530,18 @@ fn check_cluster_policies(
                 .trust_domain()
                 .unwrap_or_else(|_| DEFAULT_TRUST_DOMAIN.to_owned());
             check_policies(PolicyInputs {
-                policies: api
-                    .authorization_policies()
-                    .map(Option::unwrap_or_default)
-                    .map_err(Unread::from),
+                // Agents refuse to start without the CRD (they would
+                // otherwise let through what policies deny): a failure here.
+                policies: api.authorization_policies().map_err(Unread::from).and_then(|listed| {
+                    listed.ok_or_else(|| Unread {
+                        message: format!(
+                            "the API serves no {}.{}: its CRD is not installed, and agents do not start without it; apply deploy/base (authorizationpolicy-crd.yaml) or the output of `sealmesh install`",
+                            authz::PLURAL,
+                            authz::API_GROUP
+                        ),
+                        forbidden: false,
+                    })
+                }),
                 cluster: snapshot.as_ref().map_err(|e| Unread {
                     message: e.to_string(),
                     forbidden: e.is_forbidden(),
