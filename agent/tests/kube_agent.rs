@@ -84,6 +84,7 @@ fn kubernetes_mode_agent_follows_the_api() {
 async fn run_agent_against_the_api(bpffs_dir: &Path) {
     let cgroups = CgroupRoot::new("kube-agent");
     let (server, cluster) = Cluster::start().await;
+    kube_support::install_policy_crd(&cluster).await;
     cluster.node(NODE, NODE_IP).await;
     cluster.namespace(CONTROL_NS, false).await;
     cluster.namespace(MESHED_NS, true).await;

@@ -15,9 +15,8 @@ use k8s_openapi::api::core::v1::{Event, Node, Pod};
 use kube::{
     Api,
     api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
-    core::ApiResource,
 };
-use kube_support::{CgroupRoot, Cluster, PodSpec, eventually};
+use kube_support::{CgroupRoot, Cluster, PodSpec, eventually, install_policy_crd, policy_resource};
 use sealmesh_agent::{
     kube::{KubeRegistry, KubeRegistryConfig, KubeRegistryError},
     registry::{NodeInfo, Workload, WorkloadRegistry},
@@ -656,69 +655,6 @@ async fn keeps_serving_its_last_state_while_the_api_is_gone() {
         .map(|kind| format!("the Kubernetes API watch of {kind}"))
     );
     drop(cgroups);
-}
-
-fn crd_resource() -> ApiResource {
-    ApiResource {
-        group: "apiextensions.k8s.io".into(),
-        version: "v1".into(),
-        api_version: "apiextensions.k8s.io/v1".into(),
-        kind: "CustomResourceDefinition".into(),
-        plural: "customresourcedefinitions".into(),
-    }
-}
-
-fn policy_resource() -> ApiResource {
-    ApiResource {
-        group: authz::API_GROUP.into(),
-        version: authz::API_VERSION.into(),
-        api_version: format!("{}/{}", authz::API_GROUP, authz::API_VERSION),
-        kind: authz::KIND.into(),
-        plural: authz::PLURAL.into(),
-    }
-}
-
-/// Creates a minimal CustomResourceDefinition of AuthorizationPolicy (the
-/// spec unvalidated, so the test can store specs this agent cannot read) and
-/// waits until the server serves the resource.
-async fn install_policy_crd(cluster: &Cluster) {
-    let crd: DynamicObject = serde_json::from_value(json!({
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": { "name": format!("{}.{}", authz::PLURAL, authz::API_GROUP) },
-        "spec": {
-            "group": authz::API_GROUP,
-            "scope": "Namespaced",
-            "names": {
-                "plural": authz::PLURAL,
-                "singular": "authorizationpolicy",
-                "kind": authz::KIND,
-                "listKind": format!("{}List", authz::KIND),
-            },
-            "versions": [{
-                "name": authz::API_VERSION,
-                "served": true,
-                "storage": true,
-                "schema": { "openAPIV3Schema": {
-                    "type": "object",
-                    "properties": { "spec": {
-                        "type": "object",
-                        "x-kubernetes-preserve-unknown-fields": true,
-                    } },
-                } },
-            }],
-        },
-    }))
-    .unwrap();
-    Api::<DynamicObject>::all_with(cluster.client.clone(), &crd_resource())
-        .create(&PostParams::default(), &crd)
-        .await
-        .expect("the API server takes the AuthorizationPolicy CustomResourceDefinition");
-    let policies = Api::<DynamicObject>::all_with(cluster.client.clone(), &policy_resource());
-    eventually("the API server to serve AuthorizationPolicies", || async {
-        policies.list(&ListParams::default()).await.is_ok()
-    })
-    .await;
 }
 
 fn policies(cluster: &Cluster, namespace: &str) -> Api<DynamicObject> {

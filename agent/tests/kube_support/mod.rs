@@ -21,8 +21,9 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
+use sealmesh_common::authz;
 use sealmesh_common::host;
 use serde_json::json;
 
@@ -342,4 +343,67 @@ impl<'a> PodSpec<'a> {
             host_network: false,
         }
     }
+}
+
+pub fn crd_resource() -> ApiResource {
+    ApiResource {
+        group: "apiextensions.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "apiextensions.k8s.io/v1".into(),
+        kind: "CustomResourceDefinition".into(),
+        plural: "customresourcedefinitions".into(),
+    }
+}
+
+pub fn policy_resource() -> ApiResource {
+    ApiResource {
+        group: authz::API_GROUP.into(),
+        version: authz::API_VERSION.into(),
+        api_version: format!("{}/{}", authz::API_GROUP, authz::API_VERSION),
+        kind: authz::KIND.into(),
+        plural: authz::PLURAL.into(),
+    }
+}
+
+/// Creates a minimal CustomResourceDefinition of AuthorizationPolicy (the
+/// spec unvalidated, so the test can store specs this agent cannot read) and
+/// waits until the server serves the resource.
+pub async fn install_policy_crd(cluster: &Cluster) {
+    let crd: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": { "name": format!("{}.{}", authz::PLURAL, authz::API_GROUP) },
+        "spec": {
+            "group": authz::API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "plural": authz::PLURAL,
+                "singular": "authorizationpolicy",
+                "kind": authz::KIND,
+                "listKind": format!("{}List", authz::KIND),
+            },
+            "versions": [{
+                "name": authz::API_VERSION,
+                "served": true,
+                "storage": true,
+                "schema": { "openAPIV3Schema": {
+                    "type": "object",
+                    "properties": { "spec": {
+                        "type": "object",
+                        "x-kubernetes-preserve-unknown-fields": true,
+                    } },
+                } },
+            }],
+        },
+    }))
+    .unwrap();
+    Api::<DynamicObject>::all_with(cluster.client.clone(), &crd_resource())
+        .create(&PostParams::default(), &crd)
+        .await
+        .expect("the API server takes the AuthorizationPolicy CustomResourceDefinition");
+    let policies = Api::<DynamicObject>::all_with(cluster.client.clone(), &policy_resource());
+    eventually("the API server to serve AuthorizationPolicies", || async {
+        policies.list(&ListParams::default()).await.is_ok()
+    })
+    .await;
 }
