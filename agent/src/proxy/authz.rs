@@ -37,6 +37,15 @@ pub struct PolicyDenied {
     pub denied: PolicyRule,
 }
 
+/// An open connection a policy change now denies; it was reset.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "closed: authorization policy {denied} now denies this connection (the policies changed after it opened)"
+)]
+pub struct Revoked {
+    pub denied: PolicyRule,
+}
+
 /// Who opened a connection, as far as it was proven.
 #[derive(Clone, Debug)]
 pub(crate) enum ProvenSource {

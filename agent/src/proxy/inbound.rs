@@ -298,10 +298,8 @@ async fn stream(
     {
         Ok(None) => {}
         Ok(Some(note)) => {
-            if let Some(denied) = &note.denied {
-                tracker.fail(format!(
-                    "closed: authorization policy {denied} now denies this connection (the policies changed after it opened)"
-                ));
+            if let Some(denied) = note.denied.clone() {
+                tracker.fail(authz::Revoked { denied });
             }
             tracker.event.authz = Some(note);
         }

@@ -140,10 +140,8 @@ pub enum OutboundError {
     },
     #[error(transparent)]
     PolicyDenied(#[from] authz::PolicyDenied),
-    #[error(
-        "closed: authorization policy {denied} now denies this connection (the policies changed after it opened)"
-    )]
-    Revoked { denied: PolicyRule },
+    #[error(transparent)]
+    Revoked(#[from] authz::Revoked),
     #[error("HBONE to the destination's agent: {0}")]
     PeerDialFailed(#[from] PeerDialFailed),
     #[error(transparent)]
@@ -181,7 +179,7 @@ impl OutboundError {
             }
             | Self::PolicyDenied(_) => RefusalReason::PolicyDenied,
             Self::Refused { status, .. } => inbound::peer_refusal_reason(*status),
-            Self::Splice(_) | Self::Revoked { .. } => return None,
+            Self::Splice(_) | Self::Revoked(_) => return None,
         })
     }
 }
@@ -441,7 +439,7 @@ async fn proxy(
                 Some(note) => {
                     let denied = note.denied.clone().expect("revoked for a denial");
                     tracker.event.authz = Some(note);
-                    Err(OutboundError::Revoked { denied })
+                    Err(authz::Revoked { denied }.into())
                 }
             }
         }
