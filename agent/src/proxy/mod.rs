@@ -507,9 +507,13 @@ impl Proxy {
                 accepted = outbound.accept(), if outbound_slot.is_some() => match accepted {
                     Ok((socket, peer)) => {
                         let slot = outbound_slot.take();
-                        let handled = outbound::handle(engine.clone(), socket, peer, outbound_addr);
+                        let engine = engine.clone();
+                        // The future is made inside the task: an async block
+                        // that captured it would hold it twice (its captured
+                        // copy and the one being awaited), doubling every
+                        // connection's task.
                         connections.spawn(async move {
-                            handled.await;
+                            outbound::handle(engine, socket, peer, outbound_addr).await;
                             drop(slot);
                         });
                     }
@@ -518,9 +522,9 @@ impl Proxy {
                 accepted = inbound.accept(), if inbound_slot.is_some() => match accepted {
                     Ok((socket, peer)) => {
                         let slot = inbound_slot.take();
-                        let served = inbound::serve(engine.clone(), socket, peer, stop_rx.clone());
+                        let (engine, stop_rx) = (engine.clone(), stop_rx.clone());
                         connections.spawn(async move {
-                            served.await;
+                            inbound::serve(engine, socket, peer, stop_rx).await;
                             drop(slot);
                         });
                     }
