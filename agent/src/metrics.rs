@@ -349,7 +349,7 @@ impl AgentMetrics {
 }
 
 impl ConnectionObserver for AgentMetrics {
-    fn connection_opened(&self, event: &ConnectionEvent, bytes: &Arc<ByteCounters>) {
+    fn connection_opened(&self, event: &Arc<ConnectionEvent>, bytes: &Arc<ByteCounters>) {
         let labels = self.labels(event);
         self.opened.get_or_create(&labels).inc();
         self.open.get_or_create(&labels).inc();
@@ -384,36 +384,52 @@ impl ConnectionObserver for AgentMetrics {
 /// of open ones (updated by the splice loops, read only at scrape).
 #[derive(Debug, Default)]
 struct ByteTotals {
-    inner: Mutex<ByteTotalsInner>,
+    inner: Mutex<HashMap<ConnectionLabels, LabelSetBytes>>,
 }
 
+/// One label set's bytes. Open connections are kept under their label set,
+/// so each costs an id and a counter handle rather than its own copy of the
+/// labels (memory per idle connection).
 #[derive(Debug, Default)]
-struct ByteTotalsInner {
+struct LabelSetBytes {
     /// (source to destination, destination to source) of closed connections.
-    closed: HashMap<ConnectionLabels, (u64, u64)>,
+    closed: (u64, u64),
     /// Open connections by event id.
-    open: HashMap<u64, (ConnectionLabels, Arc<ByteCounters>)>,
+    open: HashMap<u64, Arc<ByteCounters>>,
 }
 
 impl ByteTotals {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionLabels, LabelSetBytes>> {
+        self.inner.lock().expect("byte totals lock poisoned")
+    }
+
     fn opened(&self, id: u64, labels: ConnectionLabels, bytes: Arc<ByteCounters>) {
-        let mut inner = self.inner.lock().expect("byte totals lock poisoned");
-        inner.open.insert(id, (labels, bytes));
+        self.lock()
+            .entry(labels)
+            .or_default()
+            .open
+            .insert(id, bytes);
     }
 
     /// Moves a connection's final counts into its totals, in one step with
     /// its removal from the open set, so no scrape sees a total go down.
     fn closed(&self, event: &ConnectionEvent, labels: ConnectionLabels) {
-        let mut inner = self.inner.lock().expect("byte totals lock poisoned");
-        let counted = match inner.open.remove(&event.id) {
-            Some((_, bytes)) => (
+        let mut sets = self.lock();
+        let open = sets
+            .get_mut(&labels)
+            .and_then(|set| set.open.remove(&event.id))
+            // Labels that changed since the open (not expected): look
+            // through every set rather than keep counting it as open.
+            .or_else(|| sets.values_mut().find_map(|set| set.open.remove(&event.id)));
+        let counted = match open {
+            Some(bytes) => (
                 bytes.src_to_dst.load(Ordering::Relaxed),
                 bytes.dst_to_src.load(Ordering::Relaxed),
             ),
             // Opened before this observer was added.
             None => (event.bytes_src_to_dst, event.bytes_dst_to_src),
         };
-        let total = inner.closed.entry(labels).or_default();
+        let total = &mut sets.entry(labels).or_default().closed;
         total.0 += counted.0;
         total.1 += counted.1;
     }
@@ -421,24 +437,28 @@ impl ByteTotals {
     /// Drops the totals of a departed label set (open connections keep
     /// counting and bring it back when they close).
     fn forget(&self, labels: &ConnectionLabels) {
-        let mut inner = self.inner.lock().expect("byte totals lock poisoned");
-        if !inner.open.values().any(|(open, _)| open == labels) {
-            inner.closed.remove(labels);
+        let mut sets = self.lock();
+        if sets.get(labels).is_some_and(|set| set.open.is_empty()) {
+            sets.remove(labels);
         }
     }
 
     /// (read, written) per label set, open connections included.
     fn now(&self) -> Vec<(ConnectionLabels, u64, u64)> {
-        let inner = self.inner.lock().expect("byte totals lock poisoned");
-        let mut totals = inner.closed.clone();
-        for (labels, bytes) in inner.open.values() {
-            let total = totals.entry(labels.clone()).or_default();
-            total.0 += bytes.src_to_dst.load(Ordering::Relaxed);
-            total.1 += bytes.dst_to_src.load(Ordering::Relaxed);
-        }
-        totals
-            .into_iter()
-            .map(|(labels, (read, written))| (labels, read, written))
+        self.lock()
+            .iter()
+            .map(|(labels, set)| {
+                let (read, written) =
+                    set.open
+                        .values()
+                        .fold(set.closed, |(read, written), bytes| {
+                            (
+                                read + bytes.src_to_dst.load(Ordering::Relaxed),
+                                written + bytes.dst_to_src.load(Ordering::Relaxed),
+                            )
+                        });
+                (labels.clone(), read, written)
+            })
             .collect()
     }
 }
@@ -875,7 +895,7 @@ mod tests {
         let metrics = AgentMetrics::new(store(&dir), Arc::new(NoStrictPods));
         for (id, namespace) in [(1, "shop"), (2, "gone")] {
             let bytes = Arc::new(ByteCounters::default());
-            metrics.connection_opened(&plaintext(id, namespace), &bytes);
+            metrics.connection_opened(&Arc::new(plaintext(id, namespace)), &bytes);
             bytes.src_to_dst.store(11, Ordering::Relaxed);
             bytes.dst_to_src.store(22, Ordering::Relaxed);
             metrics.connection_closed(&plaintext(id, namespace), true);
@@ -925,12 +945,12 @@ mod tests {
                 .unwrap_or_else(|| panic!("no read bytes in\n{text}"))
         };
         let long_lived = Arc::new(ByteCounters::default());
-        metrics.connection_opened(&plaintext(1, "shop"), &long_lived);
+        metrics.connection_opened(&Arc::new(plaintext(1, "shop")), &long_lived);
         long_lived.src_to_dst.store(1000, Ordering::Relaxed);
         assert_eq!(read(&metrics.encode()), 1000, "counted while open");
 
         let short = Arc::new(ByteCounters::default());
-        metrics.connection_opened(&plaintext(2, "shop"), &short);
+        metrics.connection_opened(&Arc::new(plaintext(2, "shop")), &short);
         short.src_to_dst.store(5, Ordering::Relaxed);
         metrics.connection_closed(&plaintext(2, "shop"), true);
         long_lived.src_to_dst.store(1500, Ordering::Relaxed);

@@ -71,7 +71,7 @@ pub struct EdgeStats {
 
 /// An open connection: its open event and live byte counts.
 struct OpenConnection {
-    event: ConnectionEvent,
+    event: Arc<ConnectionEvent>,
     bytes: Arc<ByteCounters>,
 }
 
@@ -109,7 +109,7 @@ impl ConnectionTable {
             .open
             .values()
             .map(|c| {
-                let mut e = c.event.clone();
+                let mut e = ConnectionEvent::clone(&c.event);
                 e.bytes_src_to_dst = c.bytes.src_to_dst.load(Ordering::Relaxed);
                 e.bytes_dst_to_src = c.bytes.dst_to_src.load(Ordering::Relaxed);
                 e.duration_ms = now_ms.saturating_sub(e.timestamp_ms);
@@ -181,7 +181,7 @@ impl ConnectionTable {
 }
 
 impl ConnectionObserver for ConnectionTable {
-    fn connection_opened(&self, event: &ConnectionEvent, bytes: &Arc<ByteCounters>) {
+    fn connection_opened(&self, event: &Arc<ConnectionEvent>, bytes: &Arc<ByteCounters>) {
         let mut table = self.lock();
         table.open.insert(
             event.id,
@@ -252,8 +252,8 @@ mod tests {
     fn counts_open_close_and_refusals_per_edge() {
         let table = ConnectionTable::default();
         let bytes = Arc::new(ByteCounters::default());
-        table.connection_opened(&event(1, Phase::Open, 1000), &bytes);
-        table.connection_opened(&event(2, Phase::Open, 1001), &bytes);
+        table.connection_opened(&Arc::new(event(1, Phase::Open, 1000)), &bytes);
+        table.connection_opened(&Arc::new(event(2, Phase::Open, 1001)), &bytes);
         bytes.src_to_dst.store(5, Ordering::Relaxed);
         let open = table.open_connections(1500);
         assert_eq!(open.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2]);

@@ -96,7 +96,7 @@ fn judge(
     let verdict = subject.judge(pod);
     let note = AuthzNote::of(&verdict);
     let denied = note.as_ref().and_then(|note| note.denied.clone());
-    tracker.event.authz = note;
+    tracker.event_mut().authz = note;
     match denied {
         None => Ok(()),
         Some(denied) => Err(PolicyDenied {

@@ -359,7 +359,7 @@ pub struct ByteCounters {
 /// and never block (no I/O, short critical sections).
 pub trait ConnectionObserver: Send + Sync + 'static {
     /// The path to the destination is up; `bytes` counts live until close.
-    fn connection_opened(&self, event: &ConnectionEvent, bytes: &Arc<ByteCounters>);
+    fn connection_opened(&self, event: &Arc<ConnectionEvent>, bytes: &Arc<ByteCounters>);
     /// The connection ended (`opened`), or was refused before it opened.
     fn connection_closed(&self, event: &ConnectionEvent, opened: bool);
     /// A TLS handshake with a peer agent completed in `elapsed`.
@@ -381,9 +381,9 @@ pub(crate) struct EventSink {
 
 impl EventSink {
     /// Publishes to tap clients; builds the shared copy only if one listens.
-    pub(super) fn publish(&self, event: &ConnectionEvent) {
+    pub(super) fn publish(&self, event: &Arc<ConnectionEvent>) {
         if self.events.receiver_count() > 0 {
-            let _ = self.events.send(Arc::new(event.clone()));
+            let _ = self.events.send(event.clone());
         }
     }
 
@@ -401,7 +401,10 @@ pub(crate) struct ConnectionTracker {
     sink: EventSink,
     started: Instant,
     opened: bool,
-    pub event: ConnectionEvent,
+    /// Shared with the observers that keep open connections (the admin
+    /// connection table) rather than copied to them; changed through
+    /// [`Self::event_mut`], which copies it only if it is shared by then.
+    pub event: Arc<ConnectionEvent>,
     pub bytes: Arc<ByteCounters>,
     /// A second handle on the client's socket to reset it with if the
     /// connection is refused; dropped when it opens, so an established
@@ -415,7 +418,7 @@ impl ConnectionTracker {
             sink,
             started: Instant::now(),
             opened: false,
-            event: ConnectionEvent::new(id, Phase::Open, direction, src_addr),
+            event: Arc::new(ConnectionEvent::new(id, Phase::Open, direction, src_addr)),
             bytes: Arc::default(),
             reset_handle: None,
         }
@@ -433,25 +436,33 @@ impl ConnectionTracker {
         self.reset_handle.as_ref()
     }
 
+    /// The event, to change: copied first if an observer shares it (after
+    /// the open; before it, the tracker holds the only reference).
+    pub fn event_mut(&mut self) -> &mut ConnectionEvent {
+        Arc::make_mut(&mut self.event)
+    }
+
     pub fn set_src(&mut self, w: &Workload) {
-        self.event.src = Some(PodRef::of(w));
+        self.event_mut().src = Some(PodRef::of(w));
     }
 
     pub fn set_dst(&mut self, addr: SocketAddr, w: Option<&Workload>) {
-        self.event.dst_addr = Some(addr);
-        self.event.dst = w.map(PodRef::of);
+        let event = self.event_mut();
+        event.dst_addr = Some(addr);
+        event.dst = w.map(PodRef::of);
     }
 
     /// The connection broke after it opened.
     pub fn fail(&mut self, error: impl std::fmt::Display) {
-        self.event.error = Some(error.to_string());
+        self.event_mut().error = Some(error.to_string());
     }
 
     /// The connection is refused before it opened, for `reason`.
     pub fn refuse(&mut self, reason: RefusalReason, error: impl std::fmt::Display) {
         debug_assert!(!self.opened, "refusing an open connection");
-        self.event.refused_reason = Some(reason);
-        self.event.error = Some(error.to_string());
+        let event = self.event_mut();
+        event.refused_reason = Some(reason);
+        event.error = Some(error.to_string());
     }
 
     /// Whether the path to the destination came up ([`Self::open`]).
@@ -464,8 +475,9 @@ impl ConnectionTracker {
         self.opened = true;
         self.reset_handle = None;
         // The close event overwrites phase and timestamp.
-        self.event.phase = Phase::Open;
-        self.event.timestamp_ms = unix_ms(SystemTime::now());
+        let event = self.event_mut();
+        event.phase = Phase::Open;
+        event.timestamp_ms = unix_ms(SystemTime::now());
         for observer in self.sink.observers.load().iter() {
             observer.connection_opened(&self.event, &self.bytes);
         }
@@ -475,7 +487,7 @@ impl ConnectionTracker {
 
 impl Drop for ConnectionTracker {
     fn drop(&mut self) {
-        let e = &mut self.event;
+        let e = Arc::make_mut(&mut self.event);
         e.phase = Phase::Close;
         e.timestamp_ms = unix_ms(SystemTime::now());
         e.bytes_src_to_dst = self.bytes.src_to_dst.load(Ordering::Relaxed);
@@ -494,7 +506,7 @@ impl Drop for ConnectionTracker {
         for observer in self.sink.observers.load().iter() {
             observer.connection_closed(e, self.opened);
         }
-        self.sink.publish(e);
+        self.sink.publish(&self.event);
     }
 }
 
@@ -566,7 +578,7 @@ mod tests {
             Direction::Outbound,
             "10.0.0.1:5000".parse().unwrap(),
         );
-        t.event.tls = true;
+        t.event_mut().tls = true;
         t.open();
         t.bytes.src_to_dst.fetch_add(10, Ordering::Relaxed);
         t.bytes.dst_to_src.fetch_add(20, Ordering::Relaxed);
@@ -648,11 +660,11 @@ mod tests {
             Direction::Inbound,
             "10.0.0.1:5000".parse().unwrap(),
         );
-        t.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
-        let json = serde_json::to_value(&t.event).unwrap();
+        t.event_mut().no_tls_reason = Some(NoTlsReason::NotMeshed);
+        let json = serde_json::to_value(&*t.event).unwrap();
         assert_eq!(json["direction"], "inbound");
         assert_eq!(json["no_tls_reason"], "not_meshed");
         let back: ConnectionEvent = serde_json::from_value(json).unwrap();
-        assert_eq!(back, t.event);
+        assert_eq!(back, *t.event);
     }
 }

@@ -248,11 +248,11 @@ async fn stream(
         Direction::Inbound,
         peer.addr,
     );
-    tracker.event.tls = true;
-    tracker.event.client_id = Some(peer.client.to_string());
-    tracker.event.server_id = Some(peer.requested.to_string());
+    tracker.event_mut().tls = true;
+    tracker.event_mut().client_id = Some(peer.client.to_string());
+    tracker.event_mut().server_id = Some(peer.requested.to_string());
     let source_ip = forwarded_source(&engine, &peer, &request).map(|(addr, source)| {
-        tracker.event.src_addr = addr.into();
+        tracker.event_mut().src_addr = addr.into();
         tracker.set_src(&source);
         *addr.ip()
     });
@@ -301,7 +301,7 @@ async fn stream(
             if let Some(denied) = note.denied.clone() {
                 tracker.fail(authz::Revoked { denied });
             }
-            tracker.event.authz = Some(note);
+            tracker.event_mut().authz = Some(note);
         }
         Err(error) => tracker.fail(error),
     }

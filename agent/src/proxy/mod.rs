@@ -365,7 +365,9 @@ impl ProxyHandle {
     /// engine (phase `Refused`), under this engine's next connection id.
     pub fn publish_refusal(&self, event: &mut ConnectionEvent) {
         event.id = self.engine.next_id();
-        self.engine.sink.publish(event);
+        if self.engine.sink.events.receiver_count() > 0 {
+            self.engine.sink.publish(&Arc::new(event.clone()));
+        }
     }
 
     /// HBONE connections currently pooled (all keys).

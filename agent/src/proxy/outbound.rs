@@ -353,7 +353,7 @@ async fn proxy(
     tracker: &mut ConnectionTracker,
 ) -> Result<(), OutboundError> {
     let original_dst = redirect.original_dst;
-    tracker.event.dst_addr = Some(original_dst.into());
+    tracker.event_mut().dst_addr = Some(original_dst.into());
     let source = source_pod(engine, &redirect).await?;
     tracker.set_src(&source);
     if !source.meshed {
@@ -374,7 +374,7 @@ async fn proxy(
             reason,
         } => {
             tracker.set_dst(target.into(), destination.as_deref());
-            tracker.event.no_tls_reason = Some(reason);
+            tracker.event_mut().no_tls_reason = Some(reason);
             if policy.deny_plaintext {
                 let service = engine.registry.service_at(*original_dst.ip());
                 match engine
@@ -414,9 +414,9 @@ async fn proxy(
                     destination: destination.identity.clone(),
                 });
             }
-            tracker.event.client_id = Some(source.identity.to_string());
-            tracker.event.server_id = Some(destination.identity.to_string());
-            tracker.event.no_tls_reason = Some(NoTlsReason::SecuredLocal);
+            tracker.event_mut().client_id = Some(source.identity.to_string());
+            tracker.event_mut().server_id = Some(destination.identity.to_string());
+            tracker.event_mut().no_tls_reason = Some(NoTlsReason::SecuredLocal);
             let subject = Subject {
                 source: ProvenSource::Pod(source.clone()),
                 source_ip: source.ip,
@@ -438,7 +438,7 @@ async fn proxy(
                 None => Ok(()),
                 Some(note) => {
                     let denied = note.denied.clone().expect("revoked for a denial");
-                    tracker.event.authz = Some(note);
+                    tracker.event_mut().authz = Some(note);
                     Err(authz::Revoked { denied }.into())
                 }
             }
@@ -465,7 +465,7 @@ async fn unmeshed_source(
         None => (original_dst, None),
     };
     tracker.set_dst(target.into(), destination.as_deref());
-    tracker.event.no_tls_reason = Some(NoTlsReason::NotMeshed);
+    tracker.event_mut().no_tls_reason = Some(NoTlsReason::NotMeshed);
     // The kernel trusts every agent connect, so the agent must not carry
     // what no identity vouches for to a pod the kernel guards.
     let default = engine.cfg.policy.default_inbound_policy;
@@ -475,7 +475,7 @@ async fn unmeshed_source(
         .filter(|pod| pod.node == engine.registry.local_node().name)
         .and_then(|pod| inbound_policy::plaintext_refusal(pod, default, source, target))
     {
-        tracker.event.authz = refusal.authz.clone();
+        tracker.event_mut().authz = refusal.authz.clone();
         return Err(OutboundError::StrictDestination(Box::new(refusal)));
     }
     plaintext(engine, client, target, tracker).await
@@ -521,9 +521,9 @@ async fn hbone_connect(
     // life (memory per proxied connection).
     let (lease, send, response) =
         Box::pin(open_stream(engine, source, endpoint, node, source_addr)).await?;
-    tracker.event.tls = true;
-    tracker.event.client_id = Some(source.identity.to_string());
-    tracker.event.server_id = Some(destination.identity.to_string());
+    tracker.event_mut().tls = true;
+    tracker.event_mut().client_id = Some(source.identity.to_string());
+    tracker.event_mut().server_id = Some(destination.identity.to_string());
     let (mut read, mut write) = client.into_split();
     let stream = Stream {
         send,
@@ -599,7 +599,7 @@ async fn carry_hbone(
                 .flatten()
                 .map(|(policy, rule)| PolicyRule { policy, rule });
             if let Some(denied) = &denied {
-                tracker.event.authz = Some(Box::new(AuthzNote {
+                tracker.event_mut().authz = Some(Box::new(AuthzNote {
                     denied: Some(denied.clone()),
                     dry_run_denied: None,
                 }));
