@@ -699,7 +699,7 @@ fn log_refusal(e: &ConnectionEvent, suppressed: u64) {
         src = pod(&e.src),
         dst = pod(&e.dst),
         server_id = e.server_id.as_deref().unwrap_or(""),
-        reason = e.refused_reason.map(RefusalReason::as_str),
+        refused_reason = e.refused_reason.map(RefusalReason::as_str),
         denied_by = e.authz.as_ref().and_then(|a| a.denied.as_ref()).map(|d| d.to_string()),
         error = e.error.as_deref().unwrap_or(""),
         suppressed_before = suppressed,

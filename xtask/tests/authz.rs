@@ -308,7 +308,7 @@ fn run(options: MeshOptions) {
     let kernel = wait_access(&app.mesh, "node-1", "the kernel's refusal", |l| {
         l["message"] == "connection refused" && l["src"] == "legacy/outsider"
     });
-    assert_eq!(kernel["reason"], "policy_denied", "{kernel}");
+    assert_eq!(kernel["refused_reason"], "policy_denied", "{kernel}");
     assert_eq!(kernel["denied_by"], "shop/web-allow", "{kernel}");
     app.allowed("legacy/outsider", (SHOP, "db"));
     // Dry run: prom to db is allowed and reported as would-deny.

@@ -566,7 +566,7 @@ fn strict_pods_refuse_plaintext_from_outside_the_mesh_and_accept_mtls_and_their_
     let logged = app.logged_refusals("node-1");
     assert_eq!(logged.len(), 6, "{logged:?}");
     assert!(logged.iter().all(|l| l["target"] == ACCESS_LOG_TARGET
-        && l["reason"] == "strict_inbound"
+        && l["refused_reason"] == "strict_inbound"
         && l["direction"] == "inbound"));
     assert_eq!(logged[0]["src"], "legacy/plain");
     assert_eq!(logged[0]["dst"], "shop/server");
@@ -880,7 +880,7 @@ fn authorization_policies_make_a_pod_strict_by_implication() {
         "{metrics}"
     );
     let logged = app.logged_refusals("node-1");
-    assert_eq!(logged[0]["reason"], "policy_denied", "{logged:?}");
+    assert_eq!(logged[0]["refused_reason"], "policy_denied", "{logged:?}");
     assert_eq!(logged[1]["denied_by"], "shop/no-node0-plaintext rule 0");
     let status = app.inbound_policy("node-1");
     let guarded = pod_policy(&status, SHOP, "guarded");
