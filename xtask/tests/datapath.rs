@@ -233,7 +233,7 @@ fn no_plaintext_crosses_the_underlay() {
 }
 
 #[test]
-fn binary_payloads_are_carried_byte_for_byte() {
+fn binary_payloads_are_carried_byte_for_byte_across_and_within_nodes() {
     let app = App::up(MeshOptions::default());
     // 8 MiB of random bytes (any protocol, TLS included, is just bytes to the mesh).
     let out = app.client(
@@ -249,6 +249,22 @@ fn binary_payloads_are_carried_byte_for_byte() {
     let event = app.wait_access("node-1", "inbound close with byte counts", |e| {
         e["direction"] == "inbound" && e["dst"] == "shop/server"
     });
+    assert_eq!(event["bytes_src_to_dst"], 8_388_608, "{event}");
+    assert_eq!(event["bytes_dst_to_src"], 8_388_608, "{event}");
+
+    // Within a node (secured local), where bulk is spliced in the kernel.
+    let out = app.client(
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "neighbour"),
+        "",
+        &["--random-bytes", "8388608"],
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let event = app.wait_access("node-0", "secured-local close with byte counts", |e| {
+        e["direction"] == "outbound" && e["dst"] == "shop/neighbour"
+    });
+    assert_eq!(event["no_tls_reason"], "secured_local", "{event}");
     assert_eq!(event["bytes_src_to_dst"], 8_388_608, "{event}");
     assert_eq!(event["bytes_dst_to_src"], 8_388_608, "{event}");
 }

@@ -2,7 +2,8 @@
 //! optional peer proxy) on the same testbed topology, in one run.
 //!
 //! Every column is its own testbed, all up at once: client pod on node-0,
-//! server pod (echo + sink) on node-1, so every byte crosses nodes.
+//! server pod (echo + sink) on node-1, so every byte crosses nodes
+//! (`--same-node`: both on node-0, carried as `secured_local`).
 //! - `plaintext`: no agents, no identity service (the kernel alone);
 //! - one column per `--variant` (default `sealmesh`, no extra agent flags):
 //!   the identity service and an agent per node started with the variant's
@@ -180,6 +181,11 @@ pub struct BenchOptions {
     /// --kubernetes`). The peer column runs as its command says.
     #[arg(long)]
     pub kubernetes: bool,
+    /// Put the server pod on the client's node (node-0), so connections stay
+    /// on one node: the agent carries them as `secured_local` instead of
+    /// over HBONE.
+    #[arg(long)]
+    pub same_node: bool,
 }
 
 /// `count` policies of the bench namespace: the first admits the client to
@@ -250,6 +256,8 @@ struct Plan {
     rr_count: usize,
     connrate_seconds: f64,
     idle_connections: usize,
+    /// The server pod on the client's node (`--same-node`).
+    same_node: bool,
 }
 
 impl Plan {
@@ -261,6 +269,7 @@ impl Plan {
                 rr_count: 500,
                 connrate_seconds: 0.3,
                 idle_connections: 100,
+                same_node: false,
             }
         } else {
             Self {
@@ -269,6 +278,7 @@ impl Plan {
                 rr_count: 20_000,
                 connrate_seconds: 3.0,
                 idle_connections: 1000,
+                same_node: false,
             }
         }
     }
@@ -327,13 +337,14 @@ impl Column {
         options: MeshOptions,
         peer_cmd: Option<&str>,
         policies: Vec<AuthorizationPolicy>,
+        server_node: usize,
     ) -> Result<Self, BenchError> {
         tracing::info!(column = name, "bringing the testbed up");
         let spec = policies.into_iter().fold(
             TestbedSpec::new(2)
                 .meshed_namespace(NAMESPACE)
                 .pod(PodSpec::new(NAMESPACE, CLIENT, CLIENT, 0).label("app", CLIENT))
-                .pod(PodSpec::new(NAMESPACE, SERVER, SERVER, 1).label("app", SERVER)),
+                .pod(PodSpec::new(NAMESPACE, SERVER, SERVER, server_node).label("app", SERVER)),
             TestbedSpec::authorization_policy,
         );
         let mesh = Mesh::up(&spec, options)?;
@@ -664,6 +675,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
     crate::testbed::require_root()?;
     let plan = Plan {
         rounds: options.rounds.unwrap_or(Plan::new(options.quick).rounds),
+        same_node: options.same_node,
         ..Plan::new(options.quick)
     };
     let profile = build_profile();
@@ -672,6 +684,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
             "warning: these are unoptimized ({profile}) binaries, far slower than release ones; for real figures run `cargo build --release --workspace && sudo -E target/release/xtask bench`"
         );
     }
+    let server_node = if plan.same_node { 0 } else { 1 };
     let variants = if options.variants.is_empty() {
         vec![Variant::default()]
     } else {
@@ -690,6 +703,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
         bare.clone(),
         None,
         Vec::new(),
+        server_node,
     )?];
     for variant in &variants {
         let options = MeshOptions {
@@ -703,6 +717,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
             options,
             None,
             Vec::new(),
+            server_node,
         )?);
     }
     if let Some(count) = options.policies.filter(|n| *n > 0) {
@@ -718,6 +733,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
             mesh_options,
             None,
             bench_policies(count),
+            server_node,
         )?);
     }
     if let Some(cmd) = &options.peer_cmd {
@@ -731,6 +747,7 @@ pub fn run(options: &BenchOptions) -> Result<Value, BenchError> {
             options,
             Some(cmd),
             Vec::new(),
+            server_node,
         )?);
     }
 
@@ -1015,6 +1032,7 @@ fn summarise(
             "rr_size": 64,
             "connrate_seconds": plan.connrate_seconds,
             "idle_connections": plan.idle_connections,
+            "same_node": plan.same_node,
         }),
     );
     summary.insert("columns".into(), Value::Object(columns));
