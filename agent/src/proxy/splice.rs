@@ -149,8 +149,8 @@ impl<'a> ChunkReader<'a> {
         }
     }
 
-    /// Gives the buffer back and starts small again, as after idleness
-    /// (while a burst is spliced past it).
+    /// Gives the buffer back and starts small again: while the socket idles,
+    /// or while a burst is spliced past the reader.
     fn rest(&mut self) {
         self.buf = BytesMut::new();
         self.read_size = FIRST_READ;
@@ -159,20 +159,14 @@ impl<'a> ChunkReader<'a> {
 
     /// The next chunk, None at EOF. Waits without holding a buffer.
     async fn next(&mut self) -> io::Result<Option<Bytes>> {
-        {
-            // Not readable right now: the socket idles, so give the buffer
-            // back before waiting and start small again afterwards.
-            let mut readable = pin!(self.read.readable());
-            if readable
-                .as_mut()
-                .poll(&mut Context::from_waker(Waker::noop()))
-                .is_pending()
-            {
-                self.buf = BytesMut::new();
-                self.read_size = FIRST_READ;
-                self.saturated = false;
-                readable.await?;
-            }
+        // Not readable right now: the socket idles, so give the buffer back
+        // before waiting and start small again afterwards.
+        let idle = pin!(self.read.readable())
+            .poll(&mut Context::from_waker(Waker::noop()))
+            .is_pending();
+        if idle {
+            self.rest();
+            self.read.readable().await?;
         }
         self.buf.reserve(self.read_size);
         let room = self.buf.capacity() - self.buf.len();
