@@ -380,10 +380,18 @@ pub(crate) struct EventSink {
 }
 
 impl EventSink {
-    /// Publishes to tap clients; builds the shared copy only if one listens.
+    /// Publishes to tap clients, if one listens.
     pub(super) fn publish(&self, event: &Arc<ConnectionEvent>) {
         if self.events.receiver_count() > 0 {
             let _ = self.events.send(event.clone());
+        }
+    }
+
+    /// Publishes an event not shared yet; builds the shared copy only if a
+    /// tap client listens.
+    pub(super) fn publish_copy(&self, event: &ConnectionEvent) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(Arc::new(event.clone()));
         }
     }
 

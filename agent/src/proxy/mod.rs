@@ -365,9 +365,7 @@ impl ProxyHandle {
     /// engine (phase `Refused`), under this engine's next connection id.
     pub fn publish_refusal(&self, event: &mut ConnectionEvent) {
         event.id = self.engine.next_id();
-        if self.engine.sink.events.receiver_count() > 0 {
-            self.engine.sink.publish(&Arc::new(event.clone()));
-        }
+        self.engine.sink.publish_copy(event);
     }
 
     /// HBONE connections currently pooled (all keys).
