@@ -29,6 +29,7 @@ use sealmesh_common::{
 use serde::Serialize;
 
 use crate::{
+    ebpf::acceleration::SockmapAcceleration,
     kube::trust_roots::trust_roots_origin,
     proxy::{DEFAULT_MAX_CONNECTIONS_PER_LISTENER, DEFAULT_POD_RESOLVE_TIMEOUT},
 };
@@ -353,11 +354,12 @@ pub struct Args {
     #[command(flatten)]
     pub log: LogArgs,
     /// Move payload between pods and this agent with sk_msg/sockhash instead of through the
-    /// TCP/IP stack (same-host pod <-> agent hop only). Off by default: on Linux 6.18 a pod
-    /// socket in a sockhash can fail a blocking read with EAGAIN when it is woken without data
-    /// (e.g. by its own writer thread), which breaks ordinary blocking apps.
-    #[arg(long, value_enum, default_value_t = OnOff::Off, env = "SEALMESH_SOCKMAP_ACCELERATION")]
-    pub sockmap_acceleration: OnOff,
+    /// TCP/IP stack (same-host pod <-> agent hop only). `auto` probes the kernel at start and
+    /// turns it on only if pod sockets in a sockhash behave like TCP sockets there (logged
+    /// once); on Linux 6.18 they do not (a blocking read woken without data fails with EAGAIN,
+    /// and redirected bytes get no back-pressure). `on` skips the probe.
+    #[arg(long, value_enum, default_value_t = SockmapAcceleration::Auto, env = "SEALMESH_SOCKMAP_ACCELERATION")]
+    pub sockmap_acceleration: SockmapAcceleration,
     /// Threads of the TLS engine. The agent's work is socket hand-offs: where it shares one or
     /// two cores with its pods, 1 saves cross-thread wake-ups (docs/PERFORMANCE.md); raise it
     /// on nodes whose agent must carry more than one core's worth of traffic.
@@ -372,13 +374,6 @@ pub struct Args {
 
 /// Engine threads unless `--worker-threads` says otherwise (ztunnel's default too).
 const DEFAULT_WORKER_THREADS: u16 = 2;
-
-/// A feature switch as typed on the command line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnOff {
-    On,
-    Off,
-}
 
 /// A Service by namespace and name, as `--plaintext-allowed-service` takes it.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -555,7 +550,7 @@ pub struct AgentConfig {
     /// How long connections of (and to) pods the registry does not know yet are held.
     pub pod_resolve_timeout: Duration,
     pub cluster_networks: ClusterNetworks,
-    pub sockmap_acceleration: bool,
+    pub sockmap_acceleration: SockmapAcceleration,
     pub worker_threads: u16,
     pub max_connections_per_listener: usize,
     pub admin_listen: SocketAddr,
@@ -596,7 +591,7 @@ struct ConfigView<'a> {
     #[serde(with = "humantime_serde_text")]
     pod_resolve_timeout: Duration,
     cluster_networks: ClusterNetworksView<'a>,
-    sockmap_acceleration: bool,
+    sockmap_acceleration: SockmapAcceleration,
     worker_threads: u16,
     max_connections_per_listener: usize,
     admin_listen: SocketAddr,
@@ -968,7 +963,7 @@ impl AgentConfig {
                 .pod_resolve_timeout
                 .unwrap_or(DEFAULT_POD_RESOLVE_TIMEOUT),
             cluster_networks,
-            sockmap_acceleration: args.sockmap_acceleration == OnOff::On,
+            sockmap_acceleration: args.sockmap_acceleration,
             worker_threads: args.worker_threads,
             max_connections_per_listener: args.max_connections_per_listener,
             admin_listen: args
@@ -1374,7 +1369,7 @@ nodes:
             "this cluster file names no Service range"
         );
         assert_eq!(dumped["cluster_networks"].get("also"), None);
-        assert_eq!(dumped["sockmap_acceleration"], false);
+        assert_eq!(dumped["sockmap_acceleration"], "auto");
         assert_eq!(dumped["worker_threads"], 2);
         assert_eq!(
             dumped["max_connections_per_listener"],

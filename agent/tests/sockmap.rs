@@ -13,7 +13,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use sealmesh_agent::ebpf::{CgroupRole, CgroupRoles, EbpfStatus, RedirectConfig, Redirector};
+use sealmesh_agent::ebpf::{
+    CgroupRole, CgroupRoles, EbpfStatus, RedirectConfig, Redirector,
+    acceleration::{self, BACK_PRESSURE_BOUND, KernelLimit, SockmapAcceleration},
+};
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use serde_json::Value;
 use support::{Process, Spec, Testbed};
@@ -143,10 +146,80 @@ print(json.dumps({
 }), flush=True)
 "#;
 
+/// A stand-in agent that greets every connection and then reads nothing.
+const SINK_SERVER: &str = r#"
+import socket, sys
+listener = socket.socket()
+listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind((sys.argv[1], int(sys.argv[2])))
+listener.listen(128)
+print("listening", flush=True)
+held = []
+while True:
+    conn, _ = listener.accept()
+    conn.sendall(b"sealmesh\n")
+    held.append(conn)
+"#;
+
+/// A pod client meeting the kernel limits the acceleration probe looks for, against a stand-in
+/// agent that never answers. `half-close`: a thread blocks in `recv` (checked in /proc: asleep in
+/// the recvfrom syscall), then the main thread half-closes, which wakes it; prints `eagain` if
+/// the read failed, `waiting` once the reader sleeps in `recv` again. `flood N`: sends without
+/// blocking until the kernel makes it wait or N bytes are queued; prints how many.
+const PROBE_CLIENT: &str = r#"
+import json, os, socket, sys, threading, time
+host, port, mode, count = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+RECVFROM = {"x86_64": 45, "aarch64": 207}[os.uname().machine]
+s = socket.create_connection((host, port), timeout=30)
+greeting = b""
+while not greeting.endswith(b"\n"):
+    greeting += s.recv(64)
+if mode == "half-close":
+    s.settimeout(None)
+    outcome = {}
+    def read():
+        outcome["tid"] = threading.get_native_id()
+        try:
+            outcome["read"] = "eof" if s.recv(1) == b"" else "data"
+        except BlockingIOError:
+            outcome["read"] = "eagain"
+    def asleep_in_recv(tid):
+        try:
+            with open("/proc/self/task/%d/stat" % tid) as f:
+                state = f.read().rsplit(") ", 1)[1][0]
+            with open("/proc/self/task/%d/syscall" % tid) as f:
+                return state == "S" and f.read().split()[0] == str(RECVFROM)
+        except OSError:  # the thread has exited
+            return False
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 20
+    while "tid" not in outcome or not asleep_in_recv(outcome["tid"]):
+        if time.monotonic() > deadline:
+            sys.exit("the reader never blocked in recv")
+        time.sleep(0.001)
+    s.shutdown(socket.SHUT_WR)
+    while "read" not in outcome and not asleep_in_recv(outcome["tid"]):
+        if time.monotonic() > deadline:
+            sys.exit("the reader neither returned nor waited again")
+        time.sleep(0.001)
+    print(json.dumps({"read": outcome.get("read", "waiting")}), flush=True)
+elif mode == "flood":
+    s.setblocking(False)
+    chunk = bytes(64 << 10)
+    queued = 0
+    while queued < count:
+        try:
+            queued += s.send(chunk)
+        except BlockingIOError:
+            break
+    print(json.dumps({"queued": queued}), flush=True)
+"#;
+
 #[test]
 fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(true);
+    let redirector = bed.redirector(SockmapAcceleration::On);
     let _agent = bed.echo_server();
     assert_eq!(redirector.status().sockmap_acceleration, Some(true));
 
@@ -181,7 +254,7 @@ fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() 
 #[test]
 fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(true);
+    let redirector = bed.redirector(SockmapAcceleration::On);
     let _agent = bed.echo_server();
     let mapped = format!("::ffff:{}", REMOTE_POD.ip());
     let bulk = bed.client_to(&mapped, "bulk", 1 << 20);
@@ -206,7 +279,7 @@ fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
 #[test]
 fn both_sockets_are_in_the_sockhash_while_connected() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(true);
+    let redirector = bed.redirector(SockmapAcceleration::On);
     let _agent = bed.echo_server();
 
     let mut held = bed.hold();
@@ -238,13 +311,13 @@ fn both_sockets_are_in_the_sockhash_while_connected() {
 #[test]
 fn connections_of_a_replaced_agent_stay_accelerated() {
     let bed = Testbed::new(&TESTBED);
-    let first = bed.redirector(true);
+    let first = bed.redirector(SockmapAcceleration::On);
     let _agent = bed.echo_server();
     let mut held = bed.hold();
     held.connected();
 
     // The new agent attaches its sk_msg program to the pinned sockhash; the old one goes.
-    let second = bed.redirector(true);
+    let second = bed.redirector(SockmapAcceleration::On);
     drop(first);
     assert_eq!(second.status().accelerated_sockets, 2);
     let done = held.finish();
@@ -266,26 +339,101 @@ fn connections_of_a_replaced_agent_stay_accelerated() {
     });
 }
 
-/// Why `--sockmap-acceleration` defaults to off: on Linux 6.18, `tcp_bpf_recvmsg` (the receive
-/// path of a socket in a sockhash) waits once and returns EAGAIN when woken without data — here
-/// by the writer thread's `shutdown(SHUT_WR)`, which wakes the socket's waiters — so a blocking
-/// reader sees "Resource temporarily unavailable" (docs/PERFORMANCE.md, Experiments). Run with
-/// `--ignored` to check a new kernel.
+/// The kernel probe behind `--sockmap-acceleration auto` against what pod apps meet with
+/// acceleration on: a pod reader blocked in `recv` while another of its threads half-closes the
+/// socket (Linux 6.18: EAGAIN, as `tcp_bpf_recvmsg` waits once), and a pod sending without
+/// blocking to an agent that reads nothing (Linux 6.18: never made to wait). The probe must
+/// report each limit exactly when the pod meets it.
 #[test]
-#[ignore = "fails on Linux 6.18: blocking reads of sockhash sockets return EAGAIN on a wakeup without data"]
-fn blocking_readers_get_their_bytes_with_acceleration() {
+fn the_kernel_probe_finds_what_pod_apps_meet_with_acceleration_on() {
     let bed = Testbed::new(&TESTBED);
-    let _redirector = bed.redirector(true);
+    let limits = acceleration::probe(&bed.pin_dir().join("probe"));
+    assert!(
+        !bed.pin_dir().join("probe").exists(),
+        "the probe removes its scratch pins"
+    );
+    assert!(
+        !limits
+            .iter()
+            .any(|limit| matches!(limit, KernelLimit::Unsupported(_))),
+        "the probe ran: {limits:?}"
+    );
+    let _sink = bed.stand_in_agent(SINK_SERVER);
+
+    // Over TCP, the same clients see what a TCP socket owes them.
+    let without = bed.redirector(SockmapAcceleration::Off);
+    let tcp_half_close = bed.probe_client("half-close");
+    assert_eq!(tcp_half_close["read"], "waiting", "{tcp_half_close}");
+    let tcp_flood = bed.probe_client("flood");
+    assert!(
+        (tcp_flood["queued"].as_u64().unwrap() as usize) < BACK_PRESSURE_BOUND,
+        "TCP made the sender wait: {tcp_flood}"
+    );
+
+    let _with = bed.redirector(SockmapAcceleration::On);
+    drop(without);
+    let half_close = bed.probe_client("half-close");
+    assert_eq!(
+        limits.contains(&KernelLimit::BlockingReadReturnsEagain),
+        half_close["read"] == "eagain",
+        "the probe ({limits:?}) and a pod app ({half_close}) agree on blocking reads"
+    );
+    assert!(
+        ["eagain", "waiting"].contains(&half_close["read"].as_str().unwrap()),
+        "{half_close}"
+    );
+
+    let flood = bed.probe_client("flood");
+    let queued = flood["queued"].as_u64().unwrap() as usize;
+    let no_back_pressure = limits
+        .iter()
+        .any(|limit| matches!(limit, KernelLimit::NoBackPressure { .. }));
+    assert_eq!(
+        no_back_pressure,
+        queued >= BACK_PRESSURE_BOUND,
+        "the probe ({limits:?}) and a pod app ({flood}) agree on back-pressure"
+    );
+}
+
+/// `auto` (the default) accelerates exactly when the probe passes, says why not otherwise, and
+/// then keeps pod sockets out of the sockhash: a blocking pod app whose writer half-closes reads
+/// every byte, over TCP.
+#[test]
+fn auto_acceleration_follows_the_kernel_probe() {
+    let bed = Testbed::new(&TESTBED);
+    let redirector = bed.redirector(SockmapAcceleration::Auto);
     let _agent = bed.echo_server();
-    for _ in 0..10 {
-        assert_exchange(&bed.client("blocking", BULK_BYTES), BULK_BYTES);
+    let status = redirector.status();
+    let on = status.sockmap_acceleration_limits.is_empty();
+    assert_eq!(status.sockmap_acceleration, Some(on), "{status:?}");
+    assert!(
+        !bed.pin_dir().join("acceleration-probe").exists(),
+        "the probe removes its scratch pins"
+    );
+
+    let mut held = bed.hold();
+    held.connected();
+    assert_eq!(
+        redirector.status().accelerated_sockets,
+        if on { 2 } else { 0 }
+    );
+    assert_exchange(&held.finish(), 3);
+    for _ in 0..5 {
+        let blocking = bed.client("blocking", BULK_BYTES);
+        assert_exchange(&blocking, BULK_BYTES);
+        if !on {
+            assert!(
+                blocking["tcp_bytes"].as_u64().unwrap() >= 2 * BULK_BYTES as u64,
+                "off: payload went over TCP both ways: {blocking}"
+            );
+        }
     }
 }
 
 #[test]
 fn without_acceleration_the_same_bytes_go_over_tcp() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(false);
+    let redirector = bed.redirector(SockmapAcceleration::Off);
     let _agent = bed.echo_server();
     assert_eq!(redirector.status().sockmap_acceleration, Some(false));
 
@@ -342,7 +490,7 @@ const TESTBED: Spec = Spec {
 
 impl Testbed {
     /// Loads the programs and meshes the pod.
-    fn redirector(&self, sockmap_acceleration: bool) -> Redirector {
+    fn redirector(&self, sockmap_acceleration: SockmapAcceleration) -> Redirector {
         let redirector = Redirector::load(&RedirectConfig {
             node_cgroup: self.node.clone(),
             bpffs_dir: self.pin_dir(),
@@ -373,23 +521,48 @@ impl Testbed {
         command
     }
 
-    /// Starts the stand-in agent on the listener, in the node cgroup.
+    /// Starts the echoing stand-in agent on the listener, in the node cgroup.
     fn echo_server(&self) -> Process {
+        self.stand_in_agent(ECHO_SERVER)
+    }
+
+    /// Starts `script` as the stand-in agent on the listener, in the node cgroup.
+    fn stand_in_agent(&self, script: &str) -> Process {
         let mut server = Process(
             self.piped_python(
                 &self.node,
-                ECHO_SERVER,
+                script,
                 &[&NODE_IP.to_string(), &OUTBOUND_PORT.to_string()],
             )
             .spawn()
-            .expect("start the echo server"),
+            .expect("start the stand-in agent"),
         );
         let mut line = String::new();
         BufReader::new(server.0.stdout.as_mut().unwrap())
             .read_line(&mut line)
-            .expect("read the echo server's start line");
-        assert_eq!(line, "listening\n", "the echo server started");
+            .expect("read the stand-in agent's start line");
+        assert_eq!(line, "listening\n", "the stand-in agent started");
         server
+    }
+
+    /// Runs a [`PROBE_CLIENT`] in the pod to completion and returns its report.
+    fn probe_client(&self, mode: &str) -> Value {
+        let output = self
+            .piped_python(
+                &self.pod,
+                PROBE_CLIENT,
+                &[
+                    &REMOTE_POD.ip().to_string(),
+                    &REMOTE_POD.port().to_string(),
+                    mode,
+                    &BACK_PRESSURE_BOUND.to_string(),
+                ],
+            )
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the probe client");
+        assert!(output.status.success(), "probe client {mode}: {output:?}");
+        serde_json::from_slice(&output.stdout).expect("the probe client prints one JSON report")
     }
 
     fn client_command(&self, mode: &str, count: usize) -> Command {

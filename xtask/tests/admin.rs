@@ -345,6 +345,36 @@ fn admin_api_and_metrics_report_a_real_mtls_connection_exactly() {
         Path::new(&ebpf.pin_dir),
         mesh.testbed().node_bpffs_dir("node-0").unwrap()
     );
+    // Sockmap acceleration by default: on exactly when the kernel passed the agent's probe,
+    // with the reasons otherwise, said once in the log.
+    assert!(
+        config.yaml.contains("sockmap_acceleration: auto\n"),
+        "{}",
+        config.yaml
+    );
+    assert_eq!(
+        ebpf.sockmap_acceleration,
+        ebpf.sockmap_acceleration_limits.is_empty(),
+        "{ebpf:?}"
+    );
+    let decisions: Vec<_> = mesh
+        .agent_log_lines("node-0")
+        .unwrap()
+        .into_iter()
+        .filter(|line| {
+            line["message"]
+                .as_str()
+                .is_some_and(|message| message.starts_with("sockmap acceleration "))
+        })
+        .collect();
+    assert_eq!(decisions.len(), 1, "{decisions:?}");
+    if !ebpf.sockmap_acceleration {
+        assert_eq!(
+            decisions[0]["limits"],
+            ebpf.sockmap_acceleration_limits.join("; "),
+            "{decisions:?}"
+        );
+    }
 
     // Status: ready.
     let node0_status = status(&mesh, "node-0");

@@ -152,6 +152,12 @@ impl pb::admin_server::Admin for AdminService {
             strict_pods: count(status.strict_pods),
             trusted_connections: count(status.trusted_connections),
             plaintext_access_entries: count(status.plaintext_access_entries),
+            sockmap_acceleration: status.sockmap_acceleration.unwrap_or(false),
+            sockmap_acceleration_limits: status
+                .sockmap_acceleration_limits
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
         }))
     }
 

@@ -8,14 +8,10 @@
 //! - The programs classify the connecting task once per connect from four pinned cgroup maps the
 //!   agent keeps ([`CgroupRole`]): the host (not below a pod parent cgroup), the agent itself, or
 //!   a pod (the first cgroup below the deepest pod parent) that is meshed, unmeshed, or not known
-//!   to the agent yet. The agent fills the pod-parent and agent maps before it attaches anything.
-//!   `cgroup/connect6` does the same for IPv4-mapped destinations of dual-stack sockets, which
-//!   never pass connect4 and would otherwise bypass the mesh.
-//! - The programs classify the connecting task once per connect from four pinned cgroup maps the
-//!   agent keeps ([`CgroupRole`]): the host (not below a pod parent cgroup), the agent itself, or
-//!   a pod (the first cgroup below the deepest pod parent) that is meshed, unmeshed, or not known
 //!   to the agent yet. Meshed and unknown pods are redirected (the record says which); the agent
-//!   fills every map before it attaches anything.
+//!   fills every map before it attaches anything. `cgroup/connect6` does the same for
+//!   IPv4-mapped destinations of dual-stack sockets, which never pass connect4 and would
+//!   otherwise bypass the mesh.
 //! - The agent only learns the 4-tuple on accept, so `sock_ops` moves the record, once the
 //!   client side is established, to a map keyed by (client ip:port, listener ip:port), which
 //!   [`RedirectTable::take`] reads and deletes. A state callback deletes records of connections
@@ -40,11 +36,12 @@
 //!   in both queues could be read out of order otherwise). The map is pinned: sockets keep the
 //!   sk_msg program they got when added, so connections of a replaced agent stay accelerated,
 //!   and the new agent's program (attached before its sock_ops) serves new ones. An agent with
-//!   acceleration off neither attaches sk_msg nor adds sockets. The agent defaults to off: on
-//!   Linux 6.18 a blocking read on a sockhash socket returns EAGAIN when woken without data
-//!   (`tcp_bpf_recvmsg` waits once instead of looping), which ordinary pod apps do not expect.
-//!   Redirected bytes also bypass the receiver's rcvbuf limit (only socket memory accounting
-//!   bounds them).
+//!   acceleration off neither attaches sk_msg nor adds sockets. By default the agent first probes
+//!   the kernel ([`acceleration::probe`]) and stays off where pod sockets in a sockhash would
+//!   misbehave: on Linux 6.18 a blocking read on a sockhash socket returns EAGAIN when woken
+//!   without data (`tcp_bpf_recvmsg` waits once instead of looping), which ordinary pod apps do
+//!   not expect, and redirected bytes bypass the receiver's rcvbuf limit (only the host's TCP
+//!   memory bounds them).
 //! - `getpeername`: a redirected pod socket's peer is the agent's listener; `cgroup/getpeername4`
 //!   (and 6, for dual-stack sockets) reports the original destination instead, from a per-cookie
 //!   record connect4 writes and sock_ops deletes when the socket closes (LRU as a last bound).
@@ -55,6 +52,7 @@
 //!   ring buffer are pinned like the rest.
 #![forbid(unsafe_code)]
 
+pub mod acceleration;
 mod error;
 mod kernel_log;
 mod strict;
@@ -88,6 +86,7 @@ use nix::sys::{
 };
 use sealmesh_common::host;
 
+use self::acceleration::{KernelLimit, SockmapAcceleration};
 pub use self::error::EbpfError;
 pub use self::kernel_log::KERNEL_LOG_TARGET;
 use self::kernel_log::{KernelLogForwarder, kernel_log_level};
@@ -128,8 +127,9 @@ pub struct RedirectConfig {
     pub excluded_ports: Vec<u16>,
     /// Destination networks never redirected.
     pub excluded_cidrs: Vec<Ipv4Net>,
-    /// Move pod <-> agent payload between the two sockets with sk_msg instead of TCP/IP.
-    pub sockmap_acceleration: bool,
+    /// Whether to move pod <-> agent payload between the two sockets with sk_msg instead of
+    /// TCP/IP.
+    pub sockmap_acceleration: SockmapAcceleration,
     /// Cgroups whose descendants are pods ([`CgroupRole::PodParent`]), in the maps before the
     /// programs attach; kept current afterwards through [`CgroupRoles`].
     pub pod_parent_cgroups: Vec<u64>,
@@ -311,6 +311,8 @@ pub struct EbpfStatus {
     /// Whether this agent attached the sk_msg program; None when read from pins (the
     /// attachment belongs to a running agent, not to a pin).
     pub sockmap_acceleration: Option<bool>,
+    /// What kept `--sockmap-acceleration auto` off on this kernel (empty otherwise).
+    pub sockmap_acceleration_limits: Vec<KernelLimit>,
     /// Sockets (two per pod <-> agent connection) in the sockhash.
     pub accelerated_sockets: usize,
     /// Pods whose inbound policy the kernel enforces as strict.
@@ -336,6 +338,7 @@ pub struct Redirector {
     accelerated_sockets: SockHash<MapData, SocketTuple>,
     excluded_cidrs: Mutex<ExcludedCidrs>,
     sockmap_acceleration: bool,
+    acceleration_limits: Vec<KernelLimit>,
     strict: StrictInboundMaps,
     links: Vec<AttachedLink>,
     _kernel_log: KernelLogForwarder,
@@ -374,6 +377,8 @@ impl Redirector {
         let mut agent_cgroups: BTreeSet<u64> = cfg.agent_cgroups.iter().copied().collect();
         agent_cgroups.extend(own_cgroups.first());
         let pins = PinLayout::prepare(&cfg.bpffs_dir)?;
+        let (sockmap_acceleration, acceleration_limits) =
+            decide_acceleration(cfg.sockmap_acceleration, &pins);
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.maps)
@@ -381,7 +386,7 @@ impl Redirector {
             .override_global(names::LISTENER_PORT, &cfg.listener.port(), true)
             .override_global(
                 names::SOCKMAP_ACCELERATION,
-                &u8::from(cfg.sockmap_acceleration),
+                &u8::from(sockmap_acceleration),
                 true,
             )
             .override_global(aya_log::LEVEL, &kernel_log_level(), false)
@@ -439,7 +444,7 @@ impl Redirector {
         // that moment. Then sock_ops, since a connect redirected before it runs would reach the
         // agent without a record and be refused; getpeername before connect, so that every
         // redirected socket reports its original peer.
-        if cfg.sockmap_acceleration {
+        if sockmap_acceleration {
             let program: &mut SkMsg = program_mut(&mut ebpf, names::SK_MSG_PROGRAM)?;
             program.load().map_err(|error| {
                 EbpfError::from_program(names::SK_MSG_PROGRAM, SK_MSG_REQUIREMENT, "loading", error)
@@ -489,7 +494,7 @@ impl Redirector {
             node_cgroup = %cfg.node_cgroup.display(),
             listener = %cfg.listener,
             pin_dir = %pins.root.display(),
-            sockmap_acceleration = cfg.sockmap_acceleration,
+            sockmap_acceleration,
             "eBPF redirect programs attached"
         );
 
@@ -502,7 +507,8 @@ impl Redirector {
             original_dsts,
             accelerated_sockets,
             excluded_cidrs: Mutex::new(excluded_cidrs),
-            sockmap_acceleration: cfg.sockmap_acceleration,
+            sockmap_acceleration,
+            acceleration_limits,
             strict,
             links,
             _kernel_log: kernel_log,
@@ -552,6 +558,7 @@ impl Redirector {
             }),
             original_destinations: self.original_dsts.keys().filter(Result::is_ok).count(),
             sockmap_acceleration: Some(self.sockmap_acceleration),
+            sockmap_acceleration_limits: self.acceleration_limits.clone(),
             accelerated_sockets: self
                 .accelerated_sockets
                 .keys()
@@ -590,6 +597,7 @@ impl Redirector {
                 names::ORIGINAL_DST_BY_COOKIE,
             )?,
             sockmap_acceleration: None,
+            sockmap_acceleration_limits: Vec::new(),
             accelerated_sockets: count_pinned_sockets(&pins)?,
             strict_pods: count_pinned::<u64, StrictPodCounters>(&pins, names::STRICT_PODS)?,
             trusted_connections: count_pinned::<SocketTuple, u8>(
@@ -650,6 +658,8 @@ impl Redirector {
         ] {
             remove_pin(&pins.maps.join(map))?;
         }
+        // Left only by an agent that died while probing.
+        let _ = fs::remove_dir_all(&pins.acceleration_probe);
         for dir in [pins.maps, pins.links, pins.root] {
             match fs::remove_dir(&dir) {
                 // Another ABI version's maps or another node's files: not ours to delete.
@@ -859,6 +869,8 @@ struct PinLayout {
     root: PathBuf,
     maps: PathBuf,
     links: PathBuf,
+    /// Scratch pins of [`acceleration::probe`], gone once it returns.
+    acceleration_probe: PathBuf,
 }
 
 impl PinLayout {
@@ -867,6 +879,7 @@ impl PinLayout {
             root: root.to_owned(),
             maps: root.join(format!("maps-v{MAP_ABI_VERSION}")),
             links: root.join("links"),
+            acceleration_probe: root.join("acceleration-probe"),
         }
     }
 
@@ -933,6 +946,29 @@ fn remove_pin(path: &Path) -> Result<(), EbpfError> {
             source: error,
         }),
         _ => Ok(()),
+    }
+}
+
+/// Whether this agent accelerates (`--sockmap-acceleration`), and what kept `auto` off. Said
+/// once, as the agent starts.
+fn decide_acceleration(mode: SockmapAcceleration, pins: &PinLayout) -> (bool, Vec<KernelLimit>) {
+    match mode {
+        SockmapAcceleration::On => (true, Vec::new()),
+        SockmapAcceleration::Off => (false, Vec::new()),
+        SockmapAcceleration::Auto => {
+            let limits = acceleration::probe(&pins.acceleration_probe);
+            if limits.is_empty() {
+                tracing::info!("sockmap acceleration on: the kernel passed its probe");
+            } else {
+                let limits_text: Vec<String> = limits.iter().map(ToString::to_string).collect();
+                tracing::info!(
+                    limits = %limits_text.join("; "),
+                    "sockmap acceleration off: pod sockets in a sockhash are not safe on this \
+                     kernel; the pod <-> agent hop goes through TCP"
+                );
+            }
+            (limits.is_empty(), limits)
+        }
     }
 }
 

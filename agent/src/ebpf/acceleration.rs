@@ -1,0 +1,327 @@
+//! Whether this kernel can carry pod sockets in a sockhash safely, found out on the kernel itself.
+//!
+//! Sockmap acceleration puts the pod's socket of every pod <-> agent connection in a sockhash,
+//! and that changes how the pod's own socket behaves. Two limits of Linux 6.18 make that unsafe
+//! for ordinary apps (docs/PERFORMANCE.md, "Sockmap acceleration"): a blocking read woken
+//! without data returns EAGAIN instead of waiting on (`tcp_bpf_recvmsg` waits once), and
+//! redirected bytes get no back-pressure (they queue on the receiver past its rcvbuf until the
+//! host's TCP memory runs out). `--sockmap-acceleration auto`, the default, turns acceleration
+//! on only where [`probe`] finds neither: it runs the shipped `sk_msg` program, on a private copy
+//! of its maps, over loopback pairs of the agent's own, the way a pod and the agent use them.
+
+use std::{
+    fs,
+    io::{self, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use agent_ebpf::{SocketTuple, names};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, SockHash},
+    programs::SkMsg,
+};
+use serde::Serialize;
+
+use super::REDIRECT_OBJECT;
+
+/// `--sockmap-acceleration`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SockmapAcceleration {
+    /// On if the kernel passes [`probe`], off otherwise (said once at start).
+    Auto,
+    /// On without probing (measurements, kernels known to be fixed).
+    On,
+    Off,
+}
+
+/// Why this kernel cannot carry pod sockets in a sockhash.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum KernelLimit {
+    #[error("sk_msg programs on a sockhash do not work here: {0}")]
+    Unsupported(String),
+    #[error(
+        "a blocking read on a socket in a sockhash returns EAGAIN when the socket is woken without \
+         data (tcp_bpf_recvmsg waits once), so a pod app blocked in recv while another of its \
+         threads half-closes the socket would get an error"
+    )]
+    BlockingReadReturnsEagain,
+    #[error(
+        "redirected bytes get no back-pressure: {queued_bytes} bytes were queued for a receiver \
+         that read none and the sender never had to wait, so one pod could use up the node's TCP \
+         memory"
+    )]
+    NoBackPressure { queued_bytes: usize },
+}
+
+/// More than TCP lets a sender queue for a receiver that reads nothing with the kernel's default
+/// limits (send buffer at most 4 MiB, receive buffer at most 6 MiB): a redirect that takes this
+/// much without making the sender wait has no back-pressure.
+pub const BACK_PRESSURE_BOUND: usize = 16 << 20;
+/// How long a probe waits for what should take microseconds, before calling the probe failed.
+const PROBE_WAIT: Duration = Duration::from_secs(5);
+
+/// Runs the shipped `sk_msg` program over loopback socket pairs and returns the limits found:
+/// empty if this kernel carries pod sockets in a sockhash safely. `pin_dir` is a scratch
+/// directory on bpffs (the object's maps are pinned by name; the probe's copies are unpinned
+/// again at once), removed before it returns.
+pub fn probe(pin_dir: &Path) -> Vec<KernelLimit> {
+    let mut probe = match Probe::start(pin_dir) {
+        Ok(probe) => probe,
+        Err(error) => return vec![KernelLimit::Unsupported(error)],
+    };
+    let mut limits = Vec::new();
+    let checks: [Check; 2] = [Pair::blocking_read, Pair::back_pressure];
+    for check in checks {
+        match probe.pair().and_then(|pair| check(&pair)) {
+            Ok(None) => {}
+            Ok(Some(limit)) => limits.push(limit),
+            Err(error) => {
+                limits.push(KernelLimit::Unsupported(error));
+                break;
+            }
+        }
+    }
+    limits
+}
+
+/// One check on a fresh pair: the limit found, or why the check could not run.
+type Check = fn(&Pair) -> Result<Option<KernelLimit>, String>;
+
+/// The sk_msg program attached to a private sockhash, and a loopback listener for pairs.
+struct Probe {
+    sockets: SockHash<MapData, SocketTuple>,
+    tcp_only_senders: HashMap<MapData, SocketTuple, u8>,
+    listener: TcpListener,
+    /// Keeps the program attached (aya detaches it on drop).
+    _ebpf: Ebpf,
+}
+
+/// One connection as a pod and the agent hold it: both sockets in the probe's sockhash.
+struct Pair {
+    pod: TcpStream,
+    agent: TcpStream,
+}
+
+impl Probe {
+    fn start(pin_dir: &Path) -> Result<Self, String> {
+        let _ = fs::remove_dir_all(pin_dir);
+        fs::create_dir_all(pin_dir)
+            .map_err(|error| format!("creating {}: {error}", pin_dir.display()))?;
+        let loaded = EbpfLoader::new()
+            .default_map_pin_directory(pin_dir)
+            .load(REDIRECT_OBJECT);
+        // The maps stay alive through their file descriptors; the pins only had to be somewhere.
+        let _ = fs::remove_dir_all(pin_dir);
+        let mut ebpf = loaded.map_err(|error| format!("loading the programs: {error}"))?;
+        let sockets: SockHash<MapData, SocketTuple> = ebpf
+            .take_map(names::ACCELERATED_SOCKETS)
+            .ok_or("the object has no sockhash")?
+            .try_into()
+            .map_err(|error| format!("opening the sockhash: {error}"))?;
+        let tcp_only_senders = ebpf
+            .take_map(names::TCP_ONLY_SENDERS)
+            .ok_or("the object has no sender map")?
+            .try_into()
+            .map_err(|error| format!("opening the sender map: {error}"))?;
+        let program: &mut SkMsg = ebpf
+            .program_mut(names::SK_MSG_PROGRAM)
+            .ok_or("the object has no sk_msg program")?
+            .try_into()
+            .map_err(|error| format!("reading the sk_msg program: {error}"))?;
+        program
+            .load()
+            .map_err(|error| format!("loading the sk_msg program: {error}"))?;
+        program
+            .attach(sockets.fd())
+            .map_err(|error| format!("attaching the sk_msg program: {error}"))?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .map_err(|error| format!("listening on loopback: {error}"))?;
+        Ok(Self {
+            sockets,
+            tcp_only_senders,
+            listener,
+            _ebpf: ebpf,
+        })
+    }
+
+    /// A connected pair in the sockhash, checked to carry a message each way by redirection.
+    fn pair(&mut self) -> Result<Pair, String> {
+        let pod = TcpStream::connect(self.listener.local_addr().map_err(io_error("listener"))?)
+            .map_err(io_error("connecting on loopback"))?;
+        let (agent, _) = self.listener.accept().map_err(io_error("accepting"))?;
+        for socket in [&pod, &agent] {
+            socket
+                .set_read_timeout(Some(PROBE_WAIT))
+                .map_err(io_error("setting a read timeout"))?;
+            let tuple = own_tuple(socket).map_err(io_error("reading socket addresses"))?;
+            self.sockets
+                .insert(tuple, socket.as_raw_fd(), 0)
+                .map_err(|error| format!("adding a socket to the sockhash: {error}"))?;
+        }
+        let pair = Pair { pod, agent };
+        for (from, to) in [(&pair.pod, &pair.agent), (&pair.agent, &pair.pod)] {
+            (&*from)
+                .write_all(b"p")
+                .map_err(io_error("sending a probe byte"))?;
+            let mut byte = [0; 1];
+            (&*to)
+                .read_exact(&mut byte)
+                .map_err(io_error("receiving a probe byte"))?;
+            let tuple = own_tuple(from).map_err(io_error("reading socket addresses"))?;
+            if self.tcp_only_senders.get(&tuple, 0).is_ok() {
+                return Err("the sk_msg program did not redirect a message to its peer".into());
+            }
+        }
+        Ok(pair)
+    }
+}
+
+impl Pair {
+    /// A reader blocked on the pod socket, then the socket's own half-close from another thread,
+    /// which wakes the reader: it must go back to sleep, and get the byte the agent sends once it
+    /// sleeps again. Decided by the reader's state, not by timing: a woken thread is runnable
+    /// until it has either returned or waits again.
+    fn blocking_read(&self) -> Result<Option<KernelLimit>, String> {
+        let reader = self
+            .pod
+            .try_clone()
+            .map_err(|error| format!("cloning a socket: {error}"))?;
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (read_tx, read_rx) = mpsc::channel();
+        // Detached if it outlives the probe: its read times out after PROBE_WAIT.
+        thread::spawn(move || {
+            let _ = tid_tx.send(nix::unistd::gettid());
+            let mut byte = [0; 1];
+            let _ = read_tx.send((&reader).read(&mut byte).map_err(|error| error.kind()));
+        });
+        let tid = tid_rx
+            .recv()
+            .map_err(|_| "the probe's reader thread died".to_owned())?;
+        wait_until_sleeping(tid)?;
+        self.pod
+            .shutdown(Shutdown::Write)
+            .map_err(|error| format!("half-closing: {error}"))?;
+        let deadline = Instant::now() + PROBE_WAIT;
+        let mut sent = false;
+        let outcome = loop {
+            match read_rx.try_recv() {
+                Ok(outcome) => break outcome,
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => {
+                    return Err("the probe's reader thread died".into());
+                }
+            }
+            if !sent && thread_state(tid) == Some('S') {
+                (&self.agent)
+                    .write_all(b"r")
+                    .map_err(io_error("sending a probe byte"))?;
+                sent = true;
+            }
+            if Instant::now() > deadline {
+                return Err("the probe's reader got nothing".into());
+            }
+            thread::sleep(Duration::from_millis(1));
+        };
+        match outcome {
+            Ok(1) => Ok(None),
+            Err(io::ErrorKind::WouldBlock) => Ok(Some(KernelLimit::BlockingReadReturnsEagain)),
+            other => Err(format!("the probe's blocking read ended with {other:?}")),
+        }
+    }
+
+    /// The pod sends without blocking to an agent socket that reads nothing: the sender must be
+    /// made to wait before more than [`BACK_PRESSURE_BOUND`] is queued.
+    fn back_pressure(&self) -> Result<Option<KernelLimit>, String> {
+        self.pod
+            .set_nonblocking(true)
+            .map_err(|error| format!("making a socket non-blocking: {error}"))?;
+        let chunk = vec![0; 64 << 10];
+        let mut queued = 0;
+        while queued < BACK_PRESSURE_BOUND {
+            match (&self.pod).write(&chunk) {
+                Ok(sent) => queued += sent,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                Err(error) => {
+                    return Err(format!("sending to a receiver that reads nothing: {error}"));
+                }
+            }
+        }
+        Ok(Some(KernelLimit::NoBackPressure {
+            queued_bytes: queued,
+        }))
+    }
+}
+
+/// Phrases an I/O failure of the probe as what it was doing.
+fn io_error(what: &'static str) -> impl Fn(io::Error) -> String {
+    move |error| format!("{what}: {error}")
+}
+
+/// The socket's connection as `sk_msg` keys it: (local, remote), host order.
+fn own_tuple(socket: &TcpStream) -> io::Result<SocketTuple> {
+    let ipv4 = |addr: SocketAddr| match addr {
+        SocketAddr::V4(addr) => Ok(addr),
+        SocketAddr::V6(_) => Err(io::Error::other("an IPv6 loopback socket")),
+    };
+    let (local, remote) = (ipv4(socket.local_addr()?)?, ipv4(socket.peer_addr()?)?);
+    Ok(SocketTuple::new(
+        u32::from(*local.ip()),
+        local.port(),
+        u32::from(*remote.ip()),
+        remote.port(),
+    ))
+}
+
+/// Waits until the thread sleeps (state `S`): the reader has nothing else to sleep in than its
+/// read, so it is then waiting for data inside the kernel.
+fn wait_until_sleeping(tid: nix::unistd::Pid) -> Result<(), String> {
+    let deadline = Instant::now() + PROBE_WAIT;
+    loop {
+        let state = thread_state(tid);
+        if state == Some('S') {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "the probe's reader never blocked (state {state:?})"
+            ));
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// A thread of this process's scheduler state (`S` sleeping, `R` runnable, `D` waiting for a
+/// lock...), or None once it has exited.
+fn thread_state(tid: nix::unistd::Pid) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/self/task/{tid}/stat")).ok()?;
+    // The state follows the command name, which is in parentheses and may hold anything.
+    let (_, rest) = stat.rsplit_once(") ")?;
+    rest.chars().next()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The checks' other outcome, which this kernel's sockhash never gives: sockets outside any
+    /// sockhash behave as the probe requires, so a kernel that fixed both limits passes.
+    #[test]
+    fn plain_tcp_sockets_pass_both_checks() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let plain_pair = || {
+            let pod = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (agent, _) = listener.accept().unwrap();
+            pod.set_read_timeout(Some(PROBE_WAIT)).unwrap();
+            Pair { pod, agent }
+        };
+        assert_eq!(plain_pair().blocking_read(), Ok(None));
+        assert_eq!(plain_pair().back_pressure(), Ok(None));
+    }
+}
