@@ -22,7 +22,11 @@ use sealmesh_agent::{
         AgentConfig, IdentityAddr, IdentityLocation, KubeSettings, LocalSettings, ServiceName,
         Source,
     },
-    ebpf::{self, CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector, sync_roles},
+    ebpf::{
+        self, CgroupRole, CgroupRoles, EbpfError, RedirectConfig, Redirector,
+        acceleration::{self, AccelerationChoice, KernelLimit},
+        sync_roles,
+    },
     handover::{HandoverServer, Listeners, Predecessor, Succession},
     inbound_policy::{self, InboundPolicyState},
     kube::{
@@ -54,6 +58,13 @@ const REMOVAL_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 const SUCCESSOR_WAIT: Duration = Duration::from_secs(30);
 
 fn main() -> ExitCode {
+    let mut args = std::env::args_os().skip(1);
+    if args
+        .next()
+        .is_some_and(|first| first == acceleration::PROBE_ARG)
+    {
+        return acceleration::run_probe_process(args.next().map(PathBuf::from));
+    }
     let config = match AgentConfig::load() {
         Ok(config) => config,
         Err(error) => {
@@ -192,7 +203,17 @@ async fn run(config: AgentConfig) -> Result<()> {
             // unmesh every app that listens on the same port.
             excluded_ports: Vec::new(),
             excluded_cidrs: identity_service_cidr(identity_addr).into_iter().collect(),
-            sockmap_acceleration: config.sockmap_acceleration,
+            sockmap_acceleration: AccelerationChoice::decide(config.sockmap_acceleration, || {
+                match std::env::current_exe() {
+                    Ok(agent_binary) => acceleration::probe_in_child(
+                        &agent_binary,
+                        &acceleration::probe_pin_dir(&config.bpffs_dir),
+                    ),
+                    Err(error) => vec![KernelLimit::Unsupported(format!(
+                        "cannot find the agent's own binary to probe with: {error}"
+                    ))],
+                }
+            }),
             pod_parent_cgroups: registry_dyn.pod_parent_cgroups(),
             meshed_pods: local_pod_cgroups(registry_dyn.as_ref(), true)
                 .into_iter()

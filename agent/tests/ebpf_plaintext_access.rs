@@ -16,7 +16,7 @@ use std::{
 use agent_ebpf::{FAMILY_IPV4, InboundRefusal};
 use ipnet::Ipv4Net;
 use sealmesh_agent::{
-    ebpf::{RedirectConfig, Redirector, acceleration::SockmapAcceleration},
+    ebpf::{RedirectConfig, Redirector, acceleration::AccelerationChoice},
     inbound_policy::{InboundPolicyState, PlaintextEntry, RefusalSource, StrictPodMaps, sync_now},
     registry::LocalRegistry,
 };
@@ -236,7 +236,7 @@ impl Bed {
                 listener: std::net::SocketAddrV4::new(NODE_IP, OUTBOUND_PORT),
                 excluded_ports: Vec::new(),
                 excluded_cidrs: Vec::new(),
-                sockmap_acceleration: SockmapAcceleration::Off,
+                sockmap_acceleration: AccelerationChoice::OFF,
                 pod_parent_cgroups: vec![sealmesh_common::host::cgroup_id(&testbed.node).unwrap()],
                 meshed_pods: vec![testbed.pod_cgroup_id()],
                 unmeshed_pods: Vec::new(),

@@ -22,7 +22,7 @@ use agent_ebpf::MAP_ABI_VERSION;
 use nix::sched::{CloneFlags, setns};
 use sealmesh_agent::ebpf::{
     CgroupRole, CgroupRoles, KERNEL_LOG_TARGET, Redirect, RedirectConfig, RedirectSource,
-    RedirectTable, Redirector, acceleration::SockmapAcceleration,
+    RedirectTable, Redirector, acceleration::AccelerationChoice,
 };
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use support::{Spec, Testbed};
@@ -674,7 +674,7 @@ impl Testbed {
             listener: LISTENER,
             excluded_ports: vec![EXCLUDED_PORT],
             excluded_cidrs: vec!["10.250.1.0/24".parse().unwrap()],
-            sockmap_acceleration: SockmapAcceleration::On,
+            sockmap_acceleration: AccelerationChoice::ON,
             pod_parent_cgroups: vec![self.node_cgroup_id()],
             meshed_pods: Vec::new(),
             unmeshed_pods: Vec::new(),

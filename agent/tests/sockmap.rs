@@ -15,7 +15,9 @@ use std::{
 
 use sealmesh_agent::ebpf::{
     CgroupRole, CgroupRoles, EbpfStatus, RedirectConfig, Redirector,
-    acceleration::{self, BACK_PRESSURE_BOUND, KernelLimit, SockmapAcceleration},
+    acceleration::{
+        self, AccelerationChoice, BACK_PRESSURE_BOUND, KernelLimit, SockmapAcceleration,
+    },
 };
 use sealmesh_common::{consts::OUTBOUND_PORT, host};
 use serde_json::Value;
@@ -219,7 +221,7 @@ elif mode == "flood":
 #[test]
 fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(SockmapAcceleration::On);
+    let redirector = bed.redirector(AccelerationChoice::ON);
     let _agent = bed.echo_server();
     assert_eq!(redirector.status().sockmap_acceleration, Some(true));
 
@@ -254,7 +256,7 @@ fn accelerated_connections_carry_exact_bytes_without_tcp_and_leave_no_entries() 
 #[test]
 fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(SockmapAcceleration::On);
+    let redirector = bed.redirector(AccelerationChoice::ON);
     let _agent = bed.echo_server();
     let mapped = format!("::ffff:{}", REMOTE_POD.ip());
     let bulk = bed.client_to(&mapped, "bulk", 1 << 20);
@@ -279,7 +281,7 @@ fn dual_stack_sockets_are_accelerated_and_see_their_original_peer() {
 #[test]
 fn both_sockets_are_in_the_sockhash_while_connected() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(SockmapAcceleration::On);
+    let redirector = bed.redirector(AccelerationChoice::ON);
     let _agent = bed.echo_server();
 
     let mut held = bed.hold();
@@ -311,13 +313,13 @@ fn both_sockets_are_in_the_sockhash_while_connected() {
 #[test]
 fn connections_of_a_replaced_agent_stay_accelerated() {
     let bed = Testbed::new(&TESTBED);
-    let first = bed.redirector(SockmapAcceleration::On);
+    let first = bed.redirector(AccelerationChoice::ON);
     let _agent = bed.echo_server();
     let mut held = bed.hold();
     held.connected();
 
     // The new agent attaches its sk_msg program to the pinned sockhash; the old one goes.
-    let second = bed.redirector(SockmapAcceleration::On);
+    let second = bed.redirector(AccelerationChoice::ON);
     drop(first);
     assert_eq!(second.status().accelerated_sockets, 2);
     let done = held.finish();
@@ -361,7 +363,7 @@ fn the_kernel_probe_finds_what_pod_apps_meet_with_acceleration_on() {
     let _sink = bed.stand_in_agent(SINK_SERVER);
 
     // Over TCP, the same clients see what a TCP socket owes them.
-    let without = bed.redirector(SockmapAcceleration::Off);
+    let without = bed.redirector(AccelerationChoice::OFF);
     let tcp_half_close = bed.probe_client("half-close");
     assert_eq!(tcp_half_close["read"], "waiting", "{tcp_half_close}");
     let tcp_flood = bed.probe_client("flood");
@@ -370,7 +372,7 @@ fn the_kernel_probe_finds_what_pod_apps_meet_with_acceleration_on() {
         "TCP made the sender wait: {tcp_flood}"
     );
 
-    let _with = bed.redirector(SockmapAcceleration::On);
+    let _with = bed.redirector(AccelerationChoice::ON);
     drop(without);
     let half_close = bed.probe_client("half-close");
     assert_eq!(
@@ -401,14 +403,21 @@ fn the_kernel_probe_finds_what_pod_apps_meet_with_acceleration_on() {
 #[test]
 fn auto_acceleration_follows_the_kernel_probe() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(SockmapAcceleration::Auto);
+    let probe_dir = acceleration::probe_pin_dir(&bed.pin_dir());
+    let choice = AccelerationChoice::decide(SockmapAcceleration::Auto, || {
+        acceleration::probe(&probe_dir)
+    });
+    assert!(!probe_dir.exists(), "the probe removes its scratch pins");
+    let redirector = bed.redirector(choice.clone());
     let _agent = bed.echo_server();
     let status = redirector.status();
-    let on = status.sockmap_acceleration_limits.is_empty();
-    assert_eq!(status.sockmap_acceleration, Some(on), "{status:?}");
-    assert!(
-        !bed.pin_dir().join("acceleration-probe").exists(),
-        "the probe removes its scratch pins"
+    let on = choice.limits.is_empty();
+    assert_eq!(
+        (
+            status.sockmap_acceleration,
+            status.sockmap_acceleration_limits
+        ),
+        (Some(on), choice.limits),
     );
 
     let mut held = bed.hold();
@@ -433,7 +442,7 @@ fn auto_acceleration_follows_the_kernel_probe() {
 #[test]
 fn without_acceleration_the_same_bytes_go_over_tcp() {
     let bed = Testbed::new(&TESTBED);
-    let redirector = bed.redirector(SockmapAcceleration::Off);
+    let redirector = bed.redirector(AccelerationChoice::OFF);
     let _agent = bed.echo_server();
     assert_eq!(redirector.status().sockmap_acceleration, Some(false));
 
@@ -490,7 +499,7 @@ const TESTBED: Spec = Spec {
 
 impl Testbed {
     /// Loads the programs and meshes the pod.
-    fn redirector(&self, sockmap_acceleration: SockmapAcceleration) -> Redirector {
+    fn redirector(&self, sockmap_acceleration: AccelerationChoice) -> Redirector {
         let redirector = Redirector::load(&RedirectConfig {
             node_cgroup: self.node.clone(),
             bpffs_dir: self.pin_dir(),

@@ -8,13 +8,17 @@
 //! host's TCP memory runs out). `--sockmap-acceleration auto`, the default, turns acceleration
 //! on only where [`probe`] finds neither: it runs the shipped `sk_msg` program, on a private copy
 //! of its maps, over loopback pairs of the agent's own, the way a pod and the agent use them.
+//! The agent runs it in a child process of itself ([`probe_in_child`]), so the probe's second
+//! program load, threads and code stay out of the agent's memory, and a probe stuck in the
+//! kernel is killed instead of holding the agent's start.
 
 use std::{
     fs,
     io::{self, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
-    path::Path,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, Stdio},
     sync::mpsc,
     thread,
     time::{Duration, Instant},
@@ -26,7 +30,7 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkMsg,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::REDIRECT_OBJECT;
 
@@ -42,7 +46,7 @@ pub enum SockmapAcceleration {
 }
 
 /// Why this kernel cannot carry pod sockets in a sockhash.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum KernelLimit {
     #[error("sk_msg programs on a sockhash do not work here: {0}")]
     Unsupported(String),
@@ -66,6 +70,126 @@ pub enum KernelLimit {
 pub const BACK_PRESSURE_BOUND: usize = 16 << 20;
 /// How long a probe waits for what should take microseconds, before calling the probe failed.
 const PROBE_WAIT: Duration = Duration::from_secs(5);
+/// How long the agent gives its probe process: every check's wait, and the program load.
+const PROBE_PROCESS_TIMEOUT: Duration = Duration::from_secs(15);
+/// The first argument that makes the agent binary run [`probe`] and print its findings as JSON,
+/// instead of running the agent ([`probe_in_child`]).
+pub const PROBE_ARG: &str = "--probe-sockmap-acceleration";
+
+/// The agent's choice for `--sockmap-acceleration`, made once before the redirector loads.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccelerationChoice {
+    pub on: bool,
+    /// What kept `auto` off on this kernel (empty otherwise).
+    pub limits: Vec<KernelLimit>,
+}
+
+impl AccelerationChoice {
+    pub const OFF: Self = Self {
+        on: false,
+        limits: Vec::new(),
+    };
+    pub const ON: Self = Self {
+        on: true,
+        limits: Vec::new(),
+    };
+
+    /// Applies `mode`, running `probe` for `auto`, and says the outcome of a probe once.
+    pub fn decide(mode: SockmapAcceleration, probe: impl FnOnce() -> Vec<KernelLimit>) -> Self {
+        match mode {
+            SockmapAcceleration::On => Self::ON,
+            SockmapAcceleration::Off => Self::OFF,
+            SockmapAcceleration::Auto => {
+                let limits = probe();
+                if limits.is_empty() {
+                    tracing::info!("sockmap acceleration on: the kernel passed its probe");
+                } else {
+                    let limits_text: Vec<String> = limits.iter().map(ToString::to_string).collect();
+                    tracing::info!(
+                        limits = %limits_text.join("; "),
+                        "sockmap acceleration off: pod sockets in a sockhash are not safe on this \
+                         kernel; the pod <-> agent hop goes through TCP"
+                    );
+                }
+                Self {
+                    on: limits.is_empty(),
+                    limits,
+                }
+            }
+        }
+    }
+}
+
+/// Where the probe pins its scratch maps, below a node's pin directory; gone once it returns.
+pub fn probe_pin_dir(bpffs_dir: &Path) -> PathBuf {
+    bpffs_dir.join("acceleration-probe")
+}
+
+/// Runs [`probe`] as `<agent_binary> PROBE_ARG <pin_dir>` and returns what it found; a probe
+/// process that fails, prints something else or outlives [`PROBE_PROCESS_TIMEOUT`] (killed)
+/// counts as [`KernelLimit::Unsupported`].
+pub fn probe_in_child(agent_binary: &Path, pin_dir: &Path) -> Vec<KernelLimit> {
+    run_child(agent_binary, pin_dir)
+        .unwrap_or_else(|error| vec![KernelLimit::Unsupported(format!("probe process: {error}"))])
+}
+
+fn run_child(agent_binary: &Path, pin_dir: &Path) -> Result<Vec<KernelLimit>, String> {
+    let mut child = Command::new(agent_binary)
+        .arg(PROBE_ARG)
+        .arg(pin_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|error| format!("starting {}: {error}", agent_binary.display()))?;
+    let deadline = Instant::now() + PROBE_PROCESS_TIMEOUT;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "no answer within {PROBE_PROCESS_TIMEOUT:?}; killed"
+                ));
+            }
+            Err(error) => return Err(format!("waiting for it: {error}")),
+        }
+    };
+    // Small outputs: both fit the pipes, so the child never blocked on writing them.
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut pipe) = child.stdout.take() {
+        let _ = pipe.read_to_string(&mut stdout);
+    }
+    if let Some(mut pipe) = child.stderr.take() {
+        let _ = pipe.read_to_string(&mut stderr);
+    }
+    if !status.success() {
+        return Err(format!("{status}: {}", stderr.trim()));
+    }
+    serde_json::from_str(&stdout)
+        .map_err(|error| format!("unreadable answer {:?}: {error}", stdout.trim()))
+}
+
+/// The probe process's side of [`probe_in_child`]: probes, prints the limits as JSON.
+pub fn run_probe_process(pin_dir: Option<PathBuf>) -> ExitCode {
+    let Some(pin_dir) = pin_dir else {
+        eprintln!("{PROBE_ARG} needs the scratch pin directory");
+        return ExitCode::from(2);
+    };
+    match serde_json::to_string(&probe(&pin_dir)) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// Runs the shipped `sk_msg` program over loopback socket pairs and returns the limits found:
 /// empty if this kernel carries pod sockets in a sockhash safely. `pin_dir` is a scratch
@@ -323,5 +447,25 @@ mod tests {
         };
         assert_eq!(plain_pair().blocking_read(), Ok(None));
         assert_eq!(plain_pair().back_pressure(), Ok(None));
+    }
+
+    /// A probe process that fails or answers nonsense keeps acceleration off, with the reason.
+    #[test]
+    fn a_failed_probe_process_counts_as_unsupported() {
+        let failed = probe_in_child(Path::new("/bin/false"), Path::new("/nonexistent"));
+        assert!(
+            matches!(&failed[..], [KernelLimit::Unsupported(reason)] if reason.starts_with("probe process: exit status: 1")),
+            "{failed:?}"
+        );
+        let nonsense = probe_in_child(Path::new("/bin/echo"), Path::new("/nonexistent"));
+        assert!(
+            matches!(&nonsense[..], [KernelLimit::Unsupported(reason)] if reason.contains("unreadable answer \"--probe-sockmap-acceleration /nonexistent\"")),
+            "{nonsense:?}"
+        );
+        let missing = probe_in_child(Path::new("/nonexistent/agent"), Path::new("/nonexistent"));
+        assert!(
+            matches!(&missing[..], [KernelLimit::Unsupported(reason)] if reason.starts_with("probe process: starting /nonexistent/agent")),
+            "{missing:?}"
+        );
     }
 }

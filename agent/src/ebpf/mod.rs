@@ -86,7 +86,7 @@ use nix::sys::{
 };
 use sealmesh_common::host;
 
-use self::acceleration::{KernelLimit, SockmapAcceleration};
+use self::acceleration::{AccelerationChoice, KernelLimit};
 pub use self::error::EbpfError;
 pub use self::kernel_log::KERNEL_LOG_TARGET;
 use self::kernel_log::{KernelLogForwarder, kernel_log_level};
@@ -128,8 +128,8 @@ pub struct RedirectConfig {
     /// Destination networks never redirected.
     pub excluded_cidrs: Vec<Ipv4Net>,
     /// Whether to move pod <-> agent payload between the two sockets with sk_msg instead of
-    /// TCP/IP.
-    pub sockmap_acceleration: SockmapAcceleration,
+    /// TCP/IP (decided before loading, by [`AccelerationChoice::decide`]).
+    pub sockmap_acceleration: AccelerationChoice,
     /// Cgroups whose descendants are pods ([`CgroupRole::PodParent`]), in the maps before the
     /// programs attach; kept current afterwards through [`CgroupRoles`].
     pub pod_parent_cgroups: Vec<u64>,
@@ -377,8 +377,8 @@ impl Redirector {
         let mut agent_cgroups: BTreeSet<u64> = cfg.agent_cgroups.iter().copied().collect();
         agent_cgroups.extend(own_cgroups.first());
         let pins = PinLayout::prepare(&cfg.bpffs_dir)?;
-        let (sockmap_acceleration, acceleration_limits) =
-            decide_acceleration(cfg.sockmap_acceleration, &pins);
+        let sockmap_acceleration = cfg.sockmap_acceleration.on;
+        let acceleration_limits = cfg.sockmap_acceleration.limits.clone();
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.maps)
@@ -879,7 +879,7 @@ impl PinLayout {
             root: root.to_owned(),
             maps: root.join(format!("maps-v{MAP_ABI_VERSION}")),
             links: root.join("links"),
-            acceleration_probe: root.join("acceleration-probe"),
+            acceleration_probe: acceleration::probe_pin_dir(root),
         }
     }
 
@@ -946,29 +946,6 @@ fn remove_pin(path: &Path) -> Result<(), EbpfError> {
             source: error,
         }),
         _ => Ok(()),
-    }
-}
-
-/// Whether this agent accelerates (`--sockmap-acceleration`), and what kept `auto` off. Said
-/// once, as the agent starts.
-fn decide_acceleration(mode: SockmapAcceleration, pins: &PinLayout) -> (bool, Vec<KernelLimit>) {
-    match mode {
-        SockmapAcceleration::On => (true, Vec::new()),
-        SockmapAcceleration::Off => (false, Vec::new()),
-        SockmapAcceleration::Auto => {
-            let limits = acceleration::probe(&pins.acceleration_probe);
-            if limits.is_empty() {
-                tracing::info!("sockmap acceleration on: the kernel passed its probe");
-            } else {
-                let limits_text: Vec<String> = limits.iter().map(ToString::to_string).collect();
-                tracing::info!(
-                    limits = %limits_text.join("; "),
-                    "sockmap acceleration off: pod sockets in a sockhash are not safe on this \
-                     kernel; the pod <-> agent hop goes through TCP"
-                );
-            }
-            (limits.is_empty(), limits)
-        }
     }
 }
 
