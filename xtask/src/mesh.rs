@@ -17,6 +17,10 @@ use std::{
     time::{Duration, Instant},
 };
 
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
 use sealmesh_common::{
     authz::AuthorizationPolicy,
     cluster::IdentityEndpoint,
@@ -400,6 +404,26 @@ impl Mesh {
         }
     }
 
+    /// Freezes the identity service (SIGSTOP) or thaws it (SIGCONT): it stays
+    /// reachable meanwhile but answers nothing, as an overloaded one would.
+    pub fn freeze_identity(&self, frozen: bool) -> Result<(), MeshError> {
+        let signal = if frozen {
+            Signal::SIGSTOP
+        } else {
+            Signal::SIGCONT
+        };
+        let what = format!("sending {signal} to the identity service");
+        let identity = self.identity.as_ref().ok_or_else(|| MeshError::Io {
+            what: what.clone(),
+            source: io::Error::other("it is not running"),
+        })?;
+        let pid = Pid::from_raw(i32::try_from(identity.id()).expect("pids fit in i32"));
+        kill(pid, signal).map_err(|errno| MeshError::Io {
+            what,
+            source: errno.into(),
+        })
+    }
+
     /// Kubernetes mode: the agents' DaemonSet status says how many run.
     fn report_agents(&self) -> Result<(), MeshError> {
         if let Some(kube) = &self.kube {
@@ -563,11 +587,11 @@ impl Mesh {
     pub fn wait_for_certificates(&self, node: &str) -> Result<(), MeshError> {
         let cluster = self.testbed.cluster();
         let mut wanted: BTreeSet<String> = BTreeSet::new();
-        // In Kubernetes mode, only pods that exist in the API so far.
-        let registered = |pod: &&sealmesh_common::cluster::Pod| {
-            self.kube
-                .as_ref()
-                .is_none_or(|kube| kube.pod(&pod.namespace, &pod.name).is_some())
+        // Only pods the agents can know so far: in the API (Kubernetes
+        // mode), in the cluster file (local mode).
+        let registered = |pod: &&sealmesh_common::cluster::Pod| match self.kube.as_ref() {
+            Some(kube) => kube.pod(&pod.namespace, &pod.name).is_some(),
+            None => self.testbed.is_listed(&pod.namespace, &pod.name),
         };
         for pod in cluster
             .pods_on(node)

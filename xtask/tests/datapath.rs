@@ -628,11 +628,13 @@ mod forged {
 
 /// [`spec`] plus pods the tests leave out of the cluster file at first (the
 /// agents have not heard of them: pods that just started): `shop/newcomer`
-/// (meshed, ServiceAccount `client`) and `legacy/fresh` (unmeshed) on node-0,
+/// (meshed, ServiceAccount `client`), `shop/debutant` (meshed, a
+/// ServiceAccount of its own) and `legacy/fresh` (unmeshed) on node-0,
 /// `shop/latecomer` (meshed, ServiceAccount `server`) on node-1.
 fn spec_with_newcomers() -> TestbedSpec {
     spec()
         .pod(PodSpec::new(APP_NS, "newcomer", "client", 0).label("app", "newcomer"))
+        .pod(PodSpec::new(APP_NS, "debutant", "debutant", 0).label("app", "debutant"))
         .pod(PodSpec::new(PLAIN_NS, "fresh", "default", 0).label("app", "fresh"))
         .pod(PodSpec::new(APP_NS, "latecomer", "server", 1).label("app", "latecomer"))
 }
@@ -667,6 +669,7 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
     const MARKER: &str = "sealmesh-first-packet-marker-3b9e";
     let newcomers = [
         (APP_NS, "newcomer"),
+        (APP_NS, "debutant"),
         (PLAIN_NS, "fresh"),
         (APP_NS, "latecomer"),
     ];
@@ -717,6 +720,36 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
     assert_eq!(event["client_id"], spiffe("client"), "{event}");
     assert!(
         event["duration_ms"].as_u64().unwrap() >= 400,
+        "held: {event}"
+    );
+
+    // A pod of a ServiceAccount no pod of its node had: held while the agent
+    // learns the pod, then while the identity service (frozen here, as an
+    // overloaded one) issues that ServiceAccount's first certificate; then
+    // secured, never refused for a certificate that was on its way.
+    app.mesh.freeze_identity(true).unwrap();
+    let mut client = start_client(
+        &app,
+        APP_NS,
+        "debutant",
+        app.echo_addr(APP_NS, "server"),
+        MARKER,
+    );
+    app.mesh.list_pod(APP_NS, "debutant").unwrap();
+    std::thread::sleep(2 * HOLD);
+    assert!(
+        still_running(&mut client),
+        "held for the first certificate once the pod is known"
+    );
+    app.mesh.freeze_identity(false).unwrap();
+    client_succeeded(client, "debutant -> server");
+    let event = app.wait_access("node-0", "the debutant's connection", |e| {
+        e["src"] == "shop/debutant"
+    });
+    assert_eq!(event["tls"], true, "{event}");
+    assert_eq!(event["client_id"], spiffe("debutant"), "{event}");
+    assert!(
+        event["duration_ms"].as_u64().unwrap() >= 900,
         "held: {event}"
     );
 

@@ -232,6 +232,9 @@ pub struct CertStore {
     resolver: Arc<SniResolver>,
     /// The anchors' epoch, published so live connections re-check their peer.
     anchor_changes: watch::Sender<u64>,
+    /// Bumped whenever a certificate is installed or stops being wanted, so
+    /// connections held for a first certificate look again.
+    certificate_changes: watch::Sender<u64>,
     /// Where certificates are kept across a restart, if anywhere.
     cache: Option<CertCache>,
     /// Certificates taken over from the cache at start, by identity: serial
@@ -326,6 +329,7 @@ impl CertStore {
             progress: Mutex::new(HashMap::new()),
             resolver,
             anchor_changes: watch::Sender::new(0),
+            certificate_changes: watch::Sender::new(0),
             cache,
             inherited: Mutex::new(HashMap::new()),
             cfg,
@@ -501,6 +505,22 @@ impl CertStore {
         self.certs.load().get(id).map(|c| c.not_after)
     }
 
+    /// For the ServiceAccount of a local meshed pod: when no certificate of
+    /// it has been held yet (a new pod's, wanted or about to be), a receiver
+    /// marked changed at the next installation (subscribed before the check,
+    /// so none is missed); None when one is held or has expired (an outage:
+    /// nothing to wait for).
+    pub fn awaiting_first_certificate(&self, id: &Identity) -> Option<watch::Receiver<u64>> {
+        let changes = self.certificate_changes.subscribe();
+        let expired = self
+            .progress
+            .lock()
+            .expect("cert progress lock poisoned")
+            .get(id)
+            .is_some_and(|p| p.expired_at.is_some());
+        (!expired && !self.certs.load().contains_key(id)).then_some(changes)
+    }
+
     pub fn has_valid_cert(&self, id: &Identity) -> bool {
         self.certs
             .load()
@@ -563,6 +583,7 @@ impl CertStore {
         let mut certs = CertMap::clone(&self.certs.load());
         certs.remove(id);
         self.certs.store(Arc::new(certs));
+        self.certificate_changes.send_modify(|n| *n += 1);
     }
 
     /// Drops `id`'s certificate `serial`, which has expired: nothing presents
@@ -625,6 +646,7 @@ impl CertStore {
             p.last_error = None;
             p.expired_at = None;
         }
+        self.certificate_changes.send_modify(|n| *n += 1);
         Ok(())
     }
 

@@ -78,6 +78,13 @@ pub trait TlsCredentials: Send + Sync + 'static {
     /// requiring a client certificate chaining to the trust anchors.
     fn server_config(&self) -> Arc<rustls::ServerConfig>;
     fn has_valid_cert(&self, id: &Identity) -> bool;
+    /// For the ServiceAccount of a local meshed pod whose first certificate
+    /// is still to come (a new pod's), a receiver marked changed at the next
+    /// installation: connections of and to it are held for it instead of
+    /// refused. None when there is nothing to wait for.
+    fn awaiting_first_certificate(&self, _id: &Identity) -> Option<watch::Receiver<u64>> {
+        None
+    }
     /// NotAfter of the certificate `client_config` presents for `id`;
     /// `None` when unknown (the peer's certificate alone then bounds how
     /// long a pooled connection takes new streams).
@@ -105,6 +112,10 @@ impl TlsCredentials for CertStore {
 
     fn has_valid_cert(&self, id: &Identity) -> bool {
         CertStore::has_valid_cert(self, id)
+    }
+
+    fn awaiting_first_certificate(&self, id: &Identity) -> Option<watch::Receiver<u64>> {
+        CertStore::awaiting_first_certificate(self, id)
     }
 
     fn not_after(&self, id: &Identity) -> Option<SystemTime> {

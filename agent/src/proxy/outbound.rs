@@ -8,7 +8,10 @@
 //! that just started). Such a connection is held until the registry knows
 //! the pod by its cgroup, at most `pod_resolve_timeout`, then routed as that
 //! pod's (an unmeshed pod's goes out as it would have without the agent), or
-//! refused: never sent in plaintext on a guess.
+//! refused: never sent in plaintext on a guess. Likewise a new pod whose
+//! ServiceAccount has no certificate on this node yet (nor the destination
+//! pod's, on the same node) is held, at most as long, while the identity
+//! service issues the first one.
 
 use std::{
     net::{SocketAddr, SocketAddrV4},
@@ -401,15 +404,9 @@ async fn proxy(
             tracker.set_dst(target.into(), Some(destination));
             // Same checks as HBONE would make: both identities hold a valid
             // certificate, or nothing is carried.
-            engine
-                .credentials
-                .client_config(&source.identity)
-                .map_err(|reason| OutboundError::NoSourceCertificate {
-                    source_id: source.identity.clone(),
-                    destination: destination.identity.clone(),
-                    reason,
-                })?;
-            if !engine.credentials.has_valid_cert(&destination.identity) {
+            let deadline = tokio::time::Instant::now() + engine.cfg.pod_resolve_timeout;
+            source_client_config(engine, &source, &destination.identity, deadline).await?;
+            if !first_certificate_held(engine, &destination.identity, deadline).await {
                 return Err(OutboundError::NoDestinationCertificate {
                     destination: destination.identity.clone(),
                 });
@@ -634,6 +631,54 @@ async fn carry_hbone(
     Ok(())
 }
 
+/// The client config presenting `source`'s certificate; a new pod's first
+/// certificate is waited for until `deadline`.
+async fn source_client_config(
+    engine: &Engine,
+    source: &Workload,
+    destination: &Identity,
+    deadline: tokio::time::Instant,
+) -> Result<Arc<rustls::ClientConfig>, OutboundError> {
+    let refused = |reason| OutboundError::NoSourceCertificate {
+        source_id: source.identity.clone(),
+        destination: destination.clone(),
+        reason,
+    };
+    match engine.credentials.client_config(&source.identity) {
+        Ok(config) => Ok(config),
+        Err(_) if first_certificate_held(engine, &source.identity, deadline).await => engine
+            .credentials
+            .client_config(&source.identity)
+            .map_err(refused),
+        Err(reason) => Err(refused(reason)),
+    }
+}
+
+/// Whether `id` (a local meshed pod's ServiceAccount) holds a valid
+/// certificate, waiting until `deadline` while its first one is on its way
+/// from the identity service (a pod that connects as it starts).
+async fn first_certificate_held(
+    engine: &Engine,
+    id: &Identity,
+    deadline: tokio::time::Instant,
+) -> bool {
+    let credentials = &engine.credentials;
+    loop {
+        if credentials.has_valid_cert(id) {
+            return true;
+        }
+        let Some(mut changes) = credentials.awaiting_first_certificate(id) else {
+            // Nothing to wait for, unless it was installed just now.
+            return credentials.has_valid_cert(id);
+        };
+        tracing::debug!(identity = %id, "connection held for the first certificate of its ServiceAccount");
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return credentials.has_valid_cert(id),
+        }
+    }
+}
+
 /// A CONNECT stream to `endpoint` through the agent at `node`, on a pooled
 /// connection authenticated as `source`; the answer is still to come.
 async fn open_stream(
@@ -645,14 +690,9 @@ async fn open_stream(
 ) -> Result<(Lease, SendStream<Bytes>, ResponseFuture), OutboundError> {
     let destination = &endpoint.workload;
     let authority = endpoint.addr;
-    let client_config = engine
-        .credentials
-        .client_config(&source.identity)
-        .map_err(|reason| OutboundError::NoSourceCertificate {
-            source_id: source.identity.clone(),
-            destination: destination.identity.clone(),
-            reason,
-        })?;
+    let deadline = tokio::time::Instant::now() + engine.cfg.pod_resolve_timeout;
+    let client_config =
+        source_client_config(engine, source, &destination.identity, deadline).await?;
     let key = PoolKey {
         source: source.identity.clone(),
         destination: destination.identity.clone(),

@@ -310,11 +310,9 @@ impl Testbed {
     /// Writes the cluster file: the testbed's cluster without its unlisted pods.
     fn save(&self) -> Result<(), TestbedError> {
         let mut listed = self.cluster.clone();
-        listed.pods.retain(|p| {
-            !self
-                .unlisted
-                .contains(&(p.namespace.clone(), p.name.clone()))
-        });
+        listed
+            .pods
+            .retain(|p| self.is_listed(&p.namespace, &p.name));
         listed.save(&self.layout.cluster_file())?;
         Ok(())
     }
@@ -327,6 +325,13 @@ impl Testbed {
         self.pod(namespace, pod)?;
         self.unlisted.insert((namespace.to_owned(), pod.to_owned()));
         self.save()
+    }
+
+    /// Whether the cluster file lists the pod (see [`Testbed::unlist_pod`]).
+    pub fn is_listed(&self, namespace: &str, pod: &str) -> bool {
+        !self
+            .unlisted
+            .contains(&(namespace.to_owned(), pod.to_owned()))
     }
 
     /// Local mode: writes an unlisted pod back into the cluster file (as
