@@ -630,13 +630,15 @@ mod forged {
 /// agents have not heard of them: pods that just started): `shop/newcomer`
 /// (meshed, ServiceAccount `client`), `shop/debutant` (meshed, a
 /// ServiceAccount of its own) and `legacy/fresh` (unmeshed) on node-0,
-/// `shop/latecomer` (meshed, ServiceAccount `server`) on node-1.
+/// `shop/latecomer` (meshed, ServiceAccount `server`) and `shop/premiere`
+/// (meshed, a ServiceAccount of its own) on node-1.
 fn spec_with_newcomers() -> TestbedSpec {
     spec()
         .pod(PodSpec::new(APP_NS, "newcomer", "client", 0).label("app", "newcomer"))
         .pod(PodSpec::new(APP_NS, "debutant", "debutant", 0).label("app", "debutant"))
         .pod(PodSpec::new(PLAIN_NS, "fresh", "default", 0).label("app", "fresh"))
         .pod(PodSpec::new(APP_NS, "latecomer", "server", 1).label("app", "latecomer"))
+        .pod(PodSpec::new(APP_NS, "premiere", "premiere", 1).label("app", "premiere"))
 }
 
 /// How long the agents hold a connection of (or to) a pod they do not know.
@@ -672,6 +674,7 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
         (APP_NS, "debutant"),
         (PLAIN_NS, "fresh"),
         (APP_NS, "latecomer"),
+        (APP_NS, "premiere"),
     ];
     let mesh = Mesh::up(
         &spec_with_newcomers(),
@@ -692,6 +695,7 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
             (APP_NS, "neighbour"),
             (PLAIN_NS, "plain"),
             (APP_NS, "latecomer"),
+            (APP_NS, "premiere"),
         ],
     );
     let mut app = App {
@@ -752,6 +756,33 @@ fn pods_the_agents_do_not_know_yet_are_held_then_routed_and_never_sent_in_clear(
         event["duration_ms"].as_u64().unwrap() >= 900,
         "held: {event}"
     );
+
+    // The same on the server side: a new pod of a new ServiceAccount on the
+    // other node, known to both agents, is reached while its first
+    // certificate is on its way. Its agent holds the client's handshake
+    // until it can present the certificate the client asks for.
+    app.mesh.freeze_identity(true).unwrap();
+    app.mesh.list_pod(APP_NS, "premiere").unwrap();
+    std::thread::sleep(HOLD);
+    let mut client = start_client(
+        &app,
+        APP_NS,
+        "client",
+        app.echo_addr(APP_NS, "premiere"),
+        MARKER,
+    );
+    std::thread::sleep(HOLD);
+    assert!(
+        still_running(&mut client),
+        "held for the server's first certificate"
+    );
+    app.mesh.freeze_identity(false).unwrap();
+    client_succeeded(client, "client -> premiere");
+    let event = app.wait_access("node-0", "the connection to the premiere", |e| {
+        e["dst"] == "shop/premiere"
+    });
+    assert_eq!(event["tls"], true, "{event}");
+    assert_eq!(event["server_id"], spiffe("premiere"), "{event}");
 
     // An unmeshed pod the agent does not know: held, then carried in
     // plaintext as it would have gone without the agent, recorded as such.

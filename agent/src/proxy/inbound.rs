@@ -13,6 +13,7 @@ use std::{
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, Response, StatusCode};
+use rustls::server::{Acceptor, ClientHello};
 use sealmesh_common::{
     hbone::{
         ConnectRequestError, DENIED_BY_HEADER, denied_by_value, forwarded_for, requested_target,
@@ -20,13 +21,13 @@ use sealmesh_common::{
     identity::Identity,
 };
 use tokio::{net::TcpStream, sync::watch, task::JoinSet};
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use super::{
     Engine,
     authz::{self, AdmissionGuard, ProvenSource, Subject},
     event::{ConnectionTracker, Direction, RefusalReason},
-    hbone, peer_chain, peer_distrusted, splice, wait_for_registry,
+    first_certificate_held, hbone, peer_chain, peer_distrusted, splice, wait_for_registry,
 };
 use crate::{
     registry::Workload,
@@ -106,6 +107,35 @@ pub(crate) fn peer_refusal_reason(status: StatusCode) -> RefusalReason {
     }
 }
 
+/// A client asking (by SNI) for the identity of a local meshed pod whose
+/// ServiceAccount's first certificate is still on its way (a pod that just
+/// started) waits for it, until `deadline`, rather than fail the handshake.
+/// Names of no local meshed pod are not waited for: the client is not
+/// authenticated yet.
+async fn await_first_server_certificate(
+    engine: &Engine,
+    hello: &ClientHello<'_>,
+    deadline: tokio::time::Instant,
+) {
+    let Some(requested) = hello
+        .server_name()
+        .and_then(|sni| engine.registry.trust_domain().parse_dns_name(sni).ok())
+    else {
+        return;
+    };
+    if engine.credentials.has_valid_cert(&requested) {
+        return;
+    }
+    let local_meshed = engine
+        .registry
+        .local_workloads()
+        .iter()
+        .any(|workload| workload.meshed && workload.identity == requested);
+    if local_meshed {
+        first_certificate_held(engine.credentials.as_ref(), &requested, deadline).await;
+    }
+}
+
 /// What the handshake established, shared by the connection's streams.
 struct Peer {
     addr: SocketAddr,
@@ -125,10 +155,14 @@ pub(crate) async fn serve(
     if let Err(error) = hbone::set_keepalive(&socket) {
         tracing::debug!(peer = %addr, %error, "cannot set TCP keepalive on the HBONE connection");
     }
-    let acceptor = TlsAcceptor::from(engine.credentials.server_config());
     let started = Instant::now();
-    let tls = match tokio::time::timeout(engine.cfg.connect_timeout, acceptor.accept(socket)).await
-    {
+    let deadline = tokio::time::Instant::now() + engine.cfg.connect_timeout;
+    let handshake = async {
+        let hello = LazyConfigAcceptor::new(Acceptor::default(), socket).await?;
+        await_first_server_certificate(&engine, &hello.client_hello(), deadline).await;
+        hello.into_stream(engine.credentials.server_config()).await
+    };
+    let tls = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(tls)) => {
             engine
                 .sink

@@ -338,6 +338,31 @@ async fn wait_for_registry<T>(
     .flatten()
 }
 
+/// Whether `id` (a local meshed pod's ServiceAccount) holds a valid
+/// certificate, waiting until `deadline` while its first one is on its way
+/// from the identity service (a pod that connects, or is connected to, as it
+/// starts).
+async fn first_certificate_held(
+    credentials: &dyn TlsCredentials,
+    id: &Identity,
+    deadline: tokio::time::Instant,
+) -> bool {
+    loop {
+        if credentials.has_valid_cert(id) {
+            return true;
+        }
+        let Some(mut changes) = credentials.awaiting_first_certificate(id) else {
+            // Nothing to wait for, unless it was installed just now.
+            return credentials.has_valid_cert(id);
+        };
+        tracing::debug!(identity = %id, "connection held for the first certificate of its ServiceAccount");
+        match tokio::time::timeout_at(deadline, changes.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) | Err(_) => return credentials.has_valid_cert(id),
+        }
+    }
+}
+
 /// A bound, not yet running engine.
 pub struct Proxy {
     engine: Arc<Engine>,

@@ -38,7 +38,7 @@ use super::{
     Engine,
     authz::{self, ProvenSource, Subject},
     event::{AuthzNote, ConnectionTracker, Direction, NoTlsReason, PolicyRule, RefusalReason},
-    hbone, inbound, peer_chain, peer_distrusted,
+    first_certificate_held, hbone, inbound, peer_chain, peer_distrusted,
     pool::{Dialed, Lease, PeerDialFailed, PoolKey},
     splice::{self, SpliceError},
     wait_for_registry,
@@ -406,7 +406,9 @@ async fn proxy(
             // certificate, or nothing is carried.
             let deadline = tokio::time::Instant::now() + engine.cfg.pod_resolve_timeout;
             source_client_config(engine, &source, &destination.identity, deadline).await?;
-            if !first_certificate_held(engine, &destination.identity, deadline).await {
+            if !first_certificate_held(engine.credentials.as_ref(), &destination.identity, deadline)
+                .await
+            {
                 return Err(OutboundError::NoDestinationCertificate {
                     destination: destination.identity.clone(),
                 });
@@ -646,36 +648,16 @@ async fn source_client_config(
     };
     match engine.credentials.client_config(&source.identity) {
         Ok(config) => Ok(config),
-        Err(_) if first_certificate_held(engine, &source.identity, deadline).await => engine
-            .credentials
-            .client_config(&source.identity)
-            .map_err(refused),
+        Err(_)
+            if first_certificate_held(engine.credentials.as_ref(), &source.identity, deadline)
+                .await =>
+        {
+            engine
+                .credentials
+                .client_config(&source.identity)
+                .map_err(refused)
+        }
         Err(reason) => Err(refused(reason)),
-    }
-}
-
-/// Whether `id` (a local meshed pod's ServiceAccount) holds a valid
-/// certificate, waiting until `deadline` while its first one is on its way
-/// from the identity service (a pod that connects as it starts).
-async fn first_certificate_held(
-    engine: &Engine,
-    id: &Identity,
-    deadline: tokio::time::Instant,
-) -> bool {
-    let credentials = &engine.credentials;
-    loop {
-        if credentials.has_valid_cert(id) {
-            return true;
-        }
-        let Some(mut changes) = credentials.awaiting_first_certificate(id) else {
-            // Nothing to wait for, unless it was installed just now.
-            return credentials.has_valid_cert(id);
-        };
-        tracing::debug!(identity = %id, "connection held for the first certificate of its ServiceAccount");
-        match tokio::time::timeout_at(deadline, changes.changed()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) | Err(_) => return credentials.has_valid_cert(id),
-        }
     }
 }
 
