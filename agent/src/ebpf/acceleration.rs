@@ -30,6 +30,7 @@ use aya::{
     maps::{HashMap, MapData, SockHash},
     programs::SkMsg,
 };
+use nix::sys::statfs::{BPF_FS_MAGIC, statfs};
 use serde::{Deserialize, Serialize};
 
 use super::REDIRECT_OBJECT;
@@ -235,6 +236,11 @@ struct Pair {
 
 impl Probe {
     fn start(pin_dir: &Path) -> Result<Self, String> {
+        // Scratch space on bpffs only: the directory is emptied before and after.
+        let parent = pin_dir.parent().unwrap_or(Path::new("/"));
+        if !statfs(parent).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC) {
+            return Err(format!("{} is not on a bpf filesystem", pin_dir.display()));
+        }
         let _ = fs::remove_dir_all(pin_dir);
         fs::create_dir_all(pin_dir)
             .map_err(|error| format!("creating {}: {error}", pin_dir.display()))?;
