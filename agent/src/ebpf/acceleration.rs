@@ -236,9 +236,13 @@ struct Pair {
 
 impl Probe {
     fn start(pin_dir: &Path) -> Result<Self, String> {
-        // Scratch space on bpffs only: the directory is emptied before and after.
-        let parent = pin_dir.parent().unwrap_or(Path::new("/"));
-        if !statfs(parent).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC) {
+        // Scratch space on bpffs only: the directory is emptied before and after. It may
+        // not exist yet (a node's first agent): the filesystem it will be created on counts.
+        let existing = pin_dir
+            .ancestors()
+            .find(|dir| dir.exists())
+            .unwrap_or(Path::new("/"));
+        if !statfs(existing).is_ok_and(|fs| fs.filesystem_type() == BPF_FS_MAGIC) {
             return Err(format!("{} is not on a bpf filesystem", pin_dir.display()));
         }
         let _ = fs::remove_dir_all(pin_dir);
@@ -453,6 +457,25 @@ mod tests {
         };
         assert_eq!(plain_pair().blocking_read(), Ok(None));
         assert_eq!(plain_pair().back_pressure(), Ok(None));
+    }
+
+    /// The probe empties its scratch directory, so it takes one on bpffs only.
+    #[test]
+    fn a_scratch_directory_off_bpffs_is_refused_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("sealmesh-probe-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("keep"), b"").unwrap();
+        let limits = probe(&dir);
+        let kept = dir.join("keep").exists();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(
+            limits,
+            [KernelLimit::Unsupported(format!(
+                "{} is not on a bpf filesystem",
+                dir.display()
+            ))]
+        );
+        assert!(kept);
     }
 
     /// A probe process that fails or answers nonsense keeps acceleration off, with the reason.
