@@ -337,8 +337,7 @@ pub struct Redirector {
     original_dsts: HashMap<MapData, u64, RedirectRecord>,
     accelerated_sockets: SockHash<MapData, SocketTuple>,
     excluded_cidrs: Mutex<ExcludedCidrs>,
-    sockmap_acceleration: bool,
-    acceleration_limits: Vec<KernelLimit>,
+    sockmap_acceleration: AccelerationChoice,
     strict: StrictInboundMaps,
     links: Vec<AttachedLink>,
     _kernel_log: KernelLogForwarder,
@@ -377,18 +376,13 @@ impl Redirector {
         let mut agent_cgroups: BTreeSet<u64> = cfg.agent_cgroups.iter().copied().collect();
         agent_cgroups.extend(own_cgroups.first());
         let pins = PinLayout::prepare(&cfg.bpffs_dir)?;
-        let sockmap_acceleration = cfg.sockmap_acceleration.on;
-        let acceleration_limits = cfg.sockmap_acceleration.limits.clone();
+        let accelerate = cfg.sockmap_acceleration.on;
 
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(&pins.maps)
             .override_global(names::LISTENER_IP4, &u32::from(*cfg.listener.ip()), true)
             .override_global(names::LISTENER_PORT, &cfg.listener.port(), true)
-            .override_global(
-                names::SOCKMAP_ACCELERATION,
-                &u8::from(sockmap_acceleration),
-                true,
-            )
+            .override_global(names::SOCKMAP_ACCELERATION, &u8::from(accelerate), true)
             .override_global(aya_log::LEVEL, &kernel_log_level(), false)
             .load(REDIRECT_OBJECT)
             .map_err(EbpfError::from_loader)?;
@@ -444,7 +438,7 @@ impl Redirector {
         // that moment. Then sock_ops, since a connect redirected before it runs would reach the
         // agent without a record and be refused; getpeername before connect, so that every
         // redirected socket reports its original peer.
-        if sockmap_acceleration {
+        if accelerate {
             let program: &mut SkMsg = program_mut(&mut ebpf, names::SK_MSG_PROGRAM)?;
             program.load().map_err(|error| {
                 EbpfError::from_program(names::SK_MSG_PROGRAM, SK_MSG_REQUIREMENT, "loading", error)
@@ -494,7 +488,7 @@ impl Redirector {
             node_cgroup = %cfg.node_cgroup.display(),
             listener = %cfg.listener,
             pin_dir = %pins.root.display(),
-            sockmap_acceleration,
+            sockmap_acceleration = accelerate,
             "eBPF redirect programs attached"
         );
 
@@ -507,8 +501,7 @@ impl Redirector {
             original_dsts,
             accelerated_sockets,
             excluded_cidrs: Mutex::new(excluded_cidrs),
-            sockmap_acceleration,
-            acceleration_limits,
+            sockmap_acceleration: cfg.sockmap_acceleration.clone(),
             strict,
             links,
             _kernel_log: kernel_log,
@@ -557,8 +550,8 @@ impl Redirector {
                 0
             }),
             original_destinations: self.original_dsts.keys().filter(Result::is_ok).count(),
-            sockmap_acceleration: Some(self.sockmap_acceleration),
-            sockmap_acceleration_limits: self.acceleration_limits.clone(),
+            sockmap_acceleration: Some(self.sockmap_acceleration.on),
+            sockmap_acceleration_limits: self.sockmap_acceleration.limits.clone(),
             accelerated_sockets: self
                 .accelerated_sockets
                 .keys()
